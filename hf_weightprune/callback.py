@@ -1,0 +1,456 @@
+"""`ImportanceCallback`: Trainer events -> scorer updates -> importance files next to every checkpoint.
+
+Lifecycle (one sitting to read):
+- `on_train_begin`: find the tracked weights, plan which rank owns which buffer, restore the state from the
+  checkpoint being resumed (found from `state.global_step`), register forward hooks for `wanda`.
+- `on_pre_optimizer_step`: gradient criteria read gradients here (accumulated, unscaled, clipped, reduced);
+  `wanda` commits the activation sums of the step.
+- `on_step_end`: weight criteria (`temporal_magnitude`) read the weights the optimizer just wrote.
+- `on_epoch_end`: the per-epoch sample of the paper (`per_epoch=True`).
+- `on_save` / `on_train_end`: write `checkpoint-N/importance/` / `output_dir/importance/`.
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import logging
+import os
+import shutil
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from . import distributed as D
+from . import state as S
+from .config import ImportanceConfig
+from .importance import Importance
+from .matching import TrackedWeight, find_tracked_weights
+from .scorers import get_scorer
+from .scorers.wanda import activation_sq_sum
+
+logger = logging.getLogger(__name__)
+
+SAVE_ERROR_CHOICES = ("raise", "warn")
+RESUME_MISMATCH_CHOICES = ("raise", "restart")
+
+
+class ImportanceCallback(TrainerCallback):
+    """Accumulate per-parameter importance while a `transformers.Trainer` trains.
+
+    Args:
+        config (`ImportanceConfig` or `dict`, *optional*): what to track; defaults to `ImportanceConfig()`.
+        schedule (`PruneSchedule`, *optional*): prune gradually during training (masks held after each step).
+        on_save_error (`str`, *optional*, defaults to `"raise"`): `"raise"` stops training when the importance
+            cannot be written (disk full, read-only folder); `"warn"` logs and goes on.
+        on_resume_mismatch (`str`, *optional*, defaults to `"raise"`): what to do when the resumed checkpoint
+            holds importance written with another config (or none): `"raise"`, or `"restart"` from zero.
+        resume_from (`str`, *optional*): folder to restore from when resuming from a checkpoint outside
+            `args.output_dir` (the Trainer does not tell callbacks which folder it resumed from).
+        offload_to_cpu (`bool`, *optional*, defaults to `False`): keep the state in CPU memory (weights are
+            copied over chunk by chunk at each sample), for models whose state would not fit beside them.
+    """
+
+    def __init__(
+        self,
+        config: ImportanceConfig | dict | None = None,
+        *,
+        schedule=None,
+        on_save_error: str = "raise",
+        on_resume_mismatch: str = "raise",
+        resume_from: str | None = None,
+        offload_to_cpu: bool = False,
+    ):
+        if isinstance(config, dict):
+            config = ImportanceConfig(**config)
+        self.config = config if config is not None else ImportanceConfig()
+        if self.config.per_epoch and get_scorer(self.config.criterion).source != "weights":
+            raise ValueError(
+                f"per_epoch=True samples the weights at each epoch end; criterion {self.config.criterion!r} "
+                "reads gradients or activations during steps: use every_n_steps instead"
+            )
+        if on_save_error not in SAVE_ERROR_CHOICES:
+            raise ValueError(f"on_save_error must be one of {SAVE_ERROR_CHOICES}; got {on_save_error!r}")
+        if on_resume_mismatch not in RESUME_MISMATCH_CHOICES:
+            raise ValueError(f"on_resume_mismatch must be one of {RESUME_MISMATCH_CHOICES}; got {on_resume_mismatch!r}")
+        self.scorer = get_scorer(self.config.criterion)
+        self.schedule = schedule
+        self.on_save_error = on_save_error
+        self.on_resume_mismatch = on_resume_mismatch
+        self.resume_from = resume_from
+        self.offload_to_cpu = offload_to_cpu
+        self._tracked: list[TrackedWeight] = []
+        self._hooks: list[Any] = []
+        self._reset_state()
+
+    # ------------------------------------------------------------------------------------------ state
+    def _reset_state(self) -> None:
+        self._states: dict[str, torch.Tensor] = {}  # buffers this rank owns
+        self._owners: dict[str, int] = {}
+        self._meta: dict[str, Any] = {"global_step": 0, "num_samples": 0, "weight_sum": 0.0, "last_step": 0,
+                                      "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None}
+        self._step_acts: dict[str, torch.Tensor] = {}  # wanda: this step's activation sums, committed at the step
+        self._step_tokens: dict[str, int] = {}
+        self._collect = False
+        self._seed = 0
+
+    @property
+    def tracked_names(self) -> list[str]:
+        return [t.name for t in self._tracked]
+
+    @property
+    def _rank(self) -> int:
+        return D.rank_and_world()[0]
+
+    def state_bytes(self) -> int:
+        """Bytes of accumulator state held by this rank."""
+        return S.state_dict_bytes(self._states)
+
+    def _setup(self, args, state, model) -> None:
+        if self._tracked:
+            n = self._meta["num_samples"]
+            # A second train() restarts global_step at 0: continuing would mix two time axes.
+            logger.warning("ImportanceCallback: train() called again; restarting importance (discarding %d samples)", n)
+        self._remove_hooks()
+        self._reset_state()
+        self._seed = int(getattr(args, "seed", 0))
+        self._tracked = find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
+        if self.scorer.needs_grad:
+            frozen = [t.name for t in self._tracked if not t.param.requires_grad]
+            if frozen:
+                raise ValueError(
+                    f"criterion {self.config.criterion!r} needs weight gradients, but {len(frozen)} tracked weights are "
+                    f"frozen (e.g. {frozen[0]}; LoRA freezes base weights): use criterion='wanda' or 'temporal_magnitude'"
+                )
+        rank, world = D.rank_and_world()
+        per_rank = self.scorer.source in ("weights", "grads", "final")
+        self._owners = D.partition({t.name: t.param.numel() for t in self._tracked}, world if per_rank else 1)
+        dtype = torch.float32 if self.scorer.source == "activations" else getattr(torch, self.config.state_dtype)
+        for t in self._tracked:
+            if self._owners[t.name] == rank or not per_rank:
+                device = "cpu" if self.offload_to_cpu else t.param.device
+                self._states[t.name] = torch.zeros(self.scorer.state_shape(t.param), dtype=dtype, device=device)
+        self._meta["max_steps"] = int(state.max_steps)
+        self._meta["window_start"] = self._window_start(state)
+        if self.scorer.source == "activations":
+            self._register_hooks()
+
+    def _window_start(self, state) -> int | None:
+        """First step (or epoch) whose sample counts: only the last `window` samples of the planned run do.
+
+        Because the end of training is known (`state.max_steps`), samples before the window are simply not
+        taken: the window costs no memory beyond the one buffer.
+        """
+        k = self.config.window
+        if k is None:
+            return None
+        if self.config.per_epoch:
+            return max(1, int(state.num_train_epochs) - k + 1)
+        n = self.config.every_n_steps
+        last = (int(state.max_steps) // n) * n
+        return max(n, last - (k - 1) * n)
+
+    def _samples_at(self, t: int) -> bool:
+        start = self._meta["window_start"]
+        return t % self.config.every_n_steps == 0 and (start is None or t >= start)
+
+    # ------------------------------------------------------------------------------------ wanda hooks
+    def _register_hooks(self) -> None:
+        for t in self._tracked:
+            self._hooks.append(t.module.register_forward_hook(self._make_hook(t.name)))
+
+    def _make_hook(self, name: str):
+        def hook(module, inputs, output):
+            # Training forwards only: not eval (no_grad / eval mode), not the recomputation that gradient
+            # checkpointing runs inside backward (it would count every token twice).
+            if not (self._collect and module.training and torch.is_grad_enabled()):
+                return
+            if torch._C._current_graph_task_id() != -1:
+                return
+            x = inputs[0]
+            sq = activation_sq_sum(x)
+            if name in self._step_acts:
+                self._step_acts[name].add_(sq.to(self._step_acts[name].device))
+            else:
+                self._step_acts[name] = sq.to(self._states[name].device)
+            self._step_tokens[name] = self._step_tokens.get(name, 0) + x.numel() // x.shape[-1]
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _commit_activations(self, t: int) -> None:
+        acts, tokens = self._step_acts, self._step_tokens
+        self._step_acts, self._step_tokens = {}, {}
+        if not acts:
+            return
+        names = list(acts)
+        if self.config.skip_nonfinite and not all(bool(torch.isfinite(acts[n]).all()) for n in names):
+            self._meta["skipped"] += 1
+            logger.warning("ImportanceCallback: non-finite activations at step %d; sample skipped", t)
+            return
+        with torch.no_grad():
+            self.scorer.update_([self._states[n] for n in names], [acts[n] for n in names], None, t)
+        for n in names:
+            self._meta["tokens"][n] = self._meta["tokens"].get(n, 0) + tokens[n]
+        self._record_sample(t, t)
+
+    # --------------------------------------------------------------------------------------- sampling
+    def _record_sample(self, t: int, step: int) -> None:
+        self._meta["num_samples"] += 1
+        self._meta["weight_sum"] += float(t)
+        self._meta["last_step"] = step
+
+    def _owned(self) -> list[TrackedWeight]:
+        return [t for t in self._tracked if t.name in self._states]
+
+    def _sample(self, t: int, step: int, use_grads: bool) -> None:
+        owned = self._owned()
+        if use_grads:
+            pairs = [(tw, tw.param.grad) for tw in owned if tw.param.grad is not None]
+            grads = [g.detach() for _, g in pairs]
+            bad = self.config.skip_nonfinite and bool(grads) and not self._all_finite(grads)
+            if D.any_rank(bad):
+                self._meta["skipped"] += 1
+                logger.warning("ImportanceCallback: non-finite gradients at step %d; sample skipped", step)
+                return
+            owned = [tw for tw, _ in pairs]
+        else:
+            grads = None
+        states = [self._states[tw.name] for tw in owned]
+        weights = [D.local_tensor(tw.param.detach()) for tw in owned]
+        gen = None
+        if states and states[0].dtype == torch.bfloat16:
+            gen = torch.Generator(device=states[0].device).manual_seed(self._seed * 1_000_003 + int(t))
+        with torch.no_grad():
+            if self.offload_to_cpu:
+                self._update_offloaded(states, weights, grads, t, gen)
+            else:
+                grads = [D.local_tensor(g) for g in grads] if grads is not None else None
+                self.scorer.update_(states, weights, grads, t, gen)
+        self._record_sample(t, step)
+
+    def _update_offloaded(self, states, weights, grads, t, gen) -> None:
+        from .scorers.base import chunks
+
+        for sl in chunks(weights):
+            w = [x.to("cpu", non_blocking=True) for x in weights[sl]]
+            g = [D.local_tensor(x).to("cpu", non_blocking=True) for x in grads[sl]] if grads is not None else None
+            self.scorer.update_(states[sl], w, g, t, gen)
+
+    @staticmethod
+    def _all_finite(tensors) -> bool:
+        norms = torch._foreach_norm([D.local_tensor(t) for t in tensors])
+        return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+
+    # ------------------------------------------------------------------------------------ Trainer events
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._setup(args, state, model)
+        self._move_before_reporters()
+        if state.global_step > 0:
+            self._restore(args, state)
+        if self.schedule is not None:
+            self.schedule.on_train_begin(self, args, state, model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._collect = self.scorer.source == "activations" and self._samples_at(state.global_step + 1)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        t = state.global_step + 1
+        if self.scorer.source == "activations":
+            self._commit_activations(t)
+        elif self.scorer.source == "grads" and not self.config.per_epoch and self._samples_at(t):
+            self._sample(t, t, use_grads=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = state.global_step
+        self._meta["global_step"] = t
+        if self.scorer.source == "weights" and not self.config.per_epoch and self._samples_at(t):
+            self._sample(t, t, use_grads=False)
+        if self.schedule is not None:
+            self.schedule.on_step_end(self, args, state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.config.per_epoch:
+            epoch = int(round(state.epoch or 0))
+            if epoch >= 1 and self._samples_at(epoch):
+                self._sample(epoch, state.global_step, use_grads=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or not self._tracked:
+            return
+        extra = {
+            "importance/samples": self._meta["num_samples"],
+            "importance/skipped": self._meta["skipped"],
+            "importance/tracked_params": sum(t.param.numel() for t in self._tracked),
+        }
+        if self.schedule is not None:
+            extra.update(self.schedule.log_values())
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = self._checkpoint_dir(args, state.global_step)
+        if folder is None:
+            logger.warning("ImportanceCallback: checkpoint-%d not found under %s", state.global_step, args.output_dir)
+            return
+        self._save(os.path.join(folder, S.IMPORTANCE_DIR), state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._meta["global_step"] = state.global_step
+        self._save(os.path.join(args.output_dir, S.IMPORTANCE_DIR), state)
+        self._remove_hooks()
+
+    # ------------------------------------------------------------------------------------------- output
+    def _move_before_reporters(self) -> None:
+        """Run our `on_log` before the reporting callbacks so they see our scalars.
+
+        Trainer appends user callbacks after its reporters and gives callbacks no handle on the list; the
+        list is found once through the garbage collector. Moving ourselves from position i to 0 during the
+        `on_train_begin` loop keeps every later callback at its index, so none is skipped or called twice.
+        """
+        for ref in gc.get_referrers(self):
+            if isinstance(ref, list) and any(type(c).__name__ == "DefaultFlowCallback" for c in ref):
+                ref.remove(self)
+                ref.insert(0, self)
+                return
+
+    @staticmethod
+    def _checkpoint_dir(args, step: int) -> str | None:
+        folder = os.path.join(args.output_dir, f"checkpoint-{step}")
+        if os.path.isdir(folder):
+            return folder
+        # hyperparameter_search writes checkpoints under output_dir/run-<trial>/.
+        found = sorted(glob.glob(os.path.join(args.output_dir, "*", f"checkpoint-{step}")), key=os.path.getmtime)
+        return found[-1] if found else None
+
+    def _full_meta(self) -> dict[str, Any]:
+        meta = dict(self._meta, tokens=dict(self._meta["tokens"]))
+        if self.scorer.source == "activations" and D.is_distributed():
+            names = [t.name for t in self._tracked]
+            meta["tokens"] = dict(zip(names, D.all_reduce_int([meta["tokens"].get(n, 0) for n in names])))
+        if self.scorer.source == "final":
+            meta["num_samples"], meta["last_step"] = 1, meta["global_step"]
+        return meta
+
+    def _export_tensors(self) -> dict[str, torch.Tensor]:
+        """The buffers this rank writes: its own for per-rank criteria; for activations, the cross-rank sums."""
+        if self.scorer.source == "final":
+            owned = self._owned()
+            with torch.no_grad():
+                self.scorer.update_([self._states[t.name] for t in owned], [t.param for t in owned], None, 0)
+        if self.scorer.source == "activations":
+            names = [t.name for t in self._tracked]
+            summed = [self._states[n].clone() for n in names]
+            D.all_reduce_sum_(summed)
+            return dict(zip(names, summed))
+        return dict(self._states)
+
+    def _save(self, final_dir: str, state) -> None:
+        if not self._tracked:
+            return
+        rank, world = D.rank_and_world()
+        meta = self._full_meta()
+        tensors = self._export_tensors()
+        tmp = S.tmp_dir_for(final_dir)
+        error = None
+        try:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            D.barrier()
+            if world == 1:
+                S.write_single(tmp, tensors)
+            else:
+                mine = {n: v for n, v in tensors.items() if self._writer_of(n) == rank}
+                S.write_shard(tmp, mine, rank=rank, world_size=world)
+        except OSError as e:
+            error = e
+        D.barrier()
+        failed = D.any_rank(error is not None)
+        if not failed and rank == 0:
+            try:
+                owners = {t.name: self._writer_of(t.name) for t in self._tracked}
+                S.finalize(tmp, final_dir, config=self.config, meta=meta, shapes=self._shapes(), owners=owners,
+                           world_size=world, extra=self._extra_metadata())
+            except OSError as e:
+                error, failed = e, True
+        D.barrier()
+        if failed:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            msg = f"ImportanceCallback could not write {final_dir}: {error or 'failed on another rank'}"
+            if self.on_save_error == "raise":
+                raise RuntimeError(msg + " (pass on_save_error='warn' to keep training)") from error
+            logger.warning(msg)
+
+    def _writer_of(self, name: str) -> int:
+        # Activation sums are identical on all ranks after the all-reduce; spread the writes by the partition.
+        if self.scorer.source == "activations":
+            return D.partition({t.name: t.param.numel() for t in self._tracked}, D.rank_and_world()[1])[name]
+        return self._owners[name]
+
+    def _shapes(self) -> dict[str, list[int]]:
+        return {t.name: list(t.param.shape) for t in self._tracked}
+
+    def _extra_metadata(self) -> dict[str, Any]:
+        return {"schedule": self.schedule.state_dict()} if self.schedule is not None else {}
+
+    # ------------------------------------------------------------------------------------------ resume
+    def _restore(self, args, state) -> None:
+        folder = self.resume_from or self._checkpoint_dir(args, state.global_step)
+        try:
+            if folder is None:
+                raise S.ImportanceFileError(
+                    f"resuming at step {state.global_step} but no checkpoint-{state.global_step} folder was found "
+                    f"under {args.output_dir}; pass ImportanceCallback(resume_from=...)"
+                )
+            imp = S.load_importance(folder)
+            diff = self.config.diff(imp.config)
+            if imp.meta.get("max_steps") != self._meta["max_steps"] and self.config.window is not None:
+                diff["max_steps (sets the window)"] = (self._meta["max_steps"], imp.meta.get("max_steps"))
+            if diff:
+                shown = ", ".join(f"{k}: checkpoint {b!r} -> now {a!r}" for k, (a, b) in diff.items())
+                raise S.ImportanceFileError(f"the importance config changed since {imp.path}: {shown}")
+            if imp.shapes != self._shapes():
+                raise S.ImportanceFileError(f"{imp.path} tracks other weights than this model ({len(imp.shapes)} vs "
+                                            f"{len(self._tracked)}): was the model or target_modules changed?")
+        except S.ImportanceFileError as e:
+            if self.on_resume_mismatch == "restart":
+                logger.warning("ImportanceCallback: %s; restarting importance from zero (on_resume_mismatch='restart')", e)
+                return
+            raise ValueError(f"Cannot resume importance: {e} (pass on_resume_mismatch='restart' to start afresh)") from None
+        rank, _ = D.rank_and_world()
+        keep_sums = self.scorer.source != "activations" or rank == 0  # activation sums: restore once, on rank 0
+        for name, buf in self._states.items():
+            if keep_sums:
+                buf.copy_(imp.state(name).to(buf.device))
+        meta = {k: imp.meta[k] for k in ("num_samples", "weight_sum", "last_step", "skipped") if k in imp.meta}
+        meta["tokens"] = dict(imp.meta.get("tokens", {})) if keep_sums else {}
+        self._meta.update(meta, global_step=state.global_step)
+        if self.schedule is not None:
+            self.schedule.load_state_dict(S.read_meta(imp.path).get("schedule"))
+        logger.info("ImportanceCallback: restored %d samples from %s", self._meta["num_samples"], imp.path)
+
+    # ------------------------------------------------------------------------------------------ results
+    def importance(self) -> Importance:
+        """The importance so far, in memory (full tensors on every rank), bound to the model's weights."""
+        if not self._tracked:
+            raise RuntimeError("ImportanceCallback has not seen training yet (call trainer.train() first)")
+        meta = self._full_meta()
+        tensors = self._export_tensors()
+        rank, world = D.rank_and_world()
+        if world > 1 and self.scorer.source != "activations":
+            full = {}
+            for t in self._tracked:
+                owner = self._owners[t.name]
+                buf = tensors[t.name] if owner == rank else torch.empty(
+                    self.scorer.state_shape(t.param), dtype=getattr(torch, self.config.state_dtype))
+                full[t.name] = D.broadcast_(buf, owner)
+            tensors = full
+        weights = {t.name: t.param.detach() for t in self._tracked}
+        return Importance(self.config, meta, self._shapes(), tensors.__getitem__, weights=weights)

@@ -1,0 +1,137 @@
+"""Configuration dataclasses: what to track (`ImportanceConfig`) and how to prune (`PruneConfig`, `PruneSchedule`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IMPORTANCE_CONFIG_NAME = "importance_config.json"
+STATE_DTYPES = ("float32", "bfloat16")
+
+
+def _check_modules(name: str, value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        return sorted(value) if isinstance(value, set) else list(value)
+    raise ValueError(f"{name} must be a regex str, a list of module-name suffixes, or None; got {value!r}")
+
+
+def _atomic_write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class _JsonConfigMixin:
+    """`to_dict`, `save_pretrained` and `from_pretrained` for the config dataclasses."""
+
+    config_name: str = IMPORTANCE_CONFIG_NAME
+    section: str = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, self.config_name)
+        _atomic_write_json(path, {self.section: self.to_dict()})
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            # A newer version may add fields: warn instead of refusing the file.
+            logger.warning("Ignoring unknown %s keys (written by a newer hf-weightprune?): %s", cls.__name__, unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs):
+        """Read a folder holding `config_name` (or the file itself, or a Hub repo id)."""
+        path = os.fspath(path_or_repo_id)
+        if os.path.isdir(path):
+            path = os.path.join(path, cls.config_name)
+        elif not os.path.isfile(path):
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(path, cls.config_name, **hub_kwargs)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {cls.config_name} in {path_or_repo_id}")
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(data.get(cls.section, data))
+
+
+@dataclass
+class ImportanceConfig(_JsonConfigMixin):
+    """What the [`ImportanceCallback`] tracks and how.
+
+    Args:
+        criterion (`str`, *optional*, defaults to `"temporal_magnitude"`):
+            One of the registered criteria: `temporal_magnitude`, `magnitude`, `movement`, `taylor`,
+            `fisher`, `wanda` (see `hf_weightprune.scorers`).
+        target_modules (`str` or `list[str]`, *optional*, defaults to `"all-linear"`):
+            peft's rules: a regex that must fullmatch a module name, or a list of names / name suffixes.
+        exclude_modules (`str` or `list[str]`, *optional*):
+            Same rules; matching modules are not tracked. `lm_head` and embeddings are never tracked by
+            `"all-linear"`.
+        every_n_steps (`int`, *optional*, defaults to 1):
+            Take a sample every n optimizer steps.
+        per_epoch (`bool`, *optional*, defaults to `False`):
+            Take one sample at the end of each epoch instead, as arXiv 2502.17071 does (t = epoch number).
+        window (`int`, *optional*):
+            Only the last `window` samples of the planned run count (the paper's k); `None` keeps all.
+        state_dtype (`str`, *optional*, defaults to `"float32"`):
+            `"float32"` (4 bytes per tracked weight) or `"bfloat16"` (2 bytes, stochastic rounding).
+        skip_nonfinite (`bool`, *optional*, defaults to `True`):
+            Skip a sample whose gradients or activations hold NaN/Inf instead of poisoning the statistics.
+    """
+
+    criterion: str = field(default="temporal_magnitude", metadata={"help": "Importance criterion (registry key)."})
+    target_modules: str | list[str] | None = field(default="all-linear", metadata={"help": "Modules to track."})
+    exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "Modules never tracked."})
+    every_n_steps: int = field(default=1, metadata={"help": "Sample every n optimizer steps."})
+    per_epoch: bool = field(default=False, metadata={"help": "Sample once per epoch instead of per step."})
+    window: int | None = field(default=None, metadata={"help": "Only the last k samples count."})
+    state_dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 accumulator state."})
+    skip_nonfinite: bool = field(default=True, metadata={"help": "Skip samples with NaN/Inf grads/activations."})
+
+    def __post_init__(self):
+        from .scorers import SCORERS
+
+        if self.criterion not in SCORERS:
+            raise ValueError(f"criterion must be one of {sorted(SCORERS)}; got {self.criterion!r}")
+        self.target_modules = _check_modules("target_modules", self.target_modules)
+        self.exclude_modules = _check_modules("exclude_modules", self.exclude_modules)
+        if not isinstance(self.every_n_steps, int) or isinstance(self.every_n_steps, bool) or self.every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an int >= 1; got {self.every_n_steps!r}")
+        if self.window is not None and (
+            not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1
+        ):
+            raise ValueError(f"window must be None or an int >= 1; got {self.window!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}; got {self.state_dtype!r}")
+        if not isinstance(self.per_epoch, bool):
+            raise ValueError(f"per_epoch must be a bool; got {self.per_epoch!r}")
+
+    # Fields that change what the state means: a resumed run must agree on all of them.
+    RESUME_KEYS = ("criterion", "target_modules", "exclude_modules", "every_n_steps", "per_epoch", "window", "state_dtype")
+
+    def diff(self, other: ImportanceConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields (of `RESUME_KEYS`) whose values differ: `{name: (self_value, other_value)}`."""
+        return {
+            k: (getattr(self, k), getattr(other, k)) for k in self.RESUME_KEYS if getattr(self, k) != getattr(other, k)
+        }
+

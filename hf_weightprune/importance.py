@@ -1,0 +1,134 @@
+"""`Importance`: what `ImportanceCallback.importance()` and `load_importance()` return.
+
+Raw accumulator state is stored; scores are derived on demand, one tensor at a time, so a loaded file of
+billions of elements is never materialised whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from .config import ImportanceConfig
+from .matching import find_tracked_weights
+from .scorers import get_scorer
+
+
+class _ScoreView(Mapping):
+    """Lazy mapping parameter name -> float32 score tensor."""
+
+    def __init__(self, importance: Importance):
+        self._imp = importance
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._imp.score(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._imp.names)
+
+    def __len__(self) -> int:
+        return len(self._imp.names)
+
+
+class Importance:
+    """Per-parameter importance of one model.
+
+    Attributes:
+        config (`ImportanceConfig`): how it was accumulated.
+        meta (`dict`): `global_step`, `num_samples`, `weight_sum`, `tokens`, `skipped`, `world_size`, ...
+        shapes (`dict[str, list[int]]`): tracked parameter names (canonical) and their shapes, in model order.
+        scores (`Mapping[str, Tensor]`): derived scores, computed lazily per tensor.
+        path (`str` or `None`): the folder it was loaded from.
+    """
+
+    def __init__(
+        self,
+        config: ImportanceConfig,
+        meta: dict[str, Any],
+        shapes: dict[str, list[int]],
+        get_state: Callable[[str], Tensor],
+        *,
+        path: str | None = None,
+        weights: Mapping[str, Tensor] | None = None,
+    ):
+        self.config = config
+        self.meta = meta
+        self.shapes = shapes
+        self._get_state = get_state
+        self.path = path
+        self._weights = dict(weights) if weights is not None else None
+        self._scorer = get_scorer(config.criterion)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("global_step", 0))
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.meta.get("num_samples", 0))
+
+    @property
+    def criterion(self) -> str:
+        return self.config.criterion
+
+    def state(self, name: str) -> Tensor:
+        """The raw accumulator buffer of `name` (what resume needs)."""
+        if name not in self.shapes:
+            raise KeyError(f"{name!r} is not tracked in this importance ({len(self.shapes)} tracked weights)")
+        return self._get_state(name)
+
+    def score(self, name: str) -> Tensor:
+        weight = self._weights.get(name) if self._weights is not None else None
+        return self._scorer.score(
+            self.state(name),
+            weight=weight,
+            num_samples=self.num_samples,
+            weight_sum=float(self.meta.get("weight_sum", 0.0)),
+            tokens=int(self.meta.get("tokens", {}).get(name, 0)),
+        )
+
+    @property
+    def scores(self) -> Mapping[str, Tensor]:
+        return _ScoreView(self)
+
+    def bind(self, model: nn.Module) -> Importance:
+        """Validate against `model` and remember its weights (criteria such as `wanda` multiply by `|W|`)."""
+        self.validate_against(model)
+        tracked = find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
+        self._weights = {t.name: t.param for t in tracked if t.name in self.shapes}
+        return self
+
+    def validate_against(self, model: nn.Module) -> None:
+        """Refuse importance computed for another model: names and shapes must match the tracked weights."""
+        tracked = {
+            t.name: list(t.param.shape)
+            for t in find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
+        }
+        problems = []
+        for name, shape in self.shapes.items():
+            if name not in tracked:
+                problems.append(f"{name} (in importance, not a tracked weight of the model)")
+            elif list(shape) != tracked[name]:
+                problems.append(f"{name}: importance shape {list(shape)} != model shape {tracked[name]}")
+        problems += [f"{n} (tracked in the model, missing from importance)" for n in tracked if n not in self.shapes]
+        if problems:
+            where = f" from {self.path}" if self.path else ""
+            shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ValueError(f"Importance{where} does not match this model: {shown}")
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """All raw buffers in memory (small models and tests)."""
+        return {n: self.state(n) for n in self.names}
+
+    def __repr__(self) -> str:
+        return (
+            f"Importance(criterion={self.criterion!r}, tracked={len(self.shapes)}, step={self.step}, "
+            f"samples={self.num_samples}, path={self.path!r})"
+        )
+

@@ -1,0 +1,97 @@
+"""Which weights are tracked: peft's `target_modules` / `exclude_modules` rules, on canonical names.
+
+Rules (copied from peft so its users need not learn new ones):
+- a `str` is a regular expression that must *fullmatch* the module name;
+- a `list` matches a module whose name equals an entry or ends with `"." + entry`;
+- `"all-linear"` selects every `nn.Linear` except the output embedding (`lm_head`).
+Names are canonical: wrapper prefixes from DDP, FSDP, `torch.compile` and peft are removed, so the
+same names apply to the merged base model and to files written under any wrapper.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+# Path segments that wrappers insert; removing them gives the base model's own names.
+_WRAPPER_SEGMENTS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer"}
+_PEFT_PREFIX = "base_model.model."
+
+
+def canonical_name(name: str) -> str:
+    """Strip DDP `module.`, peft `base_model.model.`, and FSDP / compile / checkpoint / LoRA wrapper segments."""
+    while name.startswith("module."):
+        name = name[len("module.") :]
+    parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
+    name = ".".join(parts)
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX) :]
+    return name
+
+
+def _is_adapter_module(name: str) -> bool:
+    # peft's own layers (lora_A, lora_B, lora_dropout, lora_embedding_*, modules_to_save copies) are not base weights.
+    return any(p.startswith("lora_") or p == "modules_to_save" for p in name.split("."))
+
+
+def module_matches(name: str, pattern: str | list[str] | tuple[str, ...] | None) -> bool:
+    """peft's matching rule for one module name (already canonical)."""
+    if pattern is None:
+        return False
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+@dataclass(frozen=True)
+class TrackedWeight:
+    """One tracked weight: `name` is the canonical parameter name (`<module>.weight`)."""
+
+    name: str
+    module_name: str
+    module: nn.Module
+    param: nn.Parameter
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if out is None:
+        return {"lm_head"}
+    return {canonical_name(n) for n, m in model.named_modules() if m is out} | {"lm_head"}
+
+
+def find_tracked_weights(
+    model: nn.Module,
+    target_modules: str | list[str] | None = "all-linear",
+    exclude_modules: str | list[str] | None = None,
+) -> list[TrackedWeight]:
+    """Return the tracked `nn.Linear` weights of `model` in module order, each parameter once.
+
+    Tied weights are tracked once (the first name wins). Raises `ValueError` if nothing matches.
+    """
+    out_names = _output_embedding_names(model)
+    seen: set[int] = set()
+    tracked: list[TrackedWeight] = []
+    for raw_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or _is_adapter_module(raw_name):
+            continue
+        name = canonical_name(raw_name)
+        if target_modules in (None, "all-linear"):
+            selected = name not in out_names and not any(name.endswith("." + o) for o in out_names)
+        else:
+            selected = module_matches(name, target_modules)
+        if not selected or module_matches(name, exclude_modules):
+            continue
+        if id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        tracked.append(TrackedWeight(f"{name}.weight", name, module, module.weight))
+    if not tracked:
+        raise ValueError(
+            f"No nn.Linear module matches target_modules={target_modules!r} (exclude_modules={exclude_modules!r}). "
+            "A str is a regex that must fullmatch the module name; a list matches exact names or name suffixes."
+        )
+    return tracked

@@ -1,0 +1,65 @@
+"""Gradient criteria. Gradients are read at `on_pre_optimizer_step`, where they are complete: summed over
+gradient accumulation, unscaled, clipped and all-reduced across ranks; the weights are those the gradient
+was computed at. Scores are means over samples, so they compare across runs of different length."""
+
+from __future__ import annotations
+
+import torch
+
+from . import register_scorer
+from .base import Scorer, accumulate_, chunks
+
+
+class _GradientScorer(Scorer):
+    source = "grads"
+    needs_grad = True
+
+    def score(self, state, *, weight, num_samples, weight_sum, tokens):
+        if num_samples == 0:
+            raise ValueError(f"{self.name} importance has no samples yet")
+        return state.float() / num_samples
+
+
+@register_scorer
+class Movement(_GradientScorer):
+    """Movement pruning, Sanh et al. 2020 (arXiv 2005.07683): `S = -sum_t w*g`.
+
+    Positive when the weight moves away from zero; may be negative.
+    """
+
+    name = "movement"
+    formula = "-sum_t w*g"
+    paper = "arXiv:2005.07683"
+
+    def update_(self, states, weights, grads, t, generator=None):
+        for sl in chunks(weights):
+            accumulate_(states[sl], torch._foreach_mul(list(weights[sl]), list(grads[sl])), -1.0, generator)
+
+
+@register_scorer
+class Taylor(_GradientScorer):
+    """First-order Taylor importance, Molchanov et al. 2019 (arXiv 1906.10771): `sum_t |w*g|`."""
+
+    name = "taylor"
+    formula = "sum_t |w*g|"
+    paper = "arXiv:1906.10771"
+
+    def update_(self, states, weights, grads, t, generator=None):
+        for sl in chunks(weights):
+            prod = torch._foreach_mul(list(weights[sl]), list(grads[sl]))
+            torch._foreach_abs_(prod)
+            accumulate_(states[sl], prod, 1.0, generator)
+
+
+@register_scorer
+class Fisher(_GradientScorer):
+    """Empirical Fisher diagonal (Kwon et al. 2022, arXiv 2204.09656): `sum_t g^2`."""
+
+    name = "fisher"
+    formula = "sum_t g^2"
+    paper = "arXiv:2204.09656"
+
+    def update_(self, states, weights, grads, t, generator=None):
+        for sl in chunks(grads):
+            g = list(grads[sl])
+            accumulate_(states[sl], torch._foreach_mul(g, g), 1.0, generator)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import register_scorer
+from .base import Scorer
+
+
+def activation_sq_sum(x: Tensor) -> Tensor:
+    """Per-input-channel sum of squares of a Linear's input over all tokens: `[in_features]`, float32."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    return torch.einsum("ti,ti->i", x, x)
+
+
+@register_scorer
+class Wanda(Scorer):
+    """Activation-aware magnitude, Wanda (Sun et al. 2023, arXiv 2306.11695): `|W_ij| * ||x_j||_2`.
+
+    The buffer is the per-input-channel sum of squared activations seen by forward hooks during training
+    (`[in_features]`, not a full weight copy); `||x_j||` is its root-mean over tokens. It needs no weight
+    gradient, so it works on frozen base weights under LoRA. Fused `qkv_proj` shares one input, so one
+    buffer serves all of q, k and v.
+    """
+
+    name = "wanda"
+    source = "activations"
+    formula = "|W_ij| * ||x_j||_2"
+    paper = "arXiv:2306.11695"
+
+    def state_shape(self, weight):
+        return torch.Size([weight.shape[-1]])
+
+    def update_(self, states, weights, grads, t, generator=None):
+        # `weights` are the activation sums of one step here (the hooks collect them).
+        torch._foreach_add_(list(states), list(weights))
+
+    def score(self, state, *, weight, num_samples, weight_sum, tokens):
+        if weight is None:
+            raise ValueError("wanda scores need the weights: call `importance.bind(model)` or pass the model")
+        if tokens <= 0:
+            raise ValueError("wanda importance has seen no training tokens yet")
+        norm = (state.float() / tokens).sqrt()
+        return weight.detach().float().abs() * norm.to(weight.device)[None, :]

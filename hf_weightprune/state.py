@@ -1,0 +1,272 @@
+"""The only module that writes and reads importance files.
+
+Layout of an importance folder (`checkpoint-N/importance/` or `output_dir/importance/`):
+- `importance_config.json`: format version, the `ImportanceConfig`, accumulation scalars, world size, and
+  the tracked parameter names with their shapes. Written last: a folder without it is incomplete.
+- `importance.safetensors`, or `importance-0000k-of-0000N.safetensors` + `importance.safetensors.index.json`
+  (the HF sharded layout). Keys are canonical parameter names; values are raw accumulator buffers.
+
+Folders are written under a temporary name and renamed into place, so a crash never leaves a folder that
+looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from . import __version__
+from .config import IMPORTANCE_CONFIG_NAME, ImportanceConfig
+from .importance import Importance
+
+FORMAT_VERSION = 1
+IMPORTANCE_DIR = "importance"
+WEIGHTS_NAME = "importance.safetensors"
+INDEX_NAME = "importance.safetensors.index.json"
+FILENAME_PATTERN = "importance{suffix}.safetensors"
+
+
+class ImportanceFileError(ValueError):
+    """An importance folder is missing, incomplete, corrupt, or from an unsupported version."""
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"importance-{rank + 1:05d}-of-{world_size:05d}.safetensors"
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tmp_dir_for(final_dir: str) -> str:
+    parent, base = os.path.split(os.path.abspath(final_dir))
+    return os.path.join(parent, f".{base}.tmp")
+
+
+def write_shard(tmp_dir: str, tensors: Mapping[str, Tensor], *, rank: int, world_size: int) -> str:
+    """Write one rank's buffers into the temporary folder (every rank calls this in parallel)."""
+    os.makedirs(tmp_dir, exist_ok=True)
+    path = os.path.join(tmp_dir, shard_name(rank, world_size))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    return path
+
+
+def write_single(tmp_dir: str, tensors: Mapping[str, Tensor], max_shard_size: int | str = "5GB") -> None:
+    """Single process: huggingface_hub writes `importance.safetensors` or shards + index."""
+    from huggingface_hub import save_torch_state_dict
+
+    os.makedirs(tmp_dir, exist_ok=True)
+    save_torch_state_dict(
+        {k: v.detach().cpu() for k, v in tensors.items()},
+        tmp_dir,
+        filename_pattern=FILENAME_PATTERN,
+        max_shard_size=max_shard_size,
+        metadata={"format": "pt"},
+    )
+
+
+def finalize(
+    tmp_dir: str,
+    final_dir: str,
+    *,
+    config: ImportanceConfig,
+    meta: dict[str, Any],
+    shapes: dict[str, list[int]],
+    owners: dict[str, int] | None = None,
+    world_size: int = 1,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Main process: write the index (multi-rank) and `importance_config.json`, then rename into place."""
+    if owners is not None and world_size > 1:
+        weight_map = {name: shard_name(owners[name], world_size) for name in shapes}
+        _write_json(os.path.join(tmp_dir, INDEX_NAME), {"metadata": {"format": "pt"}, "weight_map": weight_map})
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "library": "hf-weightprune",
+        "library_version": __version__,
+        "config": config.to_dict(),
+        "state": {**meta, "world_size": world_size, "state_dtype": config.state_dtype},
+        "tensors": {name: list(shape) for name, shape in shapes.items()},
+    }
+    if extra:
+        payload.update(extra)
+    # The config is written last: its presence marks the temporary folder as complete.
+    _write_json(os.path.join(tmp_dir, IMPORTANCE_CONFIG_NAME), payload)
+    old = None
+    if os.path.exists(final_dir):
+        old = f"{tmp_dir}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+    return final_dir
+
+
+def save_importance_dir(final_dir: str, tensors: Mapping[str, Tensor], **kwargs) -> str:
+    """Single-process convenience: write tensors + config atomically into `final_dir`."""
+    tmp = tmp_dir_for(final_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_single(tmp, tensors, max_shard_size=kwargs.pop("max_shard_size", "5GB"))
+    return finalize(tmp, final_dir, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def resolve_importance_dir(path: str) -> str:
+    """`path` itself, or its `importance/` subfolder (a checkpoint or an output dir)."""
+    if os.path.isfile(os.path.join(path, IMPORTANCE_CONFIG_NAME)):
+        return path
+    sub = os.path.join(path, IMPORTANCE_DIR)
+    if os.path.isfile(os.path.join(sub, IMPORTANCE_CONFIG_NAME)):
+        return sub
+    if os.path.isdir(sub) or os.path.isdir(tmp_dir_for(sub)):
+        raise ImportanceFileError(f"{sub} is incomplete (no {IMPORTANCE_CONFIG_NAME}): the write did not finish")
+    raise ImportanceFileError(
+        f"No importance in {path}: expected {IMPORTANCE_CONFIG_NAME} there or in {IMPORTANCE_DIR}/ "
+        "(a checkpoint-N folder or a training output_dir)"
+    )
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ImportanceFileError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
+
+
+def read_meta(directory: str) -> dict:
+    meta = _read_json(os.path.join(directory, IMPORTANCE_CONFIG_NAME))
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ImportanceFileError(
+            f"{directory}: importance format_version {version!r} is not supported by hf-weightprune {__version__} "
+            f"(reads version {FORMAT_VERSION}); upgrade hf-weightprune"
+        )
+    for key in ("config", "state", "tensors"):
+        if key not in meta:
+            raise ImportanceFileError(f"{directory}/{IMPORTANCE_CONFIG_NAME} has no {key!r} section")
+    return meta
+
+
+def _weight_map(directory: str, names: list[str]) -> dict[str, str]:
+    index = os.path.join(directory, INDEX_NAME)
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map", {})
+    elif os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        weight_map = dict.fromkeys(names, WEIGHTS_NAME)
+    else:
+        raise ImportanceFileError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    missing = [n for n in names if n not in weight_map]
+    if missing:
+        raise ImportanceFileError(f"{directory}: tensors missing from the index: {missing[:3]}")
+    return weight_map
+
+
+def open_tensors(directory: str, shapes: dict[str, list[int]], state_shapes: dict[str, list[int]] | None = None):
+    """Check every shard's header against the metadata; return a lazy per-tensor reader."""
+    weight_map = _weight_map(directory, list(shapes))
+    headers: dict[str, dict[str, list[int]]] = {}
+    for fname in sorted(set(weight_map[n] for n in shapes)):
+        fpath = os.path.join(directory, fname)
+        if not os.path.isfile(fpath):
+            raise ImportanceFileError(f"{directory}: shard {fname} named in the index is missing")
+        size = os.path.getsize(fpath)
+        try:
+            with safe_open(fpath, framework="pt") as f:
+                headers[fname] = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ImportanceFileError(f"{fpath} is corrupt or truncated: {e}") from None
+        # safetensors checks the header, not that the data is all there.
+        _check_size(fpath, size)
+    for name in shapes:
+        fname = weight_map[name]
+        if name not in headers[fname]:
+            raise ImportanceFileError(f"{directory}: {name} is not in {fname}")
+        if state_shapes is not None and headers[fname][name] != list(state_shapes[name]):
+            raise ImportanceFileError(
+                f"{directory}: {name} has shape {headers[fname][name]} in {fname}, expected {state_shapes[name]}"
+            )
+
+    def get(name: str) -> Tensor:
+        with safe_open(os.path.join(directory, weight_map[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    return get
+
+
+def _check_size(fpath: str, size: int) -> None:
+    # The header gives each tensor's byte range; a truncated file ends before the last one.
+    with open(fpath, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ImportanceFileError(f"{fpath} is truncated: {size} bytes, header needs {8 + n + end}")
+
+
+def load_importance(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    model: torch.nn.Module | None = None,
+) -> Importance:
+    """Load importance from a checkpoint folder, an `importance/` folder, or a Hub repo id.
+
+    Tensors are read lazily (one `safe_open` per access); headers and sizes are checked up front so a
+    truncated or missing shard fails here with a one-line reason. Pass `model` to validate and bind.
+    """
+    path = os.fspath(path_or_repo_id)
+    if not os.path.exists(path):
+        path = _download(path, revision=revision, token=token)
+    directory = resolve_importance_dir(path)
+    meta = read_meta(directory)
+    config = ImportanceConfig.from_dict(meta["config"])
+    shapes = {k: list(v) for k, v in meta["tensors"].items()}
+    from .scorers import get_scorer
+
+    scorer = get_scorer(config.criterion)
+    state_shapes = {k: list(scorer.state_shape(torch.empty(v, device="meta"))) for k, v in shapes.items()}
+    get = open_tensors(directory, shapes, state_shapes)
+    imp = Importance(config, meta["state"], shapes, get, path=directory)
+    if model is not None:
+        imp.bind(model)
+    return imp
+
+
+def _download(repo_id: str, *, revision, token) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        local = snapshot_download(
+            repo_id, revision=revision, token=token, allow_patterns=[f"{IMPORTANCE_DIR}/*", "importance*"]
+        )
+    except HFValidationError:
+        raise FileNotFoundError(f"{repo_id} is neither a local path nor a valid Hub repo id") from None
+    except HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        raise FileNotFoundError(f"Could not download importance from Hub repo {repo_id} (HTTP {status})") from None
+    return local
+
+
+def state_dict_bytes(tensors: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
