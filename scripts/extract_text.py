@@ -113,9 +113,7 @@ def atomic_write(path, text):
 def readme(version, train, valid, books):
     valid_books = [(name, book) for name, book in books if name in VALID_BOOKS]
     total = len(train) + len(valid)
-    rows = "\n".join(
-        f"| {name} | {len(book)} | {sum(len(v) for v in book)} |" for name, book in valid_books
-    )
+    rows = "\n".join(f"| {name} | {len(book)} | {sum(len(v) for v in book)} |" for name, book in valid_books)
     return f"""# Data
 
 ## `kjv/`: the King James Bible (Authorized Version, 1611)
