@@ -1,0 +1,78 @@
+"""Shared test utilities: a recorder callback and brute-force importance references."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_weightprune.matching import find_tracked_weights
+from hf_weightprune.testing import TokenDataset
+
+
+class Recorder(TrainerCallback):
+    """Snapshots weights/grads before each optimizer step, weights after it, and Linear inputs per step."""
+
+    def __init__(self, model, record_acts=False):
+        self.tracked = find_tracked_weights(model)
+        self.pre, self.post, self.acts, self.tokens = [], [], [], []
+        self._acts, self._tok = {}, {}
+        if record_acts:
+            for t in self.tracked:
+                t.module.register_forward_hook(self._hook(t.name))
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            if module.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
+                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+                self._acts[name] = self._acts.get(name, 0) + (x * x).sum(0)
+                self._tok[name] = self._tok.get(name, 0) + x.shape[0]
+
+        return hook
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.pre.append({t.name: (t.param.detach().double().clone(),
+                                  None if t.param.grad is None else t.param.grad.detach().double().clone())
+                         for t in self.tracked})
+        self.acts.append(self._acts)
+        self.tokens.append(self._tok)
+        self._acts, self._tok = {}, {}
+
+    def on_step_end(self, args, state, control, **kw):
+        self.post.append({t.name: t.param.detach().double().clone() for t in self.tracked})
+
+
+def train(model, callbacks, tmp_path, *, max_steps=6, batch=4, ga=1, save_steps=None, seed=0, n=48, lr=1e-2,
+          **kw):
+    args = TrainingArguments(
+        str(tmp_path), max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+        learning_rate=lr, report_to=[], use_cpu=True, seed=seed, save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500, logging_steps=1, disable_tqdm=True, **kw)
+    vocab = model.config.vocab_size
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=n, vocab_size=vocab, seed=seed),
+                      callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def reference(criterion, rec, steps=None):
+    """Brute-force importance from recorded snapshots; `steps` are the 1-based sampled steps."""
+    n_steps = len(rec.post)
+    steps = list(range(1, n_steps + 1)) if steps is None else steps
+    out = {}
+    for t in rec.tracked:
+        name = t.name
+        if criterion == "temporal_magnitude":
+            out[name] = sum(s * rec.post[s - 1][name].abs() for s in steps) / sum(steps)
+        elif criterion == "magnitude":
+            out[name] = rec.post[-1][name].abs()
+        elif criterion == "movement":
+            out[name] = -sum(rec.pre[s - 1][name][0] * rec.pre[s - 1][name][1] for s in steps) / len(steps)
+        elif criterion == "taylor":
+            out[name] = sum((rec.pre[s - 1][name][0] * rec.pre[s - 1][name][1]).abs() for s in steps) / len(steps)
+        elif criterion == "fisher":
+            out[name] = sum(rec.pre[s - 1][name][1] ** 2 for s in steps) / len(steps)
+        elif criterion == "wanda":
+            sq = sum(rec.acts[s - 1][name] for s in steps)
+            tok = sum(rec.tokens[s - 1][name] for s in steps)
+            out[name] = rec.post[-1][name].abs() * (sq / tok).sqrt()[None, :]
+    return out
