@@ -135,3 +135,94 @@ class ImportanceConfig(_JsonConfigMixin):
             k: (getattr(self, k), getattr(other, k)) for k in self.RESUME_KEYS if getattr(self, k) != getattr(other, k)
         }
 
+
+
+PRUNE_STRUCTURES = ("unstructured", "N:M", "neurons", "heads")
+PRUNE_SCOPES = ("global", "layer", "row")
+
+
+def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
+    """`"unstructured"`, `"neurons"`, `"heads"` or an N:M pattern such as `"2:4"` -> (kind, (n, m) or None)."""
+    if structure in ("unstructured", "neurons", "heads"):
+        return structure, None
+    if isinstance(structure, str) and structure.count(":") == 1:
+        a, b = structure.split(":")
+        if a.strip().isdigit() and b.strip().isdigit():
+            n, m = int(a), int(b)
+            if not 0 < n < m:
+                raise ValueError(f"structure {structure!r}: N:M needs 0 < N < M (e.g. '2:4')")
+            return "N:M", (n, m)
+    raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons' or 'heads'; got {structure!r}")
+
+
+def _check_sparsity(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
+    return float(value)
+
+
+@dataclass
+class PruneConfig(_JsonConfigMixin):
+    """How [`prune_`] turns importance into masks.
+
+    Args:
+        sparsity (`float` or `dict[str, float]`, *optional*, defaults to 0.5):
+            Fraction of weights (or units) to remove, in [0, 1). A dict maps module-name regexes (fullmatch,
+            first match wins) to per-module targets; modules matching no key are left dense. For N:M it is
+            implied (`1 - N/M`) and may be left unset.
+        structure (`str`, *optional*, defaults to `"unstructured"`):
+            `"unstructured"`, `"N:M"` such as `"2:4"` (groups of M consecutive input weights keep N),
+            `"neurons"` (MLP intermediate channels) or `"heads"` (attention KV groups); the last two
+            physically shrink the model.
+        scope (`str`, *optional*):
+            `"global"` (one threshold over all pruned weights; default for unstructured), `"layer"` (the same
+            sparsity in every tensor; default and only choice for structured), or `"row"` (per output row,
+            as Wanda does). Not used by N:M.
+        target_modules / exclude_modules (*optional*):
+            Restrict pruning to part of the tracked weights, with the same rules as `ImportanceConfig`.
+    """
+
+    config_name = "prune_config.json"
+    section = "prune"
+
+    sparsity: float | dict[str, float] | None = field(default=None, metadata={"help": "Fraction to remove."})
+    structure: str = field(default="unstructured", metadata={"help": "unstructured | N:M | neurons | heads"})
+    scope: str | None = field(default=None, metadata={"help": "global | layer | row"})
+    target_modules: str | list[str] | None = field(default=None, metadata={"help": "Modules to prune."})
+    exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "Modules never pruned."})
+
+    def __post_init__(self):
+        kind, nm = parse_structure(self.structure)
+        if kind == "N:M":
+            implied = 1.0 - nm[0] / nm[1]
+            if self.sparsity is not None and (
+                not isinstance(self.sparsity, (int, float)) or abs(float(self.sparsity) - implied) > 1e-9
+            ):
+                raise ValueError(f"structure {self.structure!r} implies sparsity {implied}; got sparsity={self.sparsity!r}")
+            self.sparsity = implied
+        elif self.sparsity is None:
+            self.sparsity = 0.5
+        if isinstance(self.sparsity, dict):
+            if not self.sparsity:
+                raise ValueError("sparsity dict must map at least one module regex to a float")
+            if kind != "unstructured":
+                raise ValueError(f"per-module sparsity (a dict) is supported for unstructured pruning, not {kind!r}")
+            self.sparsity = {str(k): _check_sparsity(f"sparsity[{k!r}]", v) for k, v in self.sparsity.items()}
+        else:
+            self.sparsity = _check_sparsity("sparsity", self.sparsity)
+        if self.scope is None:
+            self.scope = "global" if kind == "unstructured" else "layer"
+        if self.scope not in PRUNE_SCOPES:
+            raise ValueError(f"scope must be one of {PRUNE_SCOPES}; got {self.scope!r}")
+        if kind in ("neurons", "heads") and self.scope != "layer":
+            raise ValueError(f"structure {kind!r} removes the same number of units in every layer: use scope='layer'")
+        self.target_modules = _check_modules("target_modules", self.target_modules)
+        self.exclude_modules = _check_modules("exclude_modules", self.exclude_modules)
+
+    @property
+    def kind(self) -> str:
+        return parse_structure(self.structure)[0]
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_structure(self.structure)[1]
