@@ -308,16 +308,17 @@ class ImportanceCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------------------- output
     def _move_before_reporters(self) -> None:
-        """Run our `on_log` before the reporting callbacks so they see our scalars.
+        """Run right after `DefaultFlowCallback` (before the reporters) so they log our scalars.
 
         Trainer appends user callbacks after its reporters and gives callbacks no handle on the list; the
-        list is found once through the garbage collector. Moving ourselves from position i to 0 during the
-        `on_train_begin` loop keeps every later callback at its index, so none is skipped or called twice.
+        list is found once through the garbage collector. Moving ourselves from position i to 1 during the
+        `on_train_begin` loop keeps every later callback at its index, so none is skipped or called twice,
+        and our `on_step_end` still runs after `DefaultFlowCallback` has decided whether to save.
         """
         for ref in gc.get_referrers(self):
-            if isinstance(ref, list) and any(type(c).__name__ == "DefaultFlowCallback" for c in ref):
+            if isinstance(ref, list) and ref and type(ref[0]).__name__ == "DefaultFlowCallback":
                 ref.remove(self)
-                ref.insert(0, self)
+                ref.insert(1, self)
                 return
 
     @staticmethod

@@ -101,8 +101,8 @@ def test_logs_reach_reporters_and_history(tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["importance/samples"] for h in logged] == [1, 2, 3]
     assert logged[0]["importance/tracked_params"] == sum(t.param.numel() for t in cb._tracked)
-    # our on_log runs before the reporting callbacks (moved ahead of them once)
-    assert trainer.callback_handler.callbacks[0] is cb
+    # our on_log runs before the reporting callbacks (moved once, right after DefaultFlowCallback)
+    assert trainer.callback_handler.callbacks[1] is cb
 
 
 def test_lora_wanda_and_frozen_taylor_error(tmp_path):
