@@ -1,0 +1,553 @@
+"""Structured pruning that physically shrinks a causal LM.
+
+Whole MLP neurons or whole attention KV groups (a key/value head together with the query heads that share it) are
+removed: the `nn.Linear` modules are replaced by smaller ones and `model.config` is updated, so the result is a plain,
+smaller Hugging Face checkpoint that stock `AutoModelForCausalLM.from_pretrained` loads.
+
+Supported layer layouts (detected from module names, not from the class name):
+
+- Llama-style: `self_attn.{q,k,v,o}_proj` (optional biases) and `mlp.{gate,up,down}_proj` (Llama, Mistral, Qwen2, ...);
+- Phi-3-style: fused `self_attn.qkv_proj` = [q; k; v] rows and `self_attn.o_proj`, fused `mlp.gate_up_proj` =
+  [gate; up] rows and `mlp.down_proj`.
+
+Example:
+
+```python
+>>> from hf_weightprune.surgery import prune_structured_
+>>> report = prune_structured_(model, scores, structure="neurons", sparsity=0.25)
+>>> model.save_pretrained("pruned")
+```
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+__all__ = [
+    "SUPPORTED_STRUCTURES",
+    "check_structured_supported",
+    "head_group_scores",
+    "neuron_scores",
+    "prune_structured_",
+    "shrink_attention_",
+    "shrink_mlp_",
+]
+
+SUPPORTED_STRUCTURES = ("neurons", "heads")
+
+_SUPPORTED_LAYOUTS = (
+    "Llama-style decoder layers (self_attn.q_proj/k_proj/v_proj/o_proj and mlp.gate_proj/up_proj/down_proj, "
+    "e.g. Llama, Mistral, Qwen2) and Phi-3-style layers (self_attn.qkv_proj/o_proj and mlp.gate_up_proj/down_proj)"
+)
+_ATTN_LAYOUTS = {"split": ("q_proj", "k_proj", "v_proj", "o_proj"), "fused": ("qkv_proj", "o_proj")}
+_MLP_LAYOUTS = {"split": ("gate_proj", "up_proj", "down_proj"), "fused": ("gate_up_proj", "down_proj")}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layout detection
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None) if isinstance(base, nn.Module) else None
+    if layers is None:
+        layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"Structured pruning cannot find decoder layers (`model.model.layers`) in {type(model).__name__}. "
+            f"Supported: {_SUPPORTED_LAYOUTS}."
+        )
+    return layers
+
+
+def _layout(block: nn.Module | None, layouts: dict[str, tuple[str, ...]]) -> str | None:
+    if block is None:
+        return None
+    for name, parts in layouts.items():
+        if all(isinstance(getattr(block, p, None), nn.Module) for p in parts):
+            return name
+    return None
+
+
+def _detect(model: nn.Module, part: str) -> tuple[nn.ModuleList, str]:
+    """Returns the decoder layers and the layout ("split" or "fused") of `part` ("attn" or "mlp") in every layer."""
+    layers = _decoder_layers(model)
+    attr, layouts = ("self_attn", _ATTN_LAYOUTS) if part == "attn" else ("mlp", _MLP_LAYOUTS)
+    found = set()
+    for i, layer in enumerate(layers):
+        kind = _layout(getattr(layer, attr, None), layouts)
+        if kind is None:
+            block = getattr(layer, attr, None)
+            children = sorted(n for n, _ in block.named_children()) if isinstance(block, nn.Module) else []
+            raise ValueError(
+                f"Unsupported architecture {type(model).__name__}: layer {i} `{attr}` has modules {children}. "
+                f"Supported: {_SUPPORTED_LAYOUTS}."
+            )
+        found.add(kind)
+        for p in layouts[kind]:
+            module = getattr(layer, attr).get_submodule(p)
+            # PEFT LoRA layers and quantized linears subclass or wrap nn.Linear; slicing them would be wrong.
+            if type(module) is not nn.Linear:
+                raise ValueError(
+                    f"Layer {i} `{attr}.{p}` is a {type(module).__name__}, not a plain torch.nn.Linear. Merge adapters "
+                    "(`merge_and_unload()`) and load the model unquantized before structured pruning."
+                )
+    if len(found) > 1:
+        raise ValueError(f"Layers of {type(model).__name__} mix {attr} layouts {sorted(found)}; not supported.")
+    return layers, found.pop()
+
+
+def _attn_geometry(model: nn.Module, attn: nn.Module, kind: str) -> tuple[int, int, int]:
+    """Returns (num_heads, num_kv_heads, head_dim) read from the module shapes, checked for consistency."""
+    d = getattr(attn, "head_dim", None) or getattr(model.config, "head_dim", None)
+    if not d:
+        d = model.config.hidden_size // model.config.num_attention_heads
+    o_in = attn.o_proj.in_features
+    if kind == "split":
+        q_out, kv_out = attn.q_proj.out_features, attn.k_proj.out_features
+        ok = attn.v_proj.out_features == kv_out
+    else:
+        q_out = o_in
+        kv2 = attn.qkv_proj.out_features - q_out
+        kv_out, ok = kv2 // 2, kv2 > 0 and kv2 % 2 == 0
+    n_heads, n_kv = q_out // d, kv_out // d
+    if not ok or q_out != o_in or q_out % d or kv_out % d or n_kv == 0 or n_heads % n_kv:
+        raise ValueError(
+            f"Attention projections of {type(attn).__name__} do not match head_dim={d} with grouped heads "
+            f"(q out {q_out}, k/v out {kv_out}, o in {o_in})."
+        )
+    return n_heads, n_kv, d
+
+
+def _configs(model: nn.Module) -> list[PretrainedConfig]:
+    # Submodules usually share `model.config`, but not always (e.g. after deep copies); update every distinct one.
+    seen = {id(model.config): model.config}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            seen.setdefault(id(cfg), cfg)
+    return list(seen.values())
+
+
+def check_structured_supported(model: nn.Module, structure: str) -> None:
+    """
+    Checks that `model` can be pruned with `structure`, raising a `ValueError` that says why not.
+
+    Args:
+        model (`PreTrainedModel`): A Llama-style or Phi-3-style causal LM (see module docstring).
+        structure (`str`): `"neurons"` (MLP intermediate neurons) or `"heads"` (attention KV groups).
+    """
+    if structure not in SUPPORTED_STRUCTURES:
+        raise ValueError(f"Unknown structure {structure!r}; expected one of {list(SUPPORTED_STRUCTURES)}.")
+    if structure == "neurons":
+        layers, _ = _detect(model, "mlp")
+        sizes = {layer.mlp.down_proj.in_features for layer in layers}
+        if len(sizes) > 1:
+            raise ValueError(f"Layers have different intermediate sizes {sorted(sizes)}; uniform pruning needs one.")
+        if sizes.pop() < 2:
+            raise ValueError("Nothing to prune: the MLP has a single intermediate neuron.")
+    else:
+        layers, kind = _detect(model, "attn")
+        geoms = {_attn_geometry(model, layer.self_attn, kind) for layer in layers}
+        if len(geoms) > 1:
+            raise ValueError(f"Layers have different attention shapes (heads, kv heads, head_dim) {sorted(geoms)}.")
+        n_heads, n_kv, _ = geoms.pop()
+        if n_kv < 2:
+            raise ValueError(
+                f"Nothing to prune: each layer has a single KV group (num_key_value_heads=1, {n_heads} query heads). "
+                "Heads are pruned as whole KV groups so grouped-query attention stays valid."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Unit scores
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+def _normalised(scores: Mapping[str, torch.Tensor], name: str, param: torch.Tensor) -> torch.Tensor | None:
+    if name not in scores:
+        return None
+    s = scores[name]
+    if tuple(s.shape) != tuple(param.shape):
+        raise ValueError(f"Score for {name} has shape {tuple(s.shape)}, but the parameter has {tuple(param.shape)}.")
+    s = s.detach().float()
+    scale = s.abs().mean()
+    # An all-zero score tensor carries no ranking information; let it contribute nothing instead of NaN.
+    return s / scale if scale > 0 else torch.zeros_like(s)
+
+
+def _no_score_error(prefix: str, layer_idx: int, examples: list[str]) -> ValueError:
+    return ValueError(
+        f"No importance scores for any weight of {prefix} (layer {layer_idx}); expected at least one of "
+        f"{examples}. Track this module's parameters or choose another structure."
+    )
+
+
+def _check_layer_idx(layers: nn.ModuleList, layer_idx: int) -> None:
+    if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(layers):
+        raise ValueError(f"layer_idx must be an int in [0, {len(layers)}), got {layer_idx!r}.")
+
+
+def neuron_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], layer_idx: int) -> torch.Tensor:
+    """
+    Aggregates element-wise importance into one score per MLP intermediate neuron of layer `layer_idx`.
+
+    Each scored tensor is first divided by its own mean absolute score, so that gate/up/down (whose raw scores can
+    differ in scale) contribute comparably; then, for neuron `j`, the normalised scores are summed over gate row `j`,
+    up row `j` and down column `j` (Phi-3: rows `j` and `intermediate_size + j` of `gate_up_proj`), plus entry `j` of
+    the gate/up biases when present and scored. Unscored tensors are skipped; `down_proj.bias` belongs to no neuron.
+
+    Args:
+        model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
+        scores (`Mapping[str, torch.Tensor]`): Parameter name (as in `model.named_parameters()`) to a tensor of the
+            parameter's shape, higher = more important.
+        layer_idx (`int`): Decoder layer index.
+
+    Returns:
+        `torch.Tensor` of shape `(intermediate_size,)`, float32.
+    """
+    layers, kind = _detect(model, "mlp")
+    _check_layer_idx(layers, layer_idx)
+    mlp = layers[layer_idx].mlp
+    prefix = _module_names(model)[id(mlp)]
+    size = mlp.down_proj.in_features
+    # (module name, how its rows/columns map to neurons)
+    parts = [("gate_proj", "rows"), ("up_proj", "rows")] if kind == "split" else [("gate_up_proj", "halves")]
+    parts.append(("down_proj", "cols"))
+    total, found = None, False
+    for mod_name, how in parts:
+        module = getattr(mlp, mod_name)
+        for pname in ("weight", "bias"):
+            param = getattr(module, pname, None)
+            if param is None or (pname == "bias" and how == "cols"):
+                continue
+            s = _normalised(scores, f"{prefix}.{mod_name}.{pname}", param)
+            if s is None:
+                continue
+            if pname == "weight":
+                s = s.sum(dim=0) if how == "cols" else s.sum(dim=1)
+            if how == "halves":
+                s = s.view(2, size).sum(dim=0)
+            total = s if total is None else total + s.to(total.device)
+            found = True
+    if not found:
+        raise _no_score_error(prefix, layer_idx, [f"{prefix}.{p}.weight" for p, _ in parts])
+    return total
+
+
+def head_group_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], layer_idx: int) -> torch.Tensor:
+    """
+    Aggregates element-wise importance into one score per attention KV group of layer `layer_idx`.
+
+    A KV group is one key/value head plus the `num_attention_heads // num_key_value_heads` query heads that read it
+    (query head `h` uses KV head `h // group_size`); with multi-head attention a group is a single head. Pruning
+    whole groups keeps grouped-query attention valid. Each scored tensor is first divided by its own mean absolute
+    score; then, for group `g`, the normalised scores are summed over its k and v rows, the q rows and o_proj columns
+    of its query heads (Phi-3: the matching rows of the q, k and v blocks of `qkv_proj`), plus the matching q/k/v
+    bias entries when present and scored. Unscored tensors are skipped; `o_proj.bias` belongs to no group.
+
+    Args:
+        model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
+        scores (`Mapping[str, torch.Tensor]`): Parameter name to a tensor of the parameter's shape, higher = more
+            important.
+        layer_idx (`int`): Decoder layer index.
+
+    Returns:
+        `torch.Tensor` of shape `(num_key_value_heads,)`, float32.
+    """
+    layers, kind = _detect(model, "attn")
+    _check_layer_idx(layers, layer_idx)
+    attn = layers[layer_idx].self_attn
+    prefix = _module_names(model)[id(attn)]
+    n_heads, n_kv, d = _attn_geometry(model, attn, kind)
+    q_size, kv_size = n_heads * d, n_kv * d
+
+    def per_group(flat: torch.Tensor) -> torch.Tensor:
+        # Contiguous rows (or columns) of length n_groups * k map to groups in order.
+        return flat.view(n_kv, -1).sum(dim=1)
+
+    names = ["q_proj", "k_proj", "v_proj", "o_proj"] if kind == "split" else ["qkv_proj", "o_proj"]
+    total, found = torch.zeros(n_kv), False
+    for mod_name in names:
+        module = getattr(attn, mod_name)
+        for pname in ("weight", "bias"):
+            param = getattr(module, pname, None)
+            if param is None or (pname == "bias" and mod_name == "o_proj"):
+                continue
+            s = _normalised(scores, f"{prefix}.{mod_name}.{pname}", param)
+            if s is None:
+                continue
+            if pname == "weight":
+                s = s.sum(dim=0) if mod_name == "o_proj" else s.sum(dim=1)
+            if mod_name == "qkv_proj":
+                q, k, v = s.split([q_size, kv_size, kv_size])
+                s = per_group(q) + per_group(k) + per_group(v)
+            else:
+                s = per_group(s)
+            total = total.to(s.device) + s
+            found = True
+    if not found:
+        raise _no_score_error(prefix, layer_idx, [f"{prefix}.{n}.weight" for n in names])
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Surgery
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _validate_keep(keep: Mapping[int, torch.Tensor], n_layers: int, size: int, what: str) -> dict[int, torch.Tensor]:
+    if not isinstance(keep, Mapping):
+        raise ValueError(f"keep must be a dict {{layer_idx: indices}}, got {type(keep).__name__}.")
+    missing = sorted(set(range(n_layers)) - set(keep))
+    extra = sorted(set(keep) - set(range(n_layers)), key=str)
+    if missing or extra:
+        raise ValueError(
+            f"keep must give indices for every layer 0..{n_layers - 1} (config sizes are shared by all layers); "
+            f"missing {missing}, unexpected {extra}."
+        )
+    out = {}
+    for i in range(n_layers):
+        idx = torch.as_tensor(keep[i])
+        if idx.dim() != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise ValueError(f"Layer {i}: kept {what} must be a non-empty 1-D integer tensor, got {keep[i]!r}.")
+        idx = idx.long().cpu()
+        # Sorting keeps surviving units in their original order; any order would be equivalent.
+        idx = torch.sort(idx).values
+        if idx[0] < 0 or idx[-1] >= size or bool((idx[1:] == idx[:-1]).any()):
+            raise ValueError(f"Layer {i}: kept {what} must be unique indices in [0, {size}), got {idx.tolist()}.")
+        out[i] = idx
+    counts = {i: len(idx) for i, idx in out.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"Non-uniform keep: every layer must keep the same number of {what} (the config holds one size), "
+            f"got {counts}."
+        )
+    return out
+
+
+@torch.no_grad()
+def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    weight, bias = linear.weight, linear.bias
+    if rows is not None:
+        rows = rows.to(weight.device)
+        weight = weight.index_select(0, rows)
+        bias = bias.index_select(0, rows) if bias is not None else None
+    if cols is not None:
+        weight = weight.index_select(1, cols.to(weight.device))
+    # Build on "meta" so no throwaway init runs, then attach the sliced tensors (same dtype and device).
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight.detach().contiguous().clone(), requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().contiguous().clone(), requires_grad=linear.bias.requires_grad)
+    new.train(linear.training)
+    return new
+
+
+def shrink_mlp_(model: nn.Module, keep: dict[int, torch.LongTensor]) -> None:
+    """
+    Removes MLP intermediate neurons in place, keeping `keep[layer_idx]` in every layer.
+
+    gate/up rows and down_proj columns are sliced with the same indices (Phi-3: both halves of `gate_up_proj`), biases
+    are kept, and `config.intermediate_size` is updated. Every layer must keep the same number of neurons. Rebuild
+    any optimizer afterwards: the Linear modules and their parameters are new objects.
+
+    Args:
+        model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
+        keep (`dict[int, torch.LongTensor]`): For every layer index, the neuron indices to keep.
+    """
+    layers, kind = _detect(model, "mlp")
+    sizes = {layer.mlp.down_proj.in_features for layer in layers}
+    if len(sizes) > 1:
+        raise ValueError(f"Layers have different intermediate sizes {sorted(sizes)}; uniform pruning needs one.")
+    size = sizes.pop()
+    keep = _validate_keep(keep, len(layers), size, "neurons")
+    new_size = len(keep[0])
+    reason = _config_error(model.config, {"intermediate_size": new_size})
+    if reason is not None:
+        raise ValueError(
+            f"intermediate_size={new_size} gives a config that {type(model.config).__name__} rejects: {reason}"
+        )
+    for i, layer in enumerate(layers):
+        mlp, idx = layer.mlp, keep[i]
+        if kind == "split":
+            mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=idx)
+            mlp.up_proj = _sliced_linear(mlp.up_proj, rows=idx)
+        else:
+            mlp.gate_up_proj = _sliced_linear(mlp.gate_up_proj, rows=torch.cat([idx, idx + size]))
+        mlp.down_proj = _sliced_linear(mlp.down_proj, cols=idx)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = new_size
+    for cfg in _configs(model):
+        cfg.intermediate_size = new_size
+
+
+def _config_error(config: PretrainedConfig, updates: dict, _baseline: bool = True) -> str | None:
+    """Returns why `config` with `updates` applied would fail its own validation (and thus `save_pretrained`)."""
+    # A config that already fails validation cannot tell us anything about the new sizes.
+    if _baseline and _config_error(config, {}, _baseline=False) is not None:
+        return None
+    candidate = copy.deepcopy(config)
+    for key, value in updates.items():
+        setattr(candidate, key, value)
+    validate = getattr(candidate, "validate", None)  # strict config validation, transformers >= 5
+    if validate is None:
+        return None
+    try:
+        validate()
+    except Exception as e:  # validators raise several exception types
+        # huggingface_hub wraps the validator's own error; its cause is the readable part.
+        return str(e.__cause__ or e).strip()
+    return None
+
+
+def _attention_config_updates(n_kv: int, group: int, head_dim: int) -> dict:
+    return {"num_attention_heads": n_kv * group, "num_key_value_heads": n_kv, "head_dim": head_dim}
+
+
+def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor]) -> None:
+    """
+    Removes attention KV groups in place, keeping `keep_groups[layer_idx]` in every layer.
+
+    For each kept group the k/v rows of its KV head and the q rows / o_proj columns of its query heads are kept
+    (Phi-3: the matching rows of the q, k and v blocks of `qkv_proj`); biases are kept. `config.num_attention_heads`,
+    `config.num_key_value_heads` and `config.head_dim` (set explicitly, since it would otherwise be re-derived from
+    `hidden_size // num_attention_heads`) are updated, as are the sizes the attention modules cache. Every layer must
+    keep the same number of groups. Rebuild any optimizer afterwards.
+
+    Args:
+        model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
+        keep_groups (`dict[int, torch.LongTensor]`): For every layer index, the KV group indices to keep.
+    """
+    layers, kind = _detect(model, "attn")
+    geoms = {_attn_geometry(model, layer.self_attn, kind) for layer in layers}
+    if len(geoms) > 1:
+        raise ValueError(f"Layers have different attention shapes (heads, kv heads, head_dim) {sorted(geoms)}.")
+    n_heads, n_kv, d = geoms.pop()
+    group = n_heads // n_kv
+    keep_groups = _validate_keep(keep_groups, len(layers), n_kv, "KV groups")
+    new_kv = len(keep_groups[0])
+    new_heads = new_kv * group
+    updates = _attention_config_updates(new_kv, group, d)
+    # Some configs reject sizes the modeling code handles (LlamaConfig wants hidden_size % num_attention_heads == 0,
+    # Phi-3 longrope sizes its rope factors by hidden_size // num_attention_heads); refuse before touching the model
+    # rather than produce a checkpoint that cannot be saved or loaded.
+    reason = _config_error(model.config, updates)
+    if reason is not None:
+        feasible = [
+            k
+            for k in range(1, n_kv + 1)
+            if _config_error(model.config, _attention_config_updates(k, group, d)) is None
+        ]
+        raise ValueError(
+            f"Keeping {new_kv} of {n_kv} KV groups ({new_heads} attention heads) gives a config that "
+            f"{type(model.config).__name__} rejects: {reason} KV-group counts it accepts: {feasible}."
+        )
+    offsets_q, offsets_d = torch.arange(group), torch.arange(d)
+    for i, layer in enumerate(layers):
+        attn, g = layer.self_attn, keep_groups[i]
+        heads = (g[:, None] * group + offsets_q).flatten()
+        q_rows = (heads[:, None] * d + offsets_d).flatten()
+        kv_rows = (g[:, None] * d + offsets_d).flatten()
+        if kind == "split":
+            attn.q_proj = _sliced_linear(attn.q_proj, rows=q_rows)
+            attn.k_proj = _sliced_linear(attn.k_proj, rows=kv_rows)
+            attn.v_proj = _sliced_linear(attn.v_proj, rows=kv_rows)
+        else:
+            q_size, kv_size = n_heads * d, n_kv * d
+            rows = torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows])
+            attn.qkv_proj = _sliced_linear(attn.qkv_proj, rows=rows)
+        attn.o_proj = _sliced_linear(attn.o_proj, cols=q_rows)
+        # Attention modules cache sizes at init (Phi3Attention slices qkv with them); keep them in sync.
+        attn.head_dim = d
+        attn.num_key_value_groups = group
+        for name, value in (("num_key_value_heads", new_kv), ("num_heads", new_heads)):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+    for cfg in _configs(model):
+        for key, value in updates.items():
+            setattr(cfg, key, value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune_structured_(
+    model: nn.Module, scores: Mapping[str, torch.Tensor], *, structure: str, sparsity: float
+) -> dict:
+    """
+    Removes the least important MLP neurons or attention KV groups, the same number in every layer, in place.
+
+    In each layer `round(sparsity * units)` units (Python rounding) with the lowest aggregated score (see
+    [`neuron_scores`] and [`head_group_scores`]) are removed; among equal scores the lower index is removed first. At
+    least one unit per layer must remain.
+
+    Args:
+        model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
+        scores (`Mapping[str, torch.Tensor]`): Parameter name to element-wise importance, higher = more important.
+        structure (`str`): `"neurons"` or `"heads"` (KV groups).
+        sparsity (`float`): Fraction of units to remove per layer, in `[0, 1)`.
+
+    Returns:
+        `dict` with `structure`, `unit`, `sparsity`, `units_per_layer` and `config` (`{"before", "after"}` sizes),
+        `kept` / `removed` (`{layer_idx: [indices]}`) and `num_parameters` (`{"before", "after"}`).
+    """
+    check_structured_supported(model, structure)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}.")
+    layers = _decoder_layers(model)
+    score_fn = neuron_scores if structure == "neurons" else head_group_scores
+    # Score every layer before touching the model, so an error leaves it intact.
+    unit_scores = [score_fn(model, scores, i) for i in range(len(layers))]
+    for i, s in enumerate(unit_scores):
+        if not torch.isfinite(s).all():
+            raise ValueError(f"Layer {i}: aggregated {structure} scores contain NaN or inf.")
+    units = unit_scores[0].numel()
+    n_remove = round(sparsity * units)
+    if n_remove >= units:
+        raise ValueError(
+            f"sparsity={sparsity} would remove {n_remove} of {units} {structure} per layer; at least one must remain."
+        )
+    kept, removed = {}, {}
+    for i, s in enumerate(unit_scores):
+        # Stable ascending sort: ties keep index order, so the lower index is removed first.
+        order = torch.sort(s.cpu(), stable=True).indices
+        removed[i] = sorted(order[:n_remove].tolist())
+        kept[i] = sorted(order[n_remove:].tolist())
+
+    cfg = model.config
+    if structure == "neurons":
+        config_keys = ("intermediate_size",)
+    else:
+        config_keys = ("num_attention_heads", "num_key_value_heads", "head_dim")
+    config_before = {k: getattr(cfg, k, None) for k in config_keys}
+    params_before = _num_parameters(model)
+    if n_remove:
+        keep = {i: torch.tensor(k, dtype=torch.long) for i, k in kept.items()}
+        (shrink_mlp_ if structure == "neurons" else shrink_attention_)(model, keep)
+    return {
+        "structure": structure,
+        "unit": "mlp_neuron" if structure == "neurons" else "kv_group",
+        "sparsity": sparsity,
+        "units_per_layer": {"before": units, "after": units - n_remove},
+        "config": {"before": config_before, "after": {k: getattr(cfg, k, None) for k in config_keys}},
+        "kept": kept,
+        "removed": removed,
+        "num_parameters": {"before": params_before, "after": _num_parameters(model)},
+    }
