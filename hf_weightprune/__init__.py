@@ -3,8 +3,22 @@
 __version__ = "0.1.0"
 
 from .callback import ImportanceCallback  # noqa: E402
-from .config import ImportanceConfig  # noqa: E402
+from .config import ImportanceConfig, PruneConfig  # noqa: E402
+from .export import load_sparsity, save_pruned  # noqa: E402
+from .hub import push_pruned_to_hub  # noqa: E402
 from .importance import Importance  # noqa: E402
+from .pruner import PruningReport, prune_  # noqa: E402
 from .state import load_importance  # noqa: E402
 
-__all__ = ["Importance", "ImportanceCallback", "ImportanceConfig", "load_importance"]
+__all__ = [
+    "Importance",
+    "ImportanceCallback",
+    "ImportanceConfig",
+    "PruneConfig",
+    "PruningReport",
+    "load_importance",
+    "load_sparsity",
+    "prune_",
+    "push_pruned_to_hub",
+    "save_pruned",
+]
