@@ -1,0 +1,103 @@
+"""Step-time overhead of ImportanceCallback, measured side by side in one run.
+
+For each criterion, one Trainer run alternates steps with the callback active and inactive (an inactive step
+skips every callback event and, for `wanda`, has no forward hooks registered), so both halves see the same
+machine noise. The ratio is median(active) / median(inactive) over the measured steps (warm-up excluded).
+Also reports bytes of accumulator state per tracked weight.
+
+    OMP_NUM_THREADS=2 python benchmarks/callback_overhead.py --model tiny --steps 40
+    OMP_NUM_THREADS=2 python benchmarks/callback_overhead.py --model 100m --steps 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from hf_weightprune import ImportanceCallback, ImportanceConfig
+from hf_weightprune.testing import TokenDataset
+
+MODELS = {
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),
+    # ~134M parameters, 85M of them in tracked Linear weights.
+    "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=12),
+}
+CRITERIA = ["temporal_magnitude", "magnitude", "movement", "taylor", "fisher", "wanda"]
+
+
+class Alternating(TrainerCallback):
+    """Forwards step events to `inner` on odd steps only and times every step (end to end)."""
+
+    def __init__(self, inner: ImportanceCallback):
+        self.inner = inner
+        self.times = {True: [], False: []}
+        self._t0 = None
+
+    def _active(self, state, offset=1):
+        return (state.global_step + offset) % 2 == 1
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.inner.on_train_begin(args, state, control, **kw)
+
+    def on_step_begin(self, args, state, control, **kw):
+        active = self._active(state)
+        if self.inner.scorer.source == "activations":
+            (self.inner._register_hooks if active else self.inner._remove_hooks)()
+        if active:
+            self.inner.on_step_begin(args, state, control, **kw)
+        self._t0 = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        if self._active(state):
+            self.inner.on_pre_optimizer_step(args, state, control, **kw)
+
+    def on_step_end(self, args, state, control, **kw):
+        active = self._active(state, offset=0)
+        if active:
+            self.inner.on_step_end(args, state, control, **kw)
+        self.times[active].append(time.perf_counter() - self._t0)
+
+
+def measure(cfg, criterion, steps, batch, seq, warmup=4, state_dtype="float32"):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg, max_position_embeddings=seq))
+    inner = ImportanceCallback(ImportanceConfig(criterion=criterion, state_dtype=state_dtype))
+    timer = Alternating(inner)
+    args = TrainingArguments("/tmp/overhead", max_steps=steps + warmup, per_device_train_batch_size=batch,
+                             learning_rate=1e-4, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             logging_strategy="no")
+    ds = TokenDataset(n=(steps + warmup) * batch, seq_len=seq, vocab_size=cfg["vocab_size"])
+    Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer]).train()
+    on, off = timer.times[True][warmup // 2:], timer.times[False][warmup // 2:]
+    tracked = sum(t.param.numel() for t in inner._tracked)
+    return statistics.median(on), statistics.median(off), inner.state_bytes() / tracked, tracked
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=list(MODELS), default="tiny")
+    p.add_argument("--steps", type=int, default=40, help="measured steps (half with, half without the callback)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--criteria", default=",".join(CRITERIA))
+    args = p.parse_args()
+    print(f"model={args.model} steps={args.steps} batch={args.batch}x{args.seq} torch threads={torch.get_num_threads()}")
+    print("| criterion | step with (s) | step without (s) | ratio | state bytes / tracked weight |")
+    print("| --- | --- | --- | --- | --- |")
+    for criterion in args.criteria.split(","):
+        on, off, bpw, tracked = measure(MODELS[args.model], criterion, args.steps, args.batch, args.seq)
+        print(f"| {criterion} | {on:.4f} | {off:.4f} | {on / off:.3f}x | {bpw:.3f} |", flush=True)
+    print(f"(tracked weights: {tracked:,})")
+    on, off, bpw, _ = measure(MODELS[args.model], "temporal_magnitude", args.steps, args.batch, args.seq,
+                              state_dtype="bfloat16")
+    print(f"| temporal_magnitude, bfloat16 state | {on:.4f} | {off:.4f} | {on / off:.3f}x | {bpw:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
