@@ -329,9 +329,11 @@ class ImportanceCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._meta["global_step"] = state.global_step
-        self._save(os.path.join(args.output_dir, S.IMPORTANCE_DIR), state)
-        if self._rank == 0:  # staged for a save that did not happen (a later callback cancelled it)
-            shutil.rmtree(os.path.join(args.output_dir, STAGING_DIR), ignore_errors=True)
+        # Through the staging folder too: the Trainer's last checkpoint push may still be uploading output_dir,
+        # and it skips "_*" but would pick up a half-written ".importance.tmp".
+        staging = os.path.join(args.output_dir, STAGING_DIR)
+        if self._save(staging, state, publish=False) and self._rank == 0:
+            S.publish(staging, os.path.join(args.output_dir, S.IMPORTANCE_DIR))
         self._staged_step = None
         self._remove_hooks()
 

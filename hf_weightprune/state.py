@@ -252,9 +252,10 @@ def load_importance(
     """
     path = os.fspath(path_or_repo_id)
     if os.path.exists(path):
-        directory = resolve_importance_dir(os.path.join(path, subfolder))
+        directory = resolve_importance_dir(os.path.join(path, subfolder) if subfolder else path)
     else:
-        local = os.path.join(_download(path, subfolder=subfolder, revision=revision, token=token), subfolder)
+        local = _download(path, subfolder=subfolder, revision=revision, token=token)
+        local = os.path.join(local, subfolder) if subfolder else local
         try:
             directory = resolve_importance_dir(local)
         except ImportanceFileError:

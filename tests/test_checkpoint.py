@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
@@ -25,6 +26,7 @@ from .scripts.ckpt_train import MARKER, SaveLate, run
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = S.IMPORTANCE_CONFIG_NAME
+IMP_CONFIG = f"{S.IMPORTANCE_DIR}/{CONFIG}"
 
 # Each killed run: the criterion it trains and where it hangs until SIGKILL (saves at steps 3, 6, 8 of 8).
 KILLED = {
@@ -191,20 +193,40 @@ def test_save_total_limit_rotates_importance_with_checkpoints(tmp_path):
     assert not leftovers(tmp_path)
 
 
+class SeenAtPush(TrainerCallback):
+    """Runs after ImportanceCallback: records the step of checkpoint-N/importance when the Trainer starts a push."""
+
+    def __init__(self):
+        self.steps = {}
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        path = Path(args.output_dir, f"checkpoint-{state.global_step}", IMP_CONFIG)
+        self.steps[state.global_step] = json.loads(path.read_text())["state"]["global_step"] if path.exists() else None
+
+
 @pytest.mark.parametrize("strategy", ["checkpoint", "every_save"])
 def test_push_to_hub_includes_importance(strategy, hub_server, tmp_path):
     out, repo = tmp_path / "out", "tester/tiny-importance"
+    seen = SeenAtPush()
     # hub_always_push: the step-4 push must not be skipped while the step-2 one is still uploading
     trainer = run(out, max_steps=4, save_steps=2, push_to_hub=True, hub_model_id=repo, hub_token=hub_server.token,
-                  hub_strategy=strategy, hub_always_push=True)
+                  hub_strategy=strategy, hub_always_push=True, callbacks=[seen])
+    # The Trainer uploads checkpoint-N in the background from right after on_push_begin, before on_save runs.
+    assert seen.steps == {2: 2, 4: 4}
     files = hub_server.files(repo)
-    ckpt = out / "checkpoint-4" / S.IMPORTANCE_DIR
     if strategy == "checkpoint":
-        # pushed by the Trainer during its save, before on_save ran
-        for f in (CONFIG, S.WEIGHTS_NAME):
-            assert files[f"last-checkpoint/importance/{f}"] == (ckpt / f).read_bytes()
+        pushes = {c.title: c.files for c in hub_server.get_repo(repo).commits.values() if c.title.endswith("checkpoint")}
+        for n in (2, 4):
+            config = json.loads(pushes[f"Training in progress, step {n}, checkpoint"][f"last-checkpoint/{IMP_CONFIG}"])
+            assert config["state"]["global_step"] == n
+        ckpt = out / "checkpoint-4" / S.IMPORTANCE_DIR
+        assert files[f"last-checkpoint/importance/{S.WEIGHTS_NAME}"] == (ckpt / S.WEIGHTS_NAME).read_bytes()
         assert load_importance(repo, subfolder="last-checkpoint", token=hub_server.token).step == 4
-    assert not any(f.startswith("importance/") for f in files)  # written at the end of training, pushed below
+    # output_dir/importance is written in on_train_end, while the last checkpoint push may still be uploading
+    # output_dir: that push may or may not carry it, but never a half-written folder.
+    if f"importance/{CONFIG}" in files:
+        assert files[f"importance/{S.WEIGHTS_NAME}"] == (out / "importance" / S.WEIGHTS_NAME).read_bytes()
+    assert not any(STAGING_DIR in f or ".tmp" in f for f in files)
     trainer.push_to_hub()
     files = hub_server.files(repo)
     assert files[f"importance/{CONFIG}"] == (out / "importance" / CONFIG).read_bytes()
@@ -222,10 +244,10 @@ def truncate(d):
 
 def shard_and_drop_one(d):
     imp = load_importance(d)
+    tensors = imp.to_dict()  # read before the folder is replaced (tensors are loaded lazily)
     shutil.rmtree(d)
     meta = {k: v for k, v in imp.meta.items() if k not in ("world_size", "state_dtype")}
-    S.save_importance_dir(str(d), imp.to_dict(), config=imp.config, meta=meta, shapes=imp.shapes,
-                          max_shard_size=6000)
+    S.save_importance_dir(str(d), tensors, config=imp.config, meta=meta, shapes=imp.shapes, max_shard_size=6000)
     shards = sorted(d.glob("importance-*.safetensors"))
     assert len(shards) > 2 and (d / S.INDEX_NAME).is_file()
     shards[1].unlink()
