@@ -183,6 +183,20 @@ def test_crash_inside_checkpoint_write_is_incomplete_and_not_resumed(killed, ref
     assert not leftovers(out)
 
 
+def test_per_epoch_resume_from_an_epoch_end_checkpoint_is_exact(tmp_path):
+    # 4 steps per epoch, saves at steps 4, 8, 12: each checkpoint ends an epoch, whose sample it must hold
+    # (a resume from it never replays that epoch's on_epoch_end).
+    cb = ImportanceCallback(ImportanceConfig(per_epoch=True))
+    kw = dict(max_steps=-1, num_train_epochs=3, save_steps=4)
+    run(tmp_path / "full", importance_callback=cb, **kw)
+    assert load_importance(tmp_path / "full" / "checkpoint-4").num_samples == 1
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", out / "checkpoint-4")
+    run(out, resume=True, importance_callback=ImportanceCallback(ImportanceConfig(per_epoch=True)), **kw)
+    assert load_importance(out).num_samples == 3
+    assert_same_importance(out, tmp_path / "full")
+
+
 # ---------------------------------------------------------------------------------------- rotation, Hub
 
 
