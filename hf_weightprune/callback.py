@@ -7,7 +7,10 @@ Lifecycle (one sitting to read):
   `wanda` commits the activation sums of the step.
 - `on_step_end`: weight criteria (`temporal_magnitude`) read the weights the optimizer just wrote.
 - `on_epoch_end`: the per-epoch sample of the paper (`per_epoch=True`).
-- `on_save` / `on_train_end`: write `checkpoint-N/importance/` / `output_dir/importance/`.
+- `on_step_end` / `on_epoch_end` when `control.should_save`: write the importance to a staging folder before the
+  Trainer saves (its Hub push of `checkpoint-N` starts before `on_save`); `on_push_begin` / `on_save` move it into
+  `checkpoint-N/importance/`. Saves decided later (e.g. `save_strategy="best"`) are written in `on_save`.
+- `on_train_end`: write `output_dir/importance/`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 SAVE_ERROR_CHOICES = ("raise", "warn")
 RESUME_MISMATCH_CHOICES = ("raise", "restart")
+# Under `output_dir`: the leading "_" keeps it out of the Trainer's Hub pushes (`ignore_patterns=["_*", ...]`)
+# and out of its `checkpoint-*` globs (resume, rotation).
+STAGING_DIR = "_importance-staging"
 
 
 class ImportanceCallback(TrainerCallback):
@@ -82,6 +88,7 @@ class ImportanceCallback(TrainerCallback):
         self.offload_to_cpu = offload_to_cpu
         self._tracked: list[TrackedWeight] = []
         self._hooks: list[Any] = []
+        self._staged_step: int | None = None
         self._reset_state()
 
     # ------------------------------------------------------------------------------------------ state
@@ -269,16 +276,28 @@ class ImportanceCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         t = state.global_step
         self._meta["global_step"] = t
-        if self.scorer.source == "weights" and not self.config.per_epoch and self._samples_at(t):
-            self._sample(t, t, use_grads=False)
+        if self.scorer.source == "weights":
+            if not self.config.per_epoch and self._samples_at(t):
+                self._sample(t, t, use_grads=False)
+            elif self.config.per_epoch and state.epoch is not None and state.epoch == int(state.epoch):
+                # The last step of an epoch: sample now, so a checkpoint saved at this step holds the sample (a
+                # resume from it never replays this epoch's on_epoch_end).
+                self._sample_epoch(state)
         if self.schedule is not None:
             self.schedule.on_step_end(self, args, state)
+        if control.should_save:
+            self._stage(args, state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.config.per_epoch:
-            epoch = int(round(state.epoch or 0))
-            if epoch >= 1 and self._samples_at(epoch):
-                self._sample(epoch, state.global_step, use_grads=False)
+            self._sample_epoch(state)
+        if control.should_save:
+            self._stage(args, state)
+
+    def _sample_epoch(self, state) -> None:
+        epoch = int(round(state.epoch or 0))
+        if epoch >= 1 and self._samples_at(epoch) and self._meta["last_step"] != state.global_step:
+            self._sample(epoch, state.global_step, use_grads=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not self._tracked:
@@ -294,7 +313,14 @@ class ImportanceCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
 
+    def on_push_begin(self, args, state, control, **kwargs):
+        # Called on the main process only, after checkpoint-N is written and before it is uploaded.
+        self._publish_staged(args, state)
+
     def on_save(self, args, state, control, **kwargs):
+        if self._staged_step == state.global_step:  # the same on every rank: no collective is skipped on one
+            self._publish_staged(args, state)
+            return
         folder = self._checkpoint_dir(args, state.global_step)
         if folder is None:
             logger.warning("ImportanceCallback: checkpoint-%d not found under %s", state.global_step, args.output_dir)
@@ -303,8 +329,30 @@ class ImportanceCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._meta["global_step"] = state.global_step
-        self._save(os.path.join(args.output_dir, S.IMPORTANCE_DIR), state)
+        # Through the staging folder too: the Trainer's last checkpoint push may still be uploading output_dir,
+        # and it skips "_*" but would pick up a half-written ".importance.tmp".
+        staging = os.path.join(args.output_dir, STAGING_DIR)
+        if self._save(staging, state, publish=False) and self._rank == 0:
+            S.publish(staging, os.path.join(args.output_dir, S.IMPORTANCE_DIR))
+        self._staged_step = None
         self._remove_hooks()
+
+    def _stage(self, args, state) -> None:
+        """Write the importance of this step before the Trainer saves checkpoint-N (see `on_push_begin`)."""
+        self._staged_step = None
+        # Under hyperparameter search checkpoints go to output_dir/run-<trial>/: let on_save write those.
+        if state.trial_name is None and self._save(os.path.join(args.output_dir, STAGING_DIR), state, publish=False):
+            self._staged_step = state.global_step
+
+    def _publish_staged(self, args, state) -> None:
+        staged = os.path.join(args.output_dir, STAGING_DIR)
+        if self._staged_step != state.global_step or self._rank != 0 or not os.path.isdir(staged):
+            return
+        folder = self._checkpoint_dir(args, state.global_step)
+        if folder is None:
+            logger.warning("ImportanceCallback: checkpoint-%d not found under %s", state.global_step, args.output_dir)
+            return
+        S.publish(staged, os.path.join(folder, S.IMPORTANCE_DIR))
 
     # ------------------------------------------------------------------------------------------- output
     def _move_before_reporters(self) -> None:
@@ -352,13 +400,18 @@ class ImportanceCallback(TrainerCallback):
             return dict(zip(names, summed))
         return dict(self._states)
 
-    def _save(self, final_dir: str, state) -> None:
+    def _save(self, final_dir: str, state, publish: bool = True) -> bool:
+        """Write the importance into `final_dir` (every rank takes part); returns whether it was written.
+
+        With `publish=False`, `final_dir` is a staging folder written in place (complete once its config is
+        written), for `S.publish` to move later.
+        """
         if not self._tracked:
-            return
+            return False
         rank, world = D.rank_and_world()
         meta = self._full_meta()
         tensors = self._export_tensors()
-        tmp = S.tmp_dir_for(final_dir)
+        tmp = S.tmp_dir_for(final_dir) if publish else final_dir
         error = None
         try:
             if rank == 0:
@@ -376,8 +429,8 @@ class ImportanceCallback(TrainerCallback):
         if not failed and rank == 0:
             try:
                 owners = {t.name: self._writer_of(t.name) for t in self._tracked}
-                S.finalize(tmp, final_dir, config=self.config, meta=meta, shapes=self._shapes(), owners=owners,
-                           world_size=world, extra=self._extra_metadata())
+                S.finalize(tmp, final_dir if publish else None, config=self.config, meta=meta, shapes=self._shapes(),
+                           owners=owners, world_size=world, extra=self._extra_metadata())
             except OSError as e:
                 error, failed = e, True
         D.barrier()
@@ -388,6 +441,7 @@ class ImportanceCallback(TrainerCallback):
             if self.on_save_error == "raise":
                 raise RuntimeError(msg + " (pass on_save_error='warn' to keep training)") from error
             logger.warning(msg)
+        return not failed
 
     def _writer_of(self, name: str) -> int:
         # Activation sums are identical on all ranks after the all-reduce; spread the writes by the partition.
@@ -424,7 +478,10 @@ class ImportanceCallback(TrainerCallback):
             if self.on_resume_mismatch == "restart":
                 logger.warning("ImportanceCallback: %s; restarting importance from zero (on_resume_mismatch='restart')", e)
                 return
-            raise ValueError(f"Cannot resume importance: {e} (pass on_resume_mismatch='restart' to start afresh)") from None
+            raise ValueError(
+                f"Cannot resume importance: {e} (resume from another checkpoint, or pass "
+                "ImportanceCallback(on_resume_mismatch='restart') to restart the importance from zero)"
+            ) from None
         rank, _ = D.rank_and_world()
         keep_sums = self.scorer.source != "activations" or rank == 0  # activation sums: restore once, on rank 0
         for name, buf in self._states.items():

@@ -81,7 +81,7 @@ def write_single(tmp_dir: str, tensors: Mapping[str, Tensor], max_shard_size: in
 
 def finalize(
     tmp_dir: str,
-    final_dir: str,
+    final_dir: str | None,
     *,
     config: ImportanceConfig,
     meta: dict[str, Any],
@@ -90,7 +90,10 @@ def finalize(
     world_size: int = 1,
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """Main process: write the index (multi-rank) and `importance_config.json`, then rename into place."""
+    """Main process: write the index (multi-rank) and `importance_config.json`, then rename into place.
+
+    With `final_dir=None` the complete folder stays at `tmp_dir` (staged) until [`publish`] moves it.
+    """
     if owners is not None and world_size > 1:
         weight_map = {name: shard_name(owners[name], world_size) for name in shapes}
         _write_json(os.path.join(tmp_dir, INDEX_NAME), {"metadata": {"format": "pt"}, "weight_map": weight_map})
@@ -106,6 +109,11 @@ def finalize(
         payload.update(extra)
     # The config is written last: its presence marks the temporary folder as complete.
     _write_json(os.path.join(tmp_dir, IMPORTANCE_CONFIG_NAME), payload)
+    return publish(tmp_dir, final_dir) if final_dir is not None else tmp_dir
+
+
+def publish(tmp_dir: str, final_dir: str) -> str:
+    """Rename a complete folder into place, replacing an older one at `final_dir`."""
     old = None
     if os.path.exists(final_dir):
         old = f"{tmp_dir}.old"
@@ -224,6 +232,7 @@ def _check_size(fpath: str, size: int) -> None:
 def load_importance(
     path_or_repo_id: str | os.PathLike,
     *,
+    subfolder: str = "",
     revision: str | None = None,
     token: str | bool | None = None,
     model: torch.nn.Module | None = None,
@@ -232,11 +241,29 @@ def load_importance(
 
     Tensors are read lazily (one `safe_open` per access); headers and sizes are checked up front so a
     truncated or missing shard fails here with a one-line reason. Pass `model` to validate and bind.
+
+    Args:
+        path_or_repo_id (`str` or `os.PathLike`): a local folder, or a Hub repo id (only `importance` files are
+            downloaded).
+        subfolder (`str`, *optional*): folder inside it, e.g. `"last-checkpoint"` or `"checkpoint-500"` for a
+            checkpoint the Trainer pushed with `hub_strategy="checkpoint"` / `"all_checkpoints"`.
+        revision, token: passed to `huggingface_hub.snapshot_download`.
+        model (`torch.nn.Module`, *optional*): validate against this model and bind its weights.
     """
     path = os.fspath(path_or_repo_id)
-    if not os.path.exists(path):
-        path = _download(path, revision=revision, token=token)
-    directory = resolve_importance_dir(path)
+    if os.path.exists(path):
+        directory = resolve_importance_dir(os.path.join(path, subfolder) if subfolder else path)
+    else:
+        local = _download(path, subfolder=subfolder, revision=revision, token=token)
+        local = os.path.join(local, subfolder) if subfolder else local
+        try:
+            directory = resolve_importance_dir(local)
+        except ImportanceFileError:
+            where = f"{path}, subfolder {subfolder!r}" if subfolder else path
+            raise ImportanceFileError(
+                f"No importance in Hub repo {where}: expected {IMPORTANCE_DIR}/{IMPORTANCE_CONFIG_NAME} there "
+                "(checkpoints pushed by the Trainer are under subfolder='last-checkpoint' or 'checkpoint-N')"
+            ) from None
     meta = read_meta(directory)
     config = ImportanceConfig.from_dict(meta["config"])
     shapes = {k: list(v) for k, v in meta["tensors"].items()}
@@ -251,13 +278,15 @@ def load_importance(
     return imp
 
 
-def _download(repo_id: str, *, revision, token) -> str:
+def _download(repo_id: str, *, subfolder: str, revision, token) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
         local = snapshot_download(
-            repo_id, revision=revision, token=token, allow_patterns=[f"{IMPORTANCE_DIR}/*", "importance*"]
+            repo_id, revision=revision, token=token,
+            allow_patterns=[f"{prefix}{IMPORTANCE_DIR}/*", f"{prefix}importance*"],
         )
     except HFValidationError:
         raise FileNotFoundError(f"{repo_id} is neither a local path nor a valid Hub repo id") from None

@@ -1,0 +1,111 @@
+"""Train a tiny Llama with `ImportanceCallback` and optionally hang at a chosen point so a test can SIGKILL it.
+
+Run as `python -m tests.scripts.ckpt_train OUTPUT_DIR [options]`; `run()` is also called in-process by the tests
+so both sides train with exactly the same arguments. A hang writes `OUTPUT_DIR/HANG` and sleeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_weightprune import ImportanceCallback, ImportanceConfig
+from hf_weightprune import state as S
+from hf_weightprune.testing import TokenDataset, tiny_llama
+
+MARKER = "HANG"
+# 16 windows / batch 4 = 4 steps per epoch: max_steps=8 crosses an epoch boundary, so a resume at step 3 or 6
+# must also skip batches mid-epoch and reproduce the second epoch's shuffle.
+MAX_STEPS, SAVE_STEPS, N = 8, 3, 16
+
+
+def hang(output_dir: str) -> None:
+    with open(os.path.join(output_dir, MARKER), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+
+class HangAfterSave(TrainerCallback):
+    """Hang once checkpoint-`step` (importance included) is complete."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            hang(args.output_dir)
+
+
+class SaveLate(TrainerCallback):
+    """Ask for a save at `step` after `ImportanceCallback.on_step_end` ran: the importance is written in on_save."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+
+
+# write_single hangs after writing the shards (a crash between file writes: no importance_config.json yet);
+# publish hangs before moving the complete staged folder into checkpoint-N (which then has no importance/).
+HANG_AFTER = {"write_single": True, "publish": False}
+
+
+def hang_on_call(name: str, call: int, output_dir: str) -> None:
+    """Make the `call`-th call of `hf_weightprune.state.<name>` hang."""
+    original, calls = getattr(S, name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call and not HANG_AFTER[name]:
+            hang(output_dir)
+        out = original(*args, **kwargs)
+        if calls[0] == call:
+            hang(output_dir)
+        return out
+
+    setattr(S, name, wrapper)
+
+
+def run(output_dir, criterion="temporal_magnitude", *, resume=None, callbacks=(), importance_callback=None,
+        max_steps=MAX_STEPS, save_steps=SAVE_STEPS, **kwargs):
+    """Train; returns the trainer. `resume`: a checkpoint path, True, or None."""
+    torch.set_num_threads(1)
+    model = tiny_llama(seed=11)
+    cb = importance_callback or ImportanceCallback(ImportanceConfig(criterion=criterion))
+    args = TrainingArguments(
+        str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2, seed=7,
+        save_strategy="steps", save_steps=save_steps, logging_steps=1, report_to=[], use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0, **kwargs)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=N, vocab_size=128, seed=3),
+                      callbacks=[cb, *callbacks])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("output_dir")
+    parser.add_argument("--criterion", default="temporal_magnitude")
+    parser.add_argument("--hang-after-save", type=int, help="hang once checkpoint-N is complete")
+    parser.add_argument("--hang-in", choices=sorted(HANG_AFTER), help="hang inside this state.py function")
+    parser.add_argument("--hang-call", type=int, default=1, help="... at its n-th call")
+    parser.add_argument("--save-late", type=int, help="a save at step N decided after ImportanceCallback's on_step_end")
+    a = parser.parse_args(argv)
+    callbacks = []
+    if a.hang_after_save:
+        callbacks.append(HangAfterSave(a.hang_after_save))
+    if a.save_late:
+        callbacks.append(SaveLate(a.save_late))
+    if a.hang_in:
+        hang_on_call(a.hang_in, a.hang_call, a.output_dir)
+    run(a.output_dir, a.criterion, callbacks=callbacks)
+
+
+if __name__ == "__main__":
+    main()
