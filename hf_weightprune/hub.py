@@ -171,6 +171,13 @@ def _importance_summary(importance: dict | None) -> str:
     return ", ".join(bits) or "importance settings not recorded"
 
 
+def _target_text(target) -> str:
+    """A float target, or per-module targets (`{regex: float}`) as a short list."""
+    if isinstance(target, dict):
+        return "per module: " + ", ".join(f"`{k}` {100 * float(v):.2f}%" for k, v in target.items())
+    return f"{100 * float(target or 0.0):.2f}%"
+
+
 def _tags(structure: str, criterion: str | None) -> list[str]:
     tags = ["pruned", "sparsity", "hf-weightprune", _STRUCTURES.get(structure, (None, f"{structure}-sparsity"))[1]]
     if criterion:
@@ -299,7 +306,7 @@ def render_model_card(
         structured_summary=structured_summary,
         scope=sparsity.get("scope", "global"),
         scope_detail=_SCOPES.get(sparsity.get("scope"), "custom"),
-        target_sparsity=float(sparsity.get("target_sparsity") or 0.0),
+        target_sparsity_text=_target_text(sparsity.get("target_sparsity")),
         global_sparsity=float(sparsity.get("global_sparsity") or 0.0),
         model_sparsity=float(sparsity.get("model_sparsity") or 0.0),
         criterion=criterion,

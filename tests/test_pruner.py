@@ -99,13 +99,15 @@ def test_masks_equal_bruteforce(trained, criterion, cfg):
             assert (kept == n).all()
 
 
-def test_per_module_sparsity_targets(trained):
+def test_per_module_sparsity_targets(trained, tmp_path):
     model = _fresh(trained)
     imp = load_importance(trained["temporal_magnitude"], model=model)
     report = prune_(model, imp, PruneConfig(sparsity={r".*mlp\..*": 0.6, r".*o_proj": 0.2}), progress=False)
     assert set(report.tensors) == {n for n in imp.names if "mlp" in n or "o_proj" in n}
     mlp = [v for n, v in report.tensors.items() if "mlp" in n]
     assert sum(v["sparsity"] * v["numel"] for v in mlp) / sum(v["numel"] for v in mlp) == pytest.approx(0.6, abs=1e-3)
+    card = (save_pruned(model, tmp_path / "p", report=report) and (tmp_path / "p" / "README.md").read_text())
+    assert r"per module: `.*mlp\..*` 60.00%" in card
 
 
 def test_saved_checkpoint_reloads_with_equal_logits(trained, tmp_path):
