@@ -17,9 +17,11 @@ import glob
 import logging
 import os
 import shutil
+import sys
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import TrainerCallback
 
 from . import distributed as D
@@ -34,6 +36,15 @@ logger = logging.getLogger(__name__)
 
 SAVE_ERROR_CHOICES = ("raise", "warn")
 RESUME_MISMATCH_CHOICES = ("raise", "restart")
+
+
+def _holders(obj, attr: str):
+    """Objects whose attribute `attr` is `obj`, found through the garbage collector."""
+    for ref in gc.get_referrers(obj):
+        if isinstance(ref, dict) and ref.get(attr) is obj:  # an instance __dict__: find its instance
+            ref = next((o for o in gc.get_referrers(ref) if getattr(o, "__dict__", None) is ref), None)
+        if ref is not None and not isinstance(ref, (dict, list)) and getattr(ref, attr, None) is obj:
+            yield ref
 
 
 class ImportanceCallback(TrainerCallback):
@@ -81,6 +92,7 @@ class ImportanceCallback(TrainerCallback):
         self.resume_from = resume_from
         self.offload_to_cpu = offload_to_cpu
         self._tracked: list[TrackedWeight] = []
+        self._trial_dir: str | None = None  # this hyperparameter_search trial's folder
         self._hooks: list[Any] = []
         self._reset_state()
 
@@ -89,7 +101,8 @@ class ImportanceCallback(TrainerCallback):
         self._states: dict[str, torch.Tensor] = {}  # buffers this rank owns
         self._owners: dict[str, int] = {}
         self._meta: dict[str, Any] = {"global_step": 0, "num_samples": 0, "weight_sum": 0.0, "last_step": 0,
-                                      "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None}
+                                      "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None,
+                                      "epoch": 0}
         self._step_acts: dict[str, torch.Tensor] = {}  # wanda: this step's activation sums, committed at the step
         self._step_tokens: dict[str, int] = {}
         self._collect = False
@@ -132,6 +145,7 @@ class ImportanceCallback(TrainerCallback):
                 device = "cpu" if self.offload_to_cpu else t.param.device
                 self._states[t.name] = torch.zeros(self.scorer.state_shape(t.param), dtype=dtype, device=device)
         self._meta["max_steps"] = int(state.max_steps)
+        self._meta["epoch"] = int(state.epoch or 0)  # epochs completed (resumed runs start past 0)
         self._meta["window_start"] = self._window_start(state)
         if self.scorer.source == "activations":
             self._register_hooks()
@@ -146,6 +160,11 @@ class ImportanceCallback(TrainerCallback):
         if k is None:
             return None
         if self.config.per_epoch:
+            if state.num_train_epochs >= sys.maxsize:  # Trainer's value for a dataset without __len__
+                raise ValueError(
+                    "window with per_epoch=True needs the number of epochs, but the train dataset has no length "
+                    "(IterableDataset): use every_n_steps with window, or per_epoch without window"
+                )
             return max(1, int(state.num_train_epochs) - k + 1)
         n = self.config.every_n_steps
         last = (int(state.max_steps) // n) * n
@@ -162,11 +181,13 @@ class ImportanceCallback(TrainerCallback):
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
-            # Training forwards only: not eval (no_grad / eval mode), not the recomputation that gradient
-            # checkpointing runs inside backward (it would count every token twice).
-            if not (self._collect and module.training and torch.is_grad_enabled()):
+            # Training forwards only: not eval (eval mode), not the recomputation that gradient checkpointing runs
+            # inside backward (it would count every token twice). Grad mode cannot tell: reentrant checkpointing
+            # runs the first forward under no_grad. A compiled forward is never such a recomputation, and the
+            # check would break the graph there.
+            if not (self._collect and module.training):
                 return
-            if torch._C._current_graph_task_id() != -1:
+            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
                 return
             x = inputs[0]
             sq = activation_sq_sum(x)
@@ -250,7 +271,8 @@ class ImportanceCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._setup(args, state, model)
-        self._move_before_reporters()
+        callbacks = self._move_before_reporters()
+        self._trial_dir = self._find_trial_dir(args, state, callbacks)
         if state.global_step > 0:
             self._restore(args, state)
         if self.schedule is not None:
@@ -276,8 +298,11 @@ class ImportanceCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.config.per_epoch:
-            epoch = int(round(state.epoch or 0))
-            if epoch >= 1 and self._samples_at(epoch):
+            # Count epoch ends: `state.epoch` is fractional at a partial last epoch (max_steps) and meaningless
+            # for an IterableDataset (its steps per epoch are unknown).
+            self._meta["epoch"] += 1
+            epoch = self._meta["epoch"]
+            if self._samples_at(epoch):
                 self._sample(epoch, state.global_step, use_grads=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -303,11 +328,11 @@ class ImportanceCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._meta["global_step"] = state.global_step
-        self._save(os.path.join(args.output_dir, S.IMPORTANCE_DIR), state)
+        self._save(os.path.join(self._output_dir(args), S.IMPORTANCE_DIR), state)
         self._remove_hooks()
 
     # ------------------------------------------------------------------------------------------- output
-    def _move_before_reporters(self) -> None:
+    def _move_before_reporters(self) -> list | None:
         """Run right after `DefaultFlowCallback` (before the reporters) so they log our scalars.
 
         Trainer appends user callbacks after its reporters and gives callbacks no handle on the list; the
@@ -319,11 +344,33 @@ class ImportanceCallback(TrainerCallback):
             if isinstance(ref, list) and ref and type(ref[0]).__name__ == "DefaultFlowCallback":
                 ref.remove(self)
                 ref.insert(1, self)
-                return
+                return ref
+        return None
 
-    @staticmethod
-    def _checkpoint_dir(args, step: int) -> str | None:
-        folder = os.path.join(args.output_dir, f"checkpoint-{step}")
+    def _find_trial_dir(self, args, state, callbacks) -> str | None:
+        """This `hyperparameter_search` trial's folder (`None` outside a search).
+
+        Trainer keeps `args.output_dir` for every trial and writes each one under `hp_name(trial)` or
+        `run-<trial id>` (`Trainer._get_output_dir`), which callbacks are not told: unless `hp_name` was given,
+        the Trainer holding our callback list is found through the garbage collector and asked.
+        """
+        if not state.is_hyper_param_search:
+            return None
+        if state.trial_name:
+            return os.path.join(args.output_dir, state.trial_name)
+        for handler in _holders(callbacks, "callbacks") if callbacks is not None else ():
+            for trainer in _holders(handler, "callback_handler"):
+                if hasattr(trainer, "_get_output_dir"):
+                    return trainer._get_output_dir(getattr(trainer, "_trial", None))
+        logger.warning("ImportanceCallback: hyperparameter search trial folder not found; importance goes to %s "
+                       "(pass hp_name= to hyperparameter_search)", args.output_dir)
+        return None
+
+    def _output_dir(self, args) -> str:
+        return self._trial_dir or args.output_dir
+
+    def _checkpoint_dir(self, args, step: int) -> str | None:
+        folder = os.path.join(self._output_dir(args), f"checkpoint-{step}")
         if os.path.isdir(folder):
             return folder
         # hyperparameter_search writes checkpoints under output_dir/run-<trial>/.
@@ -369,7 +416,7 @@ class ImportanceCallback(TrainerCallback):
             else:
                 mine = {n: v for n, v in tensors.items() if self._writer_of(n) == rank}
                 S.write_shard(tmp, mine, rank=rank, world_size=world)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             error = e
         D.barrier()
         failed = D.any_rank(error is not None)
@@ -378,7 +425,7 @@ class ImportanceCallback(TrainerCallback):
                 owners = {t.name: self._writer_of(t.name) for t in self._tracked}
                 S.finalize(tmp, final_dir, config=self.config, meta=meta, shapes=self._shapes(), owners=owners,
                            world_size=world, extra=self._extra_metadata())
-            except OSError as e:
+            except (OSError, SafetensorError) as e:
                 error, failed = e, True
         D.barrier()
         if failed:
@@ -430,7 +477,7 @@ class ImportanceCallback(TrainerCallback):
         for name, buf in self._states.items():
             if keep_sums:
                 buf.copy_(imp.state(name).to(buf.device))
-        meta = {k: imp.meta[k] for k in ("num_samples", "weight_sum", "last_step", "skipped") if k in imp.meta}
+        meta = {k: imp.meta[k] for k in ("num_samples", "weight_sum", "last_step", "skipped", "epoch") if k in imp.meta}
         meta["tokens"] = dict(imp.meta.get("tokens", {})) if keep_sums else {}
         self._meta.update(meta, global_step=state.global_step)
         if self.schedule is not None:
