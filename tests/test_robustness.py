@@ -142,6 +142,7 @@ def test_fp16_on_cpu_trains_in_float32(tmp_path):
 
 
 # ------------------------------------------------------------------------------- 3. gradient checkpointing
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing:FutureWarning")  # renamed activation_checkpointing in 5.x
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("criterion", ["wanda", "taylor"])
 def test_gradient_checkpointing_counts_once(criterion, use_reentrant, tmp_path):
@@ -340,7 +341,7 @@ class Capture(TrainerCallback):
 
 
 @pytest.mark.parametrize("hp_name", [None, lambda trial: f"trial-{trial.number}"])
-def test_hyperparameter_search_trial_folders(hp_name, tmp_path):
+def test_hyperparameter_search_trial_folders(hp_name, tmp_path, caplog):
     pytest.importorskip("optuna")
     cb = ImportanceCallback()
     capture = Capture(cb)
@@ -352,6 +353,7 @@ def test_hyperparameter_search_trial_folders(hp_name, tmp_path):
         hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-1, log=True)},
         backend="optuna", n_trials=2, direction="minimize", hp_name=hp_name)
     assert args.output_dir == str(tmp_path)  # Trainer does not change it per trial
+    assert "trial folder not found" not in caplog.text
     assert not os.path.exists(tmp_path / "importance")
     names = ["run-0", "run-1"] if hp_name is None else ["trial-0", "trial-1"]
     for name, expected in zip(names, capture.trials):
