@@ -20,10 +20,13 @@ import glob
 import logging
 import os
 import shutil
+import sys
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import TrainerCallback
+from transformers.trainer_utils import has_length
 
 from . import distributed as D
 from . import state as S
@@ -40,6 +43,15 @@ RESUME_MISMATCH_CHOICES = ("raise", "restart")
 # Under `output_dir`: the leading "_" keeps it out of the Trainer's Hub pushes (`ignore_patterns=["_*", ...]`)
 # and out of its `checkpoint-*` globs (resume, rotation).
 STAGING_DIR = "_importance-staging"
+
+
+def _holders(obj, attr: str):
+    """Objects whose attribute `attr` is `obj`, found through the garbage collector."""
+    for ref in gc.get_referrers(obj):
+        if isinstance(ref, dict) and ref.get(attr) is obj:  # an instance __dict__: find its instance
+            ref = next((o for o in gc.get_referrers(ref) if getattr(o, "__dict__", None) is ref), None)
+        if ref is not None and not isinstance(ref, (dict, list)) and getattr(ref, attr, None) is obj:
+            yield ref
 
 
 class ImportanceCallback(TrainerCallback):
@@ -87,8 +99,10 @@ class ImportanceCallback(TrainerCallback):
         self.resume_from = resume_from
         self.offload_to_cpu = offload_to_cpu
         self._tracked: list[TrackedWeight] = []
+        self._trial_dir: str | None = None  # this hyperparameter_search trial's folder
         self._hooks: list[Any] = []
         self._staged_step: int | None = None
+        self._stage_attempt: int | None = None  # the step whose importance was (tried to be) staged
         self._reset_state()
 
     # ------------------------------------------------------------------------------------------ state
@@ -96,7 +110,8 @@ class ImportanceCallback(TrainerCallback):
         self._states: dict[str, torch.Tensor] = {}  # buffers this rank owns
         self._owners: dict[str, int] = {}
         self._meta: dict[str, Any] = {"global_step": 0, "num_samples": 0, "weight_sum": 0.0, "last_step": 0,
-                                      "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None}
+                                      "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None,
+                                      "epoch": 0, "epoch_step": None}
         self._step_acts: dict[str, torch.Tensor] = {}  # wanda: this step's activation sums, committed at the step
         self._step_tokens: dict[str, int] = {}
         self._collect = False
@@ -139,6 +154,7 @@ class ImportanceCallback(TrainerCallback):
                 device = "cpu" if self.offload_to_cpu else t.param.device
                 self._states[t.name] = torch.zeros(self.scorer.state_shape(t.param), dtype=dtype, device=device)
         self._meta["max_steps"] = int(state.max_steps)
+        self._meta["epoch"] = int(state.epoch or 0)  # epochs completed (resumed runs start past 0)
         self._meta["window_start"] = self._window_start(state)
         if self.scorer.source == "activations":
             self._register_hooks()
@@ -153,6 +169,11 @@ class ImportanceCallback(TrainerCallback):
         if k is None:
             return None
         if self.config.per_epoch:
+            if state.num_train_epochs >= sys.maxsize:  # Trainer's value for a dataset without __len__
+                raise ValueError(
+                    "window with per_epoch=True needs the number of epochs, but the train dataset has no length "
+                    "(IterableDataset): use every_n_steps with window, or per_epoch without window"
+                )
             return max(1, int(state.num_train_epochs) - k + 1)
         n = self.config.every_n_steps
         last = (int(state.max_steps) // n) * n
@@ -169,11 +190,13 @@ class ImportanceCallback(TrainerCallback):
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
-            # Training forwards only: not eval (no_grad / eval mode), not the recomputation that gradient
-            # checkpointing runs inside backward (it would count every token twice).
-            if not (self._collect and module.training and torch.is_grad_enabled()):
+            # Training forwards only: not eval (eval mode), not the recomputation that gradient checkpointing runs
+            # inside backward (it would count every token twice). Grad mode cannot tell: reentrant checkpointing
+            # runs the first forward under no_grad. A compiled forward is never such a recomputation, and the
+            # check would break the graph there.
+            if not (self._collect and module.training):
                 return
-            if torch._C._current_graph_task_id() != -1:
+            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
                 return
             x = inputs[0]
             sq = activation_sq_sum(x)
@@ -257,7 +280,8 @@ class ImportanceCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._setup(args, state, model)
-        self._move_before_reporters()
+        callbacks = self._move_before_reporters()
+        self._trial_dir = self._find_trial_dir(args, state, callbacks)
         if state.global_step > 0:
             self._restore(args, state)
         if self.schedule is not None:
@@ -279,7 +303,7 @@ class ImportanceCallback(TrainerCallback):
         if self.scorer.source == "weights":
             if not self.config.per_epoch and self._samples_at(t):
                 self._sample(t, t, use_grads=False)
-            elif self.config.per_epoch and state.epoch is not None and state.epoch == int(state.epoch):
+            elif self.config.per_epoch and self._is_epoch_end(state, kwargs.get("train_dataloader")):
                 # The last step of an epoch: sample now, so a checkpoint saved at this step holds the sample (a
                 # resume from it never replays this epoch's on_epoch_end).
                 self._sample_epoch(state)
@@ -294,10 +318,24 @@ class ImportanceCallback(TrainerCallback):
         if control.should_save:
             self._stage(args, state)
 
+    @staticmethod
+    def _is_epoch_end(state, dataloader) -> bool:
+        # Only a dataset with a length has whole-number epochs at its epoch ends.
+        return dataloader is not None and has_length(dataloader) and state.epoch == int(state.epoch or 0) > 0
+
     def _sample_epoch(self, state) -> None:
-        epoch = int(round(state.epoch or 0))
-        if epoch >= 1 and self._samples_at(epoch) and self._meta["last_step"] != state.global_step:
-            self._sample(epoch, state.global_step, use_grads=False)
+        """One sample per epoch end, t = epochs completed.
+
+        Epoch ends are counted here: `state.epoch` is fractional at a partial last epoch (max_steps) and
+        meaningless for an IterableDataset. A map-style epoch is sampled at its last step (from `on_step_end`),
+        so a checkpoint saved at that step holds the sample; `on_epoch_end` then finds it already taken.
+        """
+        if self._meta["epoch_step"] == state.global_step:
+            return
+        self._meta["epoch"] += 1
+        self._meta["epoch_step"] = state.global_step
+        if self._samples_at(self._meta["epoch"]):
+            self._sample(self._meta["epoch"], state.global_step, use_grads=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not self._tracked:
@@ -318,7 +356,8 @@ class ImportanceCallback(TrainerCallback):
         self._publish_staged(args, state)
 
     def on_save(self, args, state, control, **kwargs):
-        if self._staged_step == state.global_step:  # the same on every rank: no collective is skipped on one
+        if self._stage_attempt == state.global_step:
+            # Staged before the checkpoint (or that write already failed and was reported): never write twice.
             self._publish_staged(args, state)
             return
         folder = self._checkpoint_dir(args, state.global_step)
@@ -331,9 +370,10 @@ class ImportanceCallback(TrainerCallback):
         self._meta["global_step"] = state.global_step
         # Through the staging folder too: the Trainer's last checkpoint push may still be uploading output_dir,
         # and it skips "_*" but would pick up a half-written ".importance.tmp".
-        staging = os.path.join(args.output_dir, STAGING_DIR)
+        out = self._output_dir(args)
+        staging = os.path.join(out, STAGING_DIR)
         if self._save(staging, state, publish=False) and self._rank == 0:
-            S.publish(staging, os.path.join(args.output_dir, S.IMPORTANCE_DIR))
+            S.publish(staging, os.path.join(out, S.IMPORTANCE_DIR))
         self._staged_step = None
         self._remove_hooks()
 
@@ -341,7 +381,10 @@ class ImportanceCallback(TrainerCallback):
         """Write the importance of this step before the Trainer saves checkpoint-N (see `on_push_begin`)."""
         self._staged_step = None
         # Under hyperparameter search checkpoints go to output_dir/run-<trial>/: let on_save write those.
-        if state.trial_name is None and self._save(os.path.join(args.output_dir, STAGING_DIR), state, publish=False):
+        if state.trial_name is not None:
+            return
+        self._stage_attempt = state.global_step
+        if self._save(os.path.join(args.output_dir, STAGING_DIR), state, publish=False):
             self._staged_step = state.global_step
 
     def _publish_staged(self, args, state) -> None:
@@ -355,7 +398,7 @@ class ImportanceCallback(TrainerCallback):
         S.publish(staged, os.path.join(folder, S.IMPORTANCE_DIR))
 
     # ------------------------------------------------------------------------------------------- output
-    def _move_before_reporters(self) -> None:
+    def _move_before_reporters(self) -> list | None:
         """Run right after `DefaultFlowCallback` (before the reporters) so they log our scalars.
 
         Trainer appends user callbacks after its reporters and gives callbacks no handle on the list; the
@@ -367,11 +410,33 @@ class ImportanceCallback(TrainerCallback):
             if isinstance(ref, list) and ref and type(ref[0]).__name__ == "DefaultFlowCallback":
                 ref.remove(self)
                 ref.insert(1, self)
-                return
+                return ref
+        return None
 
-    @staticmethod
-    def _checkpoint_dir(args, step: int) -> str | None:
-        folder = os.path.join(args.output_dir, f"checkpoint-{step}")
+    def _find_trial_dir(self, args, state, callbacks) -> str | None:
+        """This `hyperparameter_search` trial's folder (`None` outside a search).
+
+        Trainer keeps `args.output_dir` for every trial and writes each one under `hp_name(trial)` or
+        `run-<trial id>` (`Trainer._get_output_dir`), which callbacks are not told: unless `hp_name` was given,
+        the Trainer holding our callback list is found through the garbage collector and asked.
+        """
+        if not state.is_hyper_param_search:
+            return None
+        if state.trial_name:
+            return os.path.join(args.output_dir, state.trial_name)
+        for handler in _holders(callbacks, "callbacks") if callbacks is not None else ():
+            for trainer in _holders(handler, "callback_handler"):
+                if hasattr(trainer, "_get_output_dir"):
+                    return trainer._get_output_dir(getattr(trainer, "_trial", None))
+        logger.warning("ImportanceCallback: hyperparameter search trial folder not found; importance goes to %s "
+                       "(pass hp_name= to hyperparameter_search)", args.output_dir)
+        return None
+
+    def _output_dir(self, args) -> str:
+        return self._trial_dir or args.output_dir
+
+    def _checkpoint_dir(self, args, step: int) -> str | None:
+        folder = os.path.join(self._output_dir(args), f"checkpoint-{step}")
         if os.path.isdir(folder):
             return folder
         # hyperparameter_search writes checkpoints under output_dir/run-<trial>/.
@@ -422,7 +487,7 @@ class ImportanceCallback(TrainerCallback):
             else:
                 mine = {n: v for n, v in tensors.items() if self._writer_of(n) == rank}
                 S.write_shard(tmp, mine, rank=rank, world_size=world)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             error = e
         D.barrier()
         failed = D.any_rank(error is not None)
@@ -431,13 +496,14 @@ class ImportanceCallback(TrainerCallback):
                 owners = {t.name: self._writer_of(t.name) for t in self._tracked}
                 S.finalize(tmp, final_dir if publish else None, config=self.config, meta=meta, shapes=self._shapes(),
                            owners=owners, world_size=world, extra=self._extra_metadata())
-            except OSError as e:
+            except (OSError, SafetensorError) as e:
                 error, failed = e, True
         D.barrier()
         if failed:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            msg = f"ImportanceCallback could not write {final_dir}: {error or 'failed on another rank'}"
+            what = final_dir if publish else f"the importance of checkpoint-{state.global_step} (staged in {final_dir})"
+            msg = f"ImportanceCallback could not write {what}: {error or 'failed on another rank'}"
             if self.on_save_error == "raise":
                 raise RuntimeError(msg + " (pass on_save_error='warn' to keep training)") from error
             logger.warning(msg)
@@ -487,7 +553,8 @@ class ImportanceCallback(TrainerCallback):
         for name, buf in self._states.items():
             if keep_sums:
                 buf.copy_(imp.state(name).to(buf.device))
-        meta = {k: imp.meta[k] for k in ("num_samples", "weight_sum", "last_step", "skipped") if k in imp.meta}
+        meta = {k: imp.meta[k] for k in ("num_samples", "weight_sum", "last_step", "skipped", "epoch", "epoch_step")
+                if k in imp.meta}
         meta["tokens"] = dict(imp.meta.get("tokens", {})) if keep_sums else {}
         self._meta.update(meta, global_step=state.global_step)
         if self.schedule is not None:

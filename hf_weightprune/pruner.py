@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import masks as M
 from .config import PruneConfig
 from .importance import Importance
-from .matching import module_matches
+from .matching import canonical_name, module_matches
 
 
 @dataclass
@@ -57,6 +57,21 @@ def _selected(imp: Importance, config: PruneConfig) -> list[str]:
     if not names:
         raise ValueError("No tracked weight is selected for pruning: check PruneConfig target/exclude_modules")
     return names
+
+
+def _refuse_tied(model: nn.Module, params: dict[str, nn.Parameter], names: list[str]) -> None:
+    """Refuse to zero a weight that another parameter shares (`tie_word_embeddings`: lm_head = input embedding)."""
+    aliases: dict[int, list[str]] = {}
+    for raw, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(canonical_name(raw))
+    for name in names:
+        other = [a for a in aliases.get(id(params[name]), []) if a != name]
+        if other:
+            raise ValueError(
+                f"{name} is tied to {other[0]} (tie_word_embeddings): pruning it would zero that weight too. Untie "
+                "first (model.config.tie_word_embeddings = False; give lm_head its own copy: "
+                "model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone())) or exclude it from pruning"
+            )
 
 
 def _sparsity_of(name: str, sparsity: float | dict[str, float]) -> float | None:
@@ -101,6 +116,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
         return report
 
     names = _selected(importance, config)
+    _refuse_tied(model, params, names)
     bar = tqdm(total=len(names), desc=f"pruning ({config.structure}, {config.scope})", disable=not progress)
 
     def finish(name: str, mask: torch.Tensor) -> None:

@@ -10,7 +10,9 @@ from .base import Scorer
 def activation_sq_sum(x: Tensor) -> Tensor:
     """Per-input-channel sum of squares of a Linear's input over all tokens: `[in_features]`, float32."""
     x = x.detach().reshape(-1, x.shape[-1]).float()
-    return torch.einsum("ti,ti->i", x, x)
+    # Under autocast (Trainer's bf16=True) einsum would run in bfloat16 and round the sums.
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.einsum("ti,ti->i", x, x)
 
 
 @register_scorer
