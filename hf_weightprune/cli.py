@@ -85,7 +85,7 @@ def cmd_inspect(args) -> int:
         model, _ = _load_model(args.model)
         imp.bind(model)
     stats = []
-    needs_weights = imp.criterion == "wanda" and imp._weights is None
+    needs_weights = imp.criterion == "wanda" and imp.weights is None
     for name in imp.names:
         values = imp.state(name).float() if needs_weights else imp.score(name)
         stats.append({"name": name, "shape": "x".join(map(str, imp.shapes[name])), "mean": values.mean().item(),

@@ -145,13 +145,10 @@ def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
     """`"unstructured"`, `"neurons"`, `"heads"` or an N:M pattern such as `"2:4"` -> (kind, (n, m) or None)."""
     if structure in ("unstructured", "neurons", "heads"):
         return structure, None
-    if isinstance(structure, str) and structure.count(":") == 1:
-        a, b = structure.split(":")
-        if a.strip().isdigit() and b.strip().isdigit():
-            n, m = int(a), int(b)
-            if not 0 < n < m:
-                raise ValueError(f"structure {structure!r}: N:M needs 0 < N < M (e.g. '2:4')")
-            return "N:M", (n, m)
+    if isinstance(structure, str) and ":" in structure:
+        from .masks import parse_nm
+
+        return "N:M", parse_nm(structure)
     raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons' or 'heads'; got {structure!r}")
 
 

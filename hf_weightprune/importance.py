@@ -77,6 +77,11 @@ class Importance:
     def criterion(self) -> str:
         return self.config.criterion
 
+    @property
+    def weights(self) -> dict[str, Tensor] | None:
+        """The bound model's tracked weights by name (after `bind`), else `None`."""
+        return self._weights
+
     def state(self, name: str) -> Tensor:
         """The raw accumulator buffer of `name` (what resume needs)."""
         if name not in self.shapes:

@@ -97,7 +97,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     """
     config = config or PruneConfig()
     importance.bind(model)
-    params = dict(importance._weights)
+    params = dict(importance.weights)
     report = PruningReport(
         structure=config.structure, scope=config.scope, target_sparsity=config.sparsity,
         criterion=importance.criterion,

@@ -154,7 +154,7 @@ def test_structured_prune_shrinks_and_reloads(arch, structure, tmp_path):
     [
         ({"sparsity": 1.0}, r"sparsity must be a float in \[0, 1\)"),
         ({"sparsity": -0.1}, r"sparsity must be a float in \[0, 1\)"),
-        ({"structure": "4:2"}, "N:M needs 0 < N < M"),
+        ({"structure": "4:2"}, "N:M pattern needs 0 < n < m"),
         ({"structure": "2:4", "sparsity": 0.3}, "implies sparsity 0.5"),
         ({"structure": "blocks"}, "structure must be"),
         ({"scope": "tensor"}, "scope must be one of"),
@@ -222,7 +222,7 @@ def test_cli_prune_inspect_round_trip(trained, tmp_path, capsys):
     "argv, match",
     [
         (["--sparsity", "1.2"], "sparsity must be a float in [0, 1)"),
-        (["--structure", "3:2"], "N:M needs 0 < N < M"),
+        (["--structure", "3:2"], "N:M pattern needs 0 < n < m"),
         (["--importance", "/nonexistent/imp"], "neither a local path nor a valid Hub repo id"),
         (["--importance", "MODEL"], "No importance in"),
     ],
