@@ -1,0 +1,308 @@
+"""Sparsity sweep: loss and perplexity of one model pruned at several sparsities by several criteria.
+
+Memory: the model is loaded once; a CPU copy of its dense weights is kept and loaded back into the same
+model before every point, so the cost is about one dense copy plus the working (pruned) model, whatever the
+number of points. Results go to `sweep.csv`, `sweep.json` (the rows the model card reads) and `sweep.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import PruneConfig, parse_structure
+from .importance import Importance
+from .oneshot import ONESHOT_CRITERIA, oneshot_importance
+
+SWEEP_CSV = "sweep.csv"
+SWEEP_JSON = "sweep.json"
+SWEEP_PNG = "sweep.png"
+DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """`"0,0.1,...,0.9"` -> `[0.0, 0.1, ..., 0.9]`: a comma list where `...` continues the step of the two values
+    before it up to the value after it."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    values: list[float] = []
+    for i, part in enumerate(parts):
+        if part == "...":
+            if len(values) < 2 or i + 1 >= len(parts):
+                raise ValueError(f"sparsities {text!r}: '...' needs two values before it and one after")
+            step, stop = values[-1] - values[-2], float(parts[i + 1])
+            if step <= 0:
+                raise ValueError(f"sparsities {text!r}: the values before '...' must increase")
+            n = round((stop - values[-1]) / step)
+            values += [round(values[-1] + k * step, 10) for k in range(1, n)]
+            continue
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ValueError(f"sparsities must be comma-separated floats in [0, 1) (e.g. 0,0.1,...,0.9); got {part!r}") from None
+    if not values:
+        raise ValueError("sparsities is empty")
+    bad = [v for v in values if not 0.0 <= v < 1.0]
+    if bad:
+        raise ValueError(f"sparsities must lie in [0, 1); got {bad}")
+    return sorted(set(values))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike) -> None:
+    """Write `sweep.csv` and `sweep.json` (a list of rows, the dense reference first), each atomically."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write_text(out / SWEEP_CSV, buf.getvalue())
+    # Non-finite values (a collapsed model) are written as null: JSON has no inf/nan.
+    clean = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()} for r in rows]
+    _atomic_write_text(out / SWEEP_JSON, json.dumps(clean, indent=2) + "\n")
+
+
+def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None) -> dict[str, Any]:
+    """`{label: folder or Importance}` as given; a list is labelled by criterion (`"label=folder"` overrides)."""
+    if importance is None:
+        return {}
+    if isinstance(importance, Mapping):
+        return dict(importance)
+    if isinstance(importance, (str, os.PathLike, Importance)):
+        importance = [importance]
+    from .state import load_importance
+
+    labelled: dict[str, Any] = {}
+    for item in importance:
+        if isinstance(item, str) and "=" in item and not os.path.exists(item):
+            label, item = item.split("=", 1)
+        else:
+            if not isinstance(item, Importance):
+                item = load_importance(item)
+            label, k = item.criterion, 2
+            while label in labelled:  # two folders of the same criterion
+                label, k = f"{item.criterion}-{k}", k + 1
+        if label in labelled:
+            raise ValueError(f"importance label {label!r} is given twice")
+        labelled[label] = item
+    return labelled
+
+
+def _windows(tokenizer, path: str | os.PathLike, seq_len: int, max_windows: int | None):
+    from .data import load_texts, make_windows
+
+    return make_windows(tokenizer, load_texts(path), seq_len=seq_len, max_windows=max_windows)
+
+
+def sweep(
+    model_dir: str | os.PathLike,
+    importance: Mapping[str, Any] | Sequence[Any] | None,
+    data: str | os.PathLike,
+    *,
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+    structure: str = "unstructured",
+    scope: str | None = None,
+    baselines: Sequence[str] = ("magnitude",),
+    calibration_data: str | os.PathLike | None = None,
+    calibration_windows: int = 16,
+    seq_len: int = 256,
+    max_windows: int | None = 64,
+    batch_size: int = 8,
+    output_dir: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    title: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Prune a fresh copy of the model at every sparsity with every criterion and measure loss and perplexity.
+
+    Args:
+        model_dir (`str` or `os.PathLike`): the trained dense model (and its tokenizer), as `from_pretrained` reads.
+        importance (`dict`, `list` or `None`): trained importance to compare: `{label: folder or Importance}`, or a
+            list of folders / `Importance` objects / `"label=folder"` strings (labelled by criterion).
+        data (`str` or `os.PathLike`): evaluation text (`.txt`, `.json`, `.jsonl` or a saved dataset folder).
+        sparsities (`Sequence[float]`, *optional*): fractions in [0, 1). Ignored for N:M, whose sparsity is implied
+            (one point per criterion).
+        structure (`str`, *optional*, defaults to `"unstructured"`): `"unstructured"` or an N:M pattern (`"2:4"`).
+        scope (`str`, *optional*): `"global"`, `"layer"` or `"row"`, as in [`PruneConfig`]; the same for every
+            criterion.
+        baselines (`Sequence[str]`, *optional*, defaults to `("magnitude",)`): one-shot criteria computed from the
+            dense model itself (`"magnitude"`, `"wanda"`), labelled `oneshot-<name>`.
+        calibration_data (*optional*): text for one-shot wanda's calibration pass; defaults to `data`.
+        calibration_windows (`int`, *optional*, defaults to 16): windows of `seq_len` tokens forwarded for wanda.
+        seq_len / max_windows / batch_size: evaluation windows (the first `max_windows` of `data`) and batch size.
+        output_dir (*optional*): where to write `sweep.csv`, `sweep.json` (rewritten after every point) and
+            `sweep.png`.
+        dtype (`str`, *optional*, defaults to `"auto"`): model dtype (`"auto"`, `"float32"`, `"bfloat16"`, ...).
+        device (`str`, *optional*): defaults to CUDA when available, else CPU.
+
+    Returns:
+        `list[dict]`: rows `{"criterion", "structure", "sparsity", "loss", "perplexity"}`, the dense model first
+        (criterion `"dense"`). A sparsity of 0 prunes nothing, so its rows repeat the dense loss.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import evaluate_loss
+    from .pruner import prune_
+
+    kind, nm = parse_structure(structure)
+    if kind not in ("unstructured", "N:M"):
+        raise ValueError(f"sweep supports 'unstructured' and N:M structures; {structure!r} changes the model's shape "
+                         "(use `hf-weightprune prune` for each size)")
+    if kind == "N:M":
+        points = [1.0 - nm[0] / nm[1]]
+    else:
+        points = parse_sparsities(",".join(map(str, sparsities)))
+    bad = [b for b in baselines if b not in ONESHOT_CRITERIA]
+    if bad:
+        raise ValueError(f"baselines must be among {ONESHOT_CRITERIA}; got {bad}")
+    PruneConfig(sparsity=points[-1] if kind != "N:M" else None, structure=structure, scope=scope)  # validate early
+    importances = _label_importances(importance)
+    if not importances and not baselines:
+        raise ValueError("nothing to compare: give importance folders and/or one-shot baselines")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir} is not a model folder")
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{model_dir} has no usable tokenizer (the sweep tokenizes the data with it): {e}") from None
+    windows = _windows(tokenizer, data, seq_len, max_windows)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
+
+    for label, imp in list(importances.items()):
+        if not isinstance(imp, Importance):
+            from .state import load_importance
+
+            importances[label] = imp = load_importance(imp)
+        imp.validate_against(model)  # fail before any evaluation, not halfway through
+    for name in baselines:
+        calib = None
+        if name == "wanda":
+            calib = _windows(tokenizer, calibration_data or data, seq_len, calibration_windows)
+        importances[f"oneshot-{name}"] = oneshot_importance(model, name, calib, batch_size=batch_size)
+
+    # One CPU copy of the dense weights, loaded back before each point (tied tensors are copied once).
+    dense: dict[str, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        ptr = tensor.data_ptr()
+        if ptr not in copies:
+            copies[ptr] = tensor.detach().to("cpu", copy=True)
+        dense[key] = copies[ptr]
+    del copies
+
+    dense_eval = evaluate_loss(model, windows, batch_size=batch_size)
+    rows: list[dict[str, Any]] = [{"criterion": "dense", "structure": "dense", "sparsity": 0.0,
+                                   "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"]}]
+    bar = tqdm(total=len(importances) * len(points), desc="sweep", disable=not progress)
+    for label, imp in importances.items():
+        for s in points:
+            bar.set_postfix_str(f"{label} @ {s:.0%}")
+            if s == 0.0:
+                result = dense_eval
+            else:
+                model.load_state_dict(dense)
+                config = PruneConfig(sparsity=None if kind == "N:M" else s, structure=structure, scope=scope)
+                prune_(model, imp, config, progress=False)
+                result = evaluate_loss(model, windows, batch_size=batch_size)
+            rows.append({"criterion": label, "structure": structure, "sparsity": s, "loss": result["loss"],
+                         "perplexity": result["perplexity"]})
+            if output_dir is not None:
+                write_results(rows, output_dir)
+            bar.update()
+    bar.close()
+    model.load_state_dict(dense)
+    if output_dir is not None:
+        write_results(rows, output_dir)
+        _plot(rows, Path(output_dir) / SWEEP_PNG, title or f"{Path(model_dir).name}: {structure}, {windows.num_rows} "
+              f"windows x {seq_len} tokens")
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    from .plotting import plot_sweep
+
+    points = [r for r in rows if r["criterion"] != "dense" and math.isfinite(r["loss"])]
+    if points:
+        plot_sweep(points, path, dense_loss=rows[0]["loss"], title=title)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A markdown table of perplexity: one row per criterion, one column per sparsity."""
+    dense = next((r for r in rows if r["criterion"] == "dense"), None)
+    points = [r for r in rows if r["criterion"] != "dense"]
+    columns = sorted({(r["structure"], r["sparsity"]) for r in points}, key=lambda c: (c[0] != "unstructured", c))
+    names = list(dict.fromkeys(r["criterion"] for r in points))
+    cell = {(r["criterion"], r["structure"], r["sparsity"]): r["perplexity"] for r in points}
+
+    def head(c):
+        return f"{c[1]:.0%}" if c[0] == "unstructured" else c[0]
+
+    lines = ["| criterion | " + " | ".join(head(c) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+    for name in names:
+        values = [cell.get((name, *c)) for c in columns]
+        lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
+    if dense is not None:
+        lines.append(f"\nDense perplexity: {dense['perplexity']:.2f} (loss {dense['loss']:.4f}).")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def add_sweep_parser(subparsers) -> Any:
+    """Add `hf-weightprune sweep` to an argparse subparsers object."""
+    p = subparsers.add_parser("sweep", help="loss and perplexity vs sparsity for several criteria, with a plot")
+    p.add_argument("model_dir", help="trained dense model folder (with its tokenizer)")
+    p.add_argument("--importance", nargs="*", default=[], metavar="[LABEL=]DIR",
+                   help="importance / checkpoint folders to compare, optionally labelled")
+    p.add_argument("--data", required=True, help="evaluation text: .txt, .json, .jsonl or a saved dataset folder")
+    p.add_argument("--sparsities", default="0,0.1,...,0.9", help="comma list; '...' continues the step")
+    p.add_argument("--criteria", default="magnitude",
+                   help=f"one-shot baselines, comma-separated from {','.join(ONESHOT_CRITERIA)} ('' for none)")
+    p.add_argument("--calibration", default=None, help="text for one-shot wanda (defaults to --data)")
+    p.add_argument("--calibration-windows", type=int, default=16)
+    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4)")
+    p.add_argument("--scope", default=None, help="global | layer | row")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-windows", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--output", required=True, help="folder for sweep.csv, sweep.json and sweep.png")
+    p.set_defaults(func=run_sweep_cli)
+    return p
+
+
+def run_sweep_cli(args) -> int:
+    """Run the `sweep` subcommand from parsed arguments; prints a perplexity table. Bad input raises `ValueError`."""
+    baselines = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    rows = sweep(args.model_dir, args.importance, args.data, sparsities=parse_sparsities(args.sparsities),
+                 structure=args.structure, scope=args.scope, baselines=baselines, calibration_data=args.calibration,
+                 calibration_windows=args.calibration_windows, seq_len=args.seq_len, max_windows=args.max_windows,
+                 batch_size=args.batch_size, output_dir=args.output, dtype=args.dtype)
+    print(format_table(rows))
+    print(f"Wrote {SWEEP_CSV}, {SWEEP_JSON} and {SWEEP_PNG} to {args.output}")
+    return 0
