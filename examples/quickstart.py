@@ -18,8 +18,10 @@ import time
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM, Trainer, TrainingArguments
 
-from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
+from hf_weightprune import (ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned,
+                            sweep)
 from hf_weightprune.data import evaluate_loss, load_texts, make_windows, train_tokenizer
+from hf_weightprune.hub import write_model_card
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +33,7 @@ def parse_args():
     p.add_argument("--valid_file", default=os.path.join(ROOT, "data", "kjv", "valid.txt"))
     p.add_argument("--criterion", default="temporal_magnitude")
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--max_steps", type=int, default=400)
+    p.add_argument("--max_steps", type=int, default=200)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--push-to-hub", dest="push_to_hub", default=None, metavar="REPO_ID")
     p.add_argument("--seed", type=int, default=0)
@@ -75,11 +77,22 @@ def main():
     save_pruned(model, pruned_dir, report=report, tokenizer=tokenizer, eval_results={
         "dense_loss": dense["loss"], "pruned_loss": pruned["loss"], "dataset": "data/kjv/valid.txt"})
 
+    # Loss vs sparsity for the trained importance and the one-shot magnitude baseline; written into the pruned
+    # checkpoint so its card shows the plot.
+    rows = sweep(training_args.output_dir, {args.criterion: training_args.output_dir}, args.valid_file,
+                 sparsities=[round(0.1 * i, 1) for i in range(10)], seq_len=args.seq_len, max_windows=64,
+                 batch_size=16, output_dir=pruned_dir, progress=False)
+    write_model_card(pruned_dir)
+    print("\nLoss vs sparsity (validation):")
+    for row in rows:
+        print(f"  {row['criterion']:>20} {row['sparsity']:4.0%}  loss {row['loss']:.3f}")
+
     print(f"\nDense  eval loss {dense['loss']:.3f} (perplexity {dense['perplexity']:.1f})")
     print(f"Pruned eval loss {pruned['loss']:.3f} (perplexity {pruned['perplexity']:.1f}) -- {report.summary()}")
     print(f"\nOutputs ({time.time() - start:.0f} s):")
     print(f"  trained model + importance: {training_args.output_dir} (importance/ and checkpoint-*/importance/)")
     print(f"  pruned checkpoint + card:   {pruned_dir} (README.md, sparsity.json)")
+    print(f"  loss-vs-sparsity plot:      {os.path.join(pruned_dir, 'sweep.png')} (+ sweep.csv, sweep.json)")
     if args.push_to_hub:
         from hf_weightprune import push_pruned_to_hub
 
