@@ -18,8 +18,15 @@ import time
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM, Trainer, TrainingArguments
 
-from hf_weightprune import (ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned,
-                            sweep)
+from hf_weightprune import (
+    ImportanceCallback,
+    ImportanceConfig,
+    PruneConfig,
+    load_importance,
+    prune_,
+    save_pruned,
+    sweep,
+)
 from hf_weightprune.data import evaluate_loss, load_texts, make_windows, train_tokenizer
 from hf_weightprune.hub import write_model_card
 
