@@ -208,6 +208,25 @@ class PruneSchedule:
         """Current keep-masks (`True` = keep) by canonical parameter name; empty before the first update."""
         return dict(self._masks)
 
+    def report(self, model: torch.nn.Module, importance=None):
+        """A [`PruningReport`] of the current masks, for `save_pruned(model, out, report=...)`."""
+        from .pruner import PruningReport
+
+        if not self._masks:
+            raise ValueError("PruneSchedule has no masks yet (no update has happened)")
+        tensors = {n: {"shape": list(m.shape), "numel": m.numel(), "sparsity": M.mask_sparsity(m)}
+                   for n, m in self._masks.items()}
+        zeros = sum(m.numel() - int(m.count_nonzero()) for m in self._masks.values())
+        info = {}
+        if importance is not None:
+            info = {"path": importance.path, "step": importance.step, "num_samples": importance.num_samples,
+                    "criterion": importance.criterion}
+        return PruningReport(
+            structure=self.structure, scope=self.scope, target_sparsity=self.target_sparsity,
+            criterion=importance.criterion if importance is not None else "unknown", tensors=tensors,
+            global_sparsity=self.sparsity, model_sparsity=zeros / sum(p.numel() for p in model.parameters()),
+            importance=info)
+
     # ------------------------------------------------------------------------------------------ callback API
     def on_train_begin(self, cb, args, state, model, optimizer=None) -> None:
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
