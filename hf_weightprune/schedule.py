@@ -170,6 +170,7 @@ class PruneSchedule:
         self._optimizer = None
         self._restored: dict[str, Tensor] | None = None
         self._steps: tuple[int, int] | None = None
+        self._update_set: set[int] = set()
         self.sparsity = 0.0  # achieved, over the pruned tensors
         self.target_sparsity = 0.0
         self.last_update_step: int | None = None
@@ -243,6 +244,7 @@ class PruneSchedule:
                 raise ValueError(f"PruneSchedule: the checkpoint's schedule ran over steps {self._steps}, now {steps} "
                                  "(max_steps changed?); resume with the same max_steps")
             self._steps = steps
+            self._update_set = set(self.update_steps(int(state.max_steps)))
             names = [n for n in cb.tracked_names if self._selected(n)]
             if not names:
                 raise ValueError("PruneSchedule: no tracked weight is selected: check target_modules/exclude_modules")
@@ -257,8 +259,8 @@ class PruneSchedule:
             raise ValueError(f"PruneSchedule: {len(missing)} weights to mask are not nn.Linear weights of this model "
                              f"(e.g. {missing[0]})")
         self._params = {n: linear[n] for n in names}
-        if restored:
-            if set(restored) != set(names):
+        if restored is not None:
+            if restored and set(restored) != set(names):
                 raise ValueError("PruneSchedule: the checkpoint's masks cover other weights than this model's")
             self._masks = {n: restored[n].to(self._params[n].device) for n in names}
         elif self.mode == "hold":
@@ -275,7 +277,7 @@ class PruneSchedule:
 
     def on_step_end(self, cb, args, state, control=None) -> None:
         t = state.global_step
-        if self.mode != "prune" or t not in self._update_steps_set(int(state.max_steps)):
+        if self.mode != "prune" or t not in self._update_set:
             return
         target = self.target_at(t, int(state.max_steps))
         imp = cb.importance()  # collective under DDP: every rank updates at the same steps
@@ -316,11 +318,6 @@ class PruneSchedule:
         self._restored = S.read_masks(directory) if state.get("has_masks") else {}
 
     # -------------------------------------------------------------------------------------------- internals
-    def _update_steps_set(self, max_steps: int) -> set[int]:
-        if not hasattr(self, "_update_cache") or self._update_cache[0] != max_steps:
-            self._update_cache = (max_steps, set(self.update_steps(max_steps)))
-        return self._update_cache[1]
-
     def _selected(self, name: str) -> bool:
         module = name.rsplit(".", 1)[0]
         return ((self.target_modules is None or module_matches(module, self.target_modules))
