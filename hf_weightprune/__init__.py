@@ -7,8 +7,10 @@ from .config import ImportanceConfig, PruneConfig  # noqa: E402
 from .export import load_sparsity, save_pruned  # noqa: E402
 from .hub import push_pruned_to_hub  # noqa: E402
 from .importance import Importance  # noqa: E402
+from .lora import merge_and_unload_sparse  # noqa: E402
 from .oneshot import oneshot_importance  # noqa: E402
 from .pruner import PruningReport, prune_  # noqa: E402
+from .schedule import PruneSchedule  # noqa: E402
 from .state import load_importance  # noqa: E402
 from .sweep import sweep  # noqa: E402
 
@@ -17,9 +19,11 @@ __all__ = [
     "ImportanceCallback",
     "ImportanceConfig",
     "PruneConfig",
+    "PruneSchedule",
     "PruningReport",
     "load_importance",
     "load_sparsity",
+    "merge_and_unload_sparse",
     "oneshot_importance",
     "prune_",
     "push_pruned_to_hub",

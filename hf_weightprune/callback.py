@@ -285,7 +285,7 @@ class ImportanceCallback(TrainerCallback):
         if state.global_step > 0:
             self._restore(args, state)
         if self.schedule is not None:
-            self.schedule.on_train_begin(self, args, state, model)
+            self.schedule.on_train_begin(self, args, state, model, optimizer=kwargs.get("optimizer"))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._collect = self.scorer.source == "activations" and self._samples_at(state.global_step + 1)
@@ -296,6 +296,10 @@ class ImportanceCallback(TrainerCallback):
             self._commit_activations(t)
         elif self.scorer.source == "grads" and not self.config.per_epoch and self._samples_at(t):
             self._sample(t, t, use_grads=True)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.schedule is not None:
+            self.schedule.on_optimizer_step(self, args, state)  # pruned weights back to zero before anything reads them
 
     def on_step_end(self, args, state, control, **kwargs):
         t = state.global_step
@@ -308,7 +312,7 @@ class ImportanceCallback(TrainerCallback):
                 # resume from it never replays this epoch's on_epoch_end).
                 self._sample_epoch(state)
         if self.schedule is not None:
-            self.schedule.on_step_end(self, args, state)
+            self.schedule.on_step_end(self, args, state, control=control)
         if control.should_save:
             self._stage(args, state)
 
@@ -493,6 +497,8 @@ class ImportanceCallback(TrainerCallback):
         failed = D.any_rank(error is not None)
         if not failed and rank == 0:
             try:
+                if self.schedule is not None:
+                    self.schedule.save_masks(tmp)
                 owners = {t.name: self._writer_of(t.name) for t in self._tracked}
                 S.finalize(tmp, final_dir if publish else None, config=self.config, meta=meta, shapes=self._shapes(),
                            owners=owners, world_size=world, extra=self._extra_metadata())
@@ -558,7 +564,7 @@ class ImportanceCallback(TrainerCallback):
         meta["tokens"] = dict(imp.meta.get("tokens", {})) if keep_sums else {}
         self._meta.update(meta, global_step=state.global_step)
         if self.schedule is not None:
-            self.schedule.load_state_dict(S.read_meta(imp.path).get("schedule"))
+            self.schedule.load_state_dict(S.read_meta(imp.path).get("schedule"), directory=imp.path)
         logger.info("ImportanceCallback: restored %d samples from %s", self._meta["num_samples"], imp.path)
 
     # ------------------------------------------------------------------------------------------ results

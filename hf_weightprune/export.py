@@ -8,6 +8,8 @@ import os
 import shutil
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from torch import nn
 
 from . import __version__
@@ -115,3 +117,32 @@ def load_sparsity(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} is not a pruned checkpoint (no {SPARSITY_NAME})")
     with open(file) as f:
         return json.load(f)
+
+
+def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Keep-masks of a pruned checkpoint: `weight != 0` for every tensor its `sparsity.json` lists.
+
+    Read from the checkpoint's safetensors files (one tensor at a time), not from a model in memory.
+    """
+    path = os.fspath(path)
+    names = list(load_sparsity(path).get("tensors") or {})
+    if not names:
+        raise ValueError(f"{path}/{SPARSITY_NAME} lists no pruned tensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        weight_map = {}
+    else:
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    missing = [n for n in names if weight_map and n not in weight_map]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} tensors of {SPARSITY_NAME} are not in the checkpoint (e.g. {missing[0]})")
+    out = {}
+    for name in names:
+        with safe_open(os.path.join(path, weight_map.get(name, "model.safetensors")), framework="pt") as f:
+            if name not in f.keys():  # noqa: SIM118
+                raise ValueError(f"{path}: {name} (listed in {SPARSITY_NAME}) is not in the checkpoint")
+            out[name] = f.get_tensor(name) != 0
+    return out

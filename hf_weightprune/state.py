@@ -299,3 +299,27 @@ def _download(repo_id: str, *, subfolder: str, revision, token) -> str:
 def state_dict_bytes(tensors: Mapping[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
+
+
+# ------------------------------------------------------------------------------------------------- masks
+
+MASKS_NAME = "masks.safetensors"
+
+
+def write_masks(directory: str, masks: Mapping[str, Tensor]) -> str:
+    """Write `PruneSchedule` keep-masks (`bool`, stored as `uint8`) beside the importance."""
+    path = os.path.join(directory, MASKS_NAME)
+    save_file({k: v.detach().to("cpu", torch.uint8).contiguous() for k, v in masks.items()}, path,
+              metadata={"format": "pt"})
+    return path
+
+
+def read_masks(directory: str) -> dict[str, Tensor]:
+    path = os.path.join(directory, MASKS_NAME)
+    if not os.path.isfile(path):
+        raise ImportanceFileError(f"{directory} has no {MASKS_NAME}: the pruning schedule's masks were not saved")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k).bool() for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ImportanceFileError(f"{path} is corrupt or truncated: {e}") from None
