@@ -113,3 +113,42 @@ def test_ddp_trainer_equals_single_process(tmp_path):
             assert got.keys() == ref.keys()
             for name in ref:
                 assert torch.equal(got[name], ref[name]), f"{c}: rank {r} mask of {name} differs from 1 process"
+
+
+FSDP_CRITERIA = ["temporal_magnitude", "taylor", "wanda", "magnitude"]
+
+
+def test_fsdp2_local_shards_reassemble_exactly(tmp_path):
+    # The checks run on every rank inside the script (sharded == unsharded reference, files, resume).
+    torchrun("tests.dist_fsdp", str(tmp_path), *FSDP_CRITERIA)
+    d = tmp_path / "taylor" / "importance"
+    index = _read_json(str(d / "importance.safetensors.index.json"))
+    assert index["row_shards"]["model.layers.0.self_attn.qkv_proj.weight"] == [
+        ["importance-00001-of-00002.safetensors", 0], ["importance-00002-of-00002.safetensors", 48]]
+    halves = [load_file(str(d / f"importance-0000{r}-of-00002.safetensors")) for r in (1, 2)]
+    assert halves[0]["model.layers.0.self_attn.qkv_proj.weight"].shape == (48, 32)
+    full = load_importance(str(d)).state("model.layers.0.self_attn.qkv_proj.weight")
+    assert torch.equal(full, torch.cat([h["model.layers.0.self_attn.qkv_proj.weight"] for h in halves]))
+
+
+def test_fsdp1_and_deepspeed_zero3_are_refused():
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from hf_weightprune.distributed import check_supported
+    from hf_weightprune.testing import tiny_llama
+
+    # FSDP1 needs an accelerator to be built; an instance made without __init__ is enough for the detection.
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(wrapper)
+    wrapper.add_module("_fsdp_wrapped_module", tiny_llama())
+    with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
+        check_supported(wrapper)
+    zero = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        check_supported(tiny_llama(), zero)
+    zero2 = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    check_supported(tiny_llama(), zero2)
+    with pytest.raises(ValueError, match="'taylor' reads gradients.*DeepSpeed"):
+        check_supported(tiny_llama(), zero2, needs_grad=True, criterion="taylor")
