@@ -142,7 +142,7 @@ def test_fsdp1_and_deepspeed_zero3_are_refused():
     # FSDP1 needs an accelerator to be built; an instance made without __init__ is enough for the detection.
     wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
     torch.nn.Module.__init__(wrapper)
-    wrapper.add_module("_fsdp_wrapped_module", tiny_llama())
+    wrapper._modules["_fsdp_wrapped_module"] = tiny_llama()  # add_module would recurse in FSDP.__getattr__
     with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
         check_supported(wrapper)
     zero = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3))
