@@ -108,7 +108,8 @@ class ImportanceCallback(TrainerCallback):
     # ------------------------------------------------------------------------------------------ state
     def _reset_state(self) -> None:
         self._states: dict[str, torch.Tensor] = {}  # buffers this rank owns
-        self._owners: dict[str, int] = {}
+        self._owners: dict[str, int] = {}  # D.ALL_RANKS: FSDP2 row-sharded, every rank owns its rows
+        self._rows: dict[str, tuple[int, int]] = {}  # FSDP2: this rank's (row_offset, rows) of each weight
         self._meta: dict[str, Any] = {"global_step": 0, "num_samples": 0, "weight_sum": 0.0, "last_step": 0,
                                       "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None,
                                       "epoch": 0, "epoch_step": None}
@@ -145,14 +146,19 @@ class ImportanceCallback(TrainerCallback):
                     f"criterion {self.config.criterion!r} needs weight gradients, but {len(frozen)} tracked weights are "
                     f"frozen (e.g. {frozen[0]}; LoRA freezes base weights): use criterion='wanda' or 'temporal_magnitude'"
                 )
+        D.check_supported(model, args, needs_grad=self.scorer.needs_grad, criterion=self.config.criterion)
         rank, world = D.rank_and_world()
         per_rank = self.scorer.source in ("weights", "grads", "final")
-        self._owners = D.partition({t.name: t.param.numel() for t in self._tracked}, world if per_rank else 1)
+        if per_rank:  # FSDP2 weights are already split by rows: each rank keeps the state of its own rows
+            self._rows = {t.name: rows for t in self._tracked if (rows := D.row_shard(t.param)) is not None}
+        replicated = {t.name: t.param.numel() for t in self._tracked if t.name not in self._rows}
+        self._owners = D.partition(replicated, world if per_rank else 1) | dict.fromkeys(self._rows, D.ALL_RANKS)
         dtype = torch.float32 if self.scorer.source == "activations" else getattr(torch, self.config.state_dtype)
         for t in self._tracked:
-            if self._owners[t.name] == rank or not per_rank:
+            if self._owners[t.name] in (rank, D.ALL_RANKS) or not per_rank:
                 device = "cpu" if self.offload_to_cpu else t.param.device
-                self._states[t.name] = torch.zeros(self.scorer.state_shape(t.param), dtype=dtype, device=device)
+                shape = self.scorer.state_shape(D.local_tensor(t.param) if per_rank else t.param)
+                self._states[t.name] = torch.zeros(shape, dtype=dtype, device=device)
         self._meta["max_steps"] = int(state.max_steps)
         self._meta["epoch"] = int(state.epoch or 0)  # epochs completed (resumed runs start past 0)
         self._meta["window_start"] = self._window_start(state)
@@ -219,7 +225,8 @@ class ImportanceCallback(TrainerCallback):
         if not acts:
             return
         names = list(acts)
-        if self.config.skip_nonfinite and not all(bool(torch.isfinite(acts[n]).all()) for n in names):
+        bad = self.config.skip_nonfinite and not all(bool(torch.isfinite(acts[n]).all()) for n in names)
+        if D.any_rank(bad):  # every rank skips the same samples, so their counts stay equal
             self._meta["skipped"] += 1
             logger.warning("ImportanceCallback: non-finite activations at step %d; sample skipped", t)
             return
@@ -461,7 +468,8 @@ class ImportanceCallback(TrainerCallback):
         if self.scorer.source == "final":
             owned = self._owned()
             with torch.no_grad():
-                self.scorer.update_([self._states[t.name] for t in owned], [t.param for t in owned], None, 0)
+                weights = [D.local_tensor(t.param.detach()) for t in owned]
+                self.scorer.update_([self._states[t.name] for t in owned], weights, None, 0)
         if self.scorer.source == "activations":
             names = [t.name for t in self._tracked]
             summed = [self._states[n].clone() for n in names]
@@ -489,19 +497,20 @@ class ImportanceCallback(TrainerCallback):
             if world == 1:
                 S.write_single(tmp, tensors)
             else:
-                mine = {n: v for n, v in tensors.items() if self._writer_of(n) == rank}
+                mine = {n: v for n, v in tensors.items() if self._writer_of(n) in (rank, D.ALL_RANKS)}
                 S.write_shard(tmp, mine, rank=rank, world_size=world)
         except (OSError, SafetensorError) as e:
             error = e
         D.barrier()
         failed = D.any_rank(error is not None)
+        row_shards = self._row_shards() if world > 1 else None
         if not failed and rank == 0:
             try:
                 if self.schedule is not None:
                     self.schedule.save_masks(tmp)
-                owners = {t.name: self._writer_of(t.name) for t in self._tracked}
+                owners = {t.name: max(self._writer_of(t.name), 0) for t in self._tracked}
                 S.finalize(tmp, final_dir if publish else None, config=self.config, meta=meta, shapes=self._shapes(),
-                           owners=owners, world_size=world, extra=self._extra_metadata())
+                           owners=owners, world_size=world, extra=self._extra_metadata(), row_shards=row_shards)
             except (OSError, SafetensorError) as e:
                 error, failed = e, True
         D.barrier()
@@ -520,6 +529,12 @@ class ImportanceCallback(TrainerCallback):
         if self.scorer.source == "activations":
             return D.partition({t.name: t.param.numel() for t in self._tracked}, D.rank_and_world()[1])[name]
         return self._owners[name]
+
+    def _row_shards(self) -> dict[str, list[int]]:
+        """FSDP2: the first row each rank's shard holds, per row-sharded weight (indexed by rank)."""
+        names = list(self._rows)
+        table = D.all_gather_ints([self._rows[n][0] for n in names])
+        return {n: [offsets[i] for offsets in table] for i, n in enumerate(names)}
 
     def _shapes(self) -> dict[str, list[int]]:
         return {t.name: list(t.param.shape) for t in self._tracked}
@@ -558,7 +573,11 @@ class ImportanceCallback(TrainerCallback):
         keep_sums = self.scorer.source != "activations" or rank == 0  # activation sums: restore once, on rank 0
         for name, buf in self._states.items():
             if keep_sums:
-                buf.copy_(imp.state(name).to(buf.device))
+                saved = imp.state(name)
+                if name in self._rows:  # FSDP2: only this rank's rows, whatever layout wrote the file
+                    offset, rows = self._rows[name]
+                    saved = saved[offset : offset + rows]
+                buf.copy_(saved.to(buf.device))
         meta = {k: imp.meta[k] for k in ("num_samples", "weight_sum", "last_step", "skipped", "epoch", "epoch_step")
                 if k in imp.meta}
         meta["tokens"] = dict(imp.meta.get("tokens", {})) if keep_sums else {}
@@ -579,6 +598,9 @@ class ImportanceCallback(TrainerCallback):
             full = {}
             for t in self._tracked:
                 owner = self._owners[t.name]
+                if owner == D.ALL_RANKS:
+                    full[t.name] = D.gather_rows(tensors[t.name], self._rows[t.name][0], list(t.param.shape))
+                    continue
                 buf = tensors[t.name] if owner == rank else torch.empty(
                     self.scorer.state_shape(t.param), dtype=getattr(torch, self.config.state_dtype))
                 full[t.name] = D.broadcast_(buf, owner)

@@ -7,6 +7,12 @@ Everything else sees local tensors and a partition plan. Collectives are no-ops 
   size-balanced subset of the tracked weights (`partition`); per-rank state is ~1/N of the total.
 - Activation statistics (`wanda`) differ per rank: every rank keeps its own small `[in_features]` sums,
   which are summed across ranks when read or saved.
+- FSDP2 (`fully_shard`): weights and gradients are `DTensor`s sharded on dim 0. Each rank accumulates on its
+  own local rows of every tracked weight (`row_shard`), never materialising a full tensor while training; the
+  files record each shard's row offset so `load_importance` reassembles exact full tensors.
+- FSDP1 (`FlatParameter`) and DeepSpeed ZeRO-3 partition flattened parameters: refused (`check_supported`).
+  Under DeepSpeed ZeRO-1/2 weights are whole on every rank, but gradients are partitioned and the optimizer
+  steps inside `backward`, so only weight and activation criteria are allowed.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import heapq
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+ALL_RANKS = -1  # owner of a weight that every rank holds a row shard of (FSDP2)
 
 
 def is_distributed() -> bool:
@@ -39,6 +47,47 @@ def local_tensor(t: Tensor) -> Tensor:
     """The part of `t` this rank holds: an FSDP2 `DTensor`'s local shard, or `t` itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def row_shard(t: Tensor) -> tuple[int, int] | None:
+    """`(row_offset, rows)` of this rank's dim-0 shard of an FSDP2 `DTensor`; `None` for a plain tensor."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch < 2.5 has no public DTensor (and no FSDP2)
+        return None
+    if not isinstance(t, DTensor):
+        return None
+    if tuple(t.placements) != (Shard(0),) or t.device_mesh.size() != rank_and_world()[1]:
+        raise ValueError(
+            f"Only FSDP2 dim-0 sharding over all ranks (placements (Shard(dim=0),) on a 1-D mesh of every rank) is "
+            f"supported; got placements {tuple(t.placements)} on {t.device_mesh} (HSDP and tensor parallel are not)"
+        )
+    # The local shard's place in the full tensor, as distributed checkpointing computes it (uneven shards too).
+    (chunk,) = t.__create_chunk_list__()
+    return int(chunk.offsets[0]), int(chunk.sizes[0])
+
+
+def check_supported(model: torch.nn.Module, args=None, *, needs_grad: bool = False, criterion: str = "") -> None:
+    """Refuse wrappers whose parameters the callback cannot read, with a one-line reason."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "FSDP1 (FullyShardedDataParallel) flattens weights into FlatParameters, so per-weight importance "
+            "cannot be read; use FSDP2 (`fully_shard`, accelerate `fsdp_version: 2`) or DDP"
+        )
+    plugin = getattr(args, "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
+    if stage == 3 or any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError(
+            "DeepSpeed ZeRO-3 partitions every weight across ranks (module weights are empty placeholders), so "
+            "importance cannot be accumulated; use ZeRO-1/2, FSDP2 or DDP"
+        )
+    if plugin is not None and needs_grad:
+        raise ValueError(
+            f"criterion {criterion!r} reads gradients, but under DeepSpeed they are partitioned and the optimizer "
+            "steps inside backward (no callback sees them); use 'temporal_magnitude', 'magnitude' or 'wanda'"
+        )
 
 
 def partition(numels: dict[str, int], world_size: int) -> dict[str, int]:
@@ -67,6 +116,25 @@ def all_reduce_sum_(tensors: list[Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def gather_rows(local: Tensor, offset: int, shape: list[int]) -> Tensor:
+    """The full tensor of `shape` from every rank's dim-0 shard (`local` holds rows `offset:offset+len`)."""
+    full = torch.zeros(shape, dtype=local.dtype, device=local.device)
+    full[offset : offset + local.shape[0]] = local
+    # Each row has exactly one owner and zeros elsewhere, so the sum is exact (in float32, also for bfloat16).
+    all_reduce_sum_([full])
+    return full
+
+
+def all_gather_ints(values: list[int]) -> list[list[int]]:
+    """Every rank's list of ints (all of the same length), indexed by rank."""
+    rank, world = rank_and_world()
+    table = torch.zeros(world, len(values), dtype=torch.int64, device=comm_device())
+    table[rank] = torch.tensor(values, dtype=torch.int64)
+    if is_distributed():
+        dist.all_reduce(table)
+    return table.tolist()
 
 
 def all_reduce_int(values: list[int]) -> list[int]:

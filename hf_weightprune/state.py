@@ -5,6 +5,8 @@ Layout of an importance folder (`checkpoint-N/importance/` or `output_dir/import
   the tracked parameter names with their shapes. Written last: a folder without it is incomplete.
 - `importance.safetensors`, or `importance-0000k-of-0000N.safetensors` + `importance.safetensors.index.json`
   (the HF sharded layout). Keys are canonical parameter names; values are raw accumulator buffers.
+- FSDP2 runs split a buffer by rows: every rank's file holds its rows under the same key, and the index's
+  `row_shards` maps the name to `[[file, first_row], ...]`; reading concatenates them into the full buffer.
 
 Folders are written under a temporary name and renamed into place, so a crash never leaves a folder that
 looks complete but is not.
@@ -89,14 +91,20 @@ def finalize(
     owners: dict[str, int] | None = None,
     world_size: int = 1,
     extra: dict[str, Any] | None = None,
+    row_shards: dict[str, list[int]] | None = None,
 ) -> str:
     """Main process: write the index (multi-rank) and `importance_config.json`, then rename into place.
 
     With `final_dir=None` the complete folder stays at `tmp_dir` (staged) until [`publish`] moves it.
+    `row_shards` maps a row-sharded (FSDP2) buffer to the first row held by each rank's file, indexed by rank.
     """
     if owners is not None and world_size > 1:
         weight_map = {name: shard_name(owners[name], world_size) for name in shapes}
-        _write_json(os.path.join(tmp_dir, INDEX_NAME), {"metadata": {"format": "pt"}, "weight_map": weight_map})
+        index: dict[str, Any] = {"metadata": {"format": "pt"}, "weight_map": weight_map}
+        if row_shards:
+            index["row_shards"] = {n: [[shard_name(r, world_size), int(o)] for r, o in enumerate(offsets)]
+                                   for n, offsets in row_shards.items()}
+        _write_json(os.path.join(tmp_dir, INDEX_NAME), index)
     payload = {
         "format_version": FORMAT_VERSION,
         "library": "hf-weightprune",
@@ -173,10 +181,15 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def _weight_map(directory: str, names: list[str]) -> dict[str, str]:
+def _weight_map(directory: str, names: list[str]) -> tuple[dict[str, str], dict[str, list[tuple[str, int]]]]:
+    """Which file holds each tensor, and for row-sharded (FSDP2) tensors every `(file, first_row)` piece."""
     index = os.path.join(directory, INDEX_NAME)
+    row_shards = {}
     if os.path.isfile(index):
-        weight_map = _read_json(index).get("weight_map", {})
+        data = _read_json(index)
+        weight_map = data.get("weight_map", {})
+        row_shards = {n: sorted(((f, int(o)) for f, o in pieces), key=lambda p: p[1])
+                      for n, pieces in data.get("row_shards", {}).items()}
     elif os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
         weight_map = dict.fromkeys(names, WEIGHTS_NAME)
     else:
@@ -184,14 +197,15 @@ def _weight_map(directory: str, names: list[str]) -> dict[str, str]:
     missing = [n for n in names if n not in weight_map]
     if missing:
         raise ImportanceFileError(f"{directory}: tensors missing from the index: {missing[:3]}")
-    return weight_map
+    return weight_map, row_shards
 
 
 def open_tensors(directory: str, shapes: dict[str, list[int]], state_shapes: dict[str, list[int]] | None = None):
     """Check every shard's header against the metadata; return a lazy per-tensor reader."""
-    weight_map = _weight_map(directory, list(shapes))
+    weight_map, row_shards = _weight_map(directory, list(shapes))
+    files = {weight_map[n] for n in shapes} | {f for pieces in row_shards.values() for f, _ in pieces}
     headers: dict[str, dict[str, list[int]]] = {}
-    for fname in sorted(set(weight_map[n] for n in shapes)):
+    for fname in sorted(files):
         fpath = os.path.join(directory, fname)
         if not os.path.isfile(fpath):
             raise ImportanceFileError(f"{directory}: shard {fname} named in the index is missing")
@@ -204,17 +218,30 @@ def open_tensors(directory: str, shapes: dict[str, list[int]], state_shapes: dic
         # safetensors checks the header, not that the data is all there.
         _check_size(fpath, size)
     for name in shapes:
-        fname = weight_map[name]
-        if name not in headers[fname]:
-            raise ImportanceFileError(f"{directory}: {name} is not in {fname}")
-        if state_shapes is not None and headers[fname][name] != list(state_shapes[name]):
-            raise ImportanceFileError(
-                f"{directory}: {name} has shape {headers[fname][name]} in {fname}, expected {state_shapes[name]}"
-            )
+        pieces = row_shards.get(name, [(weight_map[name], 0)])
+        shape = None
+        for fname, first_row in pieces:
+            if name not in headers[fname]:
+                raise ImportanceFileError(f"{directory}: {name} is not in {fname}")
+            part = headers[fname][name]
+            if shape is None:
+                shape = list(part)
+            elif first_row != shape[0] or part[1:] != shape[1:]:
+                raise ImportanceFileError(f"{directory}: the row shards of {name} do not tile it ({fname} at row "
+                                          f"{first_row}, shape {part}, after {shape[0]} rows)")
+            else:
+                shape[0] += part[0]
+        if state_shapes is not None and shape != list(state_shapes[name]):
+            raise ImportanceFileError(f"{directory}: {name} has shape {shape} on disk, expected {state_shapes[name]}")
+
+    def read(fname: str, name: str) -> Tensor:
+        with safe_open(os.path.join(directory, fname), framework="pt") as f:
+            return f.get_tensor(name)
 
     def get(name: str) -> Tensor:
-        with safe_open(os.path.join(directory, weight_map[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        if name in row_shards:
+            return torch.cat([read(f, name) for f, _ in row_shards[name]])
+        return read(weight_map[name], name)
 
     return get
 

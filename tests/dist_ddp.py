@@ -1,0 +1,72 @@
+"""DDP through the Trainer: run under `torchrun --nproc_per_node N` (gloo, CPU) by `test_distributed.py`.
+
+`python -m tests.dist_ddp OUT CRITERION...` (any world size, 1 included) trains tiny Phi-3 for 6 steps with
+the same global batch (4) whatever N is, and writes for each criterion:
+- `OUT/<criterion>-full/`: an uninterrupted run, checkpoints at steps 3 and 6, `importance/` at the end;
+- `OUT/<criterion>-resume/`: resumed from the `checkpoint-3` copied there beforehand (if any), so a run of
+  another world size can be continued here;
+- `OUT/<criterion>-masks-rank<r>.safetensors`: `prune_` masks (sparsity 0.5) each rank derives from
+  `cb.importance()`;
+- `OUT/state_bytes.json`: accumulator bytes per rank per criterion.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import Trainer, TrainingArguments
+
+from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
+from hf_weightprune.config import PruneConfig
+from hf_weightprune.distributed import rank_and_world
+from hf_weightprune.pruner import prune_
+from hf_weightprune.testing import TokenDataset, tiny_phi3
+
+GLOBAL_BATCH, STEPS = 4, 6
+
+
+def run(criterion: str, output_dir: str, resume: bool = False):
+    world = int(os.environ.get("WORLD_SIZE", 1))  # the process group starts with TrainingArguments
+    model = tiny_phi3(seed=1)
+    cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
+    args = TrainingArguments(
+        output_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world, learning_rate=1e-2,
+        report_to=[], use_cpu=True, seed=0, save_strategy="steps", save_steps=3, logging_steps=1,
+        disable_tqdm=True, ddp_backend="gloo" if world > 1 else None)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=48, vocab_size=128, seed=0), callbacks=[cb])
+    trainer.train(resume_from_checkpoint=resume or None)
+    return model, cb
+
+
+def masks_of(model, imp) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(model)
+    prune_(model, imp, PruneConfig(sparsity=0.5), progress=False)
+    return {n: (p != 0).to(torch.uint8) for n, p in model.named_parameters() if n in imp.shapes}
+
+
+def main(out: str, criteria: list[str]) -> None:
+    state_bytes = {}
+    for criterion in criteria:
+        model, cb = run(criterion, os.path.join(out, f"{criterion}-full"))
+        rank, world = rank_and_world()  # the Trainer sets up the process group
+        state_bytes[criterion] = cb.state_bytes()
+        imp = cb.importance()
+        # Every rank sees the full importance, equal to what was written at the end of training.
+        saved = load_importance(os.path.join(out, f"{criterion}-full"), model=model)
+        for name in imp.names:
+            torch.testing.assert_close(imp.scores[name], saved.scores[name], rtol=0, atol=0, msg=name)
+        save_file(masks_of(model, imp), os.path.join(out, f"{criterion}-masks-rank{rank}.safetensors"))
+        if os.path.isdir(os.path.join(out, f"{criterion}-resume", "checkpoint-3")):
+            run(criterion, os.path.join(out, f"{criterion}-resume"), resume=True)
+    path = os.path.join(out, f"state_bytes-rank{rank}-of-{world}.json")
+    with open(path, "w") as f:
+        json.dump(state_bytes, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
