@@ -370,6 +370,7 @@ class ImportanceCallback(TrainerCallback):
         if self._stage_attempt == state.global_step:
             # Staged before the checkpoint (or that write already failed and was reported): never write twice.
             self._publish_staged(args, state)
+            D.barrier()
             return
         folder = self._checkpoint_dir(args, state.global_step)
         if folder is None:
@@ -385,6 +386,7 @@ class ImportanceCallback(TrainerCallback):
         staging = os.path.join(out, STAGING_DIR)
         if self._save(staging, state, publish=False) and self._rank == 0:
             S.publish(staging, os.path.join(out, S.IMPORTANCE_DIR))
+        D.barrier()  # no rank reads output_dir/importance before rank 0 has renamed it into place
         self._staged_step = None
         self._remove_hooks()
 
