@@ -8,6 +8,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .io_utils import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 IMPORTANCE_CONFIG_NAME = "importance_config.json"
@@ -22,14 +24,6 @@ def _check_modules(name: str, value: Any) -> Any:
     raise ValueError(f"{name} must be a regex str, a list of module-name suffixes, or None; got {value!r}")
 
 
-def _atomic_write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 class _JsonConfigMixin:
     """`to_dict`, `save_pretrained` and `from_pretrained` for the config dataclasses."""
 
@@ -42,7 +36,7 @@ class _JsonConfigMixin:
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, self.config_name)
-        _atomic_write_json(path, {self.section: self.to_dict()})
+        atomic_write_json(path, {self.section: self.to_dict()}, sort_keys=True)
         return path
 
     @classmethod

@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
@@ -21,6 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_token
 
 from . import __version__
+from .io_utils import atomic_write_text
 
 SPARSITY_FILE = "sparsity.json"
 IMPORTANCE_DIR = "importance"
@@ -323,20 +323,6 @@ def render_model_card(
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
     """Render the model card (see [`render_model_card`]) and write it atomically to `output_dir/README.md`.
 
@@ -345,7 +331,7 @@ def write_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
     """
     card = render_model_card(output_dir, **kwargs)
     path = Path(output_dir) / CARD_FILE
-    _atomic_write_text(path, str(card))
+    atomic_write_text(path, str(card))
     return path
 
 

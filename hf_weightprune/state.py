@@ -28,6 +28,7 @@ from torch import Tensor
 from . import __version__
 from .config import IMPORTANCE_CONFIG_NAME, ImportanceConfig
 from .importance import Importance
+from .io_utils import atomic_write_json
 
 FORMAT_VERSION = 1
 IMPORTANCE_DIR = "importance"
@@ -42,16 +43,6 @@ class ImportanceFileError(ValueError):
 
 def shard_name(rank: int, world_size: int) -> str:
     return f"importance-{rank + 1:05d}-of-{world_size:05d}.safetensors"
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def tmp_dir_for(final_dir: str) -> str:
@@ -104,7 +95,7 @@ def finalize(
         if row_shards:
             index["row_shards"] = {n: [[shard_name(r, world_size), int(o)] for r, o in enumerate(offsets)]
                                    for n, offsets in row_shards.items()}
-        _write_json(os.path.join(tmp_dir, INDEX_NAME), index)
+        atomic_write_json(os.path.join(tmp_dir, INDEX_NAME), index)
     payload = {
         "format_version": FORMAT_VERSION,
         "library": "hf-weightprune",
@@ -116,7 +107,7 @@ def finalize(
     if extra:
         payload.update(extra)
     # The config is written last: its presence marks the temporary folder as complete.
-    _write_json(os.path.join(tmp_dir, IMPORTANCE_CONFIG_NAME), payload)
+    atomic_write_json(os.path.join(tmp_dir, IMPORTANCE_CONFIG_NAME), payload)
     return publish(tmp_dir, final_dir) if final_dir is not None else tmp_dir
 
 

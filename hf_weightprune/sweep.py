@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import PruneConfig, parse_structure
 from .importance import Importance
+from .io_utils import atomic_write_text
 from .oneshot import ONESHOT_CRITERIA, oneshot_importance
 
 SWEEP_CSV = "sweep.csv"
@@ -58,18 +58,6 @@ def parse_sparsities(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike) -> None:
     """Write `sweep.csv` and `sweep.json` (a list of rows, the dense reference first), each atomically."""
     out = Path(output_dir)
@@ -78,10 +66,10 @@ def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLi
     writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(out / SWEEP_CSV, buf.getvalue())
+    atomic_write_text(out / SWEEP_CSV, buf.getvalue())
     # Non-finite values (a collapsed model) are written as null: JSON has no inf/nan.
     clean = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()} for r in rows]
-    _atomic_write_text(out / SWEEP_JSON, json.dumps(clean, indent=2) + "\n")
+    atomic_write_text(out / SWEEP_JSON, json.dumps(clean, indent=2) + "\n")
 
 
 def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None) -> dict[str, Any]:

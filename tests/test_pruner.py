@@ -238,3 +238,27 @@ def test_cli_bad_input_one_line_error_writes_nothing(trained, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_cli_push_to_hub_round_trip(trained, tmp_path, hub_server, monkeypatch, capsys):
+    """`prune --push-to-hub` and `push --include-importance` through huggingface_hub to the loopback Hub."""
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    root = trained["temporal_magnitude"]
+    out = tmp_path / "pushed"
+    assert main(["prune", str(root / "model"), "--importance", str(root), "--sparsity", "0.5", "--output", str(out),
+                 "--push-to-hub", "tester/cli-pruned", "--private"]) == 0
+    assert {"sparsity.json", "README.md", "model.safetensors"} <= set(hub_server.files("tester/cli-pruned"))
+    assert main(["push", str(out), "--repo-id", "tester/cli-again", "--include-importance"]) == 0
+    assert "importance/importance_config.json" in hub_server.files("tester/cli-again")
+    remote = load_importance("tester/cli-again", token=hub_server.token)
+    local = load_importance(root)
+    for name in local.names:
+        assert torch.equal(remote.state(name), local.state(name))
+    before = capsys.readouterr()
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_value")
+    assert main(["push", str(out), "--repo-id", "tester/cli-denied"]) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("hf-weightprune push: error:")
+    for secret in (hub_server.token, "hf_wrong_token_value"):
+        assert secret not in before.out + before.err + captured.out + captured.err
