@@ -122,8 +122,10 @@ def test_bf16_model(criterion, state_dtype, tmp_path):
     cb = ImportanceCallback(ImportanceConfig(criterion=criterion, state_dtype=state_dtype))
     train(model, [rec, cb], tmp_path, max_steps=4)
     assert all(s.dtype == getattr(torch, state_dtype) for s in cb._states.values())
-    # |w| is exact in bf16; w*g is rounded to bf16 before it is accumulated; a bf16 state adds rounding per sample
-    assert_close(scores(cb), reference(criterion, rec), rtol=2e-2, atol=1e-5)
+    # |w| and w*g are computed in float32 from the bf16 values, so a float32 state matches the float64 reference;
+    # a bf16 state adds (stochastic) rounding per sample.
+    rtol = 1e-5 if state_dtype == "float32" else 2e-2
+    assert_close(scores(cb), reference(criterion, rec), rtol=rtol, atol=1e-7 if state_dtype == "float32" else 1e-5)
     fp32 = ImportanceCallback(ImportanceConfig(criterion=criterion))
     train(tiny_llama(seed=13), [fp32], tmp_path / "fp32", max_steps=4)
     assert_similar(scores(cb), scores(fp32), max_rel_err=0.12, min_agreement=0.95)

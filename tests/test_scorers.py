@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hf_weightprune.scorers import SCORERS, get_scorer, register_scorer
-from hf_weightprune.scorers.base import Scorer, accumulate_, chunks, stochastic_round_to_bf16_
+from hf_weightprune.scorers import base
+from hf_weightprune.scorers.base import Scorer, accumulate_, blocks, chunks, stochastic_round_to_bf16_
 
 
 def _samples(steps=4, shapes=((8, 6), (3, 5)), seed=0):
@@ -22,7 +23,10 @@ def _samples(steps=4, shapes=((8, 6), (3, 5)), seed=0):
         ("fisher", lambda ws, gs, ts: sum(g * g for g in gs) / len(ts)),
     ],
 )
-def test_update_and_score(criterion, ref):
+@pytest.mark.parametrize("block", [base.BLOCK_NUMEL, 7])  # 7: blocks that split tensors mid-row
+def test_update_and_score(criterion, ref, block, monkeypatch):
+    monkeypatch.setattr(base, "BLOCK_NUMEL", block)
+    monkeypatch.setattr(base.blocks, "__defaults__", (block,))
     scorer = get_scorer(criterion)
     data = _samples()
     states = [torch.zeros(w.shape) for w in data[0][0]]
@@ -65,6 +69,16 @@ def test_temporal_magnitude_is_invariant_to_time_scale():
     torch.testing.assert_close(out[0], out[1])
 
 
+def test_blocks_are_aligned_views_of_the_state():
+    states = [torch.zeros(3, 4), torch.zeros(5)]
+    others = [torch.arange(12.0).view(3, 4).t().contiguous().t(), torch.arange(5.0)]  # a non-contiguous input
+    seen = list(blocks(states, others, size=5))
+    assert [b[0].numel() for b in seen] == [5, 5, 2, 5]
+    for s, o in seen:
+        s.add_(o)
+    assert torch.equal(states[0], others[0]) and torch.equal(states[1], others[1])
+
+
 def test_chunks_bound_the_batch():
     ts = [torch.empty(n) for n in (5, 5, 5, 20, 1)]
     slices = list(chunks(ts, max_numel=10))
@@ -85,7 +99,7 @@ def test_bf16_running_sum_keeps_growing():
     state = [torch.full((10_000,), 1000.0, dtype=torch.bfloat16)]
     gen = torch.Generator().manual_seed(0)
     for _ in range(2000):
-        accumulate_(state, [torch.ones(10_000)], generator=gen)
+        accumulate_(state[0], torch.ones(10_000), generator=gen)
     assert abs(state[0].float().mean().item() - 3000.0) < 5.0
 
 

@@ -43,17 +43,29 @@ def stochastic_round_to_bf16_(dst: Tensor, value: Tensor, generator: torch.Gener
     return dst.copy_(rounded)
 
 
-def accumulate_(
-    states: Sequence[Tensor], updates: Sequence[Tensor], alpha: float = 1.0, generator: torch.Generator | None = None
-) -> None:
-    """`states[i] += alpha * updates[i]`, batched; float32 states exactly, bfloat16 states stochastically rounded."""
-    if not states:
-        return
-    if states[0].dtype == torch.float32:
-        torch._foreach_add_(list(states), list(updates), alpha=alpha)
-        return
-    for s, u in zip(states, updates):
-        stochastic_round_to_bf16_(s, s.float().add_(u, alpha=alpha), generator)
+# Elements per block for the per-step update: the temporaries (|w|, w*g) of a 1M-element block stay in cache
+# instead of making a round trip through memory. Measured on a 85M-weight Llama: 48 ms per update vs 75-96 ms
+# with whole-tensor batched ops.
+BLOCK_NUMEL = 1 << 20
+
+
+def blocks(*tensor_lists: Sequence[Tensor], size: int = BLOCK_NUMEL) -> Iterator[tuple[Tensor, ...]]:
+    """Aligned flat views of at most `size` elements over parallel lists of same-shaped tensors.
+
+    The first list holds the (contiguous) state buffers, so in-place ops on its views update the buffers.
+    """
+    for tensors in zip(*tensor_lists):
+        flat = [t.view(-1) if i == 0 else t.reshape(-1) for i, t in enumerate(tensors)]
+        for start in range(0, flat[0].numel(), size):
+            yield tuple(f[start : start + size] for f in flat)
+
+
+def accumulate_(state: Tensor, update: Tensor, alpha: float = 1.0, generator: torch.Generator | None = None) -> None:
+    """`state += alpha * update`: float32 states exactly, bfloat16 states with stochastic rounding."""
+    if state.dtype == torch.float32:
+        state.add_(update, alpha=alpha)
+    else:
+        stochastic_round_to_bf16_(state, state.float().add_(update, alpha=alpha), generator)
 
 
 class Scorer:

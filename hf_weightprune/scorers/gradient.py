@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import register_scorer
-from .base import Scorer, accumulate_, chunks
+from .base import Scorer, accumulate_, blocks
 
 
 class _GradientScorer(Scorer):
@@ -32,8 +32,11 @@ class Movement(_GradientScorer):
     paper = "arXiv:2005.07683"
 
     def update_(self, states, weights, grads, t, generator=None):
-        for sl in chunks(weights):
-            accumulate_(states[sl], torch._foreach_mul(list(weights[sl]), list(grads[sl])), -1.0, generator)
+        for s, w, g in blocks(states, weights, grads):
+            if s.dtype == torch.float32:
+                s.addcmul_(w, g, value=-1.0)  # fused: no temporary, products computed in float32
+            else:
+                accumulate_(s, w.float() * g, -1.0, generator)
 
 
 @register_scorer
@@ -45,10 +48,8 @@ class Taylor(_GradientScorer):
     paper = "arXiv:1906.10771"
 
     def update_(self, states, weights, grads, t, generator=None):
-        for sl in chunks(weights):
-            prod = torch._foreach_mul(list(weights[sl]), list(grads[sl]))
-            torch._foreach_abs_(prod)
-            accumulate_(states[sl], prod, 1.0, generator)
+        for s, w, g in blocks(states, weights, grads):
+            accumulate_(s, (w.float() * g).abs_(), 1.0, generator)
 
 
 @register_scorer
@@ -60,6 +61,9 @@ class Fisher(_GradientScorer):
     paper = "arXiv:2204.09656"
 
     def update_(self, states, weights, grads, t, generator=None):
-        for sl in chunks(grads):
-            g = list(grads[sl])
-            accumulate_(states[sl], torch._foreach_mul(g, g), 1.0, generator)
+        for s, g in blocks(states, grads):
+            if s.dtype == torch.float32:
+                s.addcmul_(g, g)  # fused: no temporary
+            else:
+                g = g.float()
+                accumulate_(s, g * g, 1.0, generator)

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import torch
-
 from . import register_scorer
-from .base import Scorer, accumulate_, chunks
+from .base import Scorer, accumulate_, blocks
 
 
 @register_scorer
@@ -21,8 +19,8 @@ class TemporalMagnitude(Scorer):
     paper = "arXiv:2502.17071"
 
     def update_(self, states, weights, grads, t, generator=None):
-        for sl in chunks(weights):
-            accumulate_(states[sl], torch._foreach_abs(list(weights[sl])), alpha=float(t), generator=generator)
+        for s, w in blocks(states, weights):
+            accumulate_(s, w.abs(), float(t), generator)
 
     def score(self, state, *, weight, num_samples, weight_sum, tokens):
         if weight_sum <= 0:  # no sample yet (e.g. the window has not opened): fall back to |w|

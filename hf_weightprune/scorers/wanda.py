@@ -9,10 +9,11 @@ from .base import Scorer
 
 def activation_sq_sum(x: Tensor) -> Tensor:
     """Per-input-channel sum of squares of a Linear's input over all tokens: `[in_features]`, float32."""
-    x = x.detach().reshape(-1, x.shape[-1]).float()
-    # Under autocast (Trainer's bf16=True) einsum would run in bfloat16 and round the sums.
+    x = x.detach().reshape(-1, x.shape[-1])
+    # A norm reduction reads x once with no temporary (einsum cost +15% of a training step on a 134M Llama);
+    # dtype=float32 accumulates in float32 without copying a bf16 input, also under autocast.
     with torch.autocast(x.device.type, enabled=False):
-        return torch.einsum("ti,ti->i", x, x)
+        return torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()
 
 
 @register_scorer
