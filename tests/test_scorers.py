@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from hf_weightprune.scorers import SCORERS, get_scorer, register_scorer
-from hf_weightprune.scorers import base
+from hf_weightprune.scorers import SCORERS, base, get_scorer, register_scorer
 from hf_weightprune.scorers.base import Scorer, accumulate_, blocks, chunks, stochastic_round_to_bf16_
 
 
