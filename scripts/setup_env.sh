@@ -17,11 +17,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 VPY="$VENV/bin/python"
-"$VPY" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+# pip's exit status is kept (no filtering pipe): a failed install stops the script.
+"$VPY" -m pip install -q --upgrade pip
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==${TORCH_VERSION:-2.13.0}"
-  "$VPY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VPY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
 echo "[setup] installing hf-weightprune[$EXTRAS]"
-"$VPY" -m pip install -q -e "$ROOT[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VPY" -m pip install -q -e "$ROOT[$EXTRAS]"
 "$VPY" -c "import torch, transformers, hf_weightprune; print('[setup] torch', torch.__version__, '| transformers', transformers.__version__, '| hf_weightprune', hf_weightprune.__version__)"
