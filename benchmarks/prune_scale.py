@@ -114,10 +114,10 @@ def part_scale(repeats: int):
 
 
 def part_structured(repeats: int, new_tokens: int = 32):
-    from hf_weightprune.oneshot import oneshot_importance
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_weightprune import PruneConfig, prune_
+    from hf_weightprune.oneshot import oneshot_importance
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
