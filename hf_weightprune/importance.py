@@ -88,15 +88,18 @@ class Importance:
             raise KeyError(f"{name!r} is not tracked in this importance ({len(self.shapes)} tracked weights)")
         return self._get_state(name)
 
+    def _score_kwargs(self, name: str) -> dict:
+        return {"weight": self._weights.get(name) if self._weights is not None else None,
+                "num_samples": self.num_samples, "weight_sum": float(self.meta.get("weight_sum", 0.0)),
+                "tokens": int(self.meta.get("tokens", {}).get(name, 0))}
+
     def score(self, name: str) -> Tensor:
-        weight = self._weights.get(name) if self._weights is not None else None
-        return self._scorer.score(
-            self.state(name),
-            weight=weight,
-            num_samples=self.num_samples,
-            weight_sum=float(self.meta.get("weight_sum", 0.0)),
-            tokens=int(self.meta.get("tokens", {}).get(name, 0)),
-        )
+        return self._scorer.score(self.state(name), **self._score_kwargs(name))
+
+    def ranking(self, name: str) -> Tensor:
+        """Orders the weights of `name` exactly as `score(name)`, as cheaply as the criterion allows (the raw
+        bfloat16 state, say); what the pruner thresholds."""
+        return self._scorer.ranking(self.state(name), **self._score_kwargs(name))
 
     @property
     def scores(self) -> Mapping[str, Tensor]:

@@ -386,7 +386,10 @@ def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, 
     # Pass 1: histogram of the high 16 bits of the keys.
     numels: dict[str, int] = {}
     high_hist = torch.zeros(_NUM_BINS, dtype=torch.int64)
+    # bfloat16 is the top half of float32: keys of bf16 scores have zero low 16 bits, so pass 1 is already exact.
+    all_bf16 = True
     for name, score in _iterate(named_scores):
+        all_bf16 = all_bf16 and score.dtype == torch.bfloat16
         if not isinstance(name, str):
             raise ValueError(f"Tensor names from `named_scores` must be strings, got {type(name).__name__}.")
         if name in numels:
@@ -404,6 +407,8 @@ def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, 
     rank = max(num_pruned, 1)
     high_bin, below_high = _select_bin(high_hist, rank)
     high = high_bin - _HIGH_OFFSET
+    if all_bf16:  # every key in the selected bin equals high << 16: they are all ties, no second pass needed
+        return high * _NUM_BINS, num_pruned - below_high, num_pruned, total, numels
 
     # Pass 2: histogram of the low 16 bits among keys in the selected high bin.
     low_hist = torch.zeros(_NUM_BINS, dtype=torch.int64)

@@ -127,7 +127,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     if config.kind == "N:M":
         n, m = config.nm
         for name in names:
-            finish(name, M.nm_mask(importance.score(name), n, m))
+            finish(name, M.nm_mask(importance.ranking(name), n, m))
     elif config.scope == "global":
         groups: dict[float, list[str]] = {}
         for name in names:
@@ -135,15 +135,15 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
             if s is not None:
                 groups.setdefault(s, []).append(name)
         for s, group in groups.items():
-            thr = M.compute_global_threshold(lambda g=group: ((n, importance.score(n)) for n in g), s)
+            thr = M.compute_global_threshold(lambda g=group: ((n, importance.ranking(n)) for n in g), s)
             for name in group:
-                finish(name, thr.mask(name, importance.score(name)))
+                finish(name, thr.mask(name, importance.ranking(name)))
     else:
         build = M.unstructured_mask if config.scope == "layer" else M.row_mask
         for name in names:
             s = _sparsity_of(name, config.sparsity)
             if s is not None:
-                finish(name, build(importance.score(name), s))
+                finish(name, build(importance.ranking(name), s))
     bar.close()
     zeros = sum(round(v["sparsity"] * v["numel"]) for v in report.tensors.values())
     numel = sum(v["numel"] for v in report.tensors.values())

@@ -271,7 +271,8 @@ def test_global_threshold_matches_reference(kind, sparsity):
 
     calls.clear()
     streamed = dict(global_masks(named_scores, sparsity))
-    assert len(calls) == 3
+    # bf16 keys are exact after the first histogram pass: its second pass is skipped
+    assert len(calls) == (2 if kind == "bf16" else 3)
     assert list(streamed) == list(expected)
     for name, mask in streamed.items():
         assert torch.equal(mask, expected[name]), name

@@ -262,3 +262,19 @@ def test_cli_push_to_hub_round_trip(trained, tmp_path, hub_server, monkeypatch, 
     assert len(err) == 1 and err[0].startswith("hf-weightprune push: error:")
     for secret in (hub_server.token, "hf_wrong_token_value"):
         assert secret not in before.out + before.err + captured.out + captured.err
+
+
+@pytest.mark.parametrize("criterion", ["temporal_magnitude", "taylor"])
+def test_bf16_state_ranks_like_its_float32_scores(criterion, tmp_path):
+    """prune_ thresholds the raw bf16 state (one histogram pass, no division); masks equal the score reference."""
+    model = tiny_phi3(seed=12)
+    cb = ImportanceCallback(ImportanceConfig(criterion=criterion, state_dtype="bfloat16"))
+    train(model, [cb], tmp_path, max_steps=3)
+    imp = cb.importance()
+    assert imp.ranking(imp.names[0]).dtype == torch.bfloat16
+    cfg = PruneConfig(sparsity=0.5)
+    expected = _reference_masks(imp, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prune_(model, imp, cfg, progress=False)
+    for name, mask in expected.items():
+        assert torch.equal(dict(model.named_parameters())[name] != 0, mask & (before[name] != 0)), name

@@ -102,3 +102,11 @@ class Scorer:
     def score(self, state: Tensor, *, weight: Tensor | None, num_samples: int, weight_sum: float, tokens: int) -> Tensor:
         """Importance of each element of the weight, as float32."""
         raise NotImplementedError
+
+    def ranking(self, state: Tensor, **kwargs) -> Tensor:
+        """Any tensor that orders the weights exactly as `score` does (same ties), as cheaply as possible.
+
+        Criteria whose score is the state over one positive scalar shared by all tensors return the raw state:
+        no float32 copy, no division, and global thresholds across tensors stay exact.
+        """
+        return self.score(state, **kwargs)

@@ -14,6 +14,9 @@ class _GradientScorer(Scorer):
     source = "grads"
     needs_grad = True
 
+    def ranking(self, state, **kwargs):
+        return state if kwargs["num_samples"] > 0 else self.score(state, **kwargs)
+
     def score(self, state, *, weight, num_samples, weight_sum, tokens):
         if num_samples == 0:
             raise ValueError(f"{self.name} importance has no samples yet")

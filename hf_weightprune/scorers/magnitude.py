@@ -21,6 +21,9 @@ class Magnitude(Scorer):
         for s, w in zip(states, weights):
             s.copy_(w.detach().abs())
 
+    def ranking(self, state, **kwargs):
+        return state if kwargs["num_samples"] > 0 else self.score(state, **kwargs)
+
     def score(self, state, *, weight, num_samples, weight_sum, tokens):
         if num_samples == 0:
             if weight is None:

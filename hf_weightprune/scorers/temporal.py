@@ -22,6 +22,9 @@ class TemporalMagnitude(Scorer):
         for s, w in blocks(states, weights):
             accumulate_(s, w.abs(), float(t), generator)
 
+    def ranking(self, state, **kwargs):
+        return state if kwargs["weight_sum"] > 0 else self.score(state, **kwargs)
+
     def score(self, state, *, weight, num_samples, weight_sum, tokens):
         if weight_sum <= 0:  # no sample yet (e.g. the window has not opened): fall back to |w|
             if weight is None:
