@@ -16,7 +16,6 @@ Lifecycle (one sitting to read):
 from __future__ import annotations
 
 import gc
-import glob
 import logging
 import os
 import shutil
@@ -109,6 +108,7 @@ class ImportanceCallback(TrainerCallback):
     def _reset_state(self) -> None:
         self._states: dict[str, torch.Tensor] = {}  # buffers this rank owns
         self._owners: dict[str, int] = {}  # D.ALL_RANKS: FSDP2 row-sharded, every rank owns its rows
+        self._writers: dict[str, int] = {}
         self._rows: dict[str, tuple[int, int]] = {}  # FSDP2: this rank's (row_offset, rows) of each weight
         self._meta: dict[str, Any] = {"global_step": 0, "num_samples": 0, "weight_sum": 0.0, "last_step": 0,
                                       "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None,
@@ -153,6 +153,9 @@ class ImportanceCallback(TrainerCallback):
             self._rows = {t.name: rows for t in self._tracked if (rows := D.row_shard(t.param)) is not None}
         replicated = {t.name: t.param.numel() for t in self._tracked if t.name not in self._rows}
         self._owners = D.partition(replicated, world if per_rank else 1) | dict.fromkeys(self._rows, D.ALL_RANKS)
+        # Who writes each buffer at save: its owner; activation sums (identical on all ranks once all-reduced) are
+        # spread over the ranks by the same size-balanced partition.
+        self._writers = self._owners if per_rank else D.partition(replicated, world)
         dtype = torch.float32 if self.scorer.source == "activations" else getattr(torch, self.config.state_dtype)
         for t in self._tracked:
             if self._owners[t.name] in (rank, D.ALL_RANKS) or not per_rank:
@@ -249,7 +252,7 @@ class ImportanceCallback(TrainerCallback):
         owned = self._owned()
         if use_grads:
             pairs = [(tw, tw.param.grad) for tw in owned if tw.param.grad is not None]
-            grads = [g.detach() for _, g in pairs]
+            grads = [D.local_tensor(g.detach()) for _, g in pairs]
             bad = self.config.skip_nonfinite and bool(grads) and not self._all_finite(grads)
             if D.any_rank(bad):
                 self._meta["skipped"] += 1
@@ -267,7 +270,6 @@ class ImportanceCallback(TrainerCallback):
             if self.offload_to_cpu:
                 self._update_offloaded(states, weights, grads, t, gen)
             else:
-                grads = [D.local_tensor(g) for g in grads] if grads is not None else None
                 self.scorer.update_(states, weights, grads, t, gen)
         self._record_sample(t, step)
 
@@ -276,12 +278,12 @@ class ImportanceCallback(TrainerCallback):
 
         for sl in chunks(weights):
             w = [x.to("cpu", non_blocking=True) for x in weights[sl]]
-            g = [D.local_tensor(x).to("cpu", non_blocking=True) for x in grads[sl]] if grads is not None else None
+            g = [x.to("cpu", non_blocking=True) for x in grads[sl]] if grads is not None else None
             self.scorer.update_(states[sl], w, g, t, gen)
 
     @staticmethod
     def _all_finite(tensors) -> bool:
-        norms = torch._foreach_norm([D.local_tensor(t) for t in tensors])
+        norms = torch._foreach_norm(list(tensors))
         return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
 
     # ------------------------------------------------------------------------------------ Trainer events
@@ -301,7 +303,7 @@ class ImportanceCallback(TrainerCallback):
         t = state.global_step + 1
         if self.scorer.source == "activations":
             self._commit_activations(t)
-        elif self.scorer.source == "grads" and not self.config.per_epoch and self._samples_at(t):
+        elif self.scorer.source == "grads" and self._samples_at(t):
             self._sample(t, t, use_grads=True)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -449,12 +451,8 @@ class ImportanceCallback(TrainerCallback):
         return self._trial_dir or args.output_dir
 
     def _checkpoint_dir(self, args, step: int) -> str | None:
-        folder = os.path.join(self._output_dir(args), f"checkpoint-{step}")
-        if os.path.isdir(folder):
-            return folder
-        # hyperparameter_search writes checkpoints under output_dir/run-<trial>/.
-        found = sorted(glob.glob(os.path.join(args.output_dir, "*", f"checkpoint-{step}")), key=os.path.getmtime)
-        return found[-1] if found else None
+        folder = os.path.join(self._output_dir(args), f"checkpoint-{step}")  # a search trial's folder included
+        return folder if os.path.isdir(folder) else None
 
     def _full_meta(self) -> dict[str, Any]:
         meta = dict(self._meta, tokens=dict(self._meta["tokens"]))
@@ -499,7 +497,7 @@ class ImportanceCallback(TrainerCallback):
             if world == 1:
                 S.write_single(tmp, tensors)
             else:
-                mine = {n: v for n, v in tensors.items() if self._writer_of(n) in (rank, D.ALL_RANKS)}
+                mine = {n: v for n, v in tensors.items() if self._writers[n] in (rank, D.ALL_RANKS)}
                 S.write_shard(tmp, mine, rank=rank, world_size=world)
         except (OSError, SafetensorError) as e:
             error = e
@@ -510,7 +508,7 @@ class ImportanceCallback(TrainerCallback):
             try:
                 if self.schedule is not None:
                     self.schedule.save_masks(tmp)
-                owners = {t.name: max(self._writer_of(t.name), 0) for t in self._tracked}
+                owners = {n: max(w, 0) for n, w in self._writers.items()}
                 S.finalize(tmp, final_dir if publish else None, config=self.config, meta=meta, shapes=self._shapes(),
                            owners=owners, world_size=world, extra=self._extra_metadata(), row_shards=row_shards)
             except (OSError, SafetensorError) as e:
@@ -525,12 +523,6 @@ class ImportanceCallback(TrainerCallback):
                 raise RuntimeError(msg + " (pass on_save_error='warn' to keep training)") from error
             logger.warning(msg)
         return not failed
-
-    def _writer_of(self, name: str) -> int:
-        # Activation sums are identical on all ranks after the all-reduce; spread the writes by the partition.
-        if self.scorer.source == "activations":
-            return D.partition({t.name: t.param.numel() for t in self._tracked}, D.rank_and_world()[1])[name]
-        return self._owners[name]
 
     def _row_shards(self) -> dict[str, list[int]]:
         """FSDP2: the first row each rank's shard holds, per row-sharded weight (indexed by rank)."""
