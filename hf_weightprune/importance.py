@@ -107,17 +107,20 @@ class Importance:
 
     def bind(self, model: nn.Module) -> Importance:
         """Validate against `model` and remember its weights (criteria such as `wanda` multiply by `|W|`)."""
-        self.validate_against(model)
-        tracked = find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
+        tracked = self._tracked(model)
+        self._validate(tracked)
         self._weights = {t.name: t.param for t in tracked if t.name in self.shapes}
         return self
 
+    def _tracked(self, model: nn.Module):
+        return find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
+
     def validate_against(self, model: nn.Module) -> None:
         """Refuse importance computed for another model: names and shapes must match the tracked weights."""
-        tracked = {
-            t.name: list(t.param.shape)
-            for t in find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
-        }
+        self._validate(self._tracked(model))
+
+    def _validate(self, tracked_weights) -> None:
+        tracked = {t.name: list(t.param.shape) for t in tracked_weights}
         problems = []
         for name, shape in self.shapes.items():
             if name not in tracked:
