@@ -115,6 +115,7 @@ class ImportanceCallback(TrainerCallback):
                                       "epoch": 0, "epoch_step": None}
         self._step_acts: dict[str, torch.Tensor] = {}  # wanda: this step's activation sums, committed at the step
         self._step_tokens: dict[str, int] = {}
+        self._last_input: tuple[torch.Tensor, torch.Tensor] | None = None  # wanda: the last input and its sums
         self._collect = False
         self._seed = 0
 
@@ -208,11 +209,18 @@ class ImportanceCallback(TrainerCallback):
             if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
                 return
             x = inputs[0]
-            sq = activation_sq_sum(x)
+            # q/k/v (and gate/up) projections receive the same input tensor: reduce it once.
+            last = None if torch.compiler.is_compiling() else self._last_input
+            if last is not None and last[0] is x:
+                sq = last[1]
+            else:
+                sq = activation_sq_sum(x)
+                if not torch.compiler.is_compiling():
+                    self._last_input = (x, sq)
             if name in self._step_acts:
                 self._step_acts[name].add_(sq.to(self._step_acts[name].device))
             else:
-                self._step_acts[name] = sq.to(self._states[name].device)
+                self._step_acts[name] = sq.to(self._states[name].device, copy=True)  # sq may be shared (q/k/v)
             self._step_tokens[name] = self._step_tokens.get(name, 0) + x.numel() // x.shape[-1]
 
         return hook
@@ -224,7 +232,7 @@ class ImportanceCallback(TrainerCallback):
 
     def _commit_activations(self, t: int) -> None:
         acts, tokens = self._step_acts, self._step_tokens
-        self._step_acts, self._step_tokens = {}, {}
+        self._step_acts, self._step_tokens, self._last_input = {}, {}, None
         if not acts:
             return
         names = list(acts)

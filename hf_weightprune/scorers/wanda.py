@@ -10,10 +10,24 @@ from .base import Scorer
 def activation_sq_sum(x: Tensor) -> Tensor:
     """Per-input-channel sum of squares of a Linear's input over all tokens: `[in_features]`, float32."""
     x = x.detach().reshape(-1, x.shape[-1])
-    # A norm reduction reads x once with no temporary (einsum cost +15% of a training step on a 134M Llama);
-    # dtype=float32 accumulates in float32 without copying a bf16 input, also under autocast.
     with torch.autocast(x.device.type, enabled=False):
-        return torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()
+        if x.device.type != "cpu":
+            # One fused read with no temporary (einsum cost +15% of a step on a 134M Llama); dtype=float32
+            # accumulates in float32 without copying a bf16 input.
+            return torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square_()
+        # On CPU that norm is a strided reduction over dim 0, 5-20x slower than squaring blocks of rows in a
+        # float32 buffer and summing them (146 ms vs 6 ms for 4096 x 4096, one thread).
+        rows = max(1, _BLOCK // x.shape[1])
+        buf = torch.empty(min(rows, x.shape[0]), x.shape[1], dtype=torch.float32)
+        out = torch.zeros(x.shape[1], dtype=torch.float32)
+        for block in x.split(rows):
+            b = buf[: block.shape[0]]
+            b.copy_(block).square_()  # a copy, so a float32 input is never squared in place
+            out.add_(b.sum(0))
+        return out
+
+
+_BLOCK = 1 << 20  # elements per CPU block: a 4 MiB float32 buffer
 
 
 @register_scorer
