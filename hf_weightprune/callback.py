@@ -273,7 +273,7 @@ class ImportanceCallback(TrainerCallback):
         weights = [D.local_tensor(tw.param.detach()) for tw in owned]
         gen = None
         if states and states[0].dtype == torch.bfloat16:
-            gen = torch.Generator(device=states[0].device).manual_seed(self._seed * 1_000_003 + int(t))
+            gen = torch.Generator().manual_seed(self._seed * 1_000_003 + int(t))  # CPU: offsets only, no sync
         with torch.no_grad():
             if self.offload_to_cpu:
                 self._update_offloaded(states, weights, grads, t, gen)

