@@ -14,7 +14,8 @@ Global masks ([`compute_global_threshold`], [`global_masks`]) are exact and stre
 sort all scores. Scores are mapped to order-preserving int32 keys, a radix select over two passes of 16-bit
 histograms finds the exact k-th smallest key, and a last pass shares the ties at that key among tensors in
 iteration order. Extra memory is about one tensor's worth of keys plus two 65536-bin int64 histograms; every count
-is an int64 (or a Python int), so totals and single tensors past 2**31 elements are fine.
+is an int64 (or a Python int), so totals and single tensors past 2**31 elements are fine. bfloat16 scores (the usual
+importance state) skip float32 altogether: their keys are the bf16 bits, which are the first pass's bins.
 
 Timing (measured on the dev box, CPU, 2 cores, torch 2.13): `compute_global_threshold` on 100M float32 elements split
 in 100 tensors of 1M, already in memory, takes about 0.8 s (1 or 2 threads, idle machine; 2-5 s while the cores are
@@ -115,6 +116,49 @@ def _key_to_value(key: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
+def _order_key16(score: torch.Tensor, name: str = "score") -> torch.Tensor:
+    """
+    Order keys of bfloat16 scores at 16-bit resolution: exactly `_order_key(score) >> 16`, built from the bf16 bits
+    without widening to float32. Non-negative scores (the usual case) get the bits themselves, an int16 view with no
+    copy and no arithmetic; scores with a sign bit get int32 keys.
+    """
+    bits = score.detach().contiguous().view(torch.int16)
+    if bits.numel() == 0:
+        return bits
+    lo, hi = (int(v) for v in torch.aminmax(bits))
+    if lo >= 0:
+        if hi > 0x7F80:  # magnitudes above inf's 0x7F80 are NaNs
+            raise ValueError(f"`{name}` contains NaN scores; importance scores must not be NaN.")
+        return bits
+    key = bits.to(torch.int32)
+    sign = key >> 31
+    key &= 0x7FFF
+    if int(key.max()) > 0x7F80:
+        raise ValueError(f"`{name}` contains NaN scores; importance scores must not be NaN.")
+    key ^= sign
+    key -= sign
+    return key
+
+
+def _keys(score: torch.Tensor, name: str = "score") -> torch.Tensor:
+    """Order keys for comparisons within one tensor: 16-bit ones for bfloat16 scores (cheaper), else float32's."""
+    if isinstance(score, torch.Tensor) and score.dtype == torch.bfloat16:
+        return _order_key16(score, name)
+    return _order_key(score, name)
+
+
+def _threshold_keys(score: torch.Tensor, key: int, name: str) -> tuple[torch.Tensor, int, bool]:
+    """
+    `(keys, k, exact)`: order keys of `score` and the float32-scale threshold `key` on their scale. A bfloat16 score
+    gets 16-bit keys; when `key` falls between two bf16 values (`exact` False) no element can equal it, and an
+    element is above it exactly when its key is `>= k`.
+    """
+    if score.dtype == torch.bfloat16:
+        high, low = divmod(key, _NUM_BINS)
+        return _order_key16(score, name), (high if low == 0 else high + 1), low == 0
+    return _order_key(score, name), key, True
+
+
 def _prune_lowest_along_last_dim(keys: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask pruning the `k` lowest keys of every row of a 2D key tensor, lower column index first on ties."""
     mask = torch.ones(keys.shape, dtype=torch.bool, device=keys.device)
@@ -144,7 +188,7 @@ def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
         `torch.BoolTensor`: mask shaped like `score`, `True` = keep. Among equal scores the lower flat index is
         pruned first.
     """
-    keys = _order_key(score)
+    keys = _keys(score)
     k = num_to_prune(keys.numel(), sparsity)
     return _prune_lowest_along_last_dim(keys.reshape(1, -1), k).reshape(score.shape)
 
@@ -169,7 +213,7 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
             f"`score` must be a tensor with at least 2 dims ([out_features, in_features]), got "
             f"{tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__}."
         )
-    keys = _order_key(score).reshape(score.shape[0], -1)
+    keys = _keys(score).reshape(score.shape[0], -1)
     k = num_to_prune(keys.shape[1], sparsity)
     return _prune_lowest_along_last_dim(keys, k).reshape(score.shape)
 
@@ -227,7 +271,7 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise ValueError(
             f"The last (input) dim of `score` must be divisible by m={m} for an N:M mask, got shape {tuple(score.shape)}."
         )
-    keys = _order_key(score).reshape(-1, m)
+    keys = _keys(score).reshape(-1, m)
     return _prune_lowest_along_last_dim(keys, m - n).reshape(score.shape)
 
 
@@ -335,7 +379,11 @@ class GlobalThreshold:
             raise ValueError(f"Unknown tensor name {name!r}: it was not among the scores of this threshold.")
         if name in self.numels and score.numel() != self.numels[name]:
             raise ValueError(f"`{name}` has {score.numel()} elements, but {self.numels[name]} were scored.")
-        return _threshold_mask(_order_key(score, name), self.key, self.ties_to_prune[name], name).reshape(score.shape)
+        keys, key, exact = _threshold_keys(score, self.key, name)
+        ties = self.ties_to_prune[name]
+        if ties and not exact:
+            raise ValueError(f"`{name}` cannot hold scores equal to the threshold it must prune: scores changed.")
+        return _threshold_mask(keys, key, ties, name).reshape(score.shape)
 
 
 def _threshold_mask(keys: torch.Tensor, key: int, ties: int, name: str) -> torch.Tensor:
@@ -344,11 +392,50 @@ def _threshold_mask(keys: torch.Tensor, key: int, ties: int, name: str) -> torch
         return keys >= key
     keys = keys.reshape(-1)
     tie = keys == key
-    # Rank of each tie within the tensor; int64 so tensors past 2**31 elements are fine.
-    tie_rank = torch.cumsum(tie, dim=0, dtype=torch.int64)
-    if int(tie_rank[-1]) < ties:
+    count = int(torch.count_nonzero(tie))
+    if count < ties:
         raise ValueError(f"`{name}` has fewer scores equal to the threshold than it must prune: scores changed.")
-    return (keys > key) | (tie & (tie_rank > ties))
+    keep = keys > key
+    if count > ties:  # only the tensor where the shared ties run out keeps some: those after the `ties`-th one
+        last = _index_of_nth_true(tie, ties)
+        keep[last + 1 :] |= tie[last + 1 :]
+    return keep
+
+
+def _index_of_nth_true(flags: torch.Tensor, n: int, block: int = 1 << 24) -> int:
+    """Flat index of the `n`-th (1-based) `True` of a 1D bool tensor, counting block by block (no int64 cumsum
+    over the whole tensor)."""
+    for start in range(0, flags.numel(), block):
+        part = flags[start : start + block]
+        count = int(torch.count_nonzero(part))
+        if count >= n:
+            return start + int(torch.searchsorted(torch.cumsum(part, 0, dtype=torch.int32), n))
+        n -= count
+    raise ValueError("fewer True values than asked for")
+
+
+_BINCOUNT_BLOCK = 1 << 20
+
+
+def _bincount(keys: torch.Tensor, minlength: int = 0) -> torch.Tensor:
+    """`torch.bincount` of non-negative int keys, as CPU int64 counts.
+
+    `torch.bincount` wants int32/int64 input. Widening a large int16 tensor in one go costs more than the count
+    itself (a fresh 4-byte-per-element allocation that the kernel must fault in: 2.7 ns per element, measured on a
+    25M-element bf16 score); widening 1M-element blocks into one reused buffer costs 0.9 ns. Threads did not help.
+    """
+    flat = keys.reshape(-1)
+    if flat.dtype != torch.int16 or flat.numel() <= _BINCOUNT_BLOCK:
+        return torch.bincount(flat, minlength=minlength).cpu()
+    total = torch.zeros(max(minlength, 1 << 15), dtype=torch.int64)  # int16 keys are below 2**15
+    buf = torch.empty(_BINCOUNT_BLOCK, dtype=torch.int32, device=flat.device)
+    for start in range(0, flat.numel(), _BINCOUNT_BLOCK):
+        part = flat[start : start + _BINCOUNT_BLOCK]
+        block = buf[: part.numel()]
+        block.copy_(part)
+        counts = torch.bincount(block).cpu()
+        total[: counts.numel()] += counts
+    return total
 
 
 def _iterate(named_scores: NamedScores, numels: dict[str, int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -394,11 +481,20 @@ def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, 
             raise ValueError(f"Tensor names from `named_scores` must be strings, got {type(name).__name__}.")
         if name in numels:
             raise ValueError(f"`named_scores` yielded the name {name!r} twice; names must be unique.")
+        if score.dtype == torch.bfloat16:  # 16-bit keys are the high bins themselves
+            keys = _order_key16(score, name).reshape(-1)
+            numels[name] = keys.numel()
+            if keys.dtype == torch.int16:  # non-negative: bins from _HIGH_OFFSET up
+                counts = _bincount(keys)
+                high_hist[_HIGH_OFFSET : _HIGH_OFFSET + counts.numel()] += counts
+            else:
+                high_hist += _bincount(keys + _HIGH_OFFSET, minlength=_NUM_BINS)
+            continue
         keys = _order_key(score, name).reshape(-1)
         numels[name] = keys.numel()
         high = keys >> 16
         high += _HIGH_OFFSET
-        high_hist += torch.bincount(high, minlength=_NUM_BINS).cpu()
+        high_hist += _bincount(high, minlength=_NUM_BINS)
     total = sum(numels.values())
     if total == 0:
         raise ValueError("`named_scores` yielded no score elements; cannot compute a global threshold.")
@@ -413,12 +509,15 @@ def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, 
     # Pass 2: histogram of the low 16 bits among keys in the selected high bin.
     low_hist = torch.zeros(_NUM_BINS, dtype=torch.int64)
     for name, score in _iterate(named_scores, numels):
+        if score.dtype == torch.bfloat16:  # its keys in the bin all have low bits 0
+            low_hist[0] += int(torch.count_nonzero(_order_key16(score, name) == high))
+            continue
         # Clamp instead of boolean indexing (no gather): keys below the bin land in bin 0, keys above it in the
         # last bin, the bin's own keys in 1..65536.
         base = high * _NUM_BINS
         low = _order_key(score, name).reshape(-1).clamp_(base - 1, base + _NUM_BINS)
         low -= base - 1
-        low_hist += torch.bincount(low, minlength=_NUM_BINS + 2)[1:-1].cpu()
+        low_hist += _bincount(low, minlength=_NUM_BINS + 2)[1:-1]
     low_bin, below_low = _select_bin(low_hist, rank - below_high)
     key = high * _NUM_BINS + low_bin
     return key, num_pruned - (below_high + below_low), num_pruned, total, numels
@@ -449,7 +548,8 @@ def compute_global_threshold(named_scores: NamedScores, sparsity: float) -> Glob
         for name, score in _iterate(named_scores, numels):
             if remaining == 0:
                 break
-            count = int(torch.count_nonzero(_order_key(score, name) == key))
+            keys, k, exact = _threshold_keys(score, key, name)
+            count = int(torch.count_nonzero(keys == k)) if exact else 0
             remaining -= min(count, remaining)
             yield name, count
 
@@ -481,10 +581,10 @@ def global_masks(named_scores: NamedScores, sparsity: float) -> Iterator[tuple[s
     """
     key, remaining, _, _, numels = _locate_threshold(named_scores, sparsity)
     for name, score in _iterate(named_scores, numels):
-        keys = _order_key(score, name)
-        ties = min(int(torch.count_nonzero(keys == key)), remaining) if remaining else 0
+        keys, k, exact = _threshold_keys(score, key, name)
+        ties = min(int(torch.count_nonzero(keys == k)), remaining) if remaining and exact else 0
         remaining -= ties
-        yield name, _threshold_mask(keys, key, ties, name).reshape(score.shape)
+        yield name, _threshold_mask(keys, k, ties, name).reshape(score.shape)
     if remaining:
         raise ValueError("Fewer ties found than needed for the global threshold: scores changed between passes.")
 
@@ -529,7 +629,27 @@ def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"`mask` must be a torch.bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}.")
     if mask.shape != weight.shape:
         raise ValueError(f"`mask` shape {tuple(mask.shape)} must equal `weight` shape {tuple(weight.shape)}.")
+    mask = mask.to(weight.device)
+    bits = _SAME_WIDTH_INT.get(weight.element_size()) if weight.is_floating_point() else None
     with torch.no_grad():
-        # masked_fill_ rather than mul_: inf * 0 would give NaN and negative * 0 would give -0.0.
-        weight.masked_fill_(~mask.to(weight.device), 0)
+        if bits is None or not weight.is_contiguous():
+            weight.masked_fill_(~mask, 0)
+        else:
+            # Clear every bit of a pruned element: an AND with 0 or -1 gives +0.0 (never NaN from inf * 0, nor -0.0
+            # from a negative * 0) and has no branch on the mask: 0.9 ns per element vs 2.3 ns for masked_fill_
+            # with a random half-pruned mask.
+            # In 1M-element blocks through one reused buffer: a whole-tensor int copy of the mask is a fresh
+            # allocation the kernel must fault in, which cost more than the AND itself.
+            flat, keep = weight.detach().view(-1).view(bits), mask.reshape(-1).view(torch.int8)
+            buf = torch.empty(min(flat.numel(), _MASK_BLOCK), dtype=bits, device=flat.device)
+            for start in range(0, flat.numel(), _MASK_BLOCK):
+                part = buf[: min(_MASK_BLOCK, flat.numel() - start)]
+                part.copy_(keep[start : start + _MASK_BLOCK]).neg_()  # 1 -> -1 (all bits set), 0 -> 0
+                flat[start : start + _MASK_BLOCK].bitwise_and_(part)
     return weight
+
+
+_MASK_BLOCK = 1 << 20
+
+
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

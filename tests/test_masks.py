@@ -38,6 +38,14 @@ def make_score(kind: str, shape, seed: int) -> torch.Tensor:
         return -torch.rand(shape, generator=gen) - 0.5
     if kind == "bf16":  # bf16 has 8 mantissa bits, so also plenty of ties
         return torch.randn(shape, generator=gen).to(torch.bfloat16)
+    if kind == "bf16_nonneg":  # the usual importance state: its keys are the bf16 bits themselves
+        x = torch.rand(shape, generator=gen).to(torch.bfloat16)
+        return torch.where(torch.rand(shape, generator=gen) < 0.1, torch.zeros((), dtype=torch.bfloat16), x)
+    if kind == "mixed":  # bf16 and float32 tensors together; float32 values on and between bf16 values
+        if sum(shape) % 2:
+            return torch.randn(shape, generator=gen).to(torch.bfloat16)
+        x = torch.randn(shape, generator=gen).to(torch.bfloat16).float()
+        return torch.where(torch.rand(shape, generator=gen) < 0.5, x, x * (1 + 2.0**-10))
     if kind == "fp16_signed_zeros":  # mixes -0.0 and +0.0, which must compare equal
         x = torch.randint(-2, 3, shape, generator=gen).to(torch.float16)
         return torch.where(torch.rand(shape, generator=gen) < 0.5, x, -x)
@@ -46,7 +54,7 @@ def make_score(kind: str, shape, seed: int) -> torch.Tensor:
     raise ValueError(kind)
 
 
-KINDS = ["randn", "ties", "negative", "bf16", "fp16_signed_zeros", "float64"]
+KINDS = ["randn", "ties", "negative", "bf16", "bf16_nonneg", "mixed", "fp16_signed_zeros", "float64"]
 
 
 def reference_prune_lowest(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -103,6 +111,23 @@ def test_order_key_preserves_float32_order():
     assert bool((torch.cat([diffs[:zero_pair], diffs[zero_pair + 1 :]]) > 0).all())
     for value, key in zip(values, keys.tolist()):
         assert masks._key_to_value(key) == value
+
+
+def test_order_key16_is_the_float32_key_shifted():
+    finfo = torch.finfo(torch.bfloat16)
+    values = [-math.inf, finfo.min, -1.5, -finfo.tiny, -finfo.tiny / 4, -0.0, 0.0, finfo.tiny / 4, 1.0, finfo.max,
+              math.inf]
+    for x in (torch.tensor(values, dtype=torch.bfloat16), torch.randn(5000).to(torch.bfloat16),
+              torch.rand(5000).to(torch.bfloat16)):
+        key16 = masks._order_key16(x)
+        assert torch.equal(key16.to(torch.int32), masks._order_key(x) >> 16)
+    # -0.0 and +0.0 share a key; non-negative scores are read in place (a view of the bits)
+    assert masks._order_key16(torch.tensor([-0.0, 0.0], dtype=torch.bfloat16)).tolist() == [0, 0]
+    nonneg = torch.rand(10).to(torch.bfloat16)
+    assert masks._order_key16(nonneg).data_ptr() == nonneg.data_ptr()
+    for bad in (float("nan"), -float("nan")):
+        with pytest.raises(ValueError, match="w.*NaN"):
+            masks._order_key16(torch.tensor([1.0, bad], dtype=torch.bfloat16), "w")
 
 
 def test_order_key_random_matches_sort():
@@ -272,7 +297,7 @@ def test_global_threshold_matches_reference(kind, sparsity):
     calls.clear()
     streamed = dict(global_masks(named_scores, sparsity))
     # bf16 keys are exact after the first histogram pass: its second pass is skipped
-    assert len(calls) == (2 if kind == "bf16" else 3)
+    assert len(calls) == (2 if kind.startswith("bf16") else 3)
     assert list(streamed) == list(expected)
     for name, mask in streamed.items():
         assert torch.equal(mask, expected[name]), name
@@ -472,7 +497,7 @@ def test_mask_sparsity_rejects():
         mask_sparsity(torch.ones(0, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_apply_mask_in_place_on_parameter(dtype):
     layer = nn.Linear(8, 4).to(dtype)
     layer.weight.data[0, 0] = float("inf")
@@ -486,8 +511,36 @@ def test_apply_mask_in_place_on_parameter(dtype):
     assert not torch.signbit(layer.weight.detach()[~mask]).any()
 
 
+def test_apply_mask_on_a_non_contiguous_weight():
+    weight = torch.randn(6, 5).t()  # a transposed view: the masked_fill_ path
+    original = weight.clone()
+    mask = torch.rand(5, 6, generator=torch.Generator().manual_seed(0)) < 0.5
+    apply_mask_(weight, mask)
+    assert torch.equal(weight, torch.where(mask, original, torch.zeros(())))
+
+
 def test_apply_mask_rejects():
     with pytest.raises(ValueError, match="shape"):
         apply_mask_(torch.ones(2, 3), torch.ones(3, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="torch.bool"):
         apply_mask_(torch.ones(2, 3), torch.ones(2, 3))
+
+
+def test_index_of_nth_true_across_blocks():
+    flags = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.3
+    where = torch.nonzero(flags).flatten().tolist()
+    for n in (1, 2, len(where) // 2, len(where)):
+        for block in (7, 64, 1 << 24):
+            assert masks._index_of_nth_true(flags, n, block=block) == where[n - 1]
+    with pytest.raises(ValueError):
+        masks._index_of_nth_true(flags, len(where) + 1, block=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+def test_bincount_in_blocks_matches_torch(monkeypatch, dtype):
+    keys = torch.randint(0, 3000, (10_007,), generator=torch.Generator().manual_seed(0)).to(dtype)
+    monkeypatch.setattr(masks, "_BINCOUNT_BLOCK", 1000)
+    for minlength in (0, 40_000):
+        got = masks._bincount(keys, minlength)
+        want = torch.bincount(keys.long(), minlength=minlength)
+        assert torch.equal(got[: want.numel()], want) and not got[want.numel() :].any()
