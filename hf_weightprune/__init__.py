@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .callback import ImportanceCallback  # noqa: E402
 from .config import ImportanceConfig, PruneConfig  # noqa: E402
-from .export import load_sparsity, save_pruned  # noqa: E402
+from .export import load_sparsity, prune_checkpoint, save_pruned  # noqa: E402
 from .hub import push_pruned_to_hub  # noqa: E402
 from .importance import Importance  # noqa: E402
 from .lora import merge_and_unload_sparse  # noqa: E402
@@ -26,6 +26,7 @@ __all__ = [
     "merge_and_unload_sparse",
     "oneshot_importance",
     "prune_",
+    "prune_checkpoint",
     "push_pruned_to_hub",
     "save_pruned",
     "sweep",

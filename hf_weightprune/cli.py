@@ -50,6 +50,15 @@ def cmd_prune(args) -> int:
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} exists and is not empty; pass --overwrite to replace it")
     importance = load_importance(args.importance)
+    safetensors_dir = any(os.path.isfile(os.path.join(args.model_dir, f))
+                          for f in ("model.safetensors", "model.safetensors.index.json"))
+    if not args.eval_data and args.dtype == "auto" and config.kind not in ("neurons", "heads") and safetensors_dir:
+        # Nothing needs the model in memory: prune the safetensors files shard by shard (faster, less memory).
+        from .export import prune_checkpoint
+
+        report = prune_checkpoint(args.model_dir, importance, args.output, config, base_model=args.base_model,
+                                  overwrite=args.overwrite)
+        return _saved(report, args)
     model, tokenizer = _load_model(args.model_dir, args.dtype)
     eval_results = None
     if args.eval_data:
@@ -59,6 +68,10 @@ def cmd_prune(args) -> int:
         eval_results["pruned_loss"] = _eval(model, tokenizer, args)
     save_pruned(model, args.output, report=report, tokenizer=tokenizer, overwrite=args.overwrite,
                 eval_results=eval_results, base_model=args.base_model)
+    return _saved(report, args)
+
+
+def _saved(report, args) -> int:
     print(f"{report.summary()}\nSaved to {args.output}")
     if args.push_to_hub:
         from .hub import push_pruned_to_hub

@@ -6,13 +6,17 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import __version__
+from .config import PruneConfig
+from .importance import Importance
 from .pruner import PruningReport
 
 logger = logging.getLogger(__name__)
@@ -108,6 +112,151 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Saved pruned model to %s (%s)", output_dir, report.summary())
     return output_dir
+
+
+# Files of a model folder that a pruned copy keeps (config, tokenizer, custom code); not weights, not README.md,
+# not a Trainer checkpoint's optimizer or state.
+_KEEP_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+               "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json",
+               "*.py")
+
+
+def _weight_files(model_dir: str) -> dict[str, str]:
+    """`{tensor key: shard file}` of a safetensors checkpoint (single file or HF sharded index)."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return dict(json.load(f)["weight_map"])
+    single = os.path.join(model_dir, "model.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json "
+                                "(only safetensors checkpoints can be pruned file to file)")
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), "model.safetensors")
+
+
+class _CheckpointWeights(Mapping):
+    """Tensors of a checkpoint read one at a time on access (what `wanda` rankings multiply by)."""
+
+    def __init__(self, model_dir: str, weight_map: dict[str, str], names: list[str]):
+        self._dir, self._map, self._names = model_dir, weight_map, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        with safe_open(os.path.join(self._dir, self._map[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+@torch.no_grad()
+def prune_checkpoint(
+    model_dir: str | os.PathLike,
+    importance: Importance,
+    output_dir: str | os.PathLike,
+    config: PruneConfig | None = None,
+    *,
+    base_model: str | None = None,
+    overwrite: bool = False,
+    write_card: bool = True,
+    progress: bool = True,
+) -> PruningReport:
+    """Prune a safetensors checkpoint file to file: the same result as `from_pretrained` + `prune_` + `save_pruned`,
+    without building the model.
+
+    Unstructured and N:M only (structured pruning changes shapes: load the model and use `prune_`). The model is
+    built on the meta device (no memory) to validate the importance and find tied weights; global thresholds
+    stream over the importance; then each shard is read, masked and written with the same file names and index,
+    so peak memory is one shard. Config, tokenizer and custom-code files are copied; `sparsity.json` and a model
+    card are added. Written to a temporary folder, then renamed.
+
+    Args:
+        model_dir (`str`): a local folder with `config.json` and safetensors weights. Never modified.
+        importance (`Importance`): from `load_importance()`.
+        output_dir (`str`): a new or empty folder (not inside `model_dir` or the importance folder).
+        config (`PruneConfig`, *optional*): defaults to 50% unstructured, global threshold.
+    """
+    from fnmatch import fnmatch
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import masks as M
+    from .pruner import _refuse_tied, _selected, finish_report, mask_builder, new_report, record
+
+    config = config or PruneConfig()
+    if config.kind in ("neurons", "heads"):
+        raise ValueError(f"structure={config.structure!r} changes tensor shapes and cannot be applied file to "
+                         "file: load the model, call prune_ and save_pruned")
+    model_dir, output_dir = os.fspath(model_dir), os.fspath(output_dir)
+    if _same_or_inside(output_dir, model_dir):
+        raise ValueError(f"Refusing to write into the input checkpoint {model_dir}; choose another output_dir")
+    if importance.path and _same_or_inside(output_dir, importance.path):
+        raise ValueError(f"Refusing to write into the importance folder {importance.path}; choose another output_dir")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True to replace it")
+
+    weight_map = _weight_files(model_dir)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    importance.bind(skeleton, weights=_CheckpointWeights(model_dir, weight_map, importance.names))
+    names = _selected(importance, config)
+    missing = [n for n in importance.names if n not in weight_map]
+    if missing:
+        tied = " (tied to the input embedding: tie_word_embeddings)" if missing[0].endswith("lm_head.weight") else ""
+        raise ValueError(f"{missing[0]}{tied} is tracked by the importance but not stored in {model_dir}")
+    _refuse_tied(skeleton, dict(skeleton.named_parameters()), names)
+    report = new_report(importance, config)
+    masks = mask_builder(importance, config, names)
+    selected = set(names)
+
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        shards = sorted(set(weight_map.values()))
+        for shard in tqdm(shards, desc=f"pruning {len(shards)} shard(s)", disable=not progress):
+            with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
+                metadata = f.metadata()
+                tensors = {}
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    tensor = f.get_tensor(key)  # a private copy: masking it never touches the input file
+                    if key in selected and (mask := masks(key)) is not None:
+                        M.apply_mask_(tensor, mask)
+                        record(report, key, mask)
+                    tensors[key] = tensor
+            save_file(tensors, os.path.join(tmp, shard), metadata=metadata)
+            del tensors
+        for entry in os.listdir(model_dir):
+            src = os.path.join(model_dir, entry)
+            if os.path.isfile(src) and (entry == "model.safetensors.index.json" or
+                                        any(fnmatch(entry, pattern) for pattern in _KEEP_FILES)):
+                shutil.copy2(src, os.path.join(tmp, entry))
+        finish_report(report, sum(p.numel() for p in skeleton.parameters()))
+        if base_model is None:
+            source = getattr(skeleton.config, "_name_or_path", "") or ""
+            base_model = source if source and not os.path.isdir(source) and source != model_dir else None
+        with open(os.path.join(tmp, SPARSITY_NAME), "w") as f:
+            json.dump(sparsity_dict(report, base_model=base_model), f, indent=2)
+            f.write("\n")
+        if write_card:
+            from .hub import write_model_card
+
+            write_model_card(tmp, base_model=base_model)
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Saved pruned checkpoint to %s (%s)", output_dir, report.summary())
+    return report
 
 
 def load_sparsity(path: str | os.PathLike) -> dict[str, Any]:

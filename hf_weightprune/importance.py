@@ -105,11 +105,17 @@ class Importance:
     def scores(self) -> Mapping[str, Tensor]:
         return _ScoreView(self)
 
-    def bind(self, model: nn.Module) -> Importance:
-        """Validate against `model` and remember its weights (criteria such as `wanda` multiply by `|W|`)."""
+    def bind(self, model: nn.Module, weights: Mapping[str, Tensor] | None = None) -> Importance:
+        """Validate against `model` and remember its weights (criteria such as `wanda` multiply by `|W|`).
+
+        `weights` replaces the model's own tensors, e.g. a mapping that reads them lazily from a checkpoint when
+        `model` is only a skeleton on the meta device.
+        """
         tracked = self._tracked(model)
         self._validate(tracked)
-        self._weights = {t.name: t.param for t in tracked if t.name in self.shapes}
+        if weights is None:
+            weights = {t.name: t.param for t in tracked if t.name in self.shapes}
+        self._weights = weights
         return self
 
     def _tracked(self, model: nn.Module):

@@ -8,6 +8,7 @@ extra memory is about one tensor plus small histograms whatever the model size.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,6 +85,57 @@ def _sparsity_of(name: str, sparsity: float | dict[str, float]) -> float | None:
     return None
 
 
+def new_report(importance: Importance, config: PruneConfig) -> PruningReport:
+    return PruningReport(
+        structure=config.structure, scope=config.scope, target_sparsity=config.sparsity,
+        criterion=importance.criterion,
+        importance={"path": importance.path, "step": importance.step, "num_samples": importance.num_samples,
+                    "criterion": importance.criterion,
+                    "settings": {k: v for k, v in importance.config.to_dict().items() if k != "criterion"}},
+    )
+
+
+def mask_builder(importance: Importance, config: PruneConfig, names: list[str]) -> Callable[[str], torch.Tensor | None]:
+    """`name -> keep-mask` (or `None` for a name no sparsity applies to), callable in any order.
+
+    Global thresholds are computed here, up front (streaming over the importance); each mask is then built on
+    demand from one tensor's ranking, so a caller can walk the weights in its own order (checkpoint shards).
+    """
+    if config.kind == "N:M":
+        n, m = config.nm
+        return lambda name: M.nm_mask(importance.ranking(name), n, m)
+    if config.scope == "global":
+        thresholds: dict[str, M.GlobalThreshold] = {}
+        groups: dict[float, list[str]] = {}
+        for name in names:
+            s = _sparsity_of(name, config.sparsity)
+            if s is not None:
+                groups.setdefault(s, []).append(name)
+        for s, group in groups.items():
+            thr = M.compute_global_threshold(lambda g=group: ((n, importance.ranking(n)) for n in g), s)
+            thresholds.update(dict.fromkeys(group, thr))
+        return lambda name: thresholds[name].mask(name, importance.ranking(name)) if name in thresholds else None
+    build = M.unstructured_mask if config.scope == "layer" else M.row_mask
+
+    def one(name: str) -> torch.Tensor | None:
+        s = _sparsity_of(name, config.sparsity)
+        return None if s is None else build(importance.ranking(name), s)
+
+    return one
+
+
+def record(report: PruningReport, name: str, mask: torch.Tensor) -> None:
+    report.tensors[name] = {"shape": list(mask.shape), "numel": mask.numel(), "sparsity": M.mask_sparsity(mask)}
+
+
+def finish_report(report: PruningReport, model_numel: int) -> PruningReport:
+    zeros = sum(round(v["sparsity"] * v["numel"]) for v in report.tensors.values())
+    numel = sum(v["numel"] for v in report.tensors.values())
+    report.global_sparsity = zeros / max(numel, 1)
+    report.model_sparsity = zeros / model_numel
+    return report
+
+
 @torch.no_grad()
 def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None = None, *,
            progress: bool = True) -> PruningReport:
@@ -98,13 +150,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     config = config or PruneConfig()
     importance.bind(model)
     params = dict(importance.weights)
-    report = PruningReport(
-        structure=config.structure, scope=config.scope, target_sparsity=config.sparsity,
-        criterion=importance.criterion,
-        importance={"path": importance.path, "step": importance.step, "num_samples": importance.num_samples,
-                    "criterion": importance.criterion,
-                    "settings": {k: v for k, v in importance.config.to_dict().items() if k != "criterion"}},
-    )
+    report = new_report(importance, config)
     if config.kind in ("neurons", "heads"):
         from .surgery import prune_structured_
 
@@ -117,36 +163,10 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
 
     names = _selected(importance, config)
     _refuse_tied(model, params, names)
-    bar = tqdm(total=len(names), desc=f"pruning ({config.structure}, {config.scope})", disable=not progress)
-
-    def finish(name: str, mask: torch.Tensor) -> None:
-        M.apply_mask_(params[name], mask.to(params[name].device))
-        report.tensors[name] = {"shape": list(mask.shape), "numel": mask.numel(), "sparsity": M.mask_sparsity(mask)}
-        bar.update()
-
-    if config.kind == "N:M":
-        n, m = config.nm
-        for name in names:
-            finish(name, M.nm_mask(importance.ranking(name), n, m))
-    elif config.scope == "global":
-        groups: dict[float, list[str]] = {}
-        for name in names:
-            s = _sparsity_of(name, config.sparsity)
-            if s is not None:
-                groups.setdefault(s, []).append(name)
-        for s, group in groups.items():
-            thr = M.compute_global_threshold(lambda g=group: ((n, importance.ranking(n)) for n in g), s)
-            for name in group:
-                finish(name, thr.mask(name, importance.ranking(name)))
-    else:
-        build = M.unstructured_mask if config.scope == "layer" else M.row_mask
-        for name in names:
-            s = _sparsity_of(name, config.sparsity)
-            if s is not None:
-                finish(name, build(importance.ranking(name), s))
-    bar.close()
-    zeros = sum(round(v["sparsity"] * v["numel"]) for v in report.tensors.values())
-    numel = sum(v["numel"] for v in report.tensors.values())
-    report.global_sparsity = zeros / max(numel, 1)
-    report.model_sparsity = zeros / sum(p.numel() for p in model.parameters())
-    return report
+    masks = mask_builder(importance, config, names)
+    for name in tqdm(names, desc=f"pruning ({config.structure}, {config.scope})", disable=not progress):
+        mask = masks(name)
+        if mask is not None:
+            M.apply_mask_(params[name], mask.to(params[name].device))
+            record(report, name, mask)
+    return finish_report(report, sum(p.numel() for p in model.parameters()))

@@ -278,3 +278,57 @@ def test_bf16_state_ranks_like_its_float32_scores(criterion, tmp_path):
     prune_(model, imp, cfg, progress=False)
     for name, mask in expected.items():
         assert torch.equal(dict(model.named_parameters())[name] != 0, mask & (before[name] != 0)), name
+
+
+def _file_digests(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("criterion", ["temporal_magnitude", "wanda"])
+@pytest.mark.parametrize("cfg", [PruneConfig(sparsity=0.5), PruneConfig(sparsity=0.3, scope="row"),
+                                 PruneConfig(structure="2:4")], ids=["global50", "row30", "2:4"])
+def test_prune_checkpoint_equals_prune_and_save(trained, criterion, cfg, tmp_path):
+    from hf_weightprune.export import prune_checkpoint
+
+    root = trained[criterion]
+    sharded = tmp_path / "sharded"  # several shards and an index, as big checkpoints have
+    _fresh(trained, criterion).save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    before = _file_digests(sharded)
+
+    report = prune_checkpoint(sharded, load_importance(root), tmp_path / "stream", cfg, progress=False)
+    model = _fresh(trained, criterion)
+    ref = prune_(model, load_importance(root, model=model), cfg, progress=False)
+    assert _file_digests(sharded) == before  # the input is never written to
+    assert report.tensors == ref.tensors and report.global_sparsity == ref.global_sparsity
+    assert report.model_sparsity == ref.model_sparsity
+    out = tmp_path / "stream"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert load_sparsity(out)["tensors"] == ref.tensors and (out / "README.md").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for (n, a), (_, b) in zip(model.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_prune_checkpoint_refuses_bad_input_and_writes_nothing(trained, tmp_path):
+    from hf_weightprune.export import prune_checkpoint
+
+    root = trained["temporal_magnitude"]
+    model_dir = root / "model"
+    with pytest.raises(ValueError, match="changes tensor shapes"):
+        prune_checkpoint(model_dir, load_importance(root), tmp_path / "a", PruneConfig(structure="neurons"))
+    with pytest.raises(ValueError, match="input checkpoint"):
+        prune_checkpoint(model_dir, load_importance(root), model_dir / "inside")
+    other = tmp_path / "other"
+    tiny_llama(seed=0).save_pretrained(other)
+    with pytest.raises(ValueError, match="does not match this model"):
+        prune_checkpoint(other, load_importance(root), tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        prune_checkpoint(model_dir, load_importance(root), tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["keep.txt"]
+    assert not list(tmp_path.glob(".*.tmp"))
