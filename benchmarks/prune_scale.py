@@ -4,7 +4,8 @@ Builds once (cached under benchmarks/_cache/, ~15 GB): a random Phi-3-mini-sized
 filled) and a bf16 importance folder for it. Then, each in a fresh child process so peak RSS is per task:
   A. load model + save_pretrained
   B. load model + load_importance + global 50% unstructured prune_ + save_pruned
-and prints the time ratio B/A and peak RSS / model bytes. A and B alternate over --repeats.
+  C. load_importance + prune_checkpoint (file to file, what `hf-weightprune prune` does without --eval-data)
+and prints the time ratios B/A and C/A and peak RSS / model bytes. A, B and C alternate over --repeats.
 
 Also: a structured 30% neuron prune of a ~100M Llama config, with parameters and greedy decode tokens/s
 before/after (median of repeats, measured in one process).
@@ -69,6 +70,13 @@ def task(kind: str, model_dir: str, imp_dir: str, out: str) -> None:
 
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
+    if kind == "stream":  # what `hf-weightprune prune` does without --eval-data: file to file, no model
+        from hf_weightprune import PruneConfig, load_importance, prune_checkpoint
+
+        report = prune_checkpoint(model_dir, load_importance(imp_dir), out, PruneConfig(sparsity=0.5), progress=False)
+        print(f"# {report.summary()}", file=sys.stderr)
+        print(time.perf_counter() - t)
+        return
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     if kind == "baseline":
         model.save_pretrained(out)
@@ -95,20 +103,23 @@ def part_scale(repeats: int):
     model_dir, imp_dir = build()
     model_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
                       if f.endswith(".safetensors"))
-    results = {"baseline": [], "prune": []}
+    results = {"baseline": [], "prune": [], "stream": []}
     for _ in range(repeats):
-        for kind in ("baseline", "prune"):
+        for kind in ("baseline", "prune", "stream"):
             results[kind].append(run_child(kind, model_dir, imp_dir, os.path.join(CACHE, f"out-{kind}")))
     for kind in results:
         shutil.rmtree(os.path.join(CACHE, f"out-{kind}"), ignore_errors=True)
-    tb, tp = (statistics.median(s for s, _ in results[k]) for k in ("baseline", "prune"))
-    rb, rp = (max(r for _, r in results[k]) for k in ("baseline", "prune"))
+    tb, tp, ts = (statistics.median(s for s, _ in results[k]) for k in ("baseline", "prune", "stream"))
+    rb, rp, rs = (max(r for _, r in results[k]) for k in ("baseline", "prune", "stream"))
     print(f"model bytes {model_bytes / 2**30:.2f} GiB, repeats {repeats}")
     print("| task | time (s, median) | peak RSS (GiB) | peak RSS / model bytes |")
     print("| --- | --- | --- | --- |")
     print(f"| load + save_pretrained | {tb:.1f} | {rb / 2**30:.2f} | {rb / model_bytes:.2f} |")
     print(f"| load + load_importance + global 50% prune_ + save_pruned | {tp:.1f} | {rp / 2**30:.2f} | "
           f"{rp / model_bytes:.2f} |")
+    print(f"| load_importance + `prune_checkpoint` (file to file, the CLI's path) | {ts:.1f} | {rs / 2**30:.2f} | "
+          f"{rs / model_bytes:.2f} |")
+    print(f"time ratio prune_checkpoint/baseline: {ts / tb:.2f}x (target <= 1.5x); peak RSS {rs / model_bytes:.2f}x")
     print(f"time ratio prune/baseline: {tp / tb:.2f}x (target <= 1.5x); peak RSS {rp / model_bytes:.2f}x model "
           "bytes (target <= 1.3x)")
 
