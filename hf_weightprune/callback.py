@@ -167,6 +167,10 @@ class ImportanceCallback(TrainerCallback):
         self._meta["epoch"] = int(state.epoch or 0)  # epochs completed (resumed runs start past 0)
         self._meta["window_start"] = self._window_start(state)
         if self.scorer.source == "activations":
+            if getattr(args, "torch_compile", False) or hasattr(model, "_orig_mod"):
+                # Dynamo does not guard on module hooks: a graph cached by an earlier compiled run of the same
+                # model class would be reused and these hooks would never fire. Start from an empty cache.
+                torch._dynamo.reset()
             self._register_hooks()
 
     def _window_start(self, state) -> int | None:

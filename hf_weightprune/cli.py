@@ -37,7 +37,7 @@ def _load_model(model_dir: str, dtype: str = "auto"):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, ImportError):  # no tokenizer files (older transformers: ImportError)
         tokenizer = None
     return model, tokenizer
 

@@ -615,7 +615,7 @@ def patched_hub_environment(hub: LoopbackHub, tmp_path: os.PathLike, monkeypatch
     patches = {
         "ENDPOINT": hub.endpoint,
         "HUGGINGFACE_CO_URL_TEMPLATE": hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_URL_HOSTS": constants.HF_URL_HOSTS | {"127.0.0.1"},
+        "HF_URL_HOSTS": getattr(constants, "HF_URL_HOSTS", frozenset()) | {"127.0.0.1"},  # hub >= 1.18
         "HF_HOME": home,
         "HF_HUB_CACHE": cache,
         "HUGGINGFACE_HUB_CACHE": cache,

@@ -450,3 +450,16 @@ def test_offload_to_cpu_equals_default(criterion, tmp_path):
         assert all(s.device.type == "cpu" for s in cb._states.values())
         runs[offload] = scores(cb)
     assert_close(runs[True], runs[False], rtol=0, atol=0)
+
+
+def test_torch_compile_wanda_after_another_compiled_run(tmp_path):
+    # Dynamo reuses the first run's graph for a second model of the same class (module hooks are not guarded),
+    # so the wanda hooks registered for the second run would never fire without a reset.
+    train(tiny_llama(seed=16), [], tmp_path / "first", max_steps=2, torch_compile=True,
+          torch_compile_backend="eager")
+    eager = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+    train(tiny_llama(seed=16), [eager], tmp_path / "eager", max_steps=3)
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+    train(tiny_llama(seed=16), [cb], tmp_path / "second", max_steps=3, torch_compile=True,
+          torch_compile_backend="eager")
+    assert cb.importance().meta["tokens"] == eager.importance().meta["tokens"]
