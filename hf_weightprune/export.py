@@ -6,11 +6,11 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -131,8 +131,11 @@ def _weight_files(model_dir: str) -> dict[str, str]:
     if not os.path.isfile(single):
         raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json "
                                 "(only safetensors checkpoints can be pruned file to file)")
-    with safe_open(single, framework="pt") as f:
-        return dict.fromkeys(f.keys(), "model.safetensors")
+    try:
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), "model.safetensors")
+    except SafetensorError as e:
+        raise ValueError(f"{single} is corrupt or truncated: {e}") from None
 
 
 class _CheckpointWeights(Mapping):
@@ -154,6 +157,79 @@ class _CheckpointWeights(Mapping):
         return len(self._names)
 
 
+_SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_COPY_CHUNK = 64 << 20
+
+
+def _copy_shard_masked(src: str, dst: str, mask_of: Callable[[str, list[int]], torch.Tensor | None],
+                       buffer: bytearray) -> bytearray:
+    """Copy safetensors file `src` to `dst` byte for byte, except that tensors with a mask get their pruned
+    elements zeroed. Returns the (possibly grown) reusable buffer.
+
+    Same header, same offsets: masking changes no size. Read and written sequentially with `readinto` into one
+    reused buffer, so nothing is memory-mapped and no fresh memory is faulted in per tensor (`safe_open` +
+    `save_file` would hold a whole shard of new tensors). The header is the format's JSON, checked for a layout
+    that covers the file exactly before anything is written.
+    """
+    from . import masks as M
+
+    with open(src, "rb") as fin:
+        size = os.fstat(fin.fileno()).st_size
+        head = fin.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < header_len <= min(size - 8, 100 << 20):
+            raise ValueError(f"{src} is not a safetensors file (bad header length)")
+        header_bytes = fin.read(header_len)
+        try:
+            header = json.loads(header_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{src} has a corrupt safetensors header: {e}") from None
+        try:
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: list(kv[1]["data_offsets"]))
+            position = 0
+            for key, info in entries:
+                start, end = (int(x) for x in info["data_offsets"])
+                if start != position or end < start:
+                    raise ValueError(f"{src}: tensor {key} is not where the header layout says (offset {start})")
+                position = end
+        except (AttributeError, KeyError, TypeError) as e:
+            raise ValueError(f"{src} has a corrupt safetensors header ({type(e).__name__}: {e})") from None
+        if 8 + header_len + position != size:
+            raise ValueError(f"{src} is truncated or has trailing bytes ({size} bytes, header says "
+                             f"{8 + header_len + position})")
+        with open(dst, "wb") as fout:
+            fout.write(head)
+            fout.write(header_bytes)
+            for key, info in entries:
+                start, end = info["data_offsets"]
+                nbytes = end - start
+                mask = mask_of(key, info["shape"])
+                if mask is None:  # copied as is, in chunks
+                    if len(buffer) < min(nbytes, _COPY_CHUNK):
+                        buffer = bytearray(min(nbytes, _COPY_CHUNK))
+                    view = memoryview(buffer)
+                    while nbytes:
+                        n = fin.readinto(view[: min(nbytes, len(buffer))])
+                        fout.write(view[:n])
+                        nbytes -= n
+                    continue
+                dtype = _SAFETENSORS_FLOATS.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"{key}: cannot prune a tensor of dtype {info['dtype']}")
+                if len(buffer) < nbytes:
+                    buffer = bytearray(nbytes)
+                view = memoryview(buffer)[:nbytes]
+                if fin.readinto(view) != nbytes:
+                    raise ValueError(f"{src} ended inside tensor {key}")
+                tensor = torch.frombuffer(view, dtype=dtype).view(info["shape"])
+                M.apply_mask_(tensor, mask)
+                fout.write(view)
+            fout.flush()
+            os.fsync(fout.fileno())
+    return buffer
+
+
 @torch.no_grad()
 def prune_checkpoint(
     model_dir: str | os.PathLike,
@@ -171,8 +247,8 @@ def prune_checkpoint(
 
     Unstructured and N:M only (structured pruning changes shapes: load the model and use `prune_`). The model is
     built on the meta device (no memory) to validate the importance and find tied weights; global thresholds
-    stream over the importance; then each shard is read, masked and written with the same file names and index,
-    so peak memory is one shard. Config, tokenizer and custom-code files are copied; `sparsity.json` and a model
+    stream over the importance; then each shard is copied with its pruned tensors masked on the way (same file
+    names, header and index), through one reused buffer the size of the largest tensor. Config, tokenizer and custom-code files are copied; `sparsity.json` and a model
     card are added. Written to a temporary folder, then renamed.
 
     Args:
@@ -183,10 +259,8 @@ def prune_checkpoint(
     """
     from fnmatch import fnmatch
 
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import masks as M
     from .pruner import _refuse_tied, _selected, finish_report, mask_builder, new_report, record
 
     config = config or PruneConfig()
@@ -222,23 +296,24 @@ def prune_checkpoint(
     os.makedirs(tmp)
     try:
         shards = sorted(set(weight_map.values()))
+        buffer = bytearray()  # one buffer reused for every pruned tensor: no fresh memory to fault in
         for shard in tqdm(shards, desc=f"pruning {len(shards)} shard(s)", disable=not progress):
-            with safe_open(os.path.join(model_dir, shard), framework="pt") as f:
-                metadata = f.metadata()
-                tensors = {}
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    tensor = f.get_tensor(key)  # a private copy: masking it never touches the input file
-                    if key in selected and (mask := masks(key)) is not None:
-                        M.apply_mask_(tensor, mask)
-                        record(report, key, mask)
-                    tensors[key] = tensor
-            save_file(tensors, os.path.join(tmp, shard), metadata=metadata)
-            del tensors
+
+            def mask_of(key: str, shape: list[int]) -> torch.Tensor | None:
+                mask = masks(key) if key in selected else None
+                if mask is not None:
+                    if list(mask.shape) != list(shape):
+                        raise ValueError(f"{key}: mask shape {list(mask.shape)} != stored shape {shape}")
+                    record(report, key, mask)
+                return mask
+
+            buffer = _copy_shard_masked(os.path.join(model_dir, shard), os.path.join(tmp, shard), mask_of, buffer)
         for entry in os.listdir(model_dir):
             src = os.path.join(model_dir, entry)
             if os.path.isfile(src) and (entry == "model.safetensors.index.json" or
                                         any(fnmatch(entry, pattern) for pattern in _KEEP_FILES)):
                 shutil.copy2(src, os.path.join(tmp, entry))
+        report.tensors = {n: report.tensors[n] for n in names if n in report.tensors}  # model order, as prune_
         finish_report(report, sum(p.numel() for p in skeleton.parameters()))
         if base_model is None:
             source = getattr(skeleton.config, "_name_or_path", "") or ""

@@ -302,7 +302,8 @@ def test_prune_checkpoint_equals_prune_and_save(trained, criterion, cfg, tmp_pat
     model = _fresh(trained, criterion)
     ref = prune_(model, load_importance(root, model=model), cfg, progress=False)
     assert _file_digests(sharded) == before  # the input is never written to
-    assert report.tensors == ref.tensors and report.global_sparsity == ref.global_sparsity
+    assert report.tensors == ref.tensors and list(report.tensors) == list(ref.tensors)
+    assert report.global_sparsity == ref.global_sparsity
     assert report.model_sparsity == ref.model_sparsity
     out = tmp_path / "stream"
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in sharded.glob("*.safetensors"))
@@ -329,6 +330,18 @@ def test_prune_checkpoint_refuses_bad_input_and_writes_nothing(trained, tmp_path
     (tmp_path / "c" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         prune_checkpoint(model_dir, load_importance(root), tmp_path / "c")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    truncated = tmp_path / "truncated"  # a shard cut short: a one-line error, no output
+    _fresh(trained).save_pretrained(truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        prune_checkpoint(truncated, load_importance(root), tmp_path / "d", PruneConfig(sparsity=0.5, scope="layer"))
+    sharded = tmp_path / "sharded"  # the same for one shard of an index: caught by the file-to-file copy
+    _fresh(trained).save_pretrained(sharded, max_shard_size="40KB")
+    shard = sorted(sharded.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        prune_checkpoint(sharded, load_importance(root), tmp_path / "e", PruneConfig(sparsity=0.5, scope="layer"))
+    assert not any((tmp_path / d).exists() for d in "abde")
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["keep.txt"]
     assert not list(tmp_path.glob(".*.tmp"))
