@@ -238,6 +238,13 @@ class ImportanceCallback(TrainerCallback):
         acts, tokens = self._step_acts, self._step_tokens
         self._step_acts, self._step_tokens, self._last_input = {}, {}, None
         if not acts:
+            if self._collect and self._hooks:
+                # Fail at the first such step rather than at the end ("no training tokens"): nothing would count.
+                raise RuntimeError(
+                    f"ImportanceCallback({self.config.criterion!r}): step {t} was sampled but none of the "
+                    f"{len(self._hooks)} forward hooks on the tracked modules fired. Was the forward run outside "
+                    "the modules (a compiled graph cached before the hooks were added, a replaced forward)?"
+                )
             return
         names = list(acts)
         bad = self.config.skip_nonfinite and not all(bool(torch.isfinite(acts[n]).all()) for n in names)

@@ -463,3 +463,17 @@ def test_torch_compile_wanda_after_another_compiled_run(tmp_path):
     train(tiny_llama(seed=16), [cb], tmp_path / "second", max_steps=3, torch_compile=True,
           torch_compile_backend="eager")
     assert cb.importance().meta["tokens"] == eager.importance().meta["tokens"]
+
+
+def test_wanda_hooks_that_never_fire_fail_at_the_first_sampled_step(tmp_path):
+    from transformers import TrainerCallback
+
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+
+    class Unhook(TrainerCallback):  # stands for a forward that bypasses the modules' hooks
+        def on_step_begin(self, args, state, control, **kw):
+            for h in cb._hooks:
+                h.remove()
+
+    with pytest.raises(RuntimeError, match="step 1 was sampled but none of the .* forward hooks"):
+        train(tiny_llama(seed=16), [cb, Unhook()], tmp_path, max_steps=3)
