@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -52,6 +53,43 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
     }
 
 
+def _check_output(output_dir: str, *, input_dir: str | None, importance_dir: str | None, overwrite: bool) -> None:
+    """Refuse to write into the input checkpoint or the importance folder, or over a non-empty folder."""
+    if input_dir and os.path.isdir(input_dir) and _same_or_inside(output_dir, input_dir):
+        raise ValueError(f"Refusing to write into the input checkpoint {input_dir}; choose another output_dir")
+    if importance_dir and _same_or_inside(output_dir, importance_dir):
+        raise ValueError(f"Refusing to write into the importance folder {importance_dir}; choose another output_dir")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True to replace it")
+
+
+@contextmanager
+def _atomic_folder(output_dir: str):
+    """Yield a temporary sibling folder; on success it replaces `output_dir`, on error it is removed."""
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_sparsity_and_card(folder: str, payload: dict[str, Any], base_model: str | None, write_card: bool) -> None:
+    with open(os.path.join(folder, SPARSITY_NAME), "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    if write_card:
+        from .hub import write_model_card
+
+        write_model_card(folder, base_model=base_model)
+
+
 def save_pruned(
     model: nn.Module,
     output_dir: str | os.PathLike,
@@ -79,44 +117,24 @@ def save_pruned(
     """
     output_dir = os.fspath(output_dir)
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    if source and os.path.isdir(source) and _same_or_inside(output_dir, source):
-        raise ValueError(f"Refusing to write into the input checkpoint {source}; choose another output_dir")
-    imp_path = (report.importance or {}).get("path")
-    if imp_path and _same_or_inside(output_dir, imp_path):
-        raise ValueError(f"Refusing to write into the importance folder {imp_path}; choose another output_dir")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True to replace it")
+    _check_output(output_dir, input_dir=source, importance_dir=(report.importance or {}).get("path"),
+                  overwrite=overwrite)
     if base_model is None and source and not os.path.isdir(source):
         base_model = source
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _atomic_folder(output_dir) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         payload = sparsity_dict(report, base_model=base_model, schedule=schedule, eval_results=eval_results)
-        with open(os.path.join(tmp, SPARSITY_NAME), "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        if write_card:
-            from .hub import write_model_card
-
-            write_model_card(tmp, base_model=base_model)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _write_sparsity_and_card(tmp, payload, base_model, write_card)
     logger.info("Saved pruned model to %s (%s)", output_dir, report.summary())
     return output_dir
 
 
-# Files of a model folder that a pruned copy keeps (config, tokenizer, custom code); not weights, not README.md,
-# not a Trainer checkpoint's optimizer or state.
-_KEEP_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+# Files of a model folder that a pruned copy keeps (config, shard index, tokenizer, custom code); not weights, not
+# README.md, not a Trainer checkpoint's optimizer or state.
+_KEEP_FILES = ("config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
                "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json",
                "*.py")
 
@@ -248,8 +266,9 @@ def prune_checkpoint(
     Unstructured and N:M only (structured pruning changes shapes: load the model and use `prune_`). The model is
     built on the meta device (no memory) to validate the importance and find tied weights; global thresholds
     stream over the importance; then each shard is copied with its pruned tensors masked on the way (same file
-    names, header and index), through one reused buffer the size of the largest tensor. Config, tokenizer and custom-code files are copied; `sparsity.json` and a model
-    card are added. Written to a temporary folder, then renamed.
+    names, header and index), through one reused buffer the size of the largest tensor. Config, tokenizer and
+    custom-code files are copied; `sparsity.json` and a model card are added. Written to a temporary folder, then
+    renamed.
 
     Args:
         model_dir (`str`): a local folder with `config.json` and safetensors weights. Never modified.
@@ -268,12 +287,7 @@ def prune_checkpoint(
         raise ValueError(f"structure={config.structure!r} changes tensor shapes and cannot be applied file to "
                          "file: load the model, call prune_ and save_pruned")
     model_dir, output_dir = os.fspath(model_dir), os.fspath(output_dir)
-    if _same_or_inside(output_dir, model_dir):
-        raise ValueError(f"Refusing to write into the input checkpoint {model_dir}; choose another output_dir")
-    if importance.path and _same_or_inside(output_dir, importance.path):
-        raise ValueError(f"Refusing to write into the importance folder {importance.path}; choose another output_dir")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True to replace it")
+    _check_output(output_dir, input_dir=model_dir, importance_dir=importance.path, overwrite=overwrite)
 
     weight_map = _weight_files(model_dir)
     with torch.device("meta"):
@@ -289,47 +303,29 @@ def prune_checkpoint(
     masks = mask_builder(importance, config, names)
     selected = set(names)
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    def mask_of(key: str, shape: list[int]) -> torch.Tensor | None:
+        mask = masks(key) if key in selected else None
+        if mask is not None:
+            if list(mask.shape) != list(shape):
+                raise ValueError(f"{key}: mask shape {list(mask.shape)} != stored shape {shape}")
+            record(report, key, mask)
+        return mask
+
+    with _atomic_folder(output_dir) as tmp:
         shards = sorted(set(weight_map.values()))
         buffer = bytearray()  # one buffer reused for every pruned tensor: no fresh memory to fault in
         for shard in tqdm(shards, desc=f"pruning {len(shards)} shard(s)", disable=not progress):
-
-            def mask_of(key: str, shape: list[int]) -> torch.Tensor | None:
-                mask = masks(key) if key in selected else None
-                if mask is not None:
-                    if list(mask.shape) != list(shape):
-                        raise ValueError(f"{key}: mask shape {list(mask.shape)} != stored shape {shape}")
-                    record(report, key, mask)
-                return mask
-
             buffer = _copy_shard_masked(os.path.join(model_dir, shard), os.path.join(tmp, shard), mask_of, buffer)
         for entry in os.listdir(model_dir):
             src = os.path.join(model_dir, entry)
-            if os.path.isfile(src) and (entry == "model.safetensors.index.json" or
-                                        any(fnmatch(entry, pattern) for pattern in _KEEP_FILES)):
+            if os.path.isfile(src) and any(fnmatch(entry, pattern) for pattern in _KEEP_FILES):
                 shutil.copy2(src, os.path.join(tmp, entry))
         report.tensors = {n: report.tensors[n] for n in names if n in report.tensors}  # model order, as prune_
         finish_report(report, sum(p.numel() for p in skeleton.parameters()))
         if base_model is None:
             source = getattr(skeleton.config, "_name_or_path", "") or ""
             base_model = source if source and not os.path.isdir(source) and source != model_dir else None
-        with open(os.path.join(tmp, SPARSITY_NAME), "w") as f:
-            json.dump(sparsity_dict(report, base_model=base_model), f, indent=2)
-            f.write("\n")
-        if write_card:
-            from .hub import write_model_card
-
-            write_model_card(tmp, base_model=base_model)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _write_sparsity_and_card(tmp, sparsity_dict(report, base_model=base_model), base_model, write_card)
     logger.info("Saved pruned checkpoint to %s (%s)", output_dir, report.summary())
     return report
 
