@@ -146,7 +146,7 @@ def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
     raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons' or 'heads'; got {structure!r}")
 
 
-def _check_sparsity(name: str, value: Any) -> float:
+def check_sparsity(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
     return float(value)
@@ -198,9 +198,9 @@ class PruneConfig(_JsonConfigMixin):
                 raise ValueError("sparsity dict must map at least one module regex to a float")
             if kind != "unstructured":
                 raise ValueError(f"per-module sparsity (a dict) is supported for unstructured pruning, not {kind!r}")
-            self.sparsity = {str(k): _check_sparsity(f"sparsity[{k!r}]", v) for k, v in self.sparsity.items()}
+            self.sparsity = {str(k): check_sparsity(f"sparsity[{k!r}]", v) for k, v in self.sparsity.items()}
         else:
-            self.sparsity = _check_sparsity("sparsity", self.sparsity)
+            self.sparsity = check_sparsity("sparsity", self.sparsity)
         if self.scope is None:
             self.scope = "global" if kind == "unstructured" else "layer"
         if self.scope not in PRUNE_SCOPES:
@@ -217,3 +217,6 @@ class PruneConfig(_JsonConfigMixin):
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_structure(self.structure)[1]
+
+
+_check_sparsity = check_sparsity

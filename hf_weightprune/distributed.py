@@ -18,6 +18,8 @@ Everything else sees local tensors and a partition plan. Collectives are no-ops 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -67,23 +69,45 @@ def row_shard(t: Tensor) -> tuple[int, int] | None:
     return int(chunk.offsets[0]), int(chunk.sizes[0])
 
 
-def check_supported(model: torch.nn.Module, args=None, *, needs_grad: bool = False, criterion: str = "") -> None:
-    """Refuse wrappers whose parameters the callback cannot read, with a one-line reason."""
+def backend(model: torch.nn.Module, args=None) -> str:
+    """How the model's weights are held across ranks, decided in one place (as accelerate's `get_state_dict`).
+
+    Returns one of `"single"`, `"ddp"` (whole weights on every rank), `"fsdp2"` (`fully_shard` dim-0 `DTensor`s),
+    `"fsdp1"` (flattened `FlatParameter`s), `"deepspeed"` (ZeRO-1/2: whole weights, optimizer stepped inside
+    backward), `"zero3"` (partitioned placeholders), or `"fsdp"` (configured in `args` but not visible on the
+    weights: the Trainer shards them later, or, on CPU, runs plain DDP).
+    """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return "fsdp1"
+    plugin = getattr(args, "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
+    if stage == 3 or any(hasattr(p, "ds_id") for p in model.parameters()):
+        return "zero3"
+    if plugin is not None or getattr(args, "deepspeed", None):
+        return "deepspeed"
+    if any(row_shard(p) is not None for p in model.parameters()):
+        return "fsdp2"
+    if getattr(args, "fsdp", None):  # FSDP configured but not visible on the weights (on CPU the Trainer runs DDP)
+        return "fsdp"
+    return "ddp" if is_distributed() else "single"
+
+
+def check_supported(model: torch.nn.Module, args=None, *, needs_grad: bool = False, criterion: str = "") -> None:
+    """Refuse wrappers whose parameters the callback cannot read, with a one-line reason."""
+    kind = backend(model, args)
+    if kind == "fsdp1":
         raise ValueError(
             "FSDP1 (FullyShardedDataParallel) flattens weights into FlatParameters, so per-weight importance "
             "cannot be read; use FSDP2 (`fully_shard`, accelerate `fsdp_version: 2`) or DDP"
         )
-    plugin = getattr(args, "deepspeed_plugin", None)
-    stage = getattr(plugin, "zero_stage", None) if plugin is not None else None
-    if stage == 3 or any(hasattr(p, "ds_id") for p in model.parameters()):
+    if kind == "zero3":
         raise ValueError(
             "DeepSpeed ZeRO-3 partitions every weight across ranks (module weights are empty placeholders), so "
             "importance cannot be accumulated; use ZeRO-1/2, FSDP2 or DDP"
         )
-    if plugin is not None and needs_grad:
+    if kind == "deepspeed" and needs_grad:
         raise ValueError(
             f"criterion {criterion!r} reads gradients, but under DeepSpeed they are partitioned and the optimizer "
             "steps inside backward (no callback sees them); use 'temporal_magnitude', 'magnitude' or 'wanda'"
@@ -166,3 +190,73 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int64, device=comm_device())
     dist.all_reduce(t)
     return bool(t.item())
+
+
+@dataclass
+class OwnershipPlan:
+    """Which rank accumulates, and which rank writes, each tracked buffer. Every rank builds the same plan.
+
+    - `per_rank=True` (weight and gradient criteria): whole weights are identical on every rank (DDP, ZeRO-1/2), so
+      each buffer is owned by one rank (`partition`, size-balanced); FSDP2 row-sharded weights are owned by every rank
+      (`ALL_RANKS`), each keeping its own rows (`rows`).
+    - `per_rank=False` (activation criteria): every rank sums its own tokens into every buffer; the sums are added
+      across ranks when read, and writing is spread over the ranks by the same partition.
+    """
+
+    rank: int = 0
+    world: int = 1
+    per_rank: bool = True
+    owners: dict[str, int] = field(default_factory=dict)
+    writers: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # FSDP2: this rank's (row_offset, rows)
+
+    @classmethod
+    def build(cls, params: Mapping[str, Tensor], *, per_rank: bool) -> OwnershipPlan:
+        """The plan for tracked `params` (name -> parameter, possibly an FSDP2 `DTensor`)."""
+        rank, world = rank_and_world()
+        rows = {n: r for n, p in params.items() if (r := row_shard(p)) is not None} if per_rank else {}
+        replicated = {n: p.numel() for n, p in params.items() if n not in rows}
+        owners = partition(replicated, world if per_rank else 1) | dict.fromkeys(rows, ALL_RANKS)
+        writers = owners if per_rank else partition(replicated, world)
+        return cls(rank, world, per_rank, owners, writers, rows)
+
+    def holds(self, name: str) -> bool:
+        """Whether this rank keeps a buffer for `name`."""
+        return not self.per_rank or self.owners[name] in (self.rank, ALL_RANKS)
+
+    def writes(self, name: str) -> bool:
+        return self.writers[name] in (self.rank, ALL_RANKS)
+
+    def file_owners(self) -> dict[str, int]:
+        """Rank whose shard file holds each buffer (row-sharded buffers: listed under rank 0, see `row_table`)."""
+        return {n: max(w, 0) for n, w in self.writers.items()}
+
+    def row_table(self) -> dict[str, list[int]]:
+        """FSDP2 (collective): the first row each rank's shard holds, per row-sharded weight, indexed by rank."""
+        names = list(self.rows)
+        table = all_gather_ints([self.rows[n][0] for n in names])
+        return {n: [offsets[i] for offsets in table] for i, n in enumerate(names)}
+
+    def summed(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Activation sums added across ranks (collective; copies, the inputs are untouched)."""
+        names = list(tensors)
+        out = [tensors[n].clone() for n in names]
+        all_reduce_sum_(out)
+        return dict(zip(names, out))
+
+    def assemble(self, tensors: Mapping[str, Tensor], shapes: Mapping[str, list[int]],
+                 empty: Callable[[str], Tensor]) -> dict[str, Tensor]:
+        """Full buffers on every rank (collective): owners broadcast theirs, FSDP2 row shards are gathered.
+
+        `tensors` holds this rank's buffers, `shapes` the full weight shapes (for row-sharded buffers), and
+        `empty(name)` allocates a receive buffer of the right shape and dtype.
+        """
+        if self.world == 1 or not self.per_rank:
+            return dict(tensors)
+        full = {}
+        for name, owner in self.owners.items():
+            if owner == ALL_RANKS:
+                full[name] = gather_rows(tensors[name], self.rows[name][0], list(shapes[name]))
+            else:
+                full[name] = broadcast_(tensors[name] if owner == self.rank else empty(name), owner)
+        return full

@@ -6,6 +6,7 @@ billions of elements is never materialised whole.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -139,9 +140,19 @@ class Importance:
             shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
             raise ValueError(f"Importance{where} does not match this model: {shown}")
 
-    def to_dict(self) -> dict[str, Tensor]:
-        """All raw buffers in memory (small models and tests)."""
+    def state_dict(self) -> dict[str, Tensor]:
+        """All raw accumulator buffers in memory, by parameter name (small models and tests).
+
+        Returns:
+            `dict[str, Tensor]`: `state(name)` for every tracked name (shapes per criterion: the weight's shape, or
+            `[in_features]` for `wanda`).
+        """
         return {n: self.state(n) for n in self.names}
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """Deprecated alias of `state_dict()` (`to_dict` is JSON on the configs)."""
+        warnings.warn("Importance.to_dict() is deprecated; use state_dict()", FutureWarning, stacklevel=2)
+        return self.state_dict()
 
     def __repr__(self) -> str:
         return (

@@ -653,3 +653,25 @@ _MASK_BLOCK = 1 << 20
 
 
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def nm_capped_mask(score: torch.Tensor, sparsity: float, n: int, m: int) -> torch.Tensor:
+    """Keep-mask pruning the `num_to_prune(numel, sparsity)` lowest scores, at most `m - n` in each group of `m`."""
+    keys = score.detach().float().reshape(-1, m)
+    cand = torch.argsort(keys, dim=1, stable=True)[:, : m - n]
+    cand_scores = torch.gather(keys, 1, cand).reshape(-1)
+    k = min(num_to_prune(score.numel(), sparsity), cand_scores.numel())
+    flat = (cand + torch.arange(keys.shape[0], device=keys.device)[:, None] * m).reshape(-1)
+    order = torch.argsort(flat)
+    chosen = order[torch.argsort(cand_scores[order], stable=True)[:k]]
+    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    mask[flat[chosen]] = False
+    return mask.reshape(score.shape)
+
+
+def check_nm_shapes(shapes, n: int, m: int, structure: str = "") -> None:
+    for name, shape in shapes.items():
+        if shape[-1] % m:
+            raise ValueError(f"{name}: in_features {shape[-1]} is not a multiple of {m} (structure "
+                             f"'{structure or f'{n}:{m}'}' prunes groups of {m} consecutive input weights); exclude it "
+                             "(exclude_modules=[...]) or use unstructured pruning")

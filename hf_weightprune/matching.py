@@ -95,3 +95,17 @@ def find_tracked_weights(
             "A str is a regex that must fullmatch the module name; a list matches exact names or name suffixes."
         )
     return tracked
+
+
+def select_names(names, target_modules, exclude_modules) -> list[str]:
+    """Parameter names `<module>.weight` whose module matches `target_modules` (None = all) and not `exclude_modules`.
+
+    Raises:
+        ValueError: nothing selected.
+    """
+    out = [n for n in names
+           if (target_modules is None or module_matches(n.rsplit(".", 1)[0], target_modules))
+           and not module_matches(n.rsplit(".", 1)[0], exclude_modules)]
+    if not out:
+        raise ValueError("No tracked weight is selected for pruning: check target_modules/exclude_modules")
+    return out

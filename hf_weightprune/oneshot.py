@@ -1,7 +1,7 @@
 """One-shot baselines: importance from a trained model as it is, with no training run.
 
-`magnitude` reads `|W|`; `wanda` forwards a few calibration windows through forward hooks that use the
-callback's own math (`scorers.wanda.activation_sq_sum`). Both return the [`Importance`] type that
+`magnitude` reads `|W|`; `wanda` forwards a few calibration windows through the callback's own forward-hook
+collector (`activations.ActivationCollector`: real tokens only, q/k/v inputs reduced once). Both return the [`Importance`] type that
 `ImportanceCallback.importance()` and `load_importance()` return, so `prune_` and the sweep treat trained and
 one-shot importance alike.
 """
@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .activations import ActivationCollector
 from .config import ImportanceConfig
 from .importance import Importance
 from .matching import find_tracked_weights
-from .scorers.wanda import activation_sq_sum
+from .scorers import get_scorer
 
 ONESHOT_CRITERIA = ("magnitude", "wanda")
 
@@ -77,7 +78,7 @@ def oneshot_importance(
 
         def get_state(name: str) -> torch.Tensor:
             # Read through the bound weights so that `bind(other_model)` scores the other model.
-            return imp._weights[name].detach().float().abs()
+            return imp.weights[name].detach().float().abs()
 
         imp = Importance(config, meta, shapes, get_state, weights=weights)
         return imp
@@ -85,27 +86,23 @@ def oneshot_importance(
     if calibration is None:
         raise ValueError("one-shot wanda needs calibration windows (e.g. make_windows(tokenizer, texts, ...))")
     device = next(model.parameters()).device
-    sums = {t.name: torch.zeros(t.param.shape[-1], dtype=torch.float32, device=device) for t in tracked}
-    tokens = dict.fromkeys(sums, 0)
-
-    def make_hook(name: str):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            sums[name].add_(activation_sq_sum(x))
-            tokens[name] += x.numel() // x.shape[-1]
-
-        return hook
-
-    hooks = [t.module.register_forward_hook(make_hook(t.name)) for t in tracked]
+    collector = ActivationCollector(model, tracked, get_scorer(criterion).statistic, training_only=False)
+    collector.register()
+    collector.active = True
     was_training = model.training
     model.eval()
+    sums = {t.name: torch.zeros(t.param.shape[-1], dtype=torch.float32, device=device) for t in tracked}
+    tokens = dict.fromkeys(sums, 0)
     try:
         batches = _as_batches(calibration, batch_size)
         for ids in batches:
             model(input_ids=ids.to(device))
+            step_sums, step_tokens = collector.pop()
+            for name, value in step_sums.items():
+                sums[name].add_(value.to(device))
+                tokens[name] += step_tokens[name]
     finally:
-        for h in hooks:
-            h.remove()
+        collector.remove()
         model.train(was_training)
     if not all(bool(torch.isfinite(s).all()) for s in sums.values()):
         raise ValueError("one-shot wanda: the calibration forward produced non-finite activations")

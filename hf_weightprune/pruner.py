@@ -39,6 +39,20 @@ class PruningReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def for_masks(cls, masks, model, importance=None, *, structure, scope, target):
+        tensors = {n: {"shape": list(m.shape), "numel": m.numel(), "sparsity": M.mask_sparsity(m)}
+                   for n, m in masks.items()}
+        zeros = sum(m.numel() - int(m.count_nonzero()) for m in masks.values())
+        info = {}
+        if importance is not None:
+            info = {"path": importance.path, "step": importance.step, "num_samples": importance.num_samples,
+                    "criterion": importance.criterion}
+        return cls(structure=structure, scope=scope, target_sparsity=target,
+                   criterion=importance.criterion if importance is not None else "unknown", tensors=tensors,
+                   global_sparsity=zeros / max(sum(m.numel() for m in masks.values()), 1),
+                   model_sparsity=zeros / sum(p.numel() for p in model.parameters()), importance=info)
+
     def summary(self) -> str:
         if self.structured:
             before, after = self.structured["num_parameters"]
@@ -170,3 +184,27 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
             M.apply_mask_(params[name], mask.to(params[name].device))
             record(report, name, mask)
     return finish_report(report, sum(p.numel() for p in model.parameters()))
+
+
+refuse_tied = _refuse_tied
+
+
+def compute_masks(importance, config, names=None, *, sparsity=None, previous=None):
+    import math
+
+    names = list(importance.names) if names is None else names
+    sparsity = config.sparsity if sparsity is None else sparsity
+    previous = previous or {}
+
+    def score(name):
+        s = importance.score(name).float()
+        old = previous.get(name)
+        return s if old is None else s.masked_fill(~old.to(s.device), -math.inf)
+
+    if config.nm is not None:
+        return lambda n: M.nm_capped_mask(score(n), sparsity, *config.nm)
+    if config.scope == "global":
+        thr = M.compute_global_threshold(lambda: ((n, score(n)) for n in names), sparsity)
+        return lambda n: thr.mask(n, score(n))
+    build = M.unstructured_mask if config.scope == "layer" else M.row_mask
+    return lambda n: build(score(n), sparsity)

@@ -1,41 +1,21 @@
-"""`PruneSchedule`: prune gradually while the Trainer trains, or hold the masks of a pruned model (recovery).
+"""`PruneSchedule`: the configuration of gradual pruning during training, or of masks held during a recovery fine-tune.
 
-Lifecycle, driven by [`ImportanceCallback`] (`schedule=`):
-- `on_train_begin`: resolve `start`/`end` to steps, find the weights to prune; on resume take the masks stored in
-  the checkpoint, in `"hold"` mode read them from the pruned checkpoint (`masks_from`); apply them.
-- `on_optimizer_step`: re-apply the masks right after `optimizer.step()`, so pruned weights are exactly zero at every
-  forward, at every weight sample of the importance, and in every checkpoint.
-- `on_step_end` (after the importance sampled this step): at each mask update, compute the schedule's sparsity
-  `s_t` from the importance so far, zero the optimizer state of newly pruned weights, and ask the Trainer to log.
-- `state_dict` / `save_masks` / `load_state_dict`: counters go to `importance_config.json` ("schedule"), masks to
-  `masks.safetensors` beside the importance, so a resumed run is identical to an uninterrupted one.
-
-Masks only shrink: a pruned weight stays pruned (its score is taken as `-inf` at later updates), the usual
-gradual-pruning behaviour (Zhu & Gupta 2017). That also makes every update prune exactly its target count.
-Masks are held as `bool` tensors beside the weights (1 byte per pruned-tensor element on every rank).
+A pure configuration with the pure schedule math (`resolve_steps`, `target_at`, `update_steps`). Pass it to
+[`ImportanceCallback`] (`schedule=`); the runtime side (masks on the weights, optimizer state, resume) is
+[`MaskHolder`] in `holder.py`, which the callback drives.
 
 Supported: single process, DDP (masks are computed from the importance, identical on every rank, at the same
 steps), gradient accumulation, peft (masks on the frozen base weights). Not supported: DeepSpeed (the optimizer steps
-inside `backward`, out of reach of callbacks) and FSDP (sharded parameters); both are refused.
+inside `backward`, out of reach of callbacks) and FSDP (sharded parameters); both are refused at train begin.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from . import masks as M
-from . import state as S
-from .config import PruneConfig, _check_modules, _check_sparsity
-from .matching import find_tracked_weights, module_matches
-
-logger = logging.getLogger(__name__)
+from .config import PruneConfig, _check_modules, _JsonConfigMixin, check_sparsity
 
 SCHEDULE_MODES = ("prune", "hold")
 RAMPS = ("cubic", "linear")
@@ -60,27 +40,8 @@ def _to_step(value: float | int, max_steps: int) -> int:
     return value if _is_int(value) else round(value * max_steps)
 
 
-def nm_capped_mask(score: Tensor, sparsity: float, n: int, m: int) -> Tensor:
-    """Keep-mask pruning the `num_to_prune(numel, sparsity)` lowest scores, at most `m - n` in each group of `m`.
-
-    At `sparsity = 1 - n/m` it is exactly the N:M mask; below, a gradual step towards it (lowest scores first,
-    lower flat index first on ties).
-    """
-    keys = score.detach().float().reshape(-1, m)
-    cand = torch.argsort(keys, dim=1, stable=True)[:, : m - n]  # the m - n lowest of each group
-    cand_scores = torch.gather(keys, 1, cand).reshape(-1)
-    k = min(M.num_to_prune(score.numel(), sparsity), cand_scores.numel())
-    # Stable sort of (score, flat index) so ties go to the lower flat index, as in `masks`.
-    flat = (cand + torch.arange(keys.shape[0], device=keys.device)[:, None] * m).reshape(-1)
-    order = torch.argsort(flat)
-    chosen = order[torch.argsort(cand_scores[order], stable=True)[:k]]
-    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-    mask[flat[chosen]] = False
-    return mask.reshape(score.shape)
-
-
 @dataclass
-class PruneSchedule:
+class PruneSchedule(_JsonConfigMixin):
     """Gradual pruning during training (or masks held during a recovery fine-tune), run by [`ImportanceCallback`].
 
     The target sparsity follows Zhu & Gupta 2017 (arXiv 1710.01878), with `p = (t - start) / (end - start)`:
@@ -115,6 +76,9 @@ class PruneSchedule:
             `"hold"` only: the pruned checkpoint (written by `save_pruned`); the masks are the zeros of the weights
             its `sparsity.json` lists, read from its safetensors files.
     """
+
+    config_name = "prune_schedule.json"
+    section = "schedule"
 
     final_sparsity: float | None = field(default=None, metadata={"help": "Sparsity reached at `end`."})
     initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity at `start`."})
@@ -152,7 +116,7 @@ class PruneSchedule:
             if self.final_sparsity is None and self._prune_config.nm is None:
                 raise ValueError("final_sparsity is required for mode='prune' (a float in [0, 1))")
             self.final_sparsity = self._prune_config.sparsity
-            self.initial_sparsity = _check_sparsity("initial_sparsity", self.initial_sparsity)
+            self.initial_sparsity = check_sparsity("initial_sparsity", self.initial_sparsity)
             if self.initial_sparsity > self.final_sparsity:
                 raise ValueError(f"initial_sparsity ({self.initial_sparsity}) must not exceed final_sparsity "
                                  f"({self.final_sparsity}): masks only shrink")
@@ -162,22 +126,20 @@ class PruneSchedule:
             raise ValueError(f"every_n_steps must be an int >= 1; got {self.every_n_steps!r}")
         if self.ramp not in RAMPS:
             raise ValueError(f"ramp must be one of {RAMPS}; got {self.ramp!r}")
-        self._reset()
 
-    def _reset(self) -> None:
-        self._masks: dict[str, Tensor] = {}
-        self._params: dict[str, torch.nn.Parameter] = {}
-        self._optimizer = None
-        self._restored: dict[str, Tensor] | None = None
-        self._steps: tuple[int, int] | None = None
-        self._update_set: set[int] = set()
-        self.sparsity = 0.0  # achieved, over the pruned tensors
-        self.target_sparsity = 0.0
-        self.last_update_step: int | None = None
-        self.num_updates = 0
+    @property
+    def prune_config(self) -> PruneConfig:
+        """The [`PruneConfig`] of the final masks (structure, scope, modules), as `prune_` would use."""
+        return self._prune_config
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return self._prune_config.nm
+
+    def diff(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Fields that define the masks and differ from a saved `to_dict()`: `{name: (saved, now)}`."""
+        now = self.to_dict()
+        return {k: (saved.get(k), now[k]) for k in _RESUME_KEYS if saved.get(k) != now[k]}
 
     # ------------------------------------------------------------------------------------------- the schedule
     def resolve_steps(self, max_steps: int) -> tuple[int, int]:
@@ -204,174 +166,41 @@ class PruneSchedule:
         t0, t1 = self.resolve_steps(max_steps)
         return [t for t in range(max(t0, 1), t1 + 1) if (t - t0) % self.every_n_steps == 0 or t == t1]
 
+    # The runtime state lives in the `MaskHolder` the callback built for this schedule; these read it, so code written
+    # against earlier versions (`schedule.masks`, `schedule.report(model)`) keeps working.
+    def _runtime(self):
+        holder = getattr(self, "_holder", None)
+        if holder is None:
+            raise ValueError("this PruneSchedule has not been used for training yet (pass it to ImportanceCallback)")
+        return holder
+
     @property
-    def masks(self) -> dict[str, Tensor]:
+    def masks(self) -> dict:
         """Current keep-masks (`True` = keep) by canonical parameter name; empty before the first update."""
-        return dict(self._masks)
+        holder = getattr(self, "_holder", None)
+        return dict(holder.masks) if holder is not None else {}
 
-    def report(self, model: torch.nn.Module, importance=None):
-        """A [`PruningReport`] of the current masks, for `save_pruned(model, out, report=...)`."""
-        from .pruner import PruningReport
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over the masked weights (0.0 before the first update)."""
+        holder = getattr(self, "_holder", None)
+        return holder.sparsity if holder is not None else 0.0
 
-        if not self._masks:
-            raise ValueError("PruneSchedule has no masks yet (no update has happened)")
-        tensors = {n: {"shape": list(m.shape), "numel": m.numel(), "sparsity": M.mask_sparsity(m)}
-                   for n, m in self._masks.items()}
-        zeros = sum(m.numel() - int(m.count_nonzero()) for m in self._masks.values())
-        info = {}
-        if importance is not None:
-            info = {"path": importance.path, "step": importance.step, "num_samples": importance.num_samples,
-                    "criterion": importance.criterion}
-        return PruningReport(
-            structure=self.structure, scope=self.scope, target_sparsity=self.target_sparsity,
-            criterion=importance.criterion if importance is not None else "unknown", tensors=tensors,
-            global_sparsity=self.sparsity, model_sparsity=zeros / sum(p.numel() for p in model.parameters()),
-            importance=info)
+    @property
+    def target_sparsity(self) -> float:
+        holder = getattr(self, "_holder", None)
+        return holder.target_sparsity if holder is not None else 0.0
 
-    # ------------------------------------------------------------------------------------------ callback API
-    def on_train_begin(self, cb, args, state, model, optimizer=None) -> None:
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise ValueError("PruneSchedule does not support DeepSpeed or FSDP (the optimizer state and weights are "
-                             "sharded or stepped out of reach of callbacks); use DDP, or prune after training")
-        restored, self._restored = self._restored, None
-        if restored is None:  # a fresh run (or a second train() call): start from dense
-            self._reset()
-        self._optimizer = optimizer
-        linear = {t.name: t.param for t in find_tracked_weights(model, ".*")}
-        if self.mode == "prune":
-            steps = self.resolve_steps(int(state.max_steps))
-            if self._steps is not None and self._steps != steps:
-                raise ValueError(f"PruneSchedule: the checkpoint's schedule ran over steps {self._steps}, now {steps} "
-                                 "(max_steps changed?); resume with the same max_steps")
-            self._steps = steps
-            self._update_set = set(self.update_steps(int(state.max_steps)))
-            names = [n for n in cb.tracked_names if self._selected(n)]
-            if not names:
-                raise ValueError("PruneSchedule: no tracked weight is selected: check target_modules/exclude_modules")
-        else:
-            from .export import load_sparsity
+    @property
+    def last_update_step(self) -> int | None:
+        holder = getattr(self, "_holder", None)
+        return holder.last_update_step if holder is not None else None
 
-            names = list(load_sparsity(self.masks_from).get("tensors") or {})
-            if not names:
-                raise ValueError(f"{self.masks_from}/sparsity.json lists no pruned tensors: nothing to hold")
-        missing = [n for n in names if n not in linear]
-        if missing:
-            raise ValueError(f"PruneSchedule: {len(missing)} weights to mask are not nn.Linear weights of this model "
-                             f"(e.g. {missing[0]})")
-        self._params = {n: linear[n] for n in names}
-        if restored is not None:
-            if restored and set(restored) != set(names):
-                raise ValueError("PruneSchedule: the checkpoint's masks cover other weights than this model's")
-            self._masks = {n: restored[n].to(self._params[n].device) for n in names}
-        elif self.mode == "hold":
-            from .export import load_masks
+    @property
+    def num_updates(self) -> int:
+        holder = getattr(self, "_holder", None)
+        return holder.num_updates if holder is not None else 0
 
-            self._masks = {n: m.to(self._params[n].device) for n, m in load_masks(self.masks_from).items()}
-            self._record(None, state.global_step)
-        self._check_shapes()
-        self.apply_masks_()
-        self._zero_optimizer_state()
-
-    def on_optimizer_step(self, cb, args, state) -> None:
-        self.apply_masks_()
-
-    def on_step_end(self, cb, args, state, control=None) -> None:
-        t = state.global_step
-        if self.mode != "prune" or t not in self._update_set:
-            return
-        target = self.target_at(t, int(state.max_steps))
-        imp = cb.importance()  # collective under DDP: every rank updates at the same steps
-        self._masks = self._compute_masks(imp, target)
-        self.apply_masks_()
-        self._zero_optimizer_state()
-        self._record(target, t)
-        logger.info("PruneSchedule: step %d, sparsity %.4f (target %.4f)", t, self.sparsity, target)
-        if control is not None:
-            control.should_log = True  # report each update to the Trainer's loggers
-
-    def log_values(self) -> dict[str, float]:
-        return {"pruning/sparsity": self.sparsity, "pruning/target_sparsity": self.target_sparsity}
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON counters; the masks themselves are written by `save_masks`."""
-        return {"config": self.to_dict(), "sparsity": self.sparsity, "target_sparsity": self.target_sparsity,
-                "last_update_step": self.last_update_step, "num_updates": self.num_updates,
-                "steps": list(self._steps) if self._steps else None, "has_masks": bool(self._masks)}
-
-    def save_masks(self, directory: str) -> None:
-        if self._masks:
-            S.write_masks(directory, self._masks)
-
-    def load_state_dict(self, state: dict[str, Any] | None, directory: str | None = None) -> None:
-        if not state:
-            raise ValueError("Cannot resume PruneSchedule: the checkpoint holds no schedule state (it was written "
-                             "without a schedule); start a new run or resume without schedule=")
-        saved = state.get("config", {})
-        diff = {k: (saved.get(k), v) for k, v in self.to_dict().items() if k in _RESUME_KEYS and saved.get(k) != v}
-        if diff:
-            shown = ", ".join(f"{k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"Cannot resume PruneSchedule: the schedule changed since the checkpoint: {shown}")
-        self.sparsity, self.target_sparsity = float(state["sparsity"]), float(state["target_sparsity"])
-        self.last_update_step, self.num_updates = state["last_update_step"], int(state["num_updates"])
-        self._steps = tuple(state["steps"]) if state.get("steps") else None
-        # An empty dict still marks the schedule as resumed (before its first update).
-        self._restored = S.read_masks(directory) if state.get("has_masks") else {}
-
-    # -------------------------------------------------------------------------------------------- internals
-    def _selected(self, name: str) -> bool:
-        module = name.rsplit(".", 1)[0]
-        return ((self.target_modules is None or module_matches(module, self.target_modules))
-                and not module_matches(module, self.exclude_modules))
-
-    def _record(self, target: float | None, step: int) -> None:
-        zeros = sum(m.numel() - int(m.count_nonzero()) for m in self._masks.values())
-        numel = sum(m.numel() for m in self._masks.values())
-        self.sparsity = zeros / max(numel, 1)
-        self.target_sparsity = self.sparsity if target is None else target
-        self.last_update_step = step
-        self.num_updates += 1
-
-    @torch.no_grad()
-    def _compute_masks(self, imp, sparsity: float) -> dict[str, Tensor]:
-        names = list(self._params)
-
-        def score(name: str) -> Tensor:
-            s = imp.score(name).float()
-            old = self._masks.get(name)
-            # Already pruned weights score -inf: they are pruned first, so masks only shrink.
-            return s if old is None else s.masked_fill(~old.to(s.device), -math.inf)
-
-        cfg = self._prune_config
-        if cfg.nm is not None:
-            return {n: nm_capped_mask(score(n), sparsity, *cfg.nm) for n in names}
-        if cfg.scope == "global":
-            thr = M.compute_global_threshold(lambda: ((n, score(n)) for n in names), sparsity)
-            return {n: thr.mask(n, score(n)) for n in names}
-        build = M.unstructured_mask if cfg.scope == "layer" else M.row_mask
-        return {n: build(score(n), sparsity) for n in names}
-
-    @torch.no_grad()
-    def apply_masks_(self) -> None:
-        """Zero the pruned weights (in place)."""
-        for name, mask in self._masks.items():
-            M.apply_mask_(self._params[name], mask)
-
-    @torch.no_grad()
-    def _zero_optimizer_state(self) -> None:
-        """Zero Adam's moments (any per-element state) of pruned weights, so they hold no stale momentum."""
-        opt = self._optimizer
-        while hasattr(opt, "optimizer"):  # accelerate's AcceleratedOptimizer
-            opt = opt.optimizer
-        if opt is None:
-            return
-        for name, mask in self._masks.items():
-            param = self._params[name]
-            for value in opt.state.get(param, {}).values():
-                if isinstance(value, Tensor) and value.shape == param.shape:
-                    value.masked_fill_(~mask, 0)
-
-    def _check_shapes(self) -> None:
-        for name, mask in self._masks.items():
-            if tuple(mask.shape) != tuple(self._params[name].shape):
-                raise ValueError(f"PruneSchedule: mask of {name} has shape {tuple(mask.shape)}, the model's weight "
-                                 f"{tuple(self._params[name].shape)}: masks from another model?")
+    def report(self, model, importance=None):
+        """A [`PruningReport`] of the current masks, for `save_pruned(model, out, report=...)` (see `MaskHolder`)."""
+        return self._runtime().report(model, importance)

@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from . import __version__
+from . import distributed as D
+from ._version import __version__
 from .config import IMPORTANCE_CONFIG_NAME, ImportanceConfig
 from .importance import Importance
 from .io_utils import atomic_write_json
@@ -124,6 +125,68 @@ def publish(tmp_dir: str, final_dir: str) -> str:
     return final_dir
 
 
+def write_importance(
+    final_dir: str,
+    tensors: Mapping[str, Tensor],
+    plan: D.OwnershipPlan,
+    *,
+    config: ImportanceConfig,
+    meta: dict[str, Any],
+    shapes: dict[str, list[int]],
+    extra: dict[str, Any] | None = None,
+    masks: Mapping[str, Tensor] | None = None,
+    publish: bool = True,
+) -> BaseException | None:
+    """Write an importance folder from every rank (collective: every rank calls it with its own `tensors`).
+
+    Protocol: rank 0 clears the temporary folder; every rank writes the buffers it is the writer of (one process:
+    `importance.safetensors` or HF shards; several: one shard file per rank); all ranks agree on whether every write
+    succeeded; rank 0 writes the masks, the index and `importance_config.json` (last: its presence marks the folder
+    complete) and renames it into place. With `publish=False`, `final_dir` itself is written in place (a staging
+    folder, complete once its config exists) for [`publish`] to move later.
+
+    Args:
+        final_dir (`str`): the importance folder to write.
+        tensors (`Mapping[str, Tensor]`): this rank's buffers (only those `plan.writes` are written).
+        plan (`OwnershipPlan`): who writes what.
+        config, meta, shapes, extra: written into `importance_config.json` (see [`finalize`]).
+        masks (`Mapping[str, Tensor]`, *optional*): `PruneSchedule` keep-masks, written as `masks.safetensors`.
+        publish (`bool`, *optional*, defaults to `True`): write to a temporary folder and rename into place.
+
+    Returns:
+        `None` on success (on every rank), else the error (`OSError`, `SafetensorError`, or a `RuntimeError` saying
+        that another rank failed). Nothing half-written is left at `final_dir`.
+    """
+    tmp = tmp_dir_for(final_dir) if publish else final_dir
+    error: BaseException | None = None
+    try:
+        if plan.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        D.barrier()
+        if plan.world == 1:
+            write_single(tmp, tensors)
+        else:
+            write_shard(tmp, {n: v for n, v in tensors.items() if plan.writes(n)}, rank=plan.rank,
+                        world_size=plan.world)
+    except (OSError, SafetensorError) as e:
+        error = e
+    D.barrier()
+    failed = D.any_rank(error is not None)
+    row_shards = plan.row_table() if plan.world > 1 else None
+    if not failed and plan.rank == 0:
+        try:
+            if masks:
+                save_schedule_masks(tmp, masks)
+            finalize(tmp, final_dir if publish else None, config=config, meta=meta, shapes=shapes,
+                     owners=plan.file_owners(), world_size=plan.world, extra=extra, row_shards=row_shards)
+        except (OSError, SafetensorError) as e:
+            error = e
+    failed = D.any_rank(error is not None)
+    if failed and plan.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return (error or RuntimeError("failed on another rank")) if failed else None
+
+
 def save_importance_dir(final_dir: str, tensors: Mapping[str, Tensor], **kwargs) -> str:
     """Single-process convenience: write tensors + config atomically into `final_dir`."""
     tmp = tmp_dir_for(final_dir)
@@ -158,9 +221,20 @@ def _read_json(path: str) -> dict:
         raise ImportanceFileError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated") from None
 
 
-def read_meta(directory: str) -> dict:
+def load_meta(directory: str) -> dict:
+    """The parsed `importance_config.json` of an importance folder, checked for format and sections.
+
+    Raises:
+        ImportanceFileError: corrupt JSON, a config-only file (`ImportanceConfig.save_pretrained`), an unsupported
+            format version, or a missing section.
+    """
     meta = _read_json(os.path.join(directory, IMPORTANCE_CONFIG_NAME))
     version = meta.get("format_version")
+    if version is None and set(meta) == {"config"}:
+        raise ImportanceFileError(
+            f"{directory}/{IMPORTANCE_CONFIG_NAME} holds only an ImportanceConfig (written by "
+            "ImportanceConfig.save_pretrained), no importance: read it with ImportanceConfig.from_pretrained"
+        )
     if version != FORMAT_VERSION:
         raise ImportanceFileError(
             f"{directory}: importance format_version {version!r} is not supported by hf-weightprune {__version__} "
@@ -282,7 +356,7 @@ def load_importance(
                 f"No importance in Hub repo {where}: expected {IMPORTANCE_DIR}/{IMPORTANCE_CONFIG_NAME} there "
                 "(checkpoints pushed by the Trainer are under subfolder='last-checkpoint' or 'checkpoint-N')"
             ) from None
-    meta = read_meta(directory)
+    meta = load_meta(directory)
     config = ImportanceConfig.from_dict(meta["config"])
     shapes = {k: list(v) for k, v in meta["tensors"].items()}
     from .scorers import get_scorer
@@ -324,7 +398,7 @@ def state_dict_bytes(tensors: Mapping[str, Tensor]) -> int:
 MASKS_NAME = "masks.safetensors"
 
 
-def write_masks(directory: str, masks: Mapping[str, Tensor]) -> str:
+def save_schedule_masks(directory: str, masks: Mapping[str, Tensor]) -> str:
     """Write `PruneSchedule` keep-masks (`bool`, stored as `uint8`) beside the importance."""
     path = os.path.join(directory, MASKS_NAME)
     save_file({k: v.detach().to("cpu", torch.uint8).contiguous() for k, v in masks.items()}, path,
@@ -332,7 +406,8 @@ def write_masks(directory: str, masks: Mapping[str, Tensor]) -> str:
     return path
 
 
-def read_masks(directory: str) -> dict[str, Tensor]:
+def load_schedule_masks(directory: str) -> dict[str, Tensor]:
+    """The `PruneSchedule` keep-masks stored beside an importance (`masks.safetensors`)."""
     path = os.path.join(directory, MASKS_NAME)
     if not os.path.isfile(path):
         raise ImportanceFileError(f"{directory} has no {MASKS_NAME}: the pruning schedule's masks were not saved")

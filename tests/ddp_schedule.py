@@ -23,8 +23,8 @@ class ZerosAtUpdates(TrainerCallback):
         self.schedule, self.zeros = schedule, {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.schedule.last_update_step == state.global_step:
-            self.zeros[state.global_step] = sum(int((p == 0).sum()) for p in self.schedule._params.values())
+        if self.schedule._holder.last_update_step == state.global_step:
+            self.zeros[state.global_step] = sum(int((p == 0).sum()) for p in self.schedule._holder.params.values())
 
 
 def main(out: str) -> None:
@@ -44,7 +44,7 @@ def main(out: str) -> None:
     save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"world_size": trainer.args.world_size, "zeros": probe.zeros,
-                   "numel": sum(p.numel() for p in schedule._params.values())}, f)
+                   "numel": sum(p.numel() for p in schedule._holder.params.values())}, f)
 
 
 if __name__ == "__main__":

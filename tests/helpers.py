@@ -50,8 +50,18 @@ def train(model, callbacks, tmp_path, *, max_steps=6, batch=4, ga=1, save_steps=
     vocab = model.config.vocab_size
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=n, vocab_size=vocab, seed=seed),
                       callbacks=callbacks)
+    attach_all(trainer, callbacks)
     trainer.train()
     return trainer
+
+
+def attach_all(trainer, callbacks):
+    """Hand each ImportanceCallback its Trainer (so its metrics reach the loggers), as users do with `attach`."""
+    from hf_weightprune import ImportanceCallback
+
+    for cb in callbacks:
+        if isinstance(cb, ImportanceCallback):
+            cb.attach(trainer)
 
 
 def reference(criterion, rec, steps=None):

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -97,15 +99,34 @@ def test_bfloat16_state_is_close_and_half_the_bytes(tmp_path):
         torch.testing.assert_close(scores["bfloat16"].scores[name], scores["float32"].scores[name], rtol=2e-2, atol=1e-4)
 
 
-def test_logs_reach_reporters_and_history(tmp_path):
+def test_logs_reach_tensorboard_and_history(tmp_path):
+    """Importance metrics go through `trainer.log`: TensorBoard event files and log_history get them, at the Trainer's
+    log steps, and the Trainer's callback list is left as the user built it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Trainer, TrainingArguments
+
+    from hf_weightprune.testing import TokenDataset
+
     model = tiny_llama(seed=6)
-    cb = ImportanceCallback()
-    trainer = train(model, [cb], tmp_path, max_steps=3)
-    logged = [h for h in trainer.state.log_history if "loss" in h]
-    assert [h["importance/samples"] for h in logged] == [1, 2, 3]
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=["tensorboard"],
+                             logging_steps=2, use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16))
+    cb = ImportanceCallback().attach(trainer)
+    order = list(trainer.callback_handler.callbacks)
+    assert order[-1] is cb and cb.attach(trainer) is cb and trainer.callback_handler.callbacks.count(cb) == 1
+    trainer.train()
+    assert trainer.callback_handler.callbacks == order  # no reordering
+    logged = [h for h in trainer.state.log_history if "importance/samples" in h]
+    assert [(h["step"], h["importance/samples"]) for h in logged] == [(2, 2), (4, 4)]
     assert logged[0]["importance/tracked_params"] == sum(t.param.numel() for t in cb._tracked)
-    # our on_log runs before the reporting callbacks (moved once, right after DefaultFlowCallback)
-    assert trainer.callback_handler.callbacks[1] is cb
+    runs = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files if "tfevents" in f]
+    acc = EventAccumulator(os.path.dirname(runs[0]))
+    acc.Reload()
+    samples = [(e.step, e.value) for e in acc.Scalars("train/importance/samples")]
+    assert samples == [(2, 2.0), (4, 4.0)]
+    assert "train/loss" in acc.Tags()["scalars"]
 
 
 def test_lora_wanda_and_frozen_taylor_error(tmp_path):

@@ -258,7 +258,7 @@ def truncate(d):
 
 def shard_and_drop_one(d):
     imp = load_importance(d)
-    tensors = imp.to_dict()  # read before the folder is replaced (tensors are loaded lazily)
+    tensors = imp.state_dict()  # read before the folder is replaced (tensors are loaded lazily)
     shutil.rmtree(d)
     meta = {k: v for k, v in imp.meta.items() if k not in ("world_size", "state_dtype")}
     S.save_importance_dir(str(d), tensors, config=imp.config, meta=meta, shapes=imp.shapes, max_shard_size=6000)

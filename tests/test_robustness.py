@@ -89,7 +89,7 @@ def test_nonfinite_sample_is_skipped(criterion, tmp_path):
     assert not torch.isfinite(rec.pre[k - 1]["model.layers.1.mlp.down_proj.weight"][1]).all()  # the fault hit
     imp = cb.importance()
     assert imp.num_samples == steps - 1 and imp.meta["skipped"] == 1
-    logged = [h["importance/skipped"] for h in trainer.state.log_history if "loss" in h]
+    logged = [h["importance/skipped"] for h in trainer.state.log_history if "importance/skipped" in h]
     assert logged == [0] * (k - 1) + [1] * (steps - k + 1)
     got = scores(cb)
     assert all(bool(torch.isfinite(v).all()) for v in got.values())
@@ -342,7 +342,7 @@ class Capture(TrainerCallback):
         self.trials.append({n: v.clone() for n, v in self.cb.importance().scores.items()})
 
 
-@pytest.mark.parametrize("hp_name", [None, lambda trial: f"trial-{trial.number}"])
+@pytest.mark.parametrize("hp_name", [lambda trial: f"run-{trial.number}", lambda trial: f"trial-{trial.number}"])
 def test_hyperparameter_search_trial_folders(hp_name, tmp_path, caplog):
     pytest.importorskip("optuna")
     cb = ImportanceCallback()
@@ -357,7 +357,7 @@ def test_hyperparameter_search_trial_folders(hp_name, tmp_path, caplog):
     assert args.output_dir == str(tmp_path)  # Trainer does not change it per trial
     assert "trial folder not found" not in caplog.text
     assert not os.path.exists(tmp_path / "importance")
-    names = ["run-0", "run-1"] if hp_name is None else ["trial-0", "trial-1"]
+    names = [hp_name(type("Trial", (), {"number": i})) for i in range(2)]
     for name, expected in zip(names, capture.trials):
         for folder in (tmp_path / name / "importance", tmp_path / name / "checkpoint-2" / "importance"):
             imp = load_importance(folder)
@@ -365,6 +365,19 @@ def test_hyperparameter_search_trial_folders(hp_name, tmp_path, caplog):
             for n, score in expected.items():
                 torch.testing.assert_close(imp.scores[n], score, rtol=0, atol=0)
     assert not torch.equal(*(t["model.layers.0.mlp.up_proj.weight"] for t in capture.trials))
+
+
+def test_hyperparameter_search_without_hp_name_is_refused(tmp_path):
+    """Without hp_name the Trainer tells callbacks no trial folder (`state.trial_name` is None): refused up front."""
+    pytest.importorskip("optuna")
+    cb = ImportanceCallback()
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model_init=lambda: tiny_llama(seed=22), args=args, train_dataset=TokenDataset(n=16),
+                      eval_dataset=TokenDataset(n=4, seed=1), callbacks=[cb])
+    with pytest.raises(ValueError, match="hyperparameter_search needs hp_name="):
+        trainer.hyperparameter_search(hp_space=lambda trial: {}, backend="optuna", n_trials=1, direction="minimize")
+    assert not os.path.exists(tmp_path / "run-0" / "importance")
 
 
 # ---------------------------------------------------------------------------------------- 10. failed saves
@@ -472,8 +485,25 @@ def test_wanda_hooks_that_never_fire_fail_at_the_first_sampled_step(tmp_path):
 
     class Unhook(TrainerCallback):  # stands for a forward that bypasses the modules' hooks
         def on_step_begin(self, args, state, control, **kw):
-            for h in cb._hooks:
-                h.remove()
+            cb._collector.remove()
 
     with pytest.raises(RuntimeError, match="step 1 was sampled but none of the .* forward hooks"):
         train(tiny_llama(seed=16), [cb, Unhook()], tmp_path, max_steps=3)
+
+
+def test_wanda_under_compile_keeps_other_compiled_functions(tmp_path):
+    """Registering the hooks under torch.compile does not wipe the process's compile cache (no `_dynamo.reset`):
+    another compiled function is not compiled again."""
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda x: x * 2 + 1, backend=counting_backend)
+    x = torch.ones(3)
+    assert torch.equal(f(x), x * 3) and len(compiles) == 1
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+    train(tiny_llama(seed=16), [cb], tmp_path, max_steps=2, torch_compile=True, torch_compile_backend="eager")
+    assert sum(cb.importance().meta["tokens"].values()) > 0
+    assert torch.equal(f(x), x * 3) and len(compiles) == 1

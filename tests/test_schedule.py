@@ -19,6 +19,8 @@ from hf_weightprune.pruner import prune_
 from hf_weightprune.schedule import PruneSchedule
 from hf_weightprune.testing import TokenDataset, tiny_llama, tiny_phi3
 
+from .helpers import attach_all
+
 
 def _train(model, callbacks, out, *, max_steps=10, batch=4, ga=1, save_steps=None, resume=None, logging_steps=1000):
     args = TrainingArguments(
@@ -27,6 +29,7 @@ def _train(model, callbacks, out, *, max_steps=10, batch=4, ga=1, save_steps=Non
         save_steps=save_steps or 500, logging_steps=logging_steps, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=48, vocab_size=model.config.vocab_size),
                       callbacks=callbacks)
+    attach_all(trainer, callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -41,12 +44,12 @@ class Probe(TrainerCallback):
     def _check(self, module, args):
         if module.training:
             self.forwards += 1
-            self.bad_forwards += any(bool(self.schedule._params[n][~m].any()) for n, m in self.schedule.masks.items())
+            self.bad_forwards += any(bool(self.schedule._holder.params[n][~m].any()) for n, m in self.schedule.masks.items())
 
     def on_step_end(self, args, state, control, **kwargs):
         self.masks[state.global_step] = {n: m.clone() for n, m in self.schedule.masks.items()}
         for n, m in self.schedule.masks.items():
-            assert not self.schedule._params[n][~m].any(), f"pruned weights of {n} not zero after step"
+            assert not self.schedule._holder.params[n][~m].any(), f"pruned weights of {n} not zero after step"
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -97,7 +100,7 @@ def test_sparsity_follows_schedule(structure, scope, ramp, ga, tmp_path):
     trainer = _train(model, [ImportanceCallback(schedule=schedule), probe], tmp_path, max_steps=10, ga=ga,
                      batch=4 // ga)
     assert probe.forwards == 10 * ga and probe.bad_forwards == 0  # zeros at every forward, micro-batches included
-    params = schedule._params
+    params = schedule._holder.params
     assert "model.layers.1.mlp.down_proj.weight" not in params and len(params) == 13
     updates = schedule.update_steps(10)
     assert updates == [2, 4, 6, 8]
@@ -129,7 +132,9 @@ def test_sparsity_follows_schedule(structure, scope, ramp, ga, tmp_path):
     # each update is reported to the loggers even though logging_steps=1000
     logged = [h["step"] for h in trainer.state.log_history if "loss" in h]
     assert logged == updates
-    assert trainer.state.log_history[-1]["pruning/target_sparsity"] == pytest.approx(schedule.final_sparsity)
+    pruning_logs = [h for h in trainer.state.log_history if "pruning/target_sparsity" in h]
+    assert [h["step"] for h in pruning_logs] == updates + [10]  # and at the train summary
+    assert pruning_logs[-1]["pruning/target_sparsity"] == pytest.approx(schedule.final_sparsity)
 
 
 def test_optimizer_state_zeroed_at_updates(tmp_path):
@@ -138,7 +143,7 @@ def test_optimizer_state_zeroed_at_updates(tmp_path):
     trainer = _train(model, [ImportanceCallback(schedule=schedule)], tmp_path, max_steps=4)
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     for n, m in schedule.masks.items():
-        st = opt.state[schedule._params[n]]
+        st = opt.state[schedule._holder.params[n]]
         assert not st["exp_avg"][~m].any() and not st["exp_avg_sq"][~m].any()
         assert st["exp_avg"][m].any()
 

@@ -120,6 +120,11 @@ class Scorer:
     def state_shape(self, weight: Tensor) -> torch.Size:
         return weight.shape
 
+    def statistic(self, x: Tensor, token_mask: Tensor | None) -> Tensor:
+        """Activation criteria: the per-forward sum over the real tokens of a Linear input `x` `[..., in]`
+        (`token_mask` `[...]` bool, or `None` when every token is real) that `update_` folds in per step."""
+        raise NotImplementedError(f"criterion {self.name!r} reads no activations")
+
     def update_(
         self,
         states: Sequence[Tensor],

@@ -48,6 +48,10 @@ class Wanda(Scorer):
     def state_shape(self, weight):
         return torch.Size([weight.shape[-1]])
 
+    def statistic(self, x: Tensor, token_mask: Tensor | None) -> Tensor:
+        """One forward's contribution: `sum over the real tokens of x_j^2`, `[in_features]` float32."""
+        return activation_sq_sum(x if token_mask is None else x[token_mask])
+
     def update_(self, states, weights, grads, t, generator=None):
         # `weights` are the activation sums of one step here (the hooks collect them).
         torch._foreach_add_(list(states), list(weights))

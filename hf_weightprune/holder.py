@@ -1,0 +1,202 @@
+"""`MaskHolder`: the runtime side of a [`PruneSchedule`], driven by [`ImportanceCallback`].
+
+Lifecycle:
+- `setup` (train begin): resolve the schedule's steps, find the weights to prune (or, in `"hold"` mode, read the
+  masks of the pruned checkpoint), take the masks restored from a resumed checkpoint, apply them.
+- `apply_masks_` (right after every `optimizer.step()`): pruned weights are exactly zero at every forward, at every
+  weight sample of the importance, and in every checkpoint.
+- `update_` (end of an update step, after the importance sampled it): masks for the schedule's current target from
+  the importance so far, through the pruner's one mask dispatch (`pruner.compute_masks`); the optimizer's
+  per-element state (Adam moments) of newly pruned weights is zeroed.
+- `state_dict` / `load_state_dict`: JSON counters and the masks, written beside the importance of every checkpoint.
+
+Masks only shrink: a pruned weight stays pruned (it ranks lowest at later updates), the usual gradual-pruning
+behaviour (Zhu & Gupta 2017), which also makes every update prune exactly its target count. Masks are `bool` tensors
+beside the weights (1 byte per pruned-tensor element on every rank).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed as D
+from .matching import find_tracked_weights, select_names
+from .pruner import PruningReport, compute_masks, refuse_tied
+from .schedule import PruneSchedule
+
+logger = logging.getLogger(__name__)
+
+
+class MaskHolder:
+    """Keep-masks held on a model's weights while it trains, following a [`PruneSchedule`].
+
+    Args:
+        schedule (`PruneSchedule`): the configuration (pure; this object holds the runtime state).
+
+    Attributes:
+        masks (`dict[str, Tensor]`): current keep-masks (`True` = keep) by canonical parameter name.
+        params (`dict[str, nn.Parameter]`): the masked weights.
+        sparsity (`float`): achieved sparsity over the masked weights; `target_sparsity` what the schedule asked.
+    """
+
+    def __init__(self, schedule: PruneSchedule):
+        if not isinstance(schedule, PruneSchedule):
+            raise TypeError(f"schedule must be a PruneSchedule; got {type(schedule).__name__}")
+        self.schedule = schedule
+        self._reset()
+
+    def _reset(self) -> None:
+        self.masks: dict[str, Tensor] = {}
+        self.params: dict[str, nn.Parameter] = {}
+        self.optimizer = None
+        self.sparsity = 0.0
+        self.target_sparsity = 0.0
+        self.last_update_step: int | None = None
+        self.num_updates = 0
+        self._steps: tuple[int, int] | None = None
+        self._update_set: set[int] = set()
+        self._restored: dict[str, Tensor] | None = None  # masks of a resumed checkpoint, until `setup` takes them
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+    def setup(self, model: nn.Module, args, *, tracked_names: list[str], max_steps: int, optimizer=None) -> None:
+        """Train begin: find the weights to mask, take restored or `masks_from` masks, apply them.
+
+        Raises:
+            ValueError: a backend whose weights or optimizer the callbacks cannot reach (DeepSpeed, FSDP), no weight
+                selected, weights that are not `nn.Linear` of this model, tied weights, or masks of another model.
+        """
+        if D.backend(model, args) not in ("single", "ddp"):
+            raise ValueError("PruneSchedule does not support DeepSpeed or FSDP (the optimizer state and weights are "
+                             "sharded or stepped out of reach of callbacks); use DDP, or prune after training")
+        restored, self._restored = self._restored, None
+        if restored is None:  # a fresh run (or a second train() call): start from dense
+            self._reset()
+        self.optimizer = optimizer
+        cfg = self.schedule
+        linear = {t.name: t.param for t in find_tracked_weights(model, ".*")}
+        if cfg.mode == "prune":
+            steps = cfg.resolve_steps(max_steps)
+            if self._steps is not None and self._steps != steps:
+                raise ValueError(f"PruneSchedule: the checkpoint's schedule ran over steps {self._steps}, now {steps} "
+                                 "(max_steps changed?); resume with the same max_steps")
+            self._steps = steps
+            self._update_set = set(cfg.update_steps(max_steps))
+            names = select_names(tracked_names, cfg.target_modules, cfg.exclude_modules)
+        else:
+            from .export import load_masks
+
+            held = load_masks(cfg.masks_from)
+            names = list(held)
+        missing = [n for n in names if n not in linear]
+        if missing:
+            raise ValueError(f"PruneSchedule: {len(missing)} weights to mask are not nn.Linear weights of this model "
+                             f"(e.g. {missing[0]})")
+        self.params = {n: linear[n] for n in names}
+        refuse_tied(model, self.params, names)
+        if cfg.nm is not None:
+            from .masks import check_nm_shapes
+
+            check_nm_shapes({n: list(p.shape) for n, p in self.params.items()}, *cfg.nm, structure=cfg.structure)
+        if restored is not None:
+            if restored and set(restored) != set(names):
+                raise ValueError("PruneSchedule: the checkpoint's masks cover other weights than this model's")
+            self.masks = {n: restored[n].to(self.params[n].device) for n in restored}
+        elif cfg.mode == "hold":
+            self.masks = {n: m.to(self.params[n].device) for n, m in held.items()}
+            self._record(None, 0)
+        for name, mask in self.masks.items():
+            if tuple(mask.shape) != tuple(self.params[name].shape):
+                raise ValueError(f"PruneSchedule: mask of {name} has shape {tuple(mask.shape)}, the model's weight "
+                                 f"{tuple(self.params[name].shape)}: masks from another model?")
+        self.apply_masks_()
+        self.zero_optimizer_state_()
+
+    def is_update_step(self, step: int) -> bool:
+        return self.schedule.mode == "prune" and step in self._update_set
+
+    @torch.no_grad()
+    def update_(self, importance, step: int, max_steps: int) -> float:
+        """Recompute the masks for the schedule's target at `step` from `importance`; returns the target."""
+        target = self.schedule.target_at(step, max_steps)
+        build = compute_masks(importance, self.schedule.prune_config, list(self.params), sparsity=target,
+                              previous=self.masks)
+        self.masks = {n: build(n).to(self.params[n].device) for n in self.params}
+        self.apply_masks_()
+        self.zero_optimizer_state_()
+        self._record(target, step)
+        logger.info("PruneSchedule: step %d, sparsity %.4f (target %.4f)", step, self.sparsity, target)
+        return target
+
+    @torch.no_grad()
+    def apply_masks_(self) -> None:
+        """Zero the pruned weights (in place)."""
+        from .masks import apply_mask_
+
+        for name, mask in self.masks.items():
+            apply_mask_(self.params[name], mask)
+
+    @torch.no_grad()
+    def zero_optimizer_state_(self) -> None:
+        """Zero the optimizer's per-element state (Adam's moments) of pruned weights: no stale momentum revives them.
+
+        `optimizer.state` is the inner optimizer's (accelerate's `AcceleratedOptimizer` forwards it).
+        """
+        if self.optimizer is None:
+            return
+        for name, mask in self.masks.items():
+            param = self.params[name]
+            for value in self.optimizer.state.get(param, {}).values():
+                if isinstance(value, Tensor) and value.shape == param.shape:
+                    value.masked_fill_(~mask, 0)
+
+    def _record(self, target: float | None, step: int) -> None:
+        zeros = sum(m.numel() - int(m.count_nonzero()) for m in self.masks.values())
+        numel = sum(m.numel() for m in self.masks.values())
+        self.sparsity = zeros / max(numel, 1)
+        self.target_sparsity = self.sparsity if target is None else target
+        self.last_update_step = step
+        self.num_updates += 1
+
+    # ----------------------------------------------------------------------------------------------- results
+    def log_values(self) -> dict[str, float]:
+        return {"pruning/sparsity": self.sparsity, "pruning/target_sparsity": self.target_sparsity}
+
+    def report(self, model: nn.Module, importance=None) -> PruningReport:
+        """A [`PruningReport`] of the masks, measured from the model's weights (what `save_pruned` writes).
+
+        Raises:
+            ValueError: no masks yet.
+        """
+        if not self.masks:
+            raise ValueError("PruneSchedule has no masks yet (no update has happened)")
+        return PruningReport.for_masks(self.masks, model, importance, structure=self.schedule.structure,
+                                       scope=self.schedule.prune_config.scope, target=self.target_sparsity)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON counters (the masks are saved beside them by the callback, see `masks`)."""
+        return {"config": self.schedule.to_dict(), "sparsity": self.sparsity, "target_sparsity": self.target_sparsity,
+                "last_update_step": self.last_update_step, "num_updates": self.num_updates,
+                "steps": list(self._steps) if self._steps else None, "has_masks": bool(self.masks)}
+
+    def load_state_dict(self, state: dict[str, Any] | None, masks: dict[str, Tensor] | None) -> None:
+        """Restore counters and masks from a checkpoint (applied at the next `setup`).
+
+        Raises:
+            ValueError: the checkpoint has no schedule state, or its schedule differs in a field that defines masks.
+        """
+        if not state:
+            raise ValueError("Cannot resume PruneSchedule: the checkpoint holds no schedule state (it was written "
+                             "without a schedule); start a new run or resume without schedule=")
+        diff = self.schedule.diff(state.get("config", {}))
+        if diff:
+            shown = ", ".join(f"{k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"Cannot resume PruneSchedule: the schedule changed since the checkpoint: {shown}")
+        self.sparsity, self.target_sparsity = float(state["sparsity"]), float(state["target_sparsity"])
+        self.last_update_step, self.num_updates = state["last_update_step"], int(state["num_updates"])
+        self._steps = tuple(state["steps"]) if state.get("steps") else None
+        self._restored = dict(masks or {})  # an empty dict still marks a resume (before the first update)
+
