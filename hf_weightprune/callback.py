@@ -201,6 +201,10 @@ class ImportanceCallback(TrainerCallback):
         start = self._meta["window_start"]
         return t % self.config.every_n_steps == 0 and (start is None or t >= start)
 
+    def _samples_step(self, t: int) -> bool:
+        # Resumed from checkpoint-max_steps, the Trainer still runs one more step (max_steps + 1): not a sample.
+        return t <= self._meta["max_steps"] and self._samples_at(t)
+
     # --------------------------------------------------------------------------------------- sampling
     def _record_sample(self, t: int, step: int) -> None:
         self._meta["num_samples"] += 1
@@ -234,19 +238,23 @@ class ImportanceCallback(TrainerCallback):
 
     def _sample(self, t: int, step: int, use_grads: bool) -> None:
         owned = self._owned()
+        grads = None
         if use_grads:
-            pairs = [(tw, tw.param.grad) for tw in owned if tw.param.grad is not None]
-            grads = [D.local_tensor(g.detach()) for _, g in pairs]
-            bad = self.config.skip_nonfinite and bool(grads) and not self._all_finite(grads)
-            if D.any_rank(bad):
-                self._meta["skipped"] += 1
-                logger.warning("ImportanceCallback: non-finite gradients at step %d; sample skipped", step)
-                return
-            owned = [tw for tw, _ in pairs]
-        else:
-            grads = None
-        states = [self._states[tw.name] for tw in owned]
+            owned = [tw for tw in owned if tw.param.grad is not None]
+            grads = [D.local_tensor(tw.param.grad.detach()) for tw in owned]
         weights = [D.local_tensor(tw.param.detach()) for tw in owned]
+        # The sample reads gradients or weights: either going NaN/Inf (a diverged step) would poison every later score.
+        bad = self._first_nonfinite(owned, grads if use_grads else weights)
+        if D.any_rank(bad is not None):
+            what = "gradient" if use_grads else "weight"
+            where = f" ({bad})" if bad else " (on another rank)"
+            if self.config.skip_nonfinite:
+                self._meta["skipped"] += 1
+                logger.warning("ImportanceCallback: non-finite %s at step %d%s; sample skipped", what, step, where)
+                return
+            logger.warning("ImportanceCallback: non-finite %s at step %d%s; kept (skip_nonfinite=False)", what, step,
+                           where)
+        states = [self._states[tw.name] for tw in owned]
         gen = None
         if states and states[0].dtype == torch.bfloat16:
             gen = torch.Generator().manual_seed(self._seed * 1_000_003 + int(t))  # CPU: offsets only, no sync
@@ -261,9 +269,12 @@ class ImportanceCallback(TrainerCallback):
         self._record_sample(t, step)
 
     @staticmethod
-    def _all_finite(tensors) -> bool:
-        norms = torch._foreach_norm(list(tensors))
-        return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+    def _first_nonfinite(owned: list[TrackedWeight], tensors: list[torch.Tensor]) -> str | None:
+        """Name of the first tensor holding NaN/Inf (one fused norm per tensor, one host sync), else `None`."""
+        if not tensors:
+            return None
+        finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)])).cpu()
+        return None if bool(finite.all()) else owned[int((~finite).nonzero()[0])].name
 
     # ------------------------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -279,13 +290,13 @@ class ImportanceCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._collector is not None:
-            self._collector.active = self._samples_at(state.global_step + 1)
+            self._collector.active = self._samples_step(state.global_step + 1)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         t = state.global_step + 1
         if self._collector is not None:
             self._commit_activations(t)
-        elif self.scorer.source == "grads" and self._samples_at(t):
+        elif self.scorer.source == "grads" and self._samples_step(t):
             self._sample(t, t, use_grads=True)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -296,7 +307,7 @@ class ImportanceCallback(TrainerCallback):
         t = state.global_step
         self._meta["global_step"] = t
         if self.scorer.source == "weights":
-            if not self.config.per_epoch and self._samples_at(t):
+            if not self.config.per_epoch and self._samples_step(t):
                 self._sample(t, t, use_grads=False)
             elif self.config.per_epoch and self._is_epoch_end(state, kwargs.get("train_dataloader")):
                 # The last step of an epoch: sample now, so a checkpoint saved at this step holds the sample (a

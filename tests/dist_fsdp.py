@@ -71,7 +71,7 @@ def check(criterion: str, out: str) -> None:
     qkv = "model.layers.0.self_attn.qkv_proj.weight"
     if criterion != "wanda":
         rank = dist.get_rank()
-        assert cb._rows[qkv] == (48 * rank, 48), cb._rows[qkv]  # the boundary at row 48 is inside k (32-63)
+        assert cb._plan.rows[qkv] == (48 * rank, 48), cb._plan.rows[qkv]  # the boundary at row 48 is inside k (32-63)
         assert cb._states[qkv].shape == (48, 32)  # local rows only
     expected = reference(criterion, rec) if criterion != "magnitude" else {
         t.name: t.param.detach().double().abs() for t in rec.tracked}
