@@ -1,4 +1,9 @@
-"""Configuration dataclasses: what to track (`ImportanceConfig`) and how to prune (`PruneConfig`, `PruneSchedule`)."""
+"""Configuration dataclasses: what to track (`ImportanceConfig`) and how to prune (`PruneConfig`).
+
+Also the validators every module shares, so a bad value gets the same message wherever it enters: [`check_sparsity`]
+and [`parse_nm`]. This module imports no other part of the package at import time (the criterion registry is looked up
+when an `ImportanceConfig` is built).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field, fields
+from numbers import Real
 from typing import Any
 
 from .io_utils import atomic_write_json
@@ -135,21 +141,83 @@ PRUNE_STRUCTURES = ("unstructured", "N:M", "neurons", "heads")
 PRUNE_SCOPES = ("global", "layer", "row")
 
 
+def check_sparsity(name: str, value: Any) -> float:
+    """
+    The one sparsity check of the package (configs, mask builders, structured pruning, schedules).
+
+    Args:
+        name (`str`):
+            How the value is named in the error message, e.g. `"sparsity"` or `"sparsity['mlp.*']"`.
+        value (`float`):
+            The sparsity to check: a real number (not a `bool`) in `[0.0, 1.0)`.
+
+    Returns:
+        `float`: `value` as a Python float.
+
+    Raises:
+        `ValueError`: if `value` is not a real number in `[0, 1)` (NaN included).
+    """
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
+    return float(value)
+
+
+# Private name kept for schedule.py, which imports it until it switches to `check_sparsity`.
+_check_sparsity = check_sparsity
+
+
+def _check_nm(n: Any, m: Any) -> None:
+    for arg, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"`{arg}` must be an int, got {value!r}.")
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern needs 0 < n < m, got n={n}, m={m}.")
+
+
+def parse_nm(spec: str) -> tuple[int, int]:
+    """
+    Parse an N:M sparsity pattern.
+
+    Args:
+        spec (`str`):
+            Pattern such as `"2:4"`: keep `n` of every `m` consecutive input elements, with `0 < n < m`.
+
+    Returns:
+        `tuple[int, int]`: `(n, m)`.
+
+    Raises:
+        `ValueError`: if `spec` is not two positive integers joined by `":"` with `0 < n < m`.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"N:M pattern must be a string like '2:4', got {type(spec).__name__}.")
+    parts = spec.strip().split(":")
+    if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
+        raise ValueError(f"N:M pattern must look like '2:4' (two positive integers joined by ':'), got {spec!r}.")
+    n, m = int(parts[0]), int(parts[1])
+    _check_nm(n, m)
+    return n, m
+
+
 def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
-    """`"unstructured"`, `"neurons"`, `"heads"` or an N:M pattern such as `"2:4"` -> (kind, (n, m) or None)."""
+    """
+    Parse a pruning structure.
+
+    Args:
+        structure (`str`):
+            `"unstructured"`, `"neurons"`, `"heads"` or an N:M pattern such as `"2:4"`.
+
+    Returns:
+        `tuple[str, tuple[int, int] | None]`: `(kind, nm)` with `kind` one of `"unstructured"`, `"N:M"`,
+        `"neurons"`, `"heads"`, and `nm = (n, m)` for N:M, else `None`.
+
+    Raises:
+        `ValueError`: for any other value, or a malformed N:M pattern.
+    """
     if structure in ("unstructured", "neurons", "heads"):
         return structure, None
     if isinstance(structure, str) and ":" in structure:
-        from .masks import parse_nm
-
         return "N:M", parse_nm(structure)
     raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons' or 'heads'; got {structure!r}")
-
-
-def _check_sparsity(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -198,9 +266,9 @@ class PruneConfig(_JsonConfigMixin):
                 raise ValueError("sparsity dict must map at least one module regex to a float")
             if kind != "unstructured":
                 raise ValueError(f"per-module sparsity (a dict) is supported for unstructured pruning, not {kind!r}")
-            self.sparsity = {str(k): _check_sparsity(f"sparsity[{k!r}]", v) for k, v in self.sparsity.items()}
+            self.sparsity = {str(k): check_sparsity(f"sparsity[{k!r}]", v) for k, v in self.sparsity.items()}
         else:
-            self.sparsity = _check_sparsity("sparsity", self.sparsity)
+            self.sparsity = check_sparsity("sparsity", self.sparsity)
         if self.scope is None:
             self.scope = "global" if kind == "unstructured" else "layer"
         if self.scope not in PRUNE_SCOPES:

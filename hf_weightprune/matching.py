@@ -11,6 +11,7 @@ same names apply to the merged base model and to files written under any wrapper
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -43,6 +44,47 @@ def module_matches(name: str, pattern: str | list[str] | tuple[str, ...] | None)
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def select_names(
+    names: Iterable[str],
+    target_modules: str | list[str] | tuple[str, ...] | None,
+    exclude_modules: str | list[str] | tuple[str, ...] | None,
+) -> list[str]:
+    """
+    Select the parameter names to prune among tracked ones, with peft's rules applied to their module part.
+
+    Args:
+        names (`Iterable[str]`):
+            Canonical parameter names `<module>.weight`, e.g. `Importance.names`.
+        target_modules (`str` or `list[str]`, *optional*):
+            A regex that must fullmatch the module name, or a list of names / name suffixes; `None` selects all.
+        exclude_modules (`str` or `list[str]`, *optional*):
+            Same rules; matching modules are dropped (checked even when `target_modules` selects them).
+
+    Returns:
+        `list[str]`: the selected names, in the order of `names`.
+
+    Raises:
+        `ValueError`: when nothing is selected.
+    """
+    names = list(names)
+    selected = [
+        n
+        for n in names
+        if (target_modules is None or module_matches(_module_of(n), target_modules))
+        and not module_matches(_module_of(n), exclude_modules)
+    ]
+    if not selected:
+        raise ValueError(
+            f"No tracked weight is selected for pruning (target_modules={target_modules!r}, exclude_modules="
+            f"{exclude_modules!r}, {len(names)} tracked weights): check PruneConfig target/exclude_modules"
+        )
+    return selected
+
+
+def _module_of(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True)
