@@ -37,9 +37,23 @@ class _JsonConfigMixin:
     section: str = "config"
 
     def to_dict(self) -> dict[str, Any]:
+        """
+        Returns:
+            `dict[str, Any]`: every field, JSON-serialisable.
+        """
         return asdict(self)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """
+        Write the config as `{section: fields}` to `save_directory/config_name` (atomically, sorted keys).
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                Folder to write into; created if missing.
+
+        Returns:
+            `str`: the path of the written file.
+        """
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, self.config_name)
         atomic_write_json(path, {self.section: self.to_dict()}, sort_keys=True)
@@ -47,6 +61,19 @@ class _JsonConfigMixin:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        """
+        Build a config from its fields; unknown keys (from a newer version) are logged and ignored.
+
+        Args:
+            data (`dict[str, Any]`):
+                Field values, as `to_dict` returns them.
+
+        Returns:
+            The config.
+
+        Raises:
+            `ValueError`: as the config's own validation.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -56,7 +83,22 @@ class _JsonConfigMixin:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs):
-        """Read a folder holding `config_name` (or the file itself, or a Hub repo id)."""
+        """
+        Read a config written by `save_pretrained`.
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`):
+                A folder holding `config_name`, the file itself, or a Hub repo id.
+            hub_kwargs (*optional*):
+                Passed to `huggingface_hub.hf_hub_download` for a repo id (`revision`, `token`, ...).
+
+        Returns:
+            The config.
+
+        Raises:
+            `FileNotFoundError`: if there is no such file.
+            `ValueError`: if the file is not valid JSON, or as the config's own validation.
+        """
         path = os.fspath(path_or_repo_id)
         if os.path.isdir(path):
             path = os.path.join(path, cls.config_name)
@@ -130,7 +172,16 @@ class ImportanceConfig(_JsonConfigMixin):
     RESUME_KEYS = ("criterion", "target_modules", "exclude_modules", "every_n_steps", "per_epoch", "window", "state_dtype")
 
     def diff(self, other: ImportanceConfig) -> dict[str, tuple[Any, Any]]:
-        """Fields (of `RESUME_KEYS`) whose values differ: `{name: (self_value, other_value)}`."""
+        """
+        Fields of `RESUME_KEYS` (those that change what the accumulated state means) whose values differ.
+
+        Args:
+            other ([`ImportanceConfig`]):
+                The config to compare with (e.g. the one a checkpoint was written with).
+
+        Returns:
+            `dict[str, tuple[Any, Any]]`: `{field: (self_value, other_value)}`, empty when a resume may proceed.
+        """
         return {
             k: (getattr(self, k), getattr(other, k)) for k in self.RESUME_KEYS if getattr(self, k) != getattr(other, k)
         }
@@ -237,8 +288,14 @@ class PruneConfig(_JsonConfigMixin):
             `"global"` (one threshold over all pruned weights; default for unstructured), `"layer"` (the same
             sparsity in every tensor; default and only choice for structured), or `"row"` (per output row,
             as Wanda does). Not used by N:M.
-        target_modules / exclude_modules (*optional*):
-            Restrict pruning to part of the tracked weights, with the same rules as `ImportanceConfig`.
+        target_modules (`str` or `list[str]`, *optional*):
+            Prune only these of the tracked weights (peft's rules, as in `ImportanceConfig`); `None` prunes all.
+        exclude_modules (`str` or `list[str]`, *optional*):
+            Never prune these (same rules).
+
+    Raises:
+        `ValueError`: naming the field, for a bad structure, sparsity (or one an N:M pattern contradicts), a
+        per-module sparsity dict with a structure other than unstructured, a bad scope, or bad module patterns.
     """
 
     config_name = "prune_config.json"
@@ -280,8 +337,10 @@ class PruneConfig(_JsonConfigMixin):
 
     @property
     def kind(self) -> str:
+        """`str`: `"unstructured"`, `"N:M"`, `"neurons"` or `"heads"`."""
         return parse_structure(self.structure)[0]
 
     @property
     def nm(self) -> tuple[int, int] | None:
+        """`tuple[int, int]` or `None`: `(n, m)` of an N:M structure, else `None`."""
         return parse_structure(self.structure)[1]

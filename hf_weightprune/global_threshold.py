@@ -146,6 +146,9 @@ class GlobalThreshold:
 
         Returns:
             `torch.BoolTensor`: mask shaped like `score`, `True` = keep.
+
+        Raises:
+            `ValueError`: for a name or a size that was not scored, or scores that changed since.
         """
         if name not in self.ties_to_prune:
             raise ValueError(f"Unknown tensor name {name!r}: it was not among the scores of this threshold.")
@@ -305,6 +308,10 @@ def compute_global_threshold(named_scores: NamedScores, sparsity: float) -> Glob
 
     Returns:
         [`GlobalThreshold`]: ties at the threshold are pruned in iteration order of tensors, then by flat index.
+
+    Raises:
+        `ValueError`: for a bad `sparsity`, a `named_scores` that is not callable, yields duplicate or non-str names,
+        no elements, or other names/sizes on a later pass, or scores that are not floating or hold NaN.
     """
     key, ties, num_pruned, total, numels = _locate_threshold(named_scores, sparsity)
 
@@ -346,6 +353,9 @@ def global_masks(named_scores: NamedScores, sparsity: float) -> Iterator[tuple[s
 
     Yields:
         `tuple[str, torch.BoolTensor]`: name and keep-mask shaped like its score, in iteration order.
+
+    Raises:
+        `ValueError`: as [`compute_global_threshold`], and if the scores changed between passes.
     """
     key, remaining, _, _, numels = _locate_threshold(named_scores, sparsity)
     for name, score in _iterate(named_scores, numels):

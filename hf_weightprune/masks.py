@@ -79,6 +79,9 @@ def num_to_prune(numel: int, sparsity: float) -> int:
     Returns:
         `int`: `round(sparsity * numel)` (Python's `round`, i.e. halves go to the even neighbour), between 0 and
         `numel`.
+
+    Raises:
+        `ValueError`: if `sparsity` is not in `[0, 1)` or `numel` is not a non-negative int.
     """
     sparsity = check_sparsity("sparsity", sparsity)
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
@@ -173,6 +176,9 @@ def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     Returns:
         `torch.BoolTensor`: mask shaped like `score`, `True` = keep. Among equal scores the lower flat index is
         pruned first.
+
+    Raises:
+        `ValueError`: for a bad `sparsity`, or a score that is not a floating tensor or holds NaN.
     """
     keys = _keys(score)
     k = num_to_prune(keys.numel(), sparsity)
@@ -193,6 +199,9 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     Returns:
         `torch.BoolTensor`: mask shaped like `score`, `True` = keep. Within a row the lower index is pruned first on
         ties.
+
+    Raises:
+        `ValueError`: for a bad `sparsity`, a score with fewer than 2 dims, not floating, or holding NaN.
     """
     if not isinstance(score, torch.Tensor) or score.dim() < 2:
         raise ValueError(
@@ -220,6 +229,9 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     Returns:
         `torch.BoolTensor`: mask shaped like `score`, `True` = keep. Within a group the lower index is pruned first
         on ties.
+
+    Raises:
+        `ValueError`: for bad `n`/`m`, an input dim not divisible by `m`, or a score not floating or holding NaN.
     """
     _check_nm(n, m)
     _check_groups(score, m)
@@ -325,6 +337,9 @@ def mask_sparsity(mask: torch.Tensor) -> float:
 
     Returns:
         `float`: pruned fraction in `[0.0, 1.0]`.
+
+    Raises:
+        `ValueError`: if `mask` is not a non-empty `torch.bool` tensor.
     """
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError(f"`mask` must be a torch.bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}.")
@@ -345,6 +360,9 @@ def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     Returns:
         `torch.Tensor`: `weight`, modified in place.
+
+    Raises:
+        `ValueError`: if `mask` is not a `torch.bool` tensor of `weight`'s shape.
     """
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError(f"`mask` must be a torch.bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}.")

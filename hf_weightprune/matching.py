@@ -22,7 +22,17 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def canonical_name(name: str) -> str:
-    """Strip DDP `module.`, peft `base_model.model.`, and FSDP / compile / checkpoint / LoRA wrapper segments."""
+    """
+    The base model's own name of a module or parameter, whatever wraps it.
+
+    Args:
+        name (`str`):
+            A name from `named_modules()` / `named_parameters()` of a possibly wrapped model.
+
+    Returns:
+        `str`: `name` without DDP's `module.`, peft's `base_model.model.`, and FSDP / compile / checkpoint / LoRA
+        wrapper segments.
+    """
     while name.startswith("module."):
         name = name[len("module.") :]
     parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
@@ -38,7 +48,21 @@ def _is_adapter_module(name: str) -> bool:
 
 
 def module_matches(name: str, pattern: str | list[str] | tuple[str, ...] | None) -> bool:
-    """peft's matching rule for one module name (already canonical)."""
+    """
+    peft's matching rule for one module name.
+
+    Args:
+        name (`str`):
+            Canonical module name.
+        pattern (`str`, `list[str]` or `tuple[str, ...]`, *optional*):
+            A regex that must fullmatch `name`, or names / `.`-suffixes; `None` matches nothing.
+
+    Returns:
+        `bool`: whether `name` matches.
+
+    Raises:
+        `re.error`: for an invalid regex.
+    """
     if pattern is None:
         return False
     if isinstance(pattern, str):
@@ -110,9 +134,23 @@ def find_tracked_weights(
     target_modules: str | list[str] | None = "all-linear",
     exclude_modules: str | list[str] | None = None,
 ) -> list[TrackedWeight]:
-    """Return the tracked `nn.Linear` weights of `model` in module order, each parameter once.
+    """
+    The tracked `nn.Linear` weights of `model` in module order, each parameter once (tied weights: the first name
+    wins). peft's own adapter layers are never tracked.
 
-    Tied weights are tracked once (the first name wins). Raises `ValueError` if nothing matches.
+    Args:
+        model (`nn.Module`):
+            The model, possibly wrapped (DDP, FSDP, `torch.compile`, peft).
+        target_modules (`str` or `list[str]`, *optional*, defaults to `"all-linear"`):
+            peft's rules; `"all-linear"` (or `None`) is every `nn.Linear` except the output embedding.
+        exclude_modules (`str` or `list[str]`, *optional*):
+            Same rules; matching modules are dropped.
+
+    Returns:
+        `list[TrackedWeight]`: canonical `<module>.weight` name, module name, module and parameter of each.
+
+    Raises:
+        `ValueError`: if nothing matches.
     """
     out_names = _output_embedding_names(model)
     seen: set[int] = set()

@@ -395,22 +395,13 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     return report.finalize(sum(p.numel() for p in model.parameters()))
 
 
-# Private names export.py (prune_checkpoint) imports until the lead switches it to the public ones.
+# Old names export.py (prune_checkpoint) imports until the lead switches it to the public ones; not public API.
 mask_builder = compute_masks
 _refuse_tied = refuse_tied
+new_report = PruningReport.for_config
+record = PruningReport.add_mask
+finish_report = PruningReport.finalize
 
 
 def _selected(importance: Importance, config: PruneConfig) -> list[str]:
     return select_names(importance.names, config.target_modules, config.exclude_modules)
-
-
-def new_report(importance: Importance, config: PruneConfig) -> PruningReport:
-    return PruningReport.for_config(importance, config)
-
-
-def record(report: PruningReport, name: str, mask: torch.Tensor) -> None:
-    report.add_mask(name, mask)
-
-
-def finish_report(report: PruningReport, model_numel: int) -> PruningReport:
-    return report.finalize(model_numel)

@@ -161,6 +161,10 @@ def check_structured_supported(model: nn.Module, structure: str) -> None:
     Args:
         model (`PreTrainedModel`): A Llama-style or Phi-3-style causal LM (see module docstring).
         structure (`str`): `"neurons"` (MLP intermediate neurons) or `"heads"` (attention KV groups).
+
+    Raises:
+        `ValueError`: for an unknown structure, no decoder layers, an unsupported or mixed layout, non-plain
+        `nn.Linear` projections (LoRA, quantized), non-uniform layer sizes, or a single unit per layer.
     """
     if structure not in SUPPORTED_STRUCTURES:
         raise ValueError(f"Unknown structure {structure!r}; expected one of {list(SUPPORTED_STRUCTURES)}.")
@@ -256,6 +260,10 @@ def neuron_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], layer_id
 
     Returns:
         `torch.Tensor` of shape `(intermediate_size,)`, float32.
+
+    Raises:
+        `ValueError`: for an unsupported layout, a bad `layer_idx`, a score of the wrong shape, or no score for any
+        weight of the MLP.
     """
     layers, kind = _detect(model, "mlp")
     _check_layer_idx(layers, layer_idx)
@@ -294,6 +302,10 @@ def head_group_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], laye
 
     Returns:
         `torch.Tensor` of shape `(num_key_value_heads,)`, float32.
+
+    Raises:
+        `ValueError`: for an unsupported layout or head geometry, a bad `layer_idx`, a score of the wrong shape, or
+        no score for any weight of the attention.
     """
     layers, kind = _detect(model, "attn")
     _check_layer_idx(layers, layer_idx)
@@ -385,6 +397,10 @@ def shrink_mlp_(model: nn.Module, keep: dict[int, torch.LongTensor]) -> None:
     Args:
         model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
         keep (`dict[int, torch.LongTensor]`): For every layer index, the neuron indices to keep.
+
+    Raises:
+        `ValueError`, before the model is modified: for an unsupported layout, non-uniform sizes, a `keep` that does
+        not give unique valid indices for every layer (the same count in each), or a size the config rejects.
     """
     layers, kind = _detect(model, "mlp")
     sizes = {layer.mlp.down_proj.in_features for layer in layers}
@@ -448,6 +464,11 @@ def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor]
     Args:
         model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
         keep_groups (`dict[int, torch.LongTensor]`): For every layer index, the KV group indices to keep.
+
+    Raises:
+        `ValueError`, before the model is modified: for an unsupported layout or geometry, a `keep_groups` that does
+        not give unique valid indices for every layer (the same count in each), or head counts the config rejects
+        (the message lists the counts it accepts).
     """
     layers, kind = _detect(model, "attn")
     geoms = {_attn_geometry(model, layer.self_attn, kind) for layer in layers}
