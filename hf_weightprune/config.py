@@ -295,7 +295,8 @@ class PruneConfig(_JsonConfigMixin):
 
     Raises:
         `ValueError`: naming the field, for a bad structure, sparsity (or one an N:M pattern contradicts), a
-        per-module sparsity dict with a structure other than unstructured, a bad scope, or bad module patterns.
+        per-module sparsity dict with a structure other than unstructured, a bad scope, bad module patterns, or
+        module patterns with `"neurons"`/`"heads"` (which shrink every layer).
     """
 
     config_name = "prune_config.json"
@@ -334,6 +335,10 @@ class PruneConfig(_JsonConfigMixin):
             raise ValueError(f"structure {kind!r} removes the same number of units in every layer: use scope='layer'")
         self.target_modules = _check_modules("target_modules", self.target_modules)
         self.exclude_modules = _check_modules("exclude_modules", self.exclude_modules)
+        if kind in ("neurons", "heads") and (self.target_modules is not None or self.exclude_modules is not None):
+            # Surgery shrinks every layer's MLP / attention as a whole: a selection would be silently ignored.
+            raise ValueError(f"structure {kind!r} shrinks every decoder layer: target_modules/exclude_modules do not "
+                             "apply; leave them unset (or use unstructured/N:M pruning to prune part of the model)")
 
     @property
     def kind(self) -> str:
