@@ -1,8 +1,8 @@
 """Configuration dataclasses: what to track (`ImportanceConfig`) and how to prune (`PruneConfig`).
 
 Also the validators every module shares, so a bad value gets the same message wherever it enters: [`check_sparsity`]
-and [`parse_nm`]. This module imports no other part of the package at import time (the criterion registry is looked up
-when an `ImportanceConfig` is built).
+and [`parse_nm`]. Of the package it imports only `io_utils` at import time (the criterion registry is looked up when an
+`ImportanceConfig` is built), so every other module can import it.
 """
 
 from __future__ import annotations
