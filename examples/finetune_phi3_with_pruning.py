@@ -116,7 +116,7 @@ def main(argv=None):
 
     if args.lora:
         model, merged = merge_and_unload_sparse(model, masks=schedule.masks, return_report=True)
-        print(f"LoRA merged keeping the masks: density {merged['density']:.4f}")
+        print(f"LoRA merged keeping the masks: sparsity {merged.global_sparsity:.4f}")
     report = schedule.report(model, cb.importance())
     out = os.path.join(args.output_dir, "pruned")
     results = {"dense_loss": dense_eval.loss if start_step else before, "pruned_loss": after,

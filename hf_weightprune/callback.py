@@ -285,6 +285,10 @@ class ImportanceCallback(TrainerCallback):
         if state.global_step > 0:
             self._restore(args, state)
         if self.mask_holder is not None:
+            if getattr(args, "load_best_model_at_end", False) and self.schedule.mode == "prune":
+                logger.warning("ImportanceCallback: load_best_model_at_end with gradual pruning picks the lowest eval "
+                               "loss, usually a checkpoint early in the ramp; the final masks are applied again to "
+                               "whatever the Trainer loads at the end")
             self.mask_holder.setup(model, args, tracked_names=self.tracked_names, max_steps=int(state.max_steps),
                                    optimizer=kwargs.get("optimizer"))
 
@@ -382,6 +386,14 @@ class ImportanceCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._meta["global_step"] = state.global_step
+        holder = self.mask_holder
+        if holder is not None and holder.masks and not holder.weights_hold_masks():
+            # `load_best_model_at_end` loaded a checkpoint from before the last mask update (usually early in the
+            # ramp, where the loss is lowest): the model would be denser than the schedule says. Re-apply the masks.
+            logger.warning("ImportanceCallback: the Trainer replaced the weights at the end of training (best checkpoint "
+                           "%s); they do not hold the final masks (sparsity %.4f): the masks are applied again",
+                           state.best_model_checkpoint, holder.sparsity)
+            holder.apply_masks_()
         # Through the staging folder too: the Trainer's last checkpoint push may still be uploading output_dir,
         # and it skips "_*" but would pick up a half-written ".importance.tmp".
         out = self._output_dir(args, state)

@@ -1,4 +1,9 @@
-"""Configuration dataclasses: what to track (`ImportanceConfig`) and how to prune (`PruneConfig`, `PruneSchedule`)."""
+"""Configuration dataclasses: what to track (`ImportanceConfig`) and how to prune (`PruneConfig`).
+
+Also the validators every module shares, so a bad value gets the same message wherever it enters: [`check_sparsity`]
+and [`parse_nm`]. Of the package it imports only `io_utils` at import time (the criterion registry is looked up when an
+`ImportanceConfig` is built), so every other module can import it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field, fields
+from numbers import Real
 from typing import Any
 
 from .io_utils import atomic_write_json
@@ -31,9 +37,23 @@ class _JsonConfigMixin:
     section: str = "config"
 
     def to_dict(self) -> dict[str, Any]:
+        """
+        Returns:
+            `dict[str, Any]`: every field, JSON-serialisable.
+        """
         return asdict(self)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """
+        Write the config as `{section: fields}` to `save_directory/config_name` (atomically, sorted keys).
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                Folder to write into; created if missing.
+
+        Returns:
+            `str`: the path of the written file.
+        """
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, self.config_name)
         atomic_write_json(path, {self.section: self.to_dict()}, sort_keys=True)
@@ -41,6 +61,19 @@ class _JsonConfigMixin:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        """
+        Build a config from its fields; unknown keys (from a newer version) are logged and ignored.
+
+        Args:
+            data (`dict[str, Any]`):
+                Field values, as `to_dict` returns them.
+
+        Returns:
+            The config.
+
+        Raises:
+            `ValueError`: as the config's own validation.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -50,7 +83,22 @@ class _JsonConfigMixin:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs):
-        """Read a folder holding `config_name` (or the file itself, or a Hub repo id)."""
+        """
+        Read a config written by `save_pretrained`.
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`):
+                A folder holding `config_name`, the file itself, or a Hub repo id.
+            hub_kwargs (*optional*):
+                Passed to `huggingface_hub.hf_hub_download` for a repo id (`revision`, `token`, ...).
+
+        Returns:
+            The config.
+
+        Raises:
+            `FileNotFoundError`: if there is no such file.
+            `ValueError`: if the file is not valid JSON, or as the config's own validation.
+        """
         path = os.fspath(path_or_repo_id)
         if os.path.isdir(path):
             path = os.path.join(path, cls.config_name)
@@ -124,7 +172,16 @@ class ImportanceConfig(_JsonConfigMixin):
     RESUME_KEYS = ("criterion", "target_modules", "exclude_modules", "every_n_steps", "per_epoch", "window", "state_dtype")
 
     def diff(self, other: ImportanceConfig) -> dict[str, tuple[Any, Any]]:
-        """Fields (of `RESUME_KEYS`) whose values differ: `{name: (self_value, other_value)}`."""
+        """
+        Fields of `RESUME_KEYS` (those that change what the accumulated state means) whose values differ.
+
+        Args:
+            other ([`ImportanceConfig`]):
+                The config to compare with (e.g. the one a checkpoint was written with).
+
+        Returns:
+            `dict[str, tuple[Any, Any]]`: `{field: (self_value, other_value)}`, empty when a resume may proceed.
+        """
         return {
             k: (getattr(self, k), getattr(other, k)) for k in self.RESUME_KEYS if getattr(self, k) != getattr(other, k)
         }
@@ -135,21 +192,83 @@ PRUNE_STRUCTURES = ("unstructured", "N:M", "neurons", "heads")
 PRUNE_SCOPES = ("global", "layer", "row")
 
 
+def check_sparsity(name: str, value: Any) -> float:
+    """
+    The one sparsity check of the package (configs, mask builders, structured pruning, schedules).
+
+    Args:
+        name (`str`):
+            How the value is named in the error message, e.g. `"sparsity"` or `"sparsity['mlp.*']"`.
+        value (`float`):
+            The sparsity to check: a real number (not a `bool`) in `[0.0, 1.0)`.
+
+    Returns:
+        `float`: `value` as a Python float.
+
+    Raises:
+        `ValueError`: if `value` is not a real number in `[0, 1)` (NaN included).
+    """
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
+    return float(value)
+
+
+# Private name kept for schedule.py, which imports it until it switches to `check_sparsity`.
+_check_sparsity = check_sparsity
+
+
+def _check_nm(n: Any, m: Any) -> None:
+    for arg, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"`{arg}` must be an int, got {value!r}.")
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern needs 0 < n < m, got n={n}, m={m}.")
+
+
+def parse_nm(spec: str) -> tuple[int, int]:
+    """
+    Parse an N:M sparsity pattern.
+
+    Args:
+        spec (`str`):
+            Pattern such as `"2:4"`: keep `n` of every `m` consecutive input elements, with `0 < n < m`.
+
+    Returns:
+        `tuple[int, int]`: `(n, m)`.
+
+    Raises:
+        `ValueError`: if `spec` is not two positive integers joined by `":"` with `0 < n < m`.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"N:M pattern must be a string like '2:4', got {type(spec).__name__}.")
+    parts = spec.strip().split(":")
+    if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
+        raise ValueError(f"N:M pattern must look like '2:4' (two positive integers joined by ':'), got {spec!r}.")
+    n, m = int(parts[0]), int(parts[1])
+    _check_nm(n, m)
+    return n, m
+
+
 def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
-    """`"unstructured"`, `"neurons"`, `"heads"` or an N:M pattern such as `"2:4"` -> (kind, (n, m) or None)."""
+    """
+    Parse a pruning structure.
+
+    Args:
+        structure (`str`):
+            `"unstructured"`, `"neurons"`, `"heads"` or an N:M pattern such as `"2:4"`.
+
+    Returns:
+        `tuple[str, tuple[int, int] | None]`: `(kind, nm)` with `kind` one of `"unstructured"`, `"N:M"`,
+        `"neurons"`, `"heads"`, and `nm = (n, m)` for N:M, else `None`.
+
+    Raises:
+        `ValueError`: for any other value, or a malformed N:M pattern.
+    """
     if structure in ("unstructured", "neurons", "heads"):
         return structure, None
     if isinstance(structure, str) and ":" in structure:
-        from .masks import parse_nm
-
         return "N:M", parse_nm(structure)
     raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons' or 'heads'; got {structure!r}")
-
-
-def check_sparsity(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -169,8 +288,15 @@ class PruneConfig(_JsonConfigMixin):
             `"global"` (one threshold over all pruned weights; default for unstructured), `"layer"` (the same
             sparsity in every tensor; default and only choice for structured), or `"row"` (per output row,
             as Wanda does). Not used by N:M.
-        target_modules / exclude_modules (*optional*):
-            Restrict pruning to part of the tracked weights, with the same rules as `ImportanceConfig`.
+        target_modules (`str` or `list[str]`, *optional*):
+            Prune only these of the tracked weights (peft's rules, as in `ImportanceConfig`); `None` prunes all.
+        exclude_modules (`str` or `list[str]`, *optional*):
+            Never prune these (same rules).
+
+    Raises:
+        `ValueError`: naming the field, for a bad structure, sparsity (or one an N:M pattern contradicts), a
+        per-module sparsity dict with a structure other than unstructured, a bad scope, bad module patterns, or
+        module patterns with `"neurons"`/`"heads"` (which shrink every layer).
     """
 
     config_name = "prune_config.json"
@@ -209,14 +335,17 @@ class PruneConfig(_JsonConfigMixin):
             raise ValueError(f"structure {kind!r} removes the same number of units in every layer: use scope='layer'")
         self.target_modules = _check_modules("target_modules", self.target_modules)
         self.exclude_modules = _check_modules("exclude_modules", self.exclude_modules)
+        if kind in ("neurons", "heads") and (self.target_modules is not None or self.exclude_modules is not None):
+            # Surgery shrinks every layer's MLP / attention as a whole: a selection would be silently ignored.
+            raise ValueError(f"structure {kind!r} shrinks every decoder layer: target_modules/exclude_modules do not "
+                             "apply; leave them unset (or use unstructured/N:M pruning to prune part of the model)")
 
     @property
     def kind(self) -> str:
+        """`str`: `"unstructured"`, `"N:M"`, `"neurons"` or `"heads"`."""
         return parse_structure(self.structure)[0]
 
     @property
     def nm(self) -> tuple[int, int] | None:
+        """`tuple[int, int]` or `None`: `(n, m)` of an N:M structure, else `None`."""
         return parse_structure(self.structure)[1]
-
-
-_check_sparsity = check_sparsity

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as D
+from .masks import apply_mask_, check_nm_shapes
 from .matching import find_tracked_weights, select_names
 from .pruner import PruningReport, compute_masks, refuse_tied
 from .schedule import PruneSchedule
@@ -97,10 +98,8 @@ class MaskHolder:
                              f"(e.g. {missing[0]})")
         self.params = {n: linear[n] for n in names}
         refuse_tied(model, self.params, names)
-        if cfg.nm is not None:
-            from .masks import check_nm_shapes
-
-            check_nm_shapes({n: list(p.shape) for n, p in self.params.items()}, *cfg.nm, structure=cfg.structure)
+        if cfg.nm is not None:  # the same one-line refusal as prune_, before the first step
+            check_nm_shapes({n: list(p.shape) for n, p in self.params.items()}, *cfg.nm)
         if restored is not None:
             if restored and set(restored) != set(names):
                 raise ValueError("PruneSchedule: the checkpoint's masks cover other weights than this model's")
@@ -134,8 +133,6 @@ class MaskHolder:
     @torch.no_grad()
     def apply_masks_(self) -> None:
         """Zero the pruned weights (in place)."""
-        from .masks import apply_mask_
-
         for name, mask in self.masks.items():
             apply_mask_(self.params[name], mask)
 
@@ -165,16 +162,23 @@ class MaskHolder:
     def log_values(self) -> dict[str, float]:
         return {"pruning/sparsity": self.sparsity, "pruning/target_sparsity": self.target_sparsity}
 
+    def weights_hold_masks(self) -> bool:
+        """Whether every pruned weight is zero in the model now (the Trainer may have loaded other weights)."""
+        return all(not bool(self.params[n].detach()[~m].any()) for n, m in self.masks.items())
+
     def report(self, model: nn.Module, importance=None) -> PruningReport:
-        """A [`PruningReport`] of the masks, measured from the model's weights (what `save_pruned` writes).
+        """A [`PruningReport`] of the masked weights, measured from the weights themselves (`weight != 0`), so it
+        states what `save_pruned` writes even when the Trainer replaced the weights (`load_best_model_at_end`).
 
         Raises:
             ValueError: no masks yet.
         """
         if not self.masks:
             raise ValueError("PruneSchedule has no masks yet (no update has happened)")
-        return PruningReport.for_masks(self.masks, model, importance, structure=self.schedule.structure,
-                                       scope=self.schedule.prune_config.scope, target=self.target_sparsity)
+        zeros_of = {n: self.params[n].detach() != 0 for n in self.masks}
+        return PruningReport.from_masks(zeros_of, sum(p.numel() for p in model.parameters()),
+                                        structure=self.schedule.structure, scope=self.schedule.prune_config.scope,
+                                        target_sparsity=self.target_sparsity, importance=importance)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON counters (the masks are saved beside them by the callback, see `masks`)."""

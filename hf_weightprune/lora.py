@@ -14,6 +14,7 @@ from torch import nn
 
 from .masks import apply_mask_
 from .matching import canonical_name
+from .pruner import PruningReport
 
 logger = logging.getLogger(__name__)
 
@@ -24,19 +25,31 @@ def merge_and_unload_sparse(
     *,
     return_report: bool = False,
     safe_merge: bool = False,
-) -> nn.Module | tuple[nn.Module, dict]:
-    """Merge LoRA into the base weights with peft's own `merge_and_unload`, then re-apply each base weight's mask.
+) -> nn.Module | tuple[nn.Module, PruningReport]:
+    """
+    Merge LoRA into the base weights with peft's own `merge_and_unload`, then re-apply each base weight's mask, so
+    a pruned model stays exactly as sparse (the merged weight is `(W + scale * B @ A) * M`).
 
     Args:
-        peft_model (`peft.PeftModel`): a LoRA model whose base weights hold the pruned zeros.
-        masks (`dict[str, Tensor]`, *optional*): keep-masks by canonical parameter name (e.g.
-            `PruneSchedule.masks`); weights not in it use `W != 0` of their base weight.
-        return_report (`bool`, *optional*, defaults to `False`): also return `{"tensors": {name: density},
-            "density": ...}` (fraction of non-zeros after the merge, over the merged weights).
-        safe_merge (`bool`, *optional*, defaults to `False`): passed to peft (checks for NaNs).
+        peft_model (`peft.PeftModel`):
+            A LoRA model whose base weights hold the pruned zeros. Mutated, as peft's `merge_and_unload` does.
+        masks (`Mapping[str, torch.BoolTensor]`, *optional*):
+            Keep-masks by canonical parameter name (e.g. a gradual schedule's `masks`); LoRA base weights not in it
+            use `W != 0` of their base weight.
+        return_report (`bool`, *optional*, defaults to `False`):
+            Also return a [`PruningReport`] of the merged LoRA weights.
+        safe_merge (`bool`, *optional*, defaults to `False`):
+            Passed to peft (checks the merged weights for NaNs).
 
     Returns:
-        The plain base model (`nn.Module`), or `(model, report)` with `return_report=True`.
+        `nn.Module`: the plain base model; with `return_report=True`, `(model, report)`, where `report` is a
+        [`PruningReport`] (structure `"unstructured"`) whose `tensors[name]["sparsity"]` is the fraction of zeros of
+        each merged weight, measured on the merged weights, and `global_sparsity` the same over all of them.
+
+    Raises:
+        `ImportError`: without peft.
+        `ValueError`, before anything is merged: not a peft model, no LoRA layer, a quantized (non-floating) base
+        weight, or a mask whose shape differs from its weight.
     """
     try:
         from peft.tuners.lora import LoraLayer
@@ -53,18 +66,19 @@ def merge_and_unload_sparse(
             raise ValueError(f"{name}: base weight of dtype {weight.dtype} (quantized?) cannot be merged sparsely")
         pname = f"{canonical_name(name)}.weight"
         mask = masks.get(pname) if masks is not None else None
+        if mask is not None and tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"masks[{pname!r}] has shape {tuple(mask.shape)}, the weight {tuple(weight.shape)}: "
+                             "masks of another model?")
         keep[pname] = (weight.detach() != 0) if mask is None else mask.to(weight.device, torch.bool)
     if not keep:
         raise ValueError("merge_and_unload_sparse found no LoRA layer in the model")
     model = peft_model.merge_and_unload(safe_merge=safe_merge)
     params = dict(model.named_parameters())
-    report: dict = {"tensors": {}}
-    kept = total = 0
     for pname, mask in keep.items():
         apply_mask_(params[pname], mask)
-        nonzero = int(params[pname].count_nonzero())
-        report["tensors"][pname] = nonzero / mask.numel()
-        kept, total = kept + nonzero, total + mask.numel()
-    report["density"] = kept / total
-    logger.info("merge_and_unload_sparse: %d merged weights, density %.4f after merge", len(keep), report["density"])
+    # Measured on the merged weights (not the masks): what the saved checkpoint will hold.
+    merged = {pname: params[pname].detach() != 0 for pname in keep}
+    report = PruningReport.from_masks(merged, sum(p.numel() for p in model.parameters()))
+    logger.info("merge_and_unload_sparse: %d merged weights, sparsity %.4f after merge", len(keep),
+                report.global_sparsity)
     return (model, report) if return_report else model

@@ -1,42 +1,38 @@
-"""Pure mask builders: importance scores in, boolean keep-masks out.
+"""Pure per-tensor mask builders: importance scores in, boolean keep-masks out.
 
 Conventions:
 
 - A mask is a `torch.bool` tensor shaped like the weight, `True` = keep.
 - A score is an importance tensor, higher = more important. Any floating dtype is accepted and compared in float32;
-  scores may be negative (movement pruning) but never NaN. `-0.0` and `+0.0` count as equal.
+  scores may be negative (movement pruning) but never NaN (`-inf` is allowed: it marks an already pruned weight).
+  `-0.0` and `+0.0` count as equal.
 - Weights of `nn.Linear` are `[out_features, in_features]`: rows are output units, the last dim is the input dim.
 - Ties are broken deterministically: among equal scores the one with the lower flat index (for global masks: the
   earlier tensor, then the lower flat index) is pruned first.
-- How many elements a sparsity prunes is decided in one place, [`num_to_prune`].
+- How many elements a sparsity prunes is decided in one place, [`num_to_prune`]; whether a sparsity is valid in one
+  place, [`~config.check_sparsity`].
 
-Global masks ([`compute_global_threshold`], [`global_masks`]) are exact and streaming: they never concatenate or
-sort all scores. Scores are mapped to order-preserving int32 keys, a radix select over two passes of 16-bit
-histograms finds the exact k-th smallest key, and a last pass shares the ties at that key among tensors in
-iteration order. Extra memory is about one tensor's worth of keys plus two 65536-bin int64 histograms; every count
-is an int64 (or a Python int), so totals and single tensors past 2**31 elements are fine. bfloat16 scores (the usual
-importance state) skip float32 altogether: their keys are the bf16 bits, which are the first pass's bins.
-
-Timing (measured on the dev box, CPU, 2 cores, torch 2.13): `compute_global_threshold` on 100M float32 elements split
-in 100 tensors of 1M, already in memory, takes about 0.8 s (1 or 2 threads, idle machine; 2-5 s while the cores are
-shared with other jobs), against about 20 s for `torch.cat(...).sort()`. `global_masks` costs about the same.
+Global masks over several tensors ([`compute_global_threshold`], [`global_masks`], [`GlobalThreshold`]) live in
+[`global_threshold`] and are re-exported here.
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from numbers import Real
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+from .config import _check_nm, check_sparsity, parse_nm
 
 __all__ = [
     "GlobalThreshold",
     "apply_mask_",
+    "check_nm_shapes",
     "compute_global_threshold",
     "global_masks",
     "mask_sparsity",
+    "nm_capped_mask",
     "nm_mask",
     "num_to_prune",
     "parse_nm",
@@ -44,22 +40,30 @@ __all__ = [
     "unstructured_mask",
 ]
 
-NamedScores = Callable[[], Iterable[tuple[str, torch.Tensor]]]
+# Re-exported lazily from `global_threshold` (PEP 562): that module builds on this one's order keys, so an eager import
+# here would be a cycle.
+_GLOBAL_THRESHOLD_NAMES = ("GlobalThreshold", "NamedScores", "compute_global_threshold", "global_masks")
 
-_NUM_BINS = 1 << 16
-# Keys lie in [-0x7F800000, 0x7F800000] (+-inf), so `key >> 16` lies in [-32640, 32640]: shift it to a bin index.
-_HIGH_OFFSET = 1 << 15
+# Blocks of `apply_mask_`'s bitwise AND, and the integer dtype of each float width it reinterprets weights as.
+_MASK_BLOCK = 1 << 20
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+if TYPE_CHECKING:  # the names for linters and type checkers; at runtime `__getattr__` below imports them
+    from .global_threshold import GlobalThreshold, NamedScores, compute_global_threshold, global_masks  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _GLOBAL_THRESHOLD_NAMES:
+        from . import global_threshold
+
+        return getattr(global_threshold, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Validation and helpers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, Real) or not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"`sparsity` must be a float in [0.0, 1.0), got {sparsity!r}.")
-    return float(sparsity)
 
 
 def num_to_prune(numel: int, sparsity: float) -> int:
@@ -75,8 +79,11 @@ def num_to_prune(numel: int, sparsity: float) -> int:
     Returns:
         `int`: `round(sparsity * numel)` (Python's `round`, i.e. halves go to the even neighbour), between 0 and
         `numel`.
+
+    Raises:
+        `ValueError`: if `sparsity` is not in `[0, 1)` or `numel` is not a non-negative int.
     """
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_sparsity("sparsity", sparsity)
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"`numel` must be a non-negative int, got {numel!r}.")
     # Near-1 sparsities on tiny groups may round up to the whole group; that is what the rule says.
@@ -110,12 +117,6 @@ def _order_key(score: torch.Tensor, name: str = "score") -> torch.Tensor:
     return key
 
 
-def _key_to_value(key: int) -> float:
-    """Inverse of [`_order_key`] for one key: the float32 value it stands for."""
-    bits = key if key >= 0 else (-key) | 0x80000000
-    return struct.unpack("<f", struct.pack("<I", bits))[0]
-
-
 def _order_key16(score: torch.Tensor, name: str = "score") -> torch.Tensor:
     """
     Order keys of bfloat16 scores at 16-bit resolution: exactly `_order_key(score) >> 16`, built from the bf16 bits
@@ -147,18 +148,6 @@ def _keys(score: torch.Tensor, name: str = "score") -> torch.Tensor:
     return _order_key(score, name)
 
 
-def _threshold_keys(score: torch.Tensor, key: int, name: str) -> tuple[torch.Tensor, int, bool]:
-    """
-    `(keys, k, exact)`: order keys of `score` and the float32-scale threshold `key` on their scale. A bfloat16 score
-    gets 16-bit keys; when `key` falls between two bf16 values (`exact` False) no element can equal it, and an
-    element is above it exactly when its key is `>= k`.
-    """
-    if score.dtype == torch.bfloat16:
-        high, low = divmod(key, _NUM_BINS)
-        return _order_key16(score, name), (high if low == 0 else high + 1), low == 0
-    return _order_key(score, name), key, True
-
-
 def _prune_lowest_along_last_dim(keys: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask pruning the `k` lowest keys of every row of a 2D key tensor, lower column index first on ties."""
     mask = torch.ones(keys.shape, dtype=torch.bool, device=keys.device)
@@ -187,6 +176,9 @@ def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     Returns:
         `torch.BoolTensor`: mask shaped like `score`, `True` = keep. Among equal scores the lower flat index is
         pruned first.
+
+    Raises:
+        `ValueError`: for a bad `sparsity`, or a score that is not a floating tensor or holds NaN.
     """
     keys = _keys(score)
     k = num_to_prune(keys.numel(), sparsity)
@@ -207,6 +199,9 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     Returns:
         `torch.BoolTensor`: mask shaped like `score`, `True` = keep. Within a row the lower index is pruned first on
         ties.
+
+    Raises:
+        `ValueError`: for a bad `sparsity`, a score with fewer than 2 dims, not floating, or holding NaN.
     """
     if not isinstance(score, torch.Tensor) or score.dim() < 2:
         raise ValueError(
@@ -216,35 +211,6 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     keys = _keys(score).reshape(score.shape[0], -1)
     k = num_to_prune(keys.shape[1], sparsity)
     return _prune_lowest_along_last_dim(keys, k).reshape(score.shape)
-
-
-def parse_nm(spec: str) -> tuple[int, int]:
-    """
-    Parse an N:M sparsity pattern.
-
-    Args:
-        spec (`str`):
-            Pattern such as `"2:4"`: keep `n` of every `m` consecutive input elements, with `0 < n < m`.
-
-    Returns:
-        `tuple[int, int]`: `(n, m)`.
-    """
-    if not isinstance(spec, str):
-        raise ValueError(f"N:M pattern must be a string like '2:4', got {type(spec).__name__}.")
-    parts = spec.strip().split(":")
-    if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
-        raise ValueError(f"N:M pattern must look like '2:4' (two positive integers joined by ':'), got {spec!r}.")
-    n, m = int(parts[0]), int(parts[1])
-    _check_nm(n, m)
-    return n, m
-
-
-def _check_nm(n, m) -> None:
-    for arg, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"`{arg}` must be an int, got {value!r}.")
-    if not 0 < n < m:
-        raise ValueError(f"N:M pattern needs 0 < n < m, got n={n}, m={m}.")
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -263,330 +229,97 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     Returns:
         `torch.BoolTensor`: mask shaped like `score`, `True` = keep. Within a group the lower index is pruned first
         on ties.
+
+    Raises:
+        `ValueError`: for bad `n`/`m`, an input dim not divisible by `m`, or a score not floating or holding NaN.
     """
     _check_nm(n, m)
+    _check_groups(score, m)
+    keys = _keys(score).reshape(-1, m)
+    return _prune_lowest_along_last_dim(keys, m - n).reshape(score.shape)
+
+
+def nm_capped_mask(score: torch.Tensor, sparsity: float, n: int, m: int) -> torch.Tensor:
+    """
+    Keep-mask pruning the `num_to_prune(score.numel(), sparsity)` lowest scores, at most `m - n` in each group of `m`
+    consecutive input elements: a gradual step towards the N:M mask (Zhu & Gupta 2017, arXiv 1710.01878, applied to
+    the N:M pattern of Mishra et al. 2021, arXiv 2104.08378).
+
+    At `sparsity = 1 - n/m` (and a group count that rounds exactly) it equals [`nm_mask`]; below it, the lowest
+    scores among the `m - n` lowest of every group are pruned, lower flat index first on ties. Scores may be `-inf`
+    (weights pruned earlier rank lowest, so gradual masks only shrink).
+
+    Args:
+        score (`torch.Tensor`):
+            Importance scores of a weight shaped `[..., in_features]`, any floating dtype; `in_features` must be a
+            multiple of `m`.
+        sparsity (`float`):
+            Fraction of all elements to prune, in `[0.0, 1.0)`. Above `1 - n/m` the groups' caps bind: at most
+            `numel * (m - n) / m` elements are pruned.
+        n (`int`):
+            Elements kept per group, `0 < n < m`.
+        m (`int`):
+            Group size.
+
+    Returns:
+        `torch.BoolTensor`: mask shaped like `score`, `True` = keep.
+
+    Raises:
+        `ValueError`: for a bad `sparsity`, `n`/`m`, a non-floating or NaN score, or an input dim not divisible by `m`.
+    """
+    _check_nm(n, m)
+    _check_groups(score, m)
+    keys = _keys(score).reshape(-1, m)
+    candidates = torch.argsort(keys, dim=1, stable=True)[:, : m - n]  # the m - n lowest of each group
+    candidate_keys = torch.gather(keys, 1, candidates).reshape(-1)
+    k = min(num_to_prune(score.numel(), sparsity), candidate_keys.numel())
+    # Candidates in flat-index order, then a stable sort by key: ties go to the lower flat index, as everywhere here.
+    flat = (candidates + torch.arange(keys.shape[0], device=keys.device)[:, None] * m).reshape(-1)
+    order = torch.argsort(flat)
+    chosen = order[torch.argsort(candidate_keys[order], stable=True)[:k]]
+    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    mask[flat[chosen]] = False
+    return mask.reshape(score.shape)
+
+
+def check_nm_shapes(shapes: Mapping[str, Sequence[int]], n: int, m: int) -> None:
+    """
+    Check, before any work, that every weight to prune with an N:M pattern has an input dim divisible by `m`.
+
+    One check shared by every N:M path (one-shot `prune_`, `prune_checkpoint`, gradual pruning), so a weight that
+    cannot hold the pattern is named the same way wherever it is met.
+
+    Args:
+        shapes (`Mapping[str, Sequence[int]]`):
+            Weight name to its shape, `[out_features, in_features]` (the last dim is the input dim).
+        n (`int`):
+            Elements kept per group, `0 < n < m`.
+        m (`int`):
+            Group size.
+
+    Raises:
+        `ValueError`: one line naming the first weight whose input dim is not a multiple of `m` (or that has no
+        dims), and the fix.
+    """
+    _check_nm(n, m)
+    for name, shape in shapes.items():
+        shape = tuple(shape)
+        in_features = shape[-1] if shape else None
+        if in_features is None or in_features % m:
+            what = f"in_features {in_features}" if shape else "a 0-dim weight"
+            raise ValueError(
+                f"{name}: {what} is not a multiple of {m} (structure '{n}:{m}' prunes groups of {m} consecutive input "
+                "weights); exclude it (exclude_modules=[...]) or use unstructured pruning"
+            )
+
+
+def _check_groups(score: torch.Tensor, m: int) -> None:
     if not isinstance(score, torch.Tensor) or score.dim() < 1:
         raise ValueError("`score` must be a tensor with at least 1 dim for an N:M mask.")
     if score.shape[-1] % m != 0:
         raise ValueError(
             f"The last (input) dim of `score` must be divisible by m={m} for an N:M mask, got shape {tuple(score.shape)}."
         )
-    keys = _keys(score).reshape(-1, m)
-    return _prune_lowest_along_last_dim(keys, m - n).reshape(score.shape)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Exact streaming global threshold
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _select_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
-    """
-    Find the histogram bin holding the `rank`-th smallest element (1-based).
-
-    Args:
-        hist (`torch.Tensor`):
-            1D int64 counts per bin, bins in ascending key order.
-        rank (`int`):
-            1-based rank, `1 <= rank <= hist.sum()`.
-
-    Returns:
-        `tuple[int, int]`: `(bin, below)`, where `below` is the number of elements in lower bins.
-    """
-    if hist.dtype != torch.int64:
-        raise ValueError(f"`hist` must hold int64 counts, got {hist.dtype}.")
-    cumulative = torch.cumsum(hist, dim=0)
-    total = int(cumulative[-1])
-    if not 1 <= rank <= total:
-        raise ValueError(f"`rank` must be in [1, {total}], got {rank}.")
-    # First bin whose cumulative count reaches `rank`.
-    bin_index = int(torch.searchsorted(cumulative, torch.tensor([rank], dtype=torch.int64))[0])
-    below = int(cumulative[bin_index - 1]) if bin_index > 0 else 0
-    return bin_index, below
-
-
-def _share_ties(tie_counts: Iterable[tuple[str, int]], ties_to_prune: int) -> dict[str, int]:
-    """
-    Share `ties_to_prune` pruned ties among tensors in iteration order: earlier tensors prune all their ties first.
-
-    Args:
-        tie_counts (`Iterable[tuple[str, int]]`):
-            `(name, number of elements equal to the threshold)` per tensor, in iteration order.
-        ties_to_prune (`int`):
-            Ties to prune in total.
-
-    Returns:
-        `dict[str, int]`: ties pruned per tensor (0 for tensors past the last one that prunes ties).
-    """
-    remaining = ties_to_prune
-    shares = {}
-    for name, count in tie_counts:
-        take = min(int(count), remaining)
-        shares[name] = take
-        remaining -= take
-    if remaining:
-        raise ValueError(
-            f"Only {ties_to_prune - remaining} ties found, {ties_to_prune} needed: scores changed between passes."
-        )
-    return shares
-
-
-@dataclass(frozen=True)
-class GlobalThreshold:
-    """
-    Exact global pruning threshold over several score tensors, from [`compute_global_threshold`].
-
-    Args:
-        key (`int`):
-            Order-preserving int32 key of the threshold score: elements with a lower key are pruned, elements with a
-            higher key are kept.
-        value (`float`):
-            The threshold score as a float32 value.
-        ties_to_prune (`dict[str, int]`):
-            Per tensor name, how many elements whose score equals the threshold are pruned (lowest flat indices
-            first). Has an entry for every tensor.
-        num_pruned (`int`):
-            Elements pruned across all tensors, `num_to_prune(total, sparsity)`.
-        total (`int`):
-            Elements across all tensors.
-        numels (`dict[str, int]`, *optional*):
-            Elements per tensor seen while computing the threshold, used by [`~GlobalThreshold.mask`] to reject a
-            tensor of the wrong size.
-    """
-
-    key: int
-    value: float
-    ties_to_prune: dict[str, int]
-    num_pruned: int
-    total: int
-    # Shapes seen in the first pass, to catch a mask asked for a tensor that is not the one that was scored.
-    numels: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
-
-    def mask(self, name: str, score: torch.Tensor) -> torch.BoolTensor:
-        """
-        Keep-mask of one tensor under this threshold.
-
-        Args:
-            name (`str`):
-                Name of the tensor, as yielded by `named_scores`.
-            score (`torch.Tensor`):
-                The same scores that were used to compute the threshold.
-
-        Returns:
-            `torch.BoolTensor`: mask shaped like `score`, `True` = keep.
-        """
-        if name not in self.ties_to_prune:
-            raise ValueError(f"Unknown tensor name {name!r}: it was not among the scores of this threshold.")
-        if name in self.numels and score.numel() != self.numels[name]:
-            raise ValueError(f"`{name}` has {score.numel()} elements, but {self.numels[name]} were scored.")
-        keys, key, exact = _threshold_keys(score, self.key, name)
-        ties = self.ties_to_prune[name]
-        if ties and not exact:
-            raise ValueError(f"`{name}` cannot hold scores equal to the threshold it must prune: scores changed.")
-        return _threshold_mask(keys, key, ties, name).reshape(score.shape)
-
-
-def _threshold_mask(keys: torch.Tensor, key: int, ties: int, name: str) -> torch.Tensor:
-    """Keep keys above `key`, prune keys below it, and prune the first `ties` keys equal to it in flat order."""
-    if ties == 0:
-        return keys >= key
-    keys = keys.reshape(-1)
-    tie = keys == key
-    count = int(torch.count_nonzero(tie))
-    if count < ties:
-        raise ValueError(f"`{name}` has fewer scores equal to the threshold than it must prune: scores changed.")
-    keep = keys > key
-    if count > ties:  # only the tensor where the shared ties run out keeps some: those after the `ties`-th one
-        last = _index_of_nth_true(tie, ties)
-        keep[last + 1 :] |= tie[last + 1 :]
-    return keep
-
-
-def _index_of_nth_true(flags: torch.Tensor, n: int, block: int = 1 << 24) -> int:
-    """Flat index of the `n`-th (1-based) `True` of a 1D bool tensor, counting block by block (no int64 cumsum
-    over the whole tensor)."""
-    for start in range(0, flags.numel(), block):
-        part = flags[start : start + block]
-        count = int(torch.count_nonzero(part))
-        if count >= n:
-            return start + int(torch.searchsorted(torch.cumsum(part, 0, dtype=torch.int32), n))
-        n -= count
-    raise ValueError("fewer True values than asked for")
-
-
-_BINCOUNT_BLOCK = 1 << 20
-
-
-def _bincount(keys: torch.Tensor, minlength: int = 0) -> torch.Tensor:
-    """`torch.bincount` of non-negative int keys, as CPU int64 counts.
-
-    `torch.bincount` wants int32/int64 input. Widening a large int16 tensor in one go costs more than the count
-    itself (a fresh 4-byte-per-element allocation that the kernel must fault in: 2.7 ns per element, measured on a
-    25M-element bf16 score); widening 1M-element blocks into one reused buffer costs 0.9 ns. Threads did not help.
-    """
-    flat = keys.reshape(-1)
-    if flat.dtype != torch.int16 or flat.numel() <= _BINCOUNT_BLOCK:
-        return torch.bincount(flat, minlength=minlength).cpu()
-    total = torch.zeros(max(minlength, 1 << 15), dtype=torch.int64)  # int16 keys are below 2**15
-    buf = torch.empty(_BINCOUNT_BLOCK, dtype=torch.int32, device=flat.device)
-    for start in range(0, flat.numel(), _BINCOUNT_BLOCK):
-        part = flat[start : start + _BINCOUNT_BLOCK]
-        block = buf[: part.numel()]
-        block.copy_(part)
-        counts = torch.bincount(block).cpu()
-        total[: counts.numel()] += counts
-    return total
-
-
-def _iterate(named_scores: NamedScores, numels: dict[str, int] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Iterate one pass of `named_scores`, checking it replays the names and sizes of the first pass."""
-    if numels is None:
-        for name, score in named_scores():
-            yield name, score
-        return
-    expected = iter(numels.items())
-    for name, score in named_scores():
-        if next(expected, (None, None)) != (name, score.numel()):
-            raise ValueError(
-                "`named_scores` must yield the same names and tensor sizes, in the same order, every call."
-            )
-        yield name, score
-    if next(expected, None) is not None:
-        raise ValueError("`named_scores` yielded fewer tensors than on its first call.")
-
-
-def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, int, int, int, dict[str, int]]:
-    """
-    Passes 1 and 2 of the radix select.
-
-    Returns:
-        `tuple`: `(key, ties_to_prune, num_pruned, total, numels)`, where `key` is the key of the element of rank
-        `max(num_pruned, 1)` and `ties_to_prune` the number of elements equal to it that must be pruned.
-    """
-    sparsity = _check_sparsity(sparsity)
-    if not callable(named_scores):
-        raise ValueError(
-            "`named_scores` must be a zero-argument callable returning a fresh iterable of (name, score) pairs, "
-            f"got {type(named_scores).__name__}."
-        )
-
-    # Pass 1: histogram of the high 16 bits of the keys.
-    numels: dict[str, int] = {}
-    high_hist = torch.zeros(_NUM_BINS, dtype=torch.int64)
-    # bfloat16 is the top half of float32: keys of bf16 scores have zero low 16 bits, so pass 1 is already exact.
-    all_bf16 = True
-    for name, score in _iterate(named_scores):
-        all_bf16 = all_bf16 and score.dtype == torch.bfloat16
-        if not isinstance(name, str):
-            raise ValueError(f"Tensor names from `named_scores` must be strings, got {type(name).__name__}.")
-        if name in numels:
-            raise ValueError(f"`named_scores` yielded the name {name!r} twice; names must be unique.")
-        if score.dtype == torch.bfloat16:  # 16-bit keys are the high bins themselves
-            keys = _order_key16(score, name).reshape(-1)
-            numels[name] = keys.numel()
-            if keys.dtype == torch.int16:  # non-negative: bins from _HIGH_OFFSET up
-                counts = _bincount(keys)
-                high_hist[_HIGH_OFFSET : _HIGH_OFFSET + counts.numel()] += counts
-            else:
-                high_hist += _bincount(keys + _HIGH_OFFSET, minlength=_NUM_BINS)
-            continue
-        keys = _order_key(score, name).reshape(-1)
-        numels[name] = keys.numel()
-        high = keys >> 16
-        high += _HIGH_OFFSET
-        high_hist += _bincount(high, minlength=_NUM_BINS)
-    total = sum(numels.values())
-    if total == 0:
-        raise ValueError("`named_scores` yielded no score elements; cannot compute a global threshold.")
-    num_pruned = num_to_prune(total, sparsity)
-    # With nothing to prune, the rank-1 (smallest) element still gives a well-defined threshold with 0 ties pruned.
-    rank = max(num_pruned, 1)
-    high_bin, below_high = _select_bin(high_hist, rank)
-    high = high_bin - _HIGH_OFFSET
-    if all_bf16:  # every key in the selected bin equals high << 16: they are all ties, no second pass needed
-        return high * _NUM_BINS, num_pruned - below_high, num_pruned, total, numels
-
-    # Pass 2: histogram of the low 16 bits among keys in the selected high bin.
-    low_hist = torch.zeros(_NUM_BINS, dtype=torch.int64)
-    for name, score in _iterate(named_scores, numels):
-        if score.dtype == torch.bfloat16:  # its keys in the bin all have low bits 0
-            low_hist[0] += int(torch.count_nonzero(_order_key16(score, name) == high))
-            continue
-        # Clamp instead of boolean indexing (no gather): keys below the bin land in bin 0, keys above it in the
-        # last bin, the bin's own keys in 1..65536.
-        base = high * _NUM_BINS
-        low = _order_key(score, name).reshape(-1).clamp_(base - 1, base + _NUM_BINS)
-        low -= base - 1
-        low_hist += _bincount(low, minlength=_NUM_BINS + 2)[1:-1]
-    low_bin, below_low = _select_bin(low_hist, rank - below_high)
-    key = high * _NUM_BINS + low_bin
-    return key, num_pruned - (below_high + below_low), num_pruned, total, numels
-
-
-def compute_global_threshold(named_scores: NamedScores, sparsity: float) -> GlobalThreshold:
-    """
-    Exact global threshold pruning `num_to_prune(total, sparsity)` of the lowest scores across several tensors,
-    streaming: three passes over `named_scores`, one tensor in memory at a time.
-
-    Args:
-        named_scores (`Callable[[], Iterable[tuple[str, torch.Tensor]]]`):
-            Zero-argument callable returning a fresh iterable of `(name, score)` pairs on every call, same names,
-            sizes and order each time (scores may be loaded lazily from disk). Names must be unique.
-        sparsity (`float`):
-            Fraction of all elements to prune, in `[0.0, 1.0)`.
-
-    Returns:
-        [`GlobalThreshold`]: ties at the threshold are pruned in iteration order of tensors, then by flat index.
-    """
-    key, ties, num_pruned, total, numels = _locate_threshold(named_scores, sparsity)
-
-    # Pass 3: count ties per tensor, in order; stop once all ties are placed (later tensors prune none).
-    def tie_counts():
-        remaining = ties
-        if remaining == 0:  # don't even start a pass (it may load a tensor from disk)
-            return
-        for name, score in _iterate(named_scores, numels):
-            if remaining == 0:
-                break
-            keys, k, exact = _threshold_keys(score, key, name)
-            count = int(torch.count_nonzero(keys == k)) if exact else 0
-            remaining -= min(count, remaining)
-            yield name, count
-
-    ties_to_prune = dict.fromkeys(numels, 0)
-    ties_to_prune.update(_share_ties(tie_counts(), ties))
-    return GlobalThreshold(
-        key=key,
-        value=_key_to_value(key),
-        ties_to_prune=ties_to_prune,
-        num_pruned=num_pruned,
-        total=total,
-        numels=numels,
-    )
-
-
-def global_masks(named_scores: NamedScores, sparsity: float) -> Iterator[tuple[str, torch.BoolTensor]]:
-    """
-    Yield `(name, mask)` per tensor for an exact global prune, like [`compute_global_threshold`] followed by
-    [`GlobalThreshold.mask`], but sharing ties while building the masks (three passes instead of four).
-
-    Args:
-        named_scores (`Callable[[], Iterable[tuple[str, torch.Tensor]]]`):
-            Zero-argument callable returning a fresh iterable of `(name, score)` pairs on every call.
-        sparsity (`float`):
-            Fraction of all elements to prune, in `[0.0, 1.0)`.
-
-    Yields:
-        `tuple[str, torch.BoolTensor]`: name and keep-mask shaped like its score, in iteration order.
-    """
-    key, remaining, _, _, numels = _locate_threshold(named_scores, sparsity)
-    for name, score in _iterate(named_scores, numels):
-        keys, k, exact = _threshold_keys(score, key, name)
-        ties = min(int(torch.count_nonzero(keys == k)), remaining) if remaining and exact else 0
-        remaining -= ties
-        yield name, _threshold_mask(keys, k, ties, name).reshape(score.shape)
-    if remaining:
-        raise ValueError("Fewer ties found than needed for the global threshold: scores changed between passes.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -604,6 +337,9 @@ def mask_sparsity(mask: torch.Tensor) -> float:
 
     Returns:
         `float`: pruned fraction in `[0.0, 1.0]`.
+
+    Raises:
+        `ValueError`: if `mask` is not a non-empty `torch.bool` tensor.
     """
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError(f"`mask` must be a torch.bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}.")
@@ -624,6 +360,9 @@ def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     Returns:
         `torch.Tensor`: `weight`, modified in place.
+
+    Raises:
+        `ValueError`: if `mask` is not a `torch.bool` tensor of `weight`'s shape.
     """
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise ValueError(f"`mask` must be a torch.bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}.")
@@ -647,31 +386,3 @@ def apply_mask_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                 part.copy_(keep[start : start + _MASK_BLOCK]).neg_()  # 1 -> -1 (all bits set), 0 -> 0
                 flat[start : start + _MASK_BLOCK].bitwise_and_(part)
     return weight
-
-
-_MASK_BLOCK = 1 << 20
-
-
-_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def nm_capped_mask(score: torch.Tensor, sparsity: float, n: int, m: int) -> torch.Tensor:
-    """Keep-mask pruning the `num_to_prune(numel, sparsity)` lowest scores, at most `m - n` in each group of `m`."""
-    keys = score.detach().float().reshape(-1, m)
-    cand = torch.argsort(keys, dim=1, stable=True)[:, : m - n]
-    cand_scores = torch.gather(keys, 1, cand).reshape(-1)
-    k = min(num_to_prune(score.numel(), sparsity), cand_scores.numel())
-    flat = (cand + torch.arange(keys.shape[0], device=keys.device)[:, None] * m).reshape(-1)
-    order = torch.argsort(flat)
-    chosen = order[torch.argsort(cand_scores[order], stable=True)[:k]]
-    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-    mask[flat[chosen]] = False
-    return mask.reshape(score.shape)
-
-
-def check_nm_shapes(shapes, n: int, m: int, structure: str = "") -> None:
-    for name, shape in shapes.items():
-        if shape[-1] % m:
-            raise ValueError(f"{name}: in_features {shape[-1]} is not a multiple of {m} (structure "
-                             f"'{structure or f'{n}:{m}'}' prunes groups of {m} consecutive input weights); exclude it "
-                             "(exclude_modules=[...]) or use unstructured pruning")

@@ -11,6 +11,7 @@ same names apply to the merged base model and to files written under any wrapper
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -21,7 +22,17 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def canonical_name(name: str) -> str:
-    """Strip DDP `module.`, peft `base_model.model.`, and FSDP / compile / checkpoint / LoRA wrapper segments."""
+    """
+    The base model's own name of a module or parameter, whatever wraps it.
+
+    Args:
+        name (`str`):
+            A name from `named_modules()` / `named_parameters()` of a possibly wrapped model.
+
+    Returns:
+        `str`: `name` without DDP's `module.`, peft's `base_model.model.`, and FSDP / compile / checkpoint / LoRA
+        wrapper segments.
+    """
     while name.startswith("module."):
         name = name[len("module.") :]
     parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
@@ -37,12 +48,67 @@ def _is_adapter_module(name: str) -> bool:
 
 
 def module_matches(name: str, pattern: str | list[str] | tuple[str, ...] | None) -> bool:
-    """peft's matching rule for one module name (already canonical)."""
+    """
+    peft's matching rule for one module name.
+
+    Args:
+        name (`str`):
+            Canonical module name.
+        pattern (`str`, `list[str]` or `tuple[str, ...]`, *optional*):
+            A regex that must fullmatch `name`, or names / `.`-suffixes; `None` matches nothing.
+
+    Returns:
+        `bool`: whether `name` matches.
+
+    Raises:
+        `re.error`: for an invalid regex.
+    """
     if pattern is None:
         return False
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def select_names(
+    names: Iterable[str],
+    target_modules: str | list[str] | tuple[str, ...] | None,
+    exclude_modules: str | list[str] | tuple[str, ...] | None,
+) -> list[str]:
+    """
+    Select the parameter names to prune among tracked ones, with peft's rules applied to their module part.
+
+    Args:
+        names (`Iterable[str]`):
+            Canonical parameter names `<module>.weight`, e.g. `Importance.names`.
+        target_modules (`str` or `list[str]`, *optional*):
+            A regex that must fullmatch the module name, or a list of names / name suffixes; `None` selects all.
+        exclude_modules (`str` or `list[str]`, *optional*):
+            Same rules; matching modules are dropped (checked even when `target_modules` selects them).
+
+    Returns:
+        `list[str]`: the selected names, in the order of `names`.
+
+    Raises:
+        `ValueError`: when nothing is selected.
+    """
+    names = list(names)
+    selected = [
+        n
+        for n in names
+        if (target_modules is None or module_matches(_module_of(n), target_modules))
+        and not module_matches(_module_of(n), exclude_modules)
+    ]
+    if not selected:
+        raise ValueError(
+            f"No tracked weight is selected for pruning (target_modules={target_modules!r}, exclude_modules="
+            f"{exclude_modules!r}, {len(names)} tracked weights): check PruneConfig target/exclude_modules"
+        )
+    return selected
+
+
+def _module_of(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -68,9 +134,23 @@ def find_tracked_weights(
     target_modules: str | list[str] | None = "all-linear",
     exclude_modules: str | list[str] | None = None,
 ) -> list[TrackedWeight]:
-    """Return the tracked `nn.Linear` weights of `model` in module order, each parameter once.
+    """
+    The tracked `nn.Linear` weights of `model` in module order, each parameter once (tied weights: the first name
+    wins). peft's own adapter layers are never tracked.
 
-    Tied weights are tracked once (the first name wins). Raises `ValueError` if nothing matches.
+    Args:
+        model (`nn.Module`):
+            The model, possibly wrapped (DDP, FSDP, `torch.compile`, peft).
+        target_modules (`str` or `list[str]`, *optional*, defaults to `"all-linear"`):
+            peft's rules; `"all-linear"` (or `None`) is every `nn.Linear` except the output embedding.
+        exclude_modules (`str` or `list[str]`, *optional*):
+            Same rules; matching modules are dropped.
+
+    Returns:
+        `list[TrackedWeight]`: canonical `<module>.weight` name, module name, module and parameter of each.
+
+    Raises:
+        `ValueError`: if nothing matches.
     """
     out_names = _output_embedding_names(model)
     seen: set[int] = set()
@@ -95,17 +175,3 @@ def find_tracked_weights(
             "A str is a regex that must fullmatch the module name; a list matches exact names or name suffixes."
         )
     return tracked
-
-
-def select_names(names, target_modules, exclude_modules) -> list[str]:
-    """Parameter names `<module>.weight` whose module matches `target_modules` (None = all) and not `exclude_modules`.
-
-    Raises:
-        ValueError: nothing selected.
-    """
-    out = [n for n in names
-           if (target_modules is None or module_matches(n.rsplit(".", 1)[0], target_modules))
-           and not module_matches(n.rsplit(".", 1)[0], exclude_modules)]
-    if not out:
-        raise ValueError("No tracked weight is selected for pruning: check target_modules/exclude_modules")
-    return out

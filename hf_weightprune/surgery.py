@@ -22,11 +22,14 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+
+from .config import check_sparsity
+from .masks import num_to_prune
 
 __all__ = [
     "SUPPORTED_STRUCTURES",
@@ -39,6 +42,13 @@ __all__ = [
 ]
 
 SUPPORTED_STRUCTURES = ("neurons", "heads")
+
+try:  # huggingface_hub wraps a strict config validator's ValueError/TypeError in its own error class
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+except ImportError:  # older huggingface_hub: validators raise plain ValueError/TypeError
+    _CONFIG_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError)
+else:
+    _CONFIG_ERRORS = (ValueError, TypeError, _StrictDataclassError)
 
 _SUPPORTED_LAYOUTS = (
     "Llama-style decoder layers (self_attn.q_proj/k_proj/v_proj/o_proj and mlp.gate_proj/up_proj/down_proj, "
@@ -54,13 +64,22 @@ _MLP_LAYOUTS = {"split": ("gate_proj", "up_proj", "down_proj"), "fused": ("gate_
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None) if isinstance(base, nn.Module) else None
+    layers = None
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):  # transformers' own lookup (CausalLM -> base model, multimodal -> language model)
+        try:
+            decoder = get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):  # models without a rule of their own
+            decoder = None
+        layers = getattr(decoder, "layers", None) if isinstance(decoder, nn.Module) else None
+    if layers is None:  # plain nn.Module wrappers: `model.model.layers`, then `model.layers`
+        base = getattr(model, "model", None)
+        layers = getattr(base, "layers", None) if isinstance(base, nn.Module) else None
     if layers is None:
         layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(
-            f"Structured pruning cannot find decoder layers (`model.model.layers`) in {type(model).__name__}. "
+            f"Structured pruning cannot find decoder layers (`model.get_decoder().layers`) in {type(model).__name__}. "
             f"Supported: {_SUPPORTED_LAYOUTS}."
         )
     return layers
@@ -142,6 +161,10 @@ def check_structured_supported(model: nn.Module, structure: str) -> None:
     Args:
         model (`PreTrainedModel`): A Llama-style or Phi-3-style causal LM (see module docstring).
         structure (`str`): `"neurons"` (MLP intermediate neurons) or `"heads"` (attention KV groups).
+
+    Raises:
+        `ValueError`: for an unknown structure, no decoder layers, an unsupported or mixed layout, non-plain
+        `nn.Linear` projections (LoRA, quantized), non-uniform layer sizes, or a single unit per layer.
     """
     if structure not in SUPPORTED_STRUCTURES:
         raise ValueError(f"Unknown structure {structure!r}; expected one of {list(SUPPORTED_STRUCTURES)}.")
@@ -198,6 +221,28 @@ def _check_layer_idx(layers: nn.ModuleList, layer_idx: int) -> None:
         raise ValueError(f"layer_idx must be an int in [0, {len(layers)}), got {layer_idx!r}.")
 
 
+def _reduced_scores(
+    scores: Mapping[str, torch.Tensor], prefix: str, block: nn.Module, parts: list[str], out_module: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """
+    Normalised scores of the weights and biases of `block`'s modules `parts`, each summed to a 1-D vector along the
+    unit axis: rows of the input projections, columns of `out_module` (whose bias belongs to no unit and is skipped).
+    Unscored tensors are skipped.
+    """
+    for mod_name in parts:
+        module = getattr(block, mod_name)
+        for pname in ("weight", "bias"):
+            param = getattr(module, pname, None)
+            if param is None or (pname == "bias" and mod_name == out_module):
+                continue
+            s = _normalised(scores, f"{prefix}.{mod_name}.{pname}", param)
+            if s is None:
+                continue
+            if pname == "weight":
+                s = s.sum(dim=0) if mod_name == out_module else s.sum(dim=1)
+            yield mod_name, s
+
+
 def neuron_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], layer_idx: int) -> torch.Tensor:
     """
     Aggregates element-wise importance into one score per MLP intermediate neuron of layer `layer_idx`.
@@ -215,6 +260,10 @@ def neuron_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], layer_id
 
     Returns:
         `torch.Tensor` of shape `(intermediate_size,)`, float32.
+
+    Raises:
+        `ValueError`: for an unsupported layout, a bad `layer_idx`, a score of the wrong shape, or no score for any
+        weight of the MLP.
     """
     layers, kind = _detect(model, "mlp")
     _check_layer_idx(layers, layer_idx)
@@ -222,26 +271,15 @@ def neuron_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], layer_id
     prefix = _module_names(model)[id(mlp)]
     size = mlp.down_proj.in_features
     # (module name, how its rows/columns map to neurons)
-    parts = [("gate_proj", "rows"), ("up_proj", "rows")] if kind == "split" else [("gate_up_proj", "halves")]
-    parts.append(("down_proj", "cols"))
-    total, found = None, False
-    for mod_name, how in parts:
-        module = getattr(mlp, mod_name)
-        for pname in ("weight", "bias"):
-            param = getattr(module, pname, None)
-            if param is None or (pname == "bias" and how == "cols"):
-                continue
-            s = _normalised(scores, f"{prefix}.{mod_name}.{pname}", param)
-            if s is None:
-                continue
-            if pname == "weight":
-                s = s.sum(dim=0) if how == "cols" else s.sum(dim=1)
-            if how == "halves":
-                s = s.view(2, size).sum(dim=0)
-            total = s if total is None else total + s.to(total.device)
-            found = True
-    if not found:
-        raise _no_score_error(prefix, layer_idx, [f"{prefix}.{p}.weight" for p, _ in parts])
+    parts = ["gate_proj", "up_proj"] if kind == "split" else ["gate_up_proj"]
+    parts.append("down_proj")
+    total = None
+    for mod_name, s in _reduced_scores(scores, prefix, mlp, parts, "down_proj"):
+        if mod_name == "gate_up_proj":  # rows [gate; up]: neuron j owns rows j and size + j
+            s = s.view(2, size).sum(dim=0)
+        total = s if total is None else total + s.to(total.device)
+    if total is None:
+        raise _no_score_error(prefix, layer_idx, [f"{prefix}.{p}.weight" for p in parts])
     return total
 
 
@@ -264,6 +302,10 @@ def head_group_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], laye
 
     Returns:
         `torch.Tensor` of shape `(num_key_value_heads,)`, float32.
+
+    Raises:
+        `ValueError`: for an unsupported layout or head geometry, a bad `layer_idx`, a score of the wrong shape, or
+        no score for any weight of the attention.
     """
     layers, kind = _detect(model, "attn")
     _check_layer_idx(layers, layer_idx)
@@ -278,24 +320,14 @@ def head_group_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], laye
 
     names = ["q_proj", "k_proj", "v_proj", "o_proj"] if kind == "split" else ["qkv_proj", "o_proj"]
     total, found = torch.zeros(n_kv), False
-    for mod_name in names:
-        module = getattr(attn, mod_name)
-        for pname in ("weight", "bias"):
-            param = getattr(module, pname, None)
-            if param is None or (pname == "bias" and mod_name == "o_proj"):
-                continue
-            s = _normalised(scores, f"{prefix}.{mod_name}.{pname}", param)
-            if s is None:
-                continue
-            if pname == "weight":
-                s = s.sum(dim=0) if mod_name == "o_proj" else s.sum(dim=1)
-            if mod_name == "qkv_proj":
-                q, k, v = s.split([q_size, kv_size, kv_size])
-                s = per_group(q) + per_group(k) + per_group(v)
-            else:
-                s = per_group(s)
-            total = total.to(s.device) + s
-            found = True
+    for mod_name, s in _reduced_scores(scores, prefix, attn, names, "o_proj"):
+        if mod_name == "qkv_proj":
+            q, k, v = s.split([q_size, kv_size, kv_size])
+            s = per_group(q) + per_group(k) + per_group(v)
+        else:
+            s = per_group(s)
+        total = total.to(s.device) + s
+        found = True
     if not found:
         raise _no_score_error(prefix, layer_idx, [f"{prefix}.{n}.weight" for n in names])
     return total
@@ -365,6 +397,10 @@ def shrink_mlp_(model: nn.Module, keep: dict[int, torch.LongTensor]) -> None:
     Args:
         model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
         keep (`dict[int, torch.LongTensor]`): For every layer index, the neuron indices to keep.
+
+    Raises:
+        `ValueError`, before the model is modified: for an unsupported layout, non-uniform sizes, a `keep` that does
+        not give unique valid indices for every layer (the same count in each), or a size the config rejects.
     """
     layers, kind = _detect(model, "mlp")
     sizes = {layer.mlp.down_proj.in_features for layer in layers}
@@ -398,14 +434,14 @@ def _config_error(config: PretrainedConfig, updates: dict, _baseline: bool = Tru
     if _baseline and _config_error(config, {}, _baseline=False) is not None:
         return None
     candidate = copy.deepcopy(config)
-    for key, value in updates.items():
-        setattr(candidate, key, value)
     validate = getattr(candidate, "validate", None)  # strict config validation, transformers >= 5
     if validate is None:
         return None
     try:
+        for key, value in updates.items():  # a strict dataclass may validate a field as it is set
+            setattr(candidate, key, value)
         validate()
-    except Exception as e:  # validators raise several exception types
+    except _CONFIG_ERRORS as e:
         # huggingface_hub wraps the validator's own error; its cause is the readable part.
         return str(e.__cause__ or e).strip()
     return None
@@ -428,6 +464,11 @@ def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor]
     Args:
         model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
         keep_groups (`dict[int, torch.LongTensor]`): For every layer index, the KV group indices to keep.
+
+    Raises:
+        `ValueError`, before the model is modified: for an unsupported layout or geometry, a `keep_groups` that does
+        not give unique valid indices for every layer (the same count in each), or head counts the config rejects
+        (the message lists the counts it accepts).
     """
     layers, kind = _detect(model, "attn")
     geoms = {_attn_geometry(model, layer.self_attn, kind) for layer in layers}
@@ -494,23 +535,33 @@ def prune_structured_(
     """
     Removes the least important MLP neurons or attention KV groups, the same number in every layer, in place.
 
-    In each layer `round(sparsity * units)` units (Python rounding) with the lowest aggregated score (see
-    [`neuron_scores`] and [`head_group_scores`]) are removed; among equal scores the lower index is removed first. At
-    least one unit per layer must remain.
+    In each layer `masks.num_to_prune(units, sparsity)` units (the package's one rounding rule: `round(sparsity *
+    units)`, halves to even) with the lowest aggregated score (see [`neuron_scores`] and [`head_group_scores`]) are
+    removed; among equal scores the lower index is removed first. At least one unit per layer must remain. Rebuild
+    any optimizer afterwards.
 
     Args:
-        model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
-        scores (`Mapping[str, torch.Tensor]`): Parameter name to element-wise importance, higher = more important.
-        structure (`str`): `"neurons"` or `"heads"` (KV groups).
-        sparsity (`float`): Fraction of units to remove per layer, in `[0, 1)`.
+        model (`PreTrainedModel`):
+            Llama-style or Phi-3-style causal LM.
+        scores (`Mapping[str, torch.Tensor]`):
+            Parameter name to element-wise importance of the parameter's shape, higher = more important.
+        structure (`str`):
+            `"neurons"` (MLP intermediate neurons) or `"heads"` (attention KV groups).
+        sparsity (`float`):
+            Fraction of units to remove per layer, in `[0, 1)`.
 
     Returns:
-        `dict` with `structure`, `unit`, `sparsity`, `units_per_layer` and `config` (`{"before", "after"}` sizes),
-        `kept` / `removed` (`{layer_idx: [indices]}`) and `num_parameters` (`{"before", "after"}`).
+        `dict`: what `PruningReport.structured` holds, every before/after pair as `{"before": ..., "after": ...}`:
+        `structure` (`str`), `unit` (`"mlp_neuron"` or `"kv_group"`), `sparsity` (`float`), `units_per_layer`
+        (`int`s), `config` (dicts of the changed config sizes), `kept` / `removed` (`{layer_idx: list[int]}`, sorted)
+        and `num_parameters` (`int`s, all parameters of the model).
+
+    Raises:
+        `ValueError`, before the model is modified: a bad `sparsity` or one that removes every unit, an unknown
+        `structure`, an unsupported layout, missing or non-finite scores, or sizes the model's config rejects.
     """
+    sparsity = check_sparsity("sparsity", sparsity)
     check_structured_supported(model, structure)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}.")
     layers = _decoder_layers(model)
     score_fn = neuron_scores if structure == "neurons" else head_group_scores
     # Score every layer before touching the model, so an error leaves it intact.
@@ -519,7 +570,7 @@ def prune_structured_(
         if not torch.isfinite(s).all():
             raise ValueError(f"Layer {i}: aggregated {structure} scores contain NaN or inf.")
     units = unit_scores[0].numel()
-    n_remove = round(sparsity * units)
+    n_remove = num_to_prune(units, sparsity)
     if n_remove >= units:
         raise ValueError(
             f"sparsity={sparsity} would remove {n_remove} of {units} {structure} per layer; at least one must remain."

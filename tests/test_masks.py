@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_weightprune import masks
+from hf_weightprune import global_threshold, masks
 from hf_weightprune.masks import (
     GlobalThreshold,
     apply_mask_,
@@ -110,7 +110,7 @@ def test_order_key_preserves_float32_order():
     assert diffs[zero_pair] == 0
     assert bool((torch.cat([diffs[:zero_pair], diffs[zero_pair + 1 :]]) > 0).all())
     for value, key in zip(values, keys.tolist()):
-        assert masks._key_to_value(key) == value
+        assert global_threshold._key_to_value(key) == value
 
 
 def test_order_key16_is_the_float32_key_shifted():
@@ -447,36 +447,36 @@ def reference_select_bin(counts, rank):
     ],
 )
 def test_select_bin_large_counts(counts, rank):
-    hist = torch.zeros(masks._NUM_BINS, dtype=torch.int64)
+    hist = torch.zeros(global_threshold._NUM_BINS, dtype=torch.int64)
     hist[: len(counts)] = torch.tensor(counts, dtype=torch.int64)
-    assert masks._select_bin(hist, rank) == reference_select_bin(counts, rank)
+    assert global_threshold._select_bin(hist, rank) == reference_select_bin(counts, rank)
 
 
 def test_select_bin_rejects_bad_rank_and_dtype():
-    hist = torch.zeros(masks._NUM_BINS, dtype=torch.int64)
+    hist = torch.zeros(global_threshold._NUM_BINS, dtype=torch.int64)
     hist[3] = 2**33
     with pytest.raises(ValueError, match="rank"):
-        masks._select_bin(hist, 2**33 + 1)
+        global_threshold._select_bin(hist, 2**33 + 1)
     with pytest.raises(ValueError, match="rank"):
-        masks._select_bin(hist, 0)
+        global_threshold._select_bin(hist, 0)
     with pytest.raises(ValueError, match="int64"):
-        masks._select_bin(hist.to(torch.int32), 1)
+        global_threshold._select_bin(hist.to(torch.int32), 1)
 
 
 def test_share_ties_large_counts():
     counts = [("a", 2**31 + 5), ("b", 0), ("c", 2**33), ("d", 7)]
-    shares = masks._share_ties(counts, 2**32)
+    shares = global_threshold._share_ties(counts, 2**32)
     assert shares == {"a": 2**31 + 5, "b": 0, "c": 2**32 - (2**31 + 5), "d": 0}
     with pytest.raises(ValueError, match="ties"):
-        masks._share_ties([("a", 2**31)], 2**31 + 1)
+        global_threshold._share_ties([("a", 2**31)], 2**31 + 1)
 
 
 def test_key_composition_for_every_high_bin_sign():
     # key = high * 65536 + low must invert (key >> 16, key & 0xFFFF) for negative and positive keys.
     keys = torch.tensor([-0x7F800000, -65537, -65536, -1, 0, 1, 65535, 65536, 0x7F800000], dtype=torch.int32)
     high, low = (keys >> 16).long(), (keys & 0xFFFF).long()
-    assert torch.equal(high * masks._NUM_BINS + low, keys.long())
-    assert int((high + masks._HIGH_OFFSET).min()) >= 0 and int((high + masks._HIGH_OFFSET).max()) < masks._NUM_BINS
+    assert torch.equal(high * global_threshold._NUM_BINS + low, keys.long())
+    assert int((high + global_threshold._HIGH_OFFSET).min()) >= 0 and int((high + global_threshold._HIGH_OFFSET).max()) < global_threshold._NUM_BINS
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -531,16 +531,16 @@ def test_index_of_nth_true_across_blocks():
     where = torch.nonzero(flags).flatten().tolist()
     for n in (1, 2, len(where) // 2, len(where)):
         for block in (7, 64, 1 << 24):
-            assert masks._index_of_nth_true(flags, n, block=block) == where[n - 1]
+            assert global_threshold._index_of_nth_true(flags, n, block=block) == where[n - 1]
     with pytest.raises(ValueError):
-        masks._index_of_nth_true(flags, len(where) + 1, block=64)
+        global_threshold._index_of_nth_true(flags, len(where) + 1, block=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
 def test_bincount_in_blocks_matches_torch(monkeypatch, dtype):
     keys = torch.randint(0, 3000, (10_007,), generator=torch.Generator().manual_seed(0)).to(dtype)
-    monkeypatch.setattr(masks, "_BINCOUNT_BLOCK", 1000)
+    monkeypatch.setattr(global_threshold, "_BINCOUNT_BLOCK", 1000)
     for minlength in (0, 40_000):
-        got = masks._bincount(keys, minlength)
+        got = global_threshold._bincount(keys, minlength)
         want = torch.bincount(keys.long(), minlength=minlength)
         assert torch.equal(got[: want.numel()], want) and not got[want.numel() :].any()

@@ -137,7 +137,7 @@ def test_structured_prune_shrinks_and_reloads(arch, structure, tmp_path):
     train(model, [cb], tmp_path / "run", max_steps=2)
     before = sum(p.numel() for p in model.parameters())
     report = prune_(model, cb.importance(), PruneConfig(structure=structure, sparsity=0.5), progress=False)
-    assert report.structured["num_parameters"] == [before, sum(p.numel() for p in model.parameters())]
+    assert report.structured["num_parameters"] == {"before": before, "after": sum(p.numel() for p in model.parameters())}
     out = save_pruned(model, tmp_path / "pruned", report=report)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     if structure == "neurons":
@@ -160,6 +160,9 @@ def test_structured_prune_shrinks_and_reloads(arch, structure, tmp_path):
         ({"scope": "tensor"}, "scope must be one of"),
         ({"structure": "neurons", "scope": "global"}, "use scope='layer'"),
         ({"sparsity": {"mlp.*": 1.5}}, r"sparsity\['mlp.\*'\] must be a float"),
+        ({"structure": "neurons", "exclude_modules": ["layers.0.mlp"]}, "target_modules/exclude_modules do not apply"),
+        ({"structure": "heads", "target_modules": ".*"}, "structure 'heads' shrinks every decoder layer"),
+        ({"structure": "2:4", "sparsity": {"mlp.*": 0.5}}, "implies sparsity 0.5"),
     ],
 )
 def test_prune_config_validation(kwargs, match):
@@ -167,12 +170,32 @@ def test_prune_config_validation(kwargs, match):
         PruneConfig(**kwargs)
 
 
-def test_nm_needs_divisible_input_dim(tmp_path):
-    model = tiny_llama(hidden_size=36, intermediate_size=60, num_attention_heads=2, num_key_value_heads=2)
+@pytest.mark.parametrize(
+    "target, weight, in_features",
+    [(None, "model.layers.0.self_attn.q_proj.weight", 30), (["down_proj"], "model.layers.0.mlp.down_proj.weight", 65)],
+    ids=["q_proj", "down_proj"],
+)
+def test_nm_refuses_input_dim_not_multiple_of_m(tmp_path, target, weight, in_features):
+    """One-shot N:M names the weight and the fix (not an internal variable), before touching the model."""
+    model = tiny_llama(hidden_size=30, num_attention_heads=3, num_key_value_heads=3, intermediate_size=65)
     cb = ImportanceCallback()
     train(model, [cb], tmp_path, max_steps=1)
-    with pytest.raises(ValueError, match="divisible"):
-        prune_(model, cb.importance(), PruneConfig(structure="4:8"), progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = (f"{weight}: in_features {in_features} is not a multiple of 4 (structure '2:4' prunes groups of 4 "
+                "consecutive input weights); exclude it (exclude_modules=[...]) or use unstructured pruning")
+    config = PruneConfig(structure="2:4", target_modules=target)
+    with pytest.raises(ValueError) as err:
+        prune_(model, cb.importance(), config, progress=False)
+    assert str(err.value) == expected
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # The file-to-file twin refuses with the same line, before writing anything.
+    from hf_weightprune.export import prune_checkpoint
+
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError) as err:
+        prune_checkpoint(tmp_path / "model", cb.importance(), tmp_path / "pruned", config, progress=False)
+    assert str(err.value) == expected
+    assert not (tmp_path / "pruned").exists()
 
 
 def test_importance_from_another_model_is_refused(trained):

@@ -209,7 +209,8 @@ def test_lora_merge_keeps_mask(tmp_path):
             assert (ref[n][~masks[n]] != 0).all()  # the plain merge fills the zeros back in
         else:
             assert torch.equal(p, ref[n]), n
-    assert report["density"] == pytest.approx(0.5, abs=1e-4)
+    assert report.global_sparsity == pytest.approx(0.5, abs=1e-4)
+    assert report.tensors.keys() == masks.keys()
     with pytest.raises(ValueError, match="peft LoRA model"):
         merge_and_unload_sparse(merged)
 

@@ -473,3 +473,44 @@ def test_phi3_longrope_head_pruning_is_refused():
         shrink_attention_(model, {0: [0, 1], 1: [2, 3]})
     shrink_mlp_(model, {0: torch.arange(64), 1: torch.arange(64)})  # neurons are fine
     assert model.config.intermediate_size == 64
+
+
+def test_config_validator_bugs_are_not_swallowed():
+    # Only the validator's rejections (ValueError, TypeError, huggingface_hub's strict-dataclass errors) mean "this
+    # size is refused"; any other exception is a bug and must surface instead of being reported as a rejection.
+    from hf_weightprune.surgery import _config_error
+
+    model = make_model("llama_gqa_bias")
+    assert "not a multiple of the number of attention heads" in _config_error(model.config, {"num_attention_heads": 6})
+
+    def broken_validate():
+        raise RuntimeError("bug in a validator")
+
+    model.config.validate = broken_validate
+    with pytest.raises(RuntimeError, match="bug in a validator"):
+        shrink_mlp_(model, {0: torch.arange(64), 1: torch.arange(64)})
+    assert model.config.intermediate_size == 128 and model.model.layers[0].mlp.up_proj.out_features == 128
+
+
+def test_decoder_layers_are_found_through_get_decoder():
+    # `get_decoder()` finds the layers of a CausalLM (`model.model`), of a bare base model (itself), and of a wrapper
+    # that keeps its decoder under another name (as multimodal models keep `language_model`).
+    class Wrapper(torch.nn.Module):
+        def __init__(self, decoder):
+            super().__init__()
+            self.backbone, self.config = decoder, decoder.config
+
+        def get_decoder(self):
+            return self.backbone
+
+    model = make_model("llama_gqa_bias")
+    scores = {k: v for k, v in random_scores(model).items() if k.startswith("model.")}
+    expected = prune_structured_(copy.deepcopy(model), scores, structure="neurons", sparsity=0.25)
+    base = copy.deepcopy(model.model)
+    base_scores = {k[len("model."):]: v for k, v in scores.items()}
+    assert prune_structured_(base, base_scores, structure="neurons", sparsity=0.25)["kept"] == expected["kept"]
+    wrapped = Wrapper(model.model)
+    wrapped_scores = {f"backbone.{k}": v for k, v in base_scores.items()}
+    report = prune_structured_(wrapped, wrapped_scores, structure="neurons", sparsity=0.25)
+    assert report["kept"] == expected["kept"] and model.config.intermediate_size == 96
+    assert model.model.layers[1].mlp.down_proj.in_features == 96
