@@ -50,8 +50,9 @@ def cmd_prune(args) -> int:
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} exists and is not empty; pass --overwrite to replace it")
     importance = load_importance(args.importance)
-    safetensors_dir = any(os.path.isfile(os.path.join(args.model_dir, f))
-                          for f in ("model.safetensors", "model.safetensors.index.json"))
+    from .safetensors_io import find_weights_file
+
+    safetensors_dir = os.path.isdir(args.model_dir) and find_weights_file(args.model_dir) is not None
     if not args.eval_data and args.dtype == "auto" and config.kind not in ("neurons", "heads") and safetensors_dir:
         # Nothing needs the model in memory: prune the safetensors files shard by shard (faster, less memory).
         from .export import prune_checkpoint
@@ -129,6 +130,62 @@ def cmd_push(args) -> int:
     return 0
 
 
+def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `hf-weightprune sweep` to an argparse subparsers object.
+
+    Args:
+        subparsers: what `ArgumentParser.add_subparsers()` returned.
+
+    Returns:
+        `argparse.ArgumentParser`: the `sweep` subparser (its `func` default is [`run_sweep_cli`]).
+    """
+    from .oneshot import ONESHOT_CRITERIA
+
+    p = subparsers.add_parser("sweep", help="loss and perplexity vs sparsity for several criteria, with a plot")
+    p.add_argument("model_dir", help="trained dense model folder (with its tokenizer)")
+    p.add_argument("--importance", nargs="*", default=[], metavar="[LABEL=]DIR",
+                   help="importance / checkpoint folders to compare, optionally labelled")
+    p.add_argument("--data", required=True, help="evaluation text: .txt, .json, .jsonl or a saved dataset folder")
+    p.add_argument("--sparsities", default="0,0.1,...,0.9", help="comma list; '...' continues the step")
+    p.add_argument("--criteria", default="magnitude",
+                   help=f"one-shot baselines, comma-separated from {','.join(ONESHOT_CRITERIA)} ('' for none)")
+    p.add_argument("--calibration", default=None, help="text for one-shot wanda (defaults to --data)")
+    p.add_argument("--calibration-windows", type=int, default=16)
+    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4)")
+    p.add_argument("--scope", default=None, help="global | layer | row")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-windows", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--output", required=True, help="folder for sweep.csv, sweep.json and sweep.png")
+    p.set_defaults(func=run_sweep_cli)
+    return p
+
+
+def run_sweep_cli(args: argparse.Namespace) -> int:
+    """Run the `sweep` subcommand from parsed arguments and print a perplexity table.
+
+    Args:
+        args (`argparse.Namespace`): parsed by the parser [`add_sweep_parser`] adds.
+
+    Returns:
+        `int`: 0.
+
+    Raises:
+        ValueError: bad input (see [`sweep`]); `main` prints it as one line.
+    """
+    from .sweep import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, format_table, parse_sparsities, sweep
+
+    baselines = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    rows = sweep(args.model_dir, args.importance, args.data, sparsities=parse_sparsities(args.sparsities),
+                 structure=args.structure, scope=args.scope, baselines=baselines, calibration_data=args.calibration,
+                 calibration_windows=args.calibration_windows, seq_len=args.seq_len, max_windows=args.max_windows,
+                 batch_size=args.batch_size, output_dir=args.output, dtype=args.dtype)
+    print(format_table(rows))
+    print(f"Wrote {SWEEP_CSV}, {SWEEP_JSON} and {SWEEP_PNG} to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-weightprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,12 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default=None)
     p.set_defaults(func=cmd_push)
 
-    try:
-        from .sweep import add_sweep_parser
-    except ImportError:
-        pass
-    else:
-        add_sweep_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 

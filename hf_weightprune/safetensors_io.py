@@ -104,7 +104,7 @@ def check_complete(path: str | os.PathLike) -> None:
     Raises:
         FileNotFoundError: `path` does not exist.
         ValueError: the header is invalid (see [`read_header`]), its tensors overlap or leave gaps, or the file
-            is shorter than the header says (`"... is truncated: N bytes, header needs M"`).
+            is shorter than the header says (`"... is corrupt or truncated: N bytes, header needs M"`).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -114,7 +114,7 @@ def check_complete(path: str | os.PathLike) -> None:
         _, raw, header = _read_raw_header(f, path, size)
     need = 8 + len(raw) + _layout(header, path)[1]
     if need > size:
-        raise ValueError(f"{path} is truncated: {size} bytes, header needs {need}")
+        raise ValueError(f"{path} is corrupt or truncated: {size} bytes, header needs {need}")
 
 
 def find_weights_file(model_dir: str | os.PathLike) -> str | None:
