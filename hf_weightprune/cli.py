@@ -43,7 +43,10 @@ def _load_model(model_dir: str, dtype: str = "auto"):
 
 
 def cmd_prune(args) -> int:
-    from . import PruneConfig, load_importance, prune_, save_pruned
+    from .config import PruneConfig
+    from .export import save_pruned
+    from .pruner import prune_
+    from .state import load_importance
 
     config = PruneConfig(sparsity=args.sparsity, structure=args.structure, scope=args.scope,
                          target_modules=_modules(args.target_modules), exclude_modules=_modules(args.exclude_modules))
@@ -92,7 +95,7 @@ def _eval(model, tokenizer, args) -> float:
 
 
 def cmd_inspect(args) -> int:
-    from . import load_importance
+    from .state import load_importance
 
     imp = load_importance(args.importance_dir)
     if args.model:
