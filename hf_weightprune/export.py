@@ -249,7 +249,7 @@ def save_pruned(
 
 # Files of a model folder that a pruned copy keeps (config, shard index, tokenizer, custom code); not weights, not
 # README.md, not a Trainer checkpoint's optimizer or state.
-_KEEP_FILES = ("config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+_KEEP_FILES = ("config.json", sio.INDEX_NAME, "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
                "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json",
                "*.py")
 
