@@ -231,7 +231,10 @@ def _schedule_context(schedule: Any) -> dict | None:
     return None
 
 
-def _check_card_args(fn: str, output_dir, base_model, license, repo_id, sparsity) -> None:
+_CARD_ARGS = ("base_model", "license", "repo_id", "sparsity")
+
+
+def _check_card_args(fn: str, output_dir, base_model=None, license=None, repo_id=None, sparsity=None) -> None:
     check_arg_type(fn, "output_dir", output_dir, (str, os.PathLike), "a folder path (str or os.PathLike)")
     for name, value in (("base_model", base_model), ("license", license), ("repo_id", repo_id)):
         check_arg_type(fn, name, value, (str, type(None)), "a str or None")
@@ -344,31 +347,27 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     }
 
 
-def write_model_card(
-    output_dir: str | os.PathLike,
-    *,
-    base_model: str | None = None,
-    license: str | None = None,
-    repo_id: str | None = None,
-    sparsity: dict | None = None,
-) -> Path:
+def write_model_card(output_dir: str | os.PathLike, **card_args: Any) -> Path:
     """Render the model card (see [`render_model_card`]) and write it atomically to `output_dir/README.md`.
 
     Args:
         output_dir (`str` or `os.PathLike`): folder written by `save_pruned` or `prune_checkpoint`.
-        base_model (`str`, *optional*): Hub id of the dense model (see [`render_model_card`]).
-        license (`str`, *optional*): license id.
-        repo_id (`str`, *optional*): Hub id or local name the card is written for; defaults to the folder name.
-        sparsity (`dict`, *optional*): the content of `sparsity.json`, when already read.
+        **card_args: the keyword arguments of [`render_model_card`]: `base_model` (`str`), `license` (`str`),
+            `repo_id` (`str`, the Hub id or local name the card is written for; defaults to the folder name) and
+            `sparsity` (`dict`, the content of `sparsity.json` when already read), each *optional*.
 
     Returns:
         `Path`: the path of the written README.md (replaced if it existed).
 
     Raises:
-        TypeError, FileNotFoundError, ValueError: as [`render_model_card`]; nothing is written then.
+        TypeError: an unknown keyword argument, or an argument of the wrong type.
+        FileNotFoundError, ValueError: as [`render_model_card`]; nothing is written then.
     """
-    _check_card_args("write_model_card", output_dir, base_model, license, repo_id, sparsity)
-    card = render_model_card(output_dir, base_model=base_model, license=license, repo_id=repo_id, sparsity=sparsity)
+    unknown = sorted(set(card_args) - set(_CARD_ARGS))
+    if unknown:
+        raise TypeError(f"write_model_card: unknown argument(s) {unknown}; it takes {', '.join(_CARD_ARGS)}")
+    _check_card_args("write_model_card", output_dir, **card_args)
+    card = render_model_card(output_dir, **card_args)
     path = Path(output_dir) / CARD_FILE
     atomic_write_text(path, str(card))
     return path

@@ -79,7 +79,7 @@ def push_pruned_to_hub(
     *,
     repo_id: str,
     private: bool | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,
     revision: str | None = None,
     include_importance: bool = False,
     commit_message: str | None = None,

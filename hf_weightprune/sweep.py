@@ -191,12 +191,11 @@ def sweep(
             tokenizer; importance that does not match the model.
         FileNotFoundError: `model_dir` is not a folder, or `data` does not exist.
     """
+    _check_sweep_args(locals())  # first statement: locals() holds exactly the arguments
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import evaluate_loss
     from .pruner import prune_
-
-    _check_sweep_args(locals())
     kind, nm = parse_structure(structure)
     if kind not in ("unstructured", "N:M"):
         raise ValueError(f"sweep supports 'unstructured' and N:M structures; {structure!r} changes the model's shape "

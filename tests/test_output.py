@@ -371,6 +371,7 @@ def test_public_entry_points_check_types_first(dense_checkpoint, tmp_path):
         (lambda: load_sparsity(3), "load_sparsity: path must be a folder path"),
         (lambda: render_model_card(None), "render_model_card: output_dir must be a folder path"),
         (lambda: write_model_card(tmp_path, repo_id=7), "write_model_card: repo_id must be a str or None; got int"),
+        (lambda: write_model_card(tmp_path, repo="x"), "write_model_card: unknown argument(s) ['repo']"),
     ]
     for call, message in cases:
         with pytest.raises(TypeError) as info:
