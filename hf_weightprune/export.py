@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,9 +108,10 @@ def _atomic_folder(output_dir: str, *, overwrite: bool) -> Iterator[str]:
     unique name) and removed after the new one is in place.
     """
     output_dir = os.path.abspath(output_dir)
-    parent, name = os.path.split(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    # Not tempfile.mkdtemp: its 0700 mode would be published with the folder. mkdir is exclusive and keeps the umask.
+    tmp = _sibling_name(output_dir, "tmp")
+    os.mkdir(tmp)
     try:
         yield tmp
         _publish(tmp, output_dir, overwrite=overwrite)
@@ -119,11 +119,16 @@ def _atomic_folder(output_dir: str, *, overwrite: bool) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _sibling_name(path: str, suffix: str) -> str:
+    """A unique hidden name beside `path`: `.NAME.<random>.<suffix>` (never uploaded: hub ignores `.*.tmp`)."""
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.{suffix}")
+
+
 def _publish(tmp: str, output_dir: str, *, overwrite: bool) -> None:
     aside = None
     if overwrite and os.path.lexists(output_dir):
-        aside = os.path.join(os.path.dirname(output_dir),
-                             f".{os.path.basename(output_dir)}.{uuid.uuid4().hex[:12]}.old.tmp")
+        aside = _sibling_name(output_dir, "old.tmp")
         try:
             os.rename(output_dir, aside)
         except FileNotFoundError:  # another writer moved it aside first

@@ -178,6 +178,8 @@ def test_atomic_folder_second_publisher_fails_and_the_first_stays_whole(tmp_path
         Path(third, "d.txt").write_text("third")
     assert sorted(p.name for p in out.iterdir()) == ["d.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old folder, moved aside, is gone
+    (tmp_path / "plain").mkdir()
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode  # the umask's mode, not a temp folder's 0700
 
 
 class _RendezvousTokenizer:
