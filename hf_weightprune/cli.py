@@ -42,7 +42,20 @@ def _load_model(model_dir: str, dtype: str = "auto"):
     return model, tokenizer
 
 
-def cmd_prune(args) -> int:
+def cmd_prune(args: argparse.Namespace) -> int:
+    """`hf-weightprune prune`: prune a model with saved importance and save it (file to file when nothing needs the
+    model in memory), then optionally push it.
+
+    Args:
+        args (`argparse.Namespace`): parsed by the `prune` subparser of [`build_parser`].
+
+    Returns:
+        `int`: 0.
+
+    Raises:
+        FileExistsError: `--output` is not empty and `--overwrite` is not given (checked before any loading).
+        ValueError, FileNotFoundError, ImportanceFileError: bad input, printed by [`main`] as one line.
+    """
     from .config import PruneConfig
     from .export import save_pruned
     from .pruner import prune_
@@ -94,7 +107,18 @@ def _eval(model, tokenizer, args) -> float:
     return evaluate_loss(model, windows, batch_size=args.batch_size)["loss"]
 
 
-def cmd_inspect(args) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """`hf-weightprune inspect`: print per-tensor importance statistics, and plot them per layer with `--plot`.
+
+    Args:
+        args (`argparse.Namespace`): parsed by the `inspect` subparser of [`build_parser`].
+
+    Returns:
+        `int`: 0.
+
+    Raises:
+        ValueError, FileNotFoundError, ImportanceFileError: bad input, printed by [`main`] as one line.
+    """
     from .state import load_importance
 
     imp = load_importance(args.importance_dir)
@@ -123,7 +147,18 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_push(args) -> int:
+def cmd_push(args: argparse.Namespace) -> int:
+    """`hf-weightprune push`: upload a pruned folder with [`push_pruned_to_hub`] and print the commit URL.
+
+    Args:
+        args (`argparse.Namespace`): parsed by the `push` subparser of [`build_parser`].
+
+    Returns:
+        `int`: 0.
+
+    Raises:
+        ValueError, FileNotFoundError, PermissionError: bad input or refused token, printed by [`main`] as one line.
+    """
     from .hub import push_pruned_to_hub
 
     url = push_pruned_to_hub(args.output_dir, repo_id=args.repo_id, private=args.private or None,
@@ -190,6 +225,11 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `hf-weightprune` parser with every subcommand: `prune`, `inspect`, `push` and `sweep`.
+
+    Returns:
+        `argparse.ArgumentParser`: each subcommand sets `func`, the function that runs it.
+    """
     parser = argparse.ArgumentParser(prog="hf-weightprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -233,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hf-weightprune` command.
+
+    Args:
+        argv (`list[str]`, *optional*): the arguments; defaults to `sys.argv[1:]`.
+
+    Returns:
+        `int`: the exit status: 0 on success, 2 on bad input (one line on stderr, no traceback).
+
+    Raises:
+        SystemExit: from argparse on unknown options or `--help`.
+    """
     args = build_parser().parse_args(argv)
     from .state import ImportanceFileError
 

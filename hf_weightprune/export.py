@@ -68,7 +68,17 @@ def _same_or_inside(a: str, b: str) -> bool:
 
 def sparsity_dict(report: PruningReport, *, base_model: str | None = None, schedule: dict | None = None,
                   eval_results: dict | None = None) -> dict[str, Any]:
-    """The `sparsity.json` payload (schema documented in docs/file_formats.md)."""
+    """The `sparsity.json` payload (schema documented in docs/file_formats.md).
+
+    Args:
+        report (`PruningReport`): what `prune_` or `prune_checkpoint` returned.
+        base_model (`str`, *optional*): Hub id of the dense model.
+        schedule (`dict`, *optional*): `PruneSchedule.to_dict()` of a gradual run.
+        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`.
+
+    Returns:
+        `dict[str, Any]`: a JSON-serialisable dict (sparsities are fractions in [0, 1]).
+    """
     return {
         "format_version": SPARSITY_FORMAT_VERSION,
         "library": "hf-weightprune",

@@ -33,7 +33,17 @@ FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")
 
 def parse_sparsities(text: str) -> list[float]:
     """`"0,0.1,...,0.9"` -> `[0.0, 0.1, ..., 0.9]`: a comma list where `...` continues the step of the two values
-    before it up to the value after it."""
+    before it up to the value after it.
+
+    Args:
+        text (`str`): comma-separated fractions, with `...` allowed between an increasing pair and a last value.
+
+    Returns:
+        `list[float]`: the sparsities, sorted, without duplicates, each in [0, 1).
+
+    Raises:
+        ValueError: a value is not a float or not in [0, 1), `...` is misplaced, or the list is empty.
+    """
     parts = [p.strip() for p in text.split(",") if p.strip()]
     values: list[float] = []
     for i, part in enumerate(parts):
@@ -59,7 +69,15 @@ def parse_sparsities(text: str) -> list[float]:
 
 
 def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike) -> None:
-    """Write `sweep.csv` and `sweep.json` (a list of rows, the dense reference first), each atomically."""
+    """Write `sweep.csv` and `sweep.json` (a list of rows, the dense reference first), each atomically.
+
+    Args:
+        rows (`Sequence[Mapping[str, Any]]`): rows as [`sweep`] returns them.
+        output_dir (`str` or `os.PathLike`): created if missing.
+
+    Returns:
+        `None`. Non-finite losses are written as empty CSV cells and JSON `null`.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -282,7 +300,14 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A markdown table of perplexity: one row per criterion, one column per sparsity."""
+    """A markdown table of perplexity: one row per criterion, one column per sparsity.
+
+    Args:
+        rows (`Sequence[Mapping[str, Any]]`): rows as [`sweep`] returns them.
+
+    Returns:
+        `str`: the table, then the dense perplexity and loss on a line of their own when a dense row is present.
+    """
     dense = next((r for r in rows if r["criterion"] == "dense"), None)
     points = [r for r in rows if r["criterion"] != "dense"]
     columns = sorted({(r["structure"], r["sparsity"]) for r in points}, key=lambda c: (c[0] != "unstructured", c))
