@@ -76,7 +76,7 @@ def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLi
         output_dir (`str` or `os.PathLike`): created if missing.
 
     Returns:
-        `None`. Non-finite losses are written as empty CSV cells and JSON `null`.
+        `None`. Non-finite values stay `inf`/`nan` in the CSV and become `null` in the JSON (which has neither).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
