@@ -1,18 +1,17 @@
 """hf-weightprune: importance of weights, watched while a Hugging Face Trainer trains."""
 
-__version__ = "0.1.0"
-
-from .callback import ImportanceCallback  # noqa: E402
-from .config import ImportanceConfig, PruneConfig  # noqa: E402
-from .export import load_sparsity, prune_checkpoint, save_pruned  # noqa: E402
-from .hub import push_pruned_to_hub  # noqa: E402
-from .importance import Importance  # noqa: E402
-from .lora import merge_and_unload_sparse  # noqa: E402
-from .oneshot import oneshot_importance  # noqa: E402
-from .pruner import PruningReport, prune_  # noqa: E402
-from .schedule import PruneSchedule  # noqa: E402
-from .state import load_importance  # noqa: E402
-from .sweep import sweep  # noqa: E402
+from ._version import __version__ as __version__  # re-exported: `hf_weightprune.__version__`
+from .callback import ImportanceCallback
+from .config import ImportanceConfig, PruneConfig
+from .export import load_sparsity, prune_checkpoint, save_pruned
+from .hub import push_pruned_to_hub
+from .importance import Importance
+from .lora import merge_and_unload_sparse
+from .oneshot import oneshot_importance
+from .pruner import PruningReport, prune_
+from .schedule import PruneSchedule
+from .state import load_importance
+from .sweep import sweep
 
 __all__ = [
     "Importance",

@@ -42,16 +42,33 @@ def _load_model(model_dir: str, dtype: str = "auto"):
     return model, tokenizer
 
 
-def cmd_prune(args) -> int:
-    from . import PruneConfig, load_importance, prune_, save_pruned
+def cmd_prune(args: argparse.Namespace) -> int:
+    """`hf-weightprune prune`: prune a model with saved importance and save it (file to file when nothing needs the
+    model in memory), then optionally push it.
+
+    Args:
+        args (`argparse.Namespace`): parsed by the `prune` subparser of [`build_parser`].
+
+    Returns:
+        `int`: 0.
+
+    Raises:
+        FileExistsError: `--output` is not empty and `--overwrite` is not given (checked before any loading).
+        ValueError, FileNotFoundError, ImportanceFileError: bad input, printed by [`main`] as one line.
+    """
+    from .config import PruneConfig
+    from .export import save_pruned
+    from .pruner import prune_
+    from .state import load_importance
 
     config = PruneConfig(sparsity=args.sparsity, structure=args.structure, scope=args.scope,
                          target_modules=_modules(args.target_modules), exclude_modules=_modules(args.exclude_modules))
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} exists and is not empty; pass --overwrite to replace it")
     importance = load_importance(args.importance)
-    safetensors_dir = any(os.path.isfile(os.path.join(args.model_dir, f))
-                          for f in ("model.safetensors", "model.safetensors.index.json"))
+    from .safetensors_io import find_weights_file
+
+    safetensors_dir = os.path.isdir(args.model_dir) and find_weights_file(args.model_dir) is not None
     if not args.eval_data and args.dtype == "auto" and config.kind not in ("neurons", "heads") and safetensors_dir:
         # Nothing needs the model in memory: prune the safetensors files shard by shard (faster, less memory).
         from .export import prune_checkpoint
@@ -90,8 +107,19 @@ def _eval(model, tokenizer, args) -> float:
     return evaluate_loss(model, windows, batch_size=args.batch_size)["loss"]
 
 
-def cmd_inspect(args) -> int:
-    from . import load_importance
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """`hf-weightprune inspect`: print per-tensor importance statistics, and plot them per layer with `--plot`.
+
+    Args:
+        args (`argparse.Namespace`): parsed by the `inspect` subparser of [`build_parser`].
+
+    Returns:
+        `int`: 0.
+
+    Raises:
+        ValueError, FileNotFoundError, ImportanceFileError: bad input, printed by [`main`] as one line.
+    """
+    from .state import load_importance
 
     imp = load_importance(args.importance_dir)
     if args.model:
@@ -119,7 +147,18 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_push(args) -> int:
+def cmd_push(args: argparse.Namespace) -> int:
+    """`hf-weightprune push`: upload a pruned folder with [`push_pruned_to_hub`] and print the commit URL.
+
+    Args:
+        args (`argparse.Namespace`): parsed by the `push` subparser of [`build_parser`].
+
+    Returns:
+        `int`: 0.
+
+    Raises:
+        ValueError, FileNotFoundError, PermissionError: bad input or refused token, printed by [`main`] as one line.
+    """
     from .hub import push_pruned_to_hub
 
     url = push_pruned_to_hub(args.output_dir, repo_id=args.repo_id, private=args.private or None,
@@ -129,7 +168,68 @@ def cmd_push(args) -> int:
     return 0
 
 
+def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `hf-weightprune sweep` to an argparse subparsers object.
+
+    Args:
+        subparsers: what `ArgumentParser.add_subparsers()` returned.
+
+    Returns:
+        `argparse.ArgumentParser`: the `sweep` subparser (its `func` default is [`run_sweep_cli`]).
+    """
+    from .oneshot import ONESHOT_CRITERIA
+
+    p = subparsers.add_parser("sweep", help="loss and perplexity vs sparsity for several criteria, with a plot")
+    p.add_argument("model_dir", help="trained dense model folder (with its tokenizer)")
+    p.add_argument("--importance", nargs="*", default=[], metavar="[LABEL=]DIR",
+                   help="importance / checkpoint folders to compare, optionally labelled")
+    p.add_argument("--data", required=True, help="evaluation text: .txt, .json, .jsonl or a saved dataset folder")
+    p.add_argument("--sparsities", default="0,0.1,...,0.9", help="comma list; '...' continues the step")
+    p.add_argument("--criteria", default="magnitude",
+                   help=f"one-shot baselines, comma-separated from {','.join(ONESHOT_CRITERIA)} ('' for none)")
+    p.add_argument("--calibration", default=None, help="text for one-shot wanda (defaults to --data)")
+    p.add_argument("--calibration-windows", type=int, default=16)
+    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4)")
+    p.add_argument("--scope", default=None, help="global | layer | row")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-windows", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--output", required=True, help="folder for sweep.csv, sweep.json and sweep.png")
+    p.set_defaults(func=run_sweep_cli)
+    return p
+
+
+def run_sweep_cli(args: argparse.Namespace) -> int:
+    """Run the `sweep` subcommand from parsed arguments and print a perplexity table.
+
+    Args:
+        args (`argparse.Namespace`): parsed by the parser [`add_sweep_parser`] adds.
+
+    Returns:
+        `int`: 0.
+
+    Raises:
+        ValueError: bad input (see [`sweep`]); `main` prints it as one line.
+    """
+    from .sweep import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, format_table, parse_sparsities, sweep
+
+    baselines = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    rows = sweep(args.model_dir, args.importance, args.data, sparsities=parse_sparsities(args.sparsities),
+                 structure=args.structure, scope=args.scope, baselines=baselines, calibration_data=args.calibration,
+                 calibration_windows=args.calibration_windows, seq_len=args.seq_len, max_windows=args.max_windows,
+                 batch_size=args.batch_size, output_dir=args.output, dtype=args.dtype)
+    print(format_table(rows))
+    print(f"Wrote {SWEEP_CSV}, {SWEEP_JSON} and {SWEEP_PNG} to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `hf-weightprune` parser with every subcommand: `prune`, `inspect`, `push` and `sweep`.
+
+    Returns:
+        `argparse.ArgumentParser`: each subcommand sets `func`, the function that runs it.
+    """
     parser = argparse.ArgumentParser(prog="hf-weightprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -168,16 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default=None)
     p.set_defaults(func=cmd_push)
 
-    try:
-        from .sweep import add_sweep_parser
-    except ImportError:
-        pass
-    else:
-        add_sweep_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hf-weightprune` command.
+
+    Args:
+        argv (`list[str]`, *optional*): the arguments; defaults to `sys.argv[1:]`.
+
+    Returns:
+        `int`: the exit status: 0 on success, 2 on bad input (one line on stderr, no traceback).
+
+    Raises:
+        SystemExit: from argparse on unknown options or `--help`.
+    """
     args = build_parser().parse_args(argv)
     from .state import ImportanceFileError
 

@@ -2,28 +2,63 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import safetensors_io as sio
+from ._version import __version__
 from .config import PruneConfig
 from .importance import Importance
 from .pruner import PruningReport
+
+if TYPE_CHECKING:
+    from .schedule import PruneSchedule
 
 logger = logging.getLogger(__name__)
 
 SPARSITY_NAME = "sparsity.json"
 SPARSITY_FORMAT_VERSION = 1
+# What the model card prints of a gradual schedule; a dict without them (e.g. `PruneSchedule.state_dict()`) is refused.
+_SCHEDULE_KEYS = ("initial_sparsity", "final_sparsity", "start", "end", "every_n_steps", "ramp")
+
+
+class NotAPrunedCheckpointError(FileNotFoundError, ValueError):
+    """A folder has no `sparsity.json`. Both a `FileNotFoundError` and a `ValueError`, as callers caught either."""
+
+
+def check_arg_type(fn: str, name: str, value: Any, types: type | tuple[type, ...], expected: str) -> None:
+    """Raise a one-line `TypeError` naming the function, the argument and what it expects, unless
+    `isinstance(value, types)`.
+
+    Args:
+        fn (`str`): the public function being called, for the message.
+        name (`str`): the argument's name.
+        value (`Any`): the value passed.
+        types (`type` or `tuple[type, ...]`): accepted types.
+        expected (`str`): what to pass, in words (`"a bool"`).
+
+    Raises:
+        TypeError: `value` is not an instance of `types`.
+    """
+    if not isinstance(value, types):
+        raise TypeError(f"{fn}: {name} must be {expected}; got {type(value).__name__} {_short_repr(value)}")
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _same_or_inside(a: str, b: str) -> bool:
@@ -33,7 +68,17 @@ def _same_or_inside(a: str, b: str) -> bool:
 
 def sparsity_dict(report: PruningReport, *, base_model: str | None = None, schedule: dict | None = None,
                   eval_results: dict | None = None) -> dict[str, Any]:
-    """The `sparsity.json` payload (schema documented in docs/file_formats.md)."""
+    """The `sparsity.json` payload (schema documented in docs/file_formats.md).
+
+    Args:
+        report (`PruningReport`): what `prune_` or `prune_checkpoint` returned.
+        base_model (`str`, *optional*): Hub id of the dense model.
+        schedule (`dict`, *optional*): `PruneSchedule.to_dict()` of a gradual run.
+        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`.
+
+    Returns:
+        `dict[str, Any]`: a JSON-serialisable dict (sparsities are fractions in [0, 1]).
+    """
     return {
         "format_version": SPARSITY_FORMAT_VERSION,
         "library": "hf-weightprune",
@@ -64,30 +109,93 @@ def _check_output(output_dir: str, *, input_dir: str | None, importance_dir: str
 
 
 @contextmanager
-def _atomic_folder(output_dir: str):
-    """Yield a temporary sibling folder; on success it replaces `output_dir`, on error it is removed."""
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+def _atomic_folder(output_dir: str, *, overwrite: bool) -> Iterator[str]:
+    """Yield a new temporary folder beside `output_dir`; on success publish it as `output_dir`, on error remove it.
+
+    The temporary name is unique per call, so two writers into the same output never share a folder. Publishing
+    is one `rename`: without `overwrite` it fails when `output_dir` appeared meanwhile (non-empty), so the loser
+    raises and the winner's folder is left whole. With `overwrite` the old folder is first renamed aside (to a
+    unique name) and removed after the new one is in place.
+    """
+    output_dir = os.path.abspath(output_dir)
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    # Not tempfile.mkdtemp: its 0700 mode would be published with the folder. mkdir is exclusive and keeps the umask.
+    tmp = _sibling_name(output_dir, "tmp")
+    os.mkdir(tmp)
     try:
         yield tmp
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
+        _publish(tmp, output_dir, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_sparsity_and_card(folder: str, payload: dict[str, Any], base_model: str | None, write_card: bool) -> None:
+def _sibling_name(path: str, suffix: str) -> str:
+    """A unique hidden name beside `path`: `.NAME.<random>.<suffix>` (never uploaded: hub ignores `.*.tmp`)."""
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.{suffix}")
+
+
+def _publish(tmp: str, output_dir: str, *, overwrite: bool) -> None:
+    aside = None
+    if overwrite and os.path.lexists(output_dir):
+        aside = _sibling_name(output_dir, "old.tmp")
+        try:
+            os.rename(output_dir, aside)
+        except FileNotFoundError:  # another writer moved it aside first
+            aside = None
+    try:
+        # rename() replaces an empty folder but refuses a non-empty one: the atomic "did someone else write it" check
+        os.rename(tmp, output_dir)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            if aside is not None and not os.path.lexists(output_dir):
+                os.rename(aside, output_dir)  # failed for another reason: the old folder goes back
+                aside = None
+            raise
+        raise FileExistsError(f"{output_dir} was written by another process while this one ran; this run's result "
+                              "was discarded (write to another folder)") from None
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write_sparsity_and_card(folder: str, output_dir: str, payload: dict[str, Any], base_model: str | None,
+                             write_card: bool) -> None:
+    """Write `sparsity.json` and the card into the temporary `folder` that becomes `output_dir`."""
     with open(os.path.join(folder, SPARSITY_NAME), "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
     if write_card:
-        from .hub import write_model_card
+        from .card import write_model_card
 
-        write_model_card(folder, base_model=base_model)
+        # The card is named after the folder it will be published as, not the temporary one it is written in.
+        write_model_card(folder, base_model=base_model, repo_id=os.path.basename(os.path.abspath(output_dir)),
+                         sparsity=payload)
+
+
+def _schedule_dict(schedule: Any) -> dict | None:
+    """`save_pruned`'s `schedule` as the dict `sparsity.json` records; refused before any work when unusable."""
+    from .schedule import PruneSchedule
+
+    if schedule is None:
+        return None
+    if isinstance(schedule, PruneSchedule):
+        return schedule.to_dict()
+    check_arg_type("save_pruned", "schedule", schedule, dict, "a PruneSchedule, its to_dict() or None")
+    if "config" in schedule and "num_updates" in schedule:
+        raise ValueError("save_pruned: schedule is a PruneSchedule.state_dict() (runtime counters); pass the "
+                         "PruneSchedule itself or schedule.to_dict()")
+    missing = [k for k in _SCHEDULE_KEYS if k not in schedule]
+    if missing:
+        raise ValueError(f"save_pruned: schedule lacks {missing}; pass the PruneSchedule itself or schedule.to_dict()")
+    return dict(schedule)
+
+
+def _check_common(fn: str, output_dir, base_model, overwrite, write_card) -> None:
+    check_arg_type(fn, "output_dir", output_dir, (str, os.PathLike), "a folder path (str or os.PathLike)")
+    check_arg_type(fn, "base_model", base_model, (str, type(None)), "a Hub id (str) or None")
+    check_arg_type(fn, "overwrite", overwrite, bool, "a bool")
+    check_arg_type(fn, "write_card", write_card, bool, "a bool")
 
 
 def save_pruned(
@@ -98,9 +206,9 @@ def save_pruned(
     tokenizer=None,
     base_model: str | None = None,
     eval_results: dict | None = None,
-    schedule: dict | None = None,
+    schedule: PruneSchedule | dict | None = None,
     overwrite: bool = False,
-    max_shard_size: str = "5GB",
+    max_shard_size: str | int = "5GB",
     write_card: bool = True,
 ) -> str:
     """Save a pruned model as a standard HF checkpoint with `sparsity.json` and a `README.md` model card.
@@ -112,9 +220,31 @@ def save_pruned(
         tokenizer (*optional*): saved beside the model.
         base_model (`str`, *optional*): Hub id or path of the dense model (card front matter); defaults to
             `model.config._name_or_path` when that looks like a Hub id.
-        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}` for the card.
+        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}` for the card (losses in
+            nats per token).
+        schedule (`PruneSchedule` or `dict`, *optional*): the gradual schedule the model was trained with (the object,
+            or its `to_dict()`); recorded in `sparsity.json` and described in the card.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
+        max_shard_size (`str` or `int`, *optional*, defaults to `"5GB"`): passed to `save_pretrained`.
+        write_card (`bool`, *optional*, defaults to `True`): write `README.md` (named after `output_dir`).
+
+    Returns:
+        `str`: `output_dir`, which now holds the checkpoint, `sparsity.json` and the card.
+
+    Raises:
+        TypeError: an argument has the wrong type (checked before any work).
+        ValueError: `schedule` is a dict without the schedule's fields (e.g. `PruneSchedule.state_dict()`), or
+            `output_dir` is the input checkpoint or the importance folder.
+        FileExistsError: `output_dir` is not empty and `overwrite=False`, or another process wrote it meanwhile
+            (nothing of this call is kept then).
     """
+    _check_common("save_pruned", output_dir, base_model, overwrite, write_card)
+    check_arg_type("save_pruned", "model", model, nn.Module, "the pruned model (torch.nn.Module)")
+    check_arg_type("save_pruned", "report", report, PruningReport, "the PruningReport that prune_ returned")
+    check_arg_type("save_pruned", "eval_results", eval_results, (dict, type(None)),
+                   'a dict {"dense_loss", "pruned_loss", "dataset"} or None')
+    check_arg_type("save_pruned", "max_shard_size", max_shard_size, (str, int), 'a size such as "5GB" or bytes')
+    schedule = _schedule_dict(schedule)
     output_dir = os.fspath(output_dir)
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     _check_output(output_dir, input_dir=source, importance_dir=(report.importance or {}).get("path"),
@@ -122,130 +252,21 @@ def save_pruned(
     if base_model is None and source and not os.path.isdir(source):
         base_model = source
 
-    with _atomic_folder(output_dir) as tmp:
+    with _atomic_folder(output_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         payload = sparsity_dict(report, base_model=base_model, schedule=schedule, eval_results=eval_results)
-        _write_sparsity_and_card(tmp, payload, base_model, write_card)
+        _write_sparsity_and_card(tmp, output_dir, payload, base_model, write_card)
     logger.info("Saved pruned model to %s (%s)", output_dir, report.summary())
     return output_dir
 
 
 # Files of a model folder that a pruned copy keeps (config, shard index, tokenizer, custom code); not weights, not
 # README.md, not a Trainer checkpoint's optimizer or state.
-_KEEP_FILES = ("config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+_KEEP_FILES = ("config.json", sio.INDEX_NAME, "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
                "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json",
                "*.py")
-
-
-def _weight_files(model_dir: str) -> dict[str, str]:
-    """`{tensor key: shard file}` of a safetensors checkpoint (single file or HF sharded index)."""
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return dict(json.load(f)["weight_map"])
-    single = os.path.join(model_dir, "model.safetensors")
-    if not os.path.isfile(single):
-        raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json "
-                                "(only safetensors checkpoints can be pruned file to file)")
-    try:
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), "model.safetensors")
-    except SafetensorError as e:
-        raise ValueError(f"{single} is corrupt or truncated: {e}") from None
-
-
-class _CheckpointWeights(Mapping):
-    """Tensors of a checkpoint read one at a time on access (what `wanda` rankings multiply by)."""
-
-    def __init__(self, model_dir: str, weight_map: dict[str, str], names: list[str]):
-        self._dir, self._map, self._names = model_dir, weight_map, names
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        with safe_open(os.path.join(self._dir, self._map[name]), framework="pt") as f:
-            return f.get_tensor(name)
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-_SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-_COPY_CHUNK = 64 << 20
-
-
-def _copy_shard_masked(src: str, dst: str, mask_of: Callable[[str, list[int]], torch.Tensor | None],
-                       buffer: bytearray) -> bytearray:
-    """Copy safetensors file `src` to `dst` byte for byte, except that tensors with a mask get their pruned
-    elements zeroed. Returns the (possibly grown) reusable buffer.
-
-    Same header, same offsets: masking changes no size. Read and written sequentially with `readinto` into one
-    reused buffer, so nothing is memory-mapped and no fresh memory is faulted in per tensor (`safe_open` +
-    `save_file` would hold a whole shard of new tensors). The header is the format's JSON, checked for a layout
-    that covers the file exactly before anything is written.
-    """
-    from . import masks as M
-
-    with open(src, "rb") as fin:
-        size = os.fstat(fin.fileno()).st_size
-        head = fin.read(8)
-        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < header_len <= min(size - 8, 100 << 20):
-            raise ValueError(f"{src} is not a safetensors file (bad header length)")
-        header_bytes = fin.read(header_len)
-        try:
-            header = json.loads(header_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{src} has a corrupt safetensors header: {e}") from None
-        try:
-            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                             key=lambda kv: list(kv[1]["data_offsets"]))
-            position = 0
-            for key, info in entries:
-                start, end = (int(x) for x in info["data_offsets"])
-                if start != position or end < start:
-                    raise ValueError(f"{src}: tensor {key} is not where the header layout says (offset {start})")
-                position = end
-        except (AttributeError, KeyError, TypeError) as e:
-            raise ValueError(f"{src} has a corrupt safetensors header ({type(e).__name__}: {e})") from None
-        if 8 + header_len + position != size:
-            raise ValueError(f"{src} is truncated or has trailing bytes ({size} bytes, header says "
-                             f"{8 + header_len + position})")
-        with open(dst, "wb") as fout:
-            fout.write(head)
-            fout.write(header_bytes)
-            for key, info in entries:
-                start, end = info["data_offsets"]
-                nbytes = end - start
-                mask = mask_of(key, info["shape"])
-                if mask is None:  # copied as is, in chunks
-                    if len(buffer) < min(nbytes, _COPY_CHUNK):
-                        buffer = bytearray(min(nbytes, _COPY_CHUNK))
-                    view = memoryview(buffer)
-                    while nbytes:
-                        n = fin.readinto(view[: min(nbytes, len(buffer))])
-                        fout.write(view[:n])
-                        nbytes -= n
-                    continue
-                dtype = _SAFETENSORS_FLOATS.get(info["dtype"])
-                if dtype is None:
-                    raise ValueError(f"{key}: cannot prune a tensor of dtype {info['dtype']}")
-                if len(buffer) < nbytes:
-                    buffer = bytearray(nbytes)
-                view = memoryview(buffer)[:nbytes]
-                if fin.readinto(view) != nbytes:
-                    raise ValueError(f"{src} ended inside tensor {key}")
-                tensor = torch.frombuffer(view, dtype=dtype).view(info["shape"])
-                M.apply_mask_(tensor, mask)
-                fout.write(view)
-            fout.flush()
-            os.fsync(fout.fileno())
-    return buffer
 
 
 @torch.no_grad()
@@ -275,13 +296,34 @@ def prune_checkpoint(
         importance (`Importance`): from `load_importance()`.
         output_dir (`str`): a new or empty folder (not inside `model_dir` or the importance folder).
         config (`PruneConfig`, *optional*): defaults to 50% unstructured, global threshold.
+        base_model (`str`, *optional*): Hub id of the dense model, for `sparsity.json` and the card; defaults to
+            the config's `_name_or_path` when that is a Hub id.
+        overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
+        write_card (`bool`, *optional*, defaults to `True`): write `README.md` (named after `output_dir`).
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar over the shards.
+
+    Returns:
+        `PruningReport`: what was pruned, as `prune_` returns it (the same content as `sparsity.json`).
+
+    Raises:
+        TypeError: an argument has the wrong type (checked before any work).
+        ValueError: a structured `config` (`neurons`/`heads`), `output_dir` inside the input or the importance
+            folder, importance that does not match the checkpoint, or a corrupt shard.
+        FileNotFoundError: `model_dir` holds no safetensors weights.
+        FileExistsError: `output_dir` is not empty and `overwrite=False`, or another process wrote it meanwhile.
     """
     from fnmatch import fnmatch
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .pruner import _refuse_tied, _selected, finish_report, mask_builder, new_report, record
+    from .matching import select_names
+    from .pruner import compute_masks, refuse_tied
 
+    _check_common("prune_checkpoint", output_dir, base_model, overwrite, write_card)
+    check_arg_type("prune_checkpoint", "model_dir", model_dir, (str, os.PathLike), "a local folder (str or os.PathLike)")
+    check_arg_type("prune_checkpoint", "importance", importance, Importance, "an Importance from load_importance()")
+    check_arg_type("prune_checkpoint", "config", config, (PruneConfig, type(None)), "a PruneConfig or None")
+    check_arg_type("prune_checkpoint", "progress", progress, bool, "a bool")
     config = config or PruneConfig()
     if config.kind in ("neurons", "heads"):
         raise ValueError(f"structure={config.structure!r} changes tensor shapes and cannot be applied file to "
@@ -289,18 +331,20 @@ def prune_checkpoint(
     model_dir, output_dir = os.fspath(model_dir), os.fspath(output_dir)
     _check_output(output_dir, input_dir=model_dir, importance_dir=importance.path, overwrite=overwrite)
 
-    weight_map = _weight_files(model_dir)
+    weight_map = sio.weight_map(model_dir)
+    for shard in sorted(set(weight_map.values())):  # a cut-short shard fails here, before the model is built
+        sio.check_complete(os.path.join(model_dir, shard))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    importance.bind(skeleton, weights=_CheckpointWeights(model_dir, weight_map, importance.names))
-    names = _selected(importance, config)
+    importance.bind(skeleton, weights=sio.CheckpointWeights(model_dir, weight_map, importance.names))
+    names = select_names(importance.names, config.target_modules, config.exclude_modules)
     missing = [n for n in importance.names if n not in weight_map]
     if missing:
         tied = " (tied to the input embedding: tie_word_embeddings)" if missing[0].endswith("lm_head.weight") else ""
         raise ValueError(f"{missing[0]}{tied} is tracked by the importance but not stored in {model_dir}")
-    _refuse_tied(skeleton, dict(skeleton.named_parameters()), names)
-    report = new_report(importance, config)
-    masks = mask_builder(importance, config, names)
+    refuse_tied(skeleton, dict(skeleton.named_parameters()), names)
+    report = PruningReport.for_config(importance, config)
+    masks = compute_masks(importance, config, names)
     selected = set(names)
 
     def mask_of(key: str, shape: list[int]) -> torch.Tensor | None:
@@ -308,61 +352,87 @@ def prune_checkpoint(
         if mask is not None:
             if list(mask.shape) != list(shape):
                 raise ValueError(f"{key}: mask shape {list(mask.shape)} != stored shape {shape}")
-            record(report, key, mask)
+            report.add_mask(key, mask)
         return mask
 
-    with _atomic_folder(output_dir) as tmp:
+    with _atomic_folder(output_dir, overwrite=overwrite) as tmp:
         shards = sorted(set(weight_map.values()))
         buffer = bytearray()  # one buffer reused for every pruned tensor: no fresh memory to fault in
         for shard in tqdm(shards, desc=f"pruning {len(shards)} shard(s)", disable=not progress):
-            buffer = _copy_shard_masked(os.path.join(model_dir, shard), os.path.join(tmp, shard), mask_of, buffer)
+            buffer = sio.copy_shard_masked(os.path.join(model_dir, shard), os.path.join(tmp, shard), mask_of, buffer)
         for entry in os.listdir(model_dir):
             src = os.path.join(model_dir, entry)
             if os.path.isfile(src) and any(fnmatch(entry, pattern) for pattern in _KEEP_FILES):
                 shutil.copy2(src, os.path.join(tmp, entry))
         report.tensors = {n: report.tensors[n] for n in names if n in report.tensors}  # model order, as prune_
-        finish_report(report, sum(p.numel() for p in skeleton.parameters()))
+        report.finalize(sum(p.numel() for p in skeleton.parameters()))
         if base_model is None:
             source = getattr(skeleton.config, "_name_or_path", "") or ""
             base_model = source if source and not os.path.isdir(source) and source != model_dir else None
-        _write_sparsity_and_card(tmp, sparsity_dict(report, base_model=base_model), base_model, write_card)
+        _write_sparsity_and_card(tmp, output_dir, sparsity_dict(report, base_model=base_model), base_model,
+                                 write_card)
     logger.info("Saved pruned checkpoint to %s (%s)", output_dir, report.summary())
     return report
 
 
 def load_sparsity(path: str | os.PathLike) -> dict[str, Any]:
-    """Read `sparsity.json` from a pruned checkpoint folder."""
-    file = os.path.join(os.fspath(path), SPARSITY_NAME)
+    """Read `sparsity.json` from a pruned checkpoint folder: the one reader of that file.
+
+    Args:
+        path (`str` or `os.PathLike`): a folder written by `save_pruned` or `prune_checkpoint`.
+
+    Returns:
+        `dict[str, Any]`: the payload (schema in docs/file_formats.md); it has at least `"structure"` and
+        `"tensors"` (`{name: {"shape", "numel", "sparsity"}}`, sparsity a fraction in [0, 1]).
+
+    Raises:
+        TypeError: `path` is not a str or os.PathLike.
+        FileNotFoundError: the folder does not exist.
+        NotAPrunedCheckpointError: the folder has no `sparsity.json` (a `FileNotFoundError` and a `ValueError`).
+        ValueError: `sparsity.json` is not valid JSON or lacks `"structure"` / `"tensors"`.
+    """
+    check_arg_type("load_sparsity", "path", path, (str, os.PathLike), "a folder path (str or os.PathLike)")
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Pruned model folder {folder!r} does not exist")
+    file = os.path.join(folder, SPARSITY_NAME)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path} is not a pruned checkpoint (no {SPARSITY_NAME})")
-    with open(file) as f:
-        return json.load(f)
+        raise NotAPrunedCheckpointError(f"{folder!r} is not a pruned checkpoint: it has no {SPARSITY_NAME}")
+    try:
+        with open(file, encoding="utf-8") as f:
+            payload = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(payload, dict) or "structure" not in payload or "tensors" not in payload:
+        raise ValueError(f"{file} is not a valid hf-weightprune sparsity report (no \"structure\"/\"tensors\")")
+    return payload
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Keep-masks of a pruned checkpoint: `weight != 0` for every tensor its `sparsity.json` lists.
 
     Read from the checkpoint's safetensors files (one tensor at a time), not from a model in memory.
+
+    Args:
+        path (`str` or `os.PathLike`): a folder written by `save_pruned` or `prune_checkpoint`.
+
+    Returns:
+        `dict[str, torch.Tensor]`: `{name: bool tensor shaped like the weight}`, `True` where the weight is kept.
+
+    Raises:
+        FileNotFoundError: no `sparsity.json` or no safetensors weights in the folder.
+        ValueError: `sparsity.json` lists no tensors, or lists tensors the checkpoint does not hold.
     """
     path = os.fspath(path)
     names = list(load_sparsity(path).get("tensors") or {})
     if not names:
         raise ValueError(f"{path}/{SPARSITY_NAME} lists no pruned tensors")
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        weight_map = {}
-    else:
-        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
-    missing = [n for n in names if weight_map and n not in weight_map]
+    weight_map = sio.weight_map(path)
+    missing = [n for n in names if n not in weight_map]
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensors of {SPARSITY_NAME} are not in the checkpoint (e.g. {missing[0]})")
     out = {}
     for name in names:
-        with safe_open(os.path.join(path, weight_map.get(name, "model.safetensors")), framework="pt") as f:
-            if name not in f.keys():  # noqa: SIM118
-                raise ValueError(f"{path}: {name} (listed in {SPARSITY_NAME}) is not in the checkpoint")
+        with safe_open(os.path.join(path, weight_map[name]), framework="pt") as f:
             out[name] = f.get_tensor(name) != 0
     return out

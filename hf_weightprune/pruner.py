@@ -394,14 +394,3 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
             report.add_mask(name, mask)
     return report.finalize(sum(p.numel() for p in model.parameters()))
 
-
-# Old names export.py (prune_checkpoint) imports until the lead switches it to the public ones; not public API.
-mask_builder = compute_masks
-_refuse_tied = refuse_tied
-new_report = PruningReport.for_config
-record = PruningReport.add_mask
-finish_report = PruningReport.finalize
-
-
-def _selected(importance: Importance, config: PruneConfig) -> list[str]:
-    return select_names(importance.names, config.target_modules, config.exclude_modules)

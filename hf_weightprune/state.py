@@ -30,6 +30,7 @@ from ._version import __version__
 from .config import IMPORTANCE_CONFIG_NAME, ImportanceConfig
 from .importance import Importance
 from .io_utils import atomic_write_json
+from .safetensors_io import check_complete
 
 FORMAT_VERSION = 1
 IMPORTANCE_DIR = "importance"
@@ -274,14 +275,16 @@ def open_tensors(directory: str, shapes: dict[str, list[int]], state_shapes: dic
         fpath = os.path.join(directory, fname)
         if not os.path.isfile(fpath):
             raise ImportanceFileError(f"{directory}: shard {fname} named in the index is missing")
-        size = os.path.getsize(fpath)
         try:
             with safe_open(fpath, framework="pt") as f:
                 headers[fname] = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError) as e:
             raise ImportanceFileError(f"{fpath} is corrupt or truncated: {e}") from None
         # safetensors checks the header, not that the data is all there.
-        _check_size(fpath, size)
+        try:
+            check_complete(fpath)
+        except ValueError as e:
+            raise ImportanceFileError(str(e)) from None
     for name in shapes:
         pieces = row_shards.get(name, [(weight_map[name], 0)])
         shape = None
@@ -309,16 +312,6 @@ def open_tensors(directory: str, shapes: dict[str, list[int]], state_shapes: dic
         return read(weight_map[name], name)
 
     return get
-
-
-def _check_size(fpath: str, size: int) -> None:
-    # The header gives each tensor's byte range; a truncated file ends before the last one.
-    with open(fpath, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ImportanceFileError(f"{fpath} is truncated: {size} bytes, header needs {8 + n + end}")
 
 
 def load_importance(

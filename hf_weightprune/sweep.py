@@ -33,7 +33,17 @@ FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")
 
 def parse_sparsities(text: str) -> list[float]:
     """`"0,0.1,...,0.9"` -> `[0.0, 0.1, ..., 0.9]`: a comma list where `...` continues the step of the two values
-    before it up to the value after it."""
+    before it up to the value after it.
+
+    Args:
+        text (`str`): comma-separated fractions, with `...` allowed between an increasing pair and a last value.
+
+    Returns:
+        `list[float]`: the sparsities, sorted, without duplicates, each in [0, 1).
+
+    Raises:
+        ValueError: a value is not a float or not in [0, 1), `...` is misplaced, or the list is empty.
+    """
     parts = [p.strip() for p in text.split(",") if p.strip()]
     values: list[float] = []
     for i, part in enumerate(parts):
@@ -59,7 +69,15 @@ def parse_sparsities(text: str) -> list[float]:
 
 
 def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike) -> None:
-    """Write `sweep.csv` and `sweep.json` (a list of rows, the dense reference first), each atomically."""
+    """Write `sweep.csv` and `sweep.json` (a list of rows, the dense reference first), each atomically.
+
+    Args:
+        rows (`Sequence[Mapping[str, Any]]`): rows as [`sweep`] returns them.
+        output_dir (`str` or `os.PathLike`): created if missing.
+
+    Returns:
+        `None`. Non-finite values stay `inf`/`nan` in the CSV and become `null` in the JSON (which has neither).
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -104,6 +122,37 @@ def _windows(tokenizer, path: str | os.PathLike, seq_len: int, max_windows: int 
     return make_windows(tokenizer, load_texts(path), seq_len=seq_len, max_windows=max_windows)
 
 
+def _check_sweep_args(args: dict[str, Any]) -> None:
+    from .export import check_arg_type
+
+    path, opt_path = (str, os.PathLike), (str, os.PathLike, type(None))
+    checks = [
+        ("model_dir", path, "a model folder (str or os.PathLike)"),
+        ("importance", (Mapping, list, tuple, str, os.PathLike, Importance, type(None)),
+         "a dict {label: folder or Importance}, a list of them, one of them, or None"),
+        ("data", path, "a text/JSON file or dataset folder (str or os.PathLike)"),
+        ("sparsities", (list, tuple, range), "a list of floats in [0, 1)"),
+        ("structure", str, 'a str such as "unstructured" or "2:4"'),
+        ("scope", (str, type(None)), '"global", "layer", "row" or None'),
+        ("baselines", (list, tuple), 'a list of one-shot criteria such as ["magnitude"]'),
+        ("calibration_data", opt_path, "a file path or None"),
+        ("calibration_windows", int, "an int"),
+        ("seq_len", int, "an int"),
+        ("max_windows", (int, type(None)), "an int or None"),
+        ("batch_size", int, "an int"),
+        ("output_dir", opt_path, "a folder path or None"),
+        ("dtype", str, 'a str such as "auto" or "bfloat16"'),
+        ("device", (str, type(None)), 'a str such as "cuda" or None'),
+        ("title", (str, type(None)), "a str or None"),
+        ("progress", bool, "a bool"),
+    ]
+    for name, types, expected in checks:
+        check_arg_type("sweep", name, args[name], types, expected)
+    for name in ("calibration_windows", "seq_len", "batch_size"):
+        if isinstance(args[name], bool):
+            raise TypeError(f"sweep: {name} must be an int; got bool {args[name]!r}")
+
+
 def sweep(
     model_dir: str | os.PathLike,
     importance: Mapping[str, Any] | Sequence[Any] | None,
@@ -146,15 +195,25 @@ def sweep(
         dtype (`str`, *optional*, defaults to `"auto"`): model dtype (`"auto"`, `"float32"`, `"bfloat16"`, ...).
         device (`str`, *optional*): defaults to CUDA when available, else CPU.
 
+        title (`str`, *optional*): title of the plot; defaults to the model folder, structure and window count.
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar over the points.
+
     Returns:
         `list[dict]`: rows `{"criterion", "structure", "sparsity", "loss", "perplexity"}`, the dense model first
-        (criterion `"dense"`). A sparsity of 0 prunes nothing, so its rows repeat the dense loss.
+        (criterion `"dense"`). Loss is the mean cross-entropy in nats per token, perplexity `exp(loss)`. A sparsity
+        of 0 prunes nothing, so its rows repeat the dense loss.
+
+    Raises:
+        TypeError: an argument has the wrong type (checked before anything is loaded).
+        ValueError: bad sparsities, structure, scope or baselines; nothing to compare; unusable data or
+            tokenizer; importance that does not match the model.
+        FileNotFoundError: `model_dir` is not a folder, or `data` does not exist.
     """
+    _check_sweep_args(locals())  # first statement: locals() holds exactly the arguments
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import evaluate_loss
     from .pruner import prune_
-
     kind, nm = parse_structure(structure)
     if kind not in ("unstructured", "N:M"):
         raise ValueError(f"sweep supports 'unstructured' and N:M structures; {structure!r} changes the model's shape "
@@ -241,7 +300,14 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A markdown table of perplexity: one row per criterion, one column per sparsity."""
+    """A markdown table of perplexity: one row per criterion, one column per sparsity.
+
+    Args:
+        rows (`Sequence[Mapping[str, Any]]`): rows as [`sweep`] returns them.
+
+    Returns:
+        `str`: the table, then the dense perplexity and loss on a line of their own when a dense row is present.
+    """
     dense = next((r for r in rows if r["criterion"] == "dense"), None)
     points = [r for r in rows if r["criterion"] != "dense"]
     columns = sorted({(r["structure"], r["sparsity"]) for r in points}, key=lambda c: (c[0] != "unstructured", c))
@@ -258,39 +324,3 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if dense is not None:
         lines.append(f"\nDense perplexity: {dense['perplexity']:.2f} (loss {dense['loss']:.4f}).")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ command line
-def add_sweep_parser(subparsers) -> Any:
-    """Add `hf-weightprune sweep` to an argparse subparsers object."""
-    p = subparsers.add_parser("sweep", help="loss and perplexity vs sparsity for several criteria, with a plot")
-    p.add_argument("model_dir", help="trained dense model folder (with its tokenizer)")
-    p.add_argument("--importance", nargs="*", default=[], metavar="[LABEL=]DIR",
-                   help="importance / checkpoint folders to compare, optionally labelled")
-    p.add_argument("--data", required=True, help="evaluation text: .txt, .json, .jsonl or a saved dataset folder")
-    p.add_argument("--sparsities", default="0,0.1,...,0.9", help="comma list; '...' continues the step")
-    p.add_argument("--criteria", default="magnitude",
-                   help=f"one-shot baselines, comma-separated from {','.join(ONESHOT_CRITERIA)} ('' for none)")
-    p.add_argument("--calibration", default=None, help="text for one-shot wanda (defaults to --data)")
-    p.add_argument("--calibration-windows", type=int, default=16)
-    p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4)")
-    p.add_argument("--scope", default=None, help="global | layer | row")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-windows", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--output", required=True, help="folder for sweep.csv, sweep.json and sweep.png")
-    p.set_defaults(func=run_sweep_cli)
-    return p
-
-
-def run_sweep_cli(args) -> int:
-    """Run the `sweep` subcommand from parsed arguments; prints a perplexity table. Bad input raises `ValueError`."""
-    baselines = [c.strip() for c in args.criteria.split(",") if c.strip()]
-    rows = sweep(args.model_dir, args.importance, args.data, sparsities=parse_sparsities(args.sparsities),
-                 structure=args.structure, scope=args.scope, baselines=baselines, calibration_data=args.calibration,
-                 calibration_windows=args.calibration_windows, seq_len=args.seq_len, max_windows=args.max_windows,
-                 batch_size=args.batch_size, output_dir=args.output, dtype=args.dtype)
-    print(format_table(rows))
-    print(f"Wrote {SWEEP_CSV}, {SWEEP_JSON} and {SWEEP_PNG} to {args.output}")
-    return 0

@@ -371,7 +371,10 @@ def test_card_front_matter_and_body(tmp_path):
 
     for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
         assert f"| `{module}` | 2 |" in text  # two layers each
-    assert "sum_t t*|w_i(t)| / sum_t t" in text and "2502.17071" in text and "2310.04573" in text
+    # The criterion's formula and paper come from its scorer class (the one source)
+    assert "**Criterion**: `temporal_magnitude`: `sum_t t*|w(t)| / sum_t t` (arXiv:2502.17071)." in text
+    assert "| `wanda` | `\\|W_ij\\| * \\|\\|x_j\\|\\|_2` | Sun et al. 2023, arXiv:2306.11695 |" in text
+    assert "2310.04573" in text
     assert "between steps 10 and 80" in text and "cubic" in text
     assert "![Eval loss vs. sparsity](sweep.png)" in text
     assert "save\nneither memory nor time" in text or "save neither memory nor time" in text

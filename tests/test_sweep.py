@@ -9,10 +9,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
+from hf_weightprune.cli import add_sweep_parser
 from hf_weightprune.data import load_texts, make_windows, train_tokenizer
 from hf_weightprune.matching import find_tracked_weights
 from hf_weightprune.oneshot import oneshot_importance
-from hf_weightprune.sweep import add_sweep_parser, format_table, parse_sparsities, sweep
+from hf_weightprune.sweep import format_table, parse_sparsities, sweep
 from hf_weightprune.testing import tiny_llama
 from tests.helpers import train
 

@@ -32,7 +32,7 @@ class Movement(_GradientScorer):
 
     name = "movement"
     formula = "-sum_t w*g"
-    paper = "arXiv:2005.07683"
+    paper = "Sanh et al. 2020, arXiv:2005.07683"
 
     def update_(self, states, weights, grads, t, generator=None):
         for s, w, g in blocks(states, weights, grads):
@@ -48,7 +48,7 @@ class Taylor(_GradientScorer):
 
     name = "taylor"
     formula = "sum_t |w*g|"
-    paper = "arXiv:1906.10771"
+    paper = "Molchanov et al. 2019, arXiv:1906.10771"
 
     def update_(self, states, weights, grads, t, generator=None):
         for s, w, g in blocks(states, weights, grads):
@@ -61,7 +61,7 @@ class Fisher(_GradientScorer):
 
     name = "fisher"
     formula = "sum_t g^2"
-    paper = "arXiv:2204.09656"
+    paper = "Kwon et al. 2022, arXiv:2204.09656"
 
     def update_(self, states, weights, grads, t, generator=None):
         for s, g in blocks(states, grads):

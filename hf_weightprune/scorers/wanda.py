@@ -43,7 +43,7 @@ class Wanda(Scorer):
     name = "wanda"
     source = "activations"
     formula = "|W_ij| * ||x_j||_2"
-    paper = "arXiv:2306.11695"
+    paper = "Sun et al. 2023, arXiv:2306.11695"
 
     def state_shape(self, weight):
         return torch.Size([weight.shape[-1]])

@@ -1,0 +1,264 @@
+"""The one raw reader of safetensors files and of a checkpoint's weight index.
+
+A safetensors file is an 8-byte little-endian header length `n`, `n` bytes of JSON
+(`{tensor: {"dtype", "shape", "data_offsets": [start, end]}, "__metadata__": {...}}`), then the tensor data, the
+offsets counted from the end of the header. `safetensors.safe_open` validates the header but not that the data is
+all there, and gives no access to the raw bytes, which the masked shard copy needs. Everything here raises
+`ValueError` (corrupt input) or `FileNotFoundError` with a one-line message naming the file; callers that have
+their own error type (the importance reader) wrap it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, Any
+
+import torch
+from safetensors import safe_open
+
+__all__ = [
+    "CheckpointWeights",
+    "INDEX_NAME",
+    "SAFETENSORS_NAME",
+    "check_complete",
+    "copy_shard_masked",
+    "find_weights_file",
+    "read_header",
+    "weight_map",
+]
+
+SAFETENSORS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# The safetensors library refuses headers over 100 MB; so do we, before allocating them.
+MAX_HEADER_BYTES = 100 << 20
+
+_FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_COPY_CHUNK = 64 << 20
+
+
+def _read_raw_header(f: IO[bytes], path: str, size: int) -> tuple[bytes, bytes, dict[str, Any]]:
+    """`(8-byte length prefix, header bytes, parsed header)` of the open file `f` positioned at 0."""
+    prefix = f.read(8)
+    header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 0 < header_len <= min(size - 8, MAX_HEADER_BYTES):
+        raise ValueError(f"{path} is not a safetensors file (bad header length {header_len} for {size} bytes)")
+    raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} has a corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    return prefix, raw, header
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and parse the JSON header of a safetensors file, without reading its tensors.
+
+    Args:
+        path (`str` or `os.PathLike`): a `.safetensors` file.
+
+    Returns:
+        `dict[str, Any]`: `{tensor name: {"dtype": str, "shape": list[int], "data_offsets": [start, end]}}`, plus
+        `"__metadata__"` when the file has one. Offsets are in bytes from the end of the header.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: the length prefix is missing, zero, larger than the file or than 100 MB, or the header is not
+            a JSON object.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path, "rb") as f:
+        return _read_raw_header(f, path, os.fstat(f.fileno()).st_size)[2]
+
+
+def _layout(header: dict[str, Any], path: str) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """Tensor entries sorted by offset, checked to follow each other without gaps; and the data size in bytes."""
+    try:
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: list(kv[1]["data_offsets"]))
+        position = 0
+        for key, info in entries:
+            start, end = (int(x) for x in info["data_offsets"])
+            if start != position or end < start:
+                raise ValueError(f"{path}: tensor {key} is not where the header layout says (offset {start})")
+            position = end
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} has a corrupt safetensors header ({type(e).__name__}: {e})") from None
+    return entries, position
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Check that a safetensors file holds all the bytes its header describes.
+
+    `safe_open` validates the header but not that the data is all there: a file cut short by a crash or a partial
+    download opens fine and fails (or reads garbage) only when the last tensors are read.
+
+    Args:
+        path (`str` or `os.PathLike`): a `.safetensors` file.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: the header is invalid (see [`read_header`]), its tensors overlap or leave gaps, or the file
+            is shorter than the header says (`"... is corrupt or truncated: N bytes, header needs M"`).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        _, raw, header = _read_raw_header(f, path, size)
+    need = 8 + len(raw) + _layout(header, path)[1]
+    if need > size:
+        raise ValueError(f"{path} is corrupt or truncated: {size} bytes, header needs {need}")
+
+
+def find_weights_file(model_dir: str | os.PathLike) -> str | None:
+    """The path of `model.safetensors.index.json` (sharded) or else `model.safetensors` in `model_dir`, or `None`.
+
+    Args:
+        model_dir (`str` or `os.PathLike`): a local model folder.
+
+    Returns:
+        `str` or `None`: the index when there is one, else the single weights file, else `None`.
+    """
+    for name in (INDEX_NAME, SAFETENSORS_NAME):
+        candidate = os.path.join(os.fspath(model_dir), name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def weight_map(model_dir: str | os.PathLike) -> dict[str, str]:
+    """Which file of a safetensors checkpoint holds each tensor: the one reader of `model.safetensors.index.json`.
+
+    Args:
+        model_dir (`str` or `os.PathLike`): a local folder with `model.safetensors` or a sharded index.
+
+    Returns:
+        `dict[str, str]`: `{tensor name: file name relative to model_dir}`, in the index's (or header's) order.
+
+    Raises:
+        FileNotFoundError: the folder has neither `model.safetensors` nor `model.safetensors.index.json`.
+        ValueError: the index is not JSON or has no `weight_map` object; the single file has a bad header.
+    """
+    model_dir = os.fspath(model_dir)
+    found = find_weights_file(model_dir)
+    if found is None:
+        raise FileNotFoundError(f"{model_dir} has neither {SAFETENSORS_NAME} nor {INDEX_NAME} (only safetensors "
+                                "checkpoints can be read file by file)")
+    if found.endswith(SAFETENSORS_NAME):
+        return {k: SAFETENSORS_NAME for k in read_header(found) if k != "__metadata__"}
+    try:
+        with open(found, encoding="utf-8") as f:
+            mapping = json.load(f).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{found} is not a valid safetensors index: {e}") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise ValueError(f"{found} has no valid \"weight_map\" object {{tensor name: file name}}")
+    return dict(mapping)
+
+
+class CheckpointWeights(Mapping):
+    """Read-only `{name: tensor}` view of a safetensors checkpoint that reads one tensor per access.
+
+    Nothing is kept in memory between accesses (what `wanda` rankings multiply by when a checkpoint is pruned
+    file to file).
+
+    Args:
+        model_dir (`str`): the checkpoint folder.
+        weight_map (`dict[str, str]`): from [`weight_map`].
+        names (`list[str]`): the tensors this view exposes.
+    """
+
+    def __init__(self, model_dir: str, weight_map: dict[str, str], names: list[str]):
+        self._dir, self._map, self._names = model_dir, weight_map, list(names)
+        self._known = set(self._names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        with safe_open(os.path.join(self._dir, self._map[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _copy_bytes(fin: IO[bytes], fout: IO[bytes], nbytes: int, buffer: bytearray) -> bytearray:
+    """Copy `nbytes` from `fin` to `fout` in chunks through `buffer` (grown if needed); return the buffer."""
+    if len(buffer) < min(nbytes, _COPY_CHUNK):
+        buffer = bytearray(min(nbytes, _COPY_CHUNK))
+    view = memoryview(buffer)
+    while nbytes:
+        n = fin.readinto(view[: min(nbytes, len(buffer))])
+        if not n:
+            raise ValueError(f"{fin.name} ended early")
+        fout.write(view[:n])
+        nbytes -= n
+    return buffer
+
+
+def copy_shard_masked(src: str, dst: str, mask_of: Callable[[str, list[int]], torch.Tensor | None],
+                      buffer: bytearray) -> bytearray:
+    """Copy safetensors file `src` to `dst` byte for byte, zeroing the pruned elements of tensors that have a mask.
+
+    Same header, same offsets: masking changes no size. Read and written sequentially with `readinto` into one
+    reused buffer, so nothing is memory-mapped and no fresh memory is faulted in per tensor (`safe_open` +
+    `save_file` would hold a whole shard of new tensors). The header is checked for a layout that covers the file
+    exactly before anything is written.
+
+    Args:
+        src (`str`): the source `.safetensors` file.
+        dst (`str`): the file to write (created or truncated).
+        mask_of (`Callable[[str, list[int]], torch.Tensor | None]`): called with each tensor's name and stored
+            shape; returns a boolean keep-mask of that shape, or `None` to copy the tensor unchanged.
+        buffer (`bytearray`): a reusable buffer (may be empty); grown to the largest masked tensor.
+
+    Returns:
+        `bytearray`: the (possibly grown) buffer, to pass to the next call.
+
+    Raises:
+        ValueError: `src` has a bad header, is truncated or has trailing bytes, or a masked tensor is not a float
+            dtype (BF16, F16, F32, F64).
+    """
+    from . import masks as M
+
+    with open(src, "rb") as fin:
+        size = os.fstat(fin.fileno()).st_size
+        prefix, raw, header = _read_raw_header(fin, src, size)
+        entries, data_size = _layout(header, src)
+        if 8 + len(raw) + data_size != size:
+            raise ValueError(f"{src} is truncated or has trailing bytes ({size} bytes, header says "
+                             f"{8 + len(raw) + data_size})")
+        with open(dst, "wb") as fout:
+            fout.write(prefix)
+            fout.write(raw)
+            for key, info in entries:
+                start, end = info["data_offsets"]
+                nbytes = end - start
+                mask = mask_of(key, info["shape"])
+                if mask is None:  # copied as is, in chunks
+                    buffer = _copy_bytes(fin, fout, nbytes, buffer)
+                    continue
+                dtype = _FLOAT_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ValueError(f"{key}: cannot prune a tensor of dtype {info['dtype']}")
+                if len(buffer) < nbytes:
+                    buffer = bytearray(nbytes)
+                view = memoryview(buffer)[:nbytes]
+                if fin.readinto(view) != nbytes:
+                    raise ValueError(f"{src} ended inside tensor {key}")
+                tensor = torch.frombuffer(view, dtype=dtype).view(info["shape"])
+                M.apply_mask_(tensor, mask)
+                fout.write(view)
+            fout.flush()
+            os.fsync(fout.fileno())
+    return buffer
