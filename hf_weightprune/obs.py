@@ -247,8 +247,8 @@ def sparsegpt_prune_(
                 keep1[:, group] = _lowest_k(W1[:, group].square() / d[group].square(), nm[1] - nm[0])
             w = W1[:, i]
             q = w.masked_fill(~keep1[:, i], 0.0)
-            e = err[:, i]
-            torch.sub(w, q, out=e).div_(d[i])
+            e = (w - q).div_(d[i])
+            err[:, i] = e
             # OBS update of this block's remaining columns; the column itself becomes exactly q.
             W1[:, i:].addr_(e, U1[i, i:], alpha=-1.0)
             W1[:, i] = q

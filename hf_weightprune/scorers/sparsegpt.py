@@ -45,7 +45,8 @@ def hessian_sum(x: Tensor, token_mask: Tensor | None = None) -> Tensor:
         # Other dtypes: float32 copies of row blocks through one reused buffer, accumulated in place, so neither a
         # full float32 copy of `x` nor a low-precision sum is ever made.
         out = torch.zeros(n, n, dtype=torch.float32, device=x.device)
-        rows = max(1, _BLOCK // max(n, 1))
+        # Small blocks stay in a CPU's cache; an accelerator wants few, large matmuls instead.
+        rows = max(1, (_BLOCK if x.device.type == "cpu" else _DEVICE_BLOCK) // max(n, 1))
         buf = torch.empty(min(rows, x.shape[0]), n, dtype=torch.float32, device=x.device)
         for block in x.split(rows):
             b = buf[: block.shape[0]].copy_(block)
@@ -53,7 +54,8 @@ def hessian_sum(x: Tensor, token_mask: Tensor | None = None) -> Tensor:
         return out
 
 
-_BLOCK = 1 << 20  # elements per float32 row block: a 4 MiB buffer
+_BLOCK = 1 << 20  # elements per float32 row block on CPU: a 4 MiB buffer
+_DEVICE_BLOCK = 1 << 24  # on an accelerator: 64 MiB
 
 
 @register_scorer
@@ -114,7 +116,8 @@ class SparseGPT(Scorer):
             is degenerate.
         """
         self._check(weight, tokens)
-        return obs_saliency(weight, state.float() / tokens, percdamp=self.percdamp)
+        # The saliency is linear in the scale of H (U_jj^2 scales as 1/c), so divide the result, not a copy of H.
+        return obs_saliency(weight, state, percdamp=self.percdamp).div_(tokens)
 
     def wanda_score(self, state, *, weight=None, tokens=0, **_):
         """
