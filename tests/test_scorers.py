@@ -134,7 +134,7 @@ def test_stochastic_rounding_keeps_non_finite_values():
 
 
 def test_registry_refuses_duplicates():
-    assert set(SCORERS) == {"temporal_magnitude", "magnitude", "movement", "taylor", "fisher", "wanda"}
+    assert set(SCORERS) == {"temporal_magnitude", "magnitude", "movement", "taylor", "fisher", "wanda", "sparsegpt"}
     with pytest.raises(ValueError, match="already registered"):
 
         @register_scorer

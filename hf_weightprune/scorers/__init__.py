@@ -22,6 +22,6 @@ def get_scorer(name: str) -> Scorer:
 
 
 # Importing the modules registers them.
-from . import gradient, magnitude, temporal, wanda  # noqa: E402,F401
+from . import gradient, magnitude, sparsegpt, temporal, wanda  # noqa: E402,F401
 
 __all__ = ["SCORERS", "Scorer", "get_scorer", "register_scorer"]
