@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .callback import ImportanceCallback  # noqa: E402
 from .config import ImportanceConfig, PruneConfig  # noqa: E402
+from .distill import DistillConfig  # noqa: E402
 from .export import load_sparsity, prune_checkpoint, save_pruned  # noqa: E402
 from .hub import push_pruned_to_hub  # noqa: E402
 from .importance import Importance  # noqa: E402
@@ -15,6 +16,7 @@ from .state import load_importance  # noqa: E402
 from .sweep import sweep  # noqa: E402
 
 __all__ = [
+    "DistillConfig",
     "Importance",
     "ImportanceCallback",
     "ImportanceConfig",
