@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_weightprune import DistillConfig
@@ -249,23 +254,25 @@ def test_incompatible_teacher_is_refused_in_one_line(tmp_path):
 
 # --------------------------------------------------------------------------------------------- the wrapper itself
 def test_wrapper_changes_only_the_training_loss():
-    model = tiny_llama(seed=2)
+    model, teacher = tiny_llama(seed=2), tiny_llama(seed=1)
+    initial = copy.deepcopy(model)
     sig = inspect.signature(model.forward)
-    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = PaddedDataset(n=3)[:3]
     with torch.no_grad():
-        plain = model(input_ids=ids, labels=ids)
-        plain_hidden = model(input_ids=ids, labels=ids, output_hidden_states=True)
-    d = Distiller(DistillConfig(teacher=tiny_llama(seed=1), alpha=0.5, hidden_weight=1.0))
+        plain = model(**batch)
+        plain_hidden = model(**batch, output_hidden_states=True)
+    d = Distiller(DistillConfig(teacher=teacher, alpha=0.5, hidden_weight=1.0))
     d.setup(model)
     d.install(model)
     assert inspect.signature(model.forward) == sig  # Trainer's model_accepts_loss_kwargs sees the same signature
     with torch.no_grad():
-        out = model(input_ids=ids, labels=ids)
-        out_hidden = model(input_ids=ids, labels=ids, output_hidden_states=True)
+        out = model(**batch)  # no num_items_in_batch: every term is a mean over the real tokens
+        out_hidden = model(**batch, output_hidden_states=True)
         model.eval()
-        evaluated = model(input_ids=ids, labels=ids)
+        evaluated = model(**batch)
     assert list(out.keys()) == list(plain.keys())  # hidden states fetched for SquareHead are not handed back
-    assert torch.equal(out.logits, plain.logits) and out.loss != plain.loss
+    assert torch.equal(out.logits, plain.logits)
+    assert out.loss.item() == pytest.approx(brute_force(initial, teacher, batch, 0.5, 2.0, 1.0)["loss"], rel=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(out_hidden.hidden_states, plain_hidden.hidden_states))
     assert torch.equal(evaluated.loss, plain.loss)  # eval loss stays the plain cross-entropy
     assert set(d.pop_logs()) == {"distill/kl", "distill/ce", "distill/hidden"} and d.pop_logs() == {}
@@ -296,3 +303,42 @@ def test_teacher_cost_per_step(tmp_path):
     print(f"\nmedian step: plain {median['plain'] * 1e3:.2f} ms, with teacher {median['distill'] * 1e3:.2f} ms "
           f"(+{(median['distill'] / median['plain'] - 1) * 100:.0f}%)")
     assert len(timer.times) == 12
+
+
+# --------------------------------------------------------------------------------------------- DDP
+def ddp_run(out: str) -> None:
+    """Same global batch (4) whatever the world size; rank 0 writes the final weights. `python -m tests.test_distill OUT`."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    torch.manual_seed(0)
+    student = tiny_llama(seed=4)
+    cb = DistillAdapter(DistillConfig(teacher=tiny_llama(seed=1), alpha=0.7, temperature=2.0, hidden_weight=1.0))
+    trainer = train(student, [cb], out, dataset=PaddedDataset(n=24), max_steps=3, batch=4 // world,
+                    ddp_backend="gloo" if world > 1 else None)
+    assert trainer.args.world_size == world
+    if trainer.args.process_index == 0:
+        save_file({n: p.detach().contiguous() for n, p in student.named_parameters()},
+                  os.path.join(out, f"weights-world{world}.safetensors"))
+
+
+@pytest.mark.multiproc
+def test_ddp_equals_single_process(tmp_path):
+    # Rows hold 2..11 real tokens, so the two ranks see different token counts: only a KL normalized by the global
+    # num_items_in_batch (as the CE is) gives the single-process gradients.
+    ddp_run(str(tmp_path))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "tests.test_distill", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = (load_file(str(tmp_path / f"weights-world{w}.safetensors")) for w in (1, 2))
+    for name, ref in one.items():
+        # all-reduced sum of two rank gradients vs one batch: float summation order only
+        torch.testing.assert_close(two[name], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=name)
+
+
+if __name__ == "__main__":
+    ddp_run(sys.argv[1])
