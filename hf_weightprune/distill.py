@@ -229,6 +229,8 @@ class Distiller:
         self.teacher: nn.Module | None = None
         self.uses_disabled_adapters = False
         self._model: nn.Module | None = None
+        self._setup_model: nn.Module | None = None
+        self._warned_no_labels = False
         self._wrapper = None
         self._had_instance_forward = False
         self._previous_forward = None
@@ -241,17 +243,21 @@ class Distiller:
         Args:
             model (`nn.Module`): the model the callback receives (the unwrapped model, or the `PeftModel` under peft).
             prunes_base (`bool`, *optional*, defaults to `True`): whether the base weights change in place during
-                training (pruned, or trained). When `False` and `model` is a peft model with non-prompt adapters, the
-                default teacher is the same model run with its adapters disabled (no copy).
+                training (pruned, or trained). When `False` and `model` is a peft model with non-prompt adapters (and
+                no `teacher_dtype` / other `teacher_device` is asked for), the default teacher is the base model, run
+                as `model` with its adapters disabled: no copy.
 
         Returns:
             `nn.Module` or `None`: the teacher module, or `None` when the teacher is `model` with adapters disabled.
 
         Raises:
-            ValueError: the teacher's vocabulary differs from the student's, or `hidden_weight > 0` with a different
-                `num_hidden_layers` / `hidden_size`.
+            ValueError: the teacher is `model` itself, its vocabulary differs from the student's, or `hidden_weight > 0`
+                with a different `num_hidden_layers` / `hidden_size` (a path is checked from its config, before loading).
         """
         cfg = self.config
+        if cfg.teacher is model:
+            raise ValueError("DistillConfig.teacher is the student itself: pass teacher=None for a frozen copy of it")
+        self._setup_model = model
         student_device = _first_param(model).device
         device = torch.device(cfg.teacher_device) if cfg.teacher_device is not None else student_device
         dtype = getattr(torch, cfg.teacher_dtype) if cfg.teacher_dtype else None
@@ -264,24 +270,25 @@ class Distiller:
         elif isinstance(cfg.teacher, str):
             from transformers import AutoConfig, AutoModelForCausalLM
 
-            self._check_compatible(model, AutoConfig.from_pretrained(cfg.teacher), cfg.teacher)  # before loading weights
+            self._check_compatible(model, AutoConfig.from_pretrained(cfg.teacher), f" ({cfg.teacher})")  # before loading
             teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype or _first_param(model).dtype)
         else:
             teacher = cfg.teacher
-        self._check_compatible(model, teacher, "teacher")
+        self._check_compatible(model, teacher)
         teacher.eval().requires_grad_(False)
         self.teacher = teacher.to(device=device, dtype=dtype) if dtype is not None else teacher.to(device)
         return self.teacher
 
-    def _check_compatible(self, model: nn.Module, teacher: Any, what: str) -> None:
+    def _check_compatible(self, model: nn.Module, teacher: Any, what: str = "") -> None:
         vocab, layers, hidden = _model_dims(model)
         t_vocab, t_layers, t_hidden = _model_dims(teacher if isinstance(teacher, nn.Module) else _Holder(teacher))
         if vocab is not None and t_vocab is not None and vocab != t_vocab:
-            raise ValueError(f"DistillConfig.teacher ({what}) has vocab_size {t_vocab} but the student has {vocab}: "
+            raise ValueError(f"DistillConfig.teacher{what} has vocab_size {t_vocab} but the student has {vocab}: "
                              "use a teacher with the student's tokenizer and vocabulary")
         if self.config.hidden_weight > 0 and (layers, hidden) != (t_layers, t_hidden):
             raise ValueError(f"DistillConfig.hidden_weight > 0 needs the student's num_hidden_layers/hidden_size "
-                             f"({layers}/{hidden}) in the teacher ({what}: {t_layers}/{t_hidden}); set hidden_weight=0")
+                             f"({layers}/{hidden}) in the teacher{what} (it has {t_layers}/{t_hidden}); "
+                             "use such a teacher or set hidden_weight=0")
 
     # ------------------------------------------------------------------ install / remove
     def install(self, model: nn.Module) -> None:
@@ -298,8 +305,8 @@ class Distiller:
         """
         if self._wrapper is not None:
             raise RuntimeError("Distiller.install: already installed; call remove() first")
-        if self.teacher is None and not self.uses_disabled_adapters:
-            raise RuntimeError("Distiller.install: call setup(model) first")
+        if self._setup_model is not model or (self.teacher is None and not self.uses_disabled_adapters):
+            raise RuntimeError("Distiller.install: call setup(model) with this model first")
         original = model.forward
         self._had_instance_forward = "forward" in model.__dict__  # e.g. accelerate's autocast wrapper
         self._previous_forward = model.__dict__.get("forward")
@@ -326,7 +333,7 @@ class Distiller:
             else:
                 # Someone wrapped forward on top of ours: leave their wrapper, ours turns into a pass-through.
                 logger.warning("Distiller.remove: model.forward was re-wrapped after install; distillation disabled")
-        self._model = self._wrapper = self._previous_forward = None
+        self._model = self._wrapper = self._previous_forward = self._setup_model = None
         self.teacher, self.uses_disabled_adapters = None, False
 
     # ------------------------------------------------------------------ logs
@@ -381,7 +388,12 @@ class Distiller:
             except TypeError:
                 labels = None
         if labels is None and shift_labels is None:
-            return original(*args, **kwargs)  # no loss to distill into (e.g. a forward for statistics)
+            if not self._warned_no_labels:
+                # The Trainer pops labels itself with label_smoothing_factor or compute_loss_func: say so once.
+                logger.warning("Distiller: a training forward without labels is left plain (no distillation); with "
+                               "label_smoothing_factor or compute_loss_func the Trainer never passes labels")
+                self._warned_no_labels = True
+            return original(*args, **kwargs)
         cfg = self.config
         want_hidden = cfg.hidden_weight > 0
         user_hidden = bool(kwargs.get("output_hidden_states"))
@@ -420,7 +432,7 @@ class Distiller:
 
         fields_ = {**out, "loss": loss.to(ce.dtype)}
         if want_hidden and not user_hidden:
-            fields_.pop("hidden_states")
+            fields_.pop("hidden_states", None)
         return type(out)(**fields_)
 
 

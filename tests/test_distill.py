@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -247,13 +248,19 @@ def test_incompatible_teacher_is_refused_in_one_line(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())  # refused before any step
 
     deeper = tiny_llama(seed=1, num_hidden_layers=3)
-    with pytest.raises(ValueError, match=r"num_hidden_layers/hidden_size \(2/32\).*\(teacher: 3/32\)"):
+    with pytest.raises(ValueError, match=r"num_hidden_layers/hidden_size \(2/32\) in the teacher \(it has 3/32\)"):
         Distiller(DistillConfig(teacher=deeper, hidden_weight=1.0)).setup(student)
     assert Distiller(DistillConfig(teacher=deeper, hidden_weight=0.0)).setup(student) is deeper  # logits suffice
+    with pytest.raises(ValueError, match="teacher is the student itself"):
+        Distiller(DistillConfig(teacher=student)).setup(student)
+    deeper.save_pretrained(tmp_path / "deeper")
+    os.remove(tmp_path / "deeper" / "model.safetensors")  # refused from config.json, before loading any weights
+    with pytest.raises(ValueError, match=re.escape(f"teacher ({tmp_path / 'deeper'}) ") + ".*it has 3/32"):
+        Distiller(DistillConfig(teacher=str(tmp_path / "deeper"), hidden_weight=1.0)).setup(student)
 
 
 # --------------------------------------------------------------------------------------------- the wrapper itself
-def test_wrapper_changes_only_the_training_loss():
+def test_wrapper_changes_only_the_training_loss(caplog):
     model, teacher = tiny_llama(seed=2), tiny_llama(seed=1)
     initial = copy.deepcopy(model)
     sig = inspect.signature(model.forward)
@@ -275,6 +282,11 @@ def test_wrapper_changes_only_the_training_loss():
     assert out.loss.item() == pytest.approx(brute_force(initial, teacher, batch, 0.5, 2.0, 1.0)["loss"], rel=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(out_hidden.hidden_states, plain_hidden.hidden_states))
     assert torch.equal(evaluated.loss, plain.loss)  # eval loss stays the plain cross-entropy
+    model.train()
+    with torch.no_grad(), caplog.at_level("WARNING", logger="hf_weightprune.distill"):
+        unlabeled = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # label smoothing
+    assert unlabeled.loss is None and torch.equal(unlabeled.logits, plain.logits)
+    assert "without labels is left plain" in caplog.text
     assert set(d.pop_logs()) == {"distill/kl", "distill/ce", "distill/hidden"} and d.pop_logs() == {}
     with pytest.raises(RuntimeError, match="already installed"):
         d.install(model)
