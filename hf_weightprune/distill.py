@@ -60,7 +60,8 @@ class DistillConfig:
             Softmax temperature T > 0 of both distributions; the KL term is multiplied by T^2 (Hinton et al. 2015).
         hidden_weight (`float`, *optional*, defaults to 0.0):
             Weight (>= 0) of SquareHead's per-layer normalized feature loss (arXiv 2310.06927); needs a teacher with the
-            student's `num_hidden_layers` and `hidden_size`. 0 skips the hidden states entirely.
+            student's `num_hidden_layers` and `hidden_size`. The ratio is taken per token (see `squarehead_sum`);
+            0 skips the hidden states entirely.
         teacher_dtype (`str`, *optional*):
             `"bfloat16"`, `"float16"` or `"float32"`; `None` keeps the teacher's dtype (a copy keeps the student's).
         teacher_device (`str` or `torch.device`, *optional*):
@@ -218,8 +219,15 @@ class Distiller:
     generation stay plain. Of the output, only `loss` changes; hidden states requested for SquareHead are dropped again
     unless the caller asked for them.
 
+    A separate teacher (the default copy included) runs in its own dtype, outside the autocast wrapper accelerate puts
+    on the student's `forward` under `bf16=True`; set `teacher_dtype="bfloat16"` to make it cheaper.
+
     Args:
         config ([`DistillConfig`]): alpha, temperature, hidden_weight and the teacher.
+
+    Raises:
+        TypeError: `config` is not a `DistillConfig`; or, in a training forward, the student returned a tuple
+            (`return_dict=False`) instead of a `ModelOutput`.
     """
 
     def __init__(self, config: DistillConfig):
