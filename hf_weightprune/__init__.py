@@ -3,6 +3,7 @@
 from ._version import __version__ as __version__  # re-exported: `hf_weightprune.__version__`
 from .callback import ImportanceCallback
 from .config import ImportanceConfig, PruneConfig
+from .distill import DistillConfig
 from .export import load_sparsity, prune_checkpoint, save_pruned
 from .hub import push_pruned_to_hub
 from .importance import Importance
@@ -14,6 +15,7 @@ from .state import load_importance
 from .sweep import sweep
 
 __all__ = [
+    "DistillConfig",
     "Importance",
     "ImportanceCallback",
     "ImportanceConfig",
