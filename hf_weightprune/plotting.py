@@ -110,11 +110,10 @@ def plot_sweep(
 
 # ------------------------------------------------------------------ per layer x module type
 
-# Short column names: `q_proj` -> `q`, `gate_up_proj` -> `gate_up`; other module names are kept as they are.
-_PROJ_SUFFIX = "_proj"
 OTHER_ROW = "other"
-_TYPE_ORDER = {t: i for i, t in enumerate(["q", "k", "v", "qkv", "o", "out", "gate", "up", "gate_up", "fc1", "fc2",
-                                           "down"])}
+# Known module types, in the order a block uses them; `<type>_proj` modules are shown as `<type>`.
+_KNOWN_TYPES = ["q", "k", "v", "qkv", "kv", "o", "out", "in", "gate", "up", "gate_up", "fc1", "fc2", "down"]
+_TYPE_ORDER = {t: i for i, t in enumerate(_KNOWN_TYPES)}
 
 # What each statistic means, for colourbar labels; keys not listed are labelled with the key itself.
 _STAT_LABELS = {
@@ -144,7 +143,8 @@ def _split_name(name: str) -> tuple[str, int | None, str]:
 
 def _short_type(path: str) -> str:
     last = path.rsplit(".", 1)[-1]
-    return last[: -len(_PROJ_SUFFIX)] if last.endswith(_PROJ_SUFFIX) and len(last) > len(_PROJ_SUFFIX) else last
+    # Only known prefixes: GPT-2's `c_proj` would otherwise become an unreadable `c`.
+    return last.removesuffix("_proj") if last.removesuffix("_proj") in _TYPE_ORDER else last
 
 
 def parse_layer_name(name: str) -> tuple[int | None, str]:
@@ -158,8 +158,9 @@ def parse_layer_name(name: str) -> tuple[int | None, str]:
 
     Returns:
         `tuple[int | None, str]`: the layer index (`None` for tensors outside the repeated blocks, such as `lm_head`)
-        and the module type: the last module name with a `_proj` suffix removed (`q`, `k`, `v`, `o`, `gate`, `up`,
-        `down` for Llama; `qkv`, `o`, `gate_up`, `down` for Phi-3; `fc1`, `c_attn`, `lm_head` as they are).
+        and the module type: the last module name, without the `_proj` suffix for the usual types (`q`, `k`, `v`,
+        `o`, `gate`, `up`, `down` for Llama; `qkv`, `o`, `gate_up`, `down` for Phi-3; `out` for OPT/BART); other names
+        as they are (`fc1`, `c_attn`, `c_proj`, `lm_head`).
     """
     _, index, path = _split_name(name)
     return index, _short_type(path)
@@ -176,7 +177,8 @@ class LayerGrid:
         columns (`list[str]`): module types (see [`parse_layer_name`]) in the order a block uses them (`q`, `k`,
             `v`, `qkv`, `o`, `gate`, `up`, `gate_up`, `down`), then any others in order of first appearance; a type
             that would be ambiguous within a layer (`self_attn.q` and `encoder_attn.q`) keeps its module path.
-        values (`numpy.ndarray`): float64 of shape `(len(rows), len(columns))`, NaN where a row has no such tensor.
+        values (`numpy.ndarray`): float64 of shape `(len(rows), len(columns))`, NaN where a row has no such tensor;
+            fractions (`below_median`, `sparsity`) in percent.
         names (`list[list[str | None]]`): the parameter name behind each cell.
     """
 
@@ -241,16 +243,25 @@ def layer_grid(stats: Sequence[Mapping[str, Any]], key: str = "mean") -> LayerGr
 
     row_keys = sorted({(stacks.index(s), i) for s, i, _ in parsed if i is not None})
     rows = [row_of(stacks[s], i) for s, i in row_keys] + ([OTHER_ROW] if any(i is None for _, i, _ in parsed) else [])
-    # Known types in the order a block computes them (the tensors may arrive in any order, e.g. hook order);
-    # other types follow in order of first appearance.
-    columns = sorted(dict.fromkeys(column_of(path) for _, _, path in parsed),
-                     key=lambda c: _TYPE_ORDER.get(c.rsplit(".", 1)[-1], len(_TYPE_ORDER)))
+    # Columns in the order a block computes them, whatever order the tensors come in (wanda's follows its hooks):
+    # grouped by parent module (attention before MLP: the group of the earliest known type first, ties by first
+    # appearance), then by known type; tensors outside the layers last.
+    first: dict[str, tuple[bool, str, int]] = {}
+    for n, (_, index, path) in enumerate(parsed):
+        first.setdefault(column_of(path), (index is None, path.rsplit(".", 1)[0] if "." in path else "", n))
+    group_rank: dict[tuple[bool, str], tuple[int, int]] = {}
+    for column, (outside, parent, n) in first.items():
+        rank = (_TYPE_ORDER.get(column.rsplit(".", 1)[-1], len(_TYPE_ORDER)), n)
+        group_rank[outside, parent] = min(group_rank.get((outside, parent), rank), rank)
+    columns = sorted(first, key=lambda c: (first[c][0], group_rank[first[c][:2]],
+                                           _TYPE_ORDER.get(c.rsplit(".", 1)[-1], len(_TYPE_ORDER)), first[c][2]))
     values = np.full((len(rows), len(columns)), np.nan)
     names: list[list[str | None]] = [[None] * len(columns) for _ in rows]
     for row, (stack, index, path) in zip(stats, parsed):
         r, c = rows.index(row_of(stack, index)), columns.index(column_of(path))
         if names[r][c] is not None:
-            raise ValueError(f"Two stats rows for the same tensor: {names[r][c]!r} and {row['name']!r}.")
+            raise ValueError(f"{names[r][c]!r} and {row['name']!r} fall in the same cell ({rows[r]}, {columns[c]}); "
+                             "pass one stats row per weight.")
         names[r][c] = str(row["name"])
         if row.get(key) is not None:
             values[r, c] = 100.0 * _number(row, key, "layer stat") if key in _PERCENT_STATS else _number(
@@ -275,7 +286,7 @@ def layer_stats(importance, *, sample_size: int = 8192, seed: int = 0) -> list[d
             Seed of that sample, so repeated calls give the same numbers.
 
     Returns:
-        `list[dict]`: one dict per tracked tensor, in model order, with `name` (`str`), `shape` (`str`, e.g.
+        `list[dict]`: one dict per tracked tensor, in `importance.names` order, with `name` (`str`), `shape` (`str`, e.g.
         `"64x32"`), `numel` (`int`), `mean`, `std`, `min`, `max` (`float`, in the units of the criterion's score) and
         `below_median` (`float` in `[0, 1]`): the fraction of the tensor's values strictly below the median of all
         tracked values, each tensor weighted by its size. That is about the share a 50% global prune would remove
@@ -318,8 +329,8 @@ def layer_stats(importance, *, sample_size: int = 8192, seed: int = 0) -> list[d
     return stats
 
 
-def _heatmap(fig, ax, grid: LayerGrid, label: str, *, percent: bool, label_rows: bool):
-    """Draws one grid with its colourbar; empty cells grey. Returns the colourbar."""
+def _heatmap(fig, ax, grid: LayerGrid, label: str, *, percent: bool, centre: float | None, label_rows: bool):
+    """Draws one grid with its colourbar (diverging around `centre` when given); empty cells grey."""
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm, Normalize, TwoSlopeNorm
@@ -327,9 +338,11 @@ def _heatmap(fig, ax, grid: LayerGrid, label: str, *, percent: bool, label_rows:
     values = np.ma.masked_invalid(grid.values)
     finite = grid.values[np.isfinite(grid.values)]
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if percent:
+    if centre is not None:
         # Centred on 50%: red = a global prune takes more than its share here, blue = less.
-        cmap, norm = colormaps["RdBu_r"], TwoSlopeNorm(vcenter=50.0, vmin=0.0, vmax=100.0)
+        cmap, norm = colormaps["RdBu_r"], TwoSlopeNorm(vcenter=centre, vmin=0.0, vmax=100.0)
+    elif percent:
+        cmap, norm = colormaps["viridis"], Normalize(vmin=0.0, vmax=100.0)
     elif low < 0 < high:
         # Signed scores (movement): white at zero, symmetric so that colour intensity compares both signs.
         bound = max(-low, high)
@@ -365,22 +378,20 @@ def _heatmap(fig, ax, grid: LayerGrid, label: str, *, percent: bool, label_rows:
     # Thin white lines between module types make columns easy to follow down a deep model.
     for x in range(1, len(grid.columns)):
         ax.axvline(x - 0.5, color="white", linewidth=1)
-    bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03, aspect=40)
+    bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03, aspect=max(20.0, 1.2 * len(grid.rows)))
     bar.set_label(label, fontsize=10)
     bar.ax.tick_params(labelsize=9)
-    return bar
 
 
-def plot_layer_stats(
+def layer_stats_figure(
     stats: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike,
     *,
     title: str | None = None,
     value_label: str | None = None,
     panels: Sequence[str] | None = None,
-) -> Path:
+) -> Any:
     """
-    Plots per-tensor statistics as heatmaps of layer index (rows) x module type (columns), one panel per statistic.
+    Draws per-tensor statistics as heatmaps of layer index (rows) x module type (columns), one panel per statistic.
 
     Llama layers give the columns q/k/v/o/gate/up/down, Phi-3's fused layout qkv/o/gate_up/down; any other module is
     a column of its own, and tensors outside the repeated blocks (e.g. `lm_head`) form a separate `other` row. Empty
@@ -391,8 +402,6 @@ def plot_layer_stats(
         stats (`Sequence[Mapping]`):
             One dict per tensor with `name` and `mean`, as returned by [`layer_stats`]; optionally `below_median`
             and `sparsity` (fractions in `[0, 1]`, drawn in %) and `std`. Other keys are ignored.
-        path (`str` or `os.PathLike`):
-            Where to write the PNG (written atomically; parent folders are created).
         title (`str`, *optional*):
             Figure title.
         value_label (`str`, *optional*):
@@ -403,7 +412,8 @@ def plot_layer_stats(
             each when present in `stats`.
 
     Returns:
-        `Path`: the PNG path.
+        `matplotlib.figure.Figure`: the figure, on an Agg canvas (display it in a notebook, or save it yourself);
+        [`plot_layer_stats`] writes it as PNG.
 
     Raises:
         `ValueError`: when `stats` is empty, a row has no `name`, or a requested statistic is missing or not a number.
@@ -445,7 +455,8 @@ def plot_layer_stats(
             label = "values below the global median (%)\n≈ share a 50% global prune removes"
         else:
             label = _STAT_LABELS.get(key, key)
-        _heatmap(fig, ax, grid, label, percent=key in _PERCENT_STATS, label_rows=i == 0)
+        _heatmap(fig, ax, grid, label, percent=key in _PERCENT_STATS, centre=50.0 if key == "below_median" else None,
+                 label_rows=i == 0)
         ax.set_title(_STAT_LABELS.get(key, key), fontsize=11, pad=8 if len(columns) <= 12 else 4)
     n_tensors = sum(1 for r in grids[0].names for n in r if n is not None)
     n_layers = sum(1 for r in rows if r != OTHER_ROW)
@@ -453,4 +464,32 @@ def plot_layer_stats(
     if any(n is None for r in grids[0].names for n in r):
         subtitle += " (grey: no such tensor)"
     fig.suptitle(f"{title or 'Importance per layer and module type'}\n{subtitle}", fontsize=12)
-    return _save(fig, path)
+    return fig
+
+
+def plot_layer_stats(
+    stats: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    value_label: str | None = None,
+    panels: Sequence[str] | None = None,
+) -> Path:
+    """
+    Writes [`layer_stats_figure`] as a PNG: what `hf-weightprune inspect --plot` draws.
+
+    Args:
+        stats (`Sequence[Mapping]`):
+            One dict per tensor with `name` and `mean`, as returned by [`layer_stats`] (see [`layer_stats_figure`]).
+        path (`str` or `os.PathLike`):
+            Where to write the PNG (written atomically; parent folders are created).
+        title (`str`, *optional*), value_label (`str`, *optional*), panels (`Sequence[str]`, *optional*):
+            As in [`layer_stats_figure`].
+
+    Returns:
+        `Path`: the PNG path.
+
+    Raises:
+        `ValueError`: as [`layer_stats_figure`].
+    """
+    return _save(layer_stats_figure(stats, title=title, value_label=value_label, panels=panels), path)
