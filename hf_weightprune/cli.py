@@ -100,7 +100,8 @@ def cmd_inspect(args) -> int:
         model, _ = _load_model(args.model)
         imp.bind(model)
     stats = layer_stats(imp)
-    if imp.criterion == "wanda" and imp.weights is None:
+    raw = imp.criterion == "wanda" and imp.weights is None
+    if raw:
         what, label = "activation sum of squares (pass --model for scores)", "activation sum of squares, sum_t x_j^2"
     else:
         what, label = "score", f"{imp.criterion} score, {get_scorer(imp.criterion).formula}"
@@ -113,7 +114,9 @@ def cmd_inspect(args) -> int:
     if args.plot:
         from .plotting import plot_layer_stats
 
-        plot_layer_stats(stats, args.plot, title=f"{imp.criterion} importance, step {imp.step}", value_label=label)
+        # Without scores, the share below the median says nothing about pruning: show the spread instead.
+        plot_layer_stats(stats, args.plot, title=f"{imp.criterion} importance, step {imp.step}", value_label=label,
+                         panels=["mean", "std"] if raw else None)
         print(f"Plot: {args.plot}")
     return 0
 

@@ -117,8 +117,8 @@ _TYPE_ORDER = {t: i for i, t in enumerate(_KNOWN_TYPES)}
 
 # What each statistic means, for colourbar labels; keys not listed are labelled with the key itself.
 _STAT_LABELS = {
-    "mean": "mean importance per tensor",
-    "std": "std of importance",
+    "mean": "mean per tensor",
+    "std": "spread (std) per tensor",
     "below_median": "values below the global median (%)",
     "sparsity": "zero weights (%)",
 }
