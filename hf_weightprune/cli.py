@@ -119,30 +119,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     Raises:
         ValueError, FileNotFoundError, ImportanceFileError: bad input, printed by [`main`] as one line.
     """
+    from .plotting import layer_stats
+    from .scorers import get_scorer
     from .state import load_importance
 
     imp = load_importance(args.importance_dir)
     if args.model:
         model, _ = _load_model(args.model)
         imp.bind(model)
-    stats = []
-    needs_weights = imp.criterion == "wanda" and imp.weights is None
-    for name in imp.names:
-        values = imp.state(name).float() if needs_weights else imp.score(name)
-        stats.append({"name": name, "shape": "x".join(map(str, imp.shapes[name])), "mean": values.mean().item(),
-                      "std": values.std().item() if values.numel() > 1 else 0.0,
-                      "min": values.min().item(), "max": values.max().item()})
-    what = "activation sum of squares (pass --model for scores)" if needs_weights else "score"
-    print(f"{imp!r}\n{what} per tracked weight:")
+    stats = layer_stats(imp)
+    raw = imp.criterion == "wanda" and imp.weights is None
+    if raw:
+        what, label = "activation sum of squares (pass --model for scores)", "activation sum of squares, sum_t x_j^2"
+    else:
+        what, label = "score", f"{imp.criterion} score, {get_scorer(imp.criterion).formula}"
+    print(f"{imp!r}\n{what} per tracked weight (<median: % of its values below the median of all tracked values):")
     width = max(len(s["name"]) for s in stats)
-    print(f"{'name':<{width}}  {'shape':>12}  {'mean':>11}  {'std':>11}  {'min':>11}  {'max':>11}")
+    print(f"{'name':<{width}}  {'shape':>12}  {'mean':>11}  {'std':>11}  {'min':>11}  {'max':>11}  {'<median':>7}")
     for s in stats:
         print(f"{s['name']:<{width}}  {s['shape']:>12}  {s['mean']:11.4g}  {s['std']:11.4g}  {s['min']:11.4g}  "
-              f"{s['max']:11.4g}")
+              f"{s['max']:11.4g}  {100 * s['below_median']:6.1f}%")
     if args.plot:
         from .plotting import plot_layer_stats
 
-        plot_layer_stats(stats, args.plot, title=f"{imp.criterion} importance, step {imp.step}")
+        # Without scores, the share below the median says nothing about pruning: show the spread instead.
+        plot_layer_stats(stats, args.plot, title=f"{imp.criterion} importance, step {imp.step}", value_label=label,
+                         panels=["mean", "std"] if raw else None)
         print(f"Plot: {args.plot}")
     return 0
 
