@@ -92,6 +92,8 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "importance": report.importance,
         "base_model": base_model,
         "tensors": report.tensors,
+        "reconstruction": report.reconstruction,
+        "allocation": report.allocation,
         "structured": report.structured,
         "schedule": schedule,
         "eval": eval_results,

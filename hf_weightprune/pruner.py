@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,7 +23,8 @@ from . import masks as M
 from .config import PruneConfig, check_sparsity
 from .global_threshold import GlobalThreshold, compute_global_threshold
 from .importance import Importance
-from .matching import canonical_name, select_names
+from .matching import canonical_name, decoder_layer, select_names
+from .obs import sparsegpt_prune_
 
 __all__ = ["PruningReport", "check_nm_shapes", "compute_masks", "prune_", "refuse_tied"]
 
@@ -71,6 +72,10 @@ class PruningReport:
         structured (`dict`, *optional*):
             For `"neurons"`/`"heads"`: the dict [`~surgery.prune_structured_`] returns, unchanged (its
             `num_parameters` is `{"before": int, "after": int}`).
+        reconstruction (`str`, *optional*):
+            `"OBS"` when the kept weights were updated to compensate for the pruned ones (SparseGPT's sweep).
+        allocation (`str`, *optional*, defaults to `"uniform"`):
+            `"owl"` when per-layer sparsities came from OWL.
     """
 
     structure: str
@@ -82,6 +87,8 @@ class PruningReport:
     model_sparsity: float = 0.0  # zeros in pruned tensors / all parameters of the model
     importance: dict[str, Any] = field(default_factory=dict)
     structured: dict[str, Any] | None = None
+    reconstruction: str | None = None
+    allocation: str = "uniform"
 
     @classmethod
     def for_config(
@@ -386,11 +393,85 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     if config.kind == "N:M":
         check_nm_shapes({name: importance.shapes[name] for name in names}, *config.nm)
     refuse_tied(model, params, names)
-    masks = compute_masks(importance, config, names)
-    for name in tqdm(names, desc=f"pruning ({config.structure}, {config.scope})", disable=not progress):
-        mask = masks(name)
-        if mask is not None:
-            M.apply_mask_(params[name], mask.to(params[name].device))
-            report.add_mask(name, mask)
+    reconstruct = _uses_obs(importance, config)
+    if config.allocation == "owl":
+        report.allocation = "owl"
+        per_tensor = owl_allocation(importance, config, names)
+        config = replace(config, allocation="uniform",
+                         sparsity={re.escape(n.rsplit(".", 1)[0]): s for n, s in per_tensor.items()})
+    masks = compute_masks(importance, config, names) if not reconstruct or config.scope == "global" else None
+    desc = f"pruning ({config.structure}, {config.scope}{', OBS' if reconstruct else ''})"
+    for name in tqdm(names, desc=desc, disable=not progress):
+        if not reconstruct:
+            mask = masks(name)
+            if mask is not None:
+                M.apply_mask_(params[name], mask.to(params[name].device))
+                report.add_mask(name, mask)
+            continue
+        # OBS: the sparsity of this tensor (a global threshold's share of it, or its layer's), then the sweep chooses
+        # the mask block by block and updates the kept weights.
+        sparsity = None if config.nm is not None else (
+            M.mask_sparsity(masks(name)) if masks is not None else _sparsity_of(name, config.sparsity))
+        if sparsity is None and config.nm is None:
+            continue
+        weight = params[name]
+        sparsegpt_prune_(weight, importance.state(name).to(weight.device), sparsity=sparsity, nm=config.nm,
+                         scope="row" if config.scope == "row" else "layer", blocksize=config.block_size,
+                         percdamp=config.dampening)
+        report.add_mask(name, weight.detach() != 0)  # measured: dead input columns are zero too
+    if reconstruct:
+        report.reconstruction = "OBS"
     return report.finalize(sum(p.numel() for p in model.parameters()))
+
+
+def _uses_obs(importance: Importance, config: PruneConfig) -> bool:
+    """Whether `prune_` reconstructs kept weights (SparseGPT's OBS sweep): it needs the Hessians of `sparsegpt`."""
+    has_hessians = importance.criterion == "sparsegpt"
+    if config.reconstruct and not has_hessians:
+        raise ValueError(f"reconstruct=True needs the input Hessians of criterion 'sparsegpt'; this importance is "
+                         f"{importance.criterion!r} (track ImportanceConfig(criterion='sparsegpt'))")
+    return has_hessians if config.reconstruct is None else config.reconstruct
+
+
+def _activation_norms(importance: Importance, name: str) -> torch.Tensor:
+    """`||x_j||` over the tokens seen, `[in]` float32, from wanda's sums of squares or sparsegpt's `diag(H)`."""
+    state = importance.state(name)
+    if importance.criterion == "sparsegpt":
+        state = state.diagonal()
+    elif importance.criterion != "wanda":
+        raise ValueError(f"allocation='owl' needs activation statistics (criterion 'wanda' or 'sparsegpt'); this "
+                         f"importance is {importance.criterion!r}")
+    tokens = max(int(importance.meta.get("tokens", {}).get(name, 0)), 1)
+    return (state.float() / tokens).sqrt()
+
+
+def owl_allocation(importance: Importance, config: PruneConfig, names: list[str]) -> dict[str, float]:
+    """Per-tensor sparsities from OWL (Yin et al. 2023, arXiv 2310.05175): each decoder layer's outlier ratio
+    (`|W_ij| * ||x_j|| > owl_m * mean` over the layer's weights) sets its sparsity, within `sparsity +- owl_lambda`,
+    with the parameter-weighted mean exactly `config.sparsity`.
+
+    Args:
+        importance (`Importance`): `wanda` or `sparsegpt` importance, bound to the weights.
+        config (`PruneConfig`): `sparsity` (a float), `owl_m`, `owl_lambda`.
+        names (`list[str]`): the weights to prune; grouped by decoder layer (`model.layers.N`); a weight outside
+            any layer is its own group.
+
+    Returns:
+        `dict[str, float]`: sparsity per weight name (the same for every weight of a layer).
+
+    Raises:
+        ValueError: importance without activation statistics, or not bound to weights.
+    """
+    from .owl import outlier_ratio, owl_sparsities
+
+    if importance.weights is None:
+        raise ValueError("allocation='owl' needs the weights: call importance.bind(model)")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(decoder_layer(name) or name, []).append(name)
+    ratios = {g: outlier_ratio([importance.weights[n].detach() for n in ns], [_activation_norms(importance, n) for n in ns],
+                               M=config.owl_m) for g, ns in groups.items()}
+    numels = {g: sum(importance.weights[n].numel() for n in ns) for g, ns in groups.items()}
+    per_layer = owl_sparsities(ratios, numels, config.sparsity, lamda=config.owl_lambda)
+    return {n: per_layer[g] for g, ns in groups.items() for n in ns}
 
