@@ -393,35 +393,77 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     if config.kind == "N:M":
         check_nm_shapes({name: importance.shapes[name] for name in names}, *config.nm)
     refuse_tied(model, params, names)
+    edit = pruning_edits(importance, config, names)
+    desc = f"pruning ({config.structure}, {config.scope}{', OBS' if report_obs(importance, config) else ''})"
+    for name in tqdm(names, desc=desc, disable=not progress):
+        edit_ = edit(name)
+        if edit_ is not None:
+            report.add_mask(name, edit_(params[name]))
+    report.reconstruction = "OBS" if report_obs(importance, config) else None
+    report.allocation = config.allocation
+    return report.finalize(sum(p.numel() for p in model.parameters()))
+
+
+def report_obs(importance: Importance, config: PruneConfig) -> bool:
+    return config.kind in ("unstructured", "N:M") and _uses_obs(importance, config)
+
+
+def pruning_edits(importance: Importance, config: PruneConfig,
+                  names: list[str]) -> Callable[[str], Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The one plan shared by `prune_` and `prune_checkpoint`: `name -> edit` (or `None` to leave it dense), where
+    `edit(weight)` prunes that weight in place and returns what it holds now as a keep-mask (`weight != 0` measured).
+
+    Mask criteria zero the masked weights; `sparsegpt` importance runs the OBS sweep (SparseGPT, arXiv 2301.00774),
+    which also updates the kept weights, at each tensor's sparsity: its share of a global threshold, its layer's OWL
+    sparsity, or the uniform target. Global thresholds and OWL ratios are computed here, up front.
+
+    Args:
+        importance (`Importance`): bound to the weights (OWL and `sparsegpt` read them).
+        config (`PruneConfig`): unstructured or N:M.
+        names (`list[str]`): the selected weights.
+
+    Returns:
+        `Callable[[str], Callable[[Tensor], BoolTensor] | None]`.
+
+    Raises:
+        ValueError: `reconstruct=True` without `sparsegpt` importance, or OWL without activation statistics.
+    """
     reconstruct = _uses_obs(importance, config)
     if config.allocation == "owl":
-        report.allocation = "owl"
         per_tensor = owl_allocation(importance, config, names)
         config = replace(config, allocation="uniform",
                          sparsity={re.escape(n.rsplit(".", 1)[0]): s for n, s in per_tensor.items()})
     masks = compute_masks(importance, config, names) if not reconstruct or config.scope == "global" else None
-    desc = f"pruning ({config.structure}, {config.scope}{', OBS' if reconstruct else ''})"
-    for name in tqdm(names, desc=desc, disable=not progress):
+
+    def masked(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def edit(weight: torch.Tensor) -> torch.Tensor:
+            M.apply_mask_(weight, mask.to(weight.device))
+            return mask
+
+        return edit
+
+    def obs(name: str, sparsity: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        def edit(weight: torch.Tensor) -> torch.Tensor:
+            sparsegpt_prune_(weight, importance.state(name).to(weight.device), sparsity=sparsity, nm=config.nm,
+                             scope="row" if config.scope == "row" else "layer", blocksize=config.block_size,
+                             percdamp=config.dampening)
+            return weight.detach() != 0  # measured: dead input columns are zero too
+
+        return edit
+
+    def one(name: str):
         if not reconstruct:
             mask = masks(name)
-            if mask is not None:
-                M.apply_mask_(params[name], mask.to(params[name].device))
-                report.add_mask(name, mask)
-            continue
-        # OBS: the sparsity of this tensor (a global threshold's share of it, or its layer's), then the sweep chooses
-        # the mask block by block and updates the kept weights.
-        sparsity = None if config.nm is not None else (
-            M.mask_sparsity(masks(name)) if masks is not None else _sparsity_of(name, config.sparsity))
-        if sparsity is None and config.nm is None:
-            continue
-        weight = params[name]
-        sparsegpt_prune_(weight, importance.state(name).to(weight.device), sparsity=sparsity, nm=config.nm,
-                         scope="row" if config.scope == "row" else "layer", blocksize=config.block_size,
-                         percdamp=config.dampening)
-        report.add_mask(name, weight.detach() != 0)  # measured: dead input columns are zero too
-    if reconstruct:
-        report.reconstruction = "OBS"
-    return report.finalize(sum(p.numel() for p in model.parameters()))
+            return None if mask is None else masked(mask)
+        if config.nm is not None:
+            return obs(name, None)
+        sparsity = M.mask_sparsity(masks(name)) if masks is not None else _sparsity_of(name, config.sparsity)
+        if sparsity is not None and sparsity >= 1.0:
+            raise ValueError(f"{name} would be pruned entirely by the global threshold (layer collapse): OBS saliencies "
+                             "are not comparable enough across tensors; use scope='row' or 'layer'")
+        return None if sparsity is None else obs(name, sparsity)
+
+    return one
 
 
 def _uses_obs(importance: Importance, config: PruneConfig) -> bool:

@@ -171,3 +171,33 @@ def test_sigkill_then_resume_restores_hessians_exactly(tmp_path):
     assert (a.step, a.num_samples, a.meta["tokens"]) == (b.step, b.num_samples, b.meta["tokens"])
     for name in b.names:
         torch.testing.assert_close(a.state(name), b.state(name), rtol=1e-6, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("config", [PruneConfig(sparsity=0.5, scope="row"), PruneConfig(sparsity=0.5, scope="layer"),
+                                    PruneConfig(structure="2:4"), PruneConfig(sparsity=0.6, allocation="owl",
+                                                                                scope="layer")],
+                         ids=["row", "layer", "2:4", "owl"])
+def test_prune_checkpoint_reconstructs_like_prune_(config, tmp_path):
+    """File to file, one tensor at a time: the same OBS-updated weights and sparsity.json as prune_ + save_pruned."""
+    from safetensors.torch import load_file
+
+    from hf_weightprune import prune_checkpoint
+
+    model, imps = _importances(tmp_path / "train")
+    model.save_pretrained(tmp_path / "dense")
+    imp_dir = tmp_path / "imp"
+    from hf_weightprune.state import save_importance_dir
+
+    imp = imps["sparsegpt"]
+    save_importance_dir(str(imp_dir), imp.state_dict(), config=imp.config, meta=imp.meta, shapes=imp.shapes)
+    in_memory = copy.deepcopy(model)
+    report = prune_(in_memory, load_importance(imp_dir, model=in_memory), config, progress=False)
+    file_report = prune_checkpoint(tmp_path / "dense", load_importance(imp_dir), tmp_path / "pruned", config,
+                                   progress=False)
+    assert file_report.tensors == report.tensors and file_report.reconstruction == "OBS"
+    assert file_report.allocation == config.allocation
+    saved = load_file(tmp_path / "pruned" / "model.safetensors")
+    for name, p in in_memory.named_parameters():
+        if name in saved:
+            torch.testing.assert_close(saved[name], p.detach(), rtol=0, atol=0)
+    assert load_sparsity(tmp_path / "pruned")["reconstruction"] == "OBS"
