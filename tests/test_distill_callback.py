@@ -5,8 +5,15 @@ import copy
 import pytest
 import torch
 
-from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, PruneConfig, PruneSchedule, prune_
-from hf_weightprune import save_pruned
+from hf_weightprune import (
+    DistillConfig,
+    ImportanceCallback,
+    ImportanceConfig,
+    PruneConfig,
+    PruneSchedule,
+    prune_,
+    save_pruned,
+)
 from hf_weightprune.oneshot import oneshot_importance
 from hf_weightprune.testing import tiny_llama
 
