@@ -58,7 +58,9 @@ def run(criterion: str, output_dir: str, resume: bool = False, zero: int | None 
 
 def masks_of(model, imp) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(model)
-    prune_(model, imp, PruneConfig(sparsity=0.5), progress=False)
+    # OBS saliencies (sparsegpt) are compared per tensor, not across tensors
+    scope = "row" if imp.criterion == "sparsegpt" else None
+    prune_(model, imp, PruneConfig(sparsity=0.5, scope=scope), progress=False)
     return {n: (p != 0).to(torch.uint8) for n, p in model.named_parameters() if n in imp.shapes}
 
 

@@ -89,8 +89,8 @@ def check(criterion: str, out: str) -> None:
     at_save = load_importance(os.path.join(out, f"checkpoint-{SAVE_AT}"), model=ref)
     for name in expected:
         saved = at_save.state(name)
-        if name in cb2._rows:  # this rank's rows of the reassembled buffer
-            offset, rows = cb2._rows[name]
+        if name in cb2._plan.rows:  # this rank's rows of the reassembled buffer
+            offset, rows = cb2._plan.rows[name]
             saved = saved[offset : offset + rows]
         elif dist.get_rank() != 0:  # wanda's activation sums are restored once, on rank 0
             saved = torch.zeros_like(saved)

@@ -205,3 +205,22 @@ def test_nm_shapes_refused_before_the_first_step_on_both_paths(overrides, weight
     with pytest.raises(ValueError, match=expected):
         prune_(model, oneshot_importance(model), PruneConfig(structure="2:4"))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_config_only_folder_is_named_as_such_by_load_importance(tmp_path):
+    """`ImportanceConfig.save_pretrained` writes `importance_config.json` with only the config: `load_importance`
+    says so (and `ImportanceConfig.from_pretrained` reads it back), instead of 'format_version None'."""
+    from hf_weightprune.state import ImportanceFileError
+
+    cfg = ImportanceConfig(criterion="wanda", every_n_steps=4)
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(ImportanceFileError, match="holds only an ImportanceConfig"):
+        load_importance(tmp_path)
+    assert ImportanceConfig.from_pretrained(tmp_path) == cfg
+
+
+def test_prune_schedule_save_pretrained_round_trip(tmp_path):
+    schedule = PruneSchedule(start=0.1, end=0.8, every_n_steps=10, structure="2:4")
+    schedule.save_pretrained(tmp_path)
+    again = PruneSchedule.from_pretrained(tmp_path)
+    assert again.to_dict() == schedule.to_dict() and again.prune_config.nm == (2, 4)
