@@ -159,7 +159,9 @@ def setup_raw_loop(ns: dict, env) -> None:
 
     tok, train_ds = _tok_and_data()
     model = _model(tok)
-    batches = iter(torch.utils.data.DataLoader(train_ds, batch_size=8))
+    from transformers import default_data_collator
+
+    batches = iter(torch.utils.data.DataLoader(train_ds, batch_size=8, collate_fn=default_data_collator))
 
     class NextBatchLoss:
         def backward(self):
