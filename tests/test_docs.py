@@ -166,6 +166,9 @@ def test_skips_are_listed_and_runnable_blocks_have_code():
     assert not empty, f"shell blocks with no hf-weightprune/python line (mark them skip with a reason): {empty}"
     for key, reason in SKIPPED.items():
         print(f"skipped {key[0]}: {key[1]!r}: {reason}")
+    texts = {(doc.name, b.code) for doc in D.doc_files() for b in D.parse_blocks(doc)}
+    stale = [key for key in LANDING if not any(doc == key[0] and key[1] in code for doc, code in texts)]
+    assert not stale, f"LANDING entries that match no block (the doc changed): {stale}"
 
 
 def test_block_parser_reads_fences_directives_and_commands(tmp_path):
