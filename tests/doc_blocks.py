@@ -208,6 +208,17 @@ CHECKS = {
         "zeros = sum(int((weights[n] == 0).sum()) for n in held) / sum(weights[n].numel() for n in held)\n"
         "assert abs(zeros - 0.6) < 0.01, zeros\n"
     ),
+    ("README.md", "masks_from=\"out/pruned\""): (
+        # the recovery recipe trains: 4 steps on the pruned checkpoint, distilled from out/, its zeros held
+        "from transformers import AutoModelForCausalLM, Trainer, TrainingArguments\n"
+        "pruned = AutoModelForCausalLM.from_pretrained('out/pruned')\n"
+        "zeros = {n: p == 0 for n, p in pruned.named_parameters() if n.endswith('proj.weight')}\n"
+        "before = {n: p.detach().clone() for n, p in pruned.named_parameters()}\n"
+        "Trainer(model=pruned, args=TrainingArguments('out-recover', **{**TRAIN, 'max_steps': 4, "
+        "'save_strategy': 'no'}), train_dataset=train_ds, callbacks=[cb]).train()\n"
+        "assert all(bool((p[zeros[n]] == 0).all()) for n, p in pruned.named_parameters() if n in zeros)\n"
+        "assert any(not torch.equal(p, before[n]) for n, p in pruned.named_parameters()), 'nothing trained'\n"
+    ),
     ("distributed.md", "cb.on_train_end"): (
         "assert load_importance('out/importance').meta['num_samples'] == S\n"
     ),
@@ -222,7 +233,7 @@ def check_globals(ns: dict) -> dict:
 
     from hf_weightprune import load_importance
 
-    return {**ns, "json": json, "torch": torch, "load_importance": load_importance}
+    return {**ns, "json": json, "torch": torch, "load_importance": load_importance, "TRAIN": TRAIN}
 
 
 def substitute(block: Block, ns: dict, text: str) -> str:

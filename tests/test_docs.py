@@ -37,7 +37,6 @@ LANDING = {
     ("README.md", "--output_dir out/pruned-50"): "c1: underscore CLI flags, outputs inside a training output_dir",
     ("README.md", "push out/pruned-50"): "c1: --repo_id / --include_importance (and needs the prune line above)",
     ("README.md", "--output_dir out/sweep"): "c1: --output_dir for sweep",
-    ("README.md", "distill=DistillConfig"): "lead: ImportanceCallback(distill=...) wiring",
 }
 
 
@@ -208,7 +207,7 @@ MAY_IMPORT = {
     "owl": set(),
     "scorers": {"obs"},
     "config": {"io_utils", "scorers"},
-    "schedule": {"config"},
+    "schedule": {"config", "holder"},  # lazy, the backward-compatible state_dict() shim only (see the doc)
     "masks": {"config", "global_threshold"},
     "global_threshold": {"config", "masks"},
     "obs": {"masks"},
