@@ -1,0 +1,280 @@
+"""The docs are tests: every code block of README.md and docs/*.md runs here, and docs/architecture.md's import rules
+are the package's real imports.
+
+- Python blocks run in one namespace per document, in order (like a notebook), with placeholders (`model`, `tok`,
+  `args`, `train_ds`, `peft_model`, `out`, Hub repo ids) filled by the fixtures of `tests/doc_blocks.py`: a tiny Llama
+  trained a few steps with the real Trainer on the shipped KJV text, and the loopback Hub (`hub_server`).
+- Shell blocks: every `hf-weightprune ...` line runs through `hf_weightprune.cli.main(shlex.split(...))` (the first
+  `inspect` line through a real subprocess) and must exit 0 and write the files the docs say it writes.
+- A block that cannot run here carries `<!-- doctest: skip REASON -->`; `SKIPPED` lists them all.
+- `LANDING` lists blocks written for behaviour another branch is landing now; they are expected to fail until it
+  does. When one passes, the test fails asking to delete its entry: that is how a merge shows what drifted.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+from tests import doc_blocks as D
+
+# (document, a substring of the block or command line) -> why it cannot run here. Must equal the docs' directives.
+SKIPPED = {
+    ("README.md", "bash scripts/demo.sh"): "builds .venv and trains for minutes; run by CI itself (.ci/run)",
+}
+
+# (document, a substring of the block or command line) -> the branch whose behaviour it documents.
+LANDING = {
+    ("README.md", "--output_dir out/pruned-50"): "c1: underscore CLI flags, outputs inside a training output_dir",
+    ("README.md", "push out/pruned-50"): "c1: --repo_id / --include_importance (and needs the prune line above)",
+    ("README.md", "--output_dir out/sweep"): "c1: --output_dir for sweep",
+}
+
+
+class Env:
+    def __init__(self, hub):
+        self.hub = hub
+
+
+def _matches(table: dict, doc: str, text: str):
+    return [(key, value) for key, value in table.items() if key[0] == doc and key[1] in text]
+
+
+def _python(block: D.Block, ns: dict) -> list[str]:
+    code = D.substitute(block, ns, block.code)
+    exec(compile(code, block.where, "exec"), ns)  # noqa: S102 - the docs' own code, run as the reader would
+    for (doc, key), check in D.CHECKS.items():
+        if doc == block.path.name and key in block.code:
+            exec(compile(check, f"{block.where} (CHECKS)", "exec"), D.check_globals(ns))  # noqa: S102
+    return [f"{block.where}: the block says it writes {p}, which is missing"
+            for p in D.written_paths(block.code) if not D.exists(p)]
+
+
+def _command(block: D.Block, line: str, ns: dict, env: Env, state: dict) -> list[str]:
+    from hf_weightprune.cli import main
+
+    argv = D.split_command(D.substitute(block, ns, line))
+    if argv[0] == "python" or (argv[1] == "inspect" and not state.get("subprocess_done")):
+        # One real process per document at least: what a user's shell runs (console script = `-m ...cli`)
+        state["subprocess_done"] = True
+        cmd = [sys.executable, *argv[1:]] if argv[0] == "python" else [sys.executable, "-m", "hf_weightprune.cli",
+                                                                         *argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        rc, err = proc.returncode, proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
+    else:
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            try:
+                rc = main(argv[1:])
+            except SystemExit as e:  # argparse: unknown option, bad value
+                rc = e.code
+        err = stderr.getvalue().strip().splitlines()[-1:]
+    raw = block.code.splitlines()
+    at = next((f"{block.path.name}:{block.line + 1 + i}" for i, text in enumerate(raw) if line[:40] in text),
+              block.where)
+    if rc != 0:
+        return [f"{at}: `{line}` exited {rc}: {' '.join(err)}".rstrip()]
+    missing = []
+    for path in D.expected_outputs(argv[1:]):
+        if path.startswith("hub:"):
+            parts = path[4:].split("/")
+            repo, name = "/".join(parts[:2]), "/".join(parts[2:])
+            if name not in env.hub.files(repo):
+                missing.append(f"{at}: `{line}` did not upload {name} to {repo}")
+        elif not D.exists(path):
+            missing.append(f"{at}: `{line}` did not write {path}")
+    return missing
+
+
+def run_document(doc: Path, env: Env) -> dict[str, list[str]]:
+    """Run every runnable block of `doc` in the current directory; {label: problems} per block or command line."""
+    ns: dict = {"__name__": f"doc:{doc.name}"}
+    results, state = {}, {}
+    for block in D.parse_blocks(doc):
+        if block.skip or block.kind is None:
+            continue
+        try:
+            for name in block.setups:
+                D.SETUPS[name](ns, env)
+        except Exception:
+            results[f"{block.where} setup"] = [f"{block.where}: setup {block.setups} failed:\n{traceback.format_exc()}"]
+            continue
+        if block.kind == "python":
+            try:
+                results[block.code] = _python(block, ns)
+            except Exception as e:
+                # Point at the doc's own line (the block's code is compiled under the name `file:line`)
+                lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == block.where]
+                at = f"{block.path.name}:{block.line + lines[-1]}" if lines else block.where
+                first = str(e).splitlines()[0] if str(e) else ""
+                results[block.code] = [f"{at}: {type(e).__name__}: {first}"]
+        else:
+            for line in block.commands():
+                try:
+                    results[line] = _command(block, line, ns, env, state)
+                except Exception as e:
+                    results[line] = [f"{block.where}: `{line}` raised {type(e).__name__}: {e}"]
+    return results
+
+
+@pytest.mark.parametrize("doc", D.doc_files(), ids=lambda p: p.name)
+def test_every_block_of_the_doc_runs(doc, hub_server, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)  # the `push` lines and Hub loads use the environment's token
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(D.ROOT), os.environ.get("PYTHONPATH")])))
+    results = run_document(doc, Env(hub_server))
+
+    failures, landed = [], []
+    for label, problems in results.items():
+        landing = _matches(LANDING, doc.name, label)
+        if problems and not landing:
+            failures += problems
+        elif not problems and landing:
+            landed += [f"{key}: passes now ({why}); delete it from LANDING" for key, why in landing]
+    expected = [p for label, problems in results.items() if problems and _matches(LANDING, doc.name, label)
+                for p in problems]
+    print(f"{doc.name}: {len(results)} blocks/commands run, {len(expected)} failing as LANDING expects:",
+          *expected, sep="\n  ")
+    assert not failures and not landed, "\n".join(failures + landed)
+
+
+def test_skips_are_listed_and_runnable_blocks_have_code():
+    found, empty = {}, []
+    for doc in D.doc_files():
+        for block in D.parse_blocks(doc):
+            if block.skip:
+                keys = [k for k in SKIPPED if k[0] == doc.name and k[1] in block.code]
+                assert keys, f"{block.where}: skipped ({block.skip}) but not listed in SKIPPED"
+                found.update(dict.fromkeys(keys, block.skip))
+            elif block.kind == "shell" and not block.commands():
+                empty.append(block.where)
+            for name in block.setups:
+                assert name in D.SETUPS, f"{block.where}: unknown setup {name!r}; known: {sorted(D.SETUPS)}"
+    assert set(found) == set(SKIPPED), f"SKIPPED entries with no skipped block: {set(SKIPPED) - set(found)}"
+    assert not empty, f"shell blocks with no hf-weightprune/python line (mark them skip with a reason): {empty}"
+    for key, reason in SKIPPED.items():
+        print(f"skipped {key[0]}: {key[1]!r}: {reason}")
+    texts = {(doc.name, b.code) for doc in D.doc_files() for b in D.parse_blocks(doc)}
+    stale = [key for key in LANDING if not any(doc == key[0] and key[1] in code for doc, code in texts)]
+    assert not stale, f"LANDING entries that match no block (the doc changed): {stale}"
+
+
+def test_block_parser_reads_fences_directives_and_commands(tmp_path):
+    doc = tmp_path / "x.md"
+    doc.write_text("intro\n<!-- doctest: skip needs a GPU -->\n```bash\nhf-weightprune a # c\nls\n```\n\n"
+                   "- item\n  <!-- doctest: setup raw_loop -->\n  ```python\n  x = 1\n  ```\n"
+                   "```console\n$ hf-weightprune push x \\\n  --repo_id me/r\n```\n```json\n{}\n```\n")
+    blocks = D.parse_blocks(doc)
+    assert [(b.line, b.kind, b.skip, b.setups) for b in blocks] == [
+        (3, "shell", "needs a GPU", []), (10, "python", None, ["raw_loop"]), (13, "shell", None, []), (17, None, None, [])]
+    assert blocks[1].code == "x = 1\n"
+    assert blocks[0].commands() == ["hf-weightprune a # c"]
+    assert D.split_command(blocks[0].commands()[0]) == ["hf-weightprune", "a"]
+    assert blocks[2].commands() == ["hf-weightprune push x    --repo_id me/r"]
+    assert D.written_paths("f()  # writes out/checkpoint-N/importance/ and out/importance/") == [
+        "out/checkpoint-*/importance/", "out/importance/"]
+    doc.write_text("<!-- doctest: skip -->\n```python\n```\n")
+    with pytest.raises(ValueError, match="needs a reason"):
+        D.parse_blocks(doc)
+
+
+# ------------------------------------------------------------------ docs/architecture.md: "may import" is the truth
+
+# Module (or subpackage) of hf_weightprune -> the sibling modules it may import (`from .x import`, `from . import x`,
+# lazy imports included). docs/architecture.md states the same lists; both tests below must agree.
+MAY_IMPORT = {
+    "__init__": {"_version", "callback", "config", "distill", "export", "hub", "importance", "lora", "oneshot",
+                 "pruner", "schedule", "state", "sweep"},
+    "_version": set(),
+    "io_utils": set(),
+    "matching": set(),
+    "distributed": set(),
+    "data": set(),
+    "plotting": set(),
+    "testing": set(),
+    "distill": set(),
+    "owl": set(),
+    "scorers": {"obs"},
+    "config": {"io_utils", "scorers"},
+    "schedule": {"config", "holder"},  # lazy, the backward-compatible state_dict() shim only (see the doc)
+    "masks": {"config", "global_threshold"},
+    "global_threshold": {"config", "masks"},
+    "obs": {"masks"},
+    "safetensors_io": {"masks"},
+    "importance": {"config", "matching", "scorers"},
+    "activations": {"matching"},
+    "surgery": {"config", "masks"},
+    "pruner": {"config", "global_threshold", "importance", "masks", "matching", "surgery", "obs", "owl"},
+    "lora": {"masks", "matching", "pruner"},
+    "oneshot": {"activations", "config", "importance", "matching", "scorers"},
+    "state": {"_version", "config", "distributed", "importance", "io_utils", "safetensors_io", "scorers"},
+    "export": {"_version", "card", "config", "importance", "matching", "pruner", "safetensors_io", "schedule"},
+    "holder": {"distributed", "export", "masks", "matching", "pruner", "schedule"},
+    "callback": {"activations", "config", "distill", "distributed", "holder", "importance", "matching", "schedule",
+                 "scorers", "state"},
+    "card": {"_version", "config", "export", "io_utils", "scorers", "sweep"},
+    "hub": {"_version", "card", "export", "state", "sweep"},
+    "sweep": {"config", "data", "export", "importance", "io_utils", "oneshot", "plotting", "pruner", "state"},
+    "cli": {"_version", "config", "data", "export", "hub", "oneshot", "plotting", "pruner", "safetensors_io",
+            "scorers", "state", "sweep"},
+}
+PKG = D.ROOT / "hf_weightprune"
+
+
+def _unit(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem  # a subpackage (scorers/) is one unit
+
+
+def real_imports() -> dict[str, set[str]]:
+    """{unit: sibling units it imports}, from every relative import in its source (top level or inside functions)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PKG.rglob("*.py")):
+        unit, rel = _unit(path), path.relative_to(PKG)
+        package = list(rel.parts[:-1])  # the package the file is in, relative to hf_weightprune
+        found = graph.setdefault(unit, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - (node.level - 1)]
+                targets = [base + node.module.split(".")] if node.module else [base + [a.name] for a in node.names]
+                found |= {t[0] if t else "__init__" for t in targets}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                found |= {n.split(".")[1] if n.count(".") else "__init__" for n in names
+                          if n.split(".")[0] == "hf_weightprune"}
+        found.discard(unit)
+    return graph
+
+
+def test_real_imports_stay_within_may_import():
+    graph = real_imports()
+    assert set(graph) == set(MAY_IMPORT), (f"modules without a MAY_IMPORT row: {set(graph) - set(MAY_IMPORT)}; "
+                                           f"rows without a module: {set(MAY_IMPORT) - set(graph)}")
+    wrong = {unit: sorted(deps - MAY_IMPORT[unit]) for unit, deps in graph.items() if deps - MAY_IMPORT[unit]}
+    assert not wrong, f"imports outside the rules of docs/architecture.md (module: names): {wrong}"
+    assert not any("__init__" in deps for unit, deps in graph.items() if unit != "__init__"), "never import __init__"
+
+
+def test_architecture_doc_states_the_same_rules():
+    text = (D.ROOT / "docs" / "architecture.md").read_text()
+    stated = {}
+    # "**`module.py`**: what it owns ... May import: `a`, `b` (notes)." up to the paragraph's end
+    for m in re.finditer(r"^\*\*`(?P<unit>[\w/]+?)(?:\.py|/)?`\*\*.*?May import:\s(?P<deps>.*?)(?:\n\n|\Z)", text,
+                         re.M | re.S):
+        deps = m["deps"].strip().rstrip(".")
+        stated[m["unit"]] = set() if deps.lower().startswith("nothing") else set(re.findall(r"`(\w+)`", deps))
+    assert set(stated) == set(MAY_IMPORT), (f"modules the doc misses: {set(MAY_IMPORT) - set(stated)}; "
+                                            f"unknown in the doc: {set(stated) - set(MAY_IMPORT)}")
+    differ = {u: (sorted(stated[u]), sorted(MAY_IMPORT[u])) for u in MAY_IMPORT if stated[u] != MAY_IMPORT[u]}
+    assert not differ, f"docs/architecture.md vs MAY_IMPORT (doc, test): {differ}"
