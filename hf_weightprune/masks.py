@@ -19,18 +19,14 @@ Global masks over several tensors ([`compute_global_threshold`], [`global_masks`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from .config import _check_nm, check_sparsity, parse_nm
 
 __all__ = [
-    "GlobalThreshold",
     "apply_mask_",
     "check_nm_shapes",
-    "compute_global_threshold",
-    "global_masks",
     "mask_sparsity",
     "nm_capped_mask",
     "nm_mask",
@@ -40,25 +36,9 @@ __all__ = [
     "unstructured_mask",
 ]
 
-# Re-exported lazily from `global_threshold` (PEP 562): that module builds on this one's order keys, so an eager import
-# here would be a cycle.
-_GLOBAL_THRESHOLD_NAMES = ("GlobalThreshold", "NamedScores", "compute_global_threshold", "global_masks")
-
 # Blocks of `apply_mask_`'s bitwise AND, and the integer dtype of each float width it reinterprets weights as.
 _MASK_BLOCK = 1 << 20
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-if TYPE_CHECKING:  # the names for linters and type checkers; at runtime `__getattr__` below imports them
-    from .global_threshold import GlobalThreshold, NamedScores, compute_global_threshold, global_masks  # noqa: F401
-
-
-def __getattr__(name: str):
-    if name in _GLOBAL_THRESHOLD_NAMES:
-        from . import global_threshold
-
-        return getattr(global_threshold, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

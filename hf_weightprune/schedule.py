@@ -204,11 +204,10 @@ class PruneSchedule(_JsonConfigMixin):
     def state_dict(self) -> dict:
         """The runtime counters written beside each checkpoint's importance (see `MaskHolder.state_dict`)."""
         holder = getattr(self, "_holder", None)
-        if holder is None:
-            from .holder import MaskHolder
-
-            holder = MaskHolder(self)  # attaches itself: a schedule not yet trained has zero counters
-        return holder.state_dict()
+        if holder is not None:
+            return holder.state_dict()
+        return {"config": self.to_dict(), "sparsity": 0.0, "target_sparsity": 0.0, "last_update_step": None,
+                "num_updates": 0, "steps": None, "has_masks": False}  # not trained yet
 
     def report(self, model, importance=None):
         """A [`PruningReport`] of the current masks, for `save_pruned(model, out, report=...)` (see `MaskHolder`)."""

@@ -12,11 +12,9 @@ import torch
 from torch import nn
 
 from hf_weightprune import global_threshold, masks
+from hf_weightprune.global_threshold import GlobalThreshold, compute_global_threshold, global_masks
 from hf_weightprune.masks import (
-    GlobalThreshold,
     apply_mask_,
-    compute_global_threshold,
-    global_masks,
     mask_sparsity,
     nm_mask,
     num_to_prune,

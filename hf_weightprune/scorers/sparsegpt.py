@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+from numbers import Real
+
 import torch
 from torch import Tensor
 
-from ..obs import obs_saliency
 from . import register_scorer
 from .base import Scorer, accumulate_
 
@@ -56,6 +57,105 @@ def hessian_sum(x: Tensor, token_mask: Tensor | None = None) -> Tensor:
 
 _BLOCK = 1 << 20  # elements per float32 row block on CPU: a 4 MiB buffer
 _DEVICE_BLOCK = 1 << 24  # on an accelerator: 64 MiB
+
+
+def _check_pair(weight: Tensor, hessian: Tensor) -> None:
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"`weight` must be a floating [out_features, in_features] tensor, got "
+            f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}."
+        )
+    cols = weight.shape[1]
+    if not isinstance(hessian, Tensor) or tuple(hessian.shape) != (cols, cols) or not hessian.is_floating_point():
+        raise ValueError(
+            f"`hessian` must be a floating [in_features, in_features] = [{cols}, {cols}] tensor for a weight of shape "
+            f"{tuple(weight.shape)}, got "
+            f"{tuple(hessian.shape) if isinstance(hessian, Tensor) else type(hessian).__name__}."
+        )
+
+
+def _check_percdamp(percdamp) -> float:
+    if isinstance(percdamp, bool) or not isinstance(percdamp, Real) or not 0.0 <= float(percdamp) <= 1.0:
+        raise ValueError(f"`percdamp` must be a float in [0.0, 1.0] (the paper uses 0.01), got {percdamp!r}.")
+    return float(percdamp)
+
+
+def inverse_hessian_cholesky(hessian: Tensor, *, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """
+    Upper Cholesky factor of the dampened inverse Hessian, as SparseGPT's sweep uses it.
+
+    Inputs that never fired (`H_jj == 0`) get `H_jj = 1`, so the matrix stays invertible; the caller zeroes their
+    weight columns. Then `percdamp * mean(diag(H))` is added to the diagonal (dampening, the paper's 1%), and
+    `U = cholesky((H + damp I)^-1, upper=True)`.
+
+    Args:
+        hessian (`torch.Tensor`):
+            `[in, in]` sum of `x x^T` over tokens, any floating dtype; not modified.
+        percdamp (`float`, *optional*, defaults to 0.01):
+            Dampening as a fraction of the mean diagonal.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: `U`, `[in, in]` float32 upper triangular on `hessian`'s device, with
+        `U_jj^2 = [((H + damp I)_{j:, j:})^-1]_jj`; and `dead`, `[in]` bool, `True` where `H_jj == 0`.
+
+    Raises:
+        `ValueError`: `hessian` is not square, not finite, all zero, or not positive definite after dampening.
+    """
+    percdamp = _check_percdamp(percdamp)
+    if not isinstance(hessian, Tensor) or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"`hessian` must be a square [in, in] tensor, got {getattr(hessian, 'shape', hessian)!r}.")
+    H = hessian.detach().to(torch.float32, copy=True)
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("`hessian` contains NaN or Inf; accumulate it from finite activations.")
+    diag = H.diagonal()
+    dead = diag == 0
+    if bool(dead.all()):
+        raise ValueError("`hessian` is all zero on its diagonal: no tokens reached this Linear; train on some first.")
+    diag[dead] = 1.0
+    diag.add_(percdamp * diag.mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(
+            f"`hessian` is not positive definite after dampening with percdamp={percdamp}; raise `percdamp`."
+        )
+    H = torch.cholesky_inverse(L)
+    del L
+    U, info = torch.linalg.cholesky_ex(H, upper=True)
+    if int(info) != 0:
+        raise ValueError(f"The inverse of `hessian` is not positive definite with percdamp={percdamp}; raise it.")
+    return U, dead
+
+
+def obs_saliency(weight: Tensor, hessian: Tensor, *, percdamp: float = 0.01) -> Tensor:
+    """
+    SparseGPT's pruning score `w_ij^2 / U_jj^2`, the OBS saliency of each weight before any update.
+
+    `U` is the upper Cholesky factor of the dampened `H^-1` ([`inverse_hessian_cholesky`]), which the paper writes
+    `[H^-1]_jj`: `U_jj^2 = [((H + damp I)_{j:, j:})^-1]_jj`, so the score is the OBS error `w^2 / [H_F^-1]_jj` of
+    removing `w_ij` alone while the columns `F = j..in-1` compensate. It is exactly what [`sparsegpt_prune_`]
+    compares in its first block; later blocks use the same `U_jj` with the updated weights.
+
+    Args:
+        weight (`torch.Tensor`):
+            `[out, in]` weight, any floating dtype.
+        hessian (`torch.Tensor`):
+            `[in, in]` sum (or mean) of `x x^T` over tokens; a common scale of `H` scales every score alike.
+        percdamp (`float`, *optional*, defaults to 0.01):
+            Dampening as a fraction of the mean diagonal, as in the sweep.
+
+    Returns:
+        `torch.Tensor`: `[out, in]` float32 on `weight`'s device, >= 0; 0 on dead inputs (`H_jj == 0`).
+
+    Raises:
+        `ValueError`: shapes disagree, or `hessian` is invalid (see [`inverse_hessian_cholesky`]).
+    """
+    _check_pair(weight, hessian)
+    U, dead = inverse_hessian_cholesky(hessian.to(weight.device), percdamp=percdamp)
+    d = U.diagonal()
+    score = weight.detach().to(torch.float32, copy=True).square_().div_(d.square()[None, :])
+    score[:, dead] = 0.0
+    return score
+
 
 
 @register_scorer
