@@ -6,9 +6,10 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,14 @@ def _same_or_inside(a: str, b: str) -> bool:
     return a == b or a.startswith(b + os.sep)
 
 
+def _absolute_importance(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`report.importance` with a local `path` made absolute: relative to the folder `prune` ran in, it broke
+    `push --include_importance` from any other folder. Hub ids and missing paths are kept as given."""
+    if not info or not isinstance(info.get("path"), str) or not os.path.isdir(info["path"]):
+        return info
+    return {**info, "path": os.path.abspath(info["path"])}
+
+
 def sparsity_dict(report: PruningReport, *, base_model: str | None = None, schedule: dict | None = None,
                   eval_results: dict | None = None) -> dict[str, Any]:
     """The `sparsity.json` payload (schema documented in docs/file_formats.md).
@@ -89,7 +98,7 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "global_sparsity": report.global_sparsity,
         "model_sparsity": report.model_sparsity,
         "criterion": report.criterion,
-        "importance": report.importance,
+        "importance": _absolute_importance(report.importance),
         "base_model": base_model,
         "tensors": report.tensors,
         "reconstruction": report.reconstruction,
@@ -100,14 +109,68 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
     }
 
 
-def _check_output(output_dir: str, *, input_dir: str | None, importance_dir: str | None, overwrite: bool) -> None:
-    """Refuse to write into the input checkpoint or the importance folder, or over a non-empty folder."""
-    if input_dir and os.path.isdir(input_dir) and _same_or_inside(output_dir, input_dir):
-        raise ValueError(f"Refusing to write into the input checkpoint {input_dir}; choose another output_dir")
-    if importance_dir and _same_or_inside(output_dir, importance_dir):
-        raise ValueError(f"Refusing to write into the importance folder {importance_dir}; choose another output_dir")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True to replace it")
+_CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+
+
+def check_output_dir(output_dir: str | os.PathLike, *, input_dirs: Iterable[str | os.PathLike | None] = (),
+                     importance_dirs: Iterable[str | os.PathLike | None] = (), overwrite: bool = False,
+                     require_empty: bool = True, arg: str = "output_dir", overwrite_hint: str = "overwrite=True"
+                     ) -> None:
+    """The one rule for where hf-weightprune writes an output folder (`save_pruned`, `prune_checkpoint`, `sweep`, the
+    CLI): checked before any work, and `overwrite` never lifts the first four refusals.
+
+    A fresh (absent or empty) folder is accepted anywhere else, including a subfolder of the training output_dir or
+    model folder that is read (`out/pruned` for `out`): the inputs' own files are never modified. Refused, in order:
+    1. the input folder itself;
+    2. the importance folder, or a folder inside it;
+    3. an existing Trainer `checkpoint-N` folder, or a folder inside one (the Trainer rotates and resumes from them);
+    4. a folder that holds an input or the importance (replacing it would delete them);
+    5. a non-empty folder, unless `overwrite` (or `require_empty=False`, for writers that only replace their own
+       named files, such as `sweep`).
+
+    Args:
+        output_dir (`str` or `os.PathLike`): the folder to write.
+        input_dirs (`Iterable[str | os.PathLike | None]`, *optional*, defaults to `()`): folders read; `None` and
+            paths that are not local folders (Hub ids) are skipped.
+        importance_dirs (`Iterable[str | os.PathLike | None]`, *optional*, defaults to `()`): importance folders read.
+        overwrite (`bool`, *optional*, defaults to `False`): a non-empty `output_dir` may be replaced.
+        require_empty (`bool`, *optional*, defaults to `True`): refuse a non-empty `output_dir` without `overwrite`.
+        arg (`str`, *optional*, defaults to `"output_dir"`): how the message names the output (`"--output_dir"` for
+            the CLI).
+        overwrite_hint (`str`, *optional*, defaults to `"overwrite=True"`): how the message names the overwrite switch.
+
+    Raises:
+        ValueError: refusals 1-4.
+        FileExistsError: refusal 5.
+    """
+    out = os.path.realpath(output_dir)
+    shown = os.fspath(output_dir)
+    inputs = [os.fspath(d) for d in input_dirs if d is not None and os.path.isdir(d)]
+    importances = [os.fspath(d) for d in importance_dirs if d is not None and os.path.isdir(d)]
+    for src in inputs:
+        if out == os.path.realpath(src):
+            raise ValueError(f"Refusing to write into the input checkpoint {src}: {arg} is that folder; choose a new "
+                             f"folder such as {os.path.join(src, 'pruned')}")
+    for imp in importances:
+        if _same_or_inside(out, imp):
+            raise ValueError(f"Refusing to write into the importance folder {imp}: {arg} {shown} is inside it; "
+                             "choose a folder outside it")
+    folder = out
+    while True:  # the output or one of its parents is an existing checkpoint-N folder
+        if _CHECKPOINT_NAME.fullmatch(os.path.basename(folder)) and os.path.isdir(folder):
+            raise ValueError(f"Refusing to write into the Trainer checkpoint {folder} ({arg} {shown}): the Trainer "
+                             "rotates and resumes from checkpoint-N folders; choose a folder outside it")
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    for src in inputs + importances:
+        if _same_or_inside(src, out):
+            raise ValueError(f"Refusing to write into {shown}: it holds the input {src}, which {arg} would replace; "
+                             "choose a new folder")
+    if require_empty and os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"{arg} {shown} exists and is not empty; pass {overwrite_hint} to replace it, or "
+                              "choose a new folder")
 
 
 @contextmanager
@@ -217,7 +280,8 @@ def save_pruned(
 
     Args:
         model (`nn.Module`): the pruned model (`prune_` already applied).
-        output_dir (`str`): a new or empty folder. The input checkpoint and the importance folder are refused.
+        output_dir (`str` or `os.PathLike`): a new or empty folder, e.g. `out/pruned` beside the training run; the
+            rule is [`check_output_dir`] (never the input checkpoint itself, the importance folder, a `checkpoint-N`).
         report (`PruningReport`): what `prune_` returned.
         tokenizer (*optional*): saved beside the model.
         base_model (`str`, *optional*): Hub id or path of the dense model (card front matter); defaults to
@@ -236,7 +300,7 @@ def save_pruned(
     Raises:
         TypeError: an argument has the wrong type (checked before any work).
         ValueError: `schedule` is a dict without the schedule's fields (e.g. `PruneSchedule.state_dict()`), or
-            `output_dir` is the input checkpoint or the importance folder.
+            `output_dir` is refused by [`check_output_dir`] (the input checkpoint, the importance folder, ...).
         FileExistsError: `output_dir` is not empty and `overwrite=False`, or another process wrote it meanwhile
             (nothing of this call is kept then).
     """
@@ -249,8 +313,8 @@ def save_pruned(
     schedule = _schedule_dict(schedule)
     output_dir = os.fspath(output_dir)
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    _check_output(output_dir, input_dir=source, importance_dir=(report.importance or {}).get("path"),
-                  overwrite=overwrite)
+    check_output_dir(output_dir, input_dirs=[source], importance_dirs=[(report.importance or {}).get("path")],
+                     overwrite=overwrite)
     if base_model is None and source and not os.path.isdir(source):
         base_model = source
 
@@ -296,7 +360,8 @@ def prune_checkpoint(
     Args:
         model_dir (`str`): a local folder with `config.json` and safetensors weights. Never modified.
         importance (`Importance`): from `load_importance()`.
-        output_dir (`str`): a new or empty folder (not inside `model_dir` or the importance folder).
+        output_dir (`str` or `os.PathLike`): a new or empty folder, e.g. `model_dir/pruned`; the rule is
+            [`check_output_dir`] (never `model_dir` itself, the importance folder, a `checkpoint-N`).
         config (`PruneConfig`, *optional*): defaults to 50% unstructured, global threshold.
         base_model (`str`, *optional*): Hub id of the dense model, for `sparsity.json` and the card; defaults to
             the config's `_name_or_path` when that is a Hub id.
@@ -309,8 +374,9 @@ def prune_checkpoint(
 
     Raises:
         TypeError: an argument has the wrong type (checked before any work).
-        ValueError: a structured `config` (`neurons`/`heads`), `output_dir` inside the input or the importance
-            folder, importance that does not match the checkpoint, or a corrupt shard.
+        ValueError: a structured `config` (`neurons`/`heads`), `output_dir` refused by [`check_output_dir`] (the
+            input folder, the importance folder, ...), importance that does not match the checkpoint, or a corrupt
+            shard.
         FileNotFoundError: `model_dir` holds no safetensors weights.
         FileExistsError: `output_dir` is not empty and `overwrite=False`, or another process wrote it meanwhile.
     """
@@ -331,7 +397,7 @@ def prune_checkpoint(
         raise ValueError(f"structure={config.structure!r} changes tensor shapes and cannot be applied file to "
                          "file: load the model, call prune_ and save_pruned")
     model_dir, output_dir = os.fspath(model_dir), os.fspath(output_dir)
-    _check_output(output_dir, input_dir=model_dir, importance_dir=importance.path, overwrite=overwrite)
+    check_output_dir(output_dir, input_dirs=[model_dir], importance_dirs=[importance.path], overwrite=overwrite)
 
     weight_map = sio.weight_map(model_dir)
     for shard in sorted(set(weight_map.values())):  # a cut-short shard fails here, before the model is built

@@ -10,7 +10,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import get_token
 
@@ -42,8 +42,22 @@ def _importance_folder(folder: Path, sparsity: dict) -> Path:
     raise FileNotFoundError(f"include_importance=True but no importance folder was found: neither {where} exists.")
 
 
+def _is_offline() -> bool:
+    check = getattr(constants, "is_offline_mode", None)  # huggingface_hub >= 1.0; before it, only the constant
+    return bool(check() if check is not None else getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """No answer from the Hub: a refused or dropped connection, DNS, a timeout (requests' errors are `OSError`s,
+    httpx's are not, so they are recognised by their `TransportError` base)."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    return any(c.__name__ == "TransportError" and c.__module__.startswith("httpx") for c in type(error).__mro__)
+
+
 @contextlib.contextmanager
 def _explain_auth_errors(repo_id: str, token: str | None):
+    """Turn the Hub's refusals and network failures into one-line `PermissionError` / `ConnectionError`."""
     try:
         yield
     except HfHubHTTPError as error:
@@ -59,6 +73,12 @@ def _explain_auth_errors(repo_id: str, token: str | None):
         if isinstance(token, str) and token:
             message = message.replace(token, "***")
         raise PermissionError(message) from None
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ConnectionError(f"push_pruned_to_hub: cannot reach the Hub at {constants.ENDPOINT} to push {repo_id!r} "
+                              f"({first}); check the network connection or HF_ENDPOINT") from None
 
 
 def _check_push_args(output_dir, repo_id, private, token, revision, include_importance, commit_message) -> None:
@@ -93,7 +113,7 @@ def push_pruned_to_hub(
 
     Args:
         output_dir (`str` or `os.PathLike`):
-            Folder written by `save_pruned` (a Transformers checkpoint plus `sparsity.json`).
+            Folder written by `save_pruned` (a Transformers checkpoint plus `sparsity.json`). The CLI's `FOLDER`.
         repo_id (`str`):
             Target repo, e.g. `"username/llama-pruned-50"`.
         private (`bool`, *optional*):
@@ -116,11 +136,16 @@ def push_pruned_to_hub(
             found.
         ValueError: `output_dir` is not a pruned checkpoint (no or invalid `sparsity.json`).
         PermissionError: the Hub refused the token (HTTP 401/403); the message never contains the token.
+        ConnectionError: `HF_HUB_OFFLINE=1` is set (checked before the card is written), or the Hub cannot be
+            reached (refused connection, DNS, timeout).
     """
     _check_push_args(output_dir, repo_id, private, token, revision, include_importance, commit_message)
     folder = Path(output_dir)
     sparsity = load_sparsity(folder)
     importance = _importance_folder(folder, sparsity) if include_importance else None
+    if _is_offline():  # before the card is rewritten: nothing changes in the folder of a push that cannot happen
+        raise ConnectionError("push_pruned_to_hub: HF_HUB_OFFLINE=1 is set, so the Hub cannot be reached; unset "
+                              "HF_HUB_OFFLINE to push")
     readme = folder / CARD_FILE
     if not readme.is_file() or is_generated_card(readme):
         # A card this library wrote names the local folder; on the Hub it must name the repo. A user's own

@@ -116,6 +116,21 @@ def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None) -> 
     return labelled
 
 
+def _importance_dirs(importances: Mapping[str, Any]) -> list[str]:
+    """The local importance folders among `{label: folder or Importance}` (for the output rule)."""
+    from .state import ImportanceFileError, resolve_importance_dir
+
+    dirs = []
+    for item in importances.values():
+        path = item.path if isinstance(item, Importance) else os.fspath(item)
+        if path and os.path.isdir(path):
+            try:
+                dirs.append(resolve_importance_dir(path))
+            except ImportanceFileError:  # refused with a better message when it is loaded
+                continue
+    return dirs
+
+
 def _windows(tokenizer, path: str | os.PathLike, seq_len: int, max_windows: int | None):
     from .data import load_texts, make_windows
 
@@ -190,8 +205,10 @@ def sweep(
         calibration_data (*optional*): text for one-shot wanda's calibration pass; defaults to `data`.
         calibration_windows (`int`, *optional*, defaults to 16): windows of `seq_len` tokens forwarded for wanda.
         seq_len / max_windows / batch_size: evaluation windows (the first `max_windows` of `data`) and batch size.
-        output_dir (*optional*): where to write `sweep.csv`, `sweep.json` (rewritten after every point) and
-            `sweep.png`.
+        output_dir (`str` or `os.PathLike`, *optional*): where to write `sweep.csv`, `sweep.json` (rewritten after
+            every point) and `sweep.png`, e.g. `out/sweep` or the pruned model's folder (its card then shows the
+            sweep). Checked before any work by `export.check_output_dir`: never the model folder itself, an
+            importance folder, a `checkpoint-N`; other files in it are left alone.
         dtype (`str`, *optional*, defaults to `"auto"`): model dtype (`"auto"`, `"float32"`, `"bfloat16"`, ...).
         device (`str`, *optional*): defaults to CUDA when available, else CPU.
 
@@ -206,7 +223,7 @@ def sweep(
     Raises:
         TypeError: an argument has the wrong type (checked before anything is loaded).
         ValueError: bad sparsities, structure, scope or baselines; nothing to compare; unusable data or
-            tokenizer; importance that does not match the model.
+            tokenizer; importance that does not match the model; `output_dir` refused by the output rule.
         FileNotFoundError: `model_dir` is not a folder, or `data` does not exist.
     """
     _check_sweep_args(locals())  # first statement: locals() holds exactly the arguments
@@ -231,6 +248,13 @@ def sweep(
         raise ValueError("nothing to compare: give importance folders and/or one-shot baselines")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir} is not a model folder")
+    if output_dir is not None:
+        from .export import check_output_dir
+
+        # The library's one output rule; a non-empty folder is fine (e.g. the pruned model's, whose card then
+        # shows the sweep): only sweep.csv, sweep.json and sweep.png are replaced there.
+        check_output_dir(output_dir, input_dirs=[model_dir], importance_dirs=_importance_dirs(importances),
+                         require_empty=False)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
