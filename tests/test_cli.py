@@ -1,0 +1,314 @@
+"""The command line a new user meets first: names, help, version, quiet, one-line errors, the output rule."""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+import hf_weightprune
+from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
+from hf_weightprune.cli import build_parser, main
+from hf_weightprune.export import check_output_dir
+from hf_weightprune.sweep import sweep
+from hf_weightprune.testing import tiny_llama
+from tests.helpers import train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A training output_dir as the Trainer leaves it: the model at the top, importance/ and checkpoint-N/."""
+    out = tmp_path_factory.mktemp("cli") / "out"
+    trainer = train(tiny_llama(seed=3), [ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))],
+                    out, max_steps=4, save_steps=2)
+    trainer.save_model(str(out))
+    assert (out / "importance" / "importance_config.json").is_file() and (out / "checkpoint-2").is_dir()
+    return out
+
+
+def _snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Hash of every file below `folder` (but the `skip` top-level entries): what 'never modified' compares."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).parts[0] not in skip}
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+# ---- item 1: one rule for where outputs go ------------------------------------------------------------------------
+
+
+def test_readme_prune_line_writes_a_subfolder_of_the_run(run, capsys):
+    """`hf-weightprune prune out --importance out --sparsity 0.5 --output out/pruned` (the README's line) works, and
+    the old `--output` spelling still does; nothing of the input changes."""
+    before = _snapshot(run, skip=("pruned", "pruned-old-flag"))
+    assert main(["prune", str(run), "--importance", str(run), "--sparsity", "0.5",
+                 "--output_dir", str(run / "pruned")]) == 0
+    assert main(["prune", str(run), "--importance", str(run), "--sparsity", "0.5",
+                 "--output", str(run / "pruned-old-flag")]) == 0
+    assert _snapshot(run, skip=("pruned", "pruned-old-flag")) == before
+    meta = json.loads((run / "pruned" / "sparsity.json").read_text())
+    assert meta["global_sparsity"] == pytest.approx(0.5, abs=0.01)
+    # item 5: the importance path stays valid from any folder
+    assert meta["importance"]["path"] == os.path.abspath(run / "importance")
+    assert (run / "pruned-old-flag" / "model.safetensors").read_bytes() == (
+        run / "pruned" / "model.safetensors").read_bytes()
+    assert capsys.readouterr().out.count(f"Saved to {run / 'pruned'}\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("where", "extra", "expected"),
+    [
+        ("RUN", [], "Refusing to write into the input checkpoint RUN: --output_dir is that folder; choose a new "
+                    "folder such as RUN/pruned"),
+        # the input is refused before "not empty": --overwrite is never suggested, nor does it help
+        ("RUN", ["--overwrite"], "Refusing to write into the input checkpoint RUN: --output_dir is that folder; "
+                                 "choose a new folder such as RUN/pruned"),
+        ("RUN/importance", ["--overwrite"], "Refusing to write into the importance folder RUN/importance: "
+                                            "--output_dir RUN/importance is inside it; choose a folder outside it"),
+        ("RUN/importance/new", [], "Refusing to write into the importance folder RUN/importance: --output_dir "
+                                   "RUN/importance/new is inside it; choose a folder outside it"),
+        ("RUN/checkpoint-2", ["--overwrite"], "Refusing to write into the Trainer checkpoint RUN/checkpoint-2 "
+                                              "(--output_dir RUN/checkpoint-2): the Trainer rotates and resumes from "
+                                              "checkpoint-N folders; choose a folder outside it"),
+        ("RUN/checkpoint-2/pruned", [], "Refusing to write into the Trainer checkpoint RUN/checkpoint-2 (--output_dir "
+                                        "RUN/checkpoint-2/pruned): the Trainer rotates and resumes from checkpoint-N "
+                                        "folders; choose a folder outside it"),
+        ("PARENT", ["--overwrite"], "Refusing to write into PARENT: it holds the input RUN, which --output_dir would "
+                                    "replace; choose a new folder"),
+        ("BUSY", [], "--output_dir BUSY exists and is not empty; pass --overwrite to replace it, or choose a new "
+                     "folder"),
+    ],
+)
+def test_cli_output_rule_refusals_are_one_line_and_write_nothing(run, tmp_path, capsys, where, extra, expected):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    names = {"RUN": str(run), "PARENT": str(run.parent), "BUSY": str(busy)}
+    output = where.replace("RUN", names["RUN"]).replace("PARENT", names["PARENT"]).replace("BUSY", names["BUSY"])
+    before = _snapshot(run.parent)
+    assert main(["prune", str(run), "--importance", str(run), "--output_dir", output, *extra]) == 2
+    line = expected.replace("RUN", names["RUN"]).replace("PARENT", names["PARENT"]).replace("BUSY", names["BUSY"])
+    assert _one_line(capsys) == f"hf-weightprune prune: error: {line}"
+    assert _snapshot(run.parent) == before and (busy / "keep.txt").read_text() == "mine"
+    assert not (run / "checkpoint-2" / "pruned").exists() and not (run / "importance" / "new").exists()
+
+
+def test_library_output_rule_names_arguments(run, tmp_path):
+    imp = load_importance(run)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run)
+    report = prune_(model, imp, PruneConfig(sparsity=0.3), progress=False)
+    with pytest.raises(ValueError) as err:
+        save_pruned(model, run, report=report, overwrite=True)
+    assert str(err.value) == (f"Refusing to write into the input checkpoint {run}: output_dir is that folder; choose "
+                              f"a new folder such as {run / 'pruned'}")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(FileExistsError) as err:
+        save_pruned(model, tmp_path / "busy", report=report)
+    assert str(err.value) == (f"output_dir {tmp_path / 'busy'} exists and is not empty; pass overwrite=True to "
+                              "replace it, or choose a new folder")
+    # a fresh subfolder of the run is accepted by the same rule (sweep's: a non-empty folder too)
+    check_output_dir(run / "sweep", input_dirs=[run], importance_dirs=[run / "importance"])
+    check_output_dir(tmp_path / "busy", input_dirs=[run], require_empty=False)
+
+
+def test_sweep_output_rule(run, tmp_path, capsys):
+    """`sweep --output_dir` follows the same rule: the model folder itself is refused before anything is loaded."""
+    data = ROOT / "data" / "kjv" / "valid.txt"
+    assert main(["sweep", str(run), "--data", str(data), "--output_dir", str(run)]) == 2
+    assert _one_line(capsys) == (f"hf-weightprune sweep: error: Refusing to write into the input checkpoint {run}: "
+                                 f"--output_dir is that folder; choose a new folder such as {run / 'pruned'}")
+    with pytest.raises(ValueError, match="Refusing to write into the importance folder"):
+        sweep(run, [str(run)], data, output_dir=run / "importance" / "sweep")
+    assert not (run / "sweep.csv").exists() and not (run / "importance" / "sweep").exists()
+
+
+# ---- item 2: --version, --quiet, --log_level, help, lazy import ----------------------------------------------------
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"hf-weightprune {hf_weightprune.__version__}\n"
+
+
+def test_every_option_has_help_with_its_default():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict)).choices
+    assert set(subparsers) == {"prune", "inspect", "push", "sweep"}
+    for name, sub in [("hf-weightprune", parser), *subparsers.items()]:
+        text = " ".join(sub.format_help().split())
+        optional = [a for a in sub._actions if a.option_strings and a.dest not in ("help", "version")]
+        for action in sub._actions:
+            if action.dest not in ("help", "version", "command"):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        # every optional option but the required ones (no default) prints its default
+        assert text.count("(default: ") == sum(1 for a in optional if not a.required), name
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value"),
+    [("--output", "--output_dir", "o"), ("--push-to-hub", "--push_to_hub", "me/x"), ("--eval-data", "--eval_data", "d"),
+     ("--target-modules", "--target_modules", "mlp"), ("--max-windows", "--max_windows", "3")],
+)
+def test_old_spellings_are_aliases(old, new, value):
+    base = ["prune", "m", "--importance", "i"]
+    parse = build_parser().parse_args
+    a = parse([*base, *(["--output_dir", "x"] if new != "--output_dir" else []), old, value])
+    b = parse([*base, *(["--output_dir", "x"] if new != "--output_dir" else []), new, value])
+    assert vars(a) == vars(b) and str(getattr(a, new[2:])) == value
+    push = parse(["push", "folder", "--repo-id", "me/x", "--include-importance", "--commit-message", "m"])
+    assert (push.folder, push.repo_id, push.include_importance, push.commit_message) == ("folder", "me/x", True, "m")
+    assert parse(["sweep", "m", "--data", "d", "--output", "o", "--calibration-windows", "3"]).calibration_windows == 3
+
+
+def test_quiet_and_log_level_before_or_after_the_command():
+    parse = build_parser().parse_args
+    base = ["push", "f", "--repo_id", "me/x"]
+    assert (parse(base).quiet, parse(base).log_level) == (False, "warning")
+    assert parse(["-q", *base]).quiet and parse([*base, "--quiet"]).quiet
+    assert parse(["--log_level", "debug", *base]).log_level == "debug"
+    assert parse([*base, "--log-level", "error"]).log_level == "error"
+    assert parse(["-q", "--log_level", "info", *base, "--log_level", "debug"]).log_level == "debug"
+
+
+def test_quiet_turns_progress_bars_off(run, tmp_path, capsys, monkeypatch):
+    """On a terminal `prune` shows its shard bar; `-q` hides it (and a pipe or file hides it too)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["prune", str(run), "--importance", str(run), "--output_dir", str(tmp_path / "a")]) == 0
+    assert "pruning 1 shard(s)" in capsys.readouterr().err
+    assert main(["-q", "prune", str(run), "--importance", str(run), "--output_dir", str(tmp_path / "b")]) == 0
+    assert "pruning" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert main(["prune", str(run), "--importance", str(run), "--output_dir", str(tmp_path / "c")]) == 0
+    assert "pruning" not in capsys.readouterr().err
+
+
+def test_help_and_import_do_not_import_torch():
+    code = ("import sys\nfrom hf_weightprune.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "import hf_weightprune\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'hf_weightprune.callback') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "usage: hf-weightprune" in done.stdout
+
+
+def test_every_public_name_imports_lazily():
+    from hf_weightprune import _LAZY_IMPORTS
+
+    assert hf_weightprune.__all__ == sorted(_LAZY_IMPORTS)
+    import importlib
+
+    for name in hf_weightprune.__all__:
+        ns: dict = {}
+        exec(f"from hf_weightprune import {name}", ns)
+        assert ns[name] is getattr(importlib.import_module(f"hf_weightprune.{_LAZY_IMPORTS[name]}"), name), name
+    importlib.import_module("hf_weightprune.sweep")  # binds the submodule to the package attribute of that name
+
+    assert hf_weightprune.sweep is sweep and callable(hf_weightprune.sweep)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        hf_weightprune.nope  # noqa: B018
+
+
+# ---- item 3: one-line errors --------------------------------------------------------------------------------------
+
+
+def test_missing_model_folder_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-model"
+    assert main(["prune", str(missing), "--importance", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
+    assert _one_line(capsys) == (f"hf-weightprune prune: error: model_dir {missing}: no such folder; pass a model "
+                                 "folder (config.json and weights) or a Hub repo id")
+    assert main(["inspect", str(tmp_path), "--model", str(missing)]) == 2
+    assert _one_line(capsys).startswith("hf-weightprune inspect: error: No importance in")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_folder_subprocess(tmp_path):
+    """The installed entry point's way: exit status 2 and exactly one line on stderr, no traceback."""
+    done = subprocess.run([sys.executable, "-m", "hf_weightprune.cli", "prune", "./no-such-model", "--importance",
+                           "out", "--output_dir", "out/pruned"], capture_output=True, text=True, env=ENV,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == ["hf-weightprune prune: error: model_dir ./no-such-model: no such "
+                                                "folder; pass a model folder (config.json and weights) or a Hub repo "
+                                                "id"]
+
+
+@pytest.fixture
+def pruned(run, tmp_path):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(run), "--importance", str(run), "--sparsity", "0.5", "--output_dir", str(out)]) == 0
+    return out
+
+
+def test_push_offline_is_one_line_and_changes_nothing(pruned, hub_server, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import time
+    capsys.readouterr()
+    before = _snapshot(pruned)
+    assert main(["push", str(pruned), "--repo_id", "tester/offline"]) == 1
+    assert _one_line(capsys) == ("hf-weightprune push: error: push_pruned_to_hub: HF_HUB_OFFLINE=1 is set, so the "
+                                 "Hub cannot be reached; unset HF_HUB_OFFLINE to push")
+    assert _snapshot(pruned) == before and hub_server.requests_log == []
+
+
+def test_push_without_network_is_one_line(pruned, hub_server, monkeypatch, capsys):
+    with socket.socket() as s:  # a port nothing listens on: connection refused, as with no network
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    monkeypatch.setenv("HF_ENDPOINT", dead)
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    capsys.readouterr()
+    assert main(["push", str(pruned), "--repo_id", "tester/nonet"]) == 1
+    line = _one_line(capsys)
+    prefix = f"hf-weightprune push: error: push_pruned_to_hub: cannot reach the Hub at {dead} to push 'tester/nonet' ("
+    assert line.startswith(prefix) and line.endswith("); check the network connection or HF_ENDPOINT"), line
+    assert "refused" in line.lower()
+
+
+def test_push_bad_token_is_one_line(pruned, hub_server, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_the_right_token")
+    capsys.readouterr()
+    assert main(["push", str(pruned), "--repo_id", "tester/denied"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "hf-weightprune push: error: The Hub refused access to 'tester/denied' (HTTP 401): check that the token is "
+        "valid and has write access to this repo."]
+    assert "hf_not_the_right_token" not in captured.out + captured.err
+
+
+# ---- item 5: push --include_importance from another working directory ---------------------------------------------
+
+
+def test_push_include_importance_from_another_folder(run, tmp_path, hub_server, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    monkeypatch.chdir(run.parent)  # prune with paths relative to here, as users type them
+    rel = f"{run.name}/pruned-rel"
+    assert main(["prune", run.name, "--importance", run.name, "--sparsity", "0.4", "--output_dir", rel]) == 0
+    assert json.loads((run / "pruned-rel" / "sparsity.json").read_text())["importance"]["path"] == str(
+        run / "importance")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["push", str(run / "pruned-rel"), "--repo_id", "tester/with-importance", "--include_importance"]) == 0
+    files = hub_server.files("tester/with-importance")
+    assert files["importance/importance_config.json"] == (run / "importance" / "importance_config.json").read_bytes()
+    assert "sparsity.json" in files
