@@ -2,7 +2,7 @@
 Bible text, prune it, sweep sparsities, and write the pruned checkpoint, its model card and the plot.
 
     bash scripts/demo.sh                      # = python examples/quickstart.py (after setting up .venv)
-    python examples/quickstart.py --push-to-hub me/kjv-phi3-pruned   # also publish (needs a Hub token)
+    python examples/quickstart.py --push_to_hub me/kjv-phi3-pruned   # also publish (needs a Hub token)
 
 Everything is built in code (Phi3Config, a BPE tokenizer trained on the text): no Hub access. About 3-4 minutes
 on 2 CPU cores. For a real model, see examples/finetune_phi3_with_pruning.py --model_name_or_path ...
@@ -42,7 +42,7 @@ def parse_args():
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--max_steps", type=int, default=200)
     p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--push-to-hub", dest="push_to_hub", default=None, metavar="REPO_ID")
+    p.add_argument("--push_to_hub", "--push-to-hub", default=None, metavar="REPO_ID")  # old spelling kept
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 

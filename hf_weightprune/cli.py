@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -61,6 +60,8 @@ def _hub_bars(enabled: bool) -> Iterator[None]:
 
 def _configure_logging(args: argparse.Namespace) -> None:
     """`--log_level` for this library's logger (`--quiet` raises it to errors only), printed to stderr."""
+    import logging  # here, not at the top: `--help` never needs it
+
     logger = logging.getLogger("hf_weightprune")
     level = getattr(args, "log_level", "warning")
     logger.setLevel(logging.ERROR if getattr(args, "quiet", False) else getattr(logging, level.upper()))

@@ -125,8 +125,9 @@ def check_output_dir(output_dir: str | os.PathLike, *, input_dirs: Iterable[str 
     2. the importance folder, or a folder inside it;
     3. an existing Trainer `checkpoint-N` folder, or a folder inside one (the Trainer rotates and resumes from them);
     4. a folder that holds an input or the importance (replacing it would delete them);
-    5. a non-empty folder, unless `overwrite` (or `require_empty=False`, for writers that only replace their own
-       named files, such as `sweep`).
+    5. a non-empty folder, unless `overwrite`.
+    Writers that only replace their own named files in the folder (`sweep`) pass `require_empty=False`: 4 and 5 do
+    not apply to them.
 
     Args:
         output_dir (`str` or `os.PathLike`): the folder to write.
@@ -134,7 +135,8 @@ def check_output_dir(output_dir: str | os.PathLike, *, input_dirs: Iterable[str 
             paths that are not local folders (Hub ids) are skipped.
         importance_dirs (`Iterable[str | os.PathLike | None]`, *optional*, defaults to `()`): importance folders read.
         overwrite (`bool`, *optional*, defaults to `False`): a non-empty `output_dir` may be replaced.
-        require_empty (`bool`, *optional*, defaults to `True`): refuse a non-empty `output_dir` without `overwrite`.
+        require_empty (`bool`, *optional*, defaults to `True`): the output is published as a whole folder (refusals 4
+            and 5 apply).
         arg (`str`, *optional*, defaults to `"output_dir"`): how the message names the output (`"--output_dir"` for
             the CLI).
         overwrite_hint (`str`, *optional*, defaults to `"overwrite=True"`): how the message names the overwrite switch.
@@ -164,7 +166,7 @@ def check_output_dir(output_dir: str | os.PathLike, *, input_dirs: Iterable[str 
         if parent == folder:
             break
         folder = parent
-    for src in inputs + importances:
+    for src in inputs + importances if require_empty else []:  # a writer of named files (sweep) replaces no folder
         if _same_or_inside(src, out):
             raise ValueError(f"Refusing to write into {shown}: it holds the input {src}, which {arg} would replace; "
                              "choose a new folder")

@@ -124,6 +124,9 @@ def test_library_output_rule_names_arguments(run, tmp_path):
     # a fresh subfolder of the run is accepted by the same rule (sweep's: a non-empty folder too)
     check_output_dir(run / "sweep", input_dirs=[run], importance_dirs=[run / "importance"])
     check_output_dir(tmp_path / "busy", input_dirs=[run], require_empty=False)
+    check_output_dir(run.parent, input_dirs=[run], require_empty=False)  # sweep files beside the run: no folder replaced
+    with pytest.raises(ValueError, match="it holds the input"):
+        check_output_dir(run.parent, input_dirs=[run], overwrite=True)
 
 
 def test_sweep_output_rule(run, tmp_path, capsys):

@@ -273,14 +273,14 @@ def test_every_writer_names_the_card_after_the_final_folder(dense_checkpoint, tm
     _assert_card_named(tmp_path / "ckpt-50", "ckpt-50")
 
     base = ["prune", str(dense_checkpoint / "model"), "--importance", str(dense_checkpoint / "imp")]
-    assert cli_main([*base, "--output", str(tmp_path / "cli-files")]) == 0  # file to file
+    assert cli_main([*base, "--output_dir", str(tmp_path / "cli-files")]) == 0  # file to file
     _assert_card_named(tmp_path / "cli-files", "cli-files")
-    assert cli_main([*base, "--output", str(tmp_path / "cli-model"), "--dtype", "float32"]) == 0  # model in memory
+    assert cli_main([*base, "--output_dir", str(tmp_path / "cli-model"), "--dtype", "float32"]) == 0  # model in memory
     _assert_card_named(tmp_path / "cli-model", "cli-model")
 
     # Pushing names the repo: the card this library wrote is re-rendered for it, in the folder and on the Hub
     monkeypatch.setenv("HF_TOKEN", hub_server.token)
-    assert cli_main(["push", str(tmp_path / "cli-files"), "--repo-id", "tester/cli-files-hub"]) == 0
+    assert cli_main(["push", str(tmp_path / "cli-files"), "--repo_id", "tester/cli-files-hub"]) == 0
     _assert_card_named(tmp_path / "cli-files", "tester/cli-files-hub")
     hub_card = hub_server.files("tester/cli-files-hub")["README.md"].decode()
     assert 'from_pretrained("tester/cli-files-hub")' in hub_card and ".tmp" not in hub_card

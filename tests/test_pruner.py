@@ -226,7 +226,7 @@ def test_cli_prune_inspect_round_trip(trained, tmp_path, capsys):
     root = trained["wanda"]
     out = tmp_path / "cli"
     assert main(["prune", str(root / "model"), "--importance", str(root), "--sparsity", "0.4", "--scope", "row",
-                 "--output", str(out)]) == 0
+                 "--output_dir", str(out)]) == 0
     meta = json.loads((out / "sparsity.json").read_text())
     assert meta["scope"] == "row" and meta["criterion"] == "wanda"
     assert meta["global_sparsity"] == pytest.approx(0.4, abs=0.02)
@@ -256,7 +256,7 @@ def test_cli_bad_input_one_line_error_writes_nothing(trained, tmp_path, capsys, 
     for k, v in zip(argv[::2], argv[1::2]):
         args[k] = str(root / "model") if v == "MODEL" else v
     out = tmp_path / "never"
-    argv = ["prune", str(root / "model"), "--output", str(out)] + [x for kv in args.items() for x in kv]
+    argv = ["prune", str(root / "model"), "--output_dir", str(out)] + [x for kv in args.items() for x in kv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1
@@ -268,10 +268,10 @@ def test_cli_push_to_hub_round_trip(trained, tmp_path, hub_server, monkeypatch, 
     monkeypatch.setenv("HF_TOKEN", hub_server.token)
     root = trained["temporal_magnitude"]
     out = tmp_path / "pushed"
-    assert main(["prune", str(root / "model"), "--importance", str(root), "--sparsity", "0.5", "--output", str(out),
-                 "--push-to-hub", "tester/cli-pruned", "--private"]) == 0
+    assert main(["prune", str(root / "model"), "--importance", str(root), "--sparsity", "0.5", "--output_dir", str(out),
+                 "--push_to_hub", "tester/cli-pruned", "--private"]) == 0
     assert {"sparsity.json", "README.md", "model.safetensors"} <= set(hub_server.files("tester/cli-pruned"))
-    assert main(["push", str(out), "--repo-id", "tester/cli-again", "--include-importance"]) == 0
+    assert main(["push", str(out), "--repo_id", "tester/cli-again", "--include_importance"]) == 0
     assert "importance/importance_config.json" in hub_server.files("tester/cli-again")
     remote = load_importance("tester/cli-again", token=hub_server.token)
     local = load_importance(root)
@@ -279,7 +279,7 @@ def test_cli_push_to_hub_round_trip(trained, tmp_path, hub_server, monkeypatch, 
         assert torch.equal(remote.state(name), local.state(name))
     before = capsys.readouterr()
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_value")
-    assert main(["push", str(out), "--repo-id", "tester/cli-denied"]) == 2
+    assert main(["push", str(out), "--repo_id", "tester/cli-denied"]) == 2
     captured = capsys.readouterr()
     err = [line for line in captured.err.strip().splitlines() if "error" in line]
     assert len(err) == 1 and err[0].startswith("hf-weightprune push: error:")

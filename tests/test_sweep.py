@@ -147,13 +147,13 @@ def test_bad_data_gives_clear_error(trained, tmp_path, name, content, message):
     if content is not None:
         path.write_text(content)
     with pytest.raises(ValueError, match=message):
-        _cli(["sweep", str(root / "model"), "--data", str(path), "--seq-len", str(SEQ), "--output", str(tmp_path)])
+        _cli(["sweep", str(root / "model"), "--data", str(path), "--seq_len", str(SEQ), "--output_dir", str(tmp_path)])
     assert not (tmp_path / "sweep.csv").exists()
 
 
 def test_cli_rejects_bad_arguments_and_mismatched_importance(trained, tmp_path):
     root, imps = trained
-    base = ["sweep", str(root / "model"), "--data", str(KJV / "valid.txt"), "--output", str(tmp_path)]
+    base = ["sweep", str(root / "model"), "--data", str(KJV / "valid.txt"), "--output_dir", str(tmp_path)]
     with pytest.raises(ValueError, match="sparsities must lie in"):
         _cli([*base, "--sparsities", "0,0.5,1.0"])
     with pytest.raises(ValueError, match="baselines must be among"):
@@ -167,7 +167,7 @@ def test_cli_rejects_bad_arguments_and_mismatched_importance(trained, tmp_path):
     mag = oneshot_importance(other, "magnitude")
     save_importance_dir(str(tmp_path / "imp"), mag.to_dict(), config=mag.config, meta=mag.meta, shapes=mag.shapes)
     with pytest.raises(ValueError, match="does not match this model"):
-        _cli([*base, "--importance", str(tmp_path / "imp"), "--seq-len", str(SEQ)])
+        _cli([*base, "--importance", str(tmp_path / "imp"), "--seq_len", str(SEQ)])
 
 
 def test_parse_sparsities():
