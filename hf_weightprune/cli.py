@@ -58,18 +58,35 @@ def _hub_bars(enabled: bool) -> Iterator[None]:
             tf.enable_progress_bar()
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
-    """`--log_level` for this library's logger (`--quiet` raises it to errors only), printed to stderr."""
+@contextlib.contextmanager
+def _logging(args: argparse.Namespace) -> Iterator[None]:
+    """`--log_level` for this library's logger (`--quiet`: errors only), printed to stderr, for one command; the
+    logger is restored after it, as `main` is also called in-process (tests, scripts)."""
     import logging  # here, not at the top: `--help` never needs it
 
+    class _Stderr(logging.StreamHandler):
+        """Writes to the current `sys.stderr` (which a caller may have replaced), not the one at creation."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger("hf_weightprune")
-    level = getattr(args, "log_level", "warning")
-    logger.setLevel(logging.ERROR if getattr(args, "quiet", False) else getattr(logging, level.upper()))
-    if not any(getattr(h, "_hf_weightprune_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler()  # sys.stderr at the time of the call
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._hf_weightprune_cli = True
-        logger.addHandler(handler)
+    level = "error" if getattr(args, "quiet", False) else getattr(args, "log_level", "warning")
+    saved = logger.level
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.setLevel(getattr(logging, level.upper()))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
 
 
 def _floats_or_float(text: str):
@@ -467,9 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         SystemExit: from argparse on unknown options, `--help` or `--version`.
     """
     args = build_parser().parse_args(argv)
-    _configure_logging(args)
     try:
-        with _hub_bars(_progress(args)):
+        with _logging(args), _hub_bars(_progress(args)):
             return args.func(args)
     except Exception as e:
         code = _exit_code(e)

@@ -201,6 +201,20 @@ def test_quiet_turns_progress_bars_off(run, tmp_path, capsys, monkeypatch):
     assert "pruning" not in capsys.readouterr().err
 
 
+def test_log_level_shows_the_library_log_for_one_command(run, tmp_path, capsys):
+    import logging
+
+    level = logging.getLogger("hf_weightprune").level
+    assert main(["prune", str(run), "--importance", str(run), "--output_dir", str(tmp_path / "a")]) == 0
+    assert "INFO" not in capsys.readouterr().err
+    assert main(["prune", str(run), "--importance", str(run), "--output_dir", str(tmp_path / "b"),
+                 "--log_level", "info"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"INFO hf_weightprune.export: Saved pruned checkpoint to {tmp_path / 'b'} (unstructured (global): "
+                   "50.00% of 14 pruned tensors, 34.41% of all parameters)"]
+    assert logging.getLogger("hf_weightprune").level == level and not logging.getLogger("hf_weightprune").handlers
+
+
 def test_help_and_import_do_not_import_torch():
     code = ("import sys\nfrom hf_weightprune.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
