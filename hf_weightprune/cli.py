@@ -236,6 +236,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .scorers import get_scorer
     from .state import load_importance
 
+    if args.model:
+        _check_model_dir(args.model, "--model")  # before the importance is read
     imp = load_importance(args.importance_dir)
     if args.model:
         model, _ = _load_model(args.model, flag="--model")
@@ -456,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _exit_code(error: BaseException) -> int | None:
     """2 for input the user can fix (arguments, files, token), 1 for the environment (network, Hub, disk), `None` for
     a bug (the traceback is then worth seeing)."""
-    if isinstance(error, (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
-                          IsADirectoryError, PermissionError)):
+    # Not TypeError: the CLI passes the library the right types, so one is a bug.
+    if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                          PermissionError)):
         return 2  # ImportanceFileError is a ValueError
     if isinstance(error, OSError):
         return 1  # ConnectionError, OfflineModeIsEnabled, a full disk

@@ -179,6 +179,13 @@ def test_old_spellings_are_aliases(old, new, value):
     assert parse(["sweep", "m", "--data", "d", "--output", "o", "--calibration-windows", "3"]).calibration_windows == 3
 
 
+def test_sweep_help_lists_the_oneshot_criteria():
+    from hf_weightprune.cli import _ONESHOT_CRITERIA
+    from hf_weightprune.oneshot import ONESHOT_CRITERIA
+
+    assert _ONESHOT_CRITERIA == ONESHOT_CRITERIA  # cli keeps a copy so that --help does not import torch
+
+
 def test_quiet_and_log_level_before_or_after_the_command():
     parse = build_parser().parse_args
     base = ["push", "f", "--repo_id", "me/x"]
@@ -252,7 +259,11 @@ def test_missing_model_folder_is_one_line(tmp_path, capsys):
     assert _one_line(capsys) == (f"hf-weightprune prune: error: model_dir {missing}: no such folder; pass a model "
                                  "folder (config.json and weights) or a Hub repo id")
     assert main(["inspect", str(tmp_path), "--model", str(missing)]) == 2
-    assert _one_line(capsys).startswith("hf-weightprune inspect: error: No importance in")
+    assert _one_line(capsys) == (f"hf-weightprune inspect: error: --model {missing}: no such folder; pass a model "
+                                 "folder (config.json and weights) or a Hub repo id")
+    assert main(["inspect", str(tmp_path / "no-importance")]) == 2
+    assert _one_line(capsys) == (f"hf-weightprune inspect: error: {tmp_path / 'no-importance'} is neither a local "
+                                 "path nor a valid Hub repo id")
     assert not (tmp_path / "o").exists()
 
 
