@@ -33,11 +33,7 @@ SKIPPED = {
 }
 
 # (document, a substring of the block or command line) -> the branch whose behaviour it documents.
-LANDING = {
-    ("README.md", "--output_dir out/pruned-50"): "c1: underscore CLI flags, outputs inside a training output_dir",
-    ("README.md", "push out/pruned-50"): "c1: --repo_id / --include_importance (and needs the prune line above)",
-    ("README.md", "--output_dir out/sweep"): "c1: --output_dir for sweep",
-}
+LANDING: dict[tuple[str, str], str] = {}
 
 
 class Env:
