@@ -274,13 +274,18 @@ def cmd_push(args: argparse.Namespace) -> int:
         `int`: 0.
 
     Raises:
-        ValueError, FileNotFoundError, PermissionError: bad input or refused token, printed by [`main`] as one line.
+        ValueError, FileNotFoundError, PermissionError: bad input or refused token, printed by [`main`] as one line
+            (exit 2).
+        ConnectionError: `HF_HUB_OFFLINE=1` or no network, printed as one line (exit 1).
     """
     from .hub import push_pruned_to_hub
 
-    url = push_pruned_to_hub(args.folder, repo_id=args.repo_id, private=args.private or None,
-                             revision=args.revision, include_importance=args.include_importance,
-                             commit_message=args.commit_message)
+    try:
+        url = push_pruned_to_hub(args.folder, repo_id=args.repo_id, private=args.private or None,
+                                 revision=args.revision, include_importance=args.include_importance,
+                                 commit_message=args.commit_message)
+    except FileNotFoundError as e:  # the library names its argument; here the user typed the flag
+        raise FileNotFoundError(str(e).replace("include_importance=True", "--include_importance")) from None
     print(url)
     return 0
 

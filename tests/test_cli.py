@@ -224,7 +224,8 @@ def test_log_level_shows_the_library_log_for_one_command(run, tmp_path, capsys):
 
 def test_help_and_import_do_not_import_torch():
     code = ("import sys\nfrom hf_weightprune.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "for argv in (['--help'], ['prune', '--help'], ['sweep', '--help'], ['--version']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0\n"
             "import hf_weightprune\n"
             "print(sorted(m for m in ('torch', 'transformers', 'hf_weightprune.callback') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
@@ -310,6 +311,16 @@ def test_push_without_network_is_one_line(pruned, hub_server, monkeypatch, capsy
     prefix = f"hf-weightprune push: error: push_pruned_to_hub: cannot reach the Hub at {dead} to push 'tester/nonet' ("
     assert line.startswith(prefix) and line.endswith("); check the network connection or HF_ENDPOINT"), line
     assert "refused" in line.lower()
+
+
+def test_push_include_importance_without_importance_names_the_flag(pruned, tmp_path, capsys):
+    (pruned / "sparsity.json").write_text(json.dumps({**json.loads((pruned / "sparsity.json").read_text()),
+                                                      "importance": {"path": str(tmp_path / "gone")}}))
+    capsys.readouterr()
+    assert main(["push", str(pruned), "--repo_id", "tester/x", "--include_importance"]) == 2
+    assert _one_line(capsys) == (f"hf-weightprune push: error: --include_importance but no importance folder was "
+                                 f"found: neither {str(pruned / 'importance')!r} nor {str(tmp_path / 'gone')!r} "
+                                 "exists.")
 
 
 def test_push_bad_token_is_one_line(pruned, hub_server, monkeypatch, capsys):
