@@ -344,3 +344,53 @@ def test_masks_from_is_checked_when_the_schedule_is_built(tmp_path):
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"^masks_from='\S*empty' holds no model\.safetensors"):
         PruneSchedule(mode="hold", masks_from=str(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------- 9: multi-rank writers' checksums reach rank 0
+
+ROWS = torch.arange(24, dtype=torch.float32).reshape(12, 2) / 7  # "c": row-sharded (FSDP2-like), 6 rows per rank
+WHOLE = {"a": torch.linspace(-1, 1, 12).reshape(4, 3), "b": torch.linspace(2, 3, 12).reshape(4, 3)}
+
+
+def _write_from_two_ranks(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from hf_weightprune import distributed as D
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        owners = {"a": 0, "b": 1, "c": D.ALL_RANKS}
+        plan = D.OwnershipPlan(rank, world, True, owners, dict(owners), {"c": (6 * rank, 6)})
+        mine = {"c": ROWS[6 * rank : 6 * rank + 6], **({"a": WHOLE["a"]} if rank == 0 else {"b": WHOLE["b"]})}
+        error = S.write_importance(out, mine, plan, config=ImportanceConfig(criterion="magnitude"),
+                                   meta={"global_step": 1, "num_samples": 1}, shapes={"a": [4, 3], "b": [4, 3],
+                                                                                     "c": [12, 2]})
+        assert error is None, error
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_every_writers_checksums_reach_rank_0(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "importance"
+    mp.spawn(_write_from_two_ranks, args=(2, port, str(out)), nprocs=2, join=True)
+    sums = json.loads((out / CONFIG).read_text())["checksums"]["tensors"]
+    assert sums == {"a": S.tensor_checksum(WHOLE["a"]), "b": S.tensor_checksum(WHOLE["b"]),
+                    "c": {S.shard_name(r, 2): S.tensor_checksum(ROWS[6 * r : 6 * r + 6]) for r in (0, 1)}}
+    imp = load_importance(out)
+    assert torch.equal(imp.state("c"), ROWS) and torch.equal(imp.state("b"), WHOLE["b"])
+    shard = out / S.shard_name(1, 2)
+    entries = {k: v for k, v in header(shard).items() if k != "__metadata__"}
+    raw = bytearray(shard.read_bytes())
+    raw[8 + struct.unpack("<Q", raw[:8])[0] + entries["c"]["data_offsets"][0]] ^= 0x01  # rank 1's rows of "c"
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ImportanceFileError, match=r"tensor c in importance-00002-of-00002\.safetensors does not match"):
+        load_importance(out).state("c")
