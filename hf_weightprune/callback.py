@@ -100,8 +100,6 @@ class ImportanceCallback(TrainerCallback):
             config = ImportanceConfig(**config)
         if config is not None and not isinstance(config, ImportanceConfig):
             raise TypeError(f"config must be an ImportanceConfig or a dict; got {type(config).__name__}")
-        if schedule is not None and not isinstance(schedule, PruneSchedule):
-            raise TypeError(f"schedule must be a PruneSchedule; got {type(schedule).__name__}")
         # Holding another run's masks needs no importance: unless a config asks for it, nothing is tracked.
         self.tracks_importance = config is not None or schedule is None or schedule.mode != "hold"
         self.config = config if config is not None else ImportanceConfig()
