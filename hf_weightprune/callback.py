@@ -415,7 +415,7 @@ class ImportanceCallback(TrainerCallback):
         return values
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._logging or not self._tracked or self._logged_step == state.global_step:
+        if self._logging or not (self._tracked or self.mask_holder is not None) or self._logged_step == state.global_step:
             return
         if self.trainer is None:
             if self._logged_step is None:

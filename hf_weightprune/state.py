@@ -285,8 +285,9 @@ def named_importances(path: str) -> list[str]:
 
 def resolve_importance_dir(path: str, name: str | None = None) -> str:
     """`path` itself, or its `importance/` (or `importance-<name>/`) subfolder (a checkpoint or an output dir)."""
-    if name is None and os.path.isfile(os.path.join(path, IMPORTANCE_CONFIG_NAME)):
-        return path
+    own = os.path.join(path, IMPORTANCE_CONFIG_NAME)
+    if os.path.isfile(own) and (name is None or (_read_json(own).get("config") or {}).get("name") == name):
+        return path  # an importance folder itself (with `name`: the one of that name)
     sub = os.path.join(path, importance_dir_name(name))
     if os.path.isfile(os.path.join(sub, IMPORTANCE_CONFIG_NAME)):
         return sub

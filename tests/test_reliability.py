@@ -249,6 +249,7 @@ def test_two_named_callbacks_each_equal_a_separate_run_and_resume(reference, tmp
             got = load_importance(out / sub if sub else out, name=name)
             assert got.config.name == name and got.criterion == criterion
             assert_same_importance(got, load_importance(reference(criterion) / sub if sub else reference(criterion)))
+    assert load_importance(out / "importance-wanda", name="wanda").criterion == "wanda"  # the folder itself
     assert not leftovers(out)
     with pytest.raises(ImportanceFileError, match=r"No unnamed importance in \S+; it holds the named importances "
                                                   r"\['tm', 'wanda'\]: pass load_importance\(path, name=\.\.\.\)"):
@@ -313,8 +314,10 @@ def test_hold_masks_from_a_checkpoint_without_sparsity_json(tmp_path, caplog):
     cb = ImportanceCallback(schedule=schedule)
     assert not cb.tracks_importance
     args = TrainingArguments(str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+                             save_strategy="steps", save_steps=2, logging_steps=1, report_to=[], use_cpu=True,
+                             disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16, vocab_size=128), callbacks=[cb])
+    cb.attach(trainer)
     with caplog.at_level(logging.INFO, logger="hf_weightprune.holder"):
         trainer.train()
     zeros = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
@@ -328,6 +331,8 @@ def test_hold_masks_from_a_checkpoint_without_sparsity_json(tmp_path, caplog):
     # nothing tracked: no state, no hooks, no importance files
     assert cb.state_bytes() == 0 and cb._states == {} and cb._tracked == [] and cb._collector is None
     assert cb._meta["num_samples"] == 0
+    logged = [e["pruning/sparsity"] for e in trainer.state.log_history if "pruning/sparsity" in e]
+    assert len(logged) == 4 and logged[-1] == pytest.approx(zeros)  # the held sparsity still reaches the loggers
     assert not list((tmp_path / "out").rglob(CONFIG))
     with pytest.raises(RuntimeError, match="tracks no importance"):
         cb.importance()
