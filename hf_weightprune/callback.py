@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -47,6 +48,9 @@ RESUME_MISMATCH_CHOICES = ("raise", "restart")
 # Under `output_dir`: the leading "_" keeps it out of the Trainer's Hub pushes (`ignore_patterns=["_*", ...]`)
 # and out of its `checkpoint-*` globs (resume, rotation). Pinned by tests/test_checkpoint.py.
 STAGING_DIR = "_importance-staging"
+# The importance folders claimed by the callbacks of each running `train()` (keyed by its `TrainerState`, shared by
+# every callback of one Trainer): two callbacks writing the same folder are refused at train begin.
+_CLAIMS: dict[int, tuple[weakref.ref, dict[str, ImportanceCallback]]] = {}
 
 
 class ImportanceCallback(TrainerCallback):
@@ -69,6 +73,12 @@ class ImportanceCallback(TrainerCallback):
         offload_to_cpu (`bool`, *optional*, defaults to `False`): keep the state in CPU memory (weights are
             copied over chunk by chunk at each sample), for models whose state would not fit beside them.
 
+    Several callbacks on one Trainer (e.g. one per criterion) need distinct `ImportanceConfig(name=...)`: each writes
+    `importance-<name>/`; two callbacks writing the same folder are refused at train begin. With
+    `schedule=PruneSchedule(mode="hold", ...)` and no `config`, no importance is tracked (no per-step cost, no
+    state, no importance files; `importance()` raises): the callback only holds the masks. Pass a `config` to
+    also track importance while holding.
+
     Raises:
         ValueError: an invalid choice, or `per_epoch=True` with a criterion that does not read weights.
         TypeError: `config` or `schedule` of the wrong type.
@@ -90,6 +100,8 @@ class ImportanceCallback(TrainerCallback):
             config = ImportanceConfig(**config)
         if config is not None and not isinstance(config, ImportanceConfig):
             raise TypeError(f"config must be an ImportanceConfig or a dict; got {type(config).__name__}")
+        # Holding another run's masks needs no importance: unless a config asks for it, nothing is tracked.
+        self.tracks_importance = config is not None or schedule is None or schedule.mode != "hold"
         self.config = config if config is not None else ImportanceConfig()
         self.scorer = get_scorer(self.config.criterion)
         if self.config.per_epoch and self.scorer.source != "weights":
@@ -151,6 +163,30 @@ class ImportanceCallback(TrainerCallback):
         """Bytes of accumulator state held by this rank."""
         return S.state_dict_bytes(self._states)
 
+    @property
+    def importance_dir(self) -> str:
+        """Folder name of this callback's importance in checkpoints and `output_dir` (`importance[-<name>]`)."""
+        return S.importance_dir_name(self.config.name)
+
+    @property
+    def staging_dir(self) -> str:
+        """Folder name (under `output_dir`) where a checkpoint's importance is staged before the Trainer saves."""
+        return STAGING_DIR if self.config.name is None else f"{STAGING_DIR}-{self.config.name}"
+
+    def _claim_folder(self, state) -> None:
+        """Refuse a second callback of this `train()` writing the same importance folder (before any work)."""
+        for key in [k for k, (ref, _) in _CLAIMS.items() if ref() is None]:
+            del _CLAIMS[key]
+        entry = _CLAIMS.get(id(state))
+        if entry is None or entry[0]() is not state:
+            entry = _CLAIMS[id(state)] = (weakref.ref(state), {})
+        owner = entry[1].setdefault(self.importance_dir, self)
+        if owner is not self:
+            raise ValueError(
+                f"Two ImportanceCallbacks on this Trainer write the same folder {self.importance_dir}/ (criteria "
+                f"{owner.config.criterion!r} and {self.config.criterion!r}): give each ImportanceConfig(name=...) a "
+                "distinct name")
+
     def _setup(self, args, state, model) -> None:
         if self._tracked:
             n = self._meta["num_samples"]
@@ -160,6 +196,9 @@ class ImportanceCallback(TrainerCallback):
             self._collector.remove()
         self._reset_state()
         self._seed = int(getattr(args, "seed", 0))
+        if not self.tracks_importance:  # a hold schedule only: no weights tracked, no state, no hooks
+            self._meta["max_steps"] = int(state.max_steps)
+            return
         self._tracked = find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
         if self.scorer.needs_grad:
             frozen = [t.name for t in self._tracked if not t.param.requires_grad]
@@ -215,7 +254,7 @@ class ImportanceCallback(TrainerCallback):
 
     def _samples_step(self, t: int) -> bool:
         # Resumed from checkpoint-max_steps, the Trainer still runs one more step (max_steps + 1): not a sample.
-        return t <= self._meta["max_steps"] and self._samples_at(t)
+        return bool(self._tracked) and t <= self._meta["max_steps"] and self._samples_at(t)
 
     # --------------------------------------------------------------------------------------- sampling
     def _record_sample(self, t: int, step: int) -> None:
@@ -293,8 +332,10 @@ class ImportanceCallback(TrainerCallback):
         if state.is_hyper_param_search and state.trial_name is None:
             raise ValueError("ImportanceCallback under hyperparameter_search needs hp_name= so that each trial's "
                              "importance goes to its folder (e.g. hp_name=lambda trial: f'run-{trial.number}')")
+        if self.tracks_importance:
+            self._claim_folder(state)
         self._setup(args, state, model)
-        if state.global_step > 0:
+        if state.global_step > 0 and self.tracks_importance:
             self._restore(args, state)
         if self._distiller is not None:  # before the holder applies restored masks: the teacher is the dense model
             if state.global_step > 0 and self.distill.teacher is None:
@@ -374,7 +415,7 @@ class ImportanceCallback(TrainerCallback):
         return values
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._logging or not self._tracked or self._logged_step == state.global_step:
+        if self._logging or not (self._tracked or self.mask_holder is not None) or self._logged_step == state.global_step:
             return
         if self.trainer is None:
             if self._logged_step is None:
@@ -403,7 +444,7 @@ class ImportanceCallback(TrainerCallback):
             logger.warning("ImportanceCallback: checkpoint-%d not found under %s", state.global_step,
                            self._output_dir(args, state))
             return
-        self._save(os.path.join(folder, S.IMPORTANCE_DIR), state)
+        self._save(os.path.join(folder, self.importance_dir), state)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._meta["global_step"] = state.global_step
@@ -418,9 +459,9 @@ class ImportanceCallback(TrainerCallback):
         # Through the staging folder too: the Trainer's last checkpoint push may still be uploading output_dir,
         # and it skips "_*" but would pick up a half-written ".importance.tmp".
         out = self._output_dir(args, state)
-        staging = os.path.join(out, STAGING_DIR)
+        staging = os.path.join(out, self.staging_dir)
         if self._save(staging, state, publish=False) and self._plan.rank == 0:
-            S.publish(staging, os.path.join(out, S.IMPORTANCE_DIR))
+            S.publish(staging, os.path.join(out, self.importance_dir))
         D.barrier()  # no rank reads output_dir/importance before rank 0 has renamed it into place
         self._staged_step = None
         if self._collector is not None:
@@ -433,18 +474,18 @@ class ImportanceCallback(TrainerCallback):
         """Write the importance of this step before the Trainer saves checkpoint-N (see `on_push_begin`)."""
         self._staged_step = None
         self._stage_attempt = state.global_step
-        if self._save(os.path.join(self._output_dir(args, state), STAGING_DIR), state, publish=False):
+        if self._save(os.path.join(self._output_dir(args, state), self.staging_dir), state, publish=False):
             self._staged_step = state.global_step
 
     def _publish_staged(self, args, state) -> None:
-        staged = os.path.join(self._output_dir(args, state), STAGING_DIR)
+        staged = os.path.join(self._output_dir(args, state), self.staging_dir)
         if self._staged_step != state.global_step or self._plan.rank != 0 or not os.path.isdir(staged):
             return
         folder = self._checkpoint_dir(args, state)
         if folder is None:
             logger.warning("ImportanceCallback: checkpoint-%d not found under %s", state.global_step, args.output_dir)
             return
-        S.publish(staged, os.path.join(folder, S.IMPORTANCE_DIR))
+        S.publish(staged, os.path.join(folder, self.importance_dir))
 
     @staticmethod
     def _output_dir(args, state) -> str:
@@ -505,7 +546,8 @@ class ImportanceCallback(TrainerCallback):
                     f"resuming at step {state.global_step} but no checkpoint-{state.global_step} folder was found "
                     f"under {self._output_dir(args, state)}; pass ImportanceCallback(resume_from=...)"
                 )
-            imp = S.load_importance(folder)
+            self._recover_staged(folder, state)
+            imp = S.load_importance(folder, name=self.config.name)
             diff = self.config.diff(imp.config)
             if imp.meta.get("max_steps") != self._meta["max_steps"] and self.config.window is not None:
                 diff["max_steps (sets the window)"] = (self._meta["max_steps"], imp.meta.get("max_steps"))
@@ -541,6 +583,25 @@ class ImportanceCallback(TrainerCallback):
             self.mask_holder.load_state_dict(saved, masks)
         logger.info("ImportanceCallback: restored %d samples from %s", self._meta["num_samples"], imp.path)
 
+    def _recover_staged(self, folder: str, state) -> None:
+        """A crash between the Trainer's checkpoint write and the move of the staged importance into it leaves a
+        complete `checkpoint-N` without importance, and the complete importance of step N in the staging folder
+        beside it: move it into the checkpoint (atomically, rank 0), so the resume goes on as if nothing happened.
+
+        Only a staged folder whose config says step N (== the resumed step) is taken, and only into a checkpoint the
+        Trainer finished (`trainer_state.json`, its last file, exists) that has no importance yet.
+        """
+        final = os.path.join(folder, self.importance_dir)
+        staged = os.path.join(os.path.dirname(os.path.abspath(folder)), self.staging_dir)
+        usable = (not os.path.exists(final) and os.path.isfile(os.path.join(folder, "trainer_state.json"))
+                  and S.staged_step(staged) == state.global_step)
+        D.barrier()  # every rank has looked before rank 0 moves anything
+        if D.any_rank(usable) and self._plan.rank == 0 and usable:
+            S.publish(staged, final)
+            logger.warning("ImportanceCallback: %s had no importance (the run stopped before it was moved there); "
+                           "used the complete importance of step %d staged in %s", folder, state.global_step, staged)
+        D.barrier()
+
     # ------------------------------------------------------------------------------------------ results
     def importance(self) -> Importance:
         """The importance so far, in memory, bound to the model's weights (collective under DDP / FSDP2).
@@ -551,6 +612,9 @@ class ImportanceCallback(TrainerCallback):
         Raises:
             RuntimeError: before `trainer.train()` has started.
         """
+        if not self.tracks_importance:
+            raise RuntimeError("This ImportanceCallback tracks no importance (a hold schedule without config); pass "
+                               "ImportanceCallback(config, schedule=...) to track it while holding the masks")
         if not self._tracked:
             raise RuntimeError("ImportanceCallback has not seen training yet (call trainer.train() first)")
         meta = self._full_meta()

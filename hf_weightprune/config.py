@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
 from typing import Any
@@ -20,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 IMPORTANCE_CONFIG_NAME = "importance_config.json"
 STATE_DTYPES = ("float32", "bfloat16")
+# An `ImportanceConfig.name` becomes part of a folder name: no separators, no hidden or option-like names.
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 def _check_modules(name: str, value: Any) -> Any:
@@ -139,6 +142,11 @@ class ImportanceConfig(_JsonConfigMixin):
             `"float32"` (4 bytes per tracked weight) or `"bfloat16"` (2 bytes, stochastic rounding).
         skip_nonfinite (`bool`, *optional*, defaults to `True`):
             Skip a sample whose gradients or activations hold NaN/Inf instead of poisoning the statistics.
+        name (`str`, *optional*):
+            Needed only for several `ImportanceCallback`s on one Trainer (e.g. one per criterion): each writes
+            `importance-<name>/` (checkpoints and `output_dir`) instead of `importance/`, and
+            `load_importance(path, name=...)` reads it. Letters, digits, `_`, `.`, `-`; `None` (default) keeps the
+            single-callback layout `importance/`.
     """
 
     criterion: str = field(default="temporal_magnitude", metadata={"help": "Importance criterion (registry key)."})
@@ -149,6 +157,7 @@ class ImportanceConfig(_JsonConfigMixin):
     window: int | None = field(default=None, metadata={"help": "Only the last k samples count."})
     state_dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 accumulator state."})
     skip_nonfinite: bool = field(default=True, metadata={"help": "Skip samples with NaN/Inf grads/activations."})
+    name: str | None = field(default=None, metadata={"help": "Folder suffix: importance-<name>/ (several callbacks)."})
 
     def __post_init__(self):
         from .scorers import SCORERS
@@ -167,6 +176,9 @@ class ImportanceConfig(_JsonConfigMixin):
             raise ValueError(f"state_dtype must be one of {STATE_DTYPES}; got {self.state_dtype!r}")
         if not isinstance(self.per_epoch, bool):
             raise ValueError(f"per_epoch must be a bool; got {self.per_epoch!r}")
+        if self.name is not None and not (isinstance(self.name, str) and _NAME_RE.fullmatch(self.name)):
+            raise ValueError(f"name must be None or letters, digits, '_', '.', '-' (it names the folder "
+                             f"importance-<name>/), not starting with '.' or '-'; got {self.name!r}")
 
     # Fields that change what the state means: a resumed run must agree on all of them.
     RESUME_KEYS = ("criterion", "target_modules", "exclude_modules", "every_n_steps", "per_epoch", "window", "state_dtype")

@@ -484,31 +484,50 @@ def load_sparsity(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
-def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_masks(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Keep-masks of a pruned checkpoint: `weight != 0` for every tensor its `sparsity.json` lists.
 
-    Read from the checkpoint's safetensors files (one tensor at a time), not from a model in memory.
+    Read from the checkpoint's safetensors files (one tensor at a time), not from a model in memory. A checkpoint
+    pruned by another tool has no `sparsity.json`: pass `names` (the weights to mask) and the masks are their zeros.
+    With a `sparsity.json`, each weight must have at least as many zeros as it records as pruned (a cheap check that
+    catches tensors swapped between names, unless they have the same sparsity).
 
     Args:
-        path (`str` or `os.PathLike`): a folder written by `save_pruned` or `prune_checkpoint`.
+        path (`str` or `os.PathLike`): a folder written by `save_pruned` or `prune_checkpoint`, or any safetensors
+            checkpoint (with `names`).
+        names (`list[str]`, *optional*): the weights to read when the folder has no `sparsity.json`; ignored when
+            it has one (its list is used).
 
     Returns:
         `dict[str, torch.Tensor]`: `{name: bool tensor shaped like the weight}`, `True` where the weight is kept.
 
     Raises:
-        FileNotFoundError: no `sparsity.json` or no safetensors weights in the folder.
-        ValueError: `sparsity.json` lists no tensors, or lists tensors the checkpoint does not hold.
+        FileNotFoundError: no safetensors weights in the folder, or no `sparsity.json` and no `names`.
+        ValueError: no tensors to mask, tensors the checkpoint does not hold, or a weight with fewer zeros than
+            `sparsity.json` records.
     """
     path = os.fspath(path)
-    names = list(load_sparsity(path).get("tensors") or {})
-    if not names:
-        raise ValueError(f"{path}/{SPARSITY_NAME} lists no pruned tensors")
+    recorded: dict[str, Any] = {}
+    if os.path.isfile(os.path.join(path, SPARSITY_NAME)) or names is None:
+        recorded = load_sparsity(path).get("tensors") or {}
+        names = list(recorded)
+        if not names:
+            raise ValueError(f"{path}/{SPARSITY_NAME} lists no pruned tensors")
+    elif not names:
+        raise ValueError(f"load_masks: names is empty and {path} has no {SPARSITY_NAME}: pass the weights to mask")
+    where = SPARSITY_NAME if recorded else "names"
     weight_map = sio.weight_map(path)
     missing = [n for n in names if n not in weight_map]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} tensors of {SPARSITY_NAME} are not in the checkpoint (e.g. {missing[0]})")
+        raise ValueError(f"{path}: {len(missing)} tensors of {where} are not in the checkpoint (e.g. {missing[0]})")
     out = {}
     for name in names:
         with safe_open(os.path.join(path, weight_map[name]), framework="pt") as f:
             out[name] = f.get_tensor(name) != 0
+        info = recorded.get(name)
+        if isinstance(info, dict) and "sparsity" in info and "numel" in info:
+            zeros, pruned = out[name].numel() - int(out[name].count_nonzero()), round(info["sparsity"] * info["numel"])
+            if zeros < pruned:
+                raise ValueError(f"{path}: weight {name} has {zeros} zeros, {SPARSITY_NAME} records {pruned} pruned: "
+                                 "the weights were modified or their names swapped; re-export the pruned checkpoint")
     return out

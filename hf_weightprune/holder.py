@@ -18,6 +18,7 @@ beside the weights (1 byte per pruned-tensor element on every rank).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -89,9 +90,7 @@ class MaskHolder:
             self._update_set = set(cfg.update_steps(max_steps))
             names = select_names(tracked_names, cfg.target_modules, cfg.exclude_modules)
         else:
-            from .export import load_masks
-
-            held = load_masks(cfg.masks_from)
+            held = self._held_masks(model)
             names = list(held)
         missing = [n for n in names if n not in linear]
         if missing:
@@ -114,6 +113,22 @@ class MaskHolder:
                                  f"{tuple(self.params[name].shape)}: masks from another model?")
         self.apply_masks_()
         self.zero_optimizer_state_()
+
+    def _held_masks(self, model: nn.Module) -> dict[str, Tensor]:
+        """`"hold"`: the masks of `masks_from`; without `sparsity.json` (another tool pruned it), the zeros of the
+        targeted `nn.Linear` weights."""
+        from .export import SPARSITY_NAME, load_masks
+
+        cfg = self.schedule
+        if os.path.isfile(os.path.join(cfg.masks_from, SPARSITY_NAME)):
+            return load_masks(cfg.masks_from)
+        names = [t.name for t in find_tracked_weights(model, cfg.target_modules, cfg.exclude_modules)]
+        held = load_masks(cfg.masks_from, names)
+        zeros = sum(m.numel() - int(m.count_nonzero()) for m in held.values())
+        numel = sum(m.numel() for m in held.values())
+        logger.info("PruneSchedule: %s has no %s (pruned by another tool?): holding the zeros of %d targeted weights, "
+                    "sparsity %.4f over them", cfg.masks_from, SPARSITY_NAME, len(held), zeros / max(numel, 1))
+        return held
 
     def is_update_step(self, step: int) -> bool:
         return self.schedule.mode == "prune" and step in self._update_set

@@ -36,6 +36,18 @@ def _check_point(name: str, value: Any) -> float | int:
     raise ValueError(f"{name} must be a float in [0, 1] (fraction of max_steps) or an int step >= 0; got {value!r}")
 
 
+def _check_masks_from(path: str) -> None:
+    """One-line refusal, when the schedule is built, of a `masks_from` that cannot hold masks."""
+    from .safetensors_io import find_weights_file
+
+    if not os.path.isdir(path):
+        raise ValueError(f"masks_from={path!r} is not a folder: pass the pruned checkpoint's local folder "
+                         "(download a Hub checkpoint first, e.g. huggingface_hub.snapshot_download)")
+    if find_weights_file(path) is None:
+        raise ValueError(f"masks_from={path!r} holds no model.safetensors (or model.safetensors.index.json): the masks "
+                         "are read from a safetensors checkpoint; re-save it with save_pretrained(safe_serialization=True)")
+
+
 def _to_step(value: float | int, max_steps: int) -> int:
     return value if _is_int(value) else round(value * max_steps)
 
@@ -73,8 +85,14 @@ class PruneSchedule(_JsonConfigMixin):
             `"prune"`, or `"hold"`: recovery fine-tuning of a pruned checkpoint, its masks re-applied after every
             step and nothing further pruned.
         masks_from (`str`, *optional*):
-            `"hold"` only: the pruned checkpoint (written by `save_pruned`); the masks are the zeros of the weights
-            its `sparsity.json` lists, read from its safetensors files.
+            `"hold"` only: a pruned safetensors checkpoint folder, checked here (it exists and holds
+            `model.safetensors` or its index). Written by `save_pruned`: the masks are the zeros of the weights its
+            `sparsity.json` lists. Pruned by another tool (no `sparsity.json`, e.g. llm-compressor): the masks are the
+            zeros of the targeted weights (`target_modules` / `exclude_modules`, default every `nn.Linear` weight
+            but `lm_head`), and the sparsity found is logged. Read from its safetensors files at train begin.
+
+    Raises:
+        ValueError: an invalid field, or a `masks_from` that is missing or holds no safetensors weights.
     """
 
     config_name = "prune_schedule.json"
@@ -100,6 +118,7 @@ class PruneSchedule(_JsonConfigMixin):
             if not self.masks_from:
                 raise ValueError("mode='hold' needs masks_from= (the pruned checkpoint written by save_pruned)")
             self.masks_from = os.fspath(self.masks_from)
+            _check_masks_from(self.masks_from)
         elif self.masks_from is not None:
             raise ValueError("masks_from is only used with mode='hold'")
         if self.structure in ("neurons", "heads"):

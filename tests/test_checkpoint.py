@@ -33,7 +33,8 @@ KILLED = {
     "after_save": ["--criterion", "temporal_magnitude", "--hang-after-save", "6"],
     # the 2nd importance write (step 6, staged before the Trainer saves) dies after its shards, before its config
     "in_write": ["--criterion", "taylor", "--hang-in", "write_single", "--hang-call", "2"],
-    # checkpoint-6 is written by the Trainer, the complete staged importance is never moved into it
+    # checkpoint-6 is written by the Trainer, the complete staged importance is never moved into it (a resume moves
+    # it there: tests/test_reliability.py; here the staged folder is removed to test a checkpoint without importance)
     "before_publish": ["--criterion", "wanda", "--hang-in", "publish", "--hang-call", "2"],
     # a save decided after our on_step_end (step 5) is written in on_save, straight into checkpoint-5: dies mid-write
     "late_save": ["--criterion", "temporal_magnitude", "--save-late", "5", "--hang-in", "write_single",
@@ -145,6 +146,7 @@ def test_checkpoint_without_importance_refuses_resume_or_restarts(killed, refere
     out = workdir(killed, "before_publish", tmp_path)
     ckpt = out / "checkpoint-6"
     assert (ckpt / "trainer_state.json").is_file() and not (ckpt / S.IMPORTANCE_DIR).exists()
+    shutil.rmtree(out / STAGING_DIR)  # with it, the resume would move the staged importance of step 6 into place
     before = snapshot(out)
     with pytest.raises(ValueError, match=r"^Cannot resume importance: No importance in \S*checkpoint-6: .*resume from "
                                          r"another checkpoint, or pass .*on_resume_mismatch='restart'") as e:

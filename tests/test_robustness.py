@@ -195,7 +195,7 @@ def test_tied_embeddings(tmp_path):
     model = tiny_llama(seed=17, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     default = ImportanceCallback()
-    head = ImportanceCallback(ImportanceConfig(target_modules=["lm_head"]))
+    head = ImportanceCallback(ImportanceConfig(target_modules=["lm_head"], name="head"))  # its own folder
     train(model, [default, head], tmp_path, max_steps=2)
     assert not any("lm_head" in n or "embed" in n for n in default.tracked_names)
     assert head.tracked_names == ["lm_head.weight"]  # one buffer for the shared tensor
