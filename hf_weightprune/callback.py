@@ -100,6 +100,10 @@ class ImportanceCallback(TrainerCallback):
             config = ImportanceConfig(**config)
         if config is not None and not isinstance(config, ImportanceConfig):
             raise TypeError(f"config must be an ImportanceConfig or a dict; got {type(config).__name__}")
+        if schedule is not None and not isinstance(schedule, PruneSchedule):
+            raise TypeError(f"schedule must be a PruneSchedule; got {type(schedule).__name__}")
+        if distill is not None and not isinstance(distill, DistillConfig):
+            raise TypeError(f"distill must be a DistillConfig; got {type(distill).__name__}")
         # Holding another run's masks needs no importance: unless a config asks for it, nothing is tracked.
         self.tracks_importance = config is not None or schedule is None or schedule.mode != "hold"
         self.config = config if config is not None else ImportanceConfig()
@@ -113,10 +117,6 @@ class ImportanceCallback(TrainerCallback):
             raise ValueError(f"on_save_error must be one of {SAVE_ERROR_CHOICES}; got {on_save_error!r}")
         if on_resume_mismatch not in RESUME_MISMATCH_CHOICES:
             raise ValueError(f"on_resume_mismatch must be one of {RESUME_MISMATCH_CHOICES}; got {on_resume_mismatch!r}")
-        if schedule is not None and not isinstance(schedule, PruneSchedule):
-            raise TypeError(f"schedule must be a PruneSchedule; got {type(schedule).__name__}")
-        if distill is not None and not isinstance(distill, DistillConfig):
-            raise TypeError(f"distill must be a DistillConfig; got {type(distill).__name__}")
         if distill is not None and distill.teacher is None and schedule is not None and schedule.mode == "hold":
             raise ValueError("distill with PruneSchedule(mode='hold') needs DistillConfig(teacher=...): the model being "
                              "trained is already pruned, so pass the dense model (or its path) as the teacher")

@@ -131,8 +131,9 @@ def setup_training(ns: dict, env) -> None:
 
 
 def setup_trained_run(ns: dict, env) -> None:
-    """A real training run in `out/` with the callback (checkpoints every 3 steps, model and tokenizer saved), pushed
-    by the Trainer to the loopback Hub as `me/my-run` (`hub_strategy="checkpoint"`: `last-checkpoint/` too)."""
+    """A real training run in `out/` with the callback, plus a second one named "wanda" (`importance-wanda/`),
+    checkpoints every 3 steps, model and tokenizer saved, pushed by the Trainer to the loopback Hub as `me/my-run`
+    (`hub_strategy="checkpoint"`: `last-checkpoint/` too)."""
     from transformers import Trainer, TrainingArguments
 
     from hf_weightprune import ImportanceCallback, ImportanceConfig
@@ -141,7 +142,8 @@ def setup_trained_run(ns: dict, env) -> None:
     args = TrainingArguments("out", **TRAIN, push_to_hub=True, hub_model_id="me/my-run", hub_strategy="checkpoint",
                              hub_token=env.hub.token)
     trainer = Trainer(model=ns["model"], args=args, train_dataset=ns["train_ds"], processing_class=ns["tok"],
-                      callbacks=[ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))])
+                      callbacks=[ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude")),
+                                 ImportanceCallback(ImportanceConfig(criterion="wanda", name="wanda"))])
     trainer.train()
     trainer.save_model()
     trainer.push_to_hub()

@@ -203,7 +203,7 @@ MAY_IMPORT = {
     "owl": set(),
     "scorers": set(),
     "config": {"io_utils", "scorers"},
-    "schedule": {"config"},
+    "schedule": {"config", "safetensors_io"},
     "masks": {"config"},
     "global_threshold": {"config", "masks"},
     "obs": {"config", "masks", "scorers"},

@@ -69,7 +69,7 @@ def test_hessian_equals_bruteforce(arch, kw, tmp_path):
 def _importances(tmp_path, steps=6):
     """One trained model and its sparsegpt, wanda and magnitude importance from the same training run."""
     model = tiny_llama(seed=41, hidden_size=64, intermediate_size=128)
-    cbs = {c: ImportanceCallback(ImportanceConfig(criterion=c)) for c in ("sparsegpt", "wanda")}
+    cbs = {c: ImportanceCallback(ImportanceConfig(criterion=c, name=c)) for c in ("sparsegpt", "wanda")}
     train(model, list(cbs.values()), tmp_path, max_steps=steps)
     imps = {c: cb.importance() for c, cb in cbs.items()}
     from hf_weightprune.oneshot import oneshot_importance
