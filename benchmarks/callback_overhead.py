@@ -75,7 +75,7 @@ def measure(cfg, criterion, steps, batch, seq, warmup=4, state_dtype="float32"):
     ds = TokenDataset(n=(steps + warmup) * batch, seq_len=seq, vocab_size=cfg["vocab_size"])
     Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer]).train()
     on, off = timer.times[True][warmup // 2:], timer.times[False][warmup // 2:]
-    tracked = sum(t.param.numel() for t in inner._tracked)
+    tracked = sum(t.param.numel() for t in inner.accumulator.tracked)
     return statistics.median(on), statistics.median(off), inner.state_bytes() / tracked, tracked
 
 

@@ -51,7 +51,7 @@ def worker(out: str, steps: int, zero: int | None = None) -> None:
         on, off = statistics.median(timer.times[True][2:]), statistics.median(timer.times[False][2:])
         result[criterion] = {"step_on_s": on, "step_off_s": off,
                              "state_bytes": [row[0] for row in D.all_gather_ints([cb.state_bytes()])]}
-        result["tracked_params"] = sum(t.param.numel() for t in cb._tracked)
+        result["tracked_params"] = sum(t.param.numel() for t in cb.accumulator.tracked)
         result["model_params"] = sum(p.numel() for p in model.parameters())
     if D.rank_and_world()[0] == 0:
         with open(os.path.join(out, f"world{world}{'-zero' + str(zero) if zero else ''}.json"), "w") as f:

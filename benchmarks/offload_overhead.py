@@ -56,7 +56,7 @@ if __name__ == "__main__":
     for name, cb in [("no callback", None), ("default", ImportanceCallback()),
                      ("offload_to_cpu", ImportanceCallback(offload_to_cpu=True))]:
         model, step, sample = run(cb)
-        tracked = sum(t.param.numel() for t in cb._tracked) if cb else 0
+        tracked = sum(t.param.numel() for t in cb.accumulator.tracked) if cb else 0
         extra = f", sample {sample * 1e3:.0f} ms ({tracked / 1e6:.1f}M tracked)" if cb else ""
         print(f"{name:15s} params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M: "
               f"median step {step:.2f} s{extra}")

@@ -71,8 +71,8 @@ def check(criterion: str, out: str) -> None:
     qkv = "model.layers.0.self_attn.qkv_proj.weight"
     if criterion != "wanda":
         rank = dist.get_rank()
-        assert cb._plan.rows[qkv] == (48 * rank, 48), cb._plan.rows[qkv]  # the boundary at row 48 is inside k (32-63)
-        assert cb._states[qkv].shape == (48, 32)  # local rows only
+        assert cb.accumulator.plan.rows[qkv] == (48 * rank, 48), cb.accumulator.plan.rows[qkv]  # the boundary at row 48 is inside k (32-63)
+        assert cb.accumulator.states[qkv].shape == (48, 32)  # local rows only
     expected = reference(criterion, rec) if criterion != "magnitude" else {
         t.name: t.param.detach().double().abs() for t in rec.tracked}
     loaded = load_importance(out, model=ref)
@@ -89,12 +89,12 @@ def check(criterion: str, out: str) -> None:
     at_save = load_importance(os.path.join(out, f"checkpoint-{SAVE_AT}"), model=ref)
     for name in expected:
         saved = at_save.state(name)
-        if name in cb2._plan.rows:  # this rank's rows of the reassembled buffer
-            offset, rows = cb2._plan.rows[name]
+        if name in cb2.accumulator.plan.rows:  # this rank's rows of the reassembled buffer
+            offset, rows = cb2.accumulator.plan.rows[name]
             saved = saved[offset : offset + rows]
         elif dist.get_rank() != 0:  # wanda's activation sums are restored once, on rank 0
             saved = torch.zeros_like(saved)
-        torch.testing.assert_close(cb2._states[name], saved, rtol=0, atol=0, msg=f"{criterion} {name}")
+        torch.testing.assert_close(cb2.accumulator.states[name], saved, rtol=0, atol=0, msg=f"{criterion} {name}")
     if criterion != "magnitude":  # magnitude snapshots the current weights whenever it is read
         restored = cb2.importance().bind(ref)
         assert restored.num_samples == at_save.num_samples == SAVE_AT

@@ -92,9 +92,9 @@ def test_bfloat16_state_is_close_and_half_the_bytes(tmp_path):
         cb = ImportanceCallback(ImportanceConfig(state_dtype=dtype))
         train(model, [cb], tmp_path / dtype, max_steps=20)
         scores[dtype] = cb.importance()
-        tracked = sum(t.param.numel() for t in cb._tracked)
+        tracked = sum(t.param.numel() for t in cb.accumulator.tracked)
         assert cb.state_bytes() == tracked * (4 if dtype == "float32" else 2)
-        assert all(v.dtype == getattr(torch, dtype) for v in cb._states.values())
+        assert all(v.dtype == getattr(torch, dtype) for v in cb.accumulator.states.values())
     for name in scores["float32"].names:
         torch.testing.assert_close(scores["bfloat16"].scores[name], scores["float32"].scores[name], rtol=2e-2, atol=1e-4)
 
@@ -120,7 +120,7 @@ def test_logs_reach_tensorboard_and_history(tmp_path):
     assert trainer.callback_handler.callbacks == order  # no reordering
     logged = [h for h in trainer.state.log_history if "importance/samples" in h]
     assert [(h["step"], h["importance/samples"]) for h in logged] == [(2, 2), (4, 4)]
-    assert logged[0]["importance/tracked_params"] == sum(t.param.numel() for t in cb._tracked)
+    assert logged[0]["importance/tracked_params"] == sum(t.param.numel() for t in cb.accumulator.tracked)
     runs = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files if "tfevents" in f]
     acc = EventAccumulator(os.path.dirname(runs[0]))
     acc.Reload()

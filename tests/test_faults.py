@@ -161,7 +161,7 @@ def test_nonfinite_weight_is_detected_at_the_sample(tmp_path, caplog):
     poison = PoisonWeight(dict(model.named_parameters())[name], k)
     rec = Recorder(model)
     cb = ImportanceCallback()  # temporal_magnitude, the default criterion
-    with caplog.at_level(logging.WARNING, logger="hf_weightprune.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.accumulator"):
         trainer = train(model, [poison, rec, cb, Restore(poison)], tmp_path, max_steps=steps)
     imp = cb.importance()
     assert imp.meta["skipped"] == 1 and imp.num_samples == steps - 1

@@ -277,7 +277,7 @@ def test_two_callbacks_writing_one_folder_are_refused_at_train_begin(names, tmp_
                                          r"\(criteria 'temporal_magnitude' and 'wanda'\): give each "
                                          r"ImportanceConfig\(name=\.\.\.\) a distinct name$"):
         run(tmp_path, importance_callback=first, callbacks=[second])
-    assert not list(tmp_path.glob("checkpoint-*")) and second._tracked == []  # refused before any work
+    assert not list(tmp_path.glob("checkpoint-*")) and second.accumulator.tracked == []  # refused before any work
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "../x", ".hidden", "-x", 3])
@@ -329,8 +329,8 @@ def test_hold_masks_from_a_checkpoint_without_sparsity_json(tmp_path, caplog):
         assert torch.equal(schedule.masks[n], m), n
         assert torch.equal(after[n] != 0, m) and not torch.equal(before[n], after[n]), n  # held, and it trained
     # nothing tracked: no state, no hooks, no importance files
-    assert cb.state_bytes() == 0 and cb._states == {} and cb._tracked == [] and cb._collector is None
-    assert cb._meta["num_samples"] == 0
+    assert cb.state_bytes() == 0 and cb.accumulator.states == {} and cb.accumulator.tracked == [] and cb.accumulator.collector is None
+    assert cb.accumulator.meta["num_samples"] == 0
     logged = [e["pruning/sparsity"] for e in trainer.state.log_history if "pruning/sparsity" in e]
     assert len(logged) == 4 and logged[-1] == pytest.approx(zeros)  # the held sparsity still reaches the loggers
     assert not list((tmp_path / "out").rglob(CONFIG))

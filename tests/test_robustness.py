@@ -106,7 +106,7 @@ def test_bf16_autocast_close_to_fp32(criterion, tmp_path):
         cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
         train(model, [rec, cb], tmp_path / name, max_steps=4, **kw)
         runs[name] = scores(cb)
-        assert all(s.dtype == torch.float32 for s in cb._states.values())
+        assert all(s.dtype == torch.float32 for s in cb.accumulator.states.values())
     # autocast: weights and gradients stay float32, so the state is exact for its own run ...
     assert_close(runs["bf16"], reference(criterion, rec))
     # ... and bf16 matmuls move the run itself a little away from the float32 one (Adam amplifies it on tiny
@@ -121,7 +121,7 @@ def test_bf16_model(criterion, state_dtype, tmp_path):
     rec = Recorder(model)
     cb = ImportanceCallback(ImportanceConfig(criterion=criterion, state_dtype=state_dtype))
     train(model, [rec, cb], tmp_path, max_steps=4)
-    assert all(s.dtype == getattr(torch, state_dtype) for s in cb._states.values())
+    assert all(s.dtype == getattr(torch, state_dtype) for s in cb.accumulator.states.values())
     # |w| and w*g are computed in float32 from the bf16 values, so a float32 state matches the float64 reference;
     # a bf16 state adds (stochastic) rounding per sample.
     rtol = 1e-5 if state_dtype == "float32" else 2e-2
@@ -460,7 +460,7 @@ def test_offload_to_cpu_equals_default(criterion, tmp_path):
     for offload in (False, True):
         cb = ImportanceCallback(ImportanceConfig(criterion=criterion), offload_to_cpu=offload)
         train(tiny_llama(seed=24), [cb], tmp_path / str(offload), max_steps=3)
-        assert all(s.device.type == "cpu" for s in cb._states.values())
+        assert all(s.device.type == "cpu" for s in cb.accumulator.states.values())
         runs[offload] = scores(cb)
     assert_close(runs[True], runs[False], rtol=0, atol=0)
 
@@ -485,7 +485,7 @@ def test_wanda_hooks_that_never_fire_fail_at_the_first_sampled_step(tmp_path):
 
     class Unhook(TrainerCallback):  # stands for a forward that bypasses the modules' hooks
         def on_step_begin(self, args, state, control, **kw):
-            cb._collector.remove()
+            cb.accumulator.collector.remove()
 
     with pytest.raises(RuntimeError, match="step 1 was sampled but none of the .* forward hooks"):
         train(tiny_llama(seed=16), [cb, Unhook()], tmp_path, max_steps=3)

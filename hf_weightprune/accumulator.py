@@ -1,0 +1,295 @@
+"""`ImportanceAccumulator`: the statistics an [`ImportanceCallback`] gathers, apart from the Trainer events.
+
+It owns the tracked weights, the per-rank buffers (`distributed.OwnershipPlan` decides which rank holds what), the
+scalars kept beside them (`meta`: samples, step weights, tokens, skipped samples, epochs), the sampling rules
+(`every_n_steps`, `window`, `per_epoch`), the activation hooks (`activations.ActivationCollector`) and the read-out
+as an [`Importance`]. The callback decides *when* (Trainer events) and *where* (checkpoint folders); this decides
+*what*. It reads no files and writes none.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.trainer_utils import has_length
+
+from . import distributed as D
+from .activations import ActivationCollector
+from .config import ImportanceConfig
+from .importance import Importance
+from .matching import TrackedWeight, find_tracked_weights
+from .scorers import get_scorer
+from .scorers.base import chunks
+
+logger = logging.getLogger(__name__)
+
+_RESTORED_META = ("num_samples", "weight_sum", "last_step", "skipped", "epoch", "epoch_step")
+
+
+class ImportanceAccumulator:
+    """Per-parameter importance statistics of one model, accumulated sample by sample.
+
+    Args:
+        config (`ImportanceConfig`): what to track and how.
+        offload_to_cpu (`bool`, *optional*, defaults to `False`): keep the buffers in CPU memory.
+
+    Attributes:
+        tracked (`list[TrackedWeight]`): the tracked weights, in model order.
+        states (`dict[str, Tensor]`): the buffers this rank holds, by canonical parameter name.
+        plan (`OwnershipPlan`): which rank holds and writes each buffer.
+        meta (`dict`): `global_step`, `num_samples`, `weight_sum`, `last_step`, `skipped`, `tokens`, `max_steps`,
+            `window_start`, `epoch`, `epoch_step`.
+    """
+
+    def __init__(self, config: ImportanceConfig, *, offload_to_cpu: bool = False):
+        self.config = config
+        self.scorer = get_scorer(config.criterion)
+        self.offload_to_cpu = offload_to_cpu
+        self.tracked: list[TrackedWeight] = []
+        self.collector: ActivationCollector | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        if getattr(self, "collector", None) is not None:
+            self.collector.remove()
+        self.collector = None
+        self.tracked, self.states, self.plan = [], {}, D.OwnershipPlan()
+        self.meta: dict[str, Any] = {"global_step": 0, "num_samples": 0, "weight_sum": 0.0, "last_step": 0,
+                                     "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None,
+                                     "epoch": 0, "epoch_step": None}
+        self.seed = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tracked]
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {t.name: list(t.param.shape) for t in self.tracked}
+
+    def state_bytes(self) -> int:
+        """Bytes of buffers held by this rank."""
+        return sum(t.numel() * t.element_size() for t in self.states.values())
+
+    # ------------------------------------------------------------------------------------------------- setup
+    def setup(self, model: nn.Module, args, state, *, track: bool = True) -> None:
+        """Find the tracked weights, plan the buffers, allocate them, register activation hooks (train begin).
+
+        Raises:
+            ValueError: a gradient criterion on frozen weights, an unsupported backend (`distributed.check_supported`),
+                or `window` with `per_epoch` on a dataset without length.
+        """
+        if self.tracked:
+            # A second train() restarts global_step at 0: continuing would mix two time axes.
+            logger.warning("ImportanceCallback: train() called again; restarting importance (discarding %d samples)",
+                           self.meta["num_samples"])
+        self.reset()
+        self.seed = int(getattr(args, "seed", 0))
+        self.meta["max_steps"] = int(state.max_steps)
+        if not track:  # a hold schedule only: no weights tracked, no state, no hooks
+            return
+        self.tracked = find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
+        if self.scorer.needs_grad:
+            frozen = [t.name for t in self.tracked if not t.param.requires_grad]
+            if frozen:
+                raise ValueError(
+                    f"criterion {self.config.criterion!r} needs weight gradients, but {len(frozen)} tracked weights are "
+                    f"frozen (e.g. {frozen[0]}; LoRA freezes base weights): use criterion='wanda' or 'temporal_magnitude'"
+                )
+        D.check_supported(model, args, needs_grad=self.scorer.needs_grad, criterion=self.config.criterion)
+        per_rank = self.scorer.source != "activations"
+        self.plan = D.OwnershipPlan.build({t.name: t.param for t in self.tracked}, per_rank=per_rank)
+        dtype = torch.float32 if not per_rank else getattr(torch, self.config.state_dtype)
+        for t in self.tracked:
+            if self.plan.holds(t.name):
+                device = "cpu" if self.offload_to_cpu else t.param.device
+                shape = self.scorer.state_shape(D.local_tensor(t.param) if per_rank else t.param)
+                self.states[t.name] = torch.zeros(shape, dtype=dtype, device=device)
+        self.meta["epoch"] = int(state.epoch or 0)  # epochs completed (resumed runs start past 0)
+        self.meta["window_start"] = self._window_start(state)
+        if not per_rank:
+            if getattr(args, "torch_compile", False) or hasattr(model, "_orig_mod"):
+                # Dynamo skips module-hook guards by default, so a graph compiled (for this model class) before the hooks
+                # existed would be reused without them. Guarding on hooks recompiles only graphs whose hooks changed.
+                torch._dynamo.config.skip_nnmodule_hook_guards = False
+            self.collector = ActivationCollector(model, self.tracked, self.scorer.statistic,
+                                                 device=lambda name: self.states[name].device)
+            self.collector.register()
+
+    def _window_start(self, state) -> int | None:
+        """First step (or epoch) whose sample counts: only the last `window` samples of the planned run do.
+
+        Because the end of training is known (`state.max_steps`), samples before the window are simply not
+        taken: the window costs no memory beyond the one buffer.
+        """
+        k = self.config.window
+        if k is None:
+            return None
+        if self.config.per_epoch:
+            if state.num_train_epochs >= sys.maxsize:  # Trainer's value for a dataset without __len__
+                raise ValueError(
+                    "window with per_epoch=True needs the number of epochs, but the train dataset has no length "
+                    "(IterableDataset): use every_n_steps with window, or per_epoch without window"
+                )
+            return max(1, int(state.num_train_epochs) - k + 1)
+        n = self.config.every_n_steps
+        last = (int(state.max_steps) // n) * n
+        return max(n, last - (k - 1) * n)
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def samples_at(self, t: int) -> bool:
+        start = self.meta["window_start"]
+        return t % self.config.every_n_steps == 0 and (start is None or t >= start)
+
+    def samples_step(self, t: int) -> bool:
+        # Resumed from checkpoint-max_steps, the Trainer still runs one more step (max_steps + 1): not a sample.
+        return bool(self.tracked) and t <= self.meta["max_steps"] and self.samples_at(t)
+
+    def _record_sample(self, t: int, step: int) -> None:
+        self.meta["num_samples"] += 1
+        self.meta["weight_sum"] += float(t)
+        self.meta["last_step"] = step
+
+    def _owned(self) -> list[TrackedWeight]:
+        return [t for t in self.tracked if t.name in self.states]
+
+    def commit_activations(self, t: int) -> None:
+        """Fold the activation sums of step `t`'s forwards into the buffers (activation criteria)."""
+        sums, tokens = self.collector.pop()
+        if not self.collector.active:
+            return
+        if not sums:  # fail at the first such step rather than at the end ("no training tokens")
+            raise RuntimeError(
+                f"ImportanceCallback({self.config.criterion!r}): step {t} was sampled but none of the "
+                f"{len(self.tracked)} forward hooks on the tracked modules fired. Was the forward run outside "
+                "the modules (a compiled graph cached before the hooks were added, a replaced forward)?"
+            )
+        names = list(sums)
+        bad = self.config.skip_nonfinite and not all(bool(torch.isfinite(sums[n]).all()) for n in names)
+        if D.any_rank(bad):  # every rank skips the same samples, so their counts stay equal
+            self.meta["skipped"] += 1
+            logger.warning("ImportanceCallback: non-finite activations at step %d; sample skipped", t)
+            return
+        with torch.no_grad():
+            self.scorer.update_([self.states[n] for n in names], [sums[n] for n in names], None, t)
+        for n in names:
+            self.meta["tokens"][n] = self.meta["tokens"].get(n, 0) + tokens[n]
+        self._record_sample(t, t)
+
+    def sample(self, t: int, step: int, use_grads: bool) -> None:
+        """Fold the current weights (or gradients) into the buffers as the sample of step (or epoch) `t`."""
+        owned = self._owned()
+        grads = None
+        if use_grads:
+            owned = [tw for tw in owned if tw.param.grad is not None]
+            grads = [D.local_tensor(tw.param.grad.detach()) for tw in owned]
+        weights = [D.local_tensor(tw.param.detach()) for tw in owned]
+        # The sample reads gradients or weights: either going NaN/Inf (a diverged step) would poison every later score.
+        bad = _first_nonfinite(owned, grads if use_grads else weights)
+        if D.any_rank(bad is not None):
+            what = "gradient" if use_grads else "weight"
+            where = f" ({bad})" if bad else " (on another rank)"
+            if self.config.skip_nonfinite:
+                self.meta["skipped"] += 1
+                logger.warning("ImportanceCallback: non-finite %s at step %d%s; sample skipped", what, step, where)
+                return
+            logger.warning("ImportanceCallback: non-finite %s at step %d%s; kept (skip_nonfinite=False)", what, step,
+                           where)
+        states = [self.states[tw.name] for tw in owned]
+        gen = None
+        if states and states[0].dtype == torch.bfloat16:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(t))  # CPU: offsets only, no sync
+        with torch.no_grad():
+            if self.offload_to_cpu:  # chunk by chunk, so only one chunk of weights is copied at a time
+                for sl in chunks(weights):
+                    w = [x.to("cpu", non_blocking=True) for x in weights[sl]]
+                    g = [x.to("cpu", non_blocking=True) for x in grads[sl]] if grads is not None else None
+                    self.scorer.update_(states[sl], w, g, t, gen)
+            else:
+                self.scorer.update_(states, weights, grads, t, gen)
+        self._record_sample(t, step)
+
+    def step_end(self, state, dataloader) -> None:
+        """Weight criteria: the sample of this step (or, with `per_epoch`, of the epoch whose last step it is)."""
+        self.meta["global_step"] = t = state.global_step
+        if self.scorer.source != "weights":
+            return
+        if not self.config.per_epoch and self.samples_step(t):
+            self.sample(t, t, use_grads=False)
+        elif self.config.per_epoch and _is_epoch_end(state, dataloader):
+            # The last step of an epoch: sample now, so a checkpoint saved at this step holds the sample (a resume
+            # from it never replays this epoch's on_epoch_end).
+            self.sample_epoch(state)
+
+    def sample_epoch(self, state) -> None:
+        """One sample per epoch end, t = epochs completed (a map-style epoch is sampled at its last step)."""
+        if not self.config.per_epoch or self.meta["epoch_step"] == state.global_step:
+            return
+        self.meta["epoch"] += 1
+        self.meta["epoch_step"] = state.global_step
+        if self.samples_at(self.meta["epoch"]):
+            self.sample(self.meta["epoch"], state.global_step, use_grads=False)
+
+    # ------------------------------------------------------------------------------------------ read and resume
+    def full_meta(self) -> dict[str, Any]:
+        """The scalars, with activation token counts added across ranks (collective under DDP)."""
+        meta = dict(self.meta, tokens=dict(self.meta["tokens"]))
+        if self.scorer.source == "activations" and D.is_distributed():
+            names = self.names
+            meta["tokens"] = dict(zip(names, D.all_reduce_int([meta["tokens"].get(n, 0) for n in names])))
+        if self.scorer.source == "final":
+            meta["num_samples"], meta["last_step"] = 1, meta["global_step"]
+        return meta
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """The buffers this rank writes: its own for per-rank criteria; for activations, the cross-rank sums."""
+        if self.scorer.source == "final":
+            owned = self._owned()
+            with torch.no_grad():
+                weights = [D.local_tensor(t.param.detach()) for t in owned]
+                self.scorer.update_([self.states[t.name] for t in owned], weights, None, 0)
+        if not self.plan.per_rank:
+            return self.plan.summed(self.states)
+        return dict(self.states)
+
+    def restore_(self, imp: Importance, global_step: int) -> None:
+        """Take the buffers and scalars of a checkpoint's importance (already validated against this run)."""
+        keep_sums = self.plan.per_rank or self.plan.rank == 0  # activation sums: restore once, on rank 0
+        for name, buf in self.states.items():
+            if keep_sums:
+                saved = imp.state(name)
+                if name in self.plan.rows:  # FSDP2: only this rank's rows, whatever layout wrote the file
+                    offset, rows = self.plan.rows[name]
+                    saved = saved[offset : offset + rows]
+                buf.copy_(saved.to(buf.device))
+        meta = {k: imp.meta[k] for k in _RESTORED_META if k in imp.meta}
+        meta["tokens"] = dict(imp.meta.get("tokens", {})) if keep_sums else {}
+        self.meta.update(meta, global_step=global_step)
+
+    def importance(self) -> Importance:
+        """Full buffers on every rank (collective under DDP / FSDP2), bound to the model's weights."""
+        meta = self.full_meta()
+        params = {t.name: t.param for t in self.tracked}
+
+        def empty(name: str) -> torch.Tensor:
+            return torch.empty(self.scorer.state_shape(params[name]), dtype=getattr(torch, self.config.state_dtype))
+
+        tensors = self.plan.assemble(self.export_tensors(), self.shapes(), empty)
+        weights = {n: p.detach() for n, p in params.items()}
+        return Importance(self.config, meta, self.shapes(), tensors.__getitem__, weights=weights)
+
+
+def _first_nonfinite(owned: list[TrackedWeight], tensors: list[torch.Tensor]) -> str | None:
+    """Name of the first tensor holding NaN/Inf (one fused norm per tensor, one host sync), else `None`."""
+    if not tensors:
+        return None
+    finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)])).cpu()
+    return None if bool(finite.all()) else owned[int((~finite).nonzero()[0])].name
+
+
+def _is_epoch_end(state, dataloader) -> bool:
+    # Only a dataset with a length has whole-number epochs at its epoch ends.
+    return dataloader is not None and has_length(dataloader) and state.epoch == int(state.epoch or 0) > 0
