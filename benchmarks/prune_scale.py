@@ -73,7 +73,7 @@ def task(kind: str, model_dir: str, imp_dir: str, out: str) -> None:
     if kind == "stream":  # what `hf-weightprune prune` does without --eval-data: file to file, no model
         from hf_weightprune import PruneConfig, load_importance, prune_checkpoint
 
-        report = prune_checkpoint(model_dir, load_importance(imp_dir), out, PruneConfig(sparsity=0.5), progress=False)
+        report = prune_checkpoint(model_dir, load_importance(imp_dir), PruneConfig(sparsity=0.5), out, progress=False)
         print(f"# {report.summary()}", file=sys.stderr)
         print(time.perf_counter() - t)
         return

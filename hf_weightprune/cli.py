@@ -186,7 +186,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         # Nothing needs the model in memory: prune the safetensors files shard by shard (faster, less memory).
         from .export import prune_checkpoint
 
-        report = prune_checkpoint(args.model_dir, importance, args.output_dir, config, base_model=args.base_model,
+        report = prune_checkpoint(args.model_dir, importance, config, args.output_dir, base_model=args.base_model,
                                   overwrite=args.overwrite, progress=progress)
         return _saved(report, args)
     model, tokenizer = _load_model(args.model_dir, args.dtype)

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -341,8 +342,8 @@ _KEEP_FILES = ("config.json", sio.INDEX_NAME, "generation_config.json", "tokeniz
 def prune_checkpoint(
     model_dir: str | os.PathLike,
     importance: Importance,
-    output_dir: str | os.PathLike,
     config: PruneConfig | None = None,
+    output_dir: str | os.PathLike | None = None,
     *,
     base_model: str | None = None,
     overwrite: bool = False,
@@ -362,9 +363,10 @@ def prune_checkpoint(
     Args:
         model_dir (`str`): a local folder with `config.json` and safetensors weights. Never modified.
         importance (`Importance`): from `load_importance()`.
-        output_dir (`str` or `os.PathLike`): a new or empty folder, e.g. `model_dir/pruned`; the rule is
-            [`check_output_dir`] (never `model_dir` itself, the importance folder, a `checkpoint-N`).
-        config (`PruneConfig`, *optional*): defaults to 50% unstructured, global threshold.
+        config (`PruneConfig`, *optional*): defaults to `PruneConfig()`; the same place as in `prune_`.
+        output_dir (`str` or `os.PathLike`): a new or empty folder, e.g. `model_dir/pruned` (required); the rule is
+            [`check_output_dir`] (never `model_dir` itself, the importance folder, a `checkpoint-N`). The order
+            `(model_dir, importance, output_dir, config)` of 0.1 still works, with a `FutureWarning`.
         base_model (`str`, *optional*): Hub id of the dense model, for `sparsity.json` and the card; defaults to
             the config's `_name_or_path` when that is a Hub id.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
@@ -389,6 +391,14 @@ def prune_checkpoint(
     from .matching import select_names
     from .pruner import pruning_edits, refuse_tied, report_obs
 
+    if isinstance(config, (str, os.PathLike)) and (output_dir is None or isinstance(output_dir, PruneConfig)):
+        # The order before 0.2 was (model_dir, importance, output_dir, config): `config` now sits where `prune_` has it.
+        warnings.warn("prune_checkpoint(model_dir, importance, output_dir, config) is deprecated: pass "
+                      "prune_checkpoint(model_dir, importance, config, output_dir) or output_dir=...", FutureWarning,
+                      stacklevel=2)
+        config, output_dir = output_dir, config
+    if output_dir is None:
+        raise TypeError("prune_checkpoint: output_dir is required (a new or empty folder)")
     _check_common("prune_checkpoint", output_dir, base_model, overwrite, write_card)
     check_arg_type("prune_checkpoint", "model_dir", model_dir, (str, os.PathLike), "a local folder (str or os.PathLike)")
     check_arg_type("prune_checkpoint", "importance", importance, Importance, "an Importance from load_importance()")

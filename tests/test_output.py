@@ -231,7 +231,7 @@ def test_concurrent_prune_checkpoint_writers_leave_one_consistent_folder(dense_c
     def run(sparsity):
         try:
             results[sparsity] = prune_checkpoint(dense_checkpoint / "model", load_importance(dense_checkpoint / "imp"),
-                                                 out, PruneConfig(sparsity=sparsity), progress=False)
+                                                 PruneConfig(sparsity=sparsity), out, progress=False)
         except Exception as e:  # noqa: BLE001
             results[sparsity] = e
 
@@ -268,8 +268,8 @@ def test_every_writer_names_the_card_after_the_final_folder(dense_checkpoint, tm
                 eval_results={"dense_loss": 3.0, "pruned_loss": 3.5, "dataset": "tiny"})
     _assert_card_named(tmp_path / "my-model-50", "my-model-50", model_index=True)
 
-    prune_checkpoint(dense_checkpoint / "model", load_importance(dense_checkpoint / "imp"), tmp_path / "ckpt-50",
-                     progress=False)
+    prune_checkpoint(dense_checkpoint / "model", load_importance(dense_checkpoint / "imp"),
+                     output_dir=tmp_path / "ckpt-50", progress=False)
     _assert_card_named(tmp_path / "ckpt-50", "ckpt-50")
 
     base = ["prune", str(dense_checkpoint / "model"), "--importance", str(dense_checkpoint / "imp")]
@@ -356,9 +356,9 @@ def test_public_entry_points_check_types_first(dense_checkpoint, tmp_path):
         (lambda: save_pruned(model, 42, report=report), "save_pruned: output_dir must be a folder path"),
         (lambda: save_pruned(model, tmp_path / "a", report=report, overwrite="yes"),
          "save_pruned: overwrite must be a bool; got str 'yes'"),
-        (lambda: prune_checkpoint(dense_checkpoint / "model", str(imp_dir), tmp_path / "a"),
+        (lambda: prune_checkpoint(dense_checkpoint / "model", str(imp_dir), output_dir=tmp_path / "a"),
          "prune_checkpoint: importance must be an Importance from load_importance"),
-        (lambda: prune_checkpoint(dense_checkpoint / "model", load_importance(imp_dir), tmp_path / "a", 0.5),
+        (lambda: prune_checkpoint(dense_checkpoint / "model", load_importance(imp_dir), 0.5, tmp_path / "a"),
          "prune_checkpoint: config must be a PruneConfig or None; got float"),
         (lambda: push_pruned_to_hub(tmp_path / "a", repo_id=["tester", "x"]),
          "push_pruned_to_hub: repo_id must be a Hub repo id"),
@@ -394,3 +394,14 @@ def test_load_sparsity_errors(tmp_path):
     (tmp_path / "dense" / "sparsity.json").write_text(json.dumps({"structure": "unstructured"}))
     with pytest.raises(ValueError, match="not a valid hf-weightprune sparsity report"):
         load_sparsity(tmp_path / "dense")
+
+
+def test_prune_checkpoint_takes_config_where_prune_does_and_the_old_order_warns(dense_checkpoint, tmp_path):
+    imp = load_importance(dense_checkpoint / "imp")
+    new = prune_checkpoint(dense_checkpoint / "model", imp, PruneConfig(sparsity=0.25), tmp_path / "new", progress=False)
+    with pytest.warns(FutureWarning, match="prune_checkpoint\\(model_dir, importance, output_dir, config\\) is deprecated"):
+        old = prune_checkpoint(dense_checkpoint / "model", imp, tmp_path / "old", PruneConfig(sparsity=0.25),
+                               progress=False)
+    assert old.tensors == new.tensors and old.target_sparsity == 0.25
+    with pytest.raises(TypeError, match="prune_checkpoint: output_dir is required"):
+        prune_checkpoint(dense_checkpoint / "model", imp, PruneConfig())

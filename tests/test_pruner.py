@@ -193,7 +193,7 @@ def test_nm_refuses_input_dim_not_multiple_of_m(tmp_path, target, weight, in_fea
 
     model.save_pretrained(tmp_path / "model")
     with pytest.raises(ValueError) as err:
-        prune_checkpoint(tmp_path / "model", cb.importance(), tmp_path / "pruned", config, progress=False)
+        prune_checkpoint(tmp_path / "model", cb.importance(), config, tmp_path / "pruned", progress=False)
     assert str(err.value) == expected
     assert not (tmp_path / "pruned").exists()
 
@@ -321,7 +321,7 @@ def test_prune_checkpoint_equals_prune_and_save(trained, criterion, cfg, tmp_pat
     assert (sharded / "model.safetensors.index.json").is_file()
     before = _file_digests(sharded)
 
-    report = prune_checkpoint(sharded, load_importance(root), tmp_path / "stream", cfg, progress=False)
+    report = prune_checkpoint(sharded, load_importance(root), cfg, tmp_path / "stream", progress=False)
     model = _fresh(trained, criterion)
     ref = prune_(model, load_importance(root, model=model), cfg, progress=False)
     assert _file_digests(sharded) == before  # the input is never written to
@@ -342,29 +342,29 @@ def test_prune_checkpoint_refuses_bad_input_and_writes_nothing(trained, tmp_path
     root = trained["temporal_magnitude"]
     model_dir = root / "model"
     with pytest.raises(ValueError, match="changes tensor shapes"):
-        prune_checkpoint(model_dir, load_importance(root), tmp_path / "a", PruneConfig(structure="neurons"))
+        prune_checkpoint(model_dir, load_importance(root), PruneConfig(structure="neurons"), tmp_path / "a")
     with pytest.raises(ValueError, match="input checkpoint"):  # even with overwrite (a subfolder is allowed)
-        prune_checkpoint(model_dir, load_importance(root), model_dir, overwrite=True)
+        prune_checkpoint(model_dir, load_importance(root), output_dir=model_dir, overwrite=True)
     other = tmp_path / "other"
     tiny_llama(seed=0).save_pretrained(other)
     with pytest.raises(ValueError, match="does not match this model"):
-        prune_checkpoint(other, load_importance(root), tmp_path / "b")
+        prune_checkpoint(other, load_importance(root), output_dir=tmp_path / "b")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        prune_checkpoint(model_dir, load_importance(root), tmp_path / "c")
+        prune_checkpoint(model_dir, load_importance(root), output_dir=tmp_path / "c")
     truncated = tmp_path / "truncated"  # a shard cut short: a one-line error, no output
     _fresh(trained).save_pretrained(truncated)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        prune_checkpoint(truncated, load_importance(root), tmp_path / "d", PruneConfig(sparsity=0.5, scope="layer"))
+        prune_checkpoint(truncated, load_importance(root), PruneConfig(sparsity=0.5, scope="layer"), tmp_path / "d")
     sharded = tmp_path / "sharded"  # the same for one shard of an index: caught by the file-to-file copy
     _fresh(trained).save_pretrained(sharded, max_shard_size="40KB")
     shard = sorted(sharded.glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
-        prune_checkpoint(sharded, load_importance(root), tmp_path / "e", PruneConfig(sparsity=0.5, scope="layer"))
+        prune_checkpoint(sharded, load_importance(root), PruneConfig(sparsity=0.5, scope="layer"), tmp_path / "e")
     assert not any((tmp_path / d).exists() for d in "abde")
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["keep.txt"]
     assert not list(tmp_path.glob(".*.tmp"))

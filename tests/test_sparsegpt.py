@@ -192,7 +192,7 @@ def test_prune_checkpoint_reconstructs_like_prune_(config, tmp_path):
     save_importance_dir(str(imp_dir), imp.state_dict(), config=imp.config, meta=imp.meta, shapes=imp.shapes)
     in_memory = copy.deepcopy(model)
     report = prune_(in_memory, load_importance(imp_dir, model=in_memory), config, progress=False)
-    file_report = prune_checkpoint(tmp_path / "dense", load_importance(imp_dir), tmp_path / "pruned", config,
+    file_report = prune_checkpoint(tmp_path / "dense", load_importance(imp_dir), config, tmp_path / "pruned",
                                    progress=False)
     assert file_report.tensors == report.tensors and file_report.reconstruction == "OBS"
     assert file_report.allocation == config.allocation
