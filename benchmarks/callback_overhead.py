@@ -3,10 +3,11 @@
 For each criterion, one Trainer run alternates steps with the callback active and inactive (an inactive step
 skips every callback event and, for `wanda`, has no forward hooks registered), so both halves see the same
 machine noise. The ratio is median(active) / median(inactive) over the measured steps (warm-up excluded).
-Also reports bytes of accumulator state per tracked weight.
+Every row is measured in `--repeats` runs, taken round-robin over the rows; reported as median [min-max] over
+the runs. Also reports bytes of accumulator state per tracked weight.
 
-    OMP_NUM_THREADS=2 python benchmarks/callback_overhead.py --model tiny --steps 40
-    OMP_NUM_THREADS=2 python benchmarks/callback_overhead.py --model 100m --steps 16
+    OMP_NUM_THREADS=2 python benchmarks/callback_overhead.py --model tiny --steps 40 --repeats 3
+    OMP_NUM_THREADS=2 python benchmarks/callback_overhead.py --model 100m --steps 16 --repeats 3
 """
 
 from __future__ import annotations
@@ -86,17 +87,29 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--criteria", default=",".join(CRITERIA))
+    p.add_argument("--repeats", type=int, default=3,
+                   help="Trainer runs per row, interleaved across rows; the ratio moves by a few points between "
+                        "runs (default: %(default)s)")
     args = p.parse_args()
-    print(f"model={args.model} steps={args.steps} batch={args.batch}x{args.seq} torch threads={torch.get_num_threads()}")
+    rows = [(c, "float32") for c in args.criteria.split(",")] + [("temporal_magnitude", "bfloat16")]
+    runs = {row: [] for row in rows}
+    tracked = 0
+    for _ in range(args.repeats):  # round-robin: every row's runs are spread over the same stretch of time
+        for criterion, dtype in rows:
+            on, off, bpw, tracked = measure(MODELS[args.model], criterion, args.steps, args.batch, args.seq,
+                                            state_dtype=dtype)
+            runs[criterion, dtype].append((on, off, bpw))
+    print(f"model={args.model} steps={args.steps} batch={args.batch}x{args.seq} torch threads={torch.get_num_threads()} "
+          f"runs per row={args.repeats}: median [min-max] over the runs; ratio = median active / median inactive "
+          "step within one run")
     print("| criterion | step with (s) | step without (s) | ratio | state bytes / tracked weight |")
     print("| --- | --- | --- | --- | --- |")
-    for criterion in args.criteria.split(","):
-        on, off, bpw, tracked = measure(MODELS[args.model], criterion, args.steps, args.batch, args.seq)
-        print(f"| {criterion} | {on:.4f} | {off:.4f} | {on / off:.3f}x | {bpw:.3f} |", flush=True)
+    for (criterion, dtype), r in runs.items():
+        name = criterion if dtype == "float32" else f"{criterion}, {dtype} state"
+        on, off, ratio = [x[0] for x in r], [x[1] for x in r], [x[0] / x[1] for x in r]
+        print(f"| {name} | {statistics.median(on):.4f} | {statistics.median(off):.4f} | "
+              f"{statistics.median(ratio):.3f}x [{min(ratio):.3f}-{max(ratio):.3f}] | {r[0][2]:.3f} |")
     print(f"(tracked weights: {tracked:,})")
-    on, off, bpw, _ = measure(MODELS[args.model], "temporal_magnitude", args.steps, args.batch, args.seq,
-                              state_dtype="bfloat16")
-    print(f"| temporal_magnitude, bfloat16 state | {on:.4f} | {off:.4f} | {on / off:.3f}x | {bpw:.3f} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Per-rank importance state vs world size, and the callback's step-time cost under DDP (CPU, gloo).
 
-    OMP_NUM_THREADS=1 python benchmarks/distributed_memory.py [--steps 24] [--zero 2]
+    OMP_NUM_THREADS=1 python benchmarks/distributed_memory.py [--steps 24] [--zero 2] [--repeats 3]
 
 Launches `torchrun --nproc_per_node N` for N = 1 and 2 on a ~15M-parameter Llama (Trainer, real DDP) and
 prints each rank's accumulator bytes for `temporal_magnitude` (a buffer per tracked weight, partitioned across
@@ -73,32 +73,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--zero", type=int, choices=(1, 2), help="also run world 2 under DeepSpeed ZeRO-1/2")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="launches of every world size, round-robin; step-time ratios move by a few points "
+                             "between launches (default: %(default)s)")
     parser.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.worker:
         return worker(a.worker, a.steps, a.zero)
+    configs = [(1, None), (2, None)] + ([(2, a.zero)] if a.zero else [])
+    runs: dict = {(1, None): [], (2, None): [], "zero": []}
     with tempfile.TemporaryDirectory() as out:
-        runs = {n: launch(n, out, a.steps) for n in (1, 2)}
-        if a.zero:
-            runs["zero"] = launch(2, out, a.steps, a.zero)
-    one, two = runs[1], runs[2]
+        for _ in range(a.repeats):  # round-robin, so every world size sees the same stretch of machine load
+            for nproc, zero in configs:
+                runs["zero" if zero else nproc].append(launch(nproc, out, a.steps, zero))
+    runs = {k: v for k, v in runs.items() if v}
+    one, two = runs[1][0], runs[2][0]
     print(f"Llama {one['model_params'] / 1e6:.1f}M parameters, {one['tracked_params'] / 1e6:.1f}M tracked, "
-          f"global batch 8 x 128 tokens, {a.steps} steps")
+          f"global batch 8 x 128 tokens, {a.steps} steps, {a.repeats} launches per world size")
     for crit in ("temporal_magnitude", "wanda"):
         total = one[crit]["state_bytes"][0]
         ranks = two[crit]["state_bytes"]
         print(f"{crit:>18}: world 1 {total / 2**20:7.2f} MiB | world 2 per rank "
               + ", ".join(f"{b / 2**20:.2f} MiB ({b / total:.3f}x)" for b in ranks))
-    for world, run in runs.items():
+    print("step times: median over the launches; ratio = median step with / without the callback within one launch, "
+          "median [min-max] over the launches")
+    for world, rs in runs.items():
         label = f"ZeRO-{a.zero} world 2" if world == "zero" else f"world {world}"
         for crit in ("temporal_magnitude", "wanda"):
-            r = run[crit]
             extra = ""
             if world == "zero":
                 extra = "state per rank " + ", ".join(
-                    f"{b / 2**20:.2f} MiB ({b / one[crit]['state_bytes'][0]:.3f}x)" for b in r["state_bytes"]) + "; "
-            print(f"{label:>18} {crit}: {extra}median step {r['step_on_s'] * 1e3:.0f} ms with vs "
-                  f"{r['step_off_s'] * 1e3:.0f} ms without ({r['step_on_s'] / r['step_off_s']:.3f}x)")
+                    f"{b / 2**20:.2f} MiB ({b / one[crit]['state_bytes'][0]:.3f}x)" for b in rs[0][crit]["state_bytes"]
+                ) + "; "
+            on = statistics.median(r[crit]["step_on_s"] for r in rs)
+            off = statistics.median(r[crit]["step_off_s"] for r in rs)
+            ratios = [r[crit]["step_on_s"] / r[crit]["step_off_s"] for r in rs]
+            print(f"{label:>18} {crit}: {extra}median step {on * 1e3:.0f} ms with vs {off * 1e3:.0f} ms without "
+                  f"({statistics.median(ratios):.3f}x [{min(ratios):.3f}-{max(ratios):.3f}])")
 
 
 if __name__ == "__main__":
