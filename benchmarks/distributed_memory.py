@@ -81,7 +81,7 @@ def main() -> None:
     if a.worker:
         return worker(a.worker, a.steps, a.zero)
     configs = [(1, None), (2, None)] + ([(2, a.zero)] if a.zero else [])
-    runs: dict = {(1, None): [], (2, None): [], "zero": []}
+    runs: dict = {1: [], 2: [], "zero": []}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(a.repeats):  # round-robin, so every world size sees the same stretch of machine load
             for nproc, zero in configs:
