@@ -48,8 +48,9 @@ class Alternating(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kw):
         active = self._active(state)
-        if self.inner.scorer.source == "activations":
-            (self.inner._register_hooks if active else self.inner._remove_hooks)()
+        collector = getattr(self.inner, "_collector", None)  # activation criteria: no hooks on inactive steps
+        if collector is not None:
+            (collector.register if active else collector.remove)()
         if active:
             self.inner.on_step_begin(args, state, control, **kw)
         self._t0 = time.perf_counter()
