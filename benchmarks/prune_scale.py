@@ -108,7 +108,8 @@ def task(kind: str, model_dir: str, imp_dir: str, out: str) -> None:
     cpu = resource.getrusage(resource.RUSAGE_SELF)  # CPU time is not inherited across exec, unlike ru_maxrss
     t = time.perf_counter()
     if kind == "stream":
-        report = prune_checkpoint(model_dir, load_importance(imp_dir), out, PruneConfig(sparsity=0.5), progress=False)
+        report = prune_checkpoint(model_dir, load_importance(imp_dir), config=PruneConfig(sparsity=0.5), output_dir=out,
+                                  progress=False)  # keywords: the positional order changed after 0.1
         print(f"# {report.summary()}", file=sys.stderr)
     elif kind in ("baseline", "prune"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
