@@ -48,7 +48,7 @@ class Alternating(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kw):
         active = self._active(state)
-        collector = getattr(self.inner, "_collector", None)  # activation criteria: no hooks on inactive steps
+        collector = self.inner.accumulator.collector  # activation criteria: no hooks on inactive steps
         if collector is not None:
             (collector.register if active else collector.remove)()
         if active:

@@ -1,7 +1,7 @@
 """Step time with and without `ImportanceCallback(offload_to_cpu=True)` on a ~134M-parameter Llama.
 
 On a CPU-only machine the weights and the state are both in CPU memory, so this measures only the cost of the
-chunked copy path (`_update_offloaded`), not a device-to-host transfer.
+chunked copy path, not a device-to-host transfer.
 
 One Trainer run rotates its steps over three configurations (no callback, the default callback, the offloaded
 one; `Rotating` forwards a step's events only to that step's callback), so all three see the same machine load.
@@ -85,7 +85,7 @@ def main() -> None:
     for t in range(1, a.sample_repeats + 1):  # alternate, so both see the same load
         for i in (1, 2):
             t0 = time.perf_counter()
-            inners[i]._sample(t, t, use_grads=False)
+            inners[i].accumulator.sample(t, t, use_grads=False)
             sample[i].append(time.perf_counter() - t0)
     # times[k] holds the steps with global_step % 3 == k (configuration k); steps 1..3 are the warm-up round
     by_config = {i: rotating.times[i][1:] for i in range(3)}
