@@ -53,6 +53,7 @@ class Importance:
         *,
         path: str | None = None,
         weights: Mapping[str, Tensor] | None = None,
+        weights_loader: Callable[[], Mapping[str, Tensor]] | None = None,
     ):
         self.config = config
         self.meta = meta
@@ -60,6 +61,8 @@ class Importance:
         self._get_state = get_state
         self.path = path
         self._weights = dict(weights) if weights is not None else None
+        # Called once, on the first score that needs the weights, unless `bind` came first (see `load_importance`).
+        self._weights_loader = weights_loader
         self._scorer = get_scorer(config.criterion)
 
     @property
@@ -79,8 +82,12 @@ class Importance:
         return self.config.criterion
 
     @property
-    def weights(self) -> dict[str, Tensor] | None:
-        """The bound model's tracked weights by name (after `bind`), else `None`."""
+    def weights(self) -> Mapping[str, Tensor] | None:
+        """The bound model's tracked weights by name (after `bind`, or read lazily from the checkpoint the
+        importance was saved in, see `load_importance`), else `None`."""
+        if self._weights is None and self._weights_loader is not None:
+            loader, self._weights_loader = self._weights_loader, None
+            self._weights = loader()
         return self._weights
 
     def state(self, name: str) -> Tensor:
@@ -90,7 +97,9 @@ class Importance:
         return self._get_state(name)
 
     def _score_kwargs(self, name: str) -> dict:
-        return {"weight": self._weights.get(name) if self._weights is not None else None,
+        # Only activation criteria (wanda, sparsegpt) always multiply by W: others never trigger the lazy binding.
+        weights = self.weights if self._scorer.source == "activations" else self._weights
+        return {"weight": weights.get(name) if weights is not None else None,
                 "num_samples": self.num_samples, "weight_sum": float(self.meta.get("weight_sum", 0.0)),
                 "tokens": int(self.meta.get("tokens", {}).get(name, 0))}
 
@@ -110,13 +119,13 @@ class Importance:
         """Validate against `model` and remember its weights (criteria such as `wanda` multiply by `|W|`).
 
         `weights` replaces the model's own tensors, e.g. a mapping that reads them lazily from a checkpoint when
-        `model` is only a skeleton on the meta device.
+        `model` is only a skeleton on the meta device. Binding replaces any lazy binding `load_importance` set up.
         """
         tracked = self._tracked(model)
         self._validate(tracked)
         if weights is None:
             weights = {t.name: t.param for t in tracked if t.name in self.shapes}
-        self._weights = weights
+        self._weights, self._weights_loader = weights, None
         return self
 
     def _tracked(self, model: nn.Module):

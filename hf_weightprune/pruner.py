@@ -20,9 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import masks as M
-from .config import PruneConfig, check_sparsity
+from .config import PruneConfig, check_sparsity, default_scope
 from .global_threshold import GlobalThreshold, compute_global_threshold
 from .importance import Importance
+from .masks import _order_key, num_to_prune
 from .matching import canonical_name, decoder_layer, select_names
 from .obs import sparsegpt_prune_
 
@@ -110,7 +111,7 @@ class PruningReport:
         """
         return cls(
             structure=config.structure,
-            scope=config.scope,
+            scope=config.resolve_scope(importance.criterion if importance is not None else None),
             target_sparsity=config.sparsity if sparsity is None else sparsity,
             criterion=importance.criterion if importance is not None else "unknown",
             importance=_importance_info(importance),
@@ -123,7 +124,7 @@ class PruningReport:
         model_numel: int,
         *,
         structure: str = "unstructured",
-        scope: str = "layer",
+        scope: str | None = "layer",
         target_sparsity: float | dict[str, float] | None = None,
         importance: Importance | None = None,
     ) -> PruningReport:
@@ -138,7 +139,7 @@ class PruningReport:
             structure (`str`, *optional*, defaults to `"unstructured"`):
                 As in [`PruneConfig`].
             scope (`str`, *optional*, defaults to `"layer"`):
-                As in [`PruneConfig`].
+                As in [`PruneConfig`]; `None` is resolved from the importance's criterion ([`default_scope`]).
             target_sparsity (`float` or `dict[str, float]`, *optional*):
                 The sparsity asked for; defaults to the achieved `global_sparsity`.
             importance ([`Importance`], *optional*):
@@ -152,6 +153,8 @@ class PruningReport:
         """
         if not masks:
             raise ValueError("masks is empty: there is nothing to report")
+        if scope is None:
+            scope = default_scope(importance.criterion if importance is not None else None)
         report = cls(structure=structure, scope=scope, target_sparsity=0.0,
                      criterion=importance.criterion if importance is not None else "unknown",
                      importance=_importance_info(importance))
@@ -270,6 +273,10 @@ def compute_masks(
     then built on demand from one tensor's ranking, so a caller can walk the weights in its own order (checkpoint
     shards).
 
+    `config.scope=None` resolves from the importance's criterion ([`~config.default_scope`]: `"row"` for wanda, as
+    its paper prunes). A tensor that would lose every weight (layer collapse, e.g. a global threshold over scores that
+    are not comparable across tensors) is refused unless `config.allow_collapse`.
+
     Among equal scores the lower flat index (for a global scope: the earlier name in `names`) is pruned first. With
     `previous`, weights already pruned score `-inf` so masks only shrink (gradual pruning, Zhu & Gupta 2017, arXiv
     1710.01878); an N:M config below its implied sparsity `1 - n/m` then uses [`~masks.nm_capped_mask`] (at most
@@ -296,7 +303,9 @@ def compute_masks(
     Raises:
         `ValueError`, before any score is read: for a structured config, a bad `sparsity`, a name the importance does
         not track, an N:M weight whose input dim is not a multiple of `m` ([`check_nm_shapes`]), a `previous` mask of
-        the wrong shape or dtype, or when nothing is selected.
+        the wrong shape or dtype, when nothing is selected, or (unless `config.allow_collapse`) when a tensor would
+        be pruned to 100%, naming it (for a global scope this costs one `max` per tensor on the threshold's first
+        pass).
     """
     if config.kind in ("neurons", "heads"):
         raise ValueError(f"structure={config.structure!r} shrinks layers: prune it with prune_ (surgery), not masks")
@@ -330,25 +339,56 @@ def compute_masks(
             return lambda name: M.nm_mask(ranking(name), n, m) if name in selected else None
         return lambda name: M.nm_capped_mask(ranking(name), target, n, m) if name in selected else None
 
-    if config.scope == "global":
+    scope = config.resolve_scope(importance.criterion)
+    if scope == "global":
         thresholds: dict[str, GlobalThreshold] = {}
         groups: dict[float, list[str]] = {}
         for name in names:
             s = _sparsity_of(name, target)
             if s is not None:
                 groups.setdefault(s, []).append(name)
+        top_keys: dict[str, int] = {}  # order key of each tensor's highest score, recorded on the first pass
+
+        def named(group: list[str]):
+            for n in group:
+                r = ranking(n)
+                if n not in top_keys and r.numel():
+                    top_keys[n] = int(_order_key(r.max().reshape(1), n)[0])
+                yield n, r
+
         for s, group in groups.items():
-            threshold = compute_global_threshold(lambda g=group: ((n, ranking(n)) for n in g), s)
+            threshold = compute_global_threshold(lambda g=group: named(g), s)
             thresholds.update(dict.fromkeys(group, threshold))
+        if not config.allow_collapse:
+            for name, threshold in thresholds.items():
+                # A tensor keeps a weight iff its top score is above the threshold (or at it, past the pruned ties).
+                top = top_keys.get(name)
+                if top is None or top > threshold.key:
+                    continue
+                if top < threshold.key or not bool(threshold.mask(name, ranking(name)).any()):
+                    _refuse_collapse(name, importance.criterion, scope, _sparsity_of(name, target), names)
         return lambda name: thresholds[name].mask(name, ranking(name)) if name in thresholds else None
 
-    build = M.unstructured_mask if config.scope == "layer" else M.row_mask
+    build = M.unstructured_mask if scope == "layer" else M.row_mask
+    if not config.allow_collapse:
+        for name in names:
+            s, shape = _sparsity_of(name, target), importance.shapes[name]
+            group = math.prod(shape) if scope == "layer" else math.prod(shape[1:])
+            if s is not None and group and num_to_prune(group, s) == group:
+                _refuse_collapse(name, importance.criterion, scope, s, names)
 
     def one(name: str) -> torch.Tensor | None:
         s = _sparsity_of(name, target) if name in selected else None
         return None if s is None else build(ranking(name), s)
 
     return one
+
+
+def _refuse_collapse(name: str, criterion: str, scope: str, sparsity: float, names: list[str]) -> None:
+    fix = ("lower the sparsity" if scope != "global" else
+           f"use scope={default_scope(criterion)!r} (the default for criterion {criterion!r}) or lower the sparsity")
+    raise ValueError(f"{name} would be pruned to 100% (layer collapse) by scope={scope!r} at sparsity {sparsity:g} "
+                     f"({len(names)} tensors pruned): {fix}, or pass allow_collapse=True (PruneConfig or PruneSchedule) to allow it")
 
 
 @torch.no_grad()
@@ -364,7 +404,8 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
         importance ([`Importance`]):
             From `ImportanceCallback.importance()` or `load_importance()`.
         config ([`PruneConfig`], *optional*):
-            Defaults to `PruneConfig()`: 50% unstructured, one global threshold.
+            Defaults to `PruneConfig()`: 50% unstructured, in the criterion's default scope (`"row"` for wanda, see
+            [`~config.default_scope`]); a tensor is never pruned to 100% unless `allow_collapse=True`.
         progress (`bool`, *optional*, defaults to `True`):
             Show a tqdm bar.
 
@@ -374,9 +415,12 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
 
     Raises:
         `ValueError`, before the model is modified: importance from another model, nothing selected, a weight tied to
-        another one, an N:M weight whose input dim is not a multiple of `m`, or an unsupported structured layout.
+        another one, an N:M weight whose input dim is not a multiple of `m`, an unsupported structured layout, or a
+        tensor that would be pruned to 100% (unless `config.allow_collapse`).
     """
     config = config or PruneConfig()
+    if config.scope is None:  # resolved here once, so the report, the masks and every branch below agree on it
+        config = replace(config, scope=config.resolve_scope(importance.criterion))
     importance.bind(model)
     params = dict(importance.weights)
     report = PruningReport.for_config(importance, config)
@@ -428,6 +472,8 @@ def pruning_edits(importance: Importance, config: PruneConfig,
     Raises:
         ValueError: `reconstruct=True` without `sparsegpt` importance, or OWL without activation statistics.
     """
+    if config.scope is None:  # prune_checkpoint passes the user's config: the criterion's default scope
+        config = replace(config, scope=config.resolve_scope(importance.criterion))
     reconstruct = _uses_obs(importance, config)
     if config.allocation == "owl":
         per_tensor = owl_allocation(importance, config, names)

@@ -78,7 +78,8 @@ class PruneSchedule(_JsonConfigMixin):
             exactly N:M at `end`). `"neurons"`/`"heads"` are refused: shrinking layers mid-training would invalidate
             the optimizer and DDP buckets; prune structurally after training with `prune_`.
         scope (`str`, *optional*):
-            `"global"` (default for unstructured), `"layer"` or `"row"`, as in `PruneConfig`. N:M is per tensor.
+            `"global"`, `"layer"` or `"row"`, as in `PruneConfig`; `None` resolves from the importance's criterion
+            (`"row"` for wanda) at every mask update. N:M is per tensor.
         target_modules / exclude_modules (*optional*):
             Prune only part of the tracked weights (peft rules, as in `PruneConfig`).
         mode (`str`, *optional*, defaults to `"prune"`):
@@ -90,6 +91,9 @@ class PruneSchedule(_JsonConfigMixin):
             `sparsity.json` lists. Pruned by another tool (no `sparsity.json`, e.g. llm-compressor): the masks are the
             zeros of the targeted weights (`target_modules` / `exclude_modules`, default every `nn.Linear` weight
             but `lm_head`), and the sparsity found is logged. Read from its safetensors files at train begin.
+        allow_collapse (`bool`, *optional*, defaults to `False`):
+            As in `PruneConfig`: by default a mask update that would prune a tensor to 100% stops training with an
+            error naming the tensor.
 
     Raises:
         ValueError: an invalid field, or a `masks_from` that is missing or holds no safetensors weights.
@@ -110,6 +114,7 @@ class PruneSchedule(_JsonConfigMixin):
     exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "Modules never pruned."})
     mode: str = field(default="prune", metadata={"help": "prune | hold"})
     masks_from: str | None = field(default=None, metadata={"help": "hold: pruned checkpoint holding the masks."})
+    allow_collapse: bool = field(default=False, metadata={"help": "Allow a tensor to be pruned to 100%."})
 
     def __post_init__(self):
         if self.mode not in SCHEDULE_MODES:
@@ -127,7 +132,8 @@ class PruneSchedule(_JsonConfigMixin):
         sparsity = self.final_sparsity if self.mode == "prune" else None
         # PruneConfig validates structure / scope / modules with the same rules and messages.
         self._prune_config = PruneConfig(sparsity=sparsity, structure=self.structure, scope=self.scope,
-                                         target_modules=self.target_modules, exclude_modules=self.exclude_modules)
+                                         target_modules=self.target_modules, exclude_modules=self.exclude_modules,
+                                         allow_collapse=self.allow_collapse)
         self.scope = self._prune_config.scope
         self.target_modules = _check_modules("target_modules", self.target_modules)
         self.exclude_modules = _check_modules("exclude_modules", self.exclude_modules)

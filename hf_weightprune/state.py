@@ -35,7 +35,7 @@ from ._version import __version__
 from .config import IMPORTANCE_CONFIG_NAME, ImportanceConfig
 from .importance import Importance
 from .io_utils import atomic_write_json
-from .safetensors_io import check_complete
+from .safetensors_io import CheckpointWeights, check_complete, find_weights_file, read_header, weight_map
 
 FORMAT_VERSION = 1
 IMPORTANCE_DIR = "importance"
@@ -434,7 +434,11 @@ def load_importance(
     """Load importance from a checkpoint folder, an `importance/` folder, or a Hub repo id.
 
     Tensors are read lazily (one `safe_open` per access); headers and sizes are checked up front so a
-    truncated or missing shard fails here with a one-line reason. Pass `model` to validate and bind.
+    truncated or missing shard fails here with a one-line reason. Pass `model` to validate and bind. Without it,
+    an `importance/` folder that sits beside the weights it was computed for (`checkpoint-N/importance/` next to
+    `checkpoint-N/model.safetensors`, or `output_dir/importance/` next to the saved model) binds to them lazily, so
+    `load_importance("out/checkpoint-500").scores[name]` works for `wanda` and `sparsegpt`, reading one weight per
+    score; elsewhere those scores raise, asking for `bind(model)`.
 
     Args:
         path_or_repo_id (`str` or `os.PathLike`): a local folder, or a Hub repo id (only `importance` files are
@@ -478,10 +482,34 @@ def load_importance(
     scorer = get_scorer(config.criterion)
     state_shapes = {k: list(scorer.state_shape(torch.empty(v, device="meta"))) for k, v in shapes.items()}
     get = open_tensors(directory, shapes, state_shapes, (meta.get("checksums") or {}).get("tensors"))
-    imp = Importance(config, meta["state"], shapes, get, path=directory)
+    loader = None
+    parent = os.path.dirname(os.path.abspath(directory))
+    folder = os.path.basename(os.path.normpath(directory))
+    if (folder == IMPORTANCE_DIR or folder.startswith(f"{IMPORTANCE_DIR}-")) and find_weights_file(parent) is not None:
+        # checkpoint-N/importance[-name]/ beside checkpoint-N/model.safetensors (or output_dir/importance beside the
+        # saved model): wanda / sparsegpt scores read W from there, one tensor per access, unless `bind` comes first.
+        def loader():
+            return _checkpoint_weights(parent, shapes)
+    imp = Importance(config, meta["state"], shapes, get, path=directory, weights_loader=loader)
     if model is not None:
         imp.bind(model)
     return imp
+
+
+def _checkpoint_weights(model_dir: str, shapes: dict[str, list[int]]) -> CheckpointWeights:
+    """The tracked weights of the safetensors checkpoint `model_dir`, checked for names and shapes (headers only)."""
+    mapping = weight_map(model_dir)
+    missing = [n for n in shapes if n not in mapping]
+    if missing:
+        raise ValueError(f"The checkpoint {model_dir} beside the importance has no weight {missing[0]} ({len(missing)} "
+                         "missing; a LoRA adapter checkpoint?): call importance.bind(model) with the model instead")
+    headers = {f: read_header(os.path.join(model_dir, f)) for f in sorted({mapping[n] for n in shapes})}
+    for name, shape in shapes.items():
+        found = headers[mapping[name]].get(name, {}).get("shape")
+        if found is not None and list(found) != list(shape):
+            raise ValueError(f"{name} in {model_dir} has shape {list(found)}, the importance {list(shape)}: call "
+                             "importance.bind(model) with the model the importance was computed for")
+    return CheckpointWeights(model_dir, mapping, list(shapes))
 
 
 def _download(repo_id: str, *, subfolder: str, revision, token) -> str:
