@@ -1,7 +1,9 @@
 """Fine-tune Phi-3 while pruning it gradually to a target sparsity, then save a standard pruned checkpoint.
 
 One `ImportanceCallback` accumulates the importance and, through its `PruneSchedule`, prunes along a cubic ramp,
-holding the masks after every optimizer step. Sparsity is logged to the Trainer's reporters at each mask update.
+holding the masks after every optimizer step. Sparsity and a per-module-type importance summary are logged to the
+Trainer's reporters. A dense control run (same seed, data and steps; skip it with `--no_dense_control`) gives the
+card a dense loss measured by the same evaluation at the same step as the pruned model's.
 
 Default (no download, CPU, 2 cores, a few minutes): a tiny Phi-3 trained from scratch on the shipped King James
 Bible text with a tokenizer trained on it:
@@ -28,7 +30,6 @@ from transformers import (
     Phi3Config,
     Phi3ForCausalLM,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
 )
 
@@ -50,7 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--eval_file", default=os.path.join(KJV, "valid.txt"))
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--structure", default="unstructured", help="unstructured or N:M such as 2:4")
-    p.add_argument("--criterion", default=None, help="default: wanda for a pretrained model, else temporal_magnitude")
+    p.add_argument("--criterion", default=None, help="default: the library's (wanda, per-row scope)")
+    p.add_argument("--no_dense_control", action="store_true",
+                   help="skip the dense control run (same seed, data and steps, no pruning); the card then shows the "
+                   "pruned model's loss only")
     p.add_argument("--max_steps", type=int, default=200)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=128)
@@ -58,17 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--eval_windows", type=int, default=64)
     p.add_argument("--output_dir", default="out/phi3-pruned")
     return p.parse_args(argv)
-
-
-class EvalAt(TrainerCallback):
-    """Eval loss of the dense model at the step the pruning starts."""
-
-    def __init__(self, step, windows):
-        self.step, self.windows, self.loss = step, windows, None
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.step:
-            self.loss = evaluate_loss(model, self.windows)["loss"]
 
 
 def build(args):
@@ -86,47 +79,67 @@ def build(args):
     return model, tokenizer, load_texts(args.train_file)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def train(args, schedule=None):
+    """Build a fresh model (seeded) and fine-tune it for `max_steps`, pruning along `schedule` if given."""
     pretrained = args.model_name_or_path is not None
     model, tokenizer, texts = build(args)
-    train = make_windows(tokenizer, texts, seq_len=args.seq_len, max_windows=args.max_steps * args.batch_size)
-    valid = make_windows(tokenizer, load_texts(args.eval_file), seq_len=args.seq_len, max_windows=args.eval_windows)
+    windows = make_windows(tokenizer, texts, seq_len=args.seq_len, max_windows=args.max_steps * args.batch_size)
     if args.lora:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    criterion = args.criterion or ("wanda" if pretrained else "temporal_magnitude")
-    # Prune from 30% to 80% of training; the last 20% recovers at the final sparsity.
-    schedule = PruneSchedule(final_sparsity=args.sparsity if ":" not in args.structure else None,
-                             structure=args.structure, start=0.3, end=0.8, every_n_steps=max(1, args.max_steps // 20))
-    cb = ImportanceCallback(ImportanceConfig(criterion=criterion), schedule=schedule)
-    start_step = schedule.resolve_steps(args.max_steps)[0]
-    dense_eval = EvalAt(start_step, valid)
+    cb = None
+    if schedule is not None:
+        cb = ImportanceCallback(ImportanceConfig(criterion=args.criterion) if args.criterion else ImportanceConfig(),
+                                schedule=schedule)
     training_args = TrainingArguments(
-        os.path.join(args.output_dir, "trainer"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        os.path.join(args.output_dir, "trainer" if schedule is not None else "dense-control"),
+        max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate or (2e-4 if pretrained else 2e-3), lr_scheduler_type="cosine",
         warmup_steps=max(1, args.max_steps // 20), logging_steps=max(1, args.max_steps // 10), save_strategy="no",
         bf16=pretrained and torch.cuda.is_available(), report_to="none", disable_tqdm=True,
         activation_checkpointing=pretrained, seed=0)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=[cb, dense_eval])
-    before = evaluate_loss(model, valid)["loss"]
+    trainer = Trainer(model=model, args=training_args, train_dataset=windows, callbacks=[cb] if cb else [])
+    if cb is not None:
+        cb.attach(trainer)  # importance and sparsity scalars reach the Trainer's loggers
     trainer.train()
-    after = evaluate_loss(model, valid)["loss"]
+    return model, tokenizer, cb, trainer
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Prune from 30% to 80% of training; the last 20% recovers at the final sparsity.
+    schedule = PruneSchedule(final_sparsity=args.sparsity if ":" not in args.structure else None,
+                             structure=args.structure, start=0.3, end=0.8, every_n_steps=max(1, args.max_steps // 20))
+    model, tokenizer, cb, trainer = train(args, schedule)
+    valid = make_windows(tokenizer, load_texts(args.eval_file), seq_len=args.seq_len, max_windows=args.eval_windows)
+    step = trainer.state.global_step
+    pruned = evaluate_loss(model, valid)
+    # A card compares numbers of one evaluation only: the same windows, both models at the same step. The dense
+    # reference is a control run with the same seed, data and steps, without pruning (the dense model at the step
+    # pruning started is not it: it has trained less, so pruning would seem to lower the loss).
+    results = {"pruned_loss": pruned["loss"], "dataset": os.path.basename(os.path.dirname(os.path.abspath(
+        args.eval_file))), "tokens": pruned["tokens"], "step": step}
+    dense = None
+    if not args.no_dense_control:
+        control, _, _, control_trainer = train(args)
+        dense = evaluate_loss(control, valid)
+        assert control_trainer.state.global_step == step and dense["tokens"] == pruned["tokens"]
+        results["dense_loss"] = dense["loss"]
+        del control
 
     if args.lora:
         model, merged = merge_and_unload_sparse(model, masks=schedule.masks, return_report=True)
         print(f"LoRA merged keeping the masks: sparsity {merged.global_sparsity:.4f}")
     report = schedule.report(model, cb.importance())
     out = os.path.join(args.output_dir, "pruned")
-    results = {"dense_loss": dense_eval.loss if start_step else before, "pruned_loss": after,
-               "dataset": os.path.basename(os.path.dirname(os.path.abspath(args.eval_file)))}
     if trainer.is_world_process_zero():
         save_pruned(model, out, report=report, tokenizer=tokenizer, overwrite=True, eval_results=results,
                     schedule=schedule.to_dict())
-        print(f"eval loss before training:                 {before:.4f}")
-        print(f"eval loss dense (step {start_step}, pruning starts):   {dense_eval.loss:.4f}")
-        print(f"eval loss pruned ({report.global_sparsity:.1%} of pruned tensors): {after:.4f}")
+        print(f"evaluated on {results['dataset']}, {pruned['tokens']:,} tokens, at step {step}:")
+        if dense is not None:
+            print(f"eval loss dense control:                    {dense['loss']:.4f}")
+        print(f"eval loss pruned ({report.global_sparsity:.1%} of pruned tensors): {pruned['loss']:.4f}")
         print(f"{report.summary()}\nsaved to {out}")
 
 

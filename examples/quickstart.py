@@ -38,7 +38,7 @@ def parse_args():
     p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "demo"))
     p.add_argument("--train_file", default=os.path.join(ROOT, "data", "kjv", "train.txt"))
     p.add_argument("--valid_file", default=os.path.join(ROOT, "data", "kjv", "valid.txt"))
-    p.add_argument("--criterion", default="temporal_magnitude")
+    p.add_argument("--criterion", default="wanda", help="the library default; temporal_magnitude is the seed paper's")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--max_steps", type=int, default=200)
     p.add_argument("--seq_len", type=int, default=128)
@@ -81,8 +81,12 @@ def main():
     report = prune_(model, importance, PruneConfig(sparsity=args.sparsity), progress=False)
     pruned = evaluate_loss(model, valid_ds, batch_size=16)
     pruned_dir = os.path.join(args.output_dir, "pruned")
+    # One-shot pruning after training: the dense and the pruned model are the same model at the same step, evaluated on
+    # the same windows, so the card may compare them (it refuses a comparison whose dataset, tokens or step differ).
+    assert dense["tokens"] == pruned["tokens"]
     save_pruned(model, pruned_dir, report=report, tokenizer=tokenizer, eval_results={
-        "dense_loss": dense["loss"], "pruned_loss": pruned["loss"], "dataset": "data/kjv/valid.txt"})
+        "dense_loss": dense["loss"], "pruned_loss": pruned["loss"], "dataset": "data/kjv/valid.txt",
+        "tokens": pruned["tokens"], "step": trainer.state.global_step})
 
     # Loss vs sparsity for the trained importance and the one-shot magnitude baseline; written into the pruned
     # checkpoint so its card shows the plot.
@@ -94,7 +98,8 @@ def main():
     for row in rows:
         print(f"  {row['criterion']:>20} {row['sparsity']:4.0%}  loss {row['loss']:.3f}")
 
-    print(f"\nDense  eval loss {dense['loss']:.3f} (perplexity {dense['perplexity']:.1f})")
+    print(f"\nEvaluated on data/kjv/valid.txt, {pruned['tokens']:,} tokens, both at step {trainer.state.global_step}:")
+    print(f"Dense  eval loss {dense['loss']:.3f} (perplexity {dense['perplexity']:.1f})")
     print(f"Pruned eval loss {pruned['loss']:.3f} (perplexity {pruned['perplexity']:.1f}) -- {report.summary()}")
     print(f"\nOutputs ({time.time() - start:.0f} s):")
     print(f"  trained model + importance: {training_args.output_dir} (importance/ and checkpoint-*/importance/)")

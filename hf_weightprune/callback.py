@@ -20,9 +20,11 @@ Lifecycle (one sitting to read):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import weakref
 
+import torch
 from transformers import TrainerCallback
 
 from . import distributed as D
@@ -33,6 +35,7 @@ from .distill import DistillConfig, Distiller
 from .holder import MaskHolder
 from .importance import Importance
 from .schedule import PruneSchedule
+from .scorers import get_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -228,15 +231,96 @@ class ImportanceCallback(TrainerCallback):
         if control.should_save:
             self._stage(args, state)
 
+    # Score elements sampled per log step over all tracked weights (each tensor in proportion to its size); a model
+    # with fewer tracked weights is summarised exactly. 2**16 samples put a fraction within +-0.4% (2 sigma); measured
+    # 37-55 ms per log step on the 134M benchmark model (CPU, one thread, dev box under load ~10 on 2 cores; 2**18
+    # took 140-470 ms). Nothing is computed between log steps.
+    log_sample_size = 1 << 16
+
     def log_values(self) -> dict[str, float]:
-        """The scalars logged at each Trainer log step."""
-        meta, tracked = self.accumulator.meta, self.accumulator.tracked
-        values = {"importance/samples": meta["num_samples"], "importance/skipped": meta["skipped"],
-                  "importance/tracked_params": sum(t.param.numel() for t in tracked)}
+        """
+        The scalars logged at each Trainer log step (computed only then, from a sample of the scores).
+
+        Returns:
+            `dict[str, float]`: `importance/samples` and `importance/skipped` (samples taken and skipped as
+            non-finite), then per module type (`q_proj`, `o_proj`, `down_proj`, ...: the last component of the
+            module name) `importance/<type>/mean` (mean score) and `importance/<type>/frac_below` (fraction of its
+            weights under the one threshold that would prune the fraction `s` of all tracked weights; `s` is the
+            schedule's current target, else 0.5). A `frac_below` far from `s` means that type's scores do not compare
+            with the others' (1.0: a global threshold would prune it whole). With a [`PruneSchedule`]:
+            `pruning/target_sparsity` and `pruning/sparsity` (achieved); with `distill=`, the distillation losses.
+            2 + 2 * types (+ 2) scalars: 16 (18) for Llama's 7 projection types, 10 (12) for Phi-3's 4.
+            Multi-process: the summary covers the weights this rank holds.
+        """
+        meta = self.accumulator.meta
+        values = {"importance/samples": meta["num_samples"], "importance/skipped": meta["skipped"]}
+        target = 0.5
+        if self.mask_holder is not None and self.mask_holder.target_sparsity > 0:
+            target = self.mask_holder.target_sparsity
+        with torch.no_grad():
+            values.update(self._score_summary(target))
         if self.mask_holder is not None:
             values.update(self.mask_holder.log_values())
         if self._distiller is not None:
             values.update(self._distiller.pop_logs())
+        return values
+
+    def _sampled_scores(self) -> dict[str, torch.Tensor]:
+        """Flat float32 scores of a seeded sample of each tracked weight (every element when the model is small)."""
+        acc = self.accumulator
+        meta, tracked = acc.meta, [t for t in acc.tracked if t.name in acc.states]
+        total = sum(D.local_tensor(t.param).numel() for t in tracked)
+        index = getattr(self, "_log_index", None)
+        if index is None or index[0] != total:  # drawn once per run: the same weights are followed across steps
+            gen = torch.Generator().manual_seed(acc.seed)
+            picks = {}
+            for t in tracked:
+                numel = D.local_tensor(t.param).numel()
+                k = numel if total <= self.log_sample_size else max(1, round(numel * self.log_sample_size / total))
+                # Sorted: the gathers then walk each weight in memory order.
+                picks[t.name] = None if k >= numel else torch.randint(numel, (k,), generator=gen).sort().values
+            index = self._log_index = (total, picks)
+        out = {}
+        for t in tracked:
+            state, weight = acc.states[t.name], D.local_tensor(t.param.detach())
+            idx = index[1][t.name]
+            flat_w = weight.reshape(-1) if idx is None else weight.reshape(-1)[idx.to(weight.device)]
+            kwargs = {"num_samples": meta["num_samples"], "weight_sum": float(meta["weight_sum"]),
+                      "tokens": int(meta["tokens"].get(t.name, 0))}
+            try:
+                if state.shape == weight.shape:  # elementwise criteria: the score of a sample is the sample's score
+                    flat_s = state.reshape(-1) if idx is None else state.reshape(-1)[idx.to(state.device)]
+                    score = self.scorer.score(flat_s, weight=flat_w, **kwargs)
+                else:  # wanda ([in] sums of x^2); sparsegpt ([in, in] Hessian): its diagonal, i.e. wanda's proxy
+                    cols = torch.arange(weight.numel(), device=state.device) if idx is None else idx.to(state.device)
+                    cols = cols % weight.shape[-1]
+                    sq = state.diagonal() if state.dim() == 2 else state
+                    wanda = self.scorer if self.scorer.name == "wanda" else get_scorer("wanda")
+                    score = wanda.score(sq[cols], weight=flat_w.reshape(1, -1), **kwargs)
+            except ValueError:  # no sample yet (gradient criteria before their first step)
+                continue
+            out[t.name] = score.reshape(-1).float().cpu()
+        return out
+
+    def _score_summary(self, target: float) -> dict[str, float]:
+        scores = self._sampled_scores()
+        if not scores:
+            return {}
+        pooled = torch.cat(list(scores.values()))
+        finite = pooled[torch.isfinite(pooled)]
+        if not finite.numel():
+            return {}
+        # The sample stands for every weight equally, so its k-th value estimates the global threshold at `target`.
+        k = max(1, math.ceil(target * finite.numel()))
+        threshold = finite.kthvalue(k).values
+        groups: dict[str, list[torch.Tensor]] = {}
+        for name, score in scores.items():
+            groups.setdefault(name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name, []).append(score)
+        values = {}
+        for kind, parts in groups.items():
+            joined = torch.cat(parts)
+            values[f"importance/{kind}/mean"] = float(joined.double().mean())
+            values[f"importance/{kind}/frac_below"] = float((joined < threshold).double().mean())
         return values
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -197,13 +197,39 @@ def _criterion_text(criterion: str | None) -> tuple[str, str | None]:
     return f"custom criterion `{criterion}`", None
 
 
+_EVAL_KEYS = ("dataset", "tokens", "step")
+
+
+def _eval_metadata(report: dict, prefix: str) -> dict[str, Any]:
+    """`{dataset, tokens, step}` of one side of the `eval` entry; `dense_step` (etc.) override the shared keys."""
+    return {key: report.get(f"{prefix}{key}", report.get(key)) for key in _EVAL_KEYS}
+
+
 def _eval_context(report: dict | None) -> tuple[dict | None, list[EvalResult] | None]:
-    """`(template context, model-index results)` of the `eval` entry of `sparsity.json`, or `(None, None)`."""
+    """
+    `(template context, model-index results)` of the `eval` entry of `sparsity.json`, or `(None, None)`.
+
+    The dense loss is compared with the pruned loss only when both come from the same evaluation: the same
+    `dataset` and number of `tokens`, at the same training `step`, all stated (a dense model evaluated at the step
+    pruning started is not the same model as the pruned one at the end of training). Otherwise the dense numbers are
+    dropped from the card, which says why.
+    """
     if not report or report.get("pruned_loss") is None:
         return None, None
-    dataset = str(report.get("dataset") or "unknown")
+    pruned_meta, dense_meta = _eval_metadata(report, "pruned_"), _eval_metadata(report, "dense_")
+    dataset = str(pruned_meta["dataset"] or "unknown")
     dense_loss, pruned_loss = report.get("dense_loss"), report["pruned_loss"]
-    context = {"dataset": dataset, "dense_loss": dense_loss, "pruned_loss": pruned_loss,
+    dropped = None
+    if dense_loss is not None:
+        unstated = [k for k in _EVAL_KEYS if pruned_meta[k] is None or dense_meta[k] is None]
+        differ = [f"{k} {dense_meta[k]!r} (dense) vs {pruned_meta[k]!r} (pruned)" for k in _EVAL_KEYS
+                  if k not in unstated and dense_meta[k] != pruned_meta[k]]
+        if unstated or differ:
+            dropped = ("; ".join(differ) if differ else
+                       f"the evaluation does not state its {' and '.join(unstated)}")
+            dense_loss = None
+    context = {"dataset": dataset, "tokens": pruned_meta["tokens"], "step": pruned_meta["step"],
+               "dense_loss": dense_loss, "pruned_loss": pruned_loss, "dense_dropped": dropped,
                "dense_perplexity": _perplexity(dense_loss), "pruned_perplexity": _perplexity(pruned_loss)}
     metrics = [("loss", pruned_loss, "Eval loss (pruned)"),
                ("perplexity", context["pruned_perplexity"], "Perplexity (pruned)")]

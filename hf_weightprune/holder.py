@@ -137,6 +137,7 @@ class MaskHolder:
     def update_(self, importance, step: int, max_steps: int) -> float:
         """Recompute the masks for the schedule's target at `step` from `importance`; returns the target."""
         target = self.schedule.target_at(step, max_steps)
+        self.scope = self.schedule.prune_config.resolve_scope(importance.criterion)  # scope=None: the criterion's
         build = compute_masks(importance, self.schedule.prune_config, list(self.params), sparsity=target,
                               previous=self.masks)
         self.masks = {n: build(n).to(self.params[n].device) for n in self.params}
@@ -193,7 +194,8 @@ class MaskHolder:
             raise ValueError("PruneSchedule has no masks yet (no update has happened)")
         zeros_of = {n: self.params[n].detach() != 0 for n in self.masks}
         return PruningReport.from_masks(zeros_of, sum(p.numel() for p in model.parameters()),
-                                        structure=self.schedule.structure, scope=self.schedule.prune_config.scope,
+                                        structure=self.schedule.structure,
+                                        scope=getattr(self, "scope", None) or self.schedule.prune_config.scope,
                                         target_sparsity=self.target_sparsity, importance=importance)
 
     def state_dict(self) -> dict[str, Any]:

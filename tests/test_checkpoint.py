@@ -117,7 +117,7 @@ def test_sigkill_after_save_then_resume_true_is_exact(killed, reference, tmp_pat
     out = workdir(killed, "after_save", tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "checkpoint-6"]  # no on_train_end ran
     assert load_importance(out / "checkpoint-6").step == 6
-    cb = ImportanceCallback()  # a fresh instance; restoring callback states must not replace it
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))  # a fresh instance; restoring callback states must not replace it
     assert not isinstance(cb, ExportableState)
     trainer = run(out, resume=True, importance_callback=cb, restore_callback_states_from_checkpoint=True)
     assert any(c is cb for c in trainer.callback_handler.callbacks)
@@ -188,13 +188,13 @@ def test_crash_inside_checkpoint_write_is_incomplete_and_not_resumed(killed, ref
 def test_per_epoch_resume_from_an_epoch_end_checkpoint_is_exact(tmp_path):
     # 4 steps per epoch, saves at steps 4, 8, 12: each checkpoint ends an epoch, whose sample it must hold
     # (a resume from it never replays that epoch's on_epoch_end).
-    cb = ImportanceCallback(ImportanceConfig(per_epoch=True))
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude", per_epoch=True))
     kw = dict(max_steps=-1, num_train_epochs=3, save_steps=4)
     run(tmp_path / "full", importance_callback=cb, **kw)
     assert load_importance(tmp_path / "full" / "checkpoint-4").num_samples == 1
     out = tmp_path / "resumed"
     shutil.copytree(tmp_path / "full" / "checkpoint-4", out / "checkpoint-4")
-    run(out, resume=True, importance_callback=ImportanceCallback(ImportanceConfig(per_epoch=True)), **kw)
+    run(out, resume=True, importance_callback=ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude", per_epoch=True)), **kw)
     assert load_importance(out).num_samples == 3
     assert_same_importance(out, tmp_path / "full")
 

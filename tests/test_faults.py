@@ -160,7 +160,7 @@ def test_nonfinite_weight_is_detected_at_the_sample(tmp_path, caplog):
     name = "model.layers.1.self_attn.o_proj.weight"
     poison = PoisonWeight(dict(model.named_parameters())[name], k)
     rec = Recorder(model)
-    cb = ImportanceCallback()  # temporal_magnitude, the default criterion
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))
     with caplog.at_level(logging.WARNING, logger="hf_weightprune.accumulator"):
         trainer = train(model, [poison, rec, cb, Restore(poison)], tmp_path, max_steps=steps)
     imp = cb.importance()

@@ -78,7 +78,7 @@ def _reference(imp, cfg, sparsity, previous):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     "cfg, steps",
-    [(PruneConfig(sparsity=0.6), (0.2, 0.6)), (PruneConfig(sparsity=0.6, scope="layer"), (0.3, 0.6)),
+    [(PruneConfig(sparsity=0.6, scope="global"), (0.2, 0.6)), (PruneConfig(sparsity=0.6, scope="layer"), (0.3, 0.6)),
      (PruneConfig(sparsity=0.5, scope="row"), (0.25, 0.5)), (PruneConfig(structure="2:4"), (0.2, 0.4, 0.5)),
      (PruneConfig(structure="2:8"), (0.5, 0.75))],
     ids=["global", "layer", "row", "2:4", "2:8"],
@@ -208,7 +208,7 @@ def test_refuse_tied_names_the_tied_weight():
 def test_report_from_masks_equals_prune_report(importances):
     model = tiny_phi3(seed=21)
     imp = importances["float32"]
-    report = prune_(model, imp, PruneConfig(sparsity=0.4), progress=False)
+    report = prune_(model, imp, PruneConfig(sparsity=0.4, scope="global"), progress=False)
     params = dict(model.named_parameters())
     rebuilt = PruningReport.from_masks({n: params[n] != 0 for n in report.tensors},
                                        sum(p.numel() for p in model.parameters()), scope="global",

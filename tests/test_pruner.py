@@ -73,7 +73,7 @@ def _reference_masks(imp, cfg):
 @pytest.mark.parametrize("criterion", ["temporal_magnitude", "wanda"])
 @pytest.mark.parametrize(
     "cfg",
-    [PruneConfig(sparsity=0.5), PruneConfig(sparsity=0.7, scope="layer"), PruneConfig(sparsity=0.3, scope="row"),
+    [PruneConfig(sparsity=0.5, scope="global"), PruneConfig(sparsity=0.7, scope="layer"), PruneConfig(sparsity=0.3, scope="row"),
      PruneConfig(structure="2:4"), PruneConfig(structure="4:8")],
     ids=["global50", "layer70", "row30", "2:4", "4:8"],
 )
@@ -295,7 +295,7 @@ def test_bf16_state_ranks_like_its_float32_scores(criterion, tmp_path):
     train(model, [cb], tmp_path, max_steps=3)
     imp = cb.importance()
     assert imp.ranking(imp.names[0]).dtype == torch.bfloat16
-    cfg = PruneConfig(sparsity=0.5)
+    cfg = PruneConfig(sparsity=0.5, scope="global")
     expected = _reference_masks(imp, cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     prune_(model, imp, cfg, progress=False)
@@ -310,7 +310,7 @@ def _file_digests(folder):
 
 
 @pytest.mark.parametrize("criterion", ["temporal_magnitude", "wanda"])
-@pytest.mark.parametrize("cfg", [PruneConfig(sparsity=0.5), PruneConfig(sparsity=0.3, scope="row"),
+@pytest.mark.parametrize("cfg", [PruneConfig(sparsity=0.5, scope="global"), PruneConfig(sparsity=0.3, scope="row"),
                                  PruneConfig(structure="2:4")], ids=["global50", "row30", "2:4"])
 def test_prune_checkpoint_equals_prune_and_save(trained, criterion, cfg, tmp_path):
     from hf_weightprune.export import prune_checkpoint

@@ -237,7 +237,7 @@ def test_train_again_restarts_state(tmp_path, caplog):
     def fresh_run(state_dict, out):
         model = tiny_llama(seed=19)
         model.load_state_dict(state_dict)
-        cb = ImportanceCallback()
+        cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))
         trainer = Trainer(model=model, args=make_args(out), train_dataset=TokenDataset(n=32), callbacks=[cb])
         set_seed(0)
         trainer.train()
@@ -250,7 +250,7 @@ def test_train_again_restarts_state(tmp_path, caplog):
                                  report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
 
     model = tiny_llama(seed=19)
-    cb = ImportanceCallback()
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))
     trainer = Trainer(model=model, args=make_args(tmp_path / "a"), train_dataset=TokenDataset(n=32), callbacks=[cb])
     set_seed(0)
     trainer.train()
@@ -265,7 +265,7 @@ def test_train_again_restarts_state(tmp_path, caplog):
 
     # the same Trainer with a new callback: the new one starts empty, the old one keeps its result
     trainer.remove_callback(cb)
-    cb2 = ImportanceCallback()
+    cb2 = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))
     trainer.add_callback(cb2)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     set_seed(0)
@@ -298,7 +298,7 @@ def test_max_steps_and_epochs(dataset, per_epoch, tmp_path):
     # 16 windows / batch 4 = 4 steps per pass; max_steps=10 stops in the middle of the third pass
     model = tiny_llama(seed=20)
     rec = Recorder(model)
-    cb = ImportanceCallback(ImportanceConfig(per_epoch=per_epoch))
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude", per_epoch=per_epoch))
     _train_on(model, TokenDataset(n=16) if dataset == "map" else IterableTokens(16), [rec, cb], tmp_path, max_steps=10)
     imp = cb.importance()
     if per_epoch:
@@ -314,7 +314,7 @@ def test_max_steps_and_epochs(dataset, per_epoch, tmp_path):
 
 def test_per_epoch_window_needs_dataset_length(tmp_path):
     model = tiny_llama(seed=20)
-    cb = ImportanceCallback(ImportanceConfig(per_epoch=True, window=2))
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude", per_epoch=True, window=2))
     with pytest.raises(ValueError, match="window with per_epoch=True needs the number of epochs.*IterableDataset"):
         _train_on(model, IterableTokens(16), [cb], tmp_path, max_steps=10)
 
@@ -322,7 +322,7 @@ def test_per_epoch_window_needs_dataset_length(tmp_path):
 def test_per_epoch_num_train_epochs_with_window(tmp_path):
     model = tiny_llama(seed=21)
     rec = Recorder(model)
-    cb = ImportanceCallback(ImportanceConfig(per_epoch=True, window=2))
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude", per_epoch=True, window=2))
     train(model, [rec, cb], tmp_path, max_steps=-1, num_train_epochs=3, n=16)
     imp = cb.importance()
     assert imp.num_samples == 2  # epochs 2 and 3
@@ -345,7 +345,7 @@ class Capture(TrainerCallback):
 @pytest.mark.parametrize("hp_name", [lambda trial: f"run-{trial.number}", lambda trial: f"trial-{trial.number}"])
 def test_hyperparameter_search_trial_folders(hp_name, tmp_path, caplog):
     pytest.importorskip("optuna")
-    cb = ImportanceCallback()
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))
     capture = Capture(cb)
     args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
                              save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True)
@@ -425,7 +425,7 @@ def restore_file_size_limit():
 @pytest.mark.parametrize("on_save_error", ["raise", "warn"])
 def test_failed_save(event, on_save_error, tmp_path, caplog, restore_file_size_limit):
     model = tiny_llama(seed=23, hidden_size=64, intermediate_size=128)  # ~300 KB of importance > the 16 KB limit
-    cb = ImportanceCallback(on_save_error=on_save_error)
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), on_save_error=on_save_error)
     args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[], use_cpu=True,
                              save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16), callbacks=[cb])
