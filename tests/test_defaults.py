@@ -172,43 +172,15 @@ def test_logged_summary_follows_the_schedule_target(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- lazy binding
-def _write_sparsegpt_importance(model, folder):
-    """A `sparsegpt` importance folder of `model`, Hessians summed from real forwards (what the lead's training-time
-    collection writes); the callback does not collect sparsegpt on this branch yet."""
-    from hf_weightprune.matching import find_tracked_weights
-    from hf_weightprune.scorers.sparsegpt import hessian_sum
-    from hf_weightprune.state import save_importance_dir
-
-    tracked = find_tracked_weights(model, "all-linear", None)
-    modules = dict(model.named_modules())
-    hessians, hooks = {}, []
-    for t in tracked:
-        module = modules[t.name.rsplit(".", 1)[0]]
-        hooks.append(module.register_forward_hook(
-            lambda mod, args, out, name=t.name: hessians.__setitem__(name, hessian_sum(args[0]))))
-    with torch.no_grad():
-        model(input_ids=TokenDataset(n=4).ids)
-    for h in hooks:
-        h.remove()
-    tokens = 4 * 16
-    save_importance_dir(str(folder / "importance"), hessians, config=ImportanceConfig(criterion="sparsegpt"),
-                        meta={"global_step": 2, "num_samples": 1, "tokens": dict.fromkeys(hessians, tokens)},
-                        shapes={t.name: list(t.param.shape) for t in tracked})
-
-
 @pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
 def test_loaded_importance_binds_lazily_to_its_checkpoint(criterion, tmp_path):
     model = tiny_llama(seed=7)
-    cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+    cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
     trainer = train(model, [cb], tmp_path / "out", max_steps=4, save_steps=2)
     trainer.save_model()  # output_dir/model.safetensors beside output_dir/importance
     name = "model.layers.1.mlp.down_proj.weight"
     ckpt = tmp_path / "out" / "checkpoint-2"
-    if criterion == "sparsegpt":  # checkpoint-2 with a sparsegpt importance in place of the callback's wanda one
-        shutil.rmtree(ckpt / "importance")
-        _write_sparsegpt_importance(type(model).from_pretrained(ckpt), ckpt)
-    else:
-        assert torch.equal(load_importance(tmp_path / "out").scores[name], cb.importance().scores[name])
+    assert torch.equal(load_importance(tmp_path / "out").scores[name], cb.importance().scores[name])
 
     # checkpoint-2 holds other weights than the final model: the lazy binding must read that checkpoint's.
     ckpt_model = type(model).from_pretrained(ckpt)
