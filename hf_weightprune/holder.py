@@ -59,6 +59,7 @@ class MaskHolder:
         self.sparsity = 0.0
         self.target_sparsity = 0.0
         self.last_update_step: int | None = None
+        self.scope: str | None = None  # resolved at the first update (a None scope follows the criterion)
         self.num_updates = 0
         self._steps: tuple[int, int] | None = None
         self._update_set: set[int] = set()
@@ -137,7 +138,7 @@ class MaskHolder:
     def update_(self, importance, step: int, max_steps: int) -> float:
         """Recompute the masks for the schedule's target at `step` from `importance`; returns the target."""
         target = self.schedule.target_at(step, max_steps)
-        self.scope = self.schedule.prune_config.resolve_scope(importance.criterion)  # scope=None: the criterion's
+        self.scope = self.schedule.prune_config.resolve_scope(importance.criterion)
         build = compute_masks(importance, self.schedule.prune_config, list(self.params), sparsity=target,
                               previous=self.masks)
         self.masks = {n: build(n).to(self.params[n].device) for n in self.params}
@@ -195,7 +196,7 @@ class MaskHolder:
         zeros_of = {n: self.params[n].detach() != 0 for n in self.masks}
         return PruningReport.from_masks(zeros_of, sum(p.numel() for p in model.parameters()),
                                         structure=self.schedule.structure,
-                                        scope=getattr(self, "scope", None) or self.schedule.prune_config.scope,
+                                        scope=self.scope or self.schedule.prune_config.scope,
                                         target_sparsity=self.target_sparsity, importance=importance)
 
     def state_dict(self) -> dict[str, Any]:

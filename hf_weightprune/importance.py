@@ -86,8 +86,8 @@ class Importance:
         """The bound model's tracked weights by name (after `bind`, or read lazily from the checkpoint the
         importance was saved in, see `load_importance`), else `None`."""
         if self._weights is None and self._weights_loader is not None:
-            loader, self._weights_loader = self._weights_loader, None
-            self._weights = loader()
+            self._weights = self._weights_loader()  # raises (names, shapes) at every access until bound
+            self._weights_loader = None
         return self._weights
 
     def state(self, name: str) -> Tensor:
