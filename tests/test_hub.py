@@ -91,7 +91,9 @@ def save_pruned_llama(
         "tensors": tensors,
         "structured": structured,
         "schedule": schedule,
-        "eval": {"dense_loss": 3.1, "pruned_loss": 3.3, "dataset": "data/kjv/valid.txt"} if eval_report else None,
+        # Both models evaluated at step 120 on the same 4096 tokens: the card compares only such numbers.
+        "eval": {"dense_loss": 3.1, "pruned_loss": 3.3, "dataset": "data/kjv/valid.txt", "tokens": 4096, "step": 120}
+        if eval_report else None,
     }
     (folder / "sparsity.json").write_text(json.dumps(report, indent=2))
     if sweep:
@@ -368,6 +370,7 @@ def test_card_front_matter_and_body(tmp_path):
     assert metrics["loss"] == 3.3 and metrics["dense_loss"] == 3.1
     assert metrics["perplexity"] == pytest.approx(math.exp(3.3))
     assert ModelCard.load(path).data.eval_results[0].dataset_name == "data/kjv/valid.txt"
+    assert "Evaluated on `data/kjv/valid.txt`, 4,096 tokens: dense model at step 120 vs pruned model at step 120" in text
 
     for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
         assert f"| `{module}` | 2 |" in text  # two layers each
