@@ -233,6 +233,6 @@ def test_ddp_masks_identical_on_ranks(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
     info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert info[0]["world_size"] == 2 and info[0]["zeros"] == info[1]["zeros"]
-    schedule = PruneSchedule(final_sparsity=0.7, start=1, end=7, every_n_steps=2)
+    schedule = PruneSchedule(final_sparsity=0.7, start=1, end=7, every_n_steps=2, scope="global")
     expected = {str(t): num_to_prune(info[0]["numel"], schedule.target_at(t, 8)) for t in schedule.update_steps(8)}
     assert info[0]["zeros"] == expected
