@@ -289,8 +289,10 @@ def save_pruned(
         tokenizer (*optional*): saved beside the model.
         base_model (`str`, *optional*): Hub id or path of the dense model (card front matter); defaults to
             `model.config._name_or_path` when that looks like a Hub id.
-        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}` for the card (losses in
-            nats per token).
+        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset", "tokens", "step"}` for the card
+            (losses in nats per token; `tokens` evaluated, training `step` of both models). The card compares the
+            dense loss only when the dense model was evaluated the same way (`dense_step` / `dense_tokens` /
+            `dense_dataset`, when given, must equal the shared values) and all three are stated.
         schedule (`PruneSchedule` or `dict`, *optional*): the gradual schedule the model was trained with (the object,
             or its `to_dict()`); recorded in `sparsity.json` and described in the card.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
