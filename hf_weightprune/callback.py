@@ -35,7 +35,6 @@ from .distill import DistillConfig, Distiller
 from .holder import MaskHolder
 from .importance import Importance
 from .schedule import PruneSchedule
-from .scorers import get_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -294,9 +293,13 @@ class ImportanceCallback(TrainerCallback):
                 else:  # wanda ([in] sums of x^2); sparsegpt ([in, in] Hessian): its diagonal, i.e. wanda's proxy
                     cols = torch.arange(weight.numel(), device=state.device) if idx is None else idx.to(state.device)
                     cols = cols % weight.shape[-1]
-                    sq = state.diagonal() if state.dim() == 2 else state
-                    wanda = self.scorer if self.scorer.name == "wanda" else get_scorer("wanda")
-                    score = wanda.score(sq[cols], weight=flat_w.reshape(1, -1), **kwargs)
+                    if state.dim() == 1:
+                        score = self.scorer.score(state[cols], weight=flat_w.reshape(1, -1), **kwargs)
+                    elif kwargs["tokens"] > 0:  # wanda's |W_ij| * ||x_j|| from diag(H)
+                        norm = (state.diagonal()[cols].float() / kwargs["tokens"]).sqrt()
+                        score = flat_w.float().abs() * norm.to(flat_w.device)
+                    else:
+                        continue
             except ValueError:  # no sample yet (gradient criteria before their first step)
                 continue
             out[t.name] = score.reshape(-1).float().cpu()

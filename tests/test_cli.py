@@ -217,7 +217,8 @@ def test_log_level_shows_the_library_log_for_one_command(run, tmp_path, capsys):
     assert main(["prune", str(run), "--importance", str(run), "--output_dir", str(tmp_path / "b"),
                  "--log_level", "info"]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"INFO hf_weightprune.export: Saved pruned checkpoint to {tmp_path / 'b'} (unstructured (global): "
+    # scope: temporal_magnitude's default (layer) since PruneConfig(scope=None) follows the criterion
+    assert err == [f"INFO hf_weightprune.export: Saved pruned checkpoint to {tmp_path / 'b'} (unstructured (layer): "
                    "50.00% of 14 pruned tensors, 34.41% of all parameters)"]
     assert logging.getLogger("hf_weightprune").level == level and not logging.getLogger("hf_weightprune").handlers
 
