@@ -287,7 +287,7 @@ class ImportanceCallback(TrainerCallback):
             kwargs = {"num_samples": meta["num_samples"], "weight_sum": float(meta["weight_sum"]),
                       "tokens": int(meta["tokens"].get(t.name, 0))}
             try:
-                if state.shape == weight.shape:  # elementwise criteria: the score of a sample is the sample's score
+                if self.scorer.source != "activations":  # elementwise: the score of a sample is the sample's score
                     flat_s = state.reshape(-1) if idx is None else state.reshape(-1)[idx.to(state.device)]
                     score = self.scorer.score(flat_s, weight=flat_w, **kwargs)
                 else:  # wanda ([in] sums of x^2); sparsegpt ([in, in] Hessian): its diagonal, i.e. wanda's proxy

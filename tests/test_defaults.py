@@ -127,7 +127,12 @@ def test_row_and_layer_scopes_refuse_a_sparsity_that_empties_every_row(magnitude
 
 # ---------------------------------------------------------------------------------------------- logging
 def _brute_force_summary(imp, target=0.5):
-    scores = {n: imp.scores[n].reshape(-1).double() for n in imp.names}
+    if imp.criterion == "sparsegpt":  # logged: wanda's |W_ij| * ||x_j|| from diag(H) (no Cholesky per log step)
+        scores = {
+            n: (imp.weights[n].float().abs() * (imp.state(n).diagonal().float() / imp.meta["tokens"][n]).sqrt())
+            .reshape(-1).double() for n in imp.names}
+    else:
+        scores = {n: imp.scores[n].reshape(-1).double() for n in imp.names}
     pooled = torch.cat(list(scores.values()))
     threshold = pooled.sort().values[math.ceil(target * pooled.numel()) - 1]
     expected = {}
@@ -138,7 +143,7 @@ def _brute_force_summary(imp, target=0.5):
     return expected
 
 
-@pytest.mark.parametrize("criterion", ["wanda", "temporal_magnitude", "taylor"])
+@pytest.mark.parametrize("criterion", ["wanda", "temporal_magnitude", "taylor", "sparsegpt"])
 def test_logged_importance_summary_equals_brute_force(criterion, tmp_path):
     model = tiny_llama(seed=5)
     args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
