@@ -109,7 +109,8 @@ def main() -> None:
     t = time.perf_counter()
     train_ds = make_windows(tok, load_texts(kjv / "train.txt"), seq_len=args.seq_len,
                             max_windows=args.steps * args.batch_size)
-    callbacks = [ImportanceCallback(ImportanceConfig(criterion=c)) for c in CRITERIA]
+    # one folder each (importance-<criterion>/): callbacks on one Trainer may not share one
+    callbacks = [ImportanceCallback(ImportanceConfig(criterion=c, name=c)) for c in CRITERIA]
     targs = TrainingArguments(str(CACHE / "quality-run"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                               learning_rate=args.lr, warmup_steps=max(1, args.steps // 10), logging_steps=10,
                               save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
