@@ -22,7 +22,7 @@ import time
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM, PrinterCallback, Trainer, TrainingArguments
 
-from hf_weightprune import ImportanceCallback
+from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.config import PruneConfig
 from hf_weightprune.data import evaluate_loss, load_texts, make_windows, train_tokenizer
 from hf_weightprune.export import save_pruned
@@ -68,7 +68,7 @@ def run_model(name, args, tokenizer, train_windows, valid, tmp):
     torch.manual_seed(0)
     dense = Phi3ForCausalLM(config)
     params = sum(p.numel() for p in dense.parameters())
-    cb = ImportanceCallback()
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))  # what the recorded rows used
     train(dense, dense_data, n, 2e-3, os.path.join(tmp, f"{name}-dense"), [cb], bs)
     importance = cb.importance()
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
@@ -95,7 +95,7 @@ def run_model(name, args, tokenizer, train_windows, valid, tmp):
         model = fresh()
         gradual = PruneSchedule(final_sparsity=s, start=0.0, end=0.75, every_n_steps=max(1, f // 10))
         train(model, ft_data, f, 5e-4, os.path.join(tmp, f"{name}-gradual-{s}"),
-              [ImportanceCallback(schedule=gradual)], bs)
+              [ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), schedule=gradual)], bs)
         rows.append((name, params, "gradual", s, loss(model)))
         print(f"  {name} s={s}: " + ", ".join(f"{r[2]} {r[4]:.4f}" for r in rows[-3:]), file=sys.stderr)
     return rows

@@ -68,7 +68,6 @@ def main() -> None:
         num_key_value_heads=4, max_position_embeddings=args.seq_len, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     n_params = sum(p.numel() for p in model.parameters())
-    # one folder each (importance-<criterion>/): callbacks on one Trainer may not share one
     callbacks = [ImportanceCallback(ImportanceConfig(criterion=c, name=c)) for c in CRITERIA]
     targs = TrainingArguments(str(cache / "run"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                               learning_rate=args.lr, warmup_steps=args.steps // 10, lr_scheduler_type="cosine",

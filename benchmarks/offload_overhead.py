@@ -22,7 +22,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from hf_weightprune import ImportanceCallback, ImportanceConfig
+from hf_weightprune import ImportanceCallback
 from hf_weightprune.testing import TokenDataset
 
 CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -71,9 +71,10 @@ def main() -> None:
     p.add_argument("--sample-repeats", type=int, default=5, help="sampling calls per callback (default: %(default)s)")
     a = p.parse_args()
     names = ["no callback", "default", "offload_to_cpu"]
-    # distinct names: two callbacks on one Trainer may not share an importance folder
-    inners = [None, ImportanceCallback(ImportanceConfig(name="default")),
-              ImportanceCallback(ImportanceConfig(name="offload"), offload_to_cpu=True)]
+    # temporal_magnitude: a weight-shaped state, what offloading moves; distinct names: two callbacks on one Trainer
+    # may not share an importance folder
+    inners = [None, ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude", name="default")),
+              ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude", name="offload"), offload_to_cpu=True)]
     rotating = Rotating(inners)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG))

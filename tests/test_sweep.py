@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
     texts = load_texts(KJV / "train.txt")[:30]
     tok = train_tokenizer(texts, vocab_size=320)
     model = tiny_llama(vocab_size=len(tok))
-    cbs = [ImportanceCallback(ImportanceConfig(criterion=c)) for c in ("temporal_magnitude", "taylor")]
+    cbs = [ImportanceCallback(ImportanceConfig(criterion=c, name=c)) for c in ("temporal_magnitude", "taylor")]
     args = TrainingArguments(str(root / "run"), max_steps=40, per_device_train_batch_size=8, learning_rate=1e-2,
                              report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
     Trainer(model=model, args=args, train_dataset=make_windows(tok, texts, seq_len=SEQ, max_windows=128),
@@ -113,7 +113,7 @@ def test_oneshot_wanda_equals_brute_force_reference():
 
 
 def test_several_callbacks_on_one_trainer_match_separate_runs(tmp_path):
-    both = [ImportanceCallback(ImportanceConfig(criterion=c)) for c in ("temporal_magnitude", "fisher")]
+    both = [ImportanceCallback(ImportanceConfig(criterion=c, name=c)) for c in ("temporal_magnitude", "fisher")]
     train(tiny_llama(), both, tmp_path / "both", max_steps=4)
     for cb in both:
         alone = ImportanceCallback(ImportanceConfig(criterion=cb.config.criterion))
