@@ -24,7 +24,7 @@ _LAZY_IMPORTS = {
     "PruneSchedule": "schedule",
     "PruningReport": "pruner",
     "load_importance": "state",
-    "load_sparsity": "export",
+    "load_sparsity": "pruned_files",
     "merge_and_unload_sparse": "lora",
     "oneshot_importance": "oneshot",
     "prune_": "pruner",
@@ -58,11 +58,12 @@ if TYPE_CHECKING:
     from .callback import ImportanceCallback
     from .config import ImportanceConfig, PruneConfig
     from .distill import DistillConfig
-    from .export import load_sparsity, prune_checkpoint, save_pruned
+    from .export import prune_checkpoint, save_pruned
     from .hub import push_pruned_to_hub
     from .importance import Importance
     from .lora import merge_and_unload_sparse
     from .oneshot import oneshot_importance
+    from .pruned_files import load_sparsity
     from .pruner import PruningReport, prune_
     from .schedule import PruneSchedule
     from .state import load_importance

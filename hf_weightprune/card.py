@@ -18,9 +18,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._version import __version__
 from .config import parse_structure
-from .export import SPARSITY_NAME, check_arg_type, load_sparsity
-from .io_utils import atomic_write_text
-from .sweep import SWEEP_JSON, SWEEP_PNG
+from .io_utils import atomic_write_text, check_arg_type
+from .pruned_files import SPARSITY_NAME, SWEEP_JSON, SWEEP_PNG, load_sparsity
 
 CARD_FILE = "README.md"
 CARD_TEMPLATE = "pruned_model_card.md"

@@ -380,7 +380,8 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
         ValueError: bad input (see [`sweep`]); `main` prints it as one line.
     """
     from .export import check_output_dir
-    from .sweep import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, format_table, parse_sparsities, sweep
+    from .pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
+    from .sweep import format_table, parse_sparsities, sweep
 
     # The library checks it too, naming `output_dir`; here first, so the message names the flag.
     check_output_dir(args.output_dir, input_dirs=[args.model_dir], require_empty=False, arg="--output_dir")

@@ -23,6 +23,8 @@ from . import safetensors_io as sio
 from ._version import __version__
 from .config import PruneConfig
 from .importance import Importance
+from .io_utils import check_arg_type
+from .pruned_files import SPARSITY_FORMAT_VERSION, SPARSITY_NAME, load_sparsity
 from .pruner import PruningReport
 
 if TYPE_CHECKING:
@@ -30,37 +32,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SPARSITY_NAME = "sparsity.json"
-SPARSITY_FORMAT_VERSION = 1
 # What the model card prints of a gradual schedule; a dict without them (e.g. `PruneSchedule.state_dict()`) is refused.
 _SCHEDULE_KEYS = ("initial_sparsity", "final_sparsity", "start", "end", "every_n_steps", "ramp")
-
-
-class NotAPrunedCheckpointError(FileNotFoundError, ValueError):
-    """A folder has no `sparsity.json`. Both a `FileNotFoundError` and a `ValueError`, as callers caught either."""
-
-
-def check_arg_type(fn: str, name: str, value: Any, types: type | tuple[type, ...], expected: str) -> None:
-    """Raise a one-line `TypeError` naming the function, the argument and what it expects, unless
-    `isinstance(value, types)`.
-
-    Args:
-        fn (`str`): the public function being called, for the message.
-        name (`str`): the argument's name.
-        value (`Any`): the value passed.
-        types (`type` or `tuple[type, ...]`): accepted types.
-        expected (`str`): what to pass, in words (`"a bool"`).
-
-    Raises:
-        TypeError: `value` is not an instance of `types`.
-    """
-    if not isinstance(value, types):
-        raise TypeError(f"{fn}: {name} must be {expected}; got {type(value).__name__} {_short_repr(value)}")
-
-
-def _short_repr(value: Any) -> str:
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _same_or_inside(a: str, b: str) -> bool:
@@ -461,39 +434,6 @@ def prune_checkpoint(
                                  write_card)
     logger.info("Saved pruned checkpoint to %s (%s)", output_dir, report.summary())
     return report
-
-
-def load_sparsity(path: str | os.PathLike) -> dict[str, Any]:
-    """Read `sparsity.json` from a pruned checkpoint folder: the one reader of that file.
-
-    Args:
-        path (`str` or `os.PathLike`): a folder written by `save_pruned` or `prune_checkpoint`.
-
-    Returns:
-        `dict[str, Any]`: the payload (schema in docs/file_formats.md); it has at least `"structure"` and
-        `"tensors"` (`{name: {"shape", "numel", "sparsity"}}`, sparsity a fraction in [0, 1]).
-
-    Raises:
-        TypeError: `path` is not a str or os.PathLike.
-        FileNotFoundError: the folder does not exist.
-        NotAPrunedCheckpointError: the folder has no `sparsity.json` (a `FileNotFoundError` and a `ValueError`).
-        ValueError: `sparsity.json` is not valid JSON or lacks `"structure"` / `"tensors"`.
-    """
-    check_arg_type("load_sparsity", "path", path, (str, os.PathLike), "a folder path (str or os.PathLike)")
-    folder = os.fspath(path)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"Pruned model folder {folder!r} does not exist")
-    file = os.path.join(folder, SPARSITY_NAME)
-    if not os.path.isfile(file):
-        raise NotAPrunedCheckpointError(f"{folder!r} is not a pruned checkpoint: it has no {SPARSITY_NAME}")
-    try:
-        with open(file, encoding="utf-8") as f:
-            payload = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(payload, dict) or "structure" not in payload or "tensors" not in payload:
-        raise ValueError(f"{file} is not a valid hf-weightprune sparsity report (no \"structure\"/\"tensors\")")
-    return payload
 
 
 def load_masks(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, torch.Tensor]:

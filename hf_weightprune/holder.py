@@ -118,7 +118,8 @@ class MaskHolder:
     def _held_masks(self, model: nn.Module) -> dict[str, Tensor]:
         """`"hold"`: the masks of `masks_from`; without `sparsity.json` (another tool pruned it), the zeros of the
         targeted `nn.Linear` weights."""
-        from .export import SPARSITY_NAME, load_masks
+        from .export import load_masks
+        from .pruned_files import SPARSITY_NAME
 
         cfg = self.schedule
         if os.path.isfile(os.path.join(cfg.masks_from, SPARSITY_NAME)):

@@ -16,9 +16,9 @@ from huggingface_hub.utils import get_token
 
 from ._version import __version__
 from .card import CARD_FILE, CARD_TEMPLATE, is_generated_card, render_model_card, write_model_card
-from .export import SPARSITY_NAME, check_arg_type, load_sparsity
+from .io_utils import check_arg_type
+from .pruned_files import SPARSITY_NAME, SWEEP_JSON, SWEEP_PNG, load_sparsity
 from .state import IMPORTANCE_DIR
-from .sweep import SWEEP_JSON, SWEEP_PNG
 
 # Backward-compatible names: these used to be defined here.
 SPARSITY_FILE = SPARSITY_NAME

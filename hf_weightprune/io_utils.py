@@ -1,5 +1,5 @@
-"""Atomic file writes: a temporary file in the same folder, flushed to disk, then renamed into place, so a crash
-never leaves a half-written file under the final name."""
+"""Atomic file writes (a temporary file in the same folder, flushed to disk, then renamed into place, so a crash
+never leaves a half-written file under the final name) and the one-line argument check of public entry points."""
 
 from __future__ import annotations
 
@@ -28,3 +28,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def check_arg_type(fn: str, name: str, value: Any, types: type | tuple[type, ...], expected: str) -> None:
+    """Raise a one-line `TypeError` naming the function, the argument and what it expects, unless
+    `isinstance(value, types)`.
+
+    Args:
+        fn (`str`): the public function being called, for the message.
+        name (`str`): the argument's name.
+        value (`Any`): the value passed.
+        types (`type` or `tuple[type, ...]`): accepted types.
+        expected (`str`): what to pass, in words (`"a bool"`).
+
+    Raises:
+        TypeError: `value` is not an instance of `types`.
+    """
+    if not isinstance(value, types):
+        raise TypeError(f"{fn}: {name} must be {expected}; got {type(value).__name__} {_short_repr(value)}")
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."

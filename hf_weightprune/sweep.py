@@ -21,12 +21,10 @@ from tqdm.auto import tqdm
 
 from .config import PruneConfig, parse_structure
 from .importance import Importance
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, check_arg_type
 from .oneshot import ONESHOT_CRITERIA, oneshot_importance
+from .pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
 
-SWEEP_CSV = "sweep.csv"
-SWEEP_JSON = "sweep.json"
-SWEEP_PNG = "sweep.png"
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")
 
@@ -138,8 +136,6 @@ def _windows(tokenizer, path: str | os.PathLike, seq_len: int, max_windows: int 
 
 
 def _check_sweep_args(args: dict[str, Any]) -> None:
-    from .export import check_arg_type
-
     path, opt_path = (str, os.PathLike), (str, os.PathLike, type(None))
     checks = [
         ("model_dir", path, "a model folder (str or os.PathLike)"),

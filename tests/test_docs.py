@@ -190,10 +190,10 @@ def test_block_parser_reads_fences_directives_and_commands(tmp_path):
 # Module (or subpackage) of hf_weightprune -> the sibling modules it may import (`from .x import`, `from . import x`,
 # lazy imports included). docs/architecture.md states the same lists; both tests below must agree.
 MAY_IMPORT = {
-    "__init__": {"_version", "callback", "config", "distill", "export", "hub", "importance", "lora", "oneshot",
-                 "pruner", "schedule", "state", "sweep"},
+    "__init__": {"_version", "callback", "config", "distill", "export", "hub", "importance", "lora", "oneshot", "pruned_files", "pruner", "schedule", "state", "sweep"},
     "_version": set(),
     "io_utils": set(),
+    "pruned_files": {"io_utils"},
     "matching": set(),
     "distributed": set(),
     "data": set(),
@@ -215,15 +215,14 @@ MAY_IMPORT = {
     "lora": {"masks", "matching", "pruner"},
     "oneshot": {"activations", "config", "importance", "matching", "scorers"},
     "state": {"_version", "config", "distributed", "importance", "io_utils", "safetensors_io", "scorers"},
-    "export": {"_version", "card", "config", "importance", "matching", "pruner", "safetensors_io", "schedule"},
-    "holder": {"distributed", "export", "masks", "matching", "pruner", "schedule"},
+    "export": {"_version", "card", "config", "importance", "io_utils", "matching", "pruned_files", "pruner", "safetensors_io", "schedule"},
+    "holder": {"distributed", "export", "masks", "matching", "pruned_files", "pruner", "schedule"},
     "callback": {"accumulator", "config", "distill", "distributed", "holder", "importance", "schedule", "state"},
     "accumulator": {"activations", "config", "distributed", "importance", "matching", "scorers"},
-    "card": {"_version", "config", "export", "io_utils", "scorers", "sweep"},
-    "hub": {"_version", "card", "export", "state", "sweep"},
-    "sweep": {"config", "data", "export", "importance", "io_utils", "oneshot", "plotting", "pruner", "state"},
-    "cli": {"_version", "config", "data", "export", "hub", "oneshot", "plotting", "pruner", "safetensors_io",
-            "scorers", "state", "sweep"},
+    "card": {"_version", "config", "io_utils", "pruned_files", "scorers"},
+    "hub": {"_version", "card", "io_utils", "pruned_files", "state"},
+    "sweep": {"config", "data", "export", "importance", "io_utils", "oneshot", "plotting", "pruned_files", "pruner", "state"},
+    "cli": {"_version", "config", "data", "export", "hub", "plotting", "pruned_files", "pruner", "safetensors_io", "scorers", "state", "sweep"},
 }
 PKG = D.ROOT / "hf_weightprune"
 
