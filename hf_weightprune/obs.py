@@ -13,14 +13,15 @@ whole sweep. Columns are processed in blocks of `blocksize`: the mask of a block
 the sweep reaches it (the paper's adaptive mask selection), and the updates of later blocks are batched into one
 matrix product per block (the paper's lazy batch updates).
 
-Memory. `H` is `[in, in]` float32, `4 * in^2` bytes per distinct Linear input: q/k/v share one input, gate/up share
-one, so a Llama/Phi-3 decoder layer holds three `hidden^2` Hessians (attention input, o_proj input, MLP input) and
-one `intermediate^2` (down_proj input):
+Memory. `H` is `[in, in]` float32, `4 * in^2` bytes, kept per tracked weight: q/k/v (and gate/up) share one input,
+whose `X^T X` is computed once per forward, but each keeps its own copy. A Llama decoder layer holds six `hidden^2`
+Hessians (q, k, v, o, gate, up) and one `intermediate^2` (down); Phi-3's fused `qkv_proj` / `gate_up_proj` make it
+three and one:
 
 | Model | hidden | intermediate | layers | per layer | whole model |
 |---|---|---|---|---|---|
-| SmolLM2-135M | 576 | 1536 | 30 | 3 x 1.27 MiB + 9.0 MiB = 12.8 MiB | 384 MiB (0.7x its float32 weights) |
-| Phi-3-mini (3.8B) | 3072 | 8192 | 32 | 3 x 36 MiB + 256 MiB = 364 MiB | 11.4 GiB (1.6x its bfloat16 weights) |
+| SmolLM2-135M (Llama) | 576 | 1536 | 30 | 6 x 1.27 MiB + 9.0 MiB = 17.4 MiB | 522 MiB (1.0x its float32 weights) |
+| Phi-3-mini (3.8B) | 3072 | 8192 | 32 | 3 x 36 MiB + 256 MiB = 364 MiB | 11.4 GiB (1.5x its bfloat16 weights) |
 
 The sweep of one Linear needs about three more `[in, in]` float32 matrices (the dampened copy, its Cholesky factor and
 inverse) and a float32 copy of the weight: 0.8 GiB for Phi-3-mini's down_proj.

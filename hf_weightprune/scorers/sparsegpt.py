@@ -165,7 +165,8 @@ class SparseGPT(Scorer):
     `w_ij^2 / [H^-1]_jj^2` with `H = sum over real tokens of x x^T`.
 
     The state is the Hessian of each Linear input, `[in, in]` float32, accumulated by forward hooks during training
-    (no calibration pass); q/k/v (and gate/up) share one input and so one state. Pruning with this importance runs
+    (no calibration pass); q/k/v (and gate/up) share one input, whose `X^T X` is computed once per forward and
+    added to each of their states. Pruning with this importance runs
     the OBS sweep [`hf_weightprune.obs.sparsegpt_prune_`], which also updates the kept weights. [`score`] is the
     sweep's first-block criterion for consumers that only need one number per weight (global thresholds, plots):
     `[H^-1]_jj` there is the diagonal `U_jj` of the upper Cholesky factor of `(H/tokens + damp I)^-1`, with
