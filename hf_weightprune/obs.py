@@ -20,7 +20,7 @@ three and one:
 
 | Model | hidden | intermediate | layers | per layer | whole model |
 |---|---|---|---|---|---|
-| SmolLM2-135M (Llama) | 576 | 1536 | 30 | 6 x 1.27 MiB + 9.0 MiB = 17.4 MiB | 522 MiB (1.0x its float32 weights) |
+| SmolLM2-135M (Llama) | 576 | 1536 | 30 | 6 x 1.27 MiB + 9.0 MiB = 16.6 MiB | 498 MiB (1.0x its float32 weights) |
 | Phi-3-mini (3.8B) | 3072 | 8192 | 32 | 3 x 36 MiB + 256 MiB = 364 MiB | 11.4 GiB (1.5x its bfloat16 weights) |
 
 The sweep of one Linear needs about three more `[in, in]` float32 matrices (the dampened copy, its Cholesky factor and
