@@ -18,6 +18,12 @@ The real recipe (bf16, LoRA via peft, wanda importance from the frozen base; one
 
 Without `--lora` the whole model is fine-tuned (masks also hold the optimizer's moments at zero). DeepSpeed and
 FSDP are not supported by the schedule (DDP is).
+
+`--distill` distils from the dense model while it prunes (the recipe for fine-tuning with pruning: the loss becomes
+`(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)`, SquareHead, arXiv 2310.06927); the teacher is a frozen
+copy of the model as training begins (`--distill_alpha`, `--distill_temperature`):
+
+    python examples/finetune_phi3_with_pruning.py --distill --output_dir out/phi3-tiny-pruned-distilled
 """
 
 import argparse
@@ -33,7 +39,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_weightprune import ImportanceCallback, ImportanceConfig
+from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig
 from hf_weightprune.data import evaluate_loss, load_texts, make_windows, train_tokenizer
 from hf_weightprune.export import save_pruned
 from hf_weightprune.lora import merge_and_unload_sparse
@@ -61,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=None)
     p.add_argument("--eval_windows", type=int, default=64)
     p.add_argument("--output_dir", default="out/phi3-pruned")
+    p.add_argument("--distill", action="store_true", help="distil from the dense model while pruning")
+    p.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the KL term (default: %(default)s)")
+    p.add_argument("--distill_temperature", type=float, default=2.0, help="softmax temperature (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -90,8 +99,9 @@ def train(args, schedule=None):
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     cb = None
     if schedule is not None:
+        distill = DistillConfig(alpha=args.distill_alpha, temperature=args.distill_temperature) if args.distill else None
         cb = ImportanceCallback(ImportanceConfig(criterion=args.criterion) if args.criterion else ImportanceConfig(),
-                                schedule=schedule)
+                                schedule=schedule, distill=distill)
     training_args = TrainingArguments(
         os.path.join(args.output_dir, "trainer" if schedule is not None else "dense-control"),
         max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,

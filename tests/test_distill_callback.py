@@ -80,3 +80,26 @@ def test_distill_argument_types_are_checked():
         ImportanceCallback(distill={"alpha": 0.5})
     with pytest.raises(TypeError, match="schedule must be a PruneSchedule"):
         ImportanceCallback(schedule={"final_sparsity": 0.5})
+
+
+def test_example_fine_tunes_phi3_with_pruning_and_distillation(tmp_path, capsys):
+    """The headline example, as a user runs it with `--distill`: a pruned checkpoint whose zeros match its card."""
+    import importlib.util
+    from pathlib import Path
+
+    from hf_weightprune.export import load_sparsity
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "finetune_phi3_with_pruning.py"
+    spec = importlib.util.spec_from_file_location("finetune_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--distill", "--max_steps", "12", "--no_dense_control", "--eval_windows", "4", "--output_dir",
+                  str(tmp_path)])
+    from safetensors.torch import load_file
+
+    info = load_sparsity(tmp_path / "pruned")
+    weights = load_file(tmp_path / "pruned" / "model.safetensors")
+    zeros = sum(int((weights[n] == 0).sum()) for n in info["tensors"])
+    numel = sum(v["numel"] for v in info["tensors"].values())
+    assert info["global_sparsity"] == pytest.approx(zeros / numel) == pytest.approx(0.5, abs=1e-3)
+    assert "saved to" in capsys.readouterr().out
