@@ -224,3 +224,42 @@ def test_prune_schedule_save_pretrained_round_trip(tmp_path):
     schedule.save_pretrained(tmp_path)
     again = PruneSchedule.from_pretrained(tmp_path)
     assert again.to_dict() == schedule.to_dict() and again.prune_config.nm == (2, 4)
+
+
+# ------------------------------------------------------------ the Trainer swaps the weights behind us (14.2)
+class BestIsEarly(TrainerCallback):
+    """Makes the Trainer consider checkpoint-2 (early in the pruning ramp) the best one, as eval loss usually does."""
+
+    def on_save(self, args, state, control, **kwargs):
+        state.best_model_checkpoint = str(args.output_dir) + "/checkpoint-2"
+        state.best_metric = 0.0
+
+
+def test_load_best_model_at_end_ends_with_the_final_masks_and_an_honest_report(tmp_path, caplog):
+    from hf_weightprune import save_pruned
+    from hf_weightprune.export import load_sparsity
+
+    model = tiny_llama(seed=36)
+    schedule = PruneSchedule(final_sparsity=0.5, start=2, end=6, every_n_steps=2, scope="layer")
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), schedule=schedule)
+    from hf_weightprune.testing import TokenDataset
+
+    args = TrainingArguments(str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                             eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                             disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=48), eval_dataset=TokenDataset(n=8, seed=1),
+                      callbacks=[cb, BestIsEarly()])
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.callback"):
+        trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    assert "they do not hold the final masks" in caplog.text and "load_best_model_at_end" in caplog.text
+    params = dict(model.named_parameters())
+    for name, mask in cb.mask_holder.masks.items():
+        assert not params[name].detach()[~mask].any(), name  # the final masks hold on what the Trainer loaded
+    report = schedule.report(model)
+    zeros = sum(int((params[n] == 0).sum()) for n in report.tensors)
+    numel = sum(v["numel"] for v in report.tensors.values())
+    assert report.global_sparsity == pytest.approx(zeros / numel) == pytest.approx(0.5, abs=1e-3)
+    save_pruned(model, tmp_path / "pruned", report=report)
+    assert load_sparsity(tmp_path / "pruned")["global_sparsity"] == pytest.approx(zeros / numel)
