@@ -243,9 +243,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model, _ = _load_model(args.model, flag="--model")
         imp.bind(model)
     stats = layer_stats(imp)
-    raw = imp.criterion == "wanda" and imp.weights is None
-    if raw:
+    raw = imp.criterion in ("wanda", "sparsegpt") and imp.weights is None  # no weights: the statistics themselves
+    if raw and imp.criterion == "wanda":
         what, label = "activation sum of squares (pass --model for scores)", "activation sum of squares, sum_t x_j^2"
+    elif raw:
+        what, label = "input Hessian entries (pass --model for scores)", "input Hessian, sum_tokens x x^T"
     else:
         what, label = "score", f"{imp.criterion} score, {get_scorer(imp.criterion).formula}"
     print(f"{imp!r}\n{what} per tracked weight (<median: % of its values below the median of all tracked values):")

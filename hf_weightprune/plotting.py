@@ -301,7 +301,7 @@ def layer_stats(importance, *, sample_size: int = 8192, seed: int = 0) -> list[d
         raise ValueError(f"sample_size must be a positive number of values, got {sample_size}.")
     if not importance.names:
         raise ValueError("This importance tracks no tensor; there is nothing to summarise.")
-    raw = importance.criterion == "wanda" and importance.weights is None
+    raw = importance.criterion in ("wanda", "sparsegpt") and importance.weights is None  # statistics, not scores
     generator = torch.Generator().manual_seed(seed)
     stats: list[dict[str, Any]] = []
     samples = []

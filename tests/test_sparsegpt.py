@@ -201,3 +201,13 @@ def test_prune_checkpoint_reconstructs_like_prune_(config, tmp_path):
         if name in saved:
             torch.testing.assert_close(saved[name], p.detach(), rtol=0, atol=0)
     assert load_sparsity(tmp_path / "pruned")["reconstruction"] == "OBS"
+
+
+def test_inspect_without_weights_shows_the_hessians(tmp_path, capsys):
+    from hf_weightprune.cli import main
+
+    train(tiny_llama(seed=44), [ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))], tmp_path, max_steps=2)
+    png = tmp_path / "h.png"
+    assert main(["inspect", str(tmp_path / "importance"), "--plot", str(png), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "input Hessian entries (pass --model for scores)" in out and png.stat().st_size > 10_000
