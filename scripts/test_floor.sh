@@ -19,20 +19,8 @@ if [ -f "$VENV/floor-pins.txt" ] && [ "$(cat "$VENV/floor-pins.txt")" != "$WANT"
   echo "[floor] pins changed: rebuilding $VENV"
   rm -rf "$VENV"
 fi
-if [ ! -x "$VENV/bin/python" ]; then
-  if "$PY" -c "import torch" 2>/dev/null; then
-    echo "[floor] reusing the importable torch $("$PY" -c 'import torch; print(torch.__version__)')"
-    "$PY" -m venv --system-site-packages "$VENV"
-  else
-    "$PY" -m venv "$VENV"
-  fi
-fi
+bash "$ROOT/scripts/venv_with_torch.sh" "$VENV" floor
 VPY="$VENV/bin/python"
-"$VPY" -m pip install -q --upgrade pip
-if ! "$VPY" -c "import torch" 2>/dev/null; then
-  echo "[floor] installing torch==${TORCH_VERSION:-2.13.0}"
-  "$VPY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-fi
 echo "[floor] installing the floor pins:" $PINS
 # shellcheck disable=SC2086
 "$VPY" -m pip install -q $PINS
