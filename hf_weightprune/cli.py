@@ -167,6 +167,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .state import ImportanceFileError, load_importance, resolve_importance_dir
 
     config = PruneConfig(sparsity=args.sparsity, structure=args.structure, scope=args.scope,
+                         allow_collapse=args.allow_collapse,
                          target_modules=_modules(args.target_modules), exclude_modules=_modules(args.exclude_modules))
     _check_model_dir(args.model_dir, "model_dir")
     importance_dir = None
@@ -355,7 +356,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, help="text for one-shot wanda (None: --data)")
     _add(p, "calibration_windows", type=int, default=16, help="windows of --calibration for one-shot wanda")
     p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4)")
-    p.add_argument("--scope", default=None, help="global | layer | row (None: global for unstructured, else layer)")
+    p.add_argument("--scope", default=None, help="global | layer | row (None: the criterion's default: row for wanda, "
+                   "taylor, fisher; layer for the others)")
     _add(p, "seq_len", type=int, default=256, help="tokens per evaluation window")
     _add(p, "max_windows", type=int, default=64, help="evaluation windows at most")
     _add(p, "batch_size", type=int, default=8, help="windows per forward pass")
@@ -419,7 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=_floats_or_float, default=None,
                    help="fraction in [0,1) or JSON {regex: float} (None: 0.5; N:M sets its own)")
     p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4) | neurons | heads")
-    p.add_argument("--scope", default=None, help="global | layer | row (None: global for unstructured, else layer)")
+    p.add_argument("--scope", default=None, help="global | layer | row (None: the criterion's default: row for wanda, "
+                   "taylor, fisher; layer for the others)")
+    _add(p, "allow_collapse", action="store_true", default=False,
+         help="let a global threshold prune a whole tensor (refused otherwise)")
     _add(p, "target_modules", default=None,
          help="modules to prune: comma-separated name suffixes, or a regex (None: every tracked weight)")
     _add(p, "exclude_modules", default=None, help="modules to leave dense, as --target_modules (None: none)")

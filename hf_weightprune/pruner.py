@@ -388,7 +388,7 @@ def _refuse_collapse(name: str, criterion: str, scope: str, sparsity: float, nam
     fix = ("lower the sparsity" if scope != "global" else
            f"use scope={default_scope(criterion)!r} (the default for criterion {criterion!r}) or lower the sparsity")
     raise ValueError(f"{name} would be pruned to 100% (layer collapse) by scope={scope!r} at sparsity {sparsity:g} "
-                     f"({len(names)} tensors pruned): {fix}, or pass allow_collapse=True (PruneConfig or PruneSchedule) to allow it")
+                     f"({len(names)} tensors pruned): {fix}, or pass allow_collapse=True (PruneConfig or PruneSchedule; --allow_collapse on the CLI) to allow it")
 
 
 @torch.no_grad()

@@ -352,3 +352,21 @@ def test_push_include_importance_from_another_folder(run, tmp_path, hub_server, 
     files = hub_server.files("tester/with-importance")
     assert files["importance/importance_config.json"] == (run / "importance" / "importance_config.json").read_bytes()
     assert "sparsity.json" in files
+
+
+def test_allow_collapse_flag_reaches_the_pruner(tmp_path):
+    """A global threshold that would empty a tensor is refused on the CLI too, and `--allow_collapse` lets it pass."""
+    from hf_weightprune import ImportanceCallback, ImportanceConfig
+    from hf_weightprune.testing import tiny_llama
+
+    from .helpers import train
+
+    model = tiny_llama(seed=60)
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+    train(model, [cb], tmp_path / "run", max_steps=2)
+    model.save_pretrained(tmp_path / "run")
+    base = ["prune", str(tmp_path / "run"), "--importance", str(tmp_path / "run"), "--sparsity", "0.95",
+            "--scope", "global", "-q"]
+    assert main([*base, "--output_dir", str(tmp_path / "run" / "refused")]) == 2  # a whole tensor would go
+    assert not (tmp_path / "run" / "refused").exists()
+    assert main([*base, "--allow_collapse", "--output_dir", str(tmp_path / "run" / "allowed")]) == 0

@@ -376,7 +376,7 @@ def test_card_front_matter_and_body(tmp_path):
         assert f"| `{module}` | 2 |" in text  # two layers each
     # The criterion's formula and paper come from its scorer class (the one source)
     assert "**Criterion**: `temporal_magnitude`: `sum_t t*|w(t)| / sum_t t` (arXiv:2502.17071)." in text
-    assert "| `wanda` | `\\|W_ij\\| * \\|\\|x_j\\|\\|_2` | Sun et al. 2023, arXiv:2306.11695 |" in text
+    assert "| `wanda` | `\\|W_ij\\| * sqrt(mean_tokens x_j^2)` | Sun et al. 2023, arXiv:2306.11695 |" in text
     assert "2310.04573" in text
     assert "between steps 10 and 80" in text and "cubic" in text
     assert "![Eval loss vs. sparsity](sweep.png)" in text

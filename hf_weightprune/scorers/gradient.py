@@ -31,7 +31,7 @@ class Movement(_GradientScorer):
     """
 
     name = "movement"
-    formula = "-sum_t w*g"
+    formula = "-mean_t w*g"
     paper = "Sanh et al. 2020, arXiv:2005.07683"
 
     def update_(self, states, weights, grads, t, generator=None):
@@ -47,7 +47,7 @@ class Taylor(_GradientScorer):
     """First-order Taylor importance, Molchanov et al. 2019 (arXiv 1906.10771): `sum_t |w*g|`."""
 
     name = "taylor"
-    formula = "sum_t |w*g|"
+    formula = "mean_t |w*g|"
     paper = "Molchanov et al. 2019, arXiv:1906.10771"
 
     def update_(self, states, weights, grads, t, generator=None):
@@ -60,7 +60,7 @@ class Fisher(_GradientScorer):
     """Empirical Fisher diagonal (Kwon et al. 2022, arXiv 2204.09656): `sum_t g^2`."""
 
     name = "fisher"
-    formula = "sum_t g^2"
+    formula = "mean_t g^2"
     paper = "Kwon et al. 2022, arXiv:2204.09656"
 
     def update_(self, states, weights, grads, t, generator=None):

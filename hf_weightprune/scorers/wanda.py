@@ -42,7 +42,7 @@ class Wanda(Scorer):
 
     name = "wanda"
     source = "activations"
-    formula = "|W_ij| * ||x_j||_2"
+    formula = "|W_ij| * sqrt(mean_tokens x_j^2)"
     paper = "Sun et al. 2023, arXiv:2306.11695"
 
     def state_shape(self, weight):
