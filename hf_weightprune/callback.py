@@ -32,6 +32,7 @@ from . import distributed as D
 from . import state as S
 from .activations import ActivationCollector
 from .config import ImportanceConfig
+from .distill import DistillConfig, Distiller
 from .holder import MaskHolder
 from .importance import Importance
 from .matching import TrackedWeight, find_tracked_weights
@@ -54,6 +55,9 @@ class ImportanceCallback(TrainerCallback):
     Args:
         config (`ImportanceConfig` or `dict`, *optional*): what to track; defaults to `ImportanceConfig()`.
         schedule (`PruneSchedule`, *optional*): prune gradually during training (masks held after each step).
+        distill (`DistillConfig`, *optional*): distil from a dense teacher while training (default teacher: a frozen
+            copy of the model as training begins), so quality recovers while the schedule prunes (SquareHead, Kurtic
+            et al. 2023, arXiv 2310.06927). With `PruneSchedule(mode="hold")` pass the dense model as `teacher`.
         trainer (`transformers.Trainer`, *optional*): the Trainer, so that importance metrics reach its loggers
             (TensorBoard, W&B, `log_history`) through `trainer.log`; or call `attach(trainer)`.
         on_save_error (`str`, *optional*, defaults to `"raise"`): `"raise"` stops training when the importance
@@ -75,6 +79,7 @@ class ImportanceCallback(TrainerCallback):
         config: ImportanceConfig | dict | None = None,
         *,
         schedule: PruneSchedule | None = None,
+        distill: DistillConfig | None = None,
         trainer=None,
         on_save_error: str = "raise",
         on_resume_mismatch: str = "raise",
@@ -96,10 +101,17 @@ class ImportanceCallback(TrainerCallback):
             raise ValueError(f"on_save_error must be one of {SAVE_ERROR_CHOICES}; got {on_save_error!r}")
         if on_resume_mismatch not in RESUME_MISMATCH_CHOICES:
             raise ValueError(f"on_resume_mismatch must be one of {RESUME_MISMATCH_CHOICES}; got {on_resume_mismatch!r}")
+        if schedule is not None and not isinstance(schedule, PruneSchedule):
+            raise TypeError(f"schedule must be a PruneSchedule; got {type(schedule).__name__}")
+        if distill is not None and not isinstance(distill, DistillConfig):
+            raise TypeError(f"distill must be a DistillConfig; got {type(distill).__name__}")
+        if distill is not None and distill.teacher is None and schedule is not None and schedule.mode == "hold":
+            raise ValueError("distill with PruneSchedule(mode='hold') needs DistillConfig(teacher=...): the model being "
+                             "trained is already pruned, so pass the dense model (or its path) as the teacher")
         self.schedule = schedule
+        self.distill = distill
+        self._distiller = Distiller(distill) if distill is not None else None
         self.mask_holder = MaskHolder(schedule) if schedule is not None else None
-        if schedule is not None:
-            schedule._holder = self.mask_holder  # `schedule.masks` / `.report()` read the runtime state
         self.on_save_error = on_save_error
         self.on_resume_mismatch = on_resume_mismatch
         self.resume_from = resume_from
@@ -284,6 +296,13 @@ class ImportanceCallback(TrainerCallback):
         self._setup(args, state, model)
         if state.global_step > 0:
             self._restore(args, state)
+        if self._distiller is not None:  # before the holder applies restored masks: the teacher is the dense model
+            if state.global_step > 0 and self.distill.teacher is None:
+                logger.warning("ImportanceCallback: resuming with distill and no DistillConfig(teacher=...): the teacher "
+                               "is a copy of the resumed model, not of the model the run started from")
+            prunes_base = self.schedule is not None or any(t.param.requires_grad for t in self._tracked)
+            self._distiller.setup(model, prunes_base=prunes_base)
+            self._distiller.install(model)
         if self.mask_holder is not None:
             if getattr(args, "load_best_model_at_end", False) and self.schedule.mode == "prune":
                 logger.warning("ImportanceCallback: load_best_model_at_end with gradual pruning picks the lowest eval "
@@ -350,6 +369,8 @@ class ImportanceCallback(TrainerCallback):
                   "importance/tracked_params": sum(t.param.numel() for t in self._tracked)}
         if self.mask_holder is not None:
             values.update(self.mask_holder.log_values())
+        if self._distiller is not None:
+            values.update(self._distiller.pop_logs())
         return values
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -404,6 +425,8 @@ class ImportanceCallback(TrainerCallback):
         self._staged_step = None
         if self._collector is not None:
             self._collector.remove()
+        if self._distiller is not None:
+            self._distiller.remove()
 
     # ------------------------------------------------------------------------------------------- output
     def _stage(self, args, state) -> None:

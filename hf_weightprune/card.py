@@ -126,16 +126,21 @@ def _module_table(tensors: dict[str, dict]) -> list[dict]:
 
 
 def _structured_rows(structured: dict | None) -> list[dict]:
+    """Before/after rows from what `surgery.prune_structured_` returns: config sizes and the parameter count."""
     if not structured:
         return []
+    config = structured.get("config") or {}
+    pairs = {key: (config.get("before", {}).get(key), config.get("after", {}).get(key)) for key in _STRUCTURED_ROWS}
+    count = structured.get("num_parameters") or {}
+    pairs["num_parameters"] = (count.get("before"), count.get("after"))
     rows = []
     for key, label in _STRUCTURED_ROWS.items():
-        value = structured.get(key)
-        if isinstance(value, (list, tuple)) and len(value) == 2:
-            before, after = value
-            if isinstance(before, int) and isinstance(after, int) and key == "num_parameters":
-                before, after = f"{before:,}", f"{after:,}"
-            rows.append({"name": label, "before": before, "after": after})
+        before, after = pairs[key]
+        if before is None or after is None:
+            continue
+        if key == "num_parameters":
+            before, after = f"{before:,}", f"{after:,}"
+        rows.append({"name": label, "before": before, "after": after})
     return rows
 
 
@@ -329,6 +334,8 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "structured_summary": ", ".join(f"{r['name'].lower()} {r['before']} -> {r['after']}" for r in structured_rows),
         "scope": sparsity.get("scope", "global"),
         "scope_detail": _SCOPES.get(sparsity.get("scope"), "custom"),
+        "reconstruction": sparsity.get("reconstruction"),
+        "allocation": sparsity.get("allocation") or "uniform",
         "target_sparsity_text": _target_text(sparsity.get("target_sparsity")),
         "global_sparsity": float(sparsity.get("global_sparsity") or 0.0),
         "model_sparsity": float(sparsity.get("model_sparsity") or 0.0),

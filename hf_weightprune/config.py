@@ -190,6 +190,7 @@ class ImportanceConfig(_JsonConfigMixin):
 
 PRUNE_STRUCTURES = ("unstructured", "N:M", "neurons", "heads")
 PRUNE_SCOPES = ("global", "layer", "row")
+PRUNE_ALLOCATIONS = ("uniform", "owl")
 
 
 def check_sparsity(name: str, value: Any) -> float:
@@ -292,6 +293,21 @@ class PruneConfig(_JsonConfigMixin):
             Prune only these of the tracked weights (peft's rules, as in `ImportanceConfig`); `None` prunes all.
         exclude_modules (`str` or `list[str]`, *optional*):
             Never prune these (same rules).
+        allocation (`str`, *optional*, defaults to `"uniform"`):
+            `"uniform"`, or `"owl"`: per-decoder-layer sparsities from each layer's outlier ratio (OWL, Yin et al.
+            2023, arXiv 2310.05175), mean exactly `sparsity`; needs activation statistics (`wanda`, `sparsegpt`).
+            Within a layer the `scope` (`"row"` or `"layer"`) applies.
+        owl_m (`float`, *optional*, defaults to 5.0):
+            OWL's outlier threshold: `|W_ij| * ||x_j||` above `owl_m` times the layer's mean is an outlier.
+        owl_lambda (`float`, *optional*, defaults to 0.08):
+            OWL's band: layer sparsities stay within `sparsity +- owl_lambda`.
+        reconstruct (`bool`, *optional*):
+            Update the kept weights to compensate for the pruned ones (SparseGPT's OBS sweep, Frantar & Alistarh
+            2023, arXiv 2301.00774). Needs `sparsegpt` importance (its Hessians); `None` = whenever it is available.
+        dampening (`float`, *optional*, defaults to 0.01):
+            OBS: fraction of the mean of `diag(H)` added to the diagonal.
+        block_size (`int`, *optional*, defaults to 128):
+            OBS: columns per mask-selection and lazy-update block.
 
     Raises:
         `ValueError`: naming the field, for a bad structure, sparsity (or one an N:M pattern contradicts), a
@@ -307,6 +323,12 @@ class PruneConfig(_JsonConfigMixin):
     scope: str | None = field(default=None, metadata={"help": "global | layer | row"})
     target_modules: str | list[str] | None = field(default=None, metadata={"help": "Modules to prune."})
     exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "Modules never pruned."})
+    allocation: str = field(default="uniform", metadata={"help": "uniform | owl (per-layer sparsity from outliers)"})
+    owl_m: float = field(default=5.0, metadata={"help": "OWL outlier threshold (times the layer mean)."})
+    owl_lambda: float = field(default=0.08, metadata={"help": "OWL band around the target sparsity."})
+    reconstruct: bool | None = field(default=None, metadata={"help": "OBS update of kept weights (sparsegpt)."})
+    dampening: float = field(default=0.01, metadata={"help": "OBS dampening, fraction of mean diag(H)."})
+    block_size: int = field(default=128, metadata={"help": "OBS block of columns."})
 
     def __post_init__(self):
         kind, nm = parse_structure(self.structure)
@@ -339,6 +361,24 @@ class PruneConfig(_JsonConfigMixin):
             # Surgery shrinks every layer's MLP / attention as a whole: a selection would be silently ignored.
             raise ValueError(f"structure {kind!r} shrinks every decoder layer: target_modules/exclude_modules do not "
                              "apply; leave them unset (or use unstructured/N:M pruning to prune part of the model)")
+        if self.allocation not in PRUNE_ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {PRUNE_ALLOCATIONS}; got {self.allocation!r}")
+        if self.allocation == "owl" and (kind != "unstructured" or isinstance(self.sparsity, dict)
+                                         or self.scope == "global"):
+            raise ValueError("allocation='owl' sets one sparsity per decoder layer: use it with a float sparsity, "
+                             "unstructured pruning and scope 'row' or 'layer'")
+        if isinstance(self.owl_m, bool) or not isinstance(self.owl_m, (int, float)) or self.owl_m <= 0:
+            raise ValueError(f"owl_m must be a positive number; got {self.owl_m!r}")
+        if isinstance(self.owl_lambda, bool) or not isinstance(self.owl_lambda, (int, float)) or not (
+                0 <= self.owl_lambda < 1):
+            raise ValueError(f"owl_lambda must be a float in [0, 1); got {self.owl_lambda!r}")
+        if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
+            raise ValueError(f"reconstruct must be None, True or False; got {self.reconstruct!r}")
+        if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) or self.dampening < 0:
+            raise ValueError(f"dampening must be a number >= 0; got {self.dampening!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1 or (
+                nm is not None and self.block_size % nm[1]):
+            raise ValueError(f"block_size must be a positive int (a multiple of M for N:M); got {self.block_size!r}")
 
     @property
     def kind(self) -> str:

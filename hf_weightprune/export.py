@@ -92,6 +92,8 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "importance": report.importance,
         "base_model": base_model,
         "tensors": report.tensors,
+        "reconstruction": report.reconstruction,
+        "allocation": report.allocation,
         "structured": report.structured,
         "schedule": schedule,
         "eval": eval_results,
@@ -317,7 +319,7 @@ def prune_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .matching import select_names
-    from .pruner import compute_masks, refuse_tied
+    from .pruner import pruning_edits, refuse_tied, report_obs
 
     _check_common("prune_checkpoint", output_dir, base_model, overwrite, write_card)
     check_arg_type("prune_checkpoint", "model_dir", model_dir, (str, os.PathLike), "a local folder (str or os.PathLike)")
@@ -344,16 +346,20 @@ def prune_checkpoint(
         raise ValueError(f"{missing[0]}{tied} is tracked by the importance but not stored in {model_dir}")
     refuse_tied(skeleton, dict(skeleton.named_parameters()), names)
     report = PruningReport.for_config(importance, config)
-    masks = compute_masks(importance, config, names)
+    edits = pruning_edits(importance, config, names)
     selected = set(names)
 
-    def mask_of(key: str, shape: list[int]) -> torch.Tensor | None:
-        mask = masks(key) if key in selected else None
-        if mask is not None:
-            if list(mask.shape) != list(shape):
-                raise ValueError(f"{key}: mask shape {list(mask.shape)} != stored shape {shape}")
-            report.add_mask(key, mask)
-        return mask
+    def mask_of(key: str, shape: list[int]):
+        edit = edits(key) if key in selected else None
+        if edit is None:
+            return None
+        if list(importance.shapes[key]) != list(shape):
+            raise ValueError(f"{key}: importance shape {importance.shapes[key]} != stored shape {shape}")
+
+        def apply(tensor: torch.Tensor) -> None:  # the shard buffer's view of the tensor, edited in place
+            report.add_mask(key, edit(tensor))
+
+        return apply
 
     with _atomic_folder(output_dir, overwrite=overwrite) as tmp:
         shards = sorted(set(weight_map.values()))
@@ -366,6 +372,8 @@ def prune_checkpoint(
                 shutil.copy2(src, os.path.join(tmp, entry))
         report.tensors = {n: report.tensors[n] for n in names if n in report.tensors}  # model order, as prune_
         report.finalize(sum(p.numel() for p in skeleton.parameters()))
+        report.reconstruction = "OBS" if report_obs(importance, config) else None
+        report.allocation = config.allocation
         if base_model is None:
             source = getattr(skeleton.config, "_name_or_path", "") or ""
             base_model = source if source and not os.path.isdir(source) and source != model_dir else None

@@ -48,6 +48,7 @@ class MaskHolder:
         if not isinstance(schedule, PruneSchedule):
             raise TypeError(f"schedule must be a PruneSchedule; got {type(schedule).__name__}")
         self.schedule = schedule
+        schedule._holder = self  # `schedule.masks` / `.report()` read this runtime state
         self._reset()
 
     def _reset(self) -> None:

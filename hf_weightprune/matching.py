@@ -175,3 +175,13 @@ def find_tracked_weights(
             "A str is a regex that must fullmatch the module name; a list matches exact names or name suffixes."
         )
     return tracked
+
+
+def decoder_layer(name: str) -> str | None:
+    """The decoder layer a parameter belongs to: the name up to its first all-digit part (`model.layers.3` of
+    `model.layers.3.mlp.up_proj.weight`), or `None` for a parameter outside any numbered layer."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None

@@ -31,7 +31,7 @@ def _row_blocks(weights: Sequence[Tensor], norms: Sequence[Tensor]):
         rows = max(1, _ROWS_NUMEL // max(w.shape[1], 1))
         n = n.detach().to(w.device, torch.float32)[None, :]
         for block in w.detach().split(rows):
-            yield block.float().abs_() * n
+            yield block.abs().float() * n  # out of place: `.float()` of a float32 block is the weight itself
 
 
 def outlier_ratio(weight: Tensor | Sequence[Tensor], act_norm: Tensor | Sequence[Tensor], M: float = 5.0) -> float:

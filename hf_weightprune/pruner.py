@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,7 +23,8 @@ from . import masks as M
 from .config import PruneConfig, check_sparsity
 from .global_threshold import GlobalThreshold, compute_global_threshold
 from .importance import Importance
-from .matching import canonical_name, select_names
+from .matching import canonical_name, decoder_layer, select_names
+from .obs import sparsegpt_prune_
 
 __all__ = ["PruningReport", "check_nm_shapes", "compute_masks", "prune_", "refuse_tied"]
 
@@ -71,6 +72,10 @@ class PruningReport:
         structured (`dict`, *optional*):
             For `"neurons"`/`"heads"`: the dict [`~surgery.prune_structured_`] returns, unchanged (its
             `num_parameters` is `{"before": int, "after": int}`).
+        reconstruction (`str`, *optional*):
+            `"OBS"` when the kept weights were updated to compensate for the pruned ones (SparseGPT's sweep).
+        allocation (`str`, *optional*, defaults to `"uniform"`):
+            `"owl"` when per-layer sparsities came from OWL.
     """
 
     structure: str
@@ -82,6 +87,8 @@ class PruningReport:
     model_sparsity: float = 0.0  # zeros in pruned tensors / all parameters of the model
     importance: dict[str, Any] = field(default_factory=dict)
     structured: dict[str, Any] | None = None
+    reconstruction: str | None = None
+    allocation: str = "uniform"
 
     @classmethod
     def for_config(
@@ -386,11 +393,127 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     if config.kind == "N:M":
         check_nm_shapes({name: importance.shapes[name] for name in names}, *config.nm)
     refuse_tied(model, params, names)
-    masks = compute_masks(importance, config, names)
-    for name in tqdm(names, desc=f"pruning ({config.structure}, {config.scope})", disable=not progress):
-        mask = masks(name)
-        if mask is not None:
-            M.apply_mask_(params[name], mask.to(params[name].device))
-            report.add_mask(name, mask)
+    edit = pruning_edits(importance, config, names)
+    desc = f"pruning ({config.structure}, {config.scope}{', OBS' if report_obs(importance, config) else ''})"
+    for name in tqdm(names, desc=desc, disable=not progress):
+        edit_ = edit(name)
+        if edit_ is not None:
+            report.add_mask(name, edit_(params[name]))
+    report.reconstruction = "OBS" if report_obs(importance, config) else None
+    report.allocation = config.allocation
     return report.finalize(sum(p.numel() for p in model.parameters()))
+
+
+def report_obs(importance: Importance, config: PruneConfig) -> bool:
+    return config.kind in ("unstructured", "N:M") and _uses_obs(importance, config)
+
+
+def pruning_edits(importance: Importance, config: PruneConfig,
+                  names: list[str]) -> Callable[[str], Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The one plan shared by `prune_` and `prune_checkpoint`: `name -> edit` (or `None` to leave it dense), where
+    `edit(weight)` prunes that weight in place and returns what it holds now as a keep-mask (`weight != 0` measured).
+
+    Mask criteria zero the masked weights; `sparsegpt` importance runs the OBS sweep (SparseGPT, arXiv 2301.00774),
+    which also updates the kept weights, at each tensor's sparsity: its share of a global threshold, its layer's OWL
+    sparsity, or the uniform target. Global thresholds and OWL ratios are computed here, up front.
+
+    Args:
+        importance (`Importance`): bound to the weights (OWL and `sparsegpt` read them).
+        config (`PruneConfig`): unstructured or N:M.
+        names (`list[str]`): the selected weights.
+
+    Returns:
+        `Callable[[str], Callable[[Tensor], BoolTensor] | None]`.
+
+    Raises:
+        ValueError: `reconstruct=True` without `sparsegpt` importance, or OWL without activation statistics.
+    """
+    reconstruct = _uses_obs(importance, config)
+    if config.allocation == "owl":
+        per_tensor = owl_allocation(importance, config, names)
+        config = replace(config, allocation="uniform",
+                         sparsity={re.escape(n.rsplit(".", 1)[0]): s for n, s in per_tensor.items()})
+    masks = compute_masks(importance, config, names) if not reconstruct or config.scope == "global" else None
+
+    def masked(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def edit(weight: torch.Tensor) -> torch.Tensor:
+            M.apply_mask_(weight, mask.to(weight.device))
+            return mask
+
+        return edit
+
+    def obs(name: str, sparsity: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        def edit(weight: torch.Tensor) -> torch.Tensor:
+            sparsegpt_prune_(weight, importance.state(name).to(weight.device), sparsity=sparsity, nm=config.nm,
+                             scope="row" if config.scope == "row" else "layer", blocksize=config.block_size,
+                             percdamp=config.dampening)
+            return weight.detach() != 0  # measured: dead input columns are zero too
+
+        return edit
+
+    def one(name: str):
+        if not reconstruct:
+            mask = masks(name)
+            return None if mask is None else masked(mask)
+        if config.nm is not None:
+            return obs(name, None)
+        sparsity = M.mask_sparsity(masks(name)) if masks is not None else _sparsity_of(name, config.sparsity)
+        if sparsity is not None and sparsity >= 1.0:
+            raise ValueError(f"{name} would be pruned entirely by the global threshold (layer collapse): OBS saliencies "
+                             "are not comparable enough across tensors; use scope='row' or 'layer'")
+        return None if sparsity is None else obs(name, sparsity)
+
+    return one
+
+
+def _uses_obs(importance: Importance, config: PruneConfig) -> bool:
+    """Whether `prune_` reconstructs kept weights (SparseGPT's OBS sweep): it needs the Hessians of `sparsegpt`."""
+    has_hessians = importance.criterion == "sparsegpt"
+    if config.reconstruct and not has_hessians:
+        raise ValueError(f"reconstruct=True needs the input Hessians of criterion 'sparsegpt'; this importance is "
+                         f"{importance.criterion!r} (track ImportanceConfig(criterion='sparsegpt'))")
+    return has_hessians if config.reconstruct is None else config.reconstruct
+
+
+def _activation_norms(importance: Importance, name: str) -> torch.Tensor:
+    """`||x_j||` over the tokens seen, `[in]` float32, from wanda's sums of squares or sparsegpt's `diag(H)`."""
+    state = importance.state(name)
+    if importance.criterion == "sparsegpt":
+        state = state.diagonal()
+    elif importance.criterion != "wanda":
+        raise ValueError(f"allocation='owl' needs activation statistics (criterion 'wanda' or 'sparsegpt'); this "
+                         f"importance is {importance.criterion!r}")
+    tokens = max(int(importance.meta.get("tokens", {}).get(name, 0)), 1)
+    return (state.float() / tokens).sqrt()
+
+
+def owl_allocation(importance: Importance, config: PruneConfig, names: list[str]) -> dict[str, float]:
+    """Per-tensor sparsities from OWL (Yin et al. 2023, arXiv 2310.05175): each decoder layer's outlier ratio
+    (`|W_ij| * ||x_j|| > owl_m * mean` over the layer's weights) sets its sparsity, within `sparsity +- owl_lambda`,
+    with the parameter-weighted mean exactly `config.sparsity`.
+
+    Args:
+        importance (`Importance`): `wanda` or `sparsegpt` importance, bound to the weights.
+        config (`PruneConfig`): `sparsity` (a float), `owl_m`, `owl_lambda`.
+        names (`list[str]`): the weights to prune; grouped by decoder layer (`model.layers.N`); a weight outside
+            any layer is its own group.
+
+    Returns:
+        `dict[str, float]`: sparsity per weight name (the same for every weight of a layer).
+
+    Raises:
+        ValueError: importance without activation statistics, or not bound to weights.
+    """
+    from .owl import outlier_ratio, owl_sparsities
+
+    if importance.weights is None:
+        raise ValueError("allocation='owl' needs the weights: call importance.bind(model)")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(decoder_layer(name) or name, []).append(name)
+    ratios = {g: outlier_ratio([importance.weights[n].detach() for n in ns], [_activation_norms(importance, n) for n in ns],
+                               M=config.owl_m) for g, ns in groups.items()}
+    numels = {g: sum(importance.weights[n].numel() for n in ns) for g, ns in groups.items()}
+    per_layer = owl_sparsities(ratios, numels, config.sparsity, lamda=config.owl_lambda)
+    return {n: per_layer[g] for g, ns in groups.items() for n in ns}
 

@@ -219,7 +219,8 @@ def copy_shard_masked(src: str, dst: str, mask_of: Callable[[str, list[int]], to
         src (`str`): the source `.safetensors` file.
         dst (`str`): the file to write (created or truncated).
         mask_of (`Callable[[str, list[int]], torch.Tensor | None]`): called with each tensor's name and stored
-            shape; returns a boolean keep-mask of that shape, or `None` to copy the tensor unchanged.
+            shape; returns a boolean keep-mask of that shape, a callable that edits the tensor in place (given a
+            tensor view of the buffer, in the stored dtype), or `None` to copy the tensor unchanged.
         buffer (`bytearray`): a reusable buffer (may be empty); grown to the largest masked tensor.
 
     Returns:
@@ -257,7 +258,10 @@ def copy_shard_masked(src: str, dst: str, mask_of: Callable[[str, list[int]], to
                 if fin.readinto(view) != nbytes:
                     raise ValueError(f"{src} ended inside tensor {key}")
                 tensor = torch.frombuffer(view, dtype=dtype).view(info["shape"])
-                M.apply_mask_(tensor, mask)
+                if callable(mask):  # an in-place editor of the tensor (e.g. the OBS sweep), not a mask
+                    mask(tensor)
+                else:
+                    M.apply_mask_(tensor, mask)
                 fout.write(view)
             fout.flush()
             os.fsync(fout.fileno())

@@ -201,6 +201,15 @@ class PruneSchedule(_JsonConfigMixin):
         holder = getattr(self, "_holder", None)
         return holder.num_updates if holder is not None else 0
 
+    def state_dict(self) -> dict:
+        """The runtime counters written beside each checkpoint's importance (see `MaskHolder.state_dict`)."""
+        holder = getattr(self, "_holder", None)
+        if holder is None:
+            from .holder import MaskHolder
+
+            holder = MaskHolder(self)  # attaches itself: a schedule not yet trained has zero counters
+        return holder.state_dict()
+
     def report(self, model, importance=None):
         """A [`PruningReport`] of the current masks, for `save_pruned(model, out, report=...)` (see `MaskHolder`)."""
         return self._runtime().report(model, importance)

@@ -24,7 +24,7 @@ from . import dist_ddp
 pytestmark = pytest.mark.multiproc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DDP_CRITERIA = ["temporal_magnitude", "taylor", "wanda"]
+DDP_CRITERIA = ["temporal_magnitude", "taylor", "wanda", "sparsegpt"]
 # Gradients are all-reduced (a sum of two rank means) instead of averaged over one batch of 4, so the float
 # summation order differs; AdamW (lr 1e-2) turns those ~1e-7 differences into weight differences up to ~5e-6.
 # Tolerance per tensor: |a - b| <= 1e-4 * max|b| + 1e-4 * |b| (measured worst: 4.6e-5 * max|b|).

@@ -410,11 +410,11 @@ def test_card_license_from_existing_readme(tmp_path):
 def test_card_structures(tmp_path, structure, tag, note):
     structured = None
     if structure in ("neurons", "heads"):
+        # the shape `surgery.prune_structured_` returns (PruningReport.structured)
         structured = {
-            "intermediate_size": [64, 48],
-            "num_attention_heads": [4, 2],
-            "num_key_value_heads": [2, 1],
-            "num_parameters": [30000, 21000],
+            "config": {"before": {"intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2},
+                       "after": {"intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}},
+            "num_parameters": {"before": 30000, "after": 21000},
         }
     out = tmp_path / "pruned"
     save_pruned_llama(out, structure=structure, structured=structured)
@@ -466,3 +466,18 @@ def test_wheel_ships_the_card_template(tmp_path):
         assert "hf_weightprune/hub.py" in names
         shipped = zf.read("hf_weightprune/model_cards/pruned_model_card.md")
     assert shipped == (REPO_ROOT / "model_cards" / "pruned_model_card.md").read_bytes()
+
+
+def test_card_of_a_real_structured_prune(tmp_path):
+    from hf_weightprune import PruneConfig, prune_, save_pruned
+    from hf_weightprune.oneshot import oneshot_importance
+    from hf_weightprune.testing import tiny_llama
+
+    model = tiny_llama(seed=3)
+    report = prune_(model, oneshot_importance(model), PruneConfig(structure="neurons", sparsity=0.25), progress=False)
+    save_pruned(model, tmp_path / "pruned", report=report)
+    text = (tmp_path / "pruned" / "README.md").read_text()
+    count = report.structured["num_parameters"]
+    assert count["after"] == sum(p.numel() for p in model.parameters()) < count["before"]
+    assert f"| Parameters | {count['before']:,} | {count['after']:,} |" in text
+    assert "| MLP intermediate size | 64 | 48 |" in text

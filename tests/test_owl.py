@@ -94,3 +94,11 @@ def test_all_ratios_equal_give_uniform_sparsity(numels):
 def test_owl_sparsities_errors(args, match):
     with pytest.raises(ValueError, match=match):
         owl_sparsities(*args)
+
+
+def test_outlier_ratio_leaves_the_weights_untouched():
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    before = w.clone()
+    outlier_ratio(w, torch.rand(16), M=2.0)
+    assert torch.equal(w, before)

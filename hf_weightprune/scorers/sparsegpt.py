@@ -88,6 +88,10 @@ class SparseGPT(Scorer):
     def state_shape(self, weight):
         return torch.Size([weight.shape[-1], weight.shape[-1]])
 
+    def statistic(self, x: Tensor, token_mask: Tensor | None) -> Tensor:
+        """One forward's contribution: `X^T X` over the real tokens, `[in, in]` float32."""
+        return hessian_sum(x, token_mask)
+
     def update_(self, states, weights, grads, t, generator=None):
         # `weights` are one step's `hessian_sum`s here (the hooks collect them, as for wanda).
         states, sums = list(states), list(weights)
