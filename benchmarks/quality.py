@@ -254,19 +254,6 @@ def importance_dir(criterion: str) -> Path:
     return WORK / "importance" / criterion
 
 
-def _ensure_sparsegpt_statistic() -> None:
-    """Main at 8c3f7a1 registers the `sparsegpt` scorer (`source="activations"`) without its per-forward
-    `statistic`, so its callback fails at the first forward. The statistic is `hessian_sum(x, token_mask)` (the
-    scorer module's own function, documented as "the per-step increment of SparseGPT's Hessian"); this shim wires it
-    in only while the scorer lacks it, and is a no-op once the package defines it."""
-    from hf_weightprune.scorers.base import Scorer
-    from hf_weightprune.scorers.sparsegpt import SparseGPT, hessian_sum
-
-    if SparseGPT.statistic is Scorer.statistic:
-        _log("shim: SparseGPT.statistic = hessian_sum (missing from this version of the package)")
-        SparseGPT.statistic = lambda self, x, token_mask: hessian_sum(x, token_mask)
-
-
 def finetune(base: Path, train, args) -> dict:
     """One Trainer run with one ImportanceCallback per criterion; saves the weights and each importance."""
     out = WORK / "finetuned"
@@ -279,7 +266,6 @@ def finetune(base: Path, train, args) -> dict:
     from hf_weightprune import ImportanceCallback, ImportanceConfig
     from hf_weightprune.state import save_importance_dir
 
-    _ensure_sparsegpt_statistic()
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     callbacks = [ImportanceCallback(ImportanceConfig(criterion=c)) for c in CRITERIA]
@@ -360,82 +346,25 @@ def _parse_point(point: str) -> tuple[float | None, str | None]:
     return None, point
 
 
-def _layer_of(name: str) -> str:
-    m = re.match(r"(.*\.layers\.\d+)\.", name)
-    if m is None:
-        raise ValueError(f"{name} is not inside a decoder layer; OWL allocates per decoder layer")
-    return m.group(1)
-
-
-def _act_norm(imp, name: str):
-    """`||x_j||` per input channel from the fine-tune's statistics: wanda's state or the Hessian's diagonal."""
-    state = imp.state(name).float()
-    return (state.diagonal() if state.dim() == 2 else state).clamp_min(0).sqrt()
-
-
-def owl_layer_sparsities(imp, target: float) -> dict[str, float]:
-    """OWL (Yin et al. 2024, arXiv 2310.05694) per decoder layer, from the training-time activation norms."""
-    from hf_weightprune.owl import outlier_ratio, owl_sparsities
-
-    groups: dict[str, list[str]] = {}
-    for name in imp.names:
-        groups.setdefault(_layer_of(name), []).append(name)
-    ratios = {layer: outlier_ratio([imp.weights[n] for n in names], [_act_norm(imp, n) for n in names], M=OWL_M)
-              for layer, names in groups.items()}
-    numels = {layer: sum(imp.weights[n].numel() for n in names) for layer, names in groups.items()}
-    return owl_sparsities(ratios, numels, target, lamda=OWL_LAMBDA)
-
-
-def _has_owl_allocation() -> bool:
-    from hf_weightprune import PruneConfig
-
-    return "allocation" in getattr(PruneConfig, "__dataclass_fields__", {})
-
-
-def _prune_reconstructs() -> bool:
-    """Whether `prune_` runs SparseGPT's OBS update for a `sparsegpt` importance (the lead's pruner change)."""
-    import inspect
-
-    from hf_weightprune import pruner
-
-    return "sparsegpt_prune_" in inspect.getsource(pruner)
-
-
 def prune_ours(model, criterion: str, owl: bool, point: str) -> dict:
-    """Prune `model` in place from the fine-tune's importance of `criterion`; what was done, for the table."""
+    """Prune `model` in place from the fine-tune's importance of `criterion` with the public `prune_` (a `sparsegpt`
+    importance runs the OBS sweep, which also updates the kept weights); what was done, for the table."""
     from hf_weightprune import PruneConfig, load_importance, prune_
-    from hf_weightprune.obs import sparsegpt_prune_
 
     imp = load_importance(importance_dir(criterion), model=model)
     sparsity, nm = _parse_point(point)
     if nm is not None:
         config = PruneConfig(structure=nm)
-        per_layer = None
-    elif owl and _has_owl_allocation():
-        config = PruneConfig(sparsity=sparsity, scope="row", allocation="owl")
-        per_layer = None
-    elif owl:
-        per_layer = owl_layer_sparsities(imp, sparsity)
-        config = PruneConfig(sparsity={re.escape(layer) + r"\..*": s for layer, s in per_layer.items()}, scope="row")
     else:
-        config = PruneConfig(sparsity=sparsity, scope="row")
-        per_layer = None
-    impl = "prune_"
-    if criterion == "sparsegpt" and not _prune_reconstructs():
-        # Before the pruner runs the OBS update itself: the same sweep, called per weight with the Hessian the
-        # callback accumulated during the fine-tune.
-        impl = "obs.sparsegpt_prune_"
-        import torch
-
-        with torch.no_grad():
-            for name in imp.names:
-                s = per_layer[_layer_of(name)] if per_layer else sparsity
-                sparsegpt_prune_(imp.weights[name], imp.state(name), sparsity=None if nm else s, nm=nm, scope="row")
-    else:
-        prune_(model, imp, config, progress=False)
-    info = {"impl": impl, "config": config.to_dict()}
-    if per_layer:
-        values = list(per_layer.values())
+        # Row scope (the same count per output row, Wanda's comparison group) for every criterion, so that only the
+        # scores differ between rows of the table; OWL then sets one sparsity per decoder layer.
+        config = PruneConfig(sparsity=sparsity, scope="row", allocation="owl" if owl else "uniform",
+                             owl_m=OWL_M, owl_lambda=OWL_LAMBDA)
+    report = prune_(model, imp, config, progress=False)
+    info = {"impl": "prune_" + (" (OBS reconstruction)" if criterion == "sparsegpt" else ""),
+            "config": config.to_dict()}
+    if owl:
+        values = [t["sparsity"] for t in report.tensors.values()]
         info["owl_layer_sparsity"] = {"min": min(values), "max": max(values)}
     return info
 
