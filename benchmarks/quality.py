@@ -449,7 +449,7 @@ def _fmt(x: float) -> str:
     return "inf" if not math.isfinite(x) else f"{x:.2f}"
 
 
-def write_report(cells: list[dict], wanted: list[tuple[str, str]], info: dict, args, total: float, out: Path) -> str:
+def write_report(cells: list[dict], wanted: list[tuple[str, str]], info: dict, args, out: Path) -> str:
     """quality.{json,csv,md}; returns the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     by = {(c["method"], c["point"]): c for c in cells}
@@ -518,9 +518,11 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str]], info: dict, a
         "`load_importance` + `prune_` on the loaded model; llm-compressor = its `oneshot` call (calibration forwards "
         "+ pruning), without the venv start-up and model load.",
         "",
-        f"Command: `{' '.join(['python benchmarks/quality.py', *sys.argv[1:]])}` (wall time {total / 60:.1f} min "
-        "for this invocation on 2 CPU cores shared with other jobs; every stage is cached under "
-        "`benchmarks/_cache/quality/`).",
+        "Command: `python benchmarks/quality.py` (every stage is cached under `benchmarks/_cache/quality/`, one "
+        "file per cell, so `--only` lets several processes share the grid and `--report-only` rewrites this file). "
+        f"Wall time, on 2 CPU cores shared with other engineers' jobs (so every time here is inflated, several "
+        f"fold at times): fine-tune {ft}, pruning {sum(c.get('prune_seconds', 0) for c in cells) / 60:.1f} min and "
+        f"evaluation {sum(c['eval_seconds'] for c in cells) / 60:.1f} min summed over the cells.",
     ]
     if missing:
         md += ["", f"Not run ({len(missing)} cells; {NOT_RUN}): " + ", ".join(missing) + "."]
@@ -531,6 +533,30 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str]], info: dict, a
     tmp.write_text(text)
     os.replace(tmp, out / "quality.md")
     return text
+
+
+def _windows_cached(tok, args):
+    """`datasets_for`, cached per setting (tokenizing the texts costs a minute on a busy machine)."""
+    import datasets
+
+    key = f"{args.steps}x{args.batch_size}x{args.seq_len}-c{args.calibration_windows}-v{args.valid_windows}" \
+          f"-o{args.ood_windows}"
+    path = WORK / f"windows-{key}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return [datasets.Dataset.from_dict({"input_ids": ids, "labels": [list(w) for w in ids]}) for ids in data]
+    sets = datasets_for(tok, prepare_texts(), args)
+    _write_json(path, [ds["input_ids"] for ds in sets])
+    return sets
+
+
+def _cached_cells(wanted: list[tuple[str, str]]) -> list[dict]:
+    cells = []
+    for method, point in wanted:
+        path = WORK / "cells" / f"{_slug(method)}@{_slug(point)}.json"
+        if path.is_file():
+            cells.append(json.loads(path.read_text()))
+    return cells
 
 
 def main() -> None:
@@ -545,13 +571,23 @@ def main() -> None:
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--full", action="store_true", help="also 60%% and 70%% for every method")
+    p.add_argument("--only", default=None, help='comma-separated cells "method@point" to compute (another process '
+                   "may compute the others: cells are cached one file each)")
     p.add_argument("--deadline", default=None, help="HH:MM (UTC): start no new cell after it; report what exists")
+    p.add_argument("--report-only", action="store_true", help="compute nothing; write the report from the cache")
     p.add_argument("--stop-after", choices=("finetune", "llmc"), default=None)
     p.add_argument("--fresh", action="store_true", help="delete benchmarks/_cache/quality first")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
     if args.ood_windows * (args.seq_len - 1) < 25_000:
         p.error(f"--ood-windows {args.ood_windows} x {args.seq_len - 1} predicted tokens < 25,000")
+    wanted = plan(args.full)
+    todo = wanted
+    if args.only:
+        todo = [tuple(c.rsplit("@", 1)) for c in args.only.split(",")]
+        unknown = [f"{m}@{pt}" for m, pt in todo if (m, pt) not in wanted and not (m in METHODS and pt in POINTS)]
+        if unknown:
+            p.error(f"--only: unknown cell(s) {unknown}; cells are {[f'{m}@{pt}' for m, pt in wanted]}")
 
     import torch
     from transformers import AutoTokenizer
@@ -560,37 +596,42 @@ def main() -> None:
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True, exist_ok=True)
+    out = Path(args.output)
+    info_path = WORK / "finetune.json"
+    if args.report_only:
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        print(write_report(_cached_cells(wanted), wanted, info, args, out))
+        return
     start = time.perf_counter()
     base = base_model_dir()
     tok = AutoTokenizer.from_pretrained(base)
-    texts = prepare_texts()
-    train, calibration, valid, ood = datasets_for(tok, texts, args)
-    _log(f"texts ready in {time.perf_counter() - start:.0f} s: train {len(train)} x {args.seq_len}, valid "
+    train, calibration, valid, ood = _windows_cached(tok, args)
+    _log(f"windows ready in {time.perf_counter() - start:.0f} s: train {len(train)} x {args.seq_len}, valid "
          f"{len(valid)}, ood {len(ood)}, calibration {len(calibration)}")
-    info = finetune(base, train, args)
-    _log(f"fine-tune: {info['seconds']:.0f} s, train loss {info['train_loss']:.4f}")
+    needs_finetune = args.stop_after is not None or any(m != "base (before fine-tune)" for m, _ in todo)
+    info = finetune(base, train, args) if needs_finetune else (
+        json.loads(info_path.read_text()) if info_path.is_file() else {})
+    if info:
+        _log(f"fine-tune: {info['seconds']:.0f} s, train loss {info['train_loss']:.4f}")
     if args.stop_after == "finetune":
         return
     calib_path = WORK / "calibration.json"
     if not calib_path.is_file():
         _write_json(calib_path, {"input_ids": calibration["input_ids"]})
-
-    wanted = plan(args.full)
-    llmc_python = ensure_llmc_venv() if any(m in METHODS and METHODS[m][0] == "llmc" for m, _ in wanted) else None
+    llmc_python = ensure_llmc_venv() if any(m in METHODS and METHODS[m][0] == "llmc" for m, _ in todo) else None
     if args.stop_after == "llmc":
-        for m, point in wanted:
+        for m, point in todo:
             if m in METHODS and METHODS[m][0] == "llmc":
                 run_llmc(llmc_python, METHODS[m][1], point, calib_path, args.threads)
         return
-    cells = []
-    for method, point in wanted:
+    for method, point in todo:
         if args.deadline and time.strftime("%H:%M", time.gmtime()) >= args.deadline:
             _log(f"deadline {args.deadline} UTC reached: {method} @ {point} and later cells not run")
             break
-        cells.append(run_cell(method, point, valid, ood, args, llmc_python, calib_path))
-        # The report is rewritten after every cell, so it is current whenever the run is stopped.
-        write_report(cells, wanted, info, args, time.perf_counter() - start, Path(args.output))
-    print(write_report(cells, wanted, info, args, time.perf_counter() - start, Path(args.output)))
+        run_cell(method, point, valid, ood, args, llmc_python, calib_path)
+        # The report is rewritten after every cell (from every cached cell), so it is current whenever it stops.
+        write_report(_cached_cells(wanted), wanted, info, args, out)
+    print(write_report(_cached_cells(wanted), wanted, info, args, out))
 
 
 if __name__ == "__main__":
