@@ -441,7 +441,7 @@ def plan(full: bool) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------------------------- report
 
-NOT_RUN = "2 shared CPU cores, cut for the deadline (`--full` runs it)"
+NOT_RUN = "2 CPU cores shared with other jobs; cut for the deadline, rerunning the command fills them"
 OWL_NM = "N:M fixes the sparsity of every group"
 
 
