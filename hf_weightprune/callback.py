@@ -20,7 +20,6 @@ Lifecycle (one sitting to read):
 from __future__ import annotations
 
 import logging
-import math
 import os
 import weakref
 
@@ -257,73 +256,11 @@ class ImportanceCallback(TrainerCallback):
         if self.mask_holder is not None and self.mask_holder.target_sparsity > 0:
             target = self.mask_holder.target_sparsity
         with torch.no_grad():
-            values.update(self._score_summary(target))
+            values.update(self.accumulator.summary(target, self.log_sample_size))
         if self.mask_holder is not None:
             values.update(self.mask_holder.log_values())
         if self._distiller is not None:
             values.update(self._distiller.pop_logs())
-        return values
-
-    def _sampled_scores(self) -> dict[str, torch.Tensor]:
-        """Flat float32 scores of a seeded sample of each tracked weight (every element when the model is small)."""
-        acc = self.accumulator
-        meta, tracked = acc.meta, [t for t in acc.tracked if t.name in acc.states]
-        total = sum(D.local_tensor(t.param).numel() for t in tracked)
-        index = getattr(self, "_log_index", None)
-        if index is None or index[0] != total:  # drawn once per run: the same weights are followed across steps
-            gen = torch.Generator().manual_seed(acc.seed)
-            picks = {}
-            for t in tracked:
-                numel = D.local_tensor(t.param).numel()
-                k = numel if total <= self.log_sample_size else max(1, round(numel * self.log_sample_size / total))
-                # Sorted: the gathers then walk each weight in memory order.
-                picks[t.name] = None if k >= numel else torch.randint(numel, (k,), generator=gen).sort().values
-            index = self._log_index = (total, picks)
-        out = {}
-        for t in tracked:
-            state, weight = acc.states[t.name], D.local_tensor(t.param.detach())
-            idx = index[1][t.name]
-            flat_w = weight.reshape(-1) if idx is None else weight.reshape(-1)[idx.to(weight.device)]
-            kwargs = {"num_samples": meta["num_samples"], "weight_sum": float(meta["weight_sum"]),
-                      "tokens": int(meta["tokens"].get(t.name, 0))}
-            try:
-                if self.scorer.source != "activations":  # elementwise: the score of a sample is the sample's score
-                    flat_s = state.reshape(-1) if idx is None else state.reshape(-1)[idx.to(state.device)]
-                    score = self.scorer.score(flat_s, weight=flat_w, **kwargs)
-                else:  # wanda ([in] sums of x^2); sparsegpt ([in, in] Hessian): its diagonal, i.e. wanda's proxy
-                    cols = torch.arange(weight.numel(), device=state.device) if idx is None else idx.to(state.device)
-                    cols = cols % weight.shape[-1]
-                    if state.dim() == 1:
-                        score = self.scorer.score(state[cols], weight=flat_w.reshape(1, -1), **kwargs)
-                    elif kwargs["tokens"] > 0:  # wanda's |W_ij| * ||x_j|| from diag(H)
-                        norm = (state.diagonal()[cols].float() / kwargs["tokens"]).sqrt()
-                        score = flat_w.float().abs() * norm.to(flat_w.device)
-                    else:
-                        continue
-            except ValueError:  # no sample yet (gradient criteria before their first step)
-                continue
-            out[t.name] = score.reshape(-1).float().cpu()
-        return out
-
-    def _score_summary(self, target: float) -> dict[str, float]:
-        scores = self._sampled_scores()
-        if not scores:
-            return {}
-        pooled = torch.cat(list(scores.values()))
-        finite = pooled[torch.isfinite(pooled)]
-        if not finite.numel():
-            return {}
-        # The sample stands for every weight equally, so its k-th value estimates the global threshold at `target`.
-        k = max(1, math.ceil(target * finite.numel()))
-        threshold = finite.kthvalue(k).values
-        groups: dict[str, list[torch.Tensor]] = {}
-        for name, score in scores.items():
-            groups.setdefault(name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name, []).append(score)
-        values = {}
-        for kind, parts in groups.items():
-            joined = torch.cat(parts)
-            values[f"importance/{kind}/mean"] = float(joined.double().mean())
-            values[f"importance/{kind}/frac_below"] = float((joined < threshold).double().mean())
         return values
 
     def on_log(self, args, state, control, logs=None, **kwargs):
