@@ -27,6 +27,7 @@ copy of the model as training begins (`--distill_alpha`, `--distill_temperature`
 """
 
 import argparse
+import inspect
 import os
 
 import torch
@@ -46,6 +47,10 @@ from hf_weightprune.lora import merge_and_unload_sparse
 from hf_weightprune.schedule import PruneSchedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# transformers renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns in 5.2x, the new one
+# does not exist in 5.10): use whichever this version has.
+_CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in
+                      inspect.signature(TrainingArguments.__init__).parameters else "gradient_checkpointing")
 KJV = os.path.join(HERE, "..", "data", "kjv")
 
 
@@ -108,7 +113,7 @@ def train(args, schedule=None):
         learning_rate=args.learning_rate or (2e-4 if pretrained else 2e-3), lr_scheduler_type="cosine",
         warmup_steps=max(1, args.max_steps // 20), logging_steps=max(1, args.max_steps // 10), save_strategy="no",
         bf16=pretrained and torch.cuda.is_available(), report_to="none", disable_tqdm=True,
-        activation_checkpointing=pretrained, seed=0)
+        seed=0, **{_CHECKPOINTING_ARG: pretrained})
     trainer = Trainer(model=model, args=training_args, train_dataset=windows, callbacks=[cb] if cb else [])
     if cb is not None:
         cb.attach(trainer)  # importance and sparsity scalars reach the Trainer's loggers
