@@ -75,10 +75,6 @@ class ActivationCollector:
         self._attention_mask: Tensor | None = None
         self._last: tuple[Tensor, Tensor, int] | None = None  # (input, its statistic, tokens): shared by q/k/v
 
-    @property
-    def registered(self) -> bool:
-        return bool(self._hooks)
-
     def register(self) -> None:
         self.remove()
         self._hooks.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
