@@ -3,10 +3,13 @@
 One test (or parametrised group) per row of `docs/compatibility.md`; tiny seeded models, a real Trainer.
 """
 
+import json
 import logging
 import os
-import resource
-import signal
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from hf_weightprune.testing import TokenDataset, tiny_llama
 
 from .helpers import Recorder, reference, train
 
+REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-7  # float32 state against a float64 reference
 
 
@@ -381,76 +385,48 @@ def test_hyperparameter_search_without_hp_name_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- 10. failed saves
-class FileSizeLimit(TrainerCallback):
-    """While armed, writes past `limit` bytes fail with EFBIG, as writes to a full disk fail with ENOSPC.
-
-    It moves itself right before ImportanceCallback, so it arms just before the importance is written; a second
-    instance placed after it disarms before the Trainer writes its own checkpoint files."""
-
-    def __init__(self, trainer, importance_cb, event, arm, limit=16 * 1024):
-        self.trainer, self.importance_cb, self.event, self.arm, self.limit = trainer, importance_cb, event, arm, limit
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.arm:
-            cbs = self.trainer.callback_handler.callbacks
-            cbs.remove(self)
-            cbs.insert(cbs.index(self.importance_cb), self)
-
-    def _act(self, state):
-        if self.event == "save" and state.global_step != 2:
-            return
-        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit if self.arm else hard, hard))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # A checkpoint's importance is written in on_step_end, before the Trainer's own checkpoint files.
-        if self.event == "save":
-            self._act(state)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.event == "train_end":
-            self._act(state)
+FAILED_SAVES = [(event, on_save_error) for event in ("save", "train_end") for on_save_error in ("raise", "warn")]
 
 
-@pytest.fixture
-def restore_file_size_limit():
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    yield
-    resource.setrlimit(resource.RLIMIT_FSIZE, old)
-    signal.signal(signal.SIGXFSZ, old_handler)
+@pytest.fixture(scope="module")
+def failed_saves(tmp_path_factory):
+    """Each case in its own process (`tests/scripts/failed_save.py`), all at once: the file-size limit that makes
+    the importance write fail is process-wide and would also fail pytest's own writes past it."""
+    root = tmp_path_factory.mktemp("failed_save")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    procs = {case: subprocess.Popen([sys.executable, "-m", "tests.scripts.failed_save", str(root / "-".join(case)),
+                                     *case], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+             for case in FAILED_SAVES}
+    results = {}
+    for case, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{case} exited {proc.returncode}:\n{err[-3000:]}"
+        results[case] = (root / "-".join(case), json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
-@pytest.mark.parametrize("event", ["save", "train_end"])
-@pytest.mark.parametrize("on_save_error", ["raise", "warn"])
-def test_failed_save(event, on_save_error, tmp_path, caplog, restore_file_size_limit):
-    model = tiny_llama(seed=23, hidden_size=64, intermediate_size=128)  # ~300 KB of importance > the 16 KB limit
-    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), on_save_error=on_save_error)
-    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16), callbacks=[cb])
-    trainer.add_callback(FileSizeLimit(trainer, cb, event, arm=True))
-    trainer.add_callback(FileSizeLimit(trainer, cb, event, arm=False))
-    target = tmp_path / ("checkpoint-2" if event == "save" else "") / "importance"
-    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
-        if on_save_error == "raise":
-            with pytest.raises(RuntimeError, match=r"could not write .*importance.*: .*File too large.*on_save_error='warn'"):
-                trainer.train()
-        else:
-            trainer.train()
-            assert "could not write" in caplog.text and "File too large" in caplog.text
+@pytest.mark.parametrize("event, on_save_error", FAILED_SAVES)
+def test_failed_save(event, on_save_error, failed_saves):
+    out, result = failed_saves[event, on_save_error]
+    target = out / ("checkpoint-2" if event == "save" else "") / "importance"
+    if on_save_error == "raise":
+        assert result["error"].startswith("RuntimeError: ")
+        assert re.search(r"could not write .*importance.*: .*File too large.*on_save_error='warn'", result["error"])
+    else:
+        assert result["error"] is None
+        assert any("could not write" in m and "File too large" in m for m in result["warnings"]), result["warnings"]
     assert not target.exists() and not target.with_name(".importance.tmp").exists()
-    assert not (tmp_path / "_importance-staging" / "importance_config.json").exists()  # nothing looks complete
+    assert not (out / "_importance-staging" / "importance_config.json").exists()  # nothing looks complete
     if event == "save" and on_save_error == "raise":
         assert not target.parent.exists()  # training stopped before the Trainer wrote checkpoint-2
     else:
         with pytest.raises(ImportanceFileError, match="No importance"):
             load_importance(target.parent)
     if event == "save" and on_save_error == "warn":
-        assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()  # the Trainer's own checkpoint is intact
-    if on_save_error == "warn" and event == "save":  # training went on; later writes work again
-        assert load_importance(tmp_path / "checkpoint-4").num_samples == 4
-        assert load_importance(tmp_path).num_samples == 4
+        assert (out / "checkpoint-2" / "model.safetensors").exists()  # the Trainer's own checkpoint is intact
+        assert load_importance(out / "checkpoint-4").num_samples == 4  # training went on; later writes work again
+        assert load_importance(out).num_samples == 4
 
 
 # ----------------------------------------------------------------------------------------- 11. CPU offload
