@@ -1,0 +1,305 @@
+"""Fine-tuning with pruning that recovers, at equal training tokens: our recipes vs llm-compressor + masked fine-tune.
+
+The real SmolLM2-135M-Instruct and the same texts, windows and held-out sets as `quality.py` (Python docs, Linux
+kernel docs and KJV books for training; The Debian Administrator's Handbook out of domain and the training sources'
+held-out documents in domain). Every row starts from the pretrained model and trains `--steps` steps of
+`--batch-size` x `--seq-len` tokens (the same windows, the same order, the same learning-rate schedule):
+
+- dense: plain fine-tune, no pruning (the reference for "within 1.15x of dense");
+- (a) llm-compressor `SparseGPTModifier` one-shot on the pretrained model (64 x 256 calibration tokens from the
+  training documents, its own venv), then fine-tune with the mask held (`PruneSchedule(mode="hold")`), plain CE;
+- (b) the same with distillation from the dense pretrained model (`DistillConfig(teacher=<pretrained>)`);
+- (c) ours: gradual pruning during the fine-tune (`wanda` importance, cubic ramp, default `PruneSchedule` steps), CE;
+- (d) (c) with distillation from the dense model as training begins (`DistillConfig()`, the documented recipe);
+- (e) ours: the first quarter of the steps dense with the `sparsegpt` statistic (no calibration pass), one-shot OBS
+  pruning from it (`prune_`), then the remaining steps with the mask held and distillation from the dense weights of
+  that first quarter.
+
+Distillation: `alpha` 0.5, temperature 2.0 (the README's recipe). Each row is evaluated on both held-out sets; its
+training time (the Trainer's `train()`), the teacher's extra cost per step ((d) - (c)) and the achieved sparsity of
+the decoder Linears are recorded. One JSON per cell under `benchmarks/_cache/recovery/`, so an interrupted run goes
+on where it stopped; writes benchmarks/results/recovery.md and recovery.json.
+
+    python benchmarks/recovery.py                       # 100 steps, 50% and 2:4 (hours on 2 CPU cores)
+    python benchmarks/recovery.py --points 50% --steps 100 --deadline 16:40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality as Q  # noqa: E402  (the shared model, texts, windows and llm-compressor venv)
+
+WORK = Q.CACHE / "recovery"
+ROWS = {
+    "dense": "dense fine-tune (no pruning)",
+    "a": "(a) llm-compressor SparseGPT one-shot, then fine-tune with the mask held (CE)",
+    "b": "(b) llm-compressor SparseGPT one-shot, then mask held + distillation",
+    "c": "(c) ours: gradual pruning (wanda) during the fine-tune (CE)",
+    "d": "(d) ours: gradual pruning (wanda) + distillation",
+    "e": "(e) ours: sparsegpt statistics (first 25% of steps), OBS one-shot, then mask held + distillation",
+}
+ALPHA, TEMPERATURE = 0.5, 2.0
+
+
+def _log(msg: str) -> None:
+    print(f"[recovery {time.strftime('%H:%M:%S', time.gmtime())}] {msg}", flush=True)
+
+
+def _training_args(output: Path, steps: int, args):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(str(output), max_steps=steps, per_device_train_batch_size=args.batch_size,
+                             learning_rate=args.lr, warmup_steps=max(1, steps // 10), logging_steps=10,
+                             save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+
+
+def _train(model, train, steps: int, callbacks, args, tag: str) -> dict:
+    from transformers import Trainer
+
+    out = WORK / "trainer" / tag
+    trainer = Trainer(model=model, args=_training_args(out, steps, args), train_dataset=train, callbacks=callbacks)
+    t = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    return {"train_seconds": seconds, "train_loss": result.training_loss, "steps": steps}
+
+
+def _load(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _save(model, path: Path) -> Path:
+    if path.is_dir():
+        shutil.rmtree(path)
+    model.save_pretrained(path)
+    return path
+
+
+def llmc_pruned_dir(point: str, calibration: Path, args) -> tuple[Path, dict]:
+    """The pretrained model pruned by llm-compressor's SparseGPT at `point`, as a plain checkpoint folder."""
+    from safetensors.torch import load_file
+
+    out = WORK / "llmc" / f"sparsegpt-{Q._slug(point)}"
+    folder = out / "model"
+    if not (out / "run.json").is_file():
+        python = Q.ensure_llmc_venv()
+        sparsity, nm = Q._parse_point(point)
+        cmd = [str(python), str(Q.ROOT / "benchmarks" / "_llmcompressor_run.py"), "--model", str(Q.base_model_dir()),
+               "--calibration", str(calibration), "--method", "sparsegpt",
+               "--sparsity", str(sparsity if nm is None else 0.5), "--mask-structure", nm or "0:0",
+               "--threads", str(args.threads), "--output", str(out)]
+        _log(f"llm-compressor SparseGPT {point} on the pretrained model")
+        env = {k: v for k, v in Q.os.environ.items() if k != "PYTHONPATH"}
+        Q.subprocess.run(cmd, check=True, env=env)
+    if not (folder / "config.json").is_file():
+        model = _load(Q.base_model_dir())
+        _, unexpected = model.load_state_dict(load_file(out / "pruned.safetensors"), strict=False)
+        if unexpected:
+            raise RuntimeError(f"llm-compressor output has weights the model lacks: {unexpected[:3]}")
+        _save(model, folder)
+    return folder, json.loads((out / "run.json").read_text())
+
+
+def _schedule(point: str, **kw):
+    from hf_weightprune import PruneSchedule
+
+    sparsity, nm = Q._parse_point(point)
+    return PruneSchedule(final_sparsity=sparsity, structure=nm or "unstructured", **kw)
+
+
+def run_row(row: str, point: str, train, valid, ood, calibration: Path, args) -> dict:
+    path = WORK / "cells" / f"{row}@{Q._slug(point)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from hf_weightprune import (
+        DistillConfig,
+        ImportanceCallback,
+        ImportanceConfig,
+        PruneConfig,
+        PruneSchedule,
+        prune_,
+        save_pruned,
+    )
+    from hf_weightprune.data import evaluate_loss
+
+    base = Q.base_model_dir()
+    distill = DistillConfig(alpha=ALPHA, temperature=TEMPERATURE)
+    cell: dict = {"row": row, "point": point, "calibration_tokens": 0,
+                  "train_tokens": args.steps * args.batch_size * args.seq_len}
+    _log(f"{row} @ {point}: start")
+    if row == "dense":
+        model = _load(base)
+        cell.update(_train(model, train, args.steps, [], args, row))
+    elif row in ("a", "b"):
+        folder, info = llmc_pruned_dir(point, calibration, args)
+        cell["calibration_tokens"] = info["calibration_tokens"]
+        cell["prune_seconds"] = info["oneshot_seconds"]
+        model = _load(folder)
+        d = DistillConfig(teacher=str(base), alpha=ALPHA, temperature=TEMPERATURE) if row == "b" else None
+        cb = ImportanceCallback(schedule=PruneSchedule(mode="hold", masks_from=str(folder)), distill=d)
+        cell.update(_train(model, train, args.steps, [cb], args, f"{row}-{Q._slug(point)}"))
+    elif row in ("c", "d"):
+        model = _load(base)
+        cb = ImportanceCallback(ImportanceConfig(criterion="wanda"), schedule=_schedule(point),
+                                distill=distill if row == "d" else None)
+        cell.update(_train(model, train, args.steps, [cb], args, f"{row}-{Q._slug(point)}"))
+    elif row == "e":
+        first = args.steps // 4
+        model = _load(base)
+        stats = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))
+        phase1 = _train(model, train.select(range(first * args.batch_size)), first, [stats], args, f"e1-{point}")
+        teacher = _save(model, WORK / "e" / f"dense-{Q._slug(point)}")
+        sparsity, nm = Q._parse_point(point)
+        config = PruneConfig(structure=nm) if nm else PruneConfig(sparsity=sparsity, scope="row")
+        t = time.perf_counter()
+        report = prune_(model, stats.importance(), config, progress=False)
+        cell["prune_seconds"] = time.perf_counter() - t
+        pruned = WORK / "e" / f"pruned-{Q._slug(point)}"
+        save_pruned(model, str(pruned), report=report, overwrite=True, write_card=False)
+        rest = train.select(range(first * args.batch_size, args.steps * args.batch_size))
+        cb = ImportanceCallback(schedule=PruneSchedule(mode="hold", masks_from=str(pruned)),
+                                distill=DistillConfig(teacher=str(teacher), alpha=ALPHA, temperature=TEMPERATURE))
+        phase2 = _train(model, rest, args.steps - first, [cb], args, f"e2-{Q._slug(point)}")
+        cell.update(train_seconds=phase1["train_seconds"] + phase2["train_seconds"], steps=args.steps,
+                    train_loss=phase2["train_loss"], phase_steps=[first, args.steps - first])
+    else:
+        raise ValueError(row)
+    cell["sparsity"] = Q.linear_sparsity(model)
+    t = time.perf_counter()
+    for split, windows in (("ood", ood), ("valid", valid)):
+        r = evaluate_loss(model, windows, batch_size=args.eval_batch_size)
+        cell[f"loss_{split}"], cell[f"ppl_{split}"], cell[f"tokens_{split}"] = r["loss"], r["perplexity"], r["tokens"]
+    cell["eval_seconds"] = time.perf_counter() - t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Q._write_json(path, cell)
+    _log(f"{row} @ {point}: ppl ood {cell['ppl_ood']:.2f}, valid {cell['ppl_valid']:.2f}, sparsity "
+         f"{cell['sparsity']:.4f}, train {cell['train_seconds']:.0f} s")
+    return cell
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def write_report(cells: list[dict], wanted: list[tuple[str, str]], args, out: Path) -> str:
+    by = {(c["row"], c["point"]): c for c in cells}
+    points = list(dict.fromkeys(p for _, p in wanted))
+    dense = by.get(("dense", "-"))
+    lines = [f"Every row: {args.steps} steps x {args.batch_size} x {args.seq_len} = "
+             f"{args.steps * args.batch_size * args.seq_len:,} training tokens from the pretrained SmolLM2-135M-Instruct; "
+             f"lr {args.lr}; distillation alpha {ALPHA}, temperature {TEMPERATURE}. Cells: perplexity out of domain "
+             "(Debian handbook) / in domain (held-out documents of the training sources).", ""]
+    if dense:
+        lines.append(f"Dense fine-tune: {dense['ppl_ood']:.2f} / {dense['ppl_valid']:.2f} "
+                     f"({dense['train_seconds'] / dense['steps']:.1f} s/step).")
+        lines.append("")
+    lines.append("| row | " + " | ".join(points) + " | calibration tokens | train s/step |")
+    lines.append("|---|" + "---:|" * len(points) + "---:|---:|")
+    for row, label in ROWS.items():
+        if row == "dense":
+            continue
+        got = [by.get((row, p)) for p in points]
+        if not any(got):
+            continue
+        cellstr = []
+        for c in got:
+            if c is None:
+                cellstr.append("not run")
+            else:
+                ratio = f" ({c['ppl_ood'] / dense['ppl_ood']:.2f}x)" if dense else ""
+                cellstr.append(f"{c['ppl_ood']:.2f} / {c['ppl_valid']:.2f}{ratio}")
+        first = next(c for c in got if c)
+        lines.append(f"| {label} | " + " | ".join(cellstr) + f" | {first['calibration_tokens']:,} | "
+                     + " / ".join(f"{c['train_seconds'] / c['steps']:.1f}" for c in got if c) + " |")
+    for p in points:
+        c, d = by.get(("c", p)), by.get(("d", p))
+        if c and d:
+            lines.append("")
+            lines.append(f"Teacher's extra cost at {p}: {(d['train_seconds'] - c['train_seconds']) / c['steps']:.2f} "
+                         f"s/step ({d['train_seconds'] / c['train_seconds']:.2f}x the step of (c)), same run.")
+    lines.append("")
+    lines.append("Achieved sparsity of the decoder Linears: " + ", ".join(
+        f"{c['row']}@{c['point']} {c['sparsity']:.4f}" for c in cells if c["row"] != "dense") + ".")
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recovery.md").write_text(text)
+    Q._write_json(out / "recovery.json", {"args": vars(args), "cells": cells})
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--points", default="50%,2:4", help="comma-separated sparsities: 50%%, 60%%, ..., 2:4")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {list(ROWS)}")
+    p.add_argument("--calibration-windows", type=int, default=64, help="llm-compressor's calibration windows")
+    p.add_argument("--valid-windows", type=int, default=12)
+    p.add_argument("--ood-windows", type=int, default=99)
+    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--deadline", default=None, help="HH:MM (UTC): start no new cell after it")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--output", default=str(Q.ROOT / "benchmarks" / "results"))
+    args = p.parse_args()
+    rows = args.rows.split(",")
+    if unknown := [r for r in rows if r not in ROWS]:
+        p.error(f"--rows: unknown {unknown}; rows are {list(ROWS)}")
+    points = args.points.split(",")
+    for point in points:
+        Q._parse_point(point)
+    wanted = [("dense", "-")] if "dense" in rows else []
+    wanted += [(r, pt) for pt in points for r in rows if r != "dense"]
+    out = Path(args.output)
+
+    def cached():
+        found = []
+        for r, pt in wanted:
+            path = WORK / "cells" / f"{r}@{Q._slug(pt)}.json"
+            if path.is_file():
+                found.append(json.loads(path.read_text()))
+        return found
+
+    if args.report_only:
+        print(write_report(cached(), wanted, args, out))
+        return
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    WORK.mkdir(parents=True, exist_ok=True)
+    base = Q.base_model_dir()
+    tok = AutoTokenizer.from_pretrained(base)
+    Q.WORK.mkdir(parents=True, exist_ok=True)  # texts and windows are shared with quality.py
+    train, calibration, valid, ood = Q._windows_cached(tok, args)
+    calib_path = WORK / "calibration.json"
+    if not calib_path.is_file():
+        Q._write_json(calib_path, {"input_ids": calibration.to_dict()["input_ids"]})
+    _log(f"windows: train {len(train)} x {args.seq_len}, valid {len(valid)}, ood {len(ood)}")
+    for row, point in wanted:
+        if args.deadline and time.strftime("%H:%M", time.gmtime()) >= args.deadline:
+            _log(f"deadline {args.deadline} UTC reached: {row} @ {point} and later cells not run")
+            break
+        run_row(row, point, train, valid, ood, calib_path, args)
+        write_report(cached(), wanted, args, out)
+    print(write_report(cached(), wanted, args, out))
+
+
+if __name__ == "__main__":
+    main()
