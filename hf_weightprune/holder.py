@@ -21,7 +21,8 @@ beside the weights (1 byte per pruned-tensor element on every rank).
 Optimizer state after an OBS update: the Adam moments of pruned weights are zeroed, those of the kept weights the
 sweep moved are kept unchanged. They are running gradient statistics, still about the right scale after a small
 weight correction; zeroing them while Adam's step count (and so its bias correction) stays would make the next
-steps of those weights about `(1 - beta1) / sqrt(1 - beta2)` (3x for the defaults) the usual size.
+steps of those weights about `(1 - beta1) / sqrt(1 - beta2)` times the learning rate (3.2 for the defaults), where a
+settled Adam step is at most about one.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.export import save_pruned
+from hf_weightprune.holder import MaskHolder
 from hf_weightprune.masks import num_to_prune
 from hf_weightprune.matching import find_tracked_weights
 from hf_weightprune.obs import sparsegpt_prune_
@@ -170,6 +171,9 @@ def test_report_and_sparsity_json_say_obs(tmp_path):
     report = schedule.report(model, cb.importance())
     assert report.reconstruction == "OBS" and report.criterion == "sparsegpt"
     assert schedule.state_dict()["reconstruction"] == "OBS"
+    resumed = MaskHolder(_schedule())  # a resume restores it with the masks
+    resumed.load_state_dict(schedule.state_dict(), schedule.masks)
+    assert resumed.reconstruction == "OBS"
     save_pruned(model, tmp_path / "pruned", report=report, schedule=schedule, write_card=False)
     with open(tmp_path / "pruned" / "sparsity.json") as f:
         saved = json.load(f)
@@ -265,3 +269,19 @@ def test_ddp_obs_updates_identical_on_ranks(tmp_path):
     assert info[0]["world_size"] == 2 and info[0]["reconstruction"] == "OBS"
     # the Hessians the updates used are the sum over both ranks' tokens: 8 steps x 2 ranks x 2 windows x 16 tokens
     assert info[0]["tokens"] == 8 * 2 * 2 * 16
+
+
+def test_global_scope_prunes_the_global_count_with_obs(tmp_path):
+    # Across all projections the OBS saliencies do not compare (o_proj would be emptied): refused as prune_ does.
+    with pytest.raises(ValueError, match="o_proj.weight would be pruned to 100% .* use scope='layer'"):
+        _run(tmp_path / "all", _schedule(scope="global"))
+    schedule = _schedule(scope="global", target_modules=["gate_proj", "up_proj"])
+    _, _, before, after = _run(tmp_path / "mlp", schedule)
+    numel = sum(m.numel() for m in after[1]["masks"].values())
+    for t in after:
+        pruned = {n: int((~m).sum()) for n, m in after[t]["masks"].items()}
+        assert sum(pruned.values()) == num_to_prune(numel, after[t]["target"]), t
+        assert len(set(pruned.values())) > 1  # per-tensor shares of one threshold, not a uniform sparsity
+        for name, m in after[t]["masks"].items():
+            prev = before[t]["masks"].get(name)
+            assert prev is None or not bool((m & ~prev).any())
