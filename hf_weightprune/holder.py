@@ -160,7 +160,8 @@ class MaskHolder:
 
         With `sparsegpt` importance (and `reconstruct` not `False`) the OBS sweep also updates the kept weights, from
         the Hessians in `importance`: under DDP they are the sum over ranks (the importance is assembled on every
-        rank), and the weights are the same on every rank, so every rank computes the same update.
+        rank), and the weights are the same on every rank, so every rank computes the same update (rank 0's weights and
+        masks are then broadcast, so float reductions that differ in the last bit cannot drift the replicas apart).
 
         Raises:
             ValueError: `reconstruct=True` without `sparsegpt` importance, or a tensor pruned to 100%.
@@ -177,6 +178,12 @@ class MaskHolder:
                 masks[n] = edit_(self.params[n]) if edit_ is not None else self.masks.get(
                     n, torch.ones_like(self.params[n], dtype=torch.bool))
             self.masks = {n: m.to(self.params[n].device) for n, m in masks.items()}
+            # Every rank swept the same H and weights; rank 0's result settles any last-bit difference of a GPU's
+            # float reductions, which DDP (it syncs gradients, not weights) would never undo.
+            if D.is_distributed():
+                for n in names:
+                    D.broadcast_(self.params[n].data, 0)
+                    self.masks[n] = D.broadcast_(self.masks[n].to(torch.uint8), 0).bool()
             self.reconstruction = "OBS"
         else:
             build = compute_masks(importance, config, names, sparsity=target, previous=self.masks)
