@@ -117,7 +117,7 @@ class ImportanceCallback(TrainerCallback):
         self.schedule = schedule
         self.distill = distill
         self._distiller = Distiller(distill) if distill is not None else None
-        self.mask_holder = MaskHolder(schedule) if schedule is not None else None
+        self.mask_holder = MaskHolder(schedule, criterion=self.config.criterion) if schedule is not None else None
         self.on_save_error = on_save_error
         self.on_resume_mismatch = on_resume_mismatch
         self.resume_from = resume_from

@@ -7,12 +7,22 @@ Lifecycle:
   weight sample of the importance, and in every checkpoint.
 - `update_` (end of an update step, after the importance sampled it): masks for the schedule's current target from
   the importance so far, through the pruner's one mask dispatch (`pruner.compute_masks`); the optimizer's
-  per-element state (Adam moments) of newly pruned weights is zeroed.
+  per-element state (Adam moments) of newly pruned weights is zeroed. With `sparsegpt` importance and the
+  reconstruction rule of `prune_` (`PruneConfig.reconstruct`, `None` = whenever the Hessians exist), the update is
+  the one-shot plan instead (`pruner.pruning_edits`): SparseGPT's OBS sweep (`obs.sparsegpt_prune_`) on the current
+  weights with the Hessians so far, the earlier masks forced, so the new masks come from the OBS saliency and the
+  kept weights are updated.
 - `state_dict` / `load_state_dict`: JSON counters and the masks, written beside the importance of every checkpoint.
 
 Masks only shrink: a pruned weight stays pruned (it ranks lowest at later updates), the usual gradual-pruning
 behaviour (Zhu & Gupta 2017), which also makes every update prune exactly its target count. Masks are `bool` tensors
 beside the weights (1 byte per pruned-tensor element on every rank).
+
+Optimizer state after an OBS update: the Adam moments of pruned weights are zeroed, those of the kept weights the
+sweep moved are kept unchanged. They are running gradient statistics, still about the right scale after a small
+weight correction; zeroing them while Adam's step count (and so its bias correction) stays would make the next
+steps of those weights about `(1 - beta1) / sqrt(1 - beta2)` times the learning rate (3.2 for the defaults), where a
+settled Adam step is at most about one.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from torch import Tensor, nn
 from . import distributed as D
 from .masks import apply_mask_, check_nm_shapes
 from .matching import find_tracked_weights, select_names
-from .pruner import PruningReport, compute_masks, refuse_tied
+from .pruner import PruningReport, compute_masks, pruning_edits, refuse_tied, uses_obs
 from .schedule import PruneSchedule
 
 logger = logging.getLogger(__name__)
@@ -38,16 +48,24 @@ class MaskHolder:
 
     Args:
         schedule (`PruneSchedule`): the configuration (pure; this object holds the runtime state).
+        criterion (`str`, *optional*): the importance criterion that will drive the updates, when known; a schedule
+            that asks for `reconstruct=True` without `sparsegpt` is then refused here, before training.
+
+    Raises:
+        ValueError: `reconstruct=True` with a `criterion` other than `sparsegpt`.
 
     Attributes:
         masks (`dict[str, Tensor]`): current keep-masks (`True` = keep) by canonical parameter name.
         params (`dict[str, nn.Parameter]`): the masked weights.
         sparsity (`float`): achieved sparsity over the masked weights; `target_sparsity` what the schedule asked.
+        reconstruction (`str` or `None`): `"OBS"` once an update has reconstructed the kept weights.
     """
 
-    def __init__(self, schedule: PruneSchedule):
+    def __init__(self, schedule: PruneSchedule, *, criterion: str | None = None):
         if not isinstance(schedule, PruneSchedule):
             raise TypeError(f"schedule must be a PruneSchedule; got {type(schedule).__name__}")
+        if criterion is not None and schedule.mode == "prune":
+            uses_obs(criterion, schedule.prune_config)  # the one-line refusal of prune_, before the first step
         self.schedule = schedule
         schedule._holder = self  # `schedule.masks` / `.report()` read this runtime state
         self._reset()
@@ -61,6 +79,7 @@ class MaskHolder:
         self.last_update_step: int | None = None
         self.scope: str | None = None  # resolved at the first update (a None scope follows the criterion)
         self.num_updates = 0
+        self.reconstruction: str | None = None
         self._steps: tuple[int, int] | None = None
         self._update_set: set[int] = set()
         self._restored: dict[str, Tensor] | None = None  # masks of a resumed checkpoint, until `setup` takes them
@@ -137,16 +156,43 @@ class MaskHolder:
 
     @torch.no_grad()
     def update_(self, importance, step: int, max_steps: int) -> float:
-        """Recompute the masks for the schedule's target at `step` from `importance`; returns the target."""
+        """Recompute the masks for the schedule's target at `step` from `importance`; returns the target.
+
+        With `sparsegpt` importance (and `reconstruct` not `False`) the OBS sweep also updates the kept weights, from
+        the Hessians in `importance`: under DDP they are the sum over ranks (the importance is assembled on every
+        rank), and the weights are the same on every rank, so every rank computes the same update (rank 0's weights and
+        masks are then broadcast, so float reductions that differ in the last bit cannot drift the replicas apart).
+
+        Raises:
+            ValueError: `reconstruct=True` without `sparsegpt` importance, or a tensor pruned to 100%.
+        """
         target = self.schedule.target_at(step, max_steps)
-        self.scope = self.schedule.prune_config.resolve_scope(importance.criterion)
-        build = compute_masks(importance, self.schedule.prune_config, list(self.params), sparsity=target,
-                              previous=self.masks)
-        self.masks = {n: build(n).to(self.params[n].device) for n in self.params}
+        config = self.schedule.prune_config
+        self.scope = config.resolve_scope(importance.criterion)
+        names = list(self.params)
+        if uses_obs(importance.criterion, config):
+            edit = pruning_edits(importance, config, names, sparsity=target, previous=self.masks)
+            masks = {}
+            for n in names:
+                edit_ = edit(n)
+                masks[n] = edit_(self.params[n]) if edit_ is not None else self.masks.get(
+                    n, torch.ones_like(self.params[n], dtype=torch.bool))
+            self.masks = {n: m.to(self.params[n].device) for n, m in masks.items()}
+            # Every rank swept the same H and weights; rank 0's result settles any last-bit difference of a GPU's
+            # float reductions, which DDP (it syncs gradients, not weights) would never undo.
+            if D.is_distributed():
+                for n in names:
+                    D.broadcast_(self.params[n].data, 0)
+                    self.masks[n] = D.broadcast_(self.masks[n].to(torch.uint8), 0).bool()
+            self.reconstruction = "OBS"
+        else:
+            build = compute_masks(importance, config, names, sparsity=target, previous=self.masks)
+            self.masks = {n: build(n).to(self.params[n].device) for n in names}
         self.apply_masks_()
-        self.zero_optimizer_state_()
+        self.zero_optimizer_state_()  # pruned weights only: the moments of kept weights an OBS update moved are kept
         self._record(target, step)
-        logger.info("PruneSchedule: step %d, sparsity %.4f (target %.4f)", step, self.sparsity, target)
+        logger.info("PruneSchedule: step %d, sparsity %.4f (target %.4f%s)", step, self.sparsity, target,
+                    ", OBS" if self.reconstruction else "")
         return target
 
     @torch.no_grad()
@@ -195,16 +241,19 @@ class MaskHolder:
         if not self.masks:
             raise ValueError("PruneSchedule has no masks yet (no update has happened)")
         zeros_of = {n: self.params[n].detach() != 0 for n in self.masks}
-        return PruningReport.from_masks(zeros_of, sum(p.numel() for p in model.parameters()),
-                                        structure=self.schedule.structure,
-                                        scope=self.scope or self.schedule.prune_config.scope,
-                                        target_sparsity=self.target_sparsity, importance=importance)
+        report = PruningReport.from_masks(zeros_of, sum(p.numel() for p in model.parameters()),
+                                          structure=self.schedule.structure,
+                                          scope=self.scope or self.schedule.prune_config.scope,
+                                          target_sparsity=self.target_sparsity, importance=importance)
+        report.reconstruction = self.reconstruction  # "OBS" as prune_ writes it, when an update reconstructed
+        return report
 
     def state_dict(self) -> dict[str, Any]:
         """JSON counters (the masks are saved beside them by the callback, see `masks`)."""
         return {"config": self.schedule.to_dict(), "sparsity": self.sparsity, "target_sparsity": self.target_sparsity,
                 "last_update_step": self.last_update_step, "num_updates": self.num_updates,
-                "steps": list(self._steps) if self._steps else None, "has_masks": bool(self.masks)}
+                "steps": list(self._steps) if self._steps else None, "has_masks": bool(self.masks),
+                "reconstruction": self.reconstruction}
 
     def load_state_dict(self, state: dict[str, Any] | None, masks: dict[str, Tensor] | None) -> None:
         """Restore counters and masks from a checkpoint (applied at the next `setup`).
@@ -222,5 +271,6 @@ class MaskHolder:
         self.sparsity, self.target_sparsity = float(state["sparsity"]), float(state["target_sparsity"])
         self.last_update_step, self.num_updates = state["last_update_step"], int(state["num_updates"])
         self._steps = tuple(state["steps"]) if state.get("steps") else None
+        self.reconstruction = state.get("reconstruction")
         self._restored = dict(masks or {})  # an empty dict still marks a resume (before the first update)
 

@@ -29,6 +29,7 @@ inverse) and a float32 copy of the weight: 0.8 GiB for Phi-3-mini's down_proj.
 
 from __future__ import annotations
 
+import math
 from numbers import Real
 
 import torch
@@ -43,17 +44,24 @@ from .scorers.sparsegpt import _check_pair, inverse_hessian_cholesky, obs_salien
 __all__ = ["inverse_hessian_cholesky", "layer_reconstruction_error", "obs_saliency", "sparsegpt_prune_"]
 
 
-def _lowest_k(scores: Tensor, k: int) -> Tensor:
-    """Keep-mask pruning the `k` lowest entries of every row of a 2D tensor, lower index first on ties."""
+def _lowest_k(scores: Tensor, k: int | Tensor) -> Tensor:
+    """Keep-mask pruning the `k` lowest entries of every row of a 2D tensor, lower index first on ties; `k` is an int
+    or a `[rows]` int tensor (a count per row)."""
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    if k > 0:
+    if isinstance(k, Tensor):
+        order = torch.argsort(scores, dim=1, stable=True)
+        pruned = torch.arange(scores.shape[1], device=scores.device)[None, :] < k.to(scores.device)[:, None]
+        keep.scatter_(1, order, ~pruned)
+    elif k > 0:
         keep.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], False)
     return keep
 
 
-def _check_prune_args(weight, sparsity, nm, scope, blocksize):
+def _check_prune_args(weight, sparsity, nm, scope, blocksize, nm_sparsity=None):
     if (sparsity is None) == (nm is None):
         raise ValueError("Pass exactly one of `sparsity` (unstructured) and `nm` (e.g. '2:4').")
+    if nm_sparsity is not None and nm is None:
+        raise ValueError("`nm_sparsity` is a gradual step towards an N:M pattern: pass it with `nm`, not `sparsity`.")
     if nm is not None:
         if isinstance(nm, str):
             n, m = parse_nm(nm)
@@ -65,12 +73,35 @@ def _check_prune_args(weight, sparsity, nm, scope, blocksize):
             raise ValueError(f"N:M needs in_features divisible by m={m}, got weight shape {tuple(weight.shape)}.")
         if blocksize % m:
             raise ValueError(f"`blocksize` must be a multiple of m={m} so no N:M group straddles two blocks.")
+        if nm_sparsity is not None and (isinstance(nm_sparsity, bool) or not isinstance(nm_sparsity, Real)
+                                        or not 0.0 <= float(nm_sparsity) <= 1.0 - n / m + 1e-9):
+            raise ValueError(f"`nm_sparsity` must be a float in [0.0, {1.0 - n / m:g}] (at most what {n}:{m} prunes), "
+                             f"got {nm_sparsity!r}.")
         return None, (n, m)
     if isinstance(sparsity, bool) or not isinstance(sparsity, Real) or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"`sparsity` must be a float in [0.0, 1.0), got {sparsity!r}.")
     if scope not in ("row", "layer"):
         raise ValueError(f"`scope` must be 'row' or 'layer', got {scope!r}.")
     return float(sparsity), None
+
+
+def _check_previous(previous, weight, total, scope, nm) -> Tensor | None:
+    """The forced prunes (`~previous`, `[out, in]` bool on the weight's device), checked against the target counts."""
+    if previous is None:
+        return None
+    if not isinstance(previous, Tensor) or previous.dtype != torch.bool or previous.shape != weight.shape:
+        raise ValueError(f"`previous` must be a bool keep-mask of the weight's shape {tuple(weight.shape)}, got "
+                         f"{getattr(previous, 'dtype', type(previous).__name__)} {tuple(getattr(previous, 'shape', ()))}.")
+    forced = ~previous.to(weight.device)
+    if nm is not None and int(forced.reshape(-1, nm[1]).sum(1).max()) > nm[1] - nm[0]:
+        raise ValueError(f"`previous` prunes more than {nm[1] - nm[0]} of some group of {nm[1]}: it is not a step "
+                         f"towards N:M {nm[0]}:{nm[1]}.")
+    if total is not None:
+        count = int(forced.sum(1).max()) if scope == "row" else int(forced.sum())
+        if count > total:
+            raise ValueError(f"`previous` already prunes {count} weights {'in a row' if scope == 'row' else ''}, more "
+                             f"than the {total} this `sparsity` prunes: masks only shrink, raise the sparsity.")
+    return forced
 
 
 @torch.no_grad()
@@ -83,6 +114,8 @@ def sparsegpt_prune_(
     scope: str = "row",
     blocksize: int = 128,
     percdamp: float = 0.01,
+    previous: Tensor | None = None,
+    nm_sparsity: float | None = None,
 ) -> Tensor:
     """
     Prune a Linear weight in place with SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774): choose the mask
@@ -94,6 +127,13 @@ def sparsegpt_prune_(
     (the paper's per-block threshold, with exact integer counts: block `[a, b)` prunes `k*b//in - k*a//in`). Within a
     block, `"layer"` compares the whole block and `"row"` each row's part of it. N:M keeps the `n` largest scores of
     each group of `m` consecutive inputs, chosen when the sweep reaches the group. Ties prune the lower index first.
+
+    Gradual pruning (a [`PruneSchedule`] mask update) passes `previous`: the weights it prunes are pruned again here
+    (they rank lowest, so masks only shrink) and count towards the target; a block then prunes at least its forced
+    weights and never so many that the forced weights of later blocks would exceed the total, so the count stays
+    exact. With `nm_sparsity`, a step towards N:M prunes `round(nm_sparsity * out * in)` weights of the tensor, at
+    most `m - n` per group (the lowest of each group's `m - n` lowest scores, per block), as
+    [`~masks.nm_capped_mask`] does without reconstruction.
 
     Args:
         weight (`torch.Tensor`):
@@ -110,48 +150,82 @@ def sparsegpt_prune_(
             Columns per mask-selection and lazy-update block; a multiple of `m` for N:M.
         percdamp (`float`, *optional*, defaults to 0.01):
             Dampening added to `diag(H)`, as a fraction of its mean.
+        previous (`torch.BoolTensor`, *optional*):
+            Keep-mask shaped like `weight` (`True` = keep) of an earlier pruning: its `False` weights are pruned
+            whatever their saliency. It must prune no more than the target (per row for `scope="row"`, at most
+            `m - n` per N:M group).
+        nm_sparsity (`float`, *optional*):
+            With `nm` only: prune this fraction of the tensor, in `[0, 1 - n/m]`, at most `m - n` per group,
+            instead of exactly N:M.
 
     Returns:
         `torch.BoolTensor`: keep-mask shaped like `weight`, on its device, `True` = keep. `weight` is exactly `+0.0`
-        where the mask is `False`; weight columns of dead inputs (`H_jj == 0`) are zero as in the paper.
+        where the mask is `False`; weight columns of dead inputs (`H_jj == 0`) are zero as in the paper (but kept in
+        the mask, which prunes exactly the target count).
 
     Raises:
-        `ValueError`: bad shapes or arguments, or a non-finite or degenerate `hessian`; raised before `weight` is
-        touched.
+        `ValueError`: bad shapes or arguments, a `previous` that prunes more than the target, or a non-finite or
+        degenerate `hessian`; raised before `weight` is touched.
 
     The sweep runs in float32 whatever the weight dtype (the result is rounded back once at the end).
     """
     _check_pair(weight, hessian)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"`blocksize` must be a positive int, got {blocksize!r}.")
-    sparsity, nm = _check_prune_args(weight, sparsity, nm, scope, blocksize)
+    sparsity, nm = _check_prune_args(weight, sparsity, nm, scope, blocksize, nm_sparsity)
+    rows, cols = weight.shape
+    total = None  # prune count per row ("row") or in the whole tensor ("layer", capped N:M)
+    if sparsity is not None:
+        total = num_to_prune(cols if scope == "row" else rows * cols, sparsity)
+    elif nm_sparsity is not None:
+        scope = "layer"
+        total = min(num_to_prune(rows * cols, float(nm_sparsity)), rows * cols // nm[1] * (nm[1] - nm[0]))
+    forced = _check_previous(previous, weight, total, scope, nm)
     W = weight.detach().to(torch.float32, copy=True)
     if not bool(torch.isfinite(W).all()):
         raise ValueError("`weight` contains NaN or Inf; refusing to prune it.")
     U, dead = inverse_hessian_cholesky(hessian.to(W.device), percdamp=percdamp)
-    rows, cols = W.shape
     W[:, dead] = 0.0
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
-    if sparsity is not None:
-        # Prune count per row ("row") or in the whole tensor ("layer"); block [a, b) takes k*b//cols - k*a//cols.
-        total = num_to_prune(cols if scope == "row" else rows * cols, sparsity)
+    if total is not None:
+        # Counts per row ([rows]) or for the tensor ([1]): pruned so far, and forced prunes in blocks not yet reached.
+        done = torch.zeros(rows if scope == "row" else 1, dtype=torch.long, device=W.device)
+        later = torch.zeros_like(done)
+        if forced is not None:
+            later += forced.sum(1) if scope == "row" else forced.sum()
     for a in range(0, cols, blocksize):
         b = min(a + blocksize, cols)
         # Contiguous copies: the column loop reads and writes them `b - a` times.
         W1, U1, keep1 = W[:, a:b].clone(), U[a:b, a:b], keep[:, a:b].clone()
+        forced1 = forced[:, a:b] if forced is not None else None
         d = U1.diagonal()
-        if sparsity is not None:
-            k = total * b // cols - total * a // cols
+        if total is not None:
             scores = W1.square() / d.square()
+            own = torch.zeros_like(done)
+            if forced1 is not None:
+                scores.masked_fill_(forced1, -math.inf)
+                own += forced1.sum(1) if scope == "row" else forced1.sum()
+                later -= own
+            if nm is not None:  # a step towards N:M: only the m - n lowest of each group are candidates
+                grouped = scores.view(rows, -1, nm[1])
+                rank = torch.argsort(torch.argsort(grouped, dim=2, stable=True), dim=2)
+                scores = grouped.masked_fill(rank >= nm[1] - nm[0], math.inf).view(rows, b - a)
+            # The block's share of the total (k*b//cols cumulated), but at least its forced prunes and at most what
+            # leaves room for the forced prunes of later blocks: the count stays exact.
+            k = torch.maximum(own, torch.minimum(total * b // cols - done, total - done - later))
+            done += k
             if scope == "row":
                 keep1.copy_(_lowest_k(scores, k))
             else:
                 keep1.copy_(_lowest_k(scores.reshape(1, -1), k).view(rows, b - a))
         err = torch.zeros(rows, b - a, dtype=torch.float32, device=W.device)
         for i in range(b - a):
-            if nm is not None and i % nm[1] == 0:
+            if nm is not None and total is None and i % nm[1] == 0:
                 group = slice(i, i + nm[1])
-                keep1[:, group] = _lowest_k(W1[:, group].square() / d[group].square(), nm[1] - nm[0])
+                scores = W1[:, group].square() / d[group].square()
+                if forced1 is not None:
+                    scores.masked_fill_(forced1[:, group], -math.inf)
+                keep1[:, group] = _lowest_k(scores, nm[1] - nm[0])
             w = W1[:, i]
             q = w.masked_fill(~keep1[:, i], 0.0)
             e = (w - q).div_(d[i])

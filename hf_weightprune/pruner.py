@@ -452,10 +452,12 @@ def report_obs(importance: Importance, config: PruneConfig) -> bool:
     return config.kind in ("unstructured", "N:M") and _uses_obs(importance, config)
 
 
-def pruning_edits(importance: Importance, config: PruneConfig,
-                  names: list[str]) -> Callable[[str], Callable[[torch.Tensor], torch.Tensor] | None]:
-    """The one plan shared by `prune_` and `prune_checkpoint`: `name -> edit` (or `None` to leave it dense), where
-    `edit(weight)` prunes that weight in place and returns what it holds now as a keep-mask (`weight != 0` measured).
+def pruning_edits(importance: Importance, config: PruneConfig, names: list[str], *, sparsity: float | None = None,
+                  previous: Mapping[str, torch.Tensor] | None = None,
+                  ) -> Callable[[str], Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The one plan shared by `prune_`, `prune_checkpoint` and gradual pruning (`MaskHolder`): `name -> edit` (or
+    `None` to leave it dense), where `edit(weight)` prunes that weight in place and returns what it holds now as a
+    keep-mask (`weight != 0` measured).
 
     Mask criteria zero the masked weights; `sparsegpt` importance runs the OBS sweep (SparseGPT, arXiv 2301.00774),
     which also updates the kept weights, at each tensor's sparsity: its share of a global threshold, its layer's OWL
@@ -465,6 +467,11 @@ def pruning_edits(importance: Importance, config: PruneConfig,
         importance (`Importance`): bound to the weights (OWL and `sparsegpt` read them).
         config (`PruneConfig`): unstructured or N:M.
         names (`list[str]`): the selected weights.
+        sparsity (`float`, *optional*): overrides `config.sparsity` (a gradual schedule's current target; for N:M
+            below `1 - n/m`, a capped step towards it, see [`compute_masks`]).
+        previous (`Mapping[str, torch.BoolTensor]`, *optional*): current keep-masks (gradual pruning): their pruned
+            weights stay pruned and count towards the target. With `previous`, an OBS edit returns the sweep's
+            keep-mask (exactly the target count; a dead input column, `H_jj == 0`, is zero but not held).
 
     Returns:
         `Callable[[str], Callable[[Tensor], BoolTensor] | None]`.
@@ -475,11 +482,25 @@ def pruning_edits(importance: Importance, config: PruneConfig,
     if config.scope is None:  # prune_checkpoint passes the user's config: the criterion's default scope
         config = replace(config, scope=config.resolve_scope(importance.criterion))
     reconstruct = _uses_obs(importance, config)
+    if sparsity is not None:
+        sparsity = check_sparsity("sparsity", sparsity)
+        if config.nm is None:
+            config = replace(config, sparsity=sparsity)
     if config.allocation == "owl":
         per_tensor = owl_allocation(importance, config, names)
         config = replace(config, allocation="uniform",
                          sparsity={re.escape(n.rsplit(".", 1)[0]): s for n, s in per_tensor.items()})
-    masks = compute_masks(importance, config, names) if not reconstruct or config.scope == "global" else None
+    nm_step = None  # an N:M target below 1 - n/m: the sweep prunes that fraction, at most m - n per group
+    if config.nm is not None and sparsity is not None:
+        implied = 1.0 - config.nm[0] / config.nm[1]
+        if sparsity > implied + 1e-9:
+            raise ValueError(f"sparsity {sparsity} exceeds {implied}, the most structure {config.structure!r} prunes")
+        nm_step = sparsity if sparsity < implied - 1e-9 else None
+    gradual, previous = previous is not None, dict(previous or {})
+    masks = None
+    if not reconstruct or config.scope == "global":
+        masks = compute_masks(importance, config, names, sparsity=sparsity if config.nm else None,
+                              previous=previous)
 
     def masked(mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         def edit(weight: torch.Tensor) -> torch.Tensor:
@@ -490,10 +511,12 @@ def pruning_edits(importance: Importance, config: PruneConfig,
 
     def obs(name: str, sparsity: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
         def edit(weight: torch.Tensor) -> torch.Tensor:
-            sparsegpt_prune_(weight, importance.state(name).to(weight.device), sparsity=sparsity, nm=config.nm,
-                             scope="row" if config.scope == "row" else "layer", blocksize=config.block_size,
-                             percdamp=config.dampening)
-            return weight.detach() != 0  # measured: dead input columns are zero too
+            old = previous.get(name)
+            keep = sparsegpt_prune_(weight, importance.state(name).to(weight.device), sparsity=sparsity, nm=config.nm,
+                                    scope="row" if config.scope == "row" else "layer", blocksize=config.block_size,
+                                    percdamp=config.dampening, previous=None if old is None else old.to(weight.device),
+                                    nm_sparsity=nm_step)
+            return keep if gradual else weight.detach() != 0  # one-shot: measured (dead input columns too)
 
         return edit
 
@@ -514,10 +537,27 @@ def pruning_edits(importance: Importance, config: PruneConfig,
 
 def _uses_obs(importance: Importance, config: PruneConfig) -> bool:
     """Whether `prune_` reconstructs kept weights (SparseGPT's OBS sweep): it needs the Hessians of `sparsegpt`."""
-    has_hessians = importance.criterion == "sparsegpt"
+    return uses_obs(importance.criterion, config)
+
+
+def uses_obs(criterion: str | None, config: PruneConfig) -> bool:
+    """
+    The reconstruction rule of `prune_`, from the criterion alone (so a schedule can check it before training).
+
+    Args:
+        criterion (`str`, *optional*): the importance's criterion.
+        config ([`PruneConfig`]): its `reconstruct` (`None` = whenever the criterion is `sparsegpt`).
+
+    Returns:
+        `bool`: whether the kept weights are updated by the OBS sweep.
+
+    Raises:
+        `ValueError`: `reconstruct=True` with a criterion other than `sparsegpt`.
+    """
+    has_hessians = criterion == "sparsegpt"
     if config.reconstruct and not has_hessians:
         raise ValueError(f"reconstruct=True needs the input Hessians of criterion 'sparsegpt'; this importance is "
-                         f"{importance.criterion!r} (track ImportanceConfig(criterion='sparsegpt'))")
+                         f"{criterion!r} (track ImportanceConfig(criterion='sparsegpt'))")
     return has_hessians if config.reconstruct is None else config.reconstruct
 
 

@@ -21,7 +21,9 @@ SCHEDULE_MODES = ("prune", "hold")
 RAMPS = ("cubic", "linear")
 # Fields that define the masks: a resumed run must agree on all of them.
 _RESUME_KEYS = ("final_sparsity", "initial_sparsity", "start", "end", "every_n_steps", "ramp", "structure", "scope",
-                "target_modules", "exclude_modules", "mode")
+                "target_modules", "exclude_modules", "mode", "reconstruct", "dampening", "block_size")
+# Fields added after checkpoints were written without them: a saved config lacking one had the default.
+_RESUME_DEFAULTS = {"reconstruct": None, "dampening": 0.01, "block_size": 128}
 
 
 def _is_int(v: Any) -> bool:
@@ -94,6 +96,16 @@ class PruneSchedule(_JsonConfigMixin):
         allow_collapse (`bool`, *optional*, defaults to `False`):
             As in `PruneConfig`: by default a mask update that would prune a tensor to 100% stops training with an
             error naming the tensor.
+        reconstruct (`bool`, *optional*):
+            As in `PruneConfig`, with the same rule as `prune_`: `None` = whenever the importance is `sparsegpt`.
+            Then every mask update runs SparseGPT's OBS sweep (Frantar & Alistarh 2023, arXiv 2301.00774) on the
+            current weights with the input Hessians accumulated so far: the new masks come from the OBS saliency
+            (weights pruned at earlier updates stay pruned and count towards the target) and the kept weights are
+            updated to compensate. The Adam moments of the updated kept weights are kept (they are gradient
+            statistics); those of pruned weights are zeroed (see [`MaskHolder`]). `True` without `sparsegpt`
+            importance is refused when the callback is built; `False` gives mask-only updates. `"prune"` mode only.
+        dampening (`float`, *optional*, defaults to 0.01) / block_size (`int`, *optional*, defaults to 128):
+            The OBS sweep's, as in `PruneConfig`.
 
     Raises:
         ValueError: an invalid field, or a `masks_from` that is missing or holds no safetensors weights.
@@ -115,10 +127,15 @@ class PruneSchedule(_JsonConfigMixin):
     mode: str = field(default="prune", metadata={"help": "prune | hold"})
     masks_from: str | None = field(default=None, metadata={"help": "hold: pruned checkpoint holding the masks."})
     allow_collapse: bool = field(default=False, metadata={"help": "Allow a tensor to be pruned to 100%."})
+    reconstruct: bool | None = field(default=None, metadata={"help": "OBS update of kept weights (sparsegpt)."})
+    dampening: float = field(default=0.01, metadata={"help": "OBS dampening, fraction of mean diag(H)."})
+    block_size: int = field(default=128, metadata={"help": "OBS block of columns."})
 
     def __post_init__(self):
         if self.mode not in SCHEDULE_MODES:
             raise ValueError(f"mode must be one of {SCHEDULE_MODES}; got {self.mode!r}")
+        if self.mode == "hold" and self.reconstruct:
+            raise ValueError("reconstruct=True needs mode='prune': mode='hold' only re-applies the masks of masks_from")
         if self.mode == "hold":
             if not self.masks_from:
                 raise ValueError("mode='hold' needs masks_from= (the pruned checkpoint written by save_pruned)")
@@ -133,7 +150,8 @@ class PruneSchedule(_JsonConfigMixin):
         # PruneConfig validates structure / scope / modules with the same rules and messages.
         self._prune_config = PruneConfig(sparsity=sparsity, structure=self.structure, scope=self.scope,
                                          target_modules=self.target_modules, exclude_modules=self.exclude_modules,
-                                         allow_collapse=self.allow_collapse)
+                                         allow_collapse=self.allow_collapse, reconstruct=self.reconstruct,
+                                         dampening=self.dampening, block_size=self.block_size)
         self.scope = self._prune_config.scope
         self.target_modules = _check_modules("target_modules", self.target_modules)
         self.exclude_modules = _check_modules("exclude_modules", self.exclude_modules)
@@ -164,6 +182,7 @@ class PruneSchedule(_JsonConfigMixin):
     def diff(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Fields that define the masks and differ from a saved `to_dict()`: `{name: (saved, now)}`."""
         now = self.to_dict()
+        saved = {**_RESUME_DEFAULTS, **saved}
         return {k: (saved.get(k), now[k]) for k in _RESUME_KEYS if saved.get(k) != now[k]}
 
     # ------------------------------------------------------------------------------------------- the schedule
@@ -232,7 +251,8 @@ class PruneSchedule(_JsonConfigMixin):
         if holder is not None:
             return holder.state_dict()
         return {"config": self.to_dict(), "sparsity": 0.0, "target_sparsity": 0.0, "last_update_step": None,
-                "num_updates": 0, "steps": None, "has_masks": False}  # not trained yet
+                "num_updates": 0, "steps": None, "has_masks": False,
+                "reconstruction": None}  # not trained yet
 
     def report(self, model, importance=None):
         """A [`PruningReport`] of the current masks, for `save_pruned(model, out, report=...)` (see `MaskHolder`)."""
