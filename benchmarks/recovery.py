@@ -11,6 +11,8 @@ held-out documents in domain). Every row starts from the pretrained model and tr
 - (b) the same with distillation from the dense pretrained model (`DistillConfig(teacher=<pretrained>)`);
 - (c) ours: gradual pruning during the fine-tune (`wanda` importance, cubic ramp, default `PruneSchedule` steps), CE;
 - (d) (c) with distillation from the dense model as training begins (`DistillConfig()`, the documented recipe);
+- (f) (d) with the `sparsegpt` statistic: every mask update of the schedule is SparseGPT's OBS sweep with the
+  Hessians accumulated so far (the kept weights are reconstructed), with distillation;
 - (e) ours: the first quarter of the steps dense with the `sparsegpt` statistic (no calibration pass), one-shot OBS
   pruning from it (`prune_`), then the remaining steps with the mask held and distillation from the dense weights of
   that first quarter.
@@ -20,8 +22,8 @@ training time (the Trainer's `train()`), the teacher's extra cost per step ((d) 
 the decoder Linears are recorded. One JSON per cell under `benchmarks/_cache/recovery/`, so an interrupted run goes
 on where it stopped; writes benchmarks/results/recovery.md and recovery.json.
 
-    python benchmarks/recovery.py                       # 100 steps, 50% and 2:4 (hours on 2 CPU cores)
-    python benchmarks/recovery.py --points 50% --steps 100 --deadline 16:40
+    python benchmarks/recovery.py                       # 100 steps, 50% and 2:4 (many hours on 2 CPU cores)
+    python benchmarks/recovery.py --points 50% --steps 30 --deadline 16:40
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ ROWS = {
     "c": "(c) ours: gradual pruning (wanda) during the fine-tune (CE)",
     "d": "(d) ours: gradual pruning (wanda) + distillation",
     "e": "(e) ours: sparsegpt statistics (first 25% of steps), OBS one-shot, then mask held + distillation",
+    "f": "(f) ours: gradual pruning (sparsegpt, OBS update at every mask update) + distillation",
 }
 ALPHA, TEMPERATURE = 0.5, 2.0
 
@@ -149,10 +152,10 @@ def run_row(row: str, point: str, train, valid, ood, calibration: Path, args) ->
         d = DistillConfig(teacher=str(base), alpha=ALPHA, temperature=TEMPERATURE) if row == "b" else None
         cb = ImportanceCallback(schedule=PruneSchedule(mode="hold", masks_from=str(folder)), distill=d)
         cell.update(_train(model, train, args.steps, [cb], args, f"{row}-{Q._slug(point)}"))
-    elif row in ("c", "d"):
+    elif row in ("c", "d", "f"):
         model = _load(base)
-        cb = ImportanceCallback(ImportanceConfig(criterion="wanda"), schedule=_schedule(point),
-                                distill=distill if row == "d" else None)
+        cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt" if row == "f" else "wanda"),
+                                schedule=_schedule(point), distill=distill if row in ("d", "f") else None)
         cell.update(_train(model, train, args.steps, [cb], args, f"{row}-{Q._slug(point)}"))
     elif row == "e":
         first = args.steps // 4
