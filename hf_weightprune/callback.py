@@ -57,6 +57,9 @@ class ImportanceCallback(TrainerCallback):
         distill (`DistillConfig`, *optional*): distil from a dense teacher while training (default teacher: a frozen
             copy of the model as training begins), so quality recovers while the schedule prunes (SquareHead, Kurtic
             et al. 2023, arXiv 2310.06927). With `PruneSchedule(mode="hold")` pass the dense model as `teacher`.
+            The default copy is written once before the first checkpoint to `output_dir/_distill-teacher/` (the
+            teacher's parameter bytes) so that `resume_from_checkpoint` distils from the same teacher; see
+            [`DistillConfig`].
         trainer (`transformers.Trainer`, *optional*): the Trainer, so that importance metrics reach its loggers
             (TensorBoard, W&B, `log_history`) through `trainer.log`; or call `attach(trainer)`.
         on_save_error (`str`, *optional*, defaults to `"raise"`): `"raise"` stops training when the importance

@@ -54,6 +54,18 @@ class DistillConfig:
             (under peft LoRA without in-place pruning of the base weights: the same model with its adapters disabled, no
             copy). The teacher is put in eval mode with `requires_grad_(False)` and never updated; a module given here
             is moved to `teacher_dtype` / `teacher_device` in place when those are set.
+
+            Resuming with `None`: the `Trainer` loads the checkpoint's (pruned, fine-tuned) weights before the
+            callback sees the model, so a copy taken then would be another teacher. `ImportanceCallback` therefore
+            writes the copy once, just before the run's first checkpoint, to `output_dir/_distill-teacher/`
+            (`model.safetensors` in the teacher's dtype, HF shards above 5 GB, plus `teacher_config.json` with
+            shapes, dtypes and CRC32s, written last; atomically, by rank 0; the leading `_` keeps it out of Hub pushes
+            and checkpoint rotation). It costs the teacher's parameter bytes once per run (2 bytes per parameter with
+            `teacher_dtype="bfloat16"`, 4 in float32: 7.6 GB for a 3.8B model in bf16), plus its CPU copy while
+            written; runs that save no checkpoint write nothing. `resume_from_checkpoint` loads it (checked), so the
+            resumed run distils from the dense model the run began with and ends bit for bit like an uninterrupted
+            one. If it is missing or damaged, the resume is refused with a one-line error: pass the dense model as
+            `teacher=` (a path or module) instead. Delete the folder when no resume is planned.
         alpha (`float`, *optional*, defaults to 0.5):
             Weight of the distillation term, in [0, 1]; `1 - alpha` weighs the cross-entropy on the labels.
         temperature (`float`, *optional*, defaults to 2.0):
@@ -221,6 +233,11 @@ class Distiller:
 
     A separate teacher (the default copy included) runs in its own dtype, outside the autocast wrapper accelerate puts
     on the student's `forward` under `bf16=True`; set `teacher_dtype="bfloat16"` to make it cheaper.
+
+    State across steps, for resuming: the teacher only. Each loss term is computed from the batch alone (no running
+    statistics, no RNG: the teacher runs in eval mode); the logged sums of [`pop_logs`] restart at a resume, as the
+    `Trainer`'s own logged loss does. A default teacher (a copy) is saved and restored by the callback through
+    [`teacher_state_dict`] and `setup(..., teacher_state=...)`.
 
     Args:
         config ([`DistillConfig`]): alpha, temperature, hidden_weight and the teacher.
