@@ -14,13 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_weightprune import PruneConfig, prune_, save_pruned
+from hf_weightprune import (
+    DistillConfig,
+    ImportanceCallback,
+    ImportanceConfig,
+    PruneConfig,
+    PruneSchedule,
+    prune_,
+    save_pruned,
+)
 from hf_weightprune import state as S
-from hf_weightprune.distill import _unique_state
+from hf_weightprune.distill import Distiller, _unique_state
 from hf_weightprune.oneshot import oneshot_importance
-from hf_weightprune.testing import tiny_llama
+from hf_weightprune.testing import TokenDataset, tiny_llama
 
 from .scripts.ckpt_train import MARKER, make_callback, run
 from .test_checkpoint import assert_same_importance, snapshot
@@ -229,3 +237,54 @@ def test_bfloat16_teacher_is_saved_once_in_bfloat16(tmp_path):
     # No checkpoint, no teacher on disk.
     run(tmp_path / "nosave", importance_callback=make_callback(distill=True), max_steps=1, save_strategy="no")
     assert sorted(p.name for p in (tmp_path / "nosave").iterdir()) == [S.IMPORTANCE_DIR]
+
+
+def test_teacher_state_keeps_tied_weights_once_and_restores_them_into_another_copy():
+    first = tiny_llama(seed=1, tie_word_embeddings=True)
+    saving = Distiller(DistillConfig())
+    saving.setup(first)
+    state = saving.teacher_state_dict()
+    assert len(state) == len(first.state_dict()) - 1 and "lm_head.weight" not in state  # one tensor, two names
+    other = tiny_llama(seed=2, tie_word_embeddings=True)  # "the resumed model": other weights
+    resumed = Distiller(DistillConfig())
+    teacher = resumed.setup(other, teacher_state=state)
+    assert resumed.teacher_is_copy and teacher is not other
+    assert teacher.lm_head.weight is teacher.model.embed_tokens.weight  # still tied, so lm_head got it too
+    for name, p in first.state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], p), name
+    assert not torch.equal(other.lm_head.weight, first.lm_head.weight)  # the student itself is untouched
+
+    wrong = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    with pytest.raises(ValueError, match=r"^The saved distillation teacher's model\.embed_tokens\.weight is "
+                                         r"torch\.bfloat16 \[128, 32\], the teacher now torch\.float32 \[128, 32\]: "
+                                         r"resume with the same model and DistillConfig\(teacher_dtype=\.\.\.\)"):
+        Distiller(DistillConfig()).setup(other, teacher_state=wrong)
+    with pytest.raises(ValueError, match=r"does not fit this model \(0 weights missing, e\.g\. None; 1 unexpected, "
+                                         r"e\.g\. extra\)"):
+        Distiller(DistillConfig()).setup(other, teacher_state={**state, "extra": torch.zeros(1)})
+
+
+def test_resume_under_peft_lora_with_pruned_base_is_exact(tmp_path):
+    """LoRA with the base pruned in place: the teacher is a copy of the PeftModel (adapters included); the resumed
+    model's adapters are trained, so only the saved copy gives the same teacher."""
+    peft = pytest.importorskip("peft")
+
+    def go(out, resume=None):
+        model = peft.get_peft_model(tiny_llama(seed=SEED), peft.LoraConfig(r=4, target_modules="all-linear"))
+        cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), distill=DistillConfig(alpha=0.5),
+                                schedule=PruneSchedule(final_sparsity=0.5, start=1, end=6, every_n_steps=1))
+        args = TrainingArguments(str(out), max_steps=8, save_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                                 seed=7, report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+        Trainer(model=model, args=args, train_dataset=TokenDataset(n=16, vocab_size=128, seed=3),
+                callbacks=[cb]).train(resume_from_checkpoint=resume)
+        assert cb.mask_holder.sparsity == pytest.approx(0.5, abs=1e-3)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    full = go(tmp_path / "full")
+    out = tmp_path / "resumed"
+    for part in ("checkpoint-3", S.TEACHER_DIR):
+        shutil.copytree(tmp_path / "full" / part, out / part)
+    resumed = go(out, resume=True)
+    assert any("lora_B" in n for n in full) and full.keys() == resumed.keys()
+    for name, p in full.items():
+        assert torch.equal(resumed[name], p), name
