@@ -617,6 +617,7 @@ def save_teacher_state(final_dir: str, tensors: Mapping[str, Tensor], *, meta: d
     from huggingface_hub import save_torch_state_dict
 
     parent, base = os.path.split(os.path.abspath(final_dir))
+    _remove_dead_temporaries(parent, base)
     # Unique (two writers never share it), and made like any folder (umask), unlike mkdtemp's private 0700.
     tmp = os.path.join(parent, f".{base}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     os.makedirs(tmp)
@@ -638,6 +639,25 @@ def save_teacher_state(final_dir: str, tensors: Mapping[str, Tensor], *, meta: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return state_dict_bytes(cpu)
+
+
+def _remove_dead_temporaries(parent: str, base: str) -> None:
+    """Remove `.<base>.<pid>-<id>.tmp` folders a killed writer left (a full model each); a live writer's stay."""
+    prefix = f".{base}."
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) and entry.endswith(".tmp") else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        except OSError:  # alive, another user's
+            continue
 
 
 def load_teacher_state(directory: str) -> tuple[dict[str, Tensor], dict[str, Any]]:

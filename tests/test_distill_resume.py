@@ -222,8 +222,13 @@ class TeacherWrites(TrainerCallback):
 
 def test_bfloat16_teacher_is_saved_once_in_bfloat16(tmp_path):
     seen = TeacherWrites()
+    # what a writer killed mid-write leaves (pid 2**22 + 1 is above Linux's pid_max: never alive); removed by the write
+    stale = tmp_path / "out" / f".{S.TEACHER_DIR}.{2**22 + 1}-0a1b2c3d.tmp"
+    stale.mkdir(parents=True)
+    (stale / S.TEACHER_WEIGHTS_NAME).write_bytes(b"partial")
     cb = make_callback(schedule="prune", distill=True, teacher_dtype="bfloat16")
     run(tmp_path / "out", importance_callback=cb, callbacks=[seen], max_steps=6, save_steps=2)
+    assert not stale.exists()
     assert sorted(seen.seen) == [2, 4, 6] and seen.seen[2] == seen.seen[4] == seen.seen[6]  # written once
     teacher, meta = S.load_teacher_state(str(tmp_path / "out" / S.TEACHER_DIR))
     dense = _unique_state(tiny_llama(seed=SEED).to(torch.bfloat16))
