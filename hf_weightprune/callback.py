@@ -24,6 +24,7 @@ import os
 import weakref
 
 import torch
+from safetensors import SafetensorError
 from transformers import TrainerCallback
 
 from . import distributed as D
@@ -56,6 +57,9 @@ class ImportanceCallback(TrainerCallback):
         distill (`DistillConfig`, *optional*): distil from a dense teacher while training (default teacher: a frozen
             copy of the model as training begins), so quality recovers while the schedule prunes (SquareHead, Kurtic
             et al. 2023, arXiv 2310.06927). With `PruneSchedule(mode="hold")` pass the dense model as `teacher`.
+            The default copy is written once before the first checkpoint to `output_dir/_distill-teacher/` (the
+            teacher's parameter bytes) so that `resume_from_checkpoint` distils from the same teacher; see
+            [`DistillConfig`].
         trainer (`transformers.Trainer`, *optional*): the Trainer, so that importance metrics reach its loggers
             (TensorBoard, W&B, `log_history`) through `trainer.log`; or call `attach(trainer)`.
         on_save_error (`str`, *optional*, defaults to `"raise"`): `"raise"` stops training when the importance
@@ -129,6 +133,7 @@ class ImportanceCallback(TrainerCallback):
         self._stage_attempt: int | None = None  # the step whose importance was (tried to be) staged
         self._logging = False
         self._logged_step: int | None = None
+        self._teacher_saved = False
 
     def attach(self, trainer) -> ImportanceCallback:
         """Add this callback to `trainer` (once) and log importance metrics through `trainer.log`; returns self."""
@@ -185,11 +190,15 @@ class ImportanceCallback(TrainerCallback):
         if state.global_step > 0 and self.tracks_importance:
             self._restore(args, state)
         if self._distiller is not None:  # before the holder applies restored masks: the teacher is the dense model
-            if state.global_step > 0 and self.distill.teacher is None:
-                logger.warning("ImportanceCallback: resuming with distill and no DistillConfig(teacher=...): the teacher "
-                               "is a copy of the resumed model, not of the model the run started from")
             prunes_base = self.schedule is not None or any(t.param.requires_grad for t in self.accumulator.tracked)
-            self._distiller.setup(model, prunes_base=prunes_base)
+            teacher_state = None
+            self._teacher_saved = False
+            if state.global_step > 0 and self._distiller.copies_model(model, prunes_base):
+                # The Trainer loaded the checkpoint's (pruned) weights before this event: a copy now would be another
+                # teacher. Distil from the dense copy the run saved at its first checkpoint instead.
+                teacher_state = self._load_teacher(args, state)
+                self._teacher_saved = True
+            self._distiller.setup(model, prunes_base=prunes_base, teacher_state=teacher_state)
             self._distiller.install(model)
         if self.mask_holder is not None:
             if getattr(args, "load_best_model_at_end", False) and self.schedule.mode == "prune":
@@ -222,11 +231,13 @@ class ImportanceCallback(TrainerCallback):
             self.mask_holder.update_(self.importance(), t, int(state.max_steps))
             control.should_log = True  # report each update to the Trainer's loggers
         if control.should_save:
+            self._save_teacher(args, state)
             self._stage(args, state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.accumulator.sample_epoch(state)
         if control.should_save:
+            self._save_teacher(args, state)
             self._stage(args, state)
 
     # Score elements sampled per log step over all tracked weights (each tensor in proportion to its size); a model
@@ -283,6 +294,7 @@ class ImportanceCallback(TrainerCallback):
         self._publish_staged(args, state)
 
     def on_save(self, args, state, control, **kwargs):
+        self._save_teacher(args, state)  # a save decided after on_step_end: the checkpoint is already written
         if self._stage_attempt == state.global_step:
             # Staged before the checkpoint (or that write already failed and was reported): never write twice.
             self._publish_staged(args, state)
@@ -363,6 +375,45 @@ class ImportanceCallback(TrainerCallback):
                 raise RuntimeError(msg + " (pass on_save_error='warn' to keep training)") from error
             logger.warning(msg)
         return error is None
+
+    # ------------------------------------------------------------------------------------- distillation
+    @property
+    def teacher_dir(self) -> str:
+        """Folder name (under `output_dir`) of the default distillation teacher saved for resuming."""
+        return S.teacher_dir_name(self.config.name)
+
+    def _save_teacher(self, args, state) -> None:
+        """Before the run's first checkpoint: write the default teacher (a frozen copy that exists only in memory)."""
+        distiller = self._distiller
+        if distiller is None or self._teacher_saved or not distiller.teacher_is_copy:
+            return
+        self._teacher_saved = True  # once per run, even if it fails: the error is reported once
+        error = None
+        if D.rank_and_world()[0] == 0:
+            path = os.path.join(self._output_dir(args, state), self.teacher_dir)
+            try:
+                size = S.save_teacher_state(path, distiller.teacher_state_dict(), meta={"global_step": 0})
+                logger.info("ImportanceCallback: saved the distillation teacher for resuming (%d bytes) to %s", size, path)
+            except (OSError, SafetensorError) as e:
+                error = e
+        if D.any_rank(error is not None):
+            msg = (f"ImportanceCallback could not save the distillation teacher to {self.teacher_dir}/ "
+                   f"({error or 'failed on rank 0'}): the run cannot be resumed with DistillConfig(teacher=None)")
+            if self.on_save_error == "raise":
+                raise RuntimeError(msg + " (pass on_save_error='warn' to keep training)") from error
+            logger.warning(msg)
+
+    def _load_teacher(self, args, state) -> dict:
+        # The teacher folder sits beside the checkpoints of the run: in output_dir, or beside `resume_from`.
+        folder = self.resume_from or self._checkpoint_dir(args, state) or os.path.join(
+            self._output_dir(args, state), f"checkpoint-{state.global_step}")
+        path = os.path.join(os.path.dirname(os.path.abspath(folder)), self.teacher_dir)
+        try:
+            return S.load_teacher_state(path)[0]
+        except S.ImportanceFileError as e:
+            raise ValueError(f"Cannot resume distillation with DistillConfig(teacher=None): the dense teacher saved at "
+                             f"the run's first checkpoint is unusable ({e}); pass DistillConfig(teacher=...) with the "
+                             "model the run started from (a path or module)") from None
 
     # ------------------------------------------------------------------------------------------ resume
     def _restore(self, args, state) -> None:

@@ -54,6 +54,18 @@ class DistillConfig:
             (under peft LoRA without in-place pruning of the base weights: the same model with its adapters disabled, no
             copy). The teacher is put in eval mode with `requires_grad_(False)` and never updated; a module given here
             is moved to `teacher_dtype` / `teacher_device` in place when those are set.
+
+            Resuming with `None`: the `Trainer` loads the checkpoint's (pruned, fine-tuned) weights before the
+            callback sees the model, so a copy taken then would be another teacher. `ImportanceCallback` therefore
+            writes the copy once, just before the run's first checkpoint, to `output_dir/_distill-teacher/`
+            (`model.safetensors` in the teacher's dtype, HF shards above 5 GB, plus `teacher_config.json` with
+            shapes, dtypes and CRC32s, written last; atomically, by rank 0; the leading `_` keeps it out of Hub pushes
+            and checkpoint rotation). It costs the teacher's parameter bytes once per run (2 bytes per parameter with
+            `teacher_dtype="bfloat16"`, 4 in float32: 7.6 GB for a 3.8B model in bf16), plus its CPU copy while
+            written; runs that save no checkpoint write nothing. `resume_from_checkpoint` loads it (checked), so the
+            resumed run distils from the dense model the run began with and ends bit for bit like an uninterrupted
+            one. If it is missing or damaged, the resume is refused with a one-line error: pass the dense model as
+            `teacher=` (a path or module) instead. Delete the folder when no resume is planned.
         alpha (`float`, *optional*, defaults to 0.5):
             Weight of the distillation term, in [0, 1]; `1 - alpha` weighs the cross-entropy on the labels.
         temperature (`float`, *optional*, defaults to 2.0):
@@ -222,6 +234,11 @@ class Distiller:
     A separate teacher (the default copy included) runs in its own dtype, outside the autocast wrapper accelerate puts
     on the student's `forward` under `bf16=True`; set `teacher_dtype="bfloat16"` to make it cheaper.
 
+    State across steps, for resuming: the teacher only. Each loss term is computed from the batch alone (no running
+    statistics, no RNG: the teacher runs in eval mode); the logged sums of [`pop_logs`] restart at a resume, as the
+    `Trainer`'s own logged loss does. A default teacher (a copy) is saved and restored by the callback through
+    [`teacher_state_dict`] and `setup(..., teacher_state=...)`.
+
     Args:
         config ([`DistillConfig`]): alpha, temperature, hidden_weight and the teacher.
 
@@ -236,6 +253,7 @@ class Distiller:
         self.config = config
         self.teacher: nn.Module | None = None
         self.uses_disabled_adapters = False
+        self.teacher_is_copy = False  # the teacher is the default frozen copy (its weights exist nowhere else)
         self._model: nn.Module | None = None
         self._setup_model: nn.Module | None = None
         self._warned_no_labels = False
@@ -245,7 +263,21 @@ class Distiller:
         self._reset_logs()
 
     # ------------------------------------------------------------------ setup
-    def setup(self, model: nn.Module, prunes_base: bool = True) -> nn.Module | None:
+    def copies_model(self, model: nn.Module, prunes_base: bool = True) -> bool:
+        """Whether [`setup`] with these arguments builds the teacher as a frozen copy of `model` (`teacher=None`).
+
+        Such a teacher exists only in memory: to resume a run exactly, its weights must be saved
+        ([`teacher_state_dict`]) and given back to `setup(..., teacher_state=...)`.
+        """
+        if self.config.teacher is not None:
+            return False
+        student_device = _first_param(model).device
+        device = torch.device(self.config.teacher_device) if self.config.teacher_device is not None else student_device
+        return not (not prunes_base and _can_disable_adapters(model) and self.config.teacher_dtype is None
+                    and device == student_device)
+
+    def setup(self, model: nn.Module, prunes_base: bool = True,
+              teacher_state: dict[str, torch.Tensor] | None = None) -> nn.Module | None:
         """Build (or check) the teacher for `model`, before any training step.
 
         Args:
@@ -254,13 +286,18 @@ class Distiller:
                 training (pruned, or trained). When `False` and `model` is a peft model with non-prompt adapters (and
                 no `teacher_dtype` / other `teacher_device` is asked for), the default teacher is the base model, run
                 as `model` with its adapters disabled: no copy.
+            teacher_state (`dict[str, torch.Tensor]`, *optional*): when resuming with the default teacher (see
+                [`copies_model`]): the [`teacher_state_dict`] saved by the run that began training. The copy of `model`
+                (which now holds the resumed, pruned weights) is overwritten with it, so the resumed run distils from
+                the dense model the run started from. Ignored for any other teacher.
 
         Returns:
             `nn.Module` or `None`: the teacher module, or `None` when the teacher is `model` with adapters disabled.
 
         Raises:
             ValueError: the teacher is `model` itself, its vocabulary differs from the student's, or `hidden_weight > 0`
-                with a different `num_hidden_layers` / `hidden_size` (a path is checked from its config, before loading).
+                with a different `num_hidden_layers` / `hidden_size` (a path is checked from its config, before loading);
+                or `teacher_state` does not fit the copy (other names, shapes or dtypes: one line naming the first).
         """
         cfg = self.config
         if cfg.teacher is model:
@@ -269,12 +306,13 @@ class Distiller:
         student_device = _first_param(model).device
         device = torch.device(cfg.teacher_device) if cfg.teacher_device is not None else student_device
         dtype = getattr(torch, cfg.teacher_dtype) if cfg.teacher_dtype else None
-        self.teacher, self.uses_disabled_adapters = None, False
+        self.teacher, self.uses_disabled_adapters, self.teacher_is_copy = None, False, False
         if cfg.teacher is None:
-            if not prunes_base and _can_disable_adapters(model) and dtype is None and device == student_device:
+            if not self.copies_model(model, prunes_base):
                 self.uses_disabled_adapters = True
                 return None
             teacher = _frozen_copy(model)
+            self.teacher_is_copy = True
         elif isinstance(cfg.teacher, str):
             from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -285,7 +323,25 @@ class Distiller:
         self._check_compatible(model, teacher)
         teacher.eval().requires_grad_(False)
         self.teacher = teacher.to(device=device, dtype=dtype) if dtype is not None else teacher.to(device)
+        if self.teacher_is_copy and teacher_state is not None:
+            _load_unique_state(self.teacher, teacher_state)
         return self.teacher
+
+    def teacher_state_dict(self) -> dict[str, torch.Tensor]:
+        """The teacher's `state_dict` without aliases (a tied weight once, under its first name), as it runs.
+
+        Returns:
+            `dict[str, torch.Tensor]`: detached tensors on the teacher's device, in `teacher_dtype` when set (so a
+            bfloat16 teacher takes 2 bytes per parameter); what [`setup`] takes back as `teacher_state`.
+
+        Raises:
+            RuntimeError: no separate teacher module (before [`setup`], or the teacher is the student with its
+                adapters disabled).
+        """
+        if self.teacher is None:
+            raise RuntimeError("Distiller.teacher_state_dict: no teacher module (call setup first; a teacher that is "
+                               "the student with adapters disabled has no state of its own)")
+        return _unique_state(self.teacher)
 
     def _check_compatible(self, model: nn.Module, teacher: Any, what: str = "") -> None:
         vocab, layers, hidden = _model_dims(model)
@@ -342,7 +398,7 @@ class Distiller:
                 # Someone wrapped forward on top of ours: leave their wrapper, ours turns into a pass-through.
                 logger.warning("Distiller.remove: model.forward was re-wrapped after install; distillation disabled")
         self._model = self._wrapper = self._previous_forward = self._setup_model = None
-        self.teacher, self.uses_disabled_adapters = None, False
+        self.teacher, self.uses_disabled_adapters, self.teacher_is_copy = None, False, False
 
     # ------------------------------------------------------------------ logs
     def _reset_logs(self) -> None:
@@ -470,3 +526,32 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
         m.__dict__.pop("forward", None)
         m.__dict__.pop("_original_forward", None)
     return teacher
+
+
+def _unique_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    # Tied weights (`lm_head` = `embed_tokens`) share storage: safetensors refuses aliases, and one copy is enough.
+    seen, out = set(), {}
+    for name, t in module.state_dict().items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach()
+    return out
+
+
+def _load_unique_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` (from [`_unique_state`] of a module of the same structure) into `module`, checked first."""
+    target = _unique_state(module)
+    missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+    if missing or unexpected:
+        raise ValueError(f"The saved distillation teacher does not fit this model ({len(missing)} weights missing, e.g. "
+                         f"{(missing or [None])[0]}; {len(unexpected)} unexpected, e.g. {(unexpected or [None])[0]}): "
+                         "resume with the model the run started from, or pass DistillConfig(teacher=...)")
+    for name, t in target.items():
+        if state[name].shape != t.shape or state[name].dtype != t.dtype:
+            raise ValueError(f"The saved distillation teacher's {name} is {state[name].dtype} {list(state[name].shape)}, "
+                             f"the teacher now {t.dtype} {list(t.shape)}: resume with the same model and "
+                             "DistillConfig(teacher_dtype=...) as the run that wrote it")
+    with torch.no_grad():
+        for name, t in target.items():
+            t.copy_(state[name])

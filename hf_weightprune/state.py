@@ -574,3 +574,136 @@ def load_schedule_masks(directory: str) -> dict[str, Tensor]:
             raise ImportanceFileError(f"{path}: mask {k} does not match its {CHECKSUM_ALGORITHM} in "
                                       f"{IMPORTANCE_CONFIG_NAME} (modified or names swapped); restore an intact copy")
     return {k: v.bool() for k, v in stored.items()}
+
+
+# -------------------------------------------------------------------------------------- distillation teacher
+
+# `output_dir/_distill-teacher/`: the default distillation teacher (a frozen copy of the model as the run began),
+# written once at the run's first checkpoint so that a resume distils from the same teacher. The leading "_" keeps it
+# out of the Trainer's Hub pushes and `checkpoint-*` globs (rotation never deletes it).
+TEACHER_DIR = "_distill-teacher"
+TEACHER_CONFIG_NAME = "teacher_config.json"
+TEACHER_WEIGHTS_NAME = "model.safetensors"
+TEACHER_INDEX_NAME = "model.safetensors.index.json"
+
+
+def teacher_dir_name(name: str | None = None) -> str:
+    """Folder (under `output_dir`) of the default distillation teacher of a callback: `_distill-teacher[-<name>]`."""
+    return TEACHER_DIR if name is None else f"{TEACHER_DIR}-{name}"
+
+
+def save_teacher_state(final_dir: str, tensors: Mapping[str, Tensor], *, meta: dict[str, Any] | None = None) -> int:
+    """Write a distillation teacher's weights into `final_dir` atomically (single process: call it on rank 0).
+
+    Layout, as a `save_pretrained` folder: `model.safetensors` (or HF shards of at most 5 GB + index) and
+    `teacher_config.json` (format version, `meta`, every tensor's shape and dtype, their CRC32s), written last; the
+    folder is written under a unique temporary name beside `final_dir` and renamed into place, replacing an older one.
+
+    Args:
+        final_dir (`str`): the folder to write (`output_dir/_distill-teacher`).
+        tensors (`Mapping[str, Tensor]`): the teacher's state, without aliases (tied weights once); stored in their
+            dtype (bfloat16 stays bfloat16).
+        meta (`dict`, *optional*): JSON-ready facts recorded under `"state"` (e.g. the step the copy was taken at).
+
+    Returns:
+        `int`: bytes of tensor data written (`sum(numel * element_size)`).
+
+    Raises:
+        OSError: the folder could not be written (nothing is left at `final_dir` or under a temporary name).
+        SafetensorError: safetensors refused the tensors.
+    """
+    import uuid
+
+    from huggingface_hub import save_torch_state_dict
+
+    parent, base = os.path.split(os.path.abspath(final_dir))
+    _remove_dead_temporaries(parent, base)
+    # Unique (two writers never share it), and made like any folder (umask), unlike mkdtemp's private 0700.
+    tmp = os.path.join(parent, f".{base}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    os.makedirs(tmp)
+    try:
+        cpu = _cpu_tensors(tensors)
+        save_torch_state_dict(cpu, tmp, max_shard_size="5GB", metadata={"format": "pt"})
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "library": "hf-weightprune",
+            "library_version": __version__,
+            "kind": "distill-teacher",
+            "state": dict(meta or {}),
+            "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in cpu.items()},
+            "checksums": {"algorithm": CHECKSUM_ALGORITHM, "tensors": {n: tensor_checksum(t) for n, t in cpu.items()}},
+        }
+        atomic_write_json(os.path.join(tmp, TEACHER_CONFIG_NAME), payload)  # last: marks the folder complete
+        publish(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return state_dict_bytes(cpu)
+
+
+def _remove_dead_temporaries(parent: str, base: str) -> None:
+    """Remove `.<base>.<pid>-<id>.tmp` folders a killed writer left (a full model each); a live writer's stay."""
+    prefix = f".{base}."
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) and entry.endswith(".tmp") else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        except OSError:  # alive, another user's
+            continue
+
+
+def load_teacher_state(directory: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a teacher written by [`save_teacher_state`], every tensor checked against its recorded shape and CRC32.
+
+    Args:
+        directory (`str`): the `_distill-teacher` folder.
+
+    Returns:
+        `tuple[dict[str, Tensor], dict]`: the CPU tensors by name, and the parsed `teacher_config.json`.
+
+    Raises:
+        ImportanceFileError: the folder is missing, incomplete (no `teacher_config.json`), of another format version,
+            or a file is truncated, corrupt or does not match its checksum (one line naming the file).
+    """
+    config = os.path.join(directory, TEACHER_CONFIG_NAME)
+    if not os.path.isfile(config):
+        what = "is incomplete" if os.path.isdir(directory) else "does not exist"
+        raise ImportanceFileError(f"{directory} {what} (no {TEACHER_CONFIG_NAME})")
+    meta = _read_json(config)
+    if meta.get("format_version") != FORMAT_VERSION or meta.get("kind") != "distill-teacher":
+        raise ImportanceFileError(f"{config}: not a distillation teacher of format_version {FORMAT_VERSION} "
+                                  f"(got {meta.get('kind')!r}, version {meta.get('format_version')!r}); upgrade hf-weightprune")
+    expected = meta.get("tensors") or {}
+    sums = (meta.get("checksums") or {}).get("tensors") or {}
+    index = os.path.join(directory, TEACHER_INDEX_NAME)
+    if os.path.isfile(index):
+        files = dict(_read_json(index).get("weight_map", {}))
+    else:
+        files = dict.fromkeys(expected, TEACHER_WEIGHTS_NAME)
+    if set(files) != set(expected):
+        raise ImportanceFileError(f"{directory}: the weight files hold other tensors than {TEACHER_CONFIG_NAME} lists")
+    tensors: dict[str, Tensor] = {}
+    for fname in sorted(set(files.values())):
+        path = os.path.join(directory, fname)
+        try:
+            check_complete(path)
+            with safe_open(path, framework="pt") as f:
+                for name in [n for n, f_ in files.items() if f_ == fname]:
+                    tensors[name] = f.get_tensor(name)
+        except (FileNotFoundError, ValueError, SafetensorError, OSError) as e:
+            raise ImportanceFileError(f"{path} is missing, corrupt or truncated: {e}") from None
+    for name, t in tensors.items():
+        want = expected[name]
+        if list(t.shape) != list(want["shape"]) or str(t.dtype).removeprefix("torch.") != want["dtype"] or (
+                name in sums and tensor_checksum(t) != int(sums[name])):
+            raise ImportanceFileError(f"{directory}: tensor {name} does not match its shape, dtype or "
+                                      f"{CHECKSUM_ALGORITHM} in {TEACHER_CONFIG_NAME}; the folder was modified or is corrupt")
+    return tensors, meta

@@ -1,5 +1,7 @@
 """Train a tiny Llama with `ImportanceCallback` and optionally hang at a chosen point so a test can SIGKILL it.
 
+`--schedule prune|hold` and `--distill` add gradual pruning (or held masks) and distillation (`make_callback`).
+
 Run as `python -m tests.scripts.ckpt_train OUTPUT_DIR [options]`; `run()` is also called in-process by the tests
 so both sides train with exactly the same arguments. A hang writes `OUTPUT_DIR/HANG` and sleeps.
 """
@@ -13,7 +15,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_weightprune import ImportanceCallback, ImportanceConfig
+from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, PruneSchedule
 from hf_weightprune import state as S
 from hf_weightprune.testing import TokenDataset, tiny_llama
 
@@ -72,6 +74,21 @@ def hang_on_call(name: str, call: int, output_dir: str) -> None:
     setattr(S, name, wrapper)
 
 
+def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=None, distill=False, teacher=None,
+                  teacher_dtype=None):
+    """The callback of a run: `schedule` `"prune"` (50% over steps 1-6, a mask update every step: a resume at step 3
+    or 6 lands inside the ramp or right after it) or `"hold"` (the masks of `masks_from`); `distill`: KL + SquareHead
+    from `teacher` (`None`: the default frozen copy)."""
+    sched = None
+    if schedule == "prune":
+        sched = PruneSchedule(final_sparsity=0.5, start=1, end=6, every_n_steps=1)
+    elif schedule == "hold":
+        sched = PruneSchedule(mode="hold", masks_from=masks_from)
+    cfg = DistillConfig(teacher=teacher, alpha=0.5, temperature=2.0, hidden_weight=0.5,
+                        teacher_dtype=teacher_dtype) if distill else None
+    return ImportanceCallback(ImportanceConfig(criterion=criterion), schedule=sched, distill=cfg)
+
+
 def run(output_dir, criterion="temporal_magnitude", *, resume=None, callbacks=(), importance_callback=None,
         max_steps=MAX_STEPS, save_steps=SAVE_STEPS, **kwargs):
     """Train; returns the trainer. `resume`: a checkpoint path, True, or None."""
@@ -80,8 +97,8 @@ def run(output_dir, criterion="temporal_magnitude", *, resume=None, callbacks=()
     cb = importance_callback or ImportanceCallback(ImportanceConfig(criterion=criterion))
     args = TrainingArguments(
         str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2, seed=7,
-        save_strategy="steps", save_steps=save_steps, logging_steps=1, report_to=[], use_cpu=True,
-        disable_tqdm=True, dataloader_num_workers=0, **kwargs)
+        save_steps=save_steps, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0, **{"save_strategy": "steps", **kwargs})
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=N, vocab_size=128, seed=3),
                       callbacks=[cb, *callbacks])
     trainer.train(resume_from_checkpoint=resume)
@@ -96,6 +113,10 @@ def main(argv=None):
     parser.add_argument("--hang-in", choices=sorted(HANG_AFTER), help="hang inside this state.py function")
     parser.add_argument("--hang-call", type=int, default=1, help="... at its n-th call")
     parser.add_argument("--save-late", type=int, help="a save at step N decided after ImportanceCallback's on_step_end")
+    parser.add_argument("--schedule", choices=["prune", "hold"], help="gradual pruning, or hold --masks-from's masks")
+    parser.add_argument("--masks-from", help="hold: the pruned checkpoint folder")
+    parser.add_argument("--distill", action="store_true", help="distil (teacher: --teacher, else the frozen copy)")
+    parser.add_argument("--teacher", help="distill: the dense teacher's folder")
     a = parser.parse_args(argv)
     callbacks = []
     if a.hang_after_save:
@@ -104,7 +125,8 @@ def main(argv=None):
         callbacks.append(SaveLate(a.save_late))
     if a.hang_in:
         hang_on_call(a.hang_in, a.hang_call, a.output_dir)
-    run(a.output_dir, a.criterion, callbacks=callbacks)
+    cb = make_callback(a.criterion, schedule=a.schedule, masks_from=a.masks_from, distill=a.distill, teacher=a.teacher)
+    run(a.output_dir, a.criterion, callbacks=callbacks, importance_callback=cb)
 
 
 if __name__ == "__main__":
