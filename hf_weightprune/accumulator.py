@@ -48,7 +48,7 @@ class ImportanceAccumulator:
 
     def __init__(self, config: ImportanceConfig, *, offload_to_cpu: bool = False):
         self.config = config
-        self.scorer = get_scorer(config.criterion)
+        self.scorer = get_scorer(config.criterion, weighting=config.weighting)
         self.offload_to_cpu = offload_to_cpu
         self.tracked: list[TrackedWeight] = []
         self.collector: ActivationCollector | None = None

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 IMPORTANCE_CONFIG_NAME = "importance_config.json"
 STATE_DTYPES = ("float32", "bfloat16")
+WEIGHTINGS = ("uniform", "step")
 # An `ImportanceConfig.name` becomes part of a folder name: no separators, no hidden or option-like names.
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
@@ -152,6 +153,10 @@ class ImportanceConfig(_JsonConfigMixin):
             `importance-<name>/` (checkpoints and `output_dir`) instead of `importance/`, and
             `load_importance(path, name=...)` reads it. Letters, digits, `_`, `.`, `-`; `None` (default) keeps the
             single-callback layout `importance/`.
+        weighting (`str`, *optional*, defaults to `"uniform"`):
+            How the samples are summed: `"uniform"`, or `"step"`: the sample of step `t` is multiplied by `t`, as
+            arXiv 2502.17071 weighs magnitudes (`criterion="sparsegpt"` only: `H = sum_t t * X_t^T X_t`, see
+            [`~hf_weightprune.scorers.sparsegpt.SparseGPT`]). Other criteria refuse `"step"`.
     """
 
     criterion: str = field(default="wanda", metadata={"help": "Importance criterion (registry key)."})
@@ -163,6 +168,8 @@ class ImportanceConfig(_JsonConfigMixin):
     state_dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 accumulator state."})
     skip_nonfinite: bool = field(default=True, metadata={"help": "Skip samples with NaN/Inf grads/activations."})
     name: str | None = field(default=None, metadata={"help": "Folder suffix: importance-<name>/ (several callbacks)."})
+    weighting: str = field(default="uniform", metadata={"help": "uniform | step (sample of step t counts t times; "
+                                                                "sparsegpt)."})
 
     def __post_init__(self):
         from .scorers import SCORERS
@@ -179,6 +186,12 @@ class ImportanceConfig(_JsonConfigMixin):
             raise ValueError(f"window must be None or an int >= 1; got {self.window!r}")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {STATE_DTYPES}; got {self.state_dtype!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
+        if self.weighting not in SCORERS[self.criterion].weightings:
+            supported = sorted(c for c, s in SCORERS.items() if self.weighting in s.weightings)
+            raise ValueError(f"weighting={self.weighting!r} is not supported by criterion {self.criterion!r}; use it "
+                             f"with {supported} or leave weighting='uniform'")
         if not isinstance(self.per_epoch, bool):
             raise ValueError(f"per_epoch must be a bool; got {self.per_epoch!r}")
         if self.name is not None and not (isinstance(self.name, str) and _NAME_RE.fullmatch(self.name)):
@@ -186,7 +199,8 @@ class ImportanceConfig(_JsonConfigMixin):
                              f"importance-<name>/), not starting with '.' or '-'; got {self.name!r}")
 
     # Fields that change what the state means: a resumed run must agree on all of them.
-    RESUME_KEYS = ("criterion", "target_modules", "exclude_modules", "every_n_steps", "per_epoch", "window", "state_dtype")
+    RESUME_KEYS = ("criterion", "target_modules", "exclude_modules", "every_n_steps", "per_epoch", "window", "state_dtype",
+                   "weighting")
 
     def diff(self, other: ImportanceConfig) -> dict[str, tuple[Any, Any]]:
         """

@@ -63,7 +63,7 @@ class Importance:
         self._weights = dict(weights) if weights is not None else None
         # Called once, on the first score that needs the weights, unless `bind` came first (see `load_importance`).
         self._weights_loader = weights_loader
-        self._scorer = get_scorer(config.criterion)
+        self._scorer = get_scorer(config.criterion, weighting=config.weighting)
 
     @property
     def names(self) -> list[str]:

@@ -15,10 +15,11 @@ def register_scorer(cls: type[Scorer]) -> type[Scorer]:
     return cls
 
 
-def get_scorer(name: str) -> Scorer:
+def get_scorer(name: str, **options) -> Scorer:
+    """A new scorer of criterion `name`; `options` (e.g. `weighting="step"`) go to its constructor."""
     if name not in SCORERS:
         raise ValueError(f"Unknown criterion {name!r}; choose one of {sorted(SCORERS)}")
-    return SCORERS[name]()
+    return SCORERS[name](**options)
 
 
 # Importing the modules registers them.

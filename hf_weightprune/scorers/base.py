@@ -109,6 +109,15 @@ class Scorer:
             (gradients complete: accumulated, unscaled, clipped, all-reduced), `"activations"` in forward hooks,
             `"final"` only when importance is read (no per-step cost).
         needs_grad: the tracked weights must receive gradients (refused on frozen LoRA base weights).
+        weightings: the values of `ImportanceConfig.weighting` the criterion supports (`"uniform"` always).
+
+    Args:
+        weighting (`str`, *optional*, defaults to `"uniform"`):
+            How `update_` weighs the sample of step `t`: `"uniform"` (every sample alike) or `"step"` (by `t`,
+            as arXiv 2502.17071 weighs magnitudes); only values in `weightings`.
+
+    Raises:
+        `ValueError`: `weighting` is not one of the criterion's `weightings`.
     """
 
     name: ClassVar[str]
@@ -116,6 +125,13 @@ class Scorer:
     needs_grad: ClassVar[bool] = False
     formula: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    weightings: ClassVar[tuple[str, ...]] = ("uniform",)
+
+    def __init__(self, *, weighting: str = "uniform"):
+        if weighting not in self.weightings:
+            raise ValueError(f"weighting={weighting!r} is not supported by criterion {self.name!r}; use one of "
+                             f"{list(self.weightings)}")
+        self.weighting = weighting
 
     def state_shape(self, weight: Tensor) -> torch.Size:
         return weight.shape

@@ -173,17 +173,34 @@ class SparseGPT(Scorer):
     `damp = percdamp * mean(diag(H/tokens))` as in the sweep, i.e. `U_jj^2 = [((H/tokens + damp I)_{j:,j:})^-1]_jj`.
     `diag(H)` is wanda's state, so [`wanda_score`] gives wanda's score from the same buffer.
 
+    With `weighting="step"` (`ImportanceConfig(criterion="sparsegpt", weighting="step")`) the sample of step `t`
+    (all the forwards of that optimizer step, gradient accumulation included) is multiplied by `t`, as arXiv
+    2502.17071 weighs magnitudes (`sum_t t*|w(t)| / sum_t t`, criterion `temporal_magnitude`): the state is
+    `H = sum_t t * X_t^T X_t`, so the later activations, those of the weights being pruned, count more. `t` is the
+    global step of the sample (the one `temporal_magnitude` uses, also with `every_n_steps` and `window`). The OBS
+    sweep only sees `H` up to a common scale (its dampening is relative to `mean(diag(H))`), so it is this weighted
+    mean of `x x^T`; `meta["tokens"]` still counts real tokens, unweighted. The scores divide by
+    `tokens * weight_sum / num_samples` (tokens times the mean `t`) instead of `tokens`: the weighted mean per
+    token exactly when every sample has the same number of real tokens.
+
     Args:
         percdamp (`float`, *optional*, defaults to 0.01):
             Dampening of `diag(H)` as a fraction of its mean (the paper's 1%).
+        weighting (`str`, *optional*, defaults to `"uniform"`):
+            `"uniform"` (`H = sum x x^T`, the paper's) or `"step"` (`H = sum_t t X_t^T X_t`).
+
+    Raises:
+        `ValueError`: `weighting` is neither `"uniform"` nor `"step"`.
     """
 
     name = "sparsegpt"
     source = "activations"
     formula = "w_ij^2 / [H^-1]_jj^2, H = sum_tokens x x^T"
     paper = "arXiv:2301.00774"
+    weightings = ("uniform", "step")
 
-    def __init__(self, percdamp: float = 0.01):
+    def __init__(self, percdamp: float = 0.01, *, weighting: str = "uniform"):
+        super().__init__(weighting=weighting)
         self.percdamp = percdamp
 
     def state_shape(self, weight):
@@ -196,11 +213,32 @@ class SparseGPT(Scorer):
     def update_(self, states, weights, grads, t, generator=None):
         # `weights` are one step's `hessian_sum`s here (the hooks collect them, as for wanda).
         states, sums = list(states), list(weights)
+        alpha = float(t) if self.weighting == "step" else 1.0
         if all(s.dtype == torch.float32 for s in states):
-            torch._foreach_add_(states, sums)
+            if alpha == 1.0:
+                torch._foreach_add_(states, sums)
+            else:
+                torch._foreach_add_(states, sums, alpha=alpha)
         else:
             for state, h in zip(states, sums):
-                accumulate_(state, h, generator=generator)
+                accumulate_(state, h, alpha, generator=generator)
+
+    def token_scale(self, *, tokens: int, num_samples: int = 0, weight_sum: float = 0.0) -> float:
+        """
+        What `H` is divided by for a per-token mean: `tokens`, or with `weighting="step"` `tokens` times the mean
+        step `weight_sum / num_samples`.
+
+        Args:
+            tokens (`int`): real tokens seen (`meta["tokens"][name]`).
+            num_samples (`int`, *optional*, defaults to 0): samples taken (`meta["num_samples"]`).
+            weight_sum (`float`, *optional*, defaults to 0.0): `sum_t t` over them (`meta["weight_sum"]`).
+
+        Returns:
+            `float`: > 0 when `tokens > 0`.
+        """
+        if self.weighting == "step" and num_samples > 0 and weight_sum > 0:
+            return tokens * (float(weight_sum) / num_samples)
+        return float(tokens)
 
     def _check(self, weight, tokens):
         if weight is None:
@@ -210,7 +248,8 @@ class SparseGPT(Scorer):
 
     def score(self, state, *, weight=None, num_samples=0, weight_sum=0.0, tokens=0):
         """
-        OBS saliency `w_ij^2 / U_jj^2` of each weight ([`hf_weightprune.obs.obs_saliency`]) with `H / tokens`.
+        OBS saliency `w_ij^2 / U_jj^2` of each weight ([`hf_weightprune.obs.obs_saliency`]) with `H / tokens`
+        (`H / (tokens * mean t)` with `weighting="step"`, see [`token_scale`]).
 
         Returns:
             `torch.Tensor`: shaped like `weight`, float32 on its device, >= 0: the increase of the mean squared
@@ -221,10 +260,11 @@ class SparseGPT(Scorer):
             is degenerate.
         """
         self._check(weight, tokens)
+        scale = self.token_scale(tokens=tokens, num_samples=num_samples, weight_sum=weight_sum)
         # The saliency is linear in the scale of H (U_jj^2 scales as 1/c), so divide the result, not a copy of H.
-        return obs_saliency(weight, state, percdamp=self.percdamp).div_(tokens)
+        return obs_saliency(weight, state, percdamp=self.percdamp).div_(scale)
 
-    def wanda_score(self, state, *, weight=None, tokens=0, **_):
+    def wanda_score(self, state, *, weight=None, tokens=0, num_samples=0, weight_sum=0.0, **_):
         """
         Wanda's `|W_ij| * ||x_j||_2` from the Hessian's diagonal (`||x_j||` as the root-mean over tokens, as wanda's
         scorer), for when the OBS sweep is not wanted or `H` is degenerate.
@@ -236,5 +276,6 @@ class SparseGPT(Scorer):
             `ValueError`: `weight` is missing or no tokens were seen.
         """
         self._check(weight, tokens)
-        norm = (state.diagonal().float() / tokens).sqrt()
+        scale = self.token_scale(tokens=tokens, num_samples=num_samples, weight_sum=weight_sum)
+        norm = (state.diagonal().float() / scale).sqrt()
         return weight.detach().float().abs() * norm.to(weight.device)[None, :]
