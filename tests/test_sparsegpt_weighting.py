@@ -160,3 +160,22 @@ def test_scorer_refuses_unsupported_weighting():
     assert get_scorer("wanda").weighting == "uniform"
     with pytest.raises(ValueError, match=r"^weighting='step' is not supported by criterion 'wanda'"):
         get_scorer("wanda", weighting="step")
+
+
+def test_custom_scorer_without_weighting_argument_still_builds():
+    from hf_weightprune.scorers import SCORERS, Scorer, register_scorer
+
+    @register_scorer
+    class NoOptions(Scorer):
+        name = "test_no_options"
+
+        def __init__(self):  # written before the option existed: takes no `weighting`
+            self.built = True
+
+    try:
+        assert get_scorer("test_no_options").built
+        assert ImportanceConfig(criterion="test_no_options").weighting == "uniform"
+        with pytest.raises(ValueError, match=r"^weighting='step' is not supported by criterion 'test_no_options'"):
+            get_scorer("test_no_options", weighting="step")
+    finally:
+        del SCORERS["test_no_options"]

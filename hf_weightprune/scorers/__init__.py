@@ -15,11 +15,18 @@ def register_scorer(cls: type[Scorer]) -> type[Scorer]:
     return cls
 
 
-def get_scorer(name: str, **options) -> Scorer:
-    """A new scorer of criterion `name`; `options` (e.g. `weighting="step"`) go to its constructor."""
+def get_scorer(name: str, *, weighting: str = "uniform", **options) -> Scorer:
+    """A new scorer of criterion `name`; `options` go to its constructor, and `weighting` too unless it is the
+    default `"uniform"` (so a registered scorer whose `__init__` takes no `weighting` still builds)."""
     if name not in SCORERS:
         raise ValueError(f"Unknown criterion {name!r}; choose one of {sorted(SCORERS)}")
-    return SCORERS[name](**options)
+    cls = SCORERS[name]
+    if weighting not in cls.weightings:
+        raise ValueError(f"weighting={weighting!r} is not supported by criterion {name!r}; use one of "
+                         f"{list(cls.weightings)}")
+    if weighting != "uniform":
+        options["weighting"] = weighting
+    return cls(**options)
 
 
 # Importing the modules registers them.
