@@ -4,8 +4,9 @@ The setting of `knee.py`: a small Llama (~2.2M parameters) trained from scratch 
 weights and activations drift a lot during training. Three `sparsegpt` ImportanceCallbacks on one Trainer (one run,
 identical weights): `uniform` (`H = sum_t X_t^T X_t`, the default), `step` (`H = sum_t t * X_t^T X_t`,
 `ImportanceConfig(weighting="step")`, arXiv 2502.17071's time weighting) and `last10` (uniform over the last 10% of
-the steps only, `window`), a recency reference. Each is pruned with the OBS sweep (`prune_`, reconstruction) at 50%
-and 70% unstructured (layer scope) and 2:4, and evaluated on held-out KJV windows (mean next-token loss).
+the steps only, `window`), a recency reference. Each is pruned with the OBS sweep (`prune_`, reconstruction) at each
+`--targets` (unstructured sparsities, layer scope, and N:M patterns; default 50%, 70%, 90%, 2:4), and evaluated on
+held-out KJV windows (mean next-token loss).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/hessian_weighting.py --seeds 0,1,2
 
@@ -28,7 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VARIANTS = ("uniform", "step", "last10")
-TARGETS = ("50%", "70%", "2:4")
 
 
 def train_and_prune(seed: int, args, tok, train_ds, eval_ds) -> dict[str, float]:
@@ -57,8 +57,7 @@ def train_and_prune(seed: int, args, tok, train_ds, eval_ds) -> dict[str, float]
                               disable_tqdm=True)
     Trainer(model=model, args=targs, train_dataset=train_ds, callbacks=list(callbacks.values())).train()
     losses = {"dense": evaluate_loss(model, eval_ds, batch_size=16)["loss"]}
-    prune_configs = {"50%": PruneConfig(sparsity=0.5), "70%": PruneConfig(sparsity=0.7),
-                     "2:4": PruneConfig(structure="2:4")}
+    prune_configs = {t: PruneConfig(structure=t) if ":" in t else PruneConfig(sparsity=float(t)) for t in args.targets}
     for variant, cb in callbacks.items():
         imp = cb.importance()
         for target, cfg in prune_configs.items():
@@ -75,11 +74,13 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval_windows", type=int, default=64)
+    p.add_argument("--targets", default="0.5,0.7,0.9,2:4", help="comma-separated sparsities and N:M patterns")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=None, help="write the Markdown table here too")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    args.targets = [t.strip() for t in args.targets.split(",")]
 
     import torch
 
@@ -103,15 +104,21 @@ def main() -> None:
             return f"{values[0]:.4f}"
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
-    lines = [f"| H | {' | '.join(TARGETS)} |", "|---|" + "---:|" * len(TARGETS)]
+    targets = args.targets
+    heads = [t if ":" in t else f"{float(t):.0%}" for t in targets]
+    lines = [f"| H | {' | '.join(heads)} |", "|---|" + "---:|" * len(targets)]
     for variant in VARIANTS:
-        lines.append(f"| {variant} | " + " | ".join(cell([runs[s][variant, t] for s in seeds]) for t in TARGETS) + " |")
-    lines.append("| dense | " + " | ".join(cell([runs[s]["dense"] for s in seeds]) for _ in TARGETS) + " |")
+        lines.append(f"| {variant} | " + " | ".join(cell([runs[s][variant, t] for s in seeds]) for t in targets) + " |")
+    lines.append("| dense | " + " | ".join(cell([runs[s]["dense"] for s in seeds]) for _ in targets) + " |")
     lines += ["", "Step minus uniform, per seed (negative = step-weighted is better):", "",
-              f"| seed | {' | '.join(TARGETS)} |", "|---|" + "---:|" * len(TARGETS)]
+              f"| seed | {' | '.join(heads)} |", "|---|" + "---:|" * len(targets)]
     for seed in seeds:
         lines.append(f"| {seed} | " + " | ".join(f"{runs[seed]['step', t] - runs[seed]['uniform', t]:+.4f}"
-                                               for t in TARGETS) + " |")
+                                               for t in targets) + " |")
+    if len(seeds) > 1:
+        diffs = {t: [runs[s]["step", t] - runs[s]["uniform", t] for s in seeds] for t in targets}
+        lines.append("| mean ± sd | " + " | ".join(f"{statistics.mean(d):+.4f} ± {statistics.stdev(d):.4f}"
+                                                  for d in diffs.values()) + " |")
     lines += ["", f"Seeds {seeds}, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens, eval on "
               f"{args.eval_windows} windows; wall time {wall / 60:.1f} min ({args.threads} thread(s))."]
     text = "\n".join(lines)

@@ -1,6 +1,8 @@
 """`ImportanceConfig(criterion="sparsegpt", weighting="step")`: `H = sum_t t * X_t^T X_t` (issue 16)."""
 
+import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -179,3 +181,33 @@ def test_custom_scorer_without_weighting_argument_still_builds():
             get_scorer("test_no_options", weighting="step")
     finally:
         del SCORERS["test_no_options"]
+
+
+def _ddp_run(out: str) -> None:
+    """6 steps of a global batch of 4 whatever the world size (2 rows per rank under 2 processes)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", weighting="step"))
+    args = TrainingArguments(out, max_steps=6, per_device_train_batch_size=4 // world, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True,
+                             ddp_backend="gloo" if world > 1 else None)
+    Trainer(model=tiny_llama(seed=52), args=args, train_dataset=TokenDataset(n=48), callbacks=[cb]).train()
+
+
+@pytest.mark.multiproc
+def test_ddp_sums_step_weighted_hessians_over_ranks(tmp_path):
+    from .test_distributed import torchrun
+
+    _ddp_run(str(tmp_path / "one"))
+    torchrun("tests.test_sparsegpt_weighting", str(tmp_path / "two"))
+    one, two = load_importance(tmp_path / "one"), load_importance(tmp_path / "two")
+    assert (one.meta["world_size"], two.meta["world_size"], two.config.weighting) == (1, 2, "step")
+    assert (two.num_samples, two.meta["weight_sum"], two.meta["tokens"]) == (6, 21.0, one.meta["tokens"])
+    for name in one.names:
+        # each rank weighs its half of the tokens by the same t; gradients all-reduced over 2 ranks change the
+        # weights by ~1e-6 (see test_distributed.py), hence the tolerance
+        ref = one.state(name)
+        torch.testing.assert_close(two.state(name), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=name)
+
+
+if __name__ == "__main__":  # `torchrun -m tests.test_sparsegpt_weighting OUT`, from the multiproc test above
+    _ddp_run(sys.argv[1])

@@ -177,11 +177,13 @@ class SparseGPT(Scorer):
     (all the forwards of that optimizer step, gradient accumulation included) is multiplied by `t`, as arXiv
     2502.17071 weighs magnitudes (`sum_t t*|w(t)| / sum_t t`, criterion `temporal_magnitude`): the state is
     `H = sum_t t * X_t^T X_t`, so the later activations, those of the weights being pruned, count more. `t` is the
-    global step of the sample (the one `temporal_magnitude` uses, also with `every_n_steps` and `window`). The OBS
-    sweep only sees `H` up to a common scale (its dampening is relative to `mean(diag(H))`), so it is this weighted
-    mean of `x x^T`; `meta["tokens"]` still counts real tokens, unweighted. The scores divide by
-    `tokens * weight_sum / num_samples` (tokens times the mean `t`) instead of `tokens`: the weighted mean per
-    token exactly when every sample has the same number of real tokens.
+    global step of the sample (the one `temporal_magnitude` uses, also with `every_n_steps` and `window`), so a
+    resumed run continues the same sum. The OBS sweep is invariant to a common scale of `H` (its dampening
+    `percdamp * mean(diag(H))` scales with it; only the `H_jj = 1` put on never-fired inputs does not), so it prunes
+    with the `t`-weighted mean of `x x^T`. `meta["tokens"]` still counts real tokens, unweighted; the scores divide
+    by `tokens * weight_sum / num_samples` (tokens times the mean `t`, [`token_scale`]) instead of `tokens`, the
+    weighted mean per token exactly when every sample has the same number of real tokens. Under DDP every rank
+    weighs its sums by the same `t`, so their sum is `sum_t t * X_t^T X_t` over all ranks' tokens.
 
     Args:
         percdamp (`float`, *optional*, defaults to 0.01):
