@@ -302,8 +302,8 @@ class ImportanceAccumulator:
                     cols = cols % weight.shape[-1]
                     if state.dim() == 1:
                         score = self.scorer.score(state[cols], weight=flat_w.reshape(1, -1), **kwargs)
-                    elif kwargs["tokens"] > 0:  # wanda's |W_ij| * ||x_j|| from diag(H)
-                        norm = (state.diagonal()[cols].float() / kwargs["tokens"]).sqrt()
+                    elif kwargs["tokens"] > 0:  # wanda's |W_ij| * ||x_j|| from diag(H) (a step-weighted H over mean t)
+                        norm = (state.diagonal()[cols].float() / self.scorer.token_scale(**kwargs)).sqrt()
                         score = flat_w.float().abs() * norm.to(flat_w.device)
                     else:
                         continue

@@ -89,6 +89,10 @@ def test_step_weighted_hessian_equals_bruteforce(sampling, sampled, tmp_path):
     weight = dict(model.named_parameters())[name].detach()
     scale = imp.meta["tokens"][name] * sum(sampled) / len(sampled)
     torch.testing.assert_close(imp.scores[name], obs_saliency(weight, imp.state(name)) / scale)
+    # the logged wanda proxy |W_ij| * ||x_j|| uses the same per-token scale
+    norm = (imp.state(name).diagonal() / scale).sqrt()
+    logged = cb.accumulator._sampled_scores(1 << 20)[name]
+    torch.testing.assert_close(logged, (weight.abs() * norm[None, :]).reshape(-1))
     # written with the option, read back as is
     loaded = load_importance(tmp_path)
     assert loaded.config.weighting == "step"
