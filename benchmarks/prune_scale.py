@@ -80,7 +80,7 @@ def build(scale: str) -> None:
     shapes = {t.name: list(t.param.shape) for t in find_tracked_weights(model)}
     del model
     tensors = {n: torch.rand(s, generator=g).to(torch.bfloat16) for n, s in shapes.items()}
-    cfg = ImportanceConfig(state_dtype="bfloat16")
+    cfg = ImportanceConfig(criterion="temporal_magnitude", state_dtype="bfloat16")  # [out, in] scores
     meta = {"global_step": 1, "num_samples": 1, "weight_sum": 1.0, "last_step": 1, "skipped": 0, "tokens": {}}
     save_importance_dir(imp_dir, tensors, config=cfg, meta=meta, shapes=shapes)
     print(f"cache ready in {time.time() - t:.0f}s", flush=True)
