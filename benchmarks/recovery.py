@@ -200,7 +200,7 @@ def _fmt(x) -> str:
 
 def write_report(cells: list[dict], wanted: list[tuple[str, str]], args, out: Path) -> str:
     by = {(c["row"], c["point"]): c for c in cells}
-    points = list(dict.fromkeys(p for _, p in wanted))
+    points = list(dict.fromkeys(p for r, p in wanted if r != "dense"))
     dense = by.get(("dense", "-"))
     lines = [f"Every row: {args.steps} steps x {args.batch_size} x {args.seq_len} = "
              f"{args.steps * args.batch_size * args.seq_len:,} training tokens from the pretrained SmolLM2-135M-Instruct; "
@@ -233,7 +233,8 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str]], args, out: Pa
         if c and d:
             lines.append("")
             lines.append(f"Teacher's extra cost at {p}: {(d['train_seconds'] - c['train_seconds']) / c['steps']:.2f} "
-                         f"s/step ({d['train_seconds'] / c['train_seconds']:.2f}x the step of (c)), same run.")
+                         f"s/step ({d['train_seconds'] / c['train_seconds']:.2f}x the step of (c)); times are wall "
+                         "times of whole rows, so other jobs on the machine inflate them.")
     lines.append("")
     lines.append("Achieved sparsity of the decoder Linears: " + ", ".join(
         f"{c['row']}@{c['point']} {c['sparsity']:.4f}" for c in cells if c["row"] != "dense") + ".")
