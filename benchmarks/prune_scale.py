@@ -108,7 +108,7 @@ def task(kind: str, model_dir: str, imp_dir: str, out: str) -> None:
     cpu = resource.getrusage(resource.RUSAGE_SELF)  # CPU time is not inherited across exec, unlike ru_maxrss
     t = time.perf_counter()
     if kind == "stream":
-        report = prune_checkpoint(model_dir, load_importance(imp_dir), config=PruneConfig(sparsity=0.5), output_dir=out,
+        report = prune_checkpoint(model_dir, load_importance(imp_dir), config=PruneConfig(sparsity=0.5, scope="global"), output_dir=out,
                                   progress=False)  # keywords: the positional order changed after 0.1
         print(f"# {report.summary()}", file=sys.stderr)
     elif kind in ("baseline", "prune"):
@@ -116,7 +116,7 @@ def task(kind: str, model_dir: str, imp_dir: str, out: str) -> None:
         if kind == "baseline":
             model.save_pretrained(out)
         else:
-            report = prune_(model, load_importance(imp_dir), PruneConfig(sparsity=0.5), progress=False)
+            report = prune_(model, load_importance(imp_dir), PruneConfig(sparsity=0.5, scope="global"), progress=False)
             save_pruned(model, out, report=report)
             print(f"# {report.summary()}", file=sys.stderr)
     elif kind != "idle":
