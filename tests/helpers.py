@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_weightprune.matching import find_tracked_weights
 from hf_weightprune.testing import TokenDataset
+
+from .scripts.ckpt_train import MARKER
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class Recorder(TrainerCallback):
@@ -86,3 +98,31 @@ def reference(criterion, rec, steps=None):
             tok = sum(rec.tokens[s - 1][name] for s in steps)
             out[name] = rec.post[-1][name].abs() * (sq / tok).sqrt()[None, :]
     return out
+
+
+def sigkill_at_hang(root: Path, runs: dict[str, list[str]], timeout: float = 300) -> Path:
+    """Start every `tests.scripts.ckpt_train` run at once (imports dominate) in `root / name`, SIGKILL each as soon as
+    it writes its hang marker; their output goes to `root / f"{name}.log"`. Returns `root`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    procs = {}
+    for name, argv in runs.items():
+        with open(root / f"{name}.log", "w") as log:
+            procs[name] = subprocess.Popen([sys.executable, "-m", "tests.scripts.ckpt_train", str(root / name), *argv],
+                                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        for name, proc in procs.items():
+            while not (root / name / MARKER).exists():
+                if proc.poll() is not None:
+                    pytest.fail(f"{name} exited ({proc.returncode}) before hanging:\n"
+                                f"{(root / f'{name}.log').read_text()[-3000:]}")
+                assert time.monotonic() < deadline, f"{name} did not reach its hang point"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait() == -signal.SIGKILL
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return root

@@ -3,12 +3,7 @@ bad inputs. Killed runs are real subprocesses (`tests/scripts/ckpt_train.py`); t
 
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +17,9 @@ from hf_weightprune.callback import STAGING_DIR
 from hf_weightprune.state import ImportanceFileError
 from hf_weightprune.testing import tiny_llama
 
+from .helpers import sigkill_at_hang
 from .scripts.ckpt_train import MARKER, SaveLate, run
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = S.IMPORTANCE_CONFIG_NAME
 IMP_CONFIG = f"{S.IMPORTANCE_DIR}/{CONFIG}"
 
@@ -46,29 +41,7 @@ KILLED = {
 def killed(tmp_path_factory):
     """Start every killed run at once (imports dominate), SIGKILL each as soon as it hangs; returns the root."""
     root = tmp_path_factory.mktemp("killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    procs = {}
-    for name, argv in KILLED.items():
-        with open(root / f"{name}.log", "w") as log:
-            procs[name] = subprocess.Popen([sys.executable, "-m", "tests.scripts.ckpt_train", str(root / name), *argv],
-                                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    try:
-        for name, proc in procs.items():
-            while not (root / name / MARKER).exists():
-                if proc.poll() is not None:
-                    pytest.fail(f"{name} exited ({proc.returncode}) before hanging:\n"
-                                f"{(root / f'{name}.log').read_text()[-3000:]}")
-                assert time.monotonic() < deadline, f"{name} did not reach its hang point"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait() == -signal.SIGKILL
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return root
+    return sigkill_at_hang(root, KILLED)
 
 
 @pytest.fixture(scope="module")

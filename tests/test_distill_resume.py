@@ -3,12 +3,7 @@ where an uninterrupted run ends (weights, masks, importance, distillation losses
 (`tests/scripts/ckpt_train.py`); references and resumes are real Trainer runs in this process."""
 
 import copy
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,10 +25,10 @@ from hf_weightprune.distill import Distiller, _unique_state
 from hf_weightprune.oneshot import oneshot_importance
 from hf_weightprune.testing import TokenDataset, tiny_llama
 
+from .helpers import sigkill_at_hang
 from .scripts.ckpt_train import MARKER, make_callback, run
 from .test_checkpoint import assert_same_importance, snapshot
 
-REPO = Path(__file__).resolve().parent.parent
 SEED = 11  # the model ckpt_train.run trains: tiny_llama(seed=11)
 
 
@@ -70,30 +65,7 @@ def argv(criterion, kw) -> list[str]:
 def killed(models, tmp_path_factory):
     """Start both killed runs at once, SIGKILL each as soon as checkpoint-3 is complete; returns the root."""
     root = tmp_path_factory.mktemp("killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    procs = {}
-    for name, (criterion, kw) in settings(models).items():
-        with open(root / f"{name}.log", "w") as log:
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "tests.scripts.ckpt_train", str(root / name), *argv(criterion, kw)],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    try:
-        for name, proc in procs.items():
-            while not (root / name / MARKER).exists():
-                if proc.poll() is not None:
-                    pytest.fail(f"{name} exited ({proc.returncode}) before hanging:\n"
-                                f"{(root / f'{name}.log').read_text()[-3000:]}")
-                assert time.monotonic() < deadline, f"{name} did not reach its hang point"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait() == -signal.SIGKILL
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return root
+    return sigkill_at_hang(root, {name: argv(criterion, kw) for name, (criterion, kw) in settings(models).items()})
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,7 @@ import json
 import logging
 import os
 import shutil
-import signal
 import struct
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,9 +33,9 @@ from hf_weightprune.schedule import PruneSchedule
 from hf_weightprune.state import ImportanceFileError
 from hf_weightprune.testing import TokenDataset, tiny_llama
 
+from .helpers import sigkill_at_hang
 from .scripts.ckpt_train import MARKER, run
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = S.IMPORTANCE_CONFIG_NAME
 Q, OPROJ = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"  # both 32 x 32
 
@@ -80,26 +76,8 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def killed_before_publish(tmp_path_factory):
     """A wanda run SIGKILLed after the Trainer wrote checkpoint-6, before the staged importance was moved into it."""
-    out = tmp_path_factory.mktemp("killed") / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     argv = ["--criterion", "wanda", "--hang-in", "publish", "--hang-call", "2"]  # 2nd publish: step 6
-    log_path = out.parent / "log.txt"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.scripts.ckpt_train", str(out), *argv], cwd=REPO, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    try:
-        while not (out / MARKER).exists():
-            if proc.poll() is not None:
-                pytest.fail(f"exited ({proc.returncode}) before hanging:\n{log_path.read_text()[-3000:]}")
-            assert time.monotonic() < deadline, "did not reach its hang point"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    out = sigkill_at_hang(tmp_path_factory.mktemp("killed"), {"run": argv}) / "run"
     (out / MARKER).unlink()
     return out
 
