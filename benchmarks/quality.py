@@ -389,7 +389,6 @@ def run_cell(method: str, point: str, valid, ood, args, llmc_python: Path | None
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hf_weightprune.data import evaluate_loss
 
     source = WORK / "finetuned" if method != "base (before fine-tune)" else base_model_dir()
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -409,16 +408,24 @@ def run_cell(method: str, point: str, valid, ood, args, llmc_python: Path | None
             cell.update(impl=f"llmcompressor {info['llmcompressor']} oneshot", prune_seconds=info["oneshot_seconds"],
                         subprocess_seconds=info.get("subprocess_seconds"),
                         calibration_tokens=info["calibration_tokens"])
-    cell["sparsity"] = linear_sparsity(model)
+    cell.update(evaluate_cell(model, valid, ood, args))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, cell)
+    _log(f"{method} @ {point}: ppl ood {cell['ppl_ood']:.2f}, valid {cell['ppl_valid']:.2f}, sparsity "
+         f"{cell['sparsity']:.4f}, prune {cell.get('prune_seconds', 0):.1f} s, eval {cell['eval_seconds']:.0f} s")
+    return cell
+
+
+def evaluate_cell(model, valid, ood, args) -> dict:
+    """Achieved sparsity, then loss / perplexity / predicted tokens on both evaluation sets, and the time it took."""
+    from hf_weightprune.data import evaluate_loss
+
+    cell = {"sparsity": linear_sparsity(model)}
     t = time.perf_counter()
     for split, windows in (("ood", ood), ("valid", valid)):
         r = evaluate_loss(model, windows, batch_size=args.eval_batch_size)
         cell[f"loss_{split}"], cell[f"ppl_{split}"], cell[f"tokens_{split}"] = r["loss"], r["perplexity"], r["tokens"]
     cell["eval_seconds"] = time.perf_counter() - t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, cell)
-    _log(f"{method} @ {point}: ppl ood {cell['ppl_ood']:.2f}, valid {cell['ppl_valid']:.2f}, sparsity "
-         f"{cell['sparsity']:.4f}, prune {cell.get('prune_seconds', 0):.1f} s, eval {cell['eval_seconds']:.0f} s")
     return cell
 
 

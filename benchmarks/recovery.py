@@ -134,7 +134,6 @@ def run_row(row: str, point: str, train, valid, ood, calibration: Path, args) ->
         prune_,
         save_pruned,
     )
-    from hf_weightprune.data import evaluate_loss
 
     base = Q.base_model_dir()
     distill = DistillConfig(alpha=ALPHA, temperature=TEMPERATURE)
@@ -178,12 +177,7 @@ def run_row(row: str, point: str, train, valid, ood, calibration: Path, args) ->
                     train_loss=phase2["train_loss"], phase_steps=[first, args.steps - first])
     else:
         raise ValueError(row)
-    cell["sparsity"] = Q.linear_sparsity(model)
-    t = time.perf_counter()
-    for split, windows in (("ood", ood), ("valid", valid)):
-        r = evaluate_loss(model, windows, batch_size=args.eval_batch_size)
-        cell[f"loss_{split}"], cell[f"ppl_{split}"], cell[f"tokens_{split}"] = r["loss"], r["perplexity"], r["tokens"]
-    cell["eval_seconds"] = time.perf_counter() - t
+    cell.update(Q.evaluate_cell(model, valid, ood, args))
     path.parent.mkdir(parents=True, exist_ok=True)
     Q._write_json(path, cell)
     _log(f"{row} @ {point}: ppl ood {cell['ppl_ood']:.2f}, valid {cell['ppl_valid']:.2f}, sparsity "
