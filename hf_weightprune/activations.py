@@ -50,6 +50,18 @@ def count_tokens(x: Tensor, mask: Tensor | None) -> int:
     return int(mask.sum()) if mask is not None else x.numel() // x.shape[-1]
 
 
+def real_token_rows(attention_mask: Tensor | None, x: Tensor) -> tuple[Tensor | None, int]:
+    """Row indices of the real tokens of `x` flattened to `[tokens, in]` (`None` when all count) and their number.
+
+    The same rule as `real_token_mask`, found with one host synchronisation, so a forward's hooks can share it.
+    """
+    total = x.numel() // max(x.shape[-1], 1)
+    if attention_mask is None or attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(x.shape[:-1]):
+        return None, total
+    rows = (attention_mask.to(device=x.device) != 0).reshape(-1).nonzero().squeeze(1)
+    return (None, total) if rows.numel() == total else (rows, rows.numel())
+
+
 class ActivationCollector:
     """Per-step sums of `statistic` over the inputs of the tracked Linears, from forward hooks.
 
@@ -74,6 +86,9 @@ class ActivationCollector:
         self._tokens: dict[str, int] = {}
         self._attention_mask: Tensor | None = None
         self._last: tuple[Tensor, Tensor, int] | None = None  # (input, its statistic, tokens): shared by q/k/v
+        # The real-token rows of the current forward, by input shape: found once per forward, not once per Linear
+        # (each costs a host synchronisation, which stalls an accelerator's queue).
+        self._rows: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor | None, int]] = {}
 
     def register(self) -> None:
         self.remove()
@@ -86,7 +101,7 @@ class ActivationCollector:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._attention_mask, self._last = None, None
+        self._attention_mask, self._last, self._rows = None, None, {}
 
     def pop(self) -> tuple[dict[str, Tensor], dict[str, int]]:
         """The sums and real-token counts collected since the last `pop`, by weight name; resets them."""
@@ -97,24 +112,37 @@ class ActivationCollector:
     def _capture_mask(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         self._attention_mask = mask if isinstance(mask, Tensor) else None
+        self._rows = {}
 
     def _release_mask(self, module, args, output):
-        self._attention_mask, self._last = None, None
+        self._attention_mask, self._last, self._rows = None, None, {}
+
+    def _real_rows(self, x: Tensor) -> tuple[Tensor | None, int]:
+        key = (tuple(x.shape[:-1]), x.device)
+        found = self._rows.get(key)
+        if found is None:
+            found = self._rows[key] = real_token_rows(self._attention_mask, x)
+        return found
 
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
             if not self.active or (self.training_only and not module.training) or in_backward_recompute():
                 return
-            x = inputs[0].detach()
+            source = inputs[0]  # q/k/v (gate/up) receive this same object: compared by identity, not `.detach()`
+            x = source.detach()
             compiling = torch.compiler.is_compiling()
             last = None if compiling else self._last
-            if last is not None and last[0] is x:
+            if last is not None and last[0] is source:
                 stat, tokens = last[1], last[2]
-            else:
+            elif compiling:
                 mask = real_token_mask(self._attention_mask, x)
                 stat, tokens = self.statistic(x, mask), count_tokens(x, mask)
-                if not compiling:
-                    self._last = (x, stat, tokens)
+            else:
+                rows, tokens = self._real_rows(x)
+                if rows is not None:  # the real tokens only, as `[tokens, in]`
+                    x = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+                stat = self.statistic(x, None)
+                self._last = (source, stat, tokens)
             if name in self._sums:
                 self._sums[name].add_(stat.to(self._sums[name].device))
             else:

@@ -75,21 +75,25 @@ def stochastic_round_to_bf16_(dst: Tensor, value: Tensor, generator: torch.Gener
     return dst.copy_(value)
 
 
-# Elements per block for the per-step update: the temporaries (|w|, w*g) of a 1M-element block stay in cache
+# Elements per block for the per-step update on CPU: the temporaries (|w|, w*g) of a 1M-element block stay in cache
 # instead of making a round trip through memory. Measured on a 85M-weight Llama: 48 ms per update vs 75-96 ms
-# with whole-tensor batched ops.
+# with whole-tensor batched ops. An accelerator wants the opposite, few large kernels: 1M-element blocks cost 3,600
+# launches per step at Phi-3-mini size (+105 ms on an H200, benchmarks/README.md section 12), so there a block is
+# a whole tensor up to `CHUNK_NUMEL`.
 BLOCK_NUMEL = 1 << 20
 
 
-def blocks(*tensor_lists: Sequence[Tensor], size: int = BLOCK_NUMEL) -> Iterator[tuple[Tensor, ...]]:
+def blocks(*tensor_lists: Sequence[Tensor], size: int | None = None) -> Iterator[tuple[Tensor, ...]]:
     """Aligned flat views of at most `size` elements over parallel lists of same-shaped tensors.
 
-    The first list holds the (contiguous) state buffers, so in-place ops on its views update the buffers.
+    The first list holds the (contiguous) state buffers, so in-place ops on its views update the buffers. `size`
+    defaults to `BLOCK_NUMEL` for CPU tensors and `CHUNK_NUMEL` elsewhere.
     """
     for tensors in zip(*tensor_lists):
         flat = [t.view(-1) if i == 0 else t.reshape(-1) for i, t in enumerate(tensors)]
-        for start in range(0, flat[0].numel(), size):
-            yield tuple(f[start : start + size] for f in flat)
+        step = size or (BLOCK_NUMEL if flat[0].device.type == "cpu" else CHUNK_NUMEL)
+        for start in range(0, flat[0].numel(), step):
+            yield tuple(f[start : start + step] for f in flat)
 
 
 def accumulate_(state: Tensor, update: Tensor, alpha: float = 1.0, generator: torch.Generator | None = None) -> None:

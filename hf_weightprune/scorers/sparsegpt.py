@@ -43,6 +43,14 @@ def hessian_sum(x: Tensor, token_mask: Tensor | None = None) -> Tensor:
     with torch.autocast(x.device.type, enabled=False):
         if x.dtype == torch.float32:
             return torch.mm(x.T, x)
+        if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+            # 16-bit inputs straight into a float32-accumulating product: each product of two 16-bit values is exact
+            # in float32, so this equals the float32 product of the upcast inputs up to summation order, at tensor-
+            # core speed (the float32 path ran ~10x slower per step at Phi-3-mini size on an H200).
+            try:
+                return torch.mm(x.T, x, out_dtype=torch.float32)
+            except (TypeError, RuntimeError, NotImplementedError):  # torch without `mm(..., out_dtype=)`
+                pass
         # Other dtypes: float32 copies of row blocks through one reused buffer, accumulated in place, so neither a
         # full float32 copy of `x` nor a low-precision sum is ever made.
         out = torch.zeros(n, n, dtype=torch.float32, device=x.device)
