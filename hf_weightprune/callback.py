@@ -45,7 +45,7 @@ RESUME_MISMATCH_CHOICES = ("raise", "restart")
 STAGING_DIR = "_importance-staging"
 # The importance folders claimed by the callbacks of each running `train()` (keyed by its `TrainerState`, shared by
 # every callback of one Trainer): two callbacks writing the same folder are refused at train begin.
-_CLAIMS: dict[int, tuple[weakref.ref, dict[str, ImportanceCallback]]] = {}
+_CLAIMS: dict[int, tuple[weakref.ref, dict[str, weakref.ref]]] = {}
 
 
 class ImportanceCallback(TrainerCallback):
@@ -172,7 +172,12 @@ class ImportanceCallback(TrainerCallback):
         entry = _CLAIMS.get(id(state))
         if entry is None or entry[0]() is not state:
             entry = _CLAIMS[id(state)] = (weakref.ref(state), {})
-        owner = entry[1].setdefault(self.importance_dir, self)
+        # Weak references both ways: a claim must not keep a finished run's callback (and its state, gigabytes
+        # for sparsegpt) alive after the Trainer is gone.
+        claimed = entry[1].get(self.importance_dir)
+        owner = claimed() if claimed is not None else None
+        if owner is None:
+            entry[1][self.importance_dir], owner = weakref.ref(self), self
         if owner is not self:
             raise ValueError(
                 f"Two ImportanceCallbacks on this Trainer write the same folder {self.importance_dir}/ (criteria "
