@@ -354,7 +354,7 @@ class ImportanceAccumulator:
 
 def _first_nonfinite_index(tensors: list[torch.Tensor]) -> int | None:
     """Index of the first tensor holding NaN/Inf, else `None`: one fused max-|x| per tensor (which, unlike a sum
-    or a 2-norm, cannot overflow) and one host synchronisation per device, not one per tensor (224 per step at
+    or a 2-norm, cannot overflow) and one host synchronisation per device, not one per tensor (128 per step at
     Phi-3-mini size stalled an accelerator's queue)."""
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):

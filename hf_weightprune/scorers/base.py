@@ -77,7 +77,7 @@ def stochastic_round_to_bf16_(dst: Tensor, value: Tensor, generator: torch.Gener
 
 # Elements per block for the per-step update on CPU: the temporaries (|w|, w*g) of a 1M-element block stay in cache
 # instead of making a round trip through memory. Measured on a 85M-weight Llama: 48 ms per update vs 75-96 ms
-# with whole-tensor batched ops. An accelerator wants the opposite, few large kernels: 1M-element blocks cost 3,600
+# with whole-tensor batched ops. An accelerator wants the opposite, few large kernels: 1M-element blocks cost ~7,000
 # launches per step at Phi-3-mini size (+105 ms on an H200, benchmarks/README.md section 12), so there a block is
 # a whole tensor up to `CHUNK_NUMEL`.
 BLOCK_NUMEL = 1 << 20
