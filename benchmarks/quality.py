@@ -254,12 +254,20 @@ def importance_dir(criterion: str) -> Path:
     return WORK / "importance" / criterion
 
 
-def finetune(base: Path, train, args) -> dict:
-    """One Trainer run with one ImportanceCallback per criterion; saves the weights and each importance."""
+def finetune(base: Path, train, args, criteria: tuple[str, ...] = CRITERIA) -> dict:
+    """One Trainer run with one ImportanceCallback per criterion of `criteria`; saves the weights and each importance.
+
+    The callbacks only observe: the fine-tuned weights are the same with any set of them (seeded; the dense row of
+    `recovery.py`, trained with none, evaluates identically), so cells that need only the weights (llm-compressor's)
+    can be computed after a fine-tune with no callbacks. `finetune.json` (the time the report states) is written
+    only by a run with every criterion.
+    """
     out = WORK / "finetuned"
     info_path = WORK / "finetune.json"
-    if info_path.is_file() and all((importance_dir(c) / "importance_config.json").is_file() for c in CRITERIA):
-        return json.loads(info_path.read_text())
+    have_weights = (out / "config.json").is_file()
+    if have_weights and all((importance_dir(c) / "importance_config.json").is_file() for c in criteria):
+        path = info_path if info_path.is_file() else WORK / "finetune-weights.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
@@ -269,7 +277,7 @@ def finetune(base: Path, train, args) -> dict:
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     # one named callback per criterion: callbacks on one Trainer may not share an importance folder
-    callbacks = [ImportanceCallback(ImportanceConfig(criterion=c, name=c)) for c in CRITERIA]
+    callbacks = [ImportanceCallback(ImportanceConfig(criterion=c, name=c)) for c in criteria]
     targs = TrainingArguments(str(WORK / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                               learning_rate=args.lr, warmup_steps=max(1, args.steps // 10), logging_steps=5,
                               save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
@@ -290,8 +298,8 @@ def finetune(base: Path, train, args) -> dict:
     info = {"seconds": seconds, "train_loss": result.training_loss, "steps": args.steps,
             "tokens": args.steps * args.batch_size * args.seq_len,
             "state_bytes": {cb.config.criterion: cb.state_bytes() for cb in callbacks}}
-    _write_json(info_path, info)
-    return info
+    _write_json(info_path if set(criteria) == set(CRITERIA) else WORK / "finetune-weights.json", info)
+    return json.loads(info_path.read_text()) if info_path.is_file() else info
 
 
 # ----------------------------------------------------------------------------------------------- llm-compressor
@@ -624,7 +632,10 @@ def main() -> None:
     _log(f"windows ready in {time.perf_counter() - start:.0f} s: train {len(train)} x {args.seq_len}, valid "
          f"{len(valid)}, ood {len(ood)}, calibration {len(calibration)}")
     needs_finetune = args.stop_after is not None or any(m != "base (before fine-tune)" for m, _ in todo)
-    info = finetune(base, train, args) if needs_finetune else (
+    # The criteria whose importance the requested cells read (all of them for --stop-after finetune).
+    criteria = CRITERIA if args.stop_after == "finetune" else tuple(
+        c for c in CRITERIA if any(m in METHODS and METHODS[m][:2] == ("ours", c) for m, _ in todo))
+    info = finetune(base, train, args, criteria) if needs_finetune else (
         json.loads(info_path.read_text()) if info_path.is_file() else {})
     if info:
         _log(f"fine-tune: {info['seconds']:.0f} s, train loss {info['train_loss']:.4f}")

@@ -48,6 +48,10 @@ ROWS = {
     "e": "(e) ours: sparsegpt statistics (first 25% of steps), OBS one-shot, then mask held + distillation",
     "f": "(f) ours: gradual pruning (sparsegpt, OBS update at every mask update) + distillation",
 }
+SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune",
+         "b": "(b) llm-compressor SparseGPT + masked fine-tune + distillation", "c": "(c) gradual wanda",
+         "d": "(d) gradual wanda + distillation", "e": "(e) sparsegpt statistics, OBS one-shot, hold + distillation",
+         "f": "(f) gradual sparsegpt with OBS + distillation"}
 ALPHA, TEMPERATURE = 0.5, 2.0
 
 
@@ -121,8 +125,13 @@ def _schedule(point: str, **kw):
     return PruneSchedule(final_sparsity=sparsity, structure=nm or "unstructured", **kw)
 
 
+def cell_path(row: str, point: str, steps: int) -> Path:
+    """One JSON per (row, sparsity, step count): runs at another `--steps` never mix with these."""
+    return WORK / "cells" / f"{row}@{Q._slug(point)}@{steps}.json"
+
+
 def run_row(row: str, point: str, train, valid, ood, calibration: Path, args) -> dict:
-    path = WORK / "cells" / f"{row}@{Q._slug(point)}.json"
+    path = cell_path(row, point, args.steps)
     if path.is_file():
         return json.loads(path.read_text())
     from hf_weightprune import (
@@ -232,11 +241,87 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str]], args, out: Pa
     lines.append("")
     lines.append("Achieved sparsity of the decoder Linears: " + ", ".join(
         f"{c['row']}@{c['point']} {c['sparsity']:.4f}" for c in cells if c["row"] != "dense") + ".")
+    knees = knee_lines(by, dense)
+    if knees:
+        lines += ["", *knees]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recovery.md").write_text(text)
-    Q._write_json(out / "recovery.json", {"args": vars(args), "cells": cells})
+    (out / f"{args.report_name}.md").write_text(text)
+    Q._write_json(out / f"{args.report_name}.json", {"args": vars(args), "cells": cells})
+    if knees:
+        plot_knee(by, dense, args, out / f"{args.report_name}.png")
     return text
+
+
+KNEE = 1.05  # the seed paper's knee: the sparsity at which perplexity rises more than 5% over the dense model
+
+
+def _sweeps(by: dict, dense: dict | None) -> dict[str, list[dict]]:
+    """Rows with at least three unstructured sparsities (and the dense cell): their cells by sparsity."""
+    if dense is None:
+        return {}
+    out = {}
+    for row in ROWS:
+        got = sorted((c for (r, p), c in by.items() if r == row and Q._parse_point(p)[1] is None),
+                     key=lambda c: c["sparsity"])
+        if len(got) >= 3:
+            out[row] = got
+    return out
+
+
+def knee_lines(by: dict, dense: dict | None) -> list[str]:
+    """Per swept row: perplexity / dense at each sparsity and the first sparsity past `KNEE`, per evaluation set."""
+    lines = []
+    for row, got in _sweeps(by, dense).items():
+        lines.append(f"Knee of {ROWS[row]} (perplexity over the dense fine-tune; the knee is the first swept sparsity "
+                     f"more than {100 * (KNEE - 1):.0f}% above it):")
+        for key, label in (("ppl_ood", "out of domain"), ("ppl_valid", "in domain")):
+            ratios = [(c["point"], c[key] / dense[key]) for c in got]
+            first_past = next((i for i, (_, r) in enumerate(ratios) if r > KNEE), None)
+            past = None if first_past is None else ratios[first_past][0]
+            held = [p for p, _ in ratios[:first_past]]
+            if past is None:
+                verdict = f"no knee up to {ratios[-1][0]}"
+            elif held:
+                verdict = f"knee at {past} (within 5% up to {held[-1]})"
+            else:
+                verdict = f"more than 5% above dense already at {past}, the lowest swept sparsity: the knee is below it"
+            lines.append(f"- {label}: " + ", ".join(f"{p} {r:.2f}x" for p, r in ratios) + f": {verdict}.")
+    return lines
+
+
+def plot_knee(by: dict, dense: dict, args, path: Path) -> None:
+    """Perplexity against sparsity for each swept row, both evaluation sets, with the dense and the +5% lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    sets = (("ppl_ood", "Out of domain: Debian handbook"), ("ppl_valid", "In domain: held-out training sources"))
+    for ax, (key, title) in zip(axes, sets):
+        for row, got in _sweeps(by, dense).items():
+            xs = [100 * c["sparsity"] for c in got]
+            ax.plot(xs, [c[key] for c in got], marker="o", label=SHORT[row])
+        ax.axhline(dense[key], color="black", linewidth=1, label=f"dense fine-tune ({dense[key]:.1f})")
+        ax.axhline(KNEE * dense[key], color="black", linestyle="--", linewidth=1,
+                   label=f"dense +{100 * (KNEE - 1):.0f}% (knee)")
+        ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 30, 60, 100 rather than 3x10^1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_xlabel("sparsity of the decoder Linear weights (%)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"SmolLM2-135M, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens per run", fontsize=11)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -255,6 +340,9 @@ def main() -> None:
     p.add_argument("--deadline", default=None, help="HH:MM (UTC): start no new cell after it")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--output", default=str(Q.ROOT / "benchmarks" / "results"))
+    p.add_argument("--report-name", default="recovery",
+                   help="stem of the report files in --output (a knee sweep: recovery_knee); with three or more "
+                        "unstructured sparsities a row also gets its knee and a plot, <stem>.png")
     args = p.parse_args()
     rows = args.rows.split(",")
     if unknown := [r for r in rows if r not in ROWS]:
@@ -269,7 +357,7 @@ def main() -> None:
     def cached():
         found = []
         for r, pt in wanted:
-            path = WORK / "cells" / f"{r}@{Q._slug(pt)}.json"
+            path = cell_path(r, pt, args.steps)
             if path.is_file():
                 found.append(json.loads(path.read_text()))
         return found
