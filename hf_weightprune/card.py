@@ -164,6 +164,8 @@ def _importance_summary(importance: dict | None) -> str:
         bits.append("every step" if every == 1 else f"every {every} steps")
     if settings.get("window"):
         bits.append(f"window of {settings['window']} steps")
+    if settings.get("weighting") == "step":
+        bits.append("each sample weighted by its step t (sum_t t * X_t^T X_t)")
     return ", ".join(bits) or "importance settings not recorded"
 
 

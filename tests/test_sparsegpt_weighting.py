@@ -215,3 +215,21 @@ def test_ddp_sums_step_weighted_hessians_over_ranks(tmp_path):
 
 if __name__ == "__main__":  # `torchrun -m tests.test_sparsegpt_weighting OUT`, from the multiproc test above
     _ddp_run(sys.argv[1])
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "step"])
+def test_card_says_how_the_hessian_was_weighted(weighting, tmp_path):
+    from hf_weightprune import PruneConfig, prune_, save_pruned
+    from hf_weightprune.export import load_sparsity
+
+    model = tiny_llama(seed=9)
+    cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", weighting=weighting))
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(n=4, vocab_size=model.config.vocab_size),
+            callbacks=[cb]).train()
+    report = prune_(model, cb.importance(), PruneConfig(sparsity=0.5), progress=False)
+    save_pruned(model, tmp_path / "pruned", report=report)
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    assert load_sparsity(tmp_path / "pruned")["importance"]["settings"]["weighting"] == weighting
+    assert ("each sample weighted by its step t" in card) == (weighting == "step")
