@@ -39,7 +39,7 @@ def model_and_reference():
 
 def train(criterion: str, out: str):
     model, ref = model_and_reference()
-    rec = Recorder(ref, record_acts=criterion == "wanda")
+    rec = Recorder(ref, record_acts=criterion == "wanda", record_hessians=criterion == "sparsegpt")
     cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
     args = TrainingArguments(out, use_cpu=True, report_to=[], seed=0)
     state, control = TrainerState(max_steps=STEPS), TrainerControl()
@@ -69,7 +69,7 @@ def train(criterion: str, out: str):
 def check(criterion: str, out: str) -> None:
     model, ref, rec, cb = train(criterion, out)
     qkv = "model.layers.0.self_attn.qkv_proj.weight"
-    if criterion != "wanda":
+    if criterion not in ("wanda", "sparsegpt"):  # activation statistics: every rank keeps full sums
         rank = dist.get_rank()
         assert cb.accumulator.plan.rows[qkv] == (48 * rank, 48), cb.accumulator.plan.rows[qkv]  # the boundary at row 48 is inside k (32-63)
         assert cb.accumulator.states[qkv].shape == (48, 32)  # local rows only
@@ -79,6 +79,12 @@ def check(criterion: str, out: str) -> None:
     live = cb.importance().bind(ref)
     assert loaded.names == list(expected) and qkv in expected
     for name, value in expected.items():
+        if criterion == "sparsegpt":  # the Hessians (sums over both ranks' identical batches, halved: see below)
+            got = loaded.state(name).double() / dist.get_world_size()
+            torch.testing.assert_close(got, value, rtol=RTOL, atol=RTOL * value.abs().max().item(), msg=name)
+            assert loaded.meta["tokens"][name] == dist.get_world_size() * STEPS * 2 * 16
+            torch.testing.assert_close(live.state(name), loaded.state(name), rtol=0, atol=0, msg=name)
+            continue
         torch.testing.assert_close(loaded.scores[name].double(), value, rtol=RTOL, atol=ATOL, msg=name)
         torch.testing.assert_close(live.scores[name], loaded.scores[name], rtol=0, atol=0, msg=name)
     # Resume: a fresh sharded model restores its own rows of checkpoint-2 (FSDP2 layout written above).

@@ -24,11 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 class Recorder(TrainerCallback):
     """Snapshots weights/grads before each optimizer step, weights after it, and Linear inputs per step."""
 
-    def __init__(self, model, record_acts=False):
+    def __init__(self, model, record_acts=False, record_hessians=False):
         self.tracked = find_tracked_weights(model)
-        self.pre, self.post, self.acts, self.tokens = [], [], [], []
-        self._acts, self._tok = {}, {}
-        if record_acts:
+        self.pre, self.post, self.acts, self.tokens, self.hessians = [], [], [], [], []
+        self._acts, self._tok, self._hess = {}, {}, {}
+        self.record_hessians = record_hessians
+        if record_acts or record_hessians:
             for t in self.tracked:
                 t.module.register_forward_hook(self._hook(t.name))
 
@@ -38,6 +39,8 @@ class Recorder(TrainerCallback):
                 x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
                 self._acts[name] = self._acts.get(name, 0) + (x * x).sum(0)
                 self._tok[name] = self._tok.get(name, 0) + x.shape[0]
+                if self.record_hessians:
+                    self._hess[name] = self._hess.get(name, 0) + x.T @ x
 
         return hook
 
@@ -47,7 +50,8 @@ class Recorder(TrainerCallback):
                          for t in self.tracked})
         self.acts.append(self._acts)
         self.tokens.append(self._tok)
-        self._acts, self._tok = {}, {}
+        self.hessians.append(self._hess)
+        self._acts, self._tok, self._hess = {}, {}, {}
 
     def on_step_end(self, args, state, control, **kw):
         self.post.append({t.name: t.param.detach().double().clone() for t in self.tracked})
@@ -97,6 +101,8 @@ def reference(criterion, rec, steps=None):
             sq = sum(rec.acts[s - 1][name] for s in steps)
             tok = sum(rec.tokens[s - 1][name] for s in steps)
             out[name] = rec.post[-1][name].abs() * (sq / tok).sqrt()[None, :]
+        elif criterion == "sparsegpt":  # the state, sum of x x^T over the real tokens (scores need the Hessian's inverse)
+            out[name] = sum(rec.hessians[s - 1][name] for s in steps)
     return out
 
 
