@@ -171,8 +171,7 @@ def main() -> None:
 
     inner = None
     for criterion in [None, *args.criteria.split(",")]:
-        inner = None  # the previous run's state must not count in this run's peak
-        reset_peak()
+        inner = None  # the previous run's state must not count in this run's peak (train() resets it after this)
         row, inner = train(model, criterion, args.steps, args.warmup, args.batch, args.seq, device)
         if criterion:  # against the run with no callback, the same model and data just before
             plain = result["training"][0]

@@ -34,13 +34,18 @@ def in_backward_recompute() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def _selects_rows(attention_mask: Tensor | None, x: Tensor) -> bool:
+    """A 2-D `[batch, seq]` mask shaped like `x.shape[:-1]`; anything else (none, packed, 4-D) counts every token."""
+    return attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) == tuple(x.shape[:-1])
+
+
 def real_token_mask(attention_mask: Tensor | None, x: Tensor) -> Tensor | None:
     """Boolean `[...]` mask of the real tokens of a Linear input `x` `[..., in]`, or `None` when all count.
 
     `attention_mask` is the model's `[batch, seq]` mask (1 = real token, 0 = padding). A 2-D mask whose shape equals
     `x.shape[:-1]` selects rows; anything else (no mask, packed sequences, 4-D masks) counts every token.
     """
-    if attention_mask is None or attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(x.shape[:-1]):
+    if not _selects_rows(attention_mask, x):
         return None
     mask = attention_mask.to(device=x.device) != 0
     return None if bool(mask.all()) else mask
@@ -56,7 +61,7 @@ def real_token_rows(attention_mask: Tensor | None, x: Tensor) -> tuple[Tensor | 
     The same rule as `real_token_mask`, found with one host synchronisation, so a forward's hooks can share it.
     """
     total = x.numel() // max(x.shape[-1], 1)
-    if attention_mask is None or attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(x.shape[:-1]):
+    if not _selects_rows(attention_mask, x):
         return None, total
     rows = (attention_mask.to(device=x.device) != 0).reshape(-1).nonzero().squeeze(1)
     return (None, total) if rows.numel() == total else (rows, rows.numel())
