@@ -7,12 +7,14 @@ plus `sparsity.json`. The model card is rendered by `card.py`; this module uploa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants
+from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import get_token
+from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
+from huggingface_hub.utils import filter_repo_objects, get_token
 
 from ._version import __version__
 from .card import CARD_FILE, CARD_TEMPLATE, is_generated_card, render_model_card, write_model_card
@@ -40,6 +42,34 @@ def _importance_folder(folder: Path, sparsity: dict) -> Path:
         return Path(recorded)
     where = f"{str(local)!r}" + (f" nor {recorded!r}" if recorded else "")
     raise FileNotFoundError(f"include_importance=True but no importance folder was found: neither {where} exists.")
+
+
+def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> bytes | None:
+    """The `sparsity.json` the Hub gets, or `None` to upload the local file as it is.
+
+    Local folders are recorded by absolute path (so `push --include_importance` works from any folder); on the Hub
+    such a path means nothing and names the uploader's disk (user name, folders). The Hub copy's importance `path`
+    says `importance` (the repo's folder) when the statistics are uploaded, else `null`; a hold schedule's
+    `masks_from` keeps only the folder's name. Hub ids and relative paths are kept as the user gave them.
+    """
+    hub = dict(sparsity)
+    info, schedule = sparsity.get("importance"), sparsity.get("schedule")
+    if isinstance(info, dict) and isinstance(info.get("path"), str) and os.path.isabs(info["path"]):
+        hub["importance"] = {**info, "path": IMPORTANCE_DIR if importance_uploaded else None}
+    if isinstance(schedule, dict) and isinstance(schedule.get("masks_from"), str) and os.path.isabs(
+            schedule["masks_from"]):
+        hub["schedule"] = {**schedule, "masks_from": os.path.basename(os.path.normpath(schedule["masks_from"]))}
+    if hub == sparsity:
+        return None
+    return (json.dumps(hub, indent=2) + "\n").encode("utf-8")
+
+
+def _add_folder(folder: Path, prefix: str, ignore_patterns: list[str]) -> list[CommitOperationAdd]:
+    """One `CommitOperationAdd` per file of `folder` (recursively) not matched by `ignore_patterns`, as
+    `upload_folder` would add them, so that the whole push is one commit."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    kept = filter_repo_objects(files, ignore_patterns=[*DEFAULT_IGNORE_PATTERNS, *ignore_patterns])
+    return [CommitOperationAdd(path_in_repo=prefix + name, path_or_fileobj=str(folder / name)) for name in kept]
 
 
 def _is_offline() -> bool:
@@ -107,9 +137,11 @@ def push_pruned_to_hub(
     """Upload a pruned checkpoint folder to the Hugging Face Hub.
 
     Creates the repo if needed, writes the model card (for `repo_id`) when the folder has no README.md or has one
-    this library rendered, and uploads the folder. The importance statistics are left out unless
+    this library rendered, and uploads the folder in one commit. The importance statistics are left out unless
     `include_importance=True`, in which case they go to `importance/`. Files ending in `.tmp` (left by an
-    interrupted write) are never uploaded.
+    interrupted write) are never uploaded. The uploaded `sparsity.json` never names a local folder: its
+    importance `path` reads `"importance"` when the statistics are uploaded, else `null` (the local file is
+    unchanged).
 
     Args:
         output_dir (`str` or `os.PathLike`):
@@ -162,27 +194,22 @@ def push_pruned_to_hub(
     local_importance = importance is not None and importance.resolve() == (folder / IMPORTANCE_DIR).resolve()
     if not local_importance:
         ignore_patterns += [IMPORTANCE_DIR, f"{IMPORTANCE_DIR}/*"]
+    hub_sparsity = _hub_sparsity(sparsity, importance_uploaded=importance is not None)
+    if hub_sparsity is not None:
+        ignore_patterns.append(SPARSITY_NAME)
+    # One commit for the folder, the importance recorded elsewhere and the Hub's sparsity.json: a reader of the
+    # repo never sees a checkpoint without its sparsity.json or importance.
+    operations = _add_folder(folder, "", ignore_patterns)
+    if hub_sparsity is not None:
+        operations.append(CommitOperationAdd(path_in_repo=SPARSITY_NAME, path_or_fileobj=hub_sparsity))
+    if importance is not None and not local_importance:
+        operations += _add_folder(importance, f"{IMPORTANCE_DIR}/", list(_TEMP_PATTERNS))
 
     api = HfApi(token=token, library_name="hf-weightprune", library_version=__version__)
     with _explain_auth_errors(repo_id, token):
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            revision=revision,
-            commit_message=commit_message,
-            ignore_patterns=ignore_patterns,
-        )
-        if importance is not None and not local_importance:
-            # Recorded elsewhere (e.g. a run's output folder): a second commit puts it under importance/
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=importance,
-                path_in_repo=IMPORTANCE_DIR,
-                revision=revision,
-                commit_message=f"{commit_message} (importance)",
-                ignore_patterns=_TEMP_PATTERNS,
-            )
+        commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
+                                   revision=revision)
     return commit.commit_url

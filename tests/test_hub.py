@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_weightprune.hub import push_pruned_to_hub, render_model_card, write_model_card
+from hf_weightprune.pruned_files import load_sparsity
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -271,6 +272,43 @@ def test_include_importance_from_recorded_path(hub_server, tmp_path):
     assert {"importance/importance.safetensors", "importance/importance_config.json", "model.safetensors"} <= set(
         files
     )
+
+
+def _commits_on_main(hub_server, repo_id: str) -> int:
+    repo, n = hub_server.get_repo(repo_id), 0
+    oid = repo.branches["main"]
+    while oid is not None:
+        oid, n = repo.commits[oid].parent, n + 1
+    return n
+
+
+@pytest.mark.parametrize("include", [False, True], ids=["without-importance", "with-importance"])
+def test_uploaded_sparsity_json_names_no_local_folder(hub_server, tmp_path, include):
+    # sparsity.json records the importance folder by absolute path (push --include_importance works from any
+    # folder); the Hub copy must not publish the uploader's disk layout. One commit either way.
+    elsewhere = tmp_path / "home-of-alice" / "run" / "importance"
+    write_fake_importance(elsewhere)
+    out = tmp_path / "pruned"
+    save_pruned_llama(out, importance_path=str(elsewhere),
+                      schedule={"mode": "hold", "masks_from": str(tmp_path / "home-of-alice" / "pruned-50")})
+    local_before = (out / "sparsity.json").read_bytes()
+    repo_id = f"tester/no-local-path-{include}"
+
+    push_pruned_to_hub(out, repo_id=repo_id, token=hub_server.token, include_importance=include)
+
+    files = hub_server.files(repo_id)
+    uploaded = json.loads(files["sparsity.json"])
+    assert "home-of-alice" not in files["sparsity.json"].decode() and str(tmp_path) not in files["README.md"].decode()
+    assert uploaded["importance"]["path"] == ("importance" if include else None)
+    assert uploaded["schedule"] == {"mode": "hold", "masks_from": "pruned-50"}
+    assert uploaded["importance"]["step"] == 120 and uploaded["tensors"] == json.loads(local_before)["tensors"]
+    assert (out / "sparsity.json").read_bytes() == local_before  # the local file is the user's: unchanged
+    assert any(p.startswith("importance/") for p in files) == include
+    assert _commits_on_main(hub_server, repo_id) == 2  # the repo's initial commit + one push
+
+    # The Hub copy reads back as a pruned checkpoint
+    local = snapshot_download(repo_id, token=hub_server.token)
+    assert load_sparsity(local)["importance"]["path"] == uploaded["importance"]["path"]
 
 
 def test_include_importance_missing(tmp_path):
