@@ -164,6 +164,61 @@ def test_row_mask_matches_reference(kind, sparsity, shape):
     assert ((~mask).reshape(shape[0], -1).sum(dim=1) == k).all()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_long_row_mask_matches_reference(kind, sparsity):
+    # Rows of >= 256 columns select by kthvalue + the tie rule instead of a stable sort: the same masks.
+    shape = (5, 2, 160)
+    score = make_score(kind, shape, seed=11)
+    mask = row_mask(score, sparsity)
+    rows = score.reshape(shape[0], -1)
+    k = num_to_prune(rows.shape[1], sparsity)
+    expected = torch.stack([reference_prune_lowest(row, k) for row in rows])
+    assert torch.equal(mask.reshape(shape[0], -1), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.97])
+def test_large_unstructured_mask_matches_reference(kind, sparsity):
+    # Tensors of >= 2**16 elements select by the global threshold's histograms: the same mask as a stable sort.
+    score = make_score(kind, (300, 257), seed=3)
+    mask = unstructured_mask(score, sparsity)
+    assert mask.shape == score.shape
+    k = num_to_prune(score.numel(), sparsity)
+    assert torch.equal(mask.reshape(-1), reference_prune_lowest(score.reshape(-1), k))
+
+
+def test_unstructured_mask_errors_do_not_depend_on_size():
+    # The sort (small tensors) and the histogram (large ones) refuse bad input with the same one-line errors.
+    def errors(shape):
+        nan = torch.randn(shape)
+        nan[1, 2] = float("nan")
+        found = []
+        for score, sparsity in [(nan, 0.5), (torch.ones(shape, dtype=torch.int64), 0.5), (torch.randn(shape), 1.0)]:
+            with pytest.raises(ValueError) as info:
+                unstructured_mask(score, sparsity)
+            found.append(str(info.value))
+        return found
+
+    small = errors((4, 8))
+    assert "NaN" in small[0] and "floating dtype" in small[1] and "sparsity" in small[2]
+    assert errors((256, 256)) == small
+
+
+@pytest.mark.parametrize("columns", [255, 256, 1000])
+@pytest.mark.parametrize("levels", [1, 3, 1000])
+def test_selection_equals_stable_sort_on_ties(columns, levels):
+    # Both selection paths of the mask helper against a stable sort, on integer keys with few distinct values
+    # (every row is mostly ties), for every k from none to all.
+    gen = torch.Generator().manual_seed(columns + levels)
+    keys = torch.randint(0, levels, (7, columns), generator=gen).to(torch.int16)
+    for k in sorted({0, 1, columns // 3, columns // 2, columns - 1, columns}):
+        mask = masks._prune_lowest_along_last_dim(keys, k)
+        expected = torch.ones_like(mask)
+        expected.scatter_(-1, torch.sort(keys, dim=-1, stable=True).indices[:, :k], False)
+        assert torch.equal(mask, expected), k
+
+
 def test_row_mask_tie_rule_within_row():
     score = torch.zeros(2, 6)
     mask = row_mask(score, 0.5)
