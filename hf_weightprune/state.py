@@ -296,7 +296,8 @@ def resolve_importance_dir(path: str, name: str | None = None) -> str:
     named = named_importances(path)
     if named and name is None:
         raise ImportanceFileError(f"No unnamed importance in {path}; it holds the named importances {named}: "
-                                  "pass load_importance(path, name=...)")
+                                  "pass load_importance(path, name=...), or the folder itself (on the command line: "
+                                  f"{os.path.join(path, importance_dir_name(named[0]))})")
     if name is not None:
         raise ImportanceFileError(f"No importance named {name!r} in {path} (expected {importance_dir_name(name)}/"
                                   f"{IMPORTANCE_CONFIG_NAME}); named importances there: {named}")

@@ -370,3 +370,22 @@ def test_allow_collapse_flag_reaches_the_pruner(tmp_path):
     assert main([*base, "--output_dir", str(tmp_path / "run" / "refused")]) == 2  # a whole tensor would go
     assert not (tmp_path / "run" / "refused").exists()
     assert main([*base, "--allow_collapse", "--output_dir", str(tmp_path / "run" / "allowed")]) == 0
+
+
+def test_prune_of_a_run_with_only_named_importances_names_the_folder_to_pass(tmp_path, capsys):
+    """A run with `ImportanceConfig(name=...)` callbacks has no `importance/`: the CLI's one-line refusal names the
+    folder to pass instead (`--importance OUT/importance-<name>`), and that folder then works."""
+    out = tmp_path / "out"
+    trainer = train(tiny_llama(seed=4), [ImportanceCallback(ImportanceConfig(criterion="magnitude", name="mag"))],
+                    out, max_steps=2, save_steps=2)
+    trainer.save_model(str(out))
+    before = _snapshot(out)
+    capsys.readouterr()  # the Trainer's own progress output
+    assert main(["prune", str(out), "--importance", str(out), "--sparsity", "0.5",
+                 "--output_dir", str(tmp_path / "pruned")]) != 0
+    line = _one_line(capsys)
+    assert "holds the named importances ['mag']" in line and f"{out / 'importance-mag'}" in line, line
+    assert not (tmp_path / "pruned").exists() and _snapshot(out) == before
+    assert main(["prune", str(out), "--importance", str(out / "importance-mag"), "--sparsity", "0.5",
+                 "--output_dir", str(tmp_path / "pruned")]) == 0
+    assert json.loads((tmp_path / "pruned" / "sparsity.json").read_text())["criterion"] == "magnitude"
