@@ -1,10 +1,11 @@
 """Per-tensor masks at Phi-3-mini shapes: the package's selection vs the stable sort it replaced.
 
-Layer-scope unstructured masks (`PruneConfig(sparsity=...)`'s default scope, `masks.unstructured_mask`), row-scope
-masks (Wanda's group, `row_mask`) and N:M masks (`nm_mask`) all prune "the k lowest scores of each row, lower index
-first on ties". Until 2026-11-30 each sorted every row (a stable `argsort` of the order keys). Now a whole tensor
-of >= 2**16 elements takes the global threshold's radix select (65,536-bin histograms of its keys), and rows of
->= 256 columns take the k-th smallest key with `kthvalue`, ties settled by a cumulative sum; N:M groups still sort.
+Layer-scope unstructured masks (`PruneConfig(sparsity=...)`'s default scope), row-scope masks (Wanda's group,
+`row_mask`) and N:M masks (`nm_mask`) all prune "the k lowest scores of each row, lower index first on ties". Until
+2026-11-30 each sorted every row (a stable `argsort` of the order keys). Now `prune_` builds a layer-scope mask with
+`global_threshold.layer_mask`: the global threshold's radix select (65,536-bin histograms of the keys) over that
+one tensor when it has >= 2**16 elements; rows of >= 256 columns (`row_mask`, and `masks.unstructured_mask`'s one
+row) take the k-th smallest key with `kthvalue`, ties settled by a cumulative sum; N:M groups still sort.
 The masks are the same (checked here on every input). The scores are random (`--dtype`; bfloat16 has many ties, as
 real bf16 importance has) for the four Linear shapes of one Phi-3-mini decoder layer (qkv_proj [9216, 3072],
 o_proj [3072, 3072], gate_up_proj [16384, 3072], down_proj [3072, 8192]: 113M weights; the model has 32 such
@@ -50,7 +51,7 @@ def main() -> None:
 
     import torch
 
-    from hf_weightprune import masks
+    from hf_weightprune import global_threshold, masks
 
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -59,8 +60,8 @@ def main() -> None:
     sp = args.sparsity
     cases = {
         # label: (the package's mask, the stable-sort reference from the same score)
-        "layer scope, `unstructured_mask`": (
-            lambda s: masks.unstructured_mask(s, sp),
+        "layer scope, `layer_mask`": (
+            lambda s: global_threshold.layer_mask(s, sp),
             lambda s: stable_sort_select(masks._keys(s).reshape(1, -1), masks.num_to_prune(s.numel(), sp)).reshape(
                 s.shape)),
         "row scope, `row_mask`": (

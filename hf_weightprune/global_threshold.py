@@ -11,6 +11,8 @@ are the bf16 bits, which are the first pass's bins.
 Timing (measured on the dev box, CPU, 2 cores, torch 2.13): `compute_global_threshold` on 100M float32 elements split
 in 100 tensors of 1M, already in memory, takes about 0.8 s (1 or 2 threads, idle machine; 2-5 s while the cores are
 shared with other jobs), against about 20 s for `torch.cat(...).sort()`. `global_masks` costs about the same.
+
+[`layer_mask`] is the same select over one tensor: layer scope's per-tensor mask in linear time.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import check_sparsity
-from .masks import _order_key, _order_key16, num_to_prune
+from .masks import _order_key, _order_key16, num_to_prune, unstructured_mask
 
-__all__ = ["GlobalThreshold", "NamedScores", "compute_global_threshold", "global_masks"]
+__all__ = ["GlobalThreshold", "NamedScores", "compute_global_threshold", "global_masks", "layer_mask"]
 
 NamedScores = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 
@@ -365,3 +367,32 @@ def global_masks(named_scores: NamedScores, sparsity: float) -> Iterator[tuple[s
         yield name, _threshold_mask(keys, k, ties, name).reshape(score.shape)
     if remaining:
         raise ValueError("Fewer ties found than needed for the global threshold: scores changed between passes.")
+
+
+# Below this size the sort of `masks.unstructured_mask` is cheaper than two 65,536-bin histograms.
+_HISTOGRAM_MIN_NUMEL = 1 << 16
+
+
+def layer_mask(score: torch.Tensor, sparsity: float) -> torch.BoolTensor:
+    """
+    Keep-mask pruning the `num_to_prune(score.numel(), sparsity)` lowest scores of one tensor: the same mask as
+    [`~masks.unstructured_mask`] (ties: lower flat index first), by this module's radix select over that one tensor
+    for tensors of >= 2**16 elements. Linear time: 12x faster than a stable sort at a bfloat16 Phi-3-mini layer,
+    4.6x for float32 (benchmarks/mask_select.py). `prune_` builds layer-scope masks with it.
+
+    Args:
+        score (`torch.Tensor`):
+            Importance scores, any shape and floating dtype; higher = more important.
+        sparsity (`float`):
+            Fraction of elements to prune, in `[0.0, 1.0)`.
+
+    Returns:
+        `torch.BoolTensor`: mask shaped like `score`, `True` = keep.
+
+    Raises:
+        `ValueError`: for a bad `sparsity`, or a score that is not a floating tensor or holds NaN (the messages of
+            `unstructured_mask`).
+    """
+    if not isinstance(score, torch.Tensor) or score.numel() < _HISTOGRAM_MIN_NUMEL:
+        return unstructured_mask(score, sparsity)
+    return next(iter(global_masks(lambda: (("score", score),), sparsity)))[1]

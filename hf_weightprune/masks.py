@@ -13,7 +13,8 @@ Conventions:
   place, [`~config.check_sparsity`].
 
 Global masks over several tensors ([`compute_global_threshold`], [`global_masks`], [`GlobalThreshold`]) live in
-[`global_threshold`] and are re-exported here.
+[`global_threshold`], with [`~global_threshold.layer_mask`]: the same mask as [`unstructured_mask`] by that module's
+histogram select, linear time (what `prune_` uses for layer scope).
 """
 
 from __future__ import annotations
@@ -129,11 +130,9 @@ def _keys(score: torch.Tensor, name: str = "score") -> torch.Tensor:
 
 
 # Rows at least this long select by `kthvalue` (one partial selection per row); shorter ones (N:M groups) sort,
-# which is cheaper there. Measured side by side at one thread on int16 keys (benchmarks/README.md section 2):
-# 3.4x faster for a whole [8192, 3072] tensor, 1.65x per row, crossover between 64 and 256 columns.
+# which is cheaper there (crossover between 64 and 256 columns). Row-scope masks at Phi-3-mini shapes: 1.46x
+# faster than the stable sort (benchmarks/mask_select.py, README section 2).
 _SELECT_MIN_COLUMNS = 256
-# A whole tensor at least this large (layer scope) selects by histogram instead (`unstructured_mask`).
-_HISTOGRAM_MIN_NUMEL = 1 << 16
 
 
 def _prune_lowest_along_last_dim(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -176,13 +175,6 @@ def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     Raises:
         `ValueError`: for a bad `sparsity`, or a score that is not a floating tensor or holds NaN.
     """
-    if isinstance(score, torch.Tensor) and score.numel() >= _HISTOGRAM_MIN_NUMEL:
-        # The global threshold's radix select over this one tensor: two 65,536-bin histograms of the keys (one for
-        # bfloat16), linear time, the same mask (benchmarks/mask_select.py: 5x faster than kthvalue on a bf16
-        # [16384, 3072] score). Imported here: global_threshold builds on this module.
-        from .global_threshold import global_masks
-
-        return next(iter(global_masks(lambda: (("score", score),), sparsity)))[1]
     keys = _keys(score)
     k = num_to_prune(keys.numel(), sparsity)
     return _prune_lowest_along_last_dim(keys.reshape(1, -1), k).reshape(score.shape)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import masks as M
 from .config import PruneConfig, check_sparsity, default_scope
-from .global_threshold import GlobalThreshold, compute_global_threshold
+from .global_threshold import GlobalThreshold, compute_global_threshold, layer_mask
 from .importance import Importance
 from .masks import _order_key, num_to_prune
 from .matching import canonical_name, decoder_layer, select_names
@@ -369,7 +369,7 @@ def compute_masks(
                     _refuse_collapse(name, importance.criterion, scope, _sparsity_of(name, target), names)
         return lambda name: thresholds[name].mask(name, ranking(name)) if name in thresholds else None
 
-    build = M.unstructured_mask if scope == "layer" else M.row_mask
+    build = layer_mask if scope == "layer" else M.row_mask
     if not config.allow_collapse:
         for name in names:
             s, shape = _sparsity_of(name, target), importance.shapes[name]

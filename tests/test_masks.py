@@ -179,30 +179,32 @@ def test_long_row_mask_matches_reference(kind, sparsity):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.97])
-def test_large_unstructured_mask_matches_reference(kind, sparsity):
+def test_layer_mask_matches_reference(kind, sparsity):
     # Tensors of >= 2**16 elements select by the global threshold's histograms: the same mask as a stable sort.
     score = make_score(kind, (300, 257), seed=3)
-    mask = unstructured_mask(score, sparsity)
+    mask = global_threshold.layer_mask(score, sparsity)
     assert mask.shape == score.shape
     k = num_to_prune(score.numel(), sparsity)
     assert torch.equal(mask.reshape(-1), reference_prune_lowest(score.reshape(-1), k))
 
 
-def test_unstructured_mask_errors_do_not_depend_on_size():
-    # The sort (small tensors) and the histogram (large ones) refuse bad input with the same one-line errors.
-    def errors(shape):
+@pytest.mark.parametrize("shape", [(4, 8), (256, 256)], ids=["sort", "histogram"])
+def test_layer_mask_refuses_as_unstructured_mask(shape):
+    # layer_mask (the sort for small tensors, histograms for large ones) refuses bad input with the same one-line
+    # errors as unstructured_mask.
+    def errors(fn):
         nan = torch.randn(shape)
         nan[1, 2] = float("nan")
         found = []
         for score, sparsity in [(nan, 0.5), (torch.ones(shape, dtype=torch.int64), 0.5), (torch.randn(shape), 1.0)]:
             with pytest.raises(ValueError) as info:
-                unstructured_mask(score, sparsity)
+                fn(score, sparsity)
             found.append(str(info.value))
         return found
 
-    small = errors((4, 8))
-    assert "NaN" in small[0] and "floating dtype" in small[1] and "sparsity" in small[2]
-    assert errors((256, 256)) == small
+    expected = errors(unstructured_mask)
+    assert "NaN" in expected[0] and "floating dtype" in expected[1] and "sparsity" in expected[2]
+    assert errors(global_threshold.layer_mask) == expected
 
 
 @pytest.mark.parametrize("columns", [255, 256, 1000])
