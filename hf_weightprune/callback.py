@@ -107,10 +107,10 @@ class ImportanceCallback(TrainerCallback):
         self.config = config if config is not None else ImportanceConfig()
         self.accumulator = ImportanceAccumulator(self.config, offload_to_cpu=offload_to_cpu)
         if self.config.per_epoch and self.scorer.source != "weights":
-            raise ValueError(
-                f"per_epoch=True samples the weights at each epoch end; criterion {self.config.criterion!r} "
-                "reads gradients or activations during steps: use every_n_steps instead"
-            )
+            reads = ("only the weights at the end of training (nothing to sample per epoch)"
+                     if self.scorer.source == "final" else f"{self.scorer.source} during steps")
+            raise ValueError(f"per_epoch=True samples the weights at each epoch end (temporal_magnitude); criterion "
+                             f"{self.config.criterion!r} reads {reads}: use every_n_steps instead")
         if on_save_error not in SAVE_ERROR_CHOICES:
             raise ValueError(f"on_save_error must be one of {SAVE_ERROR_CHOICES}; got {on_save_error!r}")
         if on_resume_mismatch not in RESUME_MISMATCH_CHOICES:

@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Per-tensor importance statistics (and a per-layer plot).",
                        formatter_class=_formatter)
     p.add_argument("importance_dir", help="importance folder, checkpoint folder or training output_dir")
-    p.add_argument("--model", default=None, help="model folder, needed for wanda scores")
+    p.add_argument("--model", default=None, help="model folder, for wanda and sparsegpt scores when the importance is not inside a checkpoint beside its weights")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write a per-layer plot to this PNG file")
     _add_common(p, top=False)
     p.set_defaults(func=cmd_inspect)

@@ -341,7 +341,7 @@ def prune_checkpoint(
         config (`PruneConfig`, *optional*): defaults to `PruneConfig()`; the same place as in `prune_`.
         output_dir (`str` or `os.PathLike`): a new or empty folder, e.g. `model_dir/pruned` (required); the rule is
             [`check_output_dir`] (never `model_dir` itself, the importance folder, a `checkpoint-N`). The order
-            `(model_dir, importance, output_dir, config)` of 0.1 still works, with a `FutureWarning`.
+            `(model_dir, importance, output_dir, config)` of earlier versions still works, with a `FutureWarning`.
         base_model (`str`, *optional*): Hub id of the dense model, for `sparsity.json` and the card; defaults to
             the config's `_name_or_path` when that is a Hub id.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
@@ -367,7 +367,7 @@ def prune_checkpoint(
     from .pruner import pruning_edits, refuse_tied, report_obs
 
     if isinstance(config, (str, os.PathLike)) and (output_dir is None or isinstance(output_dir, PruneConfig)):
-        # The order before 0.2 was (model_dir, importance, output_dir, config): `config` now sits where `prune_` has it.
+        # The earlier order was (model_dir, importance, output_dir, config): `config` now sits where `prune_` has it.
         warnings.warn("prune_checkpoint(model_dir, importance, output_dir, config) is deprecated: pass "
                       "prune_checkpoint(model_dir, importance, config, output_dir) or output_dir=...", FutureWarning,
                       stacklevel=2)

@@ -29,8 +29,8 @@ SWEEP_TABLE = SWEEP_JSON
 
 __all__ = ["CARD_FILE", "CARD_TEMPLATE", "push_pruned_to_hub", "render_model_card", "write_model_card"]
 
-# Temp files and folders of interrupted atomic writes are never part of a checkpoint
-_TEMP_PATTERNS = [".*.tmp", "*/.*.tmp"]
+# Temp files and folders of interrupted atomic writes (hidden, `.<name>...tmp`) are never part of a checkpoint
+_TEMP_PATTERNS = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
 
 
 def _importance_folder(folder: Path, sparsity: dict) -> Path:
@@ -136,10 +136,11 @@ def push_pruned_to_hub(
 ) -> str:
     """Upload a pruned checkpoint folder to the Hugging Face Hub.
 
-    Creates the repo if needed, writes the model card (for `repo_id`) when the folder has no README.md or has one
-    this library rendered, and uploads the folder in one commit. The importance statistics are left out unless
-    `include_importance=True`, in which case they go to `importance/`. Files ending in `.tmp` (left by an
-    interrupted write) are never uploaded. The uploaded `sparsity.json` never names a local folder: its
+    Creates the repo if needed and uploads the folder in one commit, with a model card rendered for `repo_id` when
+    the folder has no README.md or has one this library rendered (a user's own README.md is uploaded as is). The
+    folder itself is never modified. The importance statistics are left out unless
+    `include_importance=True`, in which case they go to `importance/`. Hidden `.*.tmp` files and folders (left by
+    an interrupted write) are never uploaded. The uploaded `sparsity.json` never names a local folder: its
     importance `path` reads `"importance"` when the statistics are uploaded, else `null` (the local file is
     unchanged).
 
@@ -168,21 +169,22 @@ def push_pruned_to_hub(
             found.
         ValueError: `output_dir` is not a pruned checkpoint (no or invalid `sparsity.json`).
         PermissionError: the Hub refused the token (HTTP 401/403); the message never contains the token.
-        ConnectionError: `HF_HUB_OFFLINE=1` is set (checked before the card is written), or the Hub cannot be
+        ConnectionError: `HF_HUB_OFFLINE=1` is set (checked before any request), or the Hub cannot be
             reached (refused connection, DNS, timeout).
     """
     _check_push_args(output_dir, repo_id, private, token, revision, include_importance, commit_message)
     folder = Path(output_dir)
     sparsity = load_sparsity(folder)
     importance = _importance_folder(folder, sparsity) if include_importance else None
-    if _is_offline():  # before the card is rewritten: nothing changes in the folder of a push that cannot happen
+    if _is_offline():
         raise ConnectionError("push_pruned_to_hub: HF_HUB_OFFLINE=1 is set, so the Hub cannot be reached; unset "
                               "HF_HUB_OFFLINE to push")
     readme = folder / CARD_FILE
+    card = None
     if not readme.is_file() or is_generated_card(readme):
-        # A card this library wrote names the local folder; on the Hub it must name the repo. A user's own
-        # README is left as it is.
-        write_model_card(folder, repo_id=repo_id, sparsity=sparsity)
+        # A card this library wrote names the local folder; on the Hub it must name the repo. Rendered for the
+        # upload only: the folder is the push's input and is never modified. A user's own README is uploaded as is.
+        card = str(render_model_card(folder, repo_id=repo_id, sparsity=sparsity)).encode("utf-8")
 
     if commit_message is None:
         commit_message = (
@@ -197,11 +199,15 @@ def push_pruned_to_hub(
     hub_sparsity = _hub_sparsity(sparsity, importance_uploaded=importance is not None)
     if hub_sparsity is not None:
         ignore_patterns.append(SPARSITY_NAME)
-    # One commit for the folder, the importance recorded elsewhere and the Hub's sparsity.json: a reader of the
-    # repo never sees a checkpoint without its sparsity.json or importance.
+    if card is not None:
+        ignore_patterns.append(CARD_FILE)
+    # One commit for the folder, the importance recorded elsewhere, the Hub's sparsity.json and card: a reader of
+    # the repo never sees a checkpoint without its sparsity.json, card or importance.
     operations = _add_folder(folder, "", ignore_patterns)
     if hub_sparsity is not None:
         operations.append(CommitOperationAdd(path_in_repo=SPARSITY_NAME, path_or_fileobj=hub_sparsity))
+    if card is not None:
+        operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card))
     if importance is not None and not local_importance:
         operations += _add_folder(importance, f"{IMPORTANCE_DIR}/", list(_TEMP_PATTERNS))
 

@@ -25,11 +25,16 @@ def test_config_validation(kwargs, match):
         ImportanceConfig(**kwargs)
 
 
-def test_per_epoch_refused_for_gradient_criteria():
+@pytest.mark.parametrize(("criterion", "reads"), [
+    ("taylor", "reads grads during steps"),
+    ("wanda", "reads activations during steps"),
+    ("magnitude", "reads only the weights at the end of training"),
+])
+def test_per_epoch_refused_for_criteria_that_sample_no_weights(criterion, reads):
     from hf_weightprune import ImportanceCallback
 
-    with pytest.raises(ValueError, match="per_epoch=True.*every_n_steps"):
-        ImportanceCallback(ImportanceConfig(criterion="taylor", per_epoch=True))
+    with pytest.raises(ValueError, match=f"per_epoch=True .*{criterion!r} {reads}.*use every_n_steps"):
+        ImportanceCallback(ImportanceConfig(criterion=criterion, per_epoch=True))
 
 
 def test_config_round_trip_and_unknown_keys(tmp_path, caplog):

@@ -212,7 +212,7 @@ def test_push_download_load_round_trip(hub_server, tmp_path, monkeypatch, xet):
 
     head = hub_server.get_repo("tester/tiny-pruned").branches["main"]
     assert commit_url == f"{hub_server.endpoint}/tester/tiny-pruned/commit/{head}"
-    assert (out / "README.md").is_file()  # the card is written when missing
+    assert not (out / "README.md").exists()  # the card is rendered for the upload; the folder is the push's input
     files = hub_server.files("tester/tiny-pruned")
     assert {"config.json", "model.safetensors", "sparsity.json", "README.md", "sweep.png", "sweep.json"} <= set(files)
     assert not any(p.startswith("importance") for p in files)  # not uploaded by default
@@ -292,6 +292,10 @@ def test_uploaded_sparsity_json_names_no_local_folder(hub_server, tmp_path, incl
     save_pruned_llama(out, importance_path=str(elsewhere),
                       schedule={"mode": "hold", "masks_from": str(tmp_path / "home-of-alice" / "pruned-50")})
     local_before = (out / "sparsity.json").read_bytes()
+    (out / ".model.safetensors.x1y2.tmp").write_bytes(b"torn")  # left by interrupted writes: never uploaded
+    (out / ".sub.k3.tmp").mkdir()
+    (out / ".sub.k3.tmp" / "part.bin").write_bytes(b"torn")
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     repo_id = f"tester/no-local-path-{include}"
 
     push_pruned_to_hub(out, repo_id=repo_id, token=hub_server.token, include_importance=include)
@@ -303,6 +307,10 @@ def test_uploaded_sparsity_json_names_no_local_folder(hub_server, tmp_path, incl
     assert uploaded["schedule"] == {"mode": "hold", "masks_from": "pruned-50"}
     assert uploaded["importance"]["step"] == 120 and uploaded["tensors"] == json.loads(local_before)["tensors"]
     assert (out / "sparsity.json").read_bytes() == local_before  # the local file is the user's: unchanged
+    after = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before  # nothing written into the folder (no README.md either: the card is uploaded only)
+    assert not any(".tmp" in p for p in files), sorted(files)
+    assert f"# {repo_id.split('/')[1]}" in files["README.md"].decode() or repo_id in files["README.md"].decode()
     assert any(p.startswith("importance/") for p in files) == include
     assert _commits_on_main(hub_server, repo_id) == 2  # the repo's initial commit + one push
 
@@ -325,9 +333,12 @@ def test_wrong_token_is_a_clear_error(hub_server, tmp_path, capsys, caplog):
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "pruned"
     save_pruned_llama(out)
+    write_model_card(out, repo_id="pruned")  # the card save_pruned writes, named after the folder
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     wrong = "hf_wrong_" + "x" * 30
     with pytest.raises(PermissionError, match="refused access to 'tester/denied'") as info:
         push_pruned_to_hub(out, repo_id="tester/denied", token=wrong)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # a refused push leaves the card as it was
     assert wrong not in str(info.value) and hub_server.token not in str(info.value)
     assert ("model", "tester/denied") not in hub_server.repos
     captured = capsys.readouterr()
