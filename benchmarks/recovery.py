@@ -232,12 +232,14 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str]], args, out: Pa
         lines.append(f"| {label} | " + " | ".join(cellstr) + f" | {first['calibration_tokens']:,} | "
                      + " / ".join(f"{c['train_seconds'] / c['steps']:.1f}" for c in got if c) + " |")
     for p in points:
-        c, d = by.get(("c", p)), by.get(("d", p))
-        if c and d:
-            lines.append("")
-            lines.append(f"Teacher's extra cost at {p}: {(d['train_seconds'] - c['train_seconds']) / c['steps']:.2f} "
-                         f"s/step ({d['train_seconds'] / c['train_seconds']:.2f}x the step of (c)); times are wall "
-                         "times of whole rows, so other jobs on the machine inflate them.")
+        for plain, taught in (("a", "b"), ("c", "d")):  # the same row without and with the teacher
+            x, y = by.get((plain, p)), by.get((taught, p))
+            if x and y:
+                lines.append("")
+                lines.append(f"Teacher's extra cost at {p}, ({taught}) - ({plain}): "
+                             f"{(y['train_seconds'] - x['train_seconds']) / x['steps']:.2f} s/step "
+                             f"({y['train_seconds'] / x['train_seconds']:.2f}x the step of ({plain})); times are wall "
+                             "times of whole rows, so other jobs on the machine inflate them.")
     lines.append("")
     lines.append("Achieved sparsity of the decoder Linears: " + ", ".join(
         f"{c['row']}@{c['point']} {c['sparsity']:.4f}" for c in cells if c["row"] != "dense") + ".")
