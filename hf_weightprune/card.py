@@ -408,7 +408,8 @@ def write_model_card(output_dir: str | os.PathLike, **card_args: Any) -> Path:
 
 
 def is_generated_card(path: str | os.PathLike) -> bool:
-    """Whether the file at `path` is a model card this library rendered (it ends with the generated mark).
+    """Whether the file at `path` is a model card this library rendered: its last non-empty line carries the
+    generated mark. A card a user wrote more under is theirs (`push` uploads it as it is).
 
     Args:
         path (`str` or `os.PathLike`): a README.md.
@@ -417,6 +418,7 @@ def is_generated_card(path: str | os.PathLike) -> bool:
         `bool`: `False` also when the file is missing or not UTF-8 text.
     """
     try:
-        return GENERATED_MARK in Path(path).read_text(encoding="utf-8")
+        lines = Path(path).read_text(encoding="utf-8").rstrip().splitlines()
     except (OSError, UnicodeDecodeError):
         return False
+    return bool(lines) and GENERATED_MARK in lines[-1]

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ntpath
 import os
+import posixpath
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
@@ -44,24 +47,49 @@ def _importance_folder(folder: Path, sparsity: dict) -> Path:
     raise FileNotFoundError(f"include_importance=True but no importance folder was found: neither {where} exists.")
 
 
-def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> bytes | None:
-    """The `sparsity.json` the Hub gets, or `None` to upload the local file as it is.
+def _is_local_path(value: Any) -> bool:
+    """An absolute path, POSIX or Windows (a `sparsity.json` may come from either); a Hub id never is one."""
+    return isinstance(value, str) and (posixpath.isabs(value) or ntpath.isabs(value))
+
+
+def _name_of(path: str) -> str:
+    return ntpath.basename(ntpath.normpath(path))  # ntpath splits on both separators
+
+
+def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
+    """The `sparsity.json` the Hub gets (and its card is rendered from): no local path of the uploader's disk.
 
     Local folders are recorded by absolute path (so `push --include_importance` works from any folder); on the Hub
-    such a path means nothing and names the uploader's disk (user name, folders). The Hub copy's importance `path`
-    says `importance` (the repo's folder) when the statistics are uploaded, else `null`; a hold schedule's
-    `masks_from` keeps only the folder's name. Hub ids and relative paths are kept as the user gave them.
+    such a path means nothing and names the uploader's disk (user name, folders). The importance `path` becomes
+    `importance` (the repo's folder) when the statistics are uploaded, else `null`; a hold schedule's `masks_from`
+    and the evaluation text keep only their file or folder name; a local `base_model` becomes `null`. Hub ids and
+    relative paths are kept as the user gave them.
     """
     hub = dict(sparsity)
-    info, schedule = sparsity.get("importance"), sparsity.get("schedule")
-    if isinstance(info, dict) and isinstance(info.get("path"), str) and os.path.isabs(info["path"]):
+    info = sparsity.get("importance")
+    if isinstance(info, dict) and _is_local_path(info.get("path")):
         hub["importance"] = {**info, "path": IMPORTANCE_DIR if importance_uploaded else None}
-    if isinstance(schedule, dict) and isinstance(schedule.get("masks_from"), str) and os.path.isabs(
-            schedule["masks_from"]):
-        hub["schedule"] = {**schedule, "masks_from": os.path.basename(os.path.normpath(schedule["masks_from"]))}
-    if hub == sparsity:
-        return None
-    return (json.dumps(hub, indent=2) + "\n").encode("utf-8")
+    schedule = sparsity.get("schedule")
+    if isinstance(schedule, dict) and _is_local_path(schedule.get("masks_from")):
+        hub["schedule"] = {**schedule, "masks_from": _name_of(schedule["masks_from"])}
+    evaluation = sparsity.get("eval")
+    if isinstance(evaluation, dict):
+        hub["eval"] = {k: _name_of(v) if k in ("dataset", "dense_dataset") and _is_local_path(v) else v
+                       for k, v in evaluation.items()}
+    if _is_local_path(sparsity.get("base_model")):
+        hub["base_model"] = None
+    return hub
+
+
+def _statistics_inside(folder: Path, sparsity: dict) -> list[str]:
+    """Folders of `folder` (relative, POSIX) holding its importance statistics: `importance/` and the folder
+    `sparsity.json` records when it lies inside. They are uploaded only as `importance/`, only when asked for."""
+    found = [IMPORTANCE_DIR]
+    recorded = (sparsity.get("importance") or {}).get("path")
+    if isinstance(recorded, str) and Path(recorded).is_dir():
+        with contextlib.suppress(ValueError):  # outside the folder
+            found.append(Path(recorded).resolve().relative_to(folder.resolve()).as_posix())
+    return [rel for rel in dict.fromkeys(found) if rel != "."]
 
 
 def _add_folder(folder: Path, prefix: str, ignore_patterns: list[str]) -> list[CommitOperationAdd]:
@@ -140,9 +168,9 @@ def push_pruned_to_hub(
     the folder has no README.md or has one this library rendered (a user's own README.md is uploaded as is). The
     folder itself is never modified. The importance statistics are left out unless
     `include_importance=True`, in which case they go to `importance/`. Hidden `.*.tmp` files and folders (left by
-    an interrupted write) are never uploaded. The uploaded `sparsity.json` never names a local folder: its
-    importance `path` reads `"importance"` when the statistics are uploaded, else `null` (the local file is
-    unchanged).
+    an interrupted write) are never uploaded, nor statistics inside the folder unless asked for. The uploaded
+    `sparsity.json` and card name no local path: the importance `path` reads `"importance"` when the statistics
+    are uploaded, else `null`; other absolute paths keep only their last part (the local file is unchanged).
 
     Args:
         output_dir (`str` or `os.PathLike`):
@@ -179,12 +207,13 @@ def push_pruned_to_hub(
     if _is_offline():
         raise ConnectionError("push_pruned_to_hub: HF_HUB_OFFLINE=1 is set, so the Hub cannot be reached; unset "
                               "HF_HUB_OFFLINE to push")
+    hub_sparsity = _hub_sparsity(sparsity, importance_uploaded=importance is not None)
     readme = folder / CARD_FILE
     card = None
     if not readme.is_file() or is_generated_card(readme):
         # A card this library wrote names the local folder; on the Hub it must name the repo. Rendered for the
         # upload only: the folder is the push's input and is never modified. A user's own README is uploaded as is.
-        card = str(render_model_card(folder, repo_id=repo_id, sparsity=sparsity)).encode("utf-8")
+        card = str(render_model_card(folder, repo_id=repo_id, sparsity=hub_sparsity)).encode("utf-8")
 
     if commit_message is None:
         commit_message = (
@@ -192,24 +221,23 @@ def push_pruned_to_hub(
             f"sparsity) with hf-weightprune"
         )
 
-    ignore_patterns = list(_TEMP_PATTERNS)
-    local_importance = importance is not None and importance.resolve() == (folder / IMPORTANCE_DIR).resolve()
-    if not local_importance:
-        ignore_patterns += [IMPORTANCE_DIR, f"{IMPORTANCE_DIR}/*"]
-    hub_sparsity = _hub_sparsity(sparsity, importance_uploaded=importance is not None)
-    if hub_sparsity is not None:
-        ignore_patterns.append(SPARSITY_NAME)
+    # One commit for the folder, its sparsity.json and card as the Hub gets them and the importance (from wherever
+    # it lies, a symlink followed): a reader of the repo never sees a checkpoint without them.
+    ignore_patterns = [*_TEMP_PATTERNS, SPARSITY_NAME]
+    for stats in _statistics_inside(folder, sparsity):
+        ignore_patterns += [stats, f"{stats}/*"]
     if card is not None:
         ignore_patterns.append(CARD_FILE)
-    # One commit for the folder, the importance recorded elsewhere, the Hub's sparsity.json and card: a reader of
-    # the repo never sees a checkpoint without its sparsity.json, card or importance.
     operations = _add_folder(folder, "", ignore_patterns)
-    if hub_sparsity is not None:
-        operations.append(CommitOperationAdd(path_in_repo=SPARSITY_NAME, path_or_fileobj=hub_sparsity))
+    if hub_sparsity == sparsity:  # nothing to rewrite: the file as it is, byte for byte
+        operations.append(CommitOperationAdd(path_in_repo=SPARSITY_NAME, path_or_fileobj=str(folder / SPARSITY_NAME)))
+    else:
+        operations.append(CommitOperationAdd(path_in_repo=SPARSITY_NAME,
+                                             path_or_fileobj=(json.dumps(hub_sparsity, indent=2) + "\n").encode()))
     if card is not None:
         operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card))
-    if importance is not None and not local_importance:
-        operations += _add_folder(importance, f"{IMPORTANCE_DIR}/", list(_TEMP_PATTERNS))
+    if importance is not None:
+        operations += _add_folder(importance.resolve(), f"{IMPORTANCE_DIR}/", list(_TEMP_PATTERNS))
 
     api = HfApi(token=token, library_name="hf-weightprune", library_version=__version__)
     with _explain_auth_errors(repo_id, token):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import zlib
 from collections.abc import Mapping
@@ -297,7 +298,7 @@ def resolve_importance_dir(path: str, name: str | None = None) -> str:
     if named and name is None:
         raise ImportanceFileError(f"No unnamed importance in {path}; it holds the named importances {named}: "
                                   "pass load_importance(path, name=...), or the folder itself (on the command line: "
-                                  f"{os.path.join(path, importance_dir_name(named[0]))})")
+                                  f"{shlex.quote(os.path.join(path, importance_dir_name(named[0])))})")
     if name is not None:
         raise ImportanceFileError(f"No importance named {name!r} in {path} (expected {importance_dir_name(name)}/"
                                   f"{IMPORTANCE_CONFIG_NAME}); named importances there: {named}")

@@ -319,6 +319,71 @@ def test_uploaded_sparsity_json_names_no_local_folder(hub_server, tmp_path, incl
     assert load_sparsity(local)["importance"]["path"] == uploaded["importance"]["path"]
 
 
+def _rewrite_sparsity(folder: Path, **changes) -> None:
+    payload = json.loads((folder / "sparsity.json").read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(payload.get(key), dict):
+            payload[key] = {**payload[key], **value}
+        else:
+            payload[key] = value
+    (folder / "sparsity.json").write_text(json.dumps(payload, indent=2))
+
+
+def test_uploaded_files_name_no_windows_or_dataset_path(hub_server, tmp_path):
+    # A sparsity.json written on Windows, an absolute evaluation text and a local base model: the Hub copy and the
+    # card keep only the last part of each (or drop the local base model).
+    out = tmp_path / "pruned"
+    save_pruned_llama(out)
+    _rewrite_sparsity(out, importance={"path": "C:\\Users\\alice\\run\\importance"},
+                      schedule={"mode": "hold", "masks_from": "C:\\Users\\alice\\pruned-50\\"},
+                      eval={"dataset": "/home/alice/secret/valid.txt", "dense_dataset": "D:\\alice\\dense.txt"},
+                      base_model="/home/alice/models/llama")
+    push_pruned_to_hub(out, repo_id="tester/windows", token=hub_server.token)
+    files = hub_server.files("tester/windows")
+    for name in ("sparsity.json", "README.md"):
+        assert "alice" not in files[name].decode(), name
+    uploaded = json.loads(files["sparsity.json"])
+    assert uploaded["importance"]["path"] is None and uploaded["schedule"]["masks_from"] == "pruned-50"
+    assert uploaded["eval"]["dataset"] == "valid.txt" and uploaded["eval"]["dense_dataset"] == "dense.txt"
+    assert uploaded["base_model"] is None and "valid.txt" in files["README.md"].decode()
+
+
+@pytest.mark.parametrize("include", [False, True], ids=["without-importance", "with-importance"])
+def test_statistics_inside_the_folder_are_uploaded_only_as_importance(hub_server, tmp_path, include):
+    # Recorded in sparsity.json under another name inside the folder: never uploaded under that name, and as
+    # importance/ only when asked for.
+    out = tmp_path / "pruned"
+    save_pruned_llama(out, importance_path=str(out / "stats"))
+    write_fake_importance(out / "stats")
+    repo_id = f"tester/inside-{include}"
+    push_pruned_to_hub(out, repo_id=repo_id, token=hub_server.token, include_importance=include)
+    files = hub_server.files(repo_id)
+    assert not any(p.startswith("stats") for p in files), sorted(files)
+    assert sorted(p for p in files if p.startswith("importance")) == (
+        ["importance/importance.safetensors", "importance/importance_config.json"] if include else [])
+
+
+def test_symlinked_importance_is_uploaded(hub_server, tmp_path):
+    elsewhere = tmp_path / "run" / "importance"
+    write_fake_importance(elsewhere)
+    out = tmp_path / "pruned"
+    save_pruned_llama(out)
+    (out / "importance").symlink_to(elsewhere, target_is_directory=True)
+    push_pruned_to_hub(out, repo_id="tester/linked", token=hub_server.token, include_importance=True)
+    files = hub_server.files("tester/linked")
+    assert files["importance/importance.safetensors"] == (elsewhere / "importance.safetensors").read_bytes()
+    assert json.loads(files["sparsity.json"])["importance"]["path"] == "importance"
+
+
+def test_a_card_the_user_wrote_under_is_uploaded_as_is(hub_server, tmp_path):
+    out = tmp_path / "pruned"
+    save_pruned_llama(out)
+    write_model_card(out, repo_id="pruned")
+    (out / "README.md").write_text((out / "README.md").read_text() + "\n## My notes\n\nEvaluated by hand.\n")
+    push_pruned_to_hub(out, repo_id="tester/own-notes", token=hub_server.token)
+    assert hub_server.files("tester/own-notes")["README.md"] == (out / "README.md").read_bytes()
+
+
 def test_include_importance_missing(tmp_path):
     out = tmp_path / "pruned"
     save_pruned_llama(out, importance_path=str(tmp_path / "nowhere"))
