@@ -173,12 +173,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     importance_dir = None
     if os.path.isdir(args.importance):
         try:
-            importance_dir = resolve_importance_dir(args.importance)
+            importance_dir = resolve_importance_dir(args.importance, args.importance_name)
         except ImportanceFileError:
             importance_dir = None  # load_importance below says what is missing
     check_output_dir(args.output_dir, input_dirs=[args.model_dir], importance_dirs=[importance_dir],
                      overwrite=args.overwrite, arg="--output_dir", overwrite_hint="--overwrite")
-    importance = load_importance(args.importance)
+    importance = load_importance(args.importance, name=args.importance_name)
     from .safetensors_io import find_weights_file
 
     progress = _progress(args)
@@ -418,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "sparsity.json and a model card).", formatter_class=_formatter)
     p.add_argument("model_dir", help="dense model folder (or Hub id); never modified")
     p.add_argument("--importance", required=True, help="importance folder, checkpoint folder, or Hub repo id")
+    p.add_argument("--importance_name", default=None, metavar="NAME",
+                   help="the ImportanceConfig(name=...) of one of several callbacks: reads importance-NAME/")
     p.add_argument("--sparsity", type=_floats_or_float, default=None,
                    help="fraction in [0,1) or JSON {regex: float} (None: 0.5; N:M sets its own)")
     p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4) | neurons | heads")

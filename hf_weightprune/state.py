@@ -296,9 +296,10 @@ def resolve_importance_dir(path: str, name: str | None = None) -> str:
         raise ImportanceFileError(f"{sub} is incomplete (no {IMPORTANCE_CONFIG_NAME}): the write did not finish")
     named = named_importances(path)
     if named and name is None:
+        folder = importance_dir_name(named[0])
         raise ImportanceFileError(f"No unnamed importance in {path}; it holds the named importances {named}: "
-                                  "pass load_importance(path, name=...), or the folder itself (on the command line: "
-                                  f"{shlex.quote(os.path.join(path, importance_dir_name(named[0])))})")
+                                  "pass load_importance(path, name=...) (on the command line: --importance_name "
+                                  f"{named[0]}), or the folder itself ({shlex.quote(os.path.join(path, folder))})")
     if name is not None:
         raise ImportanceFileError(f"No importance named {name!r} in {path} (expected {importance_dir_name(name)}/"
                                   f"{IMPORTANCE_CONFIG_NAME}); named importances there: {named}")
@@ -472,6 +473,12 @@ def load_importance(
             directory = resolve_importance_dir(local, name)
         except ImportanceFileError:
             where = f"{path}, subfolder {subfolder!r}" if subfolder else path
+            named = named_importances(local)
+            if named and name is None:
+                raise ImportanceFileError(
+                    f"No unnamed importance in Hub repo {where}; it holds the named importances {named}: pass "
+                    f"load_importance(repo_id, name=...) (on the command line: --importance_name {named[0]})"
+                ) from None
             raise ImportanceFileError(
                 f"No importance in Hub repo {where}: expected {IMPORTANCE_DIR}/{IMPORTANCE_CONFIG_NAME} there "
                 "(checkpoints pushed by the Trainer are under subfolder='last-checkpoint' or 'checkpoint-N')"

@@ -386,6 +386,39 @@ def test_prune_of_a_run_with_only_named_importances_names_the_folder_to_pass(tmp
     line = _one_line(capsys)
     assert "holds the named importances ['mag']" in line and f"{out / 'importance-mag'}" in line, line
     assert not (tmp_path / "pruned").exists() and _snapshot(out) == before
-    assert main(["prune", str(out), "--importance", str(out / "importance-mag"), "--sparsity", "0.5",
+    assert "--importance_name mag" in line
+    for i, how in enumerate((["--importance", str(out / "importance-mag")],
+                             ["--importance", str(out), "--importance_name", "mag"])):
+        assert main(["prune", str(out), *how, "--sparsity", "0.5", "--output_dir", str(tmp_path / f"pruned{i}")]) == 0
+        assert json.loads((tmp_path / f"pruned{i}" / "sparsity.json").read_text())["criterion"] == "magnitude"
+    assert (tmp_path / "pruned0" / "model.safetensors").read_bytes() == (
+        tmp_path / "pruned1" / "model.safetensors").read_bytes()
+    assert _snapshot(out) == before
+
+
+def test_named_importance_from_a_hub_repo(hub_server, tmp_path, monkeypatch, capsys):
+    """A Hub repo holding only `importance-<name>/`: the refusal lists the names and the flag; `name=` (Python) and
+    `--importance_name` (CLI) read it."""
+    from huggingface_hub import HfApi
+
+    from hf_weightprune.state import ImportanceFileError
+
+    out = tmp_path / "out"
+    trainer = train(tiny_llama(seed=5), [ImportanceCallback(ImportanceConfig(criterion="magnitude", name="mag"))],
+                    out, max_steps=2, save_steps=2)
+    trainer.save_model(str(out))
+    HfApi(token=hub_server.token).create_repo("tester/named")
+    HfApi(token=hub_server.token).upload_folder(repo_id="tester/named", folder_path=out / "importance-mag",
+                                                path_in_repo="importance-mag")
+    with pytest.raises(ImportanceFileError, match=r"No unnamed importance in Hub repo tester/named; it holds the named "
+                                                  r"importances \['mag'\]: .*--importance_name mag"):
+        load_importance("tester/named", token=hub_server.token)
+    assert load_importance("tester/named", name="mag", token=hub_server.token).criterion == "magnitude"
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    capsys.readouterr()
+    assert main(["prune", str(out), "--importance", "tester/named", "--importance_name", "mag", "--sparsity", "0.5",
                  "--output_dir", str(tmp_path / "pruned")]) == 0
-    assert json.loads((tmp_path / "pruned" / "sparsity.json").read_text())["criterion"] == "magnitude"
+    assert main(["prune", str(out), "--importance", str(out), "--importance_name", "mag", "--sparsity", "0.5",
+                 "--output_dir", str(tmp_path / "local")]) == 0
+    assert (tmp_path / "pruned" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors"
+                                                                        ).read_bytes()

@@ -230,8 +230,9 @@ def test_two_named_callbacks_each_equal_a_separate_run_and_resume(reference, tmp
     assert load_importance(out / "importance-wanda", name="wanda").criterion == "wanda"  # the folder itself
     assert not leftovers(out)
     with pytest.raises(ImportanceFileError, match=r"No unnamed importance in \S+; it holds the named importances "
-                                                  r"\['tm', 'wanda'\]: pass load_importance\(path, name=\.\.\.\), or the folder "
-                                                  r"itself \(on the command line: \S+importance-tm\)"):
+                                                  r"\['tm', 'wanda'\]: pass load_importance\(path, name=\.\.\.\) \(on the command "
+                                                  r"line: --importance_name tm\), or the folder itself "
+                                                  r"\(\S+importance-tm\)"):
         load_importance(out)
     with pytest.raises(ImportanceFileError, match=r"No importance named 'taylor' .*\['tm', 'wanda'\]"):
         load_importance(out / "checkpoint-3", name="taylor")
