@@ -239,7 +239,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.model:
         _check_model_dir(args.model, "--model")  # before the importance is read
-    imp = load_importance(args.importance_dir)
+    imp = load_importance(args.importance_dir, name=args.importance_name)
     if args.model:
         model, _ = _load_model(args.model, flag="--model")
         imp.bind(model)
@@ -399,6 +399,12 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_importance_name(p: argparse.ArgumentParser) -> None:
+    """`prune` and `inspect` read one importance: these pick a named one (several callbacks on one Trainer)."""
+    p.add_argument("--importance_name", default=None, metavar="NAME",
+                   help="the ImportanceConfig(name=...) of one of several callbacks: reads importance-NAME/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `hf-weightprune` parser with every subcommand: `prune`, `inspect`, `push` and `sweep`.
 
@@ -418,8 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "sparsity.json and a model card).", formatter_class=_formatter)
     p.add_argument("model_dir", help="dense model folder (or Hub id); never modified")
     p.add_argument("--importance", required=True, help="importance folder, checkpoint folder, or Hub repo id")
-    p.add_argument("--importance_name", default=None, metavar="NAME",
-                   help="the ImportanceConfig(name=...) of one of several callbacks: reads importance-NAME/")
+    _add_importance_name(p)
     p.add_argument("--sparsity", type=_floats_or_float, default=None,
                    help="fraction in [0,1) or JSON {regex: float} (None: 0.5; N:M sets its own)")
     p.add_argument("--structure", default="unstructured", help="unstructured | N:M (e.g. 2:4) | neurons | heads")
@@ -449,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Per-tensor importance statistics (and a per-layer plot).",
                        formatter_class=_formatter)
     p.add_argument("importance_dir", help="importance folder, checkpoint folder or training output_dir")
-    p.add_argument("--model", default=None, help="model folder, for wanda and sparsegpt scores when the importance is not inside a checkpoint beside its weights")
+    _add_importance_name(p)
+    p.add_argument("--model", default=None, help="model folder, for wanda and sparsegpt scores when the importance "
+                   "is not inside a checkpoint beside its weights")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write a per-layer plot to this PNG file")
     _add_common(p, top=False)
     p.set_defaults(func=cmd_inspect)

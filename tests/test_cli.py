@@ -393,6 +393,14 @@ def test_prune_of_a_run_with_only_named_importances_names_the_folder_to_pass(tmp
         assert json.loads((tmp_path / f"pruned{i}" / "sparsity.json").read_text())["criterion"] == "magnitude"
     assert (tmp_path / "pruned0" / "model.safetensors").read_bytes() == (
         tmp_path / "pruned1" / "model.safetensors").read_bytes()
+    # inspect: the same refusal, and the same flag picks the named importance
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) != 0
+    assert "prune/inspect --importance_name mag" in _one_line(capsys)
+    assert main(["inspect", str(out), "--importance_name", "mag"]) == 0
+    by_flag = capsys.readouterr().out
+    assert main(["inspect", str(out / "importance-mag")]) == 0
+    assert "magnitude" in by_flag and capsys.readouterr().out == by_flag
     assert _snapshot(out) == before
 
 
