@@ -82,6 +82,25 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def deadline_at(hhmm: str | None) -> float | None:
+    """`--deadline HH:MM` (UTC) as an epoch time: its next occurrence after now, so 01:45 given at 23:50 is tomorrow's.
+
+    A string compare of clock times (the old check) stopped every cell of a run started before midnight.
+    """
+    if hhmm is None:
+        return None
+    try:
+        hour, minute = (int(x) for x in hhmm.split(":"))
+        if not (0 <= hour < 24 and 0 <= minute < 60):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--deadline: expected HH:MM (UTC), got {hhmm!r}") from None
+    now = time.time()
+    day = now - now % 86400  # midnight UTC today
+    at = day + hour * 3600 + minute * 60
+    return at if at > now else at + 86400
+
+
 def _write_json(path: Path, data) -> None:
     """Atomic: a unique temp name in the same folder, then rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -650,8 +669,9 @@ def main() -> None:
             if m in METHODS and METHODS[m][0] == "llmc":
                 run_llmc(llmc_python, METHODS[m][1], point, calib_path, args.threads)
         return
+    deadline = deadline_at(args.deadline)
     for method, point in todo:
-        if args.deadline and time.strftime("%H:%M", time.gmtime()) >= args.deadline:
+        if deadline is not None and time.time() >= deadline:
             _log(f"deadline {args.deadline} UTC reached: {method} @ {point} and later cells not run")
             break
         run_cell(method, point, valid, ood, args, llmc_python, calib_path)

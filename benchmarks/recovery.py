@@ -380,8 +380,9 @@ def main() -> None:
     if not calib_path.is_file():
         Q._write_json(calib_path, {"input_ids": calibration.to_dict()["input_ids"]})
     _log(f"windows: train {len(train)} x {args.seq_len}, valid {len(valid)}, ood {len(ood)}")
+    deadline = Q.deadline_at(args.deadline)
     for row, point in wanted:
-        if args.deadline and time.strftime("%H:%M", time.gmtime()) >= args.deadline:
+        if deadline is not None and time.time() >= deadline:
             _log(f"deadline {args.deadline} UTC reached: {row} @ {point} and later cells not run")
             break
         run_row(row, point, train, valid, ood, calib_path, args)
