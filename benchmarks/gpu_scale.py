@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from callback_overhead import Alternating  # noqa: E402
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, prune_  # noqa: E402
+from hf_weightprune.io_utils import atomic_write_text  # noqa: E402
 from hf_weightprune.testing import TokenDataset  # noqa: E402
 
 SHAPES = {
@@ -207,7 +208,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if args.output:
         Path(args.output).mkdir(parents=True, exist_ok=True)
-        (Path(args.output) / "gpu_scale.json").write_text(json.dumps(result, indent=1))
+        atomic_write_text(Path(args.output) / "gpu_scale.json", json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -124,7 +124,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        from hf_weightprune.io_utils import atomic_write_text
+
+        atomic_write_text(args.output, text + "\n")
 
 
 if __name__ == "__main__":

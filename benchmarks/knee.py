@@ -116,7 +116,9 @@ def main() -> None:
         cells = " | ".join(f"{points[crit, c]:.4f}" for c in cols)
         lines.append(f"| {crit} | {'none' if k is None else f'{k:.0%}'} | {cells} |")
     lines += ["", "Perplexity at every point:", "", format_table(rows), "", "![loss vs sparsity](knee.png)", ""]
-    (out / "knee.md").write_text("\n".join(lines))
+    from hf_weightprune.io_utils import atomic_write_text
+
+    atomic_write_text(out / "knee.md", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -33,6 +33,7 @@ import json
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -248,7 +249,9 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str]], args, out: Pa
         lines += ["", *knees]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.report_name}.md").write_text(text)
+    from hf_weightprune.io_utils import atomic_write_text
+
+    atomic_write_text(out / f"{args.report_name}.md", text)
     Q._write_json(out / f"{args.report_name}.json", {"args": vars(args), "cells": cells})
     if knees:
         plot_knee(by, dense, args, out / f"{args.report_name}.png")
@@ -320,7 +323,7 @@ def plot_knee(by: dict, dense: dict, args, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"SmolLM2-135M, {args.steps} steps x {args.batch_size} x {args.seq_len} tokens per run", fontsize=11)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.png")  # unique: two runs never share a temp file
     fig.savefig(tmp, dpi=130)
     plt.close(fig)
     tmp.replace(path)
