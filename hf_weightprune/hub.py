@@ -14,7 +14,7 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, constants
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects, get_token
@@ -22,7 +22,7 @@ from huggingface_hub.utils import filter_repo_objects, get_token
 from ._version import __version__
 from .card import CARD_FILE, CARD_TEMPLATE, is_generated_card, render_model_card, write_model_card
 from .io_utils import check_arg_type
-from .pruned_files import SPARSITY_NAME, SWEEP_JSON, SWEEP_PNG, load_sparsity
+from .pruned_files import SPARSITY_NAME, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, load_sparsity
 from .state import IMPORTANCE_DIR
 
 # Backward-compatible names: these used to be defined here.
@@ -34,6 +34,21 @@ __all__ = ["CARD_FILE", "CARD_TEMPLATE", "push_pruned_to_hub", "render_model_car
 
 # Temp files and folders of interrupted atomic writes (hidden, `.<name>...tmp`) are never part of a checkpoint
 _TEMP_PATTERNS = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
+
+# Files of the repo a push replaces as a whole: the weights (a stale `model.safetensors` beside new shards is what
+# `from_pretrained` would load), the importance statistics (stale rank files would be read with the new ones) and
+# what this library writes beside them. Any of them the new push lacks is deleted in its commit; other files of the
+# repo (the user's own) are left alone.
+_REPLACED_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+                      f"{IMPORTANCE_DIR}/*", SWEEP_CSV, SWEEP_JSON, SWEEP_PNG]
+
+
+def _stale_files(api: HfApi, repo_id: str, revision: str | None, added: set[str]) -> list[CommitOperationDelete]:
+    """`CommitOperationDelete`s for the files of an earlier push at `revision` that this one replaces but lacks."""
+    remote = api.list_repo_files(repo_id, revision=revision)
+    stale = filter_repo_objects([p for p in remote if p not in added], allow_patterns=_REPLACED_PATTERNS)
+    # Only top-level weights: a subfolder (other than importance/) is the user's, e.g. a second variant
+    return [CommitOperationDelete(path_in_repo=p) for p in stale if "/" not in p or p.startswith(f"{IMPORTANCE_DIR}/")]
 
 
 def _importance_folder(folder: Path, sparsity: dict) -> Path:
@@ -167,7 +182,9 @@ def push_pruned_to_hub(
     Creates the repo if needed and uploads the folder in one commit, with a model card rendered for `repo_id` when
     the folder has no README.md or has one this library rendered (a user's own README.md is uploaded as is). The
     folder itself is never modified. The importance statistics are left out unless
-    `include_importance=True`, in which case they go to `importance/`. Hidden `.*.tmp` files and folders (left by
+    `include_importance=True`, in which case they go to `importance/`. Files of an earlier push to the same branch that
+    this one replaces and lacks (weights or shards, `importance/`, sweep files) are deleted in the same commit; the
+    repo's other files are left alone. Hidden `.*.tmp` files and folders (left by
     an interrupted write) are never uploaded, nor statistics inside the folder unless asked for. The uploaded
     `sparsity.json` and card name no local path: the importance `path` reads `"importance"` when the statistics
     are uploaded, else `null`; other absolute paths keep only their last part (the local file is unchanged).
@@ -244,6 +261,7 @@ def push_pruned_to_hub(
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        operations += _stale_files(api, repo_id, revision, {op.path_in_repo for op in operations})
         commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
                                    revision=revision)
     return commit.commit_url

@@ -384,6 +384,40 @@ def test_a_card_the_user_wrote_under_is_uploaded_as_is(hub_server, tmp_path):
     assert hub_server.files("tester/own-notes")["README.md"] == (out / "README.md").read_bytes()
 
 
+def test_a_second_push_replaces_the_first_ones_weights_and_statistics(hub_server, tmp_path):
+    # The first push: one model.safetensors, importance/ with a rank file, a sweep; the user adds notes.md by hand
+    repo_id = "tester/re-pushed"
+    first = tmp_path / "first"
+    save_pruned_llama(first, sweep=True)
+    write_fake_importance(first / "importance")
+    save_file({"x": torch.ones(2)}, str(first / "importance" / "importance-rank1.safetensors"))
+    push_pruned_to_hub(first, repo_id=repo_id, token=hub_server.token, include_importance=True)
+    HfApi(endpoint=hub_server.endpoint, token=hub_server.token).upload_file(
+        path_or_fileobj=b"mine", path_in_repo="notes.md", repo_id=repo_id)
+    HfApi(endpoint=hub_server.endpoint, token=hub_server.token).upload_file(
+        path_or_fileobj=b"other", path_in_repo="variant/model.safetensors", repo_id=repo_id)
+    # The second: another model, saved in shards, no sweep, no statistics
+    second = tmp_path / "second"
+    save_pruned_llama(second, eval_report=False)
+    model = tiny_llama(seed=3)
+    (second / "model.safetensors").unlink()
+    model.save_pretrained(second, max_shard_size="20KB")
+    assert (second / "model.safetensors.index.json").is_file() and not (second / "model.safetensors").exists()
+    before = _commits_on_main(hub_server, repo_id)
+
+    push_pruned_to_hub(second, repo_id=repo_id, token=hub_server.token)
+
+    assert _commits_on_main(hub_server, repo_id) == before + 1  # deletions and additions in one commit
+    files = hub_server.files(repo_id)
+    # A stale model.safetensors beside the new shards is what from_pretrained would have loaded
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    assert not any(p.startswith("importance/") for p in files), sorted(files)
+    assert not {"sweep.json", "sweep.png"} & set(files)
+    assert files["notes.md"] == b"mine" and files["variant/model.safetensors"] == b"other"  # not ours: kept
+    local = snapshot_download(repo_id, token=hub_server.token)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(local).eval()), logits(model.eval()))
+
+
 def test_include_importance_missing(tmp_path):
     out = tmp_path / "pruned"
     save_pruned_llama(out, importance_path=str(tmp_path / "nowhere"))
