@@ -141,6 +141,9 @@ def finalize(
         "config": config.to_dict(),
         "state": {**meta, "world_size": world_size, "state_dtype": config.state_dtype},
         "tensors": {name: list(shape) for name, shape in shapes.items()},
+        # Which layout this write used: a stale index of an earlier write (a Hub repo that uploads only add to, e.g.
+        # a DDP run's push, then a single-process run's) must not be read beside the new importance.safetensors.
+        "index": INDEX_NAME if os.path.isfile(os.path.join(tmp_dir, INDEX_NAME)) else None,
     }
     if extra:
         payload.update(extra)
@@ -342,11 +345,18 @@ def load_meta(directory: str) -> dict:
     return meta
 
 
-def _weight_map(directory: str, names: list[str]) -> tuple[dict[str, str], dict[str, list[tuple[str, int]]]]:
-    """Which file holds each tensor, and for row-sharded (FSDP2) tensors every `(file, first_row)` piece."""
+def _weight_map(directory: str, names: list[str], indexed: bool | None = None,
+                ) -> tuple[dict[str, str], dict[str, list[tuple[str, int]]]]:
+    """Which file holds each tensor, and for row-sharded (FSDP2) tensors every `(file, first_row)` piece.
+
+    `indexed` is what `importance_config.json` says the write used; `None` (folders of earlier versions): the index
+    when there is one.
+    """
     index = os.path.join(directory, INDEX_NAME)
     row_shards = {}
-    if os.path.isfile(index):
+    if indexed is False and os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        weight_map = dict.fromkeys(names, WEIGHTS_NAME)
+    elif os.path.isfile(index):
         data = _read_json(index)
         weight_map = data.get("weight_map", {})
         row_shards = {n: sorted(((f, int(o)) for f, o in pieces), key=lambda p: p[1])
@@ -362,13 +372,14 @@ def _weight_map(directory: str, names: list[str]) -> tuple[dict[str, str], dict[
 
 
 def open_tensors(directory: str, shapes: dict[str, list[int]], state_shapes: dict[str, list[int]] | None = None,
-                 checksums: Mapping[str, Any] | None = None):
+                 checksums: Mapping[str, Any] | None = None, indexed: bool | None = None):
     """Check every shard's header against the metadata; return a lazy per-tensor reader.
 
     `checksums` (`{name: crc or {file: crc}}`, from `importance_config.json`) are checked as each tensor is read;
-    files written before checksums were recorded (`None`) are read unchecked.
+    files written before checksums were recorded (`None`) are read unchecked. `indexed`: whether the write used an
+    index (`importance_config.json`'s `index`), `None` when it does not say.
     """
-    weight_map, row_shards = _weight_map(directory, list(shapes))
+    weight_map, row_shards = _weight_map(directory, list(shapes), indexed)
     files = {weight_map[n] for n in shapes} | {f for pieces in row_shards.values() for f, _ in pieces}
     headers: dict[str, dict[str, list[int]]] = {}
     for fname in sorted(files):
@@ -490,7 +501,8 @@ def load_importance(
 
     scorer = get_scorer(config.criterion)
     state_shapes = {k: list(scorer.state_shape(torch.empty(v, device="meta"))) for k, v in shapes.items()}
-    get = open_tensors(directory, shapes, state_shapes, (meta.get("checksums") or {}).get("tensors"))
+    indexed = None if "index" not in meta else meta["index"] is not None
+    get = open_tensors(directory, shapes, state_shapes, (meta.get("checksums") or {}).get("tensors"), indexed)
     loader = None
     parent = os.path.dirname(os.path.abspath(directory))
     folder = os.path.basename(os.path.normpath(directory))

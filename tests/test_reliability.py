@@ -379,3 +379,26 @@ def test_every_writers_checksums_reach_rank_0(tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(ImportanceFileError, match=r"tensor c in importance-00002-of-00002\.safetensors does not match"):
         load_importance(out).state("c")
+
+
+def test_a_stale_layout_beside_the_new_one_is_not_read(reference, tmp_path):
+    # A Hub repo only gains files from uploads (the Trainer's push adds, never deletes): a sharded importance/
+    # pushed first and a single-file one pushed later leave both layouts; importance_config.json, written by the
+    # later push, says which one to read.
+    good = load_importance(reference("temporal_magnitude") / "importance")
+    meta = {k: v for k, v in good.meta.items() if k not in ("world_size", "state_dtype")}
+    other = {n: t * 2 + 1 for n, t in good.state_dict().items()}
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    S.save_importance_dir(str(sharded), other, config=good.config, shapes=good.shapes, meta=meta, max_shard_size=6000)
+    S.save_importance_dir(str(single), good.state_dict(), config=good.config, shapes=good.shapes, meta=meta)
+    assert json.loads((sharded / CONFIG).read_text())["index"] == S.INDEX_NAME
+    assert json.loads((single / CONFIG).read_text())["index"] is None
+
+    for newer, older, expected in ((single, sharded, good.state_dict()), (sharded, single, other)):
+        repo = tmp_path / f"repo-{newer.name}"
+        shutil.copytree(older, repo)
+        shutil.copytree(newer, repo, dirs_exist_ok=True)  # the later upload: its files over the earlier ones
+        assert (repo / S.INDEX_NAME).is_file() and (repo / S.WEIGHTS_NAME).is_file()
+        imp = load_importance(repo)
+        for name, tensor in expected.items():
+            assert torch.equal(imp.state(name), tensor), name
