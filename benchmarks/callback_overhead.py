@@ -88,6 +88,13 @@ class Alternating(TrainerCallback):
         self.times[active].append(time.perf_counter() - self._t0)
         self.inside[active].append(self._in)
 
+    def on_train_end(self, args, state, control, **kw):
+        # Not forwarded (it would write the importance, which no measurement reads); only the hooks are removed, so a
+        # model reused after `measure` runs without them.
+        collector = self.inner.accumulator.collector
+        if collector is not None:
+            collector.remove()
+
 
 def measure(cfg, criterion, steps, batch, seq, warmup=4, state_dtype="float32", every_n_steps=1):
     torch.manual_seed(0)
