@@ -39,8 +39,9 @@ _TEMP_PATTERNS = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
 # `from_pretrained` would load), the importance statistics (stale rank files would be read with the new ones) and
 # what this library writes beside them. Any of them the new push lacks is deleted in its commit; other files of the
 # repo (the user's own) are left alone.
-_REPLACED_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
-                      f"{IMPORTANCE_DIR}/*", SWEEP_CSV, SWEEP_JSON, SWEEP_PNG]
+# Weights by the names `save_pretrained` gives a full model's (an `adapter_model.safetensors` is not one of them).
+_REPLACED_PATTERNS = ["model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                      "pytorch_model.bin.index.json", f"{IMPORTANCE_DIR}/*", SWEEP_CSV, SWEEP_JSON, SWEEP_PNG]
 
 
 def _stale_files(api: HfApi, repo_id: str, revision: str | None, added: set[str]) -> list[CommitOperationDelete]:

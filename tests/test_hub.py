@@ -396,6 +396,8 @@ def test_a_second_push_replaces_the_first_ones_weights_and_statistics(hub_server
         path_or_fileobj=b"mine", path_in_repo="notes.md", repo_id=repo_id)
     HfApi(endpoint=hub_server.endpoint, token=hub_server.token).upload_file(
         path_or_fileobj=b"other", path_in_repo="variant/model.safetensors", repo_id=repo_id)
+    HfApi(endpoint=hub_server.endpoint, token=hub_server.token).upload_file(
+        path_or_fileobj=b"adapter", path_in_repo="adapter_model.safetensors", repo_id=repo_id)
     # The second: another model, saved in shards, no sweep, no statistics
     second = tmp_path / "second"
     save_pruned_llama(second, eval_report=False)
@@ -414,6 +416,7 @@ def test_a_second_push_replaces_the_first_ones_weights_and_statistics(hub_server
     assert not any(p.startswith("importance/") for p in files), sorted(files)
     assert not {"sweep.json", "sweep.png"} & set(files)
     assert files["notes.md"] == b"mine" and files["variant/model.safetensors"] == b"other"  # not ours: kept
+    assert files["adapter_model.safetensors"] == b"adapter"
     local = snapshot_download(repo_id, token=hub_server.token)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(local).eval()), logits(model.eval()))
 
