@@ -348,7 +348,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=_formatter)
     p.add_argument("model_dir", help="trained dense model folder (with its tokenizer)")
     p.add_argument("--importance", nargs="*", default=[], metavar="[LABEL=]DIR",
-                   help="importance / checkpoint folders to compare, optionally labelled")
+                   help="importance / checkpoint folders (or Hub repos) to compare, optionally labelled")
+    _add_importance_name(p)
     p.add_argument("--data", required=True, help="evaluation text: .txt, .json, .jsonl or a saved dataset folder")
     p.add_argument("--sparsities", default="0,0.1,...,0.9", help="comma list; '...' continues the step")
     p.add_argument("--criteria", default="magnitude",
@@ -393,14 +394,16 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
     rows = sweep(args.model_dir, args.importance, args.data, sparsities=parse_sparsities(args.sparsities),
                  structure=args.structure, scope=args.scope, baselines=baselines, calibration_data=args.calibration,
                  calibration_windows=args.calibration_windows, seq_len=args.seq_len, max_windows=args.max_windows,
-                 batch_size=args.batch_size, output_dir=args.output_dir, dtype=args.dtype, progress=_progress(args))
+                 batch_size=args.batch_size, output_dir=args.output_dir, dtype=args.dtype, progress=_progress(args),
+                 importance_name=args.importance_name)
     print(format_table(rows))
     print(f"Wrote {SWEEP_CSV}, {SWEEP_JSON} and {SWEEP_PNG} to {args.output_dir}")
     return 0
 
 
 def _add_importance_name(p: argparse.ArgumentParser) -> None:
-    """`prune` and `inspect` read one importance: these pick a named one (several callbacks on one Trainer)."""
+    """`prune`, `inspect` and `sweep` read importance folders: this picks a named one in each (several callbacks on
+    one Trainer)."""
     p.add_argument("--importance_name", default=None, metavar="NAME",
                    help="the ImportanceConfig(name=...) of one of several callbacks: reads importance-NAME/")
 

@@ -301,7 +301,7 @@ def resolve_importance_dir(path: str, name: str | None = None) -> str:
     if named and name is None:
         folder = importance_dir_name(named[0])
         raise ImportanceFileError(f"No unnamed importance in {path}; it holds the named importances {named}: "
-                                  "pass load_importance(path, name=...) (on the command line: prune/inspect "
+                                  "pass load_importance(path, name=...) (on the command line: prune/inspect/sweep "
                                   f"--importance_name {named[0]}), or the folder itself ({shlex.quote(os.path.join(path, folder))})")
     if name is not None:
         raise ImportanceFileError(f"No importance named {name!r} in {path} (expected {importance_dir_name(name)}/"
@@ -488,7 +488,7 @@ def load_importance(
             if named and name is None:
                 raise ImportanceFileError(
                     f"No unnamed importance in Hub repo {where}; it holds the named importances {named}: pass "
-                    f"load_importance(repo_id, name=...) (on the command line: prune/inspect --importance_name {named[0]})"
+                    f"load_importance(repo_id, name=...) (on the command line: prune/inspect/sweep --importance_name {named[0]})"
                 ) from None
             raise ImportanceFileError(
                 f"No importance in Hub repo {where}: expected {IMPORTANCE_DIR}/{IMPORTANCE_CONFIG_NAME} there "

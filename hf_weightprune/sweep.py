@@ -88,7 +88,8 @@ def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLi
     atomic_write_text(out / SWEEP_JSON, json.dumps(clean, indent=2) + "\n")
 
 
-def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None) -> dict[str, Any]:
+def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None,
+                       name: str | None = None) -> dict[str, Any]:
     """`{label: folder or Importance}` as given; a list is labelled by criterion (`"label=folder"` overrides)."""
     if importance is None:
         return {}
@@ -104,7 +105,7 @@ def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None) -> 
             label, item = item.split("=", 1)
         else:
             if not isinstance(item, Importance):
-                item = load_importance(item)
+                item = load_importance(item, name=name)
             label, k = item.criterion, 2
             while label in labelled:  # two folders of the same criterion
                 label, k = f"{item.criterion}-{k}", k + 1
@@ -114,7 +115,7 @@ def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None) -> 
     return labelled
 
 
-def _importance_dirs(importances: Mapping[str, Any]) -> list[str]:
+def _importance_dirs(importances: Mapping[str, Any], name: str | None = None) -> list[str]:
     """The local importance folders among `{label: folder or Importance}` (for the output rule)."""
     from .state import ImportanceFileError, resolve_importance_dir
 
@@ -123,7 +124,7 @@ def _importance_dirs(importances: Mapping[str, Any]) -> list[str]:
         path = item.path if isinstance(item, Importance) else os.fspath(item)
         if path and os.path.isdir(path):
             try:
-                dirs.append(resolve_importance_dir(path))
+                dirs.append(resolve_importance_dir(path, None if isinstance(item, Importance) else name))
             except ImportanceFileError:  # refused with a better message when it is loaded
                 continue
     return dirs
@@ -156,6 +157,7 @@ def _check_sweep_args(args: dict[str, Any]) -> None:
         ("device", (str, type(None)), 'a str such as "cuda" or None'),
         ("title", (str, type(None)), "a str or None"),
         ("progress", bool, "a bool"),
+        ("importance_name", (str, type(None)), "a str or None"),
     ]
     for name, types, expected in checks:
         check_arg_type("sweep", name, args[name], types, expected)
@@ -183,6 +185,7 @@ def sweep(
     device: str | None = None,
     title: str | None = None,
     progress: bool = True,
+    importance_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """Prune a fresh copy of the model at every sparsity with every criterion and measure loss and perplexity.
 
@@ -210,6 +213,9 @@ def sweep(
 
         title (`str`, *optional*): title of the plot; defaults to the model folder, structure and window count.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar over the points.
+        importance_name (`str`, *optional*): read `importance-<name>/` (the `ImportanceConfig(name=...)` of one of
+            several callbacks) from every folder or Hub repo of `importance`, as `load_importance(path, name=...)`;
+            `Importance` objects are used as given.
 
     Returns:
         `list[dict]`: rows `{"criterion", "structure", "sparsity", "loss", "perplexity"}`, the dense model first
@@ -239,7 +245,7 @@ def sweep(
     if bad:
         raise ValueError(f"baselines must be among {ONESHOT_CRITERIA}; got {bad}")
     PruneConfig(sparsity=points[-1] if kind != "N:M" else None, structure=structure, scope=scope)  # validate early
-    importances = _label_importances(importance)
+    importances = _label_importances(importance, importance_name)
     if not importances and not baselines:
         raise ValueError("nothing to compare: give importance folders and/or one-shot baselines")
     if not os.path.isdir(model_dir):
@@ -249,7 +255,7 @@ def sweep(
 
         # The library's one output rule; a non-empty folder is fine (e.g. the pruned model's, whose card then
         # shows the sweep): only sweep.csv, sweep.json and sweep.png are replaced there.
-        check_output_dir(output_dir, input_dirs=[model_dir], importance_dirs=_importance_dirs(importances),
+        check_output_dir(output_dir, input_dirs=[model_dir], importance_dirs=_importance_dirs(importances, importance_name),
                          require_empty=False)
 
     try:
@@ -265,7 +271,7 @@ def sweep(
         if not isinstance(imp, Importance):
             from .state import load_importance
 
-            importances[label] = imp = load_importance(imp)
+            importances[label] = imp = load_importance(imp, name=importance_name)
         imp.validate_against(model)  # fail before any evaluation, not halfway through
     for name in baselines:
         calib = None

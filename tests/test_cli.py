@@ -396,7 +396,7 @@ def test_prune_of_a_run_with_only_named_importances_names_the_folder_to_pass(tmp
     # inspect: the same refusal, and the same flag picks the named importance
     capsys.readouterr()
     assert main(["inspect", str(out)]) != 0
-    assert "prune/inspect --importance_name mag" in _one_line(capsys)
+    assert "prune/inspect/sweep --importance_name mag" in _one_line(capsys)
     assert main(["inspect", str(out), "--importance_name", "mag"]) == 0
     by_flag = capsys.readouterr().out
     assert main(["inspect", str(out / "importance-mag")]) == 0

@@ -231,7 +231,7 @@ def test_two_named_callbacks_each_equal_a_separate_run_and_resume(reference, tmp
     assert not leftovers(out)
     with pytest.raises(ImportanceFileError, match=r"No unnamed importance in \S+; it holds the named importances "
                                                   r"\['tm', 'wanda'\]: pass load_importance\(path, name=\.\.\.\) \(on the command "
-                                                  r"line: prune/inspect --importance_name tm\), or the folder itself "
+                                                  r"line: prune/inspect/sweep --importance_name tm\), or the folder itself "
                                                   r"\(\S+importance-tm\)"):
         load_importance(out)
     with pytest.raises(ImportanceFileError, match=r"No importance named 'taylor' .*\['tm', 'wanda'\]"):

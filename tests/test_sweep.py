@@ -85,6 +85,30 @@ def test_sweep_nm_one_point_per_criterion(trained, tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 0
 
 
+def test_sweep_reads_named_importances_from_folders_and_hub_repos(trained, tmp_path, hub_server, monkeypatch, capsys):
+    """The run's two named callbacks wrote `run/importance-<name>/`: `importance_name=` (CLI `--importance_name`)
+    reads one from a local run folder and from a Hub repo holding only that folder, as the in-memory importance."""
+    from huggingface_hub import HfApi
+
+    from hf_weightprune.cli import main
+
+    root, imps = trained
+    kw = dict(sparsities=[0.5], baselines=(), seq_len=SEQ, max_windows=2, batch_size=BATCH, progress=False)
+    expected = sweep(root / "model", {"t": imps["taylor"]}, KJV / "valid.txt", **kw)
+    local = sweep(root / "model", [f"t={root / 'run'}"], KJV / "valid.txt", importance_name="taylor", **kw)
+    assert local == expected and expected[1]["loss"] > expected[0]["loss"]
+    HfApi(token=hub_server.token).create_repo("tester/named-run")
+    HfApi(token=hub_server.token).upload_folder(repo_id="tester/named-run", folder_path=root / "run" / "importance-taylor",
+                                                path_in_repo="importance-taylor")
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    assert main(["sweep", str(root / "model"), "--importance", "t=tester/named-run", "--importance_name", "taylor",
+                 "--criteria", "", "--data", str(KJV / "valid.txt"), "--sparsities", "0.5", "--seq_len", str(SEQ),
+                 "--max_windows", "2", "--batch_size", str(BATCH), "--output_dir", str(tmp_path / "hub"), "-q"]) == 0
+    assert json.loads((tmp_path / "hub" / "sweep.json").read_text()) == expected
+    with pytest.raises(ValueError, match=r"No importance named 'nope'"):
+        sweep(root / "model", [str(root / "run")], KJV / "valid.txt", importance_name="nope", **kw)
+
+
 def test_oneshot_wanda_equals_brute_force_reference():
     model = tiny_llama(seed=3)
     ids = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(0))
