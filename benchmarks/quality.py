@@ -85,7 +85,12 @@ def _log(msg: str) -> None:
 def deadline_at(hhmm: str | None) -> float | None:
     """`--deadline HH:MM` (UTC) as an epoch time: its next occurrence after now, so 01:45 given at 23:50 is tomorrow's.
 
-    A string compare of clock times (the old check) stopped every cell of a run started before midnight.
+    A string compare of clock times (the old check) stopped every cell of a run started before midnight. Call it
+    when the arguments are parsed, before any setup: computed later, a deadline passed during setup would be
+    tomorrow's.
+
+    Raises:
+        ValueError: not HH:MM.
     """
     if hhmm is None:
         return None
@@ -94,7 +99,7 @@ def deadline_at(hhmm: str | None) -> float | None:
         if not (0 <= hour < 24 and 0 <= minute < 60):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"--deadline: expected HH:MM (UTC), got {hhmm!r}") from None
+        raise ValueError(f"--deadline: expected HH:MM (UTC), got {hhmm!r}") from None
     now = time.time()
     day = now - now % 86400  # midnight UTC today
     at = day + hour * 3600 + minute * 60
@@ -621,6 +626,10 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="delete benchmarks/_cache/quality first")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
+    try:
+        deadline = deadline_at(args.deadline)  # now: a deadline passed during the setup below must still stop it
+    except ValueError as e:
+        p.error(str(e))
     if args.ood_windows * (args.seq_len - 1) < 25_000:
         p.error(f"--ood-windows {args.ood_windows} x {args.seq_len - 1} predicted tokens < 25,000")
     wanted = plan(args.full)
@@ -669,7 +678,6 @@ def main() -> None:
             if m in METHODS and METHODS[m][0] == "llmc":
                 run_llmc(llmc_python, METHODS[m][1], point, calib_path, args.threads)
         return
-    deadline = deadline_at(args.deadline)
     for method, point in todo:
         if deadline is not None and time.time() >= deadline:
             _log(f"deadline {args.deadline} UTC reached: {method} @ {point} and later cells not run")

@@ -349,6 +349,10 @@ def main() -> None:
                    help="stem of the report files in --output (a knee sweep: recovery_knee); with three or more "
                         "unstructured sparsities a row also gets its knee and a plot, <stem>.png")
     args = p.parse_args()
+    try:
+        deadline = Q.deadline_at(args.deadline)  # now: a deadline passed during the setup below must still stop it
+    except ValueError as e:
+        p.error(str(e))
     rows = args.rows.split(",")
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"--rows: unknown {unknown}; rows are {list(ROWS)}")
@@ -383,7 +387,6 @@ def main() -> None:
     if not calib_path.is_file():
         Q._write_json(calib_path, {"input_ids": calibration.to_dict()["input_ids"]})
     _log(f"windows: train {len(train)} x {args.seq_len}, valid {len(valid)}, ood {len(ood)}")
-    deadline = Q.deadline_at(args.deadline)
     for row, point in wanted:
         if deadline is not None and time.time() >= deadline:
             _log(f"deadline {args.deadline} UTC reached: {row} @ {point} and later cells not run")

@@ -33,8 +33,8 @@ def test_deadline_is_the_next_such_time(quality, monkeypatch, now, hhmm, expecte
 
 
 def test_bad_deadline_is_one_line(quality):
-    with pytest.raises(SystemExit, match="--deadline: expected HH:MM"):
+    with pytest.raises(ValueError, match="--deadline: expected HH:MM"):
         quality.deadline_at("1:45pm")
-    with pytest.raises(SystemExit, match="--deadline: expected HH:MM"):
+    with pytest.raises(ValueError, match="--deadline: expected HH:MM"):
         quality.deadline_at("25:00")
     assert quality.deadline_at(None) is None
