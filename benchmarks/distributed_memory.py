@@ -54,8 +54,9 @@ def worker(out: str, steps: int, zero: int | None = None) -> None:
         result["tracked_params"] = sum(t.param.numel() for t in cb.accumulator.tracked)
         result["model_params"] = sum(p.numel() for p in model.parameters())
     if D.rank_and_world()[0] == 0:
-        with open(os.path.join(out, f"world{world}{'-zero' + str(zero) if zero else ''}.json"), "w") as f:
-            json.dump(result, f)
+        from hf_weightprune.io_utils import atomic_write_json
+
+        atomic_write_json(os.path.join(out, f"world{world}{'-zero' + str(zero) if zero else ''}.json"), result)
 
 
 def launch(nproc: int, out: str, steps: int, zero: int | None = None) -> dict:

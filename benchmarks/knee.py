@@ -87,7 +87,9 @@ def main() -> None:
                  title=f"Llama {n_params / 1e6:.1f}M trained from scratch on KJV, {args.scope} unstructured")
     out.mkdir(parents=True, exist_ok=True)
     for name, dest in ((SWEEP_CSV, "knee.csv"), (SWEEP_JSON, "knee.json"), (SWEEP_PNG, "knee.png")):
-        shutil.copyfile(tmp / name, out / dest)
+        part = out / f".{dest}.{os.getpid()}.tmp"  # a reader never sees a half-copied file
+        shutil.copyfile(tmp / name, part)
+        os.replace(part, out / dest)
     total_s = time.perf_counter() - start
 
     dense = rows[0]
