@@ -11,6 +11,7 @@ import json
 import ntpath
 import os
 import posixpath
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +37,30 @@ __all__ = ["CARD_FILE", "CARD_TEMPLATE", "push_pruned_to_hub", "render_model_car
 _TEMP_PATTERNS = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
 
 # Files of the repo a push replaces as a whole: the weights (a stale `model.safetensors` beside new shards is what
-# `from_pretrained` would load), the importance statistics (stale rank files would be read with the new ones) and
-# what this library writes beside them. Any of them the new push lacks is deleted in its commit; other files of the
-# repo (the user's own) are left alone.
-# Weights by the names `save_pretrained` gives a full model's (an `adapter_model.safetensors` is not one of them).
-_REPLACED_PATTERNS = ["model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-                      "pytorch_model.bin.index.json", f"{IMPORTANCE_DIR}/*", SWEEP_CSV, SWEEP_JSON, SWEEP_PNG]
+# `from_pretrained` would load) and the sweep files this library writes beside them; with the statistics uploaded,
+# also `importance/` (stale rank files would be read with the new ones). Any of them the new push lacks is deleted in
+# its commit. Other files of the repo are the user's and left alone: an earlier push's `importance/` when this one
+# uploads none, a variant (`model.fp16.safetensors`), an adapter, anything in a subfolder.
+_WEIGHTS = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)|(model\.safetensors|pytorch_model\.bin)"
+                      r"\.index\.json")  # the names save_pretrained gives a full model's weights, no variant
+_SWEEP_FILES = (SWEEP_CSV, SWEEP_JSON, SWEEP_PNG)
 
 
-def _stale_files(api: HfApi, repo_id: str, revision: str | None, added: set[str]) -> list[CommitOperationDelete]:
-    """`CommitOperationDelete`s for the files of an earlier push at `revision` that this one replaces but lacks."""
-    remote = api.list_repo_files(repo_id, revision=revision)
-    stale = filter_repo_objects([p for p in remote if p not in added], allow_patterns=_REPLACED_PATTERNS)
-    # Only top-level weights: a subfolder (other than importance/) is the user's, e.g. a second variant
-    return [CommitOperationDelete(path_in_repo=p) for p in stale if "/" not in p or p.startswith(f"{IMPORTANCE_DIR}/")]
+def _replaced(path: str, importance_uploaded: bool) -> bool:
+    if importance_uploaded and path.startswith(f"{IMPORTANCE_DIR}/"):
+        return True
+    return _WEIGHTS.fullmatch(path) is not None or path in _SWEEP_FILES
+
+
+def _stale_files(api: HfApi, repo_id: str, revision: str | None, added: set[str], importance_uploaded: bool,
+                 ) -> tuple[list[CommitOperationDelete], str]:
+    """The files of the branch's head that this push replaces but lacks, as deletions, and that head's sha (the
+    commit's parent: were another push to land in between, the Hub refuses this commit instead of deleting files
+    the listing did not see)."""
+    head = api.repo_info(repo_id, revision=revision).sha
+    remote = api.list_repo_files(repo_id, revision=head)
+    return [CommitOperationDelete(path_in_repo=p) for p in remote
+            if p not in added and _replaced(p, importance_uploaded)], head
 
 
 def _importance_folder(folder: Path, sparsity: dict) -> Path:
@@ -184,8 +195,8 @@ def push_pruned_to_hub(
     the folder has no README.md or has one this library rendered (a user's own README.md is uploaded as is). The
     folder itself is never modified. The importance statistics are left out unless
     `include_importance=True`, in which case they go to `importance/`. Files of an earlier push to the same branch that
-    this one replaces and lacks (weights or shards, `importance/`, sweep files) are deleted in the same commit; the
-    repo's other files are left alone. Hidden `.*.tmp` files and folders (left by
+    this one replaces and lacks (a full model's weights or shards, sweep files, and `importance/` when statistics are
+    uploaded) are deleted in the same commit; the repo's other files are left alone. Hidden `.*.tmp` files and folders (left by
     an interrupted write) are never uploaded, nor statistics inside the folder unless asked for. The uploaded
     `sparsity.json` and card name no local path: the importance `path` reads `"importance"` when the statistics
     are uploaded, else `null`; other absolute paths keep only their last part (the local file is unchanged).
@@ -262,7 +273,8 @@ def push_pruned_to_hub(
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        operations += _stale_files(api, repo_id, revision, {op.path_in_repo for op in operations})
-        commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
-                                   revision=revision)
+        stale, head = _stale_files(api, repo_id, revision, {op.path_in_repo for op in operations},
+                                   importance is not None)
+        commit = api.create_commit(repo_id=repo_id, operations=operations + stale, commit_message=commit_message,
+                                   revision=revision, parent_commit=head if stale else None)
     return commit.commit_url

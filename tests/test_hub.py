@@ -385,19 +385,18 @@ def test_a_card_the_user_wrote_under_is_uploaded_as_is(hub_server, tmp_path):
 
 
 def test_a_second_push_replaces_the_first_ones_weights_and_statistics(hub_server, tmp_path):
-    # The first push: one model.safetensors, importance/ with a rank file, a sweep; the user adds notes.md by hand
+    # The first push: one model.safetensors, importance/ with a rank file, a sweep; the user adds files by hand
     repo_id = "tester/re-pushed"
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
     first = tmp_path / "first"
     save_pruned_llama(first, sweep=True)
     write_fake_importance(first / "importance")
     save_file({"x": torch.ones(2)}, str(first / "importance" / "importance-rank1.safetensors"))
     push_pruned_to_hub(first, repo_id=repo_id, token=hub_server.token, include_importance=True)
-    HfApi(endpoint=hub_server.endpoint, token=hub_server.token).upload_file(
-        path_or_fileobj=b"mine", path_in_repo="notes.md", repo_id=repo_id)
-    HfApi(endpoint=hub_server.endpoint, token=hub_server.token).upload_file(
-        path_or_fileobj=b"other", path_in_repo="variant/model.safetensors", repo_id=repo_id)
-    HfApi(endpoint=hub_server.endpoint, token=hub_server.token).upload_file(
-        path_or_fileobj=b"adapter", path_in_repo="adapter_model.safetensors", repo_id=repo_id)
+    users = {"notes.md": b"mine", "variant/model.safetensors": b"other", "adapter_model.safetensors": b"adapter",
+             "model_int8.safetensors": b"int8", "model.fp16.safetensors": b"fp16", "pytorch_model_ema.bin": b"ema"}
+    for path, content in users.items():
+        api.upload_file(path_or_fileobj=content, path_in_repo=path, repo_id=repo_id)
     # The second: another model, saved in shards, no sweep, no statistics
     second = tmp_path / "second"
     save_pruned_llama(second, eval_report=False)
@@ -413,12 +412,44 @@ def test_a_second_push_replaces_the_first_ones_weights_and_statistics(hub_server
     files = hub_server.files(repo_id)
     # A stale model.safetensors beside the new shards is what from_pretrained would have loaded
     assert "model.safetensors" not in files and "model.safetensors.index.json" in files
-    assert not any(p.startswith("importance/") for p in files), sorted(files)
     assert not {"sweep.json", "sweep.png"} & set(files)
-    assert files["notes.md"] == b"mine" and files["variant/model.safetensors"] == b"other"  # not ours: kept
-    assert files["adapter_model.safetensors"] == b"adapter"
+    assert {p: files.get(p) for p in users} == users  # not a full model's weights by save_pretrained's names: kept
+    # No statistics uploaded this time: the earlier ones stay (the user may re-prune from them)
+    assert {"importance/importance.safetensors", "importance/importance-rank1.safetensors"} <= set(files)
     local = snapshot_download(repo_id, token=hub_server.token)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(local).eval()), logits(model.eval()))
+
+    # A third push with statistics: they replace the earlier ones, whose extra rank file would be read with them
+    write_fake_importance(second / "importance")
+    push_pruned_to_hub(second, repo_id=repo_id, token=hub_server.token, include_importance=True)
+    assert sorted(p for p in hub_server.files(repo_id) if p.startswith("importance/")) == [
+        "importance/importance.safetensors", "importance/importance_config.json"]
+
+
+def test_a_push_that_would_delete_refuses_to_commit_over_a_push_it_did_not_see(hub_server, tmp_path, monkeypatch):
+    # The deletions come from a listing of the branch's head; the commit names that head as its parent, so a push
+    # landing in between makes the Hub refuse it (HTTP 412) rather than delete files the listing did not see.
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from hf_weightprune import hub
+
+    repo_id = "tester/raced"
+    first = tmp_path / "first"
+    save_pruned_llama(first, sweep=True)
+    push_pruned_to_hub(first, repo_id=repo_id, token=hub_server.token)
+    second = tmp_path / "second"
+    save_pruned_llama(second)  # no sweep: the first push's sweep files are stale
+    listed = hub._stale_files
+
+    def list_then_someone_pushes(api, *args, **kwargs):
+        result = listed(api, *args, **kwargs)
+        api.upload_file(path_or_fileobj=b"late", path_in_repo="late.md", repo_id=repo_id)
+        return result
+
+    monkeypatch.setattr(hub, "_stale_files", list_then_someone_pushes)
+    with pytest.raises(HfHubHTTPError, match="412"):
+        push_pruned_to_hub(second, repo_id=repo_id, token=hub_server.token)
+    assert {"sweep.json", "sweep.png", "late.md"} <= set(hub_server.files(repo_id))
 
 
 def test_include_importance_missing(tmp_path):
