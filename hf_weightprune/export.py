@@ -421,6 +421,8 @@ def prune_checkpoint(
             buffer = sio.copy_shard_masked(os.path.join(model_dir, shard), os.path.join(tmp, shard), mask_of, buffer)
         for entry in os.listdir(model_dir):
             src = os.path.join(model_dir, entry)
+            if entry == sio.INDEX_NAME and shards == [sio.SAFETENSORS_NAME]:
+                continue  # a stale index beside the model.safetensors that was read: its shards were not written
             if os.path.isfile(src) and any(fnmatch(entry, pattern) for pattern in _KEEP_FILES):
                 shutil.copy2(src, os.path.join(tmp, entry))
         report.tensors = {n: report.tensors[n] for n in names if n in report.tensors}  # model order, as prune_

@@ -118,15 +118,18 @@ def check_complete(path: str | os.PathLike) -> None:
 
 
 def find_weights_file(model_dir: str | os.PathLike) -> str | None:
-    """The path of `model.safetensors.index.json` (sharded) or else `model.safetensors` in `model_dir`, or `None`.
+    """The path of `model.safetensors` or else `model.safetensors.index.json` (sharded) in `model_dir`, or `None`.
+
+    Transformers' order: with both (a Hub repo the Trainer pushed twice keeps every upload's files), `from_pretrained`
+    loads `model.safetensors`, so this library reads, prunes and binds that same file.
 
     Args:
         model_dir (`str` or `os.PathLike`): a local model folder.
 
     Returns:
-        `str` or `None`: the index when there is one, else the single weights file, else `None`.
+        `str` or `None`: the single weights file when there is one, else the index, else `None`.
     """
-    for name in (INDEX_NAME, SAFETENSORS_NAME):
+    for name in (SAFETENSORS_NAME, INDEX_NAME):
         candidate = os.path.join(os.fspath(model_dir), name)
         if os.path.isfile(candidate):
             return candidate

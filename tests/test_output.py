@@ -408,3 +408,31 @@ def test_prune_checkpoint_takes_config_where_prune_does_and_the_old_order_warns(
     assert old.tensors == new.tensors and old.target_sparsity == 0.25
     with pytest.raises(TypeError, match="prune_checkpoint: output_dir is required"):
         prune_checkpoint(dense_checkpoint / "model", imp, PruneConfig())
+
+
+def test_a_folder_with_both_layouts_is_read_as_transformers_loads_it(dense_checkpoint, tmp_path):
+    # A snapshot of a repo the Trainer pushed twice (single file, then shards) keeps both: from_pretrained loads
+    # model.safetensors, so file-to-file pruning must read that one too (it read the index's shards: another model).
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    both = tmp_path / "both"
+    shutil.copytree(dense_checkpoint / "model", both)
+    other = tmp_path / "other"
+    tiny_llama(seed=7).save_pretrained(other, max_shard_size="20KB")
+    for f in other.glob("model*"):
+        shutil.copy(f, both / f.name)
+    assert (both / sio.INDEX_NAME).is_file() and (both / sio.SAFETENSORS_NAME).is_file()
+    assert sio.find_weights_file(both) == str(both / sio.SAFETENSORS_NAME)
+
+    imp = load_importance(dense_checkpoint / "imp")
+    prune_checkpoint(both, imp, PruneConfig(sparsity=0.5), tmp_path / "file", progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(both)
+    prune_(loaded, imp, PruneConfig(sparsity=0.5), progress=False)
+    assert not (tmp_path / "file" / sio.INDEX_NAME).exists()  # the stale index's shards were not written
+    pruned = load_file(tmp_path / "file" / sio.SAFETENSORS_NAME)
+    for name, tensor in loaded.state_dict().items():
+        if name in pruned:
+            assert torch.equal(pruned[name], tensor), name
+    assert torch.equal(pruned["model.layers.0.mlp.down_proj.weight"], loaded.model.layers[0].mlp.down_proj.weight)
