@@ -354,7 +354,12 @@ def _weight_map(directory: str, names: list[str], indexed: bool | None = None,
     """
     index = os.path.join(directory, INDEX_NAME)
     row_shards = {}
-    if indexed is False and os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+    recorded = {True: INDEX_NAME, False: WEIGHTS_NAME}.get(indexed)
+    if recorded is not None and not os.path.isfile(os.path.join(directory, recorded)):
+        # Not the other layout instead: beside this config it would be an earlier write's (stale) statistics
+        raise ImportanceFileError(f"{directory}: {recorded}, which {IMPORTANCE_CONFIG_NAME} says this write used, is "
+                                  "missing")
+    if indexed is False:
         weight_map = dict.fromkeys(names, WEIGHTS_NAME)
     elif os.path.isfile(index):
         data = _read_json(index)

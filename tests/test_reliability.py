@@ -402,3 +402,8 @@ def test_a_stale_layout_beside_the_new_one_is_not_read(reference, tmp_path):
         imp = load_importance(repo)
         for name, tensor in expected.items():
             assert torch.equal(imp.state(name), tensor), name
+    # The recorded layout missing: refused, not the other (stale) one read instead
+    (tmp_path / f"repo-{single.name}" / S.WEIGHTS_NAME).unlink()
+    with pytest.raises(ImportanceFileError, match=r"importance\.safetensors, which importance_config\.json says this "
+                                                  r"write used, is missing"):
+        load_importance(tmp_path / f"repo-{single.name}")
