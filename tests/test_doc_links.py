@@ -2,14 +2,24 @@
 (GitHub's slugs), so a reader following one never lands on a 404 or the top of a long page."""
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "README.md"])
-LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+LINK = re.compile(r"!?\[[^\]]*\]\(<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\)|^ {0,3}\[[^\]]+\]:\s+<?(\S+?)>?(?:\s|$)", re.M)
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
+
+
+def tracked_files() -> set[str] | None:
+    """The files git tracks (a link to an ignored or untracked file is a 404 on GitHub), or None outside a clone."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return set(out.decode().split("\0")) - {""}
 
 
 def github_slug(heading: str) -> str:
@@ -39,13 +49,17 @@ def test_github_slug_matches_known_headings():
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(doc):
     broken = []
-    for target in LINK.findall(FENCE.sub("", doc.read_text())):
+    tracked = tracked_files()
+    for target in (a or b for a, b in LINK.findall(FENCE.sub("", doc.read_text()))):
         if re.match(r"[a-z]+:", target):  # http(s):, mailto: ...
             continue
         path, _, anchor = target.partition("#")
         file = (doc.parent / path).resolve() if path else doc
+        rel = file.relative_to(ROOT).as_posix() if file.is_relative_to(ROOT) else None
         if not file.exists():
             broken.append(f"{target} (no such file)")
+        elif tracked is not None and file.is_file() and rel not in tracked:
+            broken.append(f"{target} (not in git: a 404 on GitHub)")
         elif anchor and file.suffix == ".md" and anchor not in anchors(file):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{doc.relative_to(ROOT)}: {broken}"
