@@ -1,6 +1,7 @@
 """Distillation through the one callback: `ImportanceCallback(cfg, schedule=..., distill=DistillConfig(...))`."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -20,12 +21,16 @@ from hf_weightprune.testing import tiny_llama
 from .helpers import train
 
 
-def _gradual(distill, tmp_path, seed=50):
+def _gradual(distill, tmp_path, seed=50, **train_kw):
     model = tiny_llama(seed=seed)
     schedule = PruneSchedule(final_sparsity=0.5, start=1, end=4, every_n_steps=1)
     cb = ImportanceCallback(ImportanceConfig(criterion="wanda"), schedule=schedule, distill=distill)
-    trainer = train(model, [cb], tmp_path, max_steps=6)
+    trainer = train(model, [cb], tmp_path, max_steps=6, **train_kw)
     return model, cb, trainer
+
+
+def _logged(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h]
 
 
 def test_gradual_pruning_with_distillation_holds_masks_and_logs_kl(tmp_path):
@@ -48,6 +53,42 @@ def test_alpha_zero_equals_the_run_without_distillation(tmp_path):
     distilled, _, _ = _gradual(DistillConfig(alpha=0.0), tmp_path / "alpha0")
     for (n, p), (_, q) in zip(plain.named_parameters(), distilled.named_parameters()):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing:FutureWarning")  # renamed activation_checkpointing in 5.x
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_trains_like_the_plain_run(use_reentrant, tmp_path):
+    """Recomputed student activations must give the same KL, SquareHead and weights; the teacher is never recomputed."""
+    def distill():
+        return DistillConfig(alpha=0.5, temperature=2.0, hidden_weight=1.0)
+
+    plain, _, t_plain = _gradual(distill(), tmp_path / "plain")
+    ckpt, cb, t_ckpt = _gradual(distill(), tmp_path / "ckpt", gradient_checkpointing=True,
+                                gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    for key in ("distill/kl", "distill/hidden"):
+        assert len(_logged(t_ckpt, key)) == 6
+        torch.testing.assert_close(_logged(t_ckpt, key), _logged(t_plain, key), rtol=1e-4, atol=1e-6)
+    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+    params = dict(ckpt.named_parameters())
+    for name, mask in cb.mask_holder.masks.items():
+        assert not params[name].detach()[~mask].any(), name
+
+
+def test_bf16_mixed_precision_training_with_distillation(tmp_path):
+    """`bf16=True` (CPU autocast): the teacher runs in the student's autocast, so the two agree at step 1."""
+    teacher = tiny_llama(seed=50)
+    frozen = {n: p.clone() for n, p in teacher.named_parameters()}
+    model, cb, trainer = _gradual(DistillConfig(teacher=teacher, alpha=0.5, hidden_weight=1.0), tmp_path, bf16=True)
+    kl, hidden = _logged(trainer, "distill/kl"), _logged(trainer, "distill/hidden")
+    assert len(kl) == len(hidden) == 6 and all(map(math.isfinite, kl + hidden))
+    # step 1: equal up to bf16 kernels (no-grad attention may take another path); then the pruned student drifts
+    assert kl[0] < 1e-3 * max(kl) and hidden[0] < 1e-3 * max(hidden)
+    assert all(torch.equal(p, frozen[n]) for n, p in teacher.named_parameters())
+    params = dict(model.named_parameters())
+    assert cb.mask_holder.sparsity == pytest.approx(0.5, abs=1e-3)
+    for name, mask in cb.mask_holder.masks.items():
+        assert not params[name].detach()[~mask].any(), name
 
 
 def test_default_teacher_is_the_dense_model_at_train_begin(tmp_path):
