@@ -126,6 +126,7 @@ class MaskHolder:
             self.masks = {n: restored[n].to(self.params[n].device) for n in restored}
         elif cfg.mode == "hold":
             self.masks = {n: m.to(self.params[n].device) for n, m in held.items()}
+            self._warn_if_not_pruned(cfg.masks_from)
             self._record(None, 0)
         for name, mask in self.masks.items():
             if tuple(mask.shape) != tuple(self.params[name].shape):
@@ -133,6 +134,16 @@ class MaskHolder:
                                  f"{tuple(self.params[name].shape)}: masks from another model?")
         self.apply_masks_()
         self.zero_optimizer_state_()
+
+    def _warn_if_not_pruned(self, source: str) -> None:
+        """`"hold"` on weights the masks do not match yet (the dense model rather than the pruned checkpoint):
+        applying the masks is then a mask-only prune, and the checkpoint's reconstructed (OBS) weights are not used."""
+        nonzero = sum(int(self.params[n].detach()[~m].count_nonzero()) for n, m in self.masks.items())
+        if nonzero:
+            pruned = sum(int((~m).sum()) for m in self.masks.values())
+            logger.warning("PruneSchedule(mode='hold'): %d of the %d weights %s prunes are nonzero in this model; "
+                           "zeroing them now is a mask-only prune of it. To recover that checkpoint (with its "
+                           "reconstructed weights) train it: from_pretrained(%r)", nonzero, pruned, source, source)
 
     def _held_masks(self, model: nn.Module) -> dict[str, Tensor]:
         """`"hold"`: the masks of `masks_from`; without `sparsity.json` (another tool pruned it), the zeros of the

@@ -1,5 +1,6 @@
 import copy
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from hf_weightprune.config import PruneConfig
 from hf_weightprune.export import load_masks, save_pruned
 from hf_weightprune.lora import merge_and_unload_sparse
 from hf_weightprune.masks import num_to_prune
+from hf_weightprune.oneshot import oneshot_importance
 from hf_weightprune.pruner import prune_
 from hf_weightprune.schedule import PruneSchedule
 from hf_weightprune.testing import TokenDataset, tiny_llama, tiny_phi3
@@ -189,6 +191,25 @@ def test_recovery_finetune_holds_mask(tmp_path):
     for n, m in masks.items():
         assert torch.equal(before[n] != 0, m) and torch.equal(after[n] != 0, m), n
         assert not torch.equal(before[n], after[n])  # it did train
+
+
+def test_hold_on_the_dense_model_warns_that_it_is_a_mask_only_prune(tmp_path, caplog):
+    dense = tiny_phi3(seed=4)
+    pruned = copy.deepcopy(dense)
+    report = prune_(pruned, oneshot_importance(pruned), PruneConfig(sparsity=0.5), progress=False)
+    save_pruned(pruned, tmp_path / "pruned", report=report, write_card=False)
+    masks = load_masks(tmp_path / "pruned")
+    nonzero = sum(int(dense.get_parameter(n).detach()[~m].count_nonzero()) for n, m in masks.items())
+    pruned_weights = sum(int((~m).sum()) for m in masks.values())
+    for name, model in (("pruned", pruned), ("dense", dense)):
+        caplog.clear()
+        schedule = PruneSchedule(mode="hold", masks_from=str(tmp_path / "pruned"))
+        with caplog.at_level(logging.WARNING, logger="hf_weightprune.holder"):
+            _train(model, [ImportanceCallback(schedule=schedule)], tmp_path / name, max_steps=1)
+        warned = "zeroing them now is a mask-only prune" in caplog.text
+        assert warned == (name == "dense"), (name, caplog.text)
+    assert nonzero > 0 and f"{nonzero} of the {pruned_weights} weights" in caplog.text
+    assert f"from_pretrained('{tmp_path / 'pruned'}')" in caplog.text
 
 
 def test_lora_merge_keeps_mask(tmp_path):
