@@ -221,6 +221,18 @@ CHECKS = {
         "assert all(bool((p[zeros[n]] == 0).all()) for n, p in pruned.named_parameters() if n in zeros)\n"
         "assert any(not torch.equal(p, before[n]) for n, p in pruned.named_parameters()), 'nothing trained'\n"
     ),
+    ("README.md", "masks_from=\"out-e/pruned\""): (
+        # one-shot from training statistics, then hold + distillation: OBS-pruned at 0.5, the zeros held through the
+        # recovery, which trained and distilled; the final files state the sparsity the weights have
+        "from safetensors.torch import load_file\n"
+        "masks = load_masks('out-e/pruned')\n"
+        "final = load_file('out-e/final/model.safetensors')\n"
+        "assert report.reconstruction == 'OBS' and abs(report.global_sparsity - 0.5) < 1e-3, report.global_sparsity\n"
+        "assert all(torch.equal(final[n] != 0, m) for n, m in masks.items())\n"
+        "assert any(not torch.equal(final[n], load_file('out-e/pruned/model.safetensors')[n]) for n in masks)\n"
+        "assert json.load(open('out-e/final/sparsity.json'))['global_sparsity'] == report.global_sparsity\n"
+        "assert [r['distill/kl'] for r in trainer.state.log_history if 'distill/kl' in r][-1] > 0\n"
+    ),
     ("distributed.md", "cb.on_train_end"): (
         "assert load_importance('out/importance').meta['num_samples'] == S\n"
     ),
@@ -234,8 +246,10 @@ def check_globals(ns: dict) -> dict:
     import torch
 
     from hf_weightprune import load_importance
+    from hf_weightprune.export import load_masks
 
-    return {**ns, "json": json, "torch": torch, "load_importance": load_importance, "TRAIN": TRAIN}
+    return {**ns, "json": json, "torch": torch, "load_importance": load_importance, "load_masks": load_masks,
+            "TRAIN": TRAIN}
 
 
 def substitute(block: Block, ns: dict, text: str) -> str:
