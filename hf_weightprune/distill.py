@@ -58,6 +58,8 @@ class DistillConfig:
             Resuming with `None`: the `Trainer` loads the checkpoint's (pruned, fine-tuned) weights before the
             callback sees the model, so a copy taken then would be another teacher. `ImportanceCallback` therefore
             writes the copy once, just before the run's first checkpoint, to `output_dir/_distill-teacher/`
+            (`_distill-teacher-<name>/` for `ImportanceConfig(name=...)`; under a hyperparameter search, in the
+            trial's folder)
             (`model.safetensors` in the teacher's dtype, HF shards above 5 GB, plus `teacher_config.json` with
             shapes, dtypes and CRC32s, written last; atomically, by rank 0; the leading `_` keeps it out of Hub pushes
             and checkpoint rotation). It costs the teacher's parameter bytes once per run (2 bytes per parameter with
@@ -75,9 +77,14 @@ class DistillConfig:
             student's `num_hidden_layers` and `hidden_size`. The ratio is taken per token (see `squarehead_sum`);
             0 skips the hidden states entirely.
         teacher_dtype (`str`, *optional*):
-            `"bfloat16"`, `"float16"` or `"float32"`; `None` keeps the teacher's dtype (a copy keeps the student's).
+            `"bfloat16"`, `"float16"` or `"float32"`; `None` keeps a module's dtype; the default copy and a teacher
+            loaded from a path take the student's dtype (so float32 master weights mean a float32 teacher: pass
+            `"bfloat16"` to halve its memory).
         teacher_device (`str` or `torch.device`, *optional*):
             Where the teacher runs; `None` = the student's device. Inputs and outputs are moved across as needed.
+
+    Distillation needs the labels in the model's forward: with `label_smoothing_factor` or `compute_loss_func` the
+    `Trainer` pops them and computes the loss itself, so those steps stay plain cross-entropy (warned once).
 
     Raises:
         ValueError: a field outside its allowed values (one line naming the field).
@@ -316,7 +323,13 @@ class Distiller:
         elif isinstance(cfg.teacher, str):
             from transformers import AutoConfig, AutoModelForCausalLM
 
-            self._check_compatible(model, AutoConfig.from_pretrained(cfg.teacher), f" ({cfg.teacher})")  # before loading
+            try:
+                teacher_config = AutoConfig.from_pretrained(cfg.teacher)
+            except (OSError, ValueError) as e:  # transformers' message spans lines and lists remedies
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"DistillConfig.teacher={cfg.teacher!r} cannot be loaded as a model ({first}); pass "
+                                 "a local model folder, a Hub id this machine can reach, or a module") from None
+            self._check_compatible(model, teacher_config, f" ({cfg.teacher})")  # before loading the weights
             teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=dtype or _first_param(model).dtype)
         else:
             teacher = cfg.teacher
@@ -465,8 +478,9 @@ class Distiller:
             kwargs = {**kwargs, "output_hidden_states": True}
         out = original(*args, **kwargs)
         if not isinstance(out, dict) or out.get("loss") is None or out.get("logits") is None:
-            raise TypeError("Distiller needs the student to return a ModelOutput with `loss` and `logits`; "
-                            "do not pass return_dict=False while distilling")
+            raise TypeError("Distiller needs the student to return a ModelOutput with `loss` and `logits`; turn off "
+                            "what drops them while distilling (return_dict=False, a fused cross-entropy kernel such as "
+                            "use_liger_kernel=True)")
         t_out = self._teacher_forward(original, args, kwargs, want_hidden)
 
         logits = out["logits"]

@@ -257,6 +257,11 @@ def test_incompatible_teacher_is_refused_in_one_line(tmp_path):
     os.remove(tmp_path / "deeper" / "model.safetensors")  # refused from config.json, before loading any weights
     with pytest.raises(ValueError, match=re.escape(f"teacher ({tmp_path / 'deeper'}) ") + ".*it has 3/32"):
         Distiller(DistillConfig(teacher=str(tmp_path / "deeper"), hidden_weight=1.0)).setup(student)
+    for missing in (tmp_path / "no-such-folder", tmp_path / "vocab"):  # absent; a folder without config.json
+        with pytest.raises(ValueError, match=re.escape(f"DistillConfig.teacher={str(missing)!r} cannot be loaded as a "
+                                                       "model (")) as err:
+            Distiller(DistillConfig(teacher=str(missing))).setup(student)
+        assert "\n" not in str(err.value)
 
 
 # --------------------------------------------------------------------------------------------- the wrapper itself
