@@ -55,11 +55,12 @@ class ImportanceCallback(TrainerCallback):
         config (`ImportanceConfig` or `dict`, *optional*): what to track; defaults to `ImportanceConfig()`.
         schedule (`PruneSchedule`, *optional*): prune gradually during training (masks held after each step).
         distill (`DistillConfig`, *optional*): distil from a dense teacher while training (default teacher: a frozen
-            copy of the model as training begins), so quality recovers while the schedule prunes (SquareHead, Kurtic
-            et al. 2023, arXiv 2310.06927). With `PruneSchedule(mode="hold")` pass the dense model as `teacher`.
-            The default copy is written once before the first checkpoint to `output_dir/_distill-teacher/` (the
-            teacher's parameter bytes) so that `resume_from_checkpoint` distils from the same teacher; see
-            [`DistillConfig`].
+            copy of the model as training begins), so quality recovers while the schedule prunes (logits KL, plus
+            SquareHead's hidden-state loss with `hidden_weight > 0`: Kurtic et al. 2023, arXiv 2310.06927). With
+            `PruneSchedule(mode="hold")` pass the dense model as `teacher`. The default copy is written once before
+            the first checkpoint to `output_dir/_distill-teacher[-<name>]/` (the teacher's parameter bytes) so that
+            `resume_from_checkpoint` distils from the same teacher; see [`DistillConfig`]. Logged per step (through
+            `attach`): `distill/kl`, `distill/ce` and, with `hidden_weight > 0`, `distill/hidden` (rank 0's values).
         trainer (`transformers.Trainer`, *optional*): the Trainer, so that importance metrics reach its loggers
             (TensorBoard, W&B, `log_history`) through `trainer.log`; or call `attach(trainer)`.
         on_save_error (`str`, *optional*, defaults to `"raise"`): `"raise"` stops training when the importance
@@ -78,8 +79,9 @@ class ImportanceCallback(TrainerCallback):
     also track importance while holding.
 
     Raises:
-        ValueError: an invalid choice, or `per_epoch=True` with a criterion that does not read weights.
-        TypeError: `config` or `schedule` of the wrong type.
+        ValueError: an invalid choice, `per_epoch=True` with a criterion that does not read weights, or `distill`
+            without a `teacher` beside `PruneSchedule(mode="hold")`.
+        TypeError: `config`, `schedule` or `distill` of the wrong type.
     """
 
     def __init__(

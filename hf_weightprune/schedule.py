@@ -187,7 +187,17 @@ class PruneSchedule(_JsonConfigMixin):
 
     # ------------------------------------------------------------------------------------------- the schedule
     def resolve_steps(self, max_steps: int) -> tuple[int, int]:
-        """`(start_step, end_step)` for a run of `max_steps` optimizer steps."""
+        """The steps the ramp runs between, for a run of `max_steps` optimizer steps.
+
+        Args:
+            max_steps (`int`): the run's optimizer steps (`TrainerState.max_steps`).
+
+        Returns:
+            `tuple[int, int]`: `(start_step, end_step)`; a fraction `start`/`end` is rounded to a step.
+
+        Raises:
+            ValueError: not `0 <= start_step < end_step <= max_steps` (one line with both steps).
+        """
         t0, t1 = _to_step(self.start, max_steps), _to_step(self.end, max_steps)
         if not 0 <= t0 < t1 <= max_steps:
             raise ValueError(f"PruneSchedule: start={self.start!r} (step {t0}) and end={self.end!r} (step {t1}) must "
@@ -195,7 +205,19 @@ class PruneSchedule(_JsonConfigMixin):
         return t0, t1
 
     def target_at(self, step: int, max_steps: int) -> float:
-        """Sparsity the schedule asks for at `step` (0 before `start`)."""
+        """The sparsity the schedule asks for at `step`.
+
+        Args:
+            step (`int`): an optimizer step of the run, 0-based count of completed steps.
+            max_steps (`int`): the run's optimizer steps.
+
+        Returns:
+            `float`: the target sparsity in [0, 1]: 0 before `start`, then the `ramp` from `initial_sparsity` to
+            `final_sparsity`, which it holds from `end` on.
+
+        Raises:
+            ValueError: as [`resolve_steps`].
+        """
         t0, t1 = self.resolve_steps(max_steps)
         if step < t0:
             return 0.0
@@ -206,7 +228,18 @@ class PruneSchedule(_JsonConfigMixin):
         return s_f + (s_i - s_f) * (1.0 - p) ** 3
 
     def update_steps(self, max_steps: int) -> list[int]:
-        """Steps at whose end the masks are recomputed."""
+        """The steps at whose end the masks are recomputed.
+
+        Args:
+            max_steps (`int`): the run's optimizer steps.
+
+        Returns:
+            `list[int]`: increasing steps in `[max(start_step, 1), end_step]`, every `every_n_steps` from `start_step`
+            and always `end_step`.
+
+        Raises:
+            ValueError: as [`resolve_steps`].
+        """
         t0, t1 = self.resolve_steps(max_steps)
         return [t for t in range(max(t0, 1), t1 + 1) if (t - t0) % self.every_n_steps == 0 or t == t1]
 
@@ -255,5 +288,17 @@ class PruneSchedule(_JsonConfigMixin):
                 "reconstruction": None}  # not trained yet
 
     def report(self, model, importance=None):
-        """A [`PruningReport`] of the current masks, for `save_pruned(model, out, report=...)` (see `MaskHolder`)."""
+        """A [`PruningReport`] of the current masks, for `save_pruned(model, out, report=...)` (see `MaskHolder`).
+
+        Args:
+            model (`nn.Module`): the trained model; the report is measured from its weights (`weight != 0`).
+            importance ([`Importance`], *optional*): recorded as the report's `importance` source.
+
+        Returns:
+            [`PruningReport`]: per masked weight its shape and sparsity, and the global figures.
+
+        Raises:
+            ValueError: the schedule was never given to an `ImportanceCallback` that trained, or no mask update has
+                happened yet.
+        """
         return self._runtime().report(model, importance)
