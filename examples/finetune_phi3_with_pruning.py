@@ -20,8 +20,9 @@ Without `--lora` the whole model is fine-tuned (masks also hold the optimizer's 
 FSDP are not supported by the schedule (DDP is).
 
 `--distill` distils from the dense model while it prunes (the recipe for fine-tuning with pruning: the loss becomes
-`(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)`, SquareHead, arXiv 2310.06927); the teacher is a frozen
-copy of the model as training begins (`--distill_alpha`, `--distill_temperature`):
+`(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)`, plus SquareHead's per-layer hidden-state loss, arXiv
+2310.06927, with `--distill_hidden_weight` > 0); the teacher is a frozen copy of the model as training begins
+(`--distill_alpha`, `--distill_temperature`):
 
     python examples/finetune_phi3_with_pruning.py --distill --output_dir out/phi3-tiny-pruned-distilled
 """
@@ -75,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--distill", action="store_true", help="distil from the dense model while pruning")
     p.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the KL term (default: %(default)s)")
     p.add_argument("--distill_temperature", type=float, default=2.0, help="softmax temperature (default: %(default)s)")
+    p.add_argument("--distill_hidden_weight", type=float, default=0.0,
+                   help="weight of SquareHead's hidden-state loss; 0 = logits only (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -104,7 +107,8 @@ def train(args, schedule=None):
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     cb = None
     if schedule is not None:
-        distill = DistillConfig(alpha=args.distill_alpha, temperature=args.distill_temperature) if args.distill else None
+        distill = DistillConfig(alpha=args.distill_alpha, temperature=args.distill_temperature,
+                                hidden_weight=args.distill_hidden_weight) if args.distill else None
         cb = ImportanceCallback(ImportanceConfig(criterion=args.criterion) if args.criterion else ImportanceConfig(),
                                 schedule=schedule, distill=distill)
     training_args = TrainingArguments(

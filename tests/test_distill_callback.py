@@ -76,13 +76,13 @@ def test_gradient_checkpointing_trains_like_the_plain_run(use_reentrant, tmp_pat
 
 
 def test_bf16_mixed_precision_training_with_distillation(tmp_path):
-    """`bf16=True` (CPU autocast): the teacher runs in the student's autocast, so the two agree at step 1."""
+    """`bf16=True` (CPU autocast on the student): the float32 teacher runs outside it; masks and teacher hold."""
     teacher = tiny_llama(seed=50)
     frozen = {n: p.clone() for n, p in teacher.named_parameters()}
     model, cb, trainer = _gradual(DistillConfig(teacher=teacher, alpha=0.5, hidden_weight=1.0), tmp_path, bf16=True)
     kl, hidden = _logged(trainer, "distill/kl"), _logged(trainer, "distill/hidden")
     assert len(kl) == len(hidden) == 6 and all(map(math.isfinite, kl + hidden))
-    # step 1: equal up to bf16 kernels (no-grad attention may take another path); then the pruned student drifts
+    # step 1: the same weights, apart only by the student's bf16 rounding; then the pruned student drifts away
     assert kl[0] < 1e-3 * max(kl) and hidden[0] < 1e-3 * max(hidden)
     assert all(torch.equal(p, frozen[n]) for n, p in teacher.named_parameters())
     params = dict(model.named_parameters())
@@ -134,8 +134,8 @@ def test_example_fine_tunes_phi3_with_pruning_and_distillation(tmp_path, capsys)
     spec = importlib.util.spec_from_file_location("finetune_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    example.main(["--distill", "--max_steps", "12", "--no_dense_control", "--eval_windows", "4", "--output_dir",
-                  str(tmp_path)])
+    example.main(["--distill", "--distill_hidden_weight", "1.0", "--max_steps", "12", "--no_dense_control",
+                  "--eval_windows", "4", "--output_dir", str(tmp_path)])
     from safetensors.torch import load_file
 
     info = load_sparsity(tmp_path / "pruned")
@@ -143,4 +143,5 @@ def test_example_fine_tunes_phi3_with_pruning_and_distillation(tmp_path, capsys)
     zeros = sum(int((weights[n] == 0).sum()) for n in info["tensors"])
     numel = sum(v["numel"] for v in info["tensors"].values())
     assert info["global_sparsity"] == pytest.approx(zeros / numel) == pytest.approx(0.5, abs=1e-3)
-    assert "saved to" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "saved to" in out and "distill/kl" in out and "distill/hidden" in out  # both terms reached the logs
