@@ -154,7 +154,7 @@ def main(argv=None):
     out = os.path.join(args.output_dir, "pruned")
     if trainer.is_world_process_zero():
         save_pruned(model, out, report=report, tokenizer=tokenizer, overwrite=True, eval_results=results,
-                    schedule=schedule.to_dict())
+                    schedule=schedule.to_dict(), distillation=cb.distill)
         print(f"evaluated on {results['dataset']}, {pruned['tokens']:,} tokens, at step {step}:")
         if dense is not None:
             print(f"eval loss dense control:                    {dense['loss']:.4f}")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import ntpath
 import os
+import posixpath
 from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
@@ -256,11 +258,43 @@ def _sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
 
 
 def _schedule_context(schedule: Any) -> dict | None:
-    """The gradual schedule recorded in `sparsity.json`, when it has everything the card prints."""
+    """The schedule recorded in `sparsity.json` as `{"text": ...}` for the card, when it has everything the card says:
+    a recovery with the mask held (`mode="hold"`), or the gradual ramp with its steps (or fractions of training)."""
+    if not isinstance(schedule, dict):
+        return None
+    if schedule.get("mode") == "hold":
+        return {"text": "pruned once, then fine-tuned with that mask held (a recovery fine-tune)"}
     needed = ("initial_sparsity", "final_sparsity", "start", "end", "every_n_steps", "ramp")
-    if isinstance(schedule, dict) and all(schedule.get(k) is not None for k in needed):
-        return schedule
-    return None
+    if not all(schedule.get(k) is not None for k in needed):
+        return None
+    start, end = schedule["start"], schedule["end"]
+    if isinstance(start, int) and isinstance(end, int):
+        span = f"between steps {start} and {end}"
+    else:  # fractions of the run's max_steps
+        span = f"from {100 * start:g}% to {100 * end:g}% of training"
+    return {"text": f"gradual pruning from {100 * schedule['initial_sparsity']:.1f}% to "
+                    f"{100 * schedule['final_sparsity']:.1f}% sparsity {span}, every {schedule['every_n_steps']} "
+                    f"steps, {schedule['ramp']} ramp"}
+
+
+def _teacher_text(teacher: Any, is_local: bool = False) -> str:
+    """The teacher as the card names it: a Hub id as given; a local folder by its name only (no machine paths).
+    `is_local`: the Hub copy of `sparsity.json` already cut a local path to its name (`teacher_is_local`)."""
+    if not teacher:
+        return "a frozen copy of the model as training began"
+    if isinstance(teacher, str) and (is_local or posixpath.isabs(teacher) or ntpath.isabs(teacher) or os.path.isdir(teacher)
+                                     or teacher.startswith(".")):  # either OS's paths: the file may come from both
+        return f"the local checkpoint `{ntpath.basename(ntpath.normpath(teacher))}`"
+    return f"`{teacher}`"
+
+
+def _distillation_context(info: Any) -> dict | None:
+    """The distillation recorded in `sparsity.json`, for the card's training line."""
+    if not isinstance(info, dict) or info.get("alpha") is None or info.get("temperature") is None:
+        return None
+    hidden = float(info.get("hidden_weight") or 0.0)
+    return {"teacher": _teacher_text(info.get("teacher"), bool(info.get("teacher_is_local"))), "alpha": float(info["alpha"]),
+            "temperature": float(info["temperature"]), "hidden_weight": hidden}
 
 
 _CARD_ARGS = ("base_model", "license", "repo_id", "sparsity")
@@ -372,6 +406,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "criteria": _criteria(),
         "importance_summary": _importance_summary(sparsity.get("importance")),
         "schedule": _schedule_context(sparsity.get("schedule")),
+        "distillation": _distillation_context(sparsity.get("distillation")),
         "module_table": _module_table(sparsity["tensors"]),
         "sweep_rows": _sweep_rows(folder, criterion),
         "has_plot": (folder / SWEEP_PNG).is_file(),

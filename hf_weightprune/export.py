@@ -28,6 +28,7 @@ from .pruned_files import SPARSITY_FORMAT_VERSION, SPARSITY_NAME, load_sparsity
 from .pruner import PruningReport
 
 if TYPE_CHECKING:
+    from .distill import DistillConfig
     from .schedule import PruneSchedule
 
 logger = logging.getLogger(__name__)
@@ -50,13 +51,16 @@ def _absolute_importance(info: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def sparsity_dict(report: PruningReport, *, base_model: str | None = None, schedule: dict | None = None,
+                  distillation: dict | None = None,
                   eval_results: dict | None = None) -> dict[str, Any]:
     """The `sparsity.json` payload (schema documented in docs/file_formats.md).
 
     Args:
         report (`PruningReport`): what `prune_` or `prune_checkpoint` returned.
         base_model (`str`, *optional*): Hub id of the dense model.
-        schedule (`dict`, *optional*): `PruneSchedule.to_dict()` of a gradual run.
+        schedule (`dict`, *optional*): `PruneSchedule.to_dict()` of a gradual run (or of a recovery with the mask
+            held, `mode="hold"`).
+        distillation (`dict`, *optional*): `DistillConfig.to_dict()` of the run's distillation.
         eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`.
 
     Returns:
@@ -79,6 +83,7 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "allocation": report.allocation,
         "structured": report.structured,
         "schedule": schedule,
+        "distillation": distillation,
         "eval": eval_results,
     }
 
@@ -232,6 +237,20 @@ def _schedule_dict(schedule: Any) -> dict | None:
     return dict(schedule)
 
 
+def _distillation_dict(distillation: Any) -> dict | None:
+    """`save_pruned`'s `distillation` as the dict `sparsity.json` records (the device where it ran is not kept)."""
+    from .distill import DistillConfig
+
+    if distillation is None:
+        return None
+    check_arg_type("save_pruned", "distillation", distillation, (DistillConfig, dict), "a DistillConfig, its to_dict() or None")
+    info = distillation.to_dict() if isinstance(distillation, DistillConfig) else DistillConfig(**{
+        k: v for k, v in distillation.items() if k in ("teacher", "alpha", "temperature", "hidden_weight",
+                                                         "teacher_dtype")}).to_dict()
+    info.pop("teacher_device", None)
+    return info
+
+
 def _check_common(fn: str, output_dir, base_model, overwrite, write_card) -> None:
     check_arg_type(fn, "output_dir", output_dir, (str, os.PathLike), "a folder path (str or os.PathLike)")
     check_arg_type(fn, "base_model", base_model, (str, type(None)), "a Hub id (str) or None")
@@ -248,6 +267,7 @@ def save_pruned(
     base_model: str | None = None,
     eval_results: dict | None = None,
     schedule: PruneSchedule | dict | None = None,
+    distillation: DistillConfig | dict | None = None,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     write_card: bool = True,
@@ -267,7 +287,11 @@ def save_pruned(
             dense loss only when the dense model was evaluated the same way (`dense_step` / `dense_tokens` /
             `dense_dataset`, when given, must equal the shared values) and all three are stated.
         schedule (`PruneSchedule` or `dict`, *optional*): the gradual schedule the model was trained with (the object,
-            or its `to_dict()`); recorded in `sparsity.json` and described in the card.
+            or its `to_dict()`); recorded in `sparsity.json` and described in the card. A `mode="hold"` schedule is
+            described as a recovery fine-tune with the mask held.
+        distillation (`DistillConfig` or `dict`, *optional*): the distillation the model was trained with
+            (`ImportanceCallback(distill=...)`'s config or its `to_dict()`); recorded in `sparsity.json` (teacher,
+            alpha, temperature, hidden_weight, teacher_dtype) and described in the card.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
         max_shard_size (`str` or `int`, *optional*, defaults to `"5GB"`): passed to `save_pretrained`.
         write_card (`bool`, *optional*, defaults to `True`): write `README.md` (named after `output_dir`).
@@ -277,7 +301,8 @@ def save_pruned(
 
     Raises:
         TypeError: an argument has the wrong type (checked before any work).
-        ValueError: `schedule` is a dict without the schedule's fields (e.g. `PruneSchedule.state_dict()`), or
+        ValueError: `schedule` is a dict without the schedule's fields (e.g. `PruneSchedule.state_dict()`),
+            `distillation` a dict with a value `DistillConfig` refuses, or
             `output_dir` is refused by [`check_output_dir`] (the input checkpoint, the importance folder, ...).
         FileExistsError: `output_dir` is not empty and `overwrite=False`, or another process wrote it meanwhile
             (nothing of this call is kept then).
@@ -289,6 +314,7 @@ def save_pruned(
                    'a dict {"dense_loss", "pruned_loss", "dataset"} or None')
     check_arg_type("save_pruned", "max_shard_size", max_shard_size, (str, int), 'a size such as "5GB" or bytes')
     schedule = _schedule_dict(schedule)
+    distillation = _distillation_dict(distillation)
     output_dir = os.fspath(output_dir)
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     check_output_dir(output_dir, input_dirs=[source], importance_dirs=[(report.importance or {}).get("path")],
@@ -300,7 +326,8 @@ def save_pruned(
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        payload = sparsity_dict(report, base_model=base_model, schedule=schedule, eval_results=eval_results)
+        payload = sparsity_dict(report, base_model=base_model, schedule=schedule, distillation=distillation,
+                                eval_results=eval_results)
         _write_sparsity_and_card(tmp, output_dir, payload, base_model, write_card)
     logger.info("Saved pruned model to %s (%s)", output_dir, report.summary())
     return output_dir

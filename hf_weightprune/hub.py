@@ -88,8 +88,8 @@ def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
 
     Local folders are recorded by absolute path (so `push --include_importance` works from any folder); on the Hub
     such a path means nothing and names the uploader's disk (user name, folders). The importance `path` becomes
-    `importance` (the repo's folder) when the statistics are uploaded, else `null`; a hold schedule's `masks_from`
-    and the evaluation text keep only their file or folder name; a local `base_model` becomes `null`. Hub ids and
+    `importance` (the repo's folder) when the statistics are uploaded, else `null`; a hold schedule's `masks_from`,
+    the distillation teacher and the evaluation text keep only their file or folder name; a local `base_model` becomes `null`. Hub ids and
     relative paths are kept as the user gave them.
     """
     hub = dict(sparsity)
@@ -99,6 +99,9 @@ def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
     schedule = sparsity.get("schedule")
     if isinstance(schedule, dict) and _is_local_path(schedule.get("masks_from")):
         hub["schedule"] = {**schedule, "masks_from": _name_of(schedule["masks_from"])}
+    distillation = sparsity.get("distillation")
+    if isinstance(distillation, dict) and _is_local_path(distillation.get("teacher")):
+        hub["distillation"] = {**distillation, "teacher": _name_of(distillation["teacher"]), "teacher_is_local": True}
     evaluation = sparsity.get("eval")
     if isinstance(evaluation, dict):
         hub["eval"] = {k: _name_of(v) if k in ("dataset", "dense_dataset") and _is_local_path(v) else v

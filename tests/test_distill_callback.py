@@ -143,5 +143,8 @@ def test_example_fine_tunes_phi3_with_pruning_and_distillation(tmp_path, capsys)
     zeros = sum(int((weights[n] == 0).sum()) for n in info["tensors"])
     numel = sum(v["numel"] for v in info["tensors"].values())
     assert info["global_sparsity"] == pytest.approx(zeros / numel) == pytest.approx(0.5, abs=1e-3)
+    assert info["distillation"]["alpha"] == 0.5 and info["distillation"]["hidden_weight"] == 1.0
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    assert "**Distillation**: trained against a frozen copy of the model as training began" in card
     out = capsys.readouterr().out
     assert "saved to" in out and "distill/kl" in out and "distill/hidden" in out  # both terms reached the logs

@@ -215,7 +215,7 @@ MAY_IMPORT = {
     "lora": {"masks", "matching", "pruner"},
     "oneshot": {"activations", "config", "importance", "matching", "scorers"},
     "state": {"_version", "config", "distributed", "importance", "io_utils", "safetensors_io", "scorers"},
-    "export": {"_version", "card", "config", "importance", "io_utils", "matching", "pruned_files", "pruner", "safetensors_io", "schedule"},
+    "export": {"_version", "card", "config", "distill", "importance", "io_utils", "matching", "pruned_files", "pruner", "safetensors_io", "schedule"},
     "holder": {"distributed", "export", "masks", "matching", "pruned_files", "pruner", "schedule"},
     "callback": {"accumulator", "config", "distill", "distributed", "holder", "importance", "schedule", "state"},
     "accumulator": {"activations", "config", "distributed", "importance", "matching", "scorers"},

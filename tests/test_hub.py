@@ -337,6 +337,7 @@ def test_uploaded_files_name_no_windows_or_dataset_path(hub_server, tmp_path):
     _rewrite_sparsity(out, importance={"path": "C:\\Users\\alice\\run\\importance"},
                       schedule={"mode": "hold", "masks_from": "C:\\Users\\alice\\pruned-50\\"},
                       eval={"dataset": "/home/alice/secret/valid.txt", "dense_dataset": "D:\\alice\\dense.txt"},
+                      distillation={"teacher": "C:\\Users\\alice\\dense-teacher", "alpha": 0.5, "temperature": 2.0},
                       base_model="/home/alice/models/llama")
     push_pruned_to_hub(out, repo_id="tester/windows", token=hub_server.token)
     files = hub_server.files("tester/windows")
@@ -346,6 +347,8 @@ def test_uploaded_files_name_no_windows_or_dataset_path(hub_server, tmp_path):
     assert uploaded["importance"]["path"] is None and uploaded["schedule"]["masks_from"] == "pruned-50"
     assert uploaded["eval"]["dataset"] == "valid.txt" and uploaded["eval"]["dense_dataset"] == "dense.txt"
     assert uploaded["base_model"] is None and "valid.txt" in files["README.md"].decode()
+    assert uploaded["distillation"]["teacher"] == "dense-teacher"
+    assert "trained against the local checkpoint `dense-teacher` as teacher" in files["README.md"].decode()
 
 
 @pytest.mark.parametrize("include", [False, True], ids=["without-importance", "with-importance"])

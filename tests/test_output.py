@@ -348,6 +348,48 @@ def test_save_pruned_schedule_object_or_dict_and_state_dict_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dict", "obj"]  # refused before anything was written
 
 
+def test_card_states_the_recovery_schedule_and_the_distillation_it_was_trained_with(tmp_path):
+    from hf_weightprune import DistillConfig
+
+    model, report = _pruned(0.5)
+    teacher_dir = tmp_path / "machine" / "dense-teacher"
+    teacher_dir.mkdir(parents=True)
+    hold = PruneSchedule(mode="hold", masks_from=_masks_folder(tmp_path))
+    distill = DistillConfig(teacher=str(teacher_dir), alpha=0.3, temperature=4.0, hidden_weight=1.0,
+                            teacher_device="cpu")
+    save_pruned(model, tmp_path / "hold", report=report, schedule=hold, distillation=distill)
+    info = load_sparsity(tmp_path / "hold")
+    assert info["schedule"]["mode"] == "hold"
+    assert info["distillation"] == {"teacher": str(teacher_dir), "alpha": 0.3, "temperature": 4.0,
+                                    "hidden_weight": 1.0, "teacher_dtype": None}
+    text = (tmp_path / "hold" / "README.md").read_text()
+    assert "**Schedule**: pruned once, then fine-tuned with that mask held (a recovery fine-tune)." in text
+    assert "gradual pruning" not in text  # the old card described a hold schedule as a ramp from 0%
+    assert ("**Distillation**: trained against the local checkpoint `dense-teacher` as teacher, loss "
+            "`(1 - alpha) * CE + alpha * T^2 * KL` with alpha 0.3, T 4.0, plus 1.0 x SquareHead's") in text
+    assert str(tmp_path) not in text  # no machine path on a card meant for the Hub
+
+    # the default teacher, a gradual schedule in fractions of training, distillation given as its dict
+    ramp = PruneSchedule(final_sparsity=0.5, start=0.1, end=0.8)
+    save_pruned(model, tmp_path / "ramp", report=report, schedule=ramp,
+                distillation=DistillConfig(alpha=0.5).to_dict())
+    text = (tmp_path / "ramp" / "README.md").read_text()
+    assert "gradual pruning from 0.0% to 50.0% sparsity from 10% to 80% of training, every 10 steps, cubic ramp" in text
+    assert "trained against a frozen copy of the model as training began as teacher" in text
+    assert "SquareHead" not in text.split("**Distillation**")[1].split("\n")[0]  # hidden_weight 0: logits only
+    with pytest.raises(TypeError, match="save_pruned: distillation must be a DistillConfig, its to_dict"):
+        save_pruned(model, tmp_path / "bad", report=report, distillation=0.5)
+    with pytest.raises(ValueError, match="alpha must be a float in"):
+        save_pruned(model, tmp_path / "bad", report=report, distillation={"alpha": 2.0})
+    assert not (tmp_path / "bad").exists()
+
+
+def _masks_folder(tmp_path):
+    model, report = _pruned(0.5)
+    save_pruned(model, tmp_path / "masks", report=report, write_card=False)
+    return str(tmp_path / "masks")
+
+
 def test_public_entry_points_check_types_first(dense_checkpoint, tmp_path):
     model, report = _pruned(0.5)
     imp_dir = dense_checkpoint / "imp"
