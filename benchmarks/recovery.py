@@ -48,12 +48,13 @@ ROWS = {
     "d": "(d) ours: gradual pruning (wanda) + distillation",
     "e": "(e) ours: sparsegpt statistics (first 25% of steps), OBS one-shot, then mask held + distillation",
     "f": "(f) ours: gradual pruning (sparsegpt, OBS update at every mask update) + distillation",
+    "g": "(g) as (e), plus SquareHead hidden-state distillation (hidden_weight 1.0)",
 }
 SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune",
          "b": "(b) llm-compressor SparseGPT + masked fine-tune + distillation", "c": "(c) gradual wanda",
          "d": "(d) gradual wanda + distillation", "e": "(e) sparsegpt statistics, OBS one-shot, hold + distillation",
-         "f": "(f) gradual sparsegpt with OBS + distillation"}
-ALPHA, TEMPERATURE = 0.5, 2.0
+         "f": "(f) gradual sparsegpt with OBS + distillation", "g": "(g) as (e) + SquareHead hidden states"}
+ALPHA, TEMPERATURE, HIDDEN_WEIGHT = 0.5, 2.0, 1.0
 
 
 def _log(msg: str) -> None:
@@ -166,23 +167,25 @@ def run_row(row: str, point: str, train, valid, ood, calibration: Path, args) ->
         cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt" if row == "f" else "wanda"),
                                 schedule=_schedule(point), distill=distill if row in ("d", "f") else None)
         cell.update(_train(model, train, args.steps, [cb], args, f"{row}-{Q._slug(point)}"))
-    elif row == "e":
+    elif row in ("e", "g"):
         first = args.steps // 4
         model = _load(base)
         stats = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))
-        phase1 = _train(model, train.select(range(first * args.batch_size)), first, [stats], args, f"e1-{point}")
-        teacher = _save(model, WORK / "e" / f"dense-{Q._slug(point)}")
+        phase1 = _train(model, train.select(range(first * args.batch_size)), first, [stats], args,
+                        f"{row}1-{Q._slug(point)}")
+        teacher = _save(model, WORK / row / f"dense-{Q._slug(point)}")
         sparsity, nm = Q._parse_point(point)
         config = PruneConfig(structure=nm) if nm else PruneConfig(sparsity=sparsity, scope="row")
         t = time.perf_counter()
         report = prune_(model, stats.importance(), config, progress=False)
         cell["prune_seconds"] = time.perf_counter() - t
-        pruned = WORK / "e" / f"pruned-{Q._slug(point)}"
+        pruned = WORK / row / f"pruned-{Q._slug(point)}"
         save_pruned(model, str(pruned), report=report, overwrite=True, write_card=False)
         rest = train.select(range(first * args.batch_size, args.steps * args.batch_size))
         cb = ImportanceCallback(schedule=PruneSchedule(mode="hold", masks_from=str(pruned)),
-                                distill=DistillConfig(teacher=str(teacher), alpha=ALPHA, temperature=TEMPERATURE))
-        phase2 = _train(model, rest, args.steps - first, [cb], args, f"e2-{Q._slug(point)}")
+                                distill=DistillConfig(teacher=str(teacher), alpha=ALPHA, temperature=TEMPERATURE,
+                                                      hidden_weight=HIDDEN_WEIGHT if row == "g" else 0.0))
+        phase2 = _train(model, rest, args.steps - first, [cb], args, f"{row}2-{Q._slug(point)}")
         cell.update(train_seconds=phase1["train_seconds"] + phase2["train_seconds"], steps=args.steps,
                     train_loss=phase2["train_loss"], phase_steps=[first, args.steps - first])
     else:
@@ -233,11 +236,12 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str]], args, out: Pa
         lines.append(f"| {label} | " + " | ".join(cellstr) + f" | {first['calibration_tokens']:,} | "
                      + " / ".join(f"{c['train_seconds'] / c['steps']:.1f}" for c in got if c) + " |")
     for p in points:
-        for plain, taught in (("a", "b"), ("c", "d")):  # the same row without and with the teacher
+        # the same row without and with the teacher, or with its hidden-state term
+        for plain, taught, what in (("a", "b", "Teacher's"), ("c", "d", "Teacher's"), ("e", "g", "SquareHead's")):
             x, y = by.get((plain, p)), by.get((taught, p))
             if x and y:
                 lines.append("")
-                lines.append(f"Teacher's extra cost at {p}, ({taught}) - ({plain}): "
+                lines.append(f"{what} extra cost at {p}, ({taught}) - ({plain}): "
                              f"{(y['train_seconds'] - x['train_seconds']) / x['steps']:.2f} s/step "
                              f"({y['train_seconds'] / x['train_seconds']:.2f}x the step of ({plain})); times are wall "
                              "times of whole rows, so other jobs on the machine inflate them.")
