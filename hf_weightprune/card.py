@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import ntpath
 import os
-import posixpath
 from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
@@ -20,7 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._version import __version__
 from .config import parse_structure
-from .io_utils import atomic_write_text, check_arg_type
+from .io_utils import atomic_write_text, check_arg_type, is_local_path, path_name
 from .pruned_files import SPARSITY_NAME, SWEEP_JSON, SWEEP_PNG, load_sparsity
 
 CARD_FILE = "README.md"
@@ -270,21 +268,24 @@ def _schedule_context(schedule: Any) -> dict | None:
     start, end = schedule["start"], schedule["end"]
     if isinstance(start, int) and isinstance(end, int):
         span = f"between steps {start} and {end}"
-    else:  # fractions of the run's max_steps
+    elif isinstance(start, float) and isinstance(end, float):  # fractions of the run's max_steps
         span = f"from {100 * start:g}% to {100 * end:g}% of training"
+    else:  # one of each, e.g. the default start=0.0 with end=500
+        def at(v):
+            return f"step {v}" if isinstance(v, int) else f"{100 * v:g}% of training"
+        span = f"from {at(start)} to {at(end)}"
     return {"text": f"gradual pruning from {100 * schedule['initial_sparsity']:.1f}% to "
                     f"{100 * schedule['final_sparsity']:.1f}% sparsity {span}, every {schedule['every_n_steps']} "
                     f"steps, {schedule['ramp']} ramp"}
 
 
 def _teacher_text(teacher: Any, is_local: bool = False) -> str:
-    """The teacher as the card names it: a Hub id as given; a local folder by its name only (no machine paths).
-    `is_local`: the Hub copy of `sparsity.json` already cut a local path to its name (`teacher_is_local`)."""
+    """The teacher as the card names it: a Hub id as given; a local folder (recorded absolute by `save_pruned`) by its
+    name only, no machine path. `is_local`: the Hub copy of `sparsity.json` already cut the path to its name."""
     if not teacher:
         return "a frozen copy of the model as training began"
-    if isinstance(teacher, str) and (is_local or posixpath.isabs(teacher) or ntpath.isabs(teacher) or os.path.isdir(teacher)
-                                     or teacher.startswith(".")):  # either OS's paths: the file may come from both
-        return f"the local checkpoint `{ntpath.basename(ntpath.normpath(teacher))}`"
+    if is_local or is_local_path(teacher):
+        return f"the local checkpoint `{path_name(teacher)}`"
     return f"`{teacher}`"
 
 

@@ -248,6 +248,8 @@ def _distillation_dict(distillation: Any) -> dict | None:
         k: v for k, v in distillation.items() if k in ("teacher", "alpha", "temperature", "hidden_weight",
                                                          "teacher_dtype")}).to_dict()
     info.pop("teacher_device", None)
+    if isinstance(info["teacher"], str) and os.path.isdir(info["teacher"]):
+        info["teacher"] = os.path.abspath(info["teacher"])  # as the importance path: local, whatever the cwd later
     return info
 
 

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import ntpath
 import os
-import posixpath
 import re
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
@@ -22,7 +19,7 @@ from huggingface_hub.utils import filter_repo_objects, get_token
 
 from ._version import __version__
 from .card import CARD_FILE, CARD_TEMPLATE, is_generated_card, render_model_card, write_model_card
-from .io_utils import check_arg_type
+from .io_utils import check_arg_type, is_local_path, path_name
 from .pruned_files import SPARSITY_NAME, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, load_sparsity
 from .state import IMPORTANCE_DIR
 
@@ -74,15 +71,6 @@ def _importance_folder(folder: Path, sparsity: dict) -> Path:
     raise FileNotFoundError(f"include_importance=True but no importance folder was found: neither {where} exists.")
 
 
-def _is_local_path(value: Any) -> bool:
-    """An absolute path, POSIX or Windows (a `sparsity.json` may come from either); a Hub id never is one."""
-    return isinstance(value, str) and (posixpath.isabs(value) or ntpath.isabs(value))
-
-
-def _name_of(path: str) -> str:
-    return ntpath.basename(ntpath.normpath(path))  # ntpath splits on both separators
-
-
 def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
     """The `sparsity.json` the Hub gets (and its card is rendered from): no local path of the uploader's disk.
 
@@ -94,19 +82,19 @@ def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
     """
     hub = dict(sparsity)
     info = sparsity.get("importance")
-    if isinstance(info, dict) and _is_local_path(info.get("path")):
+    if isinstance(info, dict) and is_local_path(info.get("path")):
         hub["importance"] = {**info, "path": IMPORTANCE_DIR if importance_uploaded else None}
     schedule = sparsity.get("schedule")
-    if isinstance(schedule, dict) and _is_local_path(schedule.get("masks_from")):
-        hub["schedule"] = {**schedule, "masks_from": _name_of(schedule["masks_from"])}
+    if isinstance(schedule, dict) and is_local_path(schedule.get("masks_from")):
+        hub["schedule"] = {**schedule, "masks_from": path_name(schedule["masks_from"])}
     distillation = sparsity.get("distillation")
-    if isinstance(distillation, dict) and _is_local_path(distillation.get("teacher")):
-        hub["distillation"] = {**distillation, "teacher": _name_of(distillation["teacher"]), "teacher_is_local": True}
+    if isinstance(distillation, dict) and is_local_path(distillation.get("teacher")):
+        hub["distillation"] = {**distillation, "teacher": path_name(distillation["teacher"]), "teacher_is_local": True}
     evaluation = sparsity.get("eval")
     if isinstance(evaluation, dict):
-        hub["eval"] = {k: _name_of(v) if k in ("dataset", "dense_dataset") and _is_local_path(v) else v
+        hub["eval"] = {k: path_name(v) if k in ("dataset", "dense_dataset") and is_local_path(v) else v
                        for k, v in evaluation.items()}
-    if _is_local_path(sparsity.get("base_model")):
+    if is_local_path(sparsity.get("base_model")):
         hub["base_model"] = None
     return hub
 

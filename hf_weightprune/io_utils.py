@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ntpath
 import os
+import posixpath
 import tempfile
 from typing import Any
 
@@ -46,6 +48,16 @@ def check_arg_type(fn: str, name: str, value: Any, types: type | tuple[type, ...
     """
     if not isinstance(value, types):
         raise TypeError(f"{fn}: {name} must be {expected}; got {type(value).__name__} {_short_repr(value)}")
+
+
+def is_local_path(value: Any) -> bool:
+    """An absolute path, POSIX or Windows (a `sparsity.json` may come from either); a Hub id never is one."""
+    return isinstance(value, str) and (posixpath.isabs(value) or ntpath.isabs(value))
+
+
+def path_name(path: str) -> str:
+    """The last part of a POSIX or Windows path (`ntpath` splits on both separators)."""
+    return ntpath.basename(ntpath.normpath(path))
 
 
 def _short_repr(value: Any) -> str:

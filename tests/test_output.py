@@ -377,6 +377,10 @@ def test_card_states_the_recovery_schedule_and_the_distillation_it_was_trained_w
     assert "gradual pruning from 0.0% to 50.0% sparsity from 10% to 80% of training, every 10 steps, cubic ramp" in text
     assert "trained against a frozen copy of the model as training began as teacher" in text
     assert "SquareHead" not in text.split("**Distillation**")[1].split("\n")[0]  # hidden_weight 0: logits only
+    # start and end of different kinds: the default start=0.0 (a fraction) with an end step
+    save_pruned(model, tmp_path / "mixed", report=report, schedule=PruneSchedule(final_sparsity=0.5, end=8))
+    text = (tmp_path / "mixed" / "README.md").read_text()
+    assert "gradual pruning from 0.0% to 50.0% sparsity from 0% of training to step 8, every 10 steps" in text
     with pytest.raises(TypeError, match="save_pruned: distillation must be a DistillConfig, its to_dict"):
         save_pruned(model, tmp_path / "bad", report=report, distillation=0.5)
     with pytest.raises(ValueError, match="alpha must be a float in"):
