@@ -22,7 +22,7 @@ import time
 def _cli() -> list[str]:
     """The installed `hf-weightprune` script next to this interpreter, else the module (the same `main`)."""
     script = shutil.which("hf-weightprune", path=os.path.dirname(sys.executable))
-    return [script, "--help"] if script else [sys.executable, "-m", "hf_weightprune.cli", "--help"]
+    return [script, "--help"] if script else [sys.executable, "-m", "hf_weightprune.tools.cli", "--help"]
 
 
 def _time(cmd: list[str]) -> float:
@@ -56,7 +56,7 @@ def main() -> None:
 
 
 # Whether `--help` imports torch, in a fresh interpreter (the last line it prints).
-_PROBE = ("import sys\nfrom hf_weightprune.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+_PROBE = ("import sys\nfrom hf_weightprune.tools.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
           "print('torch imported by --help:', 'torch' in sys.modules)")
 
 

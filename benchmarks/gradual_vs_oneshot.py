@@ -24,10 +24,10 @@ from transformers import Phi3Config, Phi3ForCausalLM, PrinterCallback, Trainer, 
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.config import PruneConfig
-from hf_weightprune.data import evaluate_loss, load_texts, make_windows, train_tokenizer
-from hf_weightprune.export import save_pruned
-from hf_weightprune.pruner import prune_
-from hf_weightprune.schedule import PruneSchedule
+from hf_weightprune.prune.pruner import prune_
+from hf_weightprune.publish.export import save_pruned
+from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows, train_tokenizer
+from hf_weightprune.train.schedule import PruneSchedule
 
 KJV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "kjv")
 MODELS = {  # name -> Phi3Config overrides

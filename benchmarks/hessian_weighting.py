@@ -37,7 +37,7 @@ def train_and_prune(seed: int, args, tok, train_ds, eval_ds) -> dict[str, float]
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, prune_
-    from hf_weightprune.data import evaluate_loss
+    from hf_weightprune.tools.data import evaluate_loss
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(
@@ -84,7 +84,7 @@ def main() -> None:
 
     import torch
 
-    from hf_weightprune.data import load_texts, make_windows, train_tokenizer
+    from hf_weightprune.tools.data import load_texts, make_windows, train_tokenizer
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

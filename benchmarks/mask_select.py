@@ -51,7 +51,7 @@ def main() -> None:
 
     import torch
 
-    from hf_weightprune import global_threshold, masks
+    from hf_weightprune.prune import global_threshold, masks
 
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)

@@ -61,8 +61,8 @@ def build(scale: str) -> None:
     from transformers import Phi3Config, Phi3ForCausalLM
 
     from hf_weightprune import ImportanceConfig
+    from hf_weightprune.files.state import save_importance_dir
     from hf_weightprune.matching import find_tracked_weights
-    from hf_weightprune.state import save_importance_dir
 
     model_dir, imp_dir = os.path.join(cache_dir(scale), "model"), os.path.join(cache_dir(scale), "importance")
     config = Phi3Config(**SCALES[scale], dtype="bfloat16")
@@ -222,7 +222,7 @@ def part_structured(repeats: int, new_tokens: int = 32) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_weightprune import PruneConfig, prune_
-    from hf_weightprune.oneshot import oneshot_importance
+    from hf_weightprune.prune.oneshot import oneshot_importance
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,

@@ -241,7 +241,7 @@ def prepare_texts() -> dict[str, dict[str, list[str]]]:
 
 def _windows(tok, docs: list[str], n: int, seq_len: int, seed: int):
     """`n` windows of `seq_len` tokens from the documents in a seeded random order."""
-    from hf_weightprune.data import make_windows
+    from hf_weightprune.tools.data import make_windows
 
     docs = list(docs)
     random.Random(seed).shuffle(docs)
@@ -296,7 +296,7 @@ def finetune(base: Path, train, args, criteria: tuple[str, ...] = CRITERIA) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from hf_weightprune import ImportanceCallback, ImportanceConfig
-    from hf_weightprune.state import save_importance_dir
+    from hf_weightprune.files.state import save_importance_dir
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -450,7 +450,7 @@ def run_cell(method: str, point: str, valid, ood, args, llmc_python: Path | None
 
 def evaluate_cell(model, valid, ood, args) -> dict:
     """Achieved sparsity, then loss / perplexity / predicted tokens on both evaluation sets, and the time it took."""
-    from hf_weightprune.data import evaluate_loss
+    from hf_weightprune.tools.data import evaluate_loss
 
     cell = {"sparsity": linear_sparsity(model)}
     t = time.perf_counter()

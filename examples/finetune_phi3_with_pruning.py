@@ -42,10 +42,10 @@ from transformers import (
 )
 
 from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig
-from hf_weightprune.data import evaluate_loss, load_texts, make_windows, train_tokenizer
-from hf_weightprune.export import save_pruned
-from hf_weightprune.lora import merge_and_unload_sparse
-from hf_weightprune.schedule import PruneSchedule
+from hf_weightprune.prune.lora import merge_and_unload_sparse
+from hf_weightprune.publish.export import save_pruned
+from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows, train_tokenizer
+from hf_weightprune.train.schedule import PruneSchedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # transformers renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns in 5.2x, the new one

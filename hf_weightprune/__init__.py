@@ -8,30 +8,28 @@ every name in `__all__`; type checkers see the real imports through `TYPE_CHECKI
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__ as __version__  # re-exported: `hf_weightprune.__version__`
 
 # Public name -> the submodule that defines it. The only list to extend when a name is added.
 _LAZY_IMPORTS = {
-    "DistillConfig": "distill",
-    "Importance": "importance",
-    "ImportanceCallback": "callback",
+    "DistillConfig": "train.distill",
+    "Importance": "collect.importance",
+    "ImportanceCallback": "train.callback",
     "ImportanceConfig": "config",
     "PruneConfig": "config",
-    "PruneSchedule": "schedule",
-    "PruningReport": "pruner",
-    "load_importance": "state",
-    "load_sparsity": "pruned_files",
-    "merge_and_unload_sparse": "lora",
-    "oneshot_importance": "oneshot",
-    "prune_": "pruner",
-    "prune_checkpoint": "export",
-    "push_pruned_to_hub": "hub",
-    "save_pruned": "export",
-    "sweep": "sweep",
+    "PruneSchedule": "train.schedule",
+    "PruningReport": "prune.pruner",
+    "load_importance": "files.state",
+    "load_sparsity": "files.pruned_files",
+    "merge_and_unload_sparse": "prune.lora",
+    "oneshot_importance": "prune.oneshot",
+    "prune_": "prune.pruner",
+    "prune_checkpoint": "publish.export",
+    "push_pruned_to_hub": "publish.hub",
+    "save_pruned": "publish.export",
+    "sweep": "tools.sweep",
 }
 
 # A literal list (type checkers and linters read it); tests/test_cli.py checks it equals `_LAZY_IMPORTS`.
@@ -55,19 +53,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .callback import ImportanceCallback
+    from .collect.importance import Importance
     from .config import ImportanceConfig, PruneConfig
-    from .distill import DistillConfig
-    from .export import prune_checkpoint, save_pruned
-    from .hub import push_pruned_to_hub
-    from .importance import Importance
-    from .lora import merge_and_unload_sparse
-    from .oneshot import oneshot_importance
-    from .pruned_files import load_sparsity
-    from .pruner import PruningReport, prune_
-    from .schedule import PruneSchedule
-    from .state import load_importance
-    from .sweep import sweep
+    from .files.pruned_files import load_sparsity
+    from .files.state import load_importance
+    from .prune.lora import merge_and_unload_sparse
+    from .prune.oneshot import oneshot_importance
+    from .prune.pruner import PruningReport, prune_
+    from .publish.export import prune_checkpoint, save_pruned
+    from .publish.hub import push_pruned_to_hub
+    from .tools.sweep import sweep
+    from .train.callback import ImportanceCallback
+    from .train.distill import DistillConfig
+    from .train.schedule import PruneSchedule
 
 
 def __getattr__(name: str) -> Any:
@@ -82,20 +80,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """This package, with `sweep` always the function: importing the `sweep` submodule binds the module object to
-    the package attribute of the same name, which would shadow the lazy function (the eager `__init__` rebound it)."""
-
-    @property
-    def sweep(self):
-        return __getattr__("sweep")
-
-    @sweep.setter
-    def sweep(self, value) -> None:
-        if not isinstance(value, types.ModuleType):
-            globals()["sweep"] = value
-
-
-sys.modules[__name__].__class__ = _Package

@@ -6,7 +6,7 @@ What it installs: the Debian package `bible-kjv` (and its dependency `bible-kjv-
 
 What it runs: `bible -f Gen1:1-Rev22:21`, which prints one verse per line as `Ge1:1 In the beginning ...`.
 The `Ge1:1` reference is stripped, verses are kept one per line and chapters are separated by one blank line
-(so `hf_weightprune.data.load_texts` reads one document per chapter).
+(so `hf_weightprune.tools.data.load_texts` reads one document per chapter).
 
 The split is by whole book, so no book is in both files: the books in `VALID_BOOKS` go to `valid.txt`, every
 other book to `train.txt`. `data/README.md` is rewritten with the package version and the sizes.
@@ -124,7 +124,7 @@ tests train and evaluate on real text without downloading anything.
 - **Source**: the Debian package `bible-kjv`, version `{version}` (text from its dependency `bible-kjv-text`).
 - **Licence**: the text of the King James Version is in the public domain.
 - **Format**: UTF-8 (pure ASCII), one verse per line without its reference (`Ge1:1` etc. are stripped), one blank
-  line between chapters. `hf_weightprune.data.load_texts` therefore reads one document per chapter.
+  line between chapters. `hf_weightprune.tools.data.load_texts` therefore reads one document per chapter.
 - **Split**: by whole book, so no book is in both files.
 
 | file | bytes | chapters | verses |

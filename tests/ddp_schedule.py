@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
-from hf_weightprune.schedule import PruneSchedule
 from hf_weightprune.testing import TokenDataset, tiny_llama
+from hf_weightprune.train.schedule import PruneSchedule
 
 
 class ZerosAtUpdates(TrainerCallback):

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainingArguments
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
 from hf_weightprune.config import PruneConfig
 from hf_weightprune.distributed import rank_and_world
-from hf_weightprune.pruner import prune_
+from hf_weightprune.prune.pruner import prune_
 from hf_weightprune.testing import TokenDataset, tiny_phi3
 
 GLOBAL_BATCH, STEPS = 4, 6

@@ -12,10 +12,10 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
-from hf_weightprune import state as S
-from hf_weightprune.callback import STAGING_DIR
-from hf_weightprune.state import ImportanceFileError
+from hf_weightprune.files import state as S
+from hf_weightprune.files.state import ImportanceFileError
 from hf_weightprune.testing import tiny_llama
+from hf_weightprune.train.callback import STAGING_DIR
 
 from .helpers import sigkill_at_hang
 from .scripts.ckpt_train import MARKER, SaveLate, run
@@ -130,7 +130,7 @@ def test_checkpoint_without_importance_refuses_resume_or_restarts(killed, refere
     restarted = tmp_path / "restarted"
     shutil.copytree(out, restarted)
     cb = ImportanceCallback(ImportanceConfig(criterion="wanda"), on_resume_mismatch="restart")
-    with caplog.at_level(logging.WARNING, logger="hf_weightprune.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.train.callback"):
         run(restarted, resume=True, importance_callback=cb)
     assert "restarting importance from zero" in caplog.text
     assert load_importance(restarted).num_samples == 2  # steps 7 and 8 only

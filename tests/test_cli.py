@@ -13,10 +13,10 @@ from huggingface_hub import constants
 
 import hf_weightprune
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
-from hf_weightprune.cli import build_parser, main
-from hf_weightprune.export import check_output_dir
-from hf_weightprune.sweep import sweep
+from hf_weightprune.publish.export import check_output_dir
 from hf_weightprune.testing import tiny_llama
+from hf_weightprune.tools.cli import build_parser, main
+from hf_weightprune.tools.sweep import sweep
 from tests.helpers import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,8 +180,8 @@ def test_old_spellings_are_aliases(old, new, value):
 
 
 def test_sweep_help_lists_the_oneshot_criteria():
-    from hf_weightprune.cli import _ONESHOT_CRITERIA
-    from hf_weightprune.oneshot import ONESHOT_CRITERIA
+    from hf_weightprune.prune.oneshot import ONESHOT_CRITERIA
+    from hf_weightprune.tools.cli import _ONESHOT_CRITERIA
 
     assert _ONESHOT_CRITERIA == ONESHOT_CRITERIA  # cli keeps a copy so that --help does not import torch
 
@@ -218,17 +218,17 @@ def test_log_level_shows_the_library_log_for_one_command(run, tmp_path, capsys):
                  "--log_level", "info"]) == 0
     err = capsys.readouterr().err.splitlines()
     # scope: temporal_magnitude's default (layer) since PruneConfig(scope=None) follows the criterion
-    assert err == [f"INFO hf_weightprune.export: Saved pruned checkpoint to {tmp_path / 'b'} (unstructured (layer): "
+    assert err == [f"INFO hf_weightprune.publish.export: Saved pruned checkpoint to {tmp_path / 'b'} (unstructured (layer): "
                    "50.00% of 14 pruned tensors, 34.41% of all parameters)"]
     assert logging.getLogger("hf_weightprune").level == level and not logging.getLogger("hf_weightprune").handlers
 
 
 def test_help_and_import_do_not_import_torch():
-    code = ("import sys\nfrom hf_weightprune.cli import main\n"
+    code = ("import sys\nfrom hf_weightprune.tools.cli import main\n"
             "for argv in (['--help'], ['prune', '--help'], ['sweep', '--help'], ['--version']):\n"
             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0\n"
             "import hf_weightprune\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'hf_weightprune.callback') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'transformers', 'hf_weightprune.train.callback') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
@@ -245,9 +245,9 @@ def test_every_public_name_imports_lazily():
         ns: dict = {}
         exec(f"from hf_weightprune import {name}", ns)
         assert ns[name] is getattr(importlib.import_module(f"hf_weightprune.{_LAZY_IMPORTS[name]}"), name), name
-    importlib.import_module("hf_weightprune.sweep")  # binds the submodule to the package attribute of that name
+    importlib.import_module("hf_weightprune.tools.sweep")  # binds the submodule to the package attribute of that name
 
-    assert hf_weightprune.sweep is sweep and callable(hf_weightprune.sweep)
+    assert hf_weightprune.tools.sweep is sweep and callable(hf_weightprune.tools.sweep)
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         hf_weightprune.nope  # noqa: B018
 
@@ -271,7 +271,7 @@ def test_missing_model_folder_is_one_line(tmp_path, capsys):
 
 def test_missing_model_folder_subprocess(tmp_path):
     """The installed entry point's way: exit status 2 and exactly one line on stderr, no traceback."""
-    done = subprocess.run([sys.executable, "-m", "hf_weightprune.cli", "prune", "./no-such-model", "--importance",
+    done = subprocess.run([sys.executable, "-m", "hf_weightprune.tools.cli", "prune", "./no-such-model", "--importance",
                            "out", "--output_dir", "out/pruned"], capture_output=True, text=True, env=ENV,
                           cwd=tmp_path, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
@@ -409,7 +409,7 @@ def test_named_importance_from_a_hub_repo(hub_server, tmp_path, monkeypatch, cap
     `--importance_name` (CLI) read it."""
     from huggingface_hub import HfApi
 
-    from hf_weightprune.state import ImportanceFileError
+    from hf_weightprune.files.state import ImportanceFileError
 
     out = tmp_path / "out"
     trainer = train(tiny_llama(seed=5), [ImportanceCallback(ImportanceConfig(criterion="magnitude", name="mag"))],

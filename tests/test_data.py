@@ -1,4 +1,4 @@
-"""Tests for hf_weightprune.data, hf_weightprune.plotting and the shipped KJV text."""
+"""Tests for hf_weightprune.tools.data, hf_weightprune.tools.plotting and the shipped KJV text."""
 
 import json
 import math
@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from hf_weightprune.data import evaluate_loss, load_texts, make_windows, train_tokenizer
-from hf_weightprune.plotting import plot_layer_stats, plot_sweep
+from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows, train_tokenizer
+from hf_weightprune.tools.plotting import plot_layer_stats, plot_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 KJV = REPO / "data" / "kjv"

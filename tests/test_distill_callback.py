@@ -15,7 +15,7 @@ from hf_weightprune import (
     prune_,
     save_pruned,
 )
-from hf_weightprune.oneshot import oneshot_importance
+from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.testing import tiny_llama
 
 from .helpers import train
@@ -128,7 +128,7 @@ def test_example_fine_tunes_phi3_with_pruning_and_distillation(tmp_path, capsys)
     import importlib.util
     from pathlib import Path
 
-    from hf_weightprune.export import load_sparsity
+    from hf_weightprune.publish.export import load_sparsity
 
     path = Path(__file__).resolve().parent.parent / "examples" / "finetune_phi3_with_pruning.py"
     spec = importlib.util.spec_from_file_location("finetune_example", path)

@@ -4,7 +4,7 @@ are the package's real imports.
 - Python blocks run in one namespace per document, in order (like a notebook), with placeholders (`model`, `tok`,
   `args`, `train_ds`, `peft_model`, `out`, Hub repo ids) filled by the fixtures of `tests/doc_blocks.py`: a tiny Llama
   trained a few steps with the real Trainer on the shipped KJV text, and the loopback Hub (`hub_server`).
-- Shell blocks: every `hf-weightprune ...` line runs through `hf_weightprune.cli.main(shlex.split(...))` (the first
+- Shell blocks: every `hf-weightprune ...` line runs through `hf_weightprune.tools.cli.main(shlex.split(...))` (the first
   `inspect` line through a real subprocess) and must exit 0 and write the files the docs say it writes.
 - A block that cannot run here carries `<!-- doctest: skip REASON -->`; `SKIPPED` lists them all.
 - `LANDING` lists blocks written for behaviour another branch is landing now; they are expected to fail until it
@@ -56,13 +56,13 @@ def _python(block: D.Block, ns: dict) -> list[str]:
 
 
 def _command(block: D.Block, line: str, ns: dict, env: Env, state: dict) -> list[str]:
-    from hf_weightprune.cli import main
+    from hf_weightprune.tools.cli import main
 
     argv = D.split_command(D.substitute(block, ns, line))
     if argv[0] == "python" or (argv[1] == "inspect" and not state.get("subprocess_done")):
         # One real process per document at least: what a user's shell runs (console script = `-m ...cli`)
         state["subprocess_done"] = True
-        cmd = [sys.executable, *argv[1:]] if argv[0] == "python" else [sys.executable, "-m", "hf_weightprune.cli",
+        cmd = [sys.executable, *argv[1:]] if argv[0] == "python" else [sys.executable, "-m", "hf_weightprune.tools.cli",
                                                                          *argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         rc, err = proc.returncode, proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
@@ -190,46 +190,63 @@ def test_block_parser_reads_fences_directives_and_commands(tmp_path):
 # Module (or subpackage) of hf_weightprune -> the sibling modules it may import (`from .x import`, `from . import x`,
 # lazy imports included). docs/architecture.md states the same lists; both tests below must agree.
 MAY_IMPORT = {
-    "__init__": {"_version", "callback", "config", "distill", "export", "hub", "importance", "lora", "oneshot", "pruned_files", "pruner", "schedule", "state", "sweep"},
+    "__init__": {"_version", "collect/importance", "config", "files/pruned_files", "files/state", "prune/lora", "prune/oneshot", "prune/pruner", "publish/export", "publish/hub", "tools/sweep", "train/callback", "train/distill", "train/schedule"},
     "_version": set(),
-    "io_utils": set(),
-    "pruned_files": {"io_utils"},
-    "matching": set(),
-    "distributed": set(),
-    "data": set(),
-    "plotting": set(),
-    "testing": set(),
-    "distill": set(),
-    "owl": set(),
-    "scorers": set(),
     "config": {"io_utils", "scorers"},
-    "schedule": {"config", "safetensors_io"},
-    "masks": {"config"},
-    "global_threshold": {"config", "masks"},
-    "obs": {"config", "masks", "scorers"},
-    "safetensors_io": {"masks"},
-    "importance": {"config", "matching", "scorers"},
-    "activations": {"matching"},
-    "surgery": {"config", "masks"},
-    "pruner": {"config", "global_threshold", "importance", "masks", "matching", "surgery", "obs", "owl"},
-    "lora": {"masks", "matching", "pruner"},
-    "oneshot": {"activations", "config", "importance", "matching", "scorers"},
-    "state": {"_version", "config", "distributed", "importance", "io_utils", "safetensors_io", "scorers"},
-    "export": {"_version", "card", "config", "distill", "importance", "io_utils", "matching", "pruned_files", "pruner", "safetensors_io", "schedule"},
-    "holder": {"distributed", "export", "masks", "matching", "pruned_files", "pruner", "schedule"},
-    "callback": {"accumulator", "config", "distill", "distributed", "holder", "importance", "schedule", "state"},
-    "accumulator": {"activations", "config", "distributed", "importance", "matching", "scorers"},
-    "card": {"_version", "config", "io_utils", "pruned_files", "scorers"},
-    "hub": {"_version", "card", "io_utils", "pruned_files", "state"},
-    "sweep": {"config", "data", "export", "importance", "io_utils", "oneshot", "plotting", "pruned_files", "pruner", "state"},
-    "cli": {"_version", "config", "data", "export", "hub", "plotting", "pruned_files", "pruner", "safetensors_io", "scorers", "state", "sweep"},
+    "distributed": set(),
+    "io_utils": set(),
+    "matching": set(),
+    "scorers": set(),
+    "testing": set(),
+    "collect/accumulator": {"collect/activations", "collect/importance", "config", "distributed", "matching", "scorers"},
+    "collect/activations": {"matching"},
+    "collect/importance": {"config", "matching", "scorers"},
+    "files/pruned_files": {"io_utils"},
+    "files/safetensors_io": {"prune/masks"},
+    "files/state": {"_version", "collect/importance", "config", "distributed", "files/safetensors_io", "io_utils", "scorers"},
+    "prune/global_threshold": {"config", "prune/masks"},
+    "prune/lora": {"matching", "prune/masks", "prune/pruner"},
+    "prune/masks": {"config"},
+    "prune/obs": {"config", "prune/masks", "scorers"},
+    "prune/oneshot": {"collect/activations", "collect/importance", "config", "matching", "scorers"},
+    "prune/owl": set(),
+    "prune/pruner": {"collect/importance", "config", "matching", "prune/global_threshold", "prune/masks", "prune/obs", "prune/owl", "prune/surgery"},
+    "prune/surgery": {"config", "prune/masks"},
+    "publish/card": {"_version", "config", "files/pruned_files", "io_utils", "scorers"},
+    "publish/export": {"_version", "collect/importance", "config", "files/pruned_files", "files/safetensors_io", "io_utils", "matching", "prune/pruner", "publish/card", "train/distill", "train/schedule"},
+    "publish/hub": {"_version", "files/pruned_files", "files/state", "io_utils", "publish/card"},
+    "tools/cli": {"_version", "config", "files/pruned_files", "files/safetensors_io", "files/state", "prune/pruner", "publish/export", "publish/hub", "scorers", "tools/data", "tools/plotting", "tools/sweep"},
+    "tools/data": set(),
+    "tools/plotting": set(),
+    "tools/sweep": {"collect/importance", "config", "files/pruned_files", "files/state", "io_utils", "prune/oneshot", "prune/pruner", "publish/export", "tools/data", "tools/plotting"},
+    "train/callback": {"collect/accumulator", "collect/importance", "config", "distributed", "files/state", "train/distill", "train/holder", "train/schedule"},
+    "train/distill": set(),
+    "train/holder": {"distributed", "files/pruned_files", "matching", "prune/masks", "prune/pruner", "publish/export", "train/schedule"},
+    "train/schedule": {"config", "files/safetensors_io"},
 }
 PKG = D.ROOT / "hf_weightprune"
 
 
+STAGES = {"collect", "prune", "files", "train", "publish", "tools"}
+
+
 def _unit(path: Path) -> str:
+    """`prune/masks` for a module of a stage package, `scorers` for any file of that package, `config` at the top."""
     rel = path.relative_to(PKG)
-    return rel.parts[0] if len(rel.parts) > 1 else rel.stem  # a subpackage (scorers/) is one unit
+    if len(rel.parts) == 1:
+        return rel.stem
+    if rel.parts[0] in STAGES:
+        return rel.parts[0] if rel.stem == "__init__" else f"{rel.parts[0]}/{rel.stem}"
+    return rel.parts[0]  # scorers/ is one unit: one file per criterion around its registry
+
+
+def _target(parts: list[str]) -> str:
+    """The unit a dotted import path (relative to hf_weightprune) names."""
+    if not parts:
+        return "__init__"
+    if parts[0] in STAGES and len(parts) > 1:
+        return f"{parts[0]}/{parts[1]}"
+    return parts[0]
 
 
 def real_imports() -> dict[str, set[str]]:
@@ -237,17 +254,21 @@ def real_imports() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for path in sorted(PKG.rglob("*.py")):
         unit, rel = _unit(path), path.relative_to(PKG)
+        if unit in STAGES:  # a stage's __init__.py is empty (tested below): the stage is its modules
+            continue
         package = list(rel.parts[:-1])  # the package the file is in, relative to hf_weightprune
         found = graph.setdefault(unit, set())
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
                 base = package[: len(package) - (node.level - 1)]
-                targets = [base + node.module.split(".")] if node.module else [base + [a.name] for a in node.names]
-                found |= {t[0] if t else "__init__" for t in targets}
+                where = base + (node.module.split(".") if node.module else [])
+                # `from ..files import state`: the names are modules of a package
+                targets = ([where + [a.name] for a in node.names] if not node.module
+                           or (len(where) == 1 and where[0] in STAGES) else [where])
+                found |= {_target(t) for t in targets}
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                found |= {n.split(".")[1] if n.count(".") else "__init__" for n in names
-                          if n.split(".")[0] == "hf_weightprune"}
+                found |= {_target(n.split(".")[1:]) for n in names if n.split(".")[0] == "hf_weightprune"}
         found.discard(unit)
     return graph
 
@@ -268,8 +289,16 @@ def test_architecture_doc_states_the_same_rules():
     for m in re.finditer(r"^\*\*`(?P<unit>[\w/]+?)(?:\.py|/)?`\*\*.*?May import:\s(?P<deps>.*?)(?:\n\n|\Z)", text,
                          re.M | re.S):
         deps = m["deps"].strip().rstrip(".")
-        stated[m["unit"]] = set() if deps.lower().startswith("nothing") else set(re.findall(r"`(\w+)`", deps))
+        stated[m["unit"]] = set() if deps.lower().startswith("nothing") else set(re.findall(r"`([\w/]+)`", deps))
     assert set(stated) == set(MAY_IMPORT), (f"modules the doc misses: {set(MAY_IMPORT) - set(stated)}; "
                                             f"unknown in the doc: {set(stated) - set(MAY_IMPORT)}")
     differ = {u: (sorted(stated[u]), sorted(MAY_IMPORT[u])) for u in MAY_IMPORT if stated[u] != MAY_IMPORT[u]}
     assert not differ, f"docs/architecture.md vs MAY_IMPORT (doc, test): {differ}"
+
+
+def test_stage_packages_hold_no_code_in_their_init():
+    for stage in sorted(STAGES):
+        init = PKG / stage / "__init__.py"
+        assert init.exists(), f"{stage}/ is a package"
+        body = [n for n in ast.parse(init.read_text()).body if not isinstance(n, ast.Expr)]  # a docstring only
+        assert not body, f"{stage}/__init__.py imports or defines something: a stage is its modules"

@@ -8,7 +8,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, PruneSchedule, load_importance, prune_
 from hf_weightprune.matching import find_tracked_weights
-from hf_weightprune.oneshot import oneshot_importance
+from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.testing import tiny_llama
 
 from .helpers import Recorder, reference, train
@@ -112,7 +112,7 @@ def test_oneshot_wanda_counts_only_real_tokens():
     padded = ids.clone()
     padded[:, 5:] = 0
     # same windows, now as padded rows with an attention mask through the collector's pre-hook
-    from hf_weightprune.activations import ActivationCollector
+    from hf_weightprune.collect.activations import ActivationCollector
     from hf_weightprune.scorers import get_scorer
 
     tracked = find_tracked_weights(model)
@@ -161,7 +161,7 @@ def test_nonfinite_weight_is_detected_at_the_sample(tmp_path, caplog):
     poison = PoisonWeight(dict(model.named_parameters())[name], k)
     rec = Recorder(model)
     cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))
-    with caplog.at_level(logging.WARNING, logger="hf_weightprune.accumulator"):
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.collect.accumulator"):
         trainer = train(model, [poison, rec, cb, Restore(poison)], tmp_path, max_steps=steps)
     imp = cb.importance()
     assert imp.meta["skipped"] == 1 and imp.num_samples == steps - 1
@@ -210,7 +210,7 @@ def test_nm_shapes_refused_before_the_first_step_on_both_paths(overrides, weight
 def test_config_only_folder_is_named_as_such_by_load_importance(tmp_path):
     """`ImportanceConfig.save_pretrained` writes `importance_config.json` with only the config: `load_importance`
     says so (and `ImportanceConfig.from_pretrained` reads it back), instead of 'format_version None'."""
-    from hf_weightprune.state import ImportanceFileError
+    from hf_weightprune.files.state import ImportanceFileError
 
     cfg = ImportanceConfig(criterion="wanda", every_n_steps=4)
     cfg.save_pretrained(tmp_path)
@@ -237,7 +237,7 @@ class BestIsEarly(TrainerCallback):
 
 def test_load_best_model_at_end_ends_with_the_final_masks_and_an_honest_report(tmp_path, caplog):
     from hf_weightprune import save_pruned
-    from hf_weightprune.export import load_sparsity
+    from hf_weightprune.publish.export import load_sparsity
 
     model = tiny_llama(seed=36)
     schedule = PruneSchedule(final_sparsity=0.5, start=2, end=6, every_n_steps=2, scope="layer")
@@ -250,7 +250,7 @@ def test_load_best_model_at_end_ends_with_the_final_masks_and_an_honest_report(t
                              disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=48), eval_dataset=TokenDataset(n=8, seed=1),
                       callbacks=[cb, BestIsEarly()])
-    with caplog.at_level(logging.WARNING, logger="hf_weightprune.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.train.callback"):
         trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     assert "they do not hold the final masks" in caplog.text and "load_best_model_at_end" in caplog.text

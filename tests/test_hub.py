@@ -16,8 +16,8 @@ from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapsh
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from hf_weightprune.hub import push_pruned_to_hub, render_model_card, write_model_card
-from hf_weightprune.pruned_files import load_sparsity
+from hf_weightprune.files.pruned_files import load_sparsity
+from hf_weightprune.publish.hub import push_pruned_to_hub, render_model_card, write_model_card
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -434,7 +434,7 @@ def test_a_push_that_would_delete_refuses_to_commit_over_a_push_it_did_not_see(h
     # landing in between makes the Hub refuse it (HTTP 412) rather than delete files the listing did not see.
     from huggingface_hub.errors import HfHubHTTPError
 
-    from hf_weightprune import hub
+    from hf_weightprune.publish import hub
 
     repo_id = "tester/raced"
     first = tmp_path / "first"
@@ -651,14 +651,14 @@ def test_wheel_ships_the_card_template(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         assert "hf_weightprune/model_cards/pruned_model_card.md" in names
-        assert "hf_weightprune/hub.py" in names
+        assert "hf_weightprune/publish/hub.py" in names
         shipped = zf.read("hf_weightprune/model_cards/pruned_model_card.md")
     assert shipped == (REPO_ROOT / "model_cards" / "pruned_model_card.md").read_bytes()
 
 
 def test_card_of_a_real_structured_prune(tmp_path):
     from hf_weightprune import PruneConfig, prune_, save_pruned
-    from hf_weightprune.oneshot import oneshot_importance
+    from hf_weightprune.prune.oneshot import oneshot_importance
     from hf_weightprune.testing import tiny_llama
 
     model = tiny_llama(seed=3)

@@ -8,9 +8,9 @@ import torch
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, PruningReport, prune_
 from hf_weightprune.config import check_sparsity, parse_nm
-from hf_weightprune.masks import check_nm_shapes, nm_capped_mask, nm_mask, num_to_prune
 from hf_weightprune.matching import select_names
-from hf_weightprune.pruner import compute_masks, refuse_tied
+from hf_weightprune.prune.masks import check_nm_shapes, nm_capped_mask, nm_mask, num_to_prune
+from hf_weightprune.prune.pruner import compute_masks, refuse_tied
 from hf_weightprune.testing import tiny_llama, tiny_phi3
 
 from .helpers import train

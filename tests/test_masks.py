@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from hf_weightprune import global_threshold, masks
-from hf_weightprune.global_threshold import GlobalThreshold, compute_global_threshold, global_masks
-from hf_weightprune.masks import (
+from hf_weightprune.prune import global_threshold, masks
+from hf_weightprune.prune.global_threshold import GlobalThreshold, compute_global_threshold, global_masks
+from hf_weightprune.prune.masks import (
     apply_mask_,
     mask_sparsity,
     nm_mask,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hf_weightprune.masks import row_mask
-from hf_weightprune.obs import layer_reconstruction_error, obs_saliency, sparsegpt_prune_
+from hf_weightprune.prune.masks import row_mask
+from hf_weightprune.prune.obs import layer_reconstruction_error, obs_saliency, sparsegpt_prune_
 from hf_weightprune.scorers import get_scorer
 from hf_weightprune.scorers.sparsegpt import hessian_sum
 from hf_weightprune.scorers.wanda import activation_sq_sum

@@ -13,15 +13,15 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-import hf_weightprune.safetensors_io as sio
+import hf_weightprune.files.safetensors_io as sio
 from hf_weightprune import PruneConfig, PruneSchedule, load_importance, oneshot_importance, prune_
-from hf_weightprune.card import render_model_card, structure_info, write_model_card
-from hf_weightprune.cli import main as cli_main
-from hf_weightprune.export import _atomic_folder, load_sparsity, prune_checkpoint, save_pruned
-from hf_weightprune.hub import push_pruned_to_hub
-from hf_weightprune.state import save_importance_dir
-from hf_weightprune.sweep import sweep
+from hf_weightprune.files.state import save_importance_dir
+from hf_weightprune.publish.card import render_model_card, structure_info, write_model_card
+from hf_weightprune.publish.export import _atomic_folder, load_sparsity, prune_checkpoint, save_pruned
+from hf_weightprune.publish.hub import push_pruned_to_hub
 from hf_weightprune.testing import tiny_llama
+from hf_weightprune.tools.cli import main as cli_main
+from hf_weightprune.tools.sweep import sweep
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_weightprune"
 

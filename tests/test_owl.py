@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from hf_weightprune.owl import outlier_ratio, owl_sparsities
+from hf_weightprune.prune.owl import outlier_ratio, owl_sparsities
 
 
 def test_outlier_ratio_counts_scores_above_m_times_the_layer_mean(monkeypatch):
-    import hf_weightprune.owl as owl
+    import hf_weightprune.prune.owl as owl
 
     monkeypatch.setattr(owl, "_ROWS_NUMEL", 10)  # several row blocks per tensor
     g = torch.Generator().manual_seed(0)

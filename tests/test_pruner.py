@@ -13,8 +13,8 @@ from hf_weightprune import (
     prune_,
     save_pruned,
 )
-from hf_weightprune.cli import main
 from hf_weightprune.testing import tiny_llama, tiny_phi3
+from hf_weightprune.tools.cli import main
 
 from .helpers import train
 
@@ -190,7 +190,7 @@ def test_nm_refuses_input_dim_not_multiple_of_m(tmp_path, target, weight, in_fea
     assert str(err.value) == expected
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     # The file-to-file twin refuses with the same line, before writing anything.
-    from hf_weightprune.export import prune_checkpoint
+    from hf_weightprune.publish.export import prune_checkpoint
 
     model.save_pretrained(tmp_path / "model")
     with pytest.raises(ValueError) as err:
@@ -315,7 +315,7 @@ def _file_digests(folder):
                                  PruneConfig(sparsity=0.3, scope="row"),
                                  PruneConfig(structure="2:4")], ids=["global50", "row30", "2:4"])
 def test_prune_checkpoint_equals_prune_and_save(trained, criterion, cfg, tmp_path):
-    from hf_weightprune.export import prune_checkpoint
+    from hf_weightprune.publish.export import prune_checkpoint
 
     root = trained[criterion]
     sharded = tmp_path / "sharded"  # several shards and an index, as big checkpoints have
@@ -339,7 +339,7 @@ def test_prune_checkpoint_equals_prune_and_save(trained, criterion, cfg, tmp_pat
 
 
 def test_prune_checkpoint_refuses_bad_input_and_writes_nothing(trained, tmp_path):
-    from hf_weightprune.export import prune_checkpoint
+    from hf_weightprune.publish.export import prune_checkpoint
 
     root = trained["temporal_magnitude"]
     model_dir = root / "model"

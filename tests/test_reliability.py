@@ -23,15 +23,15 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
-from hf_weightprune import state as S
-from hf_weightprune.callback import STAGING_DIR
 from hf_weightprune.config import PruneConfig
-from hf_weightprune.export import load_masks, save_pruned
-from hf_weightprune.holder import MaskHolder
-from hf_weightprune.pruner import prune_
-from hf_weightprune.schedule import PruneSchedule
-from hf_weightprune.state import ImportanceFileError
+from hf_weightprune.files import state as S
+from hf_weightprune.files.state import ImportanceFileError
+from hf_weightprune.prune.pruner import prune_
+from hf_weightprune.publish.export import load_masks, save_pruned
 from hf_weightprune.testing import TokenDataset, tiny_llama
+from hf_weightprune.train.callback import STAGING_DIR
+from hf_weightprune.train.holder import MaskHolder
+from hf_weightprune.train.schedule import PruneSchedule
 
 from .helpers import sigkill_at_hang
 from .scripts.ckpt_train import MARKER, run
@@ -89,7 +89,7 @@ def test_sigkill_before_publish_resumes_from_the_staged_importance_exactly(kille
     ckpt, staged = out / "checkpoint-6", out / STAGING_DIR
     assert (ckpt / "trainer_state.json").is_file() and not (ckpt / S.IMPORTANCE_DIR).exists()
     assert json.loads((staged / CONFIG).read_text())["state"]["global_step"] == 6
-    with caplog.at_level(logging.WARNING, logger="hf_weightprune.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.train.callback"):
         run(out, "wanda", resume=True)
     assert "used the complete importance of step 6 staged in" in caplog.text
     ref = reference("wanda")
@@ -298,7 +298,7 @@ def test_hold_masks_from_a_checkpoint_without_sparsity_json(tmp_path, caplog):
                              disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16, vocab_size=128), callbacks=[cb])
     cb.attach(trainer)
-    with caplog.at_level(logging.INFO, logger="hf_weightprune.holder"):
+    with caplog.at_level(logging.INFO, logger="hf_weightprune.train.holder"):
         trainer.train()
     zeros = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     assert f"has no sparsity.json (pruned by another tool?): holding the zeros of {len(masks)} targeted weights, " \

@@ -17,8 +17,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
 from hf_weightprune.config import PruneConfig
-from hf_weightprune.pruner import prune_
-from hf_weightprune.state import ImportanceFileError
+from hf_weightprune.files.state import ImportanceFileError
+from hf_weightprune.prune.pruner import prune_
 from hf_weightprune.testing import TokenDataset, tiny_llama
 
 from .helpers import Recorder, reference, train

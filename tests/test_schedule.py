@@ -13,13 +13,13 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.config import PruneConfig
-from hf_weightprune.export import load_masks, save_pruned
-from hf_weightprune.lora import merge_and_unload_sparse
-from hf_weightprune.masks import num_to_prune
-from hf_weightprune.oneshot import oneshot_importance
-from hf_weightprune.pruner import prune_
-from hf_weightprune.schedule import PruneSchedule
+from hf_weightprune.prune.lora import merge_and_unload_sparse
+from hf_weightprune.prune.masks import num_to_prune
+from hf_weightprune.prune.oneshot import oneshot_importance
+from hf_weightprune.prune.pruner import prune_
+from hf_weightprune.publish.export import load_masks, save_pruned
 from hf_weightprune.testing import TokenDataset, tiny_llama, tiny_phi3
+from hf_weightprune.train.schedule import PruneSchedule
 
 from .helpers import attach_all
 
@@ -204,7 +204,7 @@ def test_hold_on_the_dense_model_warns_that_it_is_a_mask_only_prune(tmp_path, ca
     for name, model in (("pruned", pruned), ("dense", dense)):
         caplog.clear()
         schedule = PruneSchedule(mode="hold", masks_from=str(tmp_path / "pruned"))
-        with caplog.at_level(logging.WARNING, logger="hf_weightprune.holder"):
+        with caplog.at_level(logging.WARNING, logger="hf_weightprune.train.holder"):
             _train(model, [ImportanceCallback(schedule=schedule)], tmp_path / name, max_steps=1)
         warned = "zeroing them now is a mask-only prune" in caplog.text
         assert warned == (name == "dense"), (name, caplog.text)

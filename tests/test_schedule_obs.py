@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
-from hf_weightprune.export import save_pruned
-from hf_weightprune.holder import MaskHolder
-from hf_weightprune.masks import num_to_prune
 from hf_weightprune.matching import find_tracked_weights
-from hf_weightprune.obs import sparsegpt_prune_
-from hf_weightprune.schedule import PruneSchedule
+from hf_weightprune.prune.masks import num_to_prune
+from hf_weightprune.prune.obs import sparsegpt_prune_
+from hf_weightprune.publish.export import save_pruned
 from hf_weightprune.testing import TokenDataset, tiny_llama
+from hf_weightprune.train.holder import MaskHolder
+from hf_weightprune.train.schedule import PruneSchedule
 
 MAX_STEPS = 8
 BLOCK = 8  # several blocks per weight (in = 32 or 64): the forced prunes cross block boundaries

@@ -13,9 +13,9 @@ import torch
 from transformers import TrainerCallback
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
-from hf_weightprune.export import load_sparsity
 from hf_weightprune.matching import find_tracked_weights
-from hf_weightprune.obs import layer_reconstruction_error, sparsegpt_prune_
+from hf_weightprune.prune.obs import layer_reconstruction_error, sparsegpt_prune_
+from hf_weightprune.publish.export import load_sparsity
 from hf_weightprune.testing import tiny_llama, tiny_phi3
 
 from .helpers import train
@@ -72,7 +72,7 @@ def _importances(tmp_path, steps=6):
     cbs = {c: ImportanceCallback(ImportanceConfig(criterion=c, name=c)) for c in ("sparsegpt", "wanda")}
     train(model, list(cbs.values()), tmp_path, max_steps=steps)
     imps = {c: cb.importance() for c, cb in cbs.items()}
-    from hf_weightprune.oneshot import oneshot_importance
+    from hf_weightprune.prune.oneshot import oneshot_importance
 
     imps["magnitude"] = oneshot_importance(model, "magnitude")
     return model, imps
@@ -87,7 +87,7 @@ def test_layer_output_error_sparsegpt_below_wanda_below_magnitude(structure, sco
     for criterion in ("sparsegpt", "wanda", "magnitude"):
         m = copy.deepcopy(model)
         reports[criterion] = prune_(m, imps[criterion].bind(m) if criterion != "magnitude" else
-                                    __import__("hf_weightprune.oneshot", fromlist=["x"]).oneshot_importance(m),
+                                    __import__("hf_weightprune.prune.oneshot", fromlist=["x"]).oneshot_importance(m),
                                     PruneConfig(structure=structure, scope=scope), progress=False)
         params = dict(m.named_parameters())
         errors[criterion] = sum(layer_reconstruction_error(dense[n], params[n].detach().double(), h)
@@ -186,7 +186,7 @@ def test_prune_checkpoint_reconstructs_like_prune_(config, tmp_path):
     model, imps = _importances(tmp_path / "train")
     model.save_pretrained(tmp_path / "dense")
     imp_dir = tmp_path / "imp"
-    from hf_weightprune.state import save_importance_dir
+    from hf_weightprune.files.state import save_importance_dir
 
     imp = imps["sparsegpt"]
     save_importance_dir(str(imp_dir), imp.state_dict(), config=imp.config, meta=imp.meta, shapes=imp.shapes)
@@ -204,7 +204,7 @@ def test_prune_checkpoint_reconstructs_like_prune_(config, tmp_path):
 
 
 def test_inspect_without_weights_shows_the_hessians(tmp_path, capsys):
-    from hf_weightprune.cli import main
+    from hf_weightprune.tools.cli import main
 
     train(tiny_llama(seed=44), [ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))], tmp_path, max_steps=2)
     png = tmp_path / "h.png"

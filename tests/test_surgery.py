@@ -14,7 +14,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from hf_weightprune.surgery import (
+from hf_weightprune.prune.surgery import (
     check_structured_supported,
     head_group_scores,
     neuron_scores,
@@ -478,7 +478,7 @@ def test_phi3_longrope_head_pruning_is_refused():
 def test_config_validator_bugs_are_not_swallowed():
     # Only the validator's rejections (ValueError, TypeError, huggingface_hub's strict-dataclass errors) mean "this
     # size is refused"; any other exception is a bug and must surface instead of being reported as a rejection.
-    from hf_weightprune.surgery import _config_error
+    from hf_weightprune.prune.surgery import _config_error
 
     model = make_model("llama_gqa_bias")
     assert "not a multiple of the number of attention heads" in _config_error(model.config, {"num_attention_heads": 6})

@@ -9,12 +9,12 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
-from hf_weightprune.cli import add_sweep_parser
-from hf_weightprune.data import load_texts, make_windows, train_tokenizer
 from hf_weightprune.matching import find_tracked_weights
-from hf_weightprune.oneshot import oneshot_importance
-from hf_weightprune.sweep import format_table, parse_sparsities, sweep
+from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.testing import tiny_llama
+from hf_weightprune.tools.cli import add_sweep_parser
+from hf_weightprune.tools.data import load_texts, make_windows, train_tokenizer
+from hf_weightprune.tools.sweep import format_table, parse_sparsities, sweep
 from tests.helpers import train
 
 KJV = Path(__file__).resolve().parents[1] / "data" / "kjv"
@@ -90,7 +90,7 @@ def test_sweep_reads_named_importances_from_folders_and_hub_repos(trained, tmp_p
     reads one from a local run folder and from a Hub repo holding only that folder, as the in-memory importance."""
     from huggingface_hub import HfApi
 
-    from hf_weightprune.cli import main
+    from hf_weightprune.tools.cli import main
 
     root, imps = trained
     kw = dict(sparsities=[0.5], baselines=(), seq_len=SEQ, max_windows=2, batch_size=BATCH, progress=False)
@@ -185,7 +185,7 @@ def test_cli_rejects_bad_arguments_and_mismatched_importance(trained, tmp_path):
     with pytest.raises(ValueError, match="changes the model's shape"):
         _cli([*base, "--structure", "neurons"])
     # Importance of a differently shaped model is refused before any evaluation.
-    from hf_weightprune.state import save_importance_dir
+    from hf_weightprune.files.state import save_importance_dir
 
     other = tiny_llama(hidden_size=16)
     mag = oneshot_importance(other, "magnitude")

@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, PruneSchedule
-from hf_weightprune import state as S
+from hf_weightprune.files import state as S
 from hf_weightprune.testing import TokenDataset, tiny_llama
 
 MARKER = "HANG"
@@ -59,7 +59,7 @@ HANG_AFTER = {"write_single": True, "publish": False}
 
 
 def hang_on_call(name: str, call: int, output_dir: str) -> None:
-    """Make the `call`-th call of `hf_weightprune.state.<name>` hang."""
+    """Make the `call`-th call of `hf_weightprune.files.state.<name>` hang."""
     original, calls = getattr(S, name), [0]
 
     def wrapper(*args, **kwargs):

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..collect.importance import Importance
+from ..config import PruneConfig, check_sparsity, default_scope
+from ..matching import canonical_name, decoder_layer, select_names
 from . import masks as M
-from .config import PruneConfig, check_sparsity, default_scope
 from .global_threshold import GlobalThreshold, compute_global_threshold, layer_mask
-from .importance import Importance
 from .masks import _order_key, num_to_prune
-from .matching import canonical_name, decoder_layer, select_names
 from .obs import sparsegpt_prune_
 
 __all__ = ["PruningReport", "check_nm_shapes", "compute_masks", "prune_", "refuse_tied"]

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import PruneConfig, _check_modules, _JsonConfigMixin, check_sparsity
+from ..config import PruneConfig, _check_modules, _JsonConfigMixin, check_sparsity
 
 SCHEDULE_MODES = ("prune", "hold")
 RAMPS = ("cubic", "linear")
@@ -40,7 +40,7 @@ def _check_point(name: str, value: Any) -> float | int:
 
 def _check_masks_from(path: str) -> None:
     """One-line refusal, when the schedule is built, of a `masks_from` that cannot hold masks."""
-    from .safetensors_io import find_weights_file
+    from ..files.safetensors_io import find_weights_file
 
     if not os.path.isdir(path):
         raise ValueError(f"masks_from={path!r} is not a folder: pass the pruned checkpoint's local folder "

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .config import _check_nm, check_sparsity, parse_nm
+from ..config import _check_nm, check_sparsity, parse_nm
 
 __all__ = [
     "apply_mask_",

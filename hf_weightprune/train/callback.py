@@ -27,13 +27,13 @@ import torch
 from safetensors import SafetensorError
 from transformers import TrainerCallback
 
-from . import distributed as D
-from . import state as S
-from .accumulator import ImportanceAccumulator
-from .config import ImportanceConfig
+from .. import distributed as D
+from ..collect.accumulator import ImportanceAccumulator
+from ..collect.importance import Importance
+from ..config import ImportanceConfig
+from ..files import state as S
 from .distill import DistillConfig, Distiller
 from .holder import MaskHolder
-from .importance import Importance
 from .schedule import PruneSchedule
 
 logger = logging.getLogger(__name__)

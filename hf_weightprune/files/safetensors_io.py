@@ -233,7 +233,7 @@ def copy_shard_masked(src: str, dst: str, mask_of: Callable[[str, list[int]], to
         ValueError: `src` has a bad header, is truncated or has trailing bytes, or a masked tensor is not a float
             dtype (BF16, F16, F32, F64).
     """
-    from . import masks as M
+    from ..prune import masks as M
 
     with open(src, "rb") as fin:
         size = os.fstat(fin.fileno()).st_size

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import PruneConfig, parse_structure
-from .importance import Importance
-from .io_utils import atomic_write_text, check_arg_type
-from .oneshot import ONESHOT_CRITERIA, oneshot_importance
-from .pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
+from ..collect.importance import Importance
+from ..config import PruneConfig, parse_structure
+from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
+from ..io_utils import atomic_write_text, check_arg_type
+from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")
@@ -97,7 +97,7 @@ def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None,
         return dict(importance)
     if isinstance(importance, (str, os.PathLike, Importance)):
         importance = [importance]
-    from .state import load_importance
+    from ..files.state import load_importance
 
     labelled: dict[str, Any] = {}
     for item in importance:
@@ -117,7 +117,7 @@ def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None,
 
 def _importance_dirs(importances: Mapping[str, Any], name: str | None = None) -> list[str]:
     """The local importance folders among `{label: folder or Importance}` (for the output rule)."""
-    from .state import ImportanceFileError, resolve_importance_dir
+    from ..files.state import ImportanceFileError, resolve_importance_dir
 
     dirs = []
     for item in importances.values():
@@ -231,8 +231,8 @@ def sweep(
     _check_sweep_args(locals())  # first statement: locals() holds exactly the arguments
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..prune.pruner import prune_
     from .data import evaluate_loss
-    from .pruner import prune_
     kind, nm = parse_structure(structure)
     if kind not in ("unstructured", "N:M"):
         raise ValueError(f"sweep supports 'unstructured' and N:M structures; {structure!r} changes the model's shape "
@@ -251,7 +251,7 @@ def sweep(
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir} is not a model folder")
     if output_dir is not None:
-        from .export import check_output_dir
+        from ..publish.export import check_output_dir
 
         # The library's one output rule; a non-empty folder is fine (e.g. the pruned model's, whose card then
         # shows the sweep): only sweep.csv, sweep.json and sweep.png are replaced there.
@@ -269,7 +269,7 @@ def sweep(
 
     for label, imp in list(importances.items()):
         if not isinstance(imp, Importance):
-            from .state import load_importance
+            from ..files.state import load_importance
 
             importances[label] = imp = load_importance(imp, name=importance_name)
         imp.validate_against(model)  # fail before any evaluation, not halfway through

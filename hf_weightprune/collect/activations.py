@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .matching import TrackedWeight
+from ..matching import TrackedWeight
 
 # statistic(x [..., in], token_mask bool [...] or None) -> per-input sum over the real tokens (e.g. [in] or [in, in])
 Statistic = Callable[[Tensor, "Tensor | None"], Tensor]

@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ._version import __version__
-from .config import parse_structure
-from .io_utils import atomic_write_text, check_arg_type, is_local_path, path_name
-from .pruned_files import SPARSITY_NAME, SWEEP_JSON, SWEEP_PNG, load_sparsity
+from .._version import __version__
+from ..config import parse_structure
+from ..files.pruned_files import SPARSITY_NAME, SWEEP_JSON, SWEEP_PNG, load_sparsity
+from ..io_utils import atomic_write_text, check_arg_type, is_local_path, path_name
 
 CARD_FILE = "README.md"
 CARD_TEMPLATE = "pruned_model_card.md"
@@ -185,7 +185,7 @@ def _tags(structure: str, criterion: str | None) -> list[str]:
 
 def _criteria() -> list[tuple[str, str, str]]:
     """`(name, formula, paper)` of every registered criterion: the scorer classes are the only source."""
-    from .scorers import SCORERS
+    from ..scorers import SCORERS
 
     return [(name, cls.formula, cls.paper) for name, cls in SCORERS.items()]
 

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from .io_utils import check_arg_type
+from ..io_utils import check_arg_type
 
 SPARSITY_NAME = "sparsity.json"
 SPARSITY_FORMAT_VERSION = 1

@@ -19,17 +19,17 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import safetensors_io as sio
-from ._version import __version__
-from .config import PruneConfig
-from .importance import Importance
-from .io_utils import check_arg_type
-from .pruned_files import SPARSITY_FORMAT_VERSION, SPARSITY_NAME, load_sparsity
-from .pruner import PruningReport
+from .._version import __version__
+from ..collect.importance import Importance
+from ..config import PruneConfig
+from ..files import safetensors_io as sio
+from ..files.pruned_files import SPARSITY_FORMAT_VERSION, SPARSITY_NAME, load_sparsity
+from ..io_utils import check_arg_type
+from ..prune.pruner import PruningReport
 
 if TYPE_CHECKING:
-    from .distill import DistillConfig
-    from .schedule import PruneSchedule
+    from ..train.distill import DistillConfig
+    from ..train.schedule import PruneSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _write_sparsity_and_card(folder: str, output_dir: str, payload: dict[str, An
 
 def _schedule_dict(schedule: Any) -> dict | None:
     """`save_pruned`'s `schedule` as the dict `sparsity.json` records; refused before any work when unusable."""
-    from .schedule import PruneSchedule
+    from ..train.schedule import PruneSchedule
 
     if schedule is None:
         return None
@@ -239,7 +239,7 @@ def _schedule_dict(schedule: Any) -> dict | None:
 
 def _distillation_dict(distillation: Any) -> dict | None:
     """`save_pruned`'s `distillation` as the dict `sparsity.json` records (the device where it ran is not kept)."""
-    from .distill import DistillConfig
+    from ..train.distill import DistillConfig
 
     if distillation is None:
         return None
@@ -392,8 +392,8 @@ def prune_checkpoint(
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .matching import select_names
-    from .pruner import pruning_edits, refuse_tied, report_obs
+    from ..matching import select_names
+    from ..prune.pruner import pruning_edits, refuse_tied, report_obs
 
     if isinstance(config, (str, os.PathLike)) and (output_dir is None or isinstance(output_dir, PruneConfig)):
         # The earlier order was (model_dir, importance, output_dir, config): `config` now sits where `prune_` has it.

@@ -31,11 +31,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from . import distributed as D
-from ._version import __version__
-from .config import IMPORTANCE_CONFIG_NAME, ImportanceConfig
-from .importance import Importance
-from .io_utils import atomic_write_json
+from .. import distributed as D
+from .._version import __version__
+from ..collect.importance import Importance
+from ..config import IMPORTANCE_CONFIG_NAME, ImportanceConfig
+from ..io_utils import atomic_write_json
 from .safetensors_io import CheckpointWeights, check_complete, find_weights_file, read_header, weight_map
 
 FORMAT_VERSION = 1
@@ -502,7 +502,7 @@ def load_importance(
     meta = load_meta(directory)
     config = ImportanceConfig.from_dict(meta["config"])
     shapes = {k: list(v) for k, v in meta["tensors"].items()}
-    from .scorers import get_scorer
+    from ..scorers import get_scorer
 
     scorer = get_scorer(config.criterion)
     state_shapes = {k: list(scorer.state_shape(torch.empty(v, device="meta"))) for k, v in shapes.items()}

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 from transformers.trainer_utils import has_length
 
-from . import distributed as D
+from .. import distributed as D
+from ..config import ImportanceConfig
+from ..matching import TrackedWeight, find_tracked_weights
+from ..scorers import get_scorer
+from ..scorers.base import chunks
 from .activations import ActivationCollector
-from .config import ImportanceConfig
 from .importance import Importance
-from .matching import TrackedWeight, find_tracked_weights
-from .scorers import get_scorer
-from .scorers.base import chunks
 
 logger = logging.getLogger(__name__)
 

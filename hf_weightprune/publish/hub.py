@@ -17,11 +17,11 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects, get_token
 
-from ._version import __version__
+from .._version import __version__
+from ..files.pruned_files import SPARSITY_NAME, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, load_sparsity
+from ..files.state import IMPORTANCE_DIR
+from ..io_utils import check_arg_type, is_local_path, path_name
 from .card import CARD_FILE, CARD_TEMPLATE, is_generated_card, render_model_card, write_model_card
-from .io_utils import check_arg_type, is_local_path, path_name
-from .pruned_files import SPARSITY_NAME, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, load_sparsity
-from .state import IMPORTANCE_DIR
 
 # Backward-compatible names: these used to be defined here.
 SPARSITY_FILE = SPARSITY_NAME

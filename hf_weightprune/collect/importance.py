@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .config import ImportanceConfig
-from .matching import find_tracked_weights
-from .scorers import get_scorer
+from ..config import ImportanceConfig
+from ..matching import find_tracked_weights
+from ..scorers import get_scorer
 
 
 class _ScoreView(Mapping):

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Iterator
 
-from ._version import __version__
+from .._version import __version__
 
 # The one-shot baselines `sweep` knows (`oneshot.ONESHOT_CRITERIA`, which imports torch; a test keeps them equal).
 _ONESHOT_CRITERIA = ("magnitude", "wanda")
@@ -161,10 +161,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         FileNotFoundError, ImportanceFileError: a missing model or importance folder, printed by [`main`] as one
             line.
     """
-    from .config import PruneConfig
-    from .export import check_output_dir, save_pruned
-    from .pruner import prune_
-    from .state import ImportanceFileError, load_importance, resolve_importance_dir
+    from ..config import PruneConfig
+    from ..files.state import ImportanceFileError, load_importance, resolve_importance_dir
+    from ..prune.pruner import prune_
+    from ..publish.export import check_output_dir, save_pruned
 
     config = PruneConfig(sparsity=args.sparsity, structure=args.structure, scope=args.scope,
                          allow_collapse=args.allow_collapse,
@@ -179,13 +179,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_output_dir(args.output_dir, input_dirs=[args.model_dir], importance_dirs=[importance_dir],
                      overwrite=args.overwrite, arg="--output_dir", overwrite_hint="--overwrite")
     importance = load_importance(args.importance, name=args.importance_name)
-    from .safetensors_io import find_weights_file
+    from ..files.safetensors_io import find_weights_file
 
     progress = _progress(args)
     safetensors_dir = os.path.isdir(args.model_dir) and find_weights_file(args.model_dir) is not None
     if not args.eval_data and args.dtype == "auto" and config.kind not in ("neurons", "heads") and safetensors_dir:
         # Nothing needs the model in memory: prune the safetensors files shard by shard (faster, less memory).
-        from .export import prune_checkpoint
+        from ..publish.export import prune_checkpoint
 
         report = prune_checkpoint(args.model_dir, importance, config, args.output_dir, base_model=args.base_model,
                                   overwrite=args.overwrite, progress=progress)
@@ -205,7 +205,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _saved(report, args) -> int:
     print(f"{report.summary()}\nSaved to {args.output_dir}")
     if args.push_to_hub:
-        from .hub import push_pruned_to_hub
+        from ..publish.hub import push_pruned_to_hub
 
         url = push_pruned_to_hub(args.output_dir, repo_id=args.push_to_hub, private=args.private or None)
         print(f"Pushed: {url}")
@@ -233,9 +233,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     Raises:
         ValueError, FileNotFoundError, ImportanceFileError: bad input, printed by [`main`] as one line.
     """
+    from ..files.state import load_importance
+    from ..scorers import get_scorer
     from .plotting import layer_stats
-    from .scorers import get_scorer
-    from .state import load_importance
 
     if args.model:
         _check_model_dir(args.model, "--model")  # before the importance is read
@@ -281,7 +281,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             (exit 2).
         ConnectionError: `HF_HUB_OFFLINE=1` or no network, printed as one line (exit 1).
     """
-    from .hub import push_pruned_to_hub
+    from ..publish.hub import push_pruned_to_hub
 
     try:
         url = push_pruned_to_hub(args.folder, repo_id=args.repo_id, private=args.private or None,
@@ -384,8 +384,8 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
     Raises:
         ValueError: bad input (see [`sweep`]); `main` prints it as one line.
     """
-    from .export import check_output_dir
-    from .pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
+    from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
+    from ..publish.export import check_output_dir
     from .sweep import format_table, parse_sparsities, sweep
 
     # The library checks it too, naming `output_dir`; here first, so the message names the flag.
@@ -489,7 +489,7 @@ def _exit_code(error: BaseException) -> int | None:
         return 2  # ImportanceFileError is a ValueError
     if isinstance(error, OSError):
         return 1  # ConnectionError, OfflineModeIsEnabled, a full disk
-    from .hub import _is_network_error
+    from ..publish.hub import _is_network_error
 
     names = {c.__name__ for c in type(error).__mro__}
     if _is_network_error(error) or "HfHubHTTPError" in names:

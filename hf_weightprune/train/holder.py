@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import distributed as D
-from .masks import apply_mask_, check_nm_shapes
-from .matching import find_tracked_weights, select_names
-from .pruner import PruningReport, compute_masks, pruning_edits, refuse_tied, uses_obs
+from .. import distributed as D
+from ..matching import find_tracked_weights, select_names
+from ..prune.masks import apply_mask_, check_nm_shapes
+from ..prune.pruner import PruningReport, compute_masks, pruning_edits, refuse_tied, uses_obs
 from .schedule import PruneSchedule
 
 logger = logging.getLogger(__name__)
@@ -148,8 +148,8 @@ class MaskHolder:
     def _held_masks(self, model: nn.Module) -> dict[str, Tensor]:
         """`"hold"`: the masks of `masks_from`; without `sparsity.json` (another tool pruned it), the zeros of the
         targeted `nn.Linear` weights."""
-        from .export import load_masks
-        from .pruned_files import SPARSITY_NAME
+        from ..files.pruned_files import SPARSITY_NAME
+        from ..publish.export import load_masks
 
         cfg = self.schedule
         if os.path.isfile(os.path.join(cfg.masks_from, SPARSITY_NAME)):

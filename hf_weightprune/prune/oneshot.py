@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .activations import ActivationCollector
-from .config import ImportanceConfig
-from .importance import Importance
-from .matching import find_tracked_weights
-from .scorers import get_scorer
+from ..collect.activations import ActivationCollector
+from ..collect.importance import Importance
+from ..config import ImportanceConfig
+from ..matching import find_tracked_weights
+from ..scorers import get_scorer
 
 ONESHOT_CRITERIA = ("magnitude", "wanda")
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..matching import canonical_name
 from .masks import apply_mask_
-from .matching import canonical_name
 from .pruner import PruningReport
 
 logger = logging.getLogger(__name__)
