@@ -1,8 +1,7 @@
 """Configuration dataclasses: what to track (`ImportanceConfig`) and how to prune (`PruneConfig`).
 
-Also the validators every module shares, so a bad value gets the same message wherever it enters: [`check_sparsity`]
-and [`parse_nm`]. Of the package it imports only `io_utils` at import time (the criterion registry is looked up when an
-`ImportanceConfig` is built), so every other module can import it.
+The validators they share with the rest of the package live in `validation.py`. Of the package it imports only
+`io_utils` and `validation` at import time (the criterion registry is looked up when an `ImportanceConfig` is built).
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
-from numbers import Real
 from typing import Any
 
 from .io_utils import atomic_write_json
+from .validation import check_modules, check_sparsity, parse_structure
 
 logger = logging.getLogger(__name__)
 
@@ -24,14 +23,6 @@ STATE_DTYPES = ("float32", "bfloat16")
 WEIGHTINGS = ("uniform", "step")
 # An `ImportanceConfig.name` becomes part of a folder name: no separators, no hidden or option-like names.
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-
-
-def _check_modules(name: str, value: Any) -> Any:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
-        return sorted(value) if isinstance(value, set) else list(value)
-    raise ValueError(f"{name} must be a regex str, a list of module-name suffixes, or None; got {value!r}")
 
 
 class _JsonConfigMixin:
@@ -177,8 +168,8 @@ class ImportanceConfig(_JsonConfigMixin):
 
         if self.criterion not in SCORERS:
             raise ValueError(f"criterion must be one of {sorted(SCORERS)}; got {self.criterion!r}")
-        self.target_modules = _check_modules("target_modules", self.target_modules)
-        self.exclude_modules = _check_modules("exclude_modules", self.exclude_modules)
+        self.target_modules = check_modules("target_modules", self.target_modules)
+        self.exclude_modules = check_modules("exclude_modules", self.exclude_modules)
         if not isinstance(self.every_n_steps, int) or isinstance(self.every_n_steps, bool) or self.every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1; got {self.every_n_steps!r}")
         if self.window is not None and (
@@ -220,7 +211,6 @@ class ImportanceConfig(_JsonConfigMixin):
 
 
 
-PRUNE_STRUCTURES = ("unstructured", "N:M", "neurons", "heads")
 PRUNE_SCOPES = ("global", "layer", "row")
 PRUNE_ALLOCATIONS = ("uniform", "owl")
 # Scope of unstructured pruning when `PruneConfig.scope` is None, per criterion. None of the registered scores is
@@ -246,85 +236,6 @@ def default_scope(criterion: str | None) -> str:
         `str`: `"row"` or `"layer"`; never `"global"`, which must be asked for.
     """
     return DEFAULT_SCOPES.get(criterion, "layer")
-
-
-def check_sparsity(name: str, value: Any) -> float:
-    """
-    The one sparsity check of the package (configs, mask builders, structured pruning, schedules).
-
-    Args:
-        name (`str`):
-            How the value is named in the error message, e.g. `"sparsity"` or `"sparsity['mlp.*']"`.
-        value (`float`):
-            The sparsity to check: a real number (not a `bool`) in `[0.0, 1.0)`.
-
-    Returns:
-        `float`: `value` as a Python float.
-
-    Raises:
-        `ValueError`: if `value` is not a real number in `[0, 1)` (NaN included).
-    """
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
-    return float(value)
-
-
-# Private name kept for schedule.py, which imports it until it switches to `check_sparsity`.
-_check_sparsity = check_sparsity
-
-
-def _check_nm(n: Any, m: Any) -> None:
-    for arg, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"`{arg}` must be an int, got {value!r}.")
-    if not 0 < n < m:
-        raise ValueError(f"N:M pattern needs 0 < n < m, got n={n}, m={m}.")
-
-
-def parse_nm(spec: str) -> tuple[int, int]:
-    """
-    Parse an N:M sparsity pattern.
-
-    Args:
-        spec (`str`):
-            Pattern such as `"2:4"`: keep `n` of every `m` consecutive input elements, with `0 < n < m`.
-
-    Returns:
-        `tuple[int, int]`: `(n, m)`.
-
-    Raises:
-        `ValueError`: if `spec` is not two positive integers joined by `":"` with `0 < n < m`.
-    """
-    if not isinstance(spec, str):
-        raise ValueError(f"N:M pattern must be a string like '2:4', got {type(spec).__name__}.")
-    parts = spec.strip().split(":")
-    if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
-        raise ValueError(f"N:M pattern must look like '2:4' (two positive integers joined by ':'), got {spec!r}.")
-    n, m = int(parts[0]), int(parts[1])
-    _check_nm(n, m)
-    return n, m
-
-
-def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
-    """
-    Parse a pruning structure.
-
-    Args:
-        structure (`str`):
-            `"unstructured"`, `"neurons"`, `"heads"` or an N:M pattern such as `"2:4"`.
-
-    Returns:
-        `tuple[str, tuple[int, int] | None]`: `(kind, nm)` with `kind` one of `"unstructured"`, `"N:M"`,
-        `"neurons"`, `"heads"`, and `nm = (n, m)` for N:M, else `None`.
-
-    Raises:
-        `ValueError`: for any other value, or a malformed N:M pattern.
-    """
-    if structure in ("unstructured", "neurons", "heads"):
-        return structure, None
-    if isinstance(structure, str) and ":" in structure:
-        return "N:M", parse_nm(structure)
-    raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons' or 'heads'; got {structure!r}")
 
 
 @dataclass
@@ -416,8 +327,8 @@ class PruneConfig(_JsonConfigMixin):
             raise ValueError(f"scope must be one of {PRUNE_SCOPES}; got {self.scope!r}")
         if kind in ("neurons", "heads") and self.scope != "layer":
             raise ValueError(f"structure {kind!r} removes the same number of units in every layer: use scope='layer'")
-        self.target_modules = _check_modules("target_modules", self.target_modules)
-        self.exclude_modules = _check_modules("exclude_modules", self.exclude_modules)
+        self.target_modules = check_modules("target_modules", self.target_modules)
+        self.exclude_modules = check_modules("exclude_modules", self.exclude_modules)
         if kind in ("neurons", "heads") and (self.target_modules is not None or self.exclude_modules is not None):
             # Surgery shrinks every layer's MLP / attention as a whole: a selection would be silently ignored.
             raise ValueError(f"structure {kind!r} shrinks every decoder layer: target_modules/exclude_modules do not "

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, PruningReport, prune_
-from hf_weightprune.config import check_sparsity, parse_nm
 from hf_weightprune.matching import select_names
 from hf_weightprune.prune.masks import check_nm_shapes, nm_capped_mask, nm_mask, num_to_prune
 from hf_weightprune.prune.pruner import compute_masks, refuse_tied
 from hf_weightprune.testing import tiny_llama, tiny_phi3
+from hf_weightprune.validation import check_sparsity, parse_nm
 
 from .helpers import train
 
@@ -163,7 +163,7 @@ def test_bad_previous_and_names_are_refused(importances):
         compute_masks(imp, PruneConfig(), sparsity=1.0)
 
 
-def test_check_nm_shapes_message():
+def testcheck_nm_shapes_message():
     check_nm_shapes({"a.weight": [8, 16], "b.weight": (4, 8)}, 2, 8)
     with pytest.raises(ValueError) as err:
         check_nm_shapes({"a.weight": [8, 16], "model.layers.0.mlp.down_proj.weight": [30, 65]}, 2, 4)

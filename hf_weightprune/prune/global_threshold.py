@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import check_sparsity
+from ..validation import check_sparsity
 from .masks import _order_key, _order_key16, num_to_prune, unstructured_mask
 
 __all__ = ["GlobalThreshold", "NamedScores", "compute_global_threshold", "global_masks", "layer_mask"]

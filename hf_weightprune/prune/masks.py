@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..config import _check_nm, check_sparsity, parse_nm
+from ..validation import check_nm, check_sparsity, parse_nm
 
 __all__ = [
     "apply_mask_",
@@ -228,7 +228,7 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     Raises:
         `ValueError`: for bad `n`/`m`, an input dim not divisible by `m`, or a score not floating or holding NaN.
     """
-    _check_nm(n, m)
+    check_nm(n, m)
     _check_groups(score, m)
     keys = _keys(score).reshape(-1, m)
     return _prune_lowest_along_last_dim(keys, m - n).reshape(score.shape)
@@ -262,7 +262,7 @@ def nm_capped_mask(score: torch.Tensor, sparsity: float, n: int, m: int) -> torc
     Raises:
         `ValueError`: for a bad `sparsity`, `n`/`m`, a non-floating or NaN score, or an input dim not divisible by `m`.
     """
-    _check_nm(n, m)
+    check_nm(n, m)
     _check_groups(score, m)
     keys = _keys(score).reshape(-1, m)
     candidates = torch.argsort(keys, dim=1, stable=True)[:, : m - n]  # the m - n lowest of each group
@@ -296,7 +296,7 @@ def check_nm_shapes(shapes: Mapping[str, Sequence[int]], n: int, m: int) -> None
         `ValueError`: one line naming the first weight whose input dim is not a multiple of `m` (or that has no
         dims), and the fix.
     """
-    _check_nm(n, m)
+    check_nm(n, m)
     for name, shape in shapes.items():
         shape = tuple(shape)
         in_features = shape[-1] if shape else None

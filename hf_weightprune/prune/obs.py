@@ -35,10 +35,9 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from ..config import parse_nm
-
 # The saliency and the factorisation are the `sparsegpt` criterion's math (its score); the sweep builds on them.
 from ..scorers.sparsegpt import _check_pair, inverse_hessian_cholesky, obs_saliency
+from ..validation import parse_nm
 from .masks import num_to_prune
 
 __all__ = ["inverse_hessian_cholesky", "layer_reconstruction_error", "obs_saliency", "sparsegpt_prune_"]

@@ -20,8 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..collect.importance import Importance
-from ..config import PruneConfig, check_sparsity, default_scope
+from ..config import PruneConfig, default_scope
 from ..matching import canonical_name, decoder_layer, select_names
+from ..validation import check_sparsity
 from . import masks as M
 from .global_threshold import GlobalThreshold, compute_global_threshold, layer_mask
 from .masks import _order_key, num_to_prune

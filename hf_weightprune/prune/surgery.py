@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..config import check_sparsity
+from ..validation import check_sparsity
 from .masks import num_to_prune
 
 __all__ = [

@@ -17,9 +17,9 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .._version import __version__
-from ..config import parse_structure
 from ..files.pruned_files import SPARSITY_NAME, SWEEP_JSON, SWEEP_PNG, load_sparsity
 from ..io_utils import atomic_write_text, check_arg_type, is_local_path, path_name
+from ..validation import parse_structure
 
 CARD_FILE = "README.md"
 CARD_TEMPLATE = "pruned_model_card.md"

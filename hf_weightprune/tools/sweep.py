@@ -20,10 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..collect.importance import Importance
-from ..config import PruneConfig, parse_structure
+from ..config import PruneConfig
 from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
 from ..io_utils import atomic_write_text, check_arg_type
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
+from ..validation import parse_structure
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")

@@ -15,7 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PruneConfig, _check_modules, _JsonConfigMixin, check_sparsity
+from ..config import PruneConfig, _JsonConfigMixin
+from ..validation import check_modules, check_sparsity
 
 SCHEDULE_MODES = ("prune", "hold")
 RAMPS = ("cubic", "linear")
@@ -153,8 +154,8 @@ class PruneSchedule(_JsonConfigMixin):
                                          allow_collapse=self.allow_collapse, reconstruct=self.reconstruct,
                                          dampening=self.dampening, block_size=self.block_size)
         self.scope = self._prune_config.scope
-        self.target_modules = _check_modules("target_modules", self.target_modules)
-        self.exclude_modules = _check_modules("exclude_modules", self.exclude_modules)
+        self.target_modules = check_modules("target_modules", self.target_modules)
+        self.exclude_modules = check_modules("exclude_modules", self.exclude_modules)
         if self.mode == "prune":
             if self.final_sparsity is None and self._prune_config.nm is None:
                 raise ValueError("final_sparsity is required for mode='prune' (a float in [0, 1))")

@@ -1,0 +1,93 @@
+"""The shared validators: a bad value gets the same one-line message wherever it enters (configs, mask builders,
+structured pruning, schedules, the CLI). A leaf: the math modules import it without importing the config dataclasses.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any
+
+
+def check_modules(name: str, value: Any) -> Any:
+    """`value` as peft takes `target_modules` / `exclude_modules`: `None`, a regex `str`, or module-name suffixes
+    (a set comes back sorted). Raises `ValueError` naming `name` for anything else."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        return sorted(value) if isinstance(value, set) else list(value)
+    raise ValueError(f"{name} must be a regex str, a list of module-name suffixes, or None; got {value!r}")
+
+
+def check_sparsity(name: str, value: Any) -> float:
+    """
+    The one sparsity check of the package (configs, mask builders, structured pruning, schedules).
+
+    Args:
+        name (`str`):
+            How the value is named in the error message, e.g. `"sparsity"` or `"sparsity['mlp.*']"`.
+        value (`float`):
+            The sparsity to check: a real number (not a `bool`) in `[0.0, 1.0)`.
+
+    Returns:
+        `float`: `value` as a Python float.
+
+    Raises:
+        `ValueError`: if `value` is not a real number in `[0, 1)` (NaN included).
+    """
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
+    return float(value)
+
+
+def check_nm(n: Any, m: Any) -> None:
+    for arg, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"`{arg}` must be an int, got {value!r}.")
+    if not 0 < n < m:
+        raise ValueError(f"N:M pattern needs 0 < n < m, got n={n}, m={m}.")
+
+
+def parse_nm(spec: str) -> tuple[int, int]:
+    """
+    Parse an N:M sparsity pattern.
+
+    Args:
+        spec (`str`):
+            Pattern such as `"2:4"`: keep `n` of every `m` consecutive input elements, with `0 < n < m`.
+
+    Returns:
+        `tuple[int, int]`: `(n, m)`.
+
+    Raises:
+        `ValueError`: if `spec` is not two positive integers joined by `":"` with `0 < n < m`.
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"N:M pattern must be a string like '2:4', got {type(spec).__name__}.")
+    parts = spec.strip().split(":")
+    if len(parts) != 2 or not all(p.strip().isdecimal() for p in parts):
+        raise ValueError(f"N:M pattern must look like '2:4' (two positive integers joined by ':'), got {spec!r}.")
+    n, m = int(parts[0]), int(parts[1])
+    check_nm(n, m)
+    return n, m
+
+
+def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
+    """
+    Parse a pruning structure.
+
+    Args:
+        structure (`str`):
+            `"unstructured"`, `"neurons"`, `"heads"` or an N:M pattern such as `"2:4"`.
+
+    Returns:
+        `tuple[str, tuple[int, int] | None]`: `(kind, nm)` with `kind` one of `"unstructured"`, `"N:M"`,
+        `"neurons"`, `"heads"`, and `nm = (n, m)` for N:M, else `None`.
+
+    Raises:
+        `ValueError`: for any other value, or a malformed N:M pattern.
+    """
+    if structure in ("unstructured", "neurons", "heads"):
+        return structure, None
+    if isinstance(structure, str) and ":" in structure:
+        return "N:M", parse_nm(structure)
+    raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons' or 'heads'; got {structure!r}")
