@@ -247,7 +247,7 @@ def test_every_public_name_imports_lazily():
         assert ns[name] is getattr(importlib.import_module(f"hf_weightprune.{_LAZY_IMPORTS[name]}"), name), name
     importlib.import_module("hf_weightprune.tools.sweep")  # binds the submodule to the package attribute of that name
 
-    assert hf_weightprune.tools.sweep is sweep and callable(hf_weightprune.tools.sweep)
+    assert hf_weightprune.sweep is sweep and callable(hf_weightprune.sweep)  # the function, not the module
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         hf_weightprune.nope  # noqa: B018
 
