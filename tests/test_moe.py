@@ -34,14 +34,19 @@ CONFIGS = {
     "gpt_oss": lambda **kw: T.GptOssConfig(**{**SMALL, "intermediate_size": 24, "num_local_experts": 4,
                                               "num_experts_per_tok": 2, "head_dim": 8, **kw}),
 }
+# Removal only: a dense first layer, `n_routed_experts`, and a per-expert router buffer (`e_score_correction_bias`)
+REMOVAL = {**CONFIGS, "deepseek_v3": lambda **kw: T.DeepseekV3Config(**{
+    **SMALL, "num_key_value_heads": 4, "intermediate_size": 48, "moe_intermediate_size": 24, "n_routed_experts": 4,
+    "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": 16,
+    "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, **kw})}
 
 
 def tiny(arch: str, seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(CONFIGS[arch](**overrides))
+    model = T.AutoModelForCausalLM.from_config(REMOVAL[arch](**overrides))
     with torch.no_grad():  # biases initialise to zero: make them count in the checks
-        for name, p in model.named_parameters():
-            if name.endswith("_bias") or name.endswith("router.bias"):
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("_bias", "router.bias")):
                 p.normal_(0, 0.1)
     return model
 
@@ -188,7 +193,7 @@ def _brute_force(calls, masks):
     return stats, inputs
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
 def test_router_and_expert_input_statistics_equal_a_brute_force_over_the_routed_real_tokens(arch):
     """Two forwards summed (gradient accumulation), top-2 routing, left and right padding excluded."""
     model = tiny(arch).train()
@@ -290,7 +295,7 @@ def test_choose_experts_removes_the_lowest_ties_to_the_lower_index():
         choose_experts({"a": torch.zeros(4), "b": torch.zeros(3)}, count=1)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3"])
 def test_removed_experts_give_a_smaller_checkpoint_stock_transformers_reloads(arch, tmp_path):
     model = tiny(arch).eval()
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -307,12 +312,15 @@ def test_removed_experts_give_a_smaller_checkpoint_stock_transformers_reloads(ar
         assert min(tokens[kept[b.name]]) >= max(tokens[remove[b.name]])
     blocks = find_moe_blocks(model)
     assert all(b.num_experts == 2 for b in blocks)
-    count_key = "num_local_experts" if arch in ("mixtral", "gpt_oss") else "num_experts"
+    count_key = {"mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "deepseek_v3": "n_routed_experts"}.get(
+        arch, "num_experts")
     assert getattr(model.config, count_key) == 2
     for b in blocks:  # the kept experts and router rows are the original ones, in order
         keep = torch.tensor(kept[b.name])
-        for attr, p in [*b.experts.named_parameters(recurse=False), *b.router.named_parameters(recurse=False)]:
-            owner = b.experts_name if attr in dict(b.experts.named_parameters(recurse=False)) else b.router_name
+        tensors = [(b.experts_name, a, p) for a, p in b.experts.named_parameters(recurse=False)] + [
+            (b.router_name, a, p) for a, p in [*b.router.named_parameters(recurse=False), *b.router.named_buffers()]]
+        assert len(tensors) >= 3
+        for owner, attr, p in tensors:
             assert torch.equal(p, original[f"{owner}.{attr}"][keep]), (owner, attr)
     ids, mask = _batch(8)
     with torch.no_grad():
@@ -320,7 +328,7 @@ def test_removed_experts_give_a_smaller_checkpoint_stock_transformers_reloads(ar
     model.save_pretrained(tmp_path)
     reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert getattr(reloaded.config, count_key) == 2
-    assert reloaded.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 2
+    assert find_moe_blocks(reloaded)[0].experts.gate_up_proj.shape[0] == 2
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, logits, rtol=0, atol=0)
     prompt = ids[:1, :5]
