@@ -40,8 +40,11 @@ def _routing_args(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
         raise ValueError(f"an experts module was called with {len(tensors)} tensors; expected (hidden_states, "
                          "top_k_index, top_k_weights)")
     hidden, rest = tensors[0], tensors[1:]
-    index = next(t for t in rest if not t.is_floating_point())
-    weights = next(t for t in rest if t.is_floating_point() and t.shape == index.shape)
+    index = next((t for t in rest if not t.is_floating_point()), None)
+    weights = next((t for t in rest if index is not None and t.is_floating_point() and t.shape == index.shape), None)
+    if index is None or weights is None:
+        raise ValueError("an experts module was called without an integer top-k index and float weights of its shape; "
+                         "this MoE call convention is not supported")
     return hidden, index, weights
 
 

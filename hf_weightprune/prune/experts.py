@@ -157,7 +157,9 @@ def remove_experts_(model: nn.Module, remove: Mapping[str, Sequence[int]]) -> di
             layer must lose the same number (a layer not listed loses none).
 
     Returns:
-        `dict[str, list[int]]`: block name to the original indices of the experts kept, in order.
+        `dict[str, list[int]]`: block name to the original indices of the experts kept, in order. The expert tensors
+        are new `nn.Parameter`s (build an optimizer afterwards) and earlier `MoeBlock` / `ExpertSlice` objects are
+        stale (call `find_moe_blocks` again).
 
     Raises:
         `ValueError`: one line naming the parameter, before any change: an unknown block, bad indices, all experts of
