@@ -1,7 +1,8 @@
 """Configuration dataclasses: what to track (`ImportanceConfig`) and how to prune (`PruneConfig`).
 
 The validators they share with the rest of the package live in `validation.py`. Of the package it imports only
-`io_utils` and `validation` at import time (the criterion registry is looked up when an `ImportanceConfig` is built).
+`io_utils` and `validation` at import time (the criterion registry is looked up when an `ImportanceConfig` is built
+and when `PruneConfig.resolve_scope` asks a criterion's default scope).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 
 Then [`PruningPlan.mask`] builds one tensor's keep-mask, and [`PruningPlan.edit`] one tensor's edit (zero the masked
 weights, or run the OBS sweep at that tensor's target). Values are validated where they enter (the config, the
-`sparsity` and `previous` a schedule passes); the builders below trust them.
+`sparsity` and `previous` a schedule passes), once; nothing here checks them again.
 """
 
 from __future__ import annotations
