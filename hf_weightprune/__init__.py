@@ -20,7 +20,7 @@ _LAZY_IMPORTS = {
     "ImportanceConfig": "config",
     "PruneConfig": "config",
     "PruneSchedule": "train.schedule",
-    "PruningReport": "prune.pruner",
+    "PruningReport": "prune.report",
     "load_importance": "files.state",
     "load_sparsity": "files.pruned_files",
     "merge_and_unload_sparse": "prune.lora",
@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from .files.state import load_importance
     from .prune.lora import merge_and_unload_sparse
     from .prune.oneshot import oneshot_importance
-    from .prune.pruner import PruningReport, prune_
+    from .prune.pruner import prune_
+    from .prune.report import PruningReport
     from .publish.export import prune_checkpoint, save_pruned
     from .publish.hub import push_pruned_to_hub
     from .tools.sweep import sweep

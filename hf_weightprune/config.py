@@ -1,7 +1,8 @@
 """Configuration dataclasses: what to track (`ImportanceConfig`) and how to prune (`PruneConfig`).
 
 The validators they share with the rest of the package live in `validation.py`. Of the package it imports only
-`io_utils` and `validation` at import time (the criterion registry is looked up when an `ImportanceConfig` is built).
+`io_utils` and `validation` at import time (the criterion registry is looked up when an `ImportanceConfig` is built
+and when `PruneConfig.resolve_scope` asks a criterion's default scope).
 """
 
 from __future__ import annotations
@@ -210,33 +211,8 @@ class ImportanceConfig(_JsonConfigMixin):
         }
 
 
-
 PRUNE_SCOPES = ("global", "layer", "row")
 PRUNE_ALLOCATIONS = ("uniform", "owl")
-# Scope of unstructured pruning when `PruneConfig.scope` is None, per criterion. None of the registered scores is
-# comparable across tensors: they scale with each layer's weight init, activations or Hessian, so one global
-# threshold can prune a whole o_proj/down_proj (measured on tiny Llama + LoRA with wanda at 60%). `row` where the
-# score mixes a per-input-channel factor into |w| (wanda's ||x_j||, as its paper prunes; taylor's and fisher's
-# gradients, measured: taylor per-row 62.5 ppl at 50% on SmolLM2-135M, the README's criterion table), `layer` for plain magnitudes (the LLM
-# magnitude baseline) and for sparsegpt, whose OBS sweep prunes a fixed fraction of each layer.
-DEFAULT_SCOPES = {"wanda": "row", "taylor": "row", "fisher": "row", "magnitude": "layer",
-                  "temporal_magnitude": "layer", "movement": "layer", "sparsegpt": "layer"}
-
-
-def default_scope(criterion: str | None) -> str:
-    """
-    The unstructured pruning scope used for `criterion` when `PruneConfig.scope` is `None` (see `DEFAULT_SCOPES`).
-
-    Args:
-        criterion (`str`, *optional*):
-            A registered criterion; an unknown or custom one (or `None`) gets `"layer"`, which can never prune a
-            tensor to 100%.
-
-    Returns:
-        `str`: `"row"` or `"layer"`; never `"global"`, which must be asked for.
-    """
-    return DEFAULT_SCOPES.get(criterion, "layer")
-
 
 @dataclass
 class PruneConfig(_JsonConfigMixin):
@@ -254,9 +230,10 @@ class PruneConfig(_JsonConfigMixin):
         scope (`str`, *optional*):
             `"global"` (one threshold over all pruned weights), `"layer"` (the same sparsity in every tensor; the
             default and only choice for structured), or `"row"` (the same sparsity in every output row, as Wanda
-            does). Not used by N:M. `None` (unstructured) is resolved at prune time from the importance's criterion
-            by [`default_scope`]: `"row"` for `wanda`, `taylor` and `fisher`, `"layer"` for the others, because
-            their scores are not comparable across tensors (a global threshold on them can prune whole layers).
+            does). Not used by N:M. `None` (unstructured) is resolved at prune time from the importance's criterion:
+            its scorer's `default_scope` ([`~scorers.default_scope`]: `"row"` for `wanda`, `taylor` and `fisher`,
+            `"layer"` for the others), because no criterion's scores are comparable across tensors (a global
+            threshold on them can prune whole layers).
         allow_collapse (`bool`, *optional*, defaults to `False`):
             Allow a tensor to be pruned to 100% (layer collapse). By default pruning refuses, before any weight is
             changed (or, during gradual pruning, at the mask update), naming the tensor.
@@ -356,7 +333,7 @@ class PruneConfig(_JsonConfigMixin):
 
     def resolve_scope(self, criterion: str | None) -> str:
         """
-        The scope pruning uses: `scope` when set, else [`default_scope`] of `criterion`.
+        The scope pruning uses: `scope` when set, else the `default_scope` of `criterion`'s scorer.
 
         Args:
             criterion (`str`, *optional*):
@@ -365,7 +342,11 @@ class PruneConfig(_JsonConfigMixin):
         Returns:
             `str`: `"global"`, `"layer"` or `"row"`.
         """
-        return self.scope if self.scope is not None else default_scope(criterion)
+        if self.scope is not None:
+            return self.scope
+        from .scorers import default_scope  # lazily, as in ImportanceConfig: the registry imports torch
+
+        return default_scope(criterion)
 
     @property
     def kind(self) -> str:

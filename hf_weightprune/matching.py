@@ -177,11 +177,57 @@ def find_tracked_weights(
     return tracked
 
 
-def decoder_layer(name: str) -> str | None:
-    """The decoder layer a parameter belongs to: the name up to its first all-digit part (`model.layers.3` of
-    `model.layers.3.mlp.up_proj.weight`), or `None` for a parameter outside any numbered layer."""
+@dataclass(frozen=True)
+class ParamName:
+    """
+    A parameter name split around its decoder layer, by [`parse_param_name`]: the one parser of the package (OWL's
+    layer groups, the logged summary, `inspect --plot`, the model card's module table).
+
+    Attributes:
+        stack (`str`): the block container before the layer index (`model.layers`, `transformer.h`), `""` outside.
+        index (`int`, *optional*): the layer index, `None` for a parameter outside the repeated blocks (`lm_head`).
+        module (`str`): the module path inside the block (`self_attn.q_proj`), or the whole module path outside.
+    """
+
+    stack: str
+    index: int | None
+    module: str
+
+    @property
+    def layer(self) -> str | None:
+        """`str`: the decoder layer (`model.layers.3`), or `None` outside the repeated blocks."""
+        return None if self.index is None else f"{self.stack}.{self.index}"
+
+    @property
+    def module_name(self) -> str:
+        """`str`: the last module name (`q_proj`), the usual "module type" of a Linear."""
+        return self.module.rsplit(".", 1)[-1]
+
+
+def parse_param_name(name: str) -> ParamName:
+    """
+    Split a parameter name into its block container, layer index and module path.
+
+    The layer index is the first all-digit path component that has something before and after it, so any block
+    container works (`model.layers.N`, `model.decoder.layers.N`, `transformer.h.N`, `encoder.block.N`). A trailing
+    `weight` / `bias` is dropped.
+
+    Args:
+        name (`str`): e.g. `model.layers.12.self_attn.q_proj.weight`.
+
+    Returns:
+        [`ParamName`]: `("model.layers", 12, "self_attn.q_proj")`; `("", None, "lm_head")` for `lm_head.weight`.
+    """
     parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return None
+    if len(parts) > 1 and parts[-1] in ("weight", "bias"):
+        parts = parts[:-1]
+    for i in range(1, len(parts) - 1):
+        if parts[i].isdigit():
+            return ParamName(".".join(parts[:i]), int(parts[i]), ".".join(parts[i + 1 :]))
+    return ParamName("", None, ".".join(parts))
+
+
+def decoder_layer(name: str) -> str | None:
+    """The decoder layer a parameter belongs to (`model.layers.3` of `model.layers.3.mlp.up_proj.weight`), or `None`
+    for a parameter outside any numbered layer: [`parse_param_name`]`(name).layer`."""
+    return parse_param_name(name).layer

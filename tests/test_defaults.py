@@ -18,8 +18,7 @@ from hf_weightprune import (
     prune_,
     save_pruned,
 )
-from hf_weightprune.config import DEFAULT_SCOPES, default_scope
-from hf_weightprune.scorers import SCORERS
+from hf_weightprune.scorers import SCORERS, Scorer, default_scope, register_scorer
 from hf_weightprune.testing import TokenDataset, tiny_llama
 
 from .helpers import train
@@ -36,9 +35,14 @@ def test_defaults_are_wanda_and_resolve_scope_per_criterion():
     assert cfg.resolve_scope("wanda") == "row" and cfg.resolve_scope("magnitude") == "layer"
     assert PruneConfig(scope="global").resolve_scope("wanda") == "global"
     assert PruneConfig(structure="neurons").scope == "layer" and PruneConfig(structure="2:4").scope == "layer"
-    # Every registered criterion has a deliberate default, and it is never the global threshold.
-    assert set(SCORERS) <= set(DEFAULT_SCOPES)
-    assert {default_scope(c) for c in SCORERS} <= {"row", "layer"} and default_scope(None) == "layer"
+    # Every registered criterion has a deliberate default (declared by its scorer), never the global threshold.
+    assert {c: default_scope(c) for c in SCORERS} == {
+        "wanda": "row", "taylor": "row", "fisher": "row", "magnitude": "layer", "temporal_magnitude": "layer",
+        "movement": "layer", "sparsegpt": "layer"}
+    assert default_scope(None) == "layer" and default_scope("not_registered") == "layer"
+    with pytest.raises(ValueError, match="default_scope must be 'row' or 'layer'"):
+        register_scorer(type("GlobalByDefault", (Scorer,), {"name": "test_global_default", "default_scope": "global"}))
+    assert "test_global_default" not in SCORERS
     with pytest.raises(ValueError, match="allow_collapse must be a bool"):
         PruneConfig(allow_collapse="yes")
 

@@ -1,4 +1,4 @@
-"""The one mask dispatch (`pruner.compute_masks`), its gradual-pruning semantics, the shared validators and the one
+"""The one mask dispatch (`plan.compute_masks`), its gradual-pruning semantics, the shared validators and the one
 report shape."""
 
 import math
@@ -9,7 +9,8 @@ import torch
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, PruningReport, prune_
 from hf_weightprune.matching import select_names
 from hf_weightprune.prune.masks import check_nm_shapes, nm_capped_mask, nm_mask, num_to_prune
-from hf_weightprune.prune.pruner import compute_masks, refuse_tied
+from hf_weightprune.prune.plan import compute_masks
+from hf_weightprune.prune.pruner import refuse_tied
 from hf_weightprune.testing import tiny_llama, tiny_phi3
 from hf_weightprune.validation import check_sparsity, parse_nm
 

@@ -100,7 +100,7 @@ def test_order_key_preserves_float32_order():
         math.inf,
     ]
     x = torch.tensor(values, dtype=torch.float32)
-    keys = masks._order_key(x)
+    keys = masks.order_key(x)
     assert keys.dtype == torch.int32
     # Strictly increasing except -0.0 == +0.0.
     diffs = keys[1:].long() - keys[:-1].long()
@@ -117,20 +117,20 @@ def test_order_key16_is_the_float32_key_shifted():
               math.inf]
     for x in (torch.tensor(values, dtype=torch.bfloat16), torch.randn(5000).to(torch.bfloat16),
               torch.rand(5000).to(torch.bfloat16)):
-        key16 = masks._order_key16(x)
-        assert torch.equal(key16.to(torch.int32), masks._order_key(x) >> 16)
+        key16 = masks.order_key16(x)
+        assert torch.equal(key16.to(torch.int32), masks.order_key(x) >> 16)
     # -0.0 and +0.0 share a key; non-negative scores are read in place (a view of the bits)
-    assert masks._order_key16(torch.tensor([-0.0, 0.0], dtype=torch.bfloat16)).tolist() == [0, 0]
+    assert masks.order_key16(torch.tensor([-0.0, 0.0], dtype=torch.bfloat16)).tolist() == [0, 0]
     nonneg = torch.rand(10).to(torch.bfloat16)
-    assert masks._order_key16(nonneg).data_ptr() == nonneg.data_ptr()
+    assert masks.order_key16(nonneg).data_ptr() == nonneg.data_ptr()
     for bad in (float("nan"), -float("nan")):
         with pytest.raises(ValueError, match="w.*NaN"):
-            masks._order_key16(torch.tensor([1.0, bad], dtype=torch.bfloat16), "w")
+            masks.order_key16(torch.tensor([1.0, bad], dtype=torch.bfloat16), "w")
 
 
 def test_order_key_random_matches_sort():
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 1e3
-    assert torch.equal(torch.argsort(masks._order_key(x), stable=True), torch.argsort(x, stable=True))
+    assert torch.equal(torch.argsort(masks.order_key(x), stable=True), torch.argsort(x, stable=True))
 
 
 # ------------------------------------------------------------------------------------------------------------------

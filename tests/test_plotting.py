@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance, oneshot_importance
+from hf_weightprune.collect.summary import layer_stats
 from hf_weightprune.testing import tiny_llama, tiny_phi3
 from hf_weightprune.tools.cli import main
 from hf_weightprune.tools.plotting import (
     layer_grid,
-    layer_stats,
     layer_stats_figure,
     parse_layer_name,
     plot_layer_stats,

@@ -10,7 +10,6 @@ as an [`Importance`]. The callback decides *when* (Trainer events) and *where* (
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from typing import Any
 
@@ -25,6 +24,7 @@ from ..scorers import get_scorer
 from ..scorers.base import chunks
 from .activations import ActivationCollector
 from .importance import Importance
+from .summary import sample_indices, type_summary
 
 logger = logging.getLogger(__name__)
 
@@ -273,22 +273,20 @@ class ImportanceAccumulator:
 
     def _sampled_scores(self, sample_size: int) -> dict[str, torch.Tensor]:
         """Flat float32 scores of a seeded sample of each tracked weight (every element when the model is small)."""
-        acc = self
-        meta, tracked = acc.meta, [t for t in acc.tracked if t.name in acc.states]
+        meta, tracked = self.meta, [t for t in self.tracked if t.name in self.states]
         total = sum(D.local_tensor(t.param).numel() for t in tracked)
         index = self._log_index
         if index is None or index[0] != total:  # drawn once per run: the same weights are followed across steps
-            gen = torch.Generator().manual_seed(acc.seed)
+            gen = torch.Generator().manual_seed(self.seed)
             picks = {}
             for t in tracked:
                 numel = D.local_tensor(t.param).numel()
                 k = numel if total <= sample_size else max(1, round(numel * sample_size / total))
-                # Sorted: the gathers then walk each weight in memory order.
-                picks[t.name] = None if k >= numel else torch.randint(numel, (k,), generator=gen).sort().values
+                picks[t.name] = sample_indices(numel, k, gen)
             index = self._log_index = (total, picks)
         out = {}
         for t in tracked:
-            state, weight = acc.states[t.name], D.local_tensor(t.param.detach())
+            state, weight = self.states[t.name], D.local_tensor(t.param.detach())
             idx = index[1][t.name]
             flat_w = weight.reshape(-1) if idx is None else weight.reshape(-1)[idx.to(weight.device)]
             kwargs = {"num_samples": meta["num_samples"], "weight_sum": float(meta["weight_sum"]),
@@ -297,17 +295,11 @@ class ImportanceAccumulator:
                 if self.scorer.source != "activations":  # elementwise: the score of a sample is the sample's score
                     flat_s = state.reshape(-1) if idx is None else state.reshape(-1)[idx.to(state.device)]
                     score = self.scorer.score(flat_s, weight=flat_w, **kwargs)
-                else:  # wanda ([in] sums of x^2); sparsegpt ([in, in] Hessian): its diagonal, i.e. wanda's proxy
+                else:  # wanda's |W_ij| * ||x_j||, also for a Hessian (no Cholesky per log step)
                     cols = torch.arange(weight.numel(), device=state.device) if idx is None else idx.to(state.device)
-                    cols = cols % weight.shape[-1]
-                    if state.dim() == 1:
-                        score = self.scorer.score(state[cols], weight=flat_w.reshape(1, -1), **kwargs)
-                    elif kwargs["tokens"] > 0:  # wanda's |W_ij| * ||x_j|| from diag(H) (a step-weighted H over mean t)
-                        norm = (state.diagonal()[cols].float() / self.scorer.token_scale(**kwargs)).sqrt()
-                        score = flat_w.float().abs() * norm.to(flat_w.device)
-                    else:
-                        continue
-            except ValueError:  # no sample yet (gradient criteria before their first step)
+                    norms = self.scorer.input_norms(state, **kwargs)[cols % weight.shape[-1]]
+                    score = flat_w.float().abs() * norms.to(flat_w.device)
+            except ValueError:  # no sample yet (gradient criteria before their first step, no tokens)
                 continue
             out[t.name] = score.reshape(-1).float().cpu()
         return out
@@ -320,24 +312,8 @@ class ImportanceAccumulator:
             `dict[str, float]`: `importance/<type>/mean` and `importance/<type>/frac_below` (this rank's weights).
         """
         scores = self._sampled_scores(sample_size)
-        if not scores:
-            return {}
-        pooled = torch.cat(list(scores.values()))
-        finite = pooled[torch.isfinite(pooled)]
-        if not finite.numel():
-            return {}
-        # The sample stands for every weight equally, so its k-th value estimates the global threshold at `target`.
-        k = max(1, math.ceil(target * finite.numel()))
-        threshold = finite.kthvalue(k).values
-        groups: dict[str, list[torch.Tensor]] = {}
-        for name, score in scores.items():
-            groups.setdefault(name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name, []).append(score)
-        values = {}
-        for kind, parts in groups.items():
-            joined = torch.cat(parts)
-            values[f"importance/{kind}/mean"] = float(joined.double().mean())
-            values[f"importance/{kind}/frac_below"] = float((joined < threshold).double().mean())
-        return values
+        numels = {t.name: D.local_tensor(t.param).numel() for t in self.tracked if t.name in scores}
+        return type_summary(scores, numels, target)
 
     def importance(self) -> Importance:
         """Full buffers on every rank (collective under DDP / FSDP2), bound to the model's weights."""

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ImportanceConfig
 from ..matching import find_tracked_weights
-from ..scorers import get_scorer
+from ..scorers import Scorer, get_scorer
 
 
 class _ScoreView(Mapping):
@@ -82,6 +82,11 @@ class Importance:
         return self.config.criterion
 
     @property
+    def scorer(self) -> Scorer:
+        """The criterion's [`~scorers.Scorer`]: what pruning asks about it (`default_scope`, `has_hessian`, ...)."""
+        return self._scorer
+
+    @property
     def weights(self) -> Mapping[str, Tensor] | None:
         """The bound model's tracked weights by name (after `bind`, or read lazily from the checkpoint the
         importance was saved in, see `load_importance`), else `None`."""
@@ -96,15 +101,23 @@ class Importance:
             raise KeyError(f"{name!r} is not tracked in this importance ({len(self.shapes)} tracked weights)")
         return self._get_state(name)
 
+    def _scalars(self, name: str) -> dict:
+        """The per-tensor scalars a scorer divides by: `num_samples`, `weight_sum`, `tokens`."""
+        return {"num_samples": self.num_samples, "weight_sum": float(self.meta.get("weight_sum", 0.0)),
+                "tokens": int(self.meta.get("tokens", {}).get(name, 0))}
+
     def _score_kwargs(self, name: str) -> dict:
         # Only activation criteria (wanda, sparsegpt) always multiply by W: others never trigger the lazy binding.
         weights = self.weights if self._scorer.source == "activations" else self._weights
-        return {"weight": weights.get(name) if weights is not None else None,
-                "num_samples": self.num_samples, "weight_sum": float(self.meta.get("weight_sum", 0.0)),
-                "tokens": int(self.meta.get("tokens", {}).get(name, 0))}
+        return {"weight": weights.get(name) if weights is not None else None, **self._scalars(name)}
 
     def score(self, name: str) -> Tensor:
         return self._scorer.score(self.state(name), **self._score_kwargs(name))
+
+    def input_norms(self, name: str) -> Tensor:
+        """`||x_j||` of `name`'s input channels over the tokens seen, `[in]` float32 (activation criteria only; see
+        [`~scorers.Scorer.input_norms`], which raises `ValueError` for the others)."""
+        return self._scorer.input_norms(self.state(name), **self._scalars(name))
 
     def ranking(self, name: str) -> Tensor:
         """Orders the weights of `name` exactly as `score(name)`, as cheaply as the criterion allows (the raw

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..validation import check_sparsity
-from .masks import _order_key, _order_key16, num_to_prune, unstructured_mask
+from .masks import num_to_prune, order_key, order_key16, unstructured_mask
 
 __all__ = ["GlobalThreshold", "NamedScores", "compute_global_threshold", "global_masks", "layer_mask"]
 
@@ -37,7 +37,7 @@ _BINCOUNT_BLOCK = 1 << 20
 
 
 def _key_to_value(key: int) -> float:
-    """Inverse of [`_order_key`] for one key: the float32 value it stands for."""
+    """Inverse of [`order_key`] for one key: the float32 value it stands for."""
     bits = key if key >= 0 else (-key) | 0x80000000
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
@@ -50,8 +50,8 @@ def _threshold_keys(score: torch.Tensor, key: int, name: str) -> tuple[torch.Ten
     """
     if score.dtype == torch.bfloat16:
         high, low = divmod(key, _NUM_BINS)
-        return _order_key16(score, name), (high if low == 0 else high + 1), low == 0
-    return _order_key(score, name), key, True
+        return order_key16(score, name), (high if low == 0 else high + 1), low == 0
+    return order_key(score, name), key, True
 
 
 def _select_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -255,7 +255,7 @@ def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, 
         if name in numels:
             raise ValueError(f"`named_scores` yielded the name {name!r} twice; names must be unique.")
         if score.dtype == torch.bfloat16:  # 16-bit keys are the high bins themselves
-            keys = _order_key16(score, name).reshape(-1)
+            keys = order_key16(score, name).reshape(-1)
             numels[name] = keys.numel()
             if keys.dtype == torch.int16:  # non-negative: bins from _HIGH_OFFSET up
                 counts = _bincount(keys)
@@ -263,7 +263,7 @@ def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, 
             else:
                 high_hist += _bincount(keys + _HIGH_OFFSET, minlength=_NUM_BINS)
             continue
-        keys = _order_key(score, name).reshape(-1)
+        keys = order_key(score, name).reshape(-1)
         numels[name] = keys.numel()
         high = keys >> 16
         high += _HIGH_OFFSET
@@ -283,12 +283,12 @@ def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, 
     low_hist = torch.zeros(_NUM_BINS, dtype=torch.int64)
     for name, score in _iterate(named_scores, numels):
         if score.dtype == torch.bfloat16:  # its keys in the bin all have low bits 0
-            low_hist[0] += int(torch.count_nonzero(_order_key16(score, name) == high))
+            low_hist[0] += int(torch.count_nonzero(order_key16(score, name) == high))
             continue
         # Clamp instead of boolean indexing (no gather): keys below the bin land in bin 0, keys above it in the
         # last bin, the bin's own keys in 1..65536.
         base = high * _NUM_BINS
-        low = _order_key(score, name).reshape(-1).clamp_(base - 1, base + _NUM_BINS)
+        low = order_key(score, name).reshape(-1).clamp_(base - 1, base + _NUM_BINS)
         low -= base - 1
         low_hist += _bincount(low, minlength=_NUM_BINS + 2)[1:-1]
     low_bin, below_low = _select_bin(low_hist, rank - below_high)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..matching import canonical_name
 from .masks import apply_mask_
-from .pruner import PruningReport
+from .report import PruningReport
 
 logger = logging.getLogger(__name__)
 

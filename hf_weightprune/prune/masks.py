@@ -10,7 +10,7 @@ Conventions:
 - Ties are broken deterministically: among equal scores the one with the lower flat index (for global masks: the
   earlier tensor, then the lower flat index) is pruned first.
 - How many elements a sparsity prunes is decided in one place, [`num_to_prune`]; whether a sparsity is valid in one
-  place, [`~config.check_sparsity`].
+  place, [`~validation.check_sparsity`].
 
 Global masks over several tensors ([`compute_global_threshold`], [`global_masks`], [`GlobalThreshold`]) live in
 [`global_threshold`], with [`~global_threshold.layer_mask`]: the same mask as [`unstructured_mask`] by that module's
@@ -32,6 +32,8 @@ __all__ = [
     "nm_capped_mask",
     "nm_mask",
     "num_to_prune",
+    "order_key",
+    "order_key16",
     "parse_nm",
     "row_mask",
     "unstructured_mask",
@@ -71,13 +73,23 @@ def num_to_prune(numel: int, sparsity: float) -> int:
     return min(numel, round(sparsity * numel))
 
 
-def _order_key(score: torch.Tensor, name: str = "score") -> torch.Tensor:
+def order_key(score: torch.Tensor, name: str = "score") -> torch.Tensor:
     """
     Map a score tensor to int32 keys whose signed integer order is the float32 order of the scores.
 
     IEEE floats are sign-magnitude: the magnitude bits of a non-negative float already sort like the float, and a
     negative float sorts like minus its magnitude. `-0.0` maps to 0 like `+0.0`, matching `torch.sort`, which treats
     them as equal. No overflow: the largest magnitude (inf) is 0x7F800000.
+
+    Args:
+        score (`torch.Tensor`): any shape, floating dtype.
+        name (`str`, *optional*, defaults to `"score"`): how the tensor is named in error messages.
+
+    Returns:
+        `torch.Tensor`: int32, shaped like `score`.
+
+    Raises:
+        `ValueError`: `score` is not a floating tensor, or holds NaN.
     """
     if not isinstance(score, torch.Tensor):
         raise ValueError(f"`{name}` must be a torch.Tensor, got {type(score).__name__}.")
@@ -98,11 +110,21 @@ def _order_key(score: torch.Tensor, name: str = "score") -> torch.Tensor:
     return key
 
 
-def _order_key16(score: torch.Tensor, name: str = "score") -> torch.Tensor:
+def order_key16(score: torch.Tensor, name: str = "score") -> torch.Tensor:
     """
-    Order keys of bfloat16 scores at 16-bit resolution: exactly `_order_key(score) >> 16`, built from the bf16 bits
+    Order keys of bfloat16 scores at 16-bit resolution: exactly `order_key(score) >> 16`, built from the bf16 bits
     without widening to float32. Non-negative scores (the usual case) get the bits themselves, an int16 view with no
     copy and no arithmetic; scores with a sign bit get int32 keys.
+
+    Args:
+        score (`torch.Tensor`): bfloat16, any shape.
+        name (`str`, *optional*, defaults to `"score"`): how the tensor is named in error messages.
+
+    Returns:
+        `torch.Tensor`: int16 (a view of `score`'s bits) or int32, shaped like `score`.
+
+    Raises:
+        `ValueError`: `score` holds NaN.
     """
     bits = score.detach().contiguous().view(torch.int16)
     if bits.numel() == 0:
@@ -125,8 +147,8 @@ def _order_key16(score: torch.Tensor, name: str = "score") -> torch.Tensor:
 def _keys(score: torch.Tensor, name: str = "score") -> torch.Tensor:
     """Order keys for comparisons within one tensor: 16-bit ones for bfloat16 scores (cheaper), else float32's."""
     if isinstance(score, torch.Tensor) and score.dtype == torch.bfloat16:
-        return _order_key16(score, name)
-    return _order_key(score, name)
+        return order_key16(score, name)
+    return order_key(score, name)
 
 
 # Rows at least this long select by `kthvalue` (one partial selection per row); shorter ones (N:M groups) sort,

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 # The saliency and the factorisation are the `sparsegpt` criterion's math (its score); the sweep builds on them.
-from ..scorers.sparsegpt import _check_pair, inverse_hessian_cholesky, obs_saliency
+from ..scorers.sparsegpt import check_pair, inverse_hessian_cholesky, obs_saliency
 from ..validation import parse_nm
 from .masks import num_to_prune
 
@@ -168,7 +168,7 @@ def sparsegpt_prune_(
 
     The sweep runs in float32 whatever the weight dtype (the result is rounded back once at the end).
     """
-    _check_pair(weight, hessian)
+    check_pair(weight, hessian)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"`blocksize` must be a positive int, got {blocksize!r}.")
     sparsity, nm = _check_prune_args(weight, sparsity, nm, scope, blocksize, nm_sparsity)
@@ -262,7 +262,7 @@ def layer_reconstruction_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
     Raises:
         `ValueError`: shapes disagree.
     """
-    _check_pair(W, H)
+    check_pair(W, H)
     if not isinstance(W_hat, Tensor) or W_hat.shape != W.shape:
         raise ValueError(f"`W_hat` must have the shape of `W` {tuple(W.shape)}, got {getattr(W_hat, 'shape', None)}.")
     D = W.detach().float() - W_hat.detach().float().to(W.device)

@@ -71,7 +71,8 @@ def oneshot_importance(
     weights = {t.name: t.param for t in tracked}
     meta: dict[str, Any] = {"global_step": 0, "num_samples": 1, "weight_sum": 0.0, "tokens": {}, "oneshot": True}
 
-    if criterion == "magnitude":
+    scorer = get_scorer(criterion)
+    if scorer.source != "activations":  # a snapshot of the weights: |W|
         if calibration is not None:
             raise ValueError("one-shot magnitude uses no calibration data; pass calibration only for 'wanda'")
         imp: Importance
@@ -86,7 +87,7 @@ def oneshot_importance(
     if calibration is None:
         raise ValueError("one-shot wanda needs calibration windows (e.g. make_windows(tokenizer, texts, ...))")
     device = next(model.parameters()).device
-    collector = ActivationCollector(model, tracked, get_scorer(criterion).statistic, training_only=False)
+    collector = ActivationCollector(model, tracked, scorer.statistic, training_only=False)
     collector.register()
     collector.active = True
     was_training = model.training

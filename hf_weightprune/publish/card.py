@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .._version import __version__
 from ..files.pruned_files import SPARSITY_NAME, SWEEP_JSON, SWEEP_PNG, load_sparsity
 from ..io_utils import atomic_write_text, check_arg_type, is_local_path, path_name
+from ..matching import parse_param_name
 from ..validation import parse_structure
 
 CARD_FILE = "README.md"
@@ -99,21 +100,12 @@ def structure_info(structure: str) -> tuple[str, str, str | None]:
             f"{m - n} of every {m} consecutive weights in a row are zero")
 
 
-def _module_type(tensor_name: str) -> str:
-    """`model.layers.0.mlp.down_proj.weight` -> `mlp.down_proj`."""
-    parts = tensor_name.split(".")
-    if parts[-1] in ("weight", "bias") and len(parts) > 1:
-        parts = parts[:-1]
-    return ".".join(parts[-2:])
-
-
 def _module_table(tensors: dict[str, dict]) -> list[dict]:
     groups: OrderedDict[str, dict] = OrderedDict()
     for name, info in tensors.items():
         numel = int(info.get("numel") or math.prod(info.get("shape") or [0]))
-        row = groups.setdefault(
-            _module_type(name), {"module": _module_type(name), "tensors": 0, "numel": 0, "zeros": 0.0}
-        )
+        module = parse_param_name(name).module  # `mlp.down_proj` of `model.layers.0.mlp.down_proj.weight`
+        row = groups.setdefault(module, {"module": module, "tensors": 0, "numel": 0, "zeros": 0.0})
         row["tensors"] += 1
         row["numel"] += numel
         row["zeros"] += float(info.get("sparsity", 0.0)) * numel

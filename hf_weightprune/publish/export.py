@@ -25,7 +25,7 @@ from ..config import PruneConfig
 from ..files import safetensors_io as sio
 from ..files.pruned_files import SPARSITY_FORMAT_VERSION, SPARSITY_NAME, load_sparsity
 from ..io_utils import check_arg_type
-from ..prune.pruner import PruningReport
+from ..prune.report import PruningReport
 
 if TYPE_CHECKING:
     from ..train.distill import DistillConfig
@@ -393,7 +393,8 @@ def prune_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..matching import select_names
-    from ..prune.pruner import pruning_edits, refuse_tied, report_obs
+    from ..prune.plan import PruningPlan
+    from ..prune.pruner import refuse_tied
 
     if isinstance(config, (str, os.PathLike)) and (output_dir is None or isinstance(output_dir, PruneConfig)):
         # The earlier order was (model_dir, importance, output_dir, config): `config` now sits where `prune_` has it.
@@ -428,11 +429,11 @@ def prune_checkpoint(
         raise ValueError(f"{missing[0]}{tied} is tracked by the importance but not stored in {model_dir}")
     refuse_tied(skeleton, dict(skeleton.named_parameters()), names)
     report = PruningReport.for_config(importance, config)
-    edits = pruning_edits(importance, config, names)
+    plan = PruningPlan.build(importance, config, names)
     selected = set(names)
 
     def mask_of(key: str, shape: list[int]):
-        edit = edits(key) if key in selected else None
+        edit = plan.edit(key) if key in selected else None
         if edit is None:
             return None
         if list(importance.shapes[key]) != list(shape):
@@ -456,7 +457,7 @@ def prune_checkpoint(
                 shutil.copy2(src, os.path.join(tmp, entry))
         report.tensors = {n: report.tensors[n] for n in names if n in report.tensors}  # model order, as prune_
         report.finalize(sum(p.numel() for p in skeleton.parameters()))
-        report.reconstruction = "OBS" if report_obs(importance, config) else None
+        report.reconstruction = "OBS" if plan.reconstruct else None
         report.allocation = config.allocation
         if base_model is None:
             source = getattr(skeleton.config, "_name_or_path", "") or ""

@@ -1,12 +1,15 @@
-"""The scorer interface and the accumulation helpers every criterion shares.
+"""The scorer interface, the registry of criteria and the accumulation helpers every criterion shares.
 
 A scorer is pure math: `update_` folds one sample into per-weight buffers, `score` turns a buffer into an
-importance tensor (higher = more important). It knows nothing of Trainer, ranks or files.
+importance tensor (higher = more important). It knows nothing of Trainer, ranks or files. It also declares what the
+pruning side needs to know about its criterion (`default_scope`, `has_hessian`, `input_norms`, `raw_label`), so no
+module outside `scorers/` tests a criterion's name. The registry lives here, not in the package `__init__`, so the
+criterion files import it without a cycle (peft keeps `register_peft_method` in a leaf the same way).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
 import torch
@@ -114,6 +117,12 @@ class Scorer:
             `"final"` only when importance is read (no per-step cost).
         needs_grad: the tracked weights must receive gradients (refused on frozen LoRA base weights).
         weightings: the values of `ImportanceConfig.weighting` the criterion supports (`"uniform"` always).
+        default_scope: the unstructured pruning scope when `PruneConfig.scope` is `None`: `"row"` or `"layer"`
+            (the default, which can never prune a tensor to 100%); never `"global"`, which must be asked for.
+        has_hessian: the state is each Linear input's Hessian `X^T X`, so pruning can run the OBS sweep
+            (SparseGPT), which also updates the kept weights.
+        raw_label: for criteria whose scores need the weights, what the state alone holds (shown by `inspect`
+            when no model is given); `None` when the state is already the score's input.
 
     Args:
         weighting (`str`, *optional*, defaults to `"uniform"`):
@@ -130,6 +139,9 @@ class Scorer:
     formula: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     weightings: ClassVar[tuple[str, ...]] = ("uniform",)
+    default_scope: ClassVar[str] = "layer"
+    has_hessian: ClassVar[bool] = False
+    raw_label: ClassVar[str | None] = None
 
     def __init__(self, *, weighting: str = "uniform"):
         if weighting not in self.weightings:
@@ -139,6 +151,47 @@ class Scorer:
 
     def state_shape(self, weight: Tensor) -> torch.Size:
         return weight.shape
+
+    def token_scale(self, *, tokens: int, num_samples: int = 0, weight_sum: float = 0.0) -> float:
+        """
+        What an activation state is divided by for a per-token mean: `tokens`, or with `weighting="step"` `tokens`
+        times the mean step `weight_sum / num_samples` (the sample of step `t` was added `t` times).
+
+        Args:
+            tokens (`int`): real tokens seen (`meta["tokens"][name]`).
+            num_samples (`int`, *optional*, defaults to 0): samples taken (`meta["num_samples"]`).
+            weight_sum (`float`, *optional*, defaults to 0.0): `sum_t t` over them (`meta["weight_sum"]`).
+
+        Returns:
+            `float`: > 0 when `tokens > 0`.
+        """
+        if self.weighting == "step" and num_samples > 0 and weight_sum > 0:
+            return tokens * (float(weight_sum) / num_samples)
+        return float(tokens)
+
+    def input_norms(self, state: Tensor, *, tokens: int, num_samples: int = 0, weight_sum: float = 0.0) -> Tensor:
+        """
+        Activation criteria: `||x_j||_2`, the root-mean square of each input channel over the tokens seen,
+        `sqrt(sum_tokens x_j^2 / token_scale)` (wanda's factor; what OWL and the logged summary weigh `|W|` by).
+
+        Args:
+            state (`torch.Tensor`): this criterion's state of one weight.
+            tokens, num_samples, weight_sum: the weight's scalars, as for [`score`].
+
+        Returns:
+            `torch.Tensor`: `[in_features]` float32 on `state`'s device.
+
+        Raises:
+            `ValueError`: the criterion keeps no activation statistics, or no tokens were seen.
+        """
+        raise ValueError(f"criterion {self.name!r} keeps no activation statistics; use one of "
+                         f"{criteria_where(lambda cls: cls.source == 'activations')}")
+
+    def _root_mean(self, sq_sums: Tensor, **scalars) -> Tensor:
+        """`sqrt(sq_sums / token_scale)` in float32: the one rule behind `input_norms`."""
+        if scalars.get("tokens", 0) <= 0:
+            raise ValueError(f"{self.name} importance has seen no training tokens yet")
+        return (sq_sums.float() / self.token_scale(**scalars)).sqrt()
 
     def statistic(self, x: Tensor, token_mask: Tensor | None) -> Tensor:
         """Activation criteria: the per-forward sum over the real tokens of a Linear input `x` `[..., in]`
@@ -167,3 +220,63 @@ class Scorer:
         no float32 copy, no division, and global thresholds across tensors stay exact.
         """
         return self.score(state, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ registry
+SCORERS: dict[str, type[Scorer]] = {}
+
+
+def register_scorer(cls: type[Scorer]) -> type[Scorer]:
+    """
+    Class decorator adding a criterion to `SCORERS`: a new criterion is one file in `scorers/` (imported by
+    `scorers/__init__.py`), or a class registered by the user before the config that names it is built.
+
+    Raises:
+        `ValueError`: a criterion of that name is already registered, or `default_scope` is not `"row"`/`"layer"`.
+    """
+    if cls.name in SCORERS:
+        raise ValueError(f"A scorer named {cls.name!r} is already registered ({SCORERS[cls.name].__qualname__})")
+    if cls.default_scope not in ("row", "layer"):
+        raise ValueError(f"{cls.__qualname__}.default_scope must be 'row' or 'layer' (a global threshold has to be "
+                         f"asked for); got {cls.default_scope!r}")
+    SCORERS[cls.name] = cls
+    return cls
+
+
+def get_scorer(name: str, *, weighting: str = "uniform", **options) -> Scorer:
+    """A new scorer of criterion `name`; `options` go to its constructor, and `weighting` too unless it is the
+    default `"uniform"` (so a registered scorer whose `__init__` takes no `weighting` still builds).
+
+    Raises:
+        `ValueError`: `name` is not registered, or it does not support `weighting`.
+    """
+    if name not in SCORERS:
+        raise ValueError(f"Unknown criterion {name!r}; choose one of {sorted(SCORERS)}")
+    cls = SCORERS[name]
+    if weighting not in cls.weightings:
+        raise ValueError(f"weighting={weighting!r} is not supported by criterion {name!r}; use one of "
+                         f"{list(cls.weightings)}")
+    if weighting != "uniform":
+        options["weighting"] = weighting
+    return cls(**options)
+
+
+def default_scope(criterion: str | None) -> str:
+    """
+    The unstructured pruning scope used for `criterion` when `PruneConfig.scope` is `None`: its scorer's
+    `default_scope`.
+
+    Args:
+        criterion (`str`, *optional*):
+            A registered criterion; an unknown one (or `None`) gets `"layer"`, which can never prune a tensor to 100%.
+
+    Returns:
+        `str`: `"row"` or `"layer"`; never `"global"`, which must be asked for.
+    """
+    cls = SCORERS.get(criterion) if criterion is not None else None
+    return cls.default_scope if cls is not None else Scorer.default_scope
+
+
+def criteria_where(predicate: Callable[[type[Scorer]], bool]) -> str:
+    """The registered criteria a predicate holds for, quoted and joined for a message: `'wanda' or 'sparsegpt'`."""
+    return " or ".join(repr(name) for name, cls in SCORERS.items() if predicate(cls)) or "none registered"

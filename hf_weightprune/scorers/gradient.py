@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import register_scorer
-from .base import Scorer, accumulate_, blocks
+from .base import Scorer, accumulate_, blocks, register_scorer
 
 
 class _GradientScorer(Scorer):
@@ -49,6 +48,7 @@ class Taylor(_GradientScorer):
     name = "taylor"
     formula = "mean_t |w*g|"
     paper = "Molchanov et al. 2019, arXiv:1906.10771"
+    default_scope = "row"  # the gradient factor varies per row: per-row 62.5 ppl at 50% on SmolLM2-135M
 
     def update_(self, states, weights, grads, t, generator=None):
         for s, w, g in blocks(states, weights, grads):
@@ -62,6 +62,7 @@ class Fisher(_GradientScorer):
     name = "fisher"
     formula = "mean_t g^2"
     paper = "Kwon et al. 2022, arXiv:2204.09656"
+    default_scope = "row"  # squared gradients are not comparable across tensors, nor across rows of one
 
     def update_(self, states, weights, grads, t, generator=None):
         for s, g in blocks(states, grads):

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-from . import register_scorer
-from .base import Scorer
+from .base import Scorer, register_scorer
 
 
 @register_scorer

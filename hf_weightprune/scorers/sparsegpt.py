@@ -5,8 +5,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from . import register_scorer
-from .base import Scorer, accumulate_
+from .base import Scorer, accumulate_, register_scorer
 
 
 def hessian_sum(x: Tensor, token_mask: Tensor | None = None) -> Tensor:
@@ -67,7 +66,17 @@ _BLOCK = 1 << 20  # elements per float32 row block on CPU: a 4 MiB buffer
 _DEVICE_BLOCK = 1 << 24  # on an accelerator: 64 MiB
 
 
-def _check_pair(weight: Tensor, hessian: Tensor) -> None:
+def check_pair(weight: Tensor, hessian: Tensor) -> None:
+    """
+    Check a weight and its input Hessian before an OBS computation (saliency, sweep, reconstruction error).
+
+    Args:
+        weight (`torch.Tensor`): `[out_features, in_features]`, floating.
+        hessian (`torch.Tensor`): `[in_features, in_features]`, floating.
+
+    Raises:
+        `ValueError`: naming the argument whose type or shape is wrong.
+    """
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(
             f"`weight` must be a floating [out_features, in_features] tensor, got "
@@ -157,7 +166,7 @@ def obs_saliency(weight: Tensor, hessian: Tensor, *, percdamp: float = 0.01) -> 
     Raises:
         `ValueError`: shapes disagree, or `hessian` is invalid (see [`inverse_hessian_cholesky`]).
     """
-    _check_pair(weight, hessian)
+    check_pair(weight, hessian)
     U, dead = inverse_hessian_cholesky(hessian.to(weight.device), percdamp=percdamp)
     d = U.diagonal()
     score = weight.detach().to(torch.float32, copy=True).square_().div_(d.square()[None, :])
@@ -208,6 +217,9 @@ class SparseGPT(Scorer):
     formula = "w_ij^2 / [H^-1]_jj^2, H = sum_tokens x x^T"
     paper = "arXiv:2301.00774"
     weightings = ("uniform", "step")
+    default_scope = "layer"  # the OBS sweep prunes a fixed fraction of each layer
+    has_hessian = True
+    raw_label = "input Hessian entries"
 
     def __init__(self, percdamp: float = 0.01, *, weighting: str = "uniform"):
         super().__init__(weighting=weighting)
@@ -232,23 +244,6 @@ class SparseGPT(Scorer):
         else:
             for state, h in zip(states, sums):
                 accumulate_(state, h, alpha, generator=generator)
-
-    def token_scale(self, *, tokens: int, num_samples: int = 0, weight_sum: float = 0.0) -> float:
-        """
-        What `H` is divided by for a per-token mean: `tokens`, or with `weighting="step"` `tokens` times the mean
-        step `weight_sum / num_samples`.
-
-        Args:
-            tokens (`int`): real tokens seen (`meta["tokens"][name]`).
-            num_samples (`int`, *optional*, defaults to 0): samples taken (`meta["num_samples"]`).
-            weight_sum (`float`, *optional*, defaults to 0.0): `sum_t t` over them (`meta["weight_sum"]`).
-
-        Returns:
-            `float`: > 0 when `tokens > 0`.
-        """
-        if self.weighting == "step" and num_samples > 0 and weight_sum > 0:
-            return tokens * (float(weight_sum) / num_samples)
-        return float(tokens)
 
     def _check(self, weight, tokens):
         if weight is None:
@@ -286,6 +281,10 @@ class SparseGPT(Scorer):
             `ValueError`: `weight` is missing or no tokens were seen.
         """
         self._check(weight, tokens)
-        scale = self.token_scale(tokens=tokens, num_samples=num_samples, weight_sum=weight_sum)
-        norm = (state.diagonal().float() / scale).sqrt()
+        norm = self.input_norms(state, tokens=tokens, num_samples=num_samples, weight_sum=weight_sum)
         return weight.detach().float().abs() * norm.to(weight.device)[None, :]
+
+    def input_norms(self, state, *, tokens, num_samples=0, weight_sum=0.0):
+        """`||x_j||` from `diag(H)`, wanda's sums of squares, over `token_scale` (tokens times the mean `t` with
+        `weighting="step"`, so a step-weighted `H` gives the same per-token norms)."""
+        return self._root_mean(state.diagonal(), tokens=tokens, num_samples=num_samples, weight_sum=weight_sum)

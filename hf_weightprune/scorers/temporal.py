@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-from . import register_scorer
-from .base import Scorer, accumulate_, blocks
+from .base import Scorer, accumulate_, blocks, register_scorer
 
 
 @register_scorer

@@ -3,8 +3,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import register_scorer
-from .base import Scorer
+from .base import Scorer, register_scorer
 
 
 def activation_sq_sum(x: Tensor) -> Tensor:
@@ -44,6 +43,8 @@ class Wanda(Scorer):
     source = "activations"
     formula = "|W_ij| * sqrt(mean_tokens x_j^2)"
     paper = "Sun et al. 2023, arXiv:2306.11695"
+    default_scope = "row"  # as its paper prunes: ||x_j|| makes scores incomparable across tensors
+    raw_label = "activation sum of squares"
 
     def state_shape(self, weight):
         return torch.Size([weight.shape[-1]])
@@ -56,10 +57,12 @@ class Wanda(Scorer):
         # `weights` are the activation sums of one step here (the hooks collect them).
         torch._foreach_add_(list(states), list(weights))
 
+    def input_norms(self, state, *, tokens, num_samples=0, weight_sum=0.0):
+        """`||x_j|| = sqrt(sum_tokens x_j^2 / tokens)`: the state is the sum of squares itself."""
+        return self._root_mean(state, tokens=tokens, num_samples=num_samples, weight_sum=weight_sum)
+
     def score(self, state, *, weight, num_samples, weight_sum, tokens):
         if weight is None:
             raise ValueError("wanda scores need the weights: call `importance.bind(model)` or pass the model")
-        if tokens <= 0:
-            raise ValueError("wanda importance has seen no training tokens yet")
-        norm = (state.float() / tokens).sqrt()
+        norm = self.input_norms(state, tokens=tokens, num_samples=num_samples, weight_sum=weight_sum)
         return weight.detach().float().abs() * norm.to(weight.device)[None, :]

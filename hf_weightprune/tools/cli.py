@@ -233,9 +233,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     Raises:
         ValueError, FileNotFoundError, ImportanceFileError: bad input, printed by [`main`] as one line.
     """
+    from ..collect.summary import is_raw, layer_stats
     from ..files.state import load_importance
-    from ..scorers import get_scorer
-    from .plotting import layer_stats
 
     if args.model:
         _check_model_dir(args.model, "--model")  # before the importance is read
@@ -244,13 +243,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model, _ = _load_model(args.model, flag="--model")
         imp.bind(model)
     stats = layer_stats(imp)
-    raw = imp.criterion in ("wanda", "sparsegpt") and imp.weights is None  # no weights: the statistics themselves
-    if raw and imp.criterion == "wanda":
-        what, label = "activation sum of squares (pass --model for scores)", "activation sum of squares, sum_t x_j^2"
-    elif raw:
-        what, label = "input Hessian entries (pass --model for scores)", "input Hessian, sum_tokens x x^T"
+    raw = is_raw(imp)  # scores need the weights: without --model, the statistics themselves
+    if raw:
+        what, label = f"{imp.scorer.raw_label} (pass --model for scores)", f"{imp.criterion} {imp.scorer.raw_label}"
     else:
-        what, label = "score", f"{imp.criterion} score, {get_scorer(imp.criterion).formula}"
+        what, label = "score", f"{imp.criterion} score, {imp.scorer.formula}"
     print(f"{imp!r}\n{what} per tracked weight (<median: % of its values below the median of all tracked values):")
     width = max(len(s["name"]) for s in stats)
     print(f"{'name':<{width}}  {'shape':>12}  {'mean':>11}  {'std':>11}  {'min':>11}  {'max':>11}  {'<median':>7}")

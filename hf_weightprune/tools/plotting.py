@@ -2,7 +2,8 @@
 
 matplotlib is an optional dependency (`pip install hf-weightprune[plot]`); it is imported only when a chart is drawn.
 Figures are rendered by the non-interactive Agg canvas without pyplot, so this works on headless machines and leaves
-the pyplot backend of a notebook alone.
+the pyplot backend of a notebook alone. The statistics `inspect` draws are computed by `collect/summary.py`
+(`layer_stats`); parameter names are split by `matching.parse_param_name`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..matching import parse_param_name
 
 
 def _figure(width: float, height: float, layout: str | None = None):
@@ -125,22 +128,6 @@ _STAT_LABELS = {
 _PERCENT_STATS = {"below_median", "sparsity"}
 
 
-def _split_name(name: str) -> tuple[str, int | None, str]:
-    """`model.layers.12.self_attn.q_proj.weight` -> (`model.layers`, 12, `self_attn.q_proj`).
-
-    The layer index is the first all-digit path component that has something before and after it, so any block
-    container works (`model.layers.N`, `model.decoder.layers.N`, `transformer.h.N`, `encoder.block.N`). Names
-    without one give (`""`, None, module path).
-    """
-    parts = name.split(".")
-    if parts and parts[-1] in ("weight", "bias"):
-        parts = parts[:-1]
-    for i in range(1, len(parts) - 1):
-        if parts[i].isdigit():
-            return ".".join(parts[:i]), int(parts[i]), ".".join(parts[i + 1 :])
-    return "", None, ".".join(parts)
-
-
 def _short_type(path: str) -> str:
     last = path.rsplit(".", 1)[-1]
     # Only known prefixes: GPT-2's `c_proj` would otherwise become an unreadable `c`.
@@ -149,7 +136,8 @@ def _short_type(path: str) -> str:
 
 def parse_layer_name(name: str) -> tuple[int | None, str]:
     """
-    Splits a parameter name into its decoder-layer index and a short module type.
+    Splits a parameter name into its decoder-layer index and a short module type: [`~matching.parse_param_name`]
+    (the package's one name parser) with the module shortened for chart labels.
 
     Args:
         name (`str`):
@@ -162,8 +150,8 @@ def parse_layer_name(name: str) -> tuple[int | None, str]:
         `o`, `gate`, `up`, `down` for Llama; `qkv`, `o`, `gate_up`, `down` for Phi-3; `out` for OPT/BART); other names
         as they are (`fc1`, `c_attn`, `c_proj`, `lm_head`).
     """
-    _, index, path = _split_name(name)
-    return index, _short_type(path)
+    parsed = parse_param_name(name)
+    return parsed.index, _short_type(parsed.module)
 
 
 @dataclass
@@ -202,7 +190,7 @@ def layer_grid(stats: Sequence[Mapping[str, Any]], key: str = "mean") -> LayerGr
 
     Args:
         stats (`Sequence[Mapping]`):
-            One dict per tensor with `name` (parameter name) and `key`, as returned by [`layer_stats`].
+            One dict per tensor with `name` (parameter name) and `key`, as returned by [`~collect.summary.layer_stats`].
         key (`str`, *optional*, defaults to `"mean"`):
             Which statistic to place; rows with `key` missing or `None` leave their cell empty (NaN).
 
@@ -220,7 +208,8 @@ def layer_grid(stats: Sequence[Mapping[str, Any]], key: str = "mean") -> LayerGr
     for row in stats:
         if "name" not in row:
             raise ValueError(f"Each layer stat needs a 'name' key, got keys {sorted(row)}.")
-        parsed.append(_split_name(str(row["name"])))
+        name = parse_param_name(str(row["name"]))
+        parsed.append((name.stack, name.index, name.module))
     # A short type is ambiguous when one layer holds two different module paths with it; those keep the path.
     seen: dict[tuple[str, int | None, str], str] = {}
     ambiguous = set()
@@ -267,66 +256,6 @@ def layer_grid(stats: Sequence[Mapping[str, Any]], key: str = "mean") -> LayerGr
             values[r, c] = 100.0 * _number(row, key, "layer stat") if key in _PERCENT_STATS else _number(
                 row, key, "layer stat")
     return LayerGrid(rows=rows, columns=columns, values=values, names=names)
-
-
-def layer_stats(importance, *, sample_size: int = 8192, seed: int = 0) -> list[dict[str, Any]]:
-    """
-    Summarises every tracked tensor of an importance: what `hf-weightprune inspect` prints and plots.
-
-    Scores are read one tensor at a time, so memory stays at one tensor's scores plus a small sample of each.
-
-    Args:
-        importance ([`Importance`]):
-            Loaded or live importance. A `wanda` importance that is not bound to a model has no scores (they multiply
-            by `|W|`); its raw per-input-channel activation sums of squares are summarised instead.
-        sample_size (`int`, *optional*, defaults to 8192):
-            Values drawn per tensor (uniformly, with replacement; all of them for smaller tensors) to find the global
-            median. The `below_median` fraction of a larger tensor is then exact to about `0.5 / sqrt(sample_size)`.
-        seed (`int`, *optional*, defaults to 0):
-            Seed of that sample, so repeated calls give the same numbers.
-
-    Returns:
-        `list[dict]`: one dict per tracked tensor, in `importance.names` order, with `name` (`str`), `shape` (`str`, e.g.
-        `"64x32"`), `numel` (`int`), `mean`, `std`, `min`, `max` (`float`, in the units of the criterion's score) and
-        `below_median` (`float` in `[0, 1]`): the fraction of the tensor's values strictly below the median of all
-        tracked values, each tensor weighted by its size. That is about the share a 50% global prune would remove
-        from this tensor; 0.5 everywhere means a global prune would prune every tensor alike.
-
-    Raises:
-        `ValueError`: when `sample_size < 1` or the importance tracks no tensor.
-    """
-    import torch
-
-    if sample_size < 1:
-        raise ValueError(f"sample_size must be a positive number of values, got {sample_size}.")
-    if not importance.names:
-        raise ValueError("This importance tracks no tensor; there is nothing to summarise.")
-    raw = importance.criterion in ("wanda", "sparsegpt") and importance.weights is None  # statistics, not scores
-    generator = torch.Generator().manual_seed(seed)
-    stats: list[dict[str, Any]] = []
-    samples = []
-    for name in importance.names:
-        values = (importance.state(name) if raw else importance.score(name)).detach().float().reshape(-1)
-        numel = values.numel()
-        if numel > sample_size:
-            values_sample = values[torch.randint(numel, (sample_size,), generator=generator)]
-        else:
-            values_sample = values
-        samples.append(values_sample.sort().values)
-        stats.append({"name": name, "shape": "x".join(map(str, importance.shapes[name])), "numel": numel,
-                      "mean": values.mean().item(), "std": values.std().item() if numel > 1 else 0.0,
-                      "min": values.min().item(), "max": values.max().item()})
-    # Median over all tracked values: each sampled value stands for numel / len(sample) values of its tensor.
-    pooled = torch.cat(samples)
-    weight = torch.cat([torch.full((len(s),), row["numel"] / len(s), dtype=torch.float64)
-                        for s, row in zip(samples, stats)])
-    order = pooled.argsort(stable=True)
-    cumulative = weight[order].cumsum(0)
-    half = torch.tensor([cumulative[-1].item() / 2], dtype=torch.float64)
-    median = pooled[order][torch.searchsorted(cumulative, half).clamp(max=len(pooled) - 1)]
-    for s, row in zip(samples, stats):
-        row["below_median"] = torch.searchsorted(s, median, side="left").item() / len(s)
-    return stats
 
 
 def _heatmap(fig, ax, grid: LayerGrid, label: str, *, percent: bool, centre: float | None, label_rows: bool):
@@ -400,7 +329,7 @@ def layer_stats_figure(
 
     Args:
         stats (`Sequence[Mapping]`):
-            One dict per tensor with `name` and `mean`, as returned by [`layer_stats`]; optionally `below_median`
+            One dict per tensor with `name` and `mean`, as returned by [`~collect.summary.layer_stats`]; optionally `below_median`
             and `sparsity` (fractions in `[0, 1]`, drawn in %) and `std`. Other keys are ignored.
         title (`str`, *optional*):
             Figure title.
@@ -480,7 +409,7 @@ def plot_layer_stats(
 
     Args:
         stats (`Sequence[Mapping]`):
-            One dict per tensor with `name` and `mean`, as returned by [`layer_stats`] (see [`layer_stats_figure`]).
+            One dict per tensor with `name` and `mean`, as returned by [`~collect.summary.layer_stats`] (see [`layer_stats_figure`]).
         path (`str` or `os.PathLike`):
             Where to write the PNG (written atomically; parent folders are created).
         title (`str`, *optional*), value_label (`str`, *optional*), panels (`Sequence[str]`, *optional*):

@@ -24,6 +24,7 @@ from ..config import PruneConfig
 from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
 from ..io_utils import atomic_write_text, check_arg_type
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
+from ..scorers import SCORERS
 from ..validation import parse_structure
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -276,7 +277,7 @@ def sweep(
         imp.validate_against(model)  # fail before any evaluation, not halfway through
     for name in baselines:
         calib = None
-        if name == "wanda":
+        if SCORERS[name].source == "activations":  # the baseline reads calibration activations
             calib = _windows(tokenizer, calibration_data or data, seq_len, calibration_windows)
         importances[f"oneshot-{name}"] = oneshot_importance(model, name, calib, batch_size=batch_size)
 

@@ -6,10 +6,10 @@ Lifecycle:
 - `apply_masks_` (right after every `optimizer.step()`): pruned weights are exactly zero at every forward, at every
   weight sample of the importance, and in every checkpoint.
 - `update_` (end of an update step, after the importance sampled it): masks for the schedule's current target from
-  the importance so far, through the pruner's one mask dispatch (`pruner.compute_masks`); the optimizer's
+  the importance so far, through the one plan (`plan.PruningPlan`); the optimizer's
   per-element state (Adam moments) of newly pruned weights is zeroed. With `sparsegpt` importance and the
   reconstruction rule of `prune_` (`PruneConfig.reconstruct`, `None` = whenever the Hessians exist), the update is
-  the one-shot plan instead (`pruner.pruning_edits`): SparseGPT's OBS sweep (`obs.sparsegpt_prune_`) on the current
+  the plan's OBS edits instead (`PruningPlan.edit`): SparseGPT's OBS sweep (`obs.sparsegpt_prune_`) on the current
   weights with the Hessians so far, the earlier masks forced, so the new masks come from the OBS saliency and the
   kept weights are updated.
 - `state_dict` / `load_state_dict`: JSON counters and the masks, written beside the importance of every checkpoint.
@@ -37,7 +37,9 @@ from torch import Tensor, nn
 from .. import distributed as D
 from ..matching import find_tracked_weights, select_names
 from ..prune.masks import apply_mask_, check_nm_shapes
-from ..prune.pruner import PruningReport, compute_masks, pruning_edits, refuse_tied, uses_obs
+from ..prune.plan import PruningPlan, uses_obs
+from ..prune.pruner import refuse_tied
+from ..prune.report import PruningReport
 from .schedule import PruneSchedule
 
 logger = logging.getLogger(__name__)
@@ -178,14 +180,13 @@ class MaskHolder:
             ValueError: `reconstruct=True` without `sparsegpt` importance, or a tensor pruned to 100%.
         """
         target = self.schedule.target_at(step, max_steps)
-        config = self.schedule.prune_config
-        self.scope = config.resolve_scope(importance.criterion)
         names = list(self.params)
-        if uses_obs(importance.criterion, config):
-            edit = pruning_edits(importance, config, names, sparsity=target, previous=self.masks)
+        plan = PruningPlan.build(importance, self.schedule.prune_config, names, sparsity=target, previous=self.masks)
+        self.scope = plan.scope
+        if plan.reconstruct:
             masks = {}
             for n in names:
-                edit_ = edit(n)
+                edit_ = plan.edit(n)
                 masks[n] = edit_(self.params[n]) if edit_ is not None else self.masks.get(
                     n, torch.ones_like(self.params[n], dtype=torch.bool))
             self.masks = {n: m.to(self.params[n].device) for n, m in masks.items()}
@@ -197,8 +198,7 @@ class MaskHolder:
                     self.masks[n] = D.broadcast_(self.masks[n].to(torch.uint8), 0).bool()
             self.reconstruction = "OBS"
         else:
-            build = compute_masks(importance, config, names, sparsity=target, previous=self.masks)
-            self.masks = {n: build(n).to(self.params[n].device) for n in names}
+            self.masks = {n: plan.mask(n).to(self.params[n].device) for n in names}
         self.apply_masks_()
         self.zero_optimizer_state_()  # pruned weights only: the moments of kept weights an OBS update moved are kept
         self._record(target, step)

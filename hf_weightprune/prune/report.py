@@ -1,0 +1,206 @@
+"""`PruningReport`: what a pruning did, written to `sparsity.json` by `save_pruned` and shown on the model card."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..collect.importance import Importance
+from ..config import PruneConfig
+from ..scorers import default_scope
+from .masks import mask_sparsity
+
+__all__ = ["PruningReport"]
+
+
+def _importance_info(importance: Importance | None) -> dict[str, Any]:
+    if importance is None:
+        return {}
+    return {
+        "path": importance.path,
+        "step": importance.step,
+        "num_samples": importance.num_samples,
+        "criterion": importance.criterion,
+        "settings": {k: v for k, v in importance.config.to_dict().items() if k != "criterion"},
+    }
+
+
+@dataclass
+class PruningReport:
+    """
+    What a pruning did: written to `sparsity.json` by `save_pruned` and shown on the model card.
+
+    Build one with [`~PruningReport.for_config`] (then [`~PruningReport.add_mask`] per pruned tensor and
+    [`~PruningReport.finalize`]) or, for masks that already exist (gradual pruning, a LoRA merge), with
+    [`~PruningReport.from_masks`].
+
+    Args:
+        structure (`str`):
+            `"unstructured"`, an N:M pattern such as `"2:4"`, `"neurons"` or `"heads"`.
+        scope (`str`):
+            `"global"`, `"layer"` or `"row"` (see [`PruneConfig`]).
+        target_sparsity (`float` or `dict[str, float]`):
+            The sparsity asked for (per module regex for a dict).
+        criterion (`str`):
+            Importance criterion, or `"unknown"`.
+        tensors (`dict[str, dict]`):
+            Per pruned weight, in model order: `{"shape": list[int], "numel": int, "sparsity": float}` (pruned
+            fraction).
+        global_sparsity (`float`):
+            Zeros over the elements of the pruned tensors; for structured pruning, the fraction of parameters removed.
+        model_sparsity (`float`):
+            Zeros in the pruned tensors over all parameters of the model.
+        importance (`dict`):
+            Where the importance came from: `path`, `step`, `num_samples`, `criterion`, `settings`.
+        structured (`dict`, *optional*):
+            For `"neurons"`/`"heads"`: the dict [`~surgery.prune_structured_`] returns, unchanged (its
+            `num_parameters` is `{"before": int, "after": int}`).
+        reconstruction (`str`, *optional*):
+            `"OBS"` when the kept weights were updated to compensate for the pruned ones (SparseGPT's sweep).
+        allocation (`str`, *optional*, defaults to `"uniform"`):
+            `"owl"` when per-layer sparsities came from OWL.
+    """
+
+    structure: str
+    scope: str
+    target_sparsity: float | dict[str, float]
+    criterion: str
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    global_sparsity: float = 0.0  # zeros / elements over the pruned tensors
+    model_sparsity: float = 0.0  # zeros in pruned tensors / all parameters of the model
+    importance: dict[str, Any] = field(default_factory=dict)
+    structured: dict[str, Any] | None = None
+    reconstruction: str | None = None
+    allocation: str = "uniform"
+
+    @classmethod
+    def for_config(
+        cls, importance: Importance | None, config: PruneConfig, *, sparsity: float | None = None
+    ) -> PruningReport:
+        """
+        An empty report for pruning with `config` from `importance`.
+
+        Args:
+            importance ([`Importance`], *optional*):
+                Where the scores come from; `None` records the criterion as `"unknown"`.
+            config ([`PruneConfig`]):
+                How the model is pruned.
+            sparsity (`float`, *optional*):
+                The target actually used when it overrides `config.sparsity` (a gradual schedule's current target).
+
+        Returns:
+            [`PruningReport`]: with no tensors yet.
+        """
+        return cls(
+            structure=config.structure,
+            scope=config.resolve_scope(importance.criterion if importance is not None else None),
+            target_sparsity=config.sparsity if sparsity is None else sparsity,
+            criterion=importance.criterion if importance is not None else "unknown",
+            importance=_importance_info(importance),
+        )
+
+    @classmethod
+    def from_masks(
+        cls,
+        masks: Mapping[str, torch.Tensor],
+        model_numel: int,
+        *,
+        structure: str = "unstructured",
+        scope: str | None = "layer",
+        target_sparsity: float | dict[str, float] | None = None,
+        importance: Importance | None = None,
+    ) -> PruningReport:
+        """
+        The report of masks that already exist (gradual pruning's current masks, the zeros of merged weights).
+
+        Args:
+            masks (`Mapping[str, torch.BoolTensor]`):
+                Keep-masks by canonical parameter name, `True` = keep; in the order the report should list them.
+            model_numel (`int`):
+                All parameters of the model, for `model_sparsity`.
+            structure (`str`, *optional*, defaults to `"unstructured"`):
+                As in [`PruneConfig`].
+            scope (`str`, *optional*, defaults to `"layer"`):
+                As in [`PruneConfig`]; `None` is resolved from the importance's criterion ([`~scorers.default_scope`]).
+            target_sparsity (`float` or `dict[str, float]`, *optional*):
+                The sparsity asked for; defaults to the achieved `global_sparsity`.
+            importance ([`Importance`], *optional*):
+                Where the scores came from, if any.
+
+        Returns:
+            [`PruningReport`]: finalized.
+
+        Raises:
+            `ValueError`: if `masks` is empty, or a mask is not a non-empty bool tensor.
+        """
+        if not masks:
+            raise ValueError("masks is empty: there is nothing to report")
+        if scope is None:
+            scope = default_scope(importance.criterion if importance is not None else None)
+        report = cls(structure=structure, scope=scope, target_sparsity=0.0,
+                     criterion=importance.criterion if importance is not None else "unknown",
+                     importance=_importance_info(importance))
+        for name, mask in masks.items():
+            report.add_mask(name, mask)
+        report.finalize(model_numel)
+        report.target_sparsity = report.global_sparsity if target_sparsity is None else target_sparsity
+        return report
+
+    def add_mask(self, name: str, mask: torch.Tensor) -> None:
+        """
+        Record one pruned tensor (in place).
+
+        Args:
+            name (`str`):
+                Canonical parameter name.
+            mask (`torch.BoolTensor`):
+                Its keep-mask, `True` = keep.
+
+        Raises:
+            `ValueError`: if `mask` is not a non-empty bool tensor.
+        """
+        self.tensors[name] = {"shape": list(mask.shape), "numel": mask.numel(), "sparsity": mask_sparsity(mask)}
+
+    def finalize(self, model_numel: int) -> PruningReport:
+        """
+        Compute `global_sparsity` and `model_sparsity` from the recorded tensors (in place).
+
+        Args:
+            model_numel (`int`):
+                All parameters of the model (> 0).
+
+        Returns:
+            [`PruningReport`]: `self`.
+
+        Raises:
+            `ValueError`: if `model_numel` is not a positive int.
+        """
+        if isinstance(model_numel, bool) or not isinstance(model_numel, int) or model_numel <= 0:
+            raise ValueError(f"model_numel must be a positive int (the model's parameter count); got {model_numel!r}")
+        zeros = sum(round(v["sparsity"] * v["numel"]) for v in self.tensors.values())
+        numel = sum(v["numel"] for v in self.tensors.values())
+        self.global_sparsity = zeros / max(numel, 1)
+        self.model_sparsity = zeros / model_numel
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        Returns:
+            `dict[str, Any]`: every field, JSON-serialisable (what `sparsity.json` is built from).
+        """
+        return asdict(self)
+
+    def summary(self) -> str:
+        """
+        Returns:
+            `str`: one line for logs and the CLI.
+        """
+        if self.structured:
+            params = self.structured["num_parameters"]
+            before, after = params["before"], params["after"]
+            return f"{self.structure}: parameters {before:,} -> {after:,} ({1 - after / before:.1%} removed)"
+        return (f"{self.structure} ({self.scope}): {self.global_sparsity:.2%} of {len(self.tensors)} pruned tensors, "
+                f"{self.model_sparsity:.2%} of all parameters")
