@@ -9,6 +9,7 @@ whatever the model size.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -19,14 +20,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as D
 from ..collect.importance import Importance
 from ..config import PruneConfig, default_scope
-from ..matching import canonical_name, decoder_layer, select_names
+from ..io_utils import check_arg_type
+from ..matching import canonical_name, check_sparsity_keys, decoder_layer, select_names
 from ..validation import check_sparsity
 from . import masks as M
 from .global_threshold import GlobalThreshold, compute_global_threshold, layer_mask
 from .masks import _order_key, num_to_prune
-from .obs import sparsegpt_prune_
+from .obs import check_hessians, sparsegpt_prune_
 
 __all__ = ["PruningReport", "check_nm_shapes", "compute_masks", "prune_", "refuse_tied"]
 
@@ -42,6 +45,9 @@ def _importance_info(importance: Importance | None) -> dict[str, Any]:
         "criterion": importance.criterion,
         "settings": {k: v for k, v in importance.config.to_dict().items() if k != "criterion"},
     }
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -419,6 +425,9 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
         another one, an N:M weight whose input dim is not a multiple of `m`, an unsupported structured layout, or a
         tensor that would be pruned to 100% (unless `config.allow_collapse`).
     """
+    check_arg_type("prune_", "importance", importance, Importance,
+                   "an Importance (a path? load it first: load_importance(path))")
+    check_arg_type("prune_", "config", config, (PruneConfig, type(None)), "a PruneConfig or None")
     config = config or PruneConfig()
     if config.scope is None:  # resolved here once, so the report, the masks and every branch below agree on it
         config = replace(config, scope=config.resolve_scope(importance.criterion))
@@ -430,6 +439,10 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
 
         report.structured = prune_structured_(model, importance.scores, structure=config.kind,
                                               sparsity=config.sparsity)
+        units = report.structured["units_per_layer"]
+        if units["after"] == 1 < units["before"]:  # in range, so not refused (a sweep may go there); but say it
+            logger.warning("structure=%r at sparsity %g keeps 1 of %d units per decoder layer: the model is unlikely to "
+                           "be useful; lower the sparsity", config.kind, config.sparsity, units["before"])
         params_count = report.structured["num_parameters"]
         report.global_sparsity = 1 - params_count["after"] / params_count["before"]
         return report
@@ -440,7 +453,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     refuse_tied(model, params, names)
     edit = pruning_edits(importance, config, names)
     desc = f"pruning ({config.structure}, {config.scope}{', OBS' if report_obs(importance, config) else ''})"
-    for name in tqdm(names, desc=desc, disable=not progress):
+    for name in tqdm(names, desc=desc, disable=not D.show_progress(progress)):
         edit_ = edit(name)
         if edit_ is not None:
             report.add_mask(name, edit_(params[name]))
@@ -497,7 +510,11 @@ def pruning_edits(importance: Importance, config: PruneConfig, names: list[str],
         if sparsity > implied + 1e-9:
             raise ValueError(f"sparsity {sparsity} exceeds {implied}, the most structure {config.structure!r} prunes")
         nm_step = sparsity if sparsity < implied - 1e-9 else None
+    check_sparsity_keys(config.sparsity, names)
     gradual, previous = previous is not None, dict(previous or {})
+    if reconstruct:  # every factorisation first: a failing one names its weight before any weight is edited
+        check_hessians(((n, importance.state(n)) for n in names if config.nm is not None or config.scope == "global"
+                        or _sparsity_of(n, config.sparsity) is not None), percdamp=config.dampening)
     masks = None
     if not reconstruct or config.scope == "global":
         masks = compute_masks(importance, config, names, sparsity=sparsity if config.nm else None,
