@@ -50,13 +50,13 @@ def _one_line(capsys) -> str:
 
 
 def test_readme_prune_line_writes_a_subfolder_of_the_run(run, capsys):
-    """`hf-weightprune prune out --importance out --sparsity 0.5 --output out/pruned` (the README's line) works, and
-    the old `--output` spelling still does; nothing of the input changes."""
+    """`hf-weightprune prune out --importance out --sparsity 0.5 --output_dir out/pruned` (the README's line) works,
+    twice with the same result; nothing of the input changes."""
     before = _snapshot(run, skip=("pruned", "pruned-old-flag"))
     assert main(["prune", str(run), "--importance", str(run), "--sparsity", "0.5",
                  "--output_dir", str(run / "pruned")]) == 0
     assert main(["prune", str(run), "--importance", str(run), "--sparsity", "0.5",
-                 "--output", str(run / "pruned-old-flag")]) == 0
+                 "--output_dir", str(run / "pruned-old-flag")]) == 0
     assert _snapshot(run, skip=("pruned", "pruned-old-flag")) == before
     meta = json.loads((run / "pruned" / "sparsity.json").read_text())
     assert meta["global_sparsity"] == pytest.approx(0.5, abs=0.01)
@@ -163,20 +163,33 @@ def test_every_option_has_help_with_its_default():
         assert text.count("(default: ") == sum(1 for a in optional if not a.required), name
 
 
-@pytest.mark.parametrize(
-    ("old", "new", "value"),
-    [("--output", "--output_dir", "o"), ("--push-to-hub", "--push_to_hub", "me/x"), ("--eval-data", "--eval_data", "d"),
-     ("--target-modules", "--target_modules", "mlp"), ("--max-windows", "--max_windows", "3")],
-)
-def test_old_spellings_are_aliases(old, new, value):
-    base = ["prune", "m", "--importance", "i"]
-    parse = build_parser().parse_args
-    a = parse([*base, *(["--output_dir", "x"] if new != "--output_dir" else []), old, value])
-    b = parse([*base, *(["--output_dir", "x"] if new != "--output_dir" else []), new, value])
-    assert vars(a) == vars(b) and str(getattr(a, new[2:])) == value
-    push = parse(["push", "folder", "--repo-id", "me/x", "--include-importance", "--commit-message", "m"])
+@pytest.mark.parametrize("old", ["--push-to-hub", "--eval-data", "--target-modules", "--max-windows", "--log-level"])
+def test_hyphenated_spellings_are_gone(old, capsys):
+    """0.x kept `--a-b` beside `--a_b`; one spelling now (the CHANGELOG says so), refused in one line."""
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "m", "--importance", "i", "--output_dir", "o", old, "x"])
+    assert e.value.code == 2
+    line = _one_line(capsys)
+    assert line.startswith("hf-weightprune: error: unrecognized arguments:") and old in line
+    push = build_parser().parse_args(["push", "folder", "--repo_id", "me/x", "--include_importance",
+                                      "--commit_message", "m"])
     assert (push.folder, push.repo_id, push.include_importance, push.commit_message) == ("folder", "me/x", True, "m")
-    assert parse(["sweep", "m", "--data", "d", "--output", "o", "--calibration-windows", "3"]).calibration_windows == 3
+
+
+def test_config_flags_come_from_the_dataclass_fields():
+    """Every PruneConfig field is a `prune` flag with the field's help and default, parsed into the field's type."""
+    import dataclasses
+
+    prune = build_parser()._subparsers._group_actions[0].choices["prune"]
+    flags = {a.dest: a for a in prune._actions}
+    for f in dataclasses.fields(PruneConfig):
+        assert flags[f.name].help == f.metadata["help"] and flags[f.name].default == f.default, f.name
+    args = build_parser().parse_args(["prune", "m", "--importance", "i", "--output_dir", "o", "--sparsity",
+                                      '{"mlp.*": 0.6}', "--target_modules", "q_proj,v_proj", "--reconstruct", "false",
+                                      "--block_size", "64", "--allow_collapse"])
+    config = PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
+    assert (config.sparsity, config.target_modules, config.reconstruct, config.block_size, config.allow_collapse) == (
+        {"mlp.*": 0.6}, ["q_proj", "v_proj"], False, 64, True)
 
 
 def test_sweep_help_lists_the_oneshot_criteria():
@@ -192,7 +205,7 @@ def test_quiet_and_log_level_before_or_after_the_command():
     assert (parse(base).quiet, parse(base).log_level) == (False, "warning")
     assert parse(["-q", *base]).quiet and parse([*base, "--quiet"]).quiet
     assert parse(["--log_level", "debug", *base]).log_level == "debug"
-    assert parse([*base, "--log-level", "error"]).log_level == "error"
+    assert parse([*base, "--log_level", "error"]).log_level == "error"
     assert parse(["-q", "--log_level", "info", *base, "--log_level", "debug"]).log_level == "debug"
 
 
