@@ -364,8 +364,8 @@ class PruneConfig(_JsonConfigMixin):
             # The OBS sweep picks each group of M inputs inside one block of columns: M must divide the block.
             fit = self.block_size // nm[1] * nm[1] or nm[1]
             raise ValueError(f"structure {self.structure!r}: M={nm[1]} must divide block_size={self.block_size} (the "
-                             f"OBS sweep keeps each group of M inputs in one block); use an M that divides it, e.g. "
-                             f"'2:4', or pass block_size={fit} (--block_size {fit})")
+                             f"OBS sweep keeps each group of M inputs in one block); pass block_size={fit} "
+                             f"(--block_size {fit}) or a pattern whose M divides {self.block_size}")
         if not isinstance(self.allow_collapse, bool):
             raise ValueError(f"allow_collapse must be a bool; got {self.allow_collapse!r}")
 

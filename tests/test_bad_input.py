@@ -210,8 +210,8 @@ def test_schedule_points_checked_when_built(kwargs, match):
 
 def test_prune_argument_types(run):
     model, before = _fresh(run)
-    with pytest.raises(TypeError, match=r"^prune_: importance must be an Importance \(a path\? load it first: "
-                                        r"load_importance\(path\)\); got str 'out'$"):
+    with pytest.raises(TypeError, match=r"^prune_: importance must be an Importance from load_importance\(path\) or "
+                                        r"ImportanceCallback.importance\(\); got str 'out'$"):
         prune_(model, "out", PruneConfig())
     with pytest.raises(TypeError, match="^prune_: config must be a PruneConfig or None; got float 0.5"):
         prune_(model, load_importance(run), 0.5)

@@ -277,8 +277,9 @@ def test_missing_model_folder_is_one_line(tmp_path, capsys):
     assert _one_line(capsys) == (f"hf-weightprune inspect: error: --model {missing}: no such folder; pass a model "
                                  "folder (config.json and weights) or a Hub repo id")
     assert main(["inspect", str(tmp_path / "no-importance")]) == 2
-    assert _one_line(capsys) == (f"hf-weightprune inspect: error: {tmp_path / 'no-importance'} is neither a local "
-                                 "path nor a valid Hub repo id")
+    assert _one_line(capsys) == (f"hf-weightprune inspect: error: importance_dir {tmp_path / 'no-importance'}: no "
+                                 "such folder; pass an importance, checkpoint or training output folder or a Hub "
+                                 "repo id")
     assert not (tmp_path / "o").exists()
 
 

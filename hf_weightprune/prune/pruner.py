@@ -426,7 +426,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
         tensor that would be pruned to 100% (unless `config.allow_collapse`).
     """
     check_arg_type("prune_", "importance", importance, Importance,
-                   "an Importance (a path? load it first: load_importance(path))")
+                   "an Importance from load_importance(path) or ImportanceCallback.importance()")
     check_arg_type("prune_", "config", config, (PruneConfig, type(None)), "a PruneConfig or None")
     config = config or PruneConfig()
     if config.scope is None:  # resolved here once, so the report, the masks and every branch below agree on it

@@ -436,7 +436,7 @@ def prune_checkpoint(
     _check_common("prune_checkpoint", output_dir, base_model, overwrite, write_card)
     check_arg_type("prune_checkpoint", "model_dir", model_dir, (str, os.PathLike), "a local folder (str or os.PathLike)")
     check_arg_type("prune_checkpoint", "importance", importance, Importance,
-                   "an Importance (a path? load it first: load_importance(path))")
+                   "an Importance from load_importance(path) or ImportanceCallback.importance()")
     check_arg_type("prune_checkpoint", "config", config, (PruneConfig, type(None)), "a PruneConfig or None")
     check_arg_type("prune_checkpoint", "progress", progress, bool, "a bool")
     config = config or PruneConfig()
