@@ -221,6 +221,34 @@ def test_quiet_turns_progress_bars_off(run, tmp_path, capsys, monkeypatch):
     assert "pruning" not in capsys.readouterr().err
 
 
+def test_progress_bars_follow_the_hf_switches_and_rank_0(run, tmp_path, capsys, monkeypatch):
+    """`TQDM_DISABLE`, `HF_HUB_DISABLE_PROGRESS_BARS` / `disable_progress_bars()`, transformers'
+    `disable_progress_bar()`, and any rank but 0 each turn the library's own bars off."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as tf_logging
+
+    from hf_weightprune.distributed import show_progress
+
+    assert show_progress(True) and not show_progress(False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert not show_progress(True)
+    assert main(["prune", str(run), "--importance", str(run), "--output_dir", str(tmp_path / "a")]) == 0
+    assert "pruning" not in capsys.readouterr().err
+    monkeypatch.delenv("TQDM_DISABLE")
+    monkeypatch.setenv("RANK", "1")
+    assert not show_progress(True)
+    monkeypatch.delenv("RANK")
+    for off, on in ((disable_progress_bars, enable_progress_bars),
+                    (tf_logging.disable_progress_bar, tf_logging.enable_progress_bar)):
+        off()
+        try:
+            assert not show_progress(True)
+        finally:
+            on()
+    assert show_progress(True)
+
+
 def test_log_level_shows_the_library_log_for_one_command(run, tmp_path, capsys):
     import logging
 
