@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .io_utils import atomic_write_json
-from .validation import check_modules, check_sparsity, parse_structure
+from .validation import check_modules, check_regex, check_sparsity, parse_structure
 
 logger = logging.getLogger(__name__)
 
@@ -266,18 +266,27 @@ class PruneConfig(_JsonConfigMixin):
     config_name = "prune_config.json"
     section = "prune"
 
-    sparsity: float | dict[str, float] | None = field(default=None, metadata={"help": "Fraction to remove."})
-    structure: str = field(default="unstructured", metadata={"help": "unstructured | N:M | neurons | heads"})
-    scope: str | None = field(default=None, metadata={"help": "global | layer | row"})
-    target_modules: str | list[str] | None = field(default=None, metadata={"help": "Modules to prune."})
-    exclude_modules: str | list[str] | None = field(default=None, metadata={"help": "Modules never pruned."})
-    allocation: str = field(default="uniform", metadata={"help": "uniform | owl (per-layer sparsity from outliers)"})
-    owl_m: float = field(default=5.0, metadata={"help": "OWL outlier threshold (times the layer mean)."})
-    owl_lambda: float = field(default=0.08, metadata={"help": "OWL band around the target sparsity."})
-    reconstruct: bool | None = field(default=None, metadata={"help": "OBS update of kept weights (sparsegpt)."})
-    dampening: float = field(default=0.01, metadata={"help": "OBS dampening, fraction of mean diag(H)."})
-    block_size: int = field(default=128, metadata={"help": "OBS block of columns."})
-    allow_collapse: bool = field(default=False, metadata={"help": "Allow a tensor to be pruned to 100%."})
+    sparsity: float | dict[str, float] | None = field(default=None, metadata={
+        "help": "fraction to remove, in [0, 1), or JSON {regex: float} per module (None: 0.5; N:M sets its own)"})
+    structure: str = field(default="unstructured", metadata={
+        "help": "unstructured | N:M (e.g. 2:4) | neurons | heads"})
+    scope: str | None = field(default=None, metadata={
+        "help": "global | layer | row (None: the criterion's default: row for wanda, taylor, fisher; layer for the "
+                "others)"})
+    target_modules: str | list[str] | None = field(default=None, metadata={
+        "help": "modules to prune: comma-separated name suffixes, or a regex (None: every tracked weight)"})
+    exclude_modules: str | list[str] | None = field(default=None, metadata={
+        "help": "modules to leave dense, as target_modules (None: none)"})
+    allocation: str = field(default="uniform", metadata={
+        "help": "uniform | owl (per-decoder-layer sparsity from outliers)"})
+    owl_m: float = field(default=5.0, metadata={"help": "OWL outlier threshold, times the layer mean"})
+    owl_lambda: float = field(default=0.08, metadata={"help": "OWL band around the target sparsity"})
+    reconstruct: bool | None = field(default=None, metadata={
+        "help": "OBS update of the kept weights (needs sparsegpt importance; None: whenever it is)"})
+    dampening: float = field(default=0.01, metadata={"help": "OBS dampening, fraction of the mean of diag(H)"})
+    block_size: int = field(default=128, metadata={"help": "OBS columns per block (a multiple of M for N:M)"})
+    allow_collapse: bool = field(default=False, metadata={
+        "help": "let a global threshold prune a whole tensor (refused otherwise)"})
 
     def __post_init__(self):
         kind, nm = parse_structure(self.structure)
@@ -295,7 +304,8 @@ class PruneConfig(_JsonConfigMixin):
                 raise ValueError("sparsity dict must map at least one module regex to a float")
             if kind != "unstructured":
                 raise ValueError(f"per-module sparsity (a dict) is supported for unstructured pruning, not {kind!r}")
-            self.sparsity = {str(k): check_sparsity(f"sparsity[{k!r}]", v) for k, v in self.sparsity.items()}
+            self.sparsity = {check_regex("sparsity key", str(k)): check_sparsity(f"sparsity[{k!r}]", v)
+                             for k, v in self.sparsity.items()}
         else:
             self.sparsity = check_sparsity("sparsity", self.sparsity)
         if self.scope is None and kind != "unstructured":
@@ -325,9 +335,14 @@ class PruneConfig(_JsonConfigMixin):
             raise ValueError(f"reconstruct must be None, True or False; got {self.reconstruct!r}")
         if isinstance(self.dampening, bool) or not isinstance(self.dampening, (int, float)) or self.dampening < 0:
             raise ValueError(f"dampening must be a number >= 0; got {self.dampening!r}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1 or (
-                nm is not None and self.block_size % nm[1]):
-            raise ValueError(f"block_size must be a positive int (a multiple of M for N:M); got {self.block_size!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int; got {self.block_size!r}")
+        if nm is not None and self.block_size % nm[1]:
+            # The OBS sweep picks each group of M inputs inside one block of columns: M must divide the block.
+            fit = self.block_size // nm[1] * nm[1] or nm[1]
+            raise ValueError(f"structure {self.structure!r}: M={nm[1]} must divide block_size={self.block_size} (the "
+                             f"OBS sweep keeps each group of M inputs in one block); pass block_size={fit} "
+                             f"(--block_size {fit}) or a pattern whose M divides {self.block_size}")
         if not isinstance(self.allow_collapse, bool):
             raise ValueError(f"allow_collapse must be a bool; got {self.allow_collapse!r}")
 

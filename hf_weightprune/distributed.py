@@ -18,6 +18,8 @@ Everything else sees local tensors and a partition plan. Collectives are no-ops 
 from __future__ import annotations
 
 import heapq
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -36,6 +38,30 @@ def rank_and_world() -> tuple[int, int]:
     if is_distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def show_progress(progress: bool) -> bool:
+    """
+    Whether to draw a progress bar: asked for, on the main process only (rank 0, or `RANK=0` before the process group
+    exists), and not switched off by `transformers.utils.logging.disable_progress_bar()`,
+    `huggingface_hub.utils.disable_progress_bars()` / `HF_HUB_DISABLE_PROGRESS_BARS=1`, or `TQDM_DISABLE=1` (which
+    tqdm itself ignores once `disable=` is passed).
+
+    Args:
+        progress (`bool`): what the caller asked for.
+
+    Returns:
+        `bool`: `True` to draw the bar.
+    """
+    if not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    rank = rank_and_world()[0] if is_distributed() else int(os.environ.get("RANK", "0") or 0)
+    if rank != 0:
+        return False
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    tf = sys.modules.get("transformers.utils.logging")  # imported by every caller's path; never imported here
+    return not are_progress_bars_disabled() and (tf is None or tf.is_progress_bar_enabled())
 
 
 def comm_device() -> torch.device:

@@ -31,11 +31,14 @@ def canonical_name(name: str) -> str:
 
     Returns:
         `str`: `name` without DDP's `module.`, peft's `base_model.model.`, and FSDP / compile / checkpoint / LoRA
-        wrapper segments.
+        wrapper segments; peft's `modules_to_save.<adapter>` copy gets the name it has after `merge_and_unload`.
     """
     while name.startswith("module."):
         name = name[len("module.") :]
     parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
+    if "modules_to_save" in parts:  # peft's trained copy `X.modules_to_save.<adapter>` becomes `X` when merged
+        i = parts.index("modules_to_save")
+        parts = parts[:i] + parts[i + 2 :]
     name = ".".join(parts)
     if name.startswith(_PEFT_PREFIX):
         name = name[len(_PEFT_PREFIX) :]
@@ -43,8 +46,22 @@ def canonical_name(name: str) -> str:
 
 
 def _is_adapter_module(name: str) -> bool:
-    # peft's own layers (lora_A, lora_B, lora_dropout, lora_embedding_*, modules_to_save copies) are not base weights.
-    return any(p.startswith("lora_") or p == "modules_to_save" for p in name.split("."))
+    # peft's own layers (lora_A, lora_B, lora_dropout, lora_embedding_*) are not base weights; of a `modules_to_save`
+    # module, the frozen `original_module` neither runs nor survives the merge: its trained copy is tracked instead
+    # (huggingface/peft#322, #3114), and only the active adapter's copy.
+    parts = name.split(".")
+    return any(p.startswith("lora_") or p == "original_module" for p in parts)
+
+
+def _inactive_copy(model: nn.Module, raw_name: str) -> bool:
+    """A `modules_to_save` copy of an adapter that is not the active one (it does not run)."""
+    parts = raw_name.split(".")
+    if "modules_to_save" not in parts or parts.index("modules_to_save") + 1 >= len(parts):
+        return False
+    i = parts.index("modules_to_save")
+    active = getattr(model.get_submodule(".".join(parts[:i])), "active_adapter", None)
+    active = [active] if isinstance(active, str) else list(active or [])
+    return bool(active) and parts[i + 1] not in active
 
 
 def module_matches(name: str, pattern: str | list[str] | tuple[str, ...] | None) -> bool:
@@ -107,6 +124,30 @@ def select_names(
     return selected
 
 
+def check_sparsity_keys(sparsity: float | dict[str, float], names: Iterable[str]) -> None:
+    """
+    Refuse, before any work, a per-module sparsity whose key matches none of the weights to prune (a typo would
+    otherwise leave the model dense and call it pruned).
+
+    Args:
+        sparsity (`float` or `dict[str, float]`):
+            `PruneConfig.sparsity`; a float is always fine.
+        names (`Iterable[str]`):
+            The canonical names of the weights selected for pruning (`<module>.weight`).
+
+    Raises:
+        `ValueError`: one line naming the key, how many weights were searched and one module name to copy from.
+    """
+    if not isinstance(sparsity, dict):
+        return
+    modules = [_module_of(n) for n in names]
+    for key in sparsity:
+        if not any(re.fullmatch(key, m) for m in modules):
+            example = modules[0] if modules else "model.layers.0.mlp.down_proj"
+            raise ValueError(f"sparsity key {key!r} matches none of the {len(modules)} weights to prune (a regex that "
+                             f"must fullmatch a module name such as {example!r}); fix the key, e.g. '.*mlp.*'")
+
+
 def _module_of(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0]
 
@@ -156,7 +197,7 @@ def find_tracked_weights(
     seen: set[int] = set()
     tracked: list[TrackedWeight] = []
     for raw_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or _is_adapter_module(raw_name):
+        if not isinstance(module, nn.Linear) or _is_adapter_module(raw_name) or _inactive_copy(model, raw_name):
             continue
         name = canonical_name(raw_name)
         if target_modules in (None, "all-linear"):

@@ -4,15 +4,43 @@ structured pruning, schedules, the CLI). A leaf: the math modules import it with
 
 from __future__ import annotations
 
+import os
+import re
 from numbers import Real
 from typing import Any
 
 
+def check_regex(name: str, pattern: str) -> str:
+    """
+    Compile a module-name regex when it is given, so a typo is refused before any work instead of deep inside it.
+
+    Args:
+        name (`str`):
+            How the pattern is named in the error message, e.g. `"target_modules"` or `"sparsity key"`.
+        pattern (`str`):
+            The regular expression (matched with `re.fullmatch` against module names).
+
+    Returns:
+        `str`: `pattern`, unchanged.
+
+    Raises:
+        `ValueError`: one line naming `name`, the pattern, what is wrong and how to write a literal character.
+    """
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{name} {pattern!r} is not a valid regular expression ({e.msg} at position {e.pos}): escape "
+                         r"a literal character with a backslash, e.g. 'model\.layers\.0\..*'") from None
+    return pattern
+
+
 def check_modules(name: str, value: Any) -> Any:
-    """`value` as peft takes `target_modules` / `exclude_modules`: `None`, a regex `str`, or module-name suffixes
-    (a set comes back sorted). Raises `ValueError` naming `name` for anything else."""
-    if value is None or isinstance(value, str):
+    """`value` as peft takes `target_modules` / `exclude_modules`: `None`, a regex `str` (compiled here), or
+    module-name suffixes (a set comes back sorted). Raises `ValueError` naming `name` for anything else."""
+    if value is None:
         return value
+    if isinstance(value, str):
+        return check_regex(name, value)
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
         return sorted(value) if isinstance(value, set) else list(value)
     raise ValueError(f"{name} must be a regex str, a list of module-name suffixes, or None; got {value!r}")
@@ -91,3 +119,44 @@ def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
     if isinstance(structure, str) and ":" in structure:
         return "N:M", parse_nm(structure)
     raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons' or 'heads'; got {structure!r}")
+
+
+def looks_like_local_path(path: str) -> bool:
+    """
+    Whether a string that is not an existing path was meant as a local folder rather than a Hub repo id.
+
+    A Hub id is `name` or `namespace/name` made of letters, digits, `-`, `_` and `.`. A string that starts with
+    `.`, `/` or `~`, holds an OS separator or more than one `/`, whose first part is an existing folder (`out/modle`:
+    a typo below a local folder), or that is no valid repo id, is a local path.
+
+    Args:
+        path (`str`): what the user passed.
+
+    Returns:
+        `bool`: `True` for a local path (then "no such folder" is the right answer), `False` for a Hub id.
+    """
+    path = os.fspath(path)
+    if path.startswith(("/", ".", "~")) or os.sep in path.replace("/", "") or path.count("/") > 1:
+        return True
+    if "/" in path and os.path.isdir(path.split("/", 1)[0]):
+        return True
+    return not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", path) or ".." in path \
+        or path.endswith((".", "-"))
+
+
+def check_local_path(name: str, path: str, expected: str = "a local folder") -> None:
+    """
+    Refuse, before any work, a path that does not exist and was meant as a local one ([`looks_like_local_path`]); a
+    missing path that looks like a Hub repo id is left to the Hub.
+
+    Args:
+        name (`str`): the argument or flag, for the message (`"--importance"`, `"path_or_repo_id"`).
+        path (`str`): what the user passed.
+        expected (`str`, *optional*, defaults to `"a local folder"`): what to pass instead, for the message.
+
+    Raises:
+        `FileNotFoundError`: one line naming `name` and the path.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path) and looks_like_local_path(path):
+        raise FileNotFoundError(f"{name} {path}: no such folder; pass {expected} or a Hub repo id")

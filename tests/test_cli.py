@@ -50,13 +50,13 @@ def _one_line(capsys) -> str:
 
 
 def test_readme_prune_line_writes_a_subfolder_of_the_run(run, capsys):
-    """`hf-weightprune prune out --importance out --sparsity 0.5 --output out/pruned` (the README's line) works, and
-    the old `--output` spelling still does; nothing of the input changes."""
+    """`hf-weightprune prune out --importance out --sparsity 0.5 --output_dir out/pruned` (the README's line) works,
+    twice with the same result; nothing of the input changes."""
     before = _snapshot(run, skip=("pruned", "pruned-old-flag"))
     assert main(["prune", str(run), "--importance", str(run), "--sparsity", "0.5",
                  "--output_dir", str(run / "pruned")]) == 0
     assert main(["prune", str(run), "--importance", str(run), "--sparsity", "0.5",
-                 "--output", str(run / "pruned-old-flag")]) == 0
+                 "--output_dir", str(run / "pruned-old-flag")]) == 0
     assert _snapshot(run, skip=("pruned", "pruned-old-flag")) == before
     meta = json.loads((run / "pruned" / "sparsity.json").read_text())
     assert meta["global_sparsity"] == pytest.approx(0.5, abs=0.01)
@@ -163,20 +163,33 @@ def test_every_option_has_help_with_its_default():
         assert text.count("(default: ") == sum(1 for a in optional if not a.required), name
 
 
-@pytest.mark.parametrize(
-    ("old", "new", "value"),
-    [("--output", "--output_dir", "o"), ("--push-to-hub", "--push_to_hub", "me/x"), ("--eval-data", "--eval_data", "d"),
-     ("--target-modules", "--target_modules", "mlp"), ("--max-windows", "--max_windows", "3")],
-)
-def test_old_spellings_are_aliases(old, new, value):
-    base = ["prune", "m", "--importance", "i"]
-    parse = build_parser().parse_args
-    a = parse([*base, *(["--output_dir", "x"] if new != "--output_dir" else []), old, value])
-    b = parse([*base, *(["--output_dir", "x"] if new != "--output_dir" else []), new, value])
-    assert vars(a) == vars(b) and str(getattr(a, new[2:])) == value
-    push = parse(["push", "folder", "--repo-id", "me/x", "--include-importance", "--commit-message", "m"])
+@pytest.mark.parametrize("old", ["--push-to-hub", "--eval-data", "--target-modules", "--max-windows", "--log-level"])
+def test_hyphenated_spellings_are_gone(old, capsys):
+    """0.x kept `--a-b` beside `--a_b`; one spelling now (the CHANGELOG says so), refused in one line."""
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "m", "--importance", "i", "--output_dir", "o", old, "x"])
+    assert e.value.code == 2
+    line = _one_line(capsys)
+    assert line.startswith("hf-weightprune: error: unrecognized arguments:") and old in line
+    push = build_parser().parse_args(["push", "folder", "--repo_id", "me/x", "--include_importance",
+                                      "--commit_message", "m"])
     assert (push.folder, push.repo_id, push.include_importance, push.commit_message) == ("folder", "me/x", True, "m")
-    assert parse(["sweep", "m", "--data", "d", "--output", "o", "--calibration-windows", "3"]).calibration_windows == 3
+
+
+def test_config_flags_come_from_the_dataclass_fields():
+    """Every PruneConfig field is a `prune` flag with the field's help and default, parsed into the field's type."""
+    import dataclasses
+
+    prune = build_parser()._subparsers._group_actions[0].choices["prune"]
+    flags = {a.dest: a for a in prune._actions}
+    for f in dataclasses.fields(PruneConfig):
+        assert flags[f.name].help == f.metadata["help"] and flags[f.name].default == f.default, f.name
+    args = build_parser().parse_args(["prune", "m", "--importance", "i", "--output_dir", "o", "--sparsity",
+                                      '{"mlp.*": 0.6}', "--target_modules", "q_proj,v_proj", "--reconstruct", "false",
+                                      "--block_size", "64", "--allow_collapse"])
+    config = PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
+    assert (config.sparsity, config.target_modules, config.reconstruct, config.block_size, config.allow_collapse) == (
+        {"mlp.*": 0.6}, ["q_proj", "v_proj"], False, 64, True)
 
 
 def test_sweep_help_lists_the_oneshot_criteria():
@@ -192,7 +205,7 @@ def test_quiet_and_log_level_before_or_after_the_command():
     assert (parse(base).quiet, parse(base).log_level) == (False, "warning")
     assert parse(["-q", *base]).quiet and parse([*base, "--quiet"]).quiet
     assert parse(["--log_level", "debug", *base]).log_level == "debug"
-    assert parse([*base, "--log-level", "error"]).log_level == "error"
+    assert parse([*base, "--log_level", "error"]).log_level == "error"
     assert parse(["-q", "--log_level", "info", *base, "--log_level", "debug"]).log_level == "debug"
 
 
@@ -206,6 +219,34 @@ def test_quiet_turns_progress_bars_off(run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert main(["prune", str(run), "--importance", str(run), "--output_dir", str(tmp_path / "c")]) == 0
     assert "pruning" not in capsys.readouterr().err
+
+
+def test_progress_bars_follow_the_hf_switches_and_rank_0(run, tmp_path, capsys, monkeypatch):
+    """`TQDM_DISABLE`, `HF_HUB_DISABLE_PROGRESS_BARS` / `disable_progress_bars()`, transformers'
+    `disable_progress_bar()`, and any rank but 0 each turn the library's own bars off."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as tf_logging
+
+    from hf_weightprune.distributed import show_progress
+
+    assert show_progress(True) and not show_progress(False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert not show_progress(True)
+    assert main(["prune", str(run), "--importance", str(run), "--output_dir", str(tmp_path / "a")]) == 0
+    assert "pruning" not in capsys.readouterr().err
+    monkeypatch.delenv("TQDM_DISABLE")
+    monkeypatch.setenv("RANK", "1")
+    assert not show_progress(True)
+    monkeypatch.delenv("RANK")
+    for off, on in ((disable_progress_bars, enable_progress_bars),
+                    (tf_logging.disable_progress_bar, tf_logging.enable_progress_bar)):
+        off()
+        try:
+            assert not show_progress(True)
+        finally:
+            on()
+    assert show_progress(True)
 
 
 def test_log_level_shows_the_library_log_for_one_command(run, tmp_path, capsys):
@@ -264,8 +305,9 @@ def test_missing_model_folder_is_one_line(tmp_path, capsys):
     assert _one_line(capsys) == (f"hf-weightprune inspect: error: --model {missing}: no such folder; pass a model "
                                  "folder (config.json and weights) or a Hub repo id")
     assert main(["inspect", str(tmp_path / "no-importance")]) == 2
-    assert _one_line(capsys) == (f"hf-weightprune inspect: error: {tmp_path / 'no-importance'} is neither a local "
-                                 "path nor a valid Hub repo id")
+    assert _one_line(capsys) == (f"hf-weightprune inspect: error: importance_dir {tmp_path / 'no-importance'}: no "
+                                 "such folder; pass an importance, checkpoint or training output folder or a Hub "
+                                 "repo id")
     assert not (tmp_path / "o").exists()
 
 

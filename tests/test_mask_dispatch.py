@@ -238,3 +238,42 @@ def test_lora_merge_report_measures_merged_weights(importances):
         assert info["sparsity"] == pytest.approx(float((params[name] == 0).float().mean())), name
         assert info["sparsity"] == pytest.approx(pruned.tensors[name]["sparsity"]), name
     assert report.global_sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_peft_modules_to_save_tracks_the_copy_that_runs(tmp_path):
+    """huggingface/peft#322, #3114: with `modules_to_save`, the trained copy (`modules_to_save.default`) runs and
+    survives `merge_and_unload`; it is tracked under its merged name, scored, masked, saved and described, while the
+    frozen `original_module` is never touched."""
+    peft = pytest.importorskip("peft")
+    import json
+
+    from safetensors.torch import load_file
+
+    from hf_weightprune import load_importance, merge_and_unload_sparse, save_pruned
+
+    lora = peft.get_peft_model(tiny_llama(seed=5), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                   modules_to_save=["down_proj"]))
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+    train(lora, [cb], tmp_path / "run", max_steps=3)
+    imp = cb.importance()
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert down in imp.names and not any("original_module" in n or "modules_to_save" in n for n in imp.names)
+    wrapper = lora.get_submodule("base_model.model.model.layers.0.mlp.down_proj")
+    copy, original = wrapper.modules_to_save["default"].weight, wrapper.original_module.weight
+    assert not torch.equal(copy, original)  # trained: the copy moved away from the frozen original
+    frozen = original.detach().clone()
+    report = prune_(lora, imp, PruneConfig(sparsity=0.5), progress=False)
+    assert down in report.tensors
+    assert float((copy == 0).float().mean()) == pytest.approx(0.5) and torch.equal(original, frozen)
+    merged = merge_and_unload_sparse(lora)
+    saved = merged.get_submodule("model.layers.0.mlp.down_proj").weight
+    assert torch.equal(saved, copy.detach())  # the merge keeps the pruned copy
+    save_pruned(merged, str(tmp_path / "pruned"), report=report)
+    tensors = load_file(str(tmp_path / "pruned" / "model.safetensors"))
+    meta = json.loads((tmp_path / "pruned" / "sparsity.json").read_text())
+    for name, info in meta["tensors"].items():
+        assert name in tensors, name  # sparsity.json names only tensors the checkpoint has ...
+        assert float((tensors[name] == 0).float().mean()) == pytest.approx(info["sparsity"], abs=1e-6), name
+    assert down in meta["tensors"]  # ... and the pruned copy is one of them
+    # the importance written at train end, under the merged names, binds to the merged model
+    assert load_importance(str(tmp_path / "run"), model=merged).names == imp.names

@@ -247,7 +247,7 @@ def test_cli_prune_inspect_round_trip(trained, tmp_path, capsys):
     [
         (["--sparsity", "1.2"], "sparsity must be a float in [0, 1)"),
         (["--structure", "3:2"], "N:M pattern needs 0 < n < m"),
-        (["--importance", "/nonexistent/imp"], "neither a local path nor a valid Hub repo id"),
+        (["--importance", "/nonexistent/imp"], "--importance /nonexistent/imp: no such folder"),
         (["--importance", "MODEL"], "No importance in"),
     ],
 )

@@ -193,8 +193,10 @@ def test_refusals_before_training(tmp_path):
         ImportanceCallback(ImportanceConfig(criterion="wanda"), schedule=_schedule(reconstruct=True))
     with pytest.raises(ValueError, match="reconstruct=True needs mode='prune'"):
         PruneSchedule(mode="hold", masks_from=str(tmp_path), reconstruct=True)
-    with pytest.raises(ValueError, match="block_size must be a positive int"):
+    with pytest.raises(ValueError, match=r"structure '2:4': M=4 must divide block_size=6 .* pass block_size=4"):
         _schedule("2:4", block_size=6)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        _schedule("2:4", block_size=0)
     # a resumed run must agree on the OBS settings; a checkpoint written before they existed had the defaults
     saved = _schedule().to_dict()
     assert _schedule().diff(saved) == {}

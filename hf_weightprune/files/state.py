@@ -36,6 +36,7 @@ from .._version import __version__
 from ..collect.importance import Importance
 from ..config import IMPORTANCE_CONFIG_NAME, ImportanceConfig
 from ..io_utils import atomic_write_json
+from ..validation import looks_like_local_path
 from .safetensors_io import CheckpointWeights, check_complete, find_weights_file, read_header, weight_map
 
 FORMAT_VERSION = 1
@@ -473,15 +474,20 @@ def load_importance(
         `Importance`: lazy per-tensor access to the accumulator state.
 
     Raises:
-        ImportanceFileError: no (such) importance, an incomplete or corrupt folder, or a tensor whose bytes do not
+        ImportanceFileError: no (such) importance (a missing local folder is named, never looked up on the Hub:
+            see [`~validation.looks_like_local_path`]), an incomplete or corrupt folder, or a tensor whose bytes do not
             match the CRC32 recorded at write time (e.g. two tensors' names swapped in a header).
-        FileNotFoundError: neither a local path nor a reachable Hub repo.
+        FileNotFoundError: a Hub-id-like string that is neither a local folder nor a reachable Hub repo (the
+            message names it).
     """
     path = os.fspath(path_or_repo_id)
     if name is not None:
         ImportanceConfig(name=name)  # the same one-line check as the config, before any work
     if os.path.exists(path):
         directory = resolve_importance_dir(os.path.join(path, subfolder) if subfolder else path, name)
+    elif looks_like_local_path(path):  # a mistyped folder, never sent to the Hub as a repo id
+        raise ImportanceFileError(f"{path}: no such folder; pass a checkpoint, training output_dir or importance "
+                                  "folder, or a Hub repo id ('namespace/name')")
     else:
         local = _download(path, subfolder=subfolder, revision=revision, token=token)
         local = os.path.join(local, subfolder) if subfolder else local
@@ -540,7 +546,7 @@ def _checkpoint_weights(model_dir: str, shapes: dict[str, list[int]]) -> Checkpo
 
 def _download(repo_id: str, *, subfolder: str, revision, token) -> str:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
@@ -549,10 +555,14 @@ def _download(repo_id: str, *, subfolder: str, revision, token) -> str:
             allow_patterns=[f"{prefix}{IMPORTANCE_DIR}/*", f"{prefix}importance*"],
         )
     except HFValidationError:
-        raise FileNotFoundError(f"{repo_id} is neither a local path nor a valid Hub repo id") from None
+        raise FileNotFoundError(f"{repo_id}: no such folder, and not a valid Hub repo id") from None
+    except LocalEntryNotFoundError:  # offline, or no network: say that the local folder is missing too
+        raise FileNotFoundError(f"{repo_id}: no such local folder, and Hub repo {repo_id} is not in the local cache "
+                                "(offline: HF_HUB_OFFLINE=1 or no network); check the path") from None
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
-        raise FileNotFoundError(f"Could not download importance from Hub repo {repo_id} (HTTP {status})") from None
+        raise FileNotFoundError(f"{repo_id}: no such local folder, and no importance could be downloaded from Hub repo "
+                                f"{repo_id} (HTTP {status})") from None
     return local
 
 

@@ -30,6 +30,7 @@ inverse) and a float32 copy of the weight: 0.8 GiB for Phi-3-mini's down_proj.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from numbers import Real
 
 import torch
@@ -40,7 +41,40 @@ from ..scorers.sparsegpt import check_pair, inverse_hessian_cholesky, obs_salien
 from ..validation import parse_nm
 from .masks import num_to_prune
 
-__all__ = ["inverse_hessian_cholesky", "layer_reconstruction_error", "obs_saliency", "sparsegpt_prune_"]
+__all__ = ["check_hessians", "inverse_hessian_cholesky", "layer_reconstruction_error", "obs_saliency",
+           "sparsegpt_prune_"]
+
+
+def check_hessians(hessians: Iterable[tuple[str, Tensor]], *, percdamp: float = 0.01,
+                   device: torch.device | str | None = None) -> None:
+    """
+    Factorise every Hessian an OBS prune is about to use, before any weight is edited: a Hessian that cannot be
+    factorised (too few or too similar tokens, llm-compressor#1069, AutoGPTQ#572) then stops the prune with the
+    weight's name, and no tensor before it is left pruned or updated.
+
+    Costs one extra factorisation per weight (the sweep's own cost is `O(in^2 * out)`); only one Hessian is held at a
+    time.
+
+    Args:
+        hessians (`Iterable[tuple[str, torch.Tensor]]`):
+            `(weight name, [in, in] Hessian)` pairs; an iterator keeps one in memory at a time.
+        percdamp (`float`, *optional*, defaults to 0.01):
+            The dampening the sweep will use (`PruneConfig.dampening`).
+        device (`torch.device` or `str`, *optional*):
+            Where to factorise (the weights' device); `None`: where each Hessian is.
+
+    Raises:
+        `ValueError`: one line naming the first weight whose Hessian is not finite, all zero or not positive definite
+        after dampening, with the fix (more dampening, more tokens, or leaving that weight out).
+    """
+    for name, hessian in hessians:
+        try:
+            inverse_hessian_cholesky(hessian if device is None else hessian.to(device), percdamp=percdamp)
+        except ValueError as e:
+            reason = str(e).split(";")[0].replace("`hessian`", "its input Hessian").rstrip(".")
+            raise ValueError(f"{name}: {reason}; no weight was changed. Fix: raise dampening (PruneConfig / PruneSchedule "
+                             f"dampening, now {percdamp:g}; --dampening), accumulate the Hessian over more tokens, or "
+                             "exclude this weight (exclude_modules)") from None
 
 
 def _lowest_k(scores: Tensor, k: int | Tensor) -> Tensor:

@@ -25,12 +25,12 @@ import torch
 
 from ..collect.importance import Importance
 from ..config import PruneConfig
-from ..matching import decoder_layer, select_names
+from ..matching import check_sparsity_keys, decoder_layer, select_names
 from ..scorers import SCORERS, criteria_where, default_scope
 from ..validation import check_sparsity
 from . import masks as M
 from .global_threshold import GlobalThreshold, compute_global_threshold, layer_mask
-from .obs import sparsegpt_prune_
+from .obs import check_hessians, sparsegpt_prune_
 from .owl import outlier_ratio, owl_sparsities
 
 __all__ = ["PruningPlan", "compute_masks", "owl_allocation", "uses_obs"]
@@ -220,6 +220,9 @@ class PruningPlan:
         else:
             base = config.sparsity if sparsity is None else sparsity
             targets = {n: s for n in names if (s := _module_target(n, base)) is not None}
+        check_sparsity_keys(config.sparsity, names)
+        if reconstruct:  # every factorisation first: a failing one names its weight before any weight is edited
+            check_hessians(((n, importance.state(n)) for n in targets), percdamp=config.dampening)
         plan = cls(importance, config, names, targets, reconstruct, nm_step, previous, gradual)
         if config.nm is None and config.scope == "global":
             plan._compute_thresholds()

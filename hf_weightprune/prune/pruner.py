@@ -8,19 +8,24 @@ about one tensor plus small histograms whatever the model size.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as D
 from ..collect.importance import Importance
 from ..config import PruneConfig
+from ..io_utils import check_arg_type
 from ..matching import canonical_name, select_names
 from .plan import PruningPlan
 from .report import PruningReport
 
 __all__ = ["PruningReport", "prune_", "refuse_tied"]
+
+logger = logging.getLogger(__name__)
 
 
 def refuse_tied(model: nn.Module, params: Mapping[str, torch.Tensor], names: list[str]) -> None:
@@ -78,6 +83,9 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
         another one, an N:M weight whose input dim is not a multiple of `m`, an unsupported structured layout, or a
         tensor that would be pruned to 100% (unless `config.allow_collapse`).
     """
+    check_arg_type("prune_", "importance", importance, Importance,
+                   "an Importance from load_importance(path) or ImportanceCallback.importance()")
+    check_arg_type("prune_", "config", config, (PruneConfig, type(None)), "a PruneConfig or None")
     config = config or PruneConfig()
     importance.bind(model)
     params = dict(importance.weights)
@@ -87,6 +95,10 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
 
         report.structured = prune_structured_(model, importance.scores, structure=config.kind,
                                               sparsity=config.sparsity)
+        units = report.structured["units_per_layer"]
+        if units["after"] == 1 < units["before"]:  # in range, so not refused (a sweep may go there); but say it
+            logger.warning("structure=%r at sparsity %g keeps 1 of %d units per decoder layer: the model is unlikely to "
+                           "be useful; lower the sparsity", config.kind, config.sparsity, units["before"])
         params_count = report.structured["num_parameters"]
         report.global_sparsity = 1 - params_count["after"] / params_count["before"]
         return report
@@ -95,7 +107,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     refuse_tied(model, params, names)
     plan = PruningPlan.build(importance, config, names)  # every other check, before any weight changes
     obs = ", OBS" if plan.reconstruct else ""
-    for name in tqdm(names, desc=f"pruning ({config.structure}, {plan.scope}{obs})", disable=not progress):
+    for name in tqdm(names, desc=f"pruning ({config.structure}, {plan.scope}{obs})", disable=not D.show_progress(progress)):
         edit = plan.edit(name)
         if edit is not None:
             report.add_mask(name, edit(params[name]))

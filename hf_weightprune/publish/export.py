@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as D
 from .._version import __version__
 from ..collect.importance import Importance
 from ..config import PruneConfig
@@ -120,9 +122,14 @@ def check_output_dir(output_dir: str | os.PathLike, *, input_dirs: Iterable[str 
             the CLI).
         overwrite_hint (`str`, *optional*, defaults to `"overwrite=True"`): how the message names the overwrite switch.
 
+    Then the OS rules, which would otherwise fail after the work: `output_dir` (or a parent) is an existing file, or
+    the folder that receives it is not writable.
+
     Raises:
         ValueError: refusals 1-4.
         FileExistsError: refusal 5.
+        NotADirectoryError: `output_dir` or one of its parents is a file.
+        PermissionError: the folder that receives `output_dir` is not writable.
     """
     out = os.path.realpath(output_dir)
     shown = os.fspath(output_dir)
@@ -152,6 +159,24 @@ def check_output_dir(output_dir: str | os.PathLike, *, input_dirs: Iterable[str 
     if require_empty and os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"{arg} {shown} exists and is not empty; pass {overwrite_hint} to replace it, or "
                               "choose a new folder")
+    _check_writable(out, shown, arg, require_empty)
+
+
+def _check_writable(out: str, shown: str, arg: str, whole_folder: bool) -> None:
+    """Refuse, before any work, an output the OS would refuse after it: a file in the way, or a folder this process
+    cannot write in (a whole-folder writer creates its temporary folder beside `out`, in its parent)."""
+    folder = out if os.path.isdir(out) and not whole_folder else os.path.dirname(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"{arg} {shown} is a file; choose a folder (a new one such as {shown}-out)")
+    while not os.path.exists(folder):  # makedirs creates the missing parents in the nearest existing one
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"{arg} {shown}: {folder} is a file, not a folder; choose another {arg}")
+    try:  # a real try, not os.access: root on a read-only mount, ACLs and quotas all answer here
+        os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".hf-weightprune-probe-"))
+    except OSError as e:
+        raise PermissionError(f"{arg} {shown}: cannot write in {folder} ({e.strerror}); choose a folder you can "
+                              "write to") from None
 
 
 @contextmanager
@@ -171,6 +196,11 @@ def _atomic_folder(output_dir: str, *, overwrite: bool) -> Iterator[str]:
     try:
         yield tmp
         _publish(tmp, output_dir, overwrite=overwrite)
+    except OSError as e:
+        if e.filename is None or ".tmp" not in os.fspath(e.filename):
+            raise
+        # e.g. the disk filled up mid-write: name the output, never the internal temporary folder
+        raise type(e)(e.errno, f"writing {output_dir} failed: {e.strerror}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -406,7 +436,8 @@ def prune_checkpoint(
         raise TypeError("prune_checkpoint: output_dir is required (a new or empty folder)")
     _check_common("prune_checkpoint", output_dir, base_model, overwrite, write_card)
     check_arg_type("prune_checkpoint", "model_dir", model_dir, (str, os.PathLike), "a local folder (str or os.PathLike)")
-    check_arg_type("prune_checkpoint", "importance", importance, Importance, "an Importance from load_importance()")
+    check_arg_type("prune_checkpoint", "importance", importance, Importance,
+                   "an Importance from load_importance(path) or ImportanceCallback.importance()")
     check_arg_type("prune_checkpoint", "config", config, (PruneConfig, type(None)), "a PruneConfig or None")
     check_arg_type("prune_checkpoint", "progress", progress, bool, "a bool")
     config = config or PruneConfig()
@@ -447,7 +478,7 @@ def prune_checkpoint(
     with _atomic_folder(output_dir, overwrite=overwrite) as tmp:
         shards = sorted(set(weight_map.values()))
         buffer = bytearray()  # one buffer reused for every pruned tensor: no fresh memory to fault in
-        for shard in tqdm(shards, desc=f"pruning {len(shards)} shard(s)", disable=not progress):
+        for shard in tqdm(shards, desc=f"pruning {len(shards)} shard(s)", disable=not D.show_progress(progress)):
             buffer = sio.copy_shard_masked(os.path.join(model_dir, shard), os.path.join(tmp, shard), mask_of, buffer)
         for entry in os.listdir(model_dir):
             src = os.path.join(model_dir, entry)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as D
 from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
@@ -294,7 +295,7 @@ def sweep(
     dense_eval = evaluate_loss(model, windows, batch_size=batch_size)
     rows: list[dict[str, Any]] = [{"criterion": "dense", "structure": "dense", "sparsity": 0.0,
                                    "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"]}]
-    bar = tqdm(total=len(importances) * len(points), desc="sweep", disable=not progress)
+    bar = tqdm(total=len(importances) * len(points), desc="sweep", disable=not D.show_progress(progress))
     for label, imp in importances.items():
         for s in points:
             bar.set_postfix_str(f"{label} @ {s:.0%}")

@@ -110,6 +110,10 @@ class MaskHolder:
                                  "(max_steps changed?); resume with the same max_steps")
             self._steps = steps
             self._update_set = set(cfg.update_steps(max_steps))
+            if len(self._update_set) == 1 and cfg.initial_sparsity < cfg.final_sparsity:
+                logger.warning("PruneSchedule: one mask update (step %d of %d, start..end = steps %d..%d, every_n_steps="
+                               "%d): this is one-shot pruning, not gradual; lower every_n_steps or widen start..end",
+                               min(self._update_set), max_steps, *steps, cfg.every_n_steps)
             names = select_names(tracked_names, cfg.target_modules, cfg.exclude_modules)
         else:
             held = self._held_masks(model)

@@ -166,6 +166,14 @@ class PruneSchedule(_JsonConfigMixin):
                                  f"({self.final_sparsity}): masks only shrink")
         self.start = _check_point("start", self.start)
         self.end = _check_point("end", self.end)
+        if _is_int(self.end) and self.end == 1:
+            # `end=1` reads as "the end of training" but an int is a step: every weight would be pruned at step 1.
+            raise ValueError("end=1 is ambiguous: an int is a step (prune everything at step 1), a float a fraction of "
+                             "max_steps; pass end=1.0 for the end of training, or a later step such as end=100")
+        if _is_int(self.start) == _is_int(self.end) and self.start >= self.end:
+            unit = "steps" if _is_int(self.start) else "fractions of max_steps"
+            raise ValueError(f"start={self.start!r} must be before end={self.end!r} (both {unit}): the ramp runs from "
+                             "start to end; swap them")
         if not _is_int(self.every_n_steps) or self.every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1; got {self.every_n_steps!r}")
         if self.ramp not in RAMPS:

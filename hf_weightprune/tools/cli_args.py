@@ -1,0 +1,189 @@
+"""The argparse building blocks of the `hf-weightprune` command: the one-line usage error, flags generated from the
+config dataclasses' fields, the flag groups several subcommands share, and the per-command log and progress-bar
+switches. Standard library only at import time, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (not a required option's: it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.required else super()._get_help_string(action)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person watching: not with `--quiet`, not when stderr is a file or a pipe."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def hub_bars(enabled: bool) -> Iterator[None]:
+    """Turn off huggingface_hub's and transformers' own bars (downloads, uploads, weight loading) for one command,
+    and restore them after: `main` is also called in-process (tests, scripts)."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hub_was_disabled = are_progress_bars_disabled()
+    tf = sys.modules.get("transformers.utils.logging")
+    tf_was_enabled = tf.is_progress_bar_enabled() if tf is not None else None
+    disable_progress_bars()
+    if tf is not None:
+        tf.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not hub_was_disabled:
+            enable_progress_bars()
+        tf = sys.modules.get("transformers.utils.logging")  # maybe first imported by the command
+        if tf is not None and (tf_was_enabled or (tf_was_enabled is None and not hub_was_disabled)):
+            tf.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def command_logging(args: argparse.Namespace) -> Iterator[None]:
+    """`--log_level` for this library's logger (`--quiet`: errors only), printed to stderr, for one command; the
+    logger is restored after it, as `main` is also called in-process (tests, scripts)."""
+    import logging  # here, not at the top: `--help` never needs it
+
+    class _Stderr(logging.StreamHandler):
+        """Writes to the current `sys.stderr` (which a caller may have replaced), not the one at creation."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
+    logger = logging.getLogger("hf_weightprune")
+    level = "error" if getattr(args, "quiet", False) else getattr(args, "log_level", "warning")
+    saved = logger.level
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.setLevel(getattr(logging, level.upper()))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+
+
+def sparsity_arg(text: str):
+    """`0.5` -> 0.5; `'{"mlp.*": 0.6}'` (JSON object) -> per-module targets, each key compiled here."""
+    from ..validation import check_regex
+
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"invalid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError("a JSON object {regex: float} is expected")
+        try:
+            for key in value:
+                check_regex("key", key)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a float or a JSON object is expected; got {text!r}") from None
+
+
+def modules_arg(text: str):
+    """A comma-separated list of suffixes, or a regex (compiled here) when it contains regex characters."""
+    from ..validation import check_regex
+
+    if not any(c in text for c in "*^$()[]{}|\\+?"):
+        return [t for t in text.split(",") if t]
+    try:
+        return check_regex("regex", text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def bool_or_auto_arg(text: str) -> bool | None:
+    choices = {"auto": None, "true": True, "false": False}
+    if text.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"auto, true or false; got {text!r}")
+    return choices[text.lower()]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the README's promise for every bad input), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def formatter(prog: str) -> argparse.HelpFormatter:
+    return HelpFormatter(prog, max_help_position=32)
+
+
+# How a config field's annotation becomes a flag (annotations are strings: `from __future__ import annotations`).
+FLAG_KINDS = {
+    "float | dict[str, float] | None": {"type": sparsity_arg},
+    "str | list[str] | None": {"type": modules_arg},
+    "bool | None": {"type": bool_or_auto_arg, "metavar": "{auto,true,false}"},
+    "bool": {"action": "store_true"},
+    "float": {"type": float},
+    "int": {"type": int},
+    "str": {},
+    "str | None": {},
+}
+
+
+def config_fields(cls, only: tuple[str, ...] | None = None) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if only is None or f.name in only]
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None) -> None:
+    """One `--field` per dataclass field, help from its `metadata["help"]` (`HfArgumentParser` cannot take a
+    `float | dict` field such as `PruneConfig.sparsity`); the dataclass validates the values."""
+    for f in dataclasses.fields(cls):
+        if only is None or f.name in only:
+            p.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"], **FLAG_KINDS[f.type])
+
+
+def add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """`-q/--quiet` and `--log_level`, accepted before and after the subcommand (the subcommand's copy only sets a
+    value when given, so it never resets one given before it)."""
+    # A SUPPRESS default is not shown by the formatter: the subcommand's copy states it.
+    parser.add_argument("-q", "--quiet", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="no progress bars and only errors in the log" + ("" if top else " (default: False)"))
+    parser.add_argument("--log_level", choices=LOG_LEVELS, default="warning" if top else argparse.SUPPRESS,
+                        help="level of this library's log messages on stderr" + ("" if top else " (default: warning)"))
+
+
+def add_eval(p: argparse.ArgumentParser, what: str) -> None:
+    """The evaluation-window flags `prune --eval_data` and `sweep` share."""
+    p.add_argument("--seq_len", type=int, default=256, help=f"tokens per {what} window")
+    p.add_argument("--max_windows", type=int, default=64, help=f"{what} windows at most")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in" + (" and saved in (auto: prune the files without loading the "
+                                                          "model)" if what == "--eval_data" else ""))
+
+
+def add_importance_name(p: argparse.ArgumentParser) -> None:
+    """`prune`, `inspect` and `sweep` read importance folders: this picks a named one in each (several callbacks on
+    one Trainer)."""
+    p.add_argument("--importance_name", default=None, metavar="NAME",
+                   help="the ImportanceConfig(name=...) of one of several callbacks: reads importance-NAME/")
