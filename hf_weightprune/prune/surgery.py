@@ -4,16 +4,13 @@ Whole MLP neurons or whole attention KV groups (a key/value head together with t
 removed: the `nn.Linear` modules are replaced by smaller ones and `model.config` is updated, so the result is a plain,
 smaller Hugging Face checkpoint that stock `AutoModelForCausalLM.from_pretrained` loads.
 
-Supported layer layouts (detected from module names, not from the class name):
-
-- Llama-style: `self_attn.{q,k,v,o}_proj` (optional biases) and `mlp.{gate,up,down}_proj` (Llama, Mistral, Qwen2, ...);
-- Phi-3-style: fused `self_attn.qkv_proj` = [q; k; v] rows and `self_attn.o_proj`, fused `mlp.gate_up_proj` =
-  [gate; up] rows and `mlp.down_proj`.
+The layouts it understands are detected in `layouts.py` (Llama-style split and Phi-3-style fused projections); the
+units to remove are ranked by `unit_scores.py`.
 
 Example:
 
 ```python
->>> from hf_weightprune.surgery import prune_structured_
+>>> from hf_weightprune.prune.surgery import prune_structured_
 >>> report = prune_structured_(model, scores, structure="neurons", sparsity=0.25)
 >>> model.save_pretrained("pruned")
 ```
@@ -22,26 +19,18 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from ..validation import check_sparsity
+from .layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout, model_configs
 from .masks import num_to_prune
+from .unit_scores import head_group_scores, neuron_scores
 
-__all__ = [
-    "SUPPORTED_STRUCTURES",
-    "check_structured_supported",
-    "head_group_scores",
-    "neuron_scores",
-    "prune_structured_",
-    "shrink_attention_",
-    "shrink_mlp_",
-]
-
-SUPPORTED_STRUCTURES = ("neurons", "heads")
+__all__ = ["prune_structured_", "shrink_attention_", "shrink_mlp_"]
 
 try:  # huggingface_hub wraps a strict config validator's ValueError/TypeError in its own error class
     from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
@@ -50,287 +39,6 @@ except ImportError:  # older huggingface_hub: validators raise plain ValueError/
 else:
     _CONFIG_ERRORS = (ValueError, TypeError, _StrictDataclassError)
 
-_SUPPORTED_LAYOUTS = (
-    "Llama-style decoder layers (self_attn.q_proj/k_proj/v_proj/o_proj and mlp.gate_proj/up_proj/down_proj, "
-    "e.g. Llama, Mistral, Qwen2) and Phi-3-style layers (self_attn.qkv_proj/o_proj and mlp.gate_up_proj/down_proj)"
-)
-_ATTN_LAYOUTS = {"split": ("q_proj", "k_proj", "v_proj", "o_proj"), "fused": ("qkv_proj", "o_proj")}
-_MLP_LAYOUTS = {"split": ("gate_proj", "up_proj", "down_proj"), "fused": ("gate_up_proj", "down_proj")}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Layout detection
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = None
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):  # transformers' own lookup (CausalLM -> base model, multimodal -> language model)
-        try:
-            decoder = get_decoder()
-        except (AttributeError, NotImplementedError, ValueError):  # models without a rule of their own
-            decoder = None
-        layers = getattr(decoder, "layers", None) if isinstance(decoder, nn.Module) else None
-    if layers is None:  # plain nn.Module wrappers: `model.model.layers`, then `model.layers`
-        base = getattr(model, "model", None)
-        layers = getattr(base, "layers", None) if isinstance(base, nn.Module) else None
-    if layers is None:
-        layers = getattr(model, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(
-            f"Structured pruning cannot find decoder layers (`model.get_decoder().layers`) in {type(model).__name__}. "
-            f"Supported: {_SUPPORTED_LAYOUTS}."
-        )
-    return layers
-
-
-def _layout(block: nn.Module | None, layouts: dict[str, tuple[str, ...]]) -> str | None:
-    if block is None:
-        return None
-    for name, parts in layouts.items():
-        if all(isinstance(getattr(block, p, None), nn.Module) for p in parts):
-            return name
-    return None
-
-
-def _detect(model: nn.Module, part: str) -> tuple[nn.ModuleList, str]:
-    """Returns the decoder layers and the layout ("split" or "fused") of `part` ("attn" or "mlp") in every layer."""
-    layers = _decoder_layers(model)
-    attr, layouts = ("self_attn", _ATTN_LAYOUTS) if part == "attn" else ("mlp", _MLP_LAYOUTS)
-    found = set()
-    for i, layer in enumerate(layers):
-        kind = _layout(getattr(layer, attr, None), layouts)
-        if kind is None:
-            block = getattr(layer, attr, None)
-            children = sorted(n for n, _ in block.named_children()) if isinstance(block, nn.Module) else []
-            raise ValueError(
-                f"Unsupported architecture {type(model).__name__}: layer {i} `{attr}` has modules {children}. "
-                f"Supported: {_SUPPORTED_LAYOUTS}."
-            )
-        found.add(kind)
-        for p in layouts[kind]:
-            module = getattr(layer, attr).get_submodule(p)
-            # PEFT LoRA layers and quantized linears subclass or wrap nn.Linear; slicing them would be wrong.
-            if type(module) is not nn.Linear:
-                raise ValueError(
-                    f"Layer {i} `{attr}.{p}` is a {type(module).__name__}, not a plain torch.nn.Linear. Merge adapters "
-                    "(`merge_and_unload()`) and load the model unquantized before structured pruning."
-                )
-    if len(found) > 1:
-        raise ValueError(f"Layers of {type(model).__name__} mix {attr} layouts {sorted(found)}; not supported.")
-    return layers, found.pop()
-
-
-def _attn_geometry(model: nn.Module, attn: nn.Module, kind: str) -> tuple[int, int, int]:
-    """Returns (num_heads, num_kv_heads, head_dim) read from the module shapes, checked for consistency."""
-    d = getattr(attn, "head_dim", None) or getattr(model.config, "head_dim", None)
-    if not d:
-        d = model.config.hidden_size // model.config.num_attention_heads
-    o_in = attn.o_proj.in_features
-    if kind == "split":
-        q_out, kv_out = attn.q_proj.out_features, attn.k_proj.out_features
-        ok = attn.v_proj.out_features == kv_out
-    else:
-        q_out = o_in
-        kv2 = attn.qkv_proj.out_features - q_out
-        kv_out, ok = kv2 // 2, kv2 > 0 and kv2 % 2 == 0
-    n_heads, n_kv = q_out // d, kv_out // d
-    if not ok or q_out != o_in or q_out % d or kv_out % d or n_kv == 0 or n_heads % n_kv:
-        raise ValueError(
-            f"Attention projections of {type(attn).__name__} do not match head_dim={d} with grouped heads "
-            f"(q out {q_out}, k/v out {kv_out}, o in {o_in})."
-        )
-    return n_heads, n_kv, d
-
-
-def _configs(model: nn.Module) -> list[PretrainedConfig]:
-    # Submodules usually share `model.config`, but not always (e.g. after deep copies); update every distinct one.
-    seen = {id(model.config): model.config}
-    for module in model.modules():
-        cfg = getattr(module, "config", None)
-        if isinstance(cfg, PretrainedConfig):
-            seen.setdefault(id(cfg), cfg)
-    return list(seen.values())
-
-
-def check_structured_supported(model: nn.Module, structure: str) -> None:
-    """
-    Checks that `model` can be pruned with `structure`, raising a `ValueError` that says why not.
-
-    Args:
-        model (`PreTrainedModel`): A Llama-style or Phi-3-style causal LM (see module docstring).
-        structure (`str`): `"neurons"` (MLP intermediate neurons) or `"heads"` (attention KV groups).
-
-    Raises:
-        `ValueError`: for an unknown structure, no decoder layers, an unsupported or mixed layout, non-plain
-        `nn.Linear` projections (LoRA, quantized), non-uniform layer sizes, or a single unit per layer.
-    """
-    if structure not in SUPPORTED_STRUCTURES:
-        raise ValueError(f"Unknown structure {structure!r}; expected one of {list(SUPPORTED_STRUCTURES)}.")
-    if structure == "neurons":
-        layers, _ = _detect(model, "mlp")
-        sizes = {layer.mlp.down_proj.in_features for layer in layers}
-        if len(sizes) > 1:
-            raise ValueError(f"Layers have different intermediate sizes {sorted(sizes)}; uniform pruning needs one.")
-        if sizes.pop() < 2:
-            raise ValueError("Nothing to prune: the MLP has a single intermediate neuron.")
-    else:
-        layers, kind = _detect(model, "attn")
-        geoms = {_attn_geometry(model, layer.self_attn, kind) for layer in layers}
-        if len(geoms) > 1:
-            raise ValueError(f"Layers have different attention shapes (heads, kv heads, head_dim) {sorted(geoms)}.")
-        n_heads, n_kv, _ = geoms.pop()
-        if n_kv < 2:
-            raise ValueError(
-                f"Nothing to prune: each layer has a single KV group (num_key_value_heads=1, {n_heads} query heads). "
-                "Heads are pruned as whole KV groups so grouped-query attention stays valid."
-            )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Unit scores
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _module_names(model: nn.Module) -> dict[int, str]:
-    return {id(m): n for n, m in model.named_modules()}
-
-
-def _normalised(scores: Mapping[str, torch.Tensor], name: str, param: torch.Tensor) -> torch.Tensor | None:
-    if name not in scores:
-        return None
-    s = scores[name]
-    if tuple(s.shape) != tuple(param.shape):
-        raise ValueError(f"Score for {name} has shape {tuple(s.shape)}, but the parameter has {tuple(param.shape)}.")
-    s = s.detach().float()
-    scale = s.abs().mean()
-    # An all-zero score tensor carries no ranking information; let it contribute nothing instead of NaN.
-    return s / scale if scale > 0 else torch.zeros_like(s)
-
-
-def _no_score_error(prefix: str, layer_idx: int, examples: list[str]) -> ValueError:
-    return ValueError(
-        f"No importance scores for any weight of {prefix} (layer {layer_idx}); expected at least one of "
-        f"{examples}. Track this module's parameters or choose another structure."
-    )
-
-
-def _check_layer_idx(layers: nn.ModuleList, layer_idx: int) -> None:
-    if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(layers):
-        raise ValueError(f"layer_idx must be an int in [0, {len(layers)}), got {layer_idx!r}.")
-
-
-def _reduced_scores(
-    scores: Mapping[str, torch.Tensor], prefix: str, block: nn.Module, parts: list[str], out_module: str
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """
-    Normalised scores of the weights and biases of `block`'s modules `parts`, each summed to a 1-D vector along the
-    unit axis: rows of the input projections, columns of `out_module` (whose bias belongs to no unit and is skipped).
-    Unscored tensors are skipped.
-    """
-    for mod_name in parts:
-        module = getattr(block, mod_name)
-        for pname in ("weight", "bias"):
-            param = getattr(module, pname, None)
-            if param is None or (pname == "bias" and mod_name == out_module):
-                continue
-            s = _normalised(scores, f"{prefix}.{mod_name}.{pname}", param)
-            if s is None:
-                continue
-            if pname == "weight":
-                s = s.sum(dim=0) if mod_name == out_module else s.sum(dim=1)
-            yield mod_name, s
-
-
-def neuron_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], layer_idx: int) -> torch.Tensor:
-    """
-    Aggregates element-wise importance into one score per MLP intermediate neuron of layer `layer_idx`.
-
-    Each scored tensor is first divided by its own mean absolute score, so that gate/up/down (whose raw scores can
-    differ in scale) contribute comparably; then, for neuron `j`, the normalised scores are summed over gate row `j`,
-    up row `j` and down column `j` (Phi-3: rows `j` and `intermediate_size + j` of `gate_up_proj`), plus entry `j` of
-    the gate/up biases when present and scored. Unscored tensors are skipped; `down_proj.bias` belongs to no neuron.
-
-    Args:
-        model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
-        scores (`Mapping[str, torch.Tensor]`): Parameter name (as in `model.named_parameters()`) to a tensor of the
-            parameter's shape, higher = more important.
-        layer_idx (`int`): Decoder layer index.
-
-    Returns:
-        `torch.Tensor` of shape `(intermediate_size,)`, float32.
-
-    Raises:
-        `ValueError`: for an unsupported layout, a bad `layer_idx`, a score of the wrong shape, or no score for any
-        weight of the MLP.
-    """
-    layers, kind = _detect(model, "mlp")
-    _check_layer_idx(layers, layer_idx)
-    mlp = layers[layer_idx].mlp
-    prefix = _module_names(model)[id(mlp)]
-    size = mlp.down_proj.in_features
-    # (module name, how its rows/columns map to neurons)
-    parts = ["gate_proj", "up_proj"] if kind == "split" else ["gate_up_proj"]
-    parts.append("down_proj")
-    total = None
-    for mod_name, s in _reduced_scores(scores, prefix, mlp, parts, "down_proj"):
-        if mod_name == "gate_up_proj":  # rows [gate; up]: neuron j owns rows j and size + j
-            s = s.view(2, size).sum(dim=0)
-        total = s if total is None else total + s.to(total.device)
-    if total is None:
-        raise _no_score_error(prefix, layer_idx, [f"{prefix}.{p}.weight" for p in parts])
-    return total
-
-
-def head_group_scores(model: nn.Module, scores: Mapping[str, torch.Tensor], layer_idx: int) -> torch.Tensor:
-    """
-    Aggregates element-wise importance into one score per attention KV group of layer `layer_idx`.
-
-    A KV group is one key/value head plus the `num_attention_heads // num_key_value_heads` query heads that read it
-    (query head `h` uses KV head `h // group_size`); with multi-head attention a group is a single head. Pruning
-    whole groups keeps grouped-query attention valid. Each scored tensor is first divided by its own mean absolute
-    score; then, for group `g`, the normalised scores are summed over its k and v rows, the q rows and o_proj columns
-    of its query heads (Phi-3: the matching rows of the q, k and v blocks of `qkv_proj`), plus the matching q/k/v
-    bias entries when present and scored. Unscored tensors are skipped; `o_proj.bias` belongs to no group.
-
-    Args:
-        model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
-        scores (`Mapping[str, torch.Tensor]`): Parameter name to a tensor of the parameter's shape, higher = more
-            important.
-        layer_idx (`int`): Decoder layer index.
-
-    Returns:
-        `torch.Tensor` of shape `(num_key_value_heads,)`, float32.
-
-    Raises:
-        `ValueError`: for an unsupported layout or head geometry, a bad `layer_idx`, a score of the wrong shape, or
-        no score for any weight of the attention.
-    """
-    layers, kind = _detect(model, "attn")
-    _check_layer_idx(layers, layer_idx)
-    attn = layers[layer_idx].self_attn
-    prefix = _module_names(model)[id(attn)]
-    n_heads, n_kv, d = _attn_geometry(model, attn, kind)
-    q_size, kv_size = n_heads * d, n_kv * d
-
-    def per_group(flat: torch.Tensor) -> torch.Tensor:
-        # Contiguous rows (or columns) of length n_groups * k map to groups in order.
-        return flat.view(n_kv, -1).sum(dim=1)
-
-    names = ["q_proj", "k_proj", "v_proj", "o_proj"] if kind == "split" else ["qkv_proj", "o_proj"]
-    total, found = torch.zeros(n_kv), False
-    for mod_name, s in _reduced_scores(scores, prefix, attn, names, "o_proj"):
-        if mod_name == "qkv_proj":
-            q, k, v = s.split([q_size, kv_size, kv_size])
-            s = per_group(q) + per_group(k) + per_group(v)
-        else:
-            s = per_group(s)
-        total = total.to(s.device) + s
-        found = True
-    if not found:
-        raise _no_score_error(prefix, layer_idx, [f"{prefix}.{n}.weight" for n in names])
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -402,7 +110,7 @@ def shrink_mlp_(model: nn.Module, keep: dict[int, torch.LongTensor]) -> None:
         `ValueError`, before the model is modified: for an unsupported layout, non-uniform sizes, a `keep` that does
         not give unique valid indices for every layer (the same count in each), or a size the config rejects.
     """
-    layers, kind = _detect(model, "mlp")
+    layers, kind = detect_layout(model, "mlp")
     sizes = {layer.mlp.down_proj.in_features for layer in layers}
     if len(sizes) > 1:
         raise ValueError(f"Layers have different intermediate sizes {sorted(sizes)}; uniform pruning needs one.")
@@ -424,7 +132,7 @@ def shrink_mlp_(model: nn.Module, keep: dict[int, torch.LongTensor]) -> None:
         mlp.down_proj = _sliced_linear(mlp.down_proj, cols=idx)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = new_size
-    for cfg in _configs(model):
+    for cfg in model_configs(model):
         cfg.intermediate_size = new_size
 
 
@@ -470,8 +178,8 @@ def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor]
         not give unique valid indices for every layer (the same count in each), or head counts the config rejects
         (the message lists the counts it accepts).
     """
-    layers, kind = _detect(model, "attn")
-    geoms = {_attn_geometry(model, layer.self_attn, kind) for layer in layers}
+    layers, kind = detect_layout(model, "attn")
+    geoms = {attn_geometry(model, layer.self_attn, kind) for layer in layers}
     if len(geoms) > 1:
         raise ValueError(f"Layers have different attention shapes (heads, kv heads, head_dim) {sorted(geoms)}.")
     n_heads, n_kv, d = geoms.pop()
@@ -515,7 +223,7 @@ def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor]
         for name, value in (("num_key_value_heads", new_kv), ("num_heads", new_heads)):
             if hasattr(attn, name):
                 setattr(attn, name, value)
-    for cfg in _configs(model):
+    for cfg in model_configs(model):
         for key, value in updates.items():
             setattr(cfg, key, value)
 
@@ -562,7 +270,7 @@ def prune_structured_(
     """
     sparsity = check_sparsity("sparsity", sparsity)
     check_structured_supported(model, structure)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     score_fn = neuron_scores if structure == "neurons" else head_group_scores
     # Score every layer before touching the model, so an error leaves it intact.
     unit_scores = [score_fn(model, scores, i) for i in range(len(layers))]
