@@ -204,6 +204,8 @@ MAY_IMPORT = {
     "collect/activations": {"matching"},
     "collect/importance": {"config", "matching", "scorers"},
     "collect/router": {"collect/activations", "moe"},
+    "collect/unit_layout": set(),
+    "collect/units": {"collect/activations", "collect/unit_layout"},
     "files/pruned_files": {"io_utils"},
     "files/safetensors_io": {"prune/masks"},
     "files/state": {"_version", "collect/importance", "config", "distributed", "files/safetensors_io", "io_utils", "scorers"},
