@@ -420,3 +420,25 @@ def test_bad_state_is_refused_in_one_line():
         c.scores("wanda")
     with pytest.raises(ValueError, match="no training tokens"):
         c.scores()
+
+
+def test_moe_layer_has_no_neuron_units_but_counts_the_rest():
+    """Qwen3-MoE with a dense first layer: neurons of layer 0 only; heads, hidden channels and layers everywhere."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**TINY, "moe_intermediate_size": 24, "num_experts": 4,
+                                                  "num_experts_per_tok": 2, "mlp_only_layers": [0]})).train()
+    c = UnitCollector(model)
+    assert [(u.mlp, u.attn) for u in c.units] == [("split", "split"), (None, "split")]
+    c.register()
+    ids, mask = _batch(40, "left")
+    _forward(model, ids, mask, backward=True)
+    assert c.update_taylor_(model)
+    c.add_(c.pop())
+    for statistic in UNIT_STATISTICS:
+        s = c.scores(statistic)
+        assert list(s["neurons"]) == [0] and s["neurons"][0].shape == (64,)
+        assert list(s["heads"]) == [0, 1] and s["hidden"].shape == (32,) and s["layers"].shape == (2,)
+        assert (s["layers"] > 0).all() and (s["hidden"] > 0).all()
+    assert int(c.state_dict()["layers.1.tokens"]) == int(mask.sum())

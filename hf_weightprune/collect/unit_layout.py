@@ -137,6 +137,9 @@ def _gw(param: Tensor | None) -> Tensor | None:
     """`grad * weight` in float32, or `None` for a parameter without a gradient (frozen, or unused this step)."""
     if param is None or param.grad is None:
         return None
+    if callable(getattr(param, "to_local", None)):  # an FSDP2 shard: its rows are not whole units
+        raise ValueError("unit statistics: first-order Taylor per unit needs whole weights; FSDP shards them "
+                         "(use DDP or one process, or the activation statistics)")
     return param.grad.detach().float() * param.detach().float()
 
 
@@ -152,6 +155,9 @@ def layer_taylor(u: LayerUnits, hidden_size: int) -> dict[str, Tensor] | None:
         `"hidden"` `[hidden_size]` (the columns of `q/k/v/gate/up`, the rows and bias of `o/down`, the layer's own
         norms), and where the layout has them `"neurons"` `[intermediate]` (gate/up rows and biases, down columns)
         and `"heads"` `[num_kv_heads]` (the group's q/k/v rows and biases, its `o_proj` columns). float32.
+
+    Raises:
+        `ValueError`: a parameter is an FSDP2 shard (`DTensor`).
     """
     params = [(n, p) for n, p in u.layer.named_parameters() if p.grad is not None]
     if not params:

@@ -172,7 +172,7 @@ class UnitCollector:
             `bool`: whether any gradient was found (a step without one, e.g. a frozen base under LoRA, counts nothing).
 
         Raises:
-            `ValueError`: `model`'s decoder layers differ from the collector's.
+            `ValueError`: `model`'s decoder layers differ from the collector's, or its weights are FSDP2 shards.
         """
         units = self.units
         if model is not None and model is not self.model:
