@@ -205,6 +205,8 @@ MAY_IMPORT = {
     "collect/importance": {"config", "matching", "scorers"},
     "collect/router": {"collect/activations", "moe"},
     "collect/summary": {"collect/importance", "matching"},
+    "collect/unit_layout": set(),
+    "collect/units": {"collect/activations", "collect/unit_layout"},
     "files/pruned_files": {"io_utils"},
     "files/safetensors_io": {"prune/masks"},
     "files/state": {"_version", "collect/importance", "config", "distributed", "files/safetensors_io", "io_utils", "scorers", "validation"},
