@@ -14,7 +14,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from hf_weightprune.prune.layouts import check_structured_supported
+from hf_weightprune.layouts import check_structured_supported
 from hf_weightprune.prune.surgery import prune_structured_, shrink_attention_, shrink_mlp_
 from hf_weightprune.prune.unit_scores import head_group_scores, neuron_scores
 

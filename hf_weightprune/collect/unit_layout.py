@@ -12,8 +12,8 @@ Layouts are read from module names and shapes, not from the class name:
 A layer of another layout (an MoE block, multi-head latent attention) has no neuron (or head) units; its layer and
 hidden-channel statistics still count.
 
-`prune/surgery.py` has its own layout tables; `collect` may not import `prune` (the stages only import downwards), so
-only the geometry is read here: the head count and head size come from the modules' shapes and `head_dim`.
+The layout tables and the decoder-layer lookup are the leaf `layouts.py`, shared with the surgery in `prune/`; the head
+count and head size are read from the modules' shapes and `head_dim`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerUnits", "decoder_layers", "find_layer_units", "hidden_taylor_", "layer_taylor"]
+from ..layouts import ATTN_LAYOUTS, MLP_LAYOUTS, block_layout, decoder_layers
 
-_ATTN = {"split": ("q_proj", "k_proj", "v_proj", "o_proj"), "fused": ("qkv_proj", "o_proj")}
-_MLP = {"split": ("gate_proj", "up_proj", "down_proj"), "fused": ("gate_up_proj", "down_proj")}
+__all__ = ["LayerUnits", "find_layer_units", "hidden_taylor_", "layer_taylor"]
+
 
 
 @dataclass(frozen=True)
@@ -60,35 +60,6 @@ class LayerUnits:
         return self.layer.mlp
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM (`model.get_decoder().layers`, else `model.model.layers` / `model.layers`).
-
-    Raises:
-        `ValueError`: no non-empty `layers` list is found.
-    """
-    layers = None
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            decoder = get_decoder()
-        except (AttributeError, NotImplementedError, ValueError):  # models without a rule of their own
-            decoder = None
-        layers = getattr(decoder, "layers", None) if isinstance(decoder, nn.Module) else None
-    for owner in (getattr(model, "model", None), model):
-        if layers is None and isinstance(owner, nn.Module):
-            layers = getattr(owner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"unit statistics: no decoder layers (`get_decoder().layers`) in {type(model).__name__}")
-    return layers
-
-
-def _kind(block: nn.Module | None, layouts: dict[str, tuple[str, ...]]) -> str | None:
-    if not isinstance(block, nn.Module):
-        return None
-    return next((k for k, parts in layouts.items() if all(isinstance(getattr(block, p, None), nn.Module)
-                                                           for p in parts)), None)
-
-
 def _head_dim(model: nn.Module, attn: nn.Module) -> int:
     cfg = getattr(model, "config", None)
     d = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None)
@@ -111,8 +82,8 @@ def find_layer_units(model: nn.Module) -> list[LayerUnits]:
     """
     out = []
     for i, layer in enumerate(decoder_layers(model)):
-        attn_kind = _kind(getattr(layer, "self_attn", None), _ATTN)
-        mlp_kind = _kind(getattr(layer, "mlp", None), _MLP)
+        attn_kind = block_layout(getattr(layer, "self_attn", None), ATTN_LAYOUTS)
+        mlp_kind = block_layout(getattr(layer, "mlp", None), MLP_LAYOUTS)
         geo = {}
         if attn_kind is not None:
             attn = layer.self_attn

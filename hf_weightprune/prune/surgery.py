@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout, model_configs
 from ..validation import check_sparsity
-from .layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout, model_configs
 from .masks import num_to_prune
 from .unit_scores import head_group_scores, neuron_scores
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from .layouts import attn_geometry, detect_layout
+from ..layouts import attn_geometry, detect_layout
 
 __all__ = ["check_layer_idx", "head_group_scores", "neuron_scores"]
 

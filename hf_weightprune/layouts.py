@@ -4,7 +4,8 @@
 - Phi-3-style: fused `self_attn.qkv_proj` = [q; k; v] rows and `self_attn.o_proj`, fused `mlp.gate_up_proj` =
   [gate; up] rows and `mlp.down_proj`.
 
-Shared by the unit scores (`unit_scores.py`) and the surgery (`surgery.py`), which must agree on the layout.
+A leaf: the unit statistics gathered while training (`collect/units.py`), the unit scores and the surgery
+(`prune/`) must agree on the layout, so they read it here.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig
 
-__all__ = ["ATTN_LAYOUTS", "MLP_LAYOUTS", "SUPPORTED_STRUCTURES", "attn_geometry", "check_structured_supported",
-           "decoder_layers", "detect_layout", "model_configs"]
+__all__ = ["ATTN_LAYOUTS", "MLP_LAYOUTS", "SUPPORTED_STRUCTURES", "attn_geometry", "block_layout",
+           "check_structured_supported", "decoder_layers", "detect_layout", "model_configs"]
 
 SUPPORTED_STRUCTURES = ("neurons", "heads")
 
@@ -48,8 +49,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _layout(block: nn.Module | None, layouts: dict[str, tuple[str, ...]]) -> str | None:
-    if block is None:
+def block_layout(block: nn.Module | None, layouts: dict[str, tuple[str, ...]]) -> str | None:
+    """The key of `layouts` whose module names `block` has all of (`"split"` / `"fused"`), else `None`."""
+    if not isinstance(block, nn.Module):
         return None
     for name, parts in layouts.items():
         if all(isinstance(getattr(block, p, None), nn.Module) for p in parts):
@@ -63,7 +65,7 @@ def detect_layout(model: nn.Module, part: str) -> tuple[nn.ModuleList, str]:
     attr, layouts = ("self_attn", ATTN_LAYOUTS) if part == "attn" else ("mlp", MLP_LAYOUTS)
     found = set()
     for i, layer in enumerate(layers):
-        kind = _layout(getattr(layer, attr, None), layouts)
+        kind = block_layout(getattr(layer, attr, None), layouts)
         if kind is None:
             block = getattr(layer, attr, None)
             children = sorted(n for n, _ in block.named_children()) if isinstance(block, nn.Module) else []
