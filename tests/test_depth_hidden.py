@@ -317,3 +317,15 @@ def test_unknown_hidden_sized_parameter_is_refused():
     with pytest.raises(ValueError, match=r"model.layers.0.scale \(32,\) has a hidden_size=32 dimension"):
         shrink_hidden_(model, KEEP)
     assert model.config.hidden_size == 32
+
+
+def test_phi3_longrope_hidden_pruning_is_refused_in_one_line():
+    # Phi3Config sizes its longrope factors by hidden_size // num_attention_heads, even with head_dim explicit.
+    half = 32 // 4 // 2
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * half, "long_factor": [2.0] * half,
+            "original_max_position_embeddings": 32}
+    model = make_model("phi3", rope_scaling=rope)
+    with pytest.raises(ValueError, match="Phi3Config rejects: `rope_parameters`'s short_factor") as err:
+        shrink_hidden_(model, KEEP)
+    assert "\n" not in str(err.value)
+    assert model.config.hidden_size == 32 and model.model.embed_tokens.weight.shape == (128, 32)
