@@ -473,10 +473,10 @@ def test_phi3_longrope_head_pruning_is_refused():
 def test_config_validator_bugs_are_not_swallowed():
     # Only the validator's rejections (ValueError, TypeError, huggingface_hub's strict-dataclass errors) mean "this
     # size is refused"; any other exception is a bug and must surface instead of being reported as a rejection.
-    from hf_weightprune.prune.surgery import _config_error
+    from hf_weightprune.prune.surgery import config_error
 
     model = make_model("llama_gqa_bias")
-    assert "not a multiple of the number of attention heads" in _config_error(model.config, {"num_attention_heads": 6})
+    assert "not a multiple of the number of attention heads" in config_error(model.config, {"num_attention_heads": 6})
 
     def broken_validate():
         raise RuntimeError("bug in a validator")

@@ -30,7 +30,7 @@ from ..validation import check_sparsity
 from .masks import num_to_prune
 from .unit_scores import head_group_scores, neuron_scores
 
-__all__ = ["prune_structured_", "shrink_attention_", "shrink_mlp_"]
+__all__ = ["config_error", "prune_structured_", "shrink_attention_", "shrink_mlp_", "sliced_linear"]
 
 try:  # huggingface_hub wraps a strict config validator's ValueError/TypeError in its own error class
     from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
@@ -77,7 +77,7 @@ def _validate_keep(keep: Mapping[int, torch.Tensor], n_layers: int, size: int, w
 
 
 @torch.no_grad()
-def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+def sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
     weight, bias = linear.weight, linear.bias
     if rows is not None:
         rows = rows.to(weight.device)
@@ -117,7 +117,7 @@ def shrink_mlp_(model: nn.Module, keep: dict[int, torch.LongTensor]) -> None:
     size = sizes.pop()
     keep = _validate_keep(keep, len(layers), size, "neurons")
     new_size = len(keep[0])
-    reason = _config_error(model.config, {"intermediate_size": new_size})
+    reason = config_error(model.config, {"intermediate_size": new_size})
     if reason is not None:
         raise ValueError(
             f"intermediate_size={new_size} gives a config that {type(model.config).__name__} rejects: {reason}"
@@ -125,21 +125,21 @@ def shrink_mlp_(model: nn.Module, keep: dict[int, torch.LongTensor]) -> None:
     for i, layer in enumerate(layers):
         mlp, idx = layer.mlp, keep[i]
         if kind == "split":
-            mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=idx)
-            mlp.up_proj = _sliced_linear(mlp.up_proj, rows=idx)
+            mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=idx)
+            mlp.up_proj = sliced_linear(mlp.up_proj, rows=idx)
         else:
-            mlp.gate_up_proj = _sliced_linear(mlp.gate_up_proj, rows=torch.cat([idx, idx + size]))
-        mlp.down_proj = _sliced_linear(mlp.down_proj, cols=idx)
+            mlp.gate_up_proj = sliced_linear(mlp.gate_up_proj, rows=torch.cat([idx, idx + size]))
+        mlp.down_proj = sliced_linear(mlp.down_proj, cols=idx)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = new_size
     for cfg in model_configs(model):
         cfg.intermediate_size = new_size
 
 
-def _config_error(config: PretrainedConfig, updates: dict, _baseline: bool = True) -> str | None:
+def config_error(config: PretrainedConfig, updates: dict, _baseline: bool = True) -> str | None:
     """Returns why `config` with `updates` applied would fail its own validation (and thus `save_pretrained`)."""
     # A config that already fails validation cannot tell us anything about the new sizes.
-    if _baseline and _config_error(config, {}, _baseline=False) is not None:
+    if _baseline and config_error(config, {}, _baseline=False) is not None:
         return None
     candidate = copy.deepcopy(config)
     validate = getattr(candidate, "validate", None)  # strict config validation, transformers >= 5
@@ -191,12 +191,12 @@ def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor]
     # Some configs reject sizes the modeling code handles (LlamaConfig wants hidden_size % num_attention_heads == 0,
     # Phi-3 longrope sizes its rope factors by hidden_size // num_attention_heads); refuse before touching the model
     # rather than produce a checkpoint that cannot be saved or loaded.
-    reason = _config_error(model.config, updates)
+    reason = config_error(model.config, updates)
     if reason is not None:
         feasible = [
             k
             for k in range(1, n_kv + 1)
-            if _config_error(model.config, _attention_config_updates(k, group, d)) is None
+            if config_error(model.config, _attention_config_updates(k, group, d)) is None
         ]
         raise ValueError(
             f"Keeping {new_kv} of {n_kv} KV groups ({new_heads} attention heads) gives a config that "
@@ -209,14 +209,14 @@ def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor]
         q_rows = (heads[:, None] * d + offsets_d).flatten()
         kv_rows = (g[:, None] * d + offsets_d).flatten()
         if kind == "split":
-            attn.q_proj = _sliced_linear(attn.q_proj, rows=q_rows)
-            attn.k_proj = _sliced_linear(attn.k_proj, rows=kv_rows)
-            attn.v_proj = _sliced_linear(attn.v_proj, rows=kv_rows)
+            attn.q_proj = sliced_linear(attn.q_proj, rows=q_rows)
+            attn.k_proj = sliced_linear(attn.k_proj, rows=kv_rows)
+            attn.v_proj = sliced_linear(attn.v_proj, rows=kv_rows)
         else:
             q_size, kv_size = n_heads * d, n_kv * d
             rows = torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows])
-            attn.qkv_proj = _sliced_linear(attn.qkv_proj, rows=rows)
-        attn.o_proj = _sliced_linear(attn.o_proj, cols=q_rows)
+            attn.qkv_proj = sliced_linear(attn.qkv_proj, rows=rows)
+        attn.o_proj = sliced_linear(attn.o_proj, cols=q_rows)
         # Attention modules cache sizes at init (Phi3Attention slices qkv with them); keep them in sync.
         attn.head_dim = d
         attn.num_key_value_groups = group

@@ -1,0 +1,149 @@
+"""Compensation of removed input columns of a consumer Linear, from statistics of its inputs.
+
+When structured pruning removes units that feed a Linear (MLP neurons feeding `down_proj`, heads feeding `o_proj`,
+hidden channels feeding q/k/v/gate/up), the consumer's remaining columns can be refit so that its output on the
+observed inputs changes as little as possible:
+
+- **Least-squares refit** (structured OBS; SlimGPT, arXiv 2412.18110, in closed form). With `H = sum_t x_t x_t^T`
+  the consumer's input Hessian (the callback's `sparsegpt` statistic is exactly this) and `K` the kept columns,
+
+      W_K' = argmin_V sum_t ||W x_t - V x_{t,K}||^2 = W H[:, K] (H[K, K] + lambda I)^{-1},
+
+  with `lambda = damp * mean(diag(H[K, K]))` (SparseGPT's relative damping; `damp=0` is the exact least squares).
+- **Mean compensation** (FLAP, arXiv 2312.11983): the average of what the removed columns contributed is moved into
+  the bias, `b += W[:, R] mean(x_R)`. After a refit the same idea gives the best bias for the refit weights,
+  `b += W mean(x) - W_K' mean(x_K)` (the mean of the remaining error). A consumer without a bias cannot absorb it;
+  [`compensate_linear`] then reports `"no_bias"` and changes no bias.
+
+These are pure functions on tensors plus one helper that builds the smaller Linear; they never see a Trainer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["compensate_linear", "mean_shift", "refit_columns"]
+
+
+def _check_keep(keep: Tensor, n_in: int) -> Tensor:
+    if not isinstance(keep, Tensor) or keep.dim() != 1 or keep.is_floating_point() or keep.dtype == torch.bool:
+        raise ValueError(f"keep must be a 1-D integer tensor of input-column indices, got {keep!r}")
+    keep = keep.long().cpu()
+    if keep.numel() == 0 or bool((keep[1:] <= keep[:-1]).any()) or keep[0] < 0 or keep[-1] >= n_in:
+        raise ValueError(f"keep must be non-empty, sorted, unique and in [0, {n_in}), got {keep.tolist()}")
+    return keep
+
+
+def refit_columns(weight: Tensor, hessian: Tensor, keep: Tensor, *, damp: float = 0.01) -> Tensor:
+    """
+    Least-squares refit of the kept input columns of `weight` (see the module docstring for the formula).
+
+    Args:
+        weight (`torch.Tensor`): `[out_features, in_features]` weight of the consumer Linear.
+        hessian (`torch.Tensor`): `[in_features, in_features]` symmetric `sum_t x_t x_t^T` of the consumer's inputs
+            (any positive multiple gives the same result).
+        keep (`torch.LongTensor`): Sorted, unique indices of the input columns that stay.
+        damp (`float`, *optional*, defaults to 0.01): Ridge term relative to the mean diagonal of `H[K, K]`;
+            `0` is the exact least-squares solution and needs `H[K, K]` to be positive definite.
+
+    Returns:
+        `torch.Tensor`: `[out_features, len(keep)]`, the refit columns, in `weight`'s dtype and device. Solved in
+        float64.
+
+    Raises:
+        `ValueError`: shapes that do not match, a bad `keep`, a negative `damp`, or an `H[K, K] + lambda I` that is
+        not positive definite (raise `damp`).
+    """
+    out_f, in_f = weight.shape
+    if tuple(hessian.shape) != (in_f, in_f):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({in_f}, {in_f}) for weight {out_f}x{in_f}")
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    keep = _check_keep(keep, in_f).to(hessian.device)
+    h = hessian.double()
+    h_kk = h.index_select(0, keep).index_select(1, keep)
+    h_k = h.index_select(1, keep)  # H[:, K]
+    lam = damp * h_kk.diagonal().mean()
+    chol, info = torch.linalg.cholesky_ex(h_kk + lam * torch.eye(len(keep), dtype=h.dtype, device=h.device))
+    if info.item() != 0:
+        raise ValueError(f"H[kept, kept] + damp is not positive definite (damp={damp}); use a larger damp")
+    # W_K' = W H[:, K] H_KK^-1  <=>  H_KK W_K'^T = (W H[:, K])^T, H_KK symmetric.
+    rhs = (weight.double().to(h.device) @ h_k).T
+    return torch.cholesky_solve(rhs, chol).T.to(device=weight.device, dtype=weight.dtype)
+
+
+def mean_shift(weight: Tensor, mean: Tensor, keep: Tensor, *, kept_weight: Tensor | None = None) -> Tensor:
+    """
+    The bias change that keeps the consumer's average output: `W mean(x) - W_K' mean(x_K)`.
+
+    With `kept_weight=None` (`W_K' = W[:, K]`) this is FLAP's `W[:, R] mean(x_R)` over the removed columns `R`.
+
+    Args:
+        weight (`torch.Tensor`): `[out_features, in_features]` original weight.
+        mean (`torch.Tensor`): `[in_features]` mean of the consumer's inputs over real tokens.
+        keep (`torch.LongTensor`): Sorted, unique indices of the input columns that stay.
+        kept_weight (`torch.Tensor`, *optional*): `[out_features, len(keep)]` new kept columns (e.g. from
+            [`refit_columns`]); defaults to `weight[:, keep]`.
+
+    Returns:
+        `torch.Tensor`: `[out_features]` in `weight`'s dtype, to add to the bias.
+    """
+    out_f, in_f = weight.shape
+    if tuple(mean.shape) != (in_f,):
+        raise ValueError(f"mean has shape {tuple(mean.shape)}, expected ({in_f},)")
+    keep = _check_keep(keep, in_f).to(weight.device)
+    w, mu = weight.double(), mean.double().to(weight.device)
+    kept = w.index_select(1, keep) if kept_weight is None else kept_weight.double()
+    if tuple(kept.shape) != (out_f, len(keep)):
+        raise ValueError(f"kept_weight has shape {tuple(kept.shape)}, expected ({out_f}, {len(keep)})")
+    return (w @ mu - kept @ mu.index_select(0, keep)).to(weight.dtype)
+
+
+@torch.no_grad()
+def compensate_linear(
+    linear: nn.Linear,
+    keep: Tensor,
+    *,
+    hessian: Tensor | None = None,
+    mean: Tensor | None = None,
+    damp: float = 0.01,
+) -> tuple[nn.Linear, dict[str, str]]:
+    """
+    A new Linear with only the `keep` input columns, refit and/or mean-compensated.
+
+    Args:
+        linear (`nn.Linear`): The consumer (plain `nn.Linear`; merge adapters first).
+        keep (`torch.LongTensor`): Sorted, unique indices of the input columns that stay.
+        hessian (`torch.Tensor`, *optional*): `sum x x^T` of the consumer's inputs; refits the kept columns.
+        mean (`torch.Tensor`, *optional*): Mean input; moves the average lost output into the bias.
+        damp (`float`, *optional*, defaults to 0.01): See [`refit_columns`].
+
+    Returns:
+        `tuple[nn.Linear, dict[str, str]]`: the new module (same dtype, device and `requires_grad`) and what was done:
+        `{"refit": "applied" | "off", "mean": "applied" | "no_bias" | "off"}`. `"no_bias"` means the consumer has no
+        bias to absorb the shift (nothing was changed for it; add a bias only where the checkpoint's config allows
+        one, e.g. `mlp_bias=True` for Llama).
+    """
+    if type(linear) is not nn.Linear:
+        raise ValueError(f"compensate_linear needs a plain nn.Linear, got {type(linear).__name__}")
+    weight = linear.weight
+    keep = _check_keep(keep, linear.in_features)
+    new_w = weight.index_select(1, keep.to(weight.device))
+    report = {"refit": "off", "mean": "off"}
+    if hessian is not None:
+        new_w = refit_columns(weight, hessian, keep, damp=damp)
+        report["refit"] = "applied"
+    bias = linear.bias
+    if mean is not None:
+        if bias is None:
+            report["mean"] = "no_bias"
+        else:
+            bias = bias + mean_shift(weight, mean, keep, kept_weight=new_w).to(bias.device)
+            report["mean"] = "applied"
+    new = nn.Linear(len(keep), linear.out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(new_w.contiguous().clone(), requires_grad=weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().contiguous().clone(), requires_grad=linear.bias.requires_grad)
+    new.train(linear.training)
+    return new, report
