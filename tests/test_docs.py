@@ -220,8 +220,9 @@ MAY_IMPORT = {
     "tools/data": set(),
     "tools/plotting": set(),
     "tools/sweep": {"collect/importance", "config", "files/pruned_files", "files/state", "io_utils", "prune/oneshot", "prune/pruner", "publish/export", "tools/data", "tools/plotting", "validation"},
-    "train/callback": {"collect/accumulator", "collect/importance", "config", "distributed", "files/state", "train/distill", "train/holder", "train/schedule"},
+    "train/callback": {"collect/accumulator", "collect/importance", "config", "distributed", "files/state", "train/distill", "train/distiller", "train/holder", "train/schedule"},
     "train/distill": set(),
+    "train/distiller": {"collect/activations", "train/distill"},
     "train/holder": {"distributed", "files/pruned_files", "matching", "prune/masks", "prune/pruner", "publish/export", "train/schedule"},
     "train/schedule": {"config", "files/safetensors_io", "validation"},
 }
