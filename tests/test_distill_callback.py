@@ -91,13 +91,12 @@ def test_bf16_mixed_precision_training_with_distillation(tmp_path):
         assert not params[name].detach()[~mask].any(), name
 
 
-def test_torch_compile_distils_like_eager_even_after_a_plain_compiled_run(tmp_path):
-    """The hooks are traced into the compiled forward; a graph compiled earlier for the class without them (a plain
-    compiled run) is not reused (dynamo guards on hooks while the distiller is installed), and the guard setting
-    is back afterwards."""
+def test_torch_compile_distils_like_eager_after_a_compiled_run_with_other_hooks(tmp_path):
+    """The hooks are traced into the compiled forward; the graph of an earlier compiled run of the class (wanda hooks
+    only, compiled while hooks were guarded) is not reused, and the guard setting is back afterwards."""
     before = torch._dynamo.config.skip_nnmodule_hook_guards
     compiled = dict(torch_compile=True, torch_compile_backend="eager")
-    _gradual(None, tmp_path / "plain", **compiled)
+    _gradual(None, tmp_path / "other-hooks", **compiled)
 
     def distill():
         return DistillConfig(teacher=tiny_llama(seed=50), alpha=0.5, hidden_weight=1.0)

@@ -353,7 +353,7 @@ def _can_disable_adapters(model: nn.Module) -> bool:
         return False
     if not isinstance(model, PeftModel):
         return False
-    # Prompt-learning adapters are disabled by swapping `forward` itself, which a wrapped forward cannot follow.
+    # Prompt-learning adapters are disabled by swapping `forward` itself: not tried under these hooks, so they get a copy.
     return not model.peft_config[model.active_adapter].is_prompt_learning
 
 
