@@ -18,7 +18,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_weightprune import DistillConfig
 from hf_weightprune.testing import TokenDataset, tiny_llama, tiny_phi3
-from hf_weightprune.train.distill import Distiller
+from hf_weightprune.train.distiller import Distiller
 
 ARCHS = {"llama": tiny_llama, "phi3": tiny_phi3}
 
@@ -288,7 +288,7 @@ def test_wrapper_changes_only_the_training_loss(caplog):
     assert all(torch.equal(a, b) for a, b in zip(out_hidden.hidden_states, plain_hidden.hidden_states))
     assert torch.equal(evaluated.loss, plain.loss)  # eval loss stays the plain cross-entropy
     model.train()
-    with torch.no_grad(), caplog.at_level("WARNING", logger="hf_weightprune.train.distill"):
+    with torch.no_grad(), caplog.at_level("WARNING", logger="hf_weightprune.train.distiller"):
         unlabeled = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # label smoothing
     assert unlabeled.loss is None and torch.equal(unlabeled.logits, plain.logits)
     assert "without labels is left plain" in caplog.text

@@ -91,6 +91,27 @@ def test_bf16_mixed_precision_training_with_distillation(tmp_path):
         assert not params[name].detach()[~mask].any(), name
 
 
+def test_torch_compile_distils_like_eager_after_a_compiled_run_with_other_hooks(tmp_path):
+    """The hooks are traced into the compiled forward; the graph of an earlier compiled run of the class (wanda hooks
+    only, compiled while hooks were guarded) is not reused, and the guard setting is back afterwards."""
+    before = torch._dynamo.config.skip_nnmodule_hook_guards
+    compiled = dict(torch_compile=True, torch_compile_backend="eager")
+    _gradual(None, tmp_path / "other-hooks", **compiled)
+
+    def distill():
+        return DistillConfig(teacher=tiny_llama(seed=50), alpha=0.5, hidden_weight=1.0)
+
+    eager, _, t_eager = _gradual(distill(), tmp_path / "eager")
+    model, cb, t_compiled = _gradual(distill(), tmp_path / "compiled", **compiled)
+    for key in ("distill/kl", "distill/hidden", "loss"):
+        assert len(_logged(t_compiled, key)) == 6
+        torch.testing.assert_close(_logged(t_compiled, key), _logged(t_eager, key), rtol=1e-3, atol=1e-6)
+    for (n, p), (_, q) in zip(eager.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=n)
+    assert torch._dynamo.config.skip_nnmodule_hook_guards is before
+    assert not model._forward_hooks and not model._forward_pre_hooks  # removed at train end
+
+
 def test_default_teacher_is_the_dense_model_at_train_begin(tmp_path):
     dense = tiny_llama(seed=50)
     model, cb, _ = _gradual(DistillConfig(alpha=0.5), tmp_path)

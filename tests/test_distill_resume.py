@@ -23,7 +23,7 @@ from hf_weightprune import (
 from hf_weightprune.files import state as S
 from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.testing import TokenDataset, tiny_llama
-from hf_weightprune.train.distill import Distiller, _unique_state
+from hf_weightprune.train.distiller import Distiller, _unique_state
 
 from .helpers import sigkill_at_hang
 from .scripts.ckpt_train import MARKER, make_callback, run

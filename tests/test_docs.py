@@ -234,8 +234,9 @@ MAY_IMPORT = {
     "tools/data": set(),
     "tools/plotting": {"matching"},
     "tools/sweep": {"collect/importance", "config", "distributed", "files/pruned_files", "files/state", "io_utils", "prune/oneshot", "prune/pruner", "publish/export", "scorers", "tools/data", "tools/plotting", "validation"},
-    "train/callback": {"collect/accumulator", "collect/importance", "config", "distributed", "files/state", "train/distill", "train/holder", "train/schedule"},
+    "train/callback": {"collect/accumulator", "collect/importance", "config", "distributed", "files/state", "train/distill", "train/distiller", "train/holder", "train/schedule"},
     "train/distill": set(),
+    "train/distiller": {"collect/activations", "train/distill"},
     "train/holder": {"distributed", "files/pruned_files", "matching", "prune/masks", "prune/plan", "prune/pruner", "prune/report", "publish/export", "train/schedule"},
     "train/schedule": {"config", "files/safetensors_io", "validation"},
 }

@@ -454,6 +454,24 @@ def test_torch_compile_wanda_after_another_compiled_run(tmp_path):
     assert cb.importance().meta["tokens"] == eager.importance().meta["tokens"]
 
 
+def test_torch_compile_puts_the_hook_guard_setting_back_after_training(tmp_path):
+    """The process-wide `skip_nnmodule_hook_guards` is flipped only while the wanda hooks are registered."""
+    before = torch._dynamo.config.skip_nnmodule_hook_guards
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+
+    class Probe(TrainerCallback):
+        seen = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.seen.append(torch._dynamo.config.skip_nnmodule_hook_guards)
+
+    train(tiny_llama(seed=16), [cb, Probe()], tmp_path, max_steps=2, torch_compile=True,
+          torch_compile_backend="eager")
+    assert Probe.seen == [False, False]  # guarded while training
+    assert torch._dynamo.config.skip_nnmodule_hook_guards is before
+    assert sum(cb.importance().meta["tokens"].values()) > 0
+
+
 def test_wanda_hooks_that_never_fire_fail_at_the_first_sampled_step(tmp_path):
     from transformers import TrainerCallback
 

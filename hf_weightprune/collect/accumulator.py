@@ -113,12 +113,11 @@ class ImportanceAccumulator:
         self.meta["epoch"] = int(state.epoch or 0)  # epochs completed (resumed runs start past 0)
         self.meta["window_start"] = self._window_start(state)
         if not per_rank:
-            if getattr(args, "torch_compile", False) or hasattr(model, "_orig_mod"):
-                # Dynamo skips module-hook guards by default, so a graph compiled (for this model class) before the hooks
-                # existed would be reused without them. Guarding on hooks recompiles only graphs whose hooks changed.
-                torch._dynamo.config.skip_nnmodule_hook_guards = False
+            # Compiled: dynamo guards on the hooks while they are registered (see `HookGuards`); the process's setting
+            # comes back when they are removed (train end, or the next `setup` / `reset`).
+            compiled = bool(getattr(args, "torch_compile", False) or hasattr(model, "_orig_mod"))
             self.collector = ActivationCollector(model, self.tracked, self.scorer.statistic,
-                                                 device=lambda name: self.states[name].device)
+                                                 device=lambda name: self.states[name].device, guard_hooks=compiled)
             self.collector.register()
 
     def _window_start(self, state) -> int | None:

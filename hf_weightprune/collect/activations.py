@@ -7,7 +7,8 @@ and by `oneshot_importance` (calibration forwards). Only the inputs of real toke
 - gradient checkpointing: the recomputation of a checkpointed forward inside backward is not counted again;
 - eval forwards (`module.training` false) are not counted unless the collector is built with `training_only=False`.
 
-q/k/v (and gate/up) receive the same input tensor: its statistic is computed once per forward and shared.
+q/k/v (and gate/up) receive the same input tensor: it is reduced and accumulated once per forward, and the sum is
+credited to each of them.
 """
 
 from __future__ import annotations
@@ -67,8 +68,66 @@ def real_token_rows(attention_mask: Tensor | None, x: Tensor) -> tuple[Tensor | 
     return (None, total) if rows.numel() == total else (rows, rows.numel())
 
 
+def _drop_unguarded_graphs(model: nn.Module) -> None:
+    # Graphs compiled while hook guards were skipped (an earlier compiled run in this process) would be reused for a
+    # model of the same classes with the new hooks never run: the setting is read only when a graph is built, and
+    # graph breaks cache frames per code object (each module class's `forward`). Drop the compiled entries of
+    # `nn.Module`'s call path and of this model's module classes only (private, but narrow: `_dynamo.reset()` would
+    # drop every compiled function of the process); they recompile once, now guarding on hooks.
+    from torch._dynamo.eval_frame import reset_code  # private: no public API drops one code object's cache
+
+    codes = {nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__}
+    codes |= {type(m).forward.__code__ for m in model.modules() if hasattr(type(m).forward, "__code__")}
+    for code in codes:
+        reset_code(code)
+
+
+class HookGuards:
+    """Compiled graphs guard on module hooks while at least one `HookGuards` is held; the setting then goes back.
+
+    Dynamo skips module-hook guards by default (`torch._dynamo.config.skip_nnmodule_hook_guards`), so a graph compiled
+    for a model class before hooks were added (an earlier compiled run in the process) would be reused without them,
+    and one compiled with them would keep running them after they are removed. While held, dynamo guards on hooks:
+    only graphs whose hooks changed recompile (no `_dynamo.reset()`, which would drop every other compiled function).
+    Holders are counted (the activation hooks and the distiller hold it at once, and release in any order): the
+    first saves the process's setting, the last puts it back.
+    """
+
+    _holders = 0
+    _saved: bool | None = None
+
+    def __init__(self):
+        self.held = False
+
+    def acquire(self, model: nn.Module) -> None:
+        """Guard on hooks (the first holder saves the setting); drops `model`'s graphs compiled without guards."""
+        if self.held:
+            return
+        cls = type(self)
+        if cls._holders == 0:
+            cls._saved = torch._dynamo.config.skip_nnmodule_hook_guards
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            if cls._saved:
+                _drop_unguarded_graphs(model)
+        cls._holders += 1
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        cls = type(self)
+        self.held = False
+        cls._holders -= 1
+        if cls._holders == 0:
+            torch._dynamo.config.skip_nnmodule_hook_guards = cls._saved
+
+
 class ActivationCollector:
     """Per-step sums of `statistic` over the inputs of the tracked Linears, from forward hooks.
+
+    Linears that receive the same input object in one forward (q/k/v, gate/up: consecutive hooks, compared by
+    identity) form a group: its input is reduced once, accumulated once, and the sum is credited to every weight of
+    the group. So a forward costs one reduction (and one accumulation) per distinct input, not one per weight.
 
     Args:
         model (`nn.Module`): the model whose forward is called (its `attention_mask` argument marks padding).
@@ -76,21 +135,26 @@ class ActivationCollector:
         statistic (`Callable[[Tensor, Tensor | None], Tensor]`): `(x, token_mask) -> sum over the real tokens`.
         device (`Callable[[str], torch.device]`, *optional*): where the sums of a weight live (default: the input's).
         training_only (`bool`, *optional*, defaults to `True`): count only forwards in training mode.
+        guard_hooks (`bool`, *optional*, defaults to `False`): the model runs compiled: hold [`HookGuards`] while the
+            hooks are registered, so that a graph compiled without them is not reused.
 
     Use: `register()`, set `active` for the forwards that count, `pop()` the sums after each step, `remove()`.
     """
 
     def __init__(self, model: nn.Module, tracked: Sequence[TrackedWeight], statistic: Statistic, *,
-                 device: Callable[[str], torch.device] | None = None, training_only: bool = True):
+                 device: Callable[[str], torch.device] | None = None, training_only: bool = True,
+                 guard_hooks: bool = False):
         self.model, self.tracked, self.statistic = model, list(tracked), statistic
         self._device = device
         self.training_only = training_only
         self.active = False
         self._hooks: list = []
-        self._sums: dict[str, Tensor] = {}
-        self._tokens: dict[str, int] = {}
+        self._guards = HookGuards() if guard_hooks else None
+        # Sums and real-token counts by group (the names of the weights that saw one input, in call order).
+        self._sums: dict[tuple[str, ...], Tensor] = {}
+        self._tokens: dict[tuple[str, ...], int] = {}
         self._attention_mask: Tensor | None = None
-        self._last: tuple[Tensor, Tensor, int] | None = None  # (input, its statistic, tokens): shared by q/k/v
+        self._open: tuple[Tensor, Tensor, int, list[str]] | None = None  # (input, its statistic, tokens, names)
         # The real-token rows of the current forward, by input shape: found once per forward, not once per Linear
         # (each costs a host synchronisation, which stalls an accelerator's queue).
         self._rows: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor | None, int]] = {}
@@ -101,18 +165,32 @@ class ActivationCollector:
         self._hooks.append(self.model.register_forward_hook(self._release_mask))
         for t in self.tracked:
             self._hooks.append(t.module.register_forward_hook(self._make_hook(t.name)))
+        if self._guards is not None:
+            self._guards.acquire(self.model)
 
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._attention_mask, self._last, self._rows = None, None, {}
+        if self._guards is not None:
+            self._guards.release()
+        self._attention_mask, self._open, self._rows = None, None, {}
 
     def pop(self) -> tuple[dict[str, Tensor], dict[str, int]]:
-        """The sums and real-token counts collected since the last `pop`, by weight name; resets them."""
-        out = self._sums, self._tokens
-        self._sums, self._tokens, self._last = {}, {}, None
-        return out
+        """The sums and real-token counts collected since the last `pop`, by weight name; resets them.
+
+        The weights of one group share one sum tensor: read it, do not modify it in place.
+        """
+        self._close()
+        sums: dict[str, Tensor] = {}
+        tokens: dict[str, int] = {}
+        for group, total in self._sums.items():
+            for name in group:
+                # A weight is in two groups only if its input was shared in some forwards and not in others.
+                sums[name] = sums[name] + total.to(sums[name].device) if name in sums else total
+                tokens[name] = tokens.get(name, 0) + self._tokens[group]
+        self._sums, self._tokens = {}, {}
+        return sums, tokens
 
     def _capture_mask(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -120,7 +198,8 @@ class ActivationCollector:
         self._rows = {}
 
     def _release_mask(self, module, args, output):
-        self._attention_mask, self._last, self._rows = None, None, {}
+        self._close()
+        self._attention_mask, self._rows = None, {}
 
     def _real_rows(self, x: Tensor) -> tuple[Tensor | None, int]:
         key = (tuple(x.shape[:-1]), x.device)
@@ -129,30 +208,44 @@ class ActivationCollector:
             found = self._rows[key] = real_token_rows(self._attention_mask, x)
         return found
 
+    def _reduce(self, x: Tensor) -> tuple[Tensor, int]:
+        """The statistic of one input over its real tokens, and their number: the one reduction of a group."""
+        if torch.compiler.is_compiling():  # a boolean mask, as the graph cannot hold the data-dependent rows
+            mask = real_token_mask(self._attention_mask, x)
+            return self.statistic(x, mask), count_tokens(x, mask)
+        rows, tokens = self._real_rows(x)
+        if rows is not None:  # the real tokens only, as `[tokens, in]`
+            x = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        return self.statistic(x, None), tokens
+
+    def _add(self, group: tuple[str, ...], stat: Tensor, tokens: int) -> None:
+        if group in self._sums:
+            self._sums[group].add_(stat.to(self._sums[group].device))
+        else:  # `stat` is this group's own result: kept without a copy unless it lives elsewhere
+            self._sums[group] = stat if self._device is None else stat.to(self._device(group[0]))
+        self._tokens[group] = self._tokens.get(group, 0) + tokens
+
+    def _close(self) -> None:
+        """Fold the open group (the last distinct input seen) into the sums."""
+        if self._open is not None:
+            _, stat, tokens, names = self._open
+            self._open = None
+            self._add(tuple(names), stat, tokens)
+
     def _make_hook(self, name: str):
         def hook(module, inputs, output):
             if not self.active or (self.training_only and not module.training) or in_backward_recompute():
                 return
             source = inputs[0]  # q/k/v (gate/up) receive this same object: compared by identity, not `.detach()`
-            x = source.detach()
-            compiling = torch.compiler.is_compiling()
-            last = None if compiling else self._last
-            if last is not None and last[0] is source:
-                stat, tokens = last[1], last[2]
-            elif compiling:
-                mask = real_token_mask(self._attention_mask, x)
-                stat, tokens = self.statistic(x, mask), count_tokens(x, mask)
-            else:
-                rows, tokens = self._real_rows(x)
-                if rows is not None:  # the real tokens only, as `[tokens, in]`
-                    x = x.reshape(-1, x.shape[-1]).index_select(0, rows)
-                stat = self.statistic(x, None)
-                self._last = (source, stat, tokens)
-            if name in self._sums:
-                self._sums[name].add_(stat.to(self._sums[name].device))
-            else:
-                device = self._device(name) if self._device is not None else stat.device
-                self._sums[name] = stat.to(device, copy=True)  # `stat` may be shared with q/k/v: never alias it
-            self._tokens[name] = self._tokens.get(name, 0) + tokens
+            if torch.compiler.is_compiling():
+                # Traced into the graph as is: one statistic per Linear, folded at once (no state across hooks).
+                self._add((name,), *self._reduce(source.detach()))
+                return
+            if self._open is not None and self._open[0] is source:
+                self._open[3].append(name)  # the same input as the open group: credited, not reduced again
+                return
+            self._close()
+            stat, tokens = self._reduce(source.detach())
+            self._open = (source, stat, tokens, [name])
 
         return hook

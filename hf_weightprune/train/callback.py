@@ -32,7 +32,8 @@ from ..collect.accumulator import ImportanceAccumulator
 from ..collect.importance import Importance
 from ..config import ImportanceConfig
 from ..files import state as S
-from .distill import DistillConfig, Distiller
+from .distill import DistillConfig
+from .distiller import Distiller
 from .holder import MaskHolder
 from .schedule import PruneSchedule
 
