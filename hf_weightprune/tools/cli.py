@@ -162,7 +162,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             line.
     """
     from ..config import PruneConfig
-    from ..files.state import ImportanceFileError, load_importance, resolve_importance_dir
+    from ..files.importance_files import load_importance, resolve_importance_dir
+    from ..files.safetensors_io import ImportanceFileError
     from ..prune.pruner import prune_
     from ..publish.export import check_output_dir, save_pruned
 
@@ -233,7 +234,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     Raises:
         ValueError, FileNotFoundError, ImportanceFileError: bad input, printed by [`main`] as one line.
     """
-    from ..files.state import load_importance
+    from ..files.importance_files import load_importance
     from ..scorers import get_scorer
     from .plotting import layer_stats
 
