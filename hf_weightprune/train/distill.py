@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import _JsonConfigMixin
+
 logger = logging.getLogger(__name__)
 
 TEACHER_DTYPES = ("bfloat16", "float16", "float32")
@@ -41,7 +43,7 @@ def _is_number(value: Any) -> bool:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(_JsonConfigMixin):
     """Distillation from a dense teacher while the (pruned) student fine-tunes; given to `ImportanceCallback(distill=...)`.
 
     The student's loss becomes `(1 - alpha) * CE + alpha * T^2 * KL + hidden_weight * SquareHead`, each term normalized
@@ -86,9 +88,15 @@ class DistillConfig:
     Distillation needs the labels in the model's forward: with `label_smoothing_factor` or `compute_loss_func` the
     `Trainer` pops them and computes the loss itself, so those steps stay plain cross-entropy (warned once).
 
+    Saved and read like the other configs (`save_pretrained` / `from_pretrained`: `distill_config.json`); a module
+    teacher is saved by its name (see [`to_dict`]).
+
     Raises:
         ValueError: a field outside its allowed values (one line naming the field).
     """
+
+    config_name = "distill_config.json"
+    section = "distillation"
 
     teacher: Any = field(default=None, metadata={"help": "None (frozen copy of the student), an nn.Module, or a path."})
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term in [0, 1]; 1 - alpha weighs CE."})
@@ -267,6 +275,7 @@ class Distiller:
         self._wrapper = None
         self._had_instance_forward = False
         self._previous_forward = None
+        self._pending_state: dict[str, torch.Tensor] | None = None  # from `load_state_dict`, until `setup`
         self._reset_logs()
 
     # ------------------------------------------------------------------ setup
@@ -307,6 +316,9 @@ class Distiller:
                 or `teacher_state` does not fit the copy (other names, shapes or dtypes: one line naming the first).
         """
         cfg = self.config
+        if teacher_state is None:
+            teacher_state = self._pending_state
+        self._pending_state = None
         if cfg.teacher is model:
             raise ValueError("DistillConfig.teacher is the student itself: pass teacher=None for a frozen copy of it")
         self._setup_model = model
@@ -355,6 +367,18 @@ class Distiller:
             raise RuntimeError("Distiller.teacher_state_dict: no teacher module (call setup first; a teacher that is "
                                "the student with adapters disabled has no state of its own)")
         return _unique_state(self.teacher)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the default teacher's weights ([`teacher_state_dict`]), which exist nowhere else.
+
+        Raises:
+            RuntimeError: as [`teacher_state_dict`].
+        """
+        return self.teacher_state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Resuming with the default teacher: the saved [`state_dict`], taken by the next [`setup`] as `teacher_state`."""
+        self._pending_state = dict(state)
 
     def _check_compatible(self, model: nn.Module, teacher: Any, what: str = "") -> None:
         vocab, layers, hidden = _model_dims(model)
