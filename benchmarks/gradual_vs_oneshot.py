@@ -26,7 +26,8 @@ from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.config import PruneConfig
 from hf_weightprune.prune.pruner import prune_
 from hf_weightprune.publish.export import save_pruned
-from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows, train_tokenizer
+from hf_weightprune.testing import train_tokenizer
+from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows
 from hf_weightprune.train.schedule import PruneSchedule
 
 KJV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "kjv")

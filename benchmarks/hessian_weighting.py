@@ -84,7 +84,8 @@ def main() -> None:
 
     import torch
 
-    from hf_weightprune.tools.data import load_texts, make_windows, train_tokenizer
+    from hf_weightprune.testing import train_tokenizer
+    from hf_weightprune.tools.data import load_texts, make_windows
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

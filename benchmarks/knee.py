@@ -53,7 +53,8 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from hf_weightprune import ImportanceCallback, ImportanceConfig
-    from hf_weightprune.tools.data import load_texts, make_windows, train_tokenizer
+    from hf_weightprune.testing import train_tokenizer
+    from hf_weightprune.tools.data import load_texts, make_windows
     from hf_weightprune.tools.sweep import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, format_table, sweep
 
     torch.set_num_threads(args.threads)

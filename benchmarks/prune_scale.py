@@ -61,8 +61,8 @@ def build(scale: str) -> None:
     from transformers import Phi3Config, Phi3ForCausalLM
 
     from hf_weightprune import ImportanceConfig
-    from hf_weightprune.files.state import save_importance_dir
     from hf_weightprune.matching import find_tracked_weights
+    from hf_weightprune.testing import save_importance_dir
 
     model_dir, imp_dir = os.path.join(cache_dir(scale), "model"), os.path.join(cache_dir(scale), "importance")
     config = Phi3Config(**SCALES[scale], dtype="bfloat16")

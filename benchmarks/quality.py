@@ -296,7 +296,7 @@ def finetune(base: Path, train, args, criteria: tuple[str, ...] = CRITERIA) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from hf_weightprune import ImportanceCallback, ImportanceConfig
-    from hf_weightprune.files.state import save_importance_dir
+    from hf_weightprune.testing import save_importance_dir
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -44,7 +44,8 @@ from transformers import (
 from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig
 from hf_weightprune.prune.lora import merge_and_unload_sparse
 from hf_weightprune.publish.export import save_pruned
-from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows, train_tokenizer
+from hf_weightprune.testing import train_tokenizer
+from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows
 from hf_weightprune.train.schedule import PruneSchedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -148,9 +149,9 @@ def main(argv=None):
         del control
 
     if args.lora:
-        model, merged = merge_and_unload_sparse(model, masks=schedule.masks, return_report=True)
+        model, merged = merge_and_unload_sparse(model, masks=cb.mask_holder.masks, return_report=True)
         print(f"LoRA merged keeping the masks: sparsity {merged.global_sparsity:.4f}")
-    report = schedule.report(model, cb.importance())
+    report = cb.pruning_report(model, cb.importance())
     out = os.path.join(args.output_dir, "pruned")
     if trainer.is_world_process_zero():
         save_pruned(model, out, report=report, tokenizer=tokenizer, overwrite=True, eval_results=results,

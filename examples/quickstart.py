@@ -27,8 +27,9 @@ from hf_weightprune import (
     save_pruned,
     sweep,
 )
-from hf_weightprune.publish.hub import write_model_card
-from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows, train_tokenizer
+from hf_weightprune.publish.card import write_model_card
+from hf_weightprune.testing import train_tokenizer
+from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,7 +21,7 @@ _LAZY_IMPORTS = {
     "PruneConfig": "config",
     "PruneSchedule": "train.schedule",
     "PruningReport": "prune.report",
-    "load_importance": "files.state",
+    "load_importance": "files.importance_files",
     "load_sparsity": "files.pruned_files",
     "merge_and_unload_sparse": "prune.lora",
     "oneshot_importance": "prune.oneshot",
@@ -55,8 +55,8 @@ __all__ = [
 if TYPE_CHECKING:
     from .collect.importance import Importance
     from .config import ImportanceConfig, PruneConfig
+    from .files.importance_files import load_importance
     from .files.pruned_files import load_sparsity
-    from .files.state import load_importance
     from .prune.lora import merge_and_unload_sparse
     from .prune.oneshot import oneshot_importance
     from .prune.pruner import prune_

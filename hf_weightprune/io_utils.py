@@ -1,15 +1,27 @@
-"""Atomic file writes (a temporary file in the same folder, flushed to disk, then renamed into place, so a crash
-never leaves a half-written file under the final name) and the one-line argument check of public entry points."""
+"""Atomic writes and the one-line argument check of public entry points.
+
+Files: a temporary file in the same folder, flushed to disk, then renamed into place, so a crash never leaves a
+half-written file under the final name. Folders: the one temp-name rule of the package, `.NAME.<pid>-<hex>.tmp`
+beside the final folder ([`temp_sibling`]), published with one rename ([`publish_folder`], or [`atomic_folder`]
+around a write). Every temporary name is hidden and ends in `.tmp`, which `publish/hub.py`'s uploads ignore; the pid
+lets the next writer remove what a killed one left ([`remove_dead_temporaries`]).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import ntpath
 import os
 import posixpath
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from typing import Any
+
+TEMP_SUFFIX = ".tmp"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -30,6 +42,138 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def temp_sibling(path: str | os.PathLike, *, pid: int | None = None, token: int | None = None) -> str:
+    """A unique hidden name beside `path` for a folder being written: `.NAME.<pid>-<hex>.tmp`.
+
+    Unique (two writers never share it), hidden and `.tmp`-suffixed (never uploaded, see `publish/hub.py`), and it
+    carries the writer's pid so that [`remove_dead_temporaries`] can tell a killed writer's folder from a live one's.
+
+    Args:
+        path (`str` or `os.PathLike`): the final folder.
+        pid (`int`, *optional*): the writing process, when the name is agreed between processes (several ranks
+            writing one folder use rank 0's); defaults to this process.
+        token (`int`, *optional*): the random part, likewise agreed; defaults to a fresh random one.
+
+    Returns:
+        `str`: an absolute path in the same parent folder (so publishing it is one `rename`).
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    tag = uuid.uuid4().hex[:12] if token is None else f"{token:012x}"
+    return os.path.join(parent, f".{name}.{os.getpid() if pid is None else pid}-{tag}{TEMP_SUFFIX}")
+
+
+def temp_siblings(path: str | os.PathLike) -> list[str]:
+    """The temporary folders of [`temp_sibling`] that exist beside `path` (any writer's, live or dead)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}."
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:
+        return []
+    return [os.path.join(parent, e) for e in entries
+            if e.startswith(prefix) and e.endswith(TEMP_SUFFIX) and e[len(prefix):].split("-", 1)[0].isdigit()]
+
+
+def remove_dead_temporaries(path: str | os.PathLike) -> None:
+    """Remove the temporary folders beside `path` that a killed writer left (a full model each); a live writer's stay.
+
+    A writer is alive when its pid exists on this machine (`os.kill(pid, 0)`); this process's own are kept too.
+
+    Args:
+        path (`str` or `os.PathLike`): the final folder whose temporaries to clean.
+    """
+    prefix = f".{os.path.basename(os.path.abspath(path))}."
+    for tmp in temp_siblings(path):
+        pid = int(os.path.basename(tmp)[len(prefix):].split("-", 1)[0])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # alive, another user's
+            continue
+
+
+def publish_folder(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = True) -> str:
+    """Move the complete folder `src` to `dst` with one `rename`, the one way this package publishes a folder.
+
+    `rename` replaces an empty folder but refuses a non-empty one: that is the atomic "did someone else write it"
+    check. With `overwrite` an existing `dst` is first renamed aside (to a [`temp_sibling`]) and removed once `src` is
+    in place; if the publish fails for another reason, the old folder goes back.
+
+    Args:
+        src (`str` or `os.PathLike`): the complete folder (a temporary or staging folder on the same filesystem).
+        dst (`str` or `os.PathLike`): the final folder.
+        overwrite (`bool`, *optional*, defaults to `True`): replace an existing `dst`.
+
+    Returns:
+        `str`: `dst`.
+
+    Raises:
+        FileExistsError: `dst` exists and is not empty (without `overwrite`, or written by another process between
+            the move aside and the rename).
+        OSError: the rename failed for another reason (`src` is left where it was).
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    aside = None
+    if overwrite and os.path.lexists(dst):
+        aside = temp_sibling(dst)
+        try:
+            os.rename(dst, aside)
+        except FileNotFoundError:  # another writer moved it aside first
+            aside = None
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            if aside is not None and not os.path.lexists(dst):
+                os.rename(aside, dst)  # failed for another reason: the old folder goes back
+                aside = None
+            raise
+        raise FileExistsError(f"{dst} was written by another process while this one ran; this run's result "
+                              "was discarded (write to another folder)") from None
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    return dst
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
+    """Yield a new [`temp_sibling`] of `path`; on success publish it as `path` ([`publish_folder`]), on error remove it.
+
+    Temporaries of killed writers beside `path` are removed first. The folder is made with `mkdir` (exclusive, and
+    with the umask's mode, unlike `tempfile.mkdtemp`'s private 0700 that would be published with it).
+
+    Args:
+        path (`str` or `os.PathLike`): the final folder (its parent is created if needed).
+        overwrite (`bool`, *optional*, defaults to `True`): replace an existing `path`.
+
+    Yields:
+        `str`: the temporary folder to write into.
+
+    Raises:
+        FileExistsError: as [`publish_folder`] (nothing of this call is kept then).
+        OSError: a failed write (a full disk, ...), naming `path`, never the temporary folder.
+    """
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    remove_dead_temporaries(path)
+    tmp = temp_sibling(path)
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        publish_folder(tmp, path, overwrite=overwrite)
+    except OSError as e:
+        if e.filename is None or TEMP_SUFFIX not in os.fspath(e.filename):
+            raise
+        # e.g. the disk filled up mid-write: name the output, never the internal temporary folder
+        raise type(e)(e.errno, f"writing {path} failed: {e.strerror}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_arg_type(fn: str, name: str, value: Any, types: type | tuple[type, ...], expected: str) -> None:

@@ -1,9 +1,23 @@
-"""Tiny seeded models and data for tests, examples and benchmarks (no Hub access needed)."""
+"""Tiny seeded models, data and fixtures for tests, examples and benchmarks (no Hub access needed).
+
+Nothing in the package imports this module: it is the place of helpers that only tests, examples and benchmarks use
+(a tokenizer trained on the spot, an importance folder written from given tensors).
+"""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
 import torch
+from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+ENDOFTEXT = "<|endoftext|>"
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
@@ -32,3 +46,79 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """
+    Trains a small byte-level BPE tokenizer (GPT-2 style) on `texts` with the `tokenizers` library.
+
+    `<|endoftext|>` is the only special token and serves as `bos_token`, `eos_token`, `pad_token` and `unk_token`
+    (byte-level BPE never needs an unknown token, but some code paths expect one). The same texts give the same
+    tokenizer. It saves with `save_pretrained` and reloads offline with `AutoTokenizer.from_pretrained`.
+
+    Args:
+        texts (`Iterable[str]`):
+            Training documents.
+        vocab_size (`int`, *optional*, defaults to 2048):
+            Final vocabulary size, including the 256 byte tokens and `<|endoftext|>` (at least 257).
+
+    Returns:
+        [`PreTrainedTokenizerFast`]: the trained tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(f"vocab_size must be an integer >= 257 (256 bytes + {ENDOFTEXT}), got {vocab_size!r}.")
+    if isinstance(texts, str):
+        raise ValueError("texts must be an iterable of documents, not a single string.")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("texts is empty; a tokenizer needs some text to train on.")
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[ENDOFTEXT],
+        # All 256 bytes, even unseen ones, so that any input encodes without an unknown token.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=ENDOFTEXT,
+        eos_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+        unk_token=ENDOFTEXT,
+    )
+
+
+def save_importance_dir(final_dir: str, tensors: Mapping[str, Tensor], *, max_shard_size: int | str = "5GB",
+                        **kwargs) -> str:
+    """Write an importance folder from given buffers (single process), with checksums, atomically into `final_dir`.
+
+    Args:
+        final_dir (`str`): the importance folder to write (replaced if it exists).
+        tensors (`Mapping[str, Tensor]`): raw accumulator buffers by canonical parameter name.
+        max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`): above it, HF shards + index.
+        **kwargs: `config`, `meta`, `shapes` (and optionally `extra`, `checksums`) of `importance_files.finalize`.
+
+    Returns:
+        `str`: `final_dir`.
+    """
+    from .files import importance_files as F
+    from .files.safetensors_io import cpu_tensors, tensor_checksum
+    from .io_utils import temp_sibling
+
+    tmp = temp_sibling(final_dir)
+    cpu = cpu_tensors(tensors)
+    try:
+        F.write_single(tmp, cpu, max_shard_size=max_shard_size)
+        kwargs.setdefault("checksums", {"tensors": {n: tensor_checksum(t) for n, t in cpu.items()}})
+        return F.finalize(tmp, final_dir, **kwargs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

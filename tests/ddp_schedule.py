@@ -19,12 +19,12 @@ from hf_weightprune.train.schedule import PruneSchedule
 class ZerosAtUpdates(TrainerCallback):
     """Pruned elements per update step, counted on the weights themselves."""
 
-    def __init__(self, schedule):
-        self.schedule, self.zeros = schedule, {}
+    def __init__(self, holder):
+        self.holder, self.zeros = holder, {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.schedule._holder.last_update_step == state.global_step:
-            self.zeros[state.global_step] = sum(int((p == 0).sum()) for p in self.schedule._holder.params.values())
+        if self.holder.last_update_step == state.global_step:
+            self.zeros[state.global_step] = sum(int((p == 0).sum()) for p in self.holder.params.values())
 
 
 def main(out: str) -> None:
@@ -32,21 +32,21 @@ def main(out: str) -> None:
     model = tiny_llama(seed=5)
     # One global threshold (asked for explicitly: the default follows the criterion) so the test can count zeros.
     schedule = PruneSchedule(final_sparsity=0.7, start=1, end=7, every_n_steps=2, scope="global")
-    probe = ZerosAtUpdates(schedule)
+    cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), schedule=schedule)
+    probe = ZerosAtUpdates(cb.mask_holder)
     args = TrainingArguments(out, max_steps=8, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                              learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, save_strategy="no",
                              logging_steps=100, disable_tqdm=True, ddp_backend="gloo")
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=64, seed=1),
-                      callbacks=[ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), schedule=schedule),
-                                 probe])
+                      callbacks=[cb, probe])
     trainer.train()
     rank = trainer.args.process_index
-    tensors = {f"mask.{n}": m.to(torch.uint8) for n, m in schedule.masks.items()}
+    tensors = {f"mask.{n}": m.to(torch.uint8) for n, m in cb.mask_holder.masks.items()}
     tensors.update({f"weight.{n}": p.detach().clone() for n, p in model.named_parameters()})
     save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"world_size": trainer.args.world_size, "zeros": probe.zeros,
-                   "numel": sum(p.numel() for p in schedule._holder.params.values())}, f)
+                   "numel": sum(p.numel() for p in cb.mask_holder.params.values())}, f)
 
 
 if __name__ == "__main__":

@@ -30,12 +30,12 @@ def main(out: str) -> None:
     trainer.train()
     rank = trainer.args.process_index
     imp = cb.importance()  # a collective: every rank calls it
-    name = next(iter(schedule.masks))
-    tensors = {f"mask.{n}": m.to(torch.uint8) for n, m in schedule.masks.items()}
+    name = next(iter(cb.mask_holder.masks))
+    tensors = {f"mask.{n}": m.to(torch.uint8) for n, m in cb.mask_holder.masks.items()}
     tensors.update({f"weight.{n}": p.detach().clone() for n, p in model.named_parameters()})
     save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"world_size": trainer.args.world_size, "reconstruction": schedule.report(model).reconstruction,
+        json.dump({"world_size": trainer.args.world_size, "reconstruction": cb.pruning_report(model).reconstruction,
                    "tokens": int(imp.meta["tokens"][name])}, f)
 
 

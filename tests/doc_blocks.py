@@ -104,7 +104,8 @@ LORA_TRAIN = {**TRAIN, "max_steps": 20, "save_strategy": "no"}  # the schedule e
 
 
 def _tok_and_data():
-    from hf_weightprune.tools.data import load_texts, make_windows, train_tokenizer
+    from hf_weightprune.testing import train_tokenizer
+    from hf_weightprune.tools.data import load_texts, make_windows
 
     texts = load_texts(KJV / "train.txt")[:30]
     tok = train_tokenizer(texts, vocab_size=320)
@@ -249,7 +250,7 @@ def check_globals(ns: dict) -> dict:
     import torch
 
     from hf_weightprune import load_importance
-    from hf_weightprune.publish.export import load_masks
+    from hf_weightprune.files.pruned_files import load_masks
 
     return {**ns, "json": json, "torch": torch, "load_importance": load_importance, "load_masks": load_masks,
             "TRAIN": TRAIN}

@@ -20,7 +20,7 @@ from hf_weightprune import (
     prune_checkpoint,
     save_pruned,
 )
-from hf_weightprune.files.state import ImportanceFileError
+from hf_weightprune.files.safetensors_io import ImportanceFileError
 from hf_weightprune.testing import tiny_llama
 from hf_weightprune.tools.cli import main
 from tests.helpers import train

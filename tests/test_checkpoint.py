@@ -12,16 +12,16 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
-from hf_weightprune.files import state as S
-from hf_weightprune.files.state import ImportanceFileError
-from hf_weightprune.testing import tiny_llama
+from hf_weightprune.files import importance_files as F
+from hf_weightprune.files.safetensors_io import ImportanceFileError
+from hf_weightprune.testing import save_importance_dir, tiny_llama
 from hf_weightprune.train.callback import STAGING_DIR
 
 from .helpers import sigkill_at_hang
 from .scripts.ckpt_train import MARKER, SaveLate, run
 
-CONFIG = S.IMPORTANCE_CONFIG_NAME
-IMP_CONFIG = f"{S.IMPORTANCE_DIR}/{CONFIG}"
+CONFIG = F.IMPORTANCE_CONFIG_NAME
+IMP_CONFIG = f"{F.IMPORTANCE_DIR}/{CONFIG}"
 
 # Each killed run: the criterion it trains and where it hangs until SIGKILL (saves at steps 3, 6, 8 of 8).
 KILLED = {
@@ -108,7 +108,7 @@ def test_crash_between_file_writes_leaves_no_checkpoint_and_resume_is_exact(kill
     # the last checkpoint is the complete checkpoint-3, and the staged folder is recognisably incomplete.
     assert sorted(p.name for p in out.iterdir()) == [STAGING_DIR, "checkpoint-3"]
     staged = out / STAGING_DIR
-    assert (staged / S.WEIGHTS_NAME).is_file() and not (staged / CONFIG).exists()
+    assert (staged / F.WEIGHTS_NAME).is_file() and not (staged / CONFIG).exists()
     run(out, "taylor", resume=True)
     assert_same_importance(out, reference("taylor"))
     assert [load_importance(out / f"checkpoint-{n}").step for n in (3, 6, 8)] == [3, 6, 8]
@@ -118,7 +118,7 @@ def test_crash_between_file_writes_leaves_no_checkpoint_and_resume_is_exact(kill
 def test_checkpoint_without_importance_refuses_resume_or_restarts(killed, reference, tmp_path, caplog):
     out = workdir(killed, "before_publish", tmp_path)
     ckpt = out / "checkpoint-6"
-    assert (ckpt / "trainer_state.json").is_file() and not (ckpt / S.IMPORTANCE_DIR).exists()
+    assert (ckpt / "trainer_state.json").is_file() and not (ckpt / F.IMPORTANCE_DIR).exists()
     shutil.rmtree(out / STAGING_DIR)  # with it, the resume would move the staged importance of step 6 into place
     before = snapshot(out)
     with pytest.raises(ValueError, match=r"^Cannot resume importance: No importance in \S*checkpoint-6: .*resume from "
@@ -143,8 +143,9 @@ def test_checkpoint_without_importance_refuses_resume_or_restarts(killed, refere
 def test_crash_inside_checkpoint_write_is_incomplete_and_not_resumed(killed, reference, tmp_path):
     out = workdir(killed, "late_save", tmp_path)
     ckpt = out / "checkpoint-5"
-    assert (ckpt / "trainer_state.json").is_file() and not (ckpt / S.IMPORTANCE_DIR).exists()
-    assert (ckpt / ".importance.tmp" / S.WEIGHTS_NAME).is_file()
+    assert (ckpt / "trainer_state.json").is_file() and not (ckpt / F.IMPORTANCE_DIR).exists()
+    temporaries = list(ckpt.glob(".importance.*.tmp"))  # io_utils.temp_sibling: `.NAME.<pid>-<hex>.tmp`
+    assert len(temporaries) == 1 and (temporaries[0] / F.WEIGHTS_NAME).is_file()
     with pytest.raises(ImportanceFileError, match=r"checkpoint-5/importance is incomplete .*did not finish"):
         load_importance(ckpt)
     before = snapshot(out)
@@ -208,13 +209,13 @@ def test_push_to_hub_includes_importance(strategy, hub_server, tmp_path):
         for n in (2, 4):
             config = json.loads(pushes[f"Training in progress, step {n}, checkpoint"][f"last-checkpoint/{IMP_CONFIG}"])
             assert config["state"]["global_step"] == n
-        ckpt = out / "checkpoint-4" / S.IMPORTANCE_DIR
-        assert files[f"last-checkpoint/importance/{S.WEIGHTS_NAME}"] == (ckpt / S.WEIGHTS_NAME).read_bytes()
+        ckpt = out / "checkpoint-4" / F.IMPORTANCE_DIR
+        assert files[f"last-checkpoint/importance/{F.WEIGHTS_NAME}"] == (ckpt / F.WEIGHTS_NAME).read_bytes()
         assert load_importance(repo, subfolder="last-checkpoint", token=hub_server.token).step == 4
     # output_dir/importance is written in on_train_end, while the last checkpoint push may still be uploading
     # output_dir: that push may or may not carry it, but never a half-written folder.
     if f"importance/{CONFIG}" in files:
-        assert files[f"importance/{S.WEIGHTS_NAME}"] == (out / "importance" / S.WEIGHTS_NAME).read_bytes()
+        assert files[f"importance/{F.WEIGHTS_NAME}"] == (out / "importance" / F.WEIGHTS_NAME).read_bytes()
     assert not any(STAGING_DIR in f or ".tmp" in f for f in files)
     trainer.push_to_hub()
     files = hub_server.files(repo)
@@ -227,7 +228,7 @@ def test_push_to_hub_includes_importance(strategy, hub_server, tmp_path):
 
 
 def truncate(d):
-    f = d / S.WEIGHTS_NAME
+    f = d / F.WEIGHTS_NAME
     f.write_bytes(f.read_bytes()[:-16])
 
 
@@ -236,9 +237,9 @@ def shard_and_drop_one(d):
     tensors = imp.state_dict()  # read before the folder is replaced (tensors are loaded lazily)
     shutil.rmtree(d)
     meta = {k: v for k, v in imp.meta.items() if k not in ("world_size", "state_dtype")}
-    S.save_importance_dir(str(d), tensors, config=imp.config, meta=meta, shapes=imp.shapes, max_shard_size=6000)
+    save_importance_dir(str(d), tensors, config=imp.config, meta=meta, shapes=imp.shapes, max_shard_size=6000)
     shards = sorted(d.glob("importance-*.safetensors"))
-    assert len(shards) > 2 and (d / S.INDEX_NAME).is_file()
+    assert len(shards) > 2 and (d / F.INDEX_NAME).is_file()
     shards[1].unlink()
 
 

@@ -451,7 +451,7 @@ def test_named_importance_from_a_hub_repo(hub_server, tmp_path, monkeypatch, cap
     `--importance_name` (CLI) read it."""
     from huggingface_hub import HfApi
 
-    from hf_weightprune.files.state import ImportanceFileError
+    from hf_weightprune.files.safetensors_io import ImportanceFileError
 
     out = tmp_path / "out"
     trainer = train(tiny_llama(seed=5), [ImportanceCallback(ImportanceConfig(criterion="magnitude", name="mag"))],

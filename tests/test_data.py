@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows, train_tokenizer
+from hf_weightprune.testing import train_tokenizer
+from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows
 from hf_weightprune.tools.plotting import plot_layer_stats, plot_sweep
 
 REPO = Path(__file__).resolve().parent.parent

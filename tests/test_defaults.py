@@ -63,13 +63,13 @@ def test_readme_schedule_on_lora_collapses_no_tensor(tmp_path):
     schedule = _readme_schedule()
     cb = ImportanceCallback(schedule=schedule)  # the default criterion, wanda, as in the README
     train(_lora_llama(), [cb], tmp_path, max_steps=30)
-    masks = schedule.masks
+    masks = cb.mask_holder.masks
     assert len(masks) == 14
     for name, mask in masks.items():
         # Row scope (wanda's default): every row keeps the same count, 13 of 32 (26 of 64 for down_proj) at 60%.
         assert (mask.sum(dim=1) == mask.shape[1] - round(0.6 * mask.shape[1])).all(), name
-    assert schedule.sparsity == pytest.approx(19 / 32)
-    assert schedule.report(cb.trainer.model).scope == "row"
+    assert cb.mask_holder.sparsity == pytest.approx(19 / 32)
+    assert cb.pruning_report(cb.trainer.model).scope == "row"
 
 
 def test_schedule_refuses_global_collapse_at_the_update_naming_the_tensor(tmp_path):
@@ -80,8 +80,9 @@ def test_schedule_refuses_global_collapse_at_the_update_naming_the_tensor(tmp_pa
     assert "\n" not in str(err.value) and "allow_collapse=True" in str(err.value)
 
     allowed = _readme_schedule(scope="global", allow_collapse=True)
-    train(_lora_llama(), [ImportanceCallback(schedule=allowed)], tmp_path / "allowed", max_steps=30)
-    assert any(not bool(m.any()) for m in allowed.masks.values())  # some tensor is pruned whole, as asked
+    holder = (cb := ImportanceCallback(schedule=allowed)).mask_holder
+    train(_lora_llama(), [cb], tmp_path / "allowed", max_steps=30)
+    assert any(not bool(m.any()) for m in holder.masks.values())  # some tensor is pruned whole, as asked
 
 
 @pytest.fixture(scope="module")

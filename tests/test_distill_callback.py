@@ -149,7 +149,7 @@ def test_example_fine_tunes_phi3_with_pruning_and_distillation(tmp_path, capsys)
     import importlib.util
     from pathlib import Path
 
-    from hf_weightprune.publish.export import load_sparsity
+    from hf_weightprune.files.pruned_files import load_sparsity
 
     path = Path(__file__).resolve().parent.parent / "examples" / "finetune_phi3_with_pruning.py"
     spec = importlib.util.spec_from_file_location("finetune_example", path)
@@ -169,3 +169,13 @@ def test_example_fine_tunes_phi3_with_pruning_and_distillation(tmp_path, capsys)
     assert "**Distillation**: trained against a frozen copy of the model as training began" in card
     out = capsys.readouterr().out
     assert "saved to" in out and "distill/kl" in out and "distill/hidden" in out  # both terms reached the logs
+
+
+def test_distill_config_saves_and_loads_like_the_other_configs(tmp_path):
+    config = DistillConfig(teacher="org/dense", alpha=0.3, temperature=4.0, hidden_weight=1.0, teacher_dtype="bfloat16")
+    path = config.save_pretrained(tmp_path)
+    assert path.endswith("distill_config.json")
+    loaded = DistillConfig.from_pretrained(tmp_path)
+    assert loaded == config and loaded.to_dict() == config.to_dict()
+    with pytest.raises(ValueError, match="alpha must be a float in"):
+        DistillConfig.from_dict({**config.to_dict(), "alpha": 2.0})

@@ -20,7 +20,8 @@ from hf_weightprune import (
     prune_,
     save_pruned,
 )
-from hf_weightprune.files import state as S
+from hf_weightprune.files import importance_files as F
+from hf_weightprune.files import training_state as T
 from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from hf_weightprune.train.distiller import Distiller, _unique_state
@@ -99,7 +100,7 @@ def assert_same_end(out, trainer, ref_out, ref_trainer):
     assert a.keys() == b.keys()
     for name in b:
         assert torch.equal(a[name], b[name]), name  # bit for bit
-    ma, mb = (S.load_schedule_masks(d / "checkpoint-8" / S.IMPORTANCE_DIR) for d in (out, ref_out))
+    ma, mb = (T.load_schedule_masks(d / "checkpoint-8" / F.IMPORTANCE_DIR) for d in (out, ref_out))
     assert ma.keys() == mb.keys() and len(mb) == 14
     assert all(torch.equal(ma[n], mb[n]) for n in mb)
     assert_same_importance(out, ref_out)
@@ -113,20 +114,20 @@ def assert_same_end(out, trainer, ref_out, ref_trainer):
 
 def test_sigkill_during_gradual_pruning_with_default_teacher_resumes_exactly(models, killed, reference, tmp_path):
     out = workdir(killed, "prune", tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == [S.TEACHER_DIR, "checkpoint-3"]
+    assert sorted(p.name for p in out.iterdir()) == [T.TEACHER_DIR, "checkpoint-3"]
     # The dense model as training began, written once before checkpoint-3: not the pruned weights the resume loads.
-    teacher, meta = S.load_teacher_state(str(out / S.TEACHER_DIR))
+    teacher, meta = T.load_teacher_state(str(out / T.TEACHER_DIR))
     dense = _unique_state(tiny_llama(seed=SEED))
     assert teacher.keys() == dense.keys() and all(torch.equal(teacher[n], dense[n]) for n in dense)
     ckpt = load_file(out / "checkpoint-3" / "model.safetensors")
     assert (ckpt["model.layers.0.mlp.up_proj.weight"] == 0).float().mean() > 0.1
     assert meta["state"] == {"global_step": 0}
-    written = snapshot(out / S.TEACHER_DIR)
+    written = snapshot(out / T.TEACHER_DIR)
 
     cb = make_callback("temporal_magnitude", schedule="prune", distill=True)
     trainer = run(out, resume=True, importance_callback=cb)
     assert_same_end(out, trainer, *reference("prune"))
-    assert snapshot(out / S.TEACHER_DIR) == written  # loaded, never rewritten
+    assert snapshot(out / T.TEACHER_DIR) == written  # loaded, never rewritten
     assert cb.mask_holder.sparsity == pytest.approx(0.5, abs=1e-3)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
@@ -137,22 +138,22 @@ def test_sigkill_during_hold_recovery_with_explicit_teacher_resumes_exactly(mode
     criterion, kw = settings(models)["hold"]
     trainer = run(out, criterion, resume=True, importance_callback=make_callback(criterion, **kw))
     assert_same_end(out, trainer, *reference("hold"))
-    held = S.load_schedule_masks(out / "checkpoint-8" / S.IMPORTANCE_DIR)
+    held = T.load_schedule_masks(out / "checkpoint-8" / F.IMPORTANCE_DIR)
     weights = load_file(models / "pruned" / "model.safetensors")
     assert all(torch.equal(held[n], weights[n] != 0) for n in held)  # the pruned checkpoint's exact masks
 
 
 def truncate_weights(folder):
-    f = folder / S.TEACHER_WEIGHTS_NAME
+    f = folder / T.TEACHER_WEIGHTS_NAME
     f.write_bytes(f.read_bytes()[:-64])
 
 
 def edit_one_value(folder):
     from safetensors.torch import save_file
 
-    tensors = load_file(folder / S.TEACHER_WEIGHTS_NAME)
+    tensors = load_file(folder / T.TEACHER_WEIGHTS_NAME)
     tensors["model.norm.weight"][0] += 1  # same shape and dtype: only the checksum notices
-    save_file(tensors, folder / S.TEACHER_WEIGHTS_NAME, metadata={"format": "pt"})
+    save_file(tensors, folder / T.TEACHER_WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 BAD_TEACHERS = [
@@ -166,7 +167,7 @@ BAD_TEACHERS = [
 def test_resume_without_a_usable_teacher_refuses_then_an_explicit_teacher_is_exact(case, damage, message, models,
                                                                                    killed, reference, tmp_path):
     out = workdir(killed, "prune", tmp_path)
-    damage(out / S.TEACHER_DIR)
+    damage(out / T.TEACHER_DIR)
     before = snapshot(out)
     with pytest.raises(ValueError, match=r"^Cannot resume distillation with DistillConfig\(teacher=None\): .*"
                                          + message + r".*pass DistillConfig\(teacher=\.\.\.\) with the model the run "
@@ -189,31 +190,31 @@ class TeacherWrites(TrainerCallback):
         self.seen = {}
 
     def on_save(self, args, state, control, **kwargs):
-        self.seen[state.global_step] = snapshot(Path(args.output_dir) / S.TEACHER_DIR)
+        self.seen[state.global_step] = snapshot(Path(args.output_dir) / T.TEACHER_DIR)
 
 
 def test_bfloat16_teacher_is_saved_once_in_bfloat16(tmp_path):
     seen = TeacherWrites()
     # what a writer killed mid-write leaves (pid 2**22 + 1 is above Linux's pid_max: never alive); removed by the write
-    stale = tmp_path / "out" / f".{S.TEACHER_DIR}.{2**22 + 1}-0a1b2c3d.tmp"
+    stale = tmp_path / "out" / f".{T.TEACHER_DIR}.{2**22 + 1}-0a1b2c3d.tmp"
     stale.mkdir(parents=True)
-    (stale / S.TEACHER_WEIGHTS_NAME).write_bytes(b"partial")
+    (stale / T.TEACHER_WEIGHTS_NAME).write_bytes(b"partial")
     cb = make_callback(schedule="prune", distill=True, teacher_dtype="bfloat16")
     run(tmp_path / "out", importance_callback=cb, callbacks=[seen], max_steps=6, save_steps=2)
     assert not stale.exists()
     assert sorted(seen.seen) == [2, 4, 6] and seen.seen[2] == seen.seen[4] == seen.seen[6]  # written once
-    teacher, meta = S.load_teacher_state(str(tmp_path / "out" / S.TEACHER_DIR))
+    teacher, meta = T.load_teacher_state(str(tmp_path / "out" / T.TEACHER_DIR))
     dense = _unique_state(tiny_llama(seed=SEED).to(torch.bfloat16))
     assert teacher.keys() == dense.keys() and all(torch.equal(teacher[n], dense[n]) for n in dense)
     data = sum(t.numel() for t in dense.values()) * 2  # bytes the docs promise: 2 per parameter
-    file = tmp_path / "out" / S.TEACHER_DIR / S.TEACHER_WEIGHTS_NAME
+    file = tmp_path / "out" / T.TEACHER_DIR / T.TEACHER_WEIGHTS_NAME
     assert data < file.stat().st_size < data + 4096  # + the safetensors header
     assert {v["dtype"] for v in meta["tensors"].values()} == {"bfloat16"}
-    assert not any(S.TEACHER_DIR in str(p) for p in (tmp_path / "out").glob("checkpoint-*/**/*"))
+    assert not any(T.TEACHER_DIR in str(p) for p in (tmp_path / "out").glob("checkpoint-*/**/*"))
 
     # No checkpoint, no teacher on disk.
     run(tmp_path / "nosave", importance_callback=make_callback(distill=True), max_steps=1, save_strategy="no")
-    assert sorted(p.name for p in (tmp_path / "nosave").iterdir()) == [S.IMPORTANCE_DIR]
+    assert sorted(p.name for p in (tmp_path / "nosave").iterdir()) == [F.IMPORTANCE_DIR]
 
 
 def test_teacher_state_keeps_tied_weights_once_and_restores_them_into_another_copy():
@@ -259,7 +260,7 @@ def test_resume_under_peft_lora_with_pruned_base_is_exact(tmp_path):
 
     full = go(tmp_path / "full")
     out = tmp_path / "resumed"
-    for part in ("checkpoint-3", S.TEACHER_DIR):
+    for part in ("checkpoint-3", T.TEACHER_DIR):
         shutil.copytree(tmp_path / "full" / part, out / part)
     resumed = go(out, resume=True)
     assert any("lora_B" in n for n in full) and full.keys() == resumed.keys()

@@ -210,7 +210,7 @@ def test_nm_shapes_refused_before_the_first_step_on_both_paths(overrides, weight
 def test_config_only_folder_is_named_as_such_by_load_importance(tmp_path):
     """`ImportanceConfig.save_pretrained` writes `importance_config.json` with only the config: `load_importance`
     says so (and `ImportanceConfig.from_pretrained` reads it back), instead of 'format_version None'."""
-    from hf_weightprune.files.state import ImportanceFileError
+    from hf_weightprune.files.safetensors_io import ImportanceFileError
 
     cfg = ImportanceConfig(criterion="wanda", every_n_steps=4)
     cfg.save_pretrained(tmp_path)
@@ -237,7 +237,7 @@ class BestIsEarly(TrainerCallback):
 
 def test_load_best_model_at_end_ends_with_the_final_masks_and_an_honest_report(tmp_path, caplog):
     from hf_weightprune import save_pruned
-    from hf_weightprune.publish.export import load_sparsity
+    from hf_weightprune.files.pruned_files import load_sparsity
 
     model = tiny_llama(seed=36)
     schedule = PruneSchedule(final_sparsity=0.5, start=2, end=6, every_n_steps=2, scope="layer")
@@ -257,7 +257,7 @@ def test_load_best_model_at_end_ends_with_the_final_masks_and_an_honest_report(t
     params = dict(model.named_parameters())
     for name, mask in cb.mask_holder.masks.items():
         assert not params[name].detach()[~mask].any(), name  # the final masks hold on what the Trainer loaded
-    report = schedule.report(model)
+    report = cb.pruning_report(model)
     zeros = sum(int((params[n] == 0).sum()) for n in report.tensors)
     numel = sum(v["numel"] for v in report.tensors.values())
     assert report.global_sparsity == pytest.approx(zeros / numel) == pytest.approx(0.5, abs=1e-3)

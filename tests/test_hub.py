@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_weightprune.files.pruned_files import load_sparsity
-from hf_weightprune.publish.hub import push_pruned_to_hub, render_model_card, write_model_card
+from hf_weightprune.publish.card import render_model_card, write_model_card
+from hf_weightprune.publish.hub import push_pruned_to_hub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

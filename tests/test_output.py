@@ -15,13 +15,15 @@ from safetensors.torch import load_file, save_file
 
 import hf_weightprune.files.safetensors_io as sio
 from hf_weightprune import PruneConfig, PruneSchedule, load_importance, oneshot_importance, prune_
-from hf_weightprune.files.state import save_importance_dir
+from hf_weightprune.files.pruned_files import load_sparsity
+from hf_weightprune.io_utils import atomic_folder
 from hf_weightprune.publish.card import render_model_card, structure_info, write_model_card
-from hf_weightprune.publish.export import _atomic_folder, load_sparsity, prune_checkpoint, save_pruned
+from hf_weightprune.publish.export import prune_checkpoint, save_pruned
 from hf_weightprune.publish.hub import push_pruned_to_hub
-from hf_weightprune.testing import tiny_llama
+from hf_weightprune.testing import save_importance_dir, tiny_llama
 from hf_weightprune.tools.cli import main as cli_main
 from hf_weightprune.tools.sweep import sweep
+from hf_weightprune.train.holder import MaskHolder
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hf_weightprune"
 
@@ -50,7 +52,7 @@ def dense_checkpoint(tmp_path_factory):
     model = tiny_llama(seed=0)
     model.save_pretrained(root / "model")
     imp = oneshot_importance(model, "magnitude")
-    save_importance_dir(str(root / "imp"), imp.to_dict(), config=imp.config, meta=imp.meta, shapes=imp.shapes)
+    save_importance_dir(str(root / "imp"), imp.state_dict(), config=imp.config, meta=imp.meta, shapes=imp.shapes)
     return root
 
 
@@ -144,7 +146,7 @@ def test_copy_shard_masked_zeroes_exactly_the_masked_elements(tmp_path):
 
     def mask_of(name, shape):
         seen.append((name, shape))
-        return keep if name == "w" else None
+        return (lambda t: t.masked_fill_(~keep, 0)) if name == "w" else None  # an in-place editor of the view
 
     buffer = sio.copy_shard_masked(str(src), str(dst), mask_of, bytearray())
     assert len(buffer) >= 6 * 8 * 4
@@ -155,7 +157,7 @@ def test_copy_shard_masked_zeroes_exactly_the_masked_elements(tmp_path):
     assert src.stat().st_size == dst.stat().st_size
     with pytest.raises(ValueError, match="cannot prune a tensor of dtype I64"):
         sio.copy_shard_masked(str(src), str(tmp_path / "x.safetensors"),
-                              lambda n, s: torch.ones(s, dtype=torch.bool), bytearray())
+                              lambda n, s: lambda t: None, bytearray())
 
 
 # --------------------------------------------------------------------------- two writers, one output
@@ -164,9 +166,9 @@ def test_copy_shard_masked_zeroes_exactly_the_masked_elements(tmp_path):
 def test_atomic_folder_second_publisher_fails_and_the_first_stays_whole(tmp_path):
     out = tmp_path / "out"
     with (pytest.raises(FileExistsError, match="written by another process") as info,
-          _atomic_folder(str(out), overwrite=False) as first):
+          atomic_folder(str(out), overwrite=False) as first):
         Path(first, "a.txt").write_text("first")
-        with _atomic_folder(str(out), overwrite=False) as second:  # a second writer publishes first
+        with atomic_folder(str(out), overwrite=False) as second:  # a second writer publishes first
             assert first != second  # a unique temporary folder per writer
             Path(second, "b.txt").write_text("second")
         Path(first, "c.txt").write_text("first")
@@ -174,7 +176,7 @@ def test_atomic_folder_second_publisher_fails_and_the_first_stays_whole(tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
 
-    with _atomic_folder(str(out), overwrite=True) as third:
+    with atomic_folder(str(out), overwrite=True) as third:
         Path(third, "d.txt").write_text("third")
     assert sorted(p.name for p in out.iterdir()) == ["d.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old folder, moved aside, is gone
@@ -338,8 +340,8 @@ def test_save_pruned_schedule_object_or_dict_and_state_dict_refused(tmp_path):
         assert load_sparsity(tmp_path / name)["schedule"]["final_sparsity"] == 0.5
         text = (tmp_path / name / "README.md").read_text()
         assert "gradual pruning from 0.0% to 50.0% sparsity between steps 2 and 8, every 2 steps, linear ramp" in text
-    with pytest.raises(ValueError, match=r"PruneSchedule.state_dict\(\).*pass the PruneSchedule itself"):
-        save_pruned(model, tmp_path / "state", report=report, schedule=schedule.state_dict())
+    with pytest.raises(ValueError, match=r"MaskHolder.state_dict\(\).*pass the PruneSchedule itself"):
+        save_pruned(model, tmp_path / "state", report=report, schedule=MaskHolder(schedule).state_dict())
     with pytest.raises(ValueError, match=r"schedule lacks \['ramp'\]"):
         save_pruned(model, tmp_path / "partial", report=report,
                     schedule={k: v for k, v in schedule.to_dict().items() if k != "ramp"})
@@ -445,13 +447,14 @@ def test_load_sparsity_errors(tmp_path):
         load_sparsity(tmp_path / "dense")
 
 
-def test_prune_checkpoint_takes_config_where_prune_does_and_the_old_order_warns(dense_checkpoint, tmp_path):
+def test_prune_checkpoint_takes_config_where_prune_does_and_refuses_the_old_order(dense_checkpoint, tmp_path):
     imp = load_importance(dense_checkpoint / "imp")
     new = prune_checkpoint(dense_checkpoint / "model", imp, PruneConfig(sparsity=0.25), tmp_path / "new", progress=False)
-    with pytest.warns(FutureWarning, match="prune_checkpoint\\(model_dir, importance, output_dir, config\\) is deprecated"):
-        old = prune_checkpoint(dense_checkpoint / "model", imp, tmp_path / "old", PruneConfig(sparsity=0.25),
-                               progress=False)
-    assert old.tensors == new.tensors and old.target_sparsity == 0.25
+    assert new.target_sparsity == 0.25 and new.tensors
+    # The (model_dir, importance, output_dir, config) order of 0.1's first drafts is refused before any work.
+    with pytest.raises(TypeError, match="^prune_checkpoint: output_dir must be a folder path .*; got PruneConfig"):
+        prune_checkpoint(dense_checkpoint / "model", imp, tmp_path / "old", PruneConfig(sparsity=0.25), progress=False)
+    assert not (tmp_path / "old").exists()
     with pytest.raises(TypeError, match="prune_checkpoint: output_dir is required"):
         prune_checkpoint(dense_checkpoint / "model", imp, PruneConfig())
 

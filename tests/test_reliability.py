@@ -24,11 +24,13 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
 from hf_weightprune.config import PruneConfig
-from hf_weightprune.files import state as S
-from hf_weightprune.files.state import ImportanceFileError
+from hf_weightprune.files import importance_files as F
+from hf_weightprune.files import training_state as T
+from hf_weightprune.files.pruned_files import load_masks
+from hf_weightprune.files.safetensors_io import ImportanceFileError
 from hf_weightprune.prune.pruner import prune_
-from hf_weightprune.publish.export import load_masks, save_pruned
-from hf_weightprune.testing import TokenDataset, tiny_llama
+from hf_weightprune.publish.export import save_pruned
+from hf_weightprune.testing import TokenDataset, save_importance_dir, tiny_llama
 from hf_weightprune.train.callback import STAGING_DIR
 from hf_weightprune.train.holder import MaskHolder
 from hf_weightprune.train.schedule import PruneSchedule
@@ -36,7 +38,7 @@ from hf_weightprune.train.schedule import PruneSchedule
 from .helpers import sigkill_at_hang
 from .scripts.ckpt_train import MARKER, run
 
-CONFIG = S.IMPORTANCE_CONFIG_NAME
+CONFIG = F.IMPORTANCE_CONFIG_NAME
 Q, OPROJ = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"  # both 32 x 32
 
 
@@ -87,7 +89,7 @@ def test_sigkill_before_publish_resumes_from_the_staged_importance_exactly(kille
     out = tmp_path / "run"
     shutil.copytree(killed_before_publish, out)
     ckpt, staged = out / "checkpoint-6", out / STAGING_DIR
-    assert (ckpt / "trainer_state.json").is_file() and not (ckpt / S.IMPORTANCE_DIR).exists()
+    assert (ckpt / "trainer_state.json").is_file() and not (ckpt / F.IMPORTANCE_DIR).exists()
     assert json.loads((staged / CONFIG).read_text())["state"]["global_step"] == 6
     with caplog.at_level(logging.WARNING, logger="hf_weightprune.train.callback"):
         run(out, "wanda", resume=True)
@@ -143,7 +145,7 @@ def test_swapped_tensor_names_fail_naming_the_tensor(reference, tmp_path):
     good = load_importance(d)
     expected = {Q: good.state(Q), OPROJ: good.state(OPROJ)}
     assert not torch.equal(expected[Q], expected[OPROJ])
-    swap_header_entries(d / S.WEIGHTS_NAME, Q, OPROJ)
+    swap_header_entries(d / F.WEIGHTS_NAME, Q, OPROJ)
 
     imp = load_importance(d)  # headers and shapes still agree: the swap is found when the tensor is read
     with pytest.raises(ImportanceFileError, match=rf"tensor {Q} in importance\.safetensors does not match its crc32 "
@@ -164,20 +166,20 @@ def test_checksums_cover_hf_shards_and_schedule_masks(tmp_path):
     cb = ImportanceCallback(ImportanceConfig(criterion="magnitude"),
                             schedule=PruneSchedule(final_sparsity=0.5, start=1, end=2, every_n_steps=1))
     run(tmp_path / "run", importance_callback=cb, max_steps=3, save_steps=3)
-    d = tmp_path / "run" / "checkpoint-3" / S.IMPORTANCE_DIR
+    d = tmp_path / "run" / "checkpoint-3" / F.IMPORTANCE_DIR
     sums = json.loads((d / CONFIG).read_text())["checksums"]
-    assert sorted(sums["masks"]) == sorted(cb.schedule.masks)
-    masks = S.load_schedule_masks(str(d))
-    assert all(torch.equal(masks[n], m) for n, m in cb.schedule.masks.items())
+    assert sorted(sums["masks"]) == sorted(cb.mask_holder.masks)
+    masks = T.load_schedule_masks(str(d), sums["masks"])
+    assert all(torch.equal(masks[n], m) for n, m in cb.mask_holder.masks.items())
     assert not torch.equal(masks[Q], masks[OPROJ])
-    swap_header_entries(d / S.MASKS_NAME, Q, OPROJ)
+    swap_header_entries(d / T.MASKS_NAME, Q, OPROJ)
     with pytest.raises(ImportanceFileError, match=rf"masks\.safetensors: mask ({Q}|{OPROJ}) does not match its crc32"):
-        S.load_schedule_masks(str(d))
+        T.load_schedule_masks(str(d), sums["masks"])
 
     # HF-sharded single-process layout: the checksum belongs to the tensor, whichever shard holds it.
     imp = load_importance(d)
     shard_dir = tmp_path / "sharded"
-    S.save_importance_dir(str(shard_dir), imp.state_dict(), config=imp.config, shapes=imp.shapes,
+    save_importance_dir(str(shard_dir), imp.state_dict(), config=imp.config, shapes=imp.shapes,
                           meta={k: v for k, v in imp.meta.items() if k not in ("world_size", "state_dtype")},
                           max_shard_size=6000)
     shards = sorted(shard_dir.glob("importance-*.safetensors"))
@@ -252,7 +254,7 @@ def test_two_named_callbacks_each_equal_a_separate_run_and_resume(reference, tmp
 def test_two_callbacks_writing_one_folder_are_refused_at_train_begin(names, tmp_path):
     first = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude", name=names[0]))
     second = ImportanceCallback(ImportanceConfig(criterion="wanda", name=names[1]))
-    folder = S.importance_dir_name(names[0])
+    folder = F.importance_dir_name(names[0])
     with pytest.raises(ValueError, match=rf"^Two ImportanceCallbacks on this Trainer write the same folder {folder}/ "
                                          r"\(criteria 'temporal_magnitude' and 'wanda'\): give each "
                                          r"ImportanceConfig\(name=\.\.\.\) a distinct name$"):
@@ -303,10 +305,10 @@ def test_hold_masks_from_a_checkpoint_without_sparsity_json(tmp_path, caplog):
     zeros = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     assert f"has no sparsity.json (pruned by another tool?): holding the zeros of {len(masks)} targeted weights, " \
            f"sparsity {zeros:.4f} over them" in caplog.text
-    assert set(schedule.masks) == set(masks) and "lm_head.weight" not in schedule.masks
+    assert set(cb.mask_holder.masks) == set(masks) and "lm_head.weight" not in cb.mask_holder.masks
     after = dict(model.named_parameters())
     for n, m in masks.items():
-        assert torch.equal(schedule.masks[n], m), n
+        assert torch.equal(cb.mask_holder.masks[n], m), n
         assert torch.equal(after[n] != 0, m) and not torch.equal(before[n], after[n]), n  # held, and it trained
     # nothing tracked: no state, no hooks, no importance files
     assert cb.state_bytes() == 0 and cb.accumulator.states == {} and cb.accumulator.tracked == [] and cb.accumulator.collector is None
@@ -322,13 +324,21 @@ def test_hold_masks_from_a_checkpoint_without_sparsity_json(tmp_path, caplog):
     assert set(MaskHolder(sub)._held_masks(model)) == {n for n in masks if "down_proj" not in n}
 
 
-def test_masks_from_is_checked_when_the_schedule_is_built(tmp_path):
+def test_masks_from_is_checked_at_train_begin_before_any_step(tmp_path):
+    missing = PruneSchedule(mode="hold", masks_from=str(tmp_path / "missing"))  # a config does no I/O when built
     with pytest.raises(ValueError, match=r"^masks_from='\S*missing' is not a folder"):
-        PruneSchedule(mode="hold", masks_from=str(tmp_path / "missing"))
+        missing.check_masks_from()
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"^masks_from='\S*empty' holds no model\.safetensors"):
-        PruneSchedule(mode="hold", masks_from=str(tmp_path / "empty"))
+        PruneSchedule(mode="hold", masks_from=str(tmp_path / "empty")).check_masks_from()
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=TokenDataset(n=8, vocab_size=128),
+                      callbacks=[ImportanceCallback(schedule=missing)])
+    with pytest.raises(ValueError, match=r"^masks_from='\S*missing' is not a folder"):
+        trainer.train()
+    assert trainer.state.global_step == 0  # refused in on_train_begin, before the first step
 
 
 # ------------------------------------------------------------------- 9: multi-rank writers' checksums reach rank 0
@@ -348,7 +358,7 @@ def _write_from_two_ranks(rank: int, world: int, port: int, out: str) -> None:
         owners = {"a": 0, "b": 1, "c": D.ALL_RANKS}
         plan = D.OwnershipPlan(rank, world, True, owners, dict(owners), {"c": (6 * rank, 6)})
         mine = {"c": ROWS[6 * rank : 6 * rank + 6], **({"a": WHOLE["a"]} if rank == 0 else {"b": WHOLE["b"]})}
-        error = S.write_importance(out, mine, plan, config=ImportanceConfig(criterion="magnitude"),
+        error = F.write_importance(out, mine, plan, config=ImportanceConfig(criterion="magnitude"),
                                    meta={"global_step": 1, "num_samples": 1}, shapes={"a": [4, 3], "b": [4, 3],
                                                                                      "c": [12, 2]})
         assert error is None, error
@@ -368,11 +378,11 @@ def test_every_writers_checksums_reach_rank_0(tmp_path):
     out = tmp_path / "importance"
     mp.spawn(_write_from_two_ranks, args=(2, port, str(out)), nprocs=2, join=True)
     sums = json.loads((out / CONFIG).read_text())["checksums"]["tensors"]
-    assert sums == {"a": S.tensor_checksum(WHOLE["a"]), "b": S.tensor_checksum(WHOLE["b"]),
-                    "c": {S.shard_name(r, 2): S.tensor_checksum(ROWS[6 * r : 6 * r + 6]) for r in (0, 1)}}
+    assert sums == {"a": F.tensor_checksum(WHOLE["a"]), "b": F.tensor_checksum(WHOLE["b"]),
+                    "c": {F.shard_name(r, 2): F.tensor_checksum(ROWS[6 * r : 6 * r + 6]) for r in (0, 1)}}
     imp = load_importance(out)
     assert torch.equal(imp.state("c"), ROWS) and torch.equal(imp.state("b"), WHOLE["b"])
-    shard = out / S.shard_name(1, 2)
+    shard = out / F.shard_name(1, 2)
     entries = {k: v for k, v in header(shard).items() if k != "__metadata__"}
     raw = bytearray(shard.read_bytes())
     raw[8 + struct.unpack("<Q", raw[:8])[0] + entries["c"]["data_offsets"][0]] ^= 0x01  # rank 1's rows of "c"
@@ -389,21 +399,21 @@ def test_a_stale_layout_beside_the_new_one_is_not_read(reference, tmp_path):
     meta = {k: v for k, v in good.meta.items() if k not in ("world_size", "state_dtype")}
     other = {n: t * 2 + 1 for n, t in good.state_dict().items()}
     sharded, single = tmp_path / "sharded", tmp_path / "single"
-    S.save_importance_dir(str(sharded), other, config=good.config, shapes=good.shapes, meta=meta, max_shard_size=6000)
-    S.save_importance_dir(str(single), good.state_dict(), config=good.config, shapes=good.shapes, meta=meta)
-    assert json.loads((sharded / CONFIG).read_text())["index"] == S.INDEX_NAME
+    save_importance_dir(str(sharded), other, config=good.config, shapes=good.shapes, meta=meta, max_shard_size=6000)
+    save_importance_dir(str(single), good.state_dict(), config=good.config, shapes=good.shapes, meta=meta)
+    assert json.loads((sharded / CONFIG).read_text())["index"] == F.INDEX_NAME
     assert json.loads((single / CONFIG).read_text())["index"] is None
 
     for newer, older, expected in ((single, sharded, good.state_dict()), (sharded, single, other)):
         repo = tmp_path / f"repo-{newer.name}"
         shutil.copytree(older, repo)
         shutil.copytree(newer, repo, dirs_exist_ok=True)  # the later upload: its files over the earlier ones
-        assert (repo / S.INDEX_NAME).is_file() and (repo / S.WEIGHTS_NAME).is_file()
+        assert (repo / F.INDEX_NAME).is_file() and (repo / F.WEIGHTS_NAME).is_file()
         imp = load_importance(repo)
         for name, tensor in expected.items():
             assert torch.equal(imp.state(name), tensor), name
     # The recorded layout missing: refused, not the other (stale) one read instead
-    (tmp_path / f"repo-{single.name}" / S.WEIGHTS_NAME).unlink()
+    (tmp_path / f"repo-{single.name}" / F.WEIGHTS_NAME).unlink()
     with pytest.raises(ImportanceFileError, match=r"importance\.safetensors, which importance_config\.json says this "
                                                   r"write used, is missing"):
         load_importance(tmp_path / f"repo-{single.name}")

@@ -13,11 +13,12 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.config import PruneConfig
+from hf_weightprune.files.pruned_files import load_masks
 from hf_weightprune.prune.lora import merge_and_unload_sparse
 from hf_weightprune.prune.masks import num_to_prune
 from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.prune.pruner import prune_
-from hf_weightprune.publish.export import load_masks, save_pruned
+from hf_weightprune.publish.export import save_pruned
 from hf_weightprune.testing import TokenDataset, tiny_llama, tiny_phi3
 from hf_weightprune.train.schedule import PruneSchedule
 
@@ -39,19 +40,19 @@ def _train(model, callbacks, out, *, max_steps=10, batch=4, ga=1, save_steps=Non
 class Probe(TrainerCallback):
     """After every step (our callback has run): the masks, and the zeros of the weights at every training forward."""
 
-    def __init__(self, schedule, model):
-        self.schedule, self.masks, self.bad_forwards, self.forwards = schedule, {}, 0, 0
+    def __init__(self, holder, model):
+        self.holder, self.masks, self.bad_forwards, self.forwards = holder, {}, 0, 0
         model.register_forward_pre_hook(self._check)
 
     def _check(self, module, args):
         if module.training:
             self.forwards += 1
-            self.bad_forwards += any(bool(self.schedule._holder.params[n][~m].any()) for n, m in self.schedule.masks.items())
+            self.bad_forwards += any(bool(self.holder.params[n][~m].any()) for n, m in self.holder.masks.items())
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.masks[state.global_step] = {n: m.clone() for n, m in self.schedule.masks.items()}
-        for n, m in self.schedule.masks.items():
-            assert not self.schedule._holder.params[n][~m].any(), f"pruned weights of {n} not zero after step"
+        self.masks[state.global_step] = {n: m.clone() for n, m in self.holder.masks.items()}
+        for n, m in self.holder.masks.items():
+            assert not self.holder.params[n][~m].any(), f"pruned weights of {n} not zero after step"
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -98,13 +99,13 @@ def test_sparsity_follows_schedule(structure, scope, ramp, ga, tmp_path):
     schedule = PruneSchedule(final_sparsity=0.75 if structure == "unstructured" else None, initial_sparsity=0.1,
                              start=2, end=8, every_n_steps=2, ramp=ramp, structure=structure, scope=scope,
                              exclude_modules=["layers.1.mlp.down_proj"])
-    probe = Probe(schedule, model)
     # temporal_magnitude: a global threshold over wanda scores would prune a whole o_proj (refused, see test_defaults)
     cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), schedule=schedule)
+    probe = Probe(cb.mask_holder, model)
     trainer = _train(model, [cb, probe], tmp_path, max_steps=10, ga=ga,
                      batch=4 // ga)
     assert probe.forwards == 10 * ga and probe.bad_forwards == 0  # zeros at every forward, micro-batches included
-    params = schedule._holder.params
+    params = cb.mask_holder.params
     assert "model.layers.1.mlp.down_proj.weight" not in params and len(params) == 13
     updates = schedule.update_steps(10)
     assert updates == [2, 4, 6, 8]
@@ -144,10 +145,11 @@ def test_sparsity_follows_schedule(structure, scope, ramp, ga, tmp_path):
 def test_optimizer_state_zeroed_at_updates(tmp_path):
     model = tiny_llama(seed=2)
     schedule = PruneSchedule(final_sparsity=0.5, start=3, end=4, every_n_steps=1)
-    trainer = _train(model, [ImportanceCallback(schedule=schedule)], tmp_path, max_steps=4)
+    holder = (cb := ImportanceCallback(schedule=schedule)).mask_holder
+    trainer = _train(model, [cb], tmp_path, max_steps=4)
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-    for n, m in schedule.masks.items():
-        st = opt.state[schedule._holder.params[n]]
+    for n, m in holder.masks.items():
+        st = opt.state[holder.params[n]]
         assert not st["exp_avg"][~m].any() and not st["exp_avg_sq"][~m].any()
         assert st["exp_avg"][m].any()
 
@@ -156,8 +158,9 @@ def test_resume_mid_schedule_equals_uninterrupted(tmp_path):
     def run(out, **kw):
         model = tiny_llama(seed=3)
         schedule = PruneSchedule(final_sparsity=0.6, start=2, end=9, every_n_steps=3)
-        _train(model, [ImportanceCallback(schedule=schedule)], out, max_steps=12, save_steps=6, **kw)
-        return model, schedule
+        cb = ImportanceCallback(schedule=schedule)
+        _train(model, [cb], out, max_steps=12, save_steps=6, **kw)
+        return model, cb.mask_holder
 
     full, s_full = run(tmp_path / "a")
     ckpt = tmp_path / "a" / "checkpoint-6"
@@ -185,9 +188,10 @@ def test_recovery_finetune_holds_mask(tmp_path):
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     before = {n: p.detach().clone() for n, p in pruned.named_parameters()}
     schedule = PruneSchedule(mode="hold", masks_from=str(tmp_path / "pruned"))
-    _train(pruned, [ImportanceCallback(schedule=schedule)], tmp_path / "recover", max_steps=6)
+    holder = (cb := ImportanceCallback(schedule=schedule)).mask_holder
+    _train(pruned, [cb], tmp_path / "recover", max_steps=6)
     after = dict(pruned.named_parameters())
-    assert schedule.sparsity == pytest.approx(0.5, abs=1e-3) and set(masks) == set(schedule.masks)
+    assert holder.sparsity == pytest.approx(0.5, abs=1e-3) and set(masks) == set(holder.masks)
     for n, m in masks.items():
         assert torch.equal(before[n] != 0, m) and torch.equal(after[n] != 0, m), n
         assert not torch.equal(before[n], after[n])  # it did train
@@ -217,10 +221,10 @@ def test_lora_merge_keeps_mask(tmp_path):
     base = tiny_phi3(seed=6)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     schedule = PruneSchedule(final_sparsity=0.5, start=1, end=4, every_n_steps=1)
-    _train(model, [ImportanceCallback(ImportanceConfig(criterion="wanda"), schedule=schedule)], tmp_path,
-           max_steps=6)
-    assert schedule.sparsity == pytest.approx(0.5, abs=1e-4)
-    masks = schedule.masks
+    holder = (cb := ImportanceCallback(ImportanceConfig(criterion="wanda"), schedule=schedule)).mask_holder
+    _train(model, [cb], tmp_path, max_steps=6)
+    assert holder.sparsity == pytest.approx(0.5, abs=1e-4)
+    masks = holder.masks
     reference = copy.deepcopy(model).merge_and_unload()  # peft's own (dense) merge
     merged, report = merge_and_unload_sparse(model, return_report=True)
     assert type(merged).__name__ == "Phi3ForCausalLM"

@@ -13,9 +13,9 @@ import torch
 from transformers import TrainerCallback
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
+from hf_weightprune.files.pruned_files import load_sparsity
 from hf_weightprune.matching import find_tracked_weights
 from hf_weightprune.prune.obs import layer_reconstruction_error, sparsegpt_prune_
-from hf_weightprune.publish.export import load_sparsity
 from hf_weightprune.testing import tiny_llama, tiny_phi3
 
 from .helpers import train
@@ -186,7 +186,7 @@ def test_prune_checkpoint_reconstructs_like_prune_(config, tmp_path):
     model, imps = _importances(tmp_path / "train")
     model.save_pretrained(tmp_path / "dense")
     imp_dir = tmp_path / "imp"
-    from hf_weightprune.files.state import save_importance_dir
+    from hf_weightprune.testing import save_importance_dir
 
     imp = imps["sparsegpt"]
     save_importance_dir(str(imp_dir), imp.state_dict(), config=imp.config, meta=imp.meta, shapes=imp.shapes)

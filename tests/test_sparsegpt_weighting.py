@@ -220,7 +220,7 @@ if __name__ == "__main__":  # `torchrun -m tests.test_sparsegpt_weighting OUT`, 
 @pytest.mark.parametrize("weighting", ["uniform", "step"])
 def test_card_says_how_the_hessian_was_weighted(weighting, tmp_path):
     from hf_weightprune import PruneConfig, prune_, save_pruned
-    from hf_weightprune.publish.export import load_sparsity
+    from hf_weightprune.files.pruned_files import load_sparsity
 
     model = tiny_llama(seed=9)
     cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", weighting=weighting))

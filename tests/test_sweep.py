@@ -11,9 +11,9 @@ from transformers import Trainer, TrainingArguments
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.matching import find_tracked_weights
 from hf_weightprune.prune.oneshot import oneshot_importance
-from hf_weightprune.testing import tiny_llama
+from hf_weightprune.testing import tiny_llama, train_tokenizer
 from hf_weightprune.tools.cli import add_sweep_parser
-from hf_weightprune.tools.data import load_texts, make_windows, train_tokenizer
+from hf_weightprune.tools.data import load_texts, make_windows
 from hf_weightprune.tools.sweep import format_table, parse_sparsities, sweep
 from tests.helpers import train
 
@@ -185,11 +185,11 @@ def test_cli_rejects_bad_arguments_and_mismatched_importance(trained, tmp_path):
     with pytest.raises(ValueError, match="changes the model's shape"):
         _cli([*base, "--structure", "neurons"])
     # Importance of a differently shaped model is refused before any evaluation.
-    from hf_weightprune.files.state import save_importance_dir
+    from hf_weightprune.testing import save_importance_dir
 
     other = tiny_llama(hidden_size=16)
     mag = oneshot_importance(other, "magnitude")
-    save_importance_dir(str(tmp_path / "imp"), mag.to_dict(), config=mag.config, meta=mag.meta, shapes=mag.shapes)
+    save_importance_dir(str(tmp_path / "imp"), mag.state_dict(), config=mag.config, meta=mag.meta, shapes=mag.shapes)
     with pytest.raises(ValueError, match="does not match this model"):
         _cli([*base, "--importance", str(tmp_path / "imp"), "--seq_len", str(SEQ)])
 

@@ -256,8 +256,22 @@ class ImportanceAccumulator:
             return self.plan.summed(self.states)
         return dict(self.states)
 
-    def restore_(self, imp: Importance, global_step: int) -> None:
-        """Take the buffers and scalars of a checkpoint's importance (already validated against this run)."""
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint stores of this rank (collective under DDP / FSDP2: every rank calls it).
+
+        Returns:
+            `dict[str, Any]`: `tensors` (the buffers this rank writes, see [`export_tensors`]), `meta` (the scalars,
+            [`full_meta`]) and `shapes` (every tracked weight's shape, in model order).
+        """
+        return {"tensors": self.export_tensors(), "meta": self.full_meta(), "shapes": self.shapes()}
+
+    def load_state_dict(self, imp: Importance, global_step: int) -> None:
+        """Take the buffers and scalars of a checkpoint's importance (already validated against this run).
+
+        Args:
+            imp (`Importance`): what [`state_dict`] became on disk, read back lazily by `load_importance`.
+            global_step (`int`): the step being resumed.
+        """
         keep_sums = self.plan.per_rank or self.plan.rank == 0  # activation sums: restore once, on rank 0
         for name, buf in self.states.items():
             if keep_sums:

@@ -6,7 +6,6 @@ billions of elements is never materialised whole.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -42,6 +41,8 @@ class Importance:
         shapes (`dict[str, list[int]]`): tracked parameter names (canonical) and their shapes, in model order.
         scores (`Mapping[str, Tensor]`): derived scores, computed lazily per tensor.
         path (`str` or `None`): the folder it was loaded from.
+        sections (`Mapping[str, Any]`): the other sections of the `importance_config.json` it was read from, parsed
+            once by the reader (`schedule`: a `PruneSchedule`'s saved state; `checksums`); empty in memory.
     """
 
     def __init__(
@@ -54,12 +55,14 @@ class Importance:
         path: str | None = None,
         weights: Mapping[str, Tensor] | None = None,
         weights_loader: Callable[[], Mapping[str, Tensor]] | None = None,
+        sections: Mapping[str, Any] | None = None,
     ):
         self.config = config
         self.meta = meta
         self.shapes = shapes
         self._get_state = get_state
         self.path = path
+        self.sections = dict(sections or {})
         self._weights = dict(weights) if weights is not None else None
         # Called once, on the first score that needs the weights, unless `bind` came first (see `load_importance`).
         self._weights_loader = weights_loader
@@ -170,11 +173,6 @@ class Importance:
             `[in_features]` for `wanda`).
         """
         return {n: self.state(n) for n in self.names}
-
-    def to_dict(self) -> dict[str, Tensor]:
-        """Deprecated alias of `state_dict()` (`to_dict` is JSON on the configs)."""
-        warnings.warn("Importance.to_dict() is deprecated; use state_dict()", FutureWarning, stacklevel=2)
-        return self.state_dict()
 
     def __repr__(self) -> str:
         return (

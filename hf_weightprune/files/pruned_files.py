@@ -1,18 +1,27 @@
-"""The files of a pruned folder: their names and the one reader of `sparsity.json`.
+"""The files of a pruned folder: their names, and `sparsity.json` both ways (its payload, writer, reader, version).
 
 A pruned folder (written by `export.save_pruned` / `export.prune_checkpoint`) is a standard HF checkpoint plus
 `sparsity.json` (what was pruned, measured from the weights written), a `README.md` model card, and, when a sweep ran,
 `sweep.csv` / `sweep.json` / `sweep.png`. `export` writes them, `card` renders from them, `hub` uploads them; this
-module holds what all three must agree on, so none of them imports another for a file name.
+module holds what all three must agree on, so none of them imports another for a file name. The keep-masks of a
+pruned folder ([`load_masks`], what `PruneSchedule(mode="hold")` holds) are read here too.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
+from safetensors import safe_open
+
+from .._version import __version__
 from ..io_utils import check_arg_type
+from . import safetensors_io as sio
+
+if TYPE_CHECKING:
+    from ..prune.pruner import PruningReport
 
 SPARSITY_NAME = "sparsity.json"
 SPARSITY_FORMAT_VERSION = 1
@@ -56,3 +65,109 @@ def load_sparsity(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict) or "structure" not in payload or "tensors" not in payload:
         raise ValueError(f"{file} is not a valid hf-weightprune sparsity report (no \"structure\"/\"tensors\")")
     return payload
+
+
+def _absolute_importance(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`report.importance` with a local `path` made absolute: relative to the folder `prune` ran in, it broke
+    `push --include_importance` from any other folder. Hub ids and missing paths are kept as given."""
+    if not info or not isinstance(info.get("path"), str) or not os.path.isdir(info["path"]):
+        return info
+    return {**info, "path": os.path.abspath(info["path"])}
+
+
+def sparsity_dict(report: PruningReport, *, base_model: str | None = None, schedule: dict | None = None,
+                  distillation: dict | None = None,
+                  eval_results: dict | None = None) -> dict[str, Any]:
+    """The `sparsity.json` payload (schema documented in docs/file_formats.md).
+
+    Args:
+        report (`PruningReport`): what `prune_` or `prune_checkpoint` returned.
+        base_model (`str`, *optional*): Hub id of the dense model.
+        schedule (`dict`, *optional*): `PruneSchedule.to_dict()` of a gradual run (or of a recovery with the mask
+            held, `mode="hold"`).
+        distillation (`dict`, *optional*): `DistillConfig.to_dict()` of the run's distillation.
+        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`.
+
+    Returns:
+        `dict[str, Any]`: a JSON-serialisable dict (sparsities are fractions in [0, 1]).
+    """
+    return {
+        "format_version": SPARSITY_FORMAT_VERSION,
+        "library": "hf-weightprune",
+        "library_version": __version__,
+        "structure": report.structure,
+        "scope": report.scope,
+        "target_sparsity": report.target_sparsity,
+        "global_sparsity": report.global_sparsity,
+        "model_sparsity": report.model_sparsity,
+        "criterion": report.criterion,
+        "importance": _absolute_importance(report.importance),
+        "base_model": base_model,
+        "tensors": report.tensors,
+        "reconstruction": report.reconstruction,
+        "allocation": report.allocation,
+        "structured": report.structured,
+        "schedule": schedule,
+        "distillation": distillation,
+        "eval": eval_results,
+    }
+
+
+def dump_sparsity(payload: dict[str, Any]) -> str:
+    """`sparsity.json`'s text for `payload`: the one serialisation, for the folder and for the Hub's copy."""
+    return json.dumps(payload, indent=2) + "\n"
+
+
+def write_sparsity(folder: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write `payload` (from [`sparsity_dict`]) as `folder/sparsity.json` (a folder being written atomically)."""
+    with open(os.path.join(folder, SPARSITY_NAME), "w", encoding="utf-8") as f:
+        f.write(dump_sparsity(payload))
+
+
+def load_masks(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Keep-masks of a pruned checkpoint: `weight != 0` for every tensor its `sparsity.json` lists.
+
+    Read from the checkpoint's safetensors files (one tensor at a time), not from a model in memory. A checkpoint
+    pruned by another tool has no `sparsity.json`: pass `names` (the weights to mask) and the masks are their zeros.
+    With a `sparsity.json`, each weight must have at least as many zeros as it records as pruned (a cheap check that
+    catches tensors swapped between names, unless they have the same sparsity).
+
+    Args:
+        path (`str` or `os.PathLike`): a folder written by `save_pruned` or `prune_checkpoint`, or any safetensors
+            checkpoint (with `names`).
+        names (`list[str]`, *optional*): the weights to read when the folder has no `sparsity.json`; ignored when
+            it has one (its list is used).
+
+    Returns:
+        `dict[str, torch.Tensor]`: `{name: bool tensor shaped like the weight}`, `True` where the weight is kept.
+
+    Raises:
+        FileNotFoundError: no safetensors weights in the folder, or no `sparsity.json` and no `names`.
+        ValueError: no tensors to mask, tensors the checkpoint does not hold, or a weight with fewer zeros than
+            `sparsity.json` records.
+    """
+    path = os.fspath(path)
+    recorded: dict[str, Any] = {}
+    if os.path.isfile(os.path.join(path, SPARSITY_NAME)) or names is None:
+        recorded = load_sparsity(path).get("tensors") or {}
+        names = list(recorded)
+        if not names:
+            raise ValueError(f"{path}/{SPARSITY_NAME} lists no pruned tensors")
+    elif not names:
+        raise ValueError(f"load_masks: names is empty and {path} has no {SPARSITY_NAME}: pass the weights to mask")
+    where = SPARSITY_NAME if recorded else "names"
+    weight_map = sio.weight_map(path)
+    missing = [n for n in names if n not in weight_map]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} tensors of {where} are not in the checkpoint (e.g. {missing[0]})")
+    out = {}
+    for name in names:
+        with safe_open(os.path.join(path, weight_map[name]), framework="pt") as f:
+            out[name] = f.get_tensor(name) != 0
+        info = recorded.get(name)
+        if isinstance(info, dict) and "sparsity" in info and "numel" in info:
+            zeros, pruned = out[name].numel() - int(out[name].count_nonzero()), round(info["sparsity"] * info["numel"])
+            if zeros < pruned:
+                raise ValueError(f"{path}: weight {name} has {zeros} zeros, {SPARSITY_NAME} records {pruned} pruned: "
+                                 "the weights were modified or their names swapped; re-export the pruned checkpoint")
+    return out

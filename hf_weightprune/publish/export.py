@@ -1,32 +1,27 @@
-"""`save_pruned`: a standard HF checkpoint plus `sparsity.json` and a model card, written atomically."""
+"""`save_pruned` and `prune_checkpoint`: a standard HF checkpoint plus `sparsity.json` and a model card, written
+atomically (`io_utils.atomic_folder`); the output-folder rule ([`check_output_dir`]). The `sparsity.json` format
+(payload, writer, reader, `load_masks`) is `files/pruned_files.py`'s."""
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-import uuid
-import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as D
-from .._version import __version__
 from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..files import safetensors_io as sio
-from ..files.pruned_files import SPARSITY_FORMAT_VERSION, SPARSITY_NAME, load_sparsity
-from ..io_utils import check_arg_type
+from ..files.pruned_files import sparsity_dict, write_sparsity
+from ..io_utils import atomic_folder, check_arg_type
 from ..prune.report import PruningReport
 
 if TYPE_CHECKING:
@@ -35,59 +30,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# What the model card prints of a gradual schedule; a dict without them (e.g. `PruneSchedule.state_dict()`) is refused.
+# What the model card prints of a gradual schedule; a dict without them (e.g. `MaskHolder.state_dict()`) is refused.
 _SCHEDULE_KEYS = ("initial_sparsity", "final_sparsity", "start", "end", "every_n_steps", "ramp")
 
 
 def _same_or_inside(a: str, b: str) -> bool:
     a, b = os.path.realpath(a), os.path.realpath(b)
     return a == b or a.startswith(b + os.sep)
-
-
-def _absolute_importance(info: dict[str, Any] | None) -> dict[str, Any] | None:
-    """`report.importance` with a local `path` made absolute: relative to the folder `prune` ran in, it broke
-    `push --include_importance` from any other folder. Hub ids and missing paths are kept as given."""
-    if not info or not isinstance(info.get("path"), str) or not os.path.isdir(info["path"]):
-        return info
-    return {**info, "path": os.path.abspath(info["path"])}
-
-
-def sparsity_dict(report: PruningReport, *, base_model: str | None = None, schedule: dict | None = None,
-                  distillation: dict | None = None,
-                  eval_results: dict | None = None) -> dict[str, Any]:
-    """The `sparsity.json` payload (schema documented in docs/file_formats.md).
-
-    Args:
-        report (`PruningReport`): what `prune_` or `prune_checkpoint` returned.
-        base_model (`str`, *optional*): Hub id of the dense model.
-        schedule (`dict`, *optional*): `PruneSchedule.to_dict()` of a gradual run (or of a recovery with the mask
-            held, `mode="hold"`).
-        distillation (`dict`, *optional*): `DistillConfig.to_dict()` of the run's distillation.
-        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`.
-
-    Returns:
-        `dict[str, Any]`: a JSON-serialisable dict (sparsities are fractions in [0, 1]).
-    """
-    return {
-        "format_version": SPARSITY_FORMAT_VERSION,
-        "library": "hf-weightprune",
-        "library_version": __version__,
-        "structure": report.structure,
-        "scope": report.scope,
-        "target_sparsity": report.target_sparsity,
-        "global_sparsity": report.global_sparsity,
-        "model_sparsity": report.model_sparsity,
-        "criterion": report.criterion,
-        "importance": _absolute_importance(report.importance),
-        "base_model": base_model,
-        "tensors": report.tensors,
-        "reconstruction": report.reconstruction,
-        "allocation": report.allocation,
-        "structured": report.structured,
-        "schedule": schedule,
-        "distillation": distillation,
-        "eval": eval_results,
-    }
 
 
 _CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
@@ -179,68 +128,10 @@ def _check_writable(out: str, shown: str, arg: str, whole_folder: bool) -> None:
                               "write to") from None
 
 
-@contextmanager
-def _atomic_folder(output_dir: str, *, overwrite: bool) -> Iterator[str]:
-    """Yield a new temporary folder beside `output_dir`; on success publish it as `output_dir`, on error remove it.
-
-    The temporary name is unique per call, so two writers into the same output never share a folder. Publishing
-    is one `rename`: without `overwrite` it fails when `output_dir` appeared meanwhile (non-empty), so the loser
-    raises and the winner's folder is left whole. With `overwrite` the old folder is first renamed aside (to a
-    unique name) and removed after the new one is in place.
-    """
-    output_dir = os.path.abspath(output_dir)
-    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would be published with the folder. mkdir is exclusive and keeps the umask.
-    tmp = _sibling_name(output_dir, "tmp")
-    os.mkdir(tmp)
-    try:
-        yield tmp
-        _publish(tmp, output_dir, overwrite=overwrite)
-    except OSError as e:
-        if e.filename is None or ".tmp" not in os.fspath(e.filename):
-            raise
-        # e.g. the disk filled up mid-write: name the output, never the internal temporary folder
-        raise type(e)(e.errno, f"writing {output_dir} failed: {e.strerror}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _sibling_name(path: str, suffix: str) -> str:
-    """A unique hidden name beside `path`: `.NAME.<random>.<suffix>` (never uploaded: hub ignores `.*.tmp`)."""
-    parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.{suffix}")
-
-
-def _publish(tmp: str, output_dir: str, *, overwrite: bool) -> None:
-    aside = None
-    if overwrite and os.path.lexists(output_dir):
-        aside = _sibling_name(output_dir, "old.tmp")
-        try:
-            os.rename(output_dir, aside)
-        except FileNotFoundError:  # another writer moved it aside first
-            aside = None
-    try:
-        # rename() replaces an empty folder but refuses a non-empty one: the atomic "did someone else write it" check
-        os.rename(tmp, output_dir)
-    except OSError as e:
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            if aside is not None and not os.path.lexists(output_dir):
-                os.rename(aside, output_dir)  # failed for another reason: the old folder goes back
-                aside = None
-            raise
-        raise FileExistsError(f"{output_dir} was written by another process while this one ran; this run's result "
-                              "was discarded (write to another folder)") from None
-    finally:
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-
-
 def _write_sparsity_and_card(folder: str, output_dir: str, payload: dict[str, Any], base_model: str | None,
                              write_card: bool) -> None:
     """Write `sparsity.json` and the card into the temporary `folder` that becomes `output_dir`."""
-    with open(os.path.join(folder, SPARSITY_NAME), "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    write_sparsity(folder, payload)
     if write_card:
         from .card import write_model_card
 
@@ -259,7 +150,7 @@ def _schedule_dict(schedule: Any) -> dict | None:
         return schedule.to_dict()
     check_arg_type("save_pruned", "schedule", schedule, dict, "a PruneSchedule, its to_dict() or None")
     if "config" in schedule and "num_updates" in schedule:
-        raise ValueError("save_pruned: schedule is a PruneSchedule.state_dict() (runtime counters); pass the "
+        raise ValueError("save_pruned: schedule is a MaskHolder.state_dict() (runtime counters); pass the "
                          "PruneSchedule itself or schedule.to_dict()")
     missing = [k for k in _SCHEDULE_KEYS if k not in schedule]
     if missing:
@@ -333,7 +224,7 @@ def save_pruned(
 
     Raises:
         TypeError: an argument has the wrong type (checked before any work).
-        ValueError: `schedule` is a dict without the schedule's fields (e.g. `PruneSchedule.state_dict()`),
+        ValueError: `schedule` is a dict without the schedule's fields (e.g. `MaskHolder.state_dict()`),
             `distillation` a dict with a value `DistillConfig` refuses, or
             `output_dir` is refused by [`check_output_dir`] (the input checkpoint, the importance folder, ...).
         FileExistsError: `output_dir` is not empty and `overwrite=False`, or another process wrote it meanwhile
@@ -354,7 +245,7 @@ def save_pruned(
     if base_model is None and source and not os.path.isdir(source):
         base_model = source
 
-    with _atomic_folder(output_dir, overwrite=overwrite) as tmp:
+    with atomic_folder(output_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -399,8 +290,7 @@ def prune_checkpoint(
         importance (`Importance`): from `load_importance()`.
         config (`PruneConfig`, *optional*): defaults to `PruneConfig()`; the same place as in `prune_`.
         output_dir (`str` or `os.PathLike`): a new or empty folder, e.g. `model_dir/pruned` (required); the rule is
-            [`check_output_dir`] (never `model_dir` itself, the importance folder, a `checkpoint-N`). The order
-            `(model_dir, importance, output_dir, config)` of earlier versions still works, with a `FutureWarning`.
+            [`check_output_dir`] (never `model_dir` itself, the importance folder, a `checkpoint-N`).
         base_model (`str`, *optional*): Hub id of the dense model, for `sparsity.json` and the card; defaults to
             the config's `_name_or_path` when that is a Hub id.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
@@ -426,12 +316,6 @@ def prune_checkpoint(
     from ..prune.plan import PruningPlan
     from ..prune.pruner import refuse_tied
 
-    if isinstance(config, (str, os.PathLike)) and (output_dir is None or isinstance(output_dir, PruneConfig)):
-        # The earlier order was (model_dir, importance, output_dir, config): `config` now sits where `prune_` has it.
-        warnings.warn("prune_checkpoint(model_dir, importance, output_dir, config) is deprecated: pass "
-                      "prune_checkpoint(model_dir, importance, config, output_dir) or output_dir=...", FutureWarning,
-                      stacklevel=2)
-        config, output_dir = output_dir, config
     if output_dir is None:
         raise TypeError("prune_checkpoint: output_dir is required (a new or empty folder)")
     _check_common("prune_checkpoint", output_dir, base_model, overwrite, write_card)
@@ -475,7 +359,7 @@ def prune_checkpoint(
 
         return apply
 
-    with _atomic_folder(output_dir, overwrite=overwrite) as tmp:
+    with atomic_folder(output_dir, overwrite=overwrite) as tmp:
         shards = sorted(set(weight_map.values()))
         buffer = bytearray()  # one buffer reused for every pruned tensor: no fresh memory to fault in
         for shard in tqdm(shards, desc=f"pruning {len(shards)} shard(s)", disable=not D.show_progress(progress)):
@@ -497,52 +381,3 @@ def prune_checkpoint(
                                  write_card)
     logger.info("Saved pruned checkpoint to %s (%s)", output_dir, report.summary())
     return report
-
-
-def load_masks(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Keep-masks of a pruned checkpoint: `weight != 0` for every tensor its `sparsity.json` lists.
-
-    Read from the checkpoint's safetensors files (one tensor at a time), not from a model in memory. A checkpoint
-    pruned by another tool has no `sparsity.json`: pass `names` (the weights to mask) and the masks are their zeros.
-    With a `sparsity.json`, each weight must have at least as many zeros as it records as pruned (a cheap check that
-    catches tensors swapped between names, unless they have the same sparsity).
-
-    Args:
-        path (`str` or `os.PathLike`): a folder written by `save_pruned` or `prune_checkpoint`, or any safetensors
-            checkpoint (with `names`).
-        names (`list[str]`, *optional*): the weights to read when the folder has no `sparsity.json`; ignored when
-            it has one (its list is used).
-
-    Returns:
-        `dict[str, torch.Tensor]`: `{name: bool tensor shaped like the weight}`, `True` where the weight is kept.
-
-    Raises:
-        FileNotFoundError: no safetensors weights in the folder, or no `sparsity.json` and no `names`.
-        ValueError: no tensors to mask, tensors the checkpoint does not hold, or a weight with fewer zeros than
-            `sparsity.json` records.
-    """
-    path = os.fspath(path)
-    recorded: dict[str, Any] = {}
-    if os.path.isfile(os.path.join(path, SPARSITY_NAME)) or names is None:
-        recorded = load_sparsity(path).get("tensors") or {}
-        names = list(recorded)
-        if not names:
-            raise ValueError(f"{path}/{SPARSITY_NAME} lists no pruned tensors")
-    elif not names:
-        raise ValueError(f"load_masks: names is empty and {path} has no {SPARSITY_NAME}: pass the weights to mask")
-    where = SPARSITY_NAME if recorded else "names"
-    weight_map = sio.weight_map(path)
-    missing = [n for n in names if n not in weight_map]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} tensors of {where} are not in the checkpoint (e.g. {missing[0]})")
-    out = {}
-    for name in names:
-        with safe_open(os.path.join(path, weight_map[name]), framework="pt") as f:
-            out[name] = f.get_tensor(name) != 0
-        info = recorded.get(name)
-        if isinstance(info, dict) and "sparsity" in info and "numel" in info:
-            zeros, pruned = out[name].numel() - int(out[name].count_nonzero()), round(info["sparsity"] * info["numel"])
-            if zeros < pruned:
-                raise ValueError(f"{path}: weight {name} has {zeros} zeros, {SPARSITY_NAME} records {pruned} pruned: "
-                                 "the weights were modified or their names swapped; re-export the pruned checkpoint")
-    return out

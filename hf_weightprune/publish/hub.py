@@ -7,7 +7,6 @@ plus `sparsity.json`. The model card is rendered by `card.py`; this module uploa
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from pathlib import Path
@@ -18,20 +17,14 @@ from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects, get_token
 
 from .._version import __version__
-from ..files.pruned_files import SPARSITY_NAME, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, load_sparsity
-from ..files.state import IMPORTANCE_DIR
-from ..io_utils import check_arg_type, is_local_path, path_name
-from .card import CARD_FILE, CARD_TEMPLATE, is_generated_card, render_model_card, write_model_card
+from ..files.importance_files import IMPORTANCE_DIR
+from ..files.pruned_files import SPARSITY_NAME, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, dump_sparsity, load_sparsity
+from ..io_utils import TEMP_SUFFIX, check_arg_type, is_local_path, path_name
+from .card import CARD_FILE, is_generated_card, render_model_card
 
-# Backward-compatible names: these used to be defined here.
-SPARSITY_FILE = SPARSITY_NAME
-SWEEP_PLOT = SWEEP_PNG
-SWEEP_TABLE = SWEEP_JSON
-
-__all__ = ["CARD_FILE", "CARD_TEMPLATE", "push_pruned_to_hub", "render_model_card", "write_model_card"]
-
-# Temp files and folders of interrupted atomic writes (hidden, `.<name>...tmp`) are never part of a checkpoint
-_TEMP_PATTERNS = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
+# The temporary files and folders of interrupted atomic writes (`io_utils`: hidden, `.<name>...tmp`) are never part
+# of a checkpoint.
+_TEMP_PATTERNS = [f".*{TEMP_SUFFIX}", f"*/.*{TEMP_SUFFIX}", f".*{TEMP_SUFFIX}/*", f"*/.*{TEMP_SUFFIX}/*"]
 
 # Files of the repo a push replaces as a whole: the weights (a stale `model.safetensors` beside new shards is what
 # `from_pretrained` would load) and the sweep files this library writes beside them; with the statistics uploaded,
@@ -253,7 +246,7 @@ def push_pruned_to_hub(
         operations.append(CommitOperationAdd(path_in_repo=SPARSITY_NAME, path_or_fileobj=str(folder / SPARSITY_NAME)))
     else:
         operations.append(CommitOperationAdd(path_in_repo=SPARSITY_NAME,
-                                             path_or_fileobj=(json.dumps(hub_sparsity, indent=2) + "\n").encode()))
+                                             path_or_fileobj=dump_sparsity(hub_sparsity).encode()))
     if card is not None:
         operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card))
     if importance is not None:

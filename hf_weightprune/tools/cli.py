@@ -81,7 +81,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import os
 
     from ..config import PruneConfig
-    from ..files.state import ImportanceFileError, load_importance, resolve_importance_dir
+    from ..files.importance_files import load_importance, resolve_importance_dir
+    from ..files.safetensors_io import ImportanceFileError
     from ..prune.pruner import prune_
     from ..publish.export import check_output_dir, save_pruned
     from ..validation import check_local_path
@@ -155,7 +156,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ValueError, FileNotFoundError, ImportanceFileError: bad input, printed by [`main`] as one line.
     """
     from ..collect.summary import is_raw, layer_stats
-    from ..files.state import load_importance
+    from ..files.importance_files import load_importance
     from ..validation import check_local_path
 
     check_local_path("importance_dir", args.importance_dir, "an importance, checkpoint or training output folder")

@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import datasets
     import torch
-    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerBase
 
 
-ENDOFTEXT = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt",)
 JSON_SUFFIXES = (".json", ".jsonl")
 
@@ -270,52 +269,3 @@ def evaluate_loss(
     except OverflowError:
         perplexity = math.inf
     return {"loss": mean, "perplexity": perplexity, "tokens": tokens}
-
-
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """
-    Trains a small byte-level BPE tokenizer (GPT-2 style) on `texts` with the `tokenizers` library.
-
-    `<|endoftext|>` is the only special token and serves as `bos_token`, `eos_token`, `pad_token` and `unk_token`
-    (byte-level BPE never needs an unknown token, but some code paths expect one). The same texts give the same
-    tokenizer. It saves with `save_pretrained` and reloads offline with `AutoTokenizer.from_pretrained`.
-
-    Args:
-        texts (`Iterable[str]`):
-            Training documents.
-        vocab_size (`int`, *optional*, defaults to 2048):
-            Final vocabulary size, including the 256 byte tokens and `<|endoftext|>` (at least 257).
-
-    Returns:
-        [`PreTrainedTokenizerFast`]: the trained tokenizer.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if not isinstance(vocab_size, int) or vocab_size < 257:
-        raise ValueError(f"vocab_size must be an integer >= 257 (256 bytes + {ENDOFTEXT}), got {vocab_size!r}.")
-    if isinstance(texts, str):
-        raise ValueError("texts must be an iterable of documents, not a single string.")
-    texts = [t for t in texts if t]
-    if not texts:
-        raise ValueError("texts is empty; a tokenizer needs some text to train on.")
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[ENDOFTEXT],
-        # All 256 bytes, even unseen ones, so that any input encodes without an unknown token.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=ENDOFTEXT,
-        eos_token=ENDOFTEXT,
-        pad_token=ENDOFTEXT,
-        unk_token=ENDOFTEXT,
-    )

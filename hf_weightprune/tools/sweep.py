@@ -100,7 +100,7 @@ def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None,
         return dict(importance)
     if isinstance(importance, (str, os.PathLike, Importance)):
         importance = [importance]
-    from ..files.state import load_importance
+    from ..files.importance_files import load_importance
 
     labelled: dict[str, Any] = {}
     for item in importance:
@@ -120,7 +120,8 @@ def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None,
 
 def _importance_dirs(importances: Mapping[str, Any], name: str | None = None) -> list[str]:
     """The local importance folders among `{label: folder or Importance}` (for the output rule)."""
-    from ..files.state import ImportanceFileError, resolve_importance_dir
+    from ..files.importance_files import resolve_importance_dir
+    from ..files.safetensors_io import ImportanceFileError
 
     dirs = []
     for item in importances.values():
@@ -272,7 +273,7 @@ def sweep(
 
     for label, imp in list(importances.items()):
         if not isinstance(imp, Importance):
-            from ..files.state import load_importance
+            from ..files.importance_files import load_importance
 
             importances[label] = imp = load_importance(imp, name=importance_name)
         imp.validate_against(model)  # fail before any evaluation, not halfway through

@@ -12,7 +12,8 @@ Lifecycle (one sitting to read):
 - `on_epoch_end`: the per-epoch sample of the paper (`per_epoch=True`).
 - saving: `on_step_end` / `on_epoch_end` with `control.should_save` write the importance to a staging folder before
   the Trainer saves (its Hub push of `checkpoint-N` starts before `on_save`); `on_push_begin` / `on_save` move it
-  into `checkpoint-N/importance/`. Saves decided later (`save_strategy="best"`) are written in `on_save`.
+  into `checkpoint-N/importance/`. Saves decided later (`save_strategy="best"`) are written in `on_save`. Every file
+  is written and read by `checkpoint.TrainingCheckpoint` (`self.checkpoint`).
 - `on_log`: importance scalars go to the Trainer's loggers through `trainer.log` (pass `trainer=` or `attach`).
 - `on_train_end`: write `output_dir/importance/`.
 """
@@ -20,18 +21,14 @@ Lifecycle (one sitting to read):
 from __future__ import annotations
 
 import logging
-import os
-import weakref
 
 import torch
-from safetensors import SafetensorError
 from transformers import TrainerCallback
 
-from .. import distributed as D
 from ..collect.accumulator import ImportanceAccumulator
 from ..collect.importance import Importance
 from ..config import ImportanceConfig
-from ..files import state as S
+from .checkpoint import STAGING_DIR, TrainingCheckpoint
 from .distill import DistillConfig
 from .distiller import Distiller
 from .holder import MaskHolder
@@ -41,12 +38,7 @@ logger = logging.getLogger(__name__)
 
 SAVE_ERROR_CHOICES = ("raise", "warn")
 RESUME_MISMATCH_CHOICES = ("raise", "restart")
-# Under `output_dir`: the leading "_" keeps it out of the Trainer's Hub pushes (`ignore_patterns=["_*", ...]`)
-# and out of its `checkpoint-*` globs (resume, rotation). Pinned by tests/test_checkpoint.py.
-STAGING_DIR = "_importance-staging"
-# The importance folders claimed by the callbacks of each running `train()` (keyed by its `TrainerState`, shared by
-# every callback of one Trainer): two callbacks writing the same folder are refused at train begin.
-_CLAIMS: dict[int, tuple[weakref.ref, dict[str, weakref.ref]]] = {}
+__all__ = ["STAGING_DIR", "ImportanceCallback"]  # STAGING_DIR: the folder name, defined by `checkpoint`
 
 
 class ImportanceCallback(TrainerCallback):
@@ -129,14 +121,14 @@ class ImportanceCallback(TrainerCallback):
         self.on_resume_mismatch = on_resume_mismatch
         self.resume_from = resume_from
         self.offload_to_cpu = offload_to_cpu
+        self.checkpoint = TrainingCheckpoint(self.config, self.accumulator, self.mask_holder, self._distiller,
+                                             on_save_error=on_save_error, on_resume_mismatch=on_resume_mismatch,
+                                             resume_from=resume_from)
         self.trainer = None
         if trainer is not None:
             self.attach(trainer)
-        self._staged_step: int | None = None
-        self._stage_attempt: int | None = None  # the step whose importance was (tried to be) staged
         self._logging = False
         self._logged_step: int | None = None
-        self._teacher_saved = False
 
     def attach(self, trainer) -> ImportanceCallback:
         """Add this callback to `trainer` (once) and log importance metrics through `trainer.log`; returns self."""
@@ -161,31 +153,17 @@ class ImportanceCallback(TrainerCallback):
     @property
     def importance_dir(self) -> str:
         """Folder name of this callback's importance in checkpoints and `output_dir` (`importance[-<name>]`)."""
-        return S.importance_dir_name(self.config.name)
+        return self.checkpoint.importance_dir
 
     @property
     def staging_dir(self) -> str:
         """Folder name (under `output_dir`) where a checkpoint's importance is staged before the Trainer saves."""
-        return STAGING_DIR if self.config.name is None else f"{STAGING_DIR}-{self.config.name}"
+        return self.checkpoint.staging_dir
 
-    def _claim_folder(self, state) -> None:
-        """Refuse a second callback of this `train()` writing the same importance folder (before any work)."""
-        for key in [k for k, (ref, _) in _CLAIMS.items() if ref() is None]:
-            del _CLAIMS[key]
-        entry = _CLAIMS.get(id(state))
-        if entry is None or entry[0]() is not state:
-            entry = _CLAIMS[id(state)] = (weakref.ref(state), {})
-        # Weak references both ways: a claim must not keep a finished run's callback (and its state, gigabytes
-        # for sparsegpt) alive after the Trainer is gone.
-        claimed = entry[1].get(self.importance_dir)
-        owner = claimed() if claimed is not None else None
-        if owner is None:
-            entry[1][self.importance_dir], owner = weakref.ref(self), self
-        if owner is not self:
-            raise ValueError(
-                f"Two ImportanceCallbacks on this Trainer write the same folder {self.importance_dir}/ (criteria "
-                f"{owner.config.criterion!r} and {self.config.criterion!r}): give each ImportanceConfig(name=...) a "
-                "distinct name")
+    @property
+    def teacher_dir(self) -> str:
+        """Folder name (under `output_dir`) of the default distillation teacher saved for resuming."""
+        return self.checkpoint.teacher_dir
 
     # ------------------------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -193,20 +171,20 @@ class ImportanceCallback(TrainerCallback):
             raise ValueError("ImportanceCallback under hyperparameter_search needs hp_name= so that each trial's "
                              "importance goes to its folder (e.g. hp_name=lambda trial: f'run-{trial.number}')")
         if self.tracks_importance:
-            self._claim_folder(state)
+            self.checkpoint.claim(state, self)
+        if self.schedule is not None:  # configs do no I/O: the hold schedule's folder is checked here, before any step
+            self.schedule.check_masks_from()
         self.accumulator.setup(model, args, state, track=self.tracks_importance)
         if state.global_step > 0 and self.tracks_importance:
-            self._restore(args, state)
+            self.checkpoint.restore(args, state)
         if self._distiller is not None:  # before the holder applies restored masks: the teacher is the dense model
             prunes_base = self.schedule is not None or any(t.param.requires_grad for t in self.accumulator.tracked)
-            teacher_state = None
-            self._teacher_saved = False
+            self.checkpoint.teacher_saved = False
             if state.global_step > 0 and self._distiller.copies_model(model, prunes_base):
                 # The Trainer loaded the checkpoint's (pruned) weights before this event: a copy now would be another
                 # teacher. Distil from the dense copy the run saved at its first checkpoint instead.
-                teacher_state = self._load_teacher(args, state)
-                self._teacher_saved = True
-            self._distiller.setup(model, prunes_base=prunes_base, teacher_state=teacher_state)
+                self.checkpoint.restore_teacher(args, state)
+            self._distiller.setup(model, prunes_base=prunes_base)
             self._distiller.install(model)
         if self.mask_holder is not None:
             if getattr(args, "load_best_model_at_end", False) and self.schedule.mode == "prune":
@@ -239,14 +217,14 @@ class ImportanceCallback(TrainerCallback):
             self.mask_holder.update_(self.importance(), t, int(state.max_steps))
             control.should_log = True  # report each update to the Trainer's loggers
         if control.should_save:
-            self._save_teacher(args, state)
-            self._stage(args, state)
+            self.checkpoint.save_teacher(args, state)
+            self.checkpoint.stage(args, state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.accumulator.sample_epoch(state)
         if control.should_save:
-            self._save_teacher(args, state)
-            self._stage(args, state)
+            self.checkpoint.save_teacher(args, state)
+            self.checkpoint.stage(args, state)
 
     # Score elements sampled per log step over all tracked weights (each tensor in proportion to its size); a model
     # with fewer tracked weights is summarised exactly. 2**16 samples put a fraction within +-0.4% (2 sigma); measured
@@ -299,21 +277,10 @@ class ImportanceCallback(TrainerCallback):
 
     def on_push_begin(self, args, state, control, **kwargs):
         # Called on the main process only, after checkpoint-N is written and before it is uploaded.
-        self._publish_staged(args, state)
+        self.checkpoint.publish_staged(args, state)
 
     def on_save(self, args, state, control, **kwargs):
-        self._save_teacher(args, state)  # a save decided after on_step_end: the checkpoint is already written
-        if self._stage_attempt == state.global_step:
-            # Staged before the checkpoint (or that write already failed and was reported): never write twice.
-            self._publish_staged(args, state)
-            D.barrier()
-            return
-        folder = self._checkpoint_dir(args, state)
-        if folder is None:
-            logger.warning("ImportanceCallback: checkpoint-%d not found under %s", state.global_step,
-                           self._output_dir(args, state))
-            return
-        self._save(os.path.join(folder, self.importance_dir), state)
+        self.checkpoint.on_save(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.accumulator.meta["global_step"] = state.global_step
@@ -325,160 +292,31 @@ class ImportanceCallback(TrainerCallback):
                            "%s); they do not hold the final masks (sparsity %.4f): the masks are applied again",
                            state.best_model_checkpoint, holder.sparsity)
             holder.apply_masks_()
-        # Through the staging folder too: the Trainer's last checkpoint push may still be uploading output_dir,
-        # and it skips "_*" but would pick up a half-written ".importance.tmp".
-        out = self._output_dir(args, state)
-        staging = os.path.join(out, self.staging_dir)
-        if self._save(staging, state, publish=False) and self.accumulator.plan.rank == 0:
-            S.publish(staging, os.path.join(out, self.importance_dir))
-        D.barrier()  # no rank reads output_dir/importance before rank 0 has renamed it into place
-        self._staged_step = None
+        self.checkpoint.save_final(args, state)
         if self.accumulator.collector is not None:
             self.accumulator.collector.remove()
         if self._distiller is not None:
             self._distiller.remove()
 
-    # ------------------------------------------------------------------------------------------- output
-    def _stage(self, args, state) -> None:
-        """Write the importance of this step before the Trainer saves checkpoint-N (see `on_push_begin`)."""
-        self._staged_step = None
-        self._stage_attempt = state.global_step
-        if self._save(os.path.join(self._output_dir(args, state), self.staging_dir), state, publish=False):
-            self._staged_step = state.global_step
-
-    def _publish_staged(self, args, state) -> None:
-        staged = os.path.join(self._output_dir(args, state), self.staging_dir)
-        if self._staged_step != state.global_step or self.accumulator.plan.rank != 0 or not os.path.isdir(staged):
-            return
-        folder = self._checkpoint_dir(args, state)
-        if folder is None:
-            logger.warning("ImportanceCallback: checkpoint-%d not found under %s", state.global_step, args.output_dir)
-            return
-        S.publish(staged, os.path.join(folder, self.importance_dir))
-
-    @staticmethod
-    def _output_dir(args, state) -> str:
-        # A hyperparameter_search trial writes under output_dir/<hp_name(trial)> (`state.trial_name`).
-        return os.path.join(args.output_dir, state.trial_name) if state.trial_name else args.output_dir
-
-    def _checkpoint_dir(self, args, state) -> str | None:
-        folder = os.path.join(self._output_dir(args, state), f"checkpoint-{state.global_step}")
-        return folder if os.path.isdir(folder) else None
-
-    def _save(self, final_dir: str, state, publish: bool = True) -> bool:
-        """Write the importance into `final_dir` (every rank takes part); returns whether it was written."""
-        acc = self.accumulator
-        if not acc.tracked:
-            return False
-        extra, masks = {}, None
-        if self.mask_holder is not None:
-            extra, masks = {"schedule": self.mask_holder.state_dict()}, self.mask_holder.masks
-        error = S.write_importance(final_dir, acc.export_tensors(), acc.plan, config=self.config,
-                                   meta=acc.full_meta(), shapes=acc.shapes(), extra=extra, masks=masks,
-                                   publish=publish)
-        if error is not None:
-            what = final_dir if publish else f"the importance of checkpoint-{state.global_step} (staged in {final_dir})"
-            msg = f"ImportanceCallback could not write {what}: {error}"
-            if self.on_save_error == "raise":
-                raise RuntimeError(msg + " (pass on_save_error='warn' to keep training)") from error
-            logger.warning(msg)
-        return error is None
-
-    # ------------------------------------------------------------------------------------- distillation
-    @property
-    def teacher_dir(self) -> str:
-        """Folder name (under `output_dir`) of the default distillation teacher saved for resuming."""
-        return S.teacher_dir_name(self.config.name)
-
-    def _save_teacher(self, args, state) -> None:
-        """Before the run's first checkpoint: write the default teacher (a frozen copy that exists only in memory)."""
-        distiller = self._distiller
-        if distiller is None or self._teacher_saved or not distiller.teacher_is_copy:
-            return
-        self._teacher_saved = True  # once per run, even if it fails: the error is reported once
-        error = None
-        if D.rank_and_world()[0] == 0:
-            path = os.path.join(self._output_dir(args, state), self.teacher_dir)
-            try:
-                size = S.save_teacher_state(path, distiller.teacher_state_dict(), meta={"global_step": 0})
-                logger.info("ImportanceCallback: saved the distillation teacher for resuming (%d bytes) to %s", size, path)
-            except (OSError, SafetensorError) as e:
-                error = e
-        if D.any_rank(error is not None):
-            msg = (f"ImportanceCallback could not save the distillation teacher to {self.teacher_dir}/ "
-                   f"({error or 'failed on rank 0'}): the run cannot be resumed with DistillConfig(teacher=None)")
-            if self.on_save_error == "raise":
-                raise RuntimeError(msg + " (pass on_save_error='warn' to keep training)") from error
-            logger.warning(msg)
-
-    def _load_teacher(self, args, state) -> dict:
-        # The teacher folder sits beside the checkpoints of the run: in output_dir, or beside `resume_from`.
-        folder = self.resume_from or self._checkpoint_dir(args, state) or os.path.join(
-            self._output_dir(args, state), f"checkpoint-{state.global_step}")
-        path = os.path.join(os.path.dirname(os.path.abspath(folder)), self.teacher_dir)
-        try:
-            return S.load_teacher_state(path)[0]
-        except S.ImportanceFileError as e:
-            raise ValueError(f"Cannot resume distillation with DistillConfig(teacher=None): the dense teacher saved at "
-                             f"the run's first checkpoint is unusable ({e}); pass DistillConfig(teacher=...) with the "
-                             "model the run started from (a path or module)") from None
-
-    # ------------------------------------------------------------------------------------------ resume
-    def _restore(self, args, state) -> None:
-        folder = self.resume_from or self._checkpoint_dir(args, state)
-        try:
-            if folder is None:
-                raise S.ImportanceFileError(
-                    f"resuming at step {state.global_step} but no checkpoint-{state.global_step} folder was found "
-                    f"under {self._output_dir(args, state)}; pass ImportanceCallback(resume_from=...)"
-                )
-            self._recover_staged(folder, state)
-            imp = S.load_importance(folder, name=self.config.name)
-            diff = self.config.diff(imp.config)
-            max_steps = self.accumulator.meta["max_steps"]
-            if imp.meta.get("max_steps") != max_steps and self.config.window is not None:
-                diff["max_steps (sets the window)"] = (max_steps, imp.meta.get("max_steps"))
-            if diff:
-                shown = ", ".join(f"{k}: checkpoint {b!r} -> now {a!r}" for k, (a, b) in diff.items())
-                raise S.ImportanceFileError(f"the importance config changed since {imp.path}: {shown}")
-            if imp.shapes != self.accumulator.shapes():
-                raise S.ImportanceFileError(f"{imp.path} tracks other weights than this model ({len(imp.shapes)} vs "
-                                            f"{len(self.accumulator.tracked)}): was the model or target_modules changed?")
-        except S.ImportanceFileError as e:
-            if self.on_resume_mismatch == "restart":
-                logger.warning("ImportanceCallback: %s; restarting importance from zero (on_resume_mismatch='restart')", e)
-                return
-            raise ValueError(
-                f"Cannot resume importance: {e} (resume from another checkpoint, or pass "
-                "ImportanceCallback(on_resume_mismatch='restart') to restart the importance from zero)"
-            ) from None
-        self.accumulator.restore_(imp, state.global_step)
-        if self.mask_holder is not None:
-            saved = S.load_meta(imp.path).get("schedule")
-            masks = S.load_schedule_masks(imp.path) if saved and saved.get("has_masks") else {}
-            self.mask_holder.load_state_dict(saved, masks)
-        logger.info("ImportanceCallback: restored %d samples from %s", self.accumulator.meta["num_samples"], imp.path)
-
-    def _recover_staged(self, folder: str, state) -> None:
-        """A crash between the Trainer's checkpoint write and the move of the staged importance into it leaves a
-        complete `checkpoint-N` without importance, and the complete importance of step N in the staging folder
-        beside it: move it into the checkpoint (atomically, rank 0), so the resume goes on as if nothing happened.
-
-        Only a staged folder whose config says step N (== the resumed step) is taken, and only into a checkpoint the
-        Trainer finished (`trainer_state.json`, its last file, exists) that has no importance yet.
-        """
-        final = os.path.join(folder, self.importance_dir)
-        staged = os.path.join(os.path.dirname(os.path.abspath(folder)), self.staging_dir)
-        usable = (not os.path.exists(final) and os.path.isfile(os.path.join(folder, "trainer_state.json"))
-                  and S.staged_step(staged) == state.global_step)
-        D.barrier()  # every rank has looked before rank 0 moves anything
-        if D.any_rank(usable) and self.accumulator.plan.rank == 0 and usable:
-            S.publish(staged, final)
-            logger.warning("ImportanceCallback: %s had no importance (the run stopped before it was moved there); "
-                           "used the complete importance of step %d staged in %s", folder, state.global_step, staged)
-        D.barrier()
-
     # ------------------------------------------------------------------------------------------ results
+    def pruning_report(self, model, importance: Importance | None = None):
+        """A [`PruningReport`] of the schedule's current masks, for `save_pruned(model, out, report=...)`.
+
+        Args:
+            model (`nn.Module`): the trained model; the report is measured from its weights (`weight != 0`).
+            importance ([`Importance`], *optional*): recorded as the report's `importance` source (e.g.
+                `callback.importance()`).
+
+        Returns:
+            [`PruningReport`]: per masked weight its shape and sparsity, and the global figures.
+
+        Raises:
+            ValueError: this callback has no `schedule`, or no mask update has happened yet.
+        """
+        if self.mask_holder is None:
+            raise ValueError("This ImportanceCallback has no schedule: pass ImportanceCallback(schedule=PruneSchedule(...))")
+        return self.mask_holder.report(model, importance)
+
     def importance(self) -> Importance:
         """The importance so far, in memory, bound to the model's weights (collective under DDP / FSDP2).
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import _JsonConfigMixin
+
 TEACHER_DTYPES = ("bfloat16", "float16", "float32")
 IGNORE_INDEX = -100  # what transformers' ForCausalLMLoss ignores and Trainer's num_items_in_batch leaves out
 
@@ -31,7 +33,7 @@ def _is_number(value: Any) -> bool:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(_JsonConfigMixin):
     """Distillation from a dense teacher while the (pruned) student fine-tunes; given to `ImportanceCallback(distill=...)`.
 
     The student's loss becomes `(1 - alpha) * CE + alpha * T^2 * KL + hidden_weight * SquareHead`, each term normalized
@@ -76,9 +78,15 @@ class DistillConfig:
     Distillation needs the labels in the model's forward: with `label_smoothing_factor` or `compute_loss_func` the
     `Trainer` pops them and computes the loss itself, so those steps stay plain cross-entropy (warned once).
 
+    Saved and read like the other configs (`save_pretrained` / `from_pretrained`: `distill_config.json`); a module
+    teacher is saved by its name (see [`to_dict`]).
+
     Raises:
         ValueError: a field outside its allowed values (one line naming the field).
     """
+
+    config_name = "distill_config.json"
+    section = "distillation"
 
     teacher: Any = field(default=None, metadata={"help": "None (frozen copy of the student), an nn.Module, or a path."})
     alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term in [0, 1]; 1 - alpha weighs CE."})

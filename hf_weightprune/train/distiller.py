@@ -80,6 +80,7 @@ class Distiller:
         self._handles: list = []
         self._guards = HookGuards()
         self._pending = None  # (labels, shift_labels, user asked for hidden states, teacher output) of this forward
+        self._pending_state: dict[str, torch.Tensor] | None = None  # from `load_state_dict`, until `setup`
         self._reset_logs()
 
     # ------------------------------------------------------------------ setup
@@ -120,6 +121,9 @@ class Distiller:
                 or `teacher_state` does not fit the copy (other names, shapes or dtypes: one line naming the first).
         """
         cfg = self.config
+        if teacher_state is None:
+            teacher_state = self._pending_state
+        self._pending_state = None
         if cfg.teacher is model:
             raise ValueError("DistillConfig.teacher is the student itself: pass teacher=None for a frozen copy of it")
         self._setup_model = model
@@ -168,6 +172,18 @@ class Distiller:
             raise RuntimeError("Distiller.teacher_state_dict: no teacher module (call setup first; a teacher that is "
                                "the student with adapters disabled has no state of its own)")
         return _unique_state(self.teacher)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the default teacher's weights ([`teacher_state_dict`]), which exist nowhere else.
+
+        Raises:
+            RuntimeError: as [`teacher_state_dict`].
+        """
+        return self.teacher_state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Resuming with the default teacher: the saved [`state_dict`], taken by the next [`setup`] as `teacher_state`."""
+        self._pending_state = dict(state)
 
     def _check_compatible(self, model: nn.Module, teacher: Any, what: str = "") -> None:
         vocab, layers, hidden = _model_dims(model)

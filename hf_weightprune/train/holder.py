@@ -69,7 +69,6 @@ class MaskHolder:
         if criterion is not None and schedule.mode == "prune":
             uses_obs(criterion, schedule.prune_config)  # the one-line refusal of prune_, before the first step
         self.schedule = schedule
-        schedule._holder = self  # `schedule.masks` / `.report()` read this runtime state
         self._reset()
 
     def _reset(self) -> None:
@@ -154,8 +153,7 @@ class MaskHolder:
     def _held_masks(self, model: nn.Module) -> dict[str, Tensor]:
         """`"hold"`: the masks of `masks_from`; without `sparsity.json` (another tool pruned it), the zeros of the
         targeted `nn.Linear` weights."""
-        from ..files.pruned_files import SPARSITY_NAME
-        from ..publish.export import load_masks
+        from ..files.pruned_files import SPARSITY_NAME, load_masks
 
         cfg = self.schedule
         if os.path.isfile(os.path.join(cfg.masks_from, SPARSITY_NAME)):

@@ -1,8 +1,9 @@
 """`PruneSchedule`: the configuration of gradual pruning during training, or of masks held during a recovery fine-tune.
 
-A pure configuration with the pure schedule math (`resolve_steps`, `target_at`, `update_steps`). Pass it to
-[`ImportanceCallback`] (`schedule=`); the runtime side (masks on the weights, optimizer state, resume) is
-[`MaskHolder`] in `holder.py`, which the callback drives.
+A pure configuration with the pure schedule math (`resolve_steps`, `target_at`, `update_steps`); it does no I/O
+(peft's rule for configs). Pass it to [`ImportanceCallback`] (`schedule=`); the runtime side (masks on the weights,
+optimizer state, resume, the report) is [`MaskHolder`] in `holder.py`, which the callback drives and exposes as
+`callback.mask_holder` (`callback.pruning_report(model)`).
 
 Supported: single process, DDP (masks are computed from the importance, identical on every rank, at the same
 steps), gradient accumulation, peft (masks on the frozen base weights). Not supported: DeepSpeed (the optimizer steps
@@ -23,8 +24,6 @@ RAMPS = ("cubic", "linear")
 # Fields that define the masks: a resumed run must agree on all of them.
 _RESUME_KEYS = ("final_sparsity", "initial_sparsity", "start", "end", "every_n_steps", "ramp", "structure", "scope",
                 "target_modules", "exclude_modules", "mode", "reconstruct", "dampening", "block_size")
-# Fields added after checkpoints were written without them: a saved config lacking one had the default.
-_RESUME_DEFAULTS = {"reconstruct": None, "dampening": 0.01, "block_size": 128}
 
 
 def _is_int(v: Any) -> bool:
@@ -40,7 +39,7 @@ def _check_point(name: str, value: Any) -> float | int:
 
 
 def _check_masks_from(path: str) -> None:
-    """One-line refusal, when the schedule is built, of a `masks_from` that cannot hold masks."""
+    """One-line refusal of a `masks_from` that cannot hold masks (at train begin, before any step)."""
     from ..files.safetensors_io import find_weights_file
 
     if not os.path.isdir(path):
@@ -89,8 +88,8 @@ class PruneSchedule(_JsonConfigMixin):
             `"prune"`, or `"hold"`: recovery fine-tuning of a pruned checkpoint, its masks re-applied after every
             step and nothing further pruned.
         masks_from (`str`, *optional*):
-            `"hold"` only: a pruned safetensors checkpoint folder, checked here (it exists and holds
-            `model.safetensors` or its index). Written by `save_pruned`: the masks are the zeros of the weights its
+            `"hold"` only: a pruned safetensors checkpoint folder, checked when training begins, before any step (it
+            exists and holds `model.safetensors` or its index). Written by `save_pruned`: the masks are the zeros of the weights its
             `sparsity.json` lists. Pruned by another tool (no `sparsity.json`, e.g. llm-compressor): the masks are the
             zeros of the targeted weights (`target_modules` / `exclude_modules`, default every `nn.Linear` weight
             but `lm_head`), and the sparsity found is logged. Read from its safetensors files at train begin.
@@ -109,7 +108,7 @@ class PruneSchedule(_JsonConfigMixin):
             The OBS sweep's, as in `PruneConfig`.
 
     Raises:
-        ValueError: an invalid field, or a `masks_from` that is missing or holds no safetensors weights.
+        ValueError: an invalid field.
     """
 
     config_name = "prune_schedule.json"
@@ -141,7 +140,6 @@ class PruneSchedule(_JsonConfigMixin):
             if not self.masks_from:
                 raise ValueError("mode='hold' needs masks_from= (the pruned checkpoint written by save_pruned)")
             self.masks_from = os.fspath(self.masks_from)
-            _check_masks_from(self.masks_from)
         elif self.masks_from is not None:
             raise ValueError("masks_from is only used with mode='hold'")
         if self.structure in ("neurons", "heads"):
@@ -188,10 +186,19 @@ class PruneSchedule(_JsonConfigMixin):
     def nm(self) -> tuple[int, int] | None:
         return self._prune_config.nm
 
+    def check_masks_from(self) -> None:
+        """Refuse, in one line, a `"hold"` schedule's `masks_from` that is not a folder holding safetensors weights
+        (called by the callback when training begins, before any step; nothing to check in `"prune"` mode).
+
+        Raises:
+            ValueError: `masks_from` is missing, not a folder, or holds no `model.safetensors` (or its index).
+        """
+        if self.mode == "hold":
+            _check_masks_from(self.masks_from)
+
     def diff(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Fields that define the masks and differ from a saved `to_dict()`: `{name: (saved, now)}`."""
         now = self.to_dict()
-        saved = {**_RESUME_DEFAULTS, **saved}
         return {k: (saved.get(k), now[k]) for k in _RESUME_KEYS if saved.get(k) != now[k]}
 
     # ------------------------------------------------------------------------------------------- the schedule
@@ -251,63 +258,3 @@ class PruneSchedule(_JsonConfigMixin):
         """
         t0, t1 = self.resolve_steps(max_steps)
         return [t for t in range(max(t0, 1), t1 + 1) if (t - t0) % self.every_n_steps == 0 or t == t1]
-
-    # The runtime state lives in the `MaskHolder` the callback built for this schedule; these read it, so code written
-    # against earlier versions (`schedule.masks`, `schedule.report(model)`) keeps working.
-    def _runtime(self):
-        holder = getattr(self, "_holder", None)
-        if holder is None:
-            raise ValueError("this PruneSchedule has not been used for training yet (pass it to ImportanceCallback)")
-        return holder
-
-    @property
-    def masks(self) -> dict:
-        """Current keep-masks (`True` = keep) by canonical parameter name; empty before the first update."""
-        holder = getattr(self, "_holder", None)
-        return dict(holder.masks) if holder is not None else {}
-
-    @property
-    def sparsity(self) -> float:
-        """Achieved sparsity over the masked weights (0.0 before the first update)."""
-        holder = getattr(self, "_holder", None)
-        return holder.sparsity if holder is not None else 0.0
-
-    @property
-    def target_sparsity(self) -> float:
-        holder = getattr(self, "_holder", None)
-        return holder.target_sparsity if holder is not None else 0.0
-
-    @property
-    def last_update_step(self) -> int | None:
-        holder = getattr(self, "_holder", None)
-        return holder.last_update_step if holder is not None else None
-
-    @property
-    def num_updates(self) -> int:
-        holder = getattr(self, "_holder", None)
-        return holder.num_updates if holder is not None else 0
-
-    def state_dict(self) -> dict:
-        """The runtime counters written beside each checkpoint's importance (see `MaskHolder.state_dict`)."""
-        holder = getattr(self, "_holder", None)
-        if holder is not None:
-            return holder.state_dict()
-        return {"config": self.to_dict(), "sparsity": 0.0, "target_sparsity": 0.0, "last_update_step": None,
-                "num_updates": 0, "steps": None, "has_masks": False,
-                "reconstruction": None}  # not trained yet
-
-    def report(self, model, importance=None):
-        """A [`PruningReport`] of the current masks, for `save_pruned(model, out, report=...)` (see `MaskHolder`).
-
-        Args:
-            model (`nn.Module`): the trained model; the report is measured from its weights (`weight != 0`).
-            importance ([`Importance`], *optional*): recorded as the report's `importance` source.
-
-        Returns:
-            [`PruningReport`]: per masked weight its shape and sparsity, and the global figures.
-
-        Raises:
-            ValueError: the schedule was never given to an `ImportanceCallback` that trained, or no mask update has
-                happened yet.
-        """
-        return self._runtime().report(model, importance)

@@ -16,8 +16,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, PruneSchedule
-from hf_weightprune.files import state as S
+from hf_weightprune.files import importance_files
 from hf_weightprune.testing import TokenDataset, tiny_llama
+from hf_weightprune.train import checkpoint
 
 MARKER = "HANG"
 # 16 windows / batch 4 = 4 steps per epoch: max_steps=8 crosses an epoch boundary, so a resume at step 3 or 6
@@ -54,13 +55,17 @@ class SaveLate(TrainerCallback):
 
 
 # write_single hangs after writing the shards (a crash between file writes: no importance_config.json yet);
-# publish hangs before moving the complete staged folder into checkpoint-N (which then has no importance/).
+# publish hangs before the checkpoint module moves the complete staged folder into checkpoint-N (which then has no
+# importance/).
 HANG_AFTER = {"write_single": True, "publish": False}
+# Where each hook lives: (module, attribute) replaced by a wrapper.
+HANG_TARGETS = {"write_single": (importance_files, "write_single"), "publish": (checkpoint, "publish_folder")}
 
 
 def hang_on_call(name: str, call: int, output_dir: str) -> None:
-    """Make the `call`-th call of `hf_weightprune.files.state.<name>` hang."""
-    original, calls = getattr(S, name), [0]
+    """Make the `call`-th call of the function `HANG_TARGETS[name]` names hang."""
+    module, attr = HANG_TARGETS[name]
+    original, calls = getattr(module, attr), [0]
 
     def wrapper(*args, **kwargs):
         calls[0] += 1
@@ -71,7 +76,7 @@ def hang_on_call(name: str, call: int, output_dir: str) -> None:
             hang(output_dir)
         return out
 
-    setattr(S, name, wrapper)
+    setattr(module, attr, wrapper)
 
 
 def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=None, distill=False, teacher=None,
@@ -110,7 +115,7 @@ def main(argv=None):
     parser.add_argument("output_dir")
     parser.add_argument("--criterion", default="temporal_magnitude")
     parser.add_argument("--hang-after-save", type=int, help="hang once checkpoint-N is complete")
-    parser.add_argument("--hang-in", choices=sorted(HANG_AFTER), help="hang inside this state.py function")
+    parser.add_argument("--hang-in", choices=sorted(HANG_AFTER), help="hang inside this file-writing function")
     parser.add_argument("--hang-call", type=int, default=1, help="... at its n-th call")
     parser.add_argument("--save-late", type=int, help="a save at step N decided after ImportanceCallback's on_step_end")
     parser.add_argument("--schedule", choices=["prune", "hold"], help="gradual pruning, or hold --masks-from's masks")
