@@ -24,7 +24,7 @@ from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..files import safetensors_io as sio
 from ..files.pruned_files import SPARSITY_FORMAT_VERSION, SPARSITY_NAME, load_sparsity
-from ..io_utils import check_arg_type
+from ..io_utils import apply_umask_modes, check_arg_type
 from ..prune.pruner import PruningReport
 
 if TYPE_CHECKING:
@@ -170,6 +170,7 @@ def _atomic_folder(output_dir: str, *, overwrite: bool) -> Iterator[str]:
     os.mkdir(tmp)
     try:
         yield tmp
+        apply_umask_modes(tmp)  # safetensors writes 0600: the whole folder gets the umask's modes, as config.json
         _publish(tmp, output_dir, overwrite=overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
