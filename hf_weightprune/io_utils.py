@@ -120,8 +120,10 @@ def check_arg_type(fn: str, name: str, value: Any, types: type | tuple[type, ...
 
 
 def is_local_path(value: Any) -> bool:
-    """An absolute path, POSIX or Windows (a `sparsity.json` may come from either); a Hub id never is one."""
-    return isinstance(value, str) and (posixpath.isabs(value) or ntpath.isabs(value))
+    """An absolute path, POSIX or Windows (a `sparsity.json` may come from either), or one recorded relative to a
+    pruned folder (`./x`, `../x`); a Hub id never is one."""
+    return isinstance(value, str) and (posixpath.isabs(value) or ntpath.isabs(value)
+                                       or value.startswith(("./", "../", ".\\", "..\\")) or value in (".", ".."))
 
 
 def path_name(path: str) -> str:

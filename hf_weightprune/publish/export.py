@@ -207,8 +207,12 @@ def _publish(tmp: str, output_dir: str, *, overwrite: bool) -> None:
 
 
 def _write_sparsity_and_card(folder: str, output_dir: str, payload: dict[str, Any], base_model: str | None,
-                             write_card: bool) -> None:
-    """Write `sparsity.json` and the card into the temporary `folder` that becomes `output_dir`."""
+                             write_card: bool, source: str | None = None) -> None:
+    """Write `sparsity.json` and the card into the temporary `folder` that becomes `output_dir`; the payload is
+    completed from the model's `source` and local paths made relative to `output_dir` first (`provenance`)."""
+    from .provenance import complete_payload
+
+    payload = complete_payload(payload, output_dir, source=source)
     with open(os.path.join(folder, SPARSITY_NAME), "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
@@ -216,8 +220,8 @@ def _write_sparsity_and_card(folder: str, output_dir: str, payload: dict[str, An
         from .card import write_model_card
 
         # The card is named after the folder it will be published as, not the temporary one it is written in.
-        write_model_card(folder, base_model=base_model, repo_id=os.path.basename(os.path.abspath(output_dir)),
-                         sparsity=payload)
+        write_model_card(folder, base_model=payload.get("base_model") or base_model, license=payload.get("license"),
+                         repo_id=os.path.basename(os.path.abspath(output_dir)), sparsity=payload)
 
 
 def _schedule_dict(schedule: Any) -> dict | None:
@@ -324,6 +328,9 @@ def save_pruned(
                      overwrite=overwrite)
     if base_model is None and source and not os.path.isdir(source):
         base_model = source
+    from .provenance import warn_if_inside_trainer_output
+
+    warn_if_inside_trainer_output(output_dir)
 
     with _atomic_folder(output_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -331,7 +338,7 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         payload = sparsity_dict(report, base_model=base_model, schedule=schedule, distillation=distillation,
                                 eval_results=eval_results)
-        _write_sparsity_and_card(tmp, output_dir, payload, base_model, write_card)
+        _write_sparsity_and_card(tmp, output_dir, payload, base_model, write_card, source=source or None)
     logger.info("Saved pruned model to %s (%s)", output_dir, report.summary())
     return output_dir
 
@@ -463,7 +470,7 @@ def prune_checkpoint(
             source = getattr(skeleton.config, "_name_or_path", "") or ""
             base_model = source if source and not os.path.isdir(source) and source != model_dir else None
         _write_sparsity_and_card(tmp, output_dir, sparsity_dict(report, base_model=base_model), base_model,
-                                 write_card)
+                                 write_card, source=model_dir)
     logger.info("Saved pruned checkpoint to %s (%s)", output_dir, report.summary())
     return report
 

@@ -22,6 +22,7 @@ from ..files.pruned_files import SPARSITY_NAME, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
 from ..files.state import IMPORTANCE_DIR
 from ..io_utils import check_arg_type, is_local_path, path_name
 from .card import CARD_FILE, CARD_TEMPLATE, is_generated_card, render_model_card, write_model_card
+from .provenance import resolve_record
 
 # Backward-compatible names: these used to be defined here.
 SPARSITY_FILE = SPARSITY_NAME
@@ -64,7 +65,7 @@ def _importance_folder(folder: Path, sparsity: dict) -> Path:
     local = folder / IMPORTANCE_DIR
     if local.is_dir():
         return local
-    recorded = (sparsity.get("importance") or {}).get("path")
+    recorded = resolve_record((sparsity.get("importance") or {}).get("path"), folder)
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
     where = f"{str(local)!r}" + (f" nor {recorded!r}" if recorded else "")
@@ -74,11 +75,12 @@ def _importance_folder(folder: Path, sparsity: dict) -> Path:
 def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
     """The `sparsity.json` the Hub gets (and its card is rendered from): no local path of the uploader's disk.
 
-    Local folders are recorded by absolute path (so `push --include_importance` works from any folder); on the Hub
-    such a path means nothing and names the uploader's disk (user name, folders). The importance `path` becomes
+    Local folders are recorded relative to the pruned folder (`../run/importance`, so `push --include_importance`
+    works from any folder; absolute by earlier versions); on the Hub such a path means nothing (an absolute one names
+    the uploader's disk: user name, folders). The importance `path` becomes
     `importance` (the repo's folder) when the statistics are uploaded, else `null`; a hold schedule's `masks_from`,
-    the distillation teacher and the evaluation text keep only their file or folder name; a local `base_model` becomes `null`. Hub ids and
-    relative paths are kept as the user gave them.
+    the distillation teacher and the evaluation text keep only their file or folder name; a local `base_model` becomes `null`. Hub ids are
+    kept as the user gave them.
     """
     hub = dict(sparsity)
     info = sparsity.get("importance")
@@ -103,7 +105,7 @@ def _statistics_inside(folder: Path, sparsity: dict) -> list[str]:
     """Folders of `folder` (relative, POSIX) holding its importance statistics: `importance/` and the folder
     `sparsity.json` records when it lies inside. They are uploaded only as `importance/`, only when asked for."""
     found = [IMPORTANCE_DIR]
-    recorded = (sparsity.get("importance") or {}).get("path")
+    recorded = resolve_record((sparsity.get("importance") or {}).get("path"), folder)
     if isinstance(recorded, str) and Path(recorded).is_dir():
         with contextlib.suppress(ValueError):  # outside the folder
             found.append(Path(recorded).resolve().relative_to(folder.resolve()).as_posix())
