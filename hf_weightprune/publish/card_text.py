@@ -282,11 +282,18 @@ def eval_metadata(report: dict, prefix: str) -> dict[str, Any]:
     return {key: report.get(f"{prefix}{key}", report.get(key)) for key in _EVAL_KEYS}
 
 
+# Files `--eval_data` and `load_texts` read: a value ending so is a local file, whatever its folders.
+_DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".arrow", ".md")
+
+
 def dataset_name(value: Any) -> str:
-    """The evaluation data as the card names it: a Hub dataset id as given, a local file by its name only."""
+    """The evaluation data as the card names it: a Hub dataset id (`org/name`) as given, a local file or folder by its
+    name only (an absolute or `./`-relative path, one with more than one folder, or a text/data file name)."""
     if not value:
         return "unknown"
-    return path_name(value) if is_local_path(value) else str(value)
+    text = str(value)
+    local = is_local_path(text) or text.replace("\\", "/").count("/") > 1 or text.lower().endswith(_DATA_SUFFIXES)
+    return path_name(text) if local else text
 
 
 def eval_context(report: dict | None) -> tuple[dict | None, list[EvalResult] | None]:

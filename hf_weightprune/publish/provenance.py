@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard
 
 from ..files.pruned_files import SPARSITY_NAME
 from ..io_utils import is_local_path, path_name
+from .card_text import dataset_name
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,13 @@ def resolve_record(value: Any, folder: str | os.PathLike) -> Any:
     return _absolute(value, os.fspath(folder))
 
 
+def _data_record(value: Any) -> Any:
+    """Evaluation data as recorded: an existing local file or folder by its name, a Hub dataset id as given."""
+    if not isinstance(value, str):
+        return value
+    return path_name(value) if os.path.exists(value) else dataset_name(value)
+
+
 def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | None = None) -> dict[str, Any]:
     """The `sparsity.json` payload as written: what it lacks filled in from where the model came from, and no
     absolute local path in it.
@@ -198,8 +206,8 @@ def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | 
                                "teacher_is_local": True}
     evaluation = out.get("eval")
     if isinstance(evaluation, dict):
-        out["eval"] = {k: path_name(v) if k in ("dataset", "dense_dataset", "pruned_dataset") and isinstance(v, str)
-                       and (os.path.exists(v) or is_local_path(v)) else v for k, v in evaluation.items()}
+        out["eval"] = {k: _data_record(v) if k in ("dataset", "dense_dataset", "pruned_dataset") else v
+                       for k, v in evaluation.items()}
     return out
 
 
