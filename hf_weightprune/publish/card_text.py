@@ -188,10 +188,10 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
     bits = []
     samples, tokens, step = importance.get("num_samples"), importance.get("tokens"), importance.get("step")
     if cls is not None and cls.source == "final":
-        bits.append("the weights as they were when pruned (no statistics over steps)")
+        bits.append("from the weights as they were when pruned, no statistics over steps")
     elif cls is not None and cls.source == "activations" and tokens:
         bits.append(f"inputs of every pruned layer summed over {int(tokens):,} tokens"
-                    + (f" ({samples:,} forward passes)" if samples else ""))
+                    + (f" in {samples:,} forward passes" if samples else ""))
     elif samples is not None:
         bits.append(f"{samples:,} sampled training steps")
     if step:
@@ -211,7 +211,9 @@ def references(criterion: str | None, sparsity: dict) -> list[str]:
     """The papers of the methods this model was made with, in the order they were applied."""
     refs = []
     paper = criterion_text(criterion)[1]
-    if paper:
+    if paper and "2301.00774" in paper:  # sparsegpt: its saliency and its reconstruction are one paper
+        refs.append(OBS_REFERENCE)
+    elif paper:
         refs.append(f"`{criterion}` criterion: {_linked(paper)}")
     if sparsity.get("reconstruction") == "OBS":
         refs.append(OBS_REFERENCE)
