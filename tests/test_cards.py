@@ -223,3 +223,28 @@ def test_save_pruned_inside_a_trainer_output_dir_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
         save_pruned(model, tmp_path / "out-pruned", report=report)  # the README's layout: beside the run
     assert not [r for r in caplog.records if "trainer.push_to_hub()" in r.getMessage()]
+
+
+def test_push_carries_the_hub_base_models_licence_and_data(tmp_path, hub_server, monkeypatch):
+    """A base model known by its Hub id only: the push reads its card on the Hub (the pruned model carries its
+    licence); a later save finds that card in the local Hub cache, without the network."""
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    api = HfApi(token=hub_server.token)
+    api.create_repo("org/base")
+    api.upload_file(path_or_fileobj=b"---\nlicense: mit\ndatasets:\n- org/corpus\n---\n\n# Base\n",
+                    path_in_repo="README.md", repo_id="org/base")
+    model = tiny_llama(seed=0)
+    report = prune_(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5), progress=False)
+    save_pruned(model, tmp_path / "pruned", report=report, base_model="org/base")
+    assert "license" not in load_sparsity(tmp_path / "pruned")  # not known here yet: nothing invented
+    push_pruned_to_hub(tmp_path / "pruned", repo_id="tester/from-base")
+    files = hub_server.files("tester/from-base")
+    card = ModelCard(files["README.md"].decode()).data
+    assert card.license == "mit" and card.datasets == ["org/corpus"] and card.base_model == "org/base"
+    assert json.loads(files["sparsity.json"])["license"] == "mit"
+
+    save_pruned(model, tmp_path / "again", report=report, base_model="org/base")  # the card is cached now
+    assert load_sparsity(tmp_path / "again")["license"] == "mit"
+    assert ModelCard.load(tmp_path / "again" / "README.md").data.license == "mit"

@@ -115,7 +115,8 @@ def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
     for row in read_json(folder / SWEEP_JSON) or []:
         if isinstance(row, dict) and row.get("loss") is not None and row.get("sparsity") is not None:
             loss, perplexity = float(row["loss"]), row.get("perplexity")
-            rows.append({"criterion": row.get("criterion", criterion), "sparsity": float(row["sparsity"]),
+            rows.append({"criterion": row.get("criterion", criterion), "scope": row.get("scope"),
+                         "sparsity": float(row["sparsity"]),
                          "loss": loss, "perplexity": float(perplexity) if perplexity is not None else perplexity(loss)})
     return rows
 

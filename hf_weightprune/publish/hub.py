@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects, get_token
 
@@ -22,7 +23,9 @@ from ..files.pruned_files import SPARSITY_NAME, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
 from ..files.state import IMPORTANCE_DIR
 from ..io_utils import check_arg_type, is_local_path, path_name
 from .card import CARD_FILE, CARD_TEMPLATE, is_generated_card, render_model_card, write_model_card
-from .provenance import resolve_record
+from .provenance import card_facts, resolve_record
+
+logger = logging.getLogger(__name__)
 
 # Backward-compatible names: these used to be defined here.
 SPARSITY_FILE = SPARSITY_NAME
@@ -99,6 +102,21 @@ def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
     if is_local_path(sparsity.get("base_model")):
         hub["base_model"] = None
     return hub
+
+
+def _base_model_facts(sparsity: dict, token: str | bool | None) -> dict:
+    """`license` and `datasets` of the base model's card on the Hub, when `sparsity.json` lacks them: a pruned model
+    carries its base model's licence. Read at push time (the push talks to the Hub anyway); a base model that is
+    private, gone or has no card gives nothing, and the push goes on."""
+    base_model = sparsity.get("base_model")
+    if sparsity.get("license") or not isinstance(base_model, str) or is_local_path(base_model):
+        return {}
+    try:
+        path = hf_hub_download(base_model, CARD_FILE, token=token)
+    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as e:  # not found, no access, no card, bad id
+        logger.debug("No card of the base model %s: %s", base_model, e)
+        return {}
+    return card_facts(os.path.dirname(path))
 
 
 def _statistics_inside(folder: Path, sparsity: dict) -> list[str]:
@@ -230,6 +248,7 @@ def push_pruned_to_hub(
         raise ConnectionError("push_pruned_to_hub: HF_HUB_OFFLINE=1 is set, so the Hub cannot be reached; unset "
                               "HF_HUB_OFFLINE to push")
     hub_sparsity = _hub_sparsity(sparsity, importance_uploaded=importance is not None)
+    hub_sparsity.update({k: v for k, v in _base_model_facts(hub_sparsity, token).items() if not hub_sparsity.get(k)})
     readme = folder / CARD_FILE
     card = None
     if not readme.is_file() or is_generated_card(readme):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, try_to_load_from_cache
 
 from ..files.pruned_files import SPARSITY_NAME
 from ..io_utils import is_local_path, path_name
@@ -74,7 +74,9 @@ def base_model_facts(source: str | None) -> dict[str, Any]:
     if not source:
         return {}
     if not os.path.isdir(source):
-        return {"base_model": source} if not is_local_path(source) and not source.startswith(".") else {}
+        if is_local_path(source) or source.startswith("."):
+            return {}
+        return {"base_model": source, **card_facts(_cached_card_folder(source))}
     front = read_front_matter(source)
     facts = {key: front[key] for key in ("base_model", "license", "datasets") if front.get(key)}
     recorded = (_read_sparsity(source) or {}).get("base_model")
@@ -85,6 +87,33 @@ def base_model_facts(source: str | None) -> dict[str, Any]:
     if isinstance(facts.get("datasets"), str):
         facts["datasets"] = [facts["datasets"]]
     return {k: v for k, v in facts.items() if v}
+
+
+def _cached_card_folder(repo_id: str) -> str | None:
+    """The folder of a Hub model's `README.md` when the local Hub cache has it (no network), else `None`."""
+    try:
+        path = try_to_load_from_cache(repo_id, "README.md")
+    except (ValueError, OSError):  # not a valid repo id
+        return None
+    return os.path.dirname(path) if isinstance(path, str) else None
+
+
+def card_facts(folder: str | os.PathLike | None) -> dict[str, Any]:
+    """`license` and `datasets` named by the card front matter of `folder/README.md` (a base model's), if any.
+
+    Args:
+        folder (`str` or `os.PathLike`, *optional*): a model folder or a Hub snapshot folder.
+
+    Returns:
+        `dict[str, Any]`: only the keys that are known; `datasets` as a list.
+    """
+    if folder is None:
+        return {}
+    front = read_front_matter(folder)
+    facts = {key: front[key] for key in ("license", "datasets") if front.get(key)}
+    if isinstance(facts.get("datasets"), str):
+        facts["datasets"] = [facts["datasets"]]
+    return facts
 
 
 def _absolute(value: Any, folder: str) -> Any:
@@ -169,7 +198,8 @@ def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | 
     - A hold recovery (`schedule["mode"] == "hold"`) records the criterion, importance, scope, reconstruction and
       allocation of the prune its masks came from (its own report knows none of them), and that prune's base model.
     - `base_model` from the source model's folder (its card or `sparsity.json`) when not given; `license` and
-      `datasets` likewise (also recorded in the card's front matter).
+      `datasets` likewise, or from a Hub base model's card when the local Hub cache holds it (also recorded in the
+      card's front matter; `push_pruned_to_hub` reads the Hub's card when they are still missing).
     - Local importance, `masks_from` and teacher folders are recorded relative to `output_dir` (`../run/importance`):
       the pruned folder names no one's home directory, and `push --include_importance` still finds the statistics
       from it. A local evaluation file is recorded by its file name.
@@ -189,6 +219,8 @@ def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | 
         out["base_model"] = out.get("base_model") or held.get("base_model")
     facts = base_model_facts(source)
     out["base_model"] = out.get("base_model") or facts.get("base_model")
+    if isinstance(out["base_model"], str) and out["base_model"] != facts.get("base_model"):  # given, or the held one's
+        facts = {**card_facts(_cached_card_folder(out["base_model"])), **facts}
     for key in ("license", "datasets"):
         if out.get(key) is None and (facts.get(key) or (held or {}).get(key)):
             out[key] = facts.get(key) or held[key]

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..collect.importance import Importance
-from ..config import PruneConfig
+from ..config import PruneConfig, default_scope
 from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
 from ..io_utils import atomic_write_text, check_arg_type
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
@@ -292,7 +292,8 @@ def sweep(
 
     dense_eval = evaluate_loss(model, windows, batch_size=batch_size)
     rows: list[dict[str, Any]] = [{"criterion": "dense", "structure": "dense", "sparsity": 0.0,
-                                   "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"]}]
+                                   "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"],
+                                   "tokens": dense_eval["tokens"]}]
     bar = tqdm(total=len(importances) * len(points), desc="sweep", disable=not progress)
     for label, imp in importances.items():
         for s in points:
@@ -304,8 +305,11 @@ def sweep(
                 config = PruneConfig(sparsity=None if kind == "N:M" else s, structure=structure, scope=scope)
                 prune_(model, imp, config, progress=False)
                 result = evaluate_loss(model, windows, batch_size=batch_size)
+            # What chose the masks, beside the label: the criterion and the scope it resolved to (scope=None
+            # follows each criterion, so two rows of one sweep may differ), and the tokens evaluated.
             rows.append({"criterion": label, "structure": structure, "sparsity": s, "loss": result["loss"],
-                         "perplexity": result["perplexity"]})
+                         "perplexity": result["perplexity"], "importance_criterion": imp.criterion,
+                         "scope": scope or default_scope(imp.criterion), "tokens": result["tokens"]})
             if output_dir is not None:
                 write_results(rows, output_dir)
             bar.update()
