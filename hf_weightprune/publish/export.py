@@ -292,7 +292,9 @@ def save_pruned(
         eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset", "tokens", "step"}` for the card
             (losses in nats per token; `tokens` evaluated, training `step` of both models). The card compares the
             dense loss only when the dense model was evaluated the same way (`dense_step` / `dense_tokens` /
-            `dense_dataset`, when given, must equal the shared values) and all three are stated.
+            `dense_dataset`, when given, must equal the shared values): `dataset` and `tokens` stated, and the same
+            `step` when either states one (a one-shot prune evaluated on the same windows states none). A local
+            `dataset` file is recorded by its name.
         schedule (`PruneSchedule` or `dict`, *optional*): the gradual schedule the model was trained with (the object,
             or its `to_dict()`); recorded in `sparsity.json` and described in the card. A `mode="hold"` schedule is
             described as a recovery fine-tune with the mask held.
@@ -304,7 +306,10 @@ def save_pruned(
         write_card (`bool`, *optional*, defaults to `True`): write `README.md` (named after `output_dir`).
 
     Returns:
-        `str`: `output_dir`, which now holds the checkpoint, `sparsity.json` and the card.
+        `str`: `output_dir`, which now holds the checkpoint, `sparsity.json` and the card. A hold recovery's
+        `sparsity.json` records the criterion, statistics, scope and reconstruction of the prune its masks came from;
+        local folders (importance, `masks_from`, teacher) are recorded relative to `output_dir`. A warning is logged
+        when `output_dir` lies inside a Trainer `output_dir`, which `trainer.push_to_hub()` uploads whole.
 
     Raises:
         TypeError: an argument has the wrong type (checked before any work).
