@@ -170,6 +170,9 @@ def test_readme_recovery_recipe_card(trained, tmp_path):
     assert meta["importance"]["tokens"] == imps["sparsegpt"].meta["tokens"][next(iter(imps["sparsegpt"].meta["tokens"]))]
     assert "1503.02531" in text  # distillation is cited, since it was used
     assert str(tmp_path) not in json.dumps(meta) and str(tmp_path) not in text  # no absolute local path
+    # statistics handed to the hold's report chose no mask: the held masks' source is still what is recorded
+    save_pruned(model, tmp_path / "final-2", report=hold.report(model, imps["wanda"]), schedule=hold)
+    assert load_sparsity(tmp_path / "final-2")["criterion"] == "sparsegpt"
 
 
 def test_cli_prune_eval_data_card_and_its_hub_copy(trained, tmp_path, hub_server, monkeypatch):

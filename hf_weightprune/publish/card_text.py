@@ -34,6 +34,7 @@ _STRUCTURED_UNITS = {"neurons": ("MLP neurons", ".mlp."), "heads": ("attention h
 
 
 def read_json(path: Path) -> Any:
+    """The JSON content of `path`; invalid JSON is a one-line `ValueError` naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -50,6 +51,7 @@ def module_type(tensor_name: str) -> str:
 
 
 def module_table(tensors: dict[str, dict]) -> list[dict]:
+    """Rows `{module, tensors, numel, sparsity}` of the pruned tensors grouped by module type, from `sparsity.json`."""
     groups: OrderedDict[str, dict] = OrderedDict()
     for name, info in tensors.items():
         numel = int(info.get("numel") or math.prod(info.get("shape") or [0]))
@@ -86,6 +88,7 @@ def structured_rows(structured: dict | None) -> list[dict]:
 
 
 def perplexity(loss: float | None) -> float | None:
+    """`exp(loss)`, or `None` for no loss."""
     if loss is None:
         return None
     # exp overflows past ~709; an infinite perplexity is the honest value there
@@ -99,14 +102,6 @@ def target_text(target) -> str:
     return f"{100 * float(target or 0.0):.2f}%"
 
 
-_EVAL_KEYS = ("dataset", "tokens", "step")
-
-
-def _eval_metadata(report: dict, prefix: str) -> dict[str, Any]:
-    """`{dataset, tokens, step}` of one side of the `eval` entry; `dense_step` (etc.) override the shared keys."""
-    return {key: report.get(f"{prefix}{key}", report.get(key)) for key in _EVAL_KEYS}
-
-
 def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
     """Rows of `sweep.json` (written by [`sweep`]) that have a loss, for the card's loss-vs-sparsity table."""
     if not (folder / SWEEP_JSON).is_file():
@@ -114,10 +109,10 @@ def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
     rows = []
     for row in read_json(folder / SWEEP_JSON) or []:
         if isinstance(row, dict) and row.get("loss") is not None and row.get("sparsity") is not None:
-            loss, perplexity = float(row["loss"]), row.get("perplexity")
+            loss, ppl = float(row["loss"]), row.get("perplexity")
             rows.append({"criterion": row.get("criterion", criterion), "scope": row.get("scope"),
-                         "sparsity": float(row["sparsity"]),
-                         "loss": loss, "perplexity": float(perplexity) if perplexity is not None else perplexity(loss)})
+                         "sparsity": float(row["sparsity"]), "loss": loss,
+                         "perplexity": float(ppl) if ppl is not None else perplexity(loss)})
     return rows
 
 
@@ -146,8 +141,9 @@ def schedule_context(schedule: Any) -> dict | None:
 
 
 def _teacher_text(teacher: Any, is_local: bool = False) -> str:
-    """The teacher as the card names it: a Hub id as given; a local folder  by its
-    name only, no machine path (recorded relative to the pruned folder, or absolute by earlier versions). `is_local`: the Hub copy of `sparsity.json` already cut the path to its name."""
+    """The teacher as the card names it: a Hub id as given; a local folder (recorded relative to the pruned folder,
+    or absolute by earlier versions) by its name only, no machine path. `is_local`: the Hub copy of `sparsity.json`
+    already cut the path to its name."""
     if not teacher:
         return "a frozen copy of the model as training began"
     if is_local or is_local_path(teacher):
@@ -204,7 +200,7 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
     if settings.get("window"):
         bits.append(f"window of {settings['window']} steps")
     if settings.get("weighting") == "step":
-        bits.append("each sample weighted by its step t (sum_t t * X_t^T X_t)")
+        bits.append("each sample weighted by its step t")
     return ", ".join(bits) or "statistics not recorded"
 
 
@@ -238,6 +234,7 @@ def _linked(paper: str) -> str:
 
 
 def tags(structure_tag: str, criterion: str | None) -> list[str]:
+    """The card's Hub tags: the library's, the structure's and the criterion's (none for an unrecorded one)."""
     out = ["pruned", "sparsity", "hf-weightprune", structure_tag]
     if criterion and criterion != "unknown":
         out.append(criterion.replace("_", "-"))
@@ -274,6 +271,7 @@ def structured_module_table(folder: Path, structured: dict | None, structure: st
 
 
 def structured_units(structure: str) -> str:
+    """What a structured prune removes, in words (`"MLP neurons"`)."""
     return _STRUCTURED_UNITS.get(structure, (structure, ""))[0]
 
 

@@ -196,7 +196,8 @@ def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | 
     absolute local path in it.
 
     - A hold recovery (`schedule["mode"] == "hold"`) records the criterion, importance, scope, reconstruction and
-      allocation of the prune its masks came from (its own report knows none of them), and that prune's base model.
+      allocation of the prune its masks came from (its own report knows none of them: statistics gathered during
+      the recovery chose no mask), and that prune's base model.
     - `base_model` from the source model's folder (its card or `sparsity.json`) when not given; `license` and
       `datasets` likewise, or from a Hub base model's card when the local Hub cache holds it (also recorded in the
       card's front matter; `push_pruned_to_hub` reads the Hub's card when they are still missing).
@@ -214,7 +215,7 @@ def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | 
     """
     out = dict(payload)
     held = held_source(out.get("schedule"))
-    if held is not None and out.get("criterion") in (None, "unknown"):
+    if held is not None:  # the hold chose no mask: statistics gathered during the recovery chose nothing either
         out.update({key: held.get(key) for key in _HELD_FIELDS if held.get(key) is not None})
         out["base_model"] = out.get("base_model") or held.get("base_model")
     facts = base_model_facts(source)
