@@ -24,10 +24,79 @@ from typing import Any
 TEMP_SUFFIX = ".tmp"
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux `/proc`), else by the set-and-restore
+    idiom (`os.umask` has no getter)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_file(folder: str | os.PathLike, name: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """`tempfile.mkstemp` beside `folder/name` (a hidden, unique name), with the mode a plain `open()` would give.
+
+    mkstemp creates its file `0600` so that no one else can read it before it is renamed into place; the renamed file
+    would keep that mode, while `save_pretrained` writes `0644` under umask 022: a teammate on a shared cluster could
+    read `config.json` but not the card, plots, sweep or importance files. The umask decides, as for any other file.
+
+    Args:
+        folder (`str` or `os.PathLike`): the folder the final file goes to (the rename stays on one file system).
+        name (`str`): the final file's name (the temporary one starts with `.{name}.`).
+        suffix (`str`, *optional*, defaults to `".tmp"`): the temporary name's suffix.
+
+    Returns:
+        `tuple[int, str]`: the open file descriptor and the temporary path, as `mkstemp` returns them.
+    """
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=suffix)
+    try:
+        if hasattr(os, "fchmod"):  # POSIX; Windows has no such modes
+            os.fchmod(fd, 0o666 & ~process_umask())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
+def apply_umask_modes(folder: str | os.PathLike) -> None:
+    """Give every file under `folder` the mode a plain `open()` gives (`0666 & ~umask`).
+
+    For folders about to be published whole: safetensors (0.5 and later) writes its files `0600`, through a temporary
+    file of its own, while transformers writes `config.json` `0644`; a folder half readable by a teammate helps no one.
+
+    Args:
+        folder (`str` or `os.PathLike`): a folder this process wrote.
+    """
+    if not hasattr(os, "fchmod"):  # Windows has no such modes
+        return
+    mode = 0o666 & ~process_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8, `\n` line ends) to `path` atomically, with the umask's mode (`0644` under umask 022).
+
+    Args:
+        path (`str` or `os.PathLike`): the file to write; its folder must exist.
+        text (`str`): the content.
+
+    Raises:
+        OSError: the folder is missing or not writable; `path` is left as it was.
+    """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    fd, tmp = make_temp_file(folder, name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
@@ -100,8 +169,8 @@ def remove_dead_temporaries(path: str | os.PathLike) -> None:
 def publish_folder(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = True) -> str:
     """Move the complete folder `src` to `dst` with one `rename`, the one way this package publishes a folder.
 
-    `rename` replaces an empty folder but refuses a non-empty one: that is the atomic "did someone else write it"
-    check. With `overwrite` an existing `dst` is first renamed aside (to a [`temp_sibling`]) and removed once `src` is
+    Its files first get the modes the process umask gives (as `save_pretrained`'s). `rename` replaces an empty folder
+    but refuses a non-empty one: that is the atomic "did someone else write it" check. With `overwrite` an existing `dst` is first renamed aside (to a [`temp_sibling`]) and removed once `src` is
     in place; if the publish fails for another reason, the old folder goes back.
 
     Args:
@@ -118,6 +187,7 @@ def publish_folder(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite:
         OSError: the rename failed for another reason (`src` is left where it was).
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    apply_umask_modes(src)  # safetensors (and mkstemp) write 0600: published files get the umask's modes, as config.json
     aside = None
     if overwrite and os.path.lexists(dst):
         aside = temp_sibling(dst)
@@ -195,8 +265,10 @@ def check_arg_type(fn: str, name: str, value: Any, types: type | tuple[type, ...
 
 
 def is_local_path(value: Any) -> bool:
-    """An absolute path, POSIX or Windows (a `sparsity.json` may come from either); a Hub id never is one."""
-    return isinstance(value, str) and (posixpath.isabs(value) or ntpath.isabs(value))
+    """An absolute path, POSIX or Windows (a `sparsity.json` may come from either), or one recorded relative to a
+    pruned folder (`./x`, `../x`); a Hub id never is one."""
+    return isinstance(value, str) and (posixpath.isabs(value) or ntpath.isabs(value)
+                                       or value.startswith(("./", "../", ".\\", "..\\")) or value in (".", ".."))
 
 
 def path_name(path: str) -> str:

@@ -95,7 +95,7 @@ def parse_blocks(path: Path) -> list[Block]:
 
 # ----------------------------------------------------------------------------------------------------- fixtures
 # Every document runs in its own empty working directory (the test chdirs there), so the docs' relative paths
-# (`out`, `out/pruned`, `valid.txt`) are real folders of that run. Training is kept to a few steps of a tiny Llama.
+# (`out`, `out-pruned`, `valid.txt`) are real folders of that run. Training is kept to a few steps of a tiny Llama.
 
 SEQ = 32
 TRAIN = dict(max_steps=6, save_steps=3, per_device_train_batch_size=8, learning_rate=1e-2, report_to=[],
@@ -197,9 +197,9 @@ SUBSTITUTIONS = {
 # (document, a substring of a Python block) -> assertions run in the namespace right after that block: the value the
 # block's text promises, so a block that runs but does the wrong thing fails too.
 CHECKS = {
-    ("README.md", "save_pruned(model, \"out/pruned\""): (
+    ("README.md", "save_pruned(model, \"out-pruned\""): (
         "assert abs(report.global_sparsity - 0.5) < 0.01, report.global_sparsity\n"
-        "assert json.load(open('out/pruned/sparsity.json'))['global_sparsity'] == report.global_sparsity\n"
+        "assert json.load(open('out-pruned/sparsity.json'))['global_sparsity'] == report.global_sparsity\n"
         "assert any(k.startswith('importance/') for row in trainer.state.log_history for k in row), "
         "'attach(trainer): no importance metric reached log_history'\n"
     ),
@@ -211,10 +211,10 @@ CHECKS = {
         "zeros = sum(int((weights[n] == 0).sum()) for n in held) / sum(weights[n].numel() for n in held)\n"
         "assert abs(zeros - 0.6) < 0.01, zeros\n"
     ),
-    ("README.md", "masks_from=\"out/pruned\""): (
+    ("README.md", "masks_from=\"out-pruned\""): (
         # the recovery recipe trains: 4 steps on the pruned checkpoint, distilled from out/, its zeros held
         "from transformers import AutoModelForCausalLM, Trainer, TrainingArguments\n"
-        "pruned = AutoModelForCausalLM.from_pretrained('out/pruned')\n"
+        "pruned = AutoModelForCausalLM.from_pretrained('out-pruned')\n"
         "zeros = {n: p == 0 for n, p in pruned.named_parameters() if n.endswith('proj.weight')}\n"
         "before = {n: p.detach().clone() for n, p in pruned.named_parameters()}\n"
         "Trainer(model=pruned, args=TrainingArguments('out-recover', **{**TRAIN, 'max_steps': 4, "
@@ -233,8 +233,11 @@ CHECKS = {
         "assert any(not torch.equal(final[n], load_file('out-e/pruned/model.safetensors')[n]) for n in masks)\n"
         "assert json.load(open('out-e/final/sparsity.json'))['global_sparsity'] == report.global_sparsity\n"
         "assert [r['distill/kl'] for r in trainer.state.log_history if 'distill/kl' in r][-1] > 0\n"
-        "import os\n"
-        "assert json.load(open('out-e/final/sparsity.json'))['distillation']['teacher'] == os.path.abspath('out-e/dense')\n"
+        # local folders recorded relative to the pruned folder: no absolute path of this machine in it
+        "assert json.load(open('out-e/final/sparsity.json'))['distillation']['teacher'] == '../dense'\n"
+        "final_meta = json.load(open('out-e/final/sparsity.json'))\n"
+        "assert final_meta['criterion'] == 'sparsegpt' and final_meta['scope'] == 'row' and final_meta['importance']\n"
+        "assert 'unknown' not in open('out-e/final/README.md').read()\n"
         "assert 'trained against the local checkpoint `dense`' in open('out-e/final/README.md').read()\n"
     ),
     ("distributed.md", "cb.on_train_end"): (

@@ -60,8 +60,10 @@ def test_readme_prune_line_writes_a_subfolder_of_the_run(run, capsys):
     assert _snapshot(run, skip=("pruned", "pruned-old-flag")) == before
     meta = json.loads((run / "pruned" / "sparsity.json").read_text())
     assert meta["global_sparsity"] == pytest.approx(0.5, abs=0.01)
-    # item 5: the importance path stays valid from any folder
-    assert meta["importance"]["path"] == os.path.abspath(run / "importance")
+    # item 5: the importance path stays valid from any folder: recorded relative to the pruned folder (no absolute
+    # path of this machine in a folder meant to be published)
+    assert meta["importance"]["path"] == "../importance"
+    assert (run / "pruned" / meta["importance"]["path"]).resolve() == (run / "importance").resolve()
     assert (run / "pruned-old-flag" / "model.safetensors").read_bytes() == (
         run / "pruned" / "model.safetensors").read_bytes()
     assert capsys.readouterr().out.count(f"Saved to {run / 'pruned'}\n") == 1
@@ -385,8 +387,7 @@ def test_push_include_importance_from_another_folder(run, tmp_path, hub_server, 
     monkeypatch.chdir(run.parent)  # prune with paths relative to here, as users type them
     rel = f"{run.name}/pruned-rel"
     assert main(["prune", run.name, "--importance", run.name, "--sparsity", "0.4", "--output_dir", rel]) == 0
-    assert json.loads((run / "pruned-rel" / "sparsity.json").read_text())["importance"]["path"] == str(
-        run / "importance")
+    assert json.loads((run / "pruned-rel" / "sparsity.json").read_text())["importance"]["path"] == "../importance"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

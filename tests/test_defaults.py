@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import Trainer, TrainingArguments
 
 from hf_weightprune import (
@@ -231,7 +232,10 @@ def test_card_compares_only_losses_of_the_same_evaluation(tmp_path):
     assert meta["eval"] == same
     assert "Evaluated on `kjv`, 4,096 tokens: dense model at step 200 vs pruned model at step 200" in card
     assert "| Dense | 3.0000 | 20.09 |" in card and "| Pruned (this model) | 3.5000 | 33.12 |" in card
-    assert "dense_loss" in card  # model-index metric
+    # The model-index lists this model's own results only: the dense loss is another model's.
+    index = ModelCard(card).data.eval_results
+    assert [(r.metric_type, r.metric_value) for r in index] == [("loss", 3.5), ("perplexity", pytest.approx(33.115, abs=1e-3))]
+    assert "dense_loss" not in card
 
     # The example's old mistake: the dense model evaluated at step 60 (pruning start), the pruned one at step 200.
     card, _ = _pruned_checkpoint(tmp_path, {**same, "dense_step": 60})
@@ -241,4 +245,7 @@ def test_card_compares_only_losses_of_the_same_evaluation(tmp_path):
 
     # A comparison that does not state its evaluation is dropped too.
     card, _ = _pruned_checkpoint(tmp_path, {"dense_loss": 3.0, "pruned_loss": 3.5, "dataset": "kjv"})
-    assert "| Dense" not in card and "does not state its tokens and step" in card
+    assert "| Dense" not in card and "does not state its tokens" in card
+    card, _ = _pruned_checkpoint(tmp_path, {"dense_loss": 3.0, "pruned_loss": 3.5, "dataset": "kjv", "tokens": 4096,
+                                            "pruned_step": 200})
+    assert "| Dense" not in card and "step None (dense) vs 200 (pruned)" in card

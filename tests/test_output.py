@@ -362,8 +362,11 @@ def test_card_states_the_recovery_schedule_and_the_distillation_it_was_trained_w
     save_pruned(model, tmp_path / "hold", report=report, schedule=hold, distillation=distill)
     info = load_sparsity(tmp_path / "hold")
     assert info["schedule"]["mode"] == "hold"
-    assert info["distillation"] == {"teacher": str(teacher_dir), "alpha": 0.3, "temperature": 4.0,
-                                    "hidden_weight": 1.0, "teacher_dtype": None}
+    # a local teacher is recorded relative to the pruned folder (no absolute path of this machine in the folder)
+    assert info["distillation"] == {"teacher": "../machine/dense-teacher", "teacher_is_local": True, "alpha": 0.3,
+                                    "temperature": 4.0, "hidden_weight": 1.0, "teacher_dtype": None}
+    assert (tmp_path / "hold" / info["distillation"]["teacher"]).resolve() == teacher_dir.resolve()
+    assert info["schedule"]["masks_from"] == "../masks"
     text = (tmp_path / "hold" / "README.md").read_text()
     assert "**Schedule**: pruned once, then fine-tuned with that mask held (a recovery fine-tune)." in text
     assert "gradual pruning" not in text  # the old card described a hold schedule as a ramp from 0%

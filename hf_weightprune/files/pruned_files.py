@@ -21,7 +21,7 @@ from ..io_utils import check_arg_type
 from . import safetensors_io as sio
 
 if TYPE_CHECKING:
-    from ..prune.pruner import PruningReport
+    from ..prune.report import PruningReport
 
 SPARSITY_NAME = "sparsity.json"
 SPARSITY_FORMAT_VERSION = 1

@@ -101,6 +101,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
                            "be useful; lower the sparsity", config.kind, config.sparsity, units["before"])
         params_count = report.structured["num_parameters"]
         report.global_sparsity = 1 - params_count["after"] / params_count["before"]
+        report.model_sparsity = report.global_sparsity  # removed parameters over all of the model's, before
         return report
 
     names = select_names(importance.names, config.target_modules, config.exclude_modules)

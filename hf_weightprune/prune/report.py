@@ -25,6 +25,9 @@ def _importance_info(importance: Importance | None) -> dict[str, Any]:
         "num_samples": importance.num_samples,
         "criterion": importance.criterion,
         "settings": {k: v for k, v in importance.config.to_dict().items() if k != "criterion"},
+        # Activation criteria count the real tokens each Linear saw (the same for every Linear of a run, barring
+        # skipped samples): the card says tokens, not "snapshots" (a forward is one sample of many tokens).
+        "tokens": max(importance.meta.get("tokens", {}).values(), default=None),
     }
 
 
@@ -52,7 +55,8 @@ class PruningReport:
         global_sparsity (`float`):
             Zeros over the elements of the pruned tensors; for structured pruning, the fraction of parameters removed.
         model_sparsity (`float`):
-            Zeros in the pruned tensors over all parameters of the model.
+            Zeros in the pruned tensors over all parameters of the model; for structured pruning, the fraction of
+            the model's parameters removed.
         importance (`dict`):
             Where the importance came from: `path`, `step`, `num_samples`, `criterion`, `settings`.
         structured (`dict`, *optional*):

@@ -129,15 +129,19 @@ def _check_writable(out: str, shown: str, arg: str, whole_folder: bool) -> None:
 
 
 def _write_sparsity_and_card(folder: str, output_dir: str, payload: dict[str, Any], base_model: str | None,
-                             write_card: bool) -> None:
-    """Write `sparsity.json` and the card into the temporary `folder` that becomes `output_dir`."""
+                             write_card: bool, source: str | None = None) -> None:
+    """Write `sparsity.json` and the card into the temporary `folder` that becomes `output_dir`; the payload is
+    completed from the model's `source` and local paths made relative to `output_dir` first (`provenance`)."""
+    from .provenance import complete_payload
+
+    payload = complete_payload(payload, output_dir, source=source)
     write_sparsity(folder, payload)
     if write_card:
         from .card import write_model_card
 
         # The card is named after the folder it will be published as, not the temporary one it is written in.
-        write_model_card(folder, base_model=base_model, repo_id=os.path.basename(os.path.abspath(output_dir)),
-                         sparsity=payload)
+        write_model_card(folder, base_model=payload.get("base_model") or base_model, license=payload.get("license"),
+                         repo_id=os.path.basename(os.path.abspath(output_dir)), sparsity=payload)
 
 
 def _schedule_dict(schedule: Any) -> dict | None:
@@ -208,7 +212,9 @@ def save_pruned(
         eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset", "tokens", "step"}` for the card
             (losses in nats per token; `tokens` evaluated, training `step` of both models). The card compares the
             dense loss only when the dense model was evaluated the same way (`dense_step` / `dense_tokens` /
-            `dense_dataset`, when given, must equal the shared values) and all three are stated.
+            `dense_dataset`, when given, must equal the shared values): `dataset` and `tokens` stated, and the same
+            `step` when either states one (a one-shot prune evaluated on the same windows states none). A local
+            `dataset` file is recorded by its name.
         schedule (`PruneSchedule` or `dict`, *optional*): the gradual schedule the model was trained with (the object,
             or its `to_dict()`); recorded in `sparsity.json` and described in the card. A `mode="hold"` schedule is
             described as a recovery fine-tune with the mask held.
@@ -220,7 +226,10 @@ def save_pruned(
         write_card (`bool`, *optional*, defaults to `True`): write `README.md` (named after `output_dir`).
 
     Returns:
-        `str`: `output_dir`, which now holds the checkpoint, `sparsity.json` and the card.
+        `str`: `output_dir`, which now holds the checkpoint, `sparsity.json` and the card. A hold recovery's
+        `sparsity.json` records the criterion, statistics, scope and reconstruction of the prune its masks came from;
+        local folders (importance, `masks_from`, teacher) are recorded relative to `output_dir`. A warning is logged
+        when `output_dir` lies inside a Trainer `output_dir`, which `trainer.push_to_hub()` uploads whole.
 
     Raises:
         TypeError: an argument has the wrong type (checked before any work).
@@ -244,6 +253,9 @@ def save_pruned(
                      overwrite=overwrite)
     if base_model is None and source and not os.path.isdir(source):
         base_model = source
+    from .provenance import warn_if_inside_trainer_output
+
+    warn_if_inside_trainer_output(output_dir)
 
     with atomic_folder(output_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
@@ -251,7 +263,7 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         payload = sparsity_dict(report, base_model=base_model, schedule=schedule, distillation=distillation,
                                 eval_results=eval_results)
-        _write_sparsity_and_card(tmp, output_dir, payload, base_model, write_card)
+        _write_sparsity_and_card(tmp, output_dir, payload, base_model, write_card, source=source or None)
     logger.info("Saved pruned model to %s (%s)", output_dir, report.summary())
     return output_dir
 
@@ -378,6 +390,6 @@ def prune_checkpoint(
             source = getattr(skeleton.config, "_name_or_path", "") or ""
             base_model = source if source and not os.path.isdir(source) and source != model_dir else None
         _write_sparsity_and_card(tmp, output_dir, sparsity_dict(report, base_model=base_model), base_model,
-                                 write_card)
+                                 write_card, source=model_dir)
     logger.info("Saved pruned checkpoint to %s (%s)", output_dir, report.summary())
     return report

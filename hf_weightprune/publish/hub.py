@@ -7,12 +7,13 @@ plus `sparsity.json`. The model card is rendered by `card.py`; this module uploa
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects, get_token
 
@@ -21,6 +22,9 @@ from ..files.importance_files import IMPORTANCE_DIR
 from ..files.pruned_files import SPARSITY_NAME, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, dump_sparsity, load_sparsity
 from ..io_utils import TEMP_SUFFIX, check_arg_type, is_local_path, path_name
 from .card import CARD_FILE, is_generated_card, render_model_card
+from .provenance import card_facts, resolve_record
+
+logger = logging.getLogger(__name__)
 
 # The temporary files and folders of interrupted atomic writes (`io_utils`: hidden, `.<name>...tmp`) are never part
 # of a checkpoint.
@@ -57,7 +61,7 @@ def _importance_folder(folder: Path, sparsity: dict) -> Path:
     local = folder / IMPORTANCE_DIR
     if local.is_dir():
         return local
-    recorded = (sparsity.get("importance") or {}).get("path")
+    recorded = resolve_record((sparsity.get("importance") or {}).get("path"), folder)
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
     where = f"{str(local)!r}" + (f" nor {recorded!r}" if recorded else "")
@@ -67,11 +71,12 @@ def _importance_folder(folder: Path, sparsity: dict) -> Path:
 def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
     """The `sparsity.json` the Hub gets (and its card is rendered from): no local path of the uploader's disk.
 
-    Local folders are recorded by absolute path (so `push --include_importance` works from any folder); on the Hub
-    such a path means nothing and names the uploader's disk (user name, folders). The importance `path` becomes
+    Local folders are recorded relative to the pruned folder (`../run/importance`, so `push --include_importance`
+    works from any folder; absolute by earlier versions); on the Hub such a path means nothing (an absolute one names
+    the uploader's disk: user name, folders). The importance `path` becomes
     `importance` (the repo's folder) when the statistics are uploaded, else `null`; a hold schedule's `masks_from`,
-    the distillation teacher and the evaluation text keep only their file or folder name; a local `base_model` becomes `null`. Hub ids and
-    relative paths are kept as the user gave them.
+    the distillation teacher and the evaluation text keep only their file or folder name; a local `base_model` becomes `null`. Hub ids are
+    kept as the user gave them.
     """
     hub = dict(sparsity)
     info = sparsity.get("importance")
@@ -92,11 +97,26 @@ def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
     return hub
 
 
+def _base_model_facts(sparsity: dict, token: str | bool | None) -> dict:
+    """`license` and `datasets` of the base model's card on the Hub, when `sparsity.json` lacks them: a pruned model
+    carries its base model's licence. Read at push time (the push talks to the Hub anyway); a base model that is
+    private, gone or has no card gives nothing, and the push goes on."""
+    base_model = sparsity.get("base_model")
+    if sparsity.get("license") or not isinstance(base_model, str) or is_local_path(base_model):
+        return {}
+    try:
+        path = hf_hub_download(base_model, CARD_FILE, token=token)
+    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as e:  # not found, no access, no card, bad id
+        logger.debug("No card of the base model %s: %s", base_model, e)
+        return {}
+    return card_facts(os.path.dirname(path))
+
+
 def _statistics_inside(folder: Path, sparsity: dict) -> list[str]:
     """Folders of `folder` (relative, POSIX) holding its importance statistics: `importance/` and the folder
     `sparsity.json` records when it lies inside. They are uploaded only as `importance/`, only when asked for."""
     found = [IMPORTANCE_DIR]
-    recorded = (sparsity.get("importance") or {}).get("path")
+    recorded = resolve_record((sparsity.get("importance") or {}).get("path"), folder)
     if isinstance(recorded, str) and Path(recorded).is_dir():
         with contextlib.suppress(ValueError):  # outside the folder
             found.append(Path(recorded).resolve().relative_to(folder.resolve()).as_posix())
@@ -221,6 +241,7 @@ def push_pruned_to_hub(
         raise ConnectionError("push_pruned_to_hub: HF_HUB_OFFLINE=1 is set, so the Hub cannot be reached; unset "
                               "HF_HUB_OFFLINE to push")
     hub_sparsity = _hub_sparsity(sparsity, importance_uploaded=importance is not None)
+    hub_sparsity.update({k: v for k, v in _base_model_facts(hub_sparsity, token).items() if not hub_sparsity.get(k)})
     readme = folder / CARD_FILE
     card = None
     if not readme.is_file() or is_generated_card(readme):

@@ -115,10 +115,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model(args.model_dir, args.dtype)
     eval_results = None
     if args.eval_data:
-        eval_results = {"dataset": args.eval_data, "dense_loss": _eval(model, tokenizer, args)}
+        # The same windows before and after pruning, no training between: `tokens` says so (the card compares them).
+        dense = _eval(model, tokenizer, args)
+        eval_results = {"dataset": args.eval_data, "dense_loss": dense["loss"], "tokens": dense["tokens"]}
     report = prune_(model, importance, config, progress=progress)
     if args.eval_data:
-        eval_results["pruned_loss"] = _eval(model, tokenizer, args)
+        pruned = _eval(model, tokenizer, args)
+        eval_results.update(pruned_loss=pruned["loss"], pruned_tokens=pruned["tokens"])
     save_pruned(model, args.output_dir, report=report, tokenizer=tokenizer, overwrite=args.overwrite,
                 eval_results=eval_results, base_model=args.base_model)
     return _saved(report, args)
@@ -134,13 +137,13 @@ def _saved(report, args) -> int:
     return 0
 
 
-def _eval(model, tokenizer, args) -> float:
+def _eval(model, tokenizer, args) -> dict:
     from .data import evaluate_loss, load_texts, make_windows
 
     if tokenizer is None:
         raise ValueError(f"--eval_data needs a tokenizer in {args.model_dir}")
     windows = make_windows(tokenizer, load_texts(args.eval_data), seq_len=args.seq_len, max_windows=args.max_windows)
-    return evaluate_loss(model, windows, batch_size=args.batch_size)["loss"]
+    return evaluate_loss(model, windows, batch_size=args.batch_size)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -9,12 +9,12 @@ the pyplot backend of a notebook alone. The statistics `inspect` draws are compu
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..io_utils import make_temp_file
 from ..matching import parse_param_name
 
 
@@ -39,7 +39,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
     """Saves `fig` as PNG through a temporary file in the same folder, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    fd, tmp = make_temp_file(path.parent, path.name, suffix=".png")  # the umask's mode, not mkstemp's 0600
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")

@@ -25,7 +25,7 @@ from ..config import PruneConfig
 from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
 from ..io_utils import atomic_write_text, check_arg_type
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
-from ..scorers import SCORERS
+from ..scorers import SCORERS, default_scope
 from ..validation import parse_structure
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -295,7 +295,8 @@ def sweep(
 
     dense_eval = evaluate_loss(model, windows, batch_size=batch_size)
     rows: list[dict[str, Any]] = [{"criterion": "dense", "structure": "dense", "sparsity": 0.0,
-                                   "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"]}]
+                                   "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"],
+                                   "tokens": dense_eval["tokens"]}]
     bar = tqdm(total=len(importances) * len(points), desc="sweep", disable=not D.show_progress(progress))
     for label, imp in importances.items():
         for s in points:
@@ -307,8 +308,11 @@ def sweep(
                 config = PruneConfig(sparsity=None if kind == "N:M" else s, structure=structure, scope=scope)
                 prune_(model, imp, config, progress=False)
                 result = evaluate_loss(model, windows, batch_size=batch_size)
+            # What chose the masks, beside the label: the criterion and the scope it resolved to (scope=None
+            # follows each criterion, so two rows of one sweep may differ), and the tokens evaluated.
             rows.append({"criterion": label, "structure": structure, "sparsity": s, "loss": result["loss"],
-                         "perplexity": result["perplexity"]})
+                         "perplexity": result["perplexity"], "importance_criterion": imp.criterion,
+                         "scope": scope or default_scope(imp.criterion), "tokens": result["tokens"]})
             if output_dir is not None:
                 write_results(rows, output_dir)
             bar.update()

@@ -69,6 +69,7 @@ class MaskHolder:
         if criterion is not None and schedule.mode == "prune":
             uses_obs(criterion, schedule.prune_config)  # the one-line refusal of prune_, before the first step
         self.schedule = schedule
+        self.criterion = criterion  # the callback's, for `report` when no update ran in this process (a resume)
         self._reset()
 
     def _reset(self) -> None:
@@ -79,6 +80,8 @@ class MaskHolder:
         self.target_sparsity = 0.0
         self.last_update_step: int | None = None
         self.scope: str | None = None  # resolved at the first update (a None scope follows the criterion)
+        # The importance that chose the current masks (the last update's): what `report` records as their source.
+        self.source: Any = None
         self.num_updates = 0
         self.reconstruction: str | None = None
         self._steps: tuple[int, int] | None = None
@@ -182,6 +185,7 @@ class MaskHolder:
             ValueError: `reconstruct=True` without `sparsegpt` importance, or a tensor pruned to 100%.
         """
         target = self.schedule.target_at(step, max_steps)
+        self.source = importance
         names = list(self.params)
         plan = PruningPlan.build(importance, self.schedule.prune_config, names, sparsity=target, previous=self.masks)
         self.scope = plan.scope
@@ -257,7 +261,11 @@ class MaskHolder:
         report = PruningReport.from_masks(zeros_of, sum(p.numel() for p in model.parameters()),
                                           structure=self.schedule.structure,
                                           scope=self.scope or self.schedule.prune_config.scope,
-                                          target_sparsity=self.target_sparsity, importance=importance)
+                                          target_sparsity=self.target_sparsity,
+                                          importance=importance if importance is not None else self.source)
+        if report.criterion == "unknown" and self.criterion is not None and self.schedule.mode == "prune":
+            report.criterion = self.criterion
+        report.allocation = self.schedule.prune_config.allocation
         report.reconstruction = self.reconstruction  # "OBS" as prune_ writes it, when an update reconstructed
         return report
 

@@ -1,0 +1,324 @@
+"""The text of a pruned model's card, from its `sparsity.json`: every statement is a pure function of what was
+recorded (and of the folder's weights), so that the card says what was done and nothing else. `card.py` renders it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult
+
+from ..files import safetensors_io as sio
+from ..files.pruned_files import SWEEP_JSON
+from ..io_utils import is_local_path, path_name
+from ..matching import parse_param_name
+
+# References by method: a card cites what its model was made with, nothing else.
+OBS_REFERENCE = "SparseGPT (OBS reconstruction): Frantar & Alistarh 2023, [arXiv:2301.00774](https://arxiv.org/abs/2301.00774)"
+OWL_REFERENCE = "OWL (outlier-weighted layerwise sparsity): Yin et al. 2023, [arXiv:2310.05175](https://arxiv.org/abs/2310.05175)"
+GRADUAL_REFERENCE = "Gradual pruning (cubic schedule): Zhu & Gupta 2017, [arXiv:1710.01878](https://arxiv.org/abs/1710.01878)"
+DISTILL_REFERENCE = "Knowledge distillation: Hinton et al. 2015, [arXiv:1503.02531](https://arxiv.org/abs/1503.02531)"
+SQUAREHEAD_REFERENCE = "SquareHead distillation: Kurtic et al. 2023, [arXiv:2310.06927](https://arxiv.org/abs/2310.06927)"
+
+_STRUCTURED_ROWS = {
+    "intermediate_size": "MLP intermediate size",
+    "num_attention_heads": "Attention heads",
+    "num_key_value_heads": "Key/value heads",
+    "num_parameters": "Parameters",
+}
+
+_STRUCTURED_UNITS = {"neurons": ("MLP neurons", ".mlp."), "heads": ("attention heads (key/value groups)", ".self_attn.")}
+
+
+def read_json(path: Path) -> Any:
+    """The JSON content of `path`; invalid JSON is a one-line `ValueError` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def module_table(tensors: dict[str, dict]) -> list[dict]:
+    """Rows `{module, tensors, numel, sparsity}` of the pruned tensors grouped by module type, from `sparsity.json`."""
+    groups: OrderedDict[str, dict] = OrderedDict()
+    for name, info in tensors.items():
+        numel = int(info.get("numel") or math.prod(info.get("shape") or [0]))
+        module = parse_param_name(name).module  # `mlp.down_proj` of `model.layers.0.mlp.down_proj.weight`
+        row = groups.setdefault(module, {"module": module, "tensors": 0, "numel": 0, "zeros": 0.0})
+        row["tensors"] += 1
+        row["numel"] += numel
+        row["zeros"] += float(info.get("sparsity", 0.0)) * numel
+    rows = []
+    for row in groups.values():
+        row["sparsity"] = row.pop("zeros") / row["numel"] if row["numel"] else 0.0
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["module"])
+
+
+def structured_rows(structured: dict | None) -> list[dict]:
+    """Before/after rows from what `surgery.prune_structured_` returns: config sizes and the parameter count."""
+    if not structured:
+        return []
+    config = structured.get("config") or {}
+    pairs = {key: (config.get("before", {}).get(key), config.get("after", {}).get(key)) for key in _STRUCTURED_ROWS}
+    count = structured.get("num_parameters") or {}
+    pairs["num_parameters"] = (count.get("before"), count.get("after"))
+    rows = []
+    for key, label in _STRUCTURED_ROWS.items():
+        before, after = pairs[key]
+        if before is None or after is None:
+            continue
+        if key == "num_parameters":
+            before, after = f"{before:,}", f"{after:,}"
+        rows.append({"name": label, "before": before, "after": after})
+    return rows
+
+
+def perplexity(loss: float | None) -> float | None:
+    """`exp(loss)`, or `None` for no loss."""
+    if loss is None:
+        return None
+    # exp overflows past ~709; an infinite perplexity is the honest value there
+    return math.exp(loss) if loss < 709 else float("inf")
+
+
+def target_text(target) -> str:
+    """A float target, or per-module targets (`{regex: float}`) as a short list."""
+    if isinstance(target, dict):
+        return "per module: " + ", ".join(f"`{k}` {100 * float(v):.2f}%" for k, v in target.items())
+    return f"{100 * float(target or 0.0):.2f}%"
+
+
+def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
+    """Rows of `sweep.json` (written by [`sweep`]) that have a loss, for the card's loss-vs-sparsity table."""
+    if not (folder / SWEEP_JSON).is_file():
+        return []
+    rows = []
+    for row in read_json(folder / SWEEP_JSON) or []:
+        if isinstance(row, dict) and row.get("loss") is not None and row.get("sparsity") is not None:
+            loss, ppl = float(row["loss"]), row.get("perplexity")
+            rows.append({"criterion": row.get("criterion", criterion), "scope": row.get("scope"),
+                         "sparsity": float(row["sparsity"]), "loss": loss,
+                         "perplexity": float(ppl) if ppl is not None else perplexity(loss)})
+    return rows
+
+
+def schedule_context(schedule: Any) -> dict | None:
+    """The schedule recorded in `sparsity.json` as `{"text": ...}` for the card, when it has everything the card says:
+    a recovery with the mask held (`mode="hold"`), or the gradual ramp with its steps (or fractions of training)."""
+    if not isinstance(schedule, dict):
+        return None
+    if schedule.get("mode") == "hold":
+        return {"text": "pruned once, then fine-tuned with that mask held (a recovery fine-tune)"}
+    needed = ("initial_sparsity", "final_sparsity", "start", "end", "every_n_steps", "ramp")
+    if not all(schedule.get(k) is not None for k in needed):
+        return None
+    start, end = schedule["start"], schedule["end"]
+    if isinstance(start, int) and isinstance(end, int):
+        span = f"between steps {start} and {end}"
+    elif isinstance(start, float) and isinstance(end, float):  # fractions of the run's max_steps
+        span = f"from {100 * start:g}% to {100 * end:g}% of training"
+    else:  # one of each, e.g. the default start=0.0 with end=500
+        def at(v):
+            return f"step {v}" if isinstance(v, int) else f"{100 * v:g}% of training"
+        span = f"from {at(start)} to {at(end)}"
+    return {"text": f"gradual pruning from {100 * schedule['initial_sparsity']:.1f}% to "
+                    f"{100 * schedule['final_sparsity']:.1f}% sparsity {span}, every {schedule['every_n_steps']} "
+                    f"steps, {schedule['ramp']} ramp"}
+
+
+def _teacher_text(teacher: Any, is_local: bool = False) -> str:
+    """The teacher as the card names it: a Hub id as given; a local folder (recorded relative to the pruned folder,
+    or absolute by earlier versions) by its name only, no machine path. `is_local`: the Hub copy of `sparsity.json`
+    already cut the path to its name."""
+    if not teacher:
+        return "a frozen copy of the model as training began"
+    if is_local or is_local_path(teacher):
+        return f"the local checkpoint `{path_name(teacher)}`"
+    return f"`{teacher}`"
+
+
+def distillation_context(info: Any) -> dict | None:
+    """The distillation recorded in `sparsity.json`, for the card's training line."""
+    if not isinstance(info, dict) or info.get("alpha") is None or info.get("temperature") is None:
+        return None
+    hidden = float(info.get("hidden_weight") or 0.0)
+    return {"teacher": _teacher_text(info.get("teacher"), bool(info.get("teacher_is_local"))), "alpha": float(info["alpha"]),
+            "temperature": float(info["temperature"]), "hidden_weight": hidden}
+
+
+def scorer_of(criterion: str | None):
+    """The registered scorer class of `criterion`, or `None` (a custom or unrecorded criterion)."""
+    from ..scorers import SCORERS
+
+    return SCORERS.get(criterion) if criterion else None
+
+
+def criterion_text(criterion: str | None) -> tuple[str, str | None]:
+    """`(formula in markdown, paper or None)` of the criterion the masks were chosen with."""
+    cls = scorer_of(criterion)
+    if cls is None:
+        return (f"custom criterion `{criterion}`" if criterion else "not recorded"), None
+    return (f"`{cls.formula}`" if cls.formula else "no formula recorded"), (cls.paper or None)
+
+
+def importance_summary(importance: dict | None, criterion: str | None) -> str:
+    """What the statistics were gathered over: tokens for activation criteria (a sample is one forward of many
+    tokens), training steps sampled for the others, and the settings that change what was summed."""
+    if not importance:
+        return "statistics not recorded"
+    cls = scorer_of(criterion)
+    settings = importance.get("settings") or {}
+    bits = []
+    samples, tokens, step = importance.get("num_samples"), importance.get("tokens"), importance.get("step")
+    if cls is not None and cls.source == "final":
+        bits.append("from the weights as they were when pruned, no statistics over steps")
+    elif cls is not None and cls.source == "activations" and tokens:
+        bits.append(f"inputs of every pruned layer summed over {int(tokens):,} tokens"
+                    + (f" in {samples:,} forward passes" if samples else ""))
+    elif samples is not None:
+        bits.append(f"{samples:,} sampled training steps")
+    if step:
+        bits.append(f"up to step {step}")
+    elif step == 0 and (cls is None or cls.source != "final"):
+        bits.append("on calibration data, without training")
+    if settings.get("every_n_steps") and settings["every_n_steps"] != 1:
+        bits.append(f"every {settings['every_n_steps']} steps")
+    if settings.get("window"):
+        bits.append(f"window of {settings['window']} steps")
+    if settings.get("weighting") == "step":
+        bits.append("each sample weighted by its step t")
+    return ", ".join(bits) or "statistics not recorded"
+
+
+def references(criterion: str | None, sparsity: dict) -> list[str]:
+    """The papers of the methods this model was made with, in the order they were applied."""
+    refs = []
+    paper = criterion_text(criterion)[1]
+    if paper and "2301.00774" in paper:  # sparsegpt: its saliency and its reconstruction are one paper
+        refs.append(OBS_REFERENCE)
+    elif paper:
+        refs.append(f"`{criterion}` criterion: {_linked(paper)}")
+    if sparsity.get("reconstruction") == "OBS":
+        refs.append(OBS_REFERENCE)
+    if sparsity.get("allocation") == "owl":
+        refs.append(OWL_REFERENCE)
+    schedule = sparsity.get("schedule")
+    if isinstance(schedule, dict) and schedule.get("mode") != "hold":
+        refs.append(GRADUAL_REFERENCE)
+    distillation = sparsity.get("distillation")
+    if isinstance(distillation, dict):
+        refs.append(DISTILL_REFERENCE)
+        if float(distillation.get("hidden_weight") or 0.0) > 0:
+            refs.append(SQUAREHEAD_REFERENCE)
+    return list(dict.fromkeys(refs))
+
+
+def _linked(paper: str) -> str:
+    """`"Sun et al. 2023, arXiv:2306.11695"` with the arXiv id as a link."""
+    head, sep, arxiv = paper.rpartition("arXiv:")
+    return f"{head}[arXiv:{arxiv}](https://arxiv.org/abs/{arxiv})" if sep else paper
+
+
+def tags(structure_tag: str, criterion: str | None) -> list[str]:
+    """The card's Hub tags: the library's, the structure's and the criterion's (none for an unrecorded one)."""
+    out = ["pruned", "sparsity", "hf-weightprune", structure_tag]
+    if criterion and criterion != "unknown":
+        out.append(criterion.replace("_", "-"))
+    return out
+
+
+def structured_module_table(folder: Path, structured: dict | None, structure: str) -> list[dict]:
+    """Per module type of a structured prune: its parameters now (read from the folder's safetensors headers) and
+    the share removed, from the units each layer had before and has after (a unit's rows and columns scale every
+    projection of the block it belongs to)."""
+    units = (structured or {}).get("units_per_layer") or {}
+    before, after = units.get("before"), units.get("after")
+    if structure not in _STRUCTURED_UNITS or not before or not after:
+        return []
+    block = _STRUCTURED_UNITS[structure][1]
+    try:
+        weight_map = sio.weight_map(folder)
+    except (FileNotFoundError, ValueError):
+        return []
+    shapes = {}
+    for shard in sorted(set(weight_map.values())):
+        header = sio.read_header(folder / shard)
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    groups: OrderedDict[str, dict] = OrderedDict()
+    for name, shape in shapes.items():
+        if block not in name or not name.endswith(".weight") or len(shape) != 2:
+            continue
+        module = parse_param_name(name).module
+        row = groups.setdefault(module, {"module": module, "tensors": 0, "numel": 0})
+        row["tensors"] += 1
+        row["numel"] += math.prod(shape)
+    for row in groups.values():
+        row["sparsity"] = 1 - after / before  # removed: the table's "Sparsity" column reads "removed" here
+    return sorted(groups.values(), key=lambda r: r["module"])
+
+
+def structured_units(structure: str) -> str:
+    """What a structured prune removes, in words (`"MLP neurons"`)."""
+    return _STRUCTURED_UNITS.get(structure, (structure, ""))[0]
+
+
+_EVAL_KEYS = ("dataset", "tokens", "step")
+
+
+def eval_metadata(report: dict, prefix: str) -> dict[str, Any]:
+    """`{dataset, tokens, step}` of one side of the `eval` entry; `dense_step` (etc.) override the shared keys."""
+    return {key: report.get(f"{prefix}{key}", report.get(key)) for key in _EVAL_KEYS}
+
+
+# Files `--eval_data` and `load_texts` read: a value ending so is a local file, whatever its folders.
+_DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".arrow", ".md")
+
+
+def dataset_name(value: Any) -> str:
+    """The evaluation data as the card names it: a Hub dataset id (`org/name`) as given, a local file or folder by its
+    name only (an absolute or `./`-relative path, one with more than one folder, or a text/data file name)."""
+    if not value:
+        return "unknown"
+    text = str(value)
+    local = is_local_path(text) or text.replace("\\", "/").count("/") > 1 or text.lower().endswith(_DATA_SUFFIXES)
+    return path_name(text) if local else text
+
+
+def eval_context(report: dict | None) -> tuple[dict | None, list[EvalResult] | None]:
+    """
+    `(template context, model-index results)` of the `eval` entry of `sparsity.json`, or `(None, None)`.
+
+    The dense loss is compared with the pruned loss only when both come from the same evaluation: the same
+    `dataset` and number of `tokens`, both stated, and the same training `step` when either states one (a dense model
+    evaluated at the step pruning started is not the same model as the pruned one at the end of training; a one-shot
+    prune, as `prune --eval_data`, evaluates both on the same windows with no training in between and states no
+    step). Otherwise the dense numbers are dropped from the card, which says why. The model-index lists only the
+    pruned model's results: they are this model's; the dense loss belongs to another model.
+    """
+    if not report or report.get("pruned_loss") is None:
+        return None, None
+    pruned_meta, dense_meta = eval_metadata(report, "pruned_"), eval_metadata(report, "dense_")
+    dataset = dataset_name(pruned_meta["dataset"])
+    dense_loss, pruned_loss = report.get("dense_loss"), report["pruned_loss"]
+    dropped = None
+    if dense_loss is not None:
+        unstated = [k for k in ("dataset", "tokens") if pruned_meta[k] is None or dense_meta[k] is None]
+        differ = [f"{k} {dense_meta[k]!r} (dense) vs {pruned_meta[k]!r} (pruned)" for k in _EVAL_KEYS
+                  if k not in unstated and dense_meta[k] != pruned_meta[k]]
+        if unstated or differ:
+            dropped = ("; ".join(differ) if differ else
+                       f"the evaluation does not state its {' and '.join(unstated)}")
+            dense_loss = None
+    context = {"dataset": dataset, "tokens": pruned_meta["tokens"], "step": pruned_meta["step"],
+               "dense_loss": dense_loss, "pruned_loss": pruned_loss, "dense_dropped": dropped,
+               "dense_perplexity": perplexity(dense_loss), "pruned_perplexity": perplexity(pruned_loss)}
+    metrics = [("loss", pruned_loss, "Eval loss"), ("perplexity", context["pruned_perplexity"], "Perplexity")]
+    results = [EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
+                          metric_type=kind, metric_value=value, metric_name=label) for kind, value, label in metrics]
+    return context, results
