@@ -209,7 +209,7 @@ MAY_IMPORT = {
     "collect/unit_layout": {"layouts"},
     "collect/units": {"collect/activations", "collect/unit_layout"},
     "files/importance_files": {"_version", "collect/importance", "config", "distributed", "files/safetensors_io", "io_utils", "scorers", "validation"},
-    "files/pruned_files": {"_version", "files/safetensors_io", "io_utils", "prune/pruner"},
+    "files/pruned_files": {"_version", "files/safetensors_io", "io_utils", "prune/report"},
     "files/safetensors_io": set(),
     "files/training_state": {"_version", "files/safetensors_io", "io_utils"},
     "prune/compensate": set(),
