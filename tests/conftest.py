@@ -6,10 +6,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.hub_server import LoopbackHub, patched_hub_environment  # noqa: E402
+from tests.scripts.ckpt_train import run  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -23,3 +26,18 @@ def hub_server(tmp_path, monkeypatch):
     """
     with LoopbackHub() as hub, patched_hub_environment(hub, tmp_path, monkeypatch):
         yield hub
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted `tests.scripts.ckpt_train` runs (saves at steps 3, 6, 8 of 8, as the killed runs), one per
+    criterion, made on first use: `reference(criterion)` returns its output_dir."""
+    root, done = tmp_path_factory.mktemp("reference"), {}
+
+    def get(criterion: str) -> Path:
+        if criterion not in done:
+            run(root / criterion, criterion)
+            done[criterion] = root / criterion
+        return done[criterion]
+
+    return get

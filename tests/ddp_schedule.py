@@ -1,4 +1,4 @@
-"""Gradual pruning under DDP: run by `tests/test_schedule.py` with `torchrun --nproc_per_node 2` (gloo, CPU).
+"""Gradual pruning under DDP: run by `tests/train/test_schedule.py` with `torchrun --nproc_per_node 2` (gloo, CPU).
 
 Each rank writes its final masks and weights to `OUT/rank{r}.safetensors` and the sparsity log to `OUT/rank{r}.json`.
 """
@@ -9,11 +9,12 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from hf_weightprune.train.schedule import PruneSchedule
+from tests.helpers import training_args
 
 
 class ZerosAtUpdates(TrainerCallback):
@@ -34,9 +35,8 @@ def main(out: str) -> None:
     schedule = PruneSchedule(final_sparsity=0.7, start=1, end=7, every_n_steps=2, scope="global")
     cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), schedule=schedule)
     probe = ZerosAtUpdates(cb.mask_holder)
-    args = TrainingArguments(out, max_steps=8, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, save_strategy="no",
-                             logging_steps=100, disable_tqdm=True, ddp_backend="gloo")
+    args = training_args(out, max_steps=8, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         learning_rate=1e-2, seed=0, save_strategy="no", logging_steps=100, ddp_backend="gloo")
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=64, seed=1),
                       callbacks=[cb, probe])
     trainer.train()

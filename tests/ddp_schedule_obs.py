@@ -1,4 +1,4 @@
-"""Gradual pruning with OBS updates under DDP: run by `tests/test_schedule_obs.py` with `torchrun --nproc_per_node 2`
+"""Gradual pruning with OBS updates under DDP: run by `tests/train/test_schedule_obs.py` with `torchrun --nproc_per_node 2`
 (gloo, CPU).
 
 Each rank writes its final masks and weights to `OUT/rank{r}.safetensors`, and its report's reconstruction and the
@@ -11,11 +11,12 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from hf_weightprune.train.schedule import PruneSchedule
+from tests.helpers import training_args
 
 
 def main(out: str) -> None:
@@ -23,9 +24,8 @@ def main(out: str) -> None:
     model = tiny_llama(seed=5)
     schedule = PruneSchedule(final_sparsity=0.6, start=1, end=7, every_n_steps=2, block_size=8)
     cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"), schedule=schedule)
-    args = TrainingArguments(out, max_steps=8, per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
-                             use_cpu=True, seed=0, save_strategy="no", logging_steps=100, disable_tqdm=True,
-                             ddp_backend="gloo")
+    args = training_args(out, max_steps=8, per_device_train_batch_size=2, learning_rate=1e-2, seed=0,
+                         save_strategy="no", logging_steps=100, ddp_backend="gloo")
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=64, seed=1), callbacks=[cb])
     trainer.train()
     rank = trainer.args.process_index

@@ -24,13 +24,14 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
 from hf_weightprune.config import PruneConfig
 from hf_weightprune.distributed import rank_and_world
 from hf_weightprune.prune.pruner import prune_
 from hf_weightprune.testing import TokenDataset, tiny_phi3
+from tests.helpers import training_args
 
 GLOBAL_BATCH, STEPS = 4, 6
 
@@ -46,11 +47,10 @@ def run(criterion: str, output_dir: str, resume: bool = False, zero: int | None 
     world = int(os.environ.get("WORLD_SIZE", 1))  # the process group starts with TrainingArguments
     model = tiny_phi3(seed=1)
     cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
-    args = TrainingArguments(
-        output_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world, learning_rate=1e-2,
-        report_to=[], use_cpu=True, seed=0, save_strategy="steps", save_steps=3, logging_steps=1,
-        disable_tqdm=True, ddp_backend="gloo" if world > 1 else None,
-        deepspeed=deepspeed_config(zero) if zero is not None else None)
+    args = training_args(output_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
+                         learning_rate=1e-2, seed=0, save_strategy="steps", save_steps=3, logging_steps=1,
+                         ddp_backend="gloo" if world > 1 else None,
+                         deepspeed=deepspeed_config(zero) if zero is not None else None)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=48, vocab_size=128, seed=0), callbacks=[cb])
     trainer.train(resume_from_checkpoint=resume or None)
     return model, cb

@@ -18,11 +18,11 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from transformers import TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
 from hf_weightprune.testing import tiny_phi3
-from tests.helpers import Recorder, reference
+from tests.helpers import Recorder, reference, training_args
 
 STEPS, SAVE_AT = 4, 2
 RTOL, ATOL = 1e-5, 1e-7  # float32 accumulation against a float64 reference, as in test_callback.py
@@ -41,7 +41,7 @@ def train(criterion: str, out: str):
     model, ref = model_and_reference()
     rec = Recorder(ref, record_acts=criterion == "wanda", record_hessians=criterion == "sparsegpt")
     cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
-    args = TrainingArguments(out, use_cpu=True, report_to=[], seed=0)
+    args = training_args(out, seed=0)
     state, control = TrainerState(max_steps=STEPS), TrainerControl()
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref)]
     cb.on_train_begin(args, state, control, model=model)
@@ -90,7 +90,7 @@ def check(criterion: str, out: str) -> None:
     # Resume: a fresh sharded model restores its own rows of checkpoint-2 (FSDP2 layout written above).
     model2, _ = model_and_reference()
     cb2 = ImportanceCallback(ImportanceConfig(criterion=criterion))
-    args = TrainingArguments(out, use_cpu=True, report_to=[], seed=0)
+    args = training_args(out, seed=0)
     cb2.on_train_begin(args, TrainerState(max_steps=STEPS, global_step=SAVE_AT), TrainerControl(), model=model2)
     at_save = load_importance(os.path.join(out, f"checkpoint-{SAVE_AT}"), model=ref)
     for name in expected:

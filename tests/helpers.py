@@ -1,8 +1,10 @@
-"""Shared test utilities: a recorder callback and brute-force importance references."""
+"""Shared test utilities: the one `TrainingArguments` builder, a recorder callback, brute-force importance references,
+and the helpers of the SIGKILL + resume tests (killed run copies, folder snapshots, importance equality)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +15,25 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from hf_weightprune import Importance, load_importance
 from hf_weightprune.matching import find_tracked_weights
 from hf_weightprune.testing import TokenDataset
-
-from .scripts.ckpt_train import MARKER
+from hf_weightprune.train.callback import STAGING_DIR
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    """The `TrainingArguments` of every test run: on the CPU, no reporting integration, no progress bars.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): the Trainer's `output_dir`.
+        **overrides: any other `TrainingArguments` field (they win over the three defaults).
+
+    Returns:
+        `TrainingArguments`
+    """
+    return TrainingArguments(str(output_dir), **{"report_to": [], "use_cpu": True, "disable_tqdm": True, **overrides})
 
 
 class Recorder(TrainerCallback):
@@ -59,10 +74,10 @@ class Recorder(TrainerCallback):
 
 def train(model, callbacks, tmp_path, *, max_steps=6, batch=4, ga=1, save_steps=None, seed=0, n=48, lr=1e-2,
           **kw):
-    args = TrainingArguments(
-        str(tmp_path), max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
-        learning_rate=lr, report_to=[], use_cpu=True, seed=seed, save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500, logging_steps=1, disable_tqdm=True, **kw)
+    args = training_args(
+        tmp_path, max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+        learning_rate=lr, seed=seed, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        logging_steps=1, **kw)
     vocab = model.config.vocab_size
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=n, vocab_size=vocab, seed=seed),
                       callbacks=callbacks)
@@ -109,6 +124,8 @@ def reference(criterion, rec, steps=None):
 def sigkill_at_hang(root: Path, runs: dict[str, list[str]], timeout: float = 300) -> Path:
     """Start every `tests.scripts.ckpt_train` run at once (imports dominate) in `root / name`, SIGKILL each as soon as
     it writes its hang marker; their output goes to `root / f"{name}.log"`. Returns `root`."""
+    from .scripts.ckpt_train import MARKER  # here: ckpt_train itself imports this module
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     procs = {}
     for name, argv in runs.items():
@@ -132,3 +149,33 @@ def sigkill_at_hang(root: Path, runs: dict[str, list[str]], timeout: float = 300
                 proc.kill()
                 proc.wait()
     return root
+
+
+def workdir(killed: Path, name: str, tmp_path: Path) -> Path:
+    """A copy of the SIGKILLed run `killed / name` in `tmp_path / name`, without its hang marker."""
+    from .scripts.ckpt_train import MARKER
+
+    out = tmp_path / name
+    shutil.copytree(killed / name, out)
+    (out / MARKER).unlink()
+    return out
+
+
+def assert_same_importance(got, expected):
+    """Two importances (folders or loaded [`Importance`]s) hold the same step, samples, tokens and states."""
+    a, b = (x if isinstance(x, Importance) else load_importance(x) for x in (got, expected))
+    assert (a.step, a.num_samples, a.names) == (b.step, b.num_samples, b.names)
+    assert a.meta["weight_sum"] == b.meta["weight_sum"] and a.meta["tokens"] == b.meta["tokens"]
+    for name in b.names:
+        torch.testing.assert_close(a.state(name), b.state(name), rtol=1e-6, atol=0, msg=name)
+
+
+def snapshot(folder) -> dict:
+    """Every path under `folder` with the bytes and mtime of each file: equal snapshots = untouched."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(Path(folder).rglob("*"))}
+
+
+def leftovers(folder) -> list[str]:
+    """Temporary or staged importance folders left under `folder` (a finished run leaves none)."""
+    return [str(p) for p in Path(folder).rglob("*") if p.name.startswith((".importance", STAGING_DIR))]

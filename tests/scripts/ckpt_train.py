@@ -13,12 +13,13 @@ import os
 import time
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, PruneSchedule
 from hf_weightprune.files import importance_files
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from hf_weightprune.train import checkpoint
+from tests.helpers import training_args
 
 MARKER = "HANG"
 # 16 windows / batch 4 = 4 steps per epoch: max_steps=8 crosses an epoch boundary, so a resume at step 3 or 6
@@ -100,10 +101,9 @@ def run(output_dir, criterion="temporal_magnitude", *, resume=None, callbacks=()
     torch.set_num_threads(1)
     model = tiny_llama(seed=11)
     cb = importance_callback or ImportanceCallback(ImportanceConfig(criterion=criterion))
-    args = TrainingArguments(
-        str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2, seed=7,
-        save_steps=save_steps, logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, **{"save_strategy": "steps", **kwargs})
+    args = training_args(output_dir, max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2, seed=7,
+                         save_steps=save_steps, logging_steps=1, dataloader_num_workers=0,
+                         **{"save_strategy": "steps", **kwargs})
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=N, vocab_size=128, seed=3),
                       callbacks=[cb, *callbacks])
     trainer.train(resume_from_checkpoint=resume)

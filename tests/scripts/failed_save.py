@@ -14,10 +14,11 @@ import resource
 import signal
 import sys
 
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.testing import TokenDataset, tiny_llama
+from tests.helpers import training_args
 
 LIMIT = 16 * 1024  # bytes; the tiny model's importance is ~300 KB
 
@@ -68,8 +69,8 @@ def main(output_dir: str, event: str, on_save_error: str) -> None:
     logging.getLogger("hf_weightprune").addHandler(warnings)
     model = tiny_llama(seed=23, hidden_size=64, intermediate_size=128)
     cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), on_save_error=on_save_error)
-    args = TrainingArguments(output_dir, max_steps=4, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True)
+    args = training_args(output_dir, max_steps=4, per_device_train_batch_size=4, save_strategy="steps", save_steps=2,
+                         logging_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16), callbacks=[cb])
     trainer.add_callback(FileSizeLimit(trainer, cb, event, arm=True))
     trainer.add_callback(FileSizeLimit(trainer, cb, event, arm=False))

@@ -17,8 +17,7 @@ from hf_weightprune import (
 )
 from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.testing import tiny_llama
-
-from .helpers import train
+from tests.helpers import train
 
 
 def _gradual(distill, tmp_path, seed=50, **train_kw):
@@ -151,7 +150,7 @@ def test_example_fine_tunes_phi3_with_pruning_and_distillation(tmp_path, capsys)
 
     from hf_weightprune.files.pruned_files import load_sparsity
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "finetune_phi3_with_pruning.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "finetune_phi3_with_pruning.py"
     spec = importlib.util.spec_from_file_location("finetune_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

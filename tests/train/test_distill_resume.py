@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_weightprune import (
     DistillConfig,
@@ -25,10 +25,8 @@ from hf_weightprune.files import training_state as T
 from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from hf_weightprune.train.distiller import Distiller, _unique_state
-
-from .helpers import sigkill_at_hang
-from .scripts.ckpt_train import MARKER, make_callback, run
-from .test_checkpoint import assert_same_importance, snapshot
+from tests.helpers import assert_same_importance, sigkill_at_hang, snapshot, training_args, workdir
+from tests.scripts.ckpt_train import make_callback, run
 
 SEED = 11  # the model ckpt_train.run trains: tiny_llama(seed=11)
 
@@ -81,13 +79,6 @@ def reference(models, tmp_path_factory):
         return done[name]
 
     return get
-
-
-def workdir(killed, name, tmp_path) -> Path:
-    out = tmp_path / name
-    shutil.copytree(killed / name, out)
-    (out / MARKER).unlink()
-    return out
 
 
 def losses(trainer) -> dict[int, float]:
@@ -251,8 +242,8 @@ def test_resume_under_peft_lora_with_pruned_base_is_exact(tmp_path):
         model = peft.get_peft_model(tiny_llama(seed=SEED), peft.LoraConfig(r=4, target_modules="all-linear"))
         cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), distill=DistillConfig(alpha=0.5),
                                 schedule=PruneSchedule(final_sparsity=0.5, start=1, end=6, every_n_steps=1))
-        args = TrainingArguments(str(out), max_steps=8, save_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                                 seed=7, report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+        args = training_args(out, max_steps=8, save_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, seed=7,
+                             dataloader_num_workers=0)
         Trainer(model=model, args=args, train_dataset=TokenDataset(n=16, vocab_size=128, seed=3),
                 callbacks=[cb]).train(resume_from_checkpoint=resume)
         assert cb.mask_holder.sparsity == pytest.approx(0.5, abs=1e-3)

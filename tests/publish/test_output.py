@@ -25,7 +25,7 @@ from hf_weightprune.tools.cli import main as cli_main
 from hf_weightprune.tools.sweep import sweep
 from hf_weightprune.train.holder import MaskHolder
 
-PACKAGE = Path(__file__).resolve().parent.parent / "hf_weightprune"
+PACKAGE = Path(__file__).resolve().parents[2] / "hf_weightprune"
 
 
 def _pruned(sparsity: float, seed: int = 0):

@@ -5,8 +5,7 @@ import torch
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
 from hf_weightprune.testing import tiny_llama, tiny_phi3
-
-from .helpers import Recorder, reference, train
+from tests.helpers import Recorder, reference, train, training_args
 
 CRITERIA = ["temporal_magnitude", "magnitude", "movement", "taylor", "fisher", "wanda"]
 # float32 accumulation against a float64 reference over a few steps.
@@ -104,14 +103,13 @@ def test_logs_reach_tensorboard_and_history(tmp_path):
     log steps, and the Trainer's callback list is left as the user built it."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from hf_weightprune.testing import TokenDataset
 
     model = tiny_llama(seed=6)
-    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to=["tensorboard"],
-                             logging_steps=2, use_cpu=True, save_strategy="no",
-                             disable_tqdm=True)
+    args = training_args(tmp_path, max_steps=4, per_device_train_batch_size=4, report_to=["tensorboard"],
+                         logging_steps=2, save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16))
     cb = ImportanceCallback().attach(trainer)
     order = list(trainer.callback_handler.callbacks)
@@ -120,7 +118,7 @@ def test_logs_reach_tensorboard_and_history(tmp_path):
     assert trainer.callback_handler.callbacks == order  # no reordering
     logged = [h for h in trainer.state.log_history if "importance/samples" in h]
     assert [(h["step"], h["importance/samples"]) for h in logged] == [(2, 2), (4, 4)]
-    # The per-module-type summary replaced the constant `importance/tracked_params` (values: tests/test_defaults.py).
+    # The per-module-type summary replaced the constant `importance/tracked_params` (values: tests/prune/test_defaults.py).
     assert "importance/tracked_params" not in logged[0] and 0 <= logged[0]["importance/o_proj/frac_below"] <= 1
     runs = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files if "tfevents" in f]
     acc = EventAccumulator(os.path.dirname(runs[0]))

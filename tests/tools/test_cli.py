@@ -19,7 +19,7 @@ from hf_weightprune.tools.cli import build_parser, main
 from hf_weightprune.tools.sweep import sweep
 from tests.helpers import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
@@ -401,8 +401,7 @@ def test_allow_collapse_flag_reaches_the_pruner(tmp_path):
     """A global threshold that would empty a tensor is refused on the CLI too, and `--allow_collapse` lets it pass."""
     from hf_weightprune import ImportanceCallback, ImportanceConfig
     from hf_weightprune.testing import tiny_llama
-
-    from .helpers import train
+    from tests.helpers import train
 
     model = tiny_llama(seed=60)
     cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))

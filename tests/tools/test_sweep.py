@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.matching import find_tracked_weights
@@ -15,9 +15,9 @@ from hf_weightprune.testing import tiny_llama, train_tokenizer
 from hf_weightprune.tools.cli import add_sweep_parser
 from hf_weightprune.tools.data import load_texts, make_windows
 from hf_weightprune.tools.sweep import format_table, parse_sparsities, sweep
-from tests.helpers import train
+from tests.helpers import train, training_args
 
-KJV = Path(__file__).resolve().parents[1] / "data" / "kjv"
+KJV = Path(__file__).resolve().parents[2] / "data" / "kjv"
 SEQ, WINDOWS, BATCH = 32, 6, 4
 
 
@@ -29,8 +29,8 @@ def trained(tmp_path_factory):
     tok = train_tokenizer(texts, vocab_size=320)
     model = tiny_llama(vocab_size=len(tok))
     cbs = [ImportanceCallback(ImportanceConfig(criterion=c, name=c)) for c in ("temporal_magnitude", "taylor")]
-    args = TrainingArguments(str(root / "run"), max_steps=40, per_device_train_batch_size=8, learning_rate=1e-2,
-                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    args = training_args(root / "run", max_steps=40, per_device_train_batch_size=8, learning_rate=1e-2,
+                         save_strategy="no", seed=0)
     Trainer(model=model, args=args, train_dataset=make_windows(tok, texts, seq_len=SEQ, max_windows=128),
             callbacks=cbs).train()
     model.save_pretrained(root / "model")
@@ -50,7 +50,7 @@ def test_sweep_csv_json_png_and_dense_row_equals_trainer_evaluate(trained, tmp_p
 
     tok = AutoTokenizer.from_pretrained(root / "model")
     windows = make_windows(tok, load_texts(KJV / "valid.txt"), seq_len=SEQ, max_windows=WINDOWS)
-    args = TrainingArguments(str(tmp_path / "eval"), per_device_eval_batch_size=BATCH, report_to=[], use_cpu=True)
+    args = training_args(tmp_path / "eval", per_device_eval_batch_size=BATCH)
     ref = Trainer(model=AutoModelForCausalLM.from_pretrained(root / "model"), args=args).evaluate(windows)["eval_loss"]
 
     with open(out / "sweep.csv") as f:

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -16,9 +15,8 @@ from hf_weightprune.files import importance_files as F
 from hf_weightprune.files.safetensors_io import ImportanceFileError
 from hf_weightprune.testing import save_importance_dir, tiny_llama
 from hf_weightprune.train.callback import STAGING_DIR
-
-from .helpers import sigkill_at_hang
-from .scripts.ckpt_train import MARKER, SaveLate, run
+from tests.helpers import assert_same_importance, leftovers, sigkill_at_hang, snapshot, workdir
+from tests.scripts.ckpt_train import SaveLate, run
 
 CONFIG = F.IMPORTANCE_CONFIG_NAME
 IMP_CONFIG = f"{F.IMPORTANCE_DIR}/{CONFIG}"
@@ -29,7 +27,7 @@ KILLED = {
     # the 2nd importance write (step 6, staged before the Trainer saves) dies after its shards, before its config
     "in_write": ["--criterion", "taylor", "--hang-in", "write_single", "--hang-call", "2"],
     # checkpoint-6 is written by the Trainer, the complete staged importance is never moved into it (a resume moves
-    # it there: tests/test_reliability.py; here the staged folder is removed to test a checkpoint without importance)
+    # it there: tests/train/test_checkpoint_faults.py; here the staged folder is removed to test a checkpoint without importance)
     "before_publish": ["--criterion", "wanda", "--hang-in", "publish", "--hang-call", "2"],
     # a save decided after our on_step_end (step 5) is written in on_save, straight into checkpoint-5: dies mid-write
     "late_save": ["--criterion", "temporal_magnitude", "--save-late", "5", "--hang-in", "write_single",
@@ -42,45 +40,6 @@ def killed(tmp_path_factory):
     """Start every killed run at once (imports dominate), SIGKILL each as soon as it hangs; returns the root."""
     root = tmp_path_factory.mktemp("killed")
     return sigkill_at_hang(root, KILLED)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Uninterrupted runs (same arguments as the killed ones), one per criterion, made on first use."""
-    root, done = tmp_path_factory.mktemp("reference"), {}
-
-    def get(criterion: str) -> Path:
-        if criterion not in done:
-            run(root / criterion, criterion)
-            done[criterion] = root / criterion
-        return done[criterion]
-
-    return get
-
-
-def workdir(killed, name, tmp_path) -> Path:
-    out = tmp_path / name
-    shutil.copytree(killed / name, out)
-    (out / MARKER).unlink()
-    return out
-
-
-def assert_same_importance(got, expected):
-    a, b = load_importance(got), load_importance(expected)
-    assert (a.step, a.num_samples, a.names) == (b.step, b.num_samples, b.names)
-    assert a.meta["weight_sum"] == b.meta["weight_sum"] and a.meta["tokens"] == b.meta["tokens"]
-    for name in b.names:
-        torch.testing.assert_close(a.state(name), b.state(name), rtol=1e-6, atol=0, msg=name)
-
-
-def snapshot(folder) -> dict:
-    """Every path under `folder` with the bytes and mtime of each file: equal snapshots = untouched."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
-            for p in sorted(Path(folder).rglob("*"))}
-
-
-def leftovers(folder) -> list[str]:
-    return [str(p) for p in Path(folder).rglob("*") if p.name.startswith((".importance", STAGING_DIR))]
 
 
 # ------------------------------------------------------------------------------------------- exact resume

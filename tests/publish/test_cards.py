@@ -30,13 +30,12 @@ from hf_weightprune import (
 from hf_weightprune.scorers import default_scope
 from hf_weightprune.testing import tiny_llama
 from hf_weightprune.tools.cli import main as cli_main
-
-from .helpers import train
+from tests.helpers import train
 
 CRITERIA = ("temporal_magnitude", "magnitude", "movement", "taylor", "fisher", "wanda", "sparsegpt")
 PAPERS = {"temporal_magnitude": "2502.17071", "magnitude": "1506.02626", "movement": "2005.07683",
           "taylor": "1906.10771", "fisher": "2204.09656", "wanda": "2306.11695", "sparsegpt": "2301.00774"}
-KJV = Path(__file__).resolve().parents[1] / "data" / "kjv"
+KJV = Path(__file__).resolve().parents[2] / "data" / "kjv"
 
 
 @pytest.fixture(scope="module")

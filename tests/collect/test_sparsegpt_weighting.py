@@ -6,15 +6,15 @@ import sys
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
 from hf_weightprune.matching import find_tracked_weights
 from hf_weightprune.scorers import get_scorer
 from hf_weightprune.scorers.sparsegpt import hessian_sum, obs_saliency
 from hf_weightprune.testing import TokenDataset, tiny_llama
-
-from .test_faults import PaddedDataset
+from tests.helpers import training_args
+from tests.train.test_faults import PaddedDataset
 
 
 class StepHessians(TrainerCallback):
@@ -53,9 +53,8 @@ class StepHessians(TrainerCallback):
 
 
 def _args(out, steps, **kw):
-    return TrainingArguments(str(out), max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-                             logging_steps=1, **kw)
+    return training_args(out, max_steps=steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         learning_rate=1e-2, seed=0, logging_steps=1, **kw)
 
 
 def _train_padded(callbacks, out, steps=6, model=None):
@@ -191,18 +190,17 @@ def _ddp_run(out: str) -> None:
     """6 steps of a global batch of 4 whatever the world size (2 rows per rank under 2 processes)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", weighting="step"))
-    args = TrainingArguments(out, max_steps=6, per_device_train_batch_size=4 // world, learning_rate=1e-2,
-                             report_to=[], use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True,
-                             ddp_backend="gloo" if world > 1 else None)
+    args = training_args(out, max_steps=6, per_device_train_batch_size=4 // world, learning_rate=1e-2, seed=0,
+                         save_strategy="no", ddp_backend="gloo" if world > 1 else None)
     Trainer(model=tiny_llama(seed=52), args=args, train_dataset=TokenDataset(n=48), callbacks=[cb]).train()
 
 
 @pytest.mark.multiproc
 def test_ddp_sums_step_weighted_hessians_over_ranks(tmp_path):
-    from .test_distributed import torchrun
+    from tests.test_distributed import torchrun
 
     _ddp_run(str(tmp_path / "one"))
-    torchrun("tests.test_sparsegpt_weighting", str(tmp_path / "two"))
+    torchrun("tests.collect.test_sparsegpt_weighting", str(tmp_path / "two"))
     one, two = load_importance(tmp_path / "one"), load_importance(tmp_path / "two")
     assert (one.meta["world_size"], two.meta["world_size"], two.config.weighting) == (1, 2, "step")
     assert (two.num_samples, two.meta["weight_sum"], two.meta["tokens"]) == (6, 21.0, one.meta["tokens"])
@@ -213,7 +211,7 @@ def test_ddp_sums_step_weighted_hessians_over_ranks(tmp_path):
         torch.testing.assert_close(two.state(name), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=name)
 
 
-if __name__ == "__main__":  # `torchrun -m tests.test_sparsegpt_weighting OUT`, from the multiproc test above
+if __name__ == "__main__":  # `torchrun -m tests.collect.test_sparsegpt_weighting OUT`, from the multiproc test above
     _ddp_run(sys.argv[1])
 
 
@@ -224,8 +222,7 @@ def test_card_says_how_the_hessian_was_weighted(weighting, tmp_path):
 
     model = tiny_llama(seed=9)
     cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", weighting=weighting))
-    args = TrainingArguments(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2, report_to=[],
-                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    args = training_args(tmp_path / "run", max_steps=2, per_device_train_batch_size=2, save_strategy="no")
     Trainer(model=model, args=args, train_dataset=TokenDataset(n=4, vocab_size=model.config.vocab_size),
             callbacks=[cb]).train()
     report = prune_(model, cb.importance(), PruneConfig(sparsity=0.5), progress=False)

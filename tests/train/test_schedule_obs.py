@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.matching import find_tracked_weights
@@ -19,6 +19,7 @@ from hf_weightprune.publish.export import save_pruned
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from hf_weightprune.train.holder import MaskHolder
 from hf_weightprune.train.schedule import PruneSchedule
+from tests.helpers import training_args
 
 MAX_STEPS = 8
 BLOCK = 8  # several blocks per weight (in = 32 or 64): the forced prunes cross block boundaries
@@ -58,9 +59,8 @@ def _run(tmp_path, schedule, *, criterion="sparsegpt", lr=1e-2, seed=5):
     model = tiny_llama(seed=seed)
     cb = ImportanceCallback(ImportanceConfig(criterion=criterion), schedule=schedule)
     before, after = Snap(cb.mask_holder), After(cb.mask_holder, cb)
-    args = TrainingArguments(str(tmp_path), max_steps=MAX_STEPS, per_device_train_batch_size=4, learning_rate=lr,
-                             report_to=[], use_cpu=True, seed=0, save_strategy="no", logging_steps=1000,
-                             disable_tqdm=True)
+    args = training_args(tmp_path, max_steps=MAX_STEPS, per_device_train_batch_size=4, learning_rate=lr, seed=0,
+                         save_strategy="no", logging_steps=1000)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=48, seed=1),
                       callbacks=[before, cb, after])
     trainer.train()

@@ -16,8 +16,7 @@ from hf_weightprune.tools.plotting import (
     parse_layer_name,
     plot_layer_stats,
 )
-
-from .helpers import train
+from tests.helpers import train
 
 LLAMA_TYPES = ["q", "k", "v", "o", "gate", "up", "down"]
 

@@ -15,8 +15,7 @@ from hf_weightprune import (
 )
 from hf_weightprune.testing import tiny_llama, tiny_phi3
 from hf_weightprune.tools.cli import main
-
-from .helpers import train
+from tests.helpers import train
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,12 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_weightprune import DistillConfig
 from hf_weightprune.testing import TokenDataset, tiny_llama, tiny_phi3
 from hf_weightprune.train.distiller import Distiller
+from tests.helpers import training_args
 
 ARCHS = {"llama": tiny_llama, "phi3": tiny_phi3}
 
@@ -71,10 +72,9 @@ class PaddedDataset(torch.utils.data.Dataset):
 
 
 def train(model, callbacks, tmp_path, *, dataset=None, max_steps=3, batch=4, ga=1, lr=1e-2, **kw):
-    args = TrainingArguments(
-        str(tmp_path), max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
-        learning_rate=lr, weight_decay=0.0, report_to=[], use_cpu=True, seed=0, save_strategy="no", logging_steps=1,
-        disable_tqdm=True, **kw)
+    args = training_args(tmp_path, max_steps=max_steps, per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=ga, learning_rate=lr, weight_decay=0.0, seed=0,
+                         save_strategy="no", logging_steps=1, **kw)
     dataset = dataset if dataset is not None else TokenDataset(n=16, vocab_size=model.config.vocab_size)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
     trainer.train()
@@ -324,7 +324,7 @@ def test_teacher_cost_per_step(tmp_path):
 
 # --------------------------------------------------------------------------------------------- DDP
 def ddp_run(out: str) -> None:
-    """Same global batch (4) whatever the world size; rank 0 writes the final weights. `python -m tests.test_distill OUT`."""
+    """Same global batch (4) whatever the world size; rank 0 writes the final weights. `python -m tests.train.test_distill OUT`."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     torch.manual_seed(0)
     student = tiny_llama(seed=4)
@@ -345,9 +345,9 @@ def test_ddp_equals_single_process(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "tests.test_distill", str(tmp_path)]
+           f"--master_port={port}", "-m", "tests.train.test_distill", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

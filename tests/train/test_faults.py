@@ -4,14 +4,13 @@ import logging
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, PruneSchedule, load_importance, prune_
 from hf_weightprune.matching import find_tracked_weights
 from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.testing import tiny_llama
-
-from .helpers import Recorder, reference, train
+from tests.helpers import Recorder, reference, train, training_args
 
 
 # ------------------------------------------------------------------------------- padding is not data (14.3)
@@ -58,8 +57,8 @@ class MaskedRecorder(TrainerCallback):
 
 
 def _train_padded(model, callbacks, tmp_path, steps=4):
-    args = TrainingArguments(str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    args = training_args(tmp_path, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                         save_strategy="no", seed=0)
     Trainer(model=model, args=args, train_dataset=PaddedDataset(), callbacks=callbacks).train()
 
 
@@ -77,8 +76,7 @@ def test_single_padded_sequence_counts_three_tokens(tmp_path):
 
     rec = MaskedRecorder(model)
     cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
-    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=1, report_to=[], use_cpu=True,
-                             save_strategy="no", disable_tqdm=True)
+    args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=1, save_strategy="no")
     Trainer(model=model, args=args, train_dataset=One(), callbacks=[rec, cb]).train()
     imp = cb.importance()
     assert set(imp.meta["tokens"].values()) == {3}
@@ -244,10 +242,9 @@ def test_load_best_model_at_end_ends_with_the_final_masks_and_an_honest_report(t
     cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), schedule=schedule)
     from hf_weightprune.testing import TokenDataset
 
-    args = TrainingArguments(str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, eval_strategy="steps",
-                             eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
-                             disable_tqdm=True, seed=0)
+    args = training_args(tmp_path, max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
+                         save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                         load_best_model_at_end=True, metric_for_best_model="eval_loss", seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=48), eval_dataset=TokenDataset(n=8, seed=1),
                       callbacks=[cb, BestIsEarly()])
     with caplog.at_level(logging.WARNING, logger="hf_weightprune.train.callback"):

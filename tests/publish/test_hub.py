@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from hf_weightprune.files.pruned_files import load_sparsity
 from hf_weightprune.publish.card import render_model_card, write_model_card
 from hf_weightprune.publish.hub import push_pruned_to_hub
+from tests.helpers import training_args
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -168,7 +169,7 @@ def test_loopback_hub_is_the_one_called(hub_server, tmp_path):
 
 def test_trainer_push_to_hub_reaches_the_loopback_hub(hub_server, tmp_path):
     # Trainer(push_to_hub=True) uploads checkpoints with `upload_folder(run_as_future=True)` through the same server
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     class Tokens(torch.utils.data.Dataset):
         def __len__(self):
@@ -178,19 +179,9 @@ def test_trainer_push_to_hub_reaches_the_loopback_hub(hub_server, tmp_path):
             ids = torch.randint(0, 96, (8,), generator=torch.Generator().manual_seed(i))
             return {"input_ids": ids, "labels": ids}
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        push_to_hub=True,
-        hub_model_id="tester/trainer-push",
-        hub_token=hub_server.token,
-        save_strategy="steps",
-        save_steps=1,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = training_args(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                         push_to_hub=True, hub_model_id="tester/trainer-push", hub_token=hub_server.token,
+                         save_strategy="steps", save_steps=1)
     trainer = Trainer(model=tiny_llama(), args=args, train_dataset=Tokens())
     trainer.train()
     trainer.push_to_hub()

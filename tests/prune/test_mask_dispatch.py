@@ -13,8 +13,7 @@ from hf_weightprune.prune.plan import compute_masks
 from hf_weightprune.prune.pruner import refuse_tied
 from hf_weightprune.testing import tiny_llama, tiny_phi3
 from hf_weightprune.validation import check_sparsity, parse_nm
-
-from .helpers import train
+from tests.helpers import train
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.config import PruneConfig
@@ -21,15 +21,13 @@ from hf_weightprune.prune.pruner import prune_
 from hf_weightprune.publish.export import save_pruned
 from hf_weightprune.testing import TokenDataset, tiny_llama, tiny_phi3
 from hf_weightprune.train.schedule import PruneSchedule
-
-from .helpers import attach_all
+from tests.helpers import attach_all, training_args
 
 
 def _train(model, callbacks, out, *, max_steps=10, batch=4, ga=1, save_steps=None, resume=None, logging_steps=1000):
-    args = TrainingArguments(
-        str(out), max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
-        learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500, logging_steps=logging_steps, disable_tqdm=True)
+    args = training_args(out, max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+                         learning_rate=1e-2, seed=0, save_strategy="steps" if save_steps else "no",
+                         save_steps=save_steps or 500, logging_steps=logging_steps)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=48, vocab_size=model.config.vocab_size),
                       callbacks=callbacks)
     attach_all(trainer, callbacks)

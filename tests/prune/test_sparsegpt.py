@@ -17,10 +17,9 @@ from hf_weightprune.files.pruned_files import load_sparsity
 from hf_weightprune.matching import find_tracked_weights
 from hf_weightprune.prune.obs import layer_reconstruction_error, sparsegpt_prune_
 from hf_weightprune.testing import tiny_llama, tiny_phi3
+from tests.helpers import train
 
-from .helpers import train
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class HessianRecorder(TrainerCallback):
@@ -153,7 +152,7 @@ def test_owl_needs_activation_statistics(tmp_path):
 
 def test_sigkill_then_resume_restores_hessians_exactly(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    from .scripts.ckpt_train import MARKER, run
+    from tests.scripts.ckpt_train import MARKER, run
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "tests.scripts.ckpt_train", str(killed), "--criterion", "sparsegpt",

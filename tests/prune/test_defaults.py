@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from hf_weightprune import (
     ImportanceCallback,
@@ -21,8 +21,7 @@ from hf_weightprune import (
 )
 from hf_weightprune.scorers import SCORERS, Scorer, default_scope, register_scorer
 from hf_weightprune.testing import TokenDataset, tiny_llama
-
-from .helpers import train
+from tests.helpers import train, training_args
 
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
 
@@ -152,8 +151,8 @@ def _brute_force_summary(imp, target=0.5):
 @pytest.mark.parametrize("criterion", ["wanda", "temporal_magnitude", "taylor", "sparsegpt"])
 def test_logged_importance_summary_equals_brute_force(criterion, tmp_path):
     model = tiny_llama(seed=5)
-    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                             logging_steps=4, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    args = training_args(tmp_path, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=4,
+                         save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16))
     cb = ImportanceCallback(ImportanceConfig(criterion=criterion)).attach(trainer)
     trainer.train()
@@ -169,8 +168,8 @@ def test_logged_importance_summary_equals_brute_force(criterion, tmp_path):
 def test_logged_summary_follows_the_schedule_target(tmp_path):
     model = tiny_llama(seed=5)
     schedule = PruneSchedule(final_sparsity=0.3, start=1, end=2, every_n_steps=1, scope="layer")
-    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                             logging_steps=4, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    args = training_args(tmp_path, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=4,
+                         save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16))
     cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"), schedule=schedule).attach(trainer)
     trainer.train()

@@ -13,17 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
 from hf_weightprune.config import PruneConfig
 from hf_weightprune.files.safetensors_io import ImportanceFileError
 from hf_weightprune.prune.pruner import prune_
 from hf_weightprune.testing import TokenDataset, tiny_llama
+from tests.helpers import Recorder, reference, train, training_args
 
-from .helpers import Recorder, reference, train
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RTOL, ATOL = 1e-5, 1e-7  # float32 state against a float64 reference
 
 
@@ -224,8 +223,8 @@ def test_eval_forwards_do_not_count(criterion, tmp_path):
     for name, kw in [("plain", {}), ("eval", {"eval_strategy": "steps", "eval_steps": 2})]:
         model = tiny_llama(seed=18)
         cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
-        args = TrainingArguments(str(tmp_path / name), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                                 report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, **kw)
+        args = training_args(tmp_path / name, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                             save_strategy="no", logging_steps=1, **kw)
         trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=32), callbacks=[cb],
                           eval_dataset=TokenDataset(n=8, seed=1) if kw else None)
         trainer.train()
@@ -250,8 +249,8 @@ def test_train_again_restarts_state(tmp_path, caplog):
     def make_args(out):
         # SGD without momentum: the Trainer keeps its optimizer across train() calls, and Adam's moments
         # would make the continued run differ from a fresh one for reasons that have nothing to do with us.
-        return TrainingArguments(str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=0.1, optim="sgd",
-                                 report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True)
+        return training_args(out, max_steps=3, per_device_train_batch_size=4, learning_rate=0.1, optim="sgd",
+                             save_strategy="no", logging_steps=1)
 
     model = tiny_llama(seed=19)
     cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))
@@ -291,8 +290,8 @@ class IterableTokens(torch.utils.data.IterableDataset):
 
 
 def _train_on(model, dataset, cbs, out, **kw):
-    args = TrainingArguments(str(out), per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
-                             save_strategy="no", logging_steps=1, disable_tqdm=True, **kw)
+    args = training_args(out, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no", logging_steps=1,
+                         **kw)
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=cbs).train()
 
 
@@ -351,8 +350,8 @@ def test_hyperparameter_search_trial_folders(hp_name, tmp_path, caplog):
     pytest.importorskip("optuna")
     cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))
     capture = Capture(cb)
-    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True)
+    args = training_args(tmp_path, max_steps=2, per_device_train_batch_size=4, save_strategy="steps", save_steps=2,
+                         logging_steps=1)
     trainer = Trainer(model_init=lambda: tiny_llama(seed=22), args=args, train_dataset=TokenDataset(n=16),
                       eval_dataset=TokenDataset(n=4, seed=1), callbacks=[cb, capture])
     trainer.hyperparameter_search(
@@ -375,8 +374,7 @@ def test_hyperparameter_search_without_hp_name_is_refused(tmp_path):
     """Without hp_name the Trainer tells callbacks no trial folder (`state.trial_name` is None): refused up front."""
     pytest.importorskip("optuna")
     cb = ImportanceCallback()
-    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             save_strategy="no", disable_tqdm=True)
+    args = training_args(tmp_path, max_steps=2, per_device_train_batch_size=4, save_strategy="no")
     trainer = Trainer(model_init=lambda: tiny_llama(seed=22), args=args, train_dataset=TokenDataset(n=16),
                       eval_dataset=TokenDataset(n=4, seed=1), callbacks=[cb])
     with pytest.raises(ValueError, match="hyperparameter_search needs hp_name="):

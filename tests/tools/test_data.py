@@ -9,13 +9,14 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer
 
 from hf_weightprune.testing import train_tokenizer
 from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows
 from hf_weightprune.tools.plotting import plot_layer_stats, plot_sweep
+from tests.helpers import training_args
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KJV = REPO / "data" / "kjv"
 
 
@@ -47,9 +48,7 @@ def _tiny_llama(vocab_size, seed=0):
 
 
 def _trainer_eval_loss(model, windows, batch_size, tmp_path):
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "trainer"), per_device_eval_batch_size=batch_size, report_to=[], use_cpu=True
-    )
+    args = training_args(output_dir=str(tmp_path / "trainer"), per_device_eval_batch_size=batch_size)
     return Trainer(model, args=args).evaluate(windows)["eval_loss"]
 
 

@@ -17,7 +17,7 @@ from hf_weightprune.files.pruned_files import load_masks
 from hf_weightprune.train.holder import MaskHolder
 from hf_weightprune.train.schedule import PruneSchedule
 
-RELEASE = Path(__file__).parent / "fixtures" / "release-0.1"
+RELEASE = Path(__file__).resolve().parents[1] / "fixtures" / "release-0.1"
 
 
 def test_release_checkpoint_importance_masks_and_teacher_load(tmp_path):
