@@ -32,7 +32,7 @@ _LAZY_IMPORTS = {
     "sweep": "tools.sweep",
 }
 
-# A literal list (type checkers and linters read it); tests/test_cli.py checks it equals `_LAZY_IMPORTS`.
+# A literal list (type checkers and linters read it); tests/tools/test_cli.py checks it equals `_LAZY_IMPORTS`.
 __all__ = [
     "DistillConfig",
     "Importance",

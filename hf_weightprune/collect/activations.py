@@ -30,7 +30,7 @@ def in_backward_recompute() -> bool:
     Grad mode cannot tell (reentrant checkpointing runs the first forward under `no_grad`); the current graph
     task is what autograd's engine sets while it executes backward. A compiled forward is never such a recompute
     (and the private call would break its graph), so it answers False under compilation. Covered by
-    `tests/test_robustness.py::test_gradient_checkpointing_counts_once` for torch >= 2.4.
+    `tests/train/test_compatibility.py::test_gradient_checkpointing_counts_once` for torch >= 2.4.
     """
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 

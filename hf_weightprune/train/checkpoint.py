@@ -34,7 +34,7 @@ from ..io_utils import publish_folder
 logger = logging.getLogger(__name__)
 
 # Under `output_dir`: the leading "_" keeps it out of the Trainer's Hub pushes (`ignore_patterns=["_*", ...]`)
-# and out of its `checkpoint-*` globs (resume, rotation). Pinned by tests/test_checkpoint.py.
+# and out of its `checkpoint-*` globs (resume, rotation). Pinned by tests/train/test_checkpoint.py.
 STAGING_DIR = "_importance-staging"
 # The importance folders claimed by the callbacks of each running `train()` (keyed by its `TrainerState`, shared by
 # every callback of one Trainer): two callbacks writing the same folder are refused at train begin.
