@@ -75,3 +75,18 @@ def test_license_file_is_apache_and_shipped_in_the_wheel():
     assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert "## Unreleased" in changelog and "## 0.1.0" in changelog
+
+
+CITED_TEST = re.compile(r"`?(tests/[\w/]+\.py)::(\w+)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_cited_test_exists(doc):
+    """`tests/<stage>/test_x.py::test_name` in a doc (the compatibility matrix cites its evidence so) names a test
+    function that is defined in that file: a renamed or moved test leaves no claim without its proof."""
+    missing = []
+    for path, name in CITED_TEST.findall(doc.read_text()):
+        file = ROOT / path
+        if not file.is_file() or not re.search(rf"^\s*(?:async )?def {name}\(", file.read_text(), re.M):
+            missing.append(f"{path}::{name}")
+    assert not missing, f"{doc.name} cites tests that do not exist: {missing}"
