@@ -203,6 +203,7 @@ MAY_IMPORT = {
     "validation": set(),
     "collect/accumulator": {"collect/activations", "collect/importance", "collect/summary", "config", "distributed", "matching", "scorers"},
     "collect/activations": {"matching"},
+    "collect/cross": {"collect/activations"},
     "collect/importance": {"config", "matching", "scorers"},
     "collect/router": {"collect/activations", "moe"},
     "collect/summary": {"collect/importance", "matching"},
@@ -224,6 +225,7 @@ MAY_IMPORT = {
     "prune/owl": set(),
     "prune/plan": {"collect/importance", "config", "matching", "prune/global_threshold", "prune/masks", "prune/obs", "prune/owl", "scorers", "validation"},
     "prune/pruner": {"collect/importance", "config", "distributed", "io_utils", "matching", "prune/plan", "prune/report", "prune/surgery"},
+    "prune/refit": {"prune/obs", "scorers"},
     "prune/report": {"collect/importance", "config", "prune/masks", "scorers"},
     "prune/surgery": {"layouts", "prune/masks", "prune/unit_scores", "validation"},
     "prune/unit_scores": {"layouts"},
@@ -241,7 +243,7 @@ MAY_IMPORT = {
     "train/checkpoint": {"config", "distributed", "files/importance_files", "files/safetensors_io", "files/training_state", "io_utils"},
     "train/distill": {"config"},
     "train/distiller": {"collect/activations", "train/distill"},
-    "train/holder": {"distributed", "files/pruned_files", "matching", "prune/masks", "prune/plan", "prune/pruner", "prune/report", "train/schedule"},
+    "train/holder": {"distributed", "files/pruned_files", "matching", "prune/masks", "prune/plan", "prune/pruner", "prune/refit", "prune/report", "scorers", "train/schedule"},
     "train/schedule": {"config", "files/safetensors_io", "validation"},
 }
 PKG = D.ROOT / "hf_weightprune"

@@ -234,6 +234,15 @@ class ImportanceAccumulator:
         if self.samples_at(self.meta["epoch"]):
             self.sample(self.meta["epoch"], state.global_step, use_grads=False)
 
+    def restart(self) -> None:
+        """Drop every sample so far (buffers zeroed, sample counts and tokens cleared), keeping the hooks: a
+        `PruneSchedule(pruned_stream=...)` calls it at each mask change, so the statistic holds only the pruned
+        model's inputs from the next step on. Every rank calls it at the same steps (the sums are per rank)."""
+        with torch.no_grad():
+            for buf in self.states.values():
+                buf.zero_()
+        self.meta.update(num_samples=0, weight_sum=0.0, tokens={})
+
     # ------------------------------------------------------------------------------------------ read and resume
     def full_meta(self) -> dict[str, Any]:
         """The scalars, with activation token counts added across ranks (collective under DDP)."""

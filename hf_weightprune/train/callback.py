@@ -215,7 +215,11 @@ class ImportanceCallback(TrainerCallback):
         if self.mask_holder is not None and self.mask_holder.is_update_step(t):
             # `importance()` is a collective under DDP: every rank updates at the same steps.
             self.mask_holder.update_(self.importance(), t, int(state.max_steps))
+            if self.schedule.restarts_statistics:  # later updates read only the pruned model's inputs
+                self.accumulator.restart()
             control.should_log = True  # report each update to the Trainer's loggers
+        if self.mask_holder is not None and self.mask_holder.is_refit_step(t):
+            self.mask_holder.refit_(self.importance(), t)
         if control.should_save:
             self.checkpoint.save_teacher(args, state)
             self.checkpoint.stage(args, state)

@@ -12,6 +12,10 @@ Lifecycle:
   the plan's OBS edits instead (`PruningPlan.edit`): SparseGPT's OBS sweep (`obs.sparsegpt_prune_`) on the current
   weights with the Hessians so far, the earlier masks forced, so the new masks come from the OBS saliency and the
   kept weights are updated.
+- `refit_` (end of the `refit_at` step): least-squares re-fit of the kept weights on their fixed support from the
+  pruned-stream Hessians (`prune.refit.refit_masked_`), towards the current weights with every pruning edit undone.
+  The edits (pruned values and OBS compensations, `before - after` of each update) are summed per weight from the
+  first update on, only when `refit_at` is set: one float32 copy of the masked weights.
 - `state_dict` / `load_state_dict`: JSON counters and the masks, written beside the importance of every checkpoint.
 
 Masks only shrink: a pruned weight stays pruned (it ranks lowest at later updates), the usual gradual-pruning
@@ -39,7 +43,9 @@ from ..matching import find_tracked_weights, select_names
 from ..prune.masks import apply_mask_, check_nm_shapes
 from ..prune.plan import PruningPlan, uses_obs
 from ..prune.pruner import refuse_tied
+from ..prune.refit import refit_masked_
 from ..prune.report import PruningReport
+from ..scorers import get_scorer
 from .schedule import PruneSchedule
 
 logger = logging.getLogger(__name__)
@@ -68,6 +74,10 @@ class MaskHolder:
             raise TypeError(f"schedule must be a PruneSchedule; got {type(schedule).__name__}")
         if criterion is not None and schedule.mode == "prune":
             uses_obs(criterion, schedule.prune_config)  # the one-line refusal of prune_, before the first step
+        if criterion is not None and schedule.restarts_statistics and not get_scorer(criterion).has_hessian:
+            what = "refit_at" if schedule.refit_at is not None else "pruned_stream"
+            raise ValueError(f"PruneSchedule({what}=...) needs the input Hessians of the pruned model: track "
+                             f"ImportanceConfig(criterion='sparsegpt'), not {criterion!r}")
         self.schedule = schedule
         self.criterion = criterion  # the callback's, for `report` when no update ran in this process (a resume)
         self._reset()
@@ -87,6 +97,10 @@ class MaskHolder:
         self._steps: tuple[int, int] | None = None
         self._update_set: set[int] = set()
         self._restored: dict[str, Tensor] | None = None  # masks of a resumed checkpoint, until `setup` takes them
+        # `refit_at`: the sum of every update's edits (weights before minus after), float32 per masked weight.
+        self._edits: dict[str, Tensor] = {}
+        self._refit_step: int | None = None
+        self.refitted_at: int | None = None
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def setup(self, model: nn.Module, args, *, tracked_names: list[str], max_steps: int, optimizer=None) -> None:
@@ -112,6 +126,7 @@ class MaskHolder:
                                  "(max_steps changed?); resume with the same max_steps")
             self._steps = steps
             self._update_set = set(cfg.update_steps(max_steps))
+            self._refit_step = cfg.refit_step(max_steps)
             if len(self._update_set) == 1 and cfg.initial_sparsity < cfg.final_sparsity:
                 logger.warning("PruneSchedule: one mask update (step %d of %d, start..end = steps %d..%d, every_n_steps="
                                "%d): this is one-shot pruning, not gradual; lower every_n_steps or widen start..end",
@@ -142,6 +157,11 @@ class MaskHolder:
                                  f"{tuple(self.params[name].shape)}: masks from another model?")
         self.apply_masks_()
         self.zero_optimizer_state_()
+        if restored and self._refit_step is not None and self.refitted_at is None:
+            # The edits are not checkpointed yet: a re-fit now would target the pruned weights themselves (a no-op).
+            logger.warning("PruneSchedule: resumed after a mask update; the pruning edits the re-fit at step %d "
+                           "undoes are not in the checkpoint, so the re-fit is skipped", self._refit_step)
+            self._refit_step = None
 
     def _warn_if_not_pruned(self, source: str) -> None:
         """`"hold"` on weights the masks do not match yet (the dense model rather than the pruned checkpoint):
@@ -189,6 +209,7 @@ class MaskHolder:
         names = list(self.params)
         plan = PruningPlan.build(importance, self.schedule.prune_config, names, sparsity=target, previous=self.masks)
         self.scope = plan.scope
+        before = {n: self.params[n].detach().to(torch.float32, copy=True) for n in names} if self._refit_step is not None else None
         if plan.reconstruct:
             masks = {}
             for n in names:
@@ -207,10 +228,48 @@ class MaskHolder:
             self.masks = {n: plan.mask(n).to(self.params[n].device) for n in names}
         self.apply_masks_()
         self.zero_optimizer_state_()  # pruned weights only: the moments of kept weights an OBS update moved are kept
+        if before is not None:
+            for n in names:
+                edit = before[n].sub_(self.params[n].detach().float())
+                self._edits[n] = self._edits[n].add_(edit) if n in self._edits else edit
         self._record(target, step)
         logger.info("PruneSchedule: step %d, sparsity %.4f (target %.4f%s)", step, self.sparsity, target,
                     ", OBS" if self.reconstruction else "")
         return target
+
+    def is_refit_step(self, step: int) -> bool:
+        return self.schedule.mode == "prune" and step == self._refit_step and self.refitted_at is None
+
+    @torch.no_grad()
+    def refit_(self, importance, step: int) -> None:
+        """Re-fit the kept weights on their fixed support from the pruned-stream Hessians in `importance`.
+
+        Each weight's target is `W + E` (its current value plus the summed edits of every mask update): the network's
+        function with the pruning undone, training since kept. The masks do not change; the Adam moments are kept, as
+        after an OBS update. Under DDP every rank solves the same system and rank 0's result is broadcast.
+
+        Raises:
+            ValueError: no mask update happened yet, or a weight's Hessian has no token gathered since the last mask
+                change (importance sampled at no step after it), or is degenerate.
+        """
+        if not self._edits:
+            raise ValueError(f"PruneSchedule: refit at step {step} but no mask update happened before it")
+        tokens = importance.meta.get("tokens", {})
+        empty = [n for n in self.params if not tokens.get(n)]
+        if empty:
+            raise ValueError(f"PruneSchedule: refit at step {step}: no pruned-stream sample since the last mask update "
+                             f"(step {self.last_update_step}) for {len(empty)} weights (e.g. {empty[0]}); sample the "
+                             "importance at some step between them (ImportanceConfig.every_n_steps / window)")
+        for n, param in self.params.items():
+            reference = self._edits[n].add_(param.detach().float())
+            refit_masked_(param, self.masks[n], importance.state(n).to(param.device), reference=reference,
+                          percdamp=self.schedule.dampening)
+            self._edits[n] = reference.sub_(param.detach().float())  # the edit the re-fit leaves in place
+            if D.is_distributed():
+                D.broadcast_(param.data, 0)
+        self.apply_masks_()
+        self.refitted_at = step
+        logger.info("PruneSchedule: step %d, kept weights re-fitted on the pruned-stream Hessians", step)
 
     @torch.no_grad()
     def apply_masks_(self) -> None:

@@ -23,7 +23,8 @@ SCHEDULE_MODES = ("prune", "hold")
 RAMPS = ("cubic", "linear")
 # Fields that define the masks: a resumed run must agree on all of them.
 _RESUME_KEYS = ("final_sparsity", "initial_sparsity", "start", "end", "every_n_steps", "ramp", "structure", "scope",
-                "target_modules", "exclude_modules", "mode", "reconstruct", "dampening", "block_size")
+                "target_modules", "exclude_modules", "mode", "reconstruct", "dampening", "block_size",
+                "pruned_stream", "refit_at")
 
 
 def _is_int(v: Any) -> bool:
@@ -106,6 +107,17 @@ class PruneSchedule(_JsonConfigMixin):
             importance is refused when the callback is built; `False` gives mask-only updates. `"prune"` mode only.
         dampening (`float`, *optional*, defaults to 0.01) / block_size (`int`, *optional*, defaults to 128):
             The OBS sweep's, as in `PruneConfig`.
+        pruned_stream (`bool`, *optional*):
+            Restart the `sparsegpt` statistic at every mask change, so each later update (and the re-fit) reads only
+            Hessians of the pruned model's inputs gathered since the previous mask change, the statistics a sequential
+            calibration pass would compute. The importance the callback saves then also covers only those steps.
+            `None` (the default): on exactly when `refit_at` is set. `"prune"` mode and `sparsegpt` importance only.
+        refit_at (`float` or `int`, *optional*):
+            A step (int) or fraction of `max_steps` (float) after `end` at which the kept weights are re-fitted by
+            least squares on their fixed support ([`prune.refit.refit_masked_`]) from the pruned-stream Hessians:
+            the target is the current weights with every pruning edit undone (the pruned values and the OBS
+            compensations, recorded at each update: one float32 copy of the masked weights). No mask changes; pruned
+            weights stay zero. Needs `sparsegpt` importance sampled at some step after the last update.
 
     Raises:
         ValueError: an invalid field.
@@ -130,6 +142,8 @@ class PruneSchedule(_JsonConfigMixin):
     reconstruct: bool | None = field(default=None, metadata={"help": "OBS update of kept weights (sparsegpt)."})
     dampening: float = field(default=0.01, metadata={"help": "OBS dampening, fraction of mean diag(H)."})
     block_size: int = field(default=128, metadata={"help": "OBS block of columns."})
+    pruned_stream: bool | None = field(default=None, metadata={"help": "Restart the Hessians at mask changes."})
+    refit_at: float | int | None = field(default=None, metadata={"help": "Re-fit step (or fraction) after end."})
 
     def __post_init__(self):
         if self.mode not in SCHEDULE_MODES:
@@ -176,6 +190,41 @@ class PruneSchedule(_JsonConfigMixin):
             raise ValueError(f"every_n_steps must be an int >= 1; got {self.every_n_steps!r}")
         if self.ramp not in RAMPS:
             raise ValueError(f"ramp must be one of {RAMPS}; got {self.ramp!r}")
+        self._check_stream()
+
+    def _check_stream(self) -> None:
+        if self.pruned_stream is not None and not isinstance(self.pruned_stream, bool):
+            raise ValueError(f"pruned_stream must be a bool or None; got {self.pruned_stream!r}")
+        if self.refit_at is None:
+            return
+        self.refit_at = _check_point("refit_at", self.refit_at)
+        if self.mode != "prune":
+            raise ValueError("refit_at needs mode='prune': the re-fit's target is the weights before the pruning edits, "
+                             "which a hold run never saw")
+        if self.pruned_stream is False:
+            raise ValueError("refit_at re-fits from the pruned model's Hessians: it needs pruned_stream (True or None)")
+        if _is_int(self.refit_at) == _is_int(self.end) and self.refit_at <= self.end:
+            raise ValueError(f"refit_at={self.refit_at!r} must be after end={self.end!r}: the Hessians of the final "
+                             "masks are gathered after the last mask update")
+
+    @property
+    def restarts_statistics(self) -> bool:
+        """Whether the `sparsegpt` statistic restarts at every mask change (`pruned_stream`, or implied by `refit_at`)."""
+        return self.mode == "prune" and (self.pruned_stream or (self.pruned_stream is None and self.refit_at is not None))
+
+    def refit_step(self, max_steps: int) -> int | None:
+        """The step at whose end the kept weights are re-fitted, or `None` without `refit_at`.
+
+        Raises:
+            ValueError: the step is not after the last mask update, or past `max_steps`.
+        """
+        if self.refit_at is None:
+            return None
+        step, end = _to_step(self.refit_at, max_steps), self.resolve_steps(max_steps)[1]
+        if not end < step <= max_steps:
+            raise ValueError(f"PruneSchedule: refit_at={self.refit_at!r} (step {step}) must be after the last mask update "
+                             f"(end, step {end}) and at most max_steps ({max_steps}): no pruned-stream sample before it")
+        return step
 
     @property
     def prune_config(self) -> PruneConfig:

@@ -1,0 +1,226 @@
+"""Least-squares re-fit of kept weights on a fixed support, and the asymmetric (dense-to-pruned) OBS objective.
+
+SparseGPT ([`obs.sparsegpt_prune_`]) minimises `||W X - W_hat X||^2` on the *dense* model's inputs `X`. Once masks are
+applied, a layer actually sees the pruned model's inputs `X~`, whose Hessian `H~ = X~ X~^T` the training forwards
+gather at no extra cost. Two corrections use it:
+
+- **Re-fit** ([`refit_masked_`]): with the mask fixed, the kept weights of each row are the least-squares solution
+  `argmin_{W_hat on the support} ||R X~ - W_hat X~||^2 + damp ||R - W_hat||^2` for a reference `R` (the weights before
+  the pruning edits): per row `w_S = ((H~ + damp I)_SS)^-1 [R (H~ + damp I)]_S`. Pruned weights stay exactly zero,
+  and a reference already supported on the mask is returned unchanged (the dampening is a ridge towards `R`).
+- **Asymmetric objective** (GPTAQ, arXiv 2504.02692; QEP, arXiv 2504.09629): `||R X - W_hat X~||^2`, the dense
+  layer's output on dense inputs matched from the pruned inputs. Its normal equations read `W_hat H~ = R (H~ + C)` with
+  the cross term `C = (X - X~) X~^T`, so it is the symmetric objective on `H~` with the propagated target
+  `R' = R + R C H~^-1` ([`propagate_target`]); QEP scales the correction, `R' = R + alpha R C H~^-1`, and reports
+  `alpha` in [0.25, 0.5] as robust (1.0 is the exact asymmetric solution, 0 the symmetric one on `H~`).
+
+Memory: a re-fit of an `[out, in]` weight holds its float32 copy, the dampened `[in, in]` Hessian and, per chunk of
+`rows` rows, `rows` masked `[in, in]` systems (`row_chunk` bounds them, 64 MiB by default).
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from ..scorers.sparsegpt import check_pair
+from .obs import sparsegpt_prune_
+
+__all__ = ["asymmetric_sparsegpt_prune_", "dampened", "propagate_target", "refit_masked_"]
+
+_CHUNK_BYTES = 64 << 20
+
+
+def _check_damp(percdamp) -> float:
+    if isinstance(percdamp, bool) or not isinstance(percdamp, Real) or not 0.0 <= float(percdamp) <= 1.0:
+        raise ValueError(f"`percdamp` must be a float in [0.0, 1.0] (SparseGPT uses 0.01), got {percdamp!r}.")
+    return float(percdamp)
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"`alpha` must be a float in [0.0, 1.0] (GPTAQ / QEP use 0.25 to 0.5), got {alpha!r}.")
+    return float(alpha)
+
+
+def dampened(hessian: Tensor, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """
+    `H + percdamp * mean(diag(H)) I` in float32, with `H_jj = 1` on inputs that never fired, as the OBS sweep uses.
+
+    Args:
+        hessian (`torch.Tensor`): `[in, in]` sum of `x x^T` over tokens; not modified.
+        percdamp (`float`, *optional*, defaults to 0.01): dampening as a fraction of the mean diagonal.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the dampened `[in, in]` float32 copy, and `dead` (`[in]` bool, `True`
+        where `H_jj == 0`).
+
+    Raises:
+        `ValueError`: `percdamp` out of range, or `hessian` not finite or all zero on its diagonal.
+    """
+    percdamp = _check_damp(percdamp)
+    H = hessian.detach().to(torch.float32, copy=True)
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("`hessian` contains NaN or Inf; accumulate it from finite activations.")
+    diag = H.diagonal()
+    dead = diag == 0
+    if bool(dead.all()):
+        raise ValueError("`hessian` is all zero on its diagonal: no tokens reached this Linear; train on some first.")
+    diag[dead] = 1.0
+    diag.add_(percdamp * diag.mean())
+    return H, dead
+
+
+def _check_cross(cross: Tensor | None, hessian: Tensor) -> None:
+    if cross is not None and (not isinstance(cross, Tensor) or cross.shape != hessian.shape
+                              or not cross.is_floating_point()):
+        raise ValueError(f"`cross` must be a floating [in, in] tensor like `hessian` {tuple(hessian.shape)}, got "
+                         f"{tuple(cross.shape) if isinstance(cross, Tensor) else type(cross).__name__}.")
+
+
+@torch.no_grad()
+def propagate_target(reference: Tensor, hessian: Tensor, cross: Tensor, *, alpha: float = 0.5,
+                     percdamp: float = 0.01) -> Tensor:
+    """
+    The target weight whose symmetric objective on `H~` is the asymmetric one: `R + alpha R C (H~ + damp I)^-1`.
+
+    With `alpha=1` (and no dampening), `||R' X~ - W_hat X~||^2` differs from `||R X - W_hat X~||^2` by a constant
+    that does not depend on `W_hat`, so any solver of the symmetric objective on `H~` (the OBS sweep, [`refit_masked_`])
+    solves the asymmetric one from `R'` (QEP, arXiv 2504.09629, eq. 6, with its propagation strength `alpha`).
+
+    Args:
+        reference (`torch.Tensor`): `[out, in]` weights `R` whose outputs on the dense inputs are the target.
+        hessian (`torch.Tensor`): `[in, in]` `H~ = sum x~ x~^T` over the pruned model's inputs.
+        cross (`torch.Tensor`): `[in, in]` `C = sum (x - x~) x~^T` over the same tokens (`x`: the dense model's input).
+        alpha (`float`, *optional*, defaults to 0.5): share of the correction applied, in [0, 1].
+        percdamp (`float`, *optional*, defaults to 0.01): dampening of `H~`, as in the sweep.
+
+    Returns:
+        `torch.Tensor`: `[out, in]` float32 on `reference`'s device; `R` itself (as float32) when `C = 0`.
+
+    Raises:
+        `ValueError`: shapes disagree, `alpha` out of [0, 1], or `H~` is degenerate.
+    """
+    check_pair(reference, hessian)
+    _check_cross(cross, hessian)
+    alpha = _check_alpha(alpha)
+    R = reference.detach().to(torch.float32, copy=True)
+    H, _ = dampened(hessian.to(R.device), percdamp)
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(f"`hessian` is not positive definite after dampening with percdamp={percdamp}; raise it.")
+    RC = R @ cross.detach().to(R.device, torch.float32)
+    # R C H^-1 = (H^-1 C^T R^T)^T, H symmetric: one Cholesky solve with out right-hand sides.
+    correction = torch.cholesky_solve(RC.T.contiguous(), L).T
+    return R.add_(correction, alpha=alpha)
+
+
+@torch.no_grad()
+def refit_masked_(weight: Tensor, mask: Tensor, hessian: Tensor, *, reference: Tensor | None = None,
+                  cross: Tensor | None = None, alpha: float = 0.5, percdamp: float = 0.01,
+                  row_chunk: int | None = None) -> Tensor:
+    """
+    Re-fit the kept weights of each row, in place, by least squares on their fixed support; no mask changes.
+
+    Per row `i` with kept inputs `S`, `w_S = ((H + damp I)_SS)^-1 [r (H + damp I + alpha C)]_S` and `w = 0` off `S`:
+    the minimiser of `||r X - w X||^2 + damp ||r - w||^2` over `w` supported on `S` (with `cross`, of the asymmetric
+    `||r X - w X~||^2`, see [`propagate_target`]). The dampening is a ridge towards the reference, so a reference
+    already supported on the mask is returned unchanged.
+
+    Args:
+        weight (`torch.Tensor`):
+            `[out, in]` weight (or `nn.Parameter`), any floating dtype; overwritten, exactly `+0.0` where `mask` is
+            `False`.
+        mask (`torch.BoolTensor`):
+            `[out, in]` keep-mask, `True` = keep.
+        hessian (`torch.Tensor`):
+            `[in, in]` sum of `x x^T` over the inputs the re-fit is for (the pruned model's inputs, `H~`).
+        reference (`torch.Tensor`, *optional*):
+            `[out, in]` weights whose outputs are the target (e.g. the weights with the pruning edits undone);
+            defaults to `weight` as it is (its values where `mask` is `False` are then the pruned weights' values).
+        cross (`torch.Tensor`, *optional*):
+            `[in, in]` `sum (x - x~) x~^T` of the dense and pruned inputs of the same tokens: the asymmetric objective.
+        alpha (`float`, *optional*, defaults to 0.5):
+            With `cross`: share of the dense-to-pruned correction, in [0, 1] (GPTAQ / QEP use 0.25 to 0.5).
+        percdamp (`float`, *optional*, defaults to 0.01):
+            Dampening as a fraction of `mean(diag(H))`, as the OBS sweep.
+        row_chunk (`int`, *optional*):
+            Rows solved per batched Cholesky; default: as many as fit in 64 MiB of `[in, in]` float32 systems.
+
+    Returns:
+        `torch.Tensor`: `weight`.
+
+    Raises:
+        `ValueError`: shapes or arguments are wrong, the reference or Hessian is not finite, or a row's system is not
+        positive definite; raised before `weight` is touched.
+    """
+    check_pair(weight, hessian)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+        raise ValueError(f"`mask` must be a bool keep-mask of the weight's shape {tuple(weight.shape)}, got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}.")
+    if reference is not None and (not isinstance(reference, Tensor) or reference.shape != weight.shape):
+        raise ValueError(f"`reference` must have the weight's shape {tuple(weight.shape)}, got "
+                         f"{tuple(getattr(reference, 'shape', ()))}.")
+    _check_cross(cross, hessian)
+    alpha = _check_alpha(alpha)
+    rows, cols = weight.shape
+    device = weight.device
+    R = (weight if reference is None else reference).detach().to(device, torch.float32, copy=True)
+    if not bool(torch.isfinite(R).all()):
+        raise ValueError("The reference weights contain NaN or Inf; refusing to re-fit from them.")
+    H, dead = dampened(hessian.to(device), percdamp)
+    B = R @ H  # right-hand sides, [rows, in]
+    if cross is not None and alpha:
+        B.addmm_(R, cross.detach().to(device, torch.float32), alpha=alpha)
+    keep = mask.to(device) & ~dead[None, :]  # dead inputs carry no signal: their weights are zeroed, as the sweep does
+    if row_chunk is None:
+        row_chunk = max(1, _CHUNK_BYTES // (4 * cols * cols))
+    out = torch.zeros(rows, cols, dtype=torch.float32, device=device)
+    eye = torch.eye(cols, dtype=torch.float32, device=device)
+    for a in range(0, rows, row_chunk):
+        k = keep[a : a + row_chunk].to(torch.float32)
+        # Row i's system restricted to its support, identity on the pruned inputs: one batched Cholesky per chunk.
+        A = H[None] * k[:, :, None] * k[:, None, :] + eye * (1.0 - k)[:, None, :]
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            bad = a + int((info != 0).nonzero()[0])
+            raise ValueError(f"row {bad}'s Hessian on its kept inputs is not positive definite with percdamp="
+                             f"{percdamp:g}; raise it. No weight was changed.")
+        out[a : a + row_chunk] = torch.cholesky_solve((B[a : a + row_chunk] * k).unsqueeze(-1), L).squeeze(-1) * k
+    out.masked_fill_(~keep, 0.0)  # exact +0.0 after the cast back
+    weight.detach().copy_(out)
+    return weight
+
+
+@torch.no_grad()
+def asymmetric_sparsegpt_prune_(weight: Tensor, hessian: Tensor, cross: Tensor | None = None, *, alpha: float = 0.5,
+                                percdamp: float = 0.01, **kwargs) -> Tensor:
+    """
+    SparseGPT's OBS sweep on the pruned model's Hessian `H~` for the asymmetric objective `||W X - W_hat X~||^2`
+    (GPTAQ, arXiv 2504.02692; QEP, arXiv 2504.09629): the weight is first moved to the propagated target
+    [`propagate_target`], then swept with `H~` ([`obs.sparsegpt_prune_`]). Without `cross` (or with `C = 0`, dense and
+    pruned inputs equal) it is exactly the plain sweep.
+
+    Args:
+        weight (`torch.Tensor`): `[out, in]` weight; overwritten.
+        hessian (`torch.Tensor`): `[in, in]` `H~`.
+        cross (`torch.Tensor`, *optional*): `[in, in]` `sum (x - x~) x~^T`.
+        alpha (`float`, *optional*, defaults to 0.5): share of the correction, in [0, 1].
+        percdamp (`float`, *optional*, defaults to 0.01): the sweep's dampening.
+        **kwargs: the sweep's mask arguments (`sparsity`, `nm`, `scope`, `blocksize`, `previous`, `nm_sparsity`).
+
+    Returns:
+        `torch.BoolTensor`: the keep-mask, as [`obs.sparsegpt_prune_`].
+
+    Raises:
+        `ValueError`: as [`propagate_target`] and [`obs.sparsegpt_prune_`]; before `weight` is touched.
+    """
+    if cross is None:
+        return sparsegpt_prune_(weight, hessian, percdamp=percdamp, **kwargs)
+    target = propagate_target(weight, hessian, cross, alpha=alpha, percdamp=percdamp)
+    # Sweep a copy, so a refusal of the mask arguments leaves `weight` untouched.
+    keep = sparsegpt_prune_(target, hessian, percdamp=percdamp, **kwargs)
+    weight.detach().copy_(target)
+    return keep
