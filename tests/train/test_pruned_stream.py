@@ -3,13 +3,14 @@ every mask change, and the re-fit of the kept weights at `refit_at` solves least
 
 import pytest
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.prune.refit import refit_masked_
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from hf_weightprune.train.holder import MaskHolder
 from hf_weightprune.train.schedule import PruneSchedule
+from tests.helpers import training_args
 
 MAX_STEPS = 12
 END = 4  # updates at 1, 3 and 4; then 8 steps of the final masks' inputs
@@ -63,9 +64,8 @@ def _run(tmp_path, schedule, *, lr=1e-2, config=None, inputs=True):
     if inputs:
         rec = Inputs(model, [n for n, p in model.named_parameters() if n.endswith("proj.weight")])
         callbacks.insert(0, rec)
-    args = TrainingArguments(str(tmp_path), max_steps=MAX_STEPS, per_device_train_batch_size=4, learning_rate=lr,
-                             report_to=[], use_cpu=True, seed=0, save_strategy="no", logging_steps=1000,
-                             disable_tqdm=True)
+    args = training_args(tmp_path, max_steps=MAX_STEPS, per_device_train_batch_size=4, learning_rate=lr, seed=0,
+                         save_strategy="no", logging_steps=1000)
     Trainer(model=model, args=args, train_dataset=TokenDataset(n=48, seed=1), callbacks=callbacks).train()
     return model, cb, at, rec if inputs else None
 
