@@ -150,6 +150,11 @@ class ImportanceConfig(_JsonConfigMixin):
             How the samples are summed: `"uniform"`, or `"step"`: the sample of step `t` is multiplied by `t`, as
             arXiv 2502.17071 weighs magnitudes (`criterion="sparsegpt"` only: `H = sum_t t * X_t^T X_t`, see
             [`~hf_weightprune.scorers.sparsegpt.SparseGPT`]). Other criteria refuse `"step"`.
+        units (`bool`, *optional*, defaults to `False`):
+            Also gather the unit statistics structured pruning ranks by (`collect/units.py`): per MLP neuron, KV
+            group and hidden channel the activation magnitude over real tokens (Minitron) and first-order Taylor
+            `|sum g * w|`, per decoder layer the block influence (ShortGPT). Sampled at the same steps as the
+            criterion, written with every checkpoint (`units.safetensors`), read by `Importance.unit_scores`.
     """
 
     criterion: str = field(default="wanda", metadata={"help": "Importance criterion (registry key)."})
@@ -163,6 +168,8 @@ class ImportanceConfig(_JsonConfigMixin):
     name: str | None = field(default=None, metadata={"help": "Folder suffix: importance-<name>/ (several callbacks)."})
     weighting: str = field(default="uniform", metadata={"help": "uniform | step (sample of step t counts t times; "
                                                                 "sparsegpt)."})
+    units: bool = field(default=False, metadata={"help": "Also gather unit statistics (neurons, KV groups, hidden "
+                                                         "channels, layers) for structured pruning."})
 
     def __post_init__(self):
         from .scorers import SCORERS
@@ -187,13 +194,18 @@ class ImportanceConfig(_JsonConfigMixin):
                              f"with {supported} or leave weighting='uniform'")
         if not isinstance(self.per_epoch, bool):
             raise ValueError(f"per_epoch must be a bool; got {self.per_epoch!r}")
+        if not isinstance(self.units, bool):
+            raise ValueError(f"units must be a bool; got {self.units!r}")
+        if self.units and self.per_epoch:
+            raise ValueError("units=True gathers statistics during training steps; per_epoch=True samples only "
+                             "weights at epoch ends: use every_n_steps")
         if self.name is not None and not (isinstance(self.name, str) and _NAME_RE.fullmatch(self.name)):
             raise ValueError(f"name must be None or letters, digits, '_', '.', '-' (it names the folder "
                              f"importance-<name>/), not starting with '.' or '-'; got {self.name!r}")
 
     # Fields that change what the state means: a resumed run must agree on all of them.
     RESUME_KEYS = ("criterion", "target_modules", "exclude_modules", "every_n_steps", "per_epoch", "window", "state_dtype",
-                   "weighting")
+                   "weighting", "units")
 
     def diff(self, other: ImportanceConfig) -> dict[str, tuple[Any, Any]]:
         """
