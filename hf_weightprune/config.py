@@ -226,6 +226,8 @@ class ImportanceConfig(_JsonConfigMixin):
 PRUNE_SCOPES = ("global", "layer", "row")
 PRUNE_ALLOCATIONS = ("uniform", "owl")
 COMPENSATIONS = (None, "refit")
+# What structured pruning can rank units by (`collect/units.py` computes them; defined here, the leaf both read).
+UNIT_STATISTICS = ("activation", "activation_l2", "taylor")
 
 @dataclass
 class PruneConfig(_JsonConfigMixin):
@@ -396,8 +398,6 @@ class PruneConfig(_JsonConfigMixin):
         if kind == "combined" and self.target_params is None and self.sparsity is None:
             raise ValueError(f"structure {self.structure!r} combines several axes: give target_params (the budget "
                              "is split between them), or a sparsity applied to each")
-        from .collect.units import UNIT_STATISTICS  # lazily: collect imports torch
-
         if self.unit_statistic not in UNIT_STATISTICS:
             raise ValueError(f"unit_statistic must be one of {UNIT_STATISTICS}; got {self.unit_statistic!r}")
         if self.compensate not in COMPENSATIONS:

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import UNIT_STATISTICS  # what `scores()` can rank by
 from .activations import in_backward_recompute, real_token_rows
 from .unit_layout import LayerUnits, find_layer_units, hidden_taylor_, layer_taylor
 
 __all__ = ["UNIT_STATISTICS", "UnitCollector", "unit_scores"]
 
-UNIT_STATISTICS = ("activation", "activation_l2", "taylor")  # what `scores()` can rank by
 
 
 class UnitCollector:
