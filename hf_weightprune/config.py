@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .io_utils import atomic_write_json
-from .validation import check_modules, check_regex, check_sparsity, parse_structure
+from .validation import STRUCTURED_KINDS, check_modules, check_regex, check_sparsity, parse_structure, structure_parts
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,11 @@ class ImportanceConfig(_JsonConfigMixin):
             How the samples are summed: `"uniform"`, or `"step"`: the sample of step `t` is multiplied by `t`, as
             arXiv 2502.17071 weighs magnitudes (`criterion="sparsegpt"` only: `H = sum_t t * X_t^T X_t`, see
             [`~hf_weightprune.scorers.sparsegpt.SparseGPT`]). Other criteria refuse `"step"`.
+        units (`bool`, *optional*, defaults to `False`):
+            Also gather the unit statistics structured pruning ranks by (`collect/units.py`): per MLP neuron, KV
+            group and hidden channel the activation magnitude over real tokens (Minitron) and first-order Taylor
+            `|sum g * w|`, per decoder layer the block influence (ShortGPT). Sampled at the same steps as the
+            criterion, written with every checkpoint (`units.safetensors`), read by `Importance.unit_scores`.
     """
 
     criterion: str = field(default="wanda", metadata={"help": "Importance criterion (registry key)."})
@@ -163,6 +168,8 @@ class ImportanceConfig(_JsonConfigMixin):
     name: str | None = field(default=None, metadata={"help": "Folder suffix: importance-<name>/ (several callbacks)."})
     weighting: str = field(default="uniform", metadata={"help": "uniform | step (sample of step t counts t times; "
                                                                 "sparsegpt)."})
+    units: bool = field(default=False, metadata={"help": "Also gather unit statistics (neurons, KV groups, hidden "
+                                                         "channels, layers) for structured pruning."})
 
     def __post_init__(self):
         from .scorers import SCORERS
@@ -187,13 +194,18 @@ class ImportanceConfig(_JsonConfigMixin):
                              f"with {supported} or leave weighting='uniform'")
         if not isinstance(self.per_epoch, bool):
             raise ValueError(f"per_epoch must be a bool; got {self.per_epoch!r}")
+        if not isinstance(self.units, bool):
+            raise ValueError(f"units must be a bool; got {self.units!r}")
+        if self.units and self.per_epoch:
+            raise ValueError("units=True gathers statistics during training steps; per_epoch=True samples only "
+                             "weights at epoch ends: use every_n_steps")
         if self.name is not None and not (isinstance(self.name, str) and _NAME_RE.fullmatch(self.name)):
             raise ValueError(f"name must be None or letters, digits, '_', '.', '-' (it names the folder "
                              f"importance-<name>/), not starting with '.' or '-'; got {self.name!r}")
 
     # Fields that change what the state means: a resumed run must agree on all of them.
     RESUME_KEYS = ("criterion", "target_modules", "exclude_modules", "every_n_steps", "per_epoch", "window", "state_dtype",
-                   "weighting")
+                   "weighting", "units")
 
     def diff(self, other: ImportanceConfig) -> dict[str, tuple[Any, Any]]:
         """
@@ -213,6 +225,9 @@ class ImportanceConfig(_JsonConfigMixin):
 
 PRUNE_SCOPES = ("global", "layer", "row")
 PRUNE_ALLOCATIONS = ("uniform", "owl")
+COMPENSATIONS = (None, "refit")
+# What structured pruning can rank units by (`collect/units.py` computes them; defined here, the leaf both read).
+UNIT_STATISTICS = ("activation", "activation_l2", "taylor")
 
 @dataclass
 class PruneConfig(_JsonConfigMixin):
@@ -223,10 +238,11 @@ class PruneConfig(_JsonConfigMixin):
             Fraction of weights (or units) to remove, in [0, 1). A dict maps module-name regexes (fullmatch,
             first match wins) to per-module targets; modules matching no key are left dense. For N:M it is
             implied (`1 - N/M`) and may be left unset.
-        structure (`str`, *optional*, defaults to `"unstructured"`):
+        structure (`str`, `tuple` or `list`, *optional*, defaults to `"unstructured"`):
             `"unstructured"`, `"N:M"` such as `"2:4"` (groups of M consecutive input weights keep N),
-            `"neurons"` (MLP intermediate channels) or `"heads"` (attention KV groups); the last two
-            physically shrink the model.
+            `"neurons"` (MLP intermediate channels), `"heads"` (attention KV groups), `"hidden"` (residual-stream
+            channels) or `"layers"` (whole decoder layers), or several of the last four (`("layers", "neurons")`,
+            stored as `"layers,neurons"`): these physically shrink the model (see `prune/structured.py`).
         scope (`str`, *optional*):
             `"global"` (one threshold over all pruned weights), `"layer"` (the same sparsity in every tensor; the
             default and only choice for structured), or `"row"` (the same sparsity in every output row, as Wanda
@@ -256,6 +272,15 @@ class PruneConfig(_JsonConfigMixin):
             OBS: fraction of the mean of `diag(H)` added to the diagonal.
         block_size (`int`, *optional*, defaults to 128):
             OBS: columns per mask-selection and lazy-update block.
+        target_params (`int` or `float`, *optional*):
+            Structured only, instead of `sparsity`: the parameters to keep, a count (`int`) or a fraction of the
+            model's (`float` in (0, 1)); split between the axes of a combination (see `prune/structured.py`).
+        unit_statistic (`str`, *optional*, defaults to `"activation"`):
+            Structured: which unit statistic ranks the units (`"activation"`, `"activation_l2"`, `"taylor"`) when the
+            importance has them (`ImportanceConfig(units=True)`); neurons/heads otherwise rank by per-weight scores.
+        compensate (`str`, *optional*):
+            Structured: `"refit"` refits the kept `down_proj` / `o_proj` columns by least squares from the input
+            Hessians of `criterion="sparsegpt"` importance (structured OBS); `None` slices only.
 
     Raises:
         `ValueError`: naming the field, for a bad structure, sparsity (or one an N:M pattern contradicts), a
@@ -287,9 +312,19 @@ class PruneConfig(_JsonConfigMixin):
     block_size: int = field(default=128, metadata={"help": "OBS columns per block (a multiple of M for N:M)"})
     allow_collapse: bool = field(default=False, metadata={
         "help": "let a global threshold prune a whole tensor (refused otherwise)"})
+    target_params: int | float | None = field(default=None, metadata={
+        "help": "structured: parameters to keep, an int count or a float fraction of the model's (instead of "
+                "sparsity)"})
+    unit_statistic: str = field(default="activation", metadata={
+        "help": "structured: unit statistic to rank by (activation | activation_l2 | taylor; needs units=True)"})
+    compensate: str | None = field(default=None, metadata={
+        "help": "structured: refit (least squares of down_proj / o_proj from sparsegpt Hessians) or None"})
 
     def __post_init__(self):
         kind, nm = parse_structure(self.structure)
+        if kind == "combined":  # one canonical spelling, also in JSON: "layers,neurons"
+            self.structure = ",".join(structure_parts(self.structure))
+        self._check_structured(kind)
         if kind == "N:M":
             implied = 1.0 - nm[0] / nm[1]
             if self.sparsity is not None and (
@@ -297,7 +332,7 @@ class PruneConfig(_JsonConfigMixin):
             ):
                 raise ValueError(f"structure {self.structure!r} implies sparsity {implied}; got sparsity={self.sparsity!r}")
             self.sparsity = implied
-        elif self.sparsity is None:
+        elif self.sparsity is None and self.target_params is None:
             self.sparsity = 0.5
         if isinstance(self.sparsity, dict):
             if not self.sparsity:
@@ -306,17 +341,17 @@ class PruneConfig(_JsonConfigMixin):
                 raise ValueError(f"per-module sparsity (a dict) is supported for unstructured pruning, not {kind!r}")
             self.sparsity = {check_regex("sparsity key", str(k)): check_sparsity(f"sparsity[{k!r}]", v)
                              for k, v in self.sparsity.items()}
-        else:
+        elif self.sparsity is not None:
             self.sparsity = check_sparsity("sparsity", self.sparsity)
         if self.scope is None and kind != "unstructured":
             self.scope = "layer"
         if self.scope is not None and self.scope not in PRUNE_SCOPES:
             raise ValueError(f"scope must be one of {PRUNE_SCOPES}; got {self.scope!r}")
-        if kind in ("neurons", "heads") and self.scope != "layer":
+        if self.structures and self.scope != "layer":
             raise ValueError(f"structure {kind!r} removes the same number of units in every layer: use scope='layer'")
         self.target_modules = check_modules("target_modules", self.target_modules)
         self.exclude_modules = check_modules("exclude_modules", self.exclude_modules)
-        if kind in ("neurons", "heads") and (self.target_modules is not None or self.exclude_modules is not None):
+        if self.structures and (self.target_modules is not None or self.exclude_modules is not None):
             # Surgery shrinks every layer's MLP / attention as a whole: a selection would be silently ignored.
             raise ValueError(f"structure {kind!r} shrinks every decoder layer: target_modules/exclude_modules do not "
                              "apply; leave them unset (or use unstructured/N:M pruning to prune part of the model)")
@@ -345,6 +380,36 @@ class PruneConfig(_JsonConfigMixin):
                              f"(--block_size {fit}) or a pattern whose M divides {self.block_size}")
         if not isinstance(self.allow_collapse, bool):
             raise ValueError(f"allow_collapse must be a bool; got {self.allow_collapse!r}")
+
+    def _check_structured(self, kind: str) -> None:
+        structured = kind in STRUCTURED_KINDS or kind == "combined"
+        if self.target_params is not None:
+            t = self.target_params
+            if not structured:
+                raise ValueError(f"target_params is a budget for structured pruning ({STRUCTURED_KINDS}); got "
+                                 f"structure {self.structure!r}")
+            if self.sparsity is not None:
+                raise ValueError("give either sparsity (a fraction of the units) or target_params (the parameters "
+                                 "to keep), not both")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or (isinstance(t, float) and not 0 < t < 1) \
+                    or (isinstance(t, int) and t < 1):
+                raise ValueError(f"target_params must be an int >= 1 (parameters to keep) or a float in (0, 1) (the "
+                                 f"fraction of the model's parameters to keep); got {t!r}")
+        if kind == "combined" and self.target_params is None and self.sparsity is None:
+            raise ValueError(f"structure {self.structure!r} combines several axes: give target_params (the budget "
+                             "is split between them), or a sparsity applied to each")
+        if self.unit_statistic not in UNIT_STATISTICS:
+            raise ValueError(f"unit_statistic must be one of {UNIT_STATISTICS}; got {self.unit_statistic!r}")
+        if self.compensate not in COMPENSATIONS:
+            raise ValueError(f"compensate must be one of {COMPENSATIONS}; got {self.compensate!r}")
+        if self.compensate is not None and not structured:
+            raise ValueError("compensate applies to structured pruning; unstructured pruning compensates with "
+                             "reconstruct=True (OBS)")
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        """`tuple[str, ...]`: the structured axes (`("layers", "neurons")`), empty for unstructured / N:M."""
+        return structure_parts(self.structure) or ()
 
     def resolve_scope(self, criterion: str | None) -> str:
         """

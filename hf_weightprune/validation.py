@@ -99,26 +99,47 @@ def parse_nm(spec: str) -> tuple[int, int]:
     return n, m
 
 
-def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
+# Structures that physically shrink the model (`prune/structured.py`); several may be combined ("layers,neurons").
+STRUCTURED_KINDS = ("neurons", "heads", "hidden", "layers")
+
+
+def parse_structure(structure) -> tuple[str, tuple[int, int] | None]:
     """
     Parse a pruning structure.
 
     Args:
-        structure (`str`):
-            `"unstructured"`, `"neurons"`, `"heads"` or an N:M pattern such as `"2:4"`.
+        structure (`str`, `tuple` or `list`):
+            `"unstructured"`, an N:M pattern such as `"2:4"`, one of `STRUCTURED_KINDS` (`"neurons"`, `"heads"`,
+            `"hidden"`, `"layers"`), or several of those (a tuple/list, or comma-separated: `"layers,neurons"`).
 
     Returns:
-        `tuple[str, tuple[int, int] | None]`: `(kind, nm)` with `kind` one of `"unstructured"`, `"N:M"`,
-        `"neurons"`, `"heads"`, and `nm = (n, m)` for N:M, else `None`.
+        `tuple[str, tuple[int, int] | None]`: `(kind, nm)` with `kind` one of `"unstructured"`, `"N:M"`, a
+        structured kind, or `"combined"` (several structured kinds), and `nm = (n, m)` for N:M, else `None`.
 
     Raises:
-        `ValueError`: for any other value, or a malformed N:M pattern.
+        `ValueError`: for any other value, a repeated structure, or a malformed N:M pattern.
     """
-    if structure in ("unstructured", "neurons", "heads"):
+    if structure == "unstructured" or structure in STRUCTURED_KINDS:
         return structure, None
     if isinstance(structure, str) and ":" in structure:
         return "N:M", parse_nm(structure)
-    raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons' or 'heads'; got {structure!r}")
+    parts = structure_parts(structure)
+    if parts is not None and len(parts) > 1:
+        return "combined", None
+    raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', one of {STRUCTURED_KINDS} or a "
+                     f"combination of them ('layers,neurons'); got {structure!r}")
+
+
+def structure_parts(structure) -> tuple[str, ...] | None:
+    """The structured kinds of `structure` (`("layers", "neurons")` for `"layers,neurons"`), `None` if it is not made
+    only of `STRUCTURED_KINDS`, each at most once."""
+    items = structure.split(",") if isinstance(structure, str) else structure
+    if not isinstance(items, (list, tuple)) or not items:
+        return None
+    parts = tuple(p.strip() if isinstance(p, str) else p for p in items)
+    if any(p not in STRUCTURED_KINDS for p in parts) or len(set(parts)) != len(parts):
+        return None
+    return parts
 
 
 def looks_like_local_path(path: str) -> bool:

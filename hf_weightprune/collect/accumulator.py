@@ -22,9 +22,10 @@ from ..config import ImportanceConfig
 from ..matching import TrackedWeight, find_tracked_weights
 from ..scorers import get_scorer
 from ..scorers.base import chunks
-from .activations import ActivationCollector
+from .activations import ActivationCollector, HookGuards
 from .importance import Importance
 from .summary import sample_indices, type_summary
+from .units import UnitCollector
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class ImportanceAccumulator:
         tracked (`list[TrackedWeight]`): the tracked weights, in model order.
         states (`dict[str, Tensor]`): the buffers this rank holds, by canonical parameter name.
         plan (`OwnershipPlan`): which rank holds and writes each buffer.
+        units (`UnitCollector` or `None`): the unit statistics, with `ImportanceConfig(units=True)`.
         meta (`dict`): `global_step`, `num_samples`, `weight_sum`, `last_step`, `skipped`, `tokens`, `max_steps`,
             `window_start`, `epoch`, `epoch_step`.
     """
@@ -52,12 +54,16 @@ class ImportanceAccumulator:
         self.offload_to_cpu = offload_to_cpu
         self.tracked: list[TrackedWeight] = []
         self.collector: ActivationCollector | None = None
+        self.units: UnitCollector | None = None
+        self._unit_guards: HookGuards | None = None
         self.reset()
 
     def reset(self) -> None:
         if getattr(self, "collector", None) is not None:
             self.collector.remove()
         self.collector = None
+        self.remove_unit_hooks()
+        self.units = None
         self.tracked, self.states, self.plan = [], {}, D.OwnershipPlan()
         self.meta: dict[str, Any] = {"global_step": 0, "num_samples": 0, "weight_sum": 0.0, "last_step": 0,
                                      "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None,
@@ -119,6 +125,8 @@ class ImportanceAccumulator:
             self.collector = ActivationCollector(model, self.tracked, self.scorer.statistic,
                                                  device=lambda name: self.states[name].device, guard_hooks=compiled)
             self.collector.register()
+        if self.config.units:
+            self._setup_units(model, args)
 
     def _window_start(self, state) -> int | None:
         """First step (or epoch) whose sample counts: only the last `window` samples of the planned run do.
@@ -243,6 +251,56 @@ class ImportanceAccumulator:
                 buf.zero_()
         self.meta.update(num_samples=0, weight_sum=0.0, tokens={})
 
+    # ------------------------------------------------------------------------------------------- unit statistics
+    def _setup_units(self, model: nn.Module, args) -> None:
+        """`ImportanceConfig(units=True)`: the [`UnitCollector`]'s hooks, counting the steps the criterion samples."""
+        self.units = UnitCollector(model)
+        if bool(getattr(args, "torch_compile", False) or hasattr(model, "_orig_mod")):
+            self._unit_guards = HookGuards()  # as for the activation hooks: compiled graphs must see these hooks
+            self._unit_guards.acquire(model)
+        self.units.register()
+
+    def remove_unit_hooks(self) -> None:
+        """Remove the unit hooks (train end, `reset`); the totals stay readable."""
+        if getattr(self, "units", None) is not None:
+            self.units.remove()
+        if getattr(self, "_unit_guards", None) is not None:
+            self._unit_guards.release()
+            self._unit_guards = None
+
+    def begin_unit_step(self, t: int) -> None:
+        """Count the forwards of optimizer step `t` only if it is a sampled step (`every_n_steps`, `window`)."""
+        if self.units is not None:
+            self.units.active = self.samples_step(t)
+
+    def commit_units(self, t: int, model: nn.Module | None) -> None:
+        """Fold step `t`'s unit sums into the totals (before the optimizer step). Taylor reads the DDP-averaged
+        gradients on rank 0 only; each rank keeps its forward sums until [`unit_state`] adds them up. A non-finite
+        sum on any rank skips the step on every rank, as for the other statistics."""
+        units = self.units
+        if units is None:
+            return
+        if units.active and self.plan.rank == 0:
+            units.update_taylor_(model)
+        sums = units.pop()
+        if not units.active:
+            return
+        values = [v for v in sums.values() if v.is_floating_point()]
+        bad = self.config.skip_nonfinite and values and _first_nonfinite_index(values) is not None
+        if D.any_rank(bool(bad)):
+            logger.warning("ImportanceCallback: non-finite unit statistics at step %d; step skipped for them", t)
+            return
+        units.add_(sums)
+
+    def unit_state(self) -> dict[str, torch.Tensor] | None:
+        """The unit totals summed across ranks (collective under DDP), or `None` without `units=True`."""
+        if self.units is None:
+            return None
+        state = self.units.state_dict()
+        if D.is_distributed():
+            _all_reduce_exact_(state)
+        return state
+
     # ------------------------------------------------------------------------------------------ read and resume
     def full_meta(self) -> dict[str, Any]:
         """The scalars, with activation token counts added across ranks (collective under DDP)."""
@@ -270,9 +328,11 @@ class ImportanceAccumulator:
 
         Returns:
             `dict[str, Any]`: `tensors` (the buffers this rank writes, see [`export_tensors`]), `meta` (the scalars,
-            [`full_meta`]) and `shapes` (every tracked weight's shape, in model order).
+            [`full_meta`]), `shapes` (every tracked weight's shape, in model order) and `units` (the cross-rank
+            [`unit_state`], or `None`).
         """
-        return {"tensors": self.export_tensors(), "meta": self.full_meta(), "shapes": self.shapes()}
+        return {"tensors": self.export_tensors(), "meta": self.full_meta(), "shapes": self.shapes(),
+                "units": self.unit_state()}
 
     def load_state_dict(self, imp: Importance, global_step: int) -> None:
         """Take the buffers and scalars of a checkpoint's importance (already validated against this run).
@@ -289,6 +349,8 @@ class ImportanceAccumulator:
                     offset, rows = self.plan.rows[name]
                     saved = saved[offset : offset + rows]
                 buf.copy_(saved.to(buf.device))
+        if self.units is not None and self.plan.rank == 0:  # sums across ranks: restored once, on rank 0
+            self.units.load_state_dict(imp.unit_state())
         meta = {k: imp.meta[k] for k in _RESTORED_META if k in imp.meta}
         meta["tokens"] = dict(imp.meta.get("tokens", {})) if keep_sums else {}
         self.meta.update(meta, global_step=global_step)
@@ -347,7 +409,8 @@ class ImportanceAccumulator:
 
         tensors = self.plan.assemble(self.export_tensors(), self.shapes(), empty)
         weights = {n: p.detach() for n, p in params.items()}
-        return Importance(self.config, meta, self.shapes(), tensors.__getitem__, weights=weights)
+        return Importance(self.config, meta, self.shapes(), tensors.__getitem__, weights=weights,
+                          units=self.unit_state())
 
 
 def _first_nonfinite_index(tensors: list[torch.Tensor]) -> int | None:
@@ -370,6 +433,23 @@ def _first_nonfinite(owned: list[TrackedWeight], tensors: list[torch.Tensor]) ->
     """Name of the first tensor holding NaN/Inf, else `None`."""
     i = _first_nonfinite_index(tensors) if tensors else None
     return None if i is None else owned[i].name
+
+
+def _all_reduce_exact_(state: dict[str, torch.Tensor]) -> None:
+    """Sum a unit state across ranks in place without losing precision: float64 sums as float64, counts as int64
+    (`D.all_reduce_sum_` goes through float32, which is exact for counts only up to 2**24 tokens)."""
+    import torch.distributed as dist
+
+    floats = [v for v in state.values() if v.is_floating_point()]
+    flat = torch.cat([v.reshape(-1).to(D.comm_device(), torch.float64) for v in floats])
+    dist.all_reduce(flat)
+    offset = 0
+    for v in floats:
+        v.copy_(flat[offset : offset + v.numel()].view_as(v))
+        offset += v.numel()
+    ints = [k for k, v in state.items() if not v.is_floating_point()]
+    for k, total in zip(ints, D.all_reduce_int([int(state[k]) for k in ints])):
+        state[k].fill_(total)
 
 
 def _is_epoch_end(state, dataloader) -> bool:

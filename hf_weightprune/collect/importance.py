@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..config import ImportanceConfig
 from ..matching import find_tracked_weights
 from ..scorers import Scorer, get_scorer
+from .units import unit_scores
 
 
 class _ScoreView(Mapping):
@@ -43,6 +44,7 @@ class Importance:
         path (`str` or `None`): the folder it was loaded from.
         sections (`Mapping[str, Any]`): the other sections of the `importance_config.json` it was read from, parsed
             once by the reader (`schedule`: a `PruneSchedule`'s saved state; `checksums`); empty in memory.
+        has_units (`bool`): whether unit statistics for structured pruning are held ([`unit_scores`]).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Importance:
         weights: Mapping[str, Tensor] | None = None,
         weights_loader: Callable[[], Mapping[str, Tensor]] | None = None,
         sections: Mapping[str, Any] | None = None,
+        units: Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]] | None = None,
     ):
         self.config = config
         self.meta = meta
@@ -67,6 +70,7 @@ class Importance:
         # Called once, on the first score that needs the weights, unless `bind` came first (see `load_importance`).
         self._weights_loader = weights_loader
         self._scorer = get_scorer(config.criterion, weighting=config.weighting)
+        self._units = units  # the unit statistics (`ImportanceConfig(units=True)`), or a reader of them
 
     @property
     def names(self) -> list[str]:
@@ -130,6 +134,41 @@ class Importance:
     @property
     def scores(self) -> Mapping[str, Tensor]:
         return _ScoreView(self)
+
+    @property
+    def has_units(self) -> bool:
+        """Whether unit statistics were gathered (`ImportanceConfig(units=True)`)."""
+        return self._units is not None
+
+    def unit_state(self) -> dict[str, Tensor]:
+        """The raw unit totals (`UnitCollector.state_dict()`, summed across ranks): what resume needs.
+
+        Raises:
+            `ValueError`: the importance holds no unit statistics.
+        """
+        if self._units is None:
+            where = f" ({self.path})" if self.path else ""
+            raise ValueError(f"this importance{where} holds no unit statistics: gather them with "
+                             "ImportanceConfig(units=True)")
+        if callable(self._units):  # read from the folder once, on first use
+            self._units = self._units()
+        return dict(self._units)
+
+    def unit_scores(self, statistic: str = "activation") -> dict:
+        """Per-unit scores (higher = more important) for structured pruning; see [`~collect.units.unit_scores`].
+
+        Args:
+            statistic (`str`, *optional*, defaults to `"activation"`): `"activation"` (Minitron), `"activation_l2"`
+                or `"taylor"`; layers are scored by block influence (ShortGPT) under the activation statistics.
+
+        Returns:
+            `dict`: `{"neurons": {layer: Tensor[I]}, "heads": {layer: Tensor[kv_groups]}, "hidden": Tensor[H],
+            "layers": Tensor[L]}`, float32 on CPU.
+
+        Raises:
+            `ValueError`: no unit statistics, an unknown statistic, or nothing counted for it.
+        """
+        return unit_scores(self.unit_state(), statistic)
 
     def bind(self, model: nn.Module, weights: Mapping[str, Tensor] | None = None) -> Importance:
         """Validate against `model` and remember its weights (criteria such as `wanda` multiply by `|W|`).

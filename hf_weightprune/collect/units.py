@@ -24,16 +24,18 @@ e.g. for non-finite values), `add_()` folds them into the totals that `state_dic
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import UNIT_STATISTICS  # what `scores()` can rank by
 from .activations import in_backward_recompute, real_token_rows
 from .unit_layout import LayerUnits, find_layer_units, hidden_taylor_, layer_taylor
 
-__all__ = ["UNIT_STATISTICS", "UnitCollector"]
+__all__ = ["UNIT_STATISTICS", "UnitCollector", "unit_scores"]
 
-UNIT_STATISTICS = ("activation", "activation_l2", "taylor")  # what `scores()` can rank by
 
 
 class UnitCollector:
@@ -203,56 +205,13 @@ class UnitCollector:
     # ---------------------------------------------------------------------------------------------------------------
 
     def scores(self, statistic: str = "activation") -> dict:
-        """Per-unit scores from the totals (higher = more important), float32 on CPU.
-
-        Args:
-            statistic (`str`, *optional*, defaults to `"activation"`): one of `UNIT_STATISTICS`:
-                - `"activation"`: neurons `mean |a_j|`; KV groups the sum over their query heads of `mean ||o_h||_2`;
-                  hidden channels the sum over layers of `mean |x_c|` (Minitron); layers the mean block influence;
-                - `"activation_l2"`: the same with root-mean-squares (`sqrt(mean a_j^2)`; a group's
-                  `sqrt(mean ||o_group||^2)` over its heads' concatenated outputs); layers the mean block influence;
-                - `"taylor"`: the mean over optimizer steps of `|sum g * w|` of each unit.
-
-        Returns:
-            `dict`: `{"neurons": {layer: Tensor[I]}, "heads": {layer: Tensor[kv_groups]}, "hidden": Tensor[H],
-            "layers": Tensor[L]}` (layers without such units are absent from `neurons` / `heads`).
+        """Per-unit scores from the totals (higher = more important), float32 on CPU: [`unit_scores`] of
+        `state_dict()`.
 
         Raises:
             `ValueError`: an unknown statistic, or nothing counted yet for it.
         """
-        if statistic not in UNIT_STATISTICS:
-            raise ValueError(f"unit statistics: unknown statistic {statistic!r}; expected one of {UNIT_STATISTICS}")
-        s = self._totals
-        if statistic == "taylor":
-            steps = int(s["taylor.steps"])
-            if steps == 0:
-                raise ValueError("unit statistics: no optimizer step with gradients was counted (`update_taylor_`)")
-            mean = lambda k: (s[k] / steps).float().cpu()  # noqa: E731
-            return {"neurons": {u.index: mean(f"layers.{u.index}.taylor.neurons") for u in self.units if u.mlp},
-                    "heads": {u.index: mean(f"layers.{u.index}.taylor.heads") for u in self.units if u.attn},
-                    "hidden": mean("taylor.hidden"),
-                    "layers": torch.stack([mean(f"layers.{u.index}.taylor") for u in self.units])}
-        if any(int(s[f"layers.{u.index}.tokens"]) == 0 for u in self.units):
-            raise ValueError("unit statistics: no training tokens were counted (were the hooks registered?)")
-        l2 = statistic == "activation_l2"
-
-        def per_token(key: str, tokens: str) -> Tensor:
-            return (s[key].double().cpu() / max(int(s[tokens]), 1))
-
-        neurons, heads, hidden = {}, {}, torch.zeros(self.hidden_size, dtype=torch.float64)
-        for u in self.units:
-            p = f"layers.{u.index}"
-            if u.mlp is not None:
-                v = per_token(f"{p}.neurons.{'sq' if l2 else 'abs'}", f"{p}.neurons.tokens")
-                neurons[u.index] = (v.sqrt() if l2 else v).float()
-            if u.attn is not None:
-                v = per_token(f"{p}.heads.{'sq' if l2 else 'norm'}", f"{p}.heads.tokens").reshape(u.num_kv_heads, -1)
-                heads[u.index] = (v.sum(1).sqrt() if l2 else v.sum(1)).float()
-            v = per_token(f"{p}.hidden.{'sq' if l2 else 'abs'}", f"{p}.tokens")
-            hidden += v.sqrt() if l2 else v
-        layers = torch.stack([per_token(f"layers.{u.index}.influence", f"layers.{u.index}.tokens")
-                              for u in self.units]).float()
-        return {"neurons": neurons, "heads": heads, "hidden": hidden.float(), "layers": layers}
+        return unit_scores(self._totals, statistic)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Hooks
@@ -332,3 +291,65 @@ class UnitCollector:
             self._count(f"{p}.heads.tokens", n)
 
         return hook
+
+
+def _layer_indices(state: Mapping[str, Tensor]) -> list[int]:
+    return sorted(int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".influence"))
+
+
+def unit_scores(state: Mapping[str, Tensor], statistic: str = "activation") -> dict:
+    """Per-unit scores from a [`UnitCollector`]'s `state_dict()` (higher = more important), float32 on CPU.
+
+    The layout is read from the keys, so a state loaded from a checkpoint is scored without the model.
+
+    Args:
+        state (`Mapping[str, Tensor]`): the totals, as `UnitCollector.state_dict()` returns them.
+        statistic (`str`, *optional*, defaults to `"activation"`): one of `UNIT_STATISTICS`:
+            - `"activation"`: neurons `mean |a_j|`; KV groups the sum over their query heads of `mean ||o_h||_2`;
+              hidden channels the sum over layers of `mean |x_c|` (Minitron); layers the mean block influence;
+            - `"activation_l2"`: the same with root-mean-squares (`sqrt(mean a_j^2)`; a group's
+              `sqrt(mean ||o_group||^2)` over its heads' concatenated outputs); layers the mean block influence;
+            - `"taylor"`: the mean over optimizer steps of `|sum g * w|` of each unit.
+
+    Returns:
+        `dict`: `{"neurons": {layer: Tensor[I]}, "heads": {layer: Tensor[kv_groups]}, "hidden": Tensor[H],
+        "layers": Tensor[L]}` (layers without such units are absent from `neurons` / `heads`).
+
+    Raises:
+        `ValueError`: an unknown statistic, or nothing counted yet for it.
+    """
+    if statistic not in UNIT_STATISTICS:
+        raise ValueError(f"unit statistics: unknown statistic {statistic!r}; expected one of {UNIT_STATISTICS}")
+    s, layers = state, _layer_indices(state)
+    if statistic == "taylor":
+        steps = int(s["taylor.steps"])
+        if steps == 0:
+            raise ValueError("unit statistics: no optimizer step with gradients was counted (`update_taylor_`)")
+        mean = lambda k: (s[k].double().cpu() / steps).float()  # noqa: E731
+        return {"neurons": {i: mean(f"layers.{i}.taylor.neurons") for i in layers
+                            if f"layers.{i}.taylor.neurons" in s},
+                "heads": {i: mean(f"layers.{i}.taylor.heads") for i in layers if f"layers.{i}.taylor.heads" in s},
+                "hidden": mean("taylor.hidden"),
+                "layers": torch.stack([mean(f"layers.{i}.taylor") for i in layers])}
+    if any(int(s[f"layers.{i}.tokens"]) == 0 for i in layers):
+        raise ValueError("unit statistics: no training tokens were counted (were the hooks registered?)")
+    l2 = statistic == "activation_l2"
+
+    def per_token(key: str, tokens: str) -> Tensor:
+        return s[key].double().cpu() / max(int(s[tokens]), 1)
+
+    neurons, heads = {}, {}
+    hidden = torch.zeros(s["taylor.hidden"].numel(), dtype=torch.float64)
+    for i in layers:
+        p = f"layers.{i}"
+        if f"{p}.neurons.abs" in s:
+            v = per_token(f"{p}.neurons.{'sq' if l2 else 'abs'}", f"{p}.neurons.tokens")
+            neurons[i] = (v.sqrt() if l2 else v).float()
+        if f"{p}.heads.norm" in s:
+            groups = s[f"{p}.taylor.heads"].numel()
+            v = per_token(f"{p}.heads.{'sq' if l2 else 'norm'}", f"{p}.heads.tokens").reshape(groups, -1)
+            heads[i] = (v.sum(1).sqrt() if l2 else v.sum(1)).float()
+        v = per_token(f"{p}.hidden.{'sq' if l2 else 'abs'}", f"{p}.tokens")
+        hidden += v.sqrt() if l2 else v
+    influence = torch.stack([per_token(f"layers.{i}.influence", f"layers.{i}.tokens") for i in layers]).float()
+    return {"neurons": neurons, "heads": heads, "hidden": hidden.float(), "layers": influence}

@@ -9,7 +9,8 @@ Layout of an importance folder (`checkpoint-N/importance/` or `output_dir/import
 - FSDP2 runs split a buffer by rows: every rank's file holds its rows under the same key, and the index's
   `row_shards` maps the name to `[[file, first_row], ...]`; reading concatenates them into the full buffer.
 - Files a caller attaches (`write_importance(attach=...)`, e.g. the schedule's `masks.safetensors` of
-  `training_state.py`), whose checksums are recorded here.
+  `training_state.py`, or the unit statistics' `units.safetensors` of `unit_files.py`), whose checksums are
+  recorded here.
 
 Folders are written under a temporary name (`io_utils.temp_sibling`) and renamed into place, so a crash never
 leaves a folder that looks complete but is not.
@@ -49,6 +50,7 @@ from .safetensors_io import (
     read_json,
     tensor_checksum,
 )
+from .unit_files import load_unit_state
 
 # The version of this format (the teacher folder of `training_state.py` has its own).
 IMPORTANCE_FORMAT_VERSION = 1
@@ -427,7 +429,10 @@ def load_importance(path_or_repo_id: str | os.PathLike, *, subfolder: str = "", 
         def loader():
             return checkpoint_weights(parent, shapes)
     sections = {k: v for k, v in meta.items() if k not in ("config", "state", "tensors")}
-    imp = Importance(config, meta["state"], shapes, get, path=directory, weights_loader=loader, sections=sections)
+    unit_sums = (meta.get("checksums") or {}).get("units")
+    units = (lambda: load_unit_state(directory, unit_sums)) if config.units else None  # read on first use
+    imp = Importance(config, meta["state"], shapes, get, path=directory, weights_loader=loader, sections=sections,
+                     units=units)
     if model is not None:
         imp.bind(model)
     return imp

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..layouts import attn_geometry, detect_layout, model_configs
 from .surgery import config_error, sliced_linear
 
-__all__ = ["shrink_hidden_"]
+__all__ = ["hidden_channel_cost", "shrink_hidden_"]
 
 _IN = {"split": ("q_proj", "k_proj", "v_proj"), "fused": ("qkv_proj",)}
 _MLP_IN = {"split": ("gate_proj", "up_proj"), "fused": ("gate_up_proj",)}
@@ -184,6 +184,20 @@ def _shrink_norm_(module: nn.Module, kind: str, keep: Tensor, gain: float) -> No
         module.bias = _param(module.bias.index_select(0, keep.to(module.bias.device)), module.bias)
     if isinstance(module, nn.LayerNorm):
         module.normalized_shape = (len(keep),)
+
+
+def hidden_channel_cost(model: nn.Module) -> int:
+    """
+    Parameters one hidden channel costs: what [`shrink_hidden_`] removes per channel dropped (a tied head once).
+
+    Raises:
+        `ValueError`: as [`shrink_hidden_`] would, before any change (unsupported layout, shared embeddings, ...).
+    """
+    plan = _plan(model, model.config.hidden_size)
+    cost = plan.embed.num_embeddings + (plan.head.out_features if plan.head is not None and not plan.tied else 0)
+    cost += sum(getattr(parent, attr).out_features for parent, attr in plan.columns)
+    cost += sum(getattr(parent, attr).in_features + (getattr(parent, attr).bias is not None) for parent, attr in plan.rows)
+    return cost + sum(1 + (getattr(m, "bias", None) is not None) for m in plan.norms)
 
 
 def shrink_hidden_(model: nn.Module, keep: Tensor, *, rescale_norms: bool = True) -> dict:

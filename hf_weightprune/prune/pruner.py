@@ -60,8 +60,10 @@ def refuse_tied(model: nn.Module, params: Mapping[str, torch.Tensor], names: lis
 def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None = None, *,
            progress: bool = True) -> PruningReport:
     """
-    Prune `model` in place from `importance`: zero weights (unstructured, N:M) or remove MLP neurons / KV groups
-    (`"neurons"`, `"heads"`, which physically shrink the model; rebuild any optimizer afterwards).
+    Prune `model` in place from `importance`: zero weights (unstructured, N:M) or remove MLP neurons, KV groups,
+    hidden channels or decoder layers (`"neurons"`, `"heads"`, `"hidden"`, `"layers"` or a combination, with
+    `sparsity` or a `target_params` budget, see `prune/structured.py`), which physically shrink the model; rebuild
+    any optimizer afterwards.
 
     Args:
         model (`nn.Module`):
@@ -90,6 +92,9 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     importance.bind(model)
     params = dict(importance.weights)
     report = PruningReport.for_config(importance, config)
+    if config.structures and (importance.has_units or config.kind not in ("neurons", "heads")
+                              or config.target_params is not None or config.compensate is not None):
+        return _prune_structures(model, importance, config, report)
     if config.kind in ("neurons", "heads"):
         from .surgery import prune_structured_
 
@@ -115,3 +120,17 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     report.reconstruction = "OBS" if plan.reconstruct else None
     report.allocation = config.allocation
     return report.finalize(sum(p.numel() for p in model.parameters()))
+
+
+def _prune_structures(model: nn.Module, importance: Importance, config: PruneConfig,
+                      report: PruningReport) -> PruningReport:
+    """Hidden channels, layers, combinations, budgets, compensation, unit statistics: `structured.py`."""
+    from .structured import prune_structures_
+
+    report.structured = prune_structures_(model, importance, config)
+    params_count = report.structured["num_parameters"]
+    report.global_sparsity = 1 - params_count["after"] / params_count["before"]
+    report.model_sparsity = report.global_sparsity  # removed parameters over all of the model's, before
+    if report.target_sparsity is None:  # a target_params budget: the share of parameters it removed
+        report.target_sparsity = report.global_sparsity
+    return report

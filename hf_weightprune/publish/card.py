@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from .._version import __version__
 from ..files.pruned_files import SPARSITY_NAME, SWEEP_PNG, load_sparsity
 from ..io_utils import atomic_write_text, check_arg_type, is_local_path
-from ..validation import parse_structure
+from ..validation import parse_structure, structure_parts
 from . import card_text as T
 
 CARD_FILE = "README.md"
@@ -28,6 +28,9 @@ _STRUCTURES = {
     "unstructured": ("unstructured sparsity", "unstructured-sparsity", "any individual weight can be zeroed"),
     "neurons": ("structured pruning of MLP neurons", "structured-pruning", "whole MLP neurons are removed"),
     "heads": ("structured pruning of attention heads", "structured-pruning", "whole attention heads are removed"),
+    "hidden": ("structured pruning of hidden channels", "structured-pruning",
+               "whole channels of the residual stream are removed"),
+    "layers": ("depth pruning", "structured-pruning", "whole decoder layers are removed"),
 }
 
 _SCOPES = {
@@ -71,6 +74,10 @@ def structure_info(structure: str) -> tuple[str, str, str | None]:
     """
     if structure in _STRUCTURES:
         return _STRUCTURES[structure]
+    parts = structure_parts(structure)
+    if parts:  # a combination, e.g. "layers,neurons"
+        return (f"structured pruning of {' and '.join(T.structured_units(p) for p in parts)}", "structured-pruning",
+                "whole units of each of these kinds are removed")
     try:
         kind, nm = parse_structure(structure)
     except ValueError:

@@ -25,13 +25,16 @@ DISTILL_REFERENCE = "Knowledge distillation: Hinton et al. 2015, [arXiv:1503.025
 SQUAREHEAD_REFERENCE = "SquareHead distillation: Kurtic et al. 2023, [arXiv:2310.06927](https://arxiv.org/abs/2310.06927)"
 
 _STRUCTURED_ROWS = {
+    "num_hidden_layers": "Decoder layers",
+    "hidden_size": "Hidden size",
     "intermediate_size": "MLP intermediate size",
     "num_attention_heads": "Attention heads",
     "num_key_value_heads": "Key/value heads",
     "num_parameters": "Parameters",
 }
 
-_STRUCTURED_UNITS = {"neurons": ("MLP neurons", ".mlp."), "heads": ("attention heads (key/value groups)", ".self_attn.")}
+_STRUCTURED_UNITS = {"neurons": ("MLP neurons", ".mlp."), "heads": ("attention heads (key/value groups)", ".self_attn."),
+                     "hidden": ("hidden channels", ".layers."), "layers": ("decoder layers", ".layers.")}
 
 
 def read_json(path: Path) -> Any:

@@ -137,6 +137,17 @@ def formatter(prog: str) -> argparse.HelpFormatter:
     return HelpFormatter(prog, max_help_position=32)
 
 
+def count_or_fraction_arg(value: str) -> int | float:
+    """`--target_params`: an int count (`90000000`) or a float fraction (`0.7`)."""
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int count or a float fraction, got {value!r}") from None
+
+
 # How a config field's annotation becomes a flag (annotations are strings: `from __future__ import annotations`).
 FLAG_KINDS = {
     "float | dict[str, float] | None": {"type": sparsity_arg},
@@ -147,6 +158,7 @@ FLAG_KINDS = {
     "int": {"type": int},
     "str": {},
     "str | None": {},
+    "int | float | None": {"type": count_or_fraction_arg},
 }
 
 

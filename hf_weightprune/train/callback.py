@@ -197,6 +197,7 @@ class ImportanceCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.accumulator.collector is not None:
             self.accumulator.collector.active = self.accumulator.samples_step(state.global_step + 1)
+        self.accumulator.begin_unit_step(state.global_step + 1)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         t = state.global_step + 1
@@ -204,6 +205,7 @@ class ImportanceCallback(TrainerCallback):
             self.accumulator.commit_activations(t)
         elif self.scorer.source == "grads" and self.accumulator.samples_step(t):
             self.accumulator.sample(t, t, use_grads=True)
+        self.accumulator.commit_units(t, kwargs.get("model"))  # ImportanceConfig(units=True); gradients present
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.mask_holder is not None:
@@ -299,6 +301,7 @@ class ImportanceCallback(TrainerCallback):
         self.checkpoint.save_final(args, state)
         if self.accumulator.collector is not None:
             self.accumulator.collector.remove()
+        self.accumulator.remove_unit_hooks()
         if self._distiller is not None:
             self._distiller.remove()
 

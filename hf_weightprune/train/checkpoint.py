@@ -29,6 +29,7 @@ from ..config import IMPORTANCE_CONFIG_NAME
 from ..files import importance_files as F
 from ..files import training_state as T
 from ..files.safetensors_io import ImportanceFileError
+from ..files.unit_files import save_unit_state
 from ..io_utils import publish_folder
 
 logger = logging.getLogger(__name__)
@@ -170,13 +171,16 @@ class TrainingCheckpoint:
         if not acc.tracked:
             return False
         saved = acc.state_dict()  # collective
-        extra, attach = {}, None
+        extra, masks, units = {}, None, saved.get("units")
         if self.holder is not None:
             extra = {"schedule": self.holder.state_dict()}
             masks = self.holder.masks
-            if masks:
-                def attach(tmp: str) -> dict:
-                    return {"masks": T.save_schedule_masks(tmp, masks)[1]}
+
+        def attach(tmp: str) -> dict:
+            out = {"masks": T.save_schedule_masks(tmp, masks)[1]} if masks else {}
+            if units is not None:  # ImportanceConfig(units=True): summed across ranks by `state_dict()`
+                out["units"] = save_unit_state(tmp, units)
+            return out
         error = F.write_importance(final_dir, saved["tensors"], acc.plan, config=self.config, meta=saved["meta"],
                                    shapes=saved["shapes"], extra=extra, attach=attach, publish=publish)
         if error is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import PruneConfig, _JsonConfigMixin
-from ..validation import check_modules, check_sparsity
+from ..validation import check_modules, check_sparsity, structure_parts
 
 SCHEDULE_MODES = ("prune", "hold")
 RAMPS = ("cubic", "linear")
@@ -156,7 +156,7 @@ class PruneSchedule(_JsonConfigMixin):
             self.masks_from = os.fspath(self.masks_from)
         elif self.masks_from is not None:
             raise ValueError("masks_from is only used with mode='hold'")
-        if self.structure in ("neurons", "heads"):
+        if structure_parts(self.structure):
             raise ValueError(f"structure {self.structure!r} is not supported during training (it shrinks layers); "
                              "prune structurally after training with prune_(model, importance, PruneConfig(...))")
         sparsity = self.final_sparsity if self.mode == "prune" else None

@@ -1,0 +1,65 @@
+"""`units.safetensors`: the unit statistics of `ImportanceConfig(units=True)`, inside an importance folder.
+
+The totals of a `collect.units.UnitCollector` (float64 sums, int64 counts), summed across ranks, are written by rank 0
+beside the importance buffers as an attached file (`importance_files.write_importance(attach=...)`): keys are the
+collector's state keys prefixed `units.` (`units.layers.0.neurons.abs`, ...), and the CRC32 of each is recorded under
+`checksums.units` of `importance_config.json`, checked when read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .safetensors_io import CHECKSUM_ALGORITHM, ImportanceFileError, cpu_tensors, tensor_checksum
+
+__all__ = ["UNITS_NAME", "load_unit_state", "save_unit_state"]
+
+UNITS_NAME = "units.safetensors"
+UNITS_PREFIX = "units."
+
+
+def save_unit_state(directory: str, state: Mapping[str, Tensor]) -> dict[str, int]:
+    """Write the unit statistics (`UnitCollector.state_dict()`, summed across ranks) as `units.safetensors`.
+
+    Keys are the collector's, prefixed `units.` (`units.layers.0.neurons.abs`, ...).
+
+    Args:
+        directory (`str`): the importance folder being written (rank 0, before its config).
+        state (`Mapping[str, Tensor]`): the unit totals.
+
+    Returns:
+        `dict[str, int]`: the CRC32 of each stored tensor, recorded under `checksums.units`.
+
+    Raises:
+        OSError, SafetensorError: the file could not be written.
+    """
+    stored = cpu_tensors({f"{UNITS_PREFIX}{k}": v for k, v in state.items()})
+    save_file(stored, os.path.join(directory, UNITS_NAME), metadata={"format": "pt"})
+    return {k: tensor_checksum(v) for k, v in stored.items()}
+
+
+def load_unit_state(directory: str, checksums: Mapping[str, int] | None = None) -> dict[str, Tensor]:
+    """The unit statistics stored by [`save_unit_state`] (prefix removed), each checked against its CRC32.
+
+    Raises:
+        ImportanceFileError: the file is missing, corrupt, or a tensor does not match its checksum.
+    """
+    path = os.path.join(directory, UNITS_NAME)
+    if not os.path.isfile(path):
+        raise ImportanceFileError(f"{directory} has no {UNITS_NAME}: its unit statistics were not saved")
+    try:
+        with safe_open(path, framework="pt") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ImportanceFileError(f"{path} is corrupt or truncated: {e}") from None
+    expected = checksums or {}
+    for k, v in stored.items():
+        if k in expected and tensor_checksum(v) != int(expected[k]):
+            raise ImportanceFileError(f"{path}: {k} does not match its {CHECKSUM_ALGORITHM} in the importance config "
+                                      "(modified or names swapped); restore an intact copy")
+    return {k[len(UNITS_PREFIX):]: v for k, v in stored.items()}

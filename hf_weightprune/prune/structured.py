@@ -1,0 +1,308 @@
+"""Structured pruning from an importance: neurons, KV groups, hidden channels, decoder layers, or a combination.
+
+[`prune_structures_`] is what `prune_` calls for `PruneConfig(structure=...)` with any of `"neurons"`, `"heads"`,
+`"hidden"`, `"layers"` or several of them. It decides how many units each axis loses, checks every size against the
+model's config, then applies the surgery: depth first (`depth.remove_layers_`), then width (`surgery.shrink_attention_`,
+`surgery.shrink_mlp_`, `hidden.shrink_hidden_`). Width is one size for all layers (stock configs hold one), the units
+removed differ per layer; depth is free per layer.
+
+Ranking. With unit statistics (`ImportanceConfig(units=True)`) every axis ranks by `Importance.unit_scores(
+config.unit_statistic)`: neurons and KV groups per layer, hidden channels summed over layers, layers by block
+influence (ShortGPT) under the activation statistics or by Taylor. Without them neurons and KV groups rank by the
+per-weight scores (`unit_scores.py`); hidden channels and layers need the unit statistics.
+
+Budget. `sparsity` removes that fraction of the units of each axis (`masks.num_to_prune`). `target_params` (an int
+count, or a float fraction of the model's parameters, to keep) sets the parameters to remove, `R`. One axis: the
+number of units whose cost is closest to `R`. Several axes, the split rule: every axis' candidate steps (a layer, or
+one unit in every layer for width) are ranked by their score relative to that axis' mean score (the `k`-th step of a
+width axis scores the mean over layers of each layer's `k`-th lowest unit), and steps are taken from the lowest
+relative score up, with their parameter cost, until `R` is reached; a step of another axis that would overshoot `R`
+closes that axis, the last width axis (in the order heads, neurons, hidden) fills the rest. So an axis whose weakest
+units are far below its average gives more. The counts are then applied depth first; the last width axis is recomputed
+from the parameters actually left, so the target is met within one unit per layer (half a unit's cost for width,
+one layer for depth alone).
+
+Compensation (`compensate="refit"`): the kept `down_proj` / `o_proj` columns are refit by least squares from their
+input Hessians (`compensate.refit_columns`; `criterion="sparsegpt"` importance accumulates them), layer by layer.
+
+A second structured `prune_` on the pruned model is refused ("Importance does not match this model"): the importance
+describes the dense shapes. Combine the axes in one call instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from ..collect.importance import Importance
+from ..config import PruneConfig
+from ..layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout
+from ..matching import canonical_name
+from .compensate import refit_columns
+from .depth import remove_layers_
+from .hidden import hidden_channel_cost, shrink_hidden_
+from .masks import num_to_prune
+from .surgery import _attention_config_updates, config_error, shrink_attention_, shrink_mlp_
+from .unit_scores import head_group_scores, neuron_scores
+
+__all__ = ["prune_structures_"]
+
+logger = logging.getLogger(__name__)
+
+_ORDER = ("layers", "heads", "neurons", "hidden")  # depth first, then width
+_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _scores(model: nn.Module, importance: Importance, config: PruneConfig, axes: tuple[str, ...]) -> dict:
+    """Every axis' unit scores, read before any change: `{"neurons": {layer: T}, "heads": ..., "hidden": T, ...}`."""
+    if importance.has_units:
+        found = importance.unit_scores(config.unit_statistic)
+        return {a: found[a] for a in axes}
+    missing = [a for a in axes if a in ("hidden", "layers")]
+    if missing:
+        raise ValueError(f"structure {missing[0]!r} ranks by unit statistics, which this importance does not hold: "
+                         "gather them with ImportanceConfig(units=True)")
+    n = len(decoder_layers(model))
+    fn = {"neurons": neuron_scores, "heads": head_group_scores}
+    return {a: {i: fn[a](model, importance.scores, i) for i in range(n)} for a in axes}
+
+
+def _width_costs(model: nn.Module, axes: tuple[str, ...]) -> dict[str, int]:
+    """Parameters one unit of each width axis costs per layer (hidden: in the whole model), from the module shapes."""
+    layers = decoder_layers(model)
+    costs = {}
+    if "neurons" in axes:
+        _, kind = detect_layout(model, "mlp")
+        mlp = layers[0].mlp
+        if kind == "split":
+            rows = [mlp.gate_proj, mlp.up_proj]
+        else:
+            rows = [mlp.gate_up_proj, mlp.gate_up_proj]
+        costs["neurons"] = sum(m.in_features + (m.bias is not None) for m in rows) + mlp.down_proj.out_features
+    if "heads" in axes:
+        _, kind = detect_layout(model, "attn")
+        attn = layers[0].self_attn
+        n_heads, n_kv, d = attn_geometry(model, attn, kind)
+        q = n_heads // n_kv * d
+        proj = attn.q_proj if kind == "split" else attn.qkv_proj
+        in_cost = proj.in_features + (proj.bias is not None)
+        costs["heads"] = (q + 2 * d) * in_cost + q * attn.o_proj.out_features
+    if "hidden" in axes:
+        costs["hidden"] = hidden_channel_cost(model)
+    return costs
+
+
+def _sizes(model: nn.Module, axes: tuple[str, ...]) -> dict[str, int]:
+    """Units per layer of each width axis (hidden: of the model) and the depth."""
+    layers = decoder_layers(model)
+    sizes = {"layers": len(layers), "hidden": model.config.hidden_size}
+    if "neurons" in axes:
+        sizes["neurons"] = layers[0].mlp.down_proj.in_features
+    if "heads" in axes:
+        sizes["heads"] = attn_geometry(model, layers[0].self_attn, detect_layout(model, "attn")[1])[1]
+    return sizes
+
+
+def _steps(scores: dict, axes: tuple[str, ...], sizes: dict[str, int]) -> list[tuple[float, int, str]]:
+    """`(relative score, axis order, axis)` of every step an axis can take, one unit (per layer) at a time."""
+    steps = []
+    for a in axes:
+        s = scores[a]
+        if a in ("neurons", "heads"):
+            per_layer = torch.stack([torch.sort(v.float()).values for v in s.values()])  # [L, units]
+            ladder, mean = per_layer.mean(0), per_layer.mean()
+        else:
+            ladder, mean = torch.sort(s.float()).values, s.float().mean()
+        rel = (ladder / mean.clamp_min(1e-30)).tolist()[: sizes[a] - 1]  # at least one unit stays
+        steps += [(r, _ORDER.index(a), a) for r in rel]
+    return sorted(steps)
+
+
+def _plan_counts(model: nn.Module, scores: dict, config: PruneConfig, axes: tuple[str, ...], sizes: dict[str, int],
+                 costs: dict[str, int], target: int | None) -> dict[str, int]:
+    """How many units each axis loses (layers: how many layers)."""
+    if target is None:
+        counts = {a: num_to_prune(sizes[a], config.sparsity) for a in axes}
+    else:
+        layers = decoder_layers(model)
+        layer_cost = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        remove = _params(model) - target
+        counts = dict.fromkeys(axes, 0)
+        removed, depth = 0, sizes["layers"]
+        by_influence = torch.argsort(scores["layers"].float(), stable=True).tolist() if "layers" in axes else []
+        last = [a for a in axes if a != "layers"][-1:]  # the axis that meets the budget at the end
+        closed: set[str] = set()
+        for _, _, a in _steps(scores, axes, sizes):
+            if removed >= remove:
+                break
+            if a in closed:
+                continue
+            step = layer_cost[by_influence[counts[a]]] if a == "layers" else costs[a] * (depth if a != "hidden" else 1)
+            if len(axes) == 1 and abs(removed + step - remove) > abs(removed - remove):
+                break  # one axis: the count closest to the budget
+            if len(axes) > 1 and [a] != last and removed + step > remove:
+                closed.add(a)  # would overshoot: the last width axis fills the rest, finely
+                continue
+            depth -= a == "layers"
+            counts[a] += 1
+            removed += step
+        if removed < remove and (len(axes) > 1 or all(counts[a] >= sizes[a] - 1 for a in axes)):
+            raise ValueError(f"target_params={config.target_params!r} cannot be met with {'+'.join(axes)}: it would "
+                             f"empty a layer or the model (removing all but one unit of each leaves "
+                             f"{_params(model) - removed:,} of {_params(model):,} parameters)")
+    for a in axes:
+        if counts[a] >= sizes[a]:
+            what = "decoder layers" if a == "layers" else f"{a} per layer" if a != "hidden" else "hidden channels"
+            raise ValueError(f"structure {a!r} would remove {counts[a]} of {sizes[a]} {what}; at least one must remain")
+    return counts
+
+
+def _feasible(model: nn.Module, axis: str, keep: int, sizes: dict[str, int], exact: bool) -> int:
+    """`keep` units of a width axis if the config accepts that size, else (budget) the nearest size it accepts."""
+    cfg = model.config
+    if axis == "heads":
+        n_heads, n_kv, d = attn_geometry(model, decoder_layers(model)[0].self_attn, detect_layout(model, "attn")[1])
+
+        def updates(k):
+            return _attention_config_updates(k, n_heads // n_kv, d)
+    elif axis == "neurons":
+        def updates(k):
+            return {"intermediate_size": k}
+    else:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+        def updates(k):
+            return {"hidden_size": k, "head_dim": head_dim}
+    if config_error(cfg, updates(keep)) is None:
+        return keep
+    accepted = [k for k in range(1, sizes[axis] + 1) if config_error(cfg, updates(k)) is None]
+    if exact or not accepted:
+        raise ValueError(f"structure {axis!r}: keeping {keep} of {sizes[axis]} gives a config that "
+                         f"{type(cfg).__name__} rejects; sizes it accepts: {accepted}")
+    return min(accepted, key=lambda k: (abs(k - keep), k))
+
+
+def _keep(scores: Tensor, n_remove: int) -> Tensor:
+    order = torch.sort(scores.float().cpu(), stable=True).indices  # ties: the lower index goes first
+    return order[n_remove:].sort().values
+
+
+def _hessian(importance: Importance, name: str) -> Tensor:
+    if name not in importance.names:
+        raise ValueError(f"compensate='refit' needs the input Hessian of {name}, which this importance does not track")
+    return importance.state(name)
+
+
+def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: dict, kept_layers: list[int],
+                 n_remove: int, names: dict[int, str], refit: bool) -> dict:
+    layers = decoder_layers(model)
+    if axis == "hidden":
+        keep = _keep(scores, n_remove)
+        out = shrink_hidden_(model, keep)
+        return {"kept": out["kept"], "removed": out["removed"]}
+    keep = {j: _keep(scores[orig], n_remove) for j, orig in enumerate(kept_layers)}
+    refits = {}
+    if refit:  # from the dense weights, before they are sliced
+        for j, idx in keep.items():
+            layer = layers[j]
+            if axis == "neurons":
+                consumer, cols = layer.mlp.down_proj, idx
+            else:
+                consumer = layer.self_attn.o_proj
+                n_heads, n_kv, d = attn_geometry(model, layer.self_attn, detect_layout(model, "attn")[1])
+                q = n_heads // n_kv * d
+                cols = (idx[:, None] * q + torch.arange(q)).flatten()
+            h = _hessian(importance, names[id(consumer)])
+            refits[j] = refit_columns(consumer.weight.detach(), h.to(consumer.weight.device), cols)
+    (shrink_mlp_ if axis == "neurons" else shrink_attention_)(model, keep)
+    for j, w in refits.items():
+        consumer = layers[j].mlp.down_proj if axis == "neurons" else layers[j].self_attn.o_proj
+        consumer.weight.data.copy_(w)
+    return {"kept": {j: k.tolist() for j, k in keep.items()},
+            "removed": {j: sorted(set(range(len(scores[kept_layers[j]]))) - set(k.tolist())) for j, k in keep.items()}}
+
+
+@torch.no_grad()
+def prune_structures_(model: nn.Module, importance: Importance, config: PruneConfig) -> dict:
+    """
+    Removes units along `config.structures` in place (see the module docstring for the ranking and the budget).
+
+    Args:
+        model (`PreTrainedModel`): the dense model the importance was computed for (already validated by `prune_`).
+        importance ([`Importance`]): its unit statistics (or, for neurons/heads, per-weight scores).
+        config ([`PruneConfig`]): `structure`, `sparsity` or `target_params`, `unit_statistic`, `compensate`.
+
+    Returns:
+        `dict`: what `PruningReport.structured` holds: `structure`, `axes` (`{axis: {"before", "after", "removed"}}`:
+        units per layer, or layers / hidden channels, and the removed indices), `config` and `num_parameters`
+        (`{"before": ..., "after": ...}`), `target_params` (the count aimed at, or `None`), `compensation`; for a
+        single neurons/heads axis also `unit`, `sparsity` and `units_per_layer` as `surgery.prune_structured_` gives.
+
+    Raises:
+        `ValueError`, one line, before the model is modified: an architecture that cannot take a structure (named),
+        missing unit statistics or Hessians, a budget that empties a layer or the model, a size the config rejects
+        (KV groups: the counts it accepts), hidden pruning with embeddings shared beyond the lm_head tie.
+    """
+    axes = tuple(a for a in _ORDER if a in config.structures)
+    for a in axes:
+        if a in ("neurons", "heads"):
+            try:
+                check_structured_supported(model, a)
+            except ValueError as e:
+                raise ValueError(f"structure {a!r} is not possible for {type(model).__name__}: {e}") from None
+    scores = _scores(model, importance, config, axes)
+    sizes, costs = _sizes(model, axes), _width_costs(model, axes)
+    refit = config.compensate == "refit"
+    if refit and not importance.scorer.has_hessian:
+        raise ValueError(f"compensate='refit' needs input Hessians: importance from ImportanceConfig(criterion="
+                         f"'sparsegpt'), not {importance.criterion!r}")
+    before = _params(model)
+    t = config.target_params
+    target = None if t is None else (t if isinstance(t, int) else round(t * before))
+    if target is not None and target >= before:
+        raise ValueError(f"target_params={t!r} keeps {target:,} parameters, not fewer than the model's {before:,}")
+    counts = _plan_counts(model, scores, config, axes, sizes, costs, target)
+    width = [a for a in axes if a != "layers"]
+    for a in width:  # every size checked against the config before any change
+        keep = _feasible(model, a, sizes[a] - counts[a], sizes, exact=target is None)
+        counts[a] = sizes[a] - keep
+    names = {id(m): canonical_name(n) + ".weight" for n, m in model.named_modules()}
+    config_before = {k: getattr(model.config, k, None) for k in _CONFIG_KEYS}
+    out_axes: dict[str, dict] = {}
+    kept_layers = list(range(sizes["layers"]))
+    if "layers" in axes:
+        drop = torch.argsort(scores["layers"].float(), stable=True)[: counts["layers"]].sort().values.tolist()
+        kept_layers = remove_layers_(model, drop)
+        out_axes["layers"] = {"before": sizes["layers"], "after": len(kept_layers), "removed": drop}
+    for a in width:
+        if target is not None and a == width[-1]:  # the last axis meets the budget from what is actually left
+            per_unit = costs[a] * (len(kept_layers) if a != "hidden" else 1)
+            n = max(0, min(sizes[a] - 1, round((_params(model) - target) / per_unit)))
+            counts[a] = sizes[a] - _feasible(model, a, sizes[a] - n, sizes, exact=False)
+        if counts[a]:
+            done = _apply_width(model, importance, a, scores[a], kept_layers, counts[a], names, refit)
+        else:
+            done = {"removed": {}}
+        out_axes[a] = {"before": sizes[a], "after": sizes[a] - counts[a], "removed": done["removed"]}
+    after = _params(model)
+    report = {
+        "structure": config.structure,
+        "axes": out_axes,
+        "config": {"before": config_before, "after": {k: getattr(model.config, k, None) for k in _CONFIG_KEYS}},
+        "num_parameters": {"before": before, "after": after},
+        "target_params": target,
+        "unit_statistic": config.unit_statistic if importance.has_units else "per-weight scores",
+        "compensation": config.compensate,
+    }
+    if axes in (("neurons",), ("heads",)):
+        a = axes[0]
+        report.update(unit="mlp_neuron" if a == "neurons" else "kv_group", sparsity=counts[a] / sizes[a],
+                      units_per_layer={"before": sizes[a], "after": sizes[a] - counts[a]},
+                      removed=out_axes[a]["removed"])
+    return report
