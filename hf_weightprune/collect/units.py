@@ -320,20 +320,33 @@ def unit_scores(state: Mapping[str, Tensor], statistic: str = "activation") -> d
     """
     if statistic not in UNIT_STATISTICS:
         raise ValueError(f"unit statistics: unknown statistic {statistic!r}; expected one of {UNIT_STATISTICS}")
-    s, layers = state, _layer_indices(state)
-    if statistic == "taylor":
-        steps = int(s["taylor.steps"])
-        if steps == 0:
-            raise ValueError("unit statistics: no optimizer step with gradients was counted (`update_taylor_`)")
-        mean = lambda k: (s[k].double().cpu() / steps).float()  # noqa: E731
-        return {"neurons": {i: mean(f"layers.{i}.taylor.neurons") for i in layers
-                            if f"layers.{i}.taylor.neurons" in s},
-                "heads": {i: mean(f"layers.{i}.taylor.heads") for i in layers if f"layers.{i}.taylor.heads" in s},
-                "hidden": mean("taylor.hidden"),
-                "layers": torch.stack([mean(f"layers.{i}.taylor") for i in layers])}
+    layers = _layer_indices(state)
+    if statistic in _GRADIENT_STATISTICS:
+        return _taylor_scores(state, layers)
+    return _activation_scores(state, layers, l2=statistic.endswith("_l2"))
+
+
+# Unit statistics read from gradients (`update_taylor_`); the others from the forward hooks' activation sums.
+_GRADIENT_STATISTICS = ("taylor",)
+
+
+def _taylor_scores(s: Mapping[str, Tensor], layers: list[int]) -> dict:
+    steps = int(s["taylor.steps"])
+    if steps == 0:
+        raise ValueError("unit statistics: no optimizer step with gradients was counted (`update_taylor_`)")
+
+    def mean(key: str) -> Tensor:
+        return (s[key].double().cpu() / steps).float()
+
+    return {"neurons": {i: mean(f"layers.{i}.taylor.neurons") for i in layers if f"layers.{i}.taylor.neurons" in s},
+            "heads": {i: mean(f"layers.{i}.taylor.heads") for i in layers if f"layers.{i}.taylor.heads" in s},
+            "hidden": mean("taylor.hidden"),
+            "layers": torch.stack([mean(f"layers.{i}.taylor") for i in layers])}
+
+
+def _activation_scores(s: Mapping[str, Tensor], layers: list[int], *, l2: bool) -> dict:
     if any(int(s[f"layers.{i}.tokens"]) == 0 for i in layers):
         raise ValueError("unit statistics: no training tokens were counted (were the hooks registered?)")
-    l2 = statistic == "activation_l2"
 
     def per_token(key: str, tokens: str) -> Tensor:
         return s[key].double().cpu() / max(int(s[tokens]), 1)
