@@ -39,6 +39,7 @@ from ..collect.importance import Importance
 from ..config import IMPORTANCE_CONFIG_NAME, ImportanceConfig
 from ..io_utils import atomic_write_json, publish_folder, remove_dead_temporaries, temp_sibling, temp_siblings
 from ..validation import looks_like_local_path
+from .hub_download import download_folder_files
 from .safetensors_io import (
     CHECKSUM_ALGORITHM,
     ImportanceFileError,
@@ -397,7 +398,8 @@ def load_importance(path_or_repo_id: str | os.PathLike, *, subfolder: str = "", 
         raise ImportanceFileError(f"{path}: no such folder; pass a checkpoint, training output_dir or importance "
                                   "folder, or a Hub repo id ('namespace/name')")
     else:
-        local = _download(path, subfolder=subfolder, revision=revision, token=token)
+        local = download_folder_files(path, [IMPORTANCE_DIR], subfolder=subfolder, revision=revision,
+                                      token=token, what="importance")
         local = os.path.join(local, subfolder) if subfolder else local
         try:
             directory = resolve_importance_dir(local, name)
@@ -436,25 +438,3 @@ def load_importance(path_or_repo_id: str | os.PathLike, *, subfolder: str = "", 
     if model is not None:
         imp.bind(model)
     return imp
-
-
-def _download(repo_id: str, *, subfolder: str, revision, token) -> str:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
-
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    try:
-        local = snapshot_download(repo_id, revision=revision, token=token,
-                                  allow_patterns=[f"{prefix}{IMPORTANCE_DIR}/*", f"{prefix}importance*"])
-    except HFValidationError:
-        raise FileNotFoundError(f"{repo_id}: no such folder, and not a valid Hub repo id") from None
-    except LocalEntryNotFoundError:  # offline, or no network: say that the local folder is missing too
-        raise FileNotFoundError(f"{repo_id}: no such local folder, and Hub repo {repo_id} is not in the local cache "
-                                "(offline: HF_HUB_OFFLINE=1 or no network); check the path") from None
-    except HfHubHTTPError as e:
-        status = getattr(e.response, "status_code", None)
-        raise FileNotFoundError(f"{repo_id}: no such local folder, and no importance could be downloaded from Hub repo "
-                                f"{repo_id} (HTTP {status})") from None
-    return local
-
-

@@ -119,7 +119,6 @@ def test_unit_statistics_resume_exactly(tmp_path):
 
 def test_no_units_says_how_to_gather_them(tmp_path):
     from hf_weightprune.testing import tiny_llama
-
     from tests.helpers import train
 
     model = tiny_llama()
