@@ -286,3 +286,20 @@ class OwnershipPlan:
             else:
                 full[name] = broadcast_(tensors[name] if owner == self.rank else empty(name), owner)
         return full
+
+
+def all_reduce_exact_(state: dict[str, torch.Tensor]) -> None:
+    """Sum a state across ranks in place without losing precision: floating tensors as float64, integer ones as int64
+    ([`all_reduce_sum_`] goes through float32, exact for counts only up to 2**24 tokens). No-op on one process."""
+    if not is_distributed():
+        return
+    floats = [v for v in state.values() if v.is_floating_point()]
+    flat = torch.cat([v.reshape(-1).to(comm_device(), torch.float64) for v in floats])
+    dist.all_reduce(flat)
+    offset = 0
+    for v in floats:
+        v.copy_(flat[offset : offset + v.numel()].view_as(v))
+        offset += v.numel()
+    ints = [k for k, v in state.items() if not v.is_floating_point()]
+    for k, total in zip(ints, all_reduce_int([int(state[k]) for k in ints])):
+        state[k].fill_(total)

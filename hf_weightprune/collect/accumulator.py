@@ -22,7 +22,7 @@ from ..config import ImportanceConfig
 from ..matching import TrackedWeight, find_tracked_weights
 from ..scorers import get_scorer
 from ..scorers.base import chunks
-from .activations import ActivationCollector, HookGuards
+from .activations import ActivationCollector
 from .importance import Importance
 from .summary import sample_indices, type_summary
 from .units import UnitCollector
@@ -55,7 +55,6 @@ class ImportanceAccumulator:
         self.tracked: list[TrackedWeight] = []
         self.collector: ActivationCollector | None = None
         self.units: UnitCollector | None = None
-        self._unit_guards: HookGuards | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -254,19 +253,14 @@ class ImportanceAccumulator:
     # ------------------------------------------------------------------------------------------- unit statistics
     def _setup_units(self, model: nn.Module, args) -> None:
         """`ImportanceConfig(units=True)`: the [`UnitCollector`]'s hooks, counting the steps the criterion samples."""
-        self.units = UnitCollector(model)
-        if bool(getattr(args, "torch_compile", False) or hasattr(model, "_orig_mod")):
-            self._unit_guards = HookGuards()  # as for the activation hooks: compiled graphs must see these hooks
-            self._unit_guards.acquire(model)
+        self.units = UnitCollector(model, guard_hooks=bool(getattr(args, "torch_compile", False)
+                                                           or hasattr(model, "_orig_mod")))
         self.units.register()
 
     def remove_unit_hooks(self) -> None:
         """Remove the unit hooks (train end, `reset`); the totals stay readable."""
         if getattr(self, "units", None) is not None:
             self.units.remove()
-        if getattr(self, "_unit_guards", None) is not None:
-            self._unit_guards.release()
-            self._unit_guards = None
 
     def begin_unit_step(self, t: int) -> None:
         """Count the forwards of optimizer step `t` only if it is a sampled step (`every_n_steps`, `window`)."""
@@ -297,8 +291,7 @@ class ImportanceAccumulator:
         if self.units is None:
             return None
         state = self.units.state_dict()
-        if D.is_distributed():
-            _all_reduce_exact_(state)
+        D.all_reduce_exact_(state)
         return state
 
     # ------------------------------------------------------------------------------------------ read and resume
@@ -435,21 +428,6 @@ def _first_nonfinite(owned: list[TrackedWeight], tensors: list[torch.Tensor]) ->
     return None if i is None else owned[i].name
 
 
-def _all_reduce_exact_(state: dict[str, torch.Tensor]) -> None:
-    """Sum a unit state across ranks in place without losing precision: float64 sums as float64, counts as int64
-    (`D.all_reduce_sum_` goes through float32, which is exact for counts only up to 2**24 tokens)."""
-    import torch.distributed as dist
-
-    floats = [v for v in state.values() if v.is_floating_point()]
-    flat = torch.cat([v.reshape(-1).to(D.comm_device(), torch.float64) for v in floats])
-    dist.all_reduce(flat)
-    offset = 0
-    for v in floats:
-        v.copy_(flat[offset : offset + v.numel()].view_as(v))
-        offset += v.numel()
-    ints = [k for k, v in state.items() if not v.is_floating_point()]
-    for k, total in zip(ints, D.all_reduce_int([int(state[k]) for k in ints])):
-        state[k].fill_(total)
 
 
 def _is_epoch_end(state, dataloader) -> bool:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UNIT_STATISTICS  # what `scores()` can rank by
-from .activations import in_backward_recompute, real_token_rows
+from .activations import HookGuards, in_backward_recompute, real_token_rows
 from .unit_layout import LayerUnits, find_layer_units, hidden_taylor_, layer_taylor
 
 __all__ = ["UNIT_STATISTICS", "UnitCollector", "unit_scores"]
@@ -44,6 +44,8 @@ class UnitCollector:
     Args:
         model (`nn.Module`): the causal LM whose forward is called (its `attention_mask` argument marks padding).
         training_only (`bool`, *optional*, defaults to `True`): count only forwards in training mode.
+        guard_hooks (`bool`, *optional*, defaults to `False`): the model runs compiled: hold `HookGuards` while the
+            hooks are registered, so that a graph compiled without them is not reused.
 
     Forwards count while registered and `active` (default `True`). Use: `register()`; after each step `add_(pop())`
     (and `update_taylor_(model)` before it, where gradients are present); `state_dict()` for checkpoints; `scores()`.
@@ -58,8 +60,9 @@ class UnitCollector:
     `[kv_heads]`; `layers.{i}.taylor`; and `taylor.hidden` `[H]`, `taylor.steps`.
     """
 
-    def __init__(self, model: nn.Module, *, training_only: bool = True):
+    def __init__(self, model: nn.Module, *, training_only: bool = True, guard_hooks: bool = False):
         self.model, self.training_only = model, training_only
+        self._guards = HookGuards() if guard_hooks else None  # compiled: graphs must see these hooks
         self.units = find_layer_units(model)
         self.hidden_size = int(model.get_input_embeddings().weight.shape[-1])
         self.active = True
@@ -103,6 +106,8 @@ class UnitCollector:
         self.remove()
         self._hooks.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(self._release_mask))
+        if self._guards is not None:
+            self._guards.acquire(self.model)
         for u in self.units:
             self._hooks.append(u.layer.register_forward_hook(self._layer_hook(u), with_kwargs=True))
             if u.mlp is not None:
@@ -114,6 +119,8 @@ class UnitCollector:
         for h in self._hooks:
             h.remove()
         self._hooks, self._attention_mask, self._rows = [], None, {}
+        if self._guards is not None:
+            self._guards.release()
 
     def pop(self) -> dict[str, Tensor]:
         """The sums and counts gathered since the last `pop` (only the keys touched), by state key; resets them."""
