@@ -177,6 +177,10 @@ class ImportanceCallback(TrainerCallback):
         self.accumulator.setup(model, args, state, track=self.tracks_importance)
         if state.global_step > 0 and self.tracks_importance:
             self.checkpoint.restore(args, state)
+        if self.mask_holder is not None and self.tracks_importance:  # a mask update before any sample: refused now
+            self.mask_holder.check_first_sample(
+                self.config, step=state.global_step, samples=self.accumulator.meta["num_samples"],
+                first_sample=self.accumulator.first_sample_step(state.global_step), max_steps=int(state.max_steps))
         if self._distiller is not None:  # before the holder applies restored masks: the teacher is the dense model
             prunes_base = self.schedule is not None or any(t.param.requires_grad for t in self.accumulator.tracked)
             self.checkpoint.teacher_saved = False
@@ -212,7 +216,8 @@ class ImportanceCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         t = state.global_step
         self.accumulator.step_end(state, kwargs.get("train_dataloader"))
-        if self.mask_holder is not None and self.mask_holder.is_update_step(t):
+        meta = self.accumulator.meta
+        if self.mask_holder is not None and self.mask_holder.due(t, samples=meta["num_samples"], skipped=meta["skipped"]):
             # `importance()` is a collective under DDP: every rank updates at the same steps.
             self.mask_holder.update_(self.importance(), t, int(state.max_steps))
             control.should_log = True  # report each update to the Trainer's loggers
@@ -285,6 +290,9 @@ class ImportanceCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.accumulator.meta["global_step"] = state.global_step
         holder = self.mask_holder
+        if holder is not None and holder.pending_step is not None:
+            logger.warning("ImportanceCallback: the mask update due at step %d never ran: the importance took no "
+                           "sample by the end of training (every sample skipped as non-finite?)", holder.pending_step)
         if holder is not None and holder.masks and not holder.weights_hold_masks():
             # `load_best_model_at_end` loaded a checkpoint from before the last mask update (usually early in the
             # ramp, where the loss is lowest): the model would be denser than the schedule says. Re-apply the masks.
