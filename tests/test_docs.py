@@ -209,7 +209,7 @@ MAY_IMPORT = {
     "collect/unit_layout": {"layouts"},
     "collect/units": {"collect/activations", "collect/unit_layout"},
     "files/importance_files": {"_version", "collect/importance", "config", "distributed", "files/safetensors_io", "io_utils", "scorers", "validation"},
-    "files/pruned_files": {"_version", "files/safetensors_io", "io_utils", "prune/pruner"},
+    "files/pruned_files": {"_version", "files/safetensors_io", "io_utils", "prune/report"},
     "files/safetensors_io": set(),
     "files/training_state": {"_version", "files/safetensors_io", "io_utils"},
     "prune/compensate": set(),
@@ -241,7 +241,7 @@ MAY_IMPORT = {
     "train/checkpoint": {"config", "distributed", "files/importance_files", "files/safetensors_io", "files/training_state", "io_utils"},
     "train/distill": {"config"},
     "train/distiller": {"collect/activations", "train/distill"},
-    "train/holder": {"distributed", "files/pruned_files", "matching", "prune/masks", "prune/plan", "prune/pruner", "prune/report", "train/schedule"},
+    "train/holder": {"distributed", "files/pruned_files", "matching", "prune/masks", "prune/plan", "prune/pruner", "prune/report", "scorers", "train/schedule"},
     "train/schedule": {"config", "files/safetensors_io", "validation"},
 }
 PKG = D.ROOT / "hf_weightprune"
