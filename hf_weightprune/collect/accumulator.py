@@ -152,6 +152,15 @@ class ImportanceAccumulator:
         start = self.meta["window_start"]
         return t % self.config.every_n_steps == 0 and (start is None or t >= start)
 
+    def first_sample_step(self, after: int) -> int | None:
+        """The first step after `after` whose sample this run plans to take (`every_n_steps`, `window`), or `None`
+        when none is planned up to `max_steps`. Undefined with `per_epoch` (epoch ends depend on the data): `None`."""
+        if self.config.per_epoch or not self.tracked:
+            return None
+        n, lo = self.config.every_n_steps, max(after + 1, self.meta["window_start"] or 1)
+        first = -(-lo // n) * n  # the first multiple of n from lo
+        return first if first <= self.meta["max_steps"] else None
+
     def samples_step(self, t: int) -> bool:
         # Resumed from checkpoint-max_steps, the Trainer still runs one more step (max_steps + 1): not a sample.
         return bool(self.tracked) and t <= self.meta["max_steps"] and self.samples_at(t)

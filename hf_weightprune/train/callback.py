@@ -20,6 +20,7 @@ Lifecycle (one sitting to read):
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -124,6 +125,12 @@ class ImportanceCallback(TrainerCallback):
         self.checkpoint = TrainingCheckpoint(self.config, self.accumulator, self.mask_holder, self._distiller,
                                              on_save_error=on_save_error, on_resume_mismatch=on_resume_mismatch,
                                              resume_from=resume_from)
+        if self.config.name and not getattr(type(self), "_callback_name", None):
+            # transformers' `CallbackHandler.add_callback` warns about a duplicate when a callback's class is already
+            # on the Trainer (it compares `__class__`, not instances): each name gets its own subclass, so one
+            # callback per criterion (the documented setup) adds distinct classes. Two callbacks of one name still
+            # share a class: that warning then comes with the refusal at train begin.
+            self.__class__ = _named_class(type(self), self.config.name)
         self.trainer = None
         if trainer is not None:
             self.attach(trainer)
@@ -177,6 +184,10 @@ class ImportanceCallback(TrainerCallback):
         self.accumulator.setup(model, args, state, track=self.tracks_importance)
         if state.global_step > 0 and self.tracks_importance:
             self.checkpoint.restore(args, state)
+        if self.mask_holder is not None and self.tracks_importance:  # a mask update before any sample: refused now
+            self.mask_holder.check_first_sample(
+                self.config, step=state.global_step, samples=self.accumulator.meta["num_samples"],
+                first_sample=self.accumulator.first_sample_step(state.global_step), max_steps=int(state.max_steps))
         if self._distiller is not None:  # before the holder applies restored masks: the teacher is the dense model
             prunes_base = self.schedule is not None or any(t.param.requires_grad for t in self.accumulator.tracked)
             self.checkpoint.teacher_saved = False
@@ -214,7 +225,8 @@ class ImportanceCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         t = state.global_step
         self.accumulator.step_end(state, kwargs.get("train_dataloader"))
-        if self.mask_holder is not None and self.mask_holder.is_update_step(t):
+        meta = self.accumulator.meta
+        if self.mask_holder is not None and self.mask_holder.due(t, samples=meta["num_samples"], skipped=meta["skipped"]):
             # `importance()` is a collective under DDP: every rank updates at the same steps.
             self.mask_holder.update_(self.importance(), t, int(state.max_steps))
             if self.schedule.restarts_statistics:  # later updates read only the pruned model's inputs
@@ -251,7 +263,9 @@ class ImportanceCallback(TrainerCallback):
             with the others' (1.0: a global threshold would prune it whole). With a [`PruneSchedule`]:
             `pruning/target_sparsity` and `pruning/sparsity` (achieved); with `distill=`, the distillation losses.
             2 + 2 * types (+ 2) scalars: 16 (18) for Llama's 7 projection types, 10 (12) for Phi-3's 4.
-            Multi-process: the summary covers the weights this rank holds.
+            Multi-process: the summary covers the weights this rank holds. With `ImportanceConfig(name=...)` every
+            key carries the name after its first part (`importance/<name>/samples`, `pruning/<name>/sparsity`,
+            `distill/<name>/ce`), so the curves of several callbacks stay apart in TensorBoard and W&B.
         """
         meta = self.accumulator.meta
         values = {"importance/samples": meta["num_samples"], "importance/skipped": meta["skipped"]}
@@ -264,7 +278,19 @@ class ImportanceCallback(TrainerCallback):
             values.update(self.mask_holder.log_values())
         if self._distiller is not None:
             values.update(self._distiller.pop_logs())
-        return values
+        return self._named(values)
+
+    def _named(self, values: dict[str, float]) -> dict[str, float]:
+        """A named callback's keys carry its name after their first part (`importance/<name>/samples`,
+        `pruning/<name>/sparsity`, `distill/<name>/kl`): several callbacks on one Trainer draw separate curves."""
+        name = self.config.name
+        if not name:
+            return values
+        named = {}
+        for key, value in values.items():
+            head, _, tail = key.partition("/")
+            named[f"{head}/{name}/{tail}"] = value
+        return named
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._logging or not (self.accumulator.tracked or self.mask_holder is not None) or self._logged_step == state.global_step:
@@ -291,6 +317,9 @@ class ImportanceCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.accumulator.meta["global_step"] = state.global_step
         holder = self.mask_holder
+        if holder is not None and holder.pending_step is not None:
+            logger.warning("ImportanceCallback: the mask update due at step %d never ran: the importance took no "
+                           "sample by the end of training (every sample skipped as non-finite?)", holder.pending_step)
         if holder is not None and holder.masks and not holder.weights_hold_masks():
             # `load_best_model_at_end` loaded a checkpoint from before the last mask update (usually early in the
             # ramp, where the loss is lowest): the model would be denser than the schedule says. Re-apply the masks.
@@ -339,3 +368,22 @@ class ImportanceCallback(TrainerCallback):
         if not self.accumulator.tracked:
             raise RuntimeError("ImportanceCallback has not seen training yet (call trainer.train() first)")
         return self.accumulator.importance()
+
+
+@functools.cache
+def _named_class(base: type, name: str) -> type:
+    """`base` (an `ImportanceCallback` class) for callbacks of `ImportanceConfig(name=name)`: a subclass adding
+    nothing but its name (shown in the Trainer's callback list as `ImportanceCallback[name]`)."""
+    return type(base)(f"{base.__name__}[{name}]", (base,), {
+        "__module__": base.__module__, "__qualname__": f"{base.__qualname__}[{name}]", "_callback_name": name,
+        "__doc__": base.__doc__, "__reduce_ex__": _reduce_named})
+
+
+def _reduce_named(self, protocol):
+    # Pickled by reference the generated class would not be found: rebuild it from its base and name.
+    base = type(self).__mro__[1]
+    return _new_named, (base, type(self)._callback_name), self.__dict__
+
+
+def _new_named(base: type, name: str):
+    return object.__new__(_named_class(base, name))

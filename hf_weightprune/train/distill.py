@@ -37,7 +37,9 @@ class DistillConfig(_JsonConfigMixin):
     """Distillation from a dense teacher while the (pruned) student fine-tunes; given to `ImportanceCallback(distill=...)`.
 
     The student's loss becomes `(1 - alpha) * CE + alpha * T^2 * KL + hidden_weight * SquareHead`, each term normalized
-    like the model's own cross-entropy (see [`distiller.Distiller`]).
+    like the model's own cross-entropy (see [`distiller.Distiller`]). That mixed loss is what the `Trainer` logs as
+    `loss` (and `train_loss`): not comparable with a run without distillation. The callback logs the plain
+    cross-entropy of the same forwards beside it as `distill/ce` (with `distill/kl` and `distill/hidden`).
 
     Args:
         teacher (`nn.Module` or `str`, *optional*):

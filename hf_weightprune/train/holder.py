@@ -45,7 +45,7 @@ from ..prune.plan import PruningPlan, uses_obs
 from ..prune.pruner import refuse_tied
 from ..prune.refit import refit_masked_
 from ..prune.report import PruningReport
-from ..scorers import get_scorer
+from ..scorers import SCORERS, get_scorer
 from .schedule import PruneSchedule
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,10 @@ class MaskHolder:
     Args:
         schedule (`PruneSchedule`): the configuration (pure; this object holds the runtime state).
         criterion (`str`, *optional*): the importance criterion that will drive the updates, when known; a schedule
-            that asks for `reconstruct=True` without `sparsegpt` is then refused here, before training.
+            that asks for `reconstruct=True` without `sparsegpt` is then refused here, before training. Criteria that
+            read gradients or activations have no score before their first sample: a mask update due before it is
+            refused at train begin when the sampling plan says so ([`check_first_sample`]), and otherwise (the
+            samples so far were skipped as non-finite) waits for the first sample ([`due`]).
 
     Raises:
         ValueError: `reconstruct=True` with a `criterion` other than `sparsegpt`.
@@ -80,6 +83,11 @@ class MaskHolder:
                              f"ImportanceConfig(criterion='sparsegpt'), not {criterion!r}")
         self.schedule = schedule
         self.criterion = criterion  # the callback's, for `report` when no update ran in this process (a resume)
+        # Gradient and activation statistics have nothing to score before their first sample; weight criteria fall
+        # back to |w| (temporal_magnitude) or read the weights only at the end (magnitude).
+        source = SCORERS[criterion].source if criterion in SCORERS else None
+        self.needs_sample = source in ("grads", "activations")
+        self._falls_back = source == "weights"
         self._reset()
 
     def _reset(self) -> None:
@@ -96,6 +104,7 @@ class MaskHolder:
         self.reconstruction: str | None = None
         self._steps: tuple[int, int] | None = None
         self._update_set: set[int] = set()
+        self.pending_step: int | None = None  # an update step that found no sample: the update waits for one
         self._restored: dict[str, Tensor] | None = None  # masks of a resumed checkpoint, until `setup` takes them
         # `refit_at`: the sum of every update's edits (weights before minus after), float32 per masked weight.
         self._edits: dict[str, Tensor] = {}
@@ -191,6 +200,69 @@ class MaskHolder:
 
     def is_update_step(self, step: int) -> bool:
         return self.schedule.mode == "prune" and step in self._update_set
+
+    def check_first_sample(self, config, *, step: int, samples: int, first_sample: int | None, max_steps: int) -> None:
+        """Train begin: refuse, in one line, a schedule whose next mask update comes before the importance's first
+        sample, when the sampling plan (`every_n_steps`, `window`, a resumed count) makes that certain.
+
+        Args:
+            config (`ImportanceConfig`): the importance's settings, named in the message.
+            step (`int`): the step training begins at (`state.global_step`; > 0 on resume).
+            samples (`int`): samples the importance holds now (restored ones on resume).
+            first_sample (`int` or `None`): the first step after `step` the importance plans to sample, `None` if none.
+            max_steps (`int`): the run's optimizer steps.
+
+        Raises:
+            ValueError: the criterion needs a sample, none is held, and the next update is before `first_sample`.
+        """
+        waiting = step > 0 and self.pending_step is not None  # restored: an update already waits for the data
+        if self.schedule.mode != "prune" or not self.needs_sample or samples > 0 or waiting:
+            return
+        updates = [t for t in self.schedule.update_steps(max_steps) if t > step]
+        if not updates or (first_sample is not None and first_sample <= updates[0]):
+            return
+        first_update, end_step = updates[0], self.schedule.resolve_steps(max_steps)[1]
+        s = self.schedule
+        sampling = f"every_n_steps={config.every_n_steps}" + (f", window={config.window}" if config.window else "")
+        when = (f"takes its first sample at step {first_sample}" if first_sample is not None
+                else f"takes no sample in the run's {max_steps} steps")
+        fixes = []
+        if first_sample is not None and first_sample < end_step:
+            fixes.append(f"start the schedule at that sample (PruneSchedule(start={first_sample}))")
+        sooner = ([f"every_n_steps={first_update}"] if config.every_n_steps > first_update else []) + (
+            ["window=None"] if config.window else [])
+        if sooner:
+            fixes.append(f"sample by step {first_update} (ImportanceConfig({', '.join(sooner)}))")
+        resumed = f" (resumed at step {step} with no sample)" if step else ""
+        raise ValueError(
+            f"PruneSchedule(start={s.start!r}, every_n_steps={s.every_n_steps}) updates the masks first at step "
+            f"{first_update}{resumed}, but ImportanceConfig(criterion={config.criterion!r}, {sampling}) {when}: "
+            f"{config.criterion} masks need at least one sample; {' or '.join(fixes) or 'change either setting'}")
+
+    def due(self, step: int, *, samples: int, skipped: int = 0) -> bool:
+        """Whether to update the masks at the end of `step` ([`update_`]): an update step, or a later step once an
+        update that found no sample has one. An update step without a sample (the samples so far were skipped as
+        non-finite) logs why and waits.
+
+        Args:
+            step (`int`): the optimizer step that just ended.
+            samples (`int`): samples the importance holds (`meta["num_samples"]`, equal on every rank).
+            skipped (`int`, *optional*, defaults to 0): samples skipped as non-finite, for the message.
+        """
+        if not (self.is_update_step(step) or self.pending_step is not None):
+            return False
+        if samples > 0 or not self.needs_sample:
+            if samples == 0 and self._falls_back and self.num_updates == 0:
+                logger.info("PruneSchedule: the update at step %d comes before the first importance sample: "
+                            "%s ranks by the current |w|", step, self.criterion)
+            self.pending_step = None
+            return True
+        if self.pending_step is None:
+            self.pending_step = step
+            logger.warning("PruneSchedule: the mask update due at step %d waits for the first %s sample (%d sample(s) "
+                           "skipped as non-finite so far): its masks are computed at the step that takes it", step,
+                           self.criterion, skipped)
+        return False
 
     @torch.no_grad()
     def update_(self, importance, step: int, max_steps: int) -> float:
@@ -333,7 +405,7 @@ class MaskHolder:
         return {"config": self.schedule.to_dict(), "sparsity": self.sparsity, "target_sparsity": self.target_sparsity,
                 "last_update_step": self.last_update_step, "num_updates": self.num_updates,
                 "steps": list(self._steps) if self._steps else None, "has_masks": bool(self.masks),
-                "reconstruction": self.reconstruction}
+                "reconstruction": self.reconstruction, "pending_step": self.pending_step}
 
     def load_state_dict(self, state: dict[str, Any] | None, masks: dict[str, Tensor] | None) -> None:
         """Restore counters and masks from a checkpoint (applied at the next `setup`).
@@ -352,5 +424,6 @@ class MaskHolder:
         self.last_update_step, self.num_updates = state["last_update_step"], int(state["num_updates"])
         self._steps = tuple(state["steps"]) if state.get("steps") else None
         self.reconstruction = state.get("reconstruction")
+        self.pending_step = state.get("pending_step")
         self._restored = dict(masks or {})  # an empty dict still marks a resume (before the first update)
 
