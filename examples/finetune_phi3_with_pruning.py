@@ -1,8 +1,18 @@
-"""Fine-tune Phi-3 while pruning it gradually to a target sparsity, then save a standard pruned checkpoint.
+"""Fine-tune Phi-3 with pruning to a target sparsity, then save a standard pruned checkpoint.
 
-One `ImportanceCallback` accumulates the importance and, through its `PruneSchedule`, prunes along a cubic ramp,
-holding the masks after every optimizer step. Sparsity and a per-module-type importance summary are logged to the
-Trainer's reporters. A dense control run (same seed, data and steps; skip it with `--no_dense_control`) gives the
+Two recipes, both with no calibration pass (the training run is the calibration):
+
+- `--recipe oneshot-hold` (the default; the best measured, benchmarks/README.md section 11): the first quarter of the
+  steps trains densely while `ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))` sums each Linear's input
+  Hessian; `prune_` then prunes once, with SparseGPT's OBS update of the kept weights from those Hessians; the rest
+  of the steps fine-tune the pruned model with its mask held (`PruneSchedule(mode="hold")`) and distil from the
+  dense model as it was at pruning (`DistillConfig(teacher=...)`, on by default here: `--no_distill` turns it off).
+- `--recipe gradual`: one `ImportanceCallback` accumulates the importance and, through its `PruneSchedule`, prunes
+  along a cubic ramp from 30% to 80% of training, holding the masks after every optimizer step (`--distill` adds
+  distillation from a frozen copy of the model as training began). `--lora` trains LoRA adapters on the frozen base
+  and merges them keeping the zeros (gradual recipe only).
+
+Sparsity and a per-module-type importance summary are logged to the Trainer's reporters. A dense control run (same seed, data and steps; skip it with `--no_dense_control`) gives the
 card a dense loss measured by the same evaluation at the same step as the pruned model's.
 
 Default (no download, CPU, 2 cores, a few minutes): a tiny Phi-3 trained from scratch on the shipped King James
@@ -10,21 +20,18 @@ Bible text with a tokenizer trained on it:
 
     python examples/finetune_phi3_with_pruning.py --output_dir out/phi3-tiny-pruned
 
-The real recipe (bf16, LoRA via peft, wanda importance from the frozen base; one GPU or several):
+On a real model (bf16, the default recipe; one GPU or several with DDP):
 
     accelerate launch --num_processes 8 examples/finetune_phi3_with_pruning.py \\
-        --model_name_or_path microsoft/Phi-3-mini-4k-instruct --lora --sparsity 0.5 \\
+        --model_name_or_path microsoft/Phi-3-mini-4k-instruct --sparsity 0.5 \\
         --max_steps 1000 --batch_size 4 --seq_len 2048 --output_dir out/phi3-mini-pruned-50
 
-Without `--lora` the whole model is fine-tuned (masks also hold the optimizer's moments at zero). DeepSpeed and
-FSDP are not supported by the schedule (DDP is).
+The whole model is fine-tuned (masks also hold the optimizer's moments at zero). DeepSpeed and FSDP are not
+supported by the schedule (DDP is). Distillation makes the loss `(1 - alpha) * CE + alpha * T^2 * KL(teacher ||
+student)`, plus SquareHead's per-layer hidden-state loss (arXiv 2310.06927) with `--distill_hidden_weight` > 0
+(`--distill_alpha`, `--distill_temperature`). The gradual recipe with distillation:
 
-`--distill` distils from the dense model while it prunes (the recipe for fine-tuning with pruning: the loss becomes
-`(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)`, plus SquareHead's per-layer hidden-state loss, arXiv
-2310.06927, with `--distill_hidden_weight` > 0); the teacher is a frozen copy of the model as training begins
-(`--distill_alpha`, `--distill_temperature`):
-
-    python examples/finetune_phi3_with_pruning.py --distill --output_dir out/phi3-tiny-pruned-distilled
+    python examples/finetune_phi3_with_pruning.py --recipe gradual --distill --output_dir out/phi3-tiny-gradual
 """
 
 import argparse
@@ -41,7 +48,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig
+from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, PruneConfig, prune_
 from hf_weightprune.prune.lora import merge_and_unload_sparse
 from hf_weightprune.publish.export import save_pruned
 from hf_weightprune.testing import train_tokenizer
@@ -59,12 +66,15 @@ KJV = os.path.join(HERE, "..", "data", "kjv")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_name_or_path", default=None, help="Hub id or folder; default: a tiny Phi-3 from scratch")
-    p.add_argument("--lora", action="store_true", help="train LoRA adapters on the frozen (pruned) base")
+    p.add_argument("--recipe", choices=("oneshot-hold", "gradual"), default="oneshot-hold",
+                   help="oneshot-hold: sparsegpt statistics, one-shot OBS prune, then held masks + distillation (the "
+                   "best measured); gradual: a cubic ramp (default: %(default)s)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters on the frozen (pruned) base (gradual)")
     p.add_argument("--train_file", default=os.path.join(KJV, "train.txt"))
     p.add_argument("--eval_file", default=os.path.join(KJV, "valid.txt"))
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--structure", default="unstructured", help="unstructured or N:M such as 2:4")
-    p.add_argument("--criterion", default=None, help="default: the library's (wanda, per-row scope)")
+    p.add_argument("--criterion", default=None, help="gradual recipe: default the library's (wanda, per-row scope)")
     p.add_argument("--no_dense_control", action="store_true",
                    help="skip the dense control run (same seed, data and steps, no pruning); the card then shows the "
                    "pruned model's loss only")
@@ -74,12 +84,16 @@ def parse_args(argv=None):
     p.add_argument("--learning_rate", type=float, default=None)
     p.add_argument("--eval_windows", type=int, default=64)
     p.add_argument("--output_dir", default="out/phi3-pruned")
-    p.add_argument("--distill", action="store_true", help="distil from the dense model while pruning")
+    p.add_argument("--distill", action="store_true", help="gradual recipe: distil from the dense model while pruning")
+    p.add_argument("--no_distill", action="store_true", help="oneshot-hold recipe: recover without distillation")
     p.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the KL term (default: %(default)s)")
     p.add_argument("--distill_temperature", type=float, default=2.0, help="softmax temperature (default: %(default)s)")
     p.add_argument("--distill_hidden_weight", type=float, default=0.0,
                    help="weight of SquareHead's hidden-state loss; 0 = logits only (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lora and args.recipe != "gradual":
+        p.error("--lora needs --recipe gradual (the one-shot recipe prunes and fine-tunes the base weights)")
+    return args
 
 
 def build(args):
@@ -97,9 +111,29 @@ def build(args):
     return model, tokenizer, load_texts(args.train_file)
 
 
+def run_trainer(args, model, windows, cb, folder, steps):
+    """Fine-tune `model` on `windows` for `steps` with the callback `cb` (or none); the Trainer's files in `folder`."""
+    pretrained = args.model_name_or_path is not None
+    training_args = TrainingArguments(
+        os.path.join(args.output_dir, folder), max_steps=steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate or (2e-4 if pretrained else 2e-3), lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20), logging_steps=max(1, steps // 10), save_strategy="no",
+        bf16=pretrained and torch.cuda.is_available(), report_to="none", disable_tqdm=True,
+        seed=0, **{_CHECKPOINTING_ARG: pretrained})
+    trainer = Trainer(model=model, args=training_args, train_dataset=windows, callbacks=[cb] if cb else [])
+    if cb is not None:
+        cb.attach(trainer)  # importance and sparsity scalars reach the Trainer's loggers
+    trainer.train()
+    return trainer
+
+
+def distill_config(args, teacher=None):
+    return DistillConfig(teacher=teacher, alpha=args.distill_alpha, temperature=args.distill_temperature,
+                         hidden_weight=args.distill_hidden_weight)
+
+
 def train(args, schedule=None):
     """Build a fresh model (seeded) and fine-tune it for `max_steps`, pruning along `schedule` if given."""
-    pretrained = args.model_name_or_path is not None
     model, tokenizer, texts = build(args)
     windows = make_windows(tokenizer, texts, seq_len=args.seq_len, max_windows=args.max_steps * args.batch_size)
     if args.lora:
@@ -108,32 +142,48 @@ def train(args, schedule=None):
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     cb = None
     if schedule is not None:
-        distill = DistillConfig(alpha=args.distill_alpha, temperature=args.distill_temperature,
-                                hidden_weight=args.distill_hidden_weight) if args.distill else None
         cb = ImportanceCallback(ImportanceConfig(criterion=args.criterion) if args.criterion else ImportanceConfig(),
-                                schedule=schedule, distill=distill)
-    training_args = TrainingArguments(
-        os.path.join(args.output_dir, "trainer" if schedule is not None else "dense-control"),
-        max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate or (2e-4 if pretrained else 2e-3), lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.max_steps // 20), logging_steps=max(1, args.max_steps // 10), save_strategy="no",
-        bf16=pretrained and torch.cuda.is_available(), report_to="none", disable_tqdm=True,
-        seed=0, **{_CHECKPOINTING_ARG: pretrained})
-    trainer = Trainer(model=model, args=training_args, train_dataset=windows, callbacks=[cb] if cb else [])
-    if cb is not None:
-        cb.attach(trainer)  # importance and sparsity scalars reach the Trainer's loggers
-    trainer.train()
+                                schedule=schedule, distill=distill_config(args) if args.distill else None)
+    trainer = run_trainer(args, model, windows, cb, "trainer" if schedule is not None else "dense-control",
+                          args.max_steps)
     return model, tokenizer, cb, trainer
+
+
+def train_oneshot_hold(args, sparsity: float, structure: str):
+    """The one-shot recipe: statistics over the first quarter of the steps, a one-shot OBS prune, then the rest of
+    the steps with the mask held and distilled from the dense model as it was at pruning."""
+    model, tokenizer, texts = build(args)
+    windows = make_windows(tokenizer, texts, seq_len=args.seq_len, max_windows=args.max_steps * args.batch_size)
+    first = max(1, args.max_steps // 4)
+    head = windows.select(range(min(first * args.batch_size, len(windows))))
+    stats = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))
+    run_trainer(args, model, head, stats, "statistics", first)
+    dense = os.path.join(args.output_dir, "dense-at-pruning")  # the teacher (prune_ works in place)
+    model.save_pretrained(dense)
+    target = {} if ":" in structure else {"sparsity": sparsity}  # N:M fixes the sparsity
+    oneshot = prune_(model, stats.importance(), PruneConfig(structure=structure, scope="row", **target))
+    print(f"one-shot OBS prune after {first} steps: {oneshot.global_sparsity:.1%} of the pruned tensors")
+    masks_from = os.path.join(args.output_dir, "pruned-oneshot")
+    save_pruned(model, masks_from, report=oneshot, tokenizer=tokenizer, overwrite=True)
+    schedule = PruneSchedule(mode="hold", masks_from=masks_from)
+    cb = ImportanceCallback(schedule=schedule, distill=None if args.no_distill else distill_config(args, dense))
+    rest = windows.select(range(min(first * args.batch_size, len(windows) - 1), len(windows)))
+    trainer = run_trainer(args, model, rest, cb, "trainer", args.max_steps - first)
+    return model, tokenizer, cb, trainer, schedule
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # Prune from 30% to 80% of training; the last 20% recovers at the final sparsity.
-    schedule = PruneSchedule(final_sparsity=args.sparsity if ":" not in args.structure else None,
-                             structure=args.structure, start=0.3, end=0.8, every_n_steps=max(1, args.max_steps // 20))
-    model, tokenizer, cb, trainer = train(args, schedule)
+    if args.recipe == "gradual":
+        # Prune from 30% to 80% of training; the last 20% recovers at the final sparsity.
+        schedule = PruneSchedule(final_sparsity=args.sparsity if ":" not in args.structure else None,
+                                 structure=args.structure, start=0.3, end=0.8,
+                                 every_n_steps=max(1, args.max_steps // 20))
+        model, tokenizer, cb, trainer = train(args, schedule)
+    else:
+        model, tokenizer, cb, trainer, schedule = train_oneshot_hold(args, args.sparsity, args.structure)
     valid = make_windows(tokenizer, load_texts(args.eval_file), seq_len=args.seq_len, max_windows=args.eval_windows)
-    step = trainer.state.global_step
+    step = args.max_steps  # optimizer steps in all, both phases of the one-shot recipe
     pruned = evaluate_loss(model, valid)
     # A card compares numbers of one evaluation only: the same windows, both models at the same step. The dense
     # reference is a control run with the same seed, data and steps, without pruning (the dense model at the step
@@ -151,7 +201,7 @@ def main(argv=None):
     if args.lora:
         model, merged = merge_and_unload_sparse(model, masks=cb.mask_holder.masks, return_report=True)
         print(f"LoRA merged keeping the masks: sparsity {merged.global_sparsity:.4f}")
-    report = cb.pruning_report(model, cb.importance())
+    report = cb.pruning_report(model, cb.importance() if args.recipe == "gradual" else None)
     out = os.path.join(args.output_dir, "pruned")
     if trainer.is_world_process_zero():
         save_pruned(model, out, report=report, tokenizer=tokenizer, overwrite=True, eval_results=results,

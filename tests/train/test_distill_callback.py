@@ -154,8 +154,8 @@ def test_example_fine_tunes_phi3_with_pruning_and_distillation(tmp_path, capsys)
     spec = importlib.util.spec_from_file_location("finetune_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    example.main(["--distill", "--distill_hidden_weight", "1.0", "--max_steps", "12", "--no_dense_control",
-                  "--eval_windows", "4", "--output_dir", str(tmp_path)])
+    example.main(["--recipe", "gradual", "--distill", "--distill_hidden_weight", "1.0", "--max_steps", "12",
+                  "--no_dense_control", "--eval_windows", "4", "--output_dir", str(tmp_path)])
     from safetensors.torch import load_file
 
     info = load_sparsity(tmp_path / "pruned")
@@ -168,6 +168,33 @@ def test_example_fine_tunes_phi3_with_pruning_and_distillation(tmp_path, capsys)
     assert "**Distillation**: trained against a frozen copy of the model as training began" in card
     out = capsys.readouterr().out
     assert "saved to" in out and "distill/kl" in out and "distill/hidden" in out  # both terms reached the logs
+
+
+def test_example_default_recipe_is_oneshot_obs_then_hold_with_distillation(tmp_path, capsys):
+    """The example's default is the recipe benchmarks section 11 measured best: sparsegpt statistics from the first
+    quarter of the steps, a one-shot OBS prune, then held masks distilled from the model as it was at pruning."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from hf_weightprune.files.pruned_files import load_sparsity
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "finetune_phi3_with_pruning.py"
+    spec = importlib.util.spec_from_file_location("finetune_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--max_steps", "8", "--no_dense_control", "--eval_windows", "2", "--output_dir", str(tmp_path)])
+    info = load_sparsity(tmp_path / "pruned")
+    weights = load_file(tmp_path / "pruned" / "model.safetensors")
+    zeros = sum(int((weights[n] == 0).sum()) for n in info["tensors"])
+    numel = sum(v["numel"] for v in info["tensors"].values())
+    assert info["global_sparsity"] == pytest.approx(zeros / numel) == pytest.approx(0.5, abs=1e-3)
+    assert info["criterion"] == "sparsegpt" and info["reconstruction"] == "OBS" and info["scope"] == "row"
+    assert info["schedule"]["mode"] == "hold" and info["distillation"]["alpha"] == 0.5
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    assert "pruned once, then fine-tuned with its mask held" in card and "dense-at-pruning" in card
+    assert "one-shot OBS prune after 2 steps" in capsys.readouterr().out
 
 
 def test_distill_config_saves_and_loads_like_the_other_configs(tmp_path):
