@@ -12,7 +12,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..config import ImportanceConfig
-from ..matching import find_tracked_weights
+from ..matching import TrackedWeight
+from ..moe import find_weights
 from ..scorers import Scorer, get_scorer
 
 
@@ -140,19 +141,21 @@ class Importance:
         tracked = self._tracked(model)
         self._validate(tracked)
         if weights is None:
-            weights = {t.name: t.param for t in tracked if t.name in self.shapes}
+            # a Linear's own Parameter (its identity finds tied weights); an expert's view into its fused parameter
+            weights = {t.name: t.param if isinstance(t, TrackedWeight) else t.weight()
+                       for t in tracked if t.name in self.shapes}
         self._weights, self._weights_loader = weights, None
         return self
 
     def _tracked(self, model: nn.Module):
-        return find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
+        return find_weights(model, self.config.target_modules, self.config.exclude_modules)
 
     def validate_against(self, model: nn.Module) -> None:
         """Refuse importance computed for another model: names and shapes must match the tracked weights."""
         self._validate(self._tracked(model))
 
     def _validate(self, tracked_weights) -> None:
-        tracked = {t.name: list(t.param.shape) for t in tracked_weights}
+        tracked = {t.name: list(t.weight().shape) for t in tracked_weights}
         problems = []
         for name, shape in self.shapes.items():
             if name not in tracked:
