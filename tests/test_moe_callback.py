@@ -4,14 +4,16 @@ per-slice masks."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_
 from hf_weightprune.moe import find_expert_slices, find_moe_blocks
+from hf_weightprune.testing import tiny_llama, tiny_phi3
 
 from .helpers import Recorder, reference
 from .test_moe import tiny
@@ -150,3 +152,55 @@ def test_router_statistics_count_every_training_forward_for_any_criterion(tmp_pa
         assert int(stats["seen"]) == real and int(stats["tokens"].sum()) == 2 * real
         torch.testing.assert_close(float(stats["gate_mass"].sum()), float(real))  # top-k weights renormalised
     assert router._hooks == []  # removed at train end
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No silent skips
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _coverage_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "hf_weightprune.coverage"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "mixtral", "qwen3_moe"])
+def test_no_coverage_warning_on_models_whose_weights_are_tracked(arch, tmp_path, caplog):
+    dense = {"llama": tiny_llama, "phi3": tiny_phi3}
+    model = dense[arch](vocab_size=64) if arch in dense else tiny(arch)
+    cb = ImportanceCallback(ImportanceConfig(criterion="magnitude"))
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.coverage"):
+        train(model, [cb], tmp_path, max_steps=1, ga=1)
+        prune_(model, cb.importance(), PruneConfig(sparsity=0.5), progress=False)
+    assert _coverage_warnings(caplog) == []
+
+
+def test_experts_left_out_by_a_rule_are_named_with_the_fraction(tmp_path, caplog):
+    model = tiny("mixtral", seed=6)
+    cb = ImportanceCallback(ImportanceConfig(criterion="magnitude", exclude_modules=["experts"]))
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.coverage"):
+        train(model, [cb], tmp_path, max_steps=1, ga=1)
+        report = prune_(model, cb.importance(), PruneConfig(sparsity=0.5), progress=False)
+    begin, pruned = _coverage_warnings(caplog)
+    share = _tracked_share(model, cb.tracked_names)
+    for message, who in ((begin, "ImportanceCallback"), (pruned, "prune_")):
+        assert message.startswith(f"{who}: the tracked weights cover {share:.1%} of the model's parameters outside "
+                                  "embeddings and norms"), message
+        assert ("model.layers.0.mlp.gate.weight (MoE router, removed with whole experts only); model.layers.0.mlp."
+                "experts.gate_up_proj (expert slices not selected by target_modules / exclude_modules)") in message
+    assert report.model_sparsity < 0.1  # and the report says how little of the model that was
+
+
+def test_an_untracked_expert_like_parameter_is_named_at_train_begin(tmp_path, caplog):
+    model = tiny_llama(vocab_size=64)
+    # three experts stored [E, out, in] under names the MoE discovery does not know: nothing routes to them
+    model.model.layers[0].mlp.w_experts = torch.nn.Parameter(torch.randn(16, 64, 64) * 0.02)
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.coverage"):
+        train(model, [ImportanceCallback(ImportanceConfig(criterion="magnitude"))], tmp_path, max_steps=1, ga=1)
+    (message,) = _coverage_warnings(caplog)
+    assert "model.layers.0.mlp.w_experts (LlamaMLP.w_experts: not an nn.Linear or a fused expert weight)" in message
+
+
+def test_gpt2_conv1d_is_refused_by_name_at_train_begin(tmp_path):
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64))
+    with pytest.raises(ValueError, match=r"^transformer\.h\.0\.attn\.c_attn is a transformers Conv1D \(GPT-2 style"):
+        train(model, [ImportanceCallback(ImportanceConfig(criterion="magnitude"))], tmp_path, max_steps=1, ga=1)

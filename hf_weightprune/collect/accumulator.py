@@ -19,6 +19,7 @@ from transformers.trainer_utils import has_length
 
 from .. import distributed as D
 from ..config import ImportanceConfig
+from ..coverage import refuse_conv1d, warn_if_uncovered
 from ..matching import TrackedWeight
 from ..moe import ExpertSlice, find_moe_blocks, find_weights
 from ..scorers import get_scorer
@@ -97,7 +98,9 @@ class ImportanceAccumulator:
         self.meta["max_steps"] = int(state.max_steps)
         if not track:  # a hold schedule only: no weights tracked, no state, no hooks
             return
+        refuse_conv1d(model)
         self.tracked = find_weights(model, self.config.target_modules, self.config.exclude_modules)
+        warn_if_uncovered(model, self.tracked, "ImportanceCallback")
         if self.scorer.needs_grad:
             frozen = [t.name for t in self.tracked if not t.param.requires_grad]
             if frozen:

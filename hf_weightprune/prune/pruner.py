@@ -18,8 +18,10 @@ from tqdm.auto import tqdm
 from .. import distributed as D
 from ..collect.importance import Importance
 from ..config import PruneConfig
+from ..coverage import warn_if_uncovered
 from ..io_utils import check_arg_type
 from ..matching import canonical_name, select_names
+from ..moe import find_weights
 from .plan import PruningPlan
 from .report import PruningReport
 
@@ -106,6 +108,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
 
     names = select_names(importance.names, config.target_modules, config.exclude_modules)
     refuse_tied(model, params, names)
+    _warn_coverage(model, importance, names)
     plan = PruningPlan.build(importance, config, names)  # every other check, before any weight changes
     obs = ", OBS" if plan.reconstruct else ""
     for name in tqdm(names, desc=f"pruning ({config.structure}, {plan.scope}{obs})", disable=not D.show_progress(progress)):
@@ -115,3 +118,12 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     report.reconstruction = "OBS" if plan.reconstruct else None
     report.allocation = config.allocation
     return report.finalize(sum(p.numel() for p in model.parameters()))
+
+
+def _warn_coverage(model: nn.Module, importance: Importance, names: list[str]) -> None:
+    """Warn when the weights about to be pruned are a small share of the model's prunable parameters (the report's
+    `model_sparsity` then says how little of the model was pruned)."""
+    selected = set(names)
+    weights = [w for w in find_weights(model, importance.config.target_modules, importance.config.exclude_modules)
+               if w.name in selected]
+    warn_if_uncovered(model, weights, "prune_")
