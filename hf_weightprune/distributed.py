@@ -168,6 +168,17 @@ def all_reduce_sum_(tensors: list[Tensor]) -> None:
         offset += t.numel()
 
 
+def all_reduce_exact_(tensors: list[Tensor]) -> None:
+    """Sum tensors across ranks in place in their own dtype (int64 counts and float64 masses are not rounded through
+    float32 as `all_reduce_sum_` does); one call per tensor, for small statistics only."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        buf = t.to(comm_device())
+        dist.all_reduce(buf)
+        t.copy_(buf)
+
+
 def gather_rows(local: Tensor, offset: int, shape: list[int]) -> Tensor:
     """The full tensor of `shape` from every rank's dim-0 shard (`local` holds rows `offset:offset+len`)."""
     full = torch.zeros(shape, dtype=local.dtype, device=local.device)

@@ -100,12 +100,19 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(criterion, tmp_pa
     # transformers 5.25's Trainer resumes with `model.load_state_dict(file, strict=False)`, which skips the fused
     # experts saved under their per-expert names (a warning, not an error): the model comes from the checkpoint here
     model = AutoModelForCausalLM.from_pretrained(resumed / "checkpoint-2")
-    train(model, [ImportanceCallback(cfg)], resumed, max_steps=4, save_steps=2, resume=str(resumed / "checkpoint-2"))
+    cb = ImportanceCallback(cfg)
+    train(model, [cb], resumed, max_steps=4, save_steps=2, resume=str(resumed / "checkpoint-2"))
     a, b = load_importance(resumed), load_importance(full)
     assert a.names == b.names and any(".experts.3.down_proj" in n for n in a.names)
     assert (a.step, a.num_samples, a.meta["tokens"]) == (b.step, b.num_samples, b.meta["tokens"])
     for name in b.names:
         torch.testing.assert_close(a.state(name), b.state(name), rtol=1e-6, atol=0, msg=name)
+    # router statistics: written with every checkpoint, resumed from checkpoint-2, equal at the end
+    assert a.sections["router"] == b.sections["router"] == cb.importance().sections["router"]
+    early = load_importance(full / "checkpoint-2").sections["router"]["model.layers.1.mlp"]
+    final = b.sections["router"]["model.layers.1.mlp"]
+    assert 0 < early["seen"] < final["seen"] == int(PaddedTokens().mask[:2 * 2 * 4].sum())
+    assert sum(final["tokens"]) == 2 * final["seen"]
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])

@@ -300,9 +300,25 @@ class ImportanceAccumulator:
 
         Returns:
             `dict[str, Any]`: `tensors` (the buffers this rank writes, see [`export_tensors`]), `meta` (the scalars,
-            [`full_meta`]) and `shapes` (every tracked weight's shape, in model order).
+            [`full_meta`]), `shapes` (every tracked weight's shape, in model order) and `router` (an MoE model's
+            router statistics summed over ranks, see [`router_section`]; `None` for a dense model).
         """
-        return {"tensors": self.export_tensors(), "meta": self.full_meta(), "shapes": self.shapes()}
+        return {"tensors": self.export_tensors(), "meta": self.full_meta(), "shapes": self.shapes(),
+                "router": self.router_section()}
+
+    def router_section(self) -> dict[str, dict[str, Any]] | None:
+        """An MoE model's router statistics over all ranks (collective), as the importance's `router` section:
+        `{block: {"tokens": [int] * E, "gate_mass": [float] * E, "prob_mass": [float] * E, "seen": int}}`. JSON holds
+        int64 counts and float64 masses exactly, so a resume continues from the same totals."""
+        if self.router is None:
+            return None
+        state = self.router.state_dict()
+        D.all_reduce_exact_(list(state.values()))
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in state.items():
+            block, _, stat = key.rpartition(".")
+            out.setdefault(block, {})[stat] = value.tolist()
+        return out
 
     def load_state_dict(self, imp: Importance, global_step: int) -> None:
         """Take the buffers and scalars of a checkpoint's importance (already validated against this run).
@@ -319,6 +335,13 @@ class ImportanceAccumulator:
                     offset, rows = self.plan.rows[name]
                     saved = saved[offset : offset + rows]
                 buf.copy_(saved.to(buf.device))
+        section = imp.sections.get("router")
+        if self.router is not None and section:
+            # totals summed over ranks at save: rank 0 takes them, the others count from zero (summed again at save);
+            # float64 holds the int64 counts exactly, and load_state_dict copies into each statistic's own dtype
+            scale = 1.0 if self.plan.rank == 0 else 0.0
+            self.router.load_state_dict({f"{block}.{stat}": scale * torch.tensor(v, dtype=torch.float64)
+                                         for block, stats in section.items() for stat, v in stats.items()})
         meta = {k: imp.meta[k] for k in _RESTORED_META if k in imp.meta}
         meta["tokens"] = dict(imp.meta.get("tokens", {})) if keep_sums else {}
         self.meta.update(meta, global_step=global_step)
@@ -376,7 +399,9 @@ class ImportanceAccumulator:
             return torch.empty(self.scorer.state_shape(params[name]), dtype=getattr(torch, self.config.state_dtype))
 
         tensors = self.plan.assemble(self.export_tensors(), self.shapes(), empty)
-        return Importance(self.config, meta, self.shapes(), tensors.__getitem__, weights=params)
+        router = self.router_section()
+        return Importance(self.config, meta, self.shapes(), tensors.__getitem__, weights=params,
+                          sections={"router": router} if router else None)
 
 
 def _first_nonfinite_index(tensors: list[torch.Tensor]) -> int | None:

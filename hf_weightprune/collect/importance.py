@@ -43,7 +43,8 @@ class Importance:
         scores (`Mapping[str, Tensor]`): derived scores, computed lazily per tensor.
         path (`str` or `None`): the folder it was loaded from.
         sections (`Mapping[str, Any]`): the other sections of the `importance_config.json` it was read from, parsed
-            once by the reader (`schedule`: a `PruneSchedule`'s saved state; `checksums`); empty in memory.
+            once by the reader (`schedule`: a `PruneSchedule`'s saved state; `checksums`; `router`: an MoE model's
+            router statistics per block); in memory, `router` only.
     """
 
     def __init__(

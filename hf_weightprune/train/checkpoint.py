@@ -171,8 +171,10 @@ class TrainingCheckpoint:
             return False
         saved = acc.state_dict()  # collective
         extra, attach = {}, None
+        if saved["router"]:  # an MoE model's router statistics, summed over ranks
+            extra["router"] = saved["router"]
         if self.holder is not None:
-            extra = {"schedule": self.holder.state_dict()}
+            extra["schedule"] = self.holder.state_dict()
             masks = self.holder.masks
             if masks:
                 def attach(tmp: str) -> dict:
