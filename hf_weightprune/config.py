@@ -225,8 +225,9 @@ class PruneConfig(_JsonConfigMixin):
             implied (`1 - N/M`) and may be left unset.
         structure (`str`, *optional*, defaults to `"unstructured"`):
             `"unstructured"`, `"N:M"` such as `"2:4"` (groups of M consecutive input weights keep N),
-            `"neurons"` (MLP intermediate channels) or `"heads"` (attention KV groups); the last two
-            physically shrink the model.
+            `"neurons"` (MLP intermediate channels), `"heads"` (attention KV groups) or `"experts"` (whole experts
+            of every MoE layer, fewest tokens routed first, from the router statistics the callback saved); the last
+            three physically shrink the model.
         scope (`str`, *optional*):
             `"global"` (one threshold over all pruned weights), `"layer"` (the same sparsity in every tensor; the
             default and only choice for structured), or `"row"` (the same sparsity in every output row, as Wanda
@@ -269,7 +270,7 @@ class PruneConfig(_JsonConfigMixin):
     sparsity: float | dict[str, float] | None = field(default=None, metadata={
         "help": "fraction to remove, in [0, 1), or JSON {regex: float} per module (None: 0.5; N:M sets its own)"})
     structure: str = field(default="unstructured", metadata={
-        "help": "unstructured | N:M (e.g. 2:4) | neurons | heads"})
+        "help": "unstructured | N:M (e.g. 2:4) | neurons | heads | experts"})
     scope: str | None = field(default=None, metadata={
         "help": "global | layer | row (None: the criterion's default: row for wanda, taylor, fisher; layer for the "
                 "others)"})
@@ -320,6 +321,8 @@ class PruneConfig(_JsonConfigMixin):
             # Surgery shrinks every layer's MLP / attention as a whole: a selection would be silently ignored.
             raise ValueError(f"structure {kind!r} shrinks every decoder layer: target_modules/exclude_modules do not "
                              "apply; leave them unset (or use unstructured/N:M pruning to prune part of the model)")
+        if kind == "experts":
+            self._check_experts()
         if self.allocation not in PRUNE_ALLOCATIONS:
             raise ValueError(f"allocation must be one of {PRUNE_ALLOCATIONS}; got {self.allocation!r}")
         if self.allocation == "owl" and (kind != "unstructured" or isinstance(self.sparsity, dict)
@@ -363,9 +366,18 @@ class PruneConfig(_JsonConfigMixin):
 
         return default_scope(criterion)
 
+    def _check_experts(self) -> None:
+        # A config holds one expert count, so every MoE layer loses the same number (what stock transformers loads).
+        if self.scope != "layer":
+            raise ValueError("structure 'experts' removes the same number of experts from every MoE layer: use "
+                             "scope='layer'")
+        if self.target_modules is not None or self.exclude_modules is not None:
+            raise ValueError("structure 'experts' removes whole experts from every MoE layer: target_modules/"
+                             "exclude_modules do not apply; leave them unset")
+
     @property
     def kind(self) -> str:
-        """`str`: `"unstructured"`, `"N:M"`, `"neurons"` or `"heads"`."""
+        """`str`: `"unstructured"`, `"N:M"`, `"neurons"`, `"heads"` or `"experts"`."""
         return parse_structure(self.structure)[0]
 
     @property

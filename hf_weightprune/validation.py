@@ -105,20 +105,20 @@ def parse_structure(structure: str) -> tuple[str, tuple[int, int] | None]:
 
     Args:
         structure (`str`):
-            `"unstructured"`, `"neurons"`, `"heads"` or an N:M pattern such as `"2:4"`.
+            `"unstructured"`, `"neurons"`, `"heads"`, `"experts"` or an N:M pattern such as `"2:4"`.
 
     Returns:
         `tuple[str, tuple[int, int] | None]`: `(kind, nm)` with `kind` one of `"unstructured"`, `"N:M"`,
-        `"neurons"`, `"heads"`, and `nm = (n, m)` for N:M, else `None`.
+        `"neurons"`, `"heads"`, `"experts"`, and `nm = (n, m)` for N:M, else `None`.
 
     Raises:
         `ValueError`: for any other value, or a malformed N:M pattern.
     """
-    if structure in ("unstructured", "neurons", "heads"):
+    if structure in ("unstructured", "neurons", "heads", "experts"):
         return structure, None
     if isinstance(structure, str) and ":" in structure:
         return "N:M", parse_nm(structure)
-    raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons' or 'heads'; got {structure!r}")
+    raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', 'neurons', 'heads' or 'experts'; got {structure!r}")
 
 
 def looks_like_local_path(path: str) -> bool:

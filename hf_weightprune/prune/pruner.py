@@ -22,6 +22,7 @@ from ..coverage import warn_if_uncovered
 from ..io_utils import check_arg_type
 from ..matching import canonical_name, select_names
 from ..moe import find_weights
+from .experts import remove_experts_by_routing_
 from .plan import PruningPlan
 from .report import PruningReport
 
@@ -62,8 +63,10 @@ def refuse_tied(model: nn.Module, params: Mapping[str, torch.Tensor], names: lis
 def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None = None, *,
            progress: bool = True) -> PruningReport:
     """
-    Prune `model` in place from `importance`: zero weights (unstructured, N:M) or remove MLP neurons / KV groups
-    (`"neurons"`, `"heads"`, which physically shrink the model; rebuild any optimizer afterwards).
+    Prune `model` in place from `importance`: zero weights (unstructured, N:M, also of each expert of an MoE model), or
+    remove MLP neurons / KV groups / whole experts (`"neurons"`, `"heads"`, `"experts"`, which physically shrink the
+    model; rebuild any optimizer afterwards). Experts are removed by the tokens the routers sent them during training
+    (the importance's router statistics), the fewest first, the same number in every MoE layer.
 
     Args:
         model (`nn.Module`):
@@ -92,6 +95,11 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     importance.bind(model)
     params = dict(importance.weights)
     report = PruningReport.for_config(importance, config)
+    if config.kind == "experts":
+        report.structured = remove_experts_by_routing_(model, importance, config.sparsity)
+        params_count = report.structured["num_parameters"]
+        report.global_sparsity = report.model_sparsity = 1 - params_count["after"] / params_count["before"]
+        return report
     if config.kind in ("neurons", "heads"):
         from .surgery import prune_structured_
 

@@ -28,6 +28,8 @@ _STRUCTURES = {
     "unstructured": ("unstructured sparsity", "unstructured-sparsity", "any individual weight can be zeroed"),
     "neurons": ("structured pruning of MLP neurons", "structured-pruning", "whole MLP neurons are removed"),
     "heads": ("structured pruning of attention heads", "structured-pruning", "whole attention heads are removed"),
+    "experts": ("whole-expert pruning", "expert-pruning",
+                "whole experts of every MoE layer are removed, those the router sent the fewest tokens during training"),
 }
 
 _SCOPES = {

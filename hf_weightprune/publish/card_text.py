@@ -28,9 +28,13 @@ _STRUCTURED_ROWS = {
     "intermediate_size": "MLP intermediate size",
     "num_attention_heads": "Attention heads",
     "num_key_value_heads": "Key/value heads",
+    "num_local_experts": "Experts per MoE layer",
+    "num_experts": "Experts per MoE layer",
+    "n_routed_experts": "Routed experts per MoE layer",
     "num_parameters": "Parameters",
 }
 
+# "experts" is not here: it reads as its own name, and the rows above (expert count, parameters) are its table
 _STRUCTURED_UNITS = {"neurons": ("MLP neurons", ".mlp."), "heads": ("attention heads (key/value groups)", ".self_attn.")}
 
 

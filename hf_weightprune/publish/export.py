@@ -337,7 +337,7 @@ def prune_checkpoint(
     check_arg_type("prune_checkpoint", "config", config, (PruneConfig, type(None)), "a PruneConfig or None")
     check_arg_type("prune_checkpoint", "progress", progress, bool, "a bool")
     config = config or PruneConfig()
-    if config.kind in ("neurons", "heads"):
+    if config.kind in ("neurons", "heads", "experts"):
         raise ValueError(f"structure={config.structure!r} changes tensor shapes and cannot be applied file to "
                          "file: load the model, call prune_ and save_pruned")
     model_dir, output_dir = os.fspath(model_dir), os.fspath(output_dir)

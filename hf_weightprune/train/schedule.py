@@ -142,7 +142,7 @@ class PruneSchedule(_JsonConfigMixin):
             self.masks_from = os.fspath(self.masks_from)
         elif self.masks_from is not None:
             raise ValueError("masks_from is only used with mode='hold'")
-        if self.structure in ("neurons", "heads"):
+        if self.structure in ("neurons", "heads", "experts"):
             raise ValueError(f"structure {self.structure!r} is not supported during training (it shrinks layers); "
                              "prune structurally after training with prune_(model, importance, PruneConfig(...))")
         sparsity = self.final_sparsity if self.mode == "prune" else None
