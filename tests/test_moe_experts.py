@@ -126,3 +126,16 @@ def test_cli_refusal_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.layers.0.mlp.gate: 1 experts left, fewer than top-k" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_shows_the_router_statistics(runs, capsys):
+    run = runs["mixtral"]
+    section = load_importance(run).sections["router"]
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "router statistics per MoE layer" in out
+    stats = section["model.layers.1.mlp"]
+    line = next(s for s in out.splitlines() if s.startswith("model.layers.1.mlp  seen"))
+    share = 100 * stats["tokens"][3] / sum(stats["tokens"])
+    assert line.startswith(f"model.layers.1.mlp  seen {stats['seen']}  0: {stats['tokens'][0]} (")
+    assert f"3: {stats['tokens'][3]} ({share:.1f}%, {stats['gate_mass'][3]:.4g})" in line

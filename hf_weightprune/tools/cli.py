@@ -181,6 +181,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for s in stats:
         print(f"{s['name']:<{width}}  {s['shape']:>12}  {s['mean']:11.4g}  {s['std']:11.4g}  {s['min']:11.4g}  "
               f"{s['max']:11.4g}  {100 * s['below_median']:6.1f}%")
+    _print_router(imp.sections.get("router"))
     if args.plot:
         from .plotting import plot_layer_stats
 
@@ -189,6 +190,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                          panels=["mean", "std"] if raw else None)
         print(f"Plot: {args.plot}")
     return 0
+
+
+def _print_router(section: dict | None) -> None:
+    """An MoE model's router statistics: per layer, the real tokens it saw and each expert's share of the routed
+    tokens (what `structure="experts"` removes by, fewest first) and of the gate-weight mass."""
+    if not section:
+        return
+    print("router statistics per MoE layer (real tokens seen; per expert: tokens routed, share, gate-weight mass):")
+    for block, stats in section.items():
+        routed = max(sum(stats["tokens"]), 1)
+        experts = "  ".join(f"{e}: {n} ({100 * n / routed:.1f}%, {m:.4g})"
+                            for e, (n, m) in enumerate(zip(stats["tokens"], stats["gate_mass"])))
+        print(f"{block}  seen {stats['seen']}  {experts}")
 
 
 def cmd_push(args: argparse.Namespace) -> int:
