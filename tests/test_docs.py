@@ -242,7 +242,7 @@ MAY_IMPORT = {
     "train/checkpoint": {"config", "distributed", "files/importance_files", "files/safetensors_io", "files/training_state", "io_utils"},
     "train/distill": {"config"},
     "train/distiller": {"collect/activations", "train/distill"},
-    "train/holder": {"distributed", "files/pruned_files", "matching", "prune/masks", "prune/plan", "prune/pruner", "prune/report", "train/schedule"},
+    "train/holder": {"distributed", "files/pruned_files", "matching", "moe", "prune/masks", "prune/plan", "prune/pruner", "prune/report", "train/schedule"},
     "train/schedule": {"config", "files/safetensors_io", "validation"},
 }
 PKG = D.ROOT / "hf_weightprune"
