@@ -52,10 +52,12 @@ def test_experts_with_the_fewest_routed_tokens_go_and_stock_transformers_reloads
     params = report.structured["num_parameters"]
     assert params["after"] == sum(p.numel() for p in model.parameters()) < params["before"]
     assert report.model_sparsity == pytest.approx(1 - params["after"] / params["before"])
+    # in memory too: the load-balancing loss reads the model's own expert count
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(input_ids=ids, labels=ids, output_router_logits=True).aux_loss)
     save_pruned(model, tmp_path / "pruned", report=report)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     assert getattr(reloaded.config, key) == 2
-    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), rtol=0, atol=0)
     generated = reloaded.generate(ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 14)

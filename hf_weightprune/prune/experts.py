@@ -187,6 +187,9 @@ def remove_experts_(model: nn.Module, remove: Mapping[str, Sequence[int]]) -> di
             parent.num_experts = len(keep)
     old = blocks[0].num_experts
     new = len(next(iter(kept.values())))
+    for module in model.modules():  # also outside the blocks: MixtralForCausalLM's, read by its load-balancing loss
+        if getattr(module, "num_experts", None) == old:
+            module.num_experts = new
     for c in _configs(model):
         for key in EXPERT_COUNT_KEYS:
             if getattr(c, key, None) == old:
