@@ -8,21 +8,36 @@ import copy
 
 import pytest
 import torch
+import transformers as T
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, PruneSchedule, prune_, save_pruned
 from hf_weightprune.moe import find_weights
+from hf_weightprune.testing import tiny_moe
 
-from .test_depth_hidden import make_model
-from .test_moe import tiny
 from .test_moe_callback import _tracked_share, train
 
-DENSE = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
+COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# dense rows: stock config class and what makes the row exercise its architecture (sliding windows, head_dim)
+DENSE = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 4}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "phi3": ("Phi3Config", {}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16}),
+}
 MOE = ["mixtral", "qwen3_moe", "olmoe"]
 
 
 def build(arch):
-    return tiny(arch) if arch in MOE else make_model(arch, vocab_size=64)
+    if arch in MOE:
+        return tiny_moe(arch)
+    config_cls, extra = DENSE[arch]
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(getattr(T, config_cls)(**{**COMMON, **extra}))
 
 
 def _nm_holds(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
@@ -30,7 +45,7 @@ def _nm_holds(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     return bool(((w.reshape(w.shape[0], -1, m) != 0).sum(-1) <= n).all())
 
 
-@pytest.mark.parametrize("arch", DENSE + MOE)
+@pytest.mark.parametrize("arch", [*DENSE, *MOE])
 def test_architecture_row(arch, tmp_path):
     model = build(arch)
     cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))

@@ -13,10 +13,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Trai
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_
 from hf_weightprune.moe import find_expert_slices, find_moe_blocks
-from hf_weightprune.testing import tiny_llama, tiny_phi3
+from hf_weightprune.testing import tiny_llama, tiny_moe, tiny_phi3
 
 from .helpers import Recorder, reference
-from .test_moe import tiny
 
 # float32 accumulation (bf16-free) against a float64 brute force over a few steps
 RTOL, ATOL = 1e-4, 1e-6
@@ -67,7 +66,7 @@ def _tracked_share(model, names) -> float:
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("criterion", ["temporal_magnitude", "taylor", "fisher", "wanda", "sparsegpt"])
 def test_expert_slices_match_a_token_by_token_brute_force(arch, criterion, tmp_path):
-    model = tiny(arch, seed=1)
+    model = tiny_moe(arch, seed=1)
     rec = Recorder(model, record_acts=criterion == "wanda", record_hessians=criterion == "sparsegpt")
     cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
     train(model, [rec, cb], tmp_path)
@@ -93,7 +92,7 @@ def test_expert_slices_match_a_token_by_token_brute_force(arch, criterion, tmp_p
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(criterion, tmp_path):
     full = tmp_path / "full"
     cfg = ImportanceConfig(criterion=criterion)
-    train(tiny("qwen3_moe", seed=2), [ImportanceCallback(cfg)], full, max_steps=4, save_steps=2)
+    train(tiny_moe("qwen3_moe", seed=2), [ImportanceCallback(cfg)], full, max_steps=4, save_steps=2)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
@@ -118,7 +117,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(criterion, tmp_pa
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
 def test_prune_zeroes_half_of_every_expert_slice(arch, criterion, tmp_path):
-    model = tiny(arch, seed=3)
+    model = tiny_moe(arch, seed=3)
     cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
     train(model, [cb], tmp_path, max_steps=2)
     before = {s.name: s.weight().clone() for s in find_expert_slices(model)}
@@ -137,7 +136,7 @@ def test_prune_zeroes_half_of_every_expert_slice(arch, criterion, tmp_path):
 
 
 def test_peft_rules_select_experts_alone_and_exclude_them(tmp_path):
-    model = tiny("mixtral", seed=4)
+    model = tiny_moe("mixtral", seed=4)
     only = ImportanceCallback(ImportanceConfig(criterion="magnitude", target_modules=["down_proj"]))
     train(model, [only], tmp_path / "a", max_steps=1, ga=1)
     assert only.tracked_names == [f"model.layers.{i}.mlp.experts.{e}.down_proj.weight" for i in range(2)
@@ -149,7 +148,7 @@ def test_peft_rules_select_experts_alone_and_exclude_them(tmp_path):
 
 
 def test_router_statistics_count_every_training_forward_for_any_criterion(tmp_path):
-    model = tiny("mixtral", seed=5)
+    model = tiny_moe("mixtral", seed=5)
     cb = ImportanceCallback(ImportanceConfig(criterion="temporal_magnitude"))
     train(model, [cb], tmp_path, max_steps=3)
     router = cb.accumulator.router
@@ -173,7 +172,7 @@ def _coverage_warnings(caplog) -> list[str]:
 @pytest.mark.parametrize("arch", ["llama", "phi3", "mixtral", "qwen3_moe"])
 def test_no_coverage_warning_on_models_whose_weights_are_tracked(arch, tmp_path, caplog):
     dense = {"llama": tiny_llama, "phi3": tiny_phi3}
-    model = dense[arch](vocab_size=64) if arch in dense else tiny(arch)
+    model = dense[arch](vocab_size=64) if arch in dense else tiny_moe(arch)
     cb = ImportanceCallback(ImportanceConfig(criterion="magnitude"))
     with caplog.at_level(logging.WARNING, logger="hf_weightprune.coverage"):
         train(model, [cb], tmp_path, max_steps=1, ga=1)
@@ -182,7 +181,7 @@ def test_no_coverage_warning_on_models_whose_weights_are_tracked(arch, tmp_path,
 
 
 def test_experts_left_out_by_a_rule_are_named_with_the_fraction(tmp_path, caplog):
-    model = tiny("mixtral", seed=6)
+    model = tiny_moe("mixtral", seed=6)
     cb = ImportanceCallback(ImportanceConfig(criterion="magnitude", exclude_modules=["experts"]))
     with caplog.at_level(logging.WARNING, logger="hf_weightprune.coverage"):
         train(model, [cb], tmp_path, max_steps=1, ga=1)

@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
 from hf_weightprune.moe import find_moe_blocks
+from hf_weightprune.testing import tiny_moe
 from hf_weightprune.tools.cli import main
 
-from .test_moe import tiny
 from .test_moe_callback import train
 
 
@@ -23,7 +23,7 @@ def runs(tmp_path_factory):
     out = {}
     for arch in ("mixtral", "qwen3_moe"):
         folder = tmp_path_factory.mktemp(arch)
-        model = tiny(arch, seed=7)
+        model = tiny_moe(arch, seed=7)
         train(model, [ImportanceCallback(ImportanceConfig(criterion="magnitude"))], folder, max_steps=3)
         model.save_pretrained(folder / "model")
         out[arch] = folder
@@ -87,7 +87,7 @@ def test_too_many_experts_removed_is_one_line_and_nothing_changes(sparsity, mess
 def test_all_experts_of_a_layer_is_refused_by_name():
     from hf_weightprune.prune.experts import remove_experts_
 
-    model = tiny("mixtral")
+    model = tiny_moe("mixtral")
     with pytest.raises(ValueError, match=r"^model\.layers\.0\.mlp\.gate: removing all 4 experts of the layer$"):
         remove_experts_(model, {"model.layers.0.mlp": [0, 1, 2, 3], "model.layers.1.mlp": [0, 1, 2, 3]})
 
