@@ -105,7 +105,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     progress = show_progress(args)
     safetensors_dir = os.path.isdir(args.model_dir) and find_weights_file(args.model_dir) is not None
-    if not args.eval_data and args.dtype == "auto" and config.kind not in ("neurons", "heads", "experts") and safetensors_dir:
+    shrinks = config.kind in ("neurons", "heads", "experts")
+    moe = bool(importance.sections.get("router"))  # expert slices are views of fused tensors: pruned in memory
+    if not args.eval_data and args.dtype == "auto" and not shrinks and not moe and safetensors_dir:
         # Nothing needs the model in memory: prune the safetensors files shard by shard (faster, less memory).
         from ..publish.export import prune_checkpoint
 
