@@ -210,3 +210,14 @@ def test_gpt2_conv1d_is_refused_by_name_at_train_begin(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64))
     with pytest.raises(ValueError, match=r"^transformer\.h\.0\.attn\.c_attn is a transformers Conv1D \(GPT-2 style"):
         train(model, [ImportanceCallback(ImportanceConfig(criterion="magnitude"))], tmp_path, max_steps=1, ga=1)
+
+
+def test_nm_on_an_expert_whose_input_width_is_not_a_multiple_of_m_is_refused_by_name(tmp_path):
+    # down_proj input width 20: not a multiple of 8 (the fused kernels need widths of whole 16-byte strides)
+    model = tiny_moe("qwen3_moe", seed=8, moe_intermediate_size=20)
+    cb = ImportanceCallback(ImportanceConfig(criterion="magnitude"))
+    train(model, [cb], tmp_path, max_steps=1, ga=1)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.0\.down_proj\.weight.*20"):
+        prune_(model, cb.importance(), PruneConfig(structure="4:8"), progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
