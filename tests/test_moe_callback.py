@@ -88,6 +88,20 @@ def test_expert_slices_match_a_token_by_token_brute_force(arch, criterion, tmp_p
         assert sum(routed[f"model.layers.0.mlp.experts.{e}.down_proj.weight"] for e in range(4)) == 2 * real
 
 
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("criterion", ["temporal_magnitude", "taylor"])
+def test_other_expert_layouts_match_the_brute_force(arch, criterion, tmp_path):
+    """Transposed storage with interleaved gate/up rows (gpt-oss); a shared expert beside the routed ones (Qwen2-MoE)."""
+    model = tiny_moe(arch, seed=1)
+    rec = Recorder(model)
+    cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
+    train(model, [rec, cb], tmp_path, max_steps=2)
+    ref, imp = reference(criterion, rec), cb.importance()
+    assert imp.names == list(ref) and sum(".experts." in n for n in ref) == 24
+    for name, expected in ref.items():
+        torch.testing.assert_close(imp.scores[name].double(), expected, rtol=RTOL, atol=ATOL, msg=name)
+
+
 @pytest.mark.parametrize("criterion", ["taylor", "wanda"])
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(criterion, tmp_path):
     full = tmp_path / "full"
