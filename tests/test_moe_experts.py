@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -67,7 +68,12 @@ def test_experts_with_the_fewest_routed_tokens_go_and_stock_transformers_reloads
     assert saved["structured"]["num_parameters"] == params
     card = (tmp_path / "pruned" / "README.md").read_text()
     assert "whole-expert pruning" in card and f"{params['before']:,}" in card and f"{params['after']:,}" in card
-    assert "Experts per MoE layer" in card
+    assert "| Experts per layer | 4 | 2 |" in card and "arXiv:2402.14800" in card
+    assert "not used for whole experts, which are ranked by the tokens their router sent them during training" in card
+    # per module type, the expert tensors as the folder names them (Mixtral's files: block_sparse_moe.experts.N.w1),
+    # grouped across experts, half of each removed
+    rows = re.findall(r"^\| `([^`]*experts[^`]*)` \| \d+ \| [\d,]+ \| 50\.00% \|$", card, flags=re.M)
+    assert len(rows) == 3 and not any(re.search(r"\.\d+\.", r) for r in rows), rows
 
 
 @pytest.mark.parametrize("sparsity, message", [

@@ -185,6 +185,8 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     label, _, detail = structure_info(structure)
     structured_rows = T.structured_rows(sparsity.get("structured"))
     formula, reference = T.criterion_text(criterion)
+    if structure == "experts":
+        formula = T.EXPERTS_CRITERION
     try:
         nm = parse_structure(structure)[1]
     except ValueError:
