@@ -241,8 +241,9 @@ class PruneConfig(_JsonConfigMixin):
         structure (`str`, `tuple` or `list`, *optional*, defaults to `"unstructured"`):
             `"unstructured"`, `"N:M"` such as `"2:4"` (groups of M consecutive input weights keep N),
             `"neurons"` (MLP intermediate channels), `"heads"` (attention KV groups), `"hidden"` (residual-stream
-            channels) or `"layers"` (whole decoder layers), or several of the last four (`("layers", "neurons")`,
-            stored as `"layers,neurons"`): these physically shrink the model (see `prune/structured.py`).
+            channels) or `"layers"` (whole decoder layers), or several of those four (`("layers", "neurons")`,
+            stored as `"layers,neurons"`), or `"experts"` (whole experts of every MoE layer, fewest tokens routed
+            first, from the router statistics the callback saved): these physically shrink the model.
         scope (`str`, *optional*):
             `"global"` (one threshold over all pruned weights), `"layer"` (the same sparsity in every tensor; the
             default and only choice for structured), or `"row"` (the same sparsity in every output row, as Wanda
@@ -294,7 +295,7 @@ class PruneConfig(_JsonConfigMixin):
     sparsity: float | dict[str, float] | None = field(default=None, metadata={
         "help": "fraction to remove, in [0, 1), or JSON {regex: float} per module (None: 0.5; N:M sets its own)"})
     structure: str = field(default="unstructured", metadata={
-        "help": "unstructured | N:M (e.g. 2:4) | neurons | heads"})
+        "help": "unstructured | N:M (e.g. 2:4) | neurons | heads | experts"})
     scope: str | None = field(default=None, metadata={
         "help": "global | layer | row (None: the criterion's default: row for wanda, taylor, fisher; layer for the "
                 "others)"})
@@ -355,6 +356,8 @@ class PruneConfig(_JsonConfigMixin):
             # Surgery shrinks every layer's MLP / attention as a whole: a selection would be silently ignored.
             raise ValueError(f"structure {kind!r} shrinks every decoder layer: target_modules/exclude_modules do not "
                              "apply; leave them unset (or use unstructured/N:M pruning to prune part of the model)")
+        if kind == "experts":
+            self._check_experts()
         if self.allocation not in PRUNE_ALLOCATIONS:
             raise ValueError(f"allocation must be one of {PRUNE_ALLOCATIONS}; got {self.allocation!r}")
         if self.allocation == "owl" and (kind != "unstructured" or isinstance(self.sparsity, dict)
@@ -411,6 +414,12 @@ class PruneConfig(_JsonConfigMixin):
         """`tuple[str, ...]`: the structured axes (`("layers", "neurons")`), empty for unstructured / N:M."""
         return structure_parts(self.structure) or ()
 
+    @property
+    def shrinks(self) -> bool:
+        """`bool`: whether this structure physically shrinks the model (structured axes, or whole experts) rather
+        than zeroing weights in place."""
+        return bool(self.structures) or self.kind == "experts"
+
     def resolve_scope(self, criterion: str | None) -> str:
         """
         The scope pruning uses: `scope` when set, else the `default_scope` of `criterion`'s scorer.
@@ -428,9 +437,18 @@ class PruneConfig(_JsonConfigMixin):
 
         return default_scope(criterion)
 
+    def _check_experts(self) -> None:
+        # A config holds one expert count, so every MoE layer loses the same number (what stock transformers loads).
+        if self.scope != "layer":
+            raise ValueError("structure 'experts' removes the same number of experts from every MoE layer: use "
+                             "scope='layer'")
+        if self.target_modules is not None or self.exclude_modules is not None:
+            raise ValueError("structure 'experts' removes whole experts from every MoE layer: target_modules/"
+                             "exclude_modules do not apply; leave them unset")
+
     @property
     def kind(self) -> str:
-        """`str`: `"unstructured"`, `"N:M"`, `"neurons"` or `"heads"`."""
+        """`str`: `"unstructured"`, `"N:M"`, `"neurons"`, `"heads"` or `"experts"`."""
         return parse_structure(self.structure)[0]
 
     @property

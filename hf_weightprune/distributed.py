@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -168,6 +168,29 @@ def all_reduce_sum_(tensors: list[Tensor]) -> None:
         offset += t.numel()
 
 
+def all_reduce_exact_(tensors: Iterable[Tensor]) -> None:
+    """Sum small statistics across ranks in place without rounding: floating tensors through float64, integer ones
+    through int64, one collective for each kind ([`all_reduce_sum_`] goes through float32, exact for counts only up
+    to 2**24). No-op on one process.
+
+    Args:
+        tensors (`Iterable[Tensor]`): any shapes and dtypes (router counts and masses, unit sums and token counts).
+    """
+    if not is_distributed():
+        return
+    tensors = list(tensors)
+    for floating, dtype in ((True, torch.float64), (False, torch.int64)):
+        group = [t for t in tensors if t.is_floating_point() == floating]
+        if not group:
+            continue
+        flat = torch.cat([t.reshape(-1).to(comm_device(), dtype) for t in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+
+
 def gather_rows(local: Tensor, offset: int, shape: list[int]) -> Tensor:
     """The full tensor of `shape` from every rank's dim-0 shard (`local` holds rows `offset:offset+len`)."""
     full = torch.zeros(shape, dtype=local.dtype, device=local.device)
@@ -286,20 +309,3 @@ class OwnershipPlan:
             else:
                 full[name] = broadcast_(tensors[name] if owner == self.rank else empty(name), owner)
         return full
-
-
-def all_reduce_exact_(state: dict[str, torch.Tensor]) -> None:
-    """Sum a state across ranks in place without losing precision: floating tensors as float64, integer ones as int64
-    ([`all_reduce_sum_`] goes through float32, exact for counts only up to 2**24 tokens). No-op on one process."""
-    if not is_distributed():
-        return
-    floats = [v for v in state.values() if v.is_floating_point()]
-    flat = torch.cat([v.reshape(-1).to(comm_device(), torch.float64) for v in floats])
-    dist.all_reduce(flat)
-    offset = 0
-    for v in floats:
-        v.copy_(flat[offset : offset + v.numel()].view_as(v))
-        offset += v.numel()
-    ints = [k for k, v in state.items() if not v.is_floating_point()]
-    for k, total in zip(ints, all_reduce_int([int(state[k]) for k in ints])):
-        state[k].fill_(total)

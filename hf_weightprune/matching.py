@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 # Path segments that wrappers insert; removing them gives the base model's own names.
 _WRAPPER_SEGMENTS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer"}
@@ -161,6 +161,14 @@ class TrackedWeight:
     module: nn.Module
     param: nn.Parameter
 
+    def weight(self) -> Tensor:
+        """The weight's data, `[out, in]`, without autograd history (the same contract as `moe.ExpertSlice.weight`)."""
+        return self.param.detach()
+
+    def grad(self) -> Tensor | None:
+        """The weight's gradient, or `None` when it has none."""
+        return self.param.grad
+
 
 def _output_embedding_names(model: nn.Module) -> set[str]:
     get = getattr(model, "get_output_embeddings", None)
@@ -174,6 +182,8 @@ def find_tracked_weights(
     model: nn.Module,
     target_modules: str | list[str] | None = "all-linear",
     exclude_modules: str | list[str] | None = None,
+    *,
+    required: bool = True,
 ) -> list[TrackedWeight]:
     """
     The tracked `nn.Linear` weights of `model` in module order, each parameter once (tied weights: the first name
@@ -186,12 +196,14 @@ def find_tracked_weights(
             peft's rules; `"all-linear"` (or `None`) is every `nn.Linear` except the output embedding.
         exclude_modules (`str` or `list[str]`, *optional*):
             Same rules; matching modules are dropped.
+        required (`bool`, *optional*, defaults to `True`):
+            Raise when nothing matches (`False`: the caller also looks at expert slices, `moe.find_weights`).
 
     Returns:
         `list[TrackedWeight]`: canonical `<module>.weight` name, module name, module and parameter of each.
 
     Raises:
-        `ValueError`: if nothing matches.
+        `ValueError`: if nothing matches and `required`.
     """
     out_names = _output_embedding_names(model)
     seen: set[int] = set()
@@ -210,7 +222,7 @@ def find_tracked_weights(
             continue
         seen.add(id(module.weight))
         tracked.append(TrackedWeight(f"{name}.weight", name, module, module.weight))
-    if not tracked:
+    if not tracked and required:
         raise ValueError(
             f"No nn.Linear module matches target_modules={target_modules!r} (exclude_modules={exclude_modules!r}). "
             "A str is a regex that must fullmatch the module name; a list matches exact names or name suffixes."

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .matching import canonical_name, module_matches
+from .matching import TrackedWeight, canonical_name, find_tracked_weights, module_matches
 
-__all__ = ["ExpertLayout", "ExpertSlice", "MoeBlock", "find_expert_slices", "find_moe_blocks", "EXPERT_COUNT_KEYS"]
+__all__ = ["ExpertLayout", "ExpertSlice", "MoeBlock", "find_expert_slices", "find_moe_blocks", "find_weights",
+           "EXPERT_COUNT_KEYS"]
 
 # Config keys that hold the number of routed experts per MoE layer (Mixtral / OLMoE / gpt-oss, Qwen-MoE, DeepSeek).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -271,3 +272,40 @@ def find_expert_slices(
             if selected and not hit(s, block.experts_name, exclude_modules):
                 out.append(s)
     return out
+
+
+def find_weights(
+    model: nn.Module,
+    target_modules: str | list[str] | tuple[str, ...] | None = "all-linear",
+    exclude_modules: str | list[str] | tuple[str, ...] | None = None,
+) -> list[TrackedWeight | ExpertSlice]:
+    """
+    Every weight the package tracks and prunes: the selected `nn.Linear` weights and expert slices, in module order.
+
+    Both kinds answer `name`, `module_name`, `param` (the parameter holding the data: for a slice, the fused one),
+    `weight()` (`[out, in]`, no autograd history, in-place edits reach the model) and `grad()`; only a
+    `TrackedWeight` has a `module` to hook (an expert's inputs come from `collect.router.RouterCollector`).
+
+    Args:
+        model (`nn.Module`): the model, possibly wrapped (DDP, `torch.compile`, peft).
+        target_modules (`str` or `list[str]`, *optional*, defaults to `"all-linear"`): peft's rules.
+        exclude_modules (`str` or `list[str]`, *optional*): same rules; matching modules are dropped.
+
+    Returns:
+        `list[TrackedWeight | ExpertSlice]`: Linears and slices, ordered as their modules are in `model`.
+
+    Raises:
+        `ValueError`: if nothing matches (neither a Linear nor an expert slice), or as `find_moe_blocks`.
+    """
+    linear = find_tracked_weights(model, target_modules, exclude_modules, required=False)
+    slices = find_expert_slices(model, target_modules, exclude_modules)
+    if not slices:
+        return linear if linear else find_tracked_weights(model, target_modules, exclude_modules)  # its error
+    order = {canonical_name(n): i for i, (n, _) in enumerate(model.named_modules())}
+
+    def position(w: TrackedWeight | ExpertSlice) -> int:
+        # a slice sits where its experts module is; sorted() is stable, so slices keep their expert-by-expert order
+        module = w.param_name.rsplit(".", 1)[0] if isinstance(w, ExpertSlice) else w.module_name
+        return order.get(module, 0)
+
+    return sorted([*linear, *slices], key=position)

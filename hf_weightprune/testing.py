@@ -34,6 +34,47 @@ def tiny_phi3(seed: int = 0, **overrides) -> Phi3ForCausalLM:
     return Phi3ForCausalLM(Phi3Config(**cfg))
 
 
+_MOE_SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  num_experts_per_tok=2)
+# transformers config class and its own name for the routed-expert count and width
+_MOE = {"mixtral": ("MixtralConfig", {"num_local_experts": 4}),
+        "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "moe_intermediate_size": 24}),
+        "olmoe": ("OlmoeConfig", {"num_experts": 4}),
+        # a shared expert beside the routed ones
+        "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "moe_intermediate_size": 24,
+                                         "shared_expert_intermediate_size": 32}),
+        # transposed storage, interleaved gate/up rows, expert and router biases, its own gate function
+        "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "intermediate_size": 24, "head_dim": 8})}
+
+
+def tiny_moe(arch: str = "mixtral", seed: int = 0, **overrides):
+    """
+    A tiny seeded mixture-of-experts causal LM from the stock config class: 2 layers, hidden 32, 4 experts, top-2,
+    vocabulary 64 (pad 0, bos 1, eos 2), fused 3-D expert weights as transformers 5 builds them.
+
+    Args:
+        arch (`str`, *optional*, defaults to `"mixtral"`): `"mixtral"`, `"qwen3_moe"`, `"olmoe"`, `"qwen2_moe"` or
+            `"gpt_oss"`. Biases (gpt-oss) are drawn from N(0, 0.1) rather than left at zero, so they count in checks.
+        seed (`int`, *optional*, defaults to 0): `torch.manual_seed` before the weights are drawn.
+        **overrides: config fields to change.
+
+    Returns:
+        `PreTrainedModel`: from `AutoModelForCausalLM.from_config`.
+    """
+    import transformers
+
+    config_cls, extra = _MOE[arch]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**_MOE_SMALL, **extra, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("_bias", "router.bias")):
+                p.normal_(0, 0.1)
+    return model
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Fixed random token windows with `labels = input_ids` (a map-style dataset the Trainer accepts)."""
 

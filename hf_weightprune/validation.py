@@ -110,16 +110,18 @@ def parse_structure(structure) -> tuple[str, tuple[int, int] | None]:
     Args:
         structure (`str`, `tuple` or `list`):
             `"unstructured"`, an N:M pattern such as `"2:4"`, one of `STRUCTURED_KINDS` (`"neurons"`, `"heads"`,
-            `"hidden"`, `"layers"`), or several of those (a tuple/list, or comma-separated: `"layers,neurons"`).
+            `"hidden"`, `"layers"`), several of those (a tuple/list, or comma-separated: `"layers,neurons"`), or
+            `"experts"` (whole MoE experts, alone).
 
     Returns:
         `tuple[str, tuple[int, int] | None]`: `(kind, nm)` with `kind` one of `"unstructured"`, `"N:M"`, a
-        structured kind, or `"combined"` (several structured kinds), and `nm = (n, m)` for N:M, else `None`.
+        structured kind, `"experts"`, or `"combined"` (several structured kinds), and `nm = (n, m)` for N:M, else
+        `None`.
 
     Raises:
         `ValueError`: for any other value, a repeated structure, or a malformed N:M pattern.
     """
-    if structure == "unstructured" or structure in STRUCTURED_KINDS:
+    if structure in ("unstructured", "experts") or structure in STRUCTURED_KINDS:
         return structure, None
     if isinstance(structure, str) and ":" in structure:
         return "N:M", parse_nm(structure)
@@ -127,7 +129,7 @@ def parse_structure(structure) -> tuple[str, tuple[int, int] | None]:
     if parts is not None and len(parts) > 1:
         return "combined", None
     raise ValueError(f"structure must be 'unstructured', an N:M pattern like '2:4', one of {STRUCTURED_KINDS} or a "
-                     f"combination of them ('layers,neurons'); got {structure!r}")
+                     f"combination of them ('layers,neurons'), or 'experts'; got {structure!r}")
 
 
 def structure_parts(structure) -> tuple[str, ...] | None:

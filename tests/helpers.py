@@ -16,7 +16,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_weightprune import Importance, load_importance
-from hf_weightprune.matching import find_tracked_weights
+from hf_weightprune.matching import TrackedWeight
+from hf_weightprune.moe import find_moe_blocks, find_weights
 from hf_weightprune.testing import TokenDataset
 from hf_weightprune.train.callback import STAGING_DIR
 
@@ -37,31 +38,70 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
 
 
 class Recorder(TrainerCallback):
-    """Snapshots weights/grads before each optimizer step, weights after it, and Linear inputs per step."""
+    """Snapshots weights/grads before each optimizer step, weights after it, and the inputs of the real tokens per
+    step: of each Linear, and of each expert slice token by token as the router sent them (padding excluded)."""
 
     def __init__(self, model, record_acts=False, record_hessians=False):
-        self.tracked = find_tracked_weights(model)
+        self.tracked = find_weights(model)
         self.pre, self.post, self.acts, self.tokens, self.hessians = [], [], [], [], []
         self._acts, self._tok, self._hess = {}, {}, {}
         self.record_hessians = record_hessians
+        self._mask = None
         if record_acts or record_hessians:
+            model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
             for t in self.tracked:
-                t.module.register_forward_hook(self._hook(t.name))
+                if isinstance(t, TrackedWeight):
+                    t.module.register_forward_hook(self._hook(t.name))
+            for b in find_moe_blocks(model):
+                b.router.register_forward_hook(self._router_hook(b))
+
+    def _capture_mask(self, module, args, kwargs):
+        self._mask = kwargs.get("attention_mask")
+
+    @staticmethod
+    def _counts(module):
+        return module.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+
+    def _real(self, x):
+        """`x` flattened to `[tokens, features]`, the padded tokens dropped."""
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        if self._mask is not None and self._mask.numel() == flat.shape[0]:
+            flat = flat[self._mask.reshape(-1).bool()]
+        return flat
+
+    def _add(self, name, x):
+        self._acts[name] = self._acts.get(name, 0) + (x * x).sum(0)
+        self._tok[name] = self._tok.get(name, 0) + x.shape[0]
+        if self.record_hessians:
+            self._hess[name] = self._hess.get(name, 0) + x.T @ x
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            if module.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
-                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-                self._acts[name] = self._acts.get(name, 0) + (x * x).sum(0)
-                self._tok[name] = self._tok.get(name, 0) + x.shape[0]
-                if self.record_hessians:
-                    self._hess[name] = self._hess.get(name, 0) + x.T @ x
+            if self._counts(module):
+                self._add(name, self._real(inputs[0]))
+
+        return hook
+
+    def _router_hook(self, block):
+        """Token by token: each routed real token's input (and recomputed gated intermediate) to each of its experts."""
+        def hook(module, inputs, output):
+            if not self._counts(module):
+                return
+            x, index = self._real(inputs[0]), self._real(output[2])
+            experts = block.experts
+            inter = experts.gate_up_proj.shape[1] // 2
+            for t in range(x.shape[0]):
+                for e in sorted({int(i) for i in index[t]}):
+                    w = experts.gate_up_proj[e].detach().double()
+                    mid = experts.act_fn(w[:inter] @ x[t]) * (w[inter:] @ x[t])
+                    for proj, v in (("gate_proj", x[t]), ("up_proj", x[t]), ("down_proj", mid)):
+                        self._add(f"{block.experts_name}.{e}.{proj}.weight", v[None])
 
         return hook
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
-        self.pre.append({t.name: (t.param.detach().double().clone(),
-                                  None if t.param.grad is None else t.param.grad.detach().double().clone())
+        self.pre.append({t.name: (t.weight().double().clone(),
+                                  None if t.grad() is None else t.grad().detach().double().clone())
                          for t in self.tracked})
         self.acts.append(self._acts)
         self.tokens.append(self._tok)
@@ -69,7 +109,7 @@ class Recorder(TrainerCallback):
         self._acts, self._tok, self._hess = {}, {}, {}
 
     def on_step_end(self, args, state, control, **kw):
-        self.post.append({t.name: t.param.detach().double().clone() for t in self.tracked})
+        self.post.append({t.name: t.weight().double().clone() for t in self.tracked})
 
 
 def train(model, callbacks, tmp_path, *, max_steps=6, batch=4, ga=1, save_steps=None, seed=0, n=48, lr=1e-2,

@@ -19,11 +19,14 @@ from transformers.trainer_utils import has_length
 
 from .. import distributed as D
 from ..config import ImportanceConfig
-from ..matching import TrackedWeight, find_tracked_weights
+from ..coverage import refuse_conv1d, warn_if_uncovered
+from ..matching import TrackedWeight
+from ..moe import ExpertSlice, find_moe_blocks, find_weights
 from ..scorers import get_scorer
 from ..scorers.base import chunks
 from .activations import ActivationCollector
 from .importance import Importance
+from .router import RouterCollector
 from .summary import sample_indices, type_summary
 from .units import UnitCollector
 
@@ -40,10 +43,12 @@ class ImportanceAccumulator:
         offload_to_cpu (`bool`, *optional*, defaults to `False`): keep the buffers in CPU memory.
 
     Attributes:
-        tracked (`list[TrackedWeight]`): the tracked weights, in model order.
+        tracked (`list[TrackedWeight | ExpertSlice]`): the tracked weights (Linears and expert slices), in model order.
         states (`dict[str, Tensor]`): the buffers this rank holds, by canonical parameter name.
         plan (`OwnershipPlan`): which rank holds and writes each buffer.
         units (`UnitCollector` or `None`): the unit statistics, with `ImportanceConfig(units=True)`.
+        router (`RouterCollector`, *optional*): an MoE model's router statistics, and its experts' input statistics
+            for activation criteria.
         meta (`dict`): `global_step`, `num_samples`, `weight_sum`, `last_step`, `skipped`, `tokens`, `max_steps`,
             `window_start`, `epoch`, `epoch_step`.
     """
@@ -52,17 +57,15 @@ class ImportanceAccumulator:
         self.config = config
         self.scorer = get_scorer(config.criterion, weighting=config.weighting)
         self.offload_to_cpu = offload_to_cpu
-        self.tracked: list[TrackedWeight] = []
+        self.tracked: list[TrackedWeight | ExpertSlice] = []
         self.collector: ActivationCollector | None = None
         self.units: UnitCollector | None = None
+        self.router: RouterCollector | None = None
         self.reset()
 
     def reset(self) -> None:
-        if getattr(self, "collector", None) is not None:
-            self.collector.remove()
-        self.collector = None
-        self.remove_unit_hooks()
-        self.units = None
+        self.remove_hooks()
+        self.collector = self.router = self.units = None
         self.tracked, self.states, self.plan = [], {}, D.OwnershipPlan()
         self.meta: dict[str, Any] = {"global_step": 0, "num_samples": 0, "weight_sum": 0.0, "last_step": 0,
                                      "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None,
@@ -75,7 +78,7 @@ class ImportanceAccumulator:
         return [t.name for t in self.tracked]
 
     def shapes(self) -> dict[str, list[int]]:
-        return {t.name: list(t.param.shape) for t in self.tracked}
+        return {t.name: list(t.weight().shape) for t in self.tracked}
 
     def state_bytes(self) -> int:
         """Bytes of buffers held by this rank."""
@@ -98,7 +101,9 @@ class ImportanceAccumulator:
         self.meta["max_steps"] = int(state.max_steps)
         if not track:  # a hold schedule only: no weights tracked, no state, no hooks
             return
-        self.tracked = find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
+        refuse_conv1d(model)
+        self.tracked = find_weights(model, self.config.target_modules, self.config.exclude_modules)
+        warn_if_uncovered(model, self.tracked, "ImportanceCallback")
         if self.scorer.needs_grad:
             frozen = [t.name for t in self.tracked if not t.param.requires_grad]
             if frozen:
@@ -107,13 +112,18 @@ class ImportanceAccumulator:
                     f"frozen (e.g. {frozen[0]}; LoRA freezes base weights): use criterion='wanda' or 'temporal_magnitude'"
                 )
         D.check_supported(model, args, needs_grad=self.scorer.needs_grad, criterion=self.config.criterion)
+        slices = [t for t in self.tracked if isinstance(t, ExpertSlice)]
+        if slices and D.backend(model, args) == "fsdp2":
+            # FSDP2 shards a fused [E, ...] parameter on dim 0: a slice view would need this rank's expert offset
+            raise ValueError(f"FSDP2 with mixture-of-experts weights ({slices[0].param_name}) is not supported yet; use "
+                             "DDP, or exclude_modules=['experts'] to track the other weights only")
         per_rank = self.scorer.source != "activations"
-        self.plan = D.OwnershipPlan.build({t.name: t.param for t in self.tracked}, per_rank=per_rank)
+        self.plan = D.OwnershipPlan.build({t.name: t.weight() for t in self.tracked}, per_rank=per_rank)
         dtype = torch.float32 if not per_rank else getattr(torch, self.config.state_dtype)
         for t in self.tracked:
             if self.plan.holds(t.name):
                 device = "cpu" if self.offload_to_cpu else t.param.device
-                shape = self.scorer.state_shape(D.local_tensor(t.param) if per_rank else t.param)
+                shape = self.scorer.state_shape(D.local_tensor(t.weight()) if per_rank else t.weight())
                 self.states[t.name] = torch.zeros(shape, dtype=dtype, device=device)
         self.meta["epoch"] = int(state.epoch or 0)  # epochs completed (resumed runs start past 0)
         self.meta["window_start"] = self._window_start(state)
@@ -121,11 +131,36 @@ class ImportanceAccumulator:
             # Compiled: dynamo guards on the hooks while they are registered (see `HookGuards`); the process's setting
             # comes back when they are removed (train end, or the next `setup` / `reset`).
             compiled = bool(getattr(args, "torch_compile", False) or hasattr(model, "_orig_mod"))
-            self.collector = ActivationCollector(model, self.tracked, self.scorer.statistic,
+            linear = [t for t in self.tracked if not isinstance(t, ExpertSlice)]
+            self.collector = ActivationCollector(model, linear, self.scorer.statistic,
                                                  device=lambda name: self.states[name].device, guard_hooks=compiled)
             self.collector.register()
         if self.config.units:
             self._setup_units(model, args)
+        self._setup_router(model, slices if not per_rank else [])
+
+    def _setup_router(self, model: nn.Module, slices: list[ExpertSlice]) -> None:
+        """Router statistics of an MoE model, for every criterion; the inputs routed to each tracked expert slice
+        (`slices`, activation criteria) like the Linears' inputs."""
+        blocks = find_moe_blocks(model)
+        if not blocks:
+            return
+        self.router = RouterCollector(model, blocks, slices=slices, statistic=self.scorer.statistic if slices else None,
+                                      device=lambda name: self.states[name].device)
+        self.router.register()
+
+    def set_sampling(self, active: bool) -> None:
+        """Whether the coming forwards count: the sampled steps (`every_n_steps`, `window`) of the activation, router
+        and unit statistics."""
+        for c in (self.collector, self.router, self.units):
+            if c is not None:
+                c.active = active
+
+    def remove_hooks(self) -> None:
+        """Remove the activation, router and unit hooks (train end, reset); the statistics stay readable."""
+        for c in (getattr(self, "collector", None), getattr(self, "router", None), getattr(self, "units", None)):
+            if c is not None:
+                c.remove()
 
     def _window_start(self, state) -> int | None:
         """First step (or epoch) whose sample counts: only the last `window` samples of the planned run do.
@@ -176,6 +211,9 @@ class ImportanceAccumulator:
     def commit_activations(self, t: int) -> None:
         """Fold the activation sums of step `t`'s forwards into the buffers (activation criteria)."""
         sums, tokens = self.collector.pop()
+        if self.router is not None:  # expert slices: disjoint names from the Linears'
+            expert_sums, expert_tokens = self.router.pop()
+            sums, tokens = {**sums, **expert_sums}, {**tokens, **expert_tokens}
         if not self.collector.active:
             return
         if not sums:  # fail at the first such step rather than at the end ("no training tokens")
@@ -201,9 +239,9 @@ class ImportanceAccumulator:
         owned = self._owned()
         grads = None
         if use_grads:
-            owned = [tw for tw in owned if tw.param.grad is not None]
-            grads = [D.local_tensor(tw.param.grad.detach()) for tw in owned]
-        weights = [D.local_tensor(tw.param.detach()) for tw in owned]
+            owned = [tw for tw in owned if tw.grad() is not None]
+            grads = [D.local_tensor(tw.grad().detach()) for tw in owned]
+        weights = [D.local_tensor(tw.weight()) for tw in owned]
         # The sample reads gradients or weights: either going NaN/Inf (a diverged step) would poison every later score.
         bad = _first_nonfinite(owned, grads if use_grads else weights)
         if D.any_rank(bad is not None):
@@ -266,16 +304,6 @@ class ImportanceAccumulator:
                                                            or hasattr(model, "_orig_mod")))
         self.units.register()
 
-    def remove_unit_hooks(self) -> None:
-        """Remove the unit hooks (train end, `reset`); the totals stay readable."""
-        if getattr(self, "units", None) is not None:
-            self.units.remove()
-
-    def begin_unit_step(self, t: int) -> None:
-        """Count the forwards of optimizer step `t` only if it is a sampled step (`every_n_steps`, `window`)."""
-        if self.units is not None:
-            self.units.active = self.samples_step(t)
-
     def commit_units(self, t: int, model: nn.Module | None) -> None:
         """Fold step `t`'s unit sums into the totals (before the optimizer step). Taylor reads the DDP-averaged
         gradients on rank 0 only; each rank keeps its forward sums until [`unit_state`] adds them up. A non-finite
@@ -300,7 +328,7 @@ class ImportanceAccumulator:
         if self.units is None:
             return None
         state = self.units.state_dict()
-        D.all_reduce_exact_(state)
+        D.all_reduce_exact_(state.values())
         return state
 
     # ------------------------------------------------------------------------------------------ read and resume
@@ -319,7 +347,7 @@ class ImportanceAccumulator:
         if self.scorer.source == "final":
             owned = self._owned()
             with torch.no_grad():
-                weights = [D.local_tensor(t.param.detach()) for t in owned]
+                weights = [D.local_tensor(t.weight()) for t in owned]
                 self.scorer.update_([self.states[t.name] for t in owned], weights, None, 0)
         if not self.plan.per_rank:
             return self.plan.summed(self.states)
@@ -330,11 +358,26 @@ class ImportanceAccumulator:
 
         Returns:
             `dict[str, Any]`: `tensors` (the buffers this rank writes, see [`export_tensors`]), `meta` (the scalars,
-            [`full_meta`]), `shapes` (every tracked weight's shape, in model order) and `units` (the cross-rank
-            [`unit_state`], or `None`).
+            [`full_meta`]), `shapes` (every tracked weight's shape, in model order), `units` (the cross-rank
+            [`unit_state`], or `None`) and `router` (an MoE model's router statistics summed over ranks, see
+            [`router_section`]; `None` for a dense model).
         """
         return {"tensors": self.export_tensors(), "meta": self.full_meta(), "shapes": self.shapes(),
-                "units": self.unit_state()}
+                "units": self.unit_state(), "router": self.router_section()}
+
+    def router_section(self) -> dict[str, dict[str, Any]] | None:
+        """An MoE model's router statistics over all ranks (collective), as the importance's `router` section:
+        `{block: {"tokens": [int] * E, "gate_mass": [float] * E, "prob_mass": [float] * E, "seen": int}}`. JSON holds
+        int64 counts and float64 masses exactly, so a resume continues from the same totals."""
+        if self.router is None:
+            return None
+        state = self.router.state_dict()
+        D.all_reduce_exact_(list(state.values()))
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in state.items():
+            block, _, stat = key.rpartition(".")
+            out.setdefault(block, {})[stat] = value.tolist()
+        return out
 
     def load_state_dict(self, imp: Importance, global_step: int) -> None:
         """Take the buffers and scalars of a checkpoint's importance (already validated against this run).
@@ -353,6 +396,13 @@ class ImportanceAccumulator:
                 buf.copy_(saved.to(buf.device))
         if self.units is not None and self.plan.rank == 0:  # sums across ranks: restored once, on rank 0
             self.units.load_state_dict(imp.unit_state())
+        section = imp.sections.get("router")
+        if self.router is not None and section:
+            # totals summed over ranks at save: rank 0 takes them, the others count from zero (summed again at save);
+            # float64 holds the int64 counts exactly, and load_state_dict copies into each statistic's own dtype
+            scale = 1.0 if self.plan.rank == 0 else 0.0
+            self.router.load_state_dict({f"{block}.{stat}": scale * torch.tensor(v, dtype=torch.float64)
+                                         for block, stats in section.items() for stat, v in stats.items()})
         meta = {k: imp.meta[k] for k in _RESTORED_META if k in imp.meta}
         meta["tokens"] = dict(imp.meta.get("tokens", {})) if keep_sums else {}
         self.meta.update(meta, global_step=global_step)
@@ -360,19 +410,19 @@ class ImportanceAccumulator:
     def _sampled_scores(self, sample_size: int) -> dict[str, torch.Tensor]:
         """Flat float32 scores of a seeded sample of each tracked weight (every element when the model is small)."""
         meta, tracked = self.meta, [t for t in self.tracked if t.name in self.states]
-        total = sum(D.local_tensor(t.param).numel() for t in tracked)
+        total = sum(D.local_tensor(t.weight()).numel() for t in tracked)
         index = self._log_index
         if index is None or index[0] != total:  # drawn once per run: the same weights are followed across steps
             gen = torch.Generator().manual_seed(self.seed)
             picks = {}
             for t in tracked:
-                numel = D.local_tensor(t.param).numel()
+                numel = D.local_tensor(t.weight()).numel()
                 k = numel if total <= sample_size else max(1, round(numel * sample_size / total))
                 picks[t.name] = sample_indices(numel, k, gen)
             index = self._log_index = (total, picks)
         out = {}
         for t in tracked:
-            state, weight = self.states[t.name], D.local_tensor(t.param.detach())
+            state, weight = self.states[t.name], D.local_tensor(t.weight())
             idx = index[1][t.name]
             flat_w = weight.reshape(-1) if idx is None else weight.reshape(-1)[idx.to(weight.device)]
             kwargs = {"num_samples": meta["num_samples"], "weight_sum": float(meta["weight_sum"]),
@@ -398,21 +448,21 @@ class ImportanceAccumulator:
             `dict[str, float]`: `importance/<type>/mean` and `importance/<type>/frac_below` (this rank's weights).
         """
         scores = self._sampled_scores(sample_size)
-        numels = {t.name: D.local_tensor(t.param).numel() for t in self.tracked if t.name in scores}
+        numels = {t.name: D.local_tensor(t.weight()).numel() for t in self.tracked if t.name in scores}
         return type_summary(scores, numels, target)
 
     def importance(self) -> Importance:
         """Full buffers on every rank (collective under DDP / FSDP2), bound to the model's weights."""
         meta = self.full_meta()
-        params = {t.name: t.param for t in self.tracked}
+        params = {t.name: t.weight() for t in self.tracked}
 
         def empty(name: str) -> torch.Tensor:
             return torch.empty(self.scorer.state_shape(params[name]), dtype=getattr(torch, self.config.state_dtype))
 
         tensors = self.plan.assemble(self.export_tensors(), self.shapes(), empty)
-        weights = {n: p.detach() for n, p in params.items()}
-        return Importance(self.config, meta, self.shapes(), tensors.__getitem__, weights=weights,
-                          units=self.unit_state())
+        router = self.router_section()
+        return Importance(self.config, meta, self.shapes(), tensors.__getitem__, weights=params,
+                          sections={"router": router} if router else None, units=self.unit_state())
 
 
 def _first_nonfinite_index(tensors: list[torch.Tensor]) -> int | None:
@@ -431,7 +481,7 @@ def _first_nonfinite_index(tensors: list[torch.Tensor]) -> int | None:
     return min(bad) if bad else None
 
 
-def _first_nonfinite(owned: list[TrackedWeight], tensors: list[torch.Tensor]) -> str | None:
+def _first_nonfinite(owned: list[TrackedWeight | ExpertSlice], tensors: list[torch.Tensor]) -> str | None:
     """Name of the first tensor holding NaN/Inf, else `None`."""
     i = _first_nonfinite_index(tensors) if tensors else None
     return None if i is None else owned[i].name

@@ -12,7 +12,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..config import ImportanceConfig
-from ..matching import find_tracked_weights
+from ..matching import TrackedWeight
+from ..moe import find_weights
 from ..scorers import Scorer, get_scorer
 from .units import unit_scores
 
@@ -43,7 +44,8 @@ class Importance:
         scores (`Mapping[str, Tensor]`): derived scores, computed lazily per tensor.
         path (`str` or `None`): the folder it was loaded from.
         sections (`Mapping[str, Any]`): the other sections of the `importance_config.json` it was read from, parsed
-            once by the reader (`schedule`: a `PruneSchedule`'s saved state; `checksums`); empty in memory.
+            once by the reader (`schedule`: a `PruneSchedule`'s saved state; `checksums`; `router`: an MoE model's
+            router statistics per block); in memory, `router` only.
         has_units (`bool`): whether unit statistics for structured pruning are held ([`unit_scores`]).
     """
 
@@ -179,19 +181,21 @@ class Importance:
         tracked = self._tracked(model)
         self._validate(tracked)
         if weights is None:
-            weights = {t.name: t.param for t in tracked if t.name in self.shapes}
+            # a Linear's own Parameter (its identity finds tied weights); an expert's view into its fused parameter
+            weights = {t.name: t.param if isinstance(t, TrackedWeight) else t.weight()
+                       for t in tracked if t.name in self.shapes}
         self._weights, self._weights_loader = weights, None
         return self
 
     def _tracked(self, model: nn.Module):
-        return find_tracked_weights(model, self.config.target_modules, self.config.exclude_modules)
+        return find_weights(model, self.config.target_modules, self.config.exclude_modules)
 
     def validate_against(self, model: nn.Module) -> None:
         """Refuse importance computed for another model: names and shapes must match the tracked weights."""
         self._validate(self._tracked(model))
 
     def _validate(self, tracked_weights) -> None:
-        tracked = {t.name: list(t.param.shape) for t in tracked_weights}
+        tracked = {t.name: list(t.weight().shape) for t in tracked_weights}
         problems = []
         for name, shape in self.shapes.items():
             if name not in tracked:

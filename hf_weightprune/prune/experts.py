@@ -19,11 +19,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..collect.importance import Importance
 from ..moe import EXPERT_COUNT_KEYS, MoeBlock, find_moe_blocks
 from ..validation import check_sparsity
 from .masks import num_to_prune, unstructured_mask
 
-__all__ = ["choose_experts", "remove_experts_"]
+__all__ = ["choose_experts", "remove_experts_", "remove_experts_by_routing_"]
 
 
 def _configs(model: nn.Module) -> list:
@@ -186,6 +187,9 @@ def remove_experts_(model: nn.Module, remove: Mapping[str, Sequence[int]]) -> di
             parent.num_experts = len(keep)
     old = blocks[0].num_experts
     new = len(next(iter(kept.values())))
+    for module in model.modules():  # also outside the blocks: MixtralForCausalLM's, read by its load-balancing loss
+        if getattr(module, "num_experts", None) == old:
+            module.num_experts = new
     for c in _configs(model):
         for key in EXPERT_COUNT_KEYS:
             if getattr(c, key, None) == old:
@@ -195,3 +199,68 @@ def remove_experts_(model: nn.Module, remove: Mapping[str, Sequence[int]]) -> di
 
 def _raw_name(model: nn.Module, module: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
+
+
+def router_scores(importance: Importance, blocks: Sequence[MoeBlock]) -> dict[str, Tensor]:
+    """
+    Tokens routed to each expert over training, per MoE block, from the importance's `router` section.
+
+    Args:
+        importance ([`Importance`]): from the callback or `load_importance` of an MoE model's run.
+        blocks (`Sequence[MoeBlock]`): the model's MoE blocks.
+
+    Returns:
+        `dict[str, Tensor]`: block name to `[E]` float64 token counts.
+
+    Raises:
+        `ValueError`: one line when the importance has no router statistics, or none of the right size for a block.
+    """
+    section = importance.sections.get("router")
+    if not section:
+        raise ValueError("structure='experts' removes the experts the routers used least during training, but this "
+                         "importance has no router statistics (a dense model's, or one written before they were saved)")
+    out = {}
+    for b in blocks:
+        tokens = (section.get(b.name) or {}).get("tokens")
+        if tokens is None or len(tokens) != b.num_experts:
+            raise ValueError(f"{b.router_name}: the importance's router statistics have "
+                             f"{'no entry' if tokens is None else f'{len(tokens)} experts'} for this layer of "
+                             f"{b.num_experts} experts (another model, or experts already removed?)")
+        out[b.name] = torch.tensor(tokens, dtype=torch.float64)
+    return out
+
+
+def remove_experts_by_routing_(model: nn.Module, importance: Importance, sparsity: float) -> dict:
+    """
+    Remove, in every MoE layer, the fraction `sparsity` of its experts that the router sent the fewest tokens to
+    during training (Lu et al. 2024, arXiv 2402.14800): `prune_`'s `structure="experts"`.
+
+    Args:
+        model (`nn.Module`): the MoE model the importance was computed for.
+        importance ([`Importance`]): with router statistics (see [`router_scores`]).
+        sparsity (`float`): fraction of each layer's experts to remove, in `[0, 1)`.
+
+    Returns:
+        `dict`: what `sparsity.json` records, in the shape of `surgery.prune_structured_`'s result: `structure`,
+        `unit` (`"expert"`), `sparsity`, `units_per_layer` and `config` (expert count, before / after), `removed`
+        and `kept` (original indices per block), `num_parameters` (before / after).
+
+    Raises:
+        `ValueError`: before any change, as [`router_scores`] and [`remove_experts_`] (all experts of a layer, fewer
+        than top-k left), in one line naming the parameter.
+    """
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise ValueError("structure='experts': the model has no mixture-of-experts layer")
+    remove = choose_experts(router_scores(importance, blocks), sparsity=sparsity)
+    before = sum(p.numel() for p in model.parameters())
+    # the expert-count key config.json holds (configs answer aliases too: Mixtral's `num_experts`)
+    key = next(k for c in _configs(model) for k in EXPERT_COUNT_KEYS if k in c.to_dict())
+    count_before = blocks[0].num_experts
+    kept = remove_experts_(model, remove)
+    count_after = len(next(iter(kept.values())))
+    config = {"before": {key: count_before}, "after": {key: count_after}}
+    return {"structure": "experts", "unit": "expert", "sparsity": sparsity,
+            "units_per_layer": {"before": count_before, "after": count_after}, "config": config,
+            "removed": remove, "kept": kept,
+            "num_parameters": {"before": before, "after": sum(p.numel() for p in model.parameters())}}

@@ -182,7 +182,7 @@ class PruningPlan:
             without Hessians, OWL without activation statistics, or (unless `config.allow_collapse`) a tensor that
             would be pruned to 100%, naming it.
         """
-        if config.structures:
+        if config.shrinks:
             raise ValueError(f"structure={config.structure!r} shrinks layers: prune it with prune_ (surgery), not "
                              "masks")
         names = select_names(importance.names, config.target_modules, config.exclude_modules) if names is None \

@@ -18,8 +18,11 @@ from tqdm.auto import tqdm
 from .. import distributed as D
 from ..collect.importance import Importance
 from ..config import PruneConfig
+from ..coverage import warn_if_uncovered
 from ..io_utils import check_arg_type
 from ..matching import canonical_name, select_names
+from ..moe import find_weights
+from .experts import remove_experts_by_routing_
 from .plan import PruningPlan
 from .report import PruningReport
 
@@ -60,10 +63,11 @@ def refuse_tied(model: nn.Module, params: Mapping[str, torch.Tensor], names: lis
 def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None = None, *,
            progress: bool = True) -> PruningReport:
     """
-    Prune `model` in place from `importance`: zero weights (unstructured, N:M) or remove MLP neurons, KV groups,
-    hidden channels or decoder layers (`"neurons"`, `"heads"`, `"hidden"`, `"layers"` or a combination, with
-    `sparsity` or a `target_params` budget, see `prune/structured.py`), which physically shrink the model; rebuild
-    any optimizer afterwards.
+    Prune `model` in place from `importance`: zero weights (unstructured, N:M, also of each expert of an MoE model), or
+    remove MLP neurons, KV groups, hidden channels, decoder layers (`"neurons"`, `"heads"`, `"hidden"`, `"layers"` or a
+    combination, with `sparsity` or a `target_params` budget, see `prune/structured.py`) or whole experts
+    (`"experts"`: by the tokens the routers sent them during training, the fewest first, the same number in every MoE
+    layer), which physically shrink the model; rebuild any optimizer afterwards.
 
     Args:
         model (`nn.Module`):
@@ -92,6 +96,11 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     importance.bind(model)
     params = dict(importance.weights)
     report = PruningReport.for_config(importance, config)
+    if config.kind == "experts":
+        report.structured = remove_experts_by_routing_(model, importance, config.sparsity)
+        params_count = report.structured["num_parameters"]
+        report.global_sparsity = report.model_sparsity = 1 - params_count["after"] / params_count["before"]
+        return report
     if config.structures and (importance.has_units or config.kind not in ("neurons", "heads")
                               or config.target_params is not None or config.compensate is not None):
         return _prune_structures(model, importance, config, report)
@@ -111,6 +120,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
 
     names = select_names(importance.names, config.target_modules, config.exclude_modules)
     refuse_tied(model, params, names)
+    _warn_coverage(model, importance, names)
     plan = PruningPlan.build(importance, config, names)  # every other check, before any weight changes
     obs = ", OBS" if plan.reconstruct else ""
     for name in tqdm(names, desc=f"pruning ({config.structure}, {plan.scope}{obs})", disable=not D.show_progress(progress)):
@@ -134,3 +144,12 @@ def _prune_structures(model: nn.Module, importance: Importance, config: PruneCon
     if report.target_sparsity is None:  # a target_params budget: the share of parameters it removed
         report.target_sparsity = report.global_sparsity
     return report
+
+
+def _warn_coverage(model: nn.Module, importance: Importance, names: list[str]) -> None:
+    """Warn when the weights about to be pruned are a small share of the model's prunable parameters (the report's
+    `model_sparsity` then says how little of the model was pruned)."""
+    selected = set(names)
+    weights = [w for w in find_weights(model, importance.config.target_modules, importance.config.exclude_modules)
+               if w.name in selected]
+    warn_if_uncovered(model, weights, "prune_")

@@ -31,6 +31,8 @@ _STRUCTURES = {
     "hidden": ("structured pruning of hidden channels", "structured-pruning",
                "whole channels of the residual stream are removed"),
     "layers": ("depth pruning", "structured-pruning", "whole decoder layers are removed"),
+    "experts": ("whole-expert pruning", "expert-pruning",
+                "whole experts of every MoE layer are removed, those the router sent the fewest tokens during training"),
 }
 
 _SCOPES = {
@@ -190,6 +192,8 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     label, _, detail = structure_info(structure)
     structured_rows = T.structured_rows(sparsity.get("structured"))
     formula, reference = T.criterion_text(criterion)
+    if structure == "experts":
+        formula = T.EXPERTS_CRITERION
     try:
         nm = parse_structure(structure)[1]
     except ValueError:

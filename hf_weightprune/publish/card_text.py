@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ from ..matching import parse_param_name
 
 # References by method: a card cites what its model was made with, nothing else.
 OBS_REFERENCE = "SparseGPT (OBS reconstruction): Frantar & Alistarh 2023, [arXiv:2301.00774](https://arxiv.org/abs/2301.00774)"
+EXPERTS_REFERENCE = ("whole experts removed by routing frequency: Lu et al. 2024, \"Not All Experts are Equal\", "
+                     "[arXiv:2402.14800](https://arxiv.org/abs/2402.14800)")
+EXPERTS_CRITERION = ("not used for whole experts, which are ranked by the tokens their router sent them during training "
+                     "(the router statistics saved with the importance)")
 OWL_REFERENCE = "OWL (outlier-weighted layerwise sparsity): Yin et al. 2023, [arXiv:2310.05175](https://arxiv.org/abs/2310.05175)"
 GRADUAL_REFERENCE = "Gradual pruning (cubic schedule): Zhu & Gupta 2017, [arXiv:1710.01878](https://arxiv.org/abs/1710.01878)"
 DISTILL_REFERENCE = "Knowledge distillation: Hinton et al. 2015, [arXiv:1503.02531](https://arxiv.org/abs/1503.02531)"
@@ -30,11 +35,15 @@ _STRUCTURED_ROWS = {
     "intermediate_size": "MLP intermediate size",
     "num_attention_heads": "Attention heads",
     "num_key_value_heads": "Key/value heads",
+    "num_local_experts": "Experts per layer",
+    "num_experts": "Experts per layer",
+    "n_routed_experts": "Routed experts per layer",
     "num_parameters": "Parameters",
 }
 
 _STRUCTURED_UNITS = {"neurons": ("MLP neurons", ".mlp."), "heads": ("attention heads (key/value groups)", ".self_attn."),
-                     "hidden": ("hidden channels", ".layers."), "layers": ("decoder layers", ".layers.")}
+                     "hidden": ("hidden channels", ".layers."), "layers": ("decoder layers", ".layers."),
+                     "experts": ("experts", ".experts.")}
 
 
 def read_json(path: Path) -> Any:
@@ -209,6 +218,8 @@ def references(criterion: str | None, sparsity: dict) -> list[str]:
         refs.append(f"`{criterion}` criterion: {_linked(paper)}")
     if sparsity.get("reconstruction") == "OBS":
         refs.append(OBS_REFERENCE)
+    if sparsity.get("structure") == "experts":
+        refs.append(EXPERTS_REFERENCE)
     if sparsity.get("allocation") == "owl":
         refs.append(OWL_REFERENCE)
     schedule = sparsity.get("schedule")
@@ -254,10 +265,15 @@ def structured_module_table(folder: Path, structured: dict | None, structure: st
         header = sio.read_header(folder / shard)
         shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
     groups: OrderedDict[str, dict] = OrderedDict()
+    experts = structure == "experts"
     for name, shape in shapes.items():
-        if block not in name or not name.endswith(".weight") or len(shape) != 2:
+        # experts: the fused 3-D tensors (`mlp.experts.gate_up_proj`), or per-expert 2-D ones grouped across experts
+        matrix = len(shape) in (2, 3) if experts else len(shape) == 2 and name.endswith(".weight")
+        if block not in name or not matrix:
             continue
         module = parse_param_name(name).module
+        if experts:
+            module = re.sub(r"\.experts\.\d+\.", ".experts.", module)
         row = groups.setdefault(module, {"module": module, "tensors": 0, "numel": 0})
         row["tensors"] += 1
         row["numel"] += math.prod(shape)

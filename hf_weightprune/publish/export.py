@@ -337,7 +337,7 @@ def prune_checkpoint(
     check_arg_type("prune_checkpoint", "config", config, (PruneConfig, type(None)), "a PruneConfig or None")
     check_arg_type("prune_checkpoint", "progress", progress, bool, "a bool")
     config = config or PruneConfig()
-    if config.structures:
+    if config.shrinks:
         raise ValueError(f"structure={config.structure!r} changes tensor shapes and cannot be applied file to "
                          "file: load the model, call prune_ and save_pruned")
     model_dir, output_dir = os.fspath(model_dir), os.fspath(output_dir)
@@ -353,7 +353,10 @@ def prune_checkpoint(
     missing = [n for n in importance.names if n not in weight_map]
     if missing:
         tied = " (tied to the input embedding: tie_word_embeddings)" if missing[0].endswith("lm_head.weight") else ""
-        raise ValueError(f"{missing[0]}{tied} is tracked by the importance but not stored in {model_dir}")
+        # an expert slice is a view of a fused parameter: file to file, the fused tensor would be read whole per slice
+        experts = (": an expert's slice of a fused MoE parameter; load the model, call prune_ and save_pruned"
+                   if importance.sections.get("router") else "")
+        raise ValueError(f"{missing[0]}{tied} is tracked by the importance but not stored in {model_dir}{experts}")
     refuse_tied(skeleton, dict(skeleton.named_parameters()), names)
     report = PruningReport.for_config(importance, config)
     plan = PruningPlan.build(importance, config, names)

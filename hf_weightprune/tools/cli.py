@@ -105,7 +105,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     progress = show_progress(args)
     safetensors_dir = os.path.isdir(args.model_dir) and find_weights_file(args.model_dir) is not None
-    if not args.eval_data and args.dtype == "auto" and not config.structures and safetensors_dir:
+    moe = bool(importance.sections.get("router"))  # expert slices are views of fused tensors: pruned in memory
+    if not args.eval_data and args.dtype == "auto" and not config.shrinks and not moe and safetensors_dir:
         # Nothing needs the model in memory: prune the safetensors files shard by shard (faster, less memory).
         from ..publish.export import prune_checkpoint
 
@@ -181,6 +182,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for s in stats:
         print(f"{s['name']:<{width}}  {s['shape']:>12}  {s['mean']:11.4g}  {s['std']:11.4g}  {s['min']:11.4g}  "
               f"{s['max']:11.4g}  {100 * s['below_median']:6.1f}%")
+    _print_router(imp.sections.get("router"))
     if args.plot:
         from .plotting import plot_layer_stats
 
@@ -189,6 +191,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                          panels=["mean", "std"] if raw else None)
         print(f"Plot: {args.plot}")
     return 0
+
+
+def _print_router(section: dict | None) -> None:
+    """An MoE model's router statistics: per layer, the real tokens it saw and each expert's share of the routed
+    tokens (what `structure="experts"` removes by, fewest first) and of the gate-weight mass."""
+    if not section:
+        return
+    print("router statistics per MoE layer (real tokens seen; per expert: tokens routed, share, gate-weight mass):")
+    for block, stats in section.items():
+        routed = max(sum(stats["tokens"]), 1)
+        experts = "  ".join(f"{e}: {n} ({100 * n / routed:.1f}%, {m:.4g})"
+                            for e, (n, m) in enumerate(zip(stats["tokens"], stats["gate_mass"])))
+        print(f"{block}  seen {stats['seen']}  {experts}")
 
 
 def cmd_push(args: argparse.Namespace) -> int:

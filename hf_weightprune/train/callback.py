@@ -206,9 +206,7 @@ class ImportanceCallback(TrainerCallback):
                                    optimizer=kwargs.get("optimizer"))
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.accumulator.collector is not None:
-            self.accumulator.collector.active = self.accumulator.samples_step(state.global_step + 1)
-        self.accumulator.begin_unit_step(state.global_step + 1)
+        self.accumulator.set_sampling(self.accumulator.samples_step(state.global_step + 1))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         t = state.global_step + 1
@@ -328,9 +326,7 @@ class ImportanceCallback(TrainerCallback):
                            state.best_model_checkpoint, holder.sparsity)
             holder.apply_masks_()
         self.checkpoint.save_final(args, state)
-        if self.accumulator.collector is not None:
-            self.accumulator.collector.remove()
-        self.accumulator.remove_unit_hooks()
+        self.accumulator.remove_hooks()
         if self._distiller is not None:
             self._distiller.remove()
 

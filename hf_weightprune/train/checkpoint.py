@@ -172,8 +172,10 @@ class TrainingCheckpoint:
             return False
         saved = acc.state_dict()  # collective
         extra, masks, units = {}, None, saved.get("units")
+        if saved.get("router"):  # an MoE model's router statistics, summed over ranks
+            extra["router"] = saved["router"]
         if self.holder is not None:
-            extra = {"schedule": self.holder.state_dict()}
+            extra["schedule"] = self.holder.state_dict()
             masks = self.holder.masks
 
         def attach(tmp: str) -> dict:

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..matching import find_tracked_weights, select_names
+from ..matching import TrackedWeight, select_names
+from ..moe import ExpertSlice, find_weights
 from ..prune.masks import apply_mask_, check_nm_shapes
 from ..prune.plan import PruningPlan, uses_obs
 from ..prune.pruner import refuse_tied
@@ -93,6 +94,7 @@ class MaskHolder:
     def _reset(self) -> None:
         self.masks: dict[str, Tensor] = {}
         self.params: dict[str, nn.Parameter] = {}
+        self._slices: dict[str, ExpertSlice] = {}
         self.optimizer = None
         self.sparsity = 0.0
         self.target_sparsity = 0.0
@@ -127,7 +129,10 @@ class MaskHolder:
             self._reset()
         self.optimizer = optimizer
         cfg = self.schedule
-        linear = {t.name: t.param for t in find_tracked_weights(model, ".*")}
+        weights = find_weights(model, ".*")
+        # a Linear's own Parameter (the optimizer's key); an expert slice's view, its fused parameter kept in _slices
+        linear = {t.name: t.param if isinstance(t, TrackedWeight) else t.weight() for t in weights}
+        self._slices = {t.name: t for t in weights if isinstance(t, ExpertSlice)}
         if cfg.mode == "prune":
             steps = cfg.resolve_steps(max_steps)
             if self._steps is not None and self._steps != steps:
@@ -146,8 +151,8 @@ class MaskHolder:
             names = list(held)
         missing = [n for n in names if n not in linear]
         if missing:
-            raise ValueError(f"PruneSchedule: {len(missing)} weights to mask are not nn.Linear weights of this model "
-                             f"(e.g. {missing[0]})")
+            raise ValueError(f"PruneSchedule: {len(missing)} weights to mask are not nn.Linear weights or expert slices "
+                             f"of this model (e.g. {missing[0]})")
         self.params = {n: linear[n] for n in names}
         refuse_tied(model, self.params, names)
         if cfg.nm is not None:  # the same one-line refusal as prune_, before the first step
@@ -190,7 +195,7 @@ class MaskHolder:
         cfg = self.schedule
         if os.path.isfile(os.path.join(cfg.masks_from, SPARSITY_NAME)):
             return load_masks(cfg.masks_from)
-        names = [t.name for t in find_tracked_weights(model, cfg.target_modules, cfg.exclude_modules)]
+        names = [t.name for t in find_weights(model, cfg.target_modules, cfg.exclude_modules)]
         held = load_masks(cfg.masks_from, names)
         zeros = sum(m.numel() - int(m.count_nonzero()) for m in held.values())
         numel = sum(m.numel() for m in held.values())
@@ -358,10 +363,11 @@ class MaskHolder:
         if self.optimizer is None:
             return
         for name, mask in self.masks.items():
-            param = self.params[name]
-            for value in self.optimizer.state.get(param, {}).values():
-                if isinstance(value, Tensor) and value.shape == param.shape:
-                    value.masked_fill_(~mask, 0)
+            param, expert = self.params[name], self._slices.get(name)
+            key = param if expert is None else expert.param  # an expert's moments are its slice of the fused ones
+            for value in self.optimizer.state.get(key, {}).values():
+                if isinstance(value, Tensor) and value.shape == key.shape:
+                    (value if expert is None else expert.view(value)).masked_fill_(~mask, 0)
 
     def _record(self, target: float | None, step: int) -> None:
         zeros = sum(m.numel() - int(m.count_nonzero()) for m in self.masks.values())

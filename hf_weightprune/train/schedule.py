@@ -156,7 +156,7 @@ class PruneSchedule(_JsonConfigMixin):
             self.masks_from = os.fspath(self.masks_from)
         elif self.masks_from is not None:
             raise ValueError("masks_from is only used with mode='hold'")
-        if structure_parts(self.structure):
+        if structure_parts(self.structure) or self.structure == "experts":
             raise ValueError(f"structure {self.structure!r} is not supported during training (it shrinks layers); "
                              "prune structurally after training with prune_(model, importance, PruneConfig(...))")
         sparsity = self.final_sparsity if self.mode == "prune" else None
