@@ -7,14 +7,12 @@ and when `PruneConfig.resolve_scope` asks a criterion's default scope).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from .io_utils import atomic_write_json
+from .io_utils import JsonConfigMixin
 from .validation import STRUCTURED_KINDS, check_modules, check_regex, check_sparsity, parse_structure, structure_parts
 
 logger = logging.getLogger(__name__)
@@ -26,94 +24,8 @@ WEIGHTINGS = ("uniform", "step")
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
-class _JsonConfigMixin:
-    """`to_dict`, `save_pretrained` and `from_pretrained` for the config dataclasses."""
-
-    config_name: str = IMPORTANCE_CONFIG_NAME
-    section: str = "config"
-
-    def to_dict(self) -> dict[str, Any]:
-        """
-        Returns:
-            `dict[str, Any]`: every field, JSON-serialisable.
-        """
-        return asdict(self)
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """
-        Write the config as `{section: fields}` to `save_directory/config_name` (atomically, sorted keys).
-
-        Args:
-            save_directory (`str` or `os.PathLike`):
-                Folder to write into; created if missing.
-
-        Returns:
-            `str`: the path of the written file.
-        """
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, self.config_name)
-        atomic_write_json(path, {self.section: self.to_dict()}, sort_keys=True)
-        return path
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        """
-        Build a config from its fields; unknown keys (from a newer version) are logged and ignored.
-
-        Args:
-            data (`dict[str, Any]`):
-                Field values, as `to_dict` returns them.
-
-        Returns:
-            The config.
-
-        Raises:
-            `ValueError`: as the config's own validation.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            # A newer version may add fields: warn instead of refusing the file.
-            logger.warning("Ignoring unknown %s keys (written by a newer hf-weightprune?): %s", cls.__name__, unknown)
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs):
-        """
-        Read a config written by `save_pretrained`.
-
-        Args:
-            path_or_repo_id (`str` or `os.PathLike`):
-                A folder holding `config_name`, the file itself, or a Hub repo id.
-            hub_kwargs (*optional*):
-                Passed to `huggingface_hub.hf_hub_download` for a repo id (`revision`, `token`, ...).
-
-        Returns:
-            The config.
-
-        Raises:
-            `FileNotFoundError`: if there is no such file.
-            `ValueError`: if the file is not valid JSON, or as the config's own validation.
-        """
-        path = os.fspath(path_or_repo_id)
-        if os.path.isdir(path):
-            path = os.path.join(path, cls.config_name)
-        elif not os.path.isfile(path):
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(path, cls.config_name, **hub_kwargs)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {cls.config_name} in {path_or_repo_id}")
-        with open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(data.get(cls.section, data))
-
-
 @dataclass
-class ImportanceConfig(_JsonConfigMixin):
+class ImportanceConfig(JsonConfigMixin):
     """What the [`ImportanceCallback`] tracks and how.
 
     Args:
@@ -156,6 +68,8 @@ class ImportanceConfig(_JsonConfigMixin):
             `|sum g * w|`, per decoder layer the block influence (ShortGPT). Sampled at the same steps as the
             criterion, written with every checkpoint (`units.safetensors`), read by `Importance.unit_scores`.
     """
+
+    config_name = IMPORTANCE_CONFIG_NAME
 
     criterion: str = field(default="wanda", metadata={"help": "Importance criterion (registry key)."})
     target_modules: str | list[str] | None = field(default="all-linear", metadata={"help": "Modules to track."})
@@ -230,7 +144,7 @@ COMPENSATIONS = (None, "refit")
 UNIT_STATISTICS = ("activation", "activation_l2", "taylor")
 
 @dataclass
-class PruneConfig(_JsonConfigMixin):
+class PruneConfig(JsonConfigMixin):
     """How [`prune_`] turns importance into masks.
 
     Args:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import ntpath
 import os
 import posixpath
@@ -19,9 +20,12 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict, fields
 from typing import Any
 
 TEMP_SUFFIX = ".tmp"
+
+logger = logging.getLogger(__name__)
 
 
 def process_umask() -> int:
@@ -279,3 +283,89 @@ def path_name(path: str) -> str:
 def _short_repr(value: Any) -> str:
     text = repr(value).replace("\n", " ")
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+class JsonConfigMixin:
+    """`to_dict`, `save_pretrained` and `from_pretrained` for the config dataclasses."""
+
+    config_name: str = "config.json"  # each config class names its file
+    section: str = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        """
+        Returns:
+            `dict[str, Any]`: every field, JSON-serialisable.
+        """
+        return asdict(self)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """
+        Write the config as `{section: fields}` to `save_directory/config_name` (atomically, sorted keys).
+
+        Args:
+            save_directory (`str` or `os.PathLike`):
+                Folder to write into; created if missing.
+
+        Returns:
+            `str`: the path of the written file.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, self.config_name)
+        atomic_write_json(path, {self.section: self.to_dict()}, sort_keys=True)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """
+        Build a config from its fields; unknown keys (from a newer version) are logged and ignored.
+
+        Args:
+            data (`dict[str, Any]`):
+                Field values, as `to_dict` returns them.
+
+        Returns:
+            The config.
+
+        Raises:
+            `ValueError`: as the config's own validation.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            # A newer version may add fields: warn instead of refusing the file.
+            logger.warning("Ignoring unknown %s keys (written by a newer hf-weightprune?): %s", cls.__name__, unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs):
+        """
+        Read a config written by `save_pretrained`.
+
+        Args:
+            path_or_repo_id (`str` or `os.PathLike`):
+                A folder holding `config_name`, the file itself, or a Hub repo id.
+            hub_kwargs (*optional*):
+                Passed to `huggingface_hub.hf_hub_download` for a repo id (`revision`, `token`, ...).
+
+        Returns:
+            The config.
+
+        Raises:
+            `FileNotFoundError`: if there is no such file.
+            `ValueError`: if the file is not valid JSON, or as the config's own validation.
+        """
+        path = os.fspath(path_or_repo_id)
+        if os.path.isdir(path):
+            path = os.path.join(path, cls.config_name)
+        elif not os.path.isfile(path):
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(path, cls.config_name, **hub_kwargs)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {cls.config_name} in {path_or_repo_id}")
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(data.get(cls.section, data))

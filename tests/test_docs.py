@@ -206,10 +206,10 @@ MAY_IMPORT = {
     "collect/activations": {"matching"},
     "collect/cross": {"collect/activations"},
     "collect/importance": {"collect/units", "config", "matching", "moe", "scorers"},
-    "collect/router": {"collect/activations", "moe"},
+    "collect/router": {"collect/activations", "distributed", "moe"},
     "collect/summary": {"collect/importance", "matching"},
     "collect/unit_layout": {"layouts"},
-    "collect/units": {"collect/activations", "collect/unit_layout", "config"},
+    "collect/units": {"collect/activations", "collect/unit_layout", "config", "distributed"},
     "files/hub_download": set(),
     "files/importance_files": {"_version", "collect/importance", "config", "distributed", "files/hub_download", "files/safetensors_io", "files/unit_files", "io_utils", "scorers", "validation"},
     "files/pruned_files": {"_version", "files/safetensors_io", "io_utils", "prune/report"},
@@ -245,10 +245,10 @@ MAY_IMPORT = {
     "tools/sweep": {"collect/importance", "config", "distributed", "files/importance_files", "files/pruned_files", "files/safetensors_io", "io_utils", "prune/oneshot", "prune/pruner", "publish/export", "scorers", "tools/data", "tools/plotting", "validation"},
     "train/callback": {"collect/accumulator", "collect/importance", "config", "train/checkpoint", "train/distill", "train/distiller", "train/holder", "train/schedule"},
     "train/checkpoint": {"config", "distributed", "files/importance_files", "files/safetensors_io", "files/training_state", "files/unit_files", "io_utils"},
-    "train/distill": {"config"},
+    "train/distill": {"io_utils"},
     "train/distiller": {"collect/activations", "train/distill"},
     "train/holder": {"distributed", "files/pruned_files", "matching", "moe", "prune/masks", "prune/plan", "prune/pruner", "prune/refit", "prune/report", "scorers", "train/schedule"},
-    "train/schedule": {"config", "files/safetensors_io", "validation"},
+    "train/schedule": {"config", "files/safetensors_io", "io_utils", "validation"},
 }
 PKG = D.ROOT / "hf_weightprune"
 

@@ -27,7 +27,7 @@ from ..scorers.base import chunks
 from .activations import ActivationCollector
 from .importance import Importance
 from .router import RouterCollector
-from .summary import sample_indices, type_summary
+from .summary import draw_indices, sampled_scores, type_summary
 from .units import UnitCollector
 
 logger = logging.getLogger(__name__)
@@ -305,31 +305,16 @@ class ImportanceAccumulator:
         self.units.register()
 
     def commit_units(self, t: int, model: nn.Module | None) -> None:
-        """Fold step `t`'s unit sums into the totals (before the optimizer step). Taylor reads the DDP-averaged
-        gradients on rank 0 only; each rank keeps its forward sums until [`unit_state`] adds them up. A non-finite
-        sum on any rank skips the step on every rank, as for the other statistics."""
-        units = self.units
-        if units is None:
-            return
-        if units.active and self.plan.rank == 0:
-            units.update_taylor_(model)
-        sums = units.pop()
-        if not units.active:
-            return
-        values = [v for v in sums.values() if v.is_floating_point()]
-        bad = self.config.skip_nonfinite and values and _first_nonfinite_index(values) is not None
-        if D.any_rank(bool(bad)):
+        """Fold step `t`'s unit sums into the totals (before the optimizer step); Taylor on rank 0 only (the gradients
+        are DDP-averaged), forward sums per rank until [`unit_state`] adds them up."""
+        if self.units is not None and not self.units.commit_(model, taylor=self.plan.rank == 0,
+                                                             skip_nonfinite=self.config.skip_nonfinite) \
+                and self.units.active:
             logger.warning("ImportanceCallback: non-finite unit statistics at step %d; step skipped for them", t)
-            return
-        units.add_(sums)
 
     def unit_state(self) -> dict[str, torch.Tensor] | None:
         """The unit totals summed across ranks (collective under DDP), or `None` without `units=True`."""
-        if self.units is None:
-            return None
-        state = self.units.state_dict()
-        D.all_reduce_exact_(state.values())
-        return state
+        return None if self.units is None else self.units.reduced_state()
 
     # ------------------------------------------------------------------------------------------ read and resume
     def full_meta(self) -> dict[str, Any]:
@@ -366,18 +351,8 @@ class ImportanceAccumulator:
                 "units": self.unit_state(), "router": self.router_section()}
 
     def router_section(self) -> dict[str, dict[str, Any]] | None:
-        """An MoE model's router statistics over all ranks (collective), as the importance's `router` section:
-        `{block: {"tokens": [int] * E, "gate_mass": [float] * E, "prob_mass": [float] * E, "seen": int}}`. JSON holds
-        int64 counts and float64 masses exactly, so a resume continues from the same totals."""
-        if self.router is None:
-            return None
-        state = self.router.state_dict()
-        D.all_reduce_exact_(list(state.values()))
-        out: dict[str, dict[str, Any]] = {}
-        for key, value in state.items():
-            block, _, stat = key.rpartition(".")
-            out.setdefault(block, {})[stat] = value.tolist()
-        return out
+        """An MoE model's router statistics over all ranks (collective; `RouterCollector.section`), else `None`."""
+        return None if self.router is None else self.router.section()
 
     def load_state_dict(self, imp: Importance, global_step: int) -> None:
         """Take the buffers and scalars of a checkpoint's importance (already validated against this run).
@@ -398,47 +373,18 @@ class ImportanceAccumulator:
             self.units.load_state_dict(imp.unit_state())
         section = imp.sections.get("router")
         if self.router is not None and section:
-            # totals summed over ranks at save: rank 0 takes them, the others count from zero (summed again at save);
-            # float64 holds the int64 counts exactly, and load_state_dict copies into each statistic's own dtype
-            scale = 1.0 if self.plan.rank == 0 else 0.0
-            self.router.load_state_dict({f"{block}.{stat}": scale * torch.tensor(v, dtype=torch.float64)
-                                         for block, stats in section.items() for stat, v in stats.items()})
+            self.router.load_section(section, keep=self.plan.rank == 0)
         meta = {k: imp.meta[k] for k in _RESTORED_META if k in imp.meta}
         meta["tokens"] = dict(imp.meta.get("tokens", {})) if keep_sums else {}
         self.meta.update(meta, global_step=global_step)
 
     def _sampled_scores(self, sample_size: int) -> dict[str, torch.Tensor]:
         """Flat float32 scores of a seeded sample of each tracked weight (every element when the model is small)."""
-        meta, tracked = self.meta, [t for t in self.tracked if t.name in self.states]
-        total = sum(D.local_tensor(t.weight()).numel() for t in tracked)
-        index = self._log_index
-        if index is None or index[0] != total:  # drawn once per run: the same weights are followed across steps
-            gen = torch.Generator().manual_seed(self.seed)
-            picks = {}
-            for t in tracked:
-                numel = D.local_tensor(t.weight()).numel()
-                k = numel if total <= sample_size else max(1, round(numel * sample_size / total))
-                picks[t.name] = sample_indices(numel, k, gen)
-            index = self._log_index = (total, picks)
-        out = {}
-        for t in tracked:
-            state, weight = self.states[t.name], D.local_tensor(t.weight())
-            idx = index[1][t.name]
-            flat_w = weight.reshape(-1) if idx is None else weight.reshape(-1)[idx.to(weight.device)]
-            kwargs = {"num_samples": meta["num_samples"], "weight_sum": float(meta["weight_sum"]),
-                      "tokens": int(meta["tokens"].get(t.name, 0))}
-            try:
-                if self.scorer.source != "activations":  # elementwise: the score of a sample is the sample's score
-                    flat_s = state.reshape(-1) if idx is None else state.reshape(-1)[idx.to(state.device)]
-                    score = self.scorer.score(flat_s, weight=flat_w, **kwargs)
-                else:  # wanda's |W_ij| * ||x_j||, also for a Hessian (no Cholesky per log step)
-                    cols = torch.arange(weight.numel(), device=state.device) if idx is None else idx.to(state.device)
-                    norms = self.scorer.input_norms(state, **kwargs)[cols % weight.shape[-1]]
-                    score = flat_w.float().abs() * norms.to(flat_w.device)
-            except ValueError:  # no sample yet (gradient criteria before their first step, no tokens)
-                continue
-            out[t.name] = score.reshape(-1).float().cpu()
-        return out
+        weights = {t.name: D.local_tensor(t.weight()) for t in self.tracked if t.name in self.states}
+        numels = {n: w.numel() for n, w in weights.items()}
+        if self._log_index is None or self._log_index[0] != sum(numels.values()):  # the same weights across steps
+            self._log_index = (sum(numels.values()), draw_indices(numels, sample_size, self.seed))
+        return sampled_scores(self.scorer, self.states, weights, self.meta, self._log_index[1])
 
     def summary(self, target: float, sample_size: int = 1 << 16) -> dict[str, float]:
         """Per module type, the mean score and the fraction of weights under the one threshold that would prune the
@@ -485,8 +431,6 @@ def _first_nonfinite(owned: list[TrackedWeight | ExpertSlice], tensors: list[tor
     """Name of the first tensor holding NaN/Inf, else `None`."""
     i = _first_nonfinite_index(tensors) if tensors else None
     return None if i is None else owned[i].name
-
-
 
 
 def _is_epoch_end(state, dataloader) -> bool:

@@ -19,11 +19,13 @@ unless `training_only=False`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed as D
 from ..moe import ExpertSlice, MoeBlock, find_moe_blocks
 from .activations import Statistic, in_backward_recompute, real_token_rows
 
@@ -137,6 +139,25 @@ class RouterCollector:
     def state_dict(self) -> dict[str, Tensor]:
         """Flat `{f"{block}.{stat}": tensor}` (copies) of the router statistics: what a checkpoint stores."""
         return {f"{name}.{k}": v.clone() for name, stats in self._stats.items() for k, v in stats.items()}
+
+    def section(self) -> dict[str, dict[str, Any]]:
+        """The router statistics over all ranks (collective under DDP: every rank calls it), as the importance's
+        `router` section: `{block: {"tokens": [int] * E, "gate_mass": [float] * E, "prob_mass": [float] * E, "seen":
+        int}}`. JSON holds int64 counts and float64 masses exactly, so a resume continues from the same totals."""
+        state = self.state_dict()
+        D.all_reduce_exact_(state.values())
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in state.items():
+            block, _, stat = key.rpartition(".")
+            out.setdefault(block, {})[stat] = value.tolist()
+        return out
+
+    def load_section(self, section: dict[str, dict[str, Any]], *, keep: bool) -> None:
+        """Resume from a saved [`section`] (totals summed over ranks at save): one rank takes them (`keep`), the
+        others count from zero, so the next [`section`] sums them once. Float64 holds the int64 counts exactly."""
+        scale = 1.0 if keep else 0.0
+        self.load_state_dict({f"{block}.{stat}": scale * torch.tensor(v, dtype=torch.float64)
+                              for block, stats in section.items() for stat, v in stats.items()})
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """

@@ -69,6 +69,48 @@ def pooled_quantile(samples: Sequence[Tensor], numels: Sequence[int], q: float) 
     return pooled[order][torch.searchsorted(cumulative, position).clamp(max=len(pooled) - 1)].item()
 
 
+def draw_indices(numels: Mapping[str, int], sample_size: int, seed: int) -> dict[str, Tensor | None]:
+    """A seeded sample of flat indices per tensor, `sample_size` in all, shared in proportion to the tensors' sizes
+    (`None`: every element, when all of them fit in `sample_size`)."""
+    gen, total = torch.Generator().manual_seed(seed), sum(numels.values())
+    return {name: sample_indices(n, n if total <= sample_size else max(1, round(n * sample_size / total)), gen)
+            for name, n in numels.items()}
+
+
+def sampled_scores(scorer, states: Mapping[str, Tensor], weights: Mapping[str, Tensor], meta: Mapping[str, Any],
+                   picks: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
+    """The scores of the sampled elements (`picks`, see [`draw_indices`]) of each tensor, from the raw statistics.
+
+    Args:
+        scorer (`Scorer`): the criterion's scorer.
+        states (`Mapping[str, Tensor]`): raw statistic per weight (this rank's).
+        weights (`Mapping[str, Tensor]`): the weights, `[out, in]`.
+        meta (`Mapping[str, Any]`): the accumulator's scalars (`num_samples`, `weight_sum`, `tokens`).
+        picks (`Mapping[str, Tensor | None]`): flat indices per weight.
+
+    Returns:
+        `dict[str, Tensor]`: flat float32 scores on CPU; a weight with no sample yet is left out.
+    """
+    out = {}
+    for name, weight in weights.items():
+        state, idx = states[name], picks[name]
+        flat_w = weight.reshape(-1) if idx is None else weight.reshape(-1)[idx.to(weight.device)]
+        kwargs = {"num_samples": meta["num_samples"], "weight_sum": float(meta["weight_sum"]),
+                  "tokens": int(meta["tokens"].get(name, 0))}
+        try:
+            if scorer.source != "activations":  # elementwise: the score of a sample is the sample's score
+                flat_s = state.reshape(-1) if idx is None else state.reshape(-1)[idx.to(state.device)]
+                score = scorer.score(flat_s, weight=flat_w, **kwargs)
+            else:  # wanda's |W_ij| * ||x_j||, also for a Hessian (no Cholesky per log step)
+                cols = torch.arange(weight.numel(), device=state.device) if idx is None else idx.to(state.device)
+                score = flat_w.float().abs() * scorer.input_norms(state, **kwargs)[cols % weight.shape[-1]].to(
+                    flat_w.device)
+        except ValueError:  # no sample yet (gradient criteria before their first step, no tokens)
+            continue
+        out[name] = score.reshape(-1).float().cpu()
+    return out
+
+
 def type_summary(scores: Mapping[str, Tensor], numels: Mapping[str, int], target: float) -> dict[str, float]:
     """
     Per module type (`q_proj`, `down_proj`, ...), the mean score and the fraction of scores under the one threshold

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed as D
 from ..config import UNIT_STATISTICS  # what `scores()` can rank by
 from .activations import HookGuards, in_backward_recompute, real_token_rows
 from .unit_layout import LayerUnits, find_layer_units, hidden_taylor_, layer_taylor
@@ -142,6 +143,35 @@ class UnitCollector:
     def state_dict(self) -> dict[str, Tensor]:
         """Copies of the totals (flat `{key: tensor}`): what a checkpoint stores; pending sums are not included."""
         return {k: v.clone() for k, v in self._totals.items()}
+
+    def commit_(self, model: nn.Module | None, *, taylor: bool, skip_nonfinite: bool = True) -> bool:
+        """End of an optimizer step's forwards (before the optimizer step): fold the step's sums into the totals.
+
+        Args:
+            model (`nn.Module`, *optional*): for Taylor, whose `.grad` are present (DDP-averaged).
+            taylor (`bool`): read Taylor from the gradients (one rank only: averaged gradients are the same everywhere).
+            skip_nonfinite (`bool`, *optional*, defaults to `True`): a non-finite sum on any rank drops the step on
+                every rank (collective under DDP), as for the other statistics.
+
+        Returns:
+            `bool`: whether the step was added (`False` for a step that did not count, or was dropped).
+        """
+        if self.active and taylor:
+            self.update_taylor_(model)
+        sums = self.pop()
+        if not self.active:
+            return False
+        bad = skip_nonfinite and any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in sums.values())
+        if D.any_rank(bad):
+            return False
+        self.add_(sums)
+        return True
+
+    def reduced_state(self) -> dict[str, Tensor]:
+        """The totals summed across ranks, exactly (collective under DDP: every rank calls it)."""
+        state = self.state_dict()
+        D.all_reduce_exact_(state.values())
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Replace the totals by a `state_dict()` (resume; pending sums are dropped).

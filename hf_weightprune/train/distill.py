@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import _JsonConfigMixin
+from ..io_utils import JsonConfigMixin
 
 TEACHER_DTYPES = ("bfloat16", "float16", "float32")
 IGNORE_INDEX = -100  # what transformers' ForCausalLMLoss ignores and Trainer's num_items_in_batch leaves out
@@ -33,7 +33,7 @@ def _is_number(value: Any) -> bool:
 
 
 @dataclass
-class DistillConfig(_JsonConfigMixin):
+class DistillConfig(JsonConfigMixin):
     """Distillation from a dense teacher while the (pruned) student fine-tunes; given to `ImportanceCallback(distill=...)`.
 
     The student's loss becomes `(1 - alpha) * CE + alpha * T^2 * KL + hidden_weight * SquareHead`, each term normalized

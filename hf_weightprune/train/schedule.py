@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PruneConfig, _JsonConfigMixin
+from ..config import PruneConfig
+from ..io_utils import JsonConfigMixin
 from ..validation import check_modules, check_sparsity, structure_parts
 
 SCHEDULE_MODES = ("prune", "hold")
@@ -56,7 +57,7 @@ def _to_step(value: float | int, max_steps: int) -> int:
 
 
 @dataclass
-class PruneSchedule(_JsonConfigMixin):
+class PruneSchedule(JsonConfigMixin):
     """Gradual pruning during training (or masks held during a recovery fine-tune), run by [`ImportanceCallback`].
 
     The target sparsity follows Zhu & Gupta 2017 (arXiv 1710.01878), with `p = (t - start) / (end - start)`:
