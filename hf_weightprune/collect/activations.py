@@ -122,7 +122,23 @@ class HookGuards:
             torch._dynamo.config.skip_nnmodule_hook_guards = cls._saved
 
 
-class ActivationCollector:
+class ForwardMask:
+    """The `attention_mask` of the model's forward in progress, for hooks on modules inside it (which see only hidden
+    states): `_capture_mask` is a forward pre-hook (`with_kwargs=True`) on the model, `_release_mask` a forward hook
+    on it. `_rows` caches the real-token rows of this forward, per input shape."""
+
+    _attention_mask: Tensor | None = None
+
+    def _capture_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._attention_mask = mask if isinstance(mask, Tensor) else None
+        self._rows = {}
+
+    def _release_mask(self, module, args, output):
+        self._attention_mask, self._rows = None, {}
+
+
+class ActivationCollector(ForwardMask):
     """Per-step sums of `statistic` over the inputs of the tracked Linears, from forward hooks.
 
     Linears that receive the same input object in one forward (q/k/v, gate/up: consecutive hooks, compared by
@@ -192,14 +208,9 @@ class ActivationCollector:
         self._sums, self._tokens = {}, {}
         return sums, tokens
 
-    def _capture_mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        self._attention_mask = mask if isinstance(mask, Tensor) else None
-        self._rows = {}
-
     def _release_mask(self, module, args, output):
         self._close()
-        self._attention_mask, self._rows = None, {}
+        super()._release_mask(module, args, output)
 
     def _real_rows(self, x: Tensor) -> tuple[Tensor | None, int]:
         key = (tuple(x.shape[:-1]), x.device)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .. import distributed as D
 from ..moe import ExpertSlice, MoeBlock, find_moe_blocks
-from .activations import Statistic, in_backward_recompute, real_token_rows
+from .activations import ForwardMask, Statistic, in_backward_recompute, real_token_rows
 
 __all__ = ["RouterCollector", "ROUTER_STATS"]
 
@@ -50,7 +50,7 @@ def _routing_args(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
     return hidden, index, weights
 
 
-class RouterCollector:
+class RouterCollector(ForwardMask):
     """
     Router statistics (accumulated) and per-expert input statistics (per step) of an MoE model's training forwards.
 
@@ -182,14 +182,6 @@ class RouterCollector:
     # ---------------------------------------------------------------------------------------------------------------
     # Hooks
     # ---------------------------------------------------------------------------------------------------------------
-
-    def _capture_mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        self._attention_mask = mask if isinstance(mask, Tensor) else None
-        self._rows = {}
-
-    def _release_mask(self, module, args, output):
-        self._attention_mask, self._rows = None, {}
 
     def _counts(self, module: nn.Module) -> bool:
         return (module.training or not self.training_only) and not in_backward_recompute()

@@ -32,14 +32,14 @@ from torch import Tensor, nn
 
 from .. import distributed as D
 from ..config import UNIT_STATISTICS  # what `scores()` can rank by
-from .activations import HookGuards, in_backward_recompute, real_token_rows
+from .activations import ForwardMask, HookGuards, in_backward_recompute, real_token_rows
 from .unit_layout import LayerUnits, find_layer_units, hidden_taylor_, layer_taylor
 
 __all__ = ["UNIT_STATISTICS", "UnitCollector", "unit_scores"]
 
 
 
-class UnitCollector:
+class UnitCollector(ForwardMask):
     """Per-unit activation magnitudes, block influence and first-order Taylor sums of a decoder's training run.
 
     Args:
@@ -253,14 +253,6 @@ class UnitCollector:
     # ---------------------------------------------------------------------------------------------------------------
     # Hooks
     # ---------------------------------------------------------------------------------------------------------------
-
-    def _capture_mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        self._attention_mask = mask if isinstance(mask, Tensor) else None
-        self._rows = {}
-
-    def _release_mask(self, module, args, output):
-        self._attention_mask, self._rows = None, {}
 
     def _counts(self, module: nn.Module) -> bool:
         return self.active and (module.training or not self.training_only) and not in_backward_recompute()

@@ -25,7 +25,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from ..scorers.sparsegpt import check_pair
+from ..scorers.sparsegpt import check_pair, dampened_hessian
 from .obs import sparsegpt_prune_
 
 __all__ = ["asymmetric_sparsegpt_prune_", "dampened", "propagate_target", "refit_masked_"]
@@ -46,31 +46,12 @@ def _check_alpha(alpha) -> float:
 
 
 def dampened(hessian: Tensor, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
-    """
-    `H + percdamp * mean(diag(H)) I` in float32, with `H_jj = 1` on inputs that never fired, as the OBS sweep uses.
-
-    Args:
-        hessian (`torch.Tensor`): `[in, in]` sum of `x x^T` over tokens; not modified.
-        percdamp (`float`, *optional*, defaults to 0.01): dampening as a fraction of the mean diagonal.
-
-    Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: the dampened `[in, in]` float32 copy, and `dead` (`[in]` bool, `True`
-        where `H_jj == 0`).
+    """SparseGPT's dampened Hessian ([`~scorers.sparsegpt.dampened_hessian`]), as the OBS sweep factorises it.
 
     Raises:
         `ValueError`: `percdamp` out of range, or `hessian` not finite or all zero on its diagonal.
     """
-    percdamp = _check_damp(percdamp)
-    H = hessian.detach().to(torch.float32, copy=True)
-    if not bool(torch.isfinite(H).all()):
-        raise ValueError("`hessian` contains NaN or Inf; accumulate it from finite activations.")
-    diag = H.diagonal()
-    dead = diag == 0
-    if bool(dead.all()):
-        raise ValueError("`hessian` is all zero on its diagonal: no tokens reached this Linear; train on some first.")
-    diag[dead] = 1.0
-    diag.add_(percdamp * diag.mean())
-    return H, dead
+    return dampened_hessian(hessian, percdamp=_check_damp(percdamp))
 
 
 def _check_cross(cross: Tensor | None, hessian: Tensor) -> None:

@@ -97,6 +97,35 @@ def _check_percdamp(percdamp) -> float:
     return float(percdamp)
 
 
+def dampened_hessian(hessian: Tensor, *, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """
+    `H + percdamp * mean(diag(H)) I` in float32, with `H_jj = 1` on inputs that never fired: what the OBS sweep and
+    the re-fit factorise (SparseGPT's dampening, arXiv 2301.00774).
+
+    Args:
+        hessian (`torch.Tensor`): `[in, in]` sum of `x x^T` over tokens, any floating dtype; not modified.
+        percdamp (`float`, *optional*, defaults to 0.01): dampening as a fraction of the mean diagonal.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the dampened `[in, in]` float32 copy, and `dead` (`[in]` bool, `True`
+        where `H_jj == 0`).
+
+    Raises:
+        `ValueError`: `percdamp` out of range, or `hessian` not finite or all zero on its diagonal.
+    """
+    percdamp = _check_percdamp(percdamp)
+    H = hessian.detach().to(torch.float32, copy=True)
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("`hessian` contains NaN or Inf; accumulate it from finite activations.")
+    diag = H.diagonal()
+    dead = diag == 0
+    if bool(dead.all()):
+        raise ValueError("`hessian` is all zero on its diagonal: no tokens reached this Linear; train on some first.")
+    diag[dead] = 1.0
+    diag.add_(percdamp * diag.mean())
+    return H, dead
+
+
 def inverse_hessian_cholesky(hessian: Tensor, *, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
     """
     Upper Cholesky factor of the dampened inverse Hessian, as SparseGPT's sweep uses it.
@@ -121,15 +150,7 @@ def inverse_hessian_cholesky(hessian: Tensor, *, percdamp: float = 0.01) -> tupl
     percdamp = _check_percdamp(percdamp)
     if not isinstance(hessian, Tensor) or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"`hessian` must be a square [in, in] tensor, got {getattr(hessian, 'shape', hessian)!r}.")
-    H = hessian.detach().to(torch.float32, copy=True)
-    if not bool(torch.isfinite(H).all()):
-        raise ValueError("`hessian` contains NaN or Inf; accumulate it from finite activations.")
-    diag = H.diagonal()
-    dead = diag == 0
-    if bool(dead.all()):
-        raise ValueError("`hessian` is all zero on its diagonal: no tokens reached this Linear; train on some first.")
-    diag[dead] = 1.0
-    diag.add_(percdamp * diag.mean())
+    H, dead = dampened_hessian(hessian, percdamp=percdamp)
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
         raise ValueError(
