@@ -163,3 +163,33 @@ def save_importance_dir(final_dir: str, tensors: Mapping[str, Tensor], *, max_sh
         return F.finalize(tmp, final_dir, **kwargs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def layer_reconstruction_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
+    """
+    Squared output error of replacing `W` by `W_hat` on the inputs summarised by `H`.
+
+    `trace((W - W_hat) H (W - W_hat)^T)`, which equals `||W X^T - W_hat X^T||_F^2` when `H = X^T X` (`X`: `[tokens,
+    in]` inputs): the objective SparseGPT minimises.
+
+    Args:
+        W (`torch.Tensor`):
+            `[out, in]` original weight.
+        W_hat (`torch.Tensor`):
+            `[out, in]` pruned weight.
+        H (`torch.Tensor`):
+            `[in, in]` sum of `x x^T` over tokens.
+
+    Returns:
+        `float`: the error, computed in float32 (squared output units summed over tokens and outputs).
+
+    Raises:
+        `ValueError`: shapes disagree.
+    """
+    from .scorers.sparsegpt import check_pair
+
+    check_pair(W, H)
+    if not isinstance(W_hat, Tensor) or W_hat.shape != W.shape:
+        raise ValueError(f"`W_hat` must have the shape of `W` {tuple(W.shape)}, got {getattr(W_hat, 'shape', None)}.")
+    D = W.detach().float() - W_hat.detach().float().to(W.device)
+    return float(((D @ H.detach().float().to(W.device)) * D).sum())

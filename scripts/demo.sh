@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quickstart command 1: set up .venv and run the demo end to end (7.7 CPU-minutes: 4-8 minutes on 2 idle cores,
+# Quickstart command 1: set up .venv and run the demo end to end (74 s on 2 idle cores, 124 s of CPU time;
 # 20 minutes measured on a 2-core machine shared with other jobs):
 # fine-tune a small Phi-3-architecture model on the shipped King James Bible text with the importance
 # callback, prune it, and write the pruned checkpoint, its model card and the loss-vs-sparsity plot.

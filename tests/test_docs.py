@@ -200,7 +200,7 @@ MAY_IMPORT = {
     "matching": set(),
     "moe": {"matching"},
     "scorers": set(),
-    "testing": {"files/importance_files", "files/safetensors_io", "io_utils"},
+    "testing": {"files/importance_files", "files/safetensors_io", "io_utils", "scorers"},
     "validation": set(),
     "collect/accumulator": {"collect/activations", "collect/importance", "collect/router", "collect/summary", "collect/units", "config", "coverage", "distributed", "matching", "moe", "scorers"},
     "collect/activations": {"matching"},

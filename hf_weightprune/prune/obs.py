@@ -41,7 +41,7 @@ from ..scorers.sparsegpt import check_pair, inverse_hessian_cholesky, obs_salien
 from ..validation import parse_nm
 from .masks import num_to_prune
 
-__all__ = ["check_hessians", "inverse_hessian_cholesky", "layer_reconstruction_error", "obs_saliency",
+__all__ = ["check_hessians", "inverse_hessian_cholesky", "obs_saliency",
            "sparsegpt_prune_"]
 
 
@@ -273,31 +273,3 @@ def sparsegpt_prune_(
     W.masked_fill_(~keep, 0.0)  # exact +0.0, even after the cast back
     weight.detach().copy_(W)
     return keep
-
-
-def layer_reconstruction_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
-    """
-    Squared output error of replacing `W` by `W_hat` on the inputs summarised by `H`.
-
-    `trace((W - W_hat) H (W - W_hat)^T)`, which equals `||W X^T - W_hat X^T||_F^2` when `H = X^T X` (`X`: `[tokens,
-    in]` inputs): the objective SparseGPT minimises.
-
-    Args:
-        W (`torch.Tensor`):
-            `[out, in]` original weight.
-        W_hat (`torch.Tensor`):
-            `[out, in]` pruned weight.
-        H (`torch.Tensor`):
-            `[in, in]` sum of `x x^T` over tokens.
-
-    Returns:
-        `float`: the error, computed in float32 (squared output units summed over tokens and outputs).
-
-    Raises:
-        `ValueError`: shapes disagree.
-    """
-    check_pair(W, H)
-    if not isinstance(W_hat, Tensor) or W_hat.shape != W.shape:
-        raise ValueError(f"`W_hat` must have the shape of `W` {tuple(W.shape)}, got {getattr(W_hat, 'shape', None)}.")
-    D = W.detach().float() - W_hat.detach().float().to(W.device)
-    return float(((D @ H.detach().float().to(W.device)) * D).sum())

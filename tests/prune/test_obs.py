@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from hf_weightprune.prune.masks import row_mask
-from hf_weightprune.prune.obs import layer_reconstruction_error, obs_saliency, sparsegpt_prune_
+from hf_weightprune.prune.obs import obs_saliency, sparsegpt_prune_
 from hf_weightprune.scorers import get_scorer
 from hf_weightprune.scorers.sparsegpt import hessian_sum
 from hf_weightprune.scorers.wanda import activation_sq_sum
+from hf_weightprune.testing import layer_reconstruction_error
 
 
 def _layer(out=16, cols=32, tokens=256, seed=0, dead=()):

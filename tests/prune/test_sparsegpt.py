@@ -15,8 +15,8 @@ from transformers import TrainerCallback
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
 from hf_weightprune.files.pruned_files import load_sparsity
 from hf_weightprune.matching import find_tracked_weights
-from hf_weightprune.prune.obs import layer_reconstruction_error, sparsegpt_prune_
-from hf_weightprune.testing import tiny_llama, tiny_phi3
+from hf_weightprune.prune.obs import sparsegpt_prune_
+from hf_weightprune.testing import layer_reconstruction_error, tiny_llama, tiny_phi3
 from tests.helpers import train
 
 REPO = Path(__file__).resolve().parents[2]
