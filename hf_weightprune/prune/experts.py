@@ -179,26 +179,20 @@ def remove_experts_(model: nn.Module, remove: Mapping[str, Sequence[int]]) -> di
         for module, where in ((b.experts, b.experts_name), (b.router, b.router_name)):
             for attr, t in _per_expert_tensors(module, b.num_experts, where).items():
                 _select_(module, attr, t, keep)
-        for module in (b.experts, b.router, *b.experts.modules()):
-            if getattr(module, "num_experts", None) == b.num_experts:
-                module.num_experts = len(keep)
-        parent = model.get_submodule(_raw_name(model, b.experts).rpartition(".")[0])
-        if getattr(parent, "num_experts", None) == b.num_experts:
-            parent.num_experts = len(keep)
     old = blocks[0].num_experts
     new = len(next(iter(kept.values())))
-    for module in model.modules():  # also outside the blocks: MixtralForCausalLM's, read by its load-balancing loss
-        if getattr(module, "num_experts", None) == old:
-            module.num_experts = new
+    # Every module's own copy of the count (the experts, routers and MoE blocks; MixtralForCausalLM's for its
+    # load-balancing loss; DeepSeek-V3's block `n_routed_experts`, which its grouped top-k reads), under each name
+    # the configs use. Every MoE layer loses the same number (checked), so `old` is one count.
+    for module in model.modules():
+        for key in EXPERT_COUNT_KEYS:
+            if getattr(module, key, None) == old and not isinstance(getattr(module, key), bool):
+                setattr(module, key, new)
     for c in _configs(model):
         for key in EXPERT_COUNT_KEYS:
             if getattr(c, key, None) == old:
                 setattr(c, key, new)
     return kept
-
-
-def _raw_name(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
 
 
 def router_scores(importance: Importance, blocks: Sequence[MoeBlock]) -> dict[str, Tensor]:
