@@ -240,6 +240,21 @@ CHECKS = {
         "assert 'unknown' not in open('out-e/final/README.md').read()\n"
         "assert 'trained against the local checkpoint `dense`' in open('out-e/final/README.md').read()\n"
     ),
+    ("README.md", "target_params=0.8, compensate=\"refit\""): (
+        # the structured recipe: 80% of the parameters kept (within a unit per layer), refit, distilled from the dense
+        # teacher, and the files state the parameter counts the reloaded checkpoint really has
+        "from transformers import AutoModelForCausalLM\n"
+        "count = report.structured['num_parameters']\n"
+        "assert count['after'] < count['before'] and abs(count['after'] / count['before'] - 0.8) < 0.02, count\n"
+        "small, dense = (AutoModelForCausalLM.from_pretrained(f'out-s/{d}') for d in ('final', 'dense'))\n"
+        "assert sum(p.numel() for p in small.parameters()) == count['after']\n"
+        "assert sum(p.numel() for p in dense.parameters()) == count['before']\n"
+        "meta = json.load(open('out-s/final/sparsity.json'))\n"
+        "assert meta['structured']['num_parameters'] == count and meta['structured']['compensation'] == 'refit'\n"
+        "assert meta['distillation']['hidden_weight'] == 0.0 and meta['distillation']['teacher'] == '../dense'\n"
+        "assert f\"| Parameters | {count['before']:,} | {count['after']:,} |\" in open('out-s/final/README.md').read()\n"
+        "assert [r['distill/kl'] for r in trainer.state.log_history if 'distill/kl' in r][-1] > 0\n"
+    ),
     ("distributed.md", "cb.on_train_end"): (
         "assert load_importance('out/importance').meta['num_samples'] == S\n"
     ),
