@@ -107,6 +107,7 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "reconstruction": report.reconstruction,
         "allocation": report.allocation,
         "structured": report.structured,
+        "routing": report.routing,
         "schedule": schedule,
         "distillation": distillation,
         "eval": eval_results,

@@ -98,6 +98,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
     report = PruningReport.for_config(importance, config)
     if config.kind == "experts":
         report.structured = remove_experts_by_routing_(model, importance, config.sparsity)
+        report.record_removed_experts(report.structured["removed"])
         params_count = report.structured["num_parameters"]
         report.global_sparsity = report.model_sparsity = 1 - params_count["after"] / params_count["before"]
         return report

@@ -31,6 +31,16 @@ def _importance_info(importance: Importance | None) -> dict[str, Any]:
     }
 
 
+def _routing_info(importance: Importance | None) -> dict[str, dict[str, Any]] | None:
+    """Tokens routed per expert, per MoE layer, from the importance's router statistics (`None` without any): the
+    compact summary `sparsity.json` keeps, since the card must not need the importance folder."""
+    section = importance.sections.get("router") if importance is not None else None
+    if not section:
+        return None
+    return {block: {"tokens": [int(n) for n in stats["tokens"]]} for block, stats in section.items()
+            if stats.get("tokens") is not None}
+
+
 @dataclass
 class PruningReport:
     """
@@ -66,6 +76,11 @@ class PruningReport:
             `"OBS"` when the kept weights were updated to compensate for the pruned ones (SparseGPT's sweep).
         allocation (`str`, *optional*, defaults to `"uniform"`):
             `"owl"` when per-layer sparsities came from OWL.
+        routing (`dict`, *optional*):
+            For an importance with router statistics (an MoE model): per MoE block `{"tokens": list[int]}`, the
+            tokens routed to each expert during training; after a whole-expert prune also `"removed"` (original
+            expert indices) and `"removed_shares"` (each one's share of the layer's routed tokens), see
+            [`~PruningReport.record_removed_experts`].
     """
 
     structure: str
@@ -79,6 +94,7 @@ class PruningReport:
     structured: dict[str, Any] | None = None
     reconstruction: str | None = None
     allocation: str = "uniform"
+    routing: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def for_config(
@@ -104,6 +120,7 @@ class PruningReport:
             target_sparsity=config.sparsity if sparsity is None else sparsity,
             criterion=importance.criterion if importance is not None else "unknown",
             importance=_importance_info(importance),
+            routing=_routing_info(importance),
         )
 
     @classmethod
@@ -146,7 +163,7 @@ class PruningReport:
             scope = default_scope(importance.criterion if importance is not None else None)
         report = cls(structure=structure, scope=scope, target_sparsity=0.0,
                      criterion=importance.criterion if importance is not None else "unknown",
-                     importance=_importance_info(importance))
+                     importance=_importance_info(importance), routing=_routing_info(importance))
         for name, mask in masks.items():
             report.add_mask(name, mask)
         report.finalize(model_numel)
@@ -167,6 +184,27 @@ class PruningReport:
             `ValueError`: if `mask` is not a non-empty bool tensor.
         """
         self.tensors[name] = {"shape": list(mask.shape), "numel": mask.numel(), "sparsity": mask_sparsity(mask)}
+
+    def record_removed_experts(self, removed: Mapping[str, list[int]]) -> None:
+        """
+        Record which experts a whole-expert prune removed, with the share of the layer's routed tokens each had
+        received (in place, into `routing`).
+
+        Args:
+            removed (`Mapping[str, list[int]]`):
+                MoE block name to the original indices of the removed experts (`structured["removed"]`).
+
+        Raises:
+            `ValueError`: a block the router statistics do not hold (they were recorded for another model).
+        """
+        for block, experts in removed.items():
+            layer = (self.routing or {}).get(block)
+            if layer is None:
+                raise ValueError(f"{block}: removed experts of a layer without router statistics in this report")
+            total = sum(layer["tokens"])
+            layer["removed"] = sorted(int(e) for e in experts)
+            # a layer no token reached (possible after a very short run) has no shares to state
+            layer["removed_shares"] = [layer["tokens"][e] / total if total else None for e in layer["removed"]]
 
     def finalize(self, model_numel: int) -> PruningReport:
         """

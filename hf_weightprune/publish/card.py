@@ -233,6 +233,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "distillation": T.distillation_context(sparsity.get("distillation")),
         "module_table": (T.structured_module_table(folder, sparsity.get("structured"), structure) if structured
                          else T.module_table(sparsity["tensors"])),
+        "routing": T.routing_rows(sparsity.get("routing")),
         "references": T.references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
         "has_plot": (folder / SWEEP_PNG).is_file(),

@@ -282,6 +282,38 @@ def structured_module_table(folder: Path, structured: dict | None, structure: st
     return sorted(groups.values(), key=lambda r: r["module"])
 
 
+def routing_rows(routing: dict | None) -> list[dict]:
+    """
+    Per MoE layer, from the `routing` entry of `sparsity.json`: the least and the most used expert with their share
+    of the layer's routed tokens, and for a whole-expert prune the removed experts with their combined share. Every
+    share is computed here from the recorded token counts (a token counts once for each expert it was sent to).
+
+    Args:
+        routing (`dict`, *optional*): `{block: {"tokens": list[int], "removed": list[int] (optional)}}`.
+
+    Returns:
+        `list[dict]`: rows `{layer, experts, tokens, least, least_share, most, most_share, removed, removed_share}`
+        in the recorded order; `removed` is `None` when nothing was removed. Layers no token reached are left out
+        (there is no share to state).
+    """
+    rows = []
+    for block, stats in (routing or {}).items():
+        tokens = [int(n) for n in (stats or {}).get("tokens") or []]
+        total = sum(tokens)
+        if not total:
+            continue
+        # ties go to the lower index, as in the expert choice itself
+        least = min(range(len(tokens)), key=lambda e: (tokens[e], e))
+        most = max(range(len(tokens)), key=lambda e: (tokens[e], -e))
+        removed = stats.get("removed")
+        rows.append({"layer": block, "experts": len(tokens), "tokens": total,
+                     "least": least, "least_share": tokens[least] / total,
+                     "most": most, "most_share": tokens[most] / total,
+                     "removed": list(removed) if removed is not None else None,
+                     "removed_share": sum(tokens[e] for e in removed) / total if removed is not None else None})
+    return rows
+
+
 def structured_units(structure: str) -> str:
     """What a structured prune removes, in words (`"MLP neurons"`)."""
     return _STRUCTURED_UNITS.get(structure, (structure, ""))[0]
