@@ -209,7 +209,7 @@ class PruneConfig(JsonConfigMixin):
     sparsity: float | dict[str, float] | None = field(default=None, metadata={
         "help": "fraction to remove, in [0, 1), or JSON {regex: float} per module (None: 0.5; N:M sets its own)"})
     structure: str = field(default="unstructured", metadata={
-        "help": "unstructured | N:M (e.g. 2:4) | neurons | heads | experts"})
+        "help": "unstructured | N:M (e.g. 2:4) | neurons | heads | hidden | layers | a combination (layers,neurons) | experts"})
     scope: str | None = field(default=None, metadata={
         "help": "global | layer | row (None: the criterion's default: row for wanda, taylor, fisher; layer for the "
                 "others)"})

@@ -254,6 +254,12 @@ CHECKS = {
         "assert meta['distillation']['hidden_weight'] == 0.0 and meta['distillation']['teacher'] == '../dense'\n"
         "assert f\"| Parameters | {count['before']:,} | {count['after']:,} |\" in open('out-s/final/README.md').read()\n"
         "assert [r['distill/kl'] for r in trainer.state.log_history if 'distill/kl' in r][-1] > 0\n"
+        # the card says what was done: the refit, no "no reconstruction", no axis that did not change, the papers
+        "card = open('out-s/final/README.md').read()\n"
+        "assert 're-fitted by least squares' in card and 'unchanged by pruning' not in card\n"
+        "assert 'layers,neurons' not in card and '2412.18110' in card.split('## References')[1]\n"
+        "assert not any(f'{r} {n} -> {n}' in card.split('## Method')[0] for r in ('decoder layers', 'mlp intermediate size')\n"
+        "               for n in range(1, 4096))\n"
     ),
     ("distributed.md", "cb.on_train_end"): (
         "assert load_importance('out/importance').meta['num_samples'] == S\n"

@@ -203,7 +203,11 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     structured = bool(sparsity.get("structured"))
     scope = sparsity.get("scope") or "layer"
     if structured:
-        scope_detail = f"the same share of {T.structured_units(structure)} removed in every decoder layer"
+        parts = structure.split(",")
+        width = ",".join(p for p in parts if p != "layers")
+        scope_detail = "; ".join(filter(None, [
+            f"the same number of {T.structured_units(width)} removed in every decoder layer" if width else None,
+            "whole decoder layers removed" if "layers" in parts else None]))
     else:
         scope_detail = _SCOPES.get(scope, "custom")
     return {
@@ -217,7 +221,11 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "structure_detail": detail,
         "nm": {"kept": nm[0], "group": nm[1], "zeros": nm[1] - nm[0]} if nm else None,
         "structured": structured_rows,
-        "structured_summary": ", ".join(f"{r['name'].lower()} {r['before']} -> {r['after']}" for r in structured_rows),
+        # what changed (a combination under a budget may leave an axis as it was: the table shows every row)
+        "structured_summary": ", ".join(f"{r['name'].lower()} {r['before']} -> {r['after']}" for r in structured_rows
+                                        if r["before"] != r["after"]),
+        "structure_units": T.structured_units(structure),
+        "compensation": (sparsity.get("structured") or {}).get("compensation"),
         "scope": scope,
         "scope_detail": scope_detail,
         "reconstruction": sparsity.get("reconstruction"),

@@ -26,6 +26,8 @@ EXPERTS_CRITERION = ("not used for whole experts, which are ranked by the tokens
                      "(the router statistics saved with the importance)")
 OWL_REFERENCE = "OWL (outlier-weighted layerwise sparsity): Yin et al. 2023, [arXiv:2310.05175](https://arxiv.org/abs/2310.05175)"
 GRADUAL_REFERENCE = "Gradual pruning (cubic schedule): Zhu & Gupta 2017, [arXiv:1710.01878](https://arxiv.org/abs/1710.01878)"
+DEPTH_REFERENCE = "Layer removal by block influence (ShortGPT): Men et al. 2024, [arXiv:2403.03853](https://arxiv.org/abs/2403.03853)"
+REFIT_REFERENCE = "Least-squares re-fit of the pruned units' consumers (structured OBS, SlimGPT): Ling et al. 2024, [arXiv:2412.18110](https://arxiv.org/abs/2412.18110)"
 DISTILL_REFERENCE = "Knowledge distillation: Hinton et al. 2015, [arXiv:1503.02531](https://arxiv.org/abs/1503.02531)"
 SQUAREHEAD_REFERENCE = "SquareHead distillation: Kurtic et al. 2023, [arXiv:2310.06927](https://arxiv.org/abs/2310.06927)"
 
@@ -220,6 +222,11 @@ def references(criterion: str | None, sparsity: dict) -> list[str]:
         refs.append(OBS_REFERENCE)
     if sparsity.get("structure") == "experts":
         refs.append(EXPERTS_REFERENCE)
+    parts = str(sparsity.get("structure") or "").split(",")
+    if "layers" in parts:
+        refs.append(DEPTH_REFERENCE)
+    if (sparsity.get("structured") or {}).get("compensation") == "refit":
+        refs.append(REFIT_REFERENCE)
     if sparsity.get("allocation") == "owl":
         refs.append(OWL_REFERENCE)
     schedule = sparsity.get("schedule")
@@ -315,8 +322,9 @@ def routing_rows(routing: dict | None) -> list[dict]:
 
 
 def structured_units(structure: str) -> str:
-    """What a structured prune removes, in words (`"MLP neurons"`)."""
-    return _STRUCTURED_UNITS.get(structure, (structure, ""))[0]
+    """What a structured prune removes, in words (`"MLP neurons"`; a combination: `"decoder layers and MLP neurons"`)."""
+    parts = structure.split(",") if isinstance(structure, str) else [structure]
+    return " and ".join(_STRUCTURED_UNITS.get(p.strip(), (p.strip(), ""))[0] for p in parts)
 
 
 _EVAL_KEYS = ("dataset", "tokens", "step")
