@@ -258,6 +258,11 @@ CHECKS = {
         "card = open('out-s/final/README.md').read()\n"
         "assert 're-fitted by least squares' in card and 'unchanged by pruning' not in card\n"
         "assert 'layers,neurons' not in card and '2412.18110' in card.split('## References')[1]\n"
+        # units ranked by the unit statistic, not the importance's criterion; the budget stated as a budget
+        "assert 'not used for the units, which are ranked by mean activation magnitude' in card\n"
+        "assert f\"**Target**: keep {meta['structured']['target_params']:,} of {count['before']:,} parameters\" in card\n"
+        "assert ('no decoder layer removed at this budget' in card) == (meta['structured']['axes']['layers']['removed'] == [])\n"
+        "assert '## Sparsity per module type' not in card  # a combination has no per-module-type table\n"
         "assert not any(f'{r} {n} -> {n}' in card.split('## Method')[0] for r in ('decoder layers', 'mlp intermediate size')\n"
         "               for n in range(1, 4096))\n"
     ),

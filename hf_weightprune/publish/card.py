@@ -194,6 +194,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     formula, reference = T.criterion_text(criterion)
     if structure == "experts":
         formula = T.EXPERTS_CRITERION
+    formula = T.unit_ranking_text(sparsity.get("structured")) or formula
     try:
         nm = parse_structure(structure)[1]
     except ValueError:
@@ -205,9 +206,11 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     if structured:
         parts = structure.split(",")
         width = ",".join(p for p in parts if p != "layers")
+        depth = ((sparsity.get("structured") or {}).get("axes") or {}).get("layers") or {}
         scope_detail = "; ".join(filter(None, [
             f"the same number of {T.structured_units(width)} removed in every decoder layer" if width else None,
-            "whole decoder layers removed" if "layers" in parts else None]))
+            ("no decoder layer removed at this budget" if depth and depth.get("before") == depth.get("after")
+             else "whole decoder layers removed") if "layers" in parts else None]))
     else:
         scope_detail = _SCOPES.get(scope, "custom")
     return {
@@ -230,7 +233,8 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "scope_detail": scope_detail,
         "reconstruction": sparsity.get("reconstruction"),
         "allocation": sparsity.get("allocation") or "uniform",
-        "target_sparsity_text": T.target_text(sparsity.get("target_sparsity")),
+        "target_sparsity_text": (T.structured_target_text(sparsity.get("structured"))
+                                 or T.target_text(sparsity.get("target_sparsity"))),
         "global_sparsity": float(sparsity.get("global_sparsity") or 0.0),
         "model_sparsity": float(sparsity.get("model_sparsity") or 0.0),
         "criterion": criterion,

@@ -24,6 +24,33 @@ EXPERTS_REFERENCE = ("whole experts removed by routing frequency: Lu et al. 2024
                      "[arXiv:2402.14800](https://arxiv.org/abs/2402.14800)")
 EXPERTS_CRITERION = ("not used for whole experts, which are ranked by the tokens their router sent them during training "
                      "(the router statistics saved with the importance)")
+# What ranks the units of a structured prune from unit statistics (`ImportanceConfig(units=True)`), in the card's words.
+UNIT_STATISTIC_TEXT = {
+    "activation": "mean activation magnitude over the training tokens (Minitron: neurons by `|a|`, KV groups by their "
+                  "heads' output norms, hidden channels by `|x|` of the residual stream; layers by block influence "
+                  "`1 - cos(input, output)`, ShortGPT)",
+    "activation_l2": "root-mean-square activation over the training tokens (neurons, KV groups, hidden channels; layers "
+                     "by block influence `1 - cos(input, output)`, ShortGPT)",
+    "taylor": "first-order Taylor `|sum g * w|` over each unit's weights, averaged over the optimizer steps",
+}
+
+
+def unit_ranking_text(structured: dict | None) -> str | None:
+    """How a structured prune ranked its units when unit statistics did it (the importance's criterion did not)."""
+    statistic = (structured or {}).get("unit_statistic")
+    if statistic not in UNIT_STATISTIC_TEXT:
+        return None
+    return f"not used for the units, which are ranked by {UNIT_STATISTIC_TEXT[statistic]}"
+
+
+def structured_target_text(structured: dict | None) -> str | None:
+    """A `target_params` budget in words (`None` without one)."""
+    budget, count = (structured or {}).get("target_params"), (structured or {}).get("num_parameters") or {}
+    if not budget or not count.get("before"):
+        return None
+    return f"keep {budget:,} of {count['before']:,} parameters ({100 * budget / count['before']:.2f}%)"
+
+
 OWL_REFERENCE = "OWL (outlier-weighted layerwise sparsity): Yin et al. 2023, [arXiv:2310.05175](https://arxiv.org/abs/2310.05175)"
 GRADUAL_REFERENCE = "Gradual pruning (cubic schedule): Zhu & Gupta 2017, [arXiv:1710.01878](https://arxiv.org/abs/1710.01878)"
 DEPTH_REFERENCE = "Layer removal by block influence (ShortGPT): Men et al. 2024, [arXiv:2403.03853](https://arxiv.org/abs/2403.03853)"
