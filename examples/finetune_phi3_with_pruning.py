@@ -1,6 +1,6 @@
-"""Fine-tune Phi-3 with pruning to a target sparsity, then save a standard pruned checkpoint.
+"""Fine-tune Phi-3 with pruning to a target sparsity (or a smaller shape), then save a standard pruned checkpoint.
 
-Two recipes, both with no calibration pass (the training run is the calibration):
+Three recipes, all with no calibration pass (the training run is the calibration):
 
 - `--recipe oneshot-hold` (the default; the best measured, benchmarks/README.md section 11): the first quarter of the
   steps trains densely while `ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))` sums each Linear's input
@@ -11,6 +11,14 @@ Two recipes, both with no calibration pass (the training run is the calibration)
   along a cubic ramp from 30% to 80% of training, holding the masks after every optimizer step (`--distill` adds
   distillation from a frozen copy of the model as training began). `--lora` trains LoRA adapters on the frozen base
   and merges them keeping the zeros (gradual recipe only).
+- `--recipe structured`: a smaller model rather than zeros (README "Structured pruning"). The first quarter of the
+  steps trains densely while `ImportanceConfig(criterion="sparsegpt", units=True)` gathers the unit statistics
+  (neurons, KV groups, hidden channels, layers) and the input Hessians; `prune_` removes units along `--structure`
+  (default `layers,neurons`; any of neurons, heads, hidden, layers) down to `--target_params` of the parameters,
+  refitting the kept `down_proj` / `o_proj` columns by least squares (`compensate="refit"`); the rest of the steps
+  recover by distillation from the dense model as it was at pruning, logits only (`hidden_weight=0`: the shapes
+  differ). The smaller checkpoint is reloaded with stock `AutoModelForCausalLM` and generates with and without the
+  KV cache.
 
 Sparsity and a per-module-type importance summary are logged to the Trainer's reporters. A dense control run (same seed, data and steps; skip it with `--no_dense_control`) gives the
 card a dense loss measured by the same evaluation at the same step as the pruned model's.
@@ -32,6 +40,11 @@ student)`, plus SquareHead's per-layer hidden-state loss (arXiv 2310.06927) with
 (`--distill_alpha`, `--distill_temperature`). The gradual recipe with distillation:
 
     python examples/finetune_phi3_with_pruning.py --recipe gradual --distill --output_dir out/phi3-tiny-gradual
+
+The structured recipe, 80% of the parameters kept as fewer decoder layers and MLP neurons:
+
+    python examples/finetune_phi3_with_pruning.py --recipe structured --structure layers,neurons \\
+        --target_params 0.8 --output_dir out/phi3-tiny-smaller
 """
 
 import argparse
@@ -66,14 +79,19 @@ KJV = os.path.join(HERE, "..", "data", "kjv")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_name_or_path", default=None, help="Hub id or folder; default: a tiny Phi-3 from scratch")
-    p.add_argument("--recipe", choices=("oneshot-hold", "gradual"), default="oneshot-hold",
+    p.add_argument("--recipe", choices=("oneshot-hold", "gradual", "structured"), default="oneshot-hold",
                    help="oneshot-hold: sparsegpt statistics, one-shot OBS prune, then held masks + distillation (the "
-                   "best measured); gradual: a cubic ramp (default: %(default)s)")
+                   "best measured); gradual: a cubic ramp; structured: unit statistics, fewer units with a refit, "
+                   "then distillation (default: %(default)s)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters on the frozen (pruned) base (gradual)")
     p.add_argument("--train_file", default=os.path.join(KJV, "train.txt"))
     p.add_argument("--eval_file", default=os.path.join(KJV, "valid.txt"))
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--structure", default="unstructured", help="unstructured or N:M such as 2:4")
+    p.add_argument("--structure", default=None,
+                   help="unstructured (default) or N:M such as 2:4; structured recipe: neurons, heads, hidden, layers "
+                   "or several, comma-separated (default: layers,neurons)")
+    p.add_argument("--target_params", type=float, default=0.8,
+                   help="structured recipe: the fraction of the parameters to keep (default: %(default)s)")
     p.add_argument("--criterion", default=None, help="gradual recipe: default the library's (wanda, per-row scope)")
     p.add_argument("--no_dense_control", action="store_true",
                    help="skip the dense control run (same seed, data and steps, no pruning); the card then shows the "
@@ -85,7 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_windows", type=int, default=64)
     p.add_argument("--output_dir", default="out/phi3-pruned")
     p.add_argument("--distill", action="store_true", help="gradual recipe: distil from the dense model while pruning")
-    p.add_argument("--no_distill", action="store_true", help="oneshot-hold recipe: recover without distillation")
+    p.add_argument("--no_distill", action="store_true",
+                   help="oneshot-hold and structured recipes: recover without distillation")
     p.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the KL term (default: %(default)s)")
     p.add_argument("--distill_temperature", type=float, default=2.0, help="softmax temperature (default: %(default)s)")
     p.add_argument("--distill_hidden_weight", type=float, default=0.0,
@@ -93,6 +112,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.lora and args.recipe != "gradual":
         p.error("--lora needs --recipe gradual (the one-shot recipe prunes and fine-tunes the base weights)")
+    if args.structure is None:
+        args.structure = "layers,neurons" if args.recipe == "structured" else "unstructured"
     return args
 
 
@@ -172,6 +193,47 @@ def train_oneshot_hold(args, sparsity: float, structure: str):
     return model, tokenizer, cb, trainer, schedule
 
 
+def train_structured(args):
+    """The structured recipe: unit statistics and Hessians over the first quarter of the steps, fewer units with a
+    least-squares refit of what is kept, then the rest of the steps distilled from the dense model (logits only)."""
+    model, tokenizer, texts = build(args)
+    windows = make_windows(tokenizer, texts, seq_len=args.seq_len, max_windows=args.max_steps * args.batch_size)
+    first = max(1, args.max_steps // 4)
+    head = windows.select(range(min(first * args.batch_size, len(windows))))
+    stats = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", units=True))
+    run_trainer(args, model, head, stats, "statistics", first)
+    dense = os.path.join(args.output_dir, "dense-at-pruning")  # the teacher (prune_ changes the model in place)
+    model.save_pretrained(dense)
+    report = prune_(model, stats.importance(), PruneConfig(structure=args.structure, target_params=args.target_params,
+                                                          compensate="refit"))
+    params = report.structured["num_parameters"]
+    print(f"structured prune ({args.structure}) after {first} steps: {params['before']:,} -> {params['after']:,} "
+          f"parameters, config {report.structured['config']['after']}")
+    # The hidden states of student and teacher differ in number and width: distil the logits only.
+    distill = DistillConfig(teacher=dense, alpha=args.distill_alpha, temperature=args.distill_temperature,
+                            hidden_weight=0.0)
+    cb = ImportanceCallback(distill=None if args.no_distill else distill)
+    rest = windows.select(range(min(first * args.batch_size, len(windows) - 1), len(windows)))
+    trainer = run_trainer(args, model, rest, cb, "trainer", args.max_steps - first)
+    return model, tokenizer, cb, trainer, report
+
+
+@torch.no_grad()
+def check_stock_reload(model, folder: str, tokenizer, max_new_tokens: int = 12) -> str:
+    """Reload `folder` with stock transformers, check it computes what `model` computes and that greedy decoding gives
+    the same tokens with and without the KV cache; returns the generated text."""
+    stock = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
+    model.eval()
+    ids = tokenizer("In the beginning", return_tensors="pt").input_ids.to(model.device)
+    if not torch.allclose(stock(ids).logits.float(), model(ids).logits.float(), atol=1e-3, rtol=1e-3):
+        raise RuntimeError(f"{folder} reloaded with stock transformers computes other logits than the pruned model")
+    outs = [stock.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=cache,
+                           pad_token_id=tokenizer.pad_token_id) for cache in (True, False)]
+    if not torch.equal(*outs):
+        raise RuntimeError(f"{folder}: greedy tokens differ with and without the KV cache")
+    return tokenizer.decode(outs[0][0], skip_special_tokens=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.recipe == "gradual":
@@ -180,6 +242,9 @@ def main(argv=None):
                                  structure=args.structure, start=0.3, end=0.8,
                                  every_n_steps=max(1, args.max_steps // 20))
         model, tokenizer, cb, trainer = train(args, schedule)
+    elif args.recipe == "structured":
+        model, tokenizer, cb, trainer, report = train_structured(args)
+        schedule = None
     else:
         model, tokenizer, cb, trainer, schedule = train_oneshot_hold(args, args.sparsity, args.structure)
     valid = make_windows(tokenizer, load_texts(args.eval_file), seq_len=args.seq_len, max_windows=args.eval_windows)
@@ -201,15 +266,20 @@ def main(argv=None):
     if args.lora:
         model, merged = merge_and_unload_sparse(model, masks=cb.mask_holder.masks, return_report=True)
         print(f"LoRA merged keeping the masks: sparsity {merged.global_sparsity:.4f}")
-    report = cb.pruning_report(model, cb.importance() if args.recipe == "gradual" else None)
+    if args.recipe != "structured":  # the masks held after recovery (the structured model has no zeros to hold)
+        report = cb.pruning_report(model, cb.importance() if args.recipe == "gradual" else None)
     out = os.path.join(args.output_dir, "pruned")
     if trainer.is_world_process_zero():
         save_pruned(model, out, report=report, tokenizer=tokenizer, overwrite=True, eval_results=results,
-                    schedule=schedule.to_dict(), distillation=cb.distill)
+                    schedule=schedule.to_dict() if schedule else None, distillation=cb.distill)
+        if args.recipe == "structured":
+            print(f"reloaded with stock transformers, greedy with and without cache: "
+                  f"{check_stock_reload(model, out, tokenizer)!r}")
         print(f"evaluated on {results['dataset']}, {pruned['tokens']:,} tokens, at step {step}:")
         if dense is not None:
             print(f"eval loss dense control:                    {dense['loss']:.4f}")
-        print(f"eval loss pruned ({report.global_sparsity:.1%} of pruned tensors): {pruned['loss']:.4f}")
+        what = "of the parameters removed" if args.recipe == "structured" else "of pruned tensors"
+        print(f"eval loss pruned ({report.global_sparsity:.1%} {what}): {pruned['loss']:.4f}")
         print(f"{report.summary()}\nsaved to {out}")
 
 

@@ -1,8 +1,8 @@
 """DDP through the Trainer: run under `torchrun --nproc_per_node N` (gloo, CPU) by `test_distributed.py`.
 
-`python -m tests.dist_ddp OUT [--zero STAGE] CRITERION...` (any world size, 1 included) trains tiny Phi-3 for 6
-steps with the same global batch (4) whatever N is (under DeepSpeed ZeRO-STAGE with `--zero`), and writes for each
-criterion:
+`python -m tests.dist_ddp OUT [--zero STAGE] [--units] CRITERION...` (any world size, 1 included) trains tiny Phi-3
+for 6 steps with the same global batch (4) whatever N is (under DeepSpeed ZeRO-STAGE with `--zero`; gathering the
+unit statistics of structured pruning too with `--units`), and writes for each criterion:
 - `OUT/<criterion>-full/`: an uninterrupted run, checkpoints at steps 3 and 6, `importance/` at the end;
 - `OUT/<criterion>-resume/`: resumed from the `checkpoint-3` copied there beforehand (if any), so a run of
   another world size can be continued here;
@@ -43,10 +43,10 @@ def deepspeed_config(stage: int) -> dict:
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 
 
-def run(criterion: str, output_dir: str, resume: bool = False, zero: int | None = None):
+def run(criterion: str, output_dir: str, resume: bool = False, zero: int | None = None, units: bool = False):
     world = int(os.environ.get("WORLD_SIZE", 1))  # the process group starts with TrainingArguments
     model = tiny_phi3(seed=1)
-    cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
+    cb = ImportanceCallback(ImportanceConfig(criterion=criterion, units=units))
     args = training_args(output_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
                          learning_rate=1e-2, seed=0, save_strategy="steps", save_steps=3, logging_steps=1,
                          ddp_backend="gloo" if world > 1 else None,
@@ -64,11 +64,11 @@ def masks_of(model, imp) -> dict[str, torch.Tensor]:
     return {n: (p != 0).to(torch.uint8) for n, p in model.named_parameters() if n in imp.shapes}
 
 
-def main(out: str, criteria: list[str], zero: int | None = None) -> None:
+def main(out: str, criteria: list[str], zero: int | None = None, units: bool = False) -> None:
     state_bytes = {}
     for criterion in criteria:
         try:
-            model, cb = run(criterion, os.path.join(out, f"{criterion}-full"), zero=zero)
+            model, cb = run(criterion, os.path.join(out, f"{criterion}-full"), zero=zero, units=units)
         except ValueError as e:  # a refusal must come before any step or file
             if zero is None:
                 raise
@@ -83,6 +83,11 @@ def main(out: str, criteria: list[str], zero: int | None = None) -> None:
         saved = load_importance(os.path.join(out, f"{criterion}-full"), model=model)
         for name in imp.names:
             torch.testing.assert_close(imp.scores[name], saved.scores[name], rtol=0, atol=0, msg=name)
+        if units:  # the unit statistics too: every rank holds the all-reduced sums that were written
+            mine, written = imp.unit_state(), saved.unit_state()
+            assert mine.keys() == written.keys()
+            for key in written:
+                torch.testing.assert_close(mine[key].cpu(), written[key], rtol=0, atol=0, msg=key)
         save_file(masks_of(model, imp), os.path.join(out, f"{criterion}-masks-rank{rank}.safetensors"))
         resume_dir = os.path.join(out, f"{criterion}-resume")
         if zero is not None:
@@ -91,7 +96,7 @@ def main(out: str, criteria: list[str], zero: int | None = None) -> None:
                                 os.path.join(resume_dir, "checkpoint-3"))
             torch.distributed.barrier()
         if os.path.isdir(os.path.join(resume_dir, "checkpoint-3")):
-            run(criterion, resume_dir, resume=True, zero=zero)
+            run(criterion, resume_dir, resume=True, zero=zero, units=units)
     path = os.path.join(out, f"state_bytes-rank{rank}-of-{world}.json")
     with open(path, "w") as f:
         json.dump(state_bytes, f)
@@ -104,4 +109,6 @@ if __name__ == "__main__":
         i = argv.index("--zero")
         stage = int(argv[i + 1])
         del argv[i:i + 2]
-    main(argv[0], argv[1:], zero=stage)
+    units = "--units" in argv
+    argv = [a for a in argv if a != "--units"]
+    main(argv[0], argv[1:], zero=stage, units=units)

@@ -1,6 +1,7 @@
 """Train a tiny Llama with `ImportanceCallback` and optionally hang at a chosen point so a test can SIGKILL it.
 
-`--schedule prune|hold` and `--distill` add gradual pruning (or held masks) and distillation (`make_callback`).
+`--schedule prune|hold` and `--distill` add gradual pruning (or held masks) and distillation, `--units` the unit
+statistics of structured pruning (`make_callback`).
 
 Run as `python -m tests.scripts.ckpt_train OUTPUT_DIR [options]`; `run()` is also called in-process by the tests
 so both sides train with exactly the same arguments. A hang writes `OUTPUT_DIR/HANG` and sleeps.
@@ -81,10 +82,10 @@ def hang_on_call(name: str, call: int, output_dir: str) -> None:
 
 
 def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=None, distill=False, teacher=None,
-                  teacher_dtype=None):
+                  teacher_dtype=None, units=False):
     """The callback of a run: `schedule` `"prune"` (50% over steps 1-6, a mask update every step: a resume at step 3
     or 6 lands inside the ramp or right after it) or `"hold"` (the masks of `masks_from`); `distill`: KL + SquareHead
-    from `teacher` (`None`: the default frozen copy)."""
+    from `teacher` (`None`: the default frozen copy); `units`: `ImportanceConfig(units=True)`."""
     sched = None
     if schedule == "prune":
         sched = PruneSchedule(final_sparsity=0.5, start=1, end=6, every_n_steps=1)
@@ -92,7 +93,7 @@ def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=N
         sched = PruneSchedule(mode="hold", masks_from=masks_from)
     cfg = DistillConfig(teacher=teacher, alpha=0.5, temperature=2.0, hidden_weight=0.5,
                         teacher_dtype=teacher_dtype) if distill else None
-    return ImportanceCallback(ImportanceConfig(criterion=criterion), schedule=sched, distill=cfg)
+    return ImportanceCallback(ImportanceConfig(criterion=criterion, units=units), schedule=sched, distill=cfg)
 
 
 def run(output_dir, criterion="temporal_magnitude", *, resume=None, callbacks=(), importance_callback=None,
@@ -122,6 +123,7 @@ def main(argv=None):
     parser.add_argument("--masks-from", help="hold: the pruned checkpoint folder")
     parser.add_argument("--distill", action="store_true", help="distil (teacher: --teacher, else the frozen copy)")
     parser.add_argument("--teacher", help="distill: the dense teacher's folder")
+    parser.add_argument("--units", action="store_true", help="gather the unit statistics of structured pruning too")
     a = parser.parse_args(argv)
     callbacks = []
     if a.hang_after_save:
@@ -130,7 +132,8 @@ def main(argv=None):
         callbacks.append(SaveLate(a.save_late))
     if a.hang_in:
         hang_on_call(a.hang_in, a.hang_call, a.output_dir)
-    cb = make_callback(a.criterion, schedule=a.schedule, masks_from=a.masks_from, distill=a.distill, teacher=a.teacher)
+    cb = make_callback(a.criterion, schedule=a.schedule, masks_from=a.masks_from, distill=a.distill, teacher=a.teacher,
+                       units=a.units)
     run(a.output_dir, a.criterion, callbacks=callbacks, importance_callback=cb)
 
 

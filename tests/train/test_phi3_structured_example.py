@@ -1,0 +1,55 @@
+"""The Phi-3 example's structured recipe, as a user runs it: unit statistics during the fine-tune, `prune_` with a
+structure, a parameter budget and the least-squares refit, recovery distilled from the dense teacher (logits only),
+a smaller checkpoint that stock transformers reloads and generates with, with and without the KV cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_weightprune.files.pruned_files import load_sparsity
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "finetune_phi3_with_pruning.py"
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
+def test_structured_recipe_gives_a_smaller_stock_checkpoint_distilled_from_the_dense_model(tmp_path, capsys):
+    _example().main(["--recipe", "structured", "--target_params", "0.8", "--max_steps", "8", "--eval_windows", "2",
+                     "--no_dense_control", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "structured prune (layers,neurons) after 2 steps" in out
+    assert "reloaded with stock transformers, greedy with and without cache" in out
+    assert "distill/kl" in out and "distill/hidden" not in out  # logits only: the hidden shapes differ
+
+    folder = tmp_path / "pruned"
+    info = load_sparsity(folder)
+    s = info["structured"]
+    assert s["structure"] == "layers,neurons" and s["compensation"] == "refit"
+    before, after = s["num_parameters"]["before"], s["num_parameters"]["after"]
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense-at-pruning")
+    assert before == dense.num_parameters() and s["target_params"] == round(0.8 * before)
+    config = json.loads((folder / "config.json").read_text())
+    neuron = 3 * config["hidden_size"]  # a gate row, an up row and a down column
+    assert abs(after - s["target_params"]) <= neuron * config["num_hidden_layers"]  # one neuron per layer
+    assert info["distillation"]["hidden_weight"] == 0.0 and info["distillation"]["teacher"].endswith("dense-at-pruning")
+
+    stock = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert stock.num_parameters() == after < 0.81 * before
+    assert config["intermediate_size"] < dense.config.intermediate_size
+    ids = torch.tensor([[5, 17, 99, 3, 42]])
+    with torch.no_grad():
+        greedy = [stock.generate(ids, max_new_tokens=6, do_sample=False, use_cache=c, pad_token_id=0)
+                  for c in (True, False)]
+    assert greedy[0].shape == (1, 11) and torch.equal(*greedy)
+    card = (folder / "README.md").read_text()
+    assert "re-fitted by least squares" in card and "`dense-at-pruning` as teacher" in card
