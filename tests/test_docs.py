@@ -216,7 +216,7 @@ MAY_IMPORT = {
     "files/safetensors_io": set(),
     "files/training_state": {"_version", "files/safetensors_io", "io_utils"},
     "files/unit_files": {"files/safetensors_io"},
-    "prune/compensate": set(),
+    "prune/compensate": {"layouts"},
     "prune/depth": {"layouts", "prune/surgery"},
     "prune/experts": {"collect/importance", "moe", "prune/masks", "validation"},
     "prune/global_threshold": {"prune/masks", "validation"},

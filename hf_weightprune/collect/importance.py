@@ -15,7 +15,7 @@ from ..config import ImportanceConfig
 from ..matching import TrackedWeight
 from ..moe import find_weights
 from ..scorers import Scorer, get_scorer
-from .units import unit_scores
+from .units import unit_means, unit_scores
 
 
 class _ScoreView(Mapping):
@@ -171,6 +171,18 @@ class Importance:
             `ValueError`: no unit statistics, an unknown statistic, or nothing counted for it.
         """
         return unit_scores(self.unit_state(), statistic)
+
+    def unit_means(self) -> dict:
+        """The mean input of every `down_proj` and `o_proj` over the training tokens (FLAP's bias compensation,
+        `PruneConfig(compensate="mean")`); see [`~collect.units.unit_means`].
+
+        Returns:
+            `dict`: `{"neurons": {layer: Tensor[I]}, "heads": {layer: Tensor[heads * head_dim]}}`, float64 on CPU.
+
+        Raises:
+            `ValueError`: no unit statistics, or statistics saved without the signed sums.
+        """
+        return unit_means(self.unit_state())
 
     def bind(self, model: nn.Module, weights: Mapping[str, Tensor] | None = None) -> Importance:
         """Validate against `model` and remember its weights (criteria such as `wanda` multiply by `|W|`).
