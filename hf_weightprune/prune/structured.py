@@ -29,8 +29,10 @@ contribution over the training tokens, `W[:, removed] @ mean(x[removed])`, to th
 (`compensate.mean_shift`, means from the unit statistics), creating the bias through the config flag that stock
 transformers reads (`compensate.bias_plan`). Hidden channels and layers are not compensated.
 
-A second structured `prune_` on the pruned model is refused ("Importance does not match this model"): the importance
-describes the dense shapes. Combine the axes in one call instead.
+Pruning again. The importance describes the dense shapes, so passing it again for the pruned model is refused
+("Importance does not match this model"). `Importance.select(report)` restricts it to the units this prune kept
+(from the report's removed units, or the checkpoint's `sparsity.json`): a 2:4 or another structured prune then runs
+on the pruned model, ranked by the dense run's statistics of the units that remain.
 """
 
 from __future__ import annotations
