@@ -66,6 +66,8 @@ def _decode(w, names, shapes):
     ("phi3", [PruneConfig(structure="heads", sparsity=0.5), PruneConfig(structure="neurons", sparsity=0.25)]),
     ("llama", [PruneConfig(structure="layers", sparsity=0.5)]),
     ("llama", [PruneConfig(structure=("layers", "heads", "neurons"), target_params=0.6)]),
+    ("llama", [PruneConfig(structure="hidden", sparsity=0.25), PruneConfig(structure="neurons", sparsity=0.25)]),
+    ("phi3", [PruneConfig(structure=("heads", "hidden"), target_params=0.7)]),
 ])
 def test_selected_importance_holds_the_dense_statistics_at_the_kept_positions(trained, arch, configs, criterion):
     model, imp = trained(arch, criterion)
@@ -105,7 +107,9 @@ def test_selected_importance_holds_the_dense_statistics_at_the_kept_positions(tr
         dense_name, _, kept_neurons = _decode(down, names, shapes)
         i = int(dense_name.split(".")[2])
         o = tracked[f"model.layers.{j}.self_attn.o_proj.weight"]
-        _, _, kept_cols = _decode(o, names, shapes)
+        _, kept_hidden, kept_cols = _decode(o, names, shapes)  # o_proj rows: the hidden channels kept
+        assert torch.equal(sel_unit[f"layers.{j}.hidden.abs"], dense_unit[f"layers.{i}.hidden.abs"][kept_hidden])
+        assert torch.equal(sel_unit["taylor.hidden"], dense_unit["taylor.hidden"][kept_hidden])
         assert torch.equal(sel_unit[f"layers.{j}.neurons.abs"], dense_unit[f"layers.{i}.neurons.abs"][kept_neurons])
         assert torch.equal(sel_unit[f"layers.{j}.heads.sum"], dense_unit[f"layers.{i}.heads.sum"][kept_cols])
         assert torch.equal(sel_unit[f"layers.{j}.influence"], dense_unit[f"layers.{i}.influence"])
