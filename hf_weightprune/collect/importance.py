@@ -209,7 +209,8 @@ class Importance:
             [`Importance`]: a new importance over the pruned model's shapes (tensors are sliced when read).
 
         Raises:
-            `ValueError`: a report without a structured record, or without the per-axis removed units.
+            `ValueError`: a report without a structured record, or without the per-axis removed units; a criterion
+            whose state is not laid out like the weight, `[in]` or `[in, in]`.
         """
         structured = getattr(report, "structured", None) if not isinstance(report, Mapping) else report
         if isinstance(structured, Mapping) and "axes" not in structured and "structured" in structured:
@@ -219,7 +220,10 @@ class Importance:
                              "or sparsity.json); this one has none")
         kept = kept_units(structured)
         probe = self._scorer.state_shape(_Shape(2, 3))  # how the state is laid out: like W, [in], or [in, in]
-        kind = {(2, 3): "weight", (3,): "input", (3, 3): "hessian"}[tuple(probe)]
+        kind = {(2, 3): "weight", (3,): "input", (3, 3): "hessian"}.get(tuple(probe))
+        if kind is None:
+            raise ValueError(f"Importance.select: criterion {self.criterion!r} keeps a state of shape {list(probe)} "
+                             "for a [2, 3] weight, which it cannot cut to the kept units")
         index, shapes, tokens = {}, {}, {}
         for name, shape in self.shapes.items():
             j, new = kept.layer_of(name)
