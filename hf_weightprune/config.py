@@ -139,7 +139,7 @@ class ImportanceConfig(JsonConfigMixin):
 
 PRUNE_SCOPES = ("global", "layer", "row")
 PRUNE_ALLOCATIONS = ("uniform", "owl")
-COMPENSATIONS = (None, "refit")
+COMPENSATIONS = (None, "refit", "mean")
 # What structured pruning can rank units by (`collect/units.py` computes them; defined here, the leaf both read).
 UNIT_STATISTICS = ("activation", "activation_l2", "taylor")
 
@@ -194,8 +194,12 @@ class PruneConfig(JsonConfigMixin):
             Structured: which unit statistic ranks the units (`"activation"`, `"activation_l2"`, `"taylor"`) when the
             importance has them (`ImportanceConfig(units=True)`); neurons/heads otherwise rank by per-weight scores.
         compensate (`str`, *optional*):
-            Structured: `"refit"` refits the kept `down_proj` / `o_proj` columns by least squares from the input
-            Hessians of `criterion="sparsegpt"` importance (structured OBS); `None` slices only.
+            Structured, what makes up for the removed MLP neurons and KV groups (hidden channels and layers are not
+            compensated): `"refit"` refits the kept `down_proj` / `o_proj` columns by least squares from the input
+            Hessians of `criterion="sparsegpt"` importance (structured OBS); `"mean"` (FLAP) adds the removed
+            columns' mean contribution over the training tokens to the `down_proj` / `o_proj` bias, from the unit
+            statistics (`units=True`), creating the bias through the config flag stock transformers reads
+            (`mlp_bias` / `attention_bias`; refused where the architecture has none); `None` slices only.
 
     Raises:
         `ValueError`: naming the field, for a bad structure, sparsity (or one an N:M pattern contradicts), a
@@ -233,7 +237,8 @@ class PruneConfig(JsonConfigMixin):
     unit_statistic: str = field(default="activation", metadata={
         "help": "structured: unit statistic to rank by (activation | activation_l2 | taylor; needs units=True)"})
     compensate: str | None = field(default=None, metadata={
-        "help": "structured: refit (least squares of down_proj / o_proj from sparsegpt Hessians) or None"})
+        "help": "structured: refit (least squares of down_proj / o_proj from sparsegpt Hessians), mean (FLAP: "
+                "removed units' mean output into the bias, from units=True statistics) or None"})
 
     def __post_init__(self):
         kind, nm = parse_structure(self.structure)

@@ -9,13 +9,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..config import ImportanceConfig
 from ..matching import TrackedWeight
 from ..moe import find_weights
 from ..scorers import Scorer, get_scorer
-from .units import unit_scores
+from .selection import kept_units, slice_state
+from .units import unit_means, unit_scores
+
+
+class _Shape:
+    """A stand-in weight with only a `.shape`, to ask a scorer how its state is laid out."""
+
+    def __init__(self, *shape: int):
+        self.shape = torch.Size(shape)
 
 
 class _ScoreView(Mapping):
@@ -172,6 +181,71 @@ class Importance:
         """
         return unit_scores(self.unit_state(), statistic)
 
+    def unit_means(self) -> dict:
+        """The mean input of every `down_proj` and `o_proj` over the training tokens (FLAP's bias compensation,
+        `PruneConfig(compensate="mean")`); see [`~collect.units.unit_means`].
+
+        Returns:
+            `dict`: `{"neurons": {layer: Tensor[I]}, "heads": {layer: Tensor[heads * head_dim]}}`, float64 on CPU.
+
+        Raises:
+            `ValueError`: no unit statistics, or statistics saved without the signed sums.
+        """
+        return unit_means(self.unit_state())
+
+    def select(self, report: Any) -> Importance:
+        """This importance restricted to the units a structured prune kept, so the pruned model can be pruned again.
+
+        Per-weight states are cut to the kept rows and columns of each weight (Hessians on both axes), the unit
+        statistics to the kept neurons, KV groups and hidden channels, and the removed decoder layers are dropped,
+        the others renumbered. Scores of the result equal this importance's scores at the kept positions. It is not
+        bound: `prune_` binds it to the pruned model.
+
+        Args:
+            report ([`PruningReport`] or `dict`): the report of the structured prune (`prune_`'s return value), its
+                `structured` dict, or the `sparsity.json` of the pruned checkpoint (its `structured` entry).
+
+        Returns:
+            [`Importance`]: a new importance over the pruned model's shapes (tensors are sliced when read).
+
+        Raises:
+            `ValueError`: a report without a structured record, or without the per-axis removed units; a criterion
+            whose state is not laid out like the weight, `[in]` or `[in, in]`.
+        """
+        structured = getattr(report, "structured", None) if not isinstance(report, Mapping) else report
+        if isinstance(structured, Mapping) and "axes" not in structured and "structured" in structured:
+            structured = structured["structured"]  # a whole sparsity.json
+        if not isinstance(structured, Mapping):
+            raise ValueError("Importance.select needs the report of a structured prune (PruningReport.structured, "
+                             "or sparsity.json); this one has none")
+        kept = kept_units(structured)
+        probe = self._scorer.state_shape(_Shape(2, 3))  # how the state is laid out: like W, [in], or [in, in]
+        kind = {(2, 3): "weight", (3,): "input", (3, 3): "hessian"}.get(tuple(probe))
+        if kind is None:
+            raise ValueError(f"Importance.select: criterion {self.criterion!r} keeps a state of shape {list(probe)} "
+                             "for a [2, 3] weight, which it cannot cut to the kept units")
+        index, shapes, tokens = {}, {}, {}
+        for name, shape in self.shapes.items():
+            j, new = kept.layer_of(name)
+            if new is None:
+                continue  # a removed layer
+            rows, cols = kept.weight_index(new, j, list(shape))
+            index[new] = (name, rows, cols)
+            shapes[new] = [len(rows) if rows is not None else shape[0], len(cols) if cols is not None else shape[1],
+                           *shape[2:]]
+            if name in self.meta.get("tokens", {}):
+                tokens[new] = self.meta["tokens"][name]
+
+        def get_state(new: str) -> Tensor:
+            name, rows, cols = index[new]
+            return slice_state(self.state(name), kind, rows, cols)
+
+        units = (lambda: kept.unit_state(self.unit_state())) if self.has_units else None
+        # router statistics are per MoE block by name: stale once layers are renumbered
+        sections = {k: v for k, v in self.sections.items() if k != "router" or not kept.removed_layers}
+        return Importance(self.config, {**self.meta, "tokens": tokens}, shapes, get_state, sections=sections,
+                          units=units)
+
     def bind(self, model: nn.Module, weights: Mapping[str, Tensor] | None = None) -> Importance:
         """Validate against `model` and remember its weights (criteria such as `wanda` multiply by `|W|`).
 
@@ -206,7 +280,8 @@ class Importance:
         if problems:
             where = f" from {self.path}" if self.path else ""
             shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise ValueError(f"Importance{where} does not match this model: {shown}")
+            raise ValueError(f"Importance{where} does not match this model: {shown} (a model pruned structurally "
+                             "since: pass importance.select(report))")
 
     def state_dict(self) -> dict[str, Tensor]:
         """All raw accumulator buffers in memory, by parameter name (small models and tests).

@@ -7,6 +7,8 @@ layers. Statistics, summed over the real tokens of every counted training forwar
   importance (arXiv 2407.14679) and its L2 variant;
 - heads: per query head, `sum ||o_h||_2` and `sum ||o_h||^2` of the attention output (the input of `o_proj` viewed
   as `[tokens, heads, head_dim]`); a KV group's score sums its query heads;
+- signed sums `sum a_j` of every `down_proj` input channel and `sum o_c` of every `o_proj` input channel: the mean
+  input that FLAP's bias compensation (arXiv 2312.11983) folds into the consumer's bias ([`unit_means`]);
 - hidden channels: `sum |x_c|` and `sum x_c^2` of the residual stream entering each decoder layer, kept per layer;
 - layers: block influence (ShortGPT, arXiv 2403.03853), `sum (1 - cos(x_in, x_out))` of the layer's residual stream;
 - first-order Taylor (LLM-Pruner, arXiv 2305.11627) per neuron, KV group, hidden channel and layer:
@@ -35,7 +37,7 @@ from ..config import UNIT_STATISTICS  # what `scores()` can rank by
 from .activations import ForwardMask, HookGuards, in_backward_recompute, real_token_rows
 from .unit_layout import LayerUnits, find_layer_units, hidden_taylor_, layer_taylor
 
-__all__ = ["UNIT_STATISTICS", "UnitCollector", "unit_scores"]
+__all__ = ["UNIT_STATISTICS", "UnitCollector", "unit_means", "unit_scores"]
 
 
 
@@ -56,9 +58,9 @@ class UnitCollector(ForwardMask):
 
     State keys (float64 sums on the layer's device, int64 counts on CPU), for layer `i`:
     `layers.{i}.tokens`, `layers.{i}.influence`, `layers.{i}.hidden.{abs,sq}` `[H]`; with an MLP
-    `layers.{i}.neurons.{abs,sq}` `[I]`, `layers.{i}.neurons.tokens`, `layers.{i}.taylor.neurons` `[I]`; with
-    attention `layers.{i}.heads.{norm,sq}` `[heads]`, `layers.{i}.heads.tokens`, `layers.{i}.taylor.heads`
-    `[kv_heads]`; `layers.{i}.taylor`; and `taylor.hidden` `[H]`, `taylor.steps`.
+    `layers.{i}.neurons.{abs,sq,sum}` `[I]`, `layers.{i}.neurons.tokens`, `layers.{i}.taylor.neurons` `[I]`; with
+    attention `layers.{i}.heads.{norm,sq}` `[heads]`, `layers.{i}.heads.sum` `[heads * head_dim]`,
+    `layers.{i}.heads.tokens`, `layers.{i}.taylor.heads` `[kv_heads]`; `layers.{i}.taylor`; and `taylor.hidden` `[H]`, `taylor.steps`.
     """
 
     def __init__(self, model: nn.Module, *, training_only: bool = True, guard_hooks: bool = False):
@@ -87,11 +89,13 @@ class UnitCollector(ForwardMask):
             if u.mlp is not None:
                 out[f"{p}.neurons.abs"] = torch.zeros(u.intermediate, dtype=f64, device=dev)
                 out[f"{p}.neurons.sq"] = torch.zeros(u.intermediate, dtype=f64, device=dev)
+                out[f"{p}.neurons.sum"] = torch.zeros(u.intermediate, dtype=f64, device=dev)
                 out[f"{p}.neurons.tokens"] = torch.zeros((), dtype=i64)
                 out[f"{p}.taylor.neurons"] = torch.zeros(u.intermediate, dtype=f64, device=dev)
             if u.attn is not None:
                 out[f"{p}.heads.norm"] = torch.zeros(u.num_heads, dtype=f64, device=dev)
                 out[f"{p}.heads.sq"] = torch.zeros(u.num_heads, dtype=f64, device=dev)
+                out[f"{p}.heads.sum"] = torch.zeros(u.num_heads * u.head_dim, dtype=f64, device=dev)
                 out[f"{p}.heads.tokens"] = torch.zeros((), dtype=i64)
                 out[f"{p}.taylor.heads"] = torch.zeros(u.num_kv_heads, dtype=f64, device=dev)
             out[f"{p}.taylor"] = torch.zeros((), dtype=f64, device=dev)
@@ -303,6 +307,7 @@ class UnitCollector(ForwardMask):
             a, n = self._real(inputs[0])
             self._add(f"{p}.neurons.abs", a.abs().sum(0))
             self._add(f"{p}.neurons.sq", a.square().sum(0))
+            self._add(f"{p}.neurons.sum", a.sum(0))
             self._count(f"{p}.neurons.tokens", n)
 
         return hook
@@ -317,6 +322,7 @@ class UnitCollector(ForwardMask):
             sq = o.reshape(o.shape[0], u.num_heads, u.head_dim).square().sum(-1)  # [tokens, heads]: ||o_h||^2
             self._add(f"{p}.heads.norm", sq.sqrt().sum(0))
             self._add(f"{p}.heads.sq", sq.sum(0))
+            self._add(f"{p}.heads.sum", o.sum(0))
             self._count(f"{p}.heads.tokens", n)
 
         return hook
@@ -395,3 +401,34 @@ def _activation_scores(s: Mapping[str, Tensor], layers: list[int], *, l2: bool) 
         hidden += v.sqrt() if l2 else v
     influence = torch.stack([per_token(f"layers.{i}.influence", f"layers.{i}.tokens") for i in layers]).float()
     return {"neurons": neurons, "heads": heads, "hidden": hidden.float(), "layers": influence}
+
+
+def unit_means(state: Mapping[str, Tensor]) -> dict:
+    """The mean input of every `down_proj` and `o_proj` over the real tokens, from a [`UnitCollector`]'s
+    `state_dict()`: what FLAP's mean compensation (`PruneConfig(compensate="mean")`) moves into the bias.
+
+    Args:
+        state (`Mapping[str, Tensor]`): the totals, as `UnitCollector.state_dict()` returns them.
+
+    Returns:
+        `dict`: `{"neurons": {layer: Tensor[I]}, "heads": {layer: Tensor[heads * head_dim]}}`, float64 on CPU: the
+        signed means of `down_proj`'s input channels (one per neuron) and `o_proj`'s (query heads concatenated).
+
+    Raises:
+        `ValueError`: statistics without the signed sums (saved by an older version), or no tokens counted.
+    """
+    layers = _layer_indices(state)
+    out: dict[str, dict[int, Tensor]] = {"neurons": {}, "heads": {}}
+    for i in layers:
+        for axis, reader in (("neurons", "abs"), ("heads", "norm")):
+            p = f"layers.{i}.{axis}"
+            if f"{p}.{reader}" not in state:
+                continue  # a layer without such units (an MoE block has no neurons)
+            if f"{p}.sum" not in state:
+                raise ValueError("unit statistics: no signed input sums (saved by an older hf-weightprune); gather "
+                                 "them again with ImportanceConfig(units=True)")
+            tokens = int(state[f"{p}.tokens"])
+            if tokens == 0:
+                raise ValueError("unit statistics: no training tokens were counted (were the hooks registered?)")
+            out[axis][i] = state[f"{p}.sum"].double().cpu() / tokens
+    return out

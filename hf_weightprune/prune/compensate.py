@@ -15,15 +15,29 @@ observed inputs changes as little as possible:
   `b += W mean(x) - W_K' mean(x_K)` (the mean of the remaining error). A consumer without a bias cannot absorb it;
   [`compensate_linear`] then reports `"no_bias"` and changes no bias.
 
-These are pure functions on tensors plus one helper that builds the smaller Linear; they never see a Trainer.
+A Llama-style `down_proj` / `o_proj` usually has no bias. The checkpoint must still load in stock transformers, so
+a bias is only added the way the architecture's own config creates one ([`bias_plan`]): `mlp_bias=True` (Llama,
+Granite: biases on gate/up/down) or `attention_bias=True` (Llama, Qwen3, Gemma: biases on q/k/v/o). Every bias the
+flag creates besides the consumer's starts at zero, so the model computes what it computed before. Where no flag
+gives the consumer a bias (Mistral, Qwen2's `o_proj`, Phi-3) mean compensation is refused.
+
+These are pure functions on tensors plus helpers that build the smaller Linear and add the biases; they never see a
+Trainer.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["compensate_linear", "mean_shift", "refit_columns"]
+from ..layouts import decoder_layers
+
+__all__ = ["add_biases_", "bias_plan", "compensate_linear", "mean_shift", "refit_columns"]
+
+# The config flag under which stock transformers builds each consumer with a bias (checked by building the model).
+BIAS_FLAGS = {"down_proj": "mlp_bias", "o_proj": "attention_bias"}
 
 
 def _check_keep(keep: Tensor, n_in: int) -> Tensor:
@@ -147,3 +161,62 @@ def compensate_linear(
         new.bias = nn.Parameter(bias.detach().contiguous().clone(), requires_grad=linear.bias.requires_grad)
     new.train(linear.training)
     return new, report
+
+
+def _consumer(layer: nn.Module, name: str) -> nn.Module:
+    return (layer.mlp if name == "down_proj" else layer.self_attn).get_submodule(name)
+
+
+def bias_plan(model: nn.Module, consumer: str) -> tuple[str, list[str]] | None:
+    """How to give every decoder layer's `consumer` a bias that stock `from_pretrained` loads, changing nothing.
+
+    Builds the model's class on the meta device with the config flag of [`BIAS_FLAGS`] set, and lists the Linear
+    modules that then have a bias the model lacks.
+
+    Args:
+        model (`PreTrainedModel`): the causal LM about to be pruned.
+        consumer (`str`): `"down_proj"` or `"o_proj"`.
+
+    Returns:
+        `tuple[str, list[str]]` or `None`: `(flag, names of the Linear modules that gain a bias)`, or `None` when
+        every layer's `consumer` already has one.
+
+    Raises:
+        `ValueError`: one line naming the model class, where no config flag gives `consumer` a bias.
+    """
+    layers = decoder_layers(model)
+    if all(_consumer(layer, consumer).bias is not None for layer in layers):
+        return None
+    cfg, flag = model.config, BIAS_FLAGS[consumer]
+    found = None
+    if isinstance(getattr(cfg, flag, None), bool) and not getattr(cfg, flag):
+        probe_cfg = copy.deepcopy(cfg)
+        setattr(probe_cfg, flag, True)
+        with torch.device("meta"):
+            probe = type(model)(probe_cfg)
+        have = dict(model.named_modules())
+        gained = [n for n, m in probe.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
+                  and isinstance(have.get(n), nn.Linear) and have[n].bias is None]
+        if all(_consumer(layer, consumer).bias is not None for layer in decoder_layers(probe)):
+            found = (flag, gained)
+    if found is None:
+        raise ValueError(f"compensate='mean' needs a bias on {consumer}, and {type(model).__name__} has no config "
+                         f"flag that creates one in a form stock transformers loads: use compensate='refit' or None")
+    return found
+
+
+@torch.no_grad()
+def add_biases_(model: nn.Module, plan: tuple[str, list[str]]) -> None:
+    """Apply a [`bias_plan`]: set its config flag and give each listed Linear a zero bias (the outputs are unchanged).
+
+    Args:
+        model (`PreTrainedModel`): the model the plan was made for.
+        plan (`tuple[str, list[str]]`): `(flag, module names)` from [`bias_plan`].
+    """
+    flag, names = plan
+    for name in names:
+        linear = model.get_submodule(name)
+        w = linear.weight
+        linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                   requires_grad=w.requires_grad)
+    setattr(model.config, flag, True)

@@ -71,7 +71,10 @@ class PruningReport:
             Where the importance came from: `path`, `step`, `num_samples`, `criterion`, `settings`.
         structured (`dict`, *optional*):
             For `"neurons"`/`"heads"`: the dict [`~surgery.prune_structured_`] returns, unchanged (its
-            `num_parameters` is `{"before": int, "after": int}`).
+            `num_parameters` is `{"before": int, "after": int}`). From [`~structured.prune_structures_`] it also
+            records, per axis, the size before and the removed indices (the kept ones are their complement), what
+            [`Importance.select`] reads to prune the smaller model again; `compensation` (`"refit"`, `"mean"` or
+            `None`) and, when mean compensation had to create biases, `bias_added` (the config flags set).
         reconstruction (`str`, *optional*):
             `"OBS"` when the kept weights were updated to compensate for the pruned ones (SparseGPT's sweep).
         allocation (`str`, *optional*, defaults to `"uniform"`):

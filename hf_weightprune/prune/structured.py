@@ -22,11 +22,17 @@ units are far below its average gives more. The counts are then applied depth fi
 from the parameters actually left, so the target is met within one unit per layer (half a unit's cost for width,
 one layer for depth alone).
 
-Compensation (`compensate="refit"`): the kept `down_proj` / `o_proj` columns are refit by least squares from their
-input Hessians (`compensate.refit_columns`; `criterion="sparsegpt"` importance accumulates them), layer by layer.
+Compensation of removed neurons (`down_proj` input columns) and KV groups (`o_proj` input columns), layer by layer:
+`compensate="refit"` refits the kept columns by least squares from their input Hessians (`compensate.refit_columns`;
+`criterion="sparsegpt"` importance accumulates them); `compensate="mean"` (FLAP) adds the removed columns' mean
+contribution over the training tokens, `W[:, removed] @ mean(x[removed])`, to the consumer's bias
+(`compensate.mean_shift`, means from the unit statistics), creating the bias through the config flag that stock
+transformers reads (`compensate.bias_plan`). Hidden channels and layers are not compensated.
 
-A second structured `prune_` on the pruned model is refused ("Importance does not match this model"): the importance
-describes the dense shapes. Combine the axes in one call instead.
+Pruning again. The importance describes the dense shapes, so passing it again for the pruned model is refused
+("Importance does not match this model"). `Importance.select(report)` restricts it to the units this prune kept
+(from the report's removed units, or the checkpoint's `sparsity.json`): a 2:4 or another structured prune then runs
+on the pruned model, ranked by the dense run's statistics of the units that remain.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout
 from ..matching import canonical_name
-from .compensate import refit_columns
+from .compensate import add_biases_, bias_plan, mean_shift, refit_columns
 from .depth import remove_layers_
 from .hidden import hidden_channel_cost, shrink_hidden_
 from .masks import num_to_prune
@@ -199,33 +205,55 @@ def _hessian(importance: Importance, name: str) -> Tensor:
     return importance.state(name)
 
 
+def _consumer(model: nn.Module, layer: nn.Module, axis: str, idx: Tensor) -> tuple[nn.Linear, Tensor]:
+    """The Linear that reads the units of `axis` and its input columns that belong to the units `idx`."""
+    if axis == "neurons":
+        return layer.mlp.down_proj, idx
+    n_heads, n_kv, d = attn_geometry(model, layer.self_attn, detect_layout(model, "attn")[1])
+    q = n_heads // n_kv * d  # a KV group's query heads are consecutive o_proj input columns
+    return layer.self_attn.o_proj, (idx[:, None] * q + torch.arange(q)).flatten()
+
+
 def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: dict, kept_layers: list[int],
-                 n_remove: int, names: dict[int, str], refit: bool) -> dict:
+                 n_remove: int, names: dict[int, str], compensate: str | None, means: dict | None) -> dict:
     layers = decoder_layers(model)
     if axis == "hidden":
         keep = _keep(scores, n_remove)
         out = shrink_hidden_(model, keep)
         return {"kept": out["kept"], "removed": out["removed"]}
     keep = {j: _keep(scores[orig], n_remove) for j, orig in enumerate(kept_layers)}
-    refits = {}
-    if refit:  # from the dense weights, before they are sliced
-        for j, idx in keep.items():
-            layer = layers[j]
-            if axis == "neurons":
-                consumer, cols = layer.mlp.down_proj, idx
-            else:
-                consumer = layer.self_attn.o_proj
-                n_heads, n_kv, d = attn_geometry(model, layer.self_attn, detect_layout(model, "attn")[1])
-                q = n_heads // n_kv * d
-                cols = (idx[:, None] * q + torch.arange(q)).flatten()
+    refits, shifts = {}, {}
+    for j, idx in keep.items():  # from the dense weights, before they are sliced
+        consumer, cols = _consumer(model, layers[j], axis, idx)
+        if compensate == "refit":
             h = _hessian(importance, names[id(consumer)])
             refits[j] = refit_columns(consumer.weight.detach(), h.to(consumer.weight.device), cols)
+        elif compensate == "mean":
+            shifts[j] = mean_shift(consumer.weight.detach(), means[axis][kept_layers[j]], cols)
     (shrink_mlp_ if axis == "neurons" else shrink_attention_)(model, keep)
-    for j, w in refits.items():
+    for j in keep:
         consumer = layers[j].mlp.down_proj if axis == "neurons" else layers[j].self_attn.o_proj
-        consumer.weight.data.copy_(w)
+        if j in refits:
+            consumer.weight.data.copy_(refits[j])
+        if j in shifts:
+            consumer.bias.data.add_(shifts[j].to(consumer.bias.device, consumer.bias.dtype))
     return {"kept": {j: k.tolist() for j, k in keep.items()},
             "removed": {j: sorted(set(range(len(scores[kept_layers[j]]))) - set(k.tolist())) for j, k in keep.items()}}
+
+
+def _mean_inputs(model: nn.Module, importance: Importance, config: PruneConfig,
+                 axes: tuple[str, ...]) -> tuple[dict, list[tuple[str, list[str]]]]:
+    """`compensate="mean"`: the consumers' mean inputs and the biases to create, checked before any change."""
+    served = [a for a in axes if a in ("neurons", "heads")]
+    if not served:
+        raise ValueError(f"compensate='mean' moves the mean output of removed MLP neurons / KV groups into a bias; "
+                         f"structure {config.structure!r} removes neither: use compensate=None")
+    if not importance.has_units:
+        raise ValueError("compensate='mean' needs the mean input of down_proj / o_proj from the unit statistics: "
+                         "gather them with ImportanceConfig(units=True)")
+    means = importance.unit_means()
+    plans = [bias_plan(model, "down_proj" if a == "neurons" else "o_proj") for a in served]
+    return means, [p for p in plans if p is not None]
 
 
 @torch.no_grad()
@@ -258,10 +286,10 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
                 raise ValueError(f"structure {a!r} is not possible for {type(model).__name__}: {e}") from None
     scores = _scores(model, importance, config, axes)
     sizes, costs = _sizes(model, axes), _width_costs(model, axes)
-    refit = config.compensate == "refit"
-    if refit and not importance.scorer.has_hessian:
+    if config.compensate == "refit" and not importance.scorer.has_hessian:
         raise ValueError(f"compensate='refit' needs input Hessians: importance from ImportanceConfig(criterion="
                          f"'sparsegpt'), not {importance.criterion!r}")
+    means, bias_plans = _mean_inputs(model, importance, config, axes) if config.compensate == "mean" else (None, [])
     before = _params(model)
     t = config.target_params
     target = None if t is None else (t if isinstance(t, int) else round(t * before))
@@ -273,6 +301,8 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
         keep = _feasible(model, a, sizes[a] - counts[a], sizes, exact=target is None)
         counts[a] = sizes[a] - keep
     names = {id(m): canonical_name(n) + ".weight" for n, m in model.named_modules()}
+    for plan in bias_plans:  # zero biases: the model computes what it did; the consumers' take the mean shifts
+        add_biases_(model, plan)
     config_before = {k: getattr(model.config, k, None) for k in _CONFIG_KEYS}
     out_axes: dict[str, dict] = {}
     kept_layers = list(range(sizes["layers"]))
@@ -286,7 +316,8 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
             n = max(0, min(sizes[a] - 1, round((_params(model) - target) / per_unit)))
             counts[a] = sizes[a] - _feasible(model, a, sizes[a] - n, sizes, exact=False)
         if counts[a]:
-            done = _apply_width(model, importance, a, scores[a], kept_layers, counts[a], names, refit)
+            done = _apply_width(model, importance, a, scores[a], kept_layers, counts[a], names, config.compensate,
+                                means)
         else:
             done = {"removed": {}}
         out_axes[a] = {"before": sizes[a], "after": sizes[a] - counts[a], "removed": done["removed"]}
@@ -300,6 +331,8 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
         "unit_statistic": config.unit_statistic if importance.has_units else "per-weight scores",
         "compensation": config.compensate,
     }
+    if bias_plans:
+        report["bias_added"] = sorted(flag for flag, _ in bias_plans)  # config flags set for mean compensation
     if axes in (("neurons",), ("heads",)):
         a = axes[0]
         report.update(unit="mlp_neuron" if a == "neurons" else "kv_group", sparsity=counts[a] / sizes[a],

@@ -229,6 +229,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
                                         if r["before"] != r["after"]),
         "structure_units": T.structured_units(structure),
         "compensation": (sparsity.get("structured") or {}).get("compensation"),
+        "bias_added": ", ".join(f"`{f}=True`" for f in (sparsity.get("structured") or {}).get("bias_added") or []),
         "scope": scope,
         "scope_detail": scope_detail,
         "reconstruction": sparsity.get("reconstruction"),

@@ -100,7 +100,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             importance_dir = None  # load_importance below says what is missing
     check_output_dir(args.output_dir, input_dirs=[args.model_dir], importance_dirs=[importance_dir],
                      overwrite=args.overwrite, arg="--output_dir", overwrite_hint="--overwrite")
-    importance = load_importance(args.importance, name=args.importance_name)
+    importance = _for_structured_checkpoint(load_importance(args.importance, name=args.importance_name),
+                                            args.model_dir)
     from ..files.safetensors_io import find_weights_file
 
     progress = show_progress(args)
@@ -126,6 +127,28 @@ def cmd_prune(args: argparse.Namespace) -> int:
     save_pruned(model, args.output_dir, report=report, tokenizer=tokenizer, overwrite=args.overwrite,
                 eval_results=eval_results, base_model=args.base_model)
     return _saved(report, args)
+
+
+def _for_structured_checkpoint(importance, model_dir: str):
+    """The importance to prune `model_dir` with: a dense run's importance, for a checkpoint a structured prune shrank,
+    is restricted to the units its `sparsity.json` says were kept (`Importance.select`); any other is returned as is
+    (`prune_` refuses a mismatch, naming `Importance.select`)."""
+    from ..files.pruned_files import NotAPrunedCheckpointError, load_sparsity
+    from ..files.safetensors_io import checkpoint_weights
+
+    try:
+        record = load_sparsity(model_dir).get("structured")
+    except NotAPrunedCheckpointError:
+        return importance
+    if not isinstance(record, dict) or "axes" not in record:
+        return importance
+    try:
+        checkpoint_weights(model_dir, importance.shapes)  # headers only: already this checkpoint's shapes?
+        return importance
+    except (ValueError, FileNotFoundError):
+        pass
+    print(f"{model_dir} was pruned structurally ({record.get('structure')}): using the importance of the units it kept")
+    return importance.select(record)
 
 
 def _saved(report, args) -> int:

@@ -23,7 +23,7 @@ from transformers import (
 )
 from transformers.activations import ACT2FN
 
-from hf_weightprune.collect.units import UNIT_STATISTICS, UnitCollector
+from hf_weightprune.collect.units import UNIT_STATISTICS, UnitCollector, unit_means
 from hf_weightprune.testing import TINY, tiny_llama, tiny_phi3
 
 
@@ -142,6 +142,8 @@ def brute_force(model, batches) -> dict[str, torch.Tensor]:
             add(f"{p}.influence", (1 - cos).sum())
             add(f"{p}.neurons.abs", a.abs().sum(0))
             add(f"{p}.neurons.sq", (a * a).sum(0))
+            add(f"{p}.neurons.sum", a.sum(0))  # signed: FLAP's mean input of down_proj
+            add(f"{p}.heads.sum", o.sum(0))  # and of o_proj
             per_head = o.view(o.shape[0], heads, -1)
             add(f"{p}.heads.norm", per_head.norm(dim=-1).sum(0))
             add(f"{p}.heads.sq", (per_head * per_head).sum((0, 2)))
@@ -150,13 +152,19 @@ def brute_force(model, batches) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_statistic_close(key, got, want):
+    """One state entry against the brute force: counts exactly, sums to float32-forward tolerance. Signed sums
+    (`*.sum`) cancel, so their tolerance is relative to their largest entry rather than to each entry."""
+    if key.endswith("tokens"):
+        assert int(got) == int(want), key
+        return
+    atol = 1e-5 * float(want.abs().max()) if key.endswith(".sum") else 1e-6
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=atol, msg=key)
+
+
 def _assert_matches(state, expected):
     for key, want in expected.items():
-        got = state[key]
-        if key.endswith("tokens"):
-            assert int(got) == int(want), key
-        else:
-            torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-6, msg=key)
+        assert_statistic_close(key, state[key], want)
 
 
 def _forward(model, ids, mask, *, backward=False):
@@ -204,6 +212,12 @@ def test_statistics_equal_brute_force(arch, side):
     influence = torch.stack([expected[f"layers.{i}.influence"] / n for i in range(L)])
     torch.testing.assert_close(act["layers"], influence.float())
     assert (act["layers"] > 0).all()
+    means = unit_means(c.state_dict())
+    for i in range(L):
+        assert_statistic_close("neurons.sum", means["neurons"][i], expected[f"layers.{i}.neurons.sum"] / n)
+        assert_statistic_close("heads.sum", means["heads"][i], expected[f"layers.{i}.heads.sum"] / n)
+        assert means["heads"][i].shape == (cfg.num_attention_heads * c.units[i].head_dim,)
+        assert (means["neurons"][i] < 0).any() and (means["neurons"][i] > 0).any()  # signed, not magnitudes
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing:FutureWarning")
@@ -420,6 +434,10 @@ def test_bad_state_is_refused_in_one_line():
         c.scores("wanda")
     with pytest.raises(ValueError, match="no training tokens"):
         c.scores()
+    with pytest.raises(ValueError, match="no training tokens"):
+        unit_means(state)
+    with pytest.raises(ValueError, match=r"no signed input sums .* ImportanceConfig\(units=True\)"):
+        unit_means({k: v for k, v in state.items() if not k.endswith(".sum")})  # a file from before the sums
 
 
 def test_moe_layer_has_no_neuron_units_but_counts_the_rest():

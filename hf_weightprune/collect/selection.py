@@ -1,0 +1,183 @@
+"""What of an importance survives a structured prune: the kept rows and columns of every tracked weight, the kept
+entries of the unit statistics, the decoder layers renumbered. `Importance.select` builds the smaller importance
+from these, so that a structurally pruned model can be pruned again (2:4, or another structured axis).
+
+The kept units are read from `PruningReport.structured` (or `sparsity.json`'s `structured`): each axis' `before`
+size and `removed` indices (`neurons` / `heads`: per decoder layer, numbered after depth pruning; `hidden`: one list;
+`layers`: the original indices). The layout is read from the tracked names (`q_proj`, `qkv_proj`, `gate_up_proj`,
+...), the geometry from the sizes before pruning (`structured["config"]["before"]`) and the tracked shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["KeptUnits", "kept_units", "slice_state"]
+
+_LAYER = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
+
+
+class KeptUnits:
+    """The units a structured prune kept, in the dense model's numbering, and how to map names and tensors.
+
+    Attributes:
+        layers (`list[int]`): the original indices of the decoder layers kept, in order (new index = position).
+        removed_layers (`list[int]`): the original indices of the decoder layers removed.
+        neurons, heads (`dict[int, Tensor]`): per new layer index, the kept MLP neurons / KV groups (absent: all).
+        hidden (`Tensor` or `None`): the kept hidden channels (`None`: all).
+        num_heads, num_kv_heads, intermediate (`int`): the dense sizes.
+    """
+
+    def __init__(self, structured: Mapping):
+        axes = structured.get("axes")
+        before = (structured.get("config") or {}).get("before") or {}
+        if not isinstance(axes, Mapping) or not before:
+            raise ValueError("this pruning report has no per-axis record of the removed units (`structured['axes']`, "
+                             "written since hf-weightprune 0.2): Importance.select cannot tell what was kept")
+        n_layers = int(before["num_hidden_layers"])
+        self.num_heads, self.num_kv_heads = before.get("num_attention_heads"), before.get("num_key_value_heads")
+        self.intermediate = before.get("intermediate_size")
+        removed_layers = set((axes.get("layers") or {}).get("removed") or [])
+        self.layers = [i for i in range(n_layers) if i not in removed_layers]
+        self.removed_layers = sorted(removed_layers)
+        self.neurons = self._per_layer(axes.get("neurons"))
+        self.heads = self._per_layer(axes.get("heads"))
+        hidden = axes.get("hidden")
+        self.hidden = _complement(hidden["before"], hidden["removed"]) if hidden and hidden.get("removed") else None
+
+    @staticmethod
+    def _per_layer(axis: Mapping | None) -> dict[int, Tensor]:
+        if not axis:
+            return {}
+        # keys are ints in memory, strings once the report went through JSON (sparsity.json)
+        return {int(j): _complement(axis["before"], removed) for j, removed in (axis.get("removed") or {}).items()}
+
+    def layer_of(self, name: str) -> tuple[int | None, str | None]:
+        """`(new layer index, new name)` of a name under the decoder layers; `(None, None)` for a removed layer,
+        `(None, name)` for a name outside them."""
+        m = _LAYER.match(name)
+        if m is None:
+            return None, name
+        orig = int(m.group(2))
+        if orig not in self.layers:
+            return None, None
+        j = self.layers.index(orig)
+        return j, f"{m.group(1)}{j}{m.group(3)}"
+
+    def query_heads(self, j: int) -> Tensor | None:
+        """The kept query heads of new layer `j` (every query head of a kept KV group), or `None` for all."""
+        if j not in self.heads:
+            return None
+        rep = self.num_heads // self.num_kv_heads
+        return (self.heads[j][:, None] * rep + torch.arange(rep)).flatten()
+
+    def weight_index(self, name: str, j: int | None, shape: list[int]) -> tuple[Tensor | None, Tensor | None]:
+        """`(rows, cols)` of a tracked weight (new name, new layer `j`) to keep; `None` keeps that whole axis."""
+        parts = name.split(".")
+        leaf, parent = (parts[-2], parts[-3]) if len(parts) >= 3 else (parts[0], "")
+        rows = cols = None
+        hidden = self.hidden
+        if leaf in ("embed_tokens", "lm_head"):  # [vocab, hidden] both
+            return None, hidden
+        if j is None:
+            return None, None
+        neurons = self.neurons.get(j) if parent == "mlp" else None
+        q_heads = self.query_heads(j) if parent == "self_attn" else None
+        if leaf in ("gate_proj", "up_proj"):
+            rows, cols = neurons, hidden
+        elif leaf == "gate_up_proj":
+            rows = None if neurons is None else torch.cat([neurons, neurons + shape[0] // 2])
+            cols = hidden
+        elif leaf == "down_proj":
+            rows, cols = hidden, neurons
+        elif leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj") and parent == "self_attn":
+            d = self._head_dim(leaf, shape)
+            q_cols = None if q_heads is None else _expand(q_heads, d)
+            kv = None if q_heads is None else _expand(self.heads[j], d)
+            if leaf == "q_proj":
+                rows, cols = q_cols, hidden
+            elif leaf in ("k_proj", "v_proj"):
+                rows, cols = kv, hidden
+            elif leaf == "qkv_proj":
+                q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+                rows = None if q_heads is None else torch.cat([q_cols, q_size + kv, q_size + kv_size + kv])
+                cols = hidden
+            else:
+                rows, cols = hidden, q_cols
+        return rows, cols
+
+    def _head_dim(self, leaf: str, shape: list[int]) -> int:
+        if leaf == "o_proj":
+            return shape[1] // self.num_heads
+        if leaf == "q_proj":
+            return shape[0] // self.num_heads
+        if leaf == "qkv_proj":
+            return shape[0] // (self.num_heads + 2 * self.num_kv_heads)
+        return shape[0] // self.num_kv_heads  # k_proj / v_proj
+
+    def unit_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The unit statistics (`UnitCollector.state_dict()` keys) of the kept units, layers renumbered."""
+        out = {}
+        for key, value in state.items():
+            if key == "taylor.hidden":
+                out[key] = _take(value, self.hidden)
+                continue
+            m = re.match(r"^layers\.(\d+)\.(.*)$", key)
+            if m is None:
+                out[key] = value
+                continue
+            orig, rest = int(m.group(1)), m.group(2)
+            if orig not in self.layers:
+                continue
+            j = self.layers.index(orig)
+            q_heads = self.query_heads(j)
+            index = {"neurons.abs": self.neurons.get(j), "neurons.sq": self.neurons.get(j),
+                     "neurons.sum": self.neurons.get(j), "taylor.neurons": self.neurons.get(j),
+                     "heads.norm": q_heads, "heads.sq": q_heads, "taylor.heads": self.heads.get(j),
+                     "hidden.abs": self.hidden, "hidden.sq": self.hidden}.get(rest)
+            if rest == "heads.sum" and q_heads is not None:
+                index = _expand(q_heads, value.numel() // self.num_heads)
+            out[f"layers.{j}.{rest}"] = _take(value, index)
+        return out
+
+
+def kept_units(structured: Mapping) -> KeptUnits:
+    """[`KeptUnits`] of a `PruningReport.structured` record (in memory or read from `sparsity.json`).
+
+    Raises:
+        `ValueError`: a record without the per-axis removed units.
+    """
+    return KeptUnits(structured)
+
+
+def _complement(size: int, removed) -> Tensor:
+    gone = {int(i) for i in removed}
+    return torch.tensor([i for i in range(int(size)) if i not in gone], dtype=torch.long)
+
+
+def _expand(units: Tensor, width: int) -> Tensor:
+    """The consecutive channels of each unit of `width` channels."""
+    return (units[:, None] * width + torch.arange(width)).flatten()
+
+
+def _take(t: Tensor, index: Tensor | None, dim: int = 0) -> Tensor:
+    return t if index is None else t.index_select(dim, index.to(t.device))
+
+
+def slice_state(state: Tensor, kind: str, rows: Tensor | None, cols: Tensor | None) -> Tensor:
+    """A per-weight accumulator state cut to the kept rows and columns of its weight.
+
+    Args:
+        state (`Tensor`): the raw state.
+        kind (`str`): `"weight"` (shaped like the weight), `"input"` (`[in]`, e.g. wanda) or `"hessian"` (`[in, in]`).
+        rows, cols (`Tensor` or `None`): the weight's kept output rows / input columns (`None`: all).
+    """
+    if kind == "weight":
+        return _take(_take(state, rows, 0), cols, 1)
+    if kind == "input":
+        return _take(state, cols, 0)
+    return _take(_take(state, cols, 0), cols, 1)
