@@ -168,12 +168,13 @@ def _hidden_size(experts: nn.Module, layout: ExpertLayout) -> int:
     return int(down.shape[2] if layout.transposed else down.shape[1])
 
 
-def _router_of(parent: nn.Module, experts: nn.Module, num_experts: int, hidden: int) -> tuple[str, nn.Module] | None:
-    """The sibling of the experts module whose own `weight` is `[E, H]`: the router (`gate` or `router`)."""
+def _router_of(parent: nn.Module, experts_child: str, num_experts: int, hidden: int) -> tuple[str, nn.Module] | None:
+    """The sibling of the experts module (`parent`'s child `experts_child`, the module or its peft wrapper) whose own
+    `weight` is `[E, H]`: the router (`gate` or `router`)."""
     found = []
     for child_name, child in parent.named_children():
         w = getattr(child, "weight", None)
-        if child is not experts and isinstance(w, Tensor) and tuple(w.shape) == (num_experts, hidden):
+        if child_name != experts_child and isinstance(w, Tensor) and tuple(w.shape) == (num_experts, hidden):
             found.append((child_name, child))
     if len(found) == 1:
         return found[0]
@@ -220,9 +221,13 @@ def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
             continue
         num_experts, layout = found
         parent_raw, _, child = raw_name.rpartition(".")
+        # peft's `LoraConfig(target_parameters=[...])` wraps the experts module in one `ParamWrapper` per targeted
+        # parameter (`experts.base_layer.base_layer`): the router is a sibling of the outermost wrapper
+        while child == "base_layer" and "." in parent_raw:
+            parent_raw, _, child = parent_raw.rpartition(".")
         parent = modules[parent_raw]
         experts_name, block_name = canonical_name(raw_name), canonical_name(parent_raw)
-        router = _router_of(parent, module, num_experts, _hidden_size(module, layout))
+        router = _router_of(parent, child, num_experts, _hidden_size(module, layout))
         if router is None:
             raise ValueError(f"{experts_name}: fused expert weights without a router module beside them (a child of "
                              f"{block_name} with a [{num_experts}, hidden] weight); this MoE layout is not supported")
