@@ -21,6 +21,8 @@ slice's gradient.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Container
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +31,15 @@ from torch import Tensor, nn
 from .matching import TrackedWeight, canonical_name, find_tracked_weights, module_matches
 
 __all__ = ["ExpertLayout", "ExpertSlice", "MoeBlock", "find_expert_slices", "find_moe_blocks", "find_weights",
-           "EXPERT_COUNT_KEYS"]
+           "stored_slice_name", "EXPERT_COUNT_KEYS"]
 
 # Config keys that hold the number of routed experts per MoE layer (Mixtral / OLMoE / gpt-oss, Qwen-MoE, DeepSeek).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_topk")
+# Checkpoint files of Mixtral (and models converted like it) keep the original per-expert names, which transformers
+# renames and fuses on load: `<layer>.block_sparse_moe.experts.<e>.w1|w3|w2.weight` for gate / up / down.
+_SLICE_NAME = re.compile(r"(.*)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+_LEGACY_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}
 
 
 @dataclass(frozen=True)
@@ -314,3 +320,27 @@ def find_weights(
         return order.get(module, 0)
 
     return sorted([*linear, *slices], key=position)
+
+
+def stored_slice_name(name: str, stored: Container[str]) -> str | None:
+    """
+    The name under which a checkpoint file stores a weight the package tracks, when it stores it as a tensor of its
+    own: the name itself (Linears; expert slices of Qwen2/3-MoE and OLMoE files, `mlp.experts.3.up_proj.weight`), or
+    Mixtral's original per-expert name (`block_sparse_moe.experts.3.w3.weight`).
+
+    Args:
+        name (`str`): canonical weight or expert slice name.
+        stored (`Container[str]`): the tensor names of the checkpoint (its weight map).
+
+    Returns:
+        `str | None`: the stored name, or `None` when the file holds no such tensor (a slice stored inside a fused
+        tensor, as gpt-oss files do; or another model's file).
+    """
+    if name in stored:
+        return name
+    m = _SLICE_NAME.fullmatch(name)
+    if m:
+        legacy = f"{m[1]}.block_sparse_moe.experts.{m[2]}.{_LEGACY_PROJ[m[3]]}.weight"
+        if legacy in stored:
+            return legacy
+    return None
