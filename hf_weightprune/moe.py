@@ -21,6 +21,8 @@ slice's gradient.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Container
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +31,15 @@ from torch import Tensor, nn
 from .matching import TrackedWeight, canonical_name, find_tracked_weights, module_matches
 
 __all__ = ["ExpertLayout", "ExpertSlice", "MoeBlock", "find_expert_slices", "find_moe_blocks", "find_weights",
-           "EXPERT_COUNT_KEYS"]
+           "stored_slice_name", "EXPERT_COUNT_KEYS"]
 
 # Config keys that hold the number of routed experts per MoE layer (Mixtral / OLMoE / gpt-oss, Qwen-MoE, DeepSeek).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_topk")
+# Checkpoint files of Mixtral (and models converted like it) keep the original per-expert names, which transformers
+# renames and fuses on load: `<layer>.block_sparse_moe.experts.<e>.w1|w3|w2.weight` for gate / up / down.
+_SLICE_NAME = re.compile(r"(.*)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+_LEGACY_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}
 
 
 @dataclass(frozen=True)
@@ -168,12 +174,13 @@ def _hidden_size(experts: nn.Module, layout: ExpertLayout) -> int:
     return int(down.shape[2] if layout.transposed else down.shape[1])
 
 
-def _router_of(parent: nn.Module, experts: nn.Module, num_experts: int, hidden: int) -> tuple[str, nn.Module] | None:
-    """The sibling of the experts module whose own `weight` is `[E, H]`: the router (`gate` or `router`)."""
+def _router_of(parent: nn.Module, experts_child: str, num_experts: int, hidden: int) -> tuple[str, nn.Module] | None:
+    """The sibling of the experts module (`parent`'s child `experts_child`, the module or its peft wrapper) whose own
+    `weight` is `[E, H]`: the router (`gate` or `router`)."""
     found = []
     for child_name, child in parent.named_children():
         w = getattr(child, "weight", None)
-        if child is not experts and isinstance(w, Tensor) and tuple(w.shape) == (num_experts, hidden):
+        if child_name != experts_child and isinstance(w, Tensor) and tuple(w.shape) == (num_experts, hidden):
             found.append((child_name, child))
     if len(found) == 1:
         return found[0]
@@ -220,9 +227,13 @@ def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
             continue
         num_experts, layout = found
         parent_raw, _, child = raw_name.rpartition(".")
+        # peft's `LoraConfig(target_parameters=[...])` wraps the experts module in one `ParamWrapper` per targeted
+        # parameter (`experts.base_layer.base_layer`): the router is a sibling of the outermost wrapper
+        while child == "base_layer" and "." in parent_raw:
+            parent_raw, _, child = parent_raw.rpartition(".")
         parent = modules[parent_raw]
         experts_name, block_name = canonical_name(raw_name), canonical_name(parent_raw)
-        router = _router_of(parent, module, num_experts, _hidden_size(module, layout))
+        router = _router_of(parent, child, num_experts, _hidden_size(module, layout))
         if router is None:
             raise ValueError(f"{experts_name}: fused expert weights without a router module beside them (a child of "
                              f"{block_name} with a [{num_experts}, hidden] weight); this MoE layout is not supported")
@@ -309,3 +320,27 @@ def find_weights(
         return order.get(module, 0)
 
     return sorted([*linear, *slices], key=position)
+
+
+def stored_slice_name(name: str, stored: Container[str]) -> str | None:
+    """
+    The name under which a checkpoint file stores a weight the package tracks, when it stores it as a tensor of its
+    own: the name itself (Linears; expert slices of Qwen2/3-MoE and OLMoE files, `mlp.experts.3.up_proj.weight`), or
+    Mixtral's original per-expert name (`block_sparse_moe.experts.3.w3.weight`).
+
+    Args:
+        name (`str`): canonical weight or expert slice name.
+        stored (`Container[str]`): the tensor names of the checkpoint (its weight map).
+
+    Returns:
+        `str | None`: the stored name, or `None` when the file holds no such tensor (a slice stored inside a fused
+        tensor, as gpt-oss files do; or another model's file).
+    """
+    if name in stored:
+        return name
+    m = _SLICE_NAME.fullmatch(name)
+    if m:
+        legacy = f"{m[1]}.block_sparse_moe.experts.{m[2]}.{_LEGACY_PROJ[m[3]]}.weight"
+        if legacy in stored:
+            return legacy
+    return None

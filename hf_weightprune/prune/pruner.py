@@ -22,6 +22,7 @@ from ..coverage import warn_if_uncovered
 from ..io_utils import check_arg_type
 from ..matching import canonical_name, select_names
 from ..moe import find_weights
+from .expert_neurons import has_experts
 from .experts import remove_experts_by_routing_
 from .plan import PruningPlan
 from .report import PruningReport
@@ -103,7 +104,8 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
         report.global_sparsity = report.model_sparsity = 1 - params_count["after"] / params_count["before"]
         return report
     if config.structures and (importance.has_units or config.kind not in ("neurons", "heads")
-                              or config.target_params is not None or config.compensate is not None):
+                              or config.target_params is not None or config.compensate is not None
+                              or (config.kind == "neurons" and has_experts(model))):
         return _prune_structures(model, importance, config, report)
     if config.kind in ("neurons", "heads"):
         from .surgery import prune_structured_

@@ -48,6 +48,7 @@ from ..layouts import attn_geometry, check_structured_supported, decoder_layers,
 from ..matching import canonical_name
 from .compensate import add_biases_, bias_plan, mean_shift, refit_columns
 from .depth import remove_layers_
+from .expert_neurons import has_experts, prune_expert_neurons_
 from .hidden import hidden_channel_cost, shrink_hidden_
 from .masks import num_to_prune
 from .surgery import _attention_config_updates, config_error, shrink_attention_, shrink_mlp_
@@ -278,6 +279,8 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
         (KV groups: the counts it accepts), hidden pruning with embeddings shared beyond the lm_head tie.
     """
     axes = tuple(a for a in _ORDER if a in config.structures)
+    if "neurons" in axes and has_experts(model):  # the neurons inside each expert: prune/expert_neurons.py
+        return prune_expert_neurons_(model, importance, config)
     for a in axes:
         if a in ("neurons", "heads"):
             try:

@@ -211,6 +211,8 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
             f"the same number of {T.structured_units(width)} removed in every decoder layer" if width else None,
             ("no decoder layer removed at this budget" if depth and depth.get("before") == depth.get("after")
              else "whole decoder layers removed") if "layers" in parts else None]))
+        if (sparsity.get("structured") or {}).get("unit") == "expert_neuron":
+            scope_detail = T.EXPERT_NEURON_SCOPE
     else:
         scope_detail = _SCOPES.get(scope, "custom")
     return {

@@ -24,6 +24,10 @@ EXPERTS_REFERENCE = ("whole experts removed by routing frequency: Lu et al. 2024
                      "[arXiv:2402.14800](https://arxiv.org/abs/2402.14800)")
 EXPERTS_CRITERION = ("not used for whole experts, which are ranked by the tokens their router sent them during training "
                      "(the router statistics saved with the importance)")
+# The scope of neurons removed inside each expert (`prune/expert_neurons.py`), in the card's words.
+EXPERT_NEURON_SCOPE = ("the same number of neurons removed in every expert of every MoE layer (which ones differs per "
+                       "expert; shared experts keep theirs)")
+
 # What ranks the units of a structured prune from unit statistics (`ImportanceConfig(units=True)`), in the card's words.
 UNIT_STATISTIC_TEXT = {
     "activation": "mean activation magnitude over the training tokens (Minitron: neurons by `|a|`, KV groups by their "
@@ -63,6 +67,7 @@ _STRUCTURED_ROWS = {
     "num_hidden_layers": "Decoder layers",
     "hidden_size": "Hidden size",
     "intermediate_size": "MLP intermediate size",
+    "moe_intermediate_size": "Expert intermediate size",
     "num_attention_heads": "Attention heads",
     "num_key_value_heads": "Key/value heads",
     "num_local_experts": "Experts per layer",
@@ -115,6 +120,8 @@ def structured_rows(structured: dict | None) -> list[dict]:
         before, after = pairs[key]
         if before is None or after is None:
             continue
+        if key == "intermediate_size" and structured.get("unit") == "expert_neuron":
+            label = _STRUCTURED_ROWS["moe_intermediate_size"]  # Mixtral / OLMoE: the experts' width
         if key == "num_parameters":
             before, after = f"{before:,}", f"{after:,}"
         rows.append({"name": label, "before": before, "after": after})

@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +22,7 @@ from ..config import PruneConfig
 from ..files import safetensors_io as sio
 from ..files.pruned_files import sparsity_dict, write_sparsity
 from ..io_utils import atomic_folder, check_arg_type
+from ..moe import stored_slice_name
 from ..prune.report import PruningReport
 
 if TYPE_CHECKING:
@@ -276,6 +277,24 @@ _KEEP_FILES = ("config.json", sio.INDEX_NAME, "generation_config.json", "tokeniz
 
 
 @torch.no_grad()
+class _StoredWeights(Mapping):
+    """`sio.CheckpointWeights` under the importance's names: each read (one tensor) goes to the name the file uses
+    (`stored[name]`, e.g. Mixtral's `block_sparse_moe.experts.3.w1.weight` for `mlp.experts.3.gate_proj.weight`)."""
+
+    def __init__(self, model_dir: str, weight_map: dict[str, str], stored: dict[str, str]):
+        self._stored = stored
+        self._file = sio.CheckpointWeights(model_dir, weight_map, list(stored.values()))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._file[self._stored[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+
 def prune_checkpoint(
     model_dir: str | os.PathLike,
     importance: Importance,
@@ -290,7 +309,10 @@ def prune_checkpoint(
     """Prune a safetensors checkpoint file to file: the same result as `from_pretrained` + `prune_` + `save_pruned`,
     without building the model.
 
-    Unstructured and N:M only (structured pruning changes shapes: load the model and use `prune_`). The model is
+    Unstructured and N:M only (structured pruning changes shapes: load the model and use `prune_`). MoE experts too
+    when the file stores each expert's projections as tensors of their own (Qwen2/3-MoE, OLMoE, Mixtral's
+    `block_sparse_moe.experts.N.w1`): each is read once and pruned as its slice; experts stored fused (gpt-oss files)
+    are refused before any work (load the model instead). The model is
     built on the meta device (no memory) to validate the importance and find tied weights; global thresholds
     stream over the importance; then each shard is copied with its pruned tensors masked on the way (same file
     names, header and index), through one reused buffer the size of the largest tensor. Config, tokenizer and
@@ -348,21 +370,27 @@ def prune_checkpoint(
         sio.check_complete(os.path.join(model_dir, shard))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    importance.bind(skeleton, weights=sio.CheckpointWeights(model_dir, weight_map, importance.names))
+    stored = {n: stored_slice_name(n, weight_map) for n in importance.names}
+    importance.bind(skeleton, weights=_StoredWeights(model_dir, weight_map, {n: k for n, k in stored.items() if k}))
     names = select_names(importance.names, config.target_modules, config.exclude_modules)
-    missing = [n for n in importance.names if n not in weight_map]
+    missing = [n for n, key in stored.items() if key is None]
     if missing:
         tied = " (tied to the input embedding: tie_word_embeddings)" if missing[0].endswith("lm_head.weight") else ""
-        # an expert slice is a view of a fused parameter: file to file, the fused tensor would be read whole per slice
+        # An expert slice stored as a tensor of its own (`moe.stored_slice_name`) is pruned like any tensor; one
+        # inside a fused tensor of the file (gpt-oss) would be read whole per slice: refused, in memory it works
         experts = (": an expert's slice of a fused MoE parameter; load the model, call prune_ and save_pruned"
                    if importance.sections.get("router") else "")
         raise ValueError(f"{missing[0]}{tied} is tracked by the importance but not stored in {model_dir}{experts}")
-    refuse_tied(skeleton, dict(skeleton.named_parameters()), names)
+    name_of = {key: n for n, key in stored.items()}  # the file's tensor name -> the importance's
+    params = dict(skeleton.named_parameters())
+    # expert slices are stored as tensors of their own here: never tied to anything
+    refuse_tied(skeleton, params, [n for n in names if n in params])
     report = PruningReport.for_config(importance, config)
     plan = PruningPlan.build(importance, config, names)
     selected = set(names)
 
-    def mask_of(key: str, shape: list[int]):
+    def mask_of(stored_key: str, shape: list[int]):
+        key = name_of.get(stored_key, stored_key)
         edit = plan.edit(key) if key in selected else None
         if edit is None:
             return None

@@ -148,15 +148,7 @@ def test_inspect_shows_the_router_statistics(runs, capsys):
     assert f"3: {stats['tokens'][3]} ({share:.1f}%, {stats['gate_mass'][3]:.4g})" in line
 
 
-def test_prune_checkpoint_refuses_expert_slices_in_one_line_and_points_to_prune_(runs, tmp_path):
-    from hf_weightprune.publish.export import prune_checkpoint
-
-    run = runs["mixtral"]
-    with pytest.raises(ValueError, match=r"^model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight is tracked by the "
-                                         r"importance but not stored in .*: an expert's slice of a fused MoE parameter; "
-                                         r"load the model, call prune_ and save_pruned$"):
-        prune_checkpoint(run / "model", load_importance(run), PruneConfig(sparsity=0.5), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+# prune_checkpoint of an MoE (file to file; refused for experts stored fused): tests/publish/test_moe_checkpoint.py
 
 
 def test_cli_unstructured_prune_of_an_moe_runs_in_memory_and_halves_every_expert(runs, tmp_path):

@@ -1,7 +1,8 @@
 """Train a tiny Llama with `ImportanceCallback` and optionally hang at a chosen point so a test can SIGKILL it.
 
 `--schedule prune|hold` and `--distill` add gradual pruning (or held masks) and distillation, `--units` the unit
-statistics of structured pruning (`make_callback`).
+statistics of structured pruning (`make_callback`); `--arch mixtral|qwen3_moe` trains a tiny mixture of experts
+instead (expert slices and router statistics).
 
 Run as `python -m tests.scripts.ckpt_train OUTPUT_DIR [options]`; `run()` is also called in-process by the tests
 so both sides train with exactly the same arguments. A hang writes `OUTPUT_DIR/HANG` and sleeps.
@@ -14,11 +15,12 @@ import os
 import time
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, PruneSchedule
 from hf_weightprune.files import importance_files
-from hf_weightprune.testing import TokenDataset, tiny_llama
+from hf_weightprune.testing import TokenDataset, tiny_llama, tiny_moe
 from hf_weightprune.train import checkpoint
 from tests.helpers import training_args
 
@@ -96,16 +98,30 @@ def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=N
     return ImportanceCallback(ImportanceConfig(criterion=criterion, units=units), schedule=sched, distill=cfg)
 
 
+def make_model(arch: str, resume=None, output_dir=None):
+    """The run's seeded model: `"llama"` or a `tiny_moe` architecture. An MoE resumes from the checkpoint's weights:
+    transformers 5's Trainer restores a checkpoint with `load_state_dict(strict=False)`, which skips the fused experts
+    saved under their per-expert names (a warning), so the model is loaded from the checkpoint it resumes."""
+    if arch == "llama":
+        return tiny_llama(seed=11)
+    if resume is None:
+        return tiny_moe(arch, seed=11)
+    folder = resume if isinstance(resume, (str, os.PathLike)) else get_last_checkpoint(str(output_dir))
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
 def run(output_dir, criterion="temporal_magnitude", *, resume=None, callbacks=(), importance_callback=None,
-        max_steps=MAX_STEPS, save_steps=SAVE_STEPS, **kwargs):
-    """Train; returns the trainer. `resume`: a checkpoint path, True, or None."""
+        max_steps=MAX_STEPS, save_steps=SAVE_STEPS, arch="llama", **kwargs):
+    """Train; returns the trainer. `resume`: a checkpoint path, True, or None; `arch`: `"llama"` or a `tiny_moe`
+    architecture (`"mixtral"`, `"qwen3_moe"`, ...)."""
     torch.set_num_threads(1)
-    model = tiny_llama(seed=11)
+    model = make_model(arch, resume, output_dir)
+    vocab = model.config.vocab_size
     cb = importance_callback or ImportanceCallback(ImportanceConfig(criterion=criterion))
     args = training_args(output_dir, max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2, seed=7,
                          save_steps=save_steps, logging_steps=1, dataloader_num_workers=0,
                          **{"save_strategy": "steps", **kwargs})
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=N, vocab_size=128, seed=3),
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=N, vocab_size=vocab, seed=3),
                       callbacks=[cb, *callbacks])
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -124,6 +140,7 @@ def main(argv=None):
     parser.add_argument("--distill", action="store_true", help="distil (teacher: --teacher, else the frozen copy)")
     parser.add_argument("--teacher", help="distill: the dense teacher's folder")
     parser.add_argument("--units", action="store_true", help="gather the unit statistics of structured pruning too")
+    parser.add_argument("--arch", default="llama", help="llama, or a tiny_moe architecture (mixtral, qwen3_moe, ...)")
     a = parser.parse_args(argv)
     callbacks = []
     if a.hang_after_save:
@@ -134,7 +151,7 @@ def main(argv=None):
         hang_on_call(a.hang_in, a.hang_call, a.output_dir)
     cb = make_callback(a.criterion, schedule=a.schedule, masks_from=a.masks_from, distill=a.distill, teacher=a.teacher,
                        units=a.units)
-    run(a.output_dir, a.criterion, callbacks=callbacks, importance_callback=cb)
+    run(a.output_dir, a.criterion, callbacks=callbacks, importance_callback=cb, arch=a.arch)
 
 
 if __name__ == "__main__":
