@@ -234,7 +234,8 @@ class MaskHolder:
             ValueError: the criterion needs a sample, none is held, and the next update is before `first_sample`.
         """
         waiting = step > 0 and self.pending_step is not None  # restored: an update already waits for the data
-        if self.schedule.mode != "prune" or not self.needs_sample or samples > 0 or waiting:
+        # order="depth": its layer steps need the model's layers (known at `setup`); an update waits for a sample.
+        if self.schedule.mode != "prune" or self.schedule.order == "depth" or not self.needs_sample or samples or waiting:
             return
         updates = [t for t in self.schedule.update_steps(max_steps) if t > step]
         if not updates or (first_sample is not None and first_sample <= updates[0]):
@@ -299,10 +300,9 @@ class MaskHolder:
         Raises:
             ValueError: `reconstruct=True` without `sparsegpt` importance, or a tensor pruned to 100%.
         """
-        cfg = self.schedule
+        cfg, names = self.schedule, list(self.params)
         target = sparsity = cfg.target_at(step, max_steps)
         self.source = importance
-        names = list(self.params)
         if self._groups:
             if not self.masks:
                 self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
