@@ -6,7 +6,12 @@ Protocol: a Phi-3-architecture model (hidden 64, 2 layers) trained from scratch 
 importance (OBS updates, cubic ramp from 0 over the first half, an update every 4 steps) in three variants:
 - `gradual OBS`: the Hessians of every step so far (dense and pruned inputs mixed), the default;
 - `+ pruned_stream`: each update reads only the Hessians gathered since the previous mask change;
-- `+ refit_at`: as above, and a least-squares re-fit of the kept weights at 75% of the fine-tune.
+- `+ refit_at`: as above, and a least-squares re-fit of the kept weights at 75% of the fine-tune;
+- `+ refit_at + distill`: as above under distillation from the dense model (KL, alpha 0.5, T 2), the baseline of:
+- `+ cross_term + distill`: as above, the OBS updates and the re-fit on the asymmetric objective from the teacher's
+  inputs (`cross_term=True`, `cross_alpha=0.5`);
+- `order=depth`: the two decoder layers pruned front to back (at 25% and 50% of the fine-tune), each from the
+  statistics gathered after the layer before it was pruned.
 Eval loss: mean next-token loss on KJV validation windows. A CPU check of the mechanics at toy scale, not a quality
 figure for real models (that is `quality.py` / `recovery.py`).
 
@@ -22,7 +27,7 @@ import time
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from hf_weightprune import ImportanceCallback, ImportanceConfig
+from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig
 from hf_weightprune.testing import train_tokenizer
 from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows
 from hf_weightprune.train.schedule import PruneSchedule
@@ -30,13 +35,17 @@ from hf_weightprune.train.schedule import PruneSchedule
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gradual_vs_oneshot import KJV, train  # noqa: E402
 
-VARIANTS = {"gradual OBS": {}, "+ pruned_stream": {"pruned_stream": True}, "+ refit_at": {"refit_at": 0.75}}
+VARIANTS = {"gradual OBS": {}, "+ pruned_stream": {"pruned_stream": True}, "+ refit_at": {"refit_at": 0.75},
+            "+ refit_at + distill": {"refit_at": 0.75, "distill": True},
+            "+ cross_term + distill": {"refit_at": 0.75, "cross_term": True, "distill": True},
+            "order=depth": {"order": "depth"}}
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sparsities", default="0.5,2:4,0.7")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     p.add_argument("--dense_steps", type=int, default=80)
     p.add_argument("--finetune_steps", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=4)
@@ -58,6 +67,7 @@ def main():
                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                         eos_token_id=tokenizer.eos_token_id, hidden_size=64, intermediate_size=256,
                         num_hidden_layers=2, num_attention_heads=4)
+    variants = args.variants.split(",")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -68,11 +78,13 @@ def main():
             results[("dense", None, seed)] = evaluate_loss(dense, valid, batch_size=16)["loss"]
             for s in args.sparsities.split(","):
                 target = {"structure": s} if ":" in s else {"final_sparsity": float(s)}
-                for variant, extra in VARIANTS.items():
+                for variant in variants:
+                    extra = dict(VARIANTS[variant])
+                    distill = DistillConfig(alpha=0.5, temperature=2.0) if extra.pop("distill", False) else None
                     model = Phi3ForCausalLM(config)
                     model.load_state_dict(state)
                     schedule = PruneSchedule(start=0.0, end=0.5, every_n_steps=4, **target, **extra)
-                    cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"), schedule=schedule)
+                    cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"), schedule=schedule, distill=distill)
                     train(model, windows.select(range(n * bs, (n + f) * bs)), f, 5e-4, os.path.join(tmp, "ft"),
                           [cb], bs)
                     results[(variant, s, seed)] = evaluate_loss(model, valid, batch_size=16)["loss"]
@@ -89,7 +101,7 @@ def main():
         return " / ".join(f"{v:.3f}" for v in vals)
 
     print("| dense | " + " | ".join(cell("dense", None) for _ in sparsities) + " |")
-    for variant in VARIANTS:
+    for variant in variants:
         print(f"| {variant} | " + " | ".join(cell(variant, s) for s in sparsities) + " |")
 
 

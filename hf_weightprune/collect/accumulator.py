@@ -49,6 +49,8 @@ class ImportanceAccumulator:
         units (`UnitCollector` or `None`): the unit statistics, with `ImportanceConfig(units=True)`.
         router (`RouterCollector`, *optional*): an MoE model's router statistics, and its experts' input statistics
             for activation criteria.
+        cross (`CrossTerm`, *optional*): the dense-to-pruned cross term beside the `sparsegpt` statistic (set after
+            [`setup`] by the callback: `CrossTerm.from_tracked`); folded, restarted and saved with it.
         meta (`dict`): `global_step`, `num_samples`, `weight_sum`, `last_step`, `skipped`, `tokens`, `max_steps`,
             `window_start`, `epoch`, `epoch_step`.
     """
@@ -65,7 +67,7 @@ class ImportanceAccumulator:
 
     def reset(self) -> None:
         self.remove_hooks()
-        self.collector = self.router = self.units = None
+        self.collector = self.router = self.units = self.cross = None
         self.tracked, self.states, self.plan = [], {}, D.OwnershipPlan()
         self.meta: dict[str, Any] = {"global_step": 0, "num_samples": 0, "weight_sum": 0.0, "last_step": 0,
                                      "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None,
@@ -155,10 +157,13 @@ class ImportanceAccumulator:
         for c in (self.collector, self.router, self.units):
             if c is not None:
                 c.active = active
+        if self.cross is not None:
+            self.cross.set_active(active)
 
     def remove_hooks(self) -> None:
         """Remove the activation, router and unit hooks (train end, reset); the statistics stay readable."""
-        for c in (getattr(self, "collector", None), getattr(self, "router", None), getattr(self, "units", None)):
+        for c in (getattr(self, "collector", None), getattr(self, "router", None), getattr(self, "units", None),
+                  getattr(self, "cross", None)):
             if c is not None:
                 c.remove()
 
@@ -211,6 +216,7 @@ class ImportanceAccumulator:
     def commit_activations(self, t: int) -> None:
         """Fold the activation sums of step `t`'s forwards into the buffers (activation criteria)."""
         sums, tokens = self.collector.pop()
+        cross = self.cross.pop() if self.cross is not None else {}
         if self.router is not None:  # expert slices: disjoint names from the Linears'
             expert_sums, expert_tokens = self.router.pop()
             sums, tokens = {**sums, **expert_sums}, {**tokens, **expert_tokens}
@@ -232,6 +238,8 @@ class ImportanceAccumulator:
             self.scorer.update_([self.states[n] for n in names], [sums[n] for n in names], None, t)
         for n in names:
             self.meta["tokens"][n] = self.meta["tokens"].get(n, 0) + tokens[n]
+        if cross:  # the same kept sample as H~, with the same step weighting
+            self.cross.fold_(cross, self.scorer, t, device=lambda name: self.states[name].device)
         self._record_sample(t, t)
 
     def sample(self, t: int, step: int, use_grads: bool) -> None:
@@ -296,6 +304,8 @@ class ImportanceAccumulator:
             for buf in self.states.values():
                 buf.zero_()
         self.meta.update(num_samples=0, weight_sum=0.0, tokens={})
+        if self.cross is not None:
+            self.cross.restart()
 
     # ------------------------------------------------------------------------------------------- unit statistics
     def _setup_units(self, model: nn.Module, args) -> None:
@@ -345,10 +355,11 @@ class ImportanceAccumulator:
             `dict[str, Any]`: `tensors` (the buffers this rank writes, see [`export_tensors`]), `meta` (the scalars,
             [`full_meta`]), `shapes` (every tracked weight's shape, in model order), `units` (the cross-rank
             [`unit_state`], or `None`) and `router` (an MoE model's router statistics summed over ranks, see
-            [`router_section`]; `None` for a dense model).
+            [`router_section`]; `None` for a dense model) and `cross` ([`CrossTerm.state_dict`], or `None`).
         """
         return {"tensors": self.export_tensors(), "meta": self.full_meta(), "shapes": self.shapes(),
-                "units": self.unit_state(), "router": self.router_section()}
+                "units": self.unit_state(), "router": self.router_section(),
+                "cross": self.cross.state_dict() if self.cross is not None else None}
 
     def router_section(self) -> dict[str, dict[str, Any]] | None:
         """An MoE model's router statistics over all ranks (collective; `RouterCollector.section`), else `None`."""

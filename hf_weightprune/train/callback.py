@@ -27,6 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..collect.accumulator import ImportanceAccumulator
+from ..collect.cross import CrossTerm
 from ..collect.importance import Importance
 from ..config import ImportanceConfig
 from .checkpoint import STAGING_DIR, TrainingCheckpoint
@@ -34,6 +35,7 @@ from .distill import DistillConfig
 from .distiller import Distiller
 from .holder import MaskHolder
 from .schedule import PruneSchedule
+from .stream import check_refit_sample
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,9 @@ class ImportanceCallback(TrainerCallback):
         if distill is not None and distill.teacher is None and schedule is not None and schedule.mode == "hold":
             raise ValueError("distill with PruneSchedule(mode='hold') needs DistillConfig(teacher=...): the model being "
                              "trained is already pruned, so pass the dense model (or its path) as the teacher")
+        if schedule is not None and schedule.cross_term and distill is None:
+            raise ValueError("PruneSchedule(cross_term=True) pairs the teacher's and the student's inputs of each batch: "
+                             "pass ImportanceCallback(distill=DistillConfig(...))")
         self.schedule = schedule
         self.distill = distill
         self._distiller = Distiller(distill) if distill is not None else None
@@ -182,12 +187,16 @@ class ImportanceCallback(TrainerCallback):
         if self.schedule is not None:  # configs do no I/O: the hold schedule's folder is checked here, before any step
             self.schedule.check_masks_from()
         self.accumulator.setup(model, args, state, track=self.tracks_importance)
+        if self.schedule is not None and self.schedule.cross_term:  # before the restore, which fills it
+            self.accumulator.cross = CrossTerm.from_tracked(self.accumulator.tracked,
+                                                            max_in_features=self.schedule.cross_max_in_features)
         if state.global_step > 0 and self.tracks_importance:
             self.checkpoint.restore(args, state)
         if self.mask_holder is not None and self.tracks_importance:  # a mask update before any sample: refused now
             self.mask_holder.check_first_sample(
                 self.config, step=state.global_step, samples=self.accumulator.meta["num_samples"],
                 first_sample=self.accumulator.first_sample_step(state.global_step), max_steps=int(state.max_steps))
+            check_refit_sample(self.schedule, int(state.max_steps), self.accumulator.first_sample_step)
         if self._distiller is not None:  # before the holder applies restored masks: the teacher is the dense model
             prunes_base = self.schedule is not None or any(t.param.requires_grad for t in self.accumulator.tracked)
             self.checkpoint.teacher_saved = False
@@ -197,6 +206,8 @@ class ImportanceCallback(TrainerCallback):
                 self.checkpoint.restore_teacher(args, state)
             self._distiller.setup(model, prunes_base=prunes_base)
             self._distiller.install(model)
+            if self.accumulator.cross is not None:  # after install: the teacher runs before these hooks read it
+                self.accumulator.cross.attach(model, self._distiller.teacher)
         if self.mask_holder is not None:
             if getattr(args, "load_best_model_at_end", False) and self.schedule.mode == "prune":
                 logger.warning("ImportanceCallback: load_best_model_at_end with gradual pruning picks the lowest eval "
@@ -226,15 +237,19 @@ class ImportanceCallback(TrainerCallback):
         meta = self.accumulator.meta
         if self.mask_holder is not None and self.mask_holder.due(t, samples=meta["num_samples"], skipped=meta["skipped"]):
             # `importance()` is a collective under DDP: every rank updates at the same steps.
-            self.mask_holder.update_(self.importance(), t, int(state.max_steps))
+            self.mask_holder.update_(self.importance(), t, int(state.max_steps), self._cross_terms())
             if self.schedule.restarts_statistics:  # later updates read only the pruned model's inputs
                 self.accumulator.restart()
             control.should_log = True  # report each update to the Trainer's loggers
         if self.mask_holder is not None and self.mask_holder.is_refit_step(t):
-            self.mask_holder.refit_(self.importance(), t)
+            self.mask_holder.refit_(self.importance(), t, self._cross_terms())
         if control.should_save:
             self.checkpoint.save_teacher(args, state)
             self.checkpoint.stage(args, state)
+
+    def _cross_terms(self):
+        """`PruneSchedule(cross_term=True)`: the cross terms summed across ranks (collective), else `None`."""
+        return self.accumulator.cross.terms() if self.accumulator.cross is not None else None
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.accumulator.sample_epoch(state)

@@ -28,6 +28,7 @@ from .. import distributed as D
 from ..config import IMPORTANCE_CONFIG_NAME
 from ..files import importance_files as F
 from ..files import training_state as T
+from ..files.cross_files import load_cross_state, save_cross_state
 from ..files.safetensors_io import ImportanceFileError
 from ..files.unit_files import save_unit_state
 from ..io_utils import publish_folder
@@ -171,7 +172,7 @@ class TrainingCheckpoint:
         if not acc.tracked:
             return False
         saved = acc.state_dict()  # collective
-        extra, masks, units = {}, None, saved.get("units")
+        extra, masks, units, cross = {}, None, saved.get("units"), saved.get("cross")
         if saved.get("router"):  # an MoE model's router statistics, summed over ranks
             extra["router"] = saved["router"]
         if self.holder is not None:
@@ -182,7 +183,11 @@ class TrainingCheckpoint:
             out = {"masks": T.save_schedule_masks(tmp, masks)[1]} if masks else {}
             if units is not None:  # ImportanceConfig(units=True): summed across ranks by `state_dict()`
                 out["units"] = save_unit_state(tmp, units)
+            if cross is not None:  # PruneSchedule(cross_term=True): summed across ranks by `state_dict()`
+                out["cross"] = save_cross_state(tmp, cross["tensors"])
             return out
+        if cross is not None:
+            extra["cross"] = {"tokens": cross["tokens"], "shared": cross["shared"]}
         error = F.write_importance(final_dir, saved["tensors"], acc.plan, config=self.config, meta=saved["meta"],
                                    shapes=saved["shapes"], extra=extra, attach=attach, publish=publish)
         if error is not None:
@@ -268,12 +273,22 @@ class TrainingCheckpoint:
                 "ImportanceCallback(on_resume_mismatch='restart') to restart the importance from zero)"
             ) from None
         acc.load_state_dict(imp, state.global_step)
+        self._restore_cross(imp)
         if self.holder is not None:
             saved = imp.sections.get("schedule")  # parsed once, by load_importance
             sums = (imp.sections.get("checksums") or {}).get("masks")
             masks = T.load_schedule_masks(imp.path, sums) if saved and saved.get("has_masks") else {}
             self.holder.load_state_dict(saved, masks)
         logger.info("ImportanceCallback: restored %d samples from %s", acc.meta["num_samples"], imp.path)
+
+    def _restore_cross(self, imp) -> None:
+        """The cross term's sums (`cross.safetensors`, checked against their CRC32s) back into `accumulator.cross`."""
+        acc = self.accumulator
+        section = imp.sections.get("cross")
+        if acc.cross is None or not section:
+            return
+        tensors = load_cross_state(imp.path, (imp.sections.get("checksums") or {}).get("cross"))
+        acc.cross.load_state_dict(tensors, section, keep=acc.plan.rank == 0, device=lambda n: acc.states[n].device)
 
     def recover_staged(self, folder: str, state) -> None:
         """A crash between the Trainer's checkpoint write and the move of the staged importance into it leaves a

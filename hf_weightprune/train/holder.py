@@ -44,10 +44,11 @@ from ..moe import ExpertSlice, find_weights
 from ..prune.masks import apply_mask_, check_nm_shapes
 from ..prune.plan import PruningPlan, uses_obs
 from ..prune.pruner import refuse_tied
-from ..prune.refit import refit_masked_
 from ..prune.report import PruningReport
 from ..scorers import SCORERS, get_scorer
 from .schedule import PruneSchedule
+from .stream import layer_groups, propagate_, usable_cross
+from .stream import refit_ as stream_refit_
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,15 @@ class MaskHolder:
             raise TypeError(f"schedule must be a PruneSchedule; got {type(schedule).__name__}")
         if criterion is not None and schedule.mode == "prune":
             uses_obs(criterion, schedule.prune_config)  # the one-line refusal of prune_, before the first step
-        if criterion is not None and schedule.restarts_statistics and not get_scorer(criterion).has_hessian:
-            what = "refit_at" if schedule.refit_at is not None else "pruned_stream"
+        scorer = get_scorer(criterion) if criterion is not None else None
+        if scorer is not None and schedule.order == "depth" and scorer.source != "activations":
+            raise ValueError(f"PruneSchedule(order='depth') restarts the pruned model's input statistics after each "
+                             f"layer: track an activation criterion ('sparsegpt' or 'wanda'), not {criterion!r}")
+        needs_h = schedule.cross_term or schedule.refit_at is not None or (
+            schedule.restarts_statistics and schedule.order != "depth")
+        if scorer is not None and needs_h and not scorer.has_hessian:
+            what = next(k for k, v in (("cross_term", schedule.cross_term), ("refit_at", schedule.refit_at is not None),
+                                       ("pruned_stream", True)) if v)
             raise ValueError(f"PruneSchedule({what}=...) needs the input Hessians of the pruned model: track "
                              f"ImportanceConfig(criterion='sparsegpt'), not {criterion!r}")
         self.schedule = schedule
@@ -112,6 +120,7 @@ class MaskHolder:
         self._edits: dict[str, Tensor] = {}
         self._refit_step: int | None = None
         self.refitted_at: int | None = None
+        self._groups: dict[int, list[str]] = {}  # order="depth": the weights pruned at each layer step
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def setup(self, model: nn.Module, args, *, tracked_names: list[str], max_steps: int, optimizer=None) -> None:
@@ -141,7 +150,11 @@ class MaskHolder:
             self._steps = steps
             self._update_set = set(cfg.update_steps(max_steps))
             self._refit_step = cfg.refit_step(max_steps)
-            if len(self._update_set) == 1 and cfg.initial_sparsity < cfg.final_sparsity:
+            if cfg.order == "depth":
+                groups = layer_groups(select_names(tracked_names, cfg.target_modules, cfg.exclude_modules))
+                self._groups = dict(zip(cfg.layer_steps(max_steps, len(groups)), groups))
+                self._update_set = set(self._groups)
+            if len(self._update_set) == 1 and cfg.initial_sparsity < cfg.final_sparsity and cfg.order == "all":
                 logger.warning("PruneSchedule: one mask update (step %d of %d, start..end = steps %d..%d, every_n_steps="
                                "%d): this is one-shot pruning, not gradual; lower every_n_steps or widen start..end",
                                min(self._update_set), max_steps, *steps, cfg.every_n_steps)
@@ -221,7 +234,8 @@ class MaskHolder:
             ValueError: the criterion needs a sample, none is held, and the next update is before `first_sample`.
         """
         waiting = step > 0 and self.pending_step is not None  # restored: an update already waits for the data
-        if self.schedule.mode != "prune" or not self.needs_sample or samples > 0 or waiting:
+        # order="depth": its layer steps need the model's layers (known at `setup`); an update waits for a sample.
+        if self.schedule.mode != "prune" or self.schedule.order == "depth" or not self.needs_sample or samples or waiting:
             return
         updates = [t for t in self.schedule.update_steps(max_steps) if t > step]
         if not updates or (first_sample is not None and first_sample <= updates[0]):
@@ -270,8 +284,13 @@ class MaskHolder:
         return False
 
     @torch.no_grad()
-    def update_(self, importance, step: int, max_steps: int) -> float:
+    def update_(self, importance, step: int, max_steps: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> float:
         """Recompute the masks for the schedule's target at `step` from `importance`; returns the target.
+
+        `order="depth"`: only the next layer group is pruned, at once to `final_sparsity` (the others all-`True` until
+        their step); the target is `final_sparsity` times the share of weights pruned so far. `cross`
+        (`CrossTerm.terms()`): before the OBS sweep a weight whose cross term covers the tokens of its `H~` moves to
+        its propagated target, so the sweep solves the asymmetric objective.
 
         With `sparsegpt` importance (and `reconstruct` not `False`) the OBS sweep also updates the kept weights, from
         the Hessians in `importance`: under DDP they are the sum over ranks (the importance is assembled on every
@@ -281,19 +300,29 @@ class MaskHolder:
         Raises:
             ValueError: `reconstruct=True` without `sparsegpt` importance, or a tensor pruned to 100%.
         """
-        target = self.schedule.target_at(step, max_steps)
+        cfg, names = self.schedule, list(self.params)
+        target = sparsity = cfg.target_at(step, max_steps)
         self.source = importance
-        names = list(self.params)
-        plan = PruningPlan.build(importance, self.schedule.prune_config, names, sparsity=target, previous=self.masks)
+        if self._groups:
+            if not self.masks:
+                self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
+            groups = [self._groups[t] for t in sorted(self._groups)]
+            names, sparsity = groups[self.num_updates], cfg.final_sparsity
+            done = [n for group in groups[: self.num_updates + 1] for n in group]
+            target = sparsity * sum(self.params[n].numel() for n in done) / sum(p.numel() for p in self.params.values())
+        previous = {n: self.masks[n] for n in names if n in self.masks}
+        plan = PruningPlan.build(importance, cfg.prune_config, names, sparsity=sparsity, previous=previous)
         self.scope = plan.scope
         before = {n: self.params[n].detach().to(torch.float32, copy=True) for n in names} if self._refit_step is not None else None
         if plan.reconstruct:
+            propagate_(self.params, importance.state, usable_cross(cross, importance.meta.get("tokens", {}), names),
+                       alpha=cfg.cross_alpha, percdamp=cfg.dampening)
             masks = {}
             for n in names:
                 edit_ = plan.edit(n)
                 masks[n] = edit_(self.params[n]) if edit_ is not None else self.masks.get(
                     n, torch.ones_like(self.params[n], dtype=torch.bool))
-            self.masks = {n: m.to(self.params[n].device) for n, m in masks.items()}
+            self.masks.update({n: m.to(self.params[n].device) for n, m in masks.items()})
             # Every rank swept the same H and weights; rank 0's result settles any last-bit difference of a GPU's
             # float reductions, which DDP (it syncs gradients, not weights) would never undo.
             if D.is_distributed():
@@ -302,7 +331,7 @@ class MaskHolder:
                     self.masks[n] = D.broadcast_(self.masks[n].to(torch.uint8), 0).bool()
             self.reconstruction = "OBS"
         else:
-            self.masks = {n: plan.mask(n).to(self.params[n].device) for n in names}
+            self.masks.update({n: plan.mask(n).to(self.params[n].device) for n in names})
         self.apply_masks_()
         self.zero_optimizer_state_()  # pruned weights only: the moments of kept weights an OBS update moved are kept
         if before is not None:
@@ -318,35 +347,21 @@ class MaskHolder:
         return self.schedule.mode == "prune" and step == self._refit_step and self.refitted_at is None
 
     @torch.no_grad()
-    def refit_(self, importance, step: int) -> None:
-        """Re-fit the kept weights on their fixed support from the pruned-stream Hessians in `importance`.
+    def refit_(self, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
+        """Re-fit the kept weights on their fixed support from the pruned-stream Hessians in `importance`
+        ([`stream.refit_`]).
 
         Each weight's target is `W + E` (its current value plus the summed edits of every mask update): the network's
-        function with the pruning undone, training since kept. The masks do not change; the Adam moments are kept, as
-        after an OBS update. Under DDP every rank solves the same system and rank 0's result is broadcast.
+        function with the pruning undone, training since kept. With `cross` (`CrossTerm.terms()`) the asymmetric
+        objective, for the weights whose cross term covers the tokens of their `H~`. The masks do not change; the Adam
+        moments are kept, as after an OBS update. Under DDP every rank solves the same system and rank 0's result is
+        broadcast.
 
         Raises:
             ValueError: no mask update happened yet, or a weight's Hessian has no token gathered since the last mask
                 change (importance sampled at no step after it), or is degenerate.
         """
-        if not self._edits:
-            raise ValueError(f"PruneSchedule: refit at step {step} but no mask update happened before it")
-        tokens = importance.meta.get("tokens", {})
-        empty = [n for n in self.params if not tokens.get(n)]
-        if empty:
-            raise ValueError(f"PruneSchedule: refit at step {step}: no pruned-stream sample since the last mask update "
-                             f"(step {self.last_update_step}) for {len(empty)} weights (e.g. {empty[0]}); sample the "
-                             "importance at some step between them (ImportanceConfig.every_n_steps / window)")
-        for n, param in self.params.items():
-            reference = self._edits[n].add_(param.detach().float())
-            refit_masked_(param, self.masks[n], importance.state(n).to(param.device), reference=reference,
-                          percdamp=self.schedule.dampening)
-            self._edits[n] = reference.sub_(param.detach().float())  # the edit the re-fit leaves in place
-            if D.is_distributed():
-                D.broadcast_(param.data, 0)
-        self.apply_masks_()
-        self.refitted_at = step
-        logger.info("PruneSchedule: step %d, kept weights re-fitted on the pruned-stream Hessians", step)
+        stream_refit_(self, importance, step, cross)
 
     @torch.no_grad()
     def apply_masks_(self) -> None:

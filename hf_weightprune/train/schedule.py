@@ -22,10 +22,11 @@ from ..validation import check_modules, check_sparsity, structure_parts
 
 SCHEDULE_MODES = ("prune", "hold")
 RAMPS = ("cubic", "linear")
+ORDERS = ("all", "depth")
 # Fields that define the masks: a resumed run must agree on all of them.
 _RESUME_KEYS = ("final_sparsity", "initial_sparsity", "start", "end", "every_n_steps", "ramp", "structure", "scope",
                 "target_modules", "exclude_modules", "mode", "reconstruct", "dampening", "block_size",
-                "pruned_stream", "refit_at")
+                "pruned_stream", "refit_at", "cross_term", "cross_alpha", "cross_max_in_features", "order")
 
 
 def _is_int(v: Any) -> bool:
@@ -118,7 +119,32 @@ class PruneSchedule(JsonConfigMixin):
             least squares on their fixed support ([`prune.refit.refit_masked_`]) from the pruned-stream Hessians:
             the target is the current weights with every pruning edit undone (the pruned values and the OBS
             compensations, recorded at each update: one float32 copy of the masked weights). No mask changes; pruned
-            weights stay zero. Needs `sparsegpt` importance sampled at some step after the last update.
+            weights stay zero. Needs `sparsegpt` importance sampled at some step after the last update (refused at train
+            begin when the sampling plan takes none between them).
+        cross_term (`bool`, *optional*, defaults to `False`):
+            Under distillation (`ImportanceCallback(distill=DistillConfig(...))`, refused without it): also gather
+            the dense-to-pruned cross term `C = sum (x - x~) x~^T` from the teacher's and the student's forwards of
+            the same batches (real tokens, the steps the `sparsegpt` statistic samples, restarted with it at every
+            mask change, summed across ranks, checkpointed), and make the OBS updates and the re-fit solve the
+            asymmetric objective `||W X - W_hat X~||^2` of GPTAQ (arXiv 2504.02692) / QEP (arXiv 2504.09629): the dense
+            layer's output on the dense inputs, matched from the pruned inputs ([`prune.refit.propagate_target`]).
+            Needs the pruned stream (`pruned_stream=True`, `refit_at` or `order="depth"`). Memory: one more `[in, in]` float32 matrix
+            per distinct Linear input (q/k/v and gate/up share theirs), as much again as the `sparsegpt` statistic,
+            plus the teacher's Linear inputs of one forward until the student consumes them.
+        cross_alpha (`float`, *optional*, defaults to 0.5):
+            Share of the correction applied, in [0, 1]: QEP's propagation strength (0.25 to 0.5 in the papers; 1.0 is
+            the exact asymmetric solution, 0 the plain objective on `H~`).
+        cross_max_in_features (`int`, *optional*):
+            Skip the cross term of Linears with more inputs (e.g. Llama's `down_proj`, whose `intermediate^2` matrix is
+            the largest): they keep the plain objective.
+        order (`str`, *optional*, defaults to `"all"`):
+            `"all"`: every targeted weight follows the ramp at every update. `"depth"`: decoder layers are pruned front
+            to back, each once to `final_sparsity` at its own step, evenly spread over `start..end` (the last at `end`;
+            weights outside numbered layers with the last), and every activation statistic restarts after each layer's
+            mask, so layer `i`'s mask comes from inputs that went through layers `0..i-1` already pruned: the
+            training-time counterpart of SparseGPT's sequential calibration pipeline. Needs an activation criterion
+            (`sparsegpt` or `wanda`) sampled between consecutive layer steps, and `end - start` at least the number of
+            layers; `every_n_steps`, `ramp` and `initial_sparsity` are not used.
 
     Raises:
         ValueError: an invalid field.
@@ -145,6 +171,10 @@ class PruneSchedule(JsonConfigMixin):
     block_size: int = field(default=128, metadata={"help": "OBS block of columns."})
     pruned_stream: bool | None = field(default=None, metadata={"help": "Restart the Hessians at mask changes."})
     refit_at: float | int | None = field(default=None, metadata={"help": "Re-fit step (or fraction) after end."})
+    cross_term: bool = field(default=False, metadata={"help": "Asymmetric OBS objective from the teacher's inputs."})
+    cross_alpha: float = field(default=0.5, metadata={"help": "Share of the dense-to-pruned correction, [0, 1]."})
+    cross_max_in_features: int | None = field(default=None, metadata={"help": "No cross term above this input."})
+    order: str = field(default="all", metadata={"help": "all | depth (layers pruned front to back)"})
 
     def __post_init__(self):
         if self.mode not in SCHEDULE_MODES:
@@ -196,6 +226,14 @@ class PruneSchedule(JsonConfigMixin):
     def _check_stream(self) -> None:
         if self.pruned_stream is not None and not isinstance(self.pruned_stream, bool):
             raise ValueError(f"pruned_stream must be a bool or None; got {self.pruned_stream!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}; got {self.order!r}")
+        if self.order == "depth" and self.mode != "prune":
+            raise ValueError("order='depth' needs mode='prune': a hold run prunes nothing")
+        if self.order == "depth" and self.pruned_stream is False:
+            raise ValueError("order='depth' restarts the statistics after each layer's mask: it needs pruned_stream "
+                             "(True or None)")
+        self._check_cross()
         if self.refit_at is None:
             return
         self.refit_at = _check_point("refit_at", self.refit_at)
@@ -208,10 +246,40 @@ class PruneSchedule(JsonConfigMixin):
             raise ValueError(f"refit_at={self.refit_at!r} must be after end={self.end!r}: the Hessians of the final "
                              "masks are gathered after the last mask update")
 
+    def _check_cross(self) -> None:
+        if not isinstance(self.cross_term, bool):
+            raise ValueError(f"cross_term must be a bool; got {self.cross_term!r}")
+        if isinstance(self.cross_alpha, bool) or not isinstance(self.cross_alpha, (int, float)) \
+                or not 0.0 <= self.cross_alpha <= 1.0:
+            raise ValueError(f"cross_alpha must be a float in [0, 1] (GPTAQ / QEP use 0.25 to 0.5); got {self.cross_alpha!r}")
+        if self.cross_max_in_features is not None and (not _is_int(self.cross_max_in_features)
+                                                       or self.cross_max_in_features < 1):
+            raise ValueError(f"cross_max_in_features must be an int >= 1 or None; got {self.cross_max_in_features!r}")
+        if self.cross_term and not self.restarts_statistics:
+            raise ValueError("cross_term needs the pruned stream (pruned_stream=True, refit_at=... or order='depth'): "
+                             "the cross term pairs the pruned model's inputs since the last mask change with the teacher's")
+
     @property
     def restarts_statistics(self) -> bool:
-        """Whether the `sparsegpt` statistic restarts at every mask change (`pruned_stream`, or implied by `refit_at`)."""
-        return self.mode == "prune" and (self.pruned_stream or (self.pruned_stream is None and self.refit_at is not None))
+        """Whether the statistics restart at every mask change (`pruned_stream`, or implied by `refit_at` or
+        `order="depth"`)."""
+        implied = self.refit_at is not None or self.order == "depth"
+        return self.mode == "prune" and (self.pruned_stream or (self.pruned_stream is None and implied))
+
+    def layer_steps(self, max_steps: int, num_groups: int) -> list[int]:
+        """`order="depth"`: the step at whose end each of `num_groups` layer groups is pruned, front to back.
+
+        Evenly spread over `max(start, 1)..end`, the last at `end`: group `i` at `t0 + ceil((i + 1) * span / n)`.
+
+        Raises:
+            ValueError: fewer steps in `start..end` than groups (two layers would share a step).
+        """
+        t0, t1 = self.resolve_steps(max_steps)
+        span = t1 - t0
+        if span < num_groups:
+            raise ValueError(f"PruneSchedule(order='depth'): {num_groups} layer groups need at least {num_groups} steps "
+                             f"in start..end (steps {t0}..{t1}); widen start..end or raise max_steps")
+        return [t0 + -(-(i + 1) * span // num_groups) for i in range(num_groups)]
 
     def refit_step(self, max_steps: int) -> int | None:
         """The step at whose end the kept weights are re-fitted, or `None` without `refit_at`.

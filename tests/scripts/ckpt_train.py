@@ -86,11 +86,17 @@ def hang_on_call(name: str, call: int, output_dir: str) -> None:
 def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=None, distill=False, teacher=None,
                   teacher_dtype=None, units=False):
     """The callback of a run: `schedule` `"prune"` (50% over steps 1-6, a mask update every step: a resume at step 3
-    or 6 lands inside the ramp or right after it) or `"hold"` (the masks of `masks_from`); `distill`: KL + SquareHead
-    from `teacher` (`None`: the default frozen copy); `units`: `ImportanceConfig(units=True)`."""
+    or 6 lands inside the ramp or right after it), `"hold"` (the masks of `masks_from`), `"cross"` (OBS updates on the
+    pruned stream with the cross term) or `"depth"` (layers pruned front to back); `distill`: KL + SquareHead from
+    `teacher` (`None`: the default frozen copy); `units`: `ImportanceConfig(units=True)`."""
     sched = None
     if schedule == "prune":
         sched = PruneSchedule(final_sparsity=0.5, start=1, end=6, every_n_steps=1)
+    elif schedule == "cross":  # updates at 1, 5, 6: checkpoint-3 holds a cross term the update at 5 reads
+        sched = PruneSchedule(final_sparsity=0.5, start=1, end=6, every_n_steps=4, pruned_stream=True,
+                              cross_term=True, block_size=8)
+    elif schedule == "depth":  # layer 0 at step 3, layer 1 at step 6
+        sched = PruneSchedule(final_sparsity=0.5, start=0, end=6, order="depth", block_size=8)
     elif schedule == "hold":
         sched = PruneSchedule(mode="hold", masks_from=masks_from)
     cfg = DistillConfig(teacher=teacher, alpha=0.5, temperature=2.0, hidden_weight=0.5,
@@ -135,7 +141,8 @@ def main(argv=None):
     parser.add_argument("--hang-in", choices=sorted(HANG_AFTER), help="hang inside this file-writing function")
     parser.add_argument("--hang-call", type=int, default=1, help="... at its n-th call")
     parser.add_argument("--save-late", type=int, help="a save at step N decided after ImportanceCallback's on_step_end")
-    parser.add_argument("--schedule", choices=["prune", "hold"], help="gradual pruning, or hold --masks-from's masks")
+    parser.add_argument("--schedule", choices=["prune", "hold", "cross", "depth"],
+                        help="gradual pruning, or hold --masks-from's masks")
     parser.add_argument("--masks-from", help="hold: the pruned checkpoint folder")
     parser.add_argument("--distill", action="store_true", help="distil (teacher: --teacher, else the frozen copy)")
     parser.add_argument("--teacher", help="distill: the dense teacher's folder")

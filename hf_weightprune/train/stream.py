@@ -1,0 +1,113 @@
+"""The pruned-stream side of a [`MaskHolder`]: the asymmetric objective from the cross term, the re-fit, and the
+layer groups of `PruneSchedule(order="depth")`.
+
+The holder owns the masks and the weights; these functions read its state and the statistics the callback hands
+over (the importance's `H~`, the accumulator's cross term `C`), so the holder's update stays one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .. import distributed as D
+from ..prune.refit import propagate_target, refit_masked_
+
+logger = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_groups(names: Iterable[str]) -> list[list[str]]:
+    """The weights of each numbered decoder layer (`...layers.<i>....`), front to back; weights outside a numbered
+    layer (e.g. a tracked `lm_head`) join the last group, so they are pruned with the last layer."""
+    groups: dict[int, list[str]] = {}
+    rest = []
+    for name in names:
+        m = _LAYER.search(name)
+        (groups.setdefault(int(m.group(1)), []) if m else rest).append(name)
+    ordered = [groups[i] for i in sorted(groups)]
+    if not ordered:
+        return [rest] if rest else []
+    ordered[-1].extend(rest)
+    return ordered
+
+
+def usable_cross(cross: dict[str, tuple[Tensor, int]] | None, tokens: dict[str, int],
+                 names: Iterable[str]) -> dict[str, Tensor]:
+    """The cross terms of `names` that cover exactly the tokens of their `H~` (`tokens`, the importance's counts).
+
+    A weight whose cross term counts other tokens (forwards without a teacher run: no labels) or none (skipped by
+    `cross_max_in_features`) keeps the plain objective; a count mismatch is logged once per call."""
+    if not cross:
+        return {}
+    out, off = {}, []
+    for n in names:
+        if n in cross and cross[n][1] == tokens.get(n) and cross[n][1] > 0:
+            out[n] = cross[n][0]
+        elif n in cross:
+            off.append(n)
+    if off:
+        logger.warning("PruneSchedule(cross_term=True): the cross term of %d weights (e.g. %s) covers other tokens than "
+                       "their Hessian (training forwards without labels run no teacher): plain objective for those",
+                       len(off), off[0])
+    return out
+
+
+@torch.no_grad()
+def propagate_(params: dict[str, Tensor], hessian: Callable[[str], Tensor], cross: dict[str, Tensor], *,
+               alpha: float, percdamp: float) -> None:
+    """Move each weight with a cross term to its propagated target `W + alpha W C H~^-1` in place, so that the OBS
+    sweep on `H~` that follows solves the asymmetric objective ([`prune.refit.asymmetric_sparsegpt_prune_`])."""
+    for n, c in cross.items():
+        p = params[n]
+        p.detach().copy_(propagate_target(p, hessian(n).to(p.device), c, alpha=alpha, percdamp=percdamp))
+
+
+@torch.no_grad()
+def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
+    """[`MaskHolder.refit_`]: re-fit every masked weight on its support towards `W + E` (its edits undone), from the
+    pruned-stream `H~` of `importance` and, where usable, the cross term (asymmetric objective, `cross_alpha`)."""
+    if not holder._edits:
+        raise ValueError(f"PruneSchedule: refit at step {step} but no mask update happened before it")
+    tokens = importance.meta.get("tokens", {})
+    empty = [n for n in holder.params if not tokens.get(n)]
+    if empty:
+        raise ValueError(f"PruneSchedule: refit at step {step}: no pruned-stream sample since the last mask update "
+                         f"(step {holder.last_update_step}) for {len(empty)} weights (e.g. {empty[0]}); sample the "
+                         "importance at some step between them (ImportanceConfig.every_n_steps / window)")
+    schedule = holder.schedule
+    terms = usable_cross(cross, tokens, holder.params)
+    for n, param in holder.params.items():
+        reference = holder._edits[n].add_(param.detach().float())
+        refit_masked_(param, holder.masks[n], importance.state(n).to(param.device), reference=reference,
+                      cross=terms.get(n), alpha=schedule.cross_alpha, percdamp=schedule.dampening)
+        holder._edits[n] = reference.sub_(param.detach().float())  # the edit the re-fit leaves in place
+        if D.is_distributed():
+            D.broadcast_(param.data, 0)
+    holder.apply_masks_()
+    holder.refitted_at = step
+    logger.info("PruneSchedule: step %d, kept weights re-fitted on the pruned-stream Hessians%s", step,
+                f" (asymmetric objective on {len(terms)} weights)" if terms else "")
+
+
+def check_refit_sample(schedule, max_steps: int, first_sample_step: Callable[[int], int | None]) -> None:
+    """Train begin: refuse, in one line, a `refit_at` step that the sampling plan reaches with no pruned-stream
+    sample since the last mask update (`first_sample_step(after)`: the accumulator's next planned sample).
+
+    Raises:
+        ValueError: the first sample after `end` comes after the re-fit step (or never).
+    """
+    refit = schedule.refit_step(max_steps)
+    if refit is None:
+        return
+    end = schedule.resolve_steps(max_steps)[1]
+    first = first_sample_step(end)
+    if first is not None and first > refit:
+        raise ValueError(f"PruneSchedule(refit_at={schedule.refit_at!r}) would re-fit at step {refit} with no pruned-"
+                         f"stream sample since the last mask update (step {end}): the importance samples first at step "
+                         f"{first}; sample sooner (ImportanceConfig.every_n_steps) or re-fit later")
