@@ -246,6 +246,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "module_table": (T.structured_module_table(folder, sparsity.get("structured"), structure) if structured
                          else T.module_table(sparsity["tensors"])),
         "routing": T.routing_rows(sparsity.get("routing")),
+        "measured": T.measured_text(sparsity.get("measured"), structured),
         "references": T.references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
         "has_plot": (folder / SWEEP_PNG).is_file(),

@@ -408,3 +408,41 @@ def eval_context(report: dict | None) -> tuple[dict | None, list[EvalResult] | N
     results = [EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
                           metric_type=kind, metric_value=value, metric_name=label) for kind, value, label in metrics]
     return context, results
+
+
+
+def measured_text(measured: dict | None, structured: bool) -> str | None:
+    """`sparsity.json`'s `measured` section in words: the weight files (always recorded), the speed and memory beside
+    the dense model when measured; `None` for a folder written before the section existed. Nothing else is stated."""
+    files = (measured or {}).get("weight_files")
+    mb, tokens = (lambda n: f"{n / 1e6:,.2f} MB"), (lambda v: f"{v:,.0f} tokens/s")
+    if not files:
+        return None
+    dense, speed = measured.get("dense_weight_files"), measured.get("speed")
+    weights = f"Weight files: {mb(files['bytes'])}"
+    if dense and files["bytes"] == dense["bytes"]:
+        weights += ", the same as the dense checkpoint's" + ("" if structured else " (the zeros are stored)")
+    elif dense:
+        weights += f" vs {mb(dense['bytes'])} dense ({files['bytes'] / dense['bytes']:.2f}x)" + (
+            f" (stored as {files['dtype']}, the dense checkpoint as {dense['dtype']})"
+            if files.get("dtype") != dense.get("dtype") else "")
+    if not speed:
+        return weights + "."
+    pruned, base, ratios = speed["pruned"], speed.get("dense"), speed.get("ratios") or {}
+
+    def figure(key: str, show) -> str:  # a speed by its median, a peak as it is; then the dense one and the ratio
+        value = (lambda f: f[key]["median"] if isinstance(f[key], dict) else f[key])  # noqa: E731
+        return show(value(pruned)) + (f" vs {show(value(base))} dense ({ratios[key]:.2f}x)" if base else "")
+
+    n = speed["threads"]
+    where = f"{speed['device_name']} " + (f"CPU, {n} thread{'s' * (n != 1)}" if speed["device"] == "cpu" else "GPU")
+    parts = [f"prefill of 1 x {speed['seq_len']} tokens without cache {figure('prefill_tokens_per_s', tokens)}",
+             f"greedy decode of {speed['new_tokens']} tokens with the KV cache {figure('decode_tokens_per_s', tokens)}"]
+    memory = next((k for k in ("peak_rss_bytes", "peak_cuda_allocated_bytes") if k in pruned), None)
+    if memory:  # none could be read on Windows
+        what = "CUDA memory allocated" if memory == "peak_cuda_allocated_bytes" else "resident memory"
+        parts.append(f"peak {what} ({speed['memory_measure']}) of a process that loads the model and runs both "
+                     f"{figure(memory, mb)}")
+    alternating = " alternating with the dense model" if base else ""
+    return (f"Measured when it was saved, on one {where} (torch {speed['torch_version'].split('+')[0]}, "
+            f"{speed['dtype']}, median of {speed['repeats']} runs{alternating}): {'; '.join(parts)}. {weights}.")
