@@ -68,7 +68,7 @@ def weight_files(folder: str | os.PathLike) -> dict[str, Any]:
 def _config_of(fn: str, name: str, value: Any):
     """The config of a model given as a module or a local folder, after checking it is a causal LM."""
     from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if isinstance(value, nn.Module):
         if not isinstance(value, PreTrainedModel) or not value.can_generate():
@@ -80,9 +80,12 @@ def _config_of(fn: str, name: str, value: Any):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{fn}: {name} {path} is not a local model folder (no config.json)")
     config: PretrainedConfig = AutoConfig.from_pretrained(path)
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ValueError(f"{fn}: {name} {path} is not a causal LM ({config.model_type!r} has no "
-                         "AutoModelForCausalLM class)")
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    causal = {causal} if isinstance(causal, str) else set(causal or ())
+    # a base model's folder (`LlamaModel`) would load as a causal LM with a random head: its architecture says so
+    if not causal or (config.architectures and not causal & set(config.architectures)):
+        raise ValueError(f"{fn}: {name} {path} is not a causal LM (architectures {config.architectures}, "
+                         f"AutoModelForCausalLM loads {sorted(causal) or 'none'} for {config.model_type!r})")
     return config
 
 
