@@ -109,8 +109,8 @@ def check_measure_inputs(model: Any, baseline: Any = None, *, seq_len: int | Non
     Raises:
         TypeError: a model that is neither a module nor a folder path.
         FileNotFoundError: a folder without `config.json`.
-        ValueError: not a causal LM, a baseline with another vocabulary, a count below its minimum, or lengths past
-            the model's positions.
+        ValueError: not a causal LM, a baseline with another vocabulary, two modules of different dtypes or devices,
+            a count below its minimum, or lengths past the model's positions.
     """
     _check_int(fn, "repeats", repeats, 1)
     _check_int(fn, "warmup", warmup, 0)
@@ -118,6 +118,11 @@ def check_measure_inputs(model: Any, baseline: Any = None, *, seq_len: int | Non
         _check_int(fn, "threads", threads, 1)
     config = _config_of(fn, "model", model)
     text = config.get_text_config()
+    if isinstance(model, nn.Module) and isinstance(baseline, nn.Module):  # both run as they are: like with like
+        (p, q) = next(model.parameters()), next(baseline.parameters())
+        if (p.device, p.dtype) != (q.device, q.dtype):
+            raise ValueError(f"{fn}: the model is {p.dtype} on {p.device}, the baseline {q.dtype} on {q.device}: "
+                             "measure them in one dtype on one device")
     if baseline is not None:
         dense = _config_of(fn, "baseline", baseline).get_text_config()
         if dense.vocab_size != text.vocab_size:
@@ -273,8 +278,9 @@ def measure_model(
     Raises:
         TypeError: a model that is neither a module nor a folder path.
         FileNotFoundError: a folder without `config.json`.
-        ValueError: (one line, before any work) not a causal LM, a baseline with another vocabulary or dtype, a
-            module on another device, `repeats` < 1, lengths past the model's positions.
+        ValueError: (one line, before any work) not a causal LM, a baseline with another vocabulary, two modules
+            of different dtypes or devices, a module not on `device`, `repeats` < 1, lengths past the model's
+            positions.
         RuntimeError: a memory process failed (its last line of error).
     """
     import transformers
@@ -289,11 +295,7 @@ def measure_model(
         where = next(m.parameters()).device
         if where != device:
             raise ValueError(f"measure_model: a model is on {where}, the measure runs on {device}: move it first")
-    dtypes = {next(m.parameters()).dtype for m in modules}
-    if len(dtypes) > 1:
-        raise ValueError(f"measure_model: the model and the baseline have different dtypes {sorted(map(str, dtypes))}"
-                         ": compare them in one dtype")
-    dtype = str(dtypes.pop()).removeprefix("torch.") if dtypes else "auto"
+    dtype = str(next(modules[0].parameters()).dtype).removeprefix("torch.") if modules else "auto"
     saved_threads = torch.get_num_threads()
     threads = threads or saved_threads
     torch.set_num_threads(threads)

@@ -157,6 +157,8 @@ def test_bad_baselines_are_one_line_before_any_work(measured, tmp_path):
             save_pruned(model, tmp_path / "out", report=report, measure_speed=True, baseline=baseline)
         assert "\n" not in str(e.value)
         assert not (tmp_path / "out").exists(), baseline  # refused before anything was written
+    with pytest.raises(ValueError, match="the model is torch.float32 on cpu, the baseline torch.bfloat16 on cpu"):
+        save_pruned(model, tmp_path / "out", report=report, measure_speed=True, baseline=tiny_llama().bfloat16())
     with pytest.raises(ValueError, match="only used by measure_speed=True"):
         save_pruned(model, tmp_path / "out", report=report, baseline=tiny_llama())
     with pytest.raises(TypeError, match="measure_speed must be a bool"):
