@@ -233,7 +233,7 @@ MAY_IMPORT = {
     "prune/structured": {"collect/importance", "config", "layouts", "matching", "prune/compensate", "prune/depth", "prune/hidden", "prune/masks", "prune/surgery", "prune/unit_scores"},
     "prune/surgery": {"layouts", "prune/masks", "prune/unit_scores", "validation"},
     "prune/unit_scores": {"layouts"},
-    "publish/card": {"_version", "files/pruned_files", "io_utils", "publish/card_text", "validation"},
+    "publish/card": {"_version", "files/pruned_files", "io_utils", "publish/card_text", "publish/measure", "validation"},
     "publish/card_text": {"files/pruned_files", "files/safetensors_io", "io_utils", "matching", "scorers"},
     "publish/export": {"collect/importance", "config", "distributed", "files/pruned_files", "files/safetensors_io", "io_utils", "matching", "prune/plan", "prune/pruner", "prune/report", "publish/card", "publish/measure", "publish/provenance", "train/distill", "train/schedule"},
     "publish/hub": {"_version", "files/importance_files", "files/pruned_files", "io_utils", "publish/card", "publish/provenance"},

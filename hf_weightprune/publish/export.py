@@ -23,7 +23,7 @@ from ..files import safetensors_io as sio
 from ..files.pruned_files import sparsity_dict, write_sparsity
 from ..io_utils import atomic_folder, check_arg_type
 from ..prune.report import PruningReport
-from .measure import check_measure_inputs, measure_model, measured_section
+from .measure import check_baseline, measure_model, measured_section
 
 if TYPE_CHECKING:
     from ..train.distill import DistillConfig
@@ -179,24 +179,6 @@ def _distillation_dict(distillation: Any) -> dict | None:
     return info
 
 
-def _check_baseline(model: nn.Module, baseline: Any, measure_speed: Any) -> str | None:
-    """`save_pruned`'s `measure_speed` and `baseline`, checked before any work; returns the baseline's folder."""
-    check_arg_type("save_pruned", "measure_speed", measure_speed, bool, "a bool")
-    if measure_speed:
-        check_measure_inputs(model, baseline, fn="save_pruned")
-    elif isinstance(baseline, nn.Module):
-        raise ValueError("save_pruned: a baseline model in memory is only used by measure_speed=True; pass "
-                         "measure_speed=True, or the dense model's folder to record its file size")
-    elif baseline is not None:
-        check_arg_type("save_pruned", "baseline", baseline, (str, os.PathLike), "the dense model or its folder")
-    if baseline is None or isinstance(baseline, nn.Module):
-        return None
-    if sio.find_weights_file(baseline) is None:
-        raise FileNotFoundError(f"save_pruned: baseline {os.fspath(baseline)} holds no safetensors weights; pass the "
-                                "dense model's folder")
-    return os.fspath(baseline)
-
-
 def _check_common(fn: str, output_dir, base_model, overwrite, write_card) -> None:
     check_arg_type(fn, "output_dir", output_dir, (str, os.PathLike), "a folder path (str or os.PathLike)")
     check_arg_type(fn, "base_model", base_model, (str, type(None)), "a Hub id (str) or None")
@@ -279,7 +261,7 @@ def save_pruned(
     check_arg_type("save_pruned", "max_shard_size", max_shard_size, (str, int), 'a size such as "5GB" or bytes')
     schedule = _schedule_dict(schedule)
     distillation = _distillation_dict(distillation)
-    dense_folder = _check_baseline(model, baseline, measure_speed)
+    dense_folder = check_baseline("save_pruned", model, baseline, measure_speed)
     output_dir = os.fspath(output_dir)
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     check_output_dir(output_dir, input_dirs=[source], importance_dirs=[(report.importance or {}).get("path")],

@@ -10,6 +10,7 @@ serving benchmark.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -30,6 +31,7 @@ SEQ_LEN = 128  # prefill tokens, when the model's positions allow
 NEW_TOKENS = 32  # decoded tokens, when the model's positions allow
 PROMPT_TOKENS = 8  # the prompt the decode starts from
 REPEATS = 5
+SPEEDS = ("prefill_tokens_per_s", "decode_tokens_per_s")
 
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # The child process of one memory measure: the parent's copy of this package, whatever the child's cwd.
@@ -57,10 +59,7 @@ def weight_files(folder: str | os.PathLike) -> dict[str, Any]:
     for shard in shards:
         for name, info in sio.read_header(os.path.join(folder, shard)).items():
             if name != "__metadata__" and info["dtype"] in _TORCH_DTYPES:
-                n = 1
-                for d in info["shape"]:
-                    n *= d
-                elements[info["dtype"]] = elements.get(info["dtype"], 0) + n
+                elements[info["dtype"]] = elements.get(info["dtype"], 0) + math.prod(info["shape"])
     dtype = _TORCH_DTYPES[max(elements, key=elements.get)] if elements else None
     return {"bytes": sum(os.path.getsize(os.path.join(folder, s)) for s in shards), "dtype": dtype}
 
@@ -137,6 +136,31 @@ def check_measure_inputs(model: Any, baseline: Any = None, *, seq_len: int | Non
         raise ValueError(f"{fn}: seq_len={seq_len} or {PROMPT_TOKENS} prompt + new_tokens={new_tokens} exceeds the "
                          f"model's {positions} positions")
     return seq_len, new_tokens
+
+
+def check_baseline(fn: str, model: nn.Module, baseline: Any, measure_speed: Any) -> str | None:
+    """A writer's `measure_speed` and `baseline` (`save_pruned`), checked before any work.
+
+    Returns:
+        `str` or `None`: the baseline's folder, whose weight files are recorded beside the written ones.
+
+    Raises:
+        TypeError, FileNotFoundError, ValueError: as [`check_measure_inputs`] with `measure_speed`; a model in memory
+            without it (it would be unused); a folder without safetensors weights.
+    """
+    check_arg_type(fn, "measure_speed", measure_speed, bool, "a bool")
+    if measure_speed:
+        check_measure_inputs(model, baseline, fn=fn)
+    elif isinstance(baseline, nn.Module):
+        raise ValueError(f"{fn}: a baseline model in memory is only used by measure_speed=True; pass "
+                         "measure_speed=True, or the dense model's folder to record its file size")
+    if baseline is None or isinstance(baseline, nn.Module):
+        return None
+    check_arg_type(fn, "baseline", baseline, (str, os.PathLike), "the dense model or its folder")
+    if sio.find_weights_file(baseline) is None:
+        raise FileNotFoundError(f"{fn}: baseline {os.fspath(baseline)} holds no safetensors weights; pass the dense "
+                                "model's folder")
+    return os.fspath(baseline)
 
 
 def _load(path: str, dtype: str, device: str) -> nn.Module:
@@ -349,16 +373,11 @@ def _measure(models: dict[str, nn.Module], folders: dict[str, str], *, dtype: st
                          "decode_tokens_per_s": _spread([r[1] for r in runs[name]]),
                          **_peak_memory(folders[name], dtype, str(device), threads, seq_len, new_tokens)}
     memory_key = next((k for k in ("peak_rss_bytes", "peak_cuda_allocated_bytes") if k in figures["pruned"]), None)
-    measure = None
-    if memory_key == "peak_cuda_allocated_bytes":
-        measure = "torch.cuda.max_memory_allocated"
-    elif memory_key:
-        measure = "VmHWM" if Path("/proc/self/status").is_file() else "ru_maxrss"
-    dense = figures.get("dense")
-    ratios = None
-    if dense is not None:
-        keys = ["num_parameters", "parameter_bytes", "prefill_tokens_per_s", "decode_tokens_per_s"]
-        keys += [memory_key] if memory_key else []
+    measure = {"peak_cuda_allocated_bytes": "torch.cuda.max_memory_allocated", None: None}.get(
+        memory_key, "VmHWM" if Path("/proc/self/status").is_file() else "ru_maxrss")
+    dense, ratios = figures.get("dense"), None
+    if dense is not None:  # pruned / dense of every figure, a speed by its median
+        keys = ["num_parameters", "parameter_bytes", *SPEEDS, *([memory_key] if memory_key else [])]
         value = lambda f, k: f[k]["median"] if isinstance(f[k], dict) else f[k]  # noqa: E731
         ratios = {k: value(figures["pruned"], k) / value(dense, k) for k in keys}
     return {"device": str(device), "device_name": _device_name(device), "threads": threads,
@@ -383,3 +402,49 @@ def measured_section(folder: str | os.PathLike, *, dense_folder: str | os.PathLi
     return {"weight_files": weight_files(folder),
             "dense_weight_files": weight_files(dense_folder) if dense_folder is not None else None,
             "speed": speed}
+
+
+def measured_text(measured: dict | None, structured: bool) -> str | None:
+    """The card's statement of `sparsity.json`'s `measured` section (kept beside its writer, so that both name the
+    same keys): the weight files (always recorded), the speed and memory beside the dense model when measured.
+
+    Args:
+        measured (`dict`, *optional*): the section, as [`measured_section`] wrote it.
+        structured (`bool`): a structured prune (equal file sizes are then not explained by stored zeros).
+
+    Returns:
+        `str` or `None`: one paragraph; `None` for a folder written before the section existed. Nothing is stated
+        that the section does not record.
+    """
+    files = (measured or {}).get("weight_files")
+    mb, tokens = (lambda n: f"{n / 1e6:,.2f} MB"), (lambda v: f"{v:,.0f} tokens/s")
+    if not files:
+        return None
+    dense, speed = measured.get("dense_weight_files"), measured.get("speed")
+    weights = f"Weight files: {mb(files['bytes'])}"
+    if dense and files["bytes"] == dense["bytes"]:
+        weights += ", the same as the dense checkpoint's" + ("" if structured else " (the zeros are stored)")
+    elif dense:
+        weights += f" vs {mb(dense['bytes'])} dense ({files['bytes'] / dense['bytes']:.2f}x)" + (
+            f" (stored as {files['dtype']}, the dense checkpoint as {dense['dtype']})"
+            if files.get("dtype") != dense.get("dtype") else "")
+    if not speed:
+        return weights + "."
+    pruned, base, ratios = speed["pruned"], speed.get("dense"), speed.get("ratios") or {}
+
+    def figure(key: str, show) -> str:  # a speed by its median, a peak as it is; then the dense one and the ratio
+        value = (lambda f: f[key]["median"] if isinstance(f[key], dict) else f[key])  # noqa: E731
+        return show(value(pruned)) + (f" vs {show(value(base))} dense ({ratios[key]:.2f}x)" if base else "")
+
+    n = speed["threads"]
+    where = f"{speed['device_name']} " + (f"CPU, {n} thread{'s' * (n != 1)}" if speed["device"] == "cpu" else "GPU")
+    parts = [f"prefill of 1 x {speed['seq_len']} tokens without cache {figure('prefill_tokens_per_s', tokens)}",
+             f"greedy decode of {speed['new_tokens']} tokens with the KV cache {figure('decode_tokens_per_s', tokens)}"]
+    memory = next((k for k in ("peak_rss_bytes", "peak_cuda_allocated_bytes") if k in pruned), None)
+    if memory:  # none could be read on Windows
+        what = "CUDA memory allocated" if memory == "peak_cuda_allocated_bytes" else "resident memory"
+        parts.append(f"peak {what} ({speed['memory_measure']}) of a process that loads the model and runs both "
+                     f"{figure(memory, mb)}")
+    alternating = " alternating with the dense model" if base else ""
+    return (f"Measured when it was saved, on one {where} (torch {speed['torch_version'].split('+')[0]}, "
+            f"{speed['dtype']}, median of {speed['repeats']} runs{alternating}): {'; '.join(parts)}. {weights}.")
