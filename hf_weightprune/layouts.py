@@ -13,10 +13,13 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig
 
-__all__ = ["ATTN_LAYOUTS", "MLP_LAYOUTS", "SUPPORTED_STRUCTURES", "attn_geometry", "block_layout",
+__all__ = ["ATTN_LAYOUTS", "IN_LAYER_STRUCTURES", "MLP_LAYOUTS", "attn_geometry", "block_layout",
            "check_structured_supported", "decoder_layers", "detect_layout", "model_configs"]
 
-SUPPORTED_STRUCTURES = ("neurons", "heads")
+# The structures whose units sit inside every decoder layer's modules, the ones whose layout this module checks
+# ([`check_structured_supported`]). Hidden channels and whole layers are checked where they are removed:
+# `prune/hidden.py` (`shrink_hidden_`) and `prune/depth.py` (`remove_layers_`).
+IN_LAYER_STRUCTURES = ("neurons", "heads")
 
 _SUPPORTED_LAYOUTS = (
     "Llama-style decoder layers (self_attn.q_proj/k_proj/v_proj/o_proj and mlp.gate_proj/up_proj/down_proj, "
@@ -121,18 +124,25 @@ def model_configs(model: nn.Module) -> list[PretrainedConfig]:
 
 def check_structured_supported(model: nn.Module, structure: str) -> None:
     """
-    Checks that `model` can be pruned with `structure`, raising a `ValueError` that says why not.
+    Checks that `model`'s decoder layers can lose units of `structure`, one of the in-layer structures
+    ([`IN_LAYER_STRUCTURES`]: MLP neurons and attention KV groups), raising a `ValueError` that says why not.
+    `"hidden"` and `"layers"` are not checked here: `prune/hidden.py` and `prune/depth.py` check them as they remove
+    hidden channels and decoder layers.
 
     Args:
         model (`PreTrainedModel`): A Llama-style or Phi-3-style causal LM (see module docstring).
         structure (`str`): `"neurons"` (MLP intermediate neurons) or `"heads"` (attention KV groups).
 
     Raises:
-        `ValueError`: for an unknown structure, no decoder layers, an unsupported or mixed layout, non-plain
-        `nn.Linear` projections (LoRA, quantized), non-uniform layer sizes, or a single unit per layer.
+        `ValueError`: for a structure that is not an in-layer one (`"hidden"`/`"layers"` named as checked elsewhere),
+        no decoder layers, an unsupported or mixed layout, non-plain `nn.Linear` projections (LoRA, quantized),
+        non-uniform layer sizes, or a single unit per layer.
     """
-    if structure not in SUPPORTED_STRUCTURES:
-        raise ValueError(f"Unknown structure {structure!r}; expected one of {list(SUPPORTED_STRUCTURES)}.")
+    if structure in ("hidden", "layers"):
+        raise ValueError(f"check_structured_supported checks the in-layer structures {list(IN_LAYER_STRUCTURES)}; "
+                         f"{structure!r} is checked by prune/{'hidden' if structure == 'hidden' else 'depth'}.py")
+    if structure not in IN_LAYER_STRUCTURES:
+        raise ValueError(f"Unknown structure {structure!r}; expected one of {list(IN_LAYER_STRUCTURES)}.")
     if structure == "neurons":
         layers, _ = detect_layout(model, "mlp")
         sizes = {layer.mlp.down_proj.in_features for layer in layers}

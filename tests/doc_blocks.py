@@ -197,6 +197,12 @@ SUBSTITUTIONS = {
 # (document, a substring of a Python block) -> assertions run in the namespace right after that block: the value the
 # block's text promises, so a block that runs but does the wrong thing fails too.
 CHECKS = {
+    ("README.md", 'save_pruned(model, "out-s/measured"'): (
+        # measured beside out-s/dense: fewer parameters, smaller files, and the card states the speed it measured
+        "assert measured['speed']['ratios']['parameter_bytes'] < 1 and measured['speed']['dense'] is not None\n"
+        "assert measured['weight_files']['bytes'] < measured['dense_weight_files']['bytes']\n"
+        "assert 'Measured when it was saved' in open('out-s/measured/README.md').read()\n"
+    ),
     ("README.md", "save_pruned(model, \"out-pruned\""): (
         "assert abs(report.global_sparsity - 0.5) < 0.01, report.global_sparsity\n"
         "assert json.load(open('out-pruned/sparsity.json'))['global_sparsity'] == report.global_sparsity\n"

@@ -77,7 +77,7 @@ def _absolute_importance(info: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def sparsity_dict(report: PruningReport, *, base_model: str | None = None, schedule: dict | None = None,
                   distillation: dict | None = None,
-                  eval_results: dict | None = None) -> dict[str, Any]:
+                  eval_results: dict | None = None, measured: dict | None = None) -> dict[str, Any]:
     """The `sparsity.json` payload (schema documented in docs/file_formats.md).
 
     Args:
@@ -87,6 +87,8 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
             held, `mode="hold"`).
         distillation (`dict`, *optional*): `DistillConfig.to_dict()` of the run's distillation.
         eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`.
+        measured (`dict`, *optional*): what was measured of the written folder (`publish/measure.py`):
+            `{"weight_files": {"bytes", "dtype"}, "dense_weight_files": ... or None, "speed": ... or None}`.
 
     Returns:
         `dict[str, Any]`: a JSON-serialisable dict (sparsities are fractions in [0, 1]).
@@ -111,6 +113,7 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "schedule": schedule,
         "distillation": distillation,
         "eval": eval_results,
+        "measured": measured,
     }
 
 

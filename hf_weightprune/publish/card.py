@@ -18,6 +18,7 @@ from ..files.pruned_files import SPARSITY_NAME, SWEEP_PNG, load_sparsity
 from ..io_utils import atomic_write_text, check_arg_type, is_local_path
 from ..validation import parse_structure, structure_parts
 from . import card_text as T
+from .measure import measured_text
 
 CARD_FILE = "README.md"
 CARD_TEMPLATE = "pruned_model_card.md"
@@ -249,6 +250,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "module_table": (T.structured_module_table(folder, sparsity.get("structured"), structure) if structured
                          else T.module_table(sparsity["tensors"])),
         "routing": T.routing_rows(sparsity.get("routing")),
+        "measured": measured_text(sparsity.get("measured"), structured),
         "references": T.references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
         "has_plot": (folder / SWEEP_PNG).is_file(),

@@ -24,6 +24,7 @@ from ..files.pruned_files import sparsity_dict, write_sparsity
 from ..io_utils import atomic_folder, check_arg_type
 from ..moe import stored_slice_name
 from ..prune.report import PruningReport
+from .measure import check_baseline, measure_model, measured_section
 
 if TYPE_CHECKING:
     from ..train.distill import DistillConfig
@@ -199,6 +200,8 @@ def save_pruned(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     write_card: bool = True,
+    measure_speed: bool = False,
+    baseline: nn.Module | str | os.PathLike | None = None,
 ) -> str:
     """Save a pruned model as a standard HF checkpoint with `sparsity.json` and a `README.md` model card.
 
@@ -225,9 +228,17 @@ def save_pruned(
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
         max_shard_size (`str` or `int`, *optional*, defaults to `"5GB"`): passed to `save_pretrained`.
         write_card (`bool`, *optional*, defaults to `True`): write `README.md` (named after `output_dir`).
+        measure_speed (`bool`, *optional*, defaults to `False`): measure the written checkpoint's prefill and decode
+            tokens/s and peak memory on this machine, beside `baseline` when given ([`measure.measure_model`], its
+            defaults; seconds for a small model, as long as the runs for a large one), for `sparsity.json` and the
+            card.
+        baseline (`PreTrainedModel`, `str` or `os.PathLike`, *optional*): the dense model this one was pruned from,
+            with the same vocabulary: a local folder (its weight files' size is recorded beside this one's) or, with
+            `measure_speed`, a model in memory.
 
     Returns:
-        `str`: `output_dir`, which now holds the checkpoint, `sparsity.json` and the card. A hold recovery's
+        `str`: `output_dir`, which now holds the checkpoint, `sparsity.json` and the card. `sparsity.json` always
+        records the bytes of the written weight files (`measured`). A hold recovery's
         `sparsity.json` records the criterion, statistics, scope and reconstruction of the prune its masks came from;
         local folders (importance, `masks_from`, teacher) are recorded relative to `output_dir`. A warning is logged
         when `output_dir` lies inside a Trainer `output_dir`, which `trainer.push_to_hub()` uploads whole.
@@ -236,7 +247,10 @@ def save_pruned(
         TypeError: an argument has the wrong type (checked before any work).
         ValueError: `schedule` is a dict without the schedule's fields (e.g. `MaskHolder.state_dict()`),
             `distillation` a dict with a value `DistillConfig` refuses, or
-            `output_dir` is refused by [`check_output_dir`] (the input checkpoint, the importance folder, ...).
+            `output_dir` is refused by [`check_output_dir`] (the input checkpoint, the importance folder, ...), or
+            a `baseline` that is not a causal LM or has another vocabulary (a model in memory without
+            `measure_speed`).
+        FileNotFoundError: a `baseline` folder without `config.json` or safetensors weights.
         FileExistsError: `output_dir` is not empty and `overwrite=False`, or another process wrote it meanwhile
             (nothing of this call is kept then).
     """
@@ -248,6 +262,7 @@ def save_pruned(
     check_arg_type("save_pruned", "max_shard_size", max_shard_size, (str, int), 'a size such as "5GB" or bytes')
     schedule = _schedule_dict(schedule)
     distillation = _distillation_dict(distillation)
+    dense_folder = check_baseline("save_pruned", model, baseline, measure_speed)
     output_dir = os.fspath(output_dir)
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     check_output_dir(output_dir, input_dirs=[source], importance_dirs=[(report.importance or {}).get("path")],
@@ -262,8 +277,12 @@ def save_pruned(
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        speed = None
+        if measure_speed:  # the files just written, not the module: the figures describe the checkpoint
+            speed = measure_model(tmp, baseline, device=next(model.parameters()).device)
         payload = sparsity_dict(report, base_model=base_model, schedule=schedule, distillation=distillation,
-                                eval_results=eval_results)
+                                eval_results=eval_results,
+                                measured=measured_section(tmp, dense_folder=dense_folder, speed=speed))
         _write_sparsity_and_card(tmp, output_dir, payload, base_model, write_card, source=source or None)
     logger.info("Saved pruned model to %s (%s)", output_dir, report.summary())
     return output_dir
@@ -332,7 +351,8 @@ def prune_checkpoint(
         progress (`bool`, *optional*, defaults to `True`): show a progress bar over the shards.
 
     Returns:
-        `PruningReport`: what was pruned, as `prune_` returns it (the same content as `sparsity.json`).
+        `PruningReport`: what was pruned, as `prune_` returns it (the same content as `sparsity.json`, which also
+        records the bytes of the written weight files and of `model_dir`'s).
 
     Raises:
         TypeError: an argument has the wrong type (checked before any work).
@@ -420,7 +440,7 @@ def prune_checkpoint(
         if base_model is None:
             source = getattr(skeleton.config, "_name_or_path", "") or ""
             base_model = source if source and not os.path.isdir(source) and source != model_dir else None
-        _write_sparsity_and_card(tmp, output_dir, sparsity_dict(report, base_model=base_model), base_model,
-                                 write_card, source=model_dir)
+        payload = sparsity_dict(report, base_model=base_model, measured=measured_section(tmp, dense_folder=model_dir))
+        _write_sparsity_and_card(tmp, output_dir, payload, base_model, write_card, source=model_dir)
     logger.info("Saved pruned checkpoint to %s (%s)", output_dir, report.summary())
     return report

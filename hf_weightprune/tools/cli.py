@@ -73,7 +73,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     Raises:
         ValueError: `--output_dir` is refused by the output rule ([`export.check_output_dir`]), checked before any
-            loading, or other bad input.
+            loading, `--measure_speed` with a `model_dir` that is not a local folder, or other bad input.
         FileExistsError: `--output_dir` is not empty and `--overwrite` is not given (checked before any loading).
         FileNotFoundError, ImportanceFileError: a missing model or importance folder, printed by [`main`] as one
             line.
@@ -90,6 +90,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = PruneConfig(**{name: getattr(args, name) for name in config_fields(PruneConfig)})
     _check_model_dir(args.model_dir, "model_dir")
     check_local_path("--importance", args.importance, "an importance, checkpoint or training output folder")
+    if args.measure_speed and not os.path.isdir(args.model_dir):
+        raise ValueError(f"--measure_speed measures beside the input checkpoint: model_dir {args.model_dir} must be "
+                         "a local folder (download the Hub model first)")
     if args.eval_data and not os.path.exists(args.eval_data):
         raise FileNotFoundError(f"--eval_data {args.eval_data}: no such file; pass a .txt, .json or .jsonl file")
     importance_dir = None
@@ -107,7 +110,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     progress = show_progress(args)
     safetensors_dir = os.path.isdir(args.model_dir) and find_weights_file(args.model_dir) is not None
     moe = bool(importance.sections.get("router"))  # expert slices are views of fused tensors: pruned in memory
-    if not args.eval_data and args.dtype == "auto" and not config.shrinks and not moe and safetensors_dir:
+    in_memory = args.eval_data or args.measure_speed or args.dtype != "auto" or config.shrinks or moe
+    if not in_memory and safetensors_dir:
         # Nothing needs the model in memory: prune the safetensors files shard by shard (faster, less memory).
         from ..publish.export import prune_checkpoint
 
@@ -125,7 +129,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         pruned = _eval(model, tokenizer, args)
         eval_results.update(pruned_loss=pruned["loss"], pruned_tokens=pruned["tokens"])
     save_pruned(model, args.output_dir, report=report, tokenizer=tokenizer, overwrite=args.overwrite,
-                eval_results=eval_results, base_model=args.base_model)
+                eval_results=eval_results, base_model=args.base_model, measure_speed=args.measure_speed,
+                baseline=args.model_dir if args.measure_speed else None)
     return _saved(report, args)
 
 
@@ -355,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base_model", default=None, help="Hub id of the dense model, for the card")
     p.add_argument("--eval_data", default=None, help="text/JSON file: measure loss before/after for the card")
     add_eval(p, "--eval_data")
+    p.add_argument("--measure_speed", action="store_true",
+                   help="measure the pruned checkpoint's prefill/decode tokens/s and peak memory beside model_dir on "
+                        "this machine, for sparsity.json and the card")
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also upload the result to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the --push_to_hub repo as private")
     add_common(p, top=False)

@@ -373,6 +373,8 @@ def test_unsupported_architecture():
 def test_unknown_structure_and_nothing_to_prune():
     with pytest.raises(ValueError, match="Unknown structure 'channels'"):
         check_structured_supported(make_model("llama_mha"), "channels")
+    with pytest.raises(ValueError, match=r"'hidden' is checked by prune/hidden\.py"):
+        check_structured_supported(make_model("llama_mha"), "hidden")
     torch.manual_seed(0)
     mqa = LlamaForCausalLM(LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=1))
     check_structured_supported(mqa, "neurons")

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -67,6 +68,32 @@ def test_readme_prune_line_writes_a_subfolder_of_the_run(run, capsys):
     assert (run / "pruned-old-flag" / "model.safetensors").read_bytes() == (
         run / "pruned" / "model.safetensors").read_bytes()
     assert capsys.readouterr().out.count(f"Saved to {run / 'pruned'}\n") == 1
+
+
+def test_prune_measure_speed_measures_beside_the_input(run, tmp_path, capsys):
+    """`prune --measure_speed`: the input checkpoint is the baseline (its files, its parameters); without the flag a
+    file-to-file prune still records both folders' weight files, and no speed."""
+    from hf_weightprune.files.safetensors_io import read_header
+
+    args = ["prune", str(run), "--importance", str(run), "--output_dir"]
+    assert main([*args, str(tmp_path / "m"), "--structure", "neurons", "--sparsity", "0.5", "--measure_speed"]) == 0
+    measured = json.loads((tmp_path / "m" / "sparsity.json").read_text())["measured"]
+    header = read_header(run / "model.safetensors")
+    assert measured["speed"]["dense"]["num_parameters"] == sum(
+        math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    assert measured["dense_weight_files"]["bytes"] == (run / "model.safetensors").stat().st_size
+    assert measured["weight_files"]["bytes"] == (tmp_path / "m" / "model.safetensors").stat().st_size
+    assert "Measured when it was saved" in (tmp_path / "m" / "README.md").read_text()
+    assert main([*args, str(tmp_path / "u"), "--sparsity", "0.5"]) == 0  # file to file
+    measured = json.loads((tmp_path / "u" / "sparsity.json").read_text())["measured"]
+    assert measured["speed"] is None
+    assert measured["weight_files"]["bytes"] == measured["dense_weight_files"]["bytes"] == (
+        run / "model.safetensors").stat().st_size
+    capsys.readouterr()
+    assert main(["prune", "org/model", "--importance", str(run), "--output_dir", str(tmp_path / "h"),
+                 "--measure_speed"]) == 2
+    assert "--measure_speed measures beside the input checkpoint" in _one_line(capsys)
+    assert not (tmp_path / "h").exists()
 
 
 @pytest.mark.parametrize(
