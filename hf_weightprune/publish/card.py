@@ -273,8 +273,8 @@ def search_text(search: dict | None) -> str | None:
         extra = ", ".join(f"{k} {row['config'].get(k)}" for k in varying)
         return f"`{row['config']['structure']}`" + (f" ({extra})" if extra else "")
 
-    others = [f"{label(r)} {r['loss']:.4f}" if r.get("skipped") is None else f"{label(r)} skipped ({r['skipped']})"
-              for i, r in enumerate(rows) if i != chosen]
+    others = [f"{label(r)} {r['loss']:.4f}" if r.get("skipped") is None
+              else f"{label(r)} skipped (the reason is in {SPARSITY_NAME})" for i, r in enumerate(rows) if i != chosen]
     steps = search.get("recovery_steps") or 0
     how = (f"after {steps} steps of recovery{' distilled from the dense model' if search.get('distillation') else ''}"
            if steps else "one-shot")
