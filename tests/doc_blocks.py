@@ -251,8 +251,8 @@ CHECKS = {
     ("README.md", "search_structures(dense"): (
         # the lowest measured loss won, 2 recovery steps each, the folder's files state the table and the choice
         "losses = [r['loss'] for r in search.candidates if r['skipped'] is None]\n"
-        "assert search.candidates[search.best_index]['loss'] == min(losses) and len(losses) == 3\n"
-        "assert search.recovery_steps == 2 and search.distillation['teacher'] == 'LlamaForCausalLM'\n"
+        "assert search.candidates[search.best_index]['loss'] == min(losses) and len(losses) == 3, search.table()\n"
+        "assert search.recovery_steps == 2 and search.distillation['teacher'] == 'dense', search.distillation\n"
         "meta = json.load(open('out-s/searched/sparsity.json'))\n"
         "assert meta['search'] == json.loads(json.dumps(search.to_dict())) and meta['structure'] == search.best.structure\n"
         "assert '**Shape search**' in open('out-s/searched/README.md').read()\n"

@@ -276,8 +276,8 @@ def search_text(search: dict | None) -> str | None:
     others = [f"{label(r)} {r['loss']:.4f}" if r.get("skipped") is None
               else f"{label(r)} skipped (the reason is in {SPARSITY_NAME})" for i, r in enumerate(rows) if i != chosen]
     steps = search.get("recovery_steps") or 0
-    how = (f"after {steps} steps of recovery{' distilled from the dense model' if search.get('distillation') else ''}"
-           if steps else "one-shot")
+    distilled = " distilled from the dense model" if search.get("distillation") else ""
+    how = f"after {steps} steps of recovery{distilled}" if steps else "one-shot"
     return (f"the shape was chosen by measured loss among {len(rows)} candidates of the same budget, each pruned and "
             f"scored {how} by its mean loss on {search.get('windows')} windows of training text "
             f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {rows[chosen]['loss']:.4f}, the lowest"

@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import logging
 import math
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -281,7 +282,10 @@ def _teacher_named(distill: DistillConfig | None, model: nn.Module) -> dict[str,
     """The recovery's `DistillConfig.to_dict()`, its default teacher named: the input model, not a copy of the student."""
     if distill is None:
         return None
-    return dataclasses.replace(distill, teacher=model if distill.teacher is None else distill.teacher).to_dict()
+    out = dataclasses.replace(distill, teacher=model if distill.teacher is None else distill.teacher).to_dict()
+    if isinstance(out["teacher"], str) and os.path.isdir(out["teacher"]):  # no local path of this machine in files
+        out["teacher"] = os.path.basename(os.path.normpath(out["teacher"]))
+    return out
 
 
 def _recover_keeping(student, model, steps, train_dataset, training_args, distill, callbacks) -> None:
