@@ -29,6 +29,7 @@ _LAZY_IMPORTS = {
     "prune_checkpoint": "publish.export",
     "push_pruned_to_hub": "publish.hub",
     "save_pruned": "publish.export",
+    "search_structures": "tools.search",
     "sweep": "tools.sweep",
 }
 
@@ -49,6 +50,7 @@ __all__ = [
     "prune_checkpoint",
     "push_pruned_to_hub",
     "save_pruned",
+    "search_structures",
     "sweep",
 ]
 
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     from .prune.report import PruningReport
     from .publish.export import prune_checkpoint, save_pruned
     from .publish.hub import push_pruned_to_hub
+    from .tools.search import search_structures
     from .tools.sweep import sweep
     from .train.callback import ImportanceCallback
     from .train.distill import DistillConfig

@@ -187,6 +187,8 @@ SUBSTITUTIONS = {
                    f"Trainer(model=peft_model, args=_Args('out-lora', **{LORA_TRAIN!r}), train_dataset=train_ds, "
                    "callbacks=[cb]).train()\n",
         "[--include_importance]": "--include_importance",
+        # the shipped training text, from the repository (each document runs in an empty folder)
+        "data/kjv/train.txt": str(KJV / "train.txt"),
         "[--include-importance]": "--include-importance",
     },
     # the docs' example step; the fixture's run is shorter
@@ -245,6 +247,16 @@ CHECKS = {
         "assert final_meta['criterion'] == 'sparsegpt' and final_meta['scope'] == 'row' and final_meta['importance']\n"
         "assert 'unknown' not in open('out-e/final/README.md').read()\n"
         "assert 'trained against the local checkpoint `dense`' in open('out-e/final/README.md').read()\n"
+    ),
+    ("README.md", "search_structures(dense"): (
+        # the lowest measured loss won, 2 recovery steps each, the folder's files state the table and the choice
+        "losses = [r['loss'] for r in search.candidates if r['skipped'] is None]\n"
+        "assert search.candidates[search.best_index]['loss'] == min(losses) and len(losses) == 3, search.table()\n"
+        "assert search.recovery_steps == 2 and search.distillation['teacher'] == 'dense', search.distillation\n"
+        "meta = json.load(open('out-s/searched/sparsity.json'))\n"
+        "assert meta['search'] == json.loads(json.dumps(search.to_dict())) and meta['structure'] == search.best.structure\n"
+        "assert '**Shape search**' in open('out-s/searched/README.md').read()\n"
+        "assert sum(p.numel() for p in dense.parameters()) == meta['structured']['num_parameters']['before']\n"
     ),
     ("README.md", "target_params=0.8, compensate=\"refit\""): (
         # the structured recipe: 80% of the parameters kept (within a unit per layer), refit, distilled from the dense

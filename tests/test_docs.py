@@ -190,7 +190,7 @@ def test_block_parser_reads_fences_directives_and_commands(tmp_path):
 # Module (or subpackage) of hf_weightprune -> the sibling modules it may import (`from .x import`, `from . import x`,
 # lazy imports included). docs/architecture.md states the same lists; both tests below must agree.
 MAY_IMPORT = {
-    "__init__": {"_version", "collect/importance", "config", "files/importance_files", "files/pruned_files", "prune/lora", "prune/oneshot", "prune/pruner", "prune/report", "publish/export", "publish/hub", "tools/sweep", "train/callback", "train/distill", "train/schedule"},
+    "__init__": {"_version", "collect/importance", "config", "files/importance_files", "files/pruned_files", "prune/lora", "prune/oneshot", "prune/pruner", "prune/report", "publish/export", "publish/hub", "tools/search", "tools/sweep", "train/callback", "train/distill", "train/schedule"},
     "_version": set(),
     "config": {"io_utils", "scorers", "validation"},
     "coverage": {"matching", "moe"},
@@ -242,10 +242,11 @@ MAY_IMPORT = {
     "publish/hub": {"_version", "files/importance_files", "files/pruned_files", "io_utils", "publish/card", "publish/provenance"},
     "publish/measure": {"files/safetensors_io", "io_utils"},
     "publish/provenance": {"files/pruned_files", "io_utils", "publish/card_text"},
-    "tools/cli": {"_version", "collect/summary", "config", "files/importance_files", "files/pruned_files", "files/safetensors_io", "prune/pruner", "publish/export", "publish/hub", "tools/cli_args", "tools/data", "tools/plotting", "tools/sweep", "validation"},
+    "tools/cli": {"_version", "collect/summary", "config", "files/importance_files", "files/pruned_files", "files/safetensors_io", "prune/pruner", "publish/export", "publish/hub", "tools/cli_args", "tools/data", "tools/plotting", "tools/search", "tools/sweep", "validation"},
     "tools/cli_args": {"validation"},
     "tools/data": set(),
     "tools/plotting": {"io_utils", "matching"},
+    "tools/search": {"collect/importance", "config", "io_utils", "prune/pruner", "prune/report", "tools/data", "train/callback", "train/distill"},
     "tools/sweep": {"collect/importance", "config", "distributed", "files/importance_files", "files/pruned_files", "files/safetensors_io", "io_utils", "prune/oneshot", "prune/pruner", "publish/export", "scorers", "tools/data", "tools/plotting", "validation"},
     "train/callback": {"collect/accumulator", "collect/cross", "collect/importance", "config", "train/checkpoint", "train/distill", "train/distiller", "train/holder", "train/schedule", "train/stream"},
     "train/checkpoint": {"config", "distributed", "files/cross_files", "files/importance_files", "files/safetensors_io", "files/training_state", "files/unit_files", "io_utils"},

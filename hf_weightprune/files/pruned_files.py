@@ -114,6 +114,7 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "distillation": distillation,
         "eval": eval_results,
         "measured": measured,
+        "search": report.search,
     }
 
 

@@ -84,6 +84,9 @@ class PruningReport:
             tokens routed to each expert during training; after a whole-expert prune also `"removed"` (original
             expert indices) and `"removed_shares"` (each one's share of the layer's routed tokens), see
             [`~PruningReport.record_removed_experts`].
+        search (`dict`, *optional*):
+            When the structure was chosen by measured loss among candidates ([`~tools.search.search_structures`]):
+            its `StructureSearch.to_dict()`, every candidate's loss and parameters and the one chosen.
     """
 
     structure: str
@@ -98,6 +101,7 @@ class PruningReport:
     reconstruction: str | None = None
     allocation: str = "uniform"
     routing: dict[str, dict[str, Any]] | None = None
+    search: dict[str, Any] | None = None
 
     @classmethod
     def for_config(

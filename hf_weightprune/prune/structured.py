@@ -20,7 +20,8 @@ relative score up, with their parameter cost, until `R` is reached; a step of an
 closes that axis, the last width axis (in the order heads, neurons, hidden) fills the rest. So an axis whose weakest
 units are far below its average gives more. The counts are then applied depth first; the last width axis is recomputed
 from the parameters actually left, so the target is met within one unit per layer (half a unit's cost for width,
-one layer for depth alone).
+one layer for depth alone). To choose between candidate shapes by measured loss instead of this rule,
+`search_structures` (`tools/search.py`) prunes a copy with each one and keeps the lowest loss (Minitron's search).
 
 Compensation of removed neurons (`down_proj` input columns) and KV groups (`o_proj` input columns), layer by layer:
 `compensate="refit"` refits the kept columns by least squares from their input Hessians (`compensate.refit_columns`;

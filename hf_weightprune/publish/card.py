@@ -251,6 +251,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
                          else T.module_table(sparsity["tensors"])),
         "routing": T.routing_rows(sparsity.get("routing")),
         "measured": measured_text(sparsity.get("measured"), structured),
+        "search": search_text(sparsity.get("search")),
         "references": T.references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
         "has_plot": (folder / SWEEP_PNG).is_file(),
@@ -258,6 +259,29 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "generated_mark": GENERATED_MARK,
         "sparsity_file": SPARSITY_NAME,
     }
+
+
+def search_text(search: dict | None) -> str | None:
+    """One sentence from the `search` entry of `sparsity.json`: which candidate shape was chosen, by what loss."""
+    rows = (search or {}).get("candidates") or []
+    chosen = search.get("chosen") if rows else None
+    if not isinstance(chosen, int) or not 0 <= chosen < len(rows):
+        return None
+    varying = [k for k in ("unit_statistic", "compensate") if len({str(r["config"].get(k)) for r in rows}) > 1]
+
+    def label(row):
+        extra = ", ".join(f"{k} {row['config'].get(k)}" for k in varying)
+        return f"`{row['config']['structure']}`" + (f" ({extra})" if extra else "")
+
+    others = [f"{label(r)} {r['loss']:.4f}" if r.get("skipped") is None
+              else f"{label(r)} skipped (the reason is in {SPARSITY_NAME})" for i, r in enumerate(rows) if i != chosen]
+    steps = search.get("recovery_steps") or 0
+    distilled = " distilled from the dense model" if search.get("distillation") else ""
+    how = f"after {steps} steps of recovery{distilled}" if steps else "one-shot"
+    return (f"the shape was chosen by measured loss among {len(rows)} candidates of the same budget, each pruned and "
+            f"scored {how} by its mean loss on {search.get('windows')} windows of training text "
+            f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {rows[chosen]['loss']:.4f}, the lowest"
+            + (f" (others: {'; '.join(others)})" if others else "") + f"; dense model {search.get('dense_loss'):.4f}")
 
 
 def write_model_card(output_dir: str | os.PathLike, **card_args: Any) -> Path:

@@ -60,6 +60,8 @@ GRADUAL_REFERENCE = "Gradual pruning (cubic schedule): Zhu & Gupta 2017, [arXiv:
 DEPTH_REFERENCE = "Layer removal by block influence (ShortGPT): Men et al. 2024, [arXiv:2403.03853](https://arxiv.org/abs/2403.03853)"
 MEAN_REFERENCE = "Mean-activation bias compensation of the removed units (FLAP): An et al. 2024, [arXiv:2312.11983](https://arxiv.org/abs/2312.11983)"
 REFIT_REFERENCE = "Least-squares re-fit of the pruned units' consumers (structured OBS, SlimGPT): Ling et al. 2024, [arXiv:2412.18110](https://arxiv.org/abs/2412.18110)"
+SEARCH_REFERENCE = ("Candidate shapes ranked by their loss (Minitron): Muralidharan et al. 2024, "
+                    "[arXiv:2407.14679](https://arxiv.org/abs/2407.14679)")
 DISTILL_REFERENCE = "Knowledge distillation: Hinton et al. 2015, [arXiv:1503.02531](https://arxiv.org/abs/1503.02531)"
 SQUAREHEAD_REFERENCE = "SquareHead distillation: Kurtic et al. 2023, [arXiv:2310.06927](https://arxiv.org/abs/2310.06927)"
 
@@ -263,6 +265,8 @@ def references(criterion: str | None, sparsity: dict) -> list[str]:
     compensation = (sparsity.get("structured") or {}).get("compensation")
     if compensation in ("refit", "mean"):
         refs.append(REFIT_REFERENCE if compensation == "refit" else MEAN_REFERENCE)
+    if sparsity.get("search"):
+        refs.append(SEARCH_REFERENCE)
     if sparsity.get("allocation") == "owl":
         refs.append(OWL_REFERENCE)
     schedule = sparsity.get("schedule")

@@ -17,10 +17,11 @@ from .cli_args import (
     add_config_flags,
     add_eval,
     add_importance_name,
+    add_search,
     command_logging,
-    config_fields,
     formatter,
     hub_bars,
+    search_candidates,
     show_progress,
 )
 
@@ -86,8 +87,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..prune.pruner import prune_
     from ..publish.export import check_output_dir, save_pruned
     from ..validation import check_local_path
+    from .search import search_for_cli
 
-    config = PruneConfig(**{name: getattr(args, name) for name in config_fields(PruneConfig)})
+    config, candidates = search_candidates(args, PruneConfig)  # --search_structures: the candidates' configs
     _check_model_dir(args.model_dir, "model_dir")
     check_local_path("--importance", args.importance, "an importance, checkpoint or training output folder")
     if args.measure_speed and not os.path.isdir(args.model_dir):
@@ -119,12 +121,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                   overwrite=args.overwrite, progress=progress)
         return _saved(report, args)
     model, tokenizer = _load_model(args.model_dir, args.dtype)
+    config, search = search_for_cli(args, model, tokenizer, importance, candidates, config)
     eval_results = None
     if args.eval_data:
         # The same windows before and after pruning, no training between: `tokens` says so (the card compares them).
         dense = _eval(model, tokenizer, args)
         eval_results = {"dataset": args.eval_data, "dense_loss": dense["loss"], "tokens": dense["tokens"]}
     report = prune_(model, importance, config, progress=progress)
+    report.search = search
     if args.eval_data:
         pruned = _eval(model, tokenizer, args)
         eval_results.update(pruned_loss=pruned["loss"], pruned_tokens=pruned["tokens"])
@@ -360,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base_model", default=None, help="Hub id of the dense model, for the card")
     p.add_argument("--eval_data", default=None, help="text/JSON file: measure loss before/after for the card")
     add_eval(p, "--eval_data")
+    add_search(p)
     p.add_argument("--measure_speed", action="store_true",
                    help="measure the pruned checkpoint's prefill/decode tokens/s and peak memory beside model_dir on "
                         "this machine, for sparsity.json and the card")

@@ -199,3 +199,46 @@ def add_importance_name(p: argparse.ArgumentParser) -> None:
     one Trainer)."""
     p.add_argument("--importance_name", default=None, metavar="NAME",
                    help="the ImportanceConfig(name=...) of one of several callbacks: reads importance-NAME/")
+
+
+def add_search(p: argparse.ArgumentParser) -> None:
+    """`prune --search_structures`: the candidate shapes, and the training text that scores them."""
+    p.add_argument("--search_structures", nargs="+", default=None, metavar="STRUCTURE",
+                   help="candidate structures of one --target_params budget, e.g. 'layers,neurons neurons hidden,"
+                   "neurons': each prunes a copy, the lowest loss on --calibration windows wins (replaces --structure)")
+    p.add_argument("--calibration", default=None,
+                   help="training text (.txt, .json, .jsonl or a saved dataset) for --search_structures' windows; "
+                   "never the evaluation set")
+    p.add_argument("--search_windows", type=int, default=16, help="--calibration windows of --seq_len tokens per "
+                   "candidate")
+
+
+def search_candidates(args: argparse.Namespace, config_cls) -> tuple:
+    """`prune`'s config from its flags, and with `--search_structures` one config per candidate structure (the other
+    flags shared), checked before any loading.
+
+    Returns:
+        `tuple`: `(config, candidates)`: without `--search_structures` the flags' config and `None`; with it, the
+        first candidate and the list of all.
+
+    Raises:
+        ValueError: a config the flags make is refused, `--structure` given beside `--search_structures`, no
+            `--calibration`, `--search_windows` below 1 (one line each).
+        FileNotFoundError: `--calibration` does not exist.
+    """
+    import os
+
+    flags = {name: getattr(args, name) for name in config_fields(config_cls)}
+    if not args.search_structures:
+        return config_cls(**flags), None
+    if args.structure != "unstructured":
+        raise ValueError("--search_structures replaces --structure: give the candidates to --search_structures only")
+    if not args.calibration:
+        raise ValueError("--search_structures scores each candidate on windows of training text: pass --calibration "
+                         "FILE (never the evaluation set)")
+    if not os.path.exists(args.calibration):
+        raise FileNotFoundError(f"--calibration {args.calibration}: no such file or folder")
+    if args.search_windows < 1:
+        raise ValueError(f"--search_windows must be >= 1; got {args.search_windows}")
+    candidates = [config_cls(**{**flags, "structure": s}) for s in args.search_structures]
+    return candidates[0], candidates

@@ -1,0 +1,327 @@
+"""Choosing the shape of a structured prune by measured loss: Minitron's candidate search.
+
+`prune/structured.py` splits a `target_params` budget between the axes of a combination by a rule read from the unit
+statistics. [`search_structures`] measures instead: each candidate `PruneConfig` (same budget, another structure or
+unit statistic) prunes a copy of the model, optionally recovers for a few steps with the real `Trainer` (distilled
+from the dense model when asked), and is scored by its mean loss on token windows of the training data; the lowest
+loss wins (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge Distillation", arXiv
+2407.14679: the search over candidate shapes ranked after a "lightweight retraining").
+
+It lives in `tools/` beside `sweep.py`, not in `prune/`: it composes pruning (`prune_`), training (the `Trainer`
+with `ImportanceCallback`'s distillation) and evaluation (`data.evaluate_loss`), all stages below this one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..collect.importance import Importance
+from ..config import ImportanceConfig, PruneConfig
+from ..io_utils import check_arg_type
+from ..prune.pruner import prune_
+from ..prune.report import PruningReport
+from ..train.callback import ImportanceCallback
+from ..train.distill import DistillConfig
+from .data import evaluate_loss
+
+__all__ = ["StructureSearch", "candidate_configs", "search_for_cli", "search_structures"]
+
+logger = logging.getLogger(__name__)
+
+MINITRON = "arXiv:2407.14679"
+_SET_BY_SEARCH = ("max_steps", "save_strategy")  # TrainingArguments fields the search owns
+
+
+@dataclass
+class StructureSearch:
+    """What [`search_structures`] measured, and the winner.
+
+    Args:
+        candidates (`list[dict]`): one row per candidate, in the order given: `config` (`PruneConfig.to_dict()`),
+            `loss` and `perplexity` on the windows (`None` when skipped), `num_parameters` (after pruning) and
+            `skipped` (the one-line reason a candidate could not be pruned, else `None`).
+        best (`PruneConfig`): the candidate of lowest loss (the first of equal ones).
+        best_index (`int`): its position in `candidates`.
+        dense_loss (`float`): the unpruned model's loss on the same windows.
+        windows (`int`), tokens (`int`): how many windows scored each candidate, and their predicted tokens.
+        recovery_steps (`int`): optimizer steps of recovery before each candidate was scored (0: one-shot).
+        distillation (`dict`, *optional*): `DistillConfig.to_dict()` of that recovery, `None` without.
+        model (`nn.Module`, *optional*): a copy of the input model pruned with `best`, one-shot (see
+            [`search_structures`]); `None` with `return_model=False`.
+        report ([`PruningReport`], *optional*): its report; `report.search` holds [`to_dict`], so `save_pruned`
+            writes the search into `sparsity.json` and the card.
+    """
+
+    candidates: list[dict[str, Any]]
+    best: PruneConfig
+    best_index: int
+    dense_loss: float
+    windows: int
+    tokens: int
+    recovery_steps: int = 0
+    distillation: dict[str, Any] | None = None
+    model: nn.Module | None = field(default=None, repr=False)
+    report: PruningReport | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `search` section of `sparsity.json` (schema in docs/file_formats.md).
+
+        Returns:
+            `dict[str, Any]`: `method`, `reference`, `windows`, `tokens`, `recovery_steps`, `distillation`,
+            `dense_loss`, `chosen` (index into `candidates`) and `candidates` (the rows above). JSON-ready.
+        """
+        return {"method": "lowest mean loss on training windows", "reference": MINITRON, "windows": self.windows,
+                "tokens": self.tokens, "recovery_steps": self.recovery_steps, "distillation": self.distillation,
+                "dense_loss": self.dense_loss, "chosen": self.best_index, "candidates": copy.deepcopy(self.candidates)}
+
+    def table(self) -> str:
+        """The candidates as a plain-text table (structure, unit statistic, parameters, loss, perplexity).
+
+        Returns:
+            `str`: one header line and one line per candidate, the chosen one marked with `*`.
+        """
+        lines = [f"  {'structure':<24} {'statistic':<12} {'parameters':>12} {'loss':>8} {'ppl':>9}"]
+        for i, row in enumerate(self.candidates):
+            c = row["config"]
+            mark = "*" if i == self.best_index else " "
+            if row["skipped"]:
+                tail = f"skipped: {row['skipped']}"
+            else:
+                tail = f"{row['num_parameters']:>12,} {row['loss']:>8.4f} {row['perplexity']:>9.3f}"
+            lines.append(f"{mark} {c['structure']:<24} {c['unit_statistic']:<12} {tail}")
+        return "\n".join(lines)
+
+
+def candidate_configs(base: PruneConfig, structures: Sequence[str | Sequence[str]] | None = None,
+                      unit_statistics: Sequence[str] | None = None) -> list[PruneConfig]:
+    """Candidates that differ from `base` only in their structure and/or unit statistic (every pair of both).
+
+    Args:
+        base ([`PruneConfig`]): the budget (`target_params`) and everything else the candidates share.
+        structures (`list`, *optional*): structures such as `"layers,neurons"` or `("hidden", "neurons")`;
+            `None`: `base.structure` only.
+        unit_statistics (`list[str]`, *optional*): values of `PruneConfig.unit_statistic`; `None`: `base`'s only.
+
+    Returns:
+        `list[PruneConfig]`: structures outer, statistics inner.
+
+    Raises:
+        ValueError: a structure or statistic `PruneConfig` refuses (its one-line message).
+    """
+    check_arg_type("candidate_configs", "base", base, PruneConfig, "a PruneConfig")
+    return [dataclasses.replace(base, structure=s, unit_statistic=u)
+            for s in (structures or [base.structure]) for u in (unit_statistics or [base.unit_statistic])]
+
+
+def _check(candidates, recovery_steps, train_dataset, training_args, distill) -> list[PruneConfig]:
+    candidates = list(candidates) if isinstance(candidates, Sequence) else candidates
+    check_arg_type("search_structures", "candidates", candidates, list, "a list of PruneConfig")
+    if not candidates or not all(isinstance(c, PruneConfig) for c in candidates):
+        raise ValueError("search_structures: candidates must be a non-empty list of PruneConfig")
+    flat = [c.structure for c in candidates if not c.structures]
+    if flat:
+        raise ValueError(f"search_structures compares structured prunes (neurons, heads, hidden, layers or a "
+                         f"combination); got structure {flat[0]!r}")
+    budgets = {c.target_params if c.target_params is not None else f"sparsity {c.sparsity} of {c.structure}"
+               for c in candidates}
+    if len(budgets) > 1:
+        raise ValueError(f"search_structures compares candidates of one budget: give every candidate the same "
+                         f"target_params (got {sorted(map(str, budgets))})")
+    if isinstance(recovery_steps, bool) or not isinstance(recovery_steps, int) or recovery_steps < 0:
+        raise ValueError(f"recovery_steps must be an int >= 0; got {recovery_steps!r}")
+    if recovery_steps and train_dataset is None:
+        raise ValueError("recovery_steps > 0 trains each candidate: pass train_dataset (the training data)")
+    if not recovery_steps and (distill is not None or training_args):
+        raise ValueError("distill and training_args set the recovery: give recovery_steps > 0 (0 scores one-shot)")
+    check_arg_type("search_structures", "training_args", training_args, (dict, type(None)),
+                   "a dict of TrainingArguments keyword arguments")
+    owned = [k for k in _SET_BY_SEARCH if k in (training_args or {})]
+    if owned:
+        raise ValueError(f"training_args sets {owned[0]!r}, which the search sets (max_steps=recovery_steps, no "
+                         "checkpoints): leave it out")
+    check_arg_type("search_structures", "distill", distill, (DistillConfig, type(None)), "a DistillConfig or None")
+    if distill is not None and distill.teacher is None and (distill.teacher_dtype or distill.teacher_device):
+        raise ValueError("distill with teacher=None distils from the input model itself, which the search does not "
+                         "convert: leave teacher_dtype / teacher_device unset, or pass teacher= (a path or a copy)")
+    return candidates
+
+
+def _recover(student: nn.Module, dense: nn.Module, steps: int, train_dataset, training_args: dict | None,
+             distill: DistillConfig | None, callbacks: list | None) -> None:
+    """`steps` optimizer steps of `student` with the real `Trainer`; with `distill`, from the dense model."""
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory(prefix="hf-weightprune-search-") as tmp:
+        kwargs = {"output_dir": tmp, "report_to": [], **(training_args or {})}
+        args = TrainingArguments(**kwargs, max_steps=steps, save_strategy="no")
+        trainer = Trainer(model=student, args=args, train_dataset=train_dataset, callbacks=list(callbacks or []))
+        if distill is not None:
+            teacher = distill.teacher if distill.teacher is not None else dense
+            # magnitude reads the weights once at the end: no hooks, nothing gathered while recovering
+            ImportanceCallback(ImportanceConfig(criterion="magnitude"),
+                               distill=dataclasses.replace(distill, teacher=teacher)).attach(trainer)
+        trainer.train()
+        del trainer
+
+
+def search_structures(
+    model: nn.Module,
+    importance: Importance,
+    candidates: Sequence[PruneConfig],
+    windows,
+    *,
+    recovery_steps: int = 0,
+    train_dataset=None,
+    training_args: dict[str, Any] | None = None,
+    distill: DistillConfig | None = None,
+    callbacks: list | None = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    return_model: bool = True,
+) -> StructureSearch:
+    """
+    Prune a copy of `model` with each candidate config, score each by its mean loss on `windows`, keep the lowest.
+
+    Minitron (Muralidharan et al. 2024, arXiv 2407.14679) searches a few candidate shapes of one parameter budget
+    (depth against width, which width axes) and ranks them after a "lightweight retraining", because the loss right
+    after pruning can rank them differently from the loss once they have recovered; `recovery_steps` is that
+    retraining (Minitron: a few hundred steps), 0 ranks them one-shot. Candidates are tried one at a time:
+    `copy.deepcopy(model)`, `prune_`, `recovery_steps` of the `Trainer` when asked, `evaluate_loss` on `windows`,
+    then the copy is freed. Peak memory is the input model plus one pruned copy (plus, while recovering, the
+    Trainer's gradients and optimizer state of that copy, and the teacher: the input model itself unless
+    `distill.teacher` names another).
+
+    The winner is returned pruned one-shot, not recovered: with `return_model=True` a fresh copy is pruned with
+    `best` (one more `prune_`, cheap next to any recovery, and exactly what `prune_(model, importance, best)` gives),
+    so memory never holds two candidates and the real recovery (Minitron's full distillation) starts from the
+    pruned model as after any prune. The short recoveries only rank the candidates; their weights are discarded.
+
+    Args:
+        model (`PreTrainedModel`): the dense model `importance` describes. Not modified: each candidate prunes a
+            copy (while it serves as the teacher it is put in eval mode with `requires_grad=False`; both are
+            restored after each candidate).
+        importance ([`Importance`]): its statistics (unit statistics for hidden / layers); its binding is kept.
+        candidates (`list[PruneConfig]`): structured configs of the same `target_params` (see
+            [`candidate_configs`]).
+        windows (`datasets.Dataset`): token windows (`input_ids`, optional `labels`) as `data.make_windows` gives,
+            taken from the **training** data (a part the recovery does not train on, ideally), never from the
+            evaluation set: the search fits a choice to them, so a loss reported on them afterwards is biased.
+        recovery_steps (`int`, *optional*, defaults to 0): optimizer steps of recovery per candidate before scoring.
+        train_dataset (`Dataset`, *optional*): what the recovery trains on; required when `recovery_steps > 0`.
+        training_args (`dict`, *optional*): keyword arguments of `TrainingArguments` for the recovery (learning
+            rate, batch size, ...); `max_steps` and `save_strategy` are set by the search (no checkpoints), and
+            `output_dir` defaults to a temporary folder. Every candidate recovers with the same seed and data order.
+        distill ([`DistillConfig`], *optional*): distil the recovery from a teacher; `teacher=None` means the
+            input (dense) model. The shapes differ, so leave `hidden_weight=0` unless a candidate keeps the
+            layers and hidden size.
+        callbacks (`list[TrainerCallback]`, *optional*): added to every recovery `Trainer` (logging, counting).
+        batch_size (`int`, *optional*, defaults to 8), max_batches (`int`, *optional*): as in `evaluate_loss`.
+        return_model (`bool`, *optional*, defaults to `True`): prune a copy with the winner (`result.model`,
+            `result.report`); `False` returns the table and `best` only.
+
+    Returns:
+        [`StructureSearch`]: every candidate's loss, parameters and config, `best`, and the winner's pruned model.
+
+    Raises:
+        ValueError: one line, before any copy: candidates that are not structured configs of one budget, recovery
+            settings without `recovery_steps` (or the reverse), windows `evaluate_loss` refuses; after the
+            search, when no candidate could be pruned (each one's reason, in the same line).
+    """
+    check_arg_type("search_structures", "model", model, nn.Module, "the dense model (torch.nn.Module)")
+    check_arg_type("search_structures", "importance", importance, Importance, "an Importance")
+    candidates = _check(candidates, recovery_steps, train_dataset, training_args, distill)
+    dense = evaluate_loss(model, windows, batch_size=batch_size, max_batches=max_batches)
+    rows = []
+    for config in candidates:
+        row = {"config": config.to_dict(), "loss": None, "perplexity": None, "num_parameters": None, "skipped": None}
+        rows.append(row)
+        student = copy.deepcopy(model)
+        try:  # a shallow copy of the importance: prune_ binds it to the candidate, the caller's stays as it was
+            report = prune_(student, copy.copy(importance), config, progress=False)
+        except ValueError as e:  # a budget or size this structure cannot take: recorded, the others still run
+            row["skipped"] = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            logger.info("structure search: %s skipped: %s", config.structure, row["skipped"])
+        else:
+            row["num_parameters"] = report.structured["num_parameters"]["after"]
+            if recovery_steps:
+                _recover_keeping(student, model, recovery_steps, train_dataset, training_args, distill, callbacks)
+            scored = evaluate_loss(student, windows, batch_size=batch_size, max_batches=max_batches)
+            row["loss"], row["perplexity"] = scored["loss"], scored["perplexity"]
+            logger.info("structure search: %s (%s): %d parameters, loss %.4f", config.structure,
+                        config.unit_statistic, row["num_parameters"], row["loss"])
+        del student
+        gc.collect()
+    scored_rows = [i for i, r in enumerate(rows) if r["loss"] is not None]
+    if not scored_rows:
+        reasons = "; ".join(f"{r['config']['structure']}: {r['skipped']}" for r in rows)
+        raise ValueError(f"search_structures: no candidate could be pruned ({reasons})")
+    # nan (a diverged recovery) never wins: it sorts after every finite loss
+    best = min(scored_rows, key=lambda i: (math.isnan(rows[i]["loss"]), rows[i]["loss"]))
+    n_windows = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
+    result = StructureSearch(rows, candidates[best], best, dense["loss"], n_windows, dense["tokens"], recovery_steps,
+                             _teacher_named(distill, model))
+    if return_model:
+        result.model = copy.deepcopy(model)
+        result.report = prune_(result.model, copy.copy(importance), result.best, progress=False)
+        result.report.search = result.to_dict()
+    return result
+
+
+def _teacher_named(distill: DistillConfig | None, model: nn.Module) -> dict[str, Any] | None:
+    """The recovery's `DistillConfig.to_dict()`, its default teacher named: the input model, not a copy of the student."""
+    if distill is None:
+        return None
+    out = dataclasses.replace(distill, teacher=model if distill.teacher is None else distill.teacher).to_dict()
+    if isinstance(out["teacher"], str) and os.path.isdir(out["teacher"]):  # no local path of this machine in files
+        out["teacher"] = os.path.basename(os.path.normpath(out["teacher"]))
+    return out
+
+
+def _recover_keeping(student, model, steps, train_dataset, training_args, distill, callbacks) -> None:
+    """[`_recover`], then the input model's mode, `requires_grad` flags and device as they were (it may have
+    served as the teacher, which the distiller freezes and moves to the student's device)."""
+    mode, grads = model.training, [p.requires_grad for p in model.parameters()]
+    device = next(model.parameters()).device
+    try:
+        _recover(student, model, steps, train_dataset, training_args, distill, callbacks)
+    finally:
+        model.train(mode)
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        if next(model.parameters()).device != device:
+            model.to(device)
+
+
+def search_for_cli(args, model: nn.Module, tokenizer, importance: Importance, candidates: list[PruneConfig] | None,
+                   config: PruneConfig) -> tuple[PruneConfig, dict[str, Any] | None]:
+    """`prune --search_structures`: the search on `--calibration` windows, its table printed; the loaded model is
+    left dense for `cmd_prune` to prune in place with the winner (no second copy).
+
+    Returns:
+        `tuple`: `(the config to prune with, the sparsity.json search section)`; `(config, None)` without candidates.
+    """
+    from .data import load_texts, make_windows
+
+    if not candidates:
+        return config, None
+    if tokenizer is None:
+        raise ValueError(f"--search_structures needs a tokenizer in {args.model_dir} to cut --calibration into windows")
+    windows = make_windows(tokenizer, load_texts(args.calibration), seq_len=args.seq_len,
+                           max_windows=args.search_windows)
+    result = search_structures(model, importance, candidates, windows, batch_size=args.batch_size,
+                               return_model=False)
+    print(f"Structure search, mean loss on {result.windows} --calibration windows ({result.tokens:,} tokens; "
+          f"dense {result.dense_loss:.4f}):\n{result.table()}")
+    return result.best, result.to_dict()
+
