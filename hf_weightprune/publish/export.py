@@ -295,7 +295,6 @@ _KEEP_FILES = ("config.json", sio.INDEX_NAME, "generation_config.json", "tokeniz
                "*.py")
 
 
-@torch.no_grad()
 class _StoredWeights(Mapping):
     """`sio.CheckpointWeights` under the importance's names: each read (one tensor) goes to the name the file uses
     (`stored[name]`, e.g. Mixtral's `block_sparse_moe.experts.3.w1.weight` for `mlp.experts.3.gate_proj.weight`)."""

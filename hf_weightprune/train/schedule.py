@@ -12,6 +12,7 @@ inside `backward`, out of reach of callbacks) and FSDP (sharded parameters); bot
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -315,9 +316,15 @@ class PruneSchedule(JsonConfigMixin):
             _check_masks_from(self.masks_from)
 
     def diff(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-        """Fields that define the masks and differ from a saved `to_dict()`: `{name: (saved, now)}`."""
+        """Fields that define the masks and differ from a saved `to_dict()`: `{name: (saved, now)}`.
+
+        A field the saved dict lacks (written by a version before the field existed) counts as its default, which is
+        what that version did.
+        """
         now = self.to_dict()
-        return {k: (saved.get(k), now[k]) for k in _RESUME_KEYS if saved.get(k) != now[k]}
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        old = {k: saved.get(k, defaults.get(k)) for k in _RESUME_KEYS}
+        return {k: (old[k], now[k]) for k in _RESUME_KEYS if old[k] != now[k]}
 
     # ------------------------------------------------------------------------------------------- the schedule
     def resolve_steps(self, max_steps: int) -> tuple[int, int]:
