@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .matching import TrackedWeight, canonical_name, find_tracked_weights, module_matches
 
 __all__ = ["ExpertLayout", "ExpertSlice", "MoeBlock", "find_expert_slices", "find_moe_blocks", "find_weights",
-           "stored_slice_name", "EXPERT_COUNT_KEYS"]
+           "slice_expert", "stored_slice_name", "EXPERT_COUNT_KEYS"]
 
 # Config keys that hold the number of routed experts per MoE layer (Mixtral / OLMoE / gpt-oss, Qwen-MoE, DeepSeek).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -40,6 +40,7 @@ _TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_topk")
 # renames and fuses on load: `<layer>.block_sparse_moe.experts.<e>.w1|w3|w2.weight` for gate / up / down.
 _SLICE_NAME = re.compile(r"(.*)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 _LEGACY_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}
+_ANY_SLICE = re.compile(r"(.*\.experts\.\d+)\.(?:gate|up|down)_proj\.weight")
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,21 @@ def find_weights(
         return order.get(module, 0)
 
     return sorted([*linear, *slices], key=position)
+
+
+def slice_expert(name: str) -> str | None:
+    """
+    The expert an expert slice belongs to, from its name alone (no model needed: works on an importance's names).
+
+    Args:
+        name (`str`): canonical weight name, e.g. `model.layers.0.mlp.experts.3.up_proj.weight`.
+
+    Returns:
+        `str | None`: `<experts module>.<expert>` (`model.layers.0.mlp.experts.3`), or `None` for a weight that is not
+        an expert slice.
+    """
+    m = _ANY_SLICE.fullmatch(name)
+    return m[1] if m else None
 
 
 def stored_slice_name(name: str, stored: Container[str]) -> str | None:

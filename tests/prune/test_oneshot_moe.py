@@ -81,3 +81,37 @@ def test_oneshot_from_calibration_frequencies_removes_the_least_routed_experts()
     for block, removed in report.structured["removed"].items():
         counts = tokens[block]
         assert len(removed) == 1 and counts[removed[0]] == min(counts), block
+
+
+def _one_token_importance(criterion, model, out):
+    """Statistics over a single token: top-2 of 4 experts, so two experts of every layer never saw one."""
+    if criterion == "oneshot-wanda":
+        return oneshot_importance(model, "wanda", _windows(n=1, seq_len=1))
+    cb = ImportanceCallback(ImportanceConfig(criterion=criterion))
+    args = training_args(out, max_steps=1, per_device_train_batch_size=1, learning_rate=0.0, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=TokenDataset(n=1, seq_len=1, vocab_size=64),
+            callbacks=[cb]).train()
+    return cb.importance()
+
+
+@pytest.mark.parametrize("criterion", ["oneshot-wanda", "wanda", "sparsegpt"])
+def test_an_expert_that_saw_no_token_is_refused_by_name_before_any_weight_changes(criterion, tmp_path):
+    model = tiny_moe("mixtral", seed=7)
+    imp = _one_token_importance(criterion, model, tmp_path)
+    unrouted = [f"model.layers.{layer}.mlp.experts.{e}" for layer in (0, 1) for e in range(4)
+                if imp.meta["tokens"].get(f"model.layers.{layer}.mlp.experts.{e}.up_proj.weight", 0) == 0]
+    assert len(unrouted) == 4  # two per layer
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for config in (PruneConfig(sparsity=0.5), PruneConfig(structure="2:4")):
+        with pytest.raises(ValueError, match="no input statistic for 4 expert.s. their router never chose") as info:
+            prune_(model, imp, config, progress=False)
+        message = str(info.value)
+        assert "\n" not in message and all(e in message for e in unrouted[:3]) and "1 more" in message
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing touched
+    # the way out the message gives: leave them dense; every other expert is pruned as asked
+    regex = message.split('exclude_modules=r"')[1].split('"')[0]
+    report = prune_(model, imp, PruneConfig(sparsity=0.5, exclude_modules=regex), progress=False)
+    for s in find_expert_slices(model):
+        expected = 0.0 if s.module_name.rsplit(".", 1)[0] in unrouted else 0.5
+        assert (s.weight() == 0).float().mean().item() == pytest.approx(expected), s.name
+    assert not any(n.rsplit(".", 2)[0] in unrouted for n in report.tensors)
