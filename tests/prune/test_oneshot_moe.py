@@ -115,3 +115,17 @@ def test_an_expert_that_saw_no_token_is_refused_by_name_before_any_weight_change
         expected = 0.0 if s.module_name.rsplit(".", 1)[0] in unrouted else 0.5
         assert (s.weight() == 0).float().mean().item() == pytest.approx(expected), s.name
     assert not any(n.rsplit(".", 2)[0] in unrouted for n in report.tensors)
+
+
+def test_neurons_inside_an_expert_that_saw_no_token_are_refused_by_name(tmp_path):
+    """Every expert loses the same number of neurons: an unseen expert's would be arbitrary, and no exclusion helps."""
+    model = tiny_moe("mixtral", seed=7)
+    imp = _one_token_importance("wanda", model, tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^wanda has no input statistic for 4 expert.s. their router never chose "
+                                         r"\(model\.layers\.\d\.mlp\.experts\.\d, .*\): their scores are all zero, so "
+                                         r"their masks would be arbitrary\. Prune by magnitude, or gather") as info:
+        prune_(model, imp, PruneConfig(structure="neurons", sparsity=0.5), progress=False)
+    assert "\n" not in str(info.value) and "exclude_modules" not in str(info.value)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
