@@ -22,7 +22,7 @@ slice's gradient.
 from __future__ import annotations
 
 import re
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .matching import TrackedWeight, canonical_name, find_tracked_weights, module_matches
 
 __all__ = ["ExpertLayout", "ExpertSlice", "MoeBlock", "find_expert_slices", "find_moe_blocks", "find_weights",
-           "stored_slice_name", "EXPERT_COUNT_KEYS"]
+           "experts_stored_fused", "slice_expert", "stored_slice_name", "EXPERT_COUNT_KEYS"]
 
 # Config keys that hold the number of routed experts per MoE layer (Mixtral / OLMoE / gpt-oss, Qwen-MoE, DeepSeek).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -40,6 +40,7 @@ _TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_topk")
 # renames and fuses on load: `<layer>.block_sparse_moe.experts.<e>.w1|w3|w2.weight` for gate / up / down.
 _SLICE_NAME = re.compile(r"(.*)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 _LEGACY_PROJ = {"gate": "w1", "up": "w3", "down": "w2"}
+_ANY_SLICE = re.compile(r"(.*\.experts\.\d+)\.(?:gate|up|down)_proj\.weight")
 
 
 @dataclass(frozen=True)
@@ -322,6 +323,21 @@ def find_weights(
     return sorted([*linear, *slices], key=position)
 
 
+def slice_expert(name: str) -> str | None:
+    """
+    The expert an expert slice belongs to, from its name alone (no model needed: works on an importance's names).
+
+    Args:
+        name (`str`): canonical weight name, e.g. `model.layers.0.mlp.experts.3.up_proj.weight`.
+
+    Returns:
+        `str | None`: `<experts module>.<expert>` (`model.layers.0.mlp.experts.3`), or `None` for a weight that is not
+        an expert slice.
+    """
+    m = _ANY_SLICE.fullmatch(name)
+    return m[1] if m else None
+
+
 def stored_slice_name(name: str, stored: Container[str]) -> str | None:
     """
     The name under which a checkpoint file stores a weight the package tracks, when it stores it as a tensor of its
@@ -344,3 +360,19 @@ def stored_slice_name(name: str, stored: Container[str]) -> str | None:
         if legacy in stored:
             return legacy
     return None
+
+
+def experts_stored_fused(names: Iterable[str], stored: Container[str]) -> bool:
+    """
+    Whether a checkpoint stores some of these expert slices inside fused tensors (gpt-oss's `experts.gate_up_proj`),
+    rather than each expert's projections as tensors of their own (Mixtral, Qwen2/3-MoE, OLMoE): such a file cannot be
+    pruned file to file (`prune_checkpoint` refuses it), only in memory.
+
+    Args:
+        names (`Iterable[str]`): canonical tracked weight names (an importance's `names`).
+        stored (`Container[str]`): the tensor names of the checkpoint (its weight map).
+
+    Returns:
+        `bool`: `True` when some expert slice among `names` has no tensor of its own in `stored`.
+    """
+    return any(slice_expert(n) is not None and stored_slice_name(n, stored) is None for n in names)

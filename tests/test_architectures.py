@@ -54,8 +54,10 @@ def test_architecture_row(arch, tmp_path):
     if arch in MOE:
         assert any(".experts." in n for n in imp.names)
     x = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(0))
-    structured = "experts" if arch in MOE else "neurons"
-    for structure, sparsity in (("unstructured", 0.5), ("2:4", None), (structured, 0.5)):
+    # MoE rows: whole experts, and neurons inside every expert (1/3 of them: the kept width, 32 of 48 or 16 of 24,
+    # stays a multiple of 8 as transformers' grouped_mm experts kernel needs); dense rows: MLP neurons
+    structured = [("experts", 0.5), ("neurons", 1 / 3)] if arch in MOE else [("neurons", 0.5)]
+    for structure, sparsity in (("unstructured", 0.5), ("2:4", None), *structured):
         pruned = copy.deepcopy(model).eval()
         before = sum(p.numel() for p in pruned.parameters())
         report = prune_(pruned, imp, PruneConfig(structure=structure, sparsity=sparsity), progress=False)
@@ -65,6 +67,11 @@ def test_architecture_row(arch, tmp_path):
             assert all(_nm_holds(w.weight()) for w in find_weights(pruned)), structure
         else:
             assert sum(p.numel() for p in pruned.parameters()) == report.structured["num_parameters"]["after"] < before
+        if arch in MOE and structure == "neurons":  # every expert of every MoE layer is 1/3 narrower
+            width = report.structured["units_per_layer"]
+            assert width["after"] == width["before"] * 2 // 3 and width["after"] % 8 == 0
+            assert {tuple(s.weight().shape) for s in find_weights(pruned) if s.name.endswith(".down_proj.weight")
+                    and ".experts." in s.name} == {(32, width["after"])}
         out = tmp_path / structure.replace(":", "_")
         save_pruned(pruned, out, report=report)
         reloaded = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -26,6 +26,7 @@ from ..layouts import model_configs
 from ..moe import MoeBlock, find_moe_blocks
 from ..validation import check_sparsity
 from .masks import num_to_prune
+from .plan import refuse_unseen
 from .surgery import config_error
 
 __all__ = ["expert_neuron_scores", "has_experts", "prune_expert_neurons_", "remove_expert_neurons_"]
@@ -240,6 +241,9 @@ def prune_expert_neurons_(model: nn.Module, importance: Importance, config: Prun
                          "alone, with a sparsity (no target_params, no compensate), shrinks the experts")
     sparsity = check_sparsity("sparsity", config.sparsity)
     blocks = find_moe_blocks(model)
+    if importance.scorer.source == "activations":  # an expert no token reached would lose arbitrary neurons
+        refuse_unseen(importance, [s.name for b in blocks for s in b.slices() if s.name in importance.shapes],
+                      can_exclude=False)
     scores = importance.scores
     ranked = {b.name: expert_neuron_scores(scores, b) for b in blocks}  # every block scored before any change
     width = expert_width(blocks[0])

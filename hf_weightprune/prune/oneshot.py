@@ -1,9 +1,11 @@
 """One-shot baselines: importance from a trained model as it is, with no training run.
 
 `magnitude` reads `|W|`; `wanda` forwards a few calibration windows through the callback's own forward-hook
-collector (`activations.ActivationCollector`: real tokens only, q/k/v inputs reduced once). Both return the [`Importance`] type that
-`ImportanceCallback.importance()` and `load_importance()` return, so `prune_` and the sweep treat trained and
-one-shot importance alike.
+collectors (`activations.ActivationCollector`: real tokens only, q/k/v inputs reduced once; for an MoE model
+`router.RouterCollector`: each expert slice's inputs over the tokens the router sent it, and the router statistics).
+The tracked weights are the callback's (`moe.find_weights`: Linears and expert slices), so both return the
+[`Importance`] type that `ImportanceCallback.importance()` and `load_importance()` return, and `prune_` and the sweep
+treat trained and one-shot importance alike, experts included.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from torch import nn
 
 from ..collect.activations import ActivationCollector
 from ..collect.importance import Importance
+from ..collect.router import RouterCollector
 from ..config import ImportanceConfig
-from ..matching import find_tracked_weights
+from ..coverage import refuse_conv1d
+from ..moe import ExpertSlice, find_moe_blocks, find_weights
 from ..scorers import get_scorer
 
 ONESHOT_CRITERIA = ("magnitude", "wanda")
@@ -57,8 +61,19 @@ def oneshot_importance(
             tokens, Sun et al. 2023, arXiv 2306.11695).
         calibration (*optional*): token windows for `wanda`: a `datasets.Dataset` with `input_ids` (from
             `make_windows`), a `[n, seq_len]` tensor or a list of id lists. Forwarded once, in eval mode.
-        target_modules / exclude_modules (*optional*): which Linear weights, with peft's rules.
+        target_modules / exclude_modules (*optional*): which weights, with peft's rules: Linears and, in an MoE
+            model, expert slices (`model.layers.0.mlp.experts.3.down_proj`), as the training callback tracks them.
         batch_size (`int`, *optional*, defaults to 8): windows per calibration forward.
+
+    Returns:
+        [`Importance`]: over the same weights as the callback's. With `wanda` on an MoE model each expert slice's
+        statistic sums the inputs of the calibration tokens its router sent it (a token counts once for each expert
+        it went to), and the importance carries the calibration pass's router statistics (`sections["router"]`), so
+        `PruneConfig(structure="experts")` can remove the experts it used least.
+
+    Raises:
+        `ValueError`: an unknown criterion, calibration given to `magnitude` or missing for `wanda`, malformed
+        windows, a GPT-2 `Conv1D` model (refused by name, as the callback does), or non-finite activations.
 
     Scores are derived lazily from the weights the importance is bound to (the model given here, or the one
     passed to `bind` / `prune_`), so they always describe the weights being pruned.
@@ -66,9 +81,11 @@ def oneshot_importance(
     if criterion not in ONESHOT_CRITERIA:
         raise ValueError(f"one-shot criterion must be one of {ONESHOT_CRITERIA}; got {criterion!r}")
     config = ImportanceConfig(criterion=criterion, target_modules=target_modules, exclude_modules=exclude_modules)
-    tracked = find_tracked_weights(model, target_modules, exclude_modules)
-    shapes = {t.name: list(t.param.shape) for t in tracked}
-    weights = {t.name: t.param for t in tracked}
+    refuse_conv1d(model)
+    tracked = find_weights(model, target_modules, exclude_modules)
+    shapes = {t.name: list(t.weight().shape) for t in tracked}
+    # a Linear's own Parameter; an expert's live view into its fused parameter (as `Importance.bind` takes them)
+    weights = {t.name: t.weight() if isinstance(t, ExpertSlice) else t.param for t in tracked}
     meta: dict[str, Any] = {"global_step": 0, "num_samples": 1, "weight_sum": 0.0, "tokens": {}, "oneshot": True}
 
     scorer = get_scorer(criterion)
@@ -87,25 +104,39 @@ def oneshot_importance(
     if calibration is None:
         raise ValueError("one-shot wanda needs calibration windows (e.g. make_windows(tokenizer, texts, ...))")
     device = next(model.parameters()).device
-    collector = ActivationCollector(model, tracked, scorer.statistic, training_only=False)
-    collector.register()
-    collector.active = True
+    slices = [t for t in tracked if isinstance(t, ExpertSlice)]
+    # the training callback's own collectors: Linears by their forward hooks, experts by the tokens routed to them
+    collectors = [ActivationCollector(model, [t for t in tracked if not isinstance(t, ExpertSlice)], scorer.statistic,
+                                      training_only=False)]
+    blocks = find_moe_blocks(model)
+    router = None
+    if blocks:
+        router = RouterCollector(model, blocks, slices=slices, statistic=scorer.statistic if slices else None,
+                                 training_only=False)
+        collectors.append(router)
+    for c in collectors:
+        c.register()
+        c.active = True
     was_training = model.training
     model.eval()
-    sums = {t.name: torch.zeros(t.param.shape[-1], dtype=torch.float32, device=device) for t in tracked}
+    sums = {t.name: torch.zeros(t.weight().shape[-1], dtype=torch.float32, device=device) for t in tracked}
     tokens = dict.fromkeys(sums, 0)
     try:
         batches = _as_batches(calibration, batch_size)
         for ids in batches:
             model(input_ids=ids.to(device))
-            step_sums, step_tokens = collector.pop()
-            for name, value in step_sums.items():
-                sums[name].add_(value.to(device))
-                tokens[name] += step_tokens[name]
+            for c in collectors:
+                step_sums, step_tokens = c.pop()
+                for name, value in step_sums.items():
+                    sums[name].add_(value.to(device))
+                    tokens[name] += step_tokens[name]
+        section = router.section() if router is not None else None
     finally:
-        collector.remove()
+        for c in collectors:
+            c.remove()
         model.train(was_training)
     if not all(bool(torch.isfinite(s).all()) for s in sums.values()):
         raise ValueError("one-shot wanda: the calibration forward produced non-finite activations")
     meta.update(num_samples=len(batches), tokens=tokens)
-    return Importance(config, meta, shapes, sums.__getitem__, weights=weights)
+    return Importance(config, meta, shapes, sums.__getitem__, weights=weights,
+                      sections={"router": section} if section else None)

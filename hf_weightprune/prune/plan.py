@@ -26,6 +26,7 @@ import torch
 from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..matching import check_sparsity_keys, decoder_layer, select_names
+from ..moe import slice_expert
 from ..scorers import SCORERS, criteria_where, default_scope
 from ..validation import check_sparsity
 from . import masks as M
@@ -33,7 +34,7 @@ from .global_threshold import GlobalThreshold, compute_global_threshold, layer_m
 from .obs import check_hessians, sparsegpt_prune_
 from .owl import outlier_ratio, owl_sparsities
 
-__all__ = ["PruningPlan", "compute_masks", "owl_allocation", "uses_obs"]
+__all__ = ["PruningPlan", "compute_masks", "owl_allocation", "refuse_unseen", "uses_obs"]
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -106,6 +107,39 @@ def _module_target(name: str, sparsity: float | dict[str, float]) -> float | Non
         if re.fullmatch(pattern, module):
             return value
     return None
+
+
+def refuse_unseen(importance: Importance, names: list[str], *, can_exclude: bool = True) -> None:
+    """
+    Refuse, naming them, weights that an activation criterion saw no token of while others saw some: an expert the
+    router never chose (over the training steps sampled, or the calibration windows). Its statistic is zero, so its
+    scores are all zero and any mask of it would be arbitrary; a magnitude fallback would rank it on another scale
+    than its neighbours (global scope, OWL) and give the OBS sweep no Hessian. When no weight saw a token at all, the
+    scorer's own "seen no training tokens" error stands.
+
+    Args:
+        importance (`Importance`): an activation criterion's importance.
+        names (`list[str]`): the weights about to be scored.
+        can_exclude (`bool`, *optional*, defaults to `True`): the way out includes the `exclude_modules` regex that
+            leaves exactly those weights dense (not for neurons inside experts: every expert loses the same number).
+
+    Raises:
+        `ValueError`: one line naming the first unseen experts (or weights) and the ways out.
+    """
+    tokens = importance.meta.get("tokens", {})
+    unseen = [n for n in names if tokens.get(n, 0) <= 0]
+    if not unseen or not any(tokens.get(n, 0) > 0 for n in importance.names):
+        return
+    experts = list(dict.fromkeys(slice_expert(n) or n.removesuffix(".weight") for n in unseen))
+    shown = ", ".join(experts[:3]) + (f" and {len(experts) - 3} more" if len(experts) > 3 else "")
+    kind = "expert(s) their router never chose" if all(slice_expert(n) for n in unseen) else "module(s) that saw no token"
+    regex = "(?:" + "|".join(re.escape(e) for e in experts) + r")(?:\..*)?"  # fullmatches their module names
+    dense = f"Leave them dense (PruneConfig(exclude_modules=r\"{regex}\")), prune" if can_exclude else "Prune"
+    raise ValueError(
+        f"{importance.criterion} has no input statistic for {len(experts)} {kind} ({shown}): their scores are all "
+        f"zero, so their masks would be arbitrary. {dense} by magnitude, or gather the statistic over more tokens "
+        "(more sampled steps or calibration windows)"
+    )
 
 
 @dataclass
@@ -193,6 +227,9 @@ class PruningPlan:
                              "weights)")
         if sparsity is not None:
             sparsity = check_sparsity("sparsity", sparsity)
+        if importance.scorer.source == "activations":
+            base = config.sparsity if sparsity is None else sparsity
+            refuse_unseen(importance, [n for n in names if config.nm is not None or _module_target(n, base) is not None])
         gradual, previous = previous is not None, dict(previous or {})
         for name, mask in previous.items():
             shape = importance.shapes.get(name)

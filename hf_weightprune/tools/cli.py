@@ -107,12 +107,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, arg="--output_dir", overwrite_hint="--overwrite")
     importance = _for_structured_checkpoint(load_importance(args.importance, name=args.importance_name),
                                             args.model_dir)
-    from ..files.safetensors_io import find_weights_file
+    from ..files.safetensors_io import find_weights_file, weight_map
+    from ..moe import experts_stored_fused
 
     progress = show_progress(args)
     safetensors_dir = os.path.isdir(args.model_dir) and find_weights_file(args.model_dir) is not None
-    moe = bool(importance.sections.get("router"))  # expert slices are views of fused tensors: pruned in memory
-    in_memory = args.eval_data or args.measure_speed or args.dtype != "auto" or config.shrinks or moe
+    # experts stored per projection (Mixtral, Qwen-MoE, OLMoE) go file to file; fused in the file (gpt-oss): in memory
+    fused = safetensors_dir and experts_stored_fused(importance.names, weight_map(args.model_dir))
+    in_memory = args.eval_data or args.measure_speed or args.dtype != "auto" or config.shrinks or fused
     if not in_memory and safetensors_dir:
         # Nothing needs the model in memory: prune the safetensors files shard by shard (faster, less memory).
         from ..publish.export import prune_checkpoint
