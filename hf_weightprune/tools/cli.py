@@ -112,9 +112,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     progress = show_progress(args)
     safetensors_dir = os.path.isdir(args.model_dir) and find_weights_file(args.model_dir) is not None
-    # experts stored per projection (Mixtral, Qwen-MoE, OLMoE) go file to file; fused in the file (gpt-oss): in memory
     fused = safetensors_dir and experts_stored_fused(importance.names, weight_map(args.model_dir))
-    in_memory = args.eval_data or args.measure_speed or args.dtype != "auto" or config.shrinks or fused
+    in_memory = args.eval_data or args.measure_speed or args.dtype != "auto" or config.shrinks or fused  # gpt-oss
     if not in_memory and safetensors_dir:
         # Nothing needs the model in memory: prune the safetensors files shard by shard (faster, less memory).
         from ..publish.export import prune_checkpoint
