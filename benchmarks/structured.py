@@ -316,6 +316,21 @@ def cell_path(row: str, size: float, steps: int) -> Path:
     return WORK / "cells" / f"{row}@{_slug(size)}@{steps}.json"
 
 
+def oneshot_path(row: str, size: float, steps: int) -> Path:
+    """A row pruned but not recovered (`--oneshot-only`); `steps` names the statistics phase ours read."""
+    return WORK / "oneshot" / f"{row}@{_slug(size)}@{steps}.json"
+
+
+def _save_oneshot(cell: dict, model, path: Path) -> dict:
+    cell["params"] = _params(model)
+    cell["decoder_params"] = decoder_params(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Q._write_json(path, cell)
+    _log(f"{cell['row']} @ {_slug(cell['size'])} one-shot: ppl ood {cell['oneshot']['ppl_ood']:.2f}, valid "
+         f"{cell['oneshot']['ppl_valid']:.2f}, {cell['params']:,} parameters")
+    return cell
+
+
 def model_path(row: str, size: float, steps: int) -> Path:
     return WORK / "models" / f"{row}@{_slug(size)}@{steps}"
 
@@ -325,6 +340,9 @@ def run_row(row: str, size: float, sets, args) -> dict:
     path = cell_path(row, size, args.steps)
     if path.is_file():
         return json.loads(path.read_text())
+    once = oneshot_path(row, size, args.steps)
+    if args.oneshot_only and once.is_file():
+        return json.loads(once.read_text())
     from hf_weightprune import load_importance
 
     train, calibration, valid, ood = sets
@@ -362,6 +380,8 @@ def run_row(row: str, size: float, sets, args) -> dict:
         cell["prune_seconds"] = time.perf_counter() - t
         cell["report"] = _structured_record(report)
         cell["oneshot"] = Q.evaluate_cell(model, valid, ood, args)
+        if args.oneshot_only:
+            return _save_oneshot(cell, model, once)
         first = args.steps // 4
         rec = _recover(model, train, first, args, teacher, f"{row}-{_slug(size)}")
         cell.update(train_seconds=stats["train_seconds"] + rec["train_seconds"], steps=args.steps,
@@ -379,6 +399,8 @@ def run_row(row: str, size: float, sets, args) -> dict:
             raise ValueError(f"unknown row {row!r}; choose from {list(ROWS)}")
         cell["prune_seconds"] = time.perf_counter() - t
         cell["oneshot"] = Q.evaluate_cell(model, valid, ood, args)
+        if args.oneshot_only:
+            return _save_oneshot(cell, model, once)
         rec = _recover(model, train, 0, args, base, f"{row}-{_slug(size)}", alpha=1.0 if row == "minitron" else ALPHA)
         cell.update(rec)
     cell["params"] = _params(model)
@@ -446,7 +468,7 @@ def write_report(cells: list[dict], speed: dict | None, args, out: Path) -> str:
             shape = (f"{cfg['num_hidden_layers']}L h{cfg['hidden_size']} i{cfg['intermediate_size']} "
                      f"kv{cfg['num_key_value_heads']}")
             peer = {"tp": "neurons", "shortgpt": "layers", "minitron": "neurons,hidden"}.get(r, "-")
-            what = f"{c['structure']} ({c['unit_statistic']}, {c['compensate']})" if "structure" in c else peer
+            what = f"{c['structure']} ({c['unit_statistic']}, {c.get('compensate')})" if "structure" in c else peer
             lines.append(f"| {ROWS[r]} | {one} | {c['ppl_ood']:.2f} / {c['ppl_valid']:.2f} | {ratio} | {what}: {shape} "
                          f"| {c['params']:,} ({c['decoder_params']:,}) | {c['file_bytes'] / 2**20:.1f} | "
                          f"{c['calibration_tokens']:,} | {c['train_seconds'] / c['steps']:.1f} |")
@@ -456,6 +478,18 @@ def write_report(cells: list[dict], speed: dict | None, args, out: Path) -> str:
                 lines.append("Shape search of ours (one-shot loss on "
                              f"{args.search_windows} calibration windows): "
                              + ", ".join(f"{s} {v:.4f}" for s, v in c["search_losses"].items()) + ".")
+        lines.append("")
+    once = [json.loads(f.read_text()) for f in sorted((WORK / "oneshot").glob(f"*@{args.steps}.json"))]
+    full = {(c["row"], c["size"]) for c in cells}
+    once = [c for c in once if (c["row"], c["size"]) not in full] + [c for c in cells if "oneshot" in c]
+    if once:
+        lines += ["### One-shot, before any recovery", "",
+                  "Each row pruned as above, evaluated before recovery (ours from its statistics phase of "
+                  f"{args.steps // 4} training steps, the peers from {args.calibration_windows} calibration windows).",
+                  "", "| size | row | perplexity OOD / in domain | parameters |", "|---|---|---:|---:|"]
+        for c in sorted(once, key=lambda c: (c["size"], list(ROWS).index(c["row"]))):
+            lines.append(f"| {100 * c['size']:.0f}% | {ROWS[c['row']]} | {c['oneshot']['ppl_ood']:.2f} / "
+                         f"{c['oneshot']['ppl_valid']:.2f} | {c['params']:,} |")
         lines.append("")
     if speed:
         some = next(iter(speed.values()))
@@ -519,6 +553,8 @@ def main() -> None:
     p.add_argument("--speed-seq-len", type=int, default=256, help="prefill tokens of the speed part")
     p.add_argument("--speed-only", action="store_true", help="only the speed and memory table of the saved models")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--oneshot-only", action="store_true", help="prune and evaluate, no recovery (ours still trains "
+                                                               "its statistics phase)")
     p.add_argument("--deadline", default=None, help="HH:MM (UTC): start no new cell after it")
     p.add_argument("--output", default=str(Q.ROOT / "benchmarks" / "results"))
     args = p.parse_args()
@@ -547,6 +583,8 @@ def main() -> None:
                 run_row(row, sizes[0] if row == "dense" else size, sets, args)
     cells = [json.loads(f.read_text()) for f in sorted((WORK / "cells").glob(f"*@{args.steps}.json"))
              if not f.name.startswith("structure@")]
+    if args.oneshot_only:
+        args.no_speed = True
     speed = None
     if not args.no_speed:
         folders = {}
