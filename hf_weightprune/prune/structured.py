@@ -31,9 +31,9 @@ contribution over the training tokens, `W[:, removed] @ mean(x[removed])`, to th
 (`compensate.mean_shift`, means from the unit statistics), creating the bias through the config flag that stock
 transformers reads (`compensate.bias_plan`). Hidden channels and layers are not compensated.
 
-Checks first. Every precondition of every axis and of the compensation (sizes alone and together, hidden pruning's
-module checks, each compensated consumer's Hessian and token count or mean input, the bias flags) is checked before
-the first change, so a refusal is one line and leaves the model as it was.
+Checks first. Every precondition of every axis and of the compensation (sizes alone and together, hidden
+pruning's module checks in `hidden_channel_cost`, each compensated consumer's Hessian and token count or mean
+input, the bias flags) is checked before the first change, so a refusal is one line and leaves the model as it was.
 
 Pruning again. The importance describes the dense shapes, so passing it again for the pruned model is refused
 ("Importance does not match this model"). `Importance.select(report)` restricts it to the units this prune kept
@@ -55,7 +55,6 @@ from ..matching import canonical_name
 from .compensate import add_biases_, bias_plan, check_hessian, mean_shift, refit_columns
 from .depth import remove_layers_
 from .expert_neurons import has_experts, prune_expert_neurons_
-from .hidden import _plan as hidden_plan
 from .hidden import hidden_channel_cost, shrink_hidden_
 from .masks import num_to_prune
 from .surgery import _attention_config_updates, config_error, shrink_attention_, shrink_mlp_
@@ -209,8 +208,9 @@ def _keep(scores: Tensor, n_remove: int) -> Tensor:
 def _check_before_change(model: nn.Module, importance: Importance, config: PruneConfig, counts: dict[str, int],
                          sizes: dict[str, int], kept_layers: list[int], names: dict[int, str], means: dict | None) -> None:
     """Every precondition of the surgery and the compensation that a later step would otherwise check after an
-    earlier one has changed the model: the sizes of all axes together, hidden pruning's module checks, and for each
-    consumer that will be compensated its Hessian (present, sound, enough tokens) or its mean input."""
+    earlier one has changed the model: the sizes of all axes together, and for each consumer that will be
+    compensated its Hessian (present, sound, enough tokens) or its mean input. (Hidden pruning's module checks ran
+    with `hidden_channel_cost`; depth pruning's run in `remove_layers_`, the first change.)"""
     width = [a for a in _ORDER if a in config.structures and a != "layers"]
     combined: dict = {}
     for a in width:  # each size alone was checked by _feasible; together (heads with hidden, say) here
@@ -219,8 +219,6 @@ def _check_before_change(model: nn.Module, importance: Importance, config: Prune
     if reason is not None:
         raise ValueError(f"structure {config.structure!r}: the sizes {combined} together give a config that "
                          f"{type(model.config).__name__} rejects: {reason}".splitlines()[0])
-    if "hidden" in width:
-        hidden_plan(model, sizes["hidden"] - counts["hidden"])  # shared embeddings, unknown modules, norms
     if config.compensate is None:
         return
     layers = decoder_layers(model)
