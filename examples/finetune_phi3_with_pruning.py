@@ -18,7 +18,9 @@ Three recipes, all with no calibration pass (the training run is the calibration
   refitting the kept `down_proj` / `o_proj` columns by least squares (`compensate="refit"`); the rest of the steps
   recover by distillation from the dense model as it was at pruning, logits only (`hidden_weight=0`: the shapes
   differ). The smaller checkpoint is reloaded with stock `AutoModelForCausalLM` and generates with and without the
-  KV cache.
+  KV cache. It is saved with `measure_speed=True` beside the dense model at pruning (`baseline=`), so
+  `sparsity.json` and the card state its measured prefill and decode tokens/s and peak memory against the dense
+  model's on this machine (`--no_measure_speed` skips that).
 
 Sparsity and a per-module-type importance summary are logged to the Trainer's reporters. A dense control run (same seed, data and steps; skip it with `--no_dense_control`) gives the
 card a dense loss measured by the same evaluation at the same step as the pruned model's.
@@ -61,7 +63,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, PruneConfig, prune_
+from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, PruneConfig, load_sparsity, prune_
 from hf_weightprune.prune.lora import merge_and_unload_sparse
 from hf_weightprune.publish.export import save_pruned
 from hf_weightprune.testing import train_tokenizer
@@ -105,6 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--distill", action="store_true", help="gradual recipe: distil from the dense model while pruning")
     p.add_argument("--no_distill", action="store_true",
                    help="oneshot-hold and structured recipes: recover without distillation")
+    p.add_argument("--no_measure_speed", action="store_true",
+                   help="structured recipe: save without measuring speed and memory beside the dense model")
     p.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the KL term (default: %(default)s)")
     p.add_argument("--distill_temperature", type=float, default=2.0, help="softmax temperature (default: %(default)s)")
     p.add_argument("--distill_hidden_weight", type=float, default=0.0,
@@ -270,8 +274,12 @@ def main(argv=None):
         report = cb.pruning_report(model, cb.importance() if args.recipe == "gradual" else None)
     out = os.path.join(args.output_dir, "pruned")
     if trainer.is_world_process_zero():
+        # The structured model is really smaller: measure what that buys here, beside the dense model at pruning.
+        measure = args.recipe == "structured" and not args.no_measure_speed
+        baseline = os.path.join(args.output_dir, "dense-at-pruning") if measure else None
         save_pruned(model, out, report=report, tokenizer=tokenizer, overwrite=True, eval_results=results,
-                    schedule=schedule.to_dict() if schedule else None, distillation=cb.distill)
+                    schedule=schedule.to_dict() if schedule else None, distillation=cb.distill,
+                    measure_speed=measure, baseline=baseline)
         if args.recipe == "structured":
             print(f"reloaded with stock transformers, greedy with and without cache: "
                   f"{check_stock_reload(model, out, tokenizer)!r}")
@@ -280,6 +288,10 @@ def main(argv=None):
             print(f"eval loss dense control:                    {dense['loss']:.4f}")
         what = "of the parameters removed" if args.recipe == "structured" else "of pruned tensors"
         print(f"eval loss pruned ({report.global_sparsity:.1%} {what}): {pruned['loss']:.4f}")
+        if measure:
+            ratios = load_sparsity(out)["measured"]["speed"]["ratios"]
+            print(f"measured beside the dense model: prefill {ratios['prefill_tokens_per_s']:.2f}x, decode "
+                  f"{ratios['decode_tokens_per_s']:.2f}x tokens/s")
         print(f"{report.summary()}\nsaved to {out}")
 
 

@@ -24,11 +24,16 @@ one layer for depth alone). To choose between candidate shapes by measured loss 
 `search_structures` (`tools/search.py`) prunes a copy with each one and keeps the lowest loss (Minitron's search).
 
 Compensation of removed neurons (`down_proj` input columns) and KV groups (`o_proj` input columns), layer by layer:
-`compensate="refit"` refits the kept columns by least squares from their input Hessians (`compensate.refit_columns`;
-`criterion="sparsegpt"` importance accumulates them); `compensate="mean"` (FLAP) adds the removed columns' mean
+`compensate="refit"` refits the kept columns by least squares from their input Hessians (`compensate.refit_columns`,
+`W_K + W_R H_RK H_KK^-1`; `criterion="sparsegpt"` importance accumulates them; a Hessian of fewer tokens than inputs is
+refused, fewer than four per input warned about); `compensate="mean"` (FLAP) adds the removed columns' mean
 contribution over the training tokens, `W[:, removed] @ mean(x[removed])`, to the consumer's bias
 (`compensate.mean_shift`, means from the unit statistics), creating the bias through the config flag that stock
 transformers reads (`compensate.bias_plan`). Hidden channels and layers are not compensated.
+
+Checks first. Every precondition of every axis and of the compensation (sizes alone and together, hidden
+pruning's module checks in `hidden_channel_cost`, each compensated consumer's Hessian and token count or mean
+input, the bias flags) is checked before the first change, so a refusal is one line and leaves the model as it was.
 
 Pruning again. The importance describes the dense shapes, so passing it again for the pruned model is refused
 ("Importance does not match this model"). `Importance.select(report)` restricts it to the units this prune kept
@@ -47,7 +52,7 @@ from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout
 from ..matching import canonical_name
-from .compensate import add_biases_, bias_plan, mean_shift, refit_columns
+from .compensate import add_biases_, bias_plan, check_hessian, mean_shift, refit_columns
 from .depth import remove_layers_
 from .expert_neurons import has_experts, prune_expert_neurons_
 from .hidden import hidden_channel_cost, shrink_hidden_
@@ -171,22 +176,21 @@ def _plan_counts(model: nn.Module, scores: dict, config: PruneConfig, axes: tupl
     return counts
 
 
-def _feasible(model: nn.Module, axis: str, keep: int, sizes: dict[str, int], exact: bool) -> int:
-    """`keep` units of a width axis if the config accepts that size, else (budget) the nearest size it accepts."""
+def _updates(model: nn.Module, axis: str):
+    """`keep -> the config updates` of keeping `keep` units of a width axis."""
     cfg = model.config
     if axis == "heads":
         n_heads, n_kv, d = attn_geometry(model, decoder_layers(model)[0].self_attn, detect_layout(model, "attn")[1])
+        return lambda k: _attention_config_updates(k, n_heads // n_kv, d)
+    if axis == "neurons":
+        return lambda k: {"intermediate_size": k}
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return lambda k: {"hidden_size": k, "head_dim": head_dim}
 
-        def updates(k):
-            return _attention_config_updates(k, n_heads // n_kv, d)
-    elif axis == "neurons":
-        def updates(k):
-            return {"intermediate_size": k}
-    else:
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
-        def updates(k):
-            return {"hidden_size": k, "head_dim": head_dim}
+def _feasible(model: nn.Module, axis: str, keep: int, sizes: dict[str, int], exact: bool) -> int:
+    """`keep` units of a width axis if the config accepts that size, else (budget) the nearest size it accepts."""
+    cfg, updates = model.config, _updates(model, axis)
     if config_error(cfg, updates(keep)) is None:
         return keep
     accepted = [k for k in range(1, sizes[axis] + 1) if config_error(cfg, updates(k)) is None]
@@ -201,10 +205,40 @@ def _keep(scores: Tensor, n_remove: int) -> Tensor:
     return order[n_remove:].sort().values
 
 
-def _hessian(importance: Importance, name: str) -> Tensor:
-    if name not in importance.names:
-        raise ValueError(f"compensate='refit' needs the input Hessian of {name}, which this importance does not track")
-    return importance.state(name)
+def _check_before_change(model: nn.Module, importance: Importance, config: PruneConfig, counts: dict[str, int],
+                         sizes: dict[str, int], kept_layers: list[int], names: dict[int, str], means: dict | None) -> None:
+    """Every precondition of the surgery and the compensation that a later step would otherwise check after an
+    earlier one has changed the model: the sizes of all axes together, and for each consumer that will be
+    compensated its Hessian (present, sound, enough tokens) or its mean input. (Hidden pruning's module checks ran
+    with `hidden_channel_cost`; depth pruning's run in `remove_layers_`, the first change.)"""
+    width = [a for a in _ORDER if a in config.structures and a != "layers"]
+    combined: dict = {}
+    for a in width:  # each size alone was checked by _feasible; together (heads with hidden, say) here
+        combined.update(_updates(model, a)(sizes[a] - counts[a]))
+    reason = config_error(model.config, combined) if len(width) > 1 else None
+    if reason is not None:
+        raise ValueError(f"structure {config.structure!r}: the sizes {combined} together give a config that "
+                         f"{type(model.config).__name__} rejects: {reason}".splitlines()[0])
+    if config.compensate is None:
+        return
+    layers = decoder_layers(model)
+    warnings = []
+    for a in (a for a in width if a in ("neurons", "heads")):
+        for i in kept_layers:
+            consumer = _consumer(model, layers[i], a, torch.zeros(0, dtype=torch.long))[0]
+            name = names[id(consumer)]
+            if config.compensate == "refit":
+                hessian = importance.state(name) if name in importance.names else None
+                tokens = int(importance.meta.get("tokens", {}).get(name, 0))
+                warnings.append(check_hessian(name, hessian, consumer.in_features, tokens))
+            else:
+                mean = means.get(a, {}).get(i)
+                if mean is None or tuple(mean.shape) != (consumer.in_features,):
+                    raise ValueError(f"compensate='mean': the unit statistics hold no mean input of {name} of "
+                                     f"{consumer.in_features} channels; gather them with ImportanceConfig(units=True)")
+    warnings = [w for w in warnings if w]
+    if warnings:
+        logger.warning("%s%s", warnings[0], f" (and {len(warnings) - 1} more modules)" if len(warnings) > 1 else "")
 
 
 def _consumer(model: nn.Module, layer: nn.Module, axis: str, idx: Tensor) -> tuple[nn.Linear, Tensor]:
@@ -228,7 +262,7 @@ def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: di
     for j, idx in keep.items():  # from the dense weights, before they are sliced
         consumer, cols = _consumer(model, layers[j], axis, idx)
         if compensate == "refit":
-            h = _hessian(importance, names[id(consumer)])
+            h = importance.state(names[id(consumer)])  # checked by _check_before_change
             refits[j] = refit_columns(consumer.weight.detach(), h.to(consumer.weight.device), cols)
         elif compensate == "mean":
             shifts[j] = mean_shift(consumer.weight.detach(), means[axis][kept_layers[j]], cols)
@@ -244,8 +278,8 @@ def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: di
 
 
 def _mean_inputs(model: nn.Module, importance: Importance, config: PruneConfig,
-                 axes: tuple[str, ...]) -> tuple[dict, list[tuple[str, list[str]]]]:
-    """`compensate="mean"`: the consumers' mean inputs and the biases to create, checked before any change."""
+                 axes: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """`compensate="mean"`: the consumers' mean inputs and the consumers to give a bias, checked before any change."""
     served = [a for a in axes if a in ("neurons", "heads")]
     if not served:
         raise ValueError(f"compensate='mean' moves the mean output of removed MLP neurons / KV groups into a bias; "
@@ -253,9 +287,10 @@ def _mean_inputs(model: nn.Module, importance: Importance, config: PruneConfig,
     if not importance.has_units:
         raise ValueError("compensate='mean' needs the mean input of down_proj / o_proj from the unit statistics: "
                          "gather them with ImportanceConfig(units=True)")
-    means = importance.unit_means()
-    plans = [bias_plan(model, "down_proj" if a == "neurons" else "o_proj") for a in served]
-    return means, [p for p in plans if p is not None]
+    consumers = ["down_proj" if a == "neurons" else "o_proj" for a in served]
+    for c in consumers:  # refuses a consumer no config flag gives a bias; applied after depth pruning
+        bias_plan(model, c)
+    return importance.unit_means(), consumers
 
 
 @torch.no_grad()
@@ -293,7 +328,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     if config.compensate == "refit" and not importance.scorer.has_hessian:
         raise ValueError(f"compensate='refit' needs input Hessians: importance from ImportanceConfig(criterion="
                          f"'sparsegpt'), not {importance.criterion!r}")
-    means, bias_plans = _mean_inputs(model, importance, config, axes) if config.compensate == "mean" else (None, [])
+    means, bias_for = _mean_inputs(model, importance, config, axes) if config.compensate == "mean" else (None, [])
     before = _params(model)
     t = config.target_params
     target = None if t is None else (t if isinstance(t, int) else round(t * before))
@@ -304,16 +339,23 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     for a in width:  # every size checked against the config before any change
         keep = _feasible(model, a, sizes[a] - counts[a], sizes, exact=target is None)
         counts[a] = sizes[a] - keep
+    drop = []
+    if "layers" in axes:
+        drop = torch.argsort(scores["layers"].float(), stable=True)[: counts["layers"]].sort().values.tolist()
     names = {id(m): canonical_name(n) + ".weight" for n, m in model.named_modules()}
-    for plan in bias_plans:  # zero biases: the model computes what it did; the consumers' take the mean shifts
-        add_biases_(model, plan)
+    _check_before_change(model, importance, config, counts, sizes, [i for i in range(sizes["layers"]) if i not in drop],
+                         names, means)
+    # The model changes from here on; remove_layers_ (the first change) checks its own input before it.
     config_before = {k: getattr(model.config, k, None) for k in _CONFIG_KEYS}
     out_axes: dict[str, dict] = {}
     kept_layers = list(range(sizes["layers"]))
     if "layers" in axes:
-        drop = torch.argsort(scores["layers"].float(), stable=True)[: counts["layers"]].sort().values.tolist()
         kept_layers = remove_layers_(model, drop)
         out_axes["layers"] = {"before": sizes["layers"], "after": len(kept_layers), "removed": drop}
+    # Zero biases (the model computes what it did), planned on the layers that remain; the consumers' take the shifts.
+    bias_plans = [p for p in (bias_plan(model, c) for c in bias_for) if p is not None]
+    for plan in bias_plans:
+        add_biases_(model, plan)
     for a in width:
         if target is not None and a == width[-1]:  # the last axis meets the budget from what is actually left
             per_unit = costs[a] * (len(kept_layers) if a != "hidden" else 1)

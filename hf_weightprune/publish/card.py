@@ -251,6 +251,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
                          else T.module_table(sparsity["tensors"])),
         "routing": T.routing_rows(sparsity.get("routing")),
         "measured": measured_text(sparsity.get("measured"), structured),
+        "buys": buys_context(sparsity),
         "search": search_text(sparsity.get("search")),
         "references": T.references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
@@ -259,6 +260,34 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "generated_mark": GENERATED_MARK,
         "sparsity_file": SPARSITY_NAME,
     }
+
+
+def buys_context(sparsity: dict) -> dict[str, str | None]:
+    """What "What the sparsity buys" may state beyond what the structure does, from recorded figures only.
+
+    Args:
+        sparsity (`dict`): the content of `sparsity.json`.
+
+    Returns:
+        `dict`: `size`, the parameters before and after (structured) and the weight files against the dense
+        checkpoint's when both were measured; `speed`, one sentence with the measured speed and memory ratios against
+        the dense model, or `None` when they were not measured (the card then claims no speed or memory gain).
+    """
+    count = (sparsity.get("structured") or {}).get("num_parameters") or {}
+    measured = sparsity.get("measured") or {}
+    files, dense = measured.get("weight_files"), measured.get("dense_weight_files")
+    size = [f"{count['before']:,} -> {count['after']:,} parameters"] if count.get("before") and count.get("after") else []
+    if files and dense and files.get("dtype") == dense.get("dtype"):
+        size.append(f"weight files {files['bytes'] / dense['bytes']:.2f}x the dense checkpoint's")
+    speed, ratios = measured.get("speed") or {}, (measured.get("speed") or {}).get("ratios") or {}
+    figures = [f"{what} {ratios[key]:.2f}x the dense model's" for key, what in (
+        ("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s"),
+        ("peak_rss_bytes", "peak resident memory"), ("peak_cuda_allocated_bytes", "peak CUDA memory"))
+        if isinstance(ratios.get(key), (int, float))]
+    # Ratios only: no "faster" or "less memory" that a measured slowdown would contradict.
+    text = (f"Measured on one {'CPU' if speed.get('device') == 'cpu' else 'GPU'} when it was saved (the figures "
+            f"above): {', '.join(figures)}; another runtime, batch or device can differ.") if figures else None
+    return {"size": "; ".join(size) or None, "speed": text}
 
 
 def search_text(search: dict | None) -> str | None:

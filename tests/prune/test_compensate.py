@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_weightprune.prune.compensate import compensate_linear, mean_shift, refit_columns
+from hf_weightprune.prune.compensate import check_hessian, compensate_linear, mean_shift, refit_columns
 
 IN, OUT, TOKENS = 24, 10, 200
 KEEP = torch.tensor([0, 2, 3, 5, 8, 9, 11, 12, 15, 17, 18, 20, 21, 23])
@@ -91,3 +91,24 @@ def test_bad_inputs_are_refused():
     ):
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_check_hessian_refuses_what_cannot_refit_and_warns_on_few_tokens():
+    x, _ = data()
+    h = x.T @ x  # 200 tokens for 24 inputs: 8 per input, no warning
+    assert check_hessian("m.weight", h, IN, TOKENS) is None
+    nan = h.clone()
+    nan[0, 0] = float("nan")
+    for args, match in (
+        ((None, IN, TOKENS), r"needs the input Hessian of m\.weight, which this importance does not track"),
+        ((h[:-1], IN, TOKENS), r"the Hessian of m\.weight has shape \(23, 24\), the module has 24 inputs"),
+        ((nan, IN, TOKENS), "not finite or all zero"),
+        ((torch.zeros(IN, IN), IN, TOKENS), "not finite or all zero"),
+        ((h, IN, IN - 1), r"over 23 tokens, fewer than its 24 inputs, so it is singular.*at least 96 advised"),
+    ):
+        with pytest.raises(ValueError, match=match) as e:
+            check_hessian("m.weight", *args)
+        assert "\n" not in str(e.value)
+    warning = check_hessian("m.weight", h, IN, 4 * IN - 1)
+    assert "over 95 tokens for 24 inputs" in warning and "fewer than 4 tokens per input" in warning
+    assert check_hessian("m.weight", h, IN, 4 * IN) is None

@@ -30,6 +30,7 @@ def test_structured_recipe_gives_a_smaller_stock_checkpoint_distilled_from_the_d
     assert "structured prune (layers,neurons) after 2 steps" in out
     assert "reloaded with stock transformers, greedy with and without cache" in out
     assert "distill/kl" in out and "distill/hidden" not in out  # logits only: the hidden shapes differ
+    assert "measured beside the dense model: prefill " in out
 
     folder = tmp_path / "pruned"
     info = load_sparsity(folder)
@@ -53,3 +54,12 @@ def test_structured_recipe_gives_a_smaller_stock_checkpoint_distilled_from_the_d
     assert greedy[0].shape == (1, 11) and torch.equal(*greedy)
     card = (folder / "README.md").read_text()
     assert "re-fitted by least squares" in card and "`dense-at-pruning` as teacher" in card
+    # measured beside the dense model at pruning, and the card states those figures, no unmeasured claim
+    measured = info["measured"]
+    assert measured["dense_weight_files"]["bytes"] > measured["weight_files"]["bytes"]
+    ratios = measured["speed"]["ratios"]
+    assert ratios["num_parameters"] == after / before
+    assert "Measured when it was saved" in card and "alternating with the dense model" in card
+    buys = " ".join(card.split("## What the sparsity buys")[1].split())
+    assert f"decode tokens/s {ratios['decode_tokens_per_s']:.2f}x the dense model's" in buys
+    assert "faster" not in card and "less memory" not in card

@@ -1,0 +1,97 @@
+"""Structured `prune_` checks every precondition of every axis and compensation before its first change: each refusal
+is one line and leaves the model bit-identical (weights, buffers, module tree and config), also where a later axis or
+the compensation of a later layer is what fails after an earlier axis would already have been removed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, prune_
+from hf_weightprune.testing import tiny_llama
+from tests.helpers import train
+from tests.test_architectures import build
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, model.config.to_dict(),
+            [(n, type(m).__name__, tuple(p.shape for p in m.parameters(recurse=False))) for n, m in model.named_modules()])
+
+
+def _refused(model, imp, config, match):
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match) as e:
+        prune_(model, imp, config, progress=False)
+    assert "\n" not in str(e.value)
+    state, cfg, tree = _snapshot(model)
+    assert tree == before[2] and cfg == before[1]
+    assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
+    return str(e.value)
+
+
+def _sparsegpt(tmp_path, *, exclude=None, steps=4, batch=4, n=48, **model_kw):
+    model = tiny_llama(seed=1, num_hidden_layers=4, **model_kw)
+    cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", units=True, exclude_modules=exclude))
+    train(model, [cb], tmp_path, max_steps=steps, batch=batch, n=n, lr=0.0)
+    return model.eval(), cb.importance()
+
+
+@pytest.mark.parametrize("structure", [("layers", "heads", "neurons"), ("heads", "neurons"), "neurons"])
+def test_refit_without_one_consumers_hessian_is_refused_before_layers_or_heads_go(structure, tmp_path):
+    # The last layer's down_proj is not tracked: before, layers and KV groups were removed, then the refit raised.
+    model, imp = _sparsegpt(tmp_path, exclude=r".*layers\.3\.mlp\.down_proj")
+    budget = dict(target_params=0.7) if isinstance(structure, tuple) else dict(sparsity=0.5)
+    config = PruneConfig(structure=structure, compensate="refit", **budget)
+    message = _refused(model, imp, config, r"compensate='refit' needs the input Hessian of model\.layers\.3\.mlp\.")
+    assert "ImportanceConfig(criterion='sparsegpt')" in message
+
+
+def test_refit_of_a_layer_that_depth_pruning_removes_needs_no_hessian(tmp_path):
+    # Only the consumers of the layers that stay are refit: a dropped layer's missing Hessian is no reason to refuse.
+    model, imp = _sparsegpt(tmp_path, exclude=r".*layers\.3\.mlp\.down_proj")
+    scores = imp.unit_scores()["layers"]
+    weakest = int(torch.argmin(scores))
+    model2, imp2 = _sparsegpt(tmp_path / "b", exclude=rf".*layers\.{weakest}\.mlp\.down_proj")
+    report = prune_(model2, imp2, PruneConfig(structure=("layers", "neurons"), target_params=0.7, compensate="refit"),
+                    progress=False)
+    assert weakest in report.structured["axes"]["layers"]["removed"]
+
+
+def test_refit_from_fewer_tokens_than_inputs_is_refused_and_says_how_many(tmp_path):
+    # 1 step of 2 x 16 tokens: 32 tokens for down_proj's 64 inputs, a singular Hessian.
+    model, imp = _sparsegpt(tmp_path, steps=1, batch=2, n=2)
+    message = _refused(model, imp, PruneConfig(structure=("layers", "neurons"), target_params=0.7,
+                                               compensate="refit"),
+                       r"gathered over 32 tokens, fewer than its 64 inputs, so it is singular")
+    assert "gather it over more tokens (at least 256 advised) or use compensate=None" in message
+
+
+def test_refit_from_few_tokens_per_input_warns_once(tmp_path, caplog):
+    model, imp = _sparsegpt(tmp_path, steps=2, batch=4, n=8)  # 128 tokens: 2 per down_proj input, 4 per o_proj input
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.prune.structured"):
+        prune_(model, imp, PruneConfig(structure=("heads", "neurons"), target_params=0.7, compensate="refit"),
+               progress=False)
+    warned = [r.getMessage() for r in caplog.records if "tokens per input" in r.getMessage()]
+    assert len(warned) == 1 and "over 128 tokens for 64 inputs" in warned[0] and "(and 3 more modules)" in warned[0]
+
+
+def test_depth_then_hidden_with_shared_embeddings_is_refused_before_the_layers_go(tmp_path):
+    # hidden pruning's module checks run with its cost, before the budget, so before depth pruning too
+    model, imp = _sparsegpt(tmp_path)
+    model.extra = torch.nn.Embedding(128, 32)  # reads the embedding tensor too: hidden pruning would resize it
+    model.extra.weight = model.model.embed_tokens.weight
+    _refused(model, imp, PruneConfig(structure=("layers", "hidden"), sparsity=0.5), "shared with extra.weight")
+
+
+def test_mean_compensation_adds_no_bias_before_a_depth_refusal(tmp_path):
+    model = build("gemma3")
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda", units=True))
+    train(model, [cb], tmp_path, max_steps=2)
+    model.eval()
+    # The config no longer describes the modules, so remove_layers_ refuses; before, attention_bias was already set
+    # and zero o/q/k/v biases added.
+    model.config.layer_types = ["full_attention"] * model.config.num_hidden_layers
+    _refused(model, cb.importance(), PruneConfig(structure=("layers", "heads"), sparsity=0.5, compensate="mean"),
+             "would reload as layer 0 with other attention kind")
