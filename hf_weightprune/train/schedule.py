@@ -28,6 +28,8 @@ ORDERS = ("all", "depth")
 _RESUME_KEYS = ("final_sparsity", "initial_sparsity", "start", "end", "every_n_steps", "ramp", "structure", "scope",
                 "target_modules", "exclude_modules", "mode", "reconstruct", "dampening", "block_size",
                 "pruned_stream", "refit_at", "cross_term", "cross_alpha", "cross_max_in_features", "order")
+# Of those, the ones a 0.1 checkpoint does not record (tests/fixtures/release-0.1 resumes with their defaults).
+_ADDED_AFTER_0_1 = ("pruned_stream", "refit_at", "cross_term", "cross_alpha", "cross_max_in_features", "order")
 
 
 def _is_int(v: Any) -> bool:
@@ -318,11 +320,11 @@ class PruneSchedule(JsonConfigMixin):
     def diff(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Fields that define the masks and differ from a saved `to_dict()`: `{name: (saved, now)}`.
 
-        A field the saved dict lacks (written by a version before the field existed) counts as its default, which is
-        what that version did.
+        A field added after release 0.1 that the saved dict lacks counts as its default (what 0.1 did); a missing
+        field that 0.1 already wrote means the dict predates it, a change.
         """
         now = self.to_dict()
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in _ADDED_AFTER_0_1}
         old = {k: saved.get(k, defaults.get(k)) for k in _RESUME_KEYS}
         return {k: (old[k], now[k]) for k in _RESUME_KEYS if old[k] != now[k]}
 
