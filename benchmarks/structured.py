@@ -433,6 +433,40 @@ def measure_speed(folders: dict[str, Path], args) -> dict:
     return out
 
 
+def shape_folders(cells: list[dict]) -> dict[str, Path]:
+    """One model per distinct pruned shape among the cells, built from the dense pretrained model by keeping the
+    first units of each axis (speed and memory depend on the shapes, not on which units were kept)."""
+    from hf_weightprune.prune.depth import remove_layers_
+    from hf_weightprune.prune.surgery import shrink_mlp_
+
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for c in cells:
+        cfg = (c.get("report") or {}).get("config", {}).get("after") or c.get("config")
+        if cfg is None and c["row"] == "shortgpt":
+            cfg = {"num_hidden_layers": 30 - len(c["pruning"]["removed_layers"]), "intermediate_size": 1536}
+        if cfg is None and "pruning" in c:
+            cfg = {"num_hidden_layers": 30, "intermediate_size": c["pruning"].get(
+                "intermediate_size", 1536 - c["pruning"].get("neurons_removed_per_layer", 0))}
+        if cfg is None or cfg.get("hidden_size", 576) != 576:
+            continue
+        shapes.setdefault((cfg["num_hidden_layers"], cfg["intermediate_size"]), []).append(c["row"])
+    out = {}
+    for (layers, inter), rows in sorted(shapes.items()):
+        folder = WORK / "shapes" / f"L{layers}-i{inter}"
+        if not (folder / "config.json").is_file():
+            model = R._load(Q.base_model_dir())
+            n = len(model.model.layers)
+            if layers < n:
+                remove_layers_(model, range(n - layers))
+            if inter < model.config.intermediate_size:
+                import torch
+
+                shrink_mlp_(model, {i: torch.arange(inter) for i in range(layers)})
+            R._save(model, folder)
+        out[f"{layers} layers, intermediate {inter} ({', '.join(sorted(set(rows)))})"] = folder
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
@@ -487,6 +521,9 @@ def write_report(cells: list[dict], speed: dict | None, args, out: Path) -> str:
                   "Each row pruned as above, evaluated before recovery (ours from its statistics phase of "
                   f"{args.steps // 4} training steps, the peers from {args.calibration_windows} calibration windows).",
                   "", "| size | row | perplexity OOD / in domain | parameters |", "|---|---|---:|---:|"]
+        path = WORK / f"dense-evals@{args.steps}.json"
+        for name, c in (json.loads(path.read_text()) if path.is_file() else {}).items():
+            lines.append(f"| 0% | dense: {name} | {c['ppl_ood']:.2f} / {c['ppl_valid']:.2f} | - |")
         for c in sorted(once, key=lambda c: (c["size"], list(ROWS).index(c["row"]))):
             lines.append(f"| {100 * c['size']:.0f}% | {ROWS[c['row']]} | {c['oneshot']['ppl_ood']:.2f} / "
                          f"{c['oneshot']['ppl_valid']:.2f} | {c['params']:,} |")
@@ -553,6 +590,11 @@ def main() -> None:
     p.add_argument("--speed-seq-len", type=int, default=256, help="prefill tokens of the speed part")
     p.add_argument("--speed-only", action="store_true", help="only the speed and memory table of the saved models")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--eval-dense", action="store_true", help="evaluate the pretrained model and the model after ours' "
+                                                             "statistics phase (the one-shot rows' starting points)")
+    p.add_argument("--speed-shapes", action="store_true", help="speed and memory of each distinct pruned shape among "
+                                                               "the cells (one-shot ones included), built from the "
+                                                               "dense model")
     p.add_argument("--oneshot-only", action="store_true", help="prune and evaluate, no recovery (ours still trains "
                                                                "its statistics phase)")
     p.add_argument("--deadline", default=None, help="HH:MM (UTC): start no new cell after it")
@@ -581,14 +623,26 @@ def main() -> None:
                     _log(f"deadline: {row} @ {_slug(size)} not run")
                     continue
                 run_row(row, sizes[0] if row == "dense" else size, sets, args)
+    dense_evals = WORK / f"dense-evals@{args.steps}.json"
+    if args.eval_dense and not dense_evals.is_file():
+        sets = Q._windows_cached(tok, args)
+        got = {"pretrained": Q.evaluate_cell(R._load(Q.base_model_dir()), sets[2], sets[3], args)}
+        stats = WORK / f"stats-{args.steps}" / "model"
+        if stats.is_dir():
+            got[f"after {args.steps // 4} steps (ours' statistics phase)"] = Q.evaluate_cell(R._load(stats), sets[2],
+                                                                                            sets[3], args)
+        Q._write_json(dense_evals, got)
     cells = [json.loads(f.read_text()) for f in sorted((WORK / "cells").glob(f"*@{args.steps}.json"))
              if not f.name.startswith("structure@")]
-    if args.oneshot_only:
+    if args.oneshot_only and not args.speed_shapes:
         args.no_speed = True
     speed = None
     if not args.no_speed:
         folders = {}
-        for c in cells:
+        if args.speed_shapes:
+            once = [json.loads(f.read_text()) for f in sorted((WORK / "oneshot").glob(f"*@{args.steps}.json"))]
+            folders = shape_folders(cells + once)
+        for c in ([] if args.speed_shapes else cells):
             if c["row"] != "dense" and model_path(c["row"], c["size"], args.steps).is_dir():
                 folders[f"{c['row']} @ {100 * c['size']:.0f}%"] = model_path(c["row"], c["size"], args.steps)
         speed = measure_speed(folders, args)
