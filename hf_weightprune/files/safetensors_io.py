@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 __all__ = [
@@ -366,3 +367,44 @@ def copy_shard_masked(src: str, dst: str, mask_of: Callable[[str, list[int]], Ca
             fout.flush()
             os.fsync(fout.fileno())
     return buffer
+
+
+def save_sidecar(path: str, prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, int]:
+    """Write statistics attached to an importance folder (`units.safetensors`, `cross.safetensors`) as one file.
+
+    Args:
+        path (`str`): the file to write, inside the importance folder being written (rank 0, before its config).
+        prefix (`str`): put before every key (`"units."`), so the file's keys never clash with the importance's.
+        tensors (`Mapping[str, Tensor]`): the tensors by key.
+
+    Returns:
+        `dict[str, int]`: the CRC32 of each stored tensor under its prefixed key, for `importance_config.json`.
+
+    Raises:
+        OSError, SafetensorError: the file could not be written.
+    """
+    stored = cpu_tensors({f"{prefix}{k}": v for k, v in tensors.items()})
+    save_file(stored, path, metadata={"format": "pt"})
+    return {k: tensor_checksum(v) for k, v in stored.items()}
+
+
+def load_sidecar(path: str, prefix: str, checksums: Mapping[str, int] | None, missing: str) -> dict[str, Tensor]:
+    """The tensors [`save_sidecar`] stored (prefix removed), each checked against its CRC32 when one is recorded.
+
+    Raises:
+        ImportanceFileError: `missing` when the file does not exist; the file is corrupt, or a tensor does not match
+            its checksum.
+    """
+    if not os.path.isfile(path):
+        raise ImportanceFileError(missing)
+    try:
+        with safe_open(path, framework="pt") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ImportanceFileError(f"{path} is corrupt or truncated: {e}") from None
+    expected = checksums or {}
+    for k, v in stored.items():
+        if k in expected and tensor_checksum(v) != int(expected[k]):
+            raise ImportanceFileError(f"{path}: {k} does not match its {CHECKSUM_ALGORITHM} in the importance config "
+                                      "(modified or names swapped); restore an intact copy")
+    return {k[len(prefix):]: v for k, v in stored.items()}

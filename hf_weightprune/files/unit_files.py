@@ -11,11 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from .safetensors_io import CHECKSUM_ALGORITHM, ImportanceFileError, cpu_tensors, tensor_checksum
+from .safetensors_io import load_sidecar, save_sidecar
 
 __all__ = ["UNITS_NAME", "load_unit_state", "save_unit_state"]
 
@@ -38,9 +36,7 @@ def save_unit_state(directory: str, state: Mapping[str, Tensor]) -> dict[str, in
     Raises:
         OSError, SafetensorError: the file could not be written.
     """
-    stored = cpu_tensors({f"{UNITS_PREFIX}{k}": v for k, v in state.items()})
-    save_file(stored, os.path.join(directory, UNITS_NAME), metadata={"format": "pt"})
-    return {k: tensor_checksum(v) for k, v in stored.items()}
+    return save_sidecar(os.path.join(directory, UNITS_NAME), UNITS_PREFIX, state)
 
 
 def load_unit_state(directory: str, checksums: Mapping[str, int] | None = None) -> dict[str, Tensor]:
@@ -49,17 +45,5 @@ def load_unit_state(directory: str, checksums: Mapping[str, int] | None = None) 
     Raises:
         ImportanceFileError: the file is missing, corrupt, or a tensor does not match its checksum.
     """
-    path = os.path.join(directory, UNITS_NAME)
-    if not os.path.isfile(path):
-        raise ImportanceFileError(f"{directory} has no {UNITS_NAME}: its unit statistics were not saved")
-    try:
-        with safe_open(path, framework="pt") as f:
-            stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ImportanceFileError(f"{path} is corrupt or truncated: {e}") from None
-    expected = checksums or {}
-    for k, v in stored.items():
-        if k in expected and tensor_checksum(v) != int(expected[k]):
-            raise ImportanceFileError(f"{path}: {k} does not match its {CHECKSUM_ALGORITHM} in the importance config "
-                                      "(modified or names swapped); restore an intact copy")
-    return {k[len(UNITS_PREFIX):]: v for k, v in stored.items()}
+    return load_sidecar(os.path.join(directory, UNITS_NAME), UNITS_PREFIX, checksums,
+                        f"{directory} has no {UNITS_NAME}: its unit statistics were not saved")
