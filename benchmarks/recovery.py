@@ -19,8 +19,8 @@ held-out documents in domain). Every row starts from the pretrained model and tr
 - (g) (e) with SquareHead's hidden-state loss added (`hidden_weight` 1.0).
 
 Issue 27's rows (statistics of the pruned model itself, gathered while it trains), and their references:
-- (o) llm-compressor SparseGPT one-shot on the pretrained model (a)'s checkpoint, evaluated with no fine-tune (0
-  training tokens; the one-shot reference; one cell per point whatever `--seeds`: nothing in it is seeded);
+- (o) (a)'s llm-compressor SparseGPT one-shot checkpoint of the pretrained model, evaluated with no fine-tune (0
+  training tokens: the one-shot reference; one cell per point whatever `--seeds`, as nothing in it is seeded);
 - (h0) (e) as one Trainer run: the `sparsegpt` statistic from step 0, one OBS mask update at 25% of the steps from the
   Hessians so far (`PruneSchedule` with a single update, row scope as (e)), the mask held after it, distillation from
   the dense pretrained model throughout (`DistillConfig()`). It differs from (e) in the teacher (the pretrained model,
@@ -34,7 +34,7 @@ Issue 27's rows (statistics of the pruned model itself, gathered while it trains
 - (i) (h) with the dense-to-pruned cross term under distillation (`cross_term=True`, `cross_alpha=0.5`): the re-fit
   solves `||W X - W^ X~||^2` from the teacher's inputs X and the student's X~ of the same batches (GPTAQ / QEP);
 - (j) (f) with `order="depth"`: the decoder layers pruned front to back, each once to the target, at steps spread
-  evenly over the first 75% (SmolLM2's 30 layers need `--steps` >= 42), each from the `sparsegpt` statistic gathered
+  evenly over the first 75% (SmolLM2's 30 layers need `--steps` >= 40), each from the `sparsegpt` statistic gathered
   after the layers before it were pruned (the training-time counterpart of the sequential calibration pipeline);
   + distillation.
 
@@ -72,6 +72,7 @@ import quality as Q  # noqa: E402  (the shared model, texts, windows and llm-com
 WORK = Q.CACHE / "recovery"
 ROWS = {
     "dense": "dense fine-tune (no pruning)",
+    "o": "(o) llm-compressor SparseGPT one-shot, no fine-tune",
     "a": "(a) llm-compressor SparseGPT one-shot, then fine-tune with the mask held (CE)",
     "b": "(b) llm-compressor SparseGPT one-shot, then mask held + distillation",
     "c": "(c) ours: gradual pruning (wanda) during the fine-tune (CE)",
@@ -79,7 +80,6 @@ ROWS = {
     "e": "(e) ours: sparsegpt statistics (first 25% of steps), OBS one-shot, then mask held + distillation",
     "f": "(f) ours: gradual pruning (sparsegpt, OBS update at every mask update) + distillation",
     "g": "(g) as (e), plus SquareHead hidden-state distillation (hidden_weight 1.0)",
-    "o": "(o) llm-compressor SparseGPT one-shot, no fine-tune",
     "h0": "(h0) ours, one run: sparsegpt statistics, OBS one-shot at 25% of the steps, mask held + distillation",
     "h": "(h) (h0) + pruned stream: statistics restarted after the prune, re-fit of the kept weights at 60%",
     "i": "(i) (h) + dense-to-pruned cross term (cross_alpha 0.5) under distillation",
@@ -92,6 +92,8 @@ SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune
          "o": "(o) llm-compressor SparseGPT one-shot", "h0": "(h0) one-run OBS one-shot, hold + distillation",
          "h": "(h) (h0) + pruned stream + re-fit", "i": "(i) (h) + cross term", "j": "(j) gradual OBS by depth"}
 SEEDLESS = {"o"}  # rows with nothing seeded: one cell per point
+DEFAULT_ROWS = ("dense", "a", "b", "c", "d", "e", "f", "g")  # the published commands' rows; issue 27's are named
+LAYERS = 30  # SmolLM2-135M's decoder layers: (j) prunes them one step apart
 ALPHA, TEMPERATURE, HIDDEN_WEIGHT = 0.5, 2.0, 1.0
 REFIT_AT, CROSS_ALPHA = 0.6, 0.5  # (h) and (i): re-fit at 60% of the steps; QEP / GPTAQ's 0.25-0.5
 
@@ -428,7 +430,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--points", default="50%,2:4", help="comma-separated sparsities: 50%%, 60%%, 70%%, ..., 2:4")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {list(ROWS)}")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"comma-separated rows of {list(ROWS)} (default: those of issue 17, {', '.join(DEFAULT_ROWS)})")
     p.add_argument("--calibration-windows", type=int, default=64, help="llm-compressor's calibration windows")
     p.add_argument("--valid-windows", type=int, default=12)
     p.add_argument("--ood-windows", type=int, default=99)
@@ -453,6 +456,11 @@ def main() -> None:
         p.error(f"--rows: unknown {unknown}; rows are {list(ROWS)}")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if "j" in rows:
+        try:  # refused here rather than when training begins, hours into a grid
+            _schedule("50%", order="depth").layer_steps(args.steps, LAYERS)
+        except ValueError as e:
+            p.error(f"--rows j: {e}")
     points = args.points.split(",")
     for point in points:
         if not re.fullmatch(r"[1-9][0-9]?%|[1-9]:[1-9][0-9]?", point):
