@@ -253,7 +253,11 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
         model = _load(base)
         cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"), schedule=schedule, distill=distill)
         cell.update(_train(model, train, args.steps, [cb], args, tag, seed))
-        cell.update(prune_step=first, refit_step=schedule.refit_step(args.steps))
+        # The step the re-fit ran at, as the callback recorded it (a row whose re-fit was skipped measures nothing).
+        cell.update(prune_step=first, refit_step=cb.mask_holder.refitted_at)
+        if row != "h0" and cell["refit_step"] != schedule.refit_step(args.steps):
+            raise RuntimeError(f"({row}): the re-fit planned at step {schedule.refit_step(args.steps)} ran at "
+                               f"{cell['refit_step']}")
     else:
         raise ValueError(row)
     cell.update(Q.evaluate_cell(model, valid, ood, args))
