@@ -15,21 +15,51 @@ held-out documents in domain). Every row starts from the pretrained model and tr
   Hessians accumulated so far (the kept weights are reconstructed), with distillation;
 - (e) ours: the first quarter of the steps dense with the `sparsegpt` statistic (no calibration pass), one-shot OBS
   pruning from it (`prune_`), then the remaining steps with the mask held and distillation from the dense weights of
-  that first quarter.
+  that first quarter;
+- (g) (e) with SquareHead's hidden-state loss added (`hidden_weight` 1.0).
+
+Issue 27's rows (statistics of the pruned model itself, gathered while it trains), and their references:
+- (o) (a)'s llm-compressor SparseGPT one-shot checkpoint of the pretrained model, evaluated with no fine-tune (0
+  training tokens: the one-shot reference; one cell per point whatever `--seeds`, as nothing in it is seeded);
+- (h0) (e) as one Trainer run: the `sparsegpt` statistic from step 0, one OBS mask update at 25% of the steps from the
+  Hessians so far (`PruneSchedule` with a single update, row scope as (e)), the mask held after it, distillation from
+  the dense pretrained model throughout (`DistillConfig()`). It differs from (e) in the teacher (the pretrained model,
+  not the weights after the first quarter), in distilling during the dense quarter, and in one optimizer and
+  learning-rate schedule instead of two; it is the baseline that isolates (h)'s levers;
+- (h) (h0) with the pruned stream: the statistic restarts after the one-shot prune, so it holds only the pruned
+  model's inputs (`pruned_stream=True`), and at 60% of the steps the kept weights are re-fitted by least squares on
+  their fixed support from that pruned-stream Hessian (`refit_at=0.6`), towards the weights with the pruning edits
+  undone. A hold run (`mode="hold"`, as (e)'s second phase) cannot re-fit: the package refuses `refit_at` there (the
+  re-fit's target is the weights before the pruning edits, which a hold run never saw), hence one run;
+- (i) (h) with the dense-to-pruned cross term under distillation (`cross_term=True`, `cross_alpha=0.5`): the re-fit
+  solves `||W X - W^ X~||^2` from the teacher's inputs X and the student's X~ of the same batches (GPTAQ / QEP);
+- (j) (f) with `order="depth"`: the decoder layers pruned front to back, each once to the target, at steps spread
+  evenly over the first 75% (SmolLM2's 30 layers need `--steps` >= 40), each from the `sparsegpt` statistic gathered
+  after the layers before it were pruned (the training-time counterpart of the sequential calibration pipeline);
+  + distillation.
 
 Distillation: `alpha` 0.5, temperature 2.0 (the README's recipe). Each row is evaluated on both held-out sets; its
 training time (the Trainer's `train()`), the teacher's extra cost per step ((d) - (c)) and the achieved sparsity of
 the decoder Linears are recorded. One JSON per cell under `benchmarks/_cache/recovery/`, so an interrupted run goes
 on where it stopped; writes benchmarks/results/recovery.md and recovery.json.
 
+`--seeds N` runs every cell for seeds 0..N-1: the seed is the Trainer's (`TrainingArguments(seed=...)`, which draws
+the batch order) and, for seeds > 0, a shuffle of the training windows before the rows split them ((e) and (g) train
+their two phases on the first quarter and the rest). The llm-compressor rows (a) and (b) take the same seeds for
+their masked fine-tune; their one-shot prune is deterministic and shared (same calibration windows). Seed 0 is the
+run of the published tables (its cells keep their cache names); the report gives each cell's mean and range over
+the seeds and lists the per-seed figures.
+
     python benchmarks/recovery.py                       # 100 steps, 50% and 2:4 (many hours on 2 CPU cores)
     python benchmarks/recovery.py --points 50% --steps 30 --deadline 16:40
+    python benchmarks/recovery.py --rows dense,a,b,h,i --points 50%,2:4,70% --seeds 3 --report-name recovery_27
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -42,6 +72,7 @@ import quality as Q  # noqa: E402  (the shared model, texts, windows and llm-com
 WORK = Q.CACHE / "recovery"
 ROWS = {
     "dense": "dense fine-tune (no pruning)",
+    "o": "(o) llm-compressor SparseGPT one-shot, no fine-tune",
     "a": "(a) llm-compressor SparseGPT one-shot, then fine-tune with the mask held (CE)",
     "b": "(b) llm-compressor SparseGPT one-shot, then mask held + distillation",
     "c": "(c) ours: gradual pruning (wanda) during the fine-tune (CE)",
@@ -49,31 +80,42 @@ ROWS = {
     "e": "(e) ours: sparsegpt statistics (first 25% of steps), OBS one-shot, then mask held + distillation",
     "f": "(f) ours: gradual pruning (sparsegpt, OBS update at every mask update) + distillation",
     "g": "(g) as (e), plus SquareHead hidden-state distillation (hidden_weight 1.0)",
+    "h0": "(h0) ours, one run: sparsegpt statistics, OBS one-shot at 25% of the steps, mask held + distillation",
+    "h": "(h) (h0) + pruned stream: statistics restarted after the prune, re-fit of the kept weights at 60%",
+    "i": "(i) (h) + dense-to-pruned cross term (cross_alpha 0.5) under distillation",
+    "j": "(j) gradual sparsegpt with OBS, layers front to back (order=depth) + distillation",
 }
 SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune",
          "b": "(b) llm-compressor SparseGPT + masked fine-tune + distillation", "c": "(c) gradual wanda",
          "d": "(d) gradual wanda + distillation", "e": "(e) sparsegpt statistics, OBS one-shot, hold + distillation",
-         "f": "(f) gradual sparsegpt with OBS + distillation", "g": "(g) as (e) + SquareHead hidden states"}
+         "f": "(f) gradual sparsegpt with OBS + distillation", "g": "(g) as (e) + SquareHead hidden states",
+         "o": "(o) llm-compressor SparseGPT one-shot", "h0": "(h0) one-run OBS one-shot, hold + distillation",
+         "h": "(h) (h0) + pruned stream + re-fit", "i": "(i) (h) + cross term", "j": "(j) gradual OBS by depth"}
+SEEDLESS = {"o"}  # rows with nothing seeded: one cell per point
+DEFAULT_ROWS = ("dense", "a", "b", "c", "d", "e", "f", "g")  # the published commands' rows; issue 27's are named
+LAYERS = 30  # SmolLM2-135M's decoder layers: (j) prunes them one step apart
 ALPHA, TEMPERATURE, HIDDEN_WEIGHT = 0.5, 2.0, 1.0
+REFIT_AT, CROSS_ALPHA = 0.6, 0.5  # (h) and (i): re-fit at 60% of the steps; QEP / GPTAQ's 0.25-0.5
 
 
 def _log(msg: str) -> None:
     print(f"[recovery {time.strftime('%H:%M:%S', time.gmtime())}] {msg}", flush=True)
 
 
-def _training_args(output: Path, steps: int, args):
+def _training_args(output: Path, steps: int, args, seed: int):
     from transformers import TrainingArguments
 
     return TrainingArguments(str(output), max_steps=steps, per_device_train_batch_size=args.batch_size,
                              learning_rate=args.lr, warmup_steps=max(1, steps // 10), logging_steps=10,
-                             save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+                             save_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=True)
 
 
-def _train(model, train, steps: int, callbacks, args, tag: str) -> dict:
+def _train(model, train, steps: int, callbacks, args, tag: str, seed: int) -> dict:
     from transformers import Trainer
 
     out = WORK / "trainer" / tag
-    trainer = Trainer(model=model, args=_training_args(out, steps, args), train_dataset=train, callbacks=callbacks)
+    trainer = Trainer(model=model, args=_training_args(out, steps, args, seed), train_dataset=train,
+                      callbacks=callbacks)
     t = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t
@@ -127,13 +169,15 @@ def _schedule(point: str, **kw):
     return PruneSchedule(final_sparsity=sparsity, structure=nm or "unstructured", **kw)
 
 
-def cell_path(row: str, point: str, steps: int) -> Path:
-    """One JSON per (row, sparsity, step count): runs at another `--steps` never mix with these."""
-    return WORK / "cells" / f"{row}@{Q._slug(point)}@{steps}.json"
+def cell_path(row: str, point: str, steps: int, seed: int = 0) -> Path:
+    """One JSON per (row, sparsity, step count, seed): runs at another `--steps` never mix with these. Seed 0 keeps
+    the name it had before `--seeds` existed, so the published cells are still found."""
+    suffix = f"@s{seed}" if seed else ""
+    return WORK / "cells" / f"{row}@{Q._slug(point)}@{steps}{suffix}.json"
 
 
-def run_row(row: str, point: str, train, valid, ood, calibration: Path, args) -> dict:
-    path = cell_path(row, point, args.steps)
+def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Path, args) -> dict:
+    path = cell_path(row, point, args.steps, seed)
     if path.is_file():
         return json.loads(path.read_text())
     from hf_weightprune import (
@@ -148,52 +192,78 @@ def run_row(row: str, point: str, train, valid, ood, calibration: Path, args) ->
 
     base = Q.base_model_dir()
     distill = DistillConfig(alpha=ALPHA, temperature=TEMPERATURE)
-    cell: dict = {"row": row, "point": point, "calibration_tokens": 0,
+    cell: dict = {"row": row, "point": point, "seed": seed, "calibration_tokens": 0,
                   "train_tokens": args.steps * args.batch_size * args.seq_len}
-    _log(f"{row} @ {point}: start")
+    # Seed 0 trains on the windows in their published order; another seed also reorders them, so that the rows
+    # which split the windows into phases ((e), (g)) see other data in each phase, not only another batch order.
+    if seed:
+        train = train.shuffle(seed=seed)
+    tag = f"{row}-{Q._slug(point)}" + (f"-s{seed}" if seed else "")
+    sparsity, nm = Q._parse_point(point)
+    _log(f"{row} @ {point}, seed {seed}: start")
     if row == "dense":
         model = _load(base)
-        cell.update(_train(model, train, args.steps, [], args, row))
-    elif row in ("a", "b"):
+        cell.update(_train(model, train, args.steps, [], args, tag, seed))
+    elif row in ("a", "b", "o"):
         folder, info = llmc_pruned_dir(point, calibration, args)
         cell["calibration_tokens"] = info["calibration_tokens"]
         cell["prune_seconds"] = info["oneshot_seconds"]
         model = _load(folder)
-        d = DistillConfig(teacher=str(base), alpha=ALPHA, temperature=TEMPERATURE) if row == "b" else None
-        cb = ImportanceCallback(schedule=PruneSchedule(mode="hold", masks_from=str(folder)), distill=d)
-        cell.update(_train(model, train, args.steps, [cb], args, f"{row}-{Q._slug(point)}"))
-    elif row in ("c", "d", "f"):
+        if row == "o":
+            cell.update(train_seconds=0.0, train_loss=None, steps=0, train_tokens=0)
+        else:
+            d = DistillConfig(teacher=str(base), alpha=ALPHA, temperature=TEMPERATURE) if row == "b" else None
+            cb = ImportanceCallback(schedule=PruneSchedule(mode="hold", masks_from=str(folder)), distill=d)
+            cell.update(_train(model, train, args.steps, [cb], args, tag, seed))
+    elif row in ("c", "d", "f", "j"):
         model = _load(base)
-        cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt" if row == "f" else "wanda"),
-                                schedule=_schedule(point), distill=distill if row in ("d", "f") else None)
-        cell.update(_train(model, train, args.steps, [cb], args, f"{row}-{Q._slug(point)}"))
+        schedule = _schedule(point, order="depth") if row == "j" else _schedule(point)
+        cb = ImportanceCallback(ImportanceConfig(criterion="wanda" if row in ("c", "d") else "sparsegpt"),
+                                schedule=schedule, distill=distill if row != "c" else None)
+        cell.update(_train(model, train, args.steps, [cb], args, tag, seed))
     elif row in ("e", "g"):
         first = args.steps // 4
         model = _load(base)
         stats = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))
         phase1 = _train(model, train.select(range(first * args.batch_size)), first, [stats], args,
-                        f"{row}1-{Q._slug(point)}")
-        teacher = _save(model, WORK / row / f"dense-{Q._slug(point)}")
-        sparsity, nm = Q._parse_point(point)
+                        f"{row}1{tag[len(row):]}", seed)
+        teacher = _save(model, WORK / row / f"dense{tag[len(row):]}")
         config = PruneConfig(structure=nm) if nm else PruneConfig(sparsity=sparsity, scope="row")
         t = time.perf_counter()
         report = prune_(model, stats.importance(), config, progress=False)
         cell["prune_seconds"] = time.perf_counter() - t
-        pruned = WORK / row / f"pruned-{Q._slug(point)}"
+        pruned = WORK / row / f"pruned{tag[len(row):]}"
         save_pruned(model, str(pruned), report=report, overwrite=True, write_card=False)
         rest = train.select(range(first * args.batch_size, args.steps * args.batch_size))
         cb = ImportanceCallback(schedule=PruneSchedule(mode="hold", masks_from=str(pruned)),
                                 distill=DistillConfig(teacher=str(teacher), alpha=ALPHA, temperature=TEMPERATURE,
                                                       hidden_weight=HIDDEN_WEIGHT if row == "g" else 0.0))
-        phase2 = _train(model, rest, args.steps - first, [cb], args, f"{row}2-{Q._slug(point)}")
+        phase2 = _train(model, rest, args.steps - first, [cb], args, f"{row}2{tag[len(row):]}", seed)
         cell.update(train_seconds=phase1["train_seconds"] + phase2["train_seconds"], steps=args.steps,
                     train_loss=phase2["train_loss"], phase_steps=[first, args.steps - first])
+    elif row in ("h0", "h", "i"):
+        # One update, at the end of step `first` (the same step as (e)'s prune): every_n_steps past the run leaves
+        # `end` as the schedule's only update step. A float `end` (an int 1 would read as "prune at step 1").
+        first = args.steps // 4
+        levers = {} if row == "h0" else {"pruned_stream": True, "refit_at": REFIT_AT}
+        if row == "i":
+            levers.update(cross_term=True, cross_alpha=CROSS_ALPHA)
+        schedule = _schedule(point, start=0.0, end=first / args.steps, every_n_steps=args.steps,
+                             scope=None if nm else "row", **levers)
+        model = _load(base)
+        cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"), schedule=schedule, distill=distill)
+        cell.update(_train(model, train, args.steps, [cb], args, tag, seed))
+        # The step the re-fit ran at, as the callback recorded it (a row whose re-fit was skipped measures nothing).
+        cell.update(prune_step=first, refit_step=cb.mask_holder.refitted_at)
+        if row != "h0" and cell["refit_step"] != schedule.refit_step(args.steps):
+            raise RuntimeError(f"({row}): the re-fit planned at step {schedule.refit_step(args.steps)} ran at "
+                               f"{cell['refit_step']}")
     else:
         raise ValueError(row)
     cell.update(Q.evaluate_cell(model, valid, ood, args))
     path.parent.mkdir(parents=True, exist_ok=True)
     Q._write_json(path, cell)
-    _log(f"{row} @ {point}: ppl ood {cell['ppl_ood']:.2f}, valid {cell['ppl_valid']:.2f}, sparsity "
+    _log(f"{row} @ {point}, seed {seed}: ppl ood {cell['ppl_ood']:.2f}, valid {cell['ppl_valid']:.2f}, sparsity "
          f"{cell['sparsity']:.4f}, train {cell['train_seconds']:.0f} s")
     return cell
 
@@ -201,43 +271,61 @@ def run_row(row: str, point: str, train, valid, ood, calibration: Path, args) ->
 # ----------------------------------------------------------------------------------------------- report
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _mean(cells: list[dict], key: str) -> float:
+    return sum(c[key] for c in cells) / len(cells)
 
 
-def write_report(cells: list[dict], wanted: list[tuple[str, str]], args, out: Path) -> str:
-    by = {(c["row"], c["point"]): c for c in cells}
-    points = list(dict.fromkeys(p for r, p in wanted if r != "dense"))
-    dense = by.get(("dense", "-"))
+def _spread(cells: list[dict], key: str) -> str:
+    """The value of one seed, or the mean over the seeds with its range: `43.46 [43.10-43.90]`."""
+    vals = [c[key] for c in cells]
+    text = f"{sum(vals) / len(vals):.2f}"
+    return text if len(vals) == 1 else f"{text} [{min(vals):.2f}-{max(vals):.2f}]"
+
+
+def _per_step(cells: list[dict]) -> str:
+    trained = [c for c in cells if c["steps"]]
+    return f"{sum(c['train_seconds'] / c['steps'] for c in trained) / len(trained):.1f}" if trained else "-"
+
+
+def write_report(cells: list[dict], wanted: list[tuple[str, str, int]], args, out: Path) -> str:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for c in sorted(cells, key=lambda c: c.get("seed", 0)):  # cells written before --seeds are seed 0's
+        groups.setdefault((c["row"], c["point"]), []).append(c)
+    by = {k: cs[0] for k, cs in groups.items() if cs[0].get("seed", 0) == 0}  # seed 0: costs, knees
+    points = list(dict.fromkeys(p for r, p, _ in wanted if r != "dense"))
+    dense = groups.get(("dense", "-"))
     lines = [f"Every row: {args.steps} steps x {args.batch_size} x {args.seq_len} = "
              f"{args.steps * args.batch_size * args.seq_len:,} training tokens from the pretrained SmolLM2-135M-Instruct; "
              f"lr {args.lr}; distillation alpha {ALPHA}, temperature {TEMPERATURE}. Cells: perplexity out of domain "
-             "(Debian handbook) / in domain (held-out documents of the training sources).", ""]
+             "(Debian handbook) / in domain (held-out documents of the training sources); a cell run with several "
+             "seeds gives the mean over them [min-max] and the seed count.", ""]
     if dense:
-        lines.append(f"Dense fine-tune: {dense['ppl_ood']:.2f} / {dense['ppl_valid']:.2f} "
-                     f"({dense['train_seconds'] / dense['steps']:.1f} s/step).")
+        lines.append(f"Dense fine-tune: {_spread(dense, 'ppl_ood')} / {_spread(dense, 'ppl_valid')} "
+                     f"({_per_step(dense)} s/step" + (f", {len(dense)} seeds)." if len(dense) > 1 else ")."))
         lines.append("")
     lines.append("| row | " + " | ".join(points) + " | calibration tokens | train s/step |")
     lines.append("|---|" + "---:|" * len(points) + "---:|---:|")
     for row, label in ROWS.items():
         if row == "dense":
             continue
-        got = [by.get((row, p)) for p in points]
+        got = [groups.get((row, p)) for p in points]
         if not any(got):
             continue
         cellstr = []
-        for c in got:
-            if c is None:
+        for cs in got:
+            if cs is None:
                 cellstr.append("not run")
             else:
-                ratio = f" ({c['ppl_ood'] / dense['ppl_ood']:.2f}x)" if dense else ""
-                cellstr.append(f"{c['ppl_ood']:.2f} / {c['ppl_valid']:.2f}{ratio}")
-        first = next(c for c in got if c)
+                ratio = f" ({_mean(cs, 'ppl_ood') / _mean(dense, 'ppl_ood'):.2f}x)" if dense else ""
+                seeds = f", {len(cs)} seeds" if len(cs) > 1 else ""
+                cellstr.append(f"{_spread(cs, 'ppl_ood')} / {_spread(cs, 'ppl_valid')}{ratio}{seeds}")
+        first = next(cs[0] for cs in got if cs)
         lines.append(f"| {label} | " + " | ".join(cellstr) + f" | {first['calibration_tokens']:,} | "
-                     + " / ".join(f"{c['train_seconds'] / c['steps']:.1f}" for c in got if c) + " |")
+                     + " / ".join(_per_step(cs) for cs in got if cs) + " |")
     for p in points:
-        # the same row without and with the teacher, or with its hidden-state term
-        for plain, taught, what in (("a", "b", "Teacher's"), ("c", "d", "Teacher's"), ("e", "g", "SquareHead's")):
+        # the same row without and with the teacher, its hidden-state term or its cross term (seed 0)
+        for plain, taught, what in (("a", "b", "Teacher's"), ("c", "d", "Teacher's"), ("e", "g", "SquareHead's"),
+                                    ("h", "i", "The cross term's")):
             x, y = by.get((plain, p)), by.get((taught, p))
             if x and y:
                 lines.append("")
@@ -245,10 +333,16 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str]], args, out: Pa
                              f"{(y['train_seconds'] - x['train_seconds']) / x['steps']:.2f} s/step "
                              f"({y['train_seconds'] / x['train_seconds']:.2f}x the step of ({plain})); times are wall "
                              "times of whole rows, so other jobs on the machine inflate them.")
+    several = [(k, cs) for k, cs in groups.items() if len(cs) > 1]
+    if several:
+        lines += ["", "Per seed, perplexity out of domain / in domain:"]
+        lines += [f"- {r}@{p}: " + ", ".join(f"seed {c.get('seed', 0)} {c['ppl_ood']:.2f} / {c['ppl_valid']:.2f}"
+                                            for c in cs) for (r, p), cs in several]
     lines.append("")
-    lines.append("Achieved sparsity of the decoder Linears: " + ", ".join(
-        f"{c['row']}@{c['point']} {c['sparsity']:.4f}" for c in cells if c["row"] != "dense") + ".")
-    knees = knee_lines(by, dense)
+    lines.append("Achieved sparsity of the decoder Linears (seed 0): " + ", ".join(
+        f"{c['row']}@{c['point']} {c['sparsity']:.4f}" for c in by.values() if c["row"] != "dense") + ".")
+    dense0 = by.get(("dense", "-"))
+    knees = knee_lines(by, dense0)
     if knees:
         lines += ["", *knees]
     text = "\n".join(lines) + "\n"
@@ -258,7 +352,7 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str]], args, out: Pa
     atomic_write_text(out / f"{args.report_name}.md", text)
     Q._write_json(out / f"{args.report_name}.json", {"args": vars(args), "cells": cells})
     if knees:
-        plot_knee(by, dense, args, out / f"{args.report_name}.png")
+        plot_knee(by, dense0, args, out / f"{args.report_name}.png")
     return text
 
 
@@ -339,13 +433,17 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--points", default="50%,2:4", help="comma-separated sparsities: 50%%, 60%%, ..., 2:4")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {list(ROWS)}")
+    p.add_argument("--points", default="50%,2:4", help="comma-separated sparsities: 50%%, 60%%, 70%%, ..., 2:4")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"comma-separated rows of {list(ROWS)} (default: those of issue 17, {', '.join(DEFAULT_ROWS)})")
     p.add_argument("--calibration-windows", type=int, default=64, help="llm-compressor's calibration windows")
     p.add_argument("--valid-windows", type=int, default=12)
     p.add_argument("--ood-windows", type=int, default=99)
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="every cell for seeds 0..N-1 (Trainer seed and data order); seed 0's cells are the published "
+                        "ones, computed once")
     p.add_argument("--deadline", default=None, help="HH:MM (UTC): start no new cell after it")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--output", default=str(Q.ROOT / "benchmarks" / "results"))
@@ -360,17 +458,28 @@ def main() -> None:
     rows = args.rows.split(",")
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"--rows: unknown {unknown}; rows are {list(ROWS)}")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    if "j" in rows:
+        try:  # refused here rather than when training begins, hours into a grid
+            _schedule("50%", order="depth").layer_steps(args.steps, LAYERS)
+        except ValueError as e:
+            p.error(f"--rows j: {e}")
     points = args.points.split(",")
     for point in points:
-        Q._parse_point(point)
-    wanted = [("dense", "-")] if "dense" in rows else []
-    wanted += [(r, pt) for pt in points for r in rows if r != "dense"]
+        if not re.fullmatch(r"[1-9][0-9]?%|[1-9]:[1-9][0-9]?", point):
+            p.error(f"--points: {point!r} is neither a percentage such as 70% nor an N:M pattern such as 2:4")
+    # Seed by seed, so every cell has its seed-0 figure before any second seed starts.
+    wanted = []
+    for seed in range(args.seeds):
+        wanted += [("dense", "-", seed)] if "dense" in rows else []
+        wanted += [(r, pt, seed) for pt in points for r in rows if r != "dense" and not (seed and r in SEEDLESS)]
     out = Path(args.output)
 
     def cached():
         found = []
-        for r, pt in wanted:
-            path = cell_path(r, pt, args.steps)
+        for r, pt, seed in wanted:
+            path = cell_path(r, pt, args.steps, seed)
             if path.is_file():
                 found.append(json.loads(path.read_text()))
         return found
@@ -391,11 +500,11 @@ def main() -> None:
     if not calib_path.is_file():
         Q._write_json(calib_path, {"input_ids": calibration.to_dict()["input_ids"]})
     _log(f"windows: train {len(train)} x {args.seq_len}, valid {len(valid)}, ood {len(ood)}")
-    for row, point in wanted:
+    for row, point, seed in wanted:
         if deadline is not None and time.time() >= deadline:
-            _log(f"deadline {args.deadline} UTC reached: {row} @ {point} and later cells not run")
+            _log(f"deadline {args.deadline} UTC reached: {row} @ {point}, seed {seed} and later cells not run")
             break
-        run_row(row, point, train, valid, ood, calib_path, args)
+        run_row(row, point, seed, train, valid, ood, calib_path, args)
         write_report(cached(), wanted, args, out)
     print(write_report(cached(), wanted, args, out))
 
