@@ -478,7 +478,9 @@ def write_report(cells: list[dict], speed: dict | None, args, out: Path) -> str:
     by = {(c["row"], c["size"]): c for c in cells}
     dense = next((c for c in cells if c["row"] == "dense"), None)
     sizes = sorted({c["size"] for c in cells if c["row"] != "dense"})
-    lines = [f"Every row: {args.steps} steps x {args.batch_size} x {args.seq_len} = "
+    lines = [] if any(c["row"] != "dense" for c in cells) else [
+        "No recovered row has run yet: the tables below are the rows pruned one-shot (`--oneshot-only`).", ""]
+    lines += [f"Every recovered row: {args.steps} steps x {args.batch_size} x {args.seq_len} = "
              f"{args.steps * args.batch_size * args.seq_len:,} training tokens from the pretrained "
              f"SmolLM2-135M-Instruct; lr {args.lr}; distillation alpha {ALPHA} (Minitron: 1.0, logits only), "
              f"temperature {TEMPERATURE}. Cells: perplexity out of domain (Debian handbook) / in domain (held-out "
@@ -589,6 +591,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--speed-seq-len", type=int, default=256, help="prefill tokens of the speed part")
     p.add_argument("--speed-only", action="store_true", help="only the speed and memory table of the saved models")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the cached cells and the "
+                                                              "speed table of the last report")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--eval-dense", action="store_true", help="evaluate the pretrained model and the model after ours' "
                                                              "statistics phase (the one-shot rows' starting points)")
@@ -613,7 +617,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(Q.base_model_dir())
     args.calibration_windows = max(args.calibration_windows, args.search_windows)
-    if not args.speed_only:
+    if not (args.speed_only or args.report_only):
         sets = R._windows_cached(tok, args) if hasattr(R, "_windows_cached") else Q._windows_cached(tok, args)
         for size in sizes:
             for row in rows:
@@ -637,7 +641,10 @@ def main() -> None:
     if args.oneshot_only and not args.speed_shapes:
         args.no_speed = True
     speed = None
-    if not args.no_speed:
+    if args.report_only:
+        last = Path(args.output) / "structured.json"
+        speed = json.loads(last.read_text()).get("speed") if last.is_file() else None
+    elif not args.no_speed:
         folders = {}
         if args.speed_shapes:
             once = [json.loads(f.read_text()) for f in sorted((WORK / "oneshot").glob(f"*@{args.steps}.json"))]
