@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .. import distributed as D
@@ -50,6 +49,7 @@ from .safetensors_io import (
     read_index,
     read_json,
     tensor_checksum,
+    write_safetensors,
 )
 from .unit_files import load_unit_state
 
@@ -74,7 +74,7 @@ def write_shard(tmp_dir: str, tensors: Mapping[str, Tensor], *, rank: int, world
     """Write one rank's buffers into the temporary folder (every rank calls this in parallel)."""
     os.makedirs(tmp_dir, exist_ok=True)
     path = os.path.join(tmp_dir, shard_name(rank, world_size))
-    save_file(cpu_tensors(tensors), path, metadata={"format": "pt"})
+    write_safetensors(cpu_tensors(tensors), path)
     return path
 
 

@@ -369,6 +369,17 @@ def copy_shard_masked(src: str, dst: str, mask_of: Callable[[str, list[int]], Ca
     return buffer
 
 
+def write_safetensors(tensors: Mapping[str, Tensor], path: str) -> None:
+    """`safetensors.torch.save_file` with `{"format": "pt"}` metadata, except for an empty file: safetensors 0.4
+    (the floor this package supports) cannot read back an empty file that carries metadata, and a rank that owns no
+    tensor, or statistics restarted just before a save, write empty files.
+
+    Raises:
+        OSError, SafetensorError: the file could not be written.
+    """
+    save_file(dict(tensors), path, metadata={"format": "pt"} if tensors else None)
+
+
 def save_sidecar(path: str, prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, int]:
     """Write statistics attached to an importance folder (`units.safetensors`, `cross.safetensors`) as one file.
 
@@ -384,7 +395,7 @@ def save_sidecar(path: str, prefix: str, tensors: Mapping[str, Tensor]) -> dict[
         OSError, SafetensorError: the file could not be written.
     """
     stored = cpu_tensors({f"{prefix}{k}": v for k, v in tensors.items()})
-    save_file(stored, path, metadata={"format": "pt"})
+    write_safetensors(stored, path)
     return {k: tensor_checksum(v) for k, v in stored.items()}
 
 

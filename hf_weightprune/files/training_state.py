@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .._version import __version__
@@ -30,6 +29,7 @@ from .safetensors_io import (
     read_json,
     tensor_checksum,
     weight_map,
+    write_safetensors,
 )
 
 MASKS_NAME = "masks.safetensors"
@@ -59,7 +59,7 @@ def save_schedule_masks(directory: str, masks: Mapping[str, Tensor]) -> tuple[st
     """
     path = os.path.join(directory, MASKS_NAME)
     stored = {k: v.detach().to("cpu", torch.uint8).contiguous() for k, v in masks.items()}
-    save_file(stored, path, metadata={"format": "pt"})
+    write_safetensors(stored, path)
     return path, {k: tensor_checksum(v) for k, v in stored.items()}
 
 
