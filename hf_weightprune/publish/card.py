@@ -228,9 +228,10 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "nm": {"kept": nm[0], "group": nm[1], "zeros": nm[1] - nm[0]} if nm else None,
         "structured": structured_rows,
         # what changed (a combination under a budget may leave an axis as it was: the table shows every row)
-        "structured_summary": ", ".join(f"{r['name'].lower()} {r['before']} -> {r['after']}" for r in structured_rows
-                                        if r["before"] != r["after"]),
-        "structure_units": T.structured_units(structure),
+        "structured_summary": ", ".join(f"{_lower_first(r['name'])} {r['before']} -> {r['after']}"
+                                        for r in structured_rows if r["before"] != r["after"]),
+        # the units that were removed: a combination under a budget may leave an axis untouched
+        "structure_units": T.structured_units(_changed_axes(sparsity.get("structured"), structure)),
         "compensation": (sparsity.get("structured") or {}).get("compensation"),
         "bias_added": ", ".join(f"`{f}=True`" for f in (sparsity.get("structured") or {}).get("bias_added") or []),
         "scope": scope,
@@ -260,6 +261,18 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "generated_mark": GENERATED_MARK,
         "sparsity_file": SPARSITY_NAME,
     }
+
+
+def _lower_first(name: str) -> str:
+    """`"Decoder layers"` -> `"decoder layers"`; an acronym stays (`"MLP intermediate size"`)."""
+    return name if name[1:2].isupper() else name[:1].lower() + name[1:]
+
+
+def _changed_axes(structured: dict | None, structure: str) -> str:
+    """The axes of a structured prune whose size changed (`"neurons"` of `"layers,neurons"` when no layer went)."""
+    axes = (structured or {}).get("axes") or {}
+    changed = [a for a in structure.split(",") if a not in axes or axes[a].get("before") != axes[a].get("after")]
+    return ",".join(changed) or structure
 
 
 def buys_context(sparsity: dict) -> dict[str, str | None]:

@@ -63,3 +63,7 @@ def test_structured_recipe_gives_a_smaller_stock_checkpoint_distilled_from_the_d
     buys = " ".join(card.split("## What the sparsity buys")[1].split())
     assert f"decode tokens/s {ratios['decode_tokens_per_s']:.2f}x the dense model's" in buys
     assert "faster" not in card and "less memory" not in card
+    # the budget removed neurons only: the card says what was removed, not what the structure allowed
+    assert config["num_hidden_layers"] == dense.config.num_hidden_layers
+    assert "removed whole MLP neurons:" in buys and "decoder layers" not in buys
+    assert "MLP intermediate size 512 -> " in card
