@@ -106,7 +106,7 @@ def _recover(model, train, first: int, args, teacher: Path, tag: str, alpha: flo
 
     rest = train.select(range(first * args.batch_size, args.steps * args.batch_size))
     cb = ImportanceCallback(distill=_distill(teacher, alpha))
-    return R._train(model, rest, args.steps - first, [cb], args, tag)
+    return R._train(model, rest, args.steps - first, [cb], args, tag, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------- ours
@@ -125,7 +125,7 @@ def stats_phase(train, args) -> tuple[Path, Path, dict]:
     first = args.steps // 4
     model = R._load(Q.base_model_dir())
     cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", units=True))
-    res = R._train(model, train.select(range(first * args.batch_size)), first, [cb], args, "stats")
+    res = R._train(model, train.select(range(first * args.batch_size)), first, [cb], args, "stats", seed=0)
     R._save(model, out / "model")
     imp = cb.importance()
     save_importance_dir(str(out / "importance"), imp.state_dict(), config=cb.config, meta=imp.meta, shapes=imp.shapes)
@@ -358,7 +358,7 @@ def run_row(row: str, size: float, sets, args) -> dict:
     t = time.perf_counter()
     if row == "dense":
         model = R._load(base)
-        cell.update(R._train(model, train, args.steps, [], args, row))
+        cell.update(R._train(model, train, args.steps, [], args, row, seed=0))
     elif row in ("ours", "ours-ablation"):
         teacher, imp_dir, stats = stats_phase(train, args)
         imp = load_importance(str(imp_dir))
@@ -618,7 +618,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(Q.base_model_dir())
     args.calibration_windows = max(args.calibration_windows, args.search_windows)
     if not (args.speed_only or args.report_only):
-        sets = R._windows_cached(tok, args) if hasattr(R, "_windows_cached") else Q._windows_cached(tok, args)
+        sets = Q._windows_cached(tok, args)
         for size in sizes:
             for row in rows:
                 if row == "dense" and size != sizes[0]:
