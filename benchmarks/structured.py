@@ -493,7 +493,7 @@ def write_report(cells: list[dict], speed: dict | None, args, out: Path) -> str:
         c0 = got[0][1]
         lines += [f"### {100 * size:.0f}% of the decoder layers' parameters removed (keep {c0['target_params']:,} of "
                   f"{c0['params_dense']:,})", "",
-                  "| row | one-shot | after recovery | x dense (OOD / in) | structure | parameters (decoder) | file MB "
+                  "| row | one-shot | after recovery | x dense (OOD / in) | structure | parameters (decoder) | file MiB "
                   "| calibration tokens | train s/step |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
         for r, c in got:
             ratio = (f"{c['ppl_ood'] / dense['ppl_ood']:.3f}x / {c['ppl_valid'] / dense['ppl_valid']:.3f}x"
