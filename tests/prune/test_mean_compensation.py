@@ -39,15 +39,21 @@ class _Windows(torch.utils.data.Dataset):
 HELD_OUT = _windows(KJV / "valid.txt", 128)
 
 
-@pytest.fixture(scope="module")
-def kjv_llama(tmp_path_factory):
-    """A tiny Llama trained 150 steps on KJV bytes, with unit statistics: activations with a real mean."""
+def train_kjv_llama(folder, criterion: str):
+    """A tiny Llama trained 150 steps of 16 x 32 KJV bytes with `criterion` and unit statistics: the model (eval
+    mode) and its importance."""
     model = tiny_llama(seed=1, intermediate_size=128)
-    cb = ImportanceCallback(ImportanceConfig(criterion="wanda", units=True))
-    args = training_args(tmp_path_factory.mktemp("kjv"), max_steps=150, per_device_train_batch_size=16,
-                         learning_rate=1e-2, seed=1, save_strategy="no")
+    cb = ImportanceCallback(ImportanceConfig(criterion=criterion, units=True))
+    args = training_args(folder, max_steps=150, per_device_train_batch_size=16, learning_rate=1e-2, seed=1,
+                         save_strategy="no")
     Trainer(model=model, args=args, train_dataset=_Windows(_windows(KJV / "train.txt", 512)), callbacks=[cb]).train()
     return model.eval(), cb.importance()
+
+
+@pytest.fixture(scope="module")
+def kjv_llama(tmp_path_factory):
+    """Unit statistics with a real mean (activations of a trained model)."""
+    return train_kjv_llama(tmp_path_factory.mktemp("kjv"), "wanda")
 
 
 def _loss(model) -> float:

@@ -8,29 +8,16 @@ import copy
 
 import pytest
 import torch
-from transformers import Trainer
 
-from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, prune_
+from hf_weightprune import PruneConfig, prune_
 from hf_weightprune.prune.compensate import refit_columns
-from hf_weightprune.testing import tiny_llama
-from tests.helpers import training_args
-from tests.prune.test_mean_compensation import HELD_OUT, KJV, _Windows, _windows
+from tests.prune.test_mean_compensation import HELD_OUT, _loss, train_kjv_llama
 
 
 @pytest.fixture(scope="module")
 def kjv_sparsegpt(tmp_path_factory):
-    """A tiny Llama trained 150 steps of 16 x 32 KJV bytes, with unit statistics and sparsegpt Hessians."""
-    model = tiny_llama(seed=1, intermediate_size=128)
-    cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", units=True))
-    args = training_args(tmp_path_factory.mktemp("kjv"), max_steps=150, per_device_train_batch_size=16,
-                         learning_rate=1e-2, seed=1, save_strategy="no")
-    Trainer(model=model, args=args, train_dataset=_Windows(_windows(KJV / "train.txt", 512)), callbacks=[cb]).train()
-    return model.eval(), cb.importance()
-
-
-def _loss(model) -> float:
-    with torch.no_grad():
-        return float(model(input_ids=HELD_OUT, labels=HELD_OUT).loss)
+    """Unit statistics and sparsegpt Hessians of a trained tiny Llama."""
+    return train_kjv_llama(tmp_path_factory.mktemp("kjv"), "sparsegpt")
 
 
 def _down_inputs(model) -> dict[int, torch.Tensor]:
