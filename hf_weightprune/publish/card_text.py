@@ -250,7 +250,10 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
 def references(criterion: str | None, sparsity: dict) -> list[str]:
     """The papers of the methods this model was made with, in the order they were applied."""
     refs = []
-    paper = criterion_text(criterion)[1]
+    # the criterion's paper only when its scores chose what went: unit statistics rank structured units, routing
+    # statistics rank whole experts (the criterion's own statistic may still be cited below, e.g. OBS)
+    ranked_by_criterion = sparsity.get("structure") != "experts" and not unit_ranking_text(sparsity.get("structured"))
+    paper = criterion_text(criterion)[1] if ranked_by_criterion else None
     if paper and "2301.00774" in paper:  # sparsegpt: its saliency and its reconstruction are one paper
         refs.append(OBS_REFERENCE)
     elif paper:
@@ -260,7 +263,8 @@ def references(criterion: str | None, sparsity: dict) -> list[str]:
     if sparsity.get("structure") == "experts":
         refs.append(EXPERTS_REFERENCE)
     parts = str(sparsity.get("structure") or "").split(",")
-    if "layers" in parts:
+    depth = ((sparsity.get("structured") or {}).get("axes") or {}).get("layers") or {}
+    if "layers" in parts and not (depth and depth.get("before") == depth.get("after")):  # a layer was removed
         refs.append(DEPTH_REFERENCE)
     compensation = (sparsity.get("structured") or {}).get("compensation")
     if compensation in ("refit", "mean"):
