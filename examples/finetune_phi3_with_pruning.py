@@ -63,12 +63,21 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, PruneConfig, load_sparsity, prune_
-from hf_weightprune.prune.lora import merge_and_unload_sparse
-from hf_weightprune.publish.export import save_pruned
+from hf_weightprune import (
+    DistillConfig,
+    ImportanceCallback,
+    ImportanceConfig,
+    PruneConfig,
+    PruneSchedule,
+    load_sparsity,
+    merge_and_unload_sparse,
+    prune_,
+    save_pruned,
+)
+
+# helpers of the demo, not the public API: a tokenizer trained on the text, windows of it, and an eval loop
 from hf_weightprune.testing import train_tokenizer
 from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows
-from hf_weightprune.train.schedule import PruneSchedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # transformers renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns in 5.2x, the new one

@@ -308,8 +308,8 @@ class PruneConfig(JsonConfigMixin):
         if self.target_params is not None:
             t = self.target_params
             if not structured:
-                raise ValueError(f"target_params is a budget for structured pruning ({STRUCTURED_KINDS}); got "
-                                 f"structure {self.structure!r}")
+                raise ValueError(f"target_params is a budget for structured pruning ({', '.join(STRUCTURED_KINDS)} "
+                                 f"or a combination); got structure {self.structure!r}, which takes a sparsity")
             if self.sparsity is not None:
                 raise ValueError("give either sparsity (a fraction of the units) or target_params (the parameters "
                                  "to keep), not both")

@@ -280,6 +280,14 @@ CHECKS = {
         "assert 'not used for the units, which are ranked by mean activation magnitude' in card\n"
         "assert f\"**Target**: keep {meta['structured']['target_params']:,} of {count['before']:,} parameters\" in card\n"
         "assert ('no decoder layer removed at this budget' in card) == (meta['structured']['axes']['layers']['removed'] == [])\n"
+        # the title and the Structure line name the units removed, not every axis the structure allowed
+        "no_layer = meta['structured']['axes']['layers']['removed'] == []\n"
+        "assert ('structured pruning of decoder layers' in card) != no_layer, card.split('## Method')[1][:600]\n"
+        "assert ('decoder layers could also be removed; none were at this budget' in card) == no_layer\n"
+        "assert ('2403.03853' in card) != no_layer  # ShortGPT cited only when a layer went\n"
+        # the recovery after the one-shot prune is stated, not only the teacher
+        "assert 'pruned in one shot, then fine-tuned with distillation' in card\n"
+        "assert 'the pruned model was then fine-tuned with the distillation below' in card\n"
         "assert '## Sparsity per module type' not in card  # a combination has no per-module-type table\n"
         "assert not any(f'{r} {n} -> {n}' in card.split('## Method')[0] for r in ('decoder layers', 'mlp intermediate size')\n"
         "               for n in range(1, 4096))\n"

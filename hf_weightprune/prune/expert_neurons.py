@@ -157,9 +157,13 @@ def _check(model: nn.Module, blocks: list[MoeBlock], remove: Mapping[str, Sequen
     count = counts.pop()
     left = width - count
     if count and left % ALIGN:
+        kept = list(range(ALIGN, width, ALIGN))
+        # the sparsities that land on those widths, so the user need not invert the rounding
+        fits = ", ".join(f"{(width - k) / width:.4g}" for k in reversed(kept))
         raise ValueError(f"{blocks[0].experts_name}.down_proj: {left} neurons per expert; keep a multiple of {ALIGN} "
-                         f"(of {width}: {list(range(ALIGN, width, ALIGN))}): transformers' default experts kernel "
-                         "(grouped_mm) needs rows of a multiple of 16 bytes, and a checkpoint is often loaded in bfloat16")
+                         f"(of {width}: {kept}): transformers' default experts kernel (grouped_mm) needs rows of a "
+                         f"multiple of 16 bytes, and a checkpoint is often loaded in bfloat16; sparsity={fits} keeps "
+                         f"{', '.join(map(str, reversed(kept)))} neurons")
     key, holders = _width_key(model, width)
     for c in holders:
         error = config_error(c, {key: width - count})

@@ -171,7 +171,7 @@ def render_model_card(
         eval_results=eval_results,
     )
     return ModelCard.from_template(
-        card_data, template_str=_read_template(), model_title=f"{model_name} ({structure_info(structure)[0]})",
+        card_data, template_str=_read_template(), model_title=f"{model_name} ({_structure_words(sparsity)[0]})",
         repo_id=repo_id, **_body_context(folder, sparsity, criterion), eval=eval_ctx,
     )
 
@@ -184,13 +184,15 @@ def _how(sparsity: dict) -> tuple[str, str]:
         return "pruned once, then fine-tuned with its mask held", "hold"
     if isinstance(schedule, dict):
         return "pruned during fine-tuning", "gradual"
+    if isinstance(sparsity.get("distillation"), dict):  # no schedule: the distillation trained the pruned model
+        return "pruned in one shot, then fine-tuned with distillation", "one-shot"
     return "pruned in one shot", "one-shot"
 
 
 def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[str, Any]:
     """Template variables of the card body that come from `sparsity.json` and the folder's files."""
     structure = sparsity["structure"]
-    label, _, detail = structure_info(structure)
+    label, detail = _structure_words(sparsity)
     structured_rows = T.structured_rows(sparsity.get("structured"))
     formula, reference = T.criterion_text(criterion)
     if structure == "experts":
@@ -206,12 +208,14 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     scope = sparsity.get("scope") or "layer"
     if structured:
         parts = structure.split(",")
-        width = ",".join(p for p in parts if p != "layers")
-        depth = ((sparsity.get("structured") or {}).get("axes") or {}).get("layers") or {}
+        changed = _changed_axes(sparsity.get("structured"), structure).split(",")
+        # per-layer widths; hidden channels are one residual stream, the same channels gone from every layer
+        width = ",".join(p for p in changed if p not in ("layers", "hidden"))
         scope_detail = "; ".join(filter(None, [
             f"the same number of {T.structured_units(width)} removed in every decoder layer" if width else None,
-            ("no decoder layer removed at this budget" if depth and depth.get("before") == depth.get("after")
-             else "whole decoder layers removed") if "layers" in parts else None]))
+            "the same hidden channels removed from every layer" if "hidden" in changed else None,
+            *(f"no {_UNIT_SINGULAR[p]} removed at this budget" for p in parts if p not in changed),
+            "whole decoder layers removed" if "layers" in changed else None]))
         if (sparsity.get("structured") or {}).get("unit") == "expert_neuron":
             scope_detail = T.EXPERT_NEURON_SCOPE
     else:
@@ -239,7 +243,9 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "reconstruction": sparsity.get("reconstruction"),
         "allocation": sparsity.get("allocation") or "uniform",
         "target_sparsity_text": (T.structured_target_text(sparsity.get("structured"))
-                                 or T.target_text(sparsity.get("target_sparsity"))),
+                                 or T.target_text(sparsity.get("target_sparsity"))
+                                 # a structured sparsity is a share of units, not of weights
+                                 + (f" of the {T.structured_units(structure)}" if structured else "")),
         "global_sparsity": float(sparsity.get("global_sparsity") or 0.0),
         "model_sparsity": float(sparsity.get("model_sparsity") or 0.0),
         "criterion": criterion,
@@ -266,6 +272,23 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
 def _lower_first(name: str) -> str:
     """`"Decoder layers"` -> `"decoder layers"`; an acronym stays (`"MLP intermediate size"`)."""
     return name if name[1:2].isupper() else name[:1].lower() + name[1:]
+
+
+_UNIT_SINGULAR = {"layers": "decoder layer", "neurons": "MLP neuron", "heads": "attention head",
+                  "hidden": "hidden channel"}
+
+
+def _structure_words(sparsity: dict) -> tuple[str, str | None]:
+    """`(label, explanation)` of the structure, naming only the units that were removed: a combination under a
+    `target_params` budget may leave an axis as it was (`"layers,neurons"` that removed no layer is a neuron prune)."""
+    structure = sparsity["structure"]
+    label, _, detail = structure_info(structure)
+    changed = _changed_axes(sparsity.get("structured"), structure)
+    if "," not in structure or changed == structure:
+        return label, detail
+    kept = [p for p in structure.split(",") if p not in changed.split(",")]
+    label, _, detail = structure_info(changed)
+    return label, f"{detail} ({T.structured_units(','.join(kept))} could also be removed; none were at this budget)"
 
 
 def _changed_axes(structured: dict | None, structure: str) -> str:
@@ -315,14 +338,18 @@ def search_text(search: dict | None) -> str | None:
         extra = ", ".join(f"{k} {row['config'].get(k)}" for k in varying)
         return f"`{row['config']['structure']}`" + (f" ({extra})" if extra else "")
 
-    others = [f"{label(r)} {r['loss']:.4f}" if r.get("skipped") is None
+    def params(row):
+        return f" at {row['num_parameters']:,} parameters" if isinstance(row.get("num_parameters"), int) else ""
+
+    others = [f"{label(r)} {r['loss']:.4f}{params(r)}" if r.get("skipped") is None
               else f"{label(r)} skipped (the reason is in {SPARSITY_NAME})" for i, r in enumerate(rows) if i != chosen]
     steps = search.get("recovery_steps") or 0
     distilled = " distilled from the dense model" if search.get("distillation") else ""
     how = f"after {steps} steps of recovery{distilled}" if steps else "one-shot"
     return (f"the shape was chosen by measured loss among {len(rows)} candidates of the same budget, each pruned and "
             f"scored {how} by its mean loss on {search.get('windows')} windows of training text "
-            f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {rows[chosen]['loss']:.4f}, the lowest"
+            f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {rows[chosen]['loss']:.4f}"
+            f"{params(rows[chosen])}, the lowest"
             + (f" (others: {'; '.join(others)})" if others else "") + f"; dense model {search.get('dense_loss'):.4f}")
 
 

@@ -178,9 +178,31 @@ def schedule_context(schedule: Any) -> dict | None:
         def at(v):
             return f"step {v}" if isinstance(v, int) else f"{100 * v:g}% of training"
         span = f"from {at(start)} to {at(end)}"
-    return {"text": f"gradual pruning from {100 * schedule['initial_sparsity']:.1f}% to "
-                    f"{100 * schedule['final_sparsity']:.1f}% sparsity {span}, every {schedule['every_n_steps']} "
-                    f"steps, {schedule['ramp']} ramp"}
+    if schedule.get("order") == "depth":  # no ramp: each layer group pruned once, front to back
+        text = (f"decoder layers pruned front to back {span}, each once to {100 * schedule['final_sparsity']:.1f}% "
+                "sparsity from statistics gathered after the layers before it were pruned")
+    else:
+        text = (f"gradual pruning from {100 * schedule['initial_sparsity']:.1f}% to "
+                f"{100 * schedule['final_sparsity']:.1f}% sparsity {span}, every {schedule['every_n_steps']} steps, "
+                f"{schedule['ramp']} ramp")
+    return {"text": text + "".join(_pruned_stream_text(schedule))}
+
+
+def _pruned_stream_text(schedule: dict) -> list[str]:
+    """The pruned-stream options a schedule ran with (issue 27), as clauses appended to its sentence."""
+    implied = schedule.get("refit_at") is not None or schedule.get("order") == "depth"
+    stream = schedule.get("pruned_stream") or (schedule.get("pruned_stream") is None and implied)
+    if not stream:
+        return []
+    parts = ["; the input Hessians restarted at every mask change, so each update read the pruned model's own inputs"]
+    if schedule.get("cross_term"):
+        parts.append(f"; the updates solved the asymmetric objective `||W X - W_hat X~||^2` with the dense-to-pruned "
+                     f"cross term from the teacher's forwards (GPTAQ / QEP, alpha {schedule.get('cross_alpha')})")
+    refit = schedule.get("refit_at")
+    if refit is not None:
+        at = f"step {refit}" if isinstance(refit, int) else f"{100 * refit:g}% of training"
+        parts.append(f"; at {at} the kept weights were re-fitted by least squares on their fixed support")
+    return parts
 
 
 def _teacher_text(teacher: Any, is_local: bool = False) -> str:
@@ -250,7 +272,10 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
 def references(criterion: str | None, sparsity: dict) -> list[str]:
     """The papers of the methods this model was made with, in the order they were applied."""
     refs = []
-    paper = criterion_text(criterion)[1]
+    # the criterion's paper only when its scores chose what went: unit statistics rank structured units, routing
+    # statistics rank whole experts (the criterion's own statistic may still be cited below, e.g. OBS)
+    ranked_by_criterion = sparsity.get("structure") != "experts" and not unit_ranking_text(sparsity.get("structured"))
+    paper = criterion_text(criterion)[1] if ranked_by_criterion else None
     if paper and "2301.00774" in paper:  # sparsegpt: its saliency and its reconstruction are one paper
         refs.append(OBS_REFERENCE)
     elif paper:
@@ -260,7 +285,8 @@ def references(criterion: str | None, sparsity: dict) -> list[str]:
     if sparsity.get("structure") == "experts":
         refs.append(EXPERTS_REFERENCE)
     parts = str(sparsity.get("structure") or "").split(",")
-    if "layers" in parts:
+    depth = ((sparsity.get("structured") or {}).get("axes") or {}).get("layers") or {}
+    if "layers" in parts and not (depth and depth.get("before") == depth.get("after")):  # a layer was removed
         refs.append(DEPTH_REFERENCE)
     compensation = (sparsity.get("structured") or {}).get("compensation")
     if compensation in ("refit", "mean"):

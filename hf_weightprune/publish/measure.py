@@ -443,8 +443,8 @@ def measured_text(measured: dict | None, structured: bool) -> str | None:
     memory = next((k for k in ("peak_rss_bytes", "peak_cuda_allocated_bytes") if k in pruned), None)
     if memory:  # none could be read on Windows
         what = "CUDA memory allocated" if memory == "peak_cuda_allocated_bytes" else "resident memory"
-        parts.append(f"peak {what} ({speed['memory_measure']}) of a process that loads the model and runs both "
-                     f"{figure(memory, mb)}")
+        parts.append(f"peak {what} ({speed['memory_measure']}) of a process that loads the model and runs the "
+                     f"same prefill and decode {figure(memory, mb)}")
     alternating = " alternating with the dense model" if base else ""
     return (f"Measured when it was saved, on one {where} (torch {speed['torch_version'].split('+')[0]}, "
             f"{speed['dtype']}, median of {speed['repeats']} runs{alternating}): {'; '.join(parts)}. {weights}.")

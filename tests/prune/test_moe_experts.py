@@ -69,6 +69,8 @@ def test_experts_with_the_fewest_routed_tokens_go_and_stock_transformers_reloads
     assert "whole-expert pruning" in card and f"{params['before']:,}" in card and f"{params['after']:,}" in card
     assert "| Experts per layer | 4 | 2 |" in card and "arXiv:2402.14800" in card
     assert "not used for whole experts, which are ranked by the tokens their router sent them during training" in card
+    # the criterion chose nothing: its paper is not cited, and the target is a share of the experts
+    assert "1506.02626" not in card and "**Target**: 50.00% of the experts;" in card
     # per module type, the expert tensors as the folder names them (Mixtral's files: block_sparse_moe.experts.N.w1),
     # grouped across experts, half of each removed
     rows = re.findall(r"^\| `([^`]*experts[^`]*)` \| \d+ \| [\d,]+ \| 50\.00% \|$", card, flags=re.M)

@@ -250,3 +250,21 @@ def test_push_carries_the_hub_base_models_licence_and_data(tmp_path, hub_server,
     save_pruned(model, tmp_path / "again", report=report, base_model="org/base")  # the card is cached now
     assert load_sparsity(tmp_path / "again")["license"] == "mit"
     assert ModelCard.load(tmp_path / "again" / "README.md").data.license == "mit"
+
+
+def test_schedule_sentence_states_the_pruned_stream_options():
+    """`pruned_stream`, `cross_term`, `refit_at` and `order="depth"` change what the OBS updates solved and when
+    each layer was pruned: the card's schedule line says so (and a depth order is no ramp)."""
+    from hf_weightprune.publish.card_text import schedule_context
+
+    plain = schedule_context(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6).to_dict())["text"]
+    assert plain.endswith("cubic ramp") and "Hessians" not in plain
+    stream = schedule_context(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6, pruned_stream=True).to_dict())
+    assert "restarted at every mask change" in stream["text"] and "re-fitted" not in stream["text"]
+    cross = schedule_context(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6, cross_term=True,
+                                           refit_at=0.8).to_dict())["text"]
+    assert "restarted at every mask change" in cross and "GPTAQ / QEP, alpha 0.5" in cross
+    assert "at 80% of training the kept weights were re-fitted by least squares" in cross
+    depth = schedule_context(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.7, order="depth").to_dict())["text"]
+    assert depth.startswith("decoder layers pruned front to back from 10% to 70% of training, each once to 50.0%")
+    assert "ramp" not in depth and "restarted at every mask change" in depth

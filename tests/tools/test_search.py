@@ -190,7 +190,7 @@ def test_the_search_is_written_to_sparsity_json_and_the_card(run, tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     line = next(ln for ln in card.splitlines() if ln.startswith("- **Shape search**"))
     chosen = result.candidates[result.best_index]
-    assert f"`{chosen['config']['structure']}` {chosen['loss']:.4f}, the lowest" in line
+    assert f"`{chosen['config']['structure']}` {chosen['loss']:.4f} at {chosen['num_parameters']:,} parameters, the lowest" in line
     assert "among 3 candidates" in line and "one-shot" in line and "`heads` skipped (the reason is in sparsity.json)" in line
     assert "arXiv:2407.14679" in card.split("## ")[-1]  # the references
 

@@ -66,4 +66,7 @@ def test_structured_recipe_gives_a_smaller_stock_checkpoint_distilled_from_the_d
     # the budget removed neurons only: the card says what was removed, not what the structure allowed
     assert config["num_hidden_layers"] == dense.config.num_hidden_layers
     assert "removed whole MLP neurons:" in buys and "decoder layers" not in buys
+    assert "- **Structure**: structured pruning of MLP neurons: whole MLP neurons are removed (decoder layers" in card
+    assert "# pruned (structured pruning of MLP neurons)" in card
+    assert "pruned in one shot, then fine-tuned with distillation" in card  # the recovery, not only its teacher
     assert "MLP intermediate size 512 -> " in card
