@@ -259,6 +259,12 @@ class ImportanceCallback(TrainerCallback):
         """`PruneSchedule(mode="hold", refit_at=...)`: the teacher's weights the re-fit targets, else `None`."""
         if self.schedule.mode != "hold" or self.schedule.refit_at is None:
             return None
+        tracked = set(self.tracked_names)
+        untracked = [n for n in self.mask_holder.params if n not in tracked]
+        if untracked:  # the held masks come from masks_from, not from what this config tracks
+            raise ValueError(f"PruneSchedule(mode='hold', refit_at=...) re-fits every held weight from its Hessian, but "
+                             f"ImportanceConfig does not track {len(untracked)} of them (e.g. {untracked[0]}): widen its "
+                             "target_modules / exclude_modules")
         return teacher_weights(self.mask_holder.params, self._distiller.teacher)
 
     def _cross_terms(self):

@@ -161,6 +161,9 @@ def test_refusals(tmp_path):
     msg = train(_hold(folder), tiny_llama(seed=3, intermediate_size=48))
     assert "re-fits model.layers.0.mlp.gate_proj.weight (64, 32) towards the teacher's weight of the same Linear, " \
            "but the teacher has shape (48, 32)" in msg, msg
+    # Held weights the importance does not track: no Hessian to re-fit them from.
+    msg = train(_hold(folder), tiny_llama(seed=3), target_modules=["q_proj"])
+    assert "ImportanceConfig does not track 12 of them (e.g. model.layers.0.self_attn.k_proj.weight)" in msg, msg
     # A fraction that rounds to step 0, and a re-fit before the importance's first sample.
     msg = train(_hold(folder, refit_at=0.01), tiny_llama(seed=3))
     assert "refit_at=0.01 is step 0, which must be in 1..max_steps (8)" in msg, msg
