@@ -219,7 +219,7 @@ CHECKS = {
         "zeros = sum(int((weights[n] == 0).sum()) for n in held) / sum(weights[n].numel() for n in held)\n"
         "assert abs(zeros - 0.6) < 0.01, zeros\n"
     ),
-    ("README.md", "masks_from=\"out-pruned\""): (
+    ("README.md", "masks_from=\"out-pruned\"),"): (
         # the recovery recipe trains: 4 steps on the pruned checkpoint, distilled from out/, its zeros held
         "from transformers import AutoModelForCausalLM, Trainer, TrainingArguments\n"
         "pruned = AutoModelForCausalLM.from_pretrained('out-pruned')\n"
@@ -229,6 +229,13 @@ CHECKS = {
         "'save_strategy': 'no'}), train_dataset=train_ds, callbacks=[cb]).train()\n"
         "assert all(bool((p[zeros[n]] == 0).all()) for n, p in pruned.named_parameters() if n in zeros)\n"
         "assert any(not torch.equal(p, before[n]) for n, p in pruned.named_parameters()), 'nothing trained'\n"
+    ),
+    ("README.md", "refit_at=0.75, cross_term=True"): (
+        # the hold re-fit ran at step 6 of 8 towards the teacher (out/), and the held zeros stayed zero
+        "held = load_masks('out-pruned')\n"
+        "weights = dict(student.named_parameters())\n"
+        "assert cb.mask_holder.refitted_at == 6\n"
+        "assert held and all(bool((weights[n][~m] == 0).all()) for n, m in held.items())\n"
     ),
     ("README.md", "masks_from=\"out-e/pruned\""): (
         # one-shot from training statistics, then hold + distillation: OBS-pruned at 0.5, the zeros held through the

@@ -254,7 +254,7 @@ MAY_IMPORT = {
     "train/distiller": {"collect/activations", "train/distill"},
     "train/holder": {"distributed", "files/pruned_files", "matching", "moe", "prune/masks", "prune/plan", "prune/pruner", "prune/report", "scorers", "train/schedule", "train/stream"},
     "train/schedule": {"config", "files/safetensors_io", "io_utils", "validation"},
-    "train/stream": {"distributed", "prune/refit"},
+    "train/stream": {"distributed", "matching", "moe", "prune/refit"},
 }
 PKG = D.ROOT / "hf_weightprune"
 

@@ -35,7 +35,7 @@ from .distill import DistillConfig
 from .distiller import Distiller
 from .holder import MaskHolder
 from .schedule import PruneSchedule
-from .stream import check_refit_sample
+from .stream import check_refit_sample, teacher_weights
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ class ImportanceCallback(TrainerCallback):
     also track importance while holding.
 
     Raises:
-        ValueError: an invalid choice, `per_epoch=True` with a criterion that does not read weights, or `distill`
-            without a `teacher` beside `PruneSchedule(mode="hold")`.
+        ValueError: an invalid choice, `per_epoch=True` with a criterion that does not read weights, `distill`
+            without a `teacher` beside `PruneSchedule(mode="hold")`, or `PruneSchedule(mode="hold", refit_at=...)`
+            without a `sparsegpt` `config` and `distill` (its re-fit targets the teacher's weights; a teacher whose
+            Linears have other shapes is refused at train begin).
         TypeError: `config`, `schedule` or `distill` of the wrong type.
     """
 
@@ -116,6 +118,11 @@ class ImportanceCallback(TrainerCallback):
         if distill is not None and distill.teacher is None and schedule is not None and schedule.mode == "hold":
             raise ValueError("distill with PruneSchedule(mode='hold') needs DistillConfig(teacher=...): the model being "
                              "trained is already pruned, so pass the dense model (or its path) as the teacher")
+        if schedule is not None and schedule.mode == "hold" and schedule.refit_at is not None and (
+                config is None or distill is None):
+            raise ValueError("PruneSchedule(mode='hold', refit_at=...) re-fits the kept weights from the Hessians of "
+                             "the pruned model towards the dense model's: pass ImportanceCallback(ImportanceConfig("
+                             "criterion='sparsegpt'), distill=DistillConfig(teacher=<the dense model or its path>))")
         if schedule is not None and schedule.cross_term and distill is None:
             raise ValueError("PruneSchedule(cross_term=True) pairs the teacher's and the student's inputs of each batch: "
                              "pass ImportanceCallback(distill=DistillConfig(...))")
@@ -215,6 +222,7 @@ class ImportanceCallback(TrainerCallback):
                                "whatever the Trainer loads at the end")
             self.mask_holder.setup(model, args, tracked_names=self.tracked_names, max_steps=int(state.max_steps),
                                    optimizer=kwargs.get("optimizer"))
+            self._refit_reference()  # a hold re-fit towards a teacher of other shapes: refused now, before any step
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.accumulator.set_sampling(self.accumulator.samples_step(state.global_step + 1))
@@ -242,10 +250,22 @@ class ImportanceCallback(TrainerCallback):
                 self.accumulator.restart()
             control.should_log = True  # report each update to the Trainer's loggers
         if self.mask_holder is not None and self.mask_holder.is_refit_step(t):
-            self.mask_holder.refit_(self.importance(), t, self._cross_terms())
+            self.mask_holder.refit_(self.importance(), t, self._cross_terms(), reference=self._refit_reference())
         if control.should_save:
             self.checkpoint.save_teacher(args, state)
             self.checkpoint.stage(args, state)
+
+    def _refit_reference(self):
+        """`PruneSchedule(mode="hold", refit_at=...)`: the teacher's weights the re-fit targets, else `None`."""
+        if self.schedule.mode != "hold" or self.schedule.refit_at is None:
+            return None
+        tracked = set(self.tracked_names)
+        untracked = [n for n in self.mask_holder.params if n not in tracked]
+        if untracked:  # the held masks come from masks_from, not from what this config tracks
+            raise ValueError(f"PruneSchedule(mode='hold', refit_at=...) re-fits every held weight from its Hessian, but "
+                             f"ImportanceConfig does not track {len(untracked)} of them (e.g. {untracked[0]}): widen its "
+                             "target_modules / exclude_modules")
+        return teacher_weights(self.mask_holder.params, self._distiller.teacher)
 
     def _cross_terms(self):
         """`PruneSchedule(cross_term=True)`: the cross terms summed across ranks (collective), else `None`."""

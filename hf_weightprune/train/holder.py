@@ -6,16 +6,16 @@ Lifecycle:
 - `apply_masks_` (right after every `optimizer.step()`): pruned weights are exactly zero at every forward, at every
   weight sample of the importance, and in every checkpoint.
 - `update_` (end of an update step, after the importance sampled it): masks for the schedule's current target from
-  the importance so far, through the one plan (`plan.PruningPlan`); the optimizer's
-  per-element state (Adam moments) of newly pruned weights is zeroed. With `sparsegpt` importance and the
-  reconstruction rule of `prune_` (`PruneConfig.reconstruct`, `None` = whenever the Hessians exist), the update is
-  the plan's OBS edits instead (`PruningPlan.edit`): SparseGPT's OBS sweep (`obs.sparsegpt_prune_`) on the current
-  weights with the Hessians so far, the earlier masks forced, so the new masks come from the OBS saliency and the
-  kept weights are updated.
+  the importance so far, through the one plan (`plan.PruningPlan`); the optimizer's per-element state (Adam moments)
+  of newly pruned weights is zeroed. With `sparsegpt` importance and the reconstruction rule of `prune_`
+  (`PruneConfig.reconstruct`, `None` = whenever the Hessians exist), the update is the plan's OBS edits instead
+  (`PruningPlan.edit`): SparseGPT's OBS sweep (`obs.sparsegpt_prune_`) on the current weights with the Hessians so
+  far, the earlier masks forced, so the new masks come from the OBS saliency and the kept weights are updated.
 - `refit_` (end of the `refit_at` step): least-squares re-fit of the kept weights on their fixed support from the
   pruned-stream Hessians (`prune.refit.refit_masked_`), towards the current weights with every pruning edit undone.
   The edits (pruned values and OBS compensations, `before - after` of each update) are summed per weight from the
-  first update on, only when `refit_at` is set: one float32 copy of the masked weights.
+  first update on, only when `refit_at` is set: one float32 copy of the masked weights. In `"hold"` mode the target
+  is the dense teacher's weight, handed over by the callback (nothing recorded).
 - `state_dict` / `load_state_dict`: JSON counters and the masks, written beside the importance of every checkpoint.
 
 Masks only shrink: a pruned weight stays pruned (it ranks lowest at later updates), the usual gradual-pruning
@@ -86,8 +86,7 @@ class MaskHolder:
         needs_h = schedule.cross_term or schedule.refit_at is not None or (
             schedule.restarts_statistics and schedule.order != "depth")
         if scorer is not None and needs_h and not scorer.has_hessian:
-            what = next(k for k, v in (("cross_term", schedule.cross_term), ("refit_at", schedule.refit_at is not None),
-                                       ("pruned_stream", True)) if v)
+            what = "cross_term" if schedule.cross_term else "refit_at" if schedule.refit_at is not None else "pruned_stream"
             raise ValueError(f"PruneSchedule({what}=...) needs the input Hessians of the pruned model: track "
                              f"ImportanceConfig(criterion='sparsegpt'), not {criterion!r}")
         self.schedule = schedule
@@ -142,6 +141,7 @@ class MaskHolder:
         # a Linear's own Parameter (the optimizer's key); an expert slice's view, its fused parameter kept in _slices
         linear = {t.name: t.param if isinstance(t, TrackedWeight) else t.weight() for t in weights}
         self._slices = {t.name: t for t in weights if isinstance(t, ExpertSlice)}
+        self._refit_step = cfg.refit_step(max_steps)
         if cfg.mode == "prune":
             steps = cfg.resolve_steps(max_steps)
             if self._steps is not None and self._steps != steps:
@@ -149,7 +149,6 @@ class MaskHolder:
                                  "(max_steps changed?); resume with the same max_steps")
             self._steps = steps
             self._update_set = set(cfg.update_steps(max_steps))
-            self._refit_step = cfg.refit_step(max_steps)
             if cfg.order == "depth":
                 groups = layer_groups(select_names(tracked_names, cfg.target_modules, cfg.exclude_modules))
                 self._groups = dict(zip(cfg.layer_steps(max_steps, len(groups)), groups))
@@ -184,7 +183,7 @@ class MaskHolder:
                                  f"{tuple(self.params[name].shape)}: masks from another model?")
         self.apply_masks_()
         self.zero_optimizer_state_()
-        if restored and self._refit_step is not None and self.refitted_at is None:
+        if restored and cfg.mode == "prune" and self._refit_step is not None and self.refitted_at is None:
             # The edits are not checkpointed yet: a re-fit now would target the pruned weights themselves (a no-op).
             logger.warning("PruneSchedule: resumed after a mask update; the pruning edits the re-fit at step %d "
                            "undoes are not in the checkpoint, so the re-fit is skipped", self._refit_step)
@@ -344,24 +343,25 @@ class MaskHolder:
         return target
 
     def is_refit_step(self, step: int) -> bool:
-        return self.schedule.mode == "prune" and step == self._refit_step and self.refitted_at is None
+        return step == self._refit_step and self.refitted_at is None
 
     @torch.no_grad()
-    def refit_(self, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
+    def refit_(self, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None, *,
+               reference: dict[str, Tensor] | None = None) -> None:
         """Re-fit the kept weights on their fixed support from the pruned-stream Hessians in `importance`
         ([`stream.refit_`]).
 
-        Each weight's target is `W + E` (its current value plus the summed edits of every mask update): the network's
-        function with the pruning undone, training since kept. With `cross` (`CrossTerm.terms()`) the asymmetric
-        objective, for the weights whose cross term covers the tokens of their `H~`. The masks do not change; the Adam
-        moments are kept, as after an OBS update. Under DDP every rank solves the same system and rank 0's result is
-        broadcast.
+        `"prune"`: each weight's target is `W + E` (its current value plus the summed edits of every mask update): the
+        network's function with the pruning undone, training since kept. `"hold"`: `reference[name]`, the dense
+        teacher's weight ([`stream.teacher_weights`]); what the kept weights learned since is discarded. `cross`
+        (`CrossTerm.terms()`): the asymmetric objective where a cross term covers the tokens of `H~`. Masks do not
+        change; Adam moments are kept. Under DDP rank 0's result is broadcast.
 
         Raises:
-            ValueError: no mask update happened yet, or a weight's Hessian has no token gathered since the last mask
-                change (importance sampled at no step after it), or is degenerate.
+            ValueError: no mask update yet (`"prune"`), no `reference` (`"hold"`), or a degenerate Hessian or one
+                with no token since the last mask change (importance sampled at no step after it).
         """
-        stream_refit_(self, importance, step, cross)
+        stream_refit_(self, importance, step, cross, reference)
 
     @torch.no_grad()
     def apply_masks_(self) -> None:

@@ -92,7 +92,7 @@ class PruneSchedule(JsonConfigMixin):
             Prune only part of the tracked weights (peft rules, as in `PruneConfig`).
         mode (`str`, *optional*, defaults to `"prune"`):
             `"prune"`, or `"hold"`: recovery fine-tuning of a pruned checkpoint, its masks re-applied after every
-            step and nothing further pruned.
+            step and nothing further pruned (optionally with a re-fit of the kept weights, see `refit_at`).
         masks_from (`str`, *optional*):
             `"hold"` only: a pruned safetensors checkpoint folder, checked when training begins, before any step (it
             exists and holds `model.safetensors` or its index). Written by `save_pruned`: the masks are the zeros of the weights its
@@ -116,7 +116,8 @@ class PruneSchedule(JsonConfigMixin):
             Restart the `sparsegpt` statistic at every mask change, so each later update (and the re-fit) reads only
             Hessians of the pruned model's inputs gathered since the previous mask change, the statistics a sequential
             calibration pass would compute. The importance the callback saves then also covers only those steps.
-            `None` (the default): on exactly when `refit_at` is set. `"prune"` mode and `sparsegpt` importance only.
+            `None` (the default): on exactly when `refit_at` is set. `"prune"` mode and `sparsegpt` importance only
+            (a `"hold"` run's statistic is the pruned stream from its first step: there is nothing to restart).
         refit_at (`float` or `int`, *optional*):
             A step (int) or fraction of `max_steps` (float) after `end` at which the kept weights are re-fitted by
             least squares on their fixed support ([`prune.refit.refit_masked_`]) from the pruned-stream Hessians:
@@ -124,6 +125,20 @@ class PruneSchedule(JsonConfigMixin):
             compensations, recorded at each update: one float32 copy of the masked weights). No mask changes; pruned
             weights stay zero. Needs `sparsegpt` importance sampled at some step after the last update (refused at train
             begin when the sampling plan takes none between them).
+
+            With `mode="hold"` every training forward is already one of the pruned model, so the `sparsegpt`
+            statistic gathered from the first step is the pruned-stream Hessian `H~`, and `refit_at` is any step >= 1
+            (a fraction resolving to step 0 is refused at train begin). The target is then the dense teacher's weight
+            of the same Linear: needs `ImportanceCallback(ImportanceConfig(criterion="sparsegpt"),
+            distill=DistillConfig(teacher=<the dense model>))` (refused when the callback is built without them, and
+            at train begin when a teacher's Linear has another shape than the student's, e.g. a structurally pruned
+            student). The re-fit solves `argmin ||W_teacher X~ - W_hat X~||^2` on each row's support: the kept weights
+            are moved to reproduce the dense layer's output on the pruned model's inputs, and whatever they learned
+            during the fine-tune before `refit_at` is discarded (no blend: that learning compensated for the pruning
+            end to end, which the re-fit redoes layer by layer; adding it back would count it twice). `H~` sums every
+            sampled step since training began, so it mixes the inputs of the student as it fine-tuned; the steps
+            after `refit_at` fine-tune the re-fitted weights as usual. A teacher in `teacher_dtype="bfloat16"` gives
+            a bfloat16-rounded target.
         cross_term (`bool`, *optional*, defaults to `False`):
             Under distillation (`ImportanceCallback(distill=DistillConfig(...))`, refused without it): also gather
             the dense-to-pruned cross term `C = sum (x - x~) x~^T` from the teacher's and the student's forwards of
@@ -131,7 +146,8 @@ class PruneSchedule(JsonConfigMixin):
             mask change, summed across ranks, checkpointed), and make the OBS updates and the re-fit solve the
             asymmetric objective `||W X - W_hat X~||^2` of GPTAQ (arXiv 2504.02692) / QEP (arXiv 2504.09629): the dense
             layer's output on the dense inputs, matched from the pruned inputs ([`prune.refit.propagate_target`]).
-            Needs the pruned stream (`pruned_stream=True`, `refit_at` or `order="depth"`). Memory: one more `[in, in]` float32 matrix
+            Needs the pruned stream (`pruned_stream=True`, `refit_at` or `order="depth"`); with `mode="hold"`, where
+            the re-fit is its only reader, `refit_at` (`W` is then the teacher's weight). Memory: one more `[in, in]` float32 matrix
             per distinct Linear input (q/k/v and gate/up share theirs), as much again as the `sparsegpt` statistic,
             plus the teacher's Linear inputs of one forward until the student consumes them.
         cross_alpha (`float`, *optional*, defaults to 0.5):
@@ -236,15 +252,18 @@ class PruneSchedule(JsonConfigMixin):
         if self.order == "depth" and self.pruned_stream is False:
             raise ValueError("order='depth' restarts the statistics after each layer's mask: it needs pruned_stream "
                              "(True or None)")
+        if self.refit_at is not None:
+            self.refit_at = _check_point("refit_at", self.refit_at)
         self._check_cross()
         if self.refit_at is None:
             return
-        self.refit_at = _check_point("refit_at", self.refit_at)
-        if self.mode != "prune":
-            raise ValueError("refit_at needs mode='prune': the re-fit's target is the weights before the pruning edits, "
-                             "which a hold run never saw")
         if self.pruned_stream is False:
             raise ValueError("refit_at re-fits from the pruned model's Hessians: it needs pruned_stream (True or None)")
+        if self.mode == "hold":
+            if self.refit_at == 0:  # 0 or 0.0: nothing has been gathered at step 0
+                raise ValueError("refit_at=0: at step 0 no pruned-stream sample exists yet; re-fit at a step >= 1 (an "
+                                 "int) or a fraction of max_steps (a float), after the Hessians have been gathered")
+            return
         if _is_int(self.refit_at) == _is_int(self.end) and self.refit_at <= self.end:
             raise ValueError(f"refit_at={self.refit_at!r} must be after end={self.end!r}: the Hessians of the final "
                              "masks are gathered after the last mask update")
@@ -258,7 +277,10 @@ class PruneSchedule(JsonConfigMixin):
         if self.cross_max_in_features is not None and (not _is_int(self.cross_max_in_features)
                                                        or self.cross_max_in_features < 1):
             raise ValueError(f"cross_max_in_features must be an int >= 1 or None; got {self.cross_max_in_features!r}")
-        if self.cross_term and not self.restarts_statistics:
+        if self.cross_term and self.mode == "hold":
+            if self.refit_at is None:  # a hold run has no mask update: the re-fit is the cross term's only reader
+                raise ValueError("cross_term with mode='hold' feeds the re-fit only: pass refit_at=... too")
+        elif self.cross_term and not self.restarts_statistics:
             raise ValueError("cross_term needs the pruned stream (pruned_stream=True, refit_at=... or order='depth'): "
                              "the cross term pairs the pruned model's inputs since the last mask change with the teacher's")
 
@@ -288,11 +310,18 @@ class PruneSchedule(JsonConfigMixin):
         """The step at whose end the kept weights are re-fitted, or `None` without `refit_at`.
 
         Raises:
-            ValueError: the step is not after the last mask update, or past `max_steps`.
+            ValueError: the step is past `max_steps`, or not after the last mask update (`"prune"`), or step 0
+                (`"hold"`).
         """
         if self.refit_at is None:
             return None
-        step, end = _to_step(self.refit_at, max_steps), self.resolve_steps(max_steps)[1]
+        step = _to_step(self.refit_at, max_steps)
+        if self.mode == "hold":
+            if not 1 <= step <= max_steps:
+                raise ValueError(f"PruneSchedule(mode='hold'): refit_at={self.refit_at!r} is step {step}, which must be "
+                                 f"in 1..max_steps ({max_steps}): step 0 has no pruned-stream sample yet")
+            return step
+        end = self.resolve_steps(max_steps)[1]
         if not end < step <= max_steps:
             raise ValueError(f"PruneSchedule: refit_at={self.refit_at!r} (step {step}) must be after the last mask update "
                              f"(end, step {end}) and at most max_steps ({max_steps}): no pruned-stream sample before it")

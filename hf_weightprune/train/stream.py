@@ -3,6 +3,8 @@ layer groups of `PruneSchedule(order="depth")`.
 
 The holder owns the masks and the weights; these functions read its state and the statistics the callback hands
 over (the importance's `H~`, the accumulator's cross term `C`), so the holder's update stays one code path.
+In `"hold"` mode the re-fit's target is the dense teacher's weights ([`teacher_weights`]), which the callback hands
+over: every forward of a hold run is one of the pruned model, so its `sparsegpt` statistic is `H~` from the start.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import re
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import distributed as D
+from ..matching import TrackedWeight
+from ..moe import find_weights
 from ..prune.refit import propagate_target, refit_masked_
 
 logger = logging.getLogger(__name__)
@@ -68,25 +72,59 @@ def propagate_(params: dict[str, Tensor], hessian: Callable[[str], Tensor], cros
         p.detach().copy_(propagate_target(p, hessian(n).to(p.device), c, alpha=alpha, percdamp=percdamp))
 
 
+def teacher_weights(params: dict[str, Tensor], teacher: nn.Module) -> dict[str, Tensor]:
+    """`PruneSchedule(mode="hold", refit_at=...)`: the re-fit's targets, the dense teacher's weight of each masked
+    weight (same name; an expert slice's view for MoE experts). References to the teacher's own tensors, no copy.
+
+    Args:
+        params (`dict[str, Tensor]`): the masked weights of the student ([`MaskHolder.params`]).
+        teacher (`nn.Module`): the dense teacher ([`Distiller.teacher`]).
+
+    Returns:
+        `dict[str, Tensor]`: the teacher's weight by name, of the student weight's shape (any dtype and device).
+
+    Raises:
+        ValueError: a masked weight the teacher lacks, or holds in another shape (e.g. a structurally pruned student).
+    """
+    weights = {t.name: t.param if isinstance(t, TrackedWeight) else t.weight() for t in find_weights(teacher, ".*")}
+    for name, param in params.items():
+        w = weights.get(name)
+        if w is None or w.shape != param.shape:
+            has = "has no such nn.Linear weight" if w is None else f"has shape {tuple(w.shape)}"
+            raise ValueError(f"PruneSchedule(mode='hold', refit_at=...) re-fits {name} {tuple(param.shape)} towards the "
+                             f"teacher's weight of the same Linear, but the teacher {has}: pass the dense model this "
+                             "student was pruned from as DistillConfig(teacher=...) (a structurally pruned student "
+                             "cannot be re-fitted)")
+    return {name: weights[name] for name in params}
+
+
 @torch.no_grad()
-def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
-    """[`MaskHolder.refit_`]: re-fit every masked weight on its support towards `W + E` (its edits undone), from the
-    pruned-stream `H~` of `importance` and, where usable, the cross term (asymmetric objective, `cross_alpha`)."""
-    if not holder._edits:
+def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None,
+           reference: dict[str, Tensor] | None = None) -> None:
+    """[`MaskHolder.refit_`]: re-fit every masked weight on its support, from the pruned-stream `H~` of `importance`
+    and, where usable, the cross term (asymmetric objective, `cross_alpha`). Target: `"prune"`, `W + E` (its edits
+    undone); `"hold"`, `reference[name]` (the teacher's weight, [`teacher_weights`])."""
+    hold = holder.schedule.mode == "hold"
+    if hold and reference is None:
+        raise ValueError(f"PruneSchedule(mode='hold'): refit at step {step} needs the dense teacher's weights "
+                         "(ImportanceCallback(distill=DistillConfig(teacher=...)) hands them over)")
+    if not hold and not holder._edits:
         raise ValueError(f"PruneSchedule: refit at step {step} but no mask update happened before it")
     tokens = importance.meta.get("tokens", {})
     empty = [n for n in holder.params if not tokens.get(n)]
     if empty:
-        raise ValueError(f"PruneSchedule: refit at step {step}: no pruned-stream sample since the last mask update "
-                         f"(step {holder.last_update_step}) for {len(empty)} weights (e.g. {empty[0]}); sample the "
-                         "importance at some step between them (ImportanceConfig.every_n_steps / window)")
+        since = "since training began" if hold else f"since the last mask update (step {holder.last_update_step})"
+        raise ValueError(f"PruneSchedule: refit at step {step}: no pruned-stream sample {since} for {len(empty)} "
+                         f"weights (e.g. {empty[0]}); sample the importance at some step between them "
+                         "(ImportanceConfig.every_n_steps / window)")
     schedule = holder.schedule
     terms = usable_cross(cross, tokens, holder.params)
     for n, param in holder.params.items():
-        reference = holder._edits[n].add_(param.detach().float())
-        refit_masked_(param, holder.masks[n], importance.state(n).to(param.device), reference=reference,
+        target = reference[n] if hold else holder._edits[n].add_(param.detach().float())
+        refit_masked_(param, holder.masks[n], importance.state(n).to(param.device), reference=target,
                       cross=terms.get(n), alpha=schedule.cross_alpha, percdamp=schedule.dampening)
-        holder._edits[n] = reference.sub_(param.detach().float())  # the edit the re-fit leaves in place
+        if not hold:
+            holder._edits[n] = target.sub_(param.detach().float())  # the edit the re-fit leaves in place
         if D.is_distributed():
             D.broadcast_(param.data, 0)
     holder.apply_masks_()
@@ -100,14 +138,16 @@ def check_refit_sample(schedule, max_steps: int, first_sample_step: Callable[[in
     sample since the last mask update (`first_sample_step(after)`: the accumulator's next planned sample).
 
     Raises:
-        ValueError: the first sample after `end` comes after the re-fit step (or never).
+        ValueError: the first sample after `end` (`"hold"`: after step 0) comes after the re-fit step.
     """
     refit = schedule.refit_step(max_steps)
     if refit is None:
         return
-    end = schedule.resolve_steps(max_steps)[1]
+    # A hold run's pruned stream starts with training; a prune run's after its last mask update.
+    end = 0 if schedule.mode == "hold" else schedule.resolve_steps(max_steps)[1]
     first = first_sample_step(end)
     if first is not None and first > refit:
+        since = "since training began" if schedule.mode == "hold" else f"since the last mask update (step {end})"
         raise ValueError(f"PruneSchedule(refit_at={schedule.refit_at!r}) would re-fit at step {refit} with no pruned-"
-                         f"stream sample since the last mask update (step {end}): the importance samples first at step "
-                         f"{first}; sample sooner (ImportanceConfig.every_n_steps) or re-fit later")
+                         f"stream sample {since}: the importance samples first at step {first}; sample sooner "
+                         "(ImportanceConfig.every_n_steps) or re-fit later")

@@ -145,8 +145,10 @@ def test_refit_is_least_squares_on_the_pruned_stream_keeps_zeros_and_lowers_the_
 def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="must be after end"):
         _schedule(refit_at=END)
-    with pytest.raises(ValueError, match="mode='prune'"):
-        PruneSchedule(mode="hold", masks_from=str(tmp_path), refit_at=5)
+    # mode="hold" re-fits towards the teacher's weights (tests/train/test_hold_refit.py): refused without one.
+    with pytest.raises(ValueError, match="distill=DistillConfig\\(teacher="):
+        ImportanceCallback(ImportanceConfig(criterion="sparsegpt"),
+                           schedule=PruneSchedule(mode="hold", masks_from=str(tmp_path), refit_at=5))
     with pytest.raises(ValueError, match="pruned_stream"):
         _schedule(refit_at=8, pruned_stream=False)
     with pytest.raises(ValueError, match="refit_at"):
