@@ -203,7 +203,8 @@ class ImportanceCallback(TrainerCallback):
             self.mask_holder.check_first_sample(
                 self.config, step=state.global_step, samples=self.accumulator.meta["num_samples"],
                 first_sample=self.accumulator.first_sample_step(state.global_step), max_steps=int(state.max_steps))
-            check_refit_sample(self.schedule, int(state.max_steps), self.accumulator.first_sample_step)
+            check_refit_sample(self.schedule, int(state.max_steps), self.accumulator.first_sample_step,
+                               per_epoch=self.config.per_epoch)
         if self._distiller is not None:  # before the holder applies restored masks: the teacher is the dense model
             prunes_base = self.schedule is not None or any(t.param.requires_grad for t in self.accumulator.tracked)
             self.checkpoint.teacher_saved = False

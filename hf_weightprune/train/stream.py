@@ -133,12 +133,16 @@ def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] |
                 f" (asymmetric objective on {len(terms)} weights)" if terms else "")
 
 
-def check_refit_sample(schedule, max_steps: int, first_sample_step: Callable[[int], int | None]) -> None:
+def check_refit_sample(schedule, max_steps: int, first_sample_step: Callable[[int], int | None], *,
+                       per_epoch: bool = False) -> None:
     """Train begin: refuse, in one line, a `refit_at` step that the sampling plan reaches with no pruned-stream
-    sample since the last mask update (`first_sample_step(after)`: the accumulator's next planned sample).
+    sample since the last mask update (`first_sample_step(after)`: the accumulator's next planned sample, `None`
+    when none is planned; with `per_epoch` sampling the plan is unknown before the data is seen, so nothing is
+    refused).
 
     Raises:
-        ValueError: the first sample after `end` (`"hold"`: after step 0) comes after the re-fit step.
+        ValueError: the first sample after `end` (`"hold"`: after step 0) comes after the re-fit step, or no
+            sample is planned after it at all.
     """
     refit = schedule.refit_step(max_steps)
     if refit is None:
@@ -146,8 +150,10 @@ def check_refit_sample(schedule, max_steps: int, first_sample_step: Callable[[in
     # A hold run's pruned stream starts with training; a prune run's after its last mask update.
     end = 0 if schedule.mode == "hold" else schedule.resolve_steps(max_steps)[1]
     first = first_sample_step(end)
-    if first is not None and first > refit:
+    # `None` without per_epoch: no sample planned up to max_steps, so the re-fit would find no Hessian at all.
+    if (first is None and not per_epoch) or (first is not None and first > refit):
         since = "since training began" if schedule.mode == "hold" else f"since the last mask update (step {end})"
+        when = f"samples first at step {first}" if first is not None else f"plans no sample after step {end}"
         raise ValueError(f"PruneSchedule(refit_at={schedule.refit_at!r}) would re-fit at step {refit} with no pruned-"
-                         f"stream sample {since}: the importance samples first at step {first}; sample sooner "
+                         f"stream sample {since}: the importance {when}; sample sooner "
                          "(ImportanceConfig.every_n_steps) or re-fit later")

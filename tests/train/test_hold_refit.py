@@ -170,3 +170,7 @@ def test_refusals(tmp_path):
     msg = train(_hold(folder, refit_at=3), tiny_llama(seed=3), every_n_steps=4)
     assert "would re-fit at step 3 with no pruned-stream sample since training began: the importance samples first " \
            "at step 4" in msg, msg
+    # No sample planned before max_steps at all (every_n_steps past the run): refused, not left to fail at the re-fit.
+    msg = train(_hold(folder, refit_at=6), tiny_llama(seed=3), every_n_steps=MAX_STEPS + 1)
+    assert "would re-fit at step 6 with no pruned-stream sample since training began: the importance plans no " \
+           "sample after step 0" in msg, msg
