@@ -213,7 +213,7 @@ MAY_IMPORT = {
     "collect/units": {"collect/activations", "collect/unit_layout", "config", "distributed"},
     "files/cross_files": {"files/safetensors_io"},
     "files/hub_download": set(),
-    "files/importance_files": {"_version", "collect/importance", "config", "distributed", "files/hub_download", "files/safetensors_io", "files/unit_files", "io_utils", "scorers", "validation"},
+    "files/importance_files": {"_version", "collect/importance", "config", "distributed", "files/cross_files", "files/hub_download", "files/safetensors_io", "files/unit_files", "io_utils", "scorers", "validation"},
     "files/pruned_files": {"_version", "files/safetensors_io", "io_utils", "prune/report"},
     "files/refit_files": {"files/safetensors_io"},
     "files/safetensors_io": set(),
