@@ -3,7 +3,8 @@
 It writes and reads the state of the three runtime objects of a callback, each of which exposes `state_dict()` /
 `load_state_dict()`: the accumulator (the importance folder, `files/importance_files.py`), the `MaskHolder` (its JSON
 counters as the importance's `schedule` section, its masks as `masks.safetensors` beside the tensors,
-`files/training_state.py`, and the edits of a pending re-fit as `refit_edits.safetensors`, `files/refit_files.py`) and the `Distiller` (the default teacher in `output_dir/_distill-teacher[-<name>]/`).
+`files/training_state.py`, and the edits of a pending re-fit as `refit_edits.safetensors`, `files/refit_files.py`)
+and the `Distiller` (the default teacher in `output_dir/_distill-teacher[-<name>]/`).
 
 - **Claims**: the importance folders claimed by the callbacks of each running `train()` (process-global `_CLAIMS`,
   keyed by its `TrainerState`): two callbacks writing the same folder are refused at train begin.
