@@ -178,7 +178,8 @@ class Importance:
         """The dense-to-pruned cross term `C = sum (x - x~) x~^T` a `PruneSchedule(cross_term=True)` run gathered,
         beside this importance's `H~` (the `sparsegpt` statistic) over the same real tokens: what the run's OBS updates
         and re-fit read (`CrossTerm.terms()`), for [`prune.refit.propagate_target`] /
-        [`prune.refit.asymmetric_sparsegpt_prune_`] offline.
+        [`prune.refit.asymmetric_sparsegpt_prune_`] offline. Held by an importance read from a saved folder
+        ([`load_importance`]); the one a running callback returns (`cb.importance()`) does not carry it.
 
         Returns:
             `dict[str, tuple[Tensor, int]]`: `(C, real tokens)` by weight name, `C` float32 `[in, in]` summed across
