@@ -54,8 +54,10 @@ class Importance:
         path (`str` or `None`): the folder it was loaded from.
         sections (`Mapping[str, Any]`): the other sections of the `importance_config.json` it was read from, parsed
             once by the reader (`schedule`: a `PruneSchedule`'s saved state; `checksums`; `router`: an MoE model's
-            router statistics per block); in memory, `router` only.
+            router statistics per block; `cross`: the cross term's token counts and shared inputs); in memory,
+            `router` only.
         has_units (`bool`): whether unit statistics for structured pruning are held ([`unit_scores`]).
+        has_cross (`bool`): whether the dense-to-pruned cross term is held ([`cross_terms`]).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class Importance:
         weights_loader: Callable[[], Mapping[str, Tensor]] | None = None,
         sections: Mapping[str, Any] | None = None,
         units: Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]] | None = None,
+        cross: Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]] | None = None,
     ):
         self.config = config
         self.meta = meta
@@ -82,6 +85,7 @@ class Importance:
         self._weights_loader = weights_loader
         self._scorer = get_scorer(config.criterion, weighting=config.weighting)
         self._units = units  # the unit statistics (`ImportanceConfig(units=True)`), or a reader of them
+        self._cross = cross  # the cross term's sums (`PruneSchedule(cross_term=True)`), or a reader of them
 
     @property
     def names(self) -> list[str]:
@@ -165,6 +169,39 @@ class Importance:
             self._units = self._units()
         return dict(self._units)
 
+    @property
+    def has_cross(self) -> bool:
+        """Whether the dense-to-pruned cross term of `PruneSchedule(cross_term=True)` is held."""
+        return self._cross is not None
+
+    def cross_terms(self) -> dict[str, tuple[Tensor, int]]:
+        """The dense-to-pruned cross term `C = sum (x - x~) x~^T` a `PruneSchedule(cross_term=True)` run gathered,
+        beside this importance's `H~` (the `sparsegpt` statistic) over the same real tokens: what the run's OBS updates
+        and re-fit read (`CrossTerm.terms()`), for [`prune.refit.propagate_target`] /
+        [`prune.refit.asymmetric_sparsegpt_prune_`] offline. Held by an importance read from a saved folder
+        ([`load_importance`]); the one a running callback returns (`cb.importance()`) does not carry it.
+
+        Returns:
+            `dict[str, tuple[Tensor, int]]`: `(C, real tokens)` by weight name, `C` float32 `[in, in]` summed across
+            ranks; weights sharing an input (q/k/v, gate/up) share one tensor; weights skipped by
+            `cross_max_in_features` are absent. Its tokens equal `meta["tokens"][name]` where the weight's `H~` covers
+            the same forwards (training forwards without labels run no teacher).
+
+        Raises:
+            `ValueError`: the importance holds no cross term.
+        """
+        if self._cross is None:
+            where = f" from {self.path}" if self.path else ""
+            raise ValueError(f"this importance{where} holds no cross term: gather it with PruneSchedule(cross_term="
+                             "True) under DistillConfig")
+        if callable(self._cross):  # read from the folder once, on first use
+            self._cross = self._cross()
+        section = self.sections.get("cross") or {}
+        tokens, shared = section.get("tokens", {}), section.get("shared", {})
+        sums = dict(self._cross)
+        names = {**{n: n for n in sums}, **{n: rep for n, rep in shared.items() if rep in sums}}
+        return {n: (sums[rep], int(tokens.get(rep, 0))) for n, rep in names.items()}
+
     def unit_scores(self, statistic: str = "activation") -> dict:
         """Per-unit scores (higher = more important) for structured pruning; see [`~collect.units.unit_scores`].
 
@@ -242,7 +279,9 @@ class Importance:
 
         units = (lambda: kept.unit_state(self.unit_state())) if self.has_units else None
         # router statistics are per MoE block by name: stale once layers are renumbered
-        sections = {k: v for k, v in self.sections.items() if k != "router" or not kept.removed_layers}
+        # the cross term is not cut to the kept units: the selection drops it (and its section)
+        sections = {k: v for k, v in self.sections.items()
+                    if k != "cross" and (k != "router" or not kept.removed_layers)}
         return Importance(self.config, {**self.meta, "tokens": tokens}, shapes, get_state, sections=sections,
                           units=units)
 

@@ -9,8 +9,9 @@ Layout of an importance folder (`checkpoint-N/importance/` or `output_dir/import
 - FSDP2 runs split a buffer by rows: every rank's file holds its rows under the same key, and the index's
   `row_shards` maps the name to `[[file, first_row], ...]`; reading concatenates them into the full buffer.
 - Files a caller attaches (`write_importance(attach=...)`, e.g. the schedule's `masks.safetensors` of
-  `training_state.py`, or the unit statistics' `units.safetensors` of `unit_files.py`), whose checksums are
-  recorded here.
+  `training_state.py`, the unit statistics' `units.safetensors` of `unit_files.py`, the cross term's
+  `cross.safetensors` of `cross_files.py`, a pending re-fit's `refit_edits.safetensors` of `refit_files.py`), whose
+  checksums are recorded here. [`load_importance`] reads the unit statistics and the cross term on first use.
 
 Folders are written under a temporary name (`io_utils.temp_sibling`) and renamed into place, so a crash never
 leaves a folder that looks complete but is not.
@@ -38,6 +39,7 @@ from ..collect.importance import Importance
 from ..config import IMPORTANCE_CONFIG_NAME, ImportanceConfig
 from ..io_utils import atomic_write_json, publish_folder, remove_dead_temporaries, temp_sibling, temp_siblings
 from ..validation import looks_like_local_path
+from .cross_files import load_cross_state
 from .hub_download import download_folder_files
 from .safetensors_io import (
     CHECKSUM_ALGORITHM,
@@ -380,7 +382,8 @@ def load_importance(path_or_repo_id: str | os.PathLike, *, subfolder: str = "", 
             `importance-<name>/`. Without it, a folder holding only named importances is refused with their names.
 
     Returns:
-        `Importance`: lazy per-tensor access to the accumulator state.
+        `Importance`: lazy per-tensor access to the accumulator state, and, read on first use, the unit statistics
+        (`unit_state`) and the dense-to-pruned cross term (`cross_terms`) when the folder holds them.
 
     Raises:
         ImportanceFileError: no (such) importance (a missing local folder is named, never looked up on the Hub:
@@ -433,8 +436,10 @@ def load_importance(path_or_repo_id: str | os.PathLike, *, subfolder: str = "", 
     sections = {k: v for k, v in meta.items() if k not in ("config", "state", "tensors")}
     unit_sums = (meta.get("checksums") or {}).get("units")
     units = (lambda: load_unit_state(directory, unit_sums)) if config.units else None  # read on first use
+    cross_sums = (meta.get("checksums") or {}).get("cross")
+    cross = (lambda: load_cross_state(directory, cross_sums)) if "cross" in meta else None
     imp = Importance(config, meta["state"], shapes, get, path=directory, weights_loader=loader, sections=sections,
-                     units=units)
+                     units=units, cross=cross)
     if model is not None:
         imp.bind(model)
     return imp

@@ -3,7 +3,8 @@
 It writes and reads the state of the three runtime objects of a callback, each of which exposes `state_dict()` /
 `load_state_dict()`: the accumulator (the importance folder, `files/importance_files.py`), the `MaskHolder` (its JSON
 counters as the importance's `schedule` section, its masks as `masks.safetensors` beside the tensors,
-`files/training_state.py`) and the `Distiller` (the default teacher in `output_dir/_distill-teacher[-<name>]/`).
+`files/training_state.py`, and the edits of a pending re-fit as `refit_edits.safetensors`, `files/refit_files.py`)
+and the `Distiller` (the default teacher in `output_dir/_distill-teacher[-<name>]/`).
 
 - **Claims**: the importance folders claimed by the callbacks of each running `train()` (process-global `_CLAIMS`,
   keyed by its `TrainerState`): two callbacks writing the same folder are refused at train begin.
@@ -29,9 +30,11 @@ from ..config import IMPORTANCE_CONFIG_NAME
 from ..files import importance_files as F
 from ..files import training_state as T
 from ..files.cross_files import load_cross_state, save_cross_state
+from ..files.refit_files import load_refit_edits, save_refit_edits
 from ..files.safetensors_io import ImportanceFileError
 from ..files.unit_files import save_unit_state
 from ..io_utils import publish_folder
+from .stream import pending_edits
 
 logger = logging.getLogger(__name__)
 
@@ -172,15 +175,17 @@ class TrainingCheckpoint:
         if not acc.tracked:
             return False
         saved = acc.state_dict()  # collective
-        extra, masks, units, cross = {}, None, saved.get("units"), saved.get("cross")
+        extra, masks, edits, units, cross = {}, None, {}, saved.get("units"), saved.get("cross")
         if saved.get("router"):  # an MoE model's router statistics, summed over ranks
             extra["router"] = saved["router"]
         if self.holder is not None:
             extra["schedule"] = self.holder.state_dict()
-            masks = self.holder.masks
+            masks, edits = self.holder.masks, pending_edits(self.holder)
 
         def attach(tmp: str) -> dict:
             out = {"masks": T.save_schedule_masks(tmp, masks)[1]} if masks else {}
+            if edits:  # PruneSchedule(refit_at=...) between the first mask update and the re-fit
+                out["edits"] = save_refit_edits(tmp, edits)
             if units is not None:  # ImportanceConfig(units=True): summed across ranks by `state_dict()`
                 out["units"] = save_unit_state(tmp, units)
             if cross is not None:  # PruneSchedule(cross_term=True): summed across ranks by `state_dict()`
@@ -278,7 +283,9 @@ class TrainingCheckpoint:
             saved = imp.sections.get("schedule")  # parsed once, by load_importance
             sums = (imp.sections.get("checksums") or {}).get("masks")
             masks = T.load_schedule_masks(imp.path, sums) if saved and saved.get("has_masks") else {}
-            self.holder.load_state_dict(saved, masks)
+            edit_sums = (imp.sections.get("checksums") or {}).get("edits")  # recorded iff the file was written
+            edits = load_refit_edits(imp.path, edit_sums) if edit_sums else {}
+            self.holder.load_state_dict(saved, masks, edits)
         logger.info("ImportanceCallback: restored %d samples from %s", acc.meta["num_samples"], imp.path)
 
     def _restore_cross(self, imp) -> None:

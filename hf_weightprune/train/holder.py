@@ -14,9 +14,9 @@ Lifecycle:
 - `refit_` (end of the `refit_at` step): least-squares re-fit of the kept weights on their fixed support from the
   pruned-stream Hessians (`prune.refit.refit_masked_`), towards the current weights with every pruning edit undone.
   The edits (pruned values and OBS compensations, `before - after` of each update) are summed per weight from the
-  first update on, only when `refit_at` is set: one float32 copy of the masked weights. In `"hold"` mode the target
-  is the dense teacher's weight, handed over by the callback (nothing recorded).
-- `state_dict` / `load_state_dict`: JSON counters and the masks, written beside the importance of every checkpoint.
+  first update on, only when `refit_at` is set: one float32 copy of the masked weights (`stream.pending_edits`).
+  In `"hold"` mode the target is the dense teacher's weight, handed over by the callback (nothing recorded).
+- `state_dict` / `load_state_dict`: JSON counters, masks and pending edits, beside every checkpoint's importance.
 
 Masks only shrink: a pruned weight stays pruned (it ranks lowest at later updates), the usual gradual-pruning
 behaviour (Zhu & Gupta 2017), which also makes every update prune exactly its target count. Masks are `bool` tensors
@@ -103,8 +103,7 @@ class MaskHolder:
         self.params: dict[str, nn.Parameter] = {}
         self._slices: dict[str, ExpertSlice] = {}
         self.optimizer = None
-        self.sparsity = 0.0
-        self.target_sparsity = 0.0
+        self.sparsity = self.target_sparsity = 0.0
         self.last_update_step: int | None = None
         self.scope: str | None = None  # resolved at the first update (a None scope follows the criterion)
         # The importance that chose the current masks (the last update's): what `report` records as their source.
@@ -118,7 +117,7 @@ class MaskHolder:
         # `refit_at`: the sum of every update's edits (weights before minus after), float32 per masked weight.
         self._edits: dict[str, Tensor] = {}
         self._refit_step: int | None = None
-        self.refitted_at: int | None = None
+        self.refitted_at: int | None = None  # the step the re-fit ran at (checkpointed: a resume does not repeat it)
         self._groups: dict[int, list[str]] = {}  # order="depth": the weights pruned at each layer step
 
     # ---------------------------------------------------------------------------------------------- lifecycle
@@ -173,6 +172,7 @@ class MaskHolder:
             if restored and set(restored) != set(names):
                 raise ValueError("PruneSchedule: the checkpoint's masks cover other weights than this model's")
             self.masks = {n: restored[n].to(self.params[n].device) for n in restored}
+            self._edits = {n: e.to(self.params[n].device, torch.float32) for n, e in self._edits.items()}
         elif cfg.mode == "hold":
             self.masks = {n: m.to(self.params[n].device) for n, m in held.items()}
             self._warn_if_not_pruned(cfg.masks_from)
@@ -183,10 +183,9 @@ class MaskHolder:
                                  f"{tuple(self.params[name].shape)}: masks from another model?")
         self.apply_masks_()
         self.zero_optimizer_state_()
-        if restored and cfg.mode == "prune" and self._refit_step is not None and self.refitted_at is None:
-            # The edits are not checkpointed yet: a re-fit now would target the pruned weights themselves (a no-op).
-            logger.warning("PruneSchedule: resumed after a mask update; the pruning edits the re-fit at step %d "
-                           "undoes are not in the checkpoint, so the re-fit is skipped", self._refit_step)
+        if restored and cfg.mode == "prune" and self._refit_step is not None and not (self.refitted_at or self._edits):
+            logger.warning("PruneSchedule: the checkpoint was written by an older hf-weightprune that did not save the "
+                           "pruning edits the re-fit at step %d undoes: that re-fit is skipped", self._refit_step)
             self._refit_step = None
 
     def _warn_if_not_pruned(self, source: str) -> None:
@@ -422,14 +421,15 @@ class MaskHolder:
         return report
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON counters (the masks are saved beside them by the callback, see `masks`)."""
+        """JSON counters (the masks and `stream.pending_edits` are saved beside them by the callback)."""
         return {"config": self.schedule.to_dict(), "sparsity": self.sparsity, "target_sparsity": self.target_sparsity,
                 "last_update_step": self.last_update_step, "num_updates": self.num_updates,
                 "steps": list(self._steps) if self._steps else None, "has_masks": bool(self.masks),
-                "reconstruction": self.reconstruction, "pending_step": self.pending_step}
+                "reconstruction": self.reconstruction, "pending_step": self.pending_step,
+                "refitted_at": self.refitted_at}
 
-    def load_state_dict(self, state: dict[str, Any] | None, masks: dict[str, Tensor] | None) -> None:
-        """Restore counters and masks from a checkpoint (applied at the next `setup`).
+    def load_state_dict(self, state: dict[str, Any] | None, masks: dict[str, Tensor] | None, edits=None) -> None:
+        """Restore counters, masks and a pending re-fit's edits from a checkpoint (applied at the next `setup`).
 
         Raises:
             ValueError: the checkpoint has no schedule state, or its schedule differs in a field that defines masks.
@@ -444,7 +444,7 @@ class MaskHolder:
         self.sparsity, self.target_sparsity = float(state["sparsity"]), float(state["target_sparsity"])
         self.last_update_step, self.num_updates = state["last_update_step"], int(state["num_updates"])
         self._steps = tuple(state["steps"]) if state.get("steps") else None
-        self.reconstruction = state.get("reconstruction")
-        self.pending_step = state.get("pending_step")
+        self.reconstruction, self.pending_step = state.get("reconstruction"), state.get("pending_step")
+        self.refitted_at, self._edits = state.get("refitted_at"), dict(edits or {})  # edits: to their devices at setup
         self._restored = dict(masks or {})  # an empty dict still marks a resume (before the first update)
 

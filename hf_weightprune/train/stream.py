@@ -133,6 +133,19 @@ def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] |
                 f" (asymmetric objective on {len(terms)} weights)" if terms else "")
 
 
+def pending_edits(holder) -> dict[str, Tensor]:
+    """What a checkpoint must hold for a pending re-fit to resume exactly: the holder's summed pruning edits `E`
+    (float32, shaped as the masked weights), the re-fit's target being `W + E` with `W` the checkpoint's weights.
+
+    Empty when no re-fit is pending (no `refit_at`, no mask update yet, or already re-fitted), so only checkpoints
+    between the first update and the re-fit pay for it: 4 bytes per masked-weight element on disk
+    (`files/refit_files.py`) and a transient CPU copy on rank 0 while it is written; in memory the holder keeps that
+    float32 copy from the first update on anyway.
+    """
+    pending = holder._refit_step is not None and holder.refitted_at is None
+    return dict(holder._edits) if pending else {}
+
+
 def check_refit_sample(schedule, max_steps: int, first_sample_step: Callable[[int], int | None], *,
                        per_epoch: bool = False) -> None:
     """Train begin: refuse, in one line, a `refit_at` step that the sampling plan reaches with no pruned-stream

@@ -1,8 +1,9 @@
 """Train a tiny Llama with `ImportanceCallback` and optionally hang at a chosen point so a test can SIGKILL it.
 
-`--schedule prune|hold` and `--distill` add gradual pruning (or held masks) and distillation, `--units` the unit
-statistics of structured pruning (`make_callback`); `--arch mixtral|qwen3_moe` trains a tiny mixture of experts
-instead (expert slices and router statistics).
+`--schedule prune|hold` and `--distill` add gradual pruning (or held masks) and distillation (`--schedule
+cross|depth|refit`: the pruned-stream variants), `--units` the unit statistics of structured pruning
+(`make_callback`); `--arch mixtral|qwen3_moe` trains a tiny mixture of experts instead (expert slices and router
+statistics).
 
 Run as `python -m tests.scripts.ckpt_train OUTPUT_DIR [options]`; `run()` is also called in-process by the tests
 so both sides train with exactly the same arguments. A hang writes `OUTPUT_DIR/HANG` and sleeps.
@@ -87,7 +88,8 @@ def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=N
                   teacher_dtype=None, units=False):
     """The callback of a run: `schedule` `"prune"` (50% over steps 1-6, a mask update every step: a resume at step 3
     or 6 lands inside the ramp or right after it), `"hold"` (the masks of `masks_from`), `"cross"` (OBS updates on the
-    pruned stream with the cross term) or `"depth"` (layers pruned front to back); `distill`: KL + SquareHead from
+    pruned stream with the cross term), `"depth"` (layers pruned front to back) or `"refit"` (OBS updates at 1, 3, 5 and
+    a re-fit at 7: checkpoint-6 falls between the last update and the re-fit); `distill`: KL + SquareHead from
     `teacher` (`None`: the default frozen copy); `units`: `ImportanceConfig(units=True)`."""
     sched = None
     if schedule == "prune":
@@ -97,6 +99,8 @@ def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=N
                               cross_term=True, block_size=8)
     elif schedule == "depth":  # layer 0 at step 3, layer 1 at step 6
         sched = PruneSchedule(final_sparsity=0.5, start=0, end=6, order="depth", block_size=8)
+    elif schedule == "refit":
+        sched = PruneSchedule(final_sparsity=0.5, start=1, end=5, every_n_steps=2, refit_at=7, block_size=8)
     elif schedule == "hold":
         sched = PruneSchedule(mode="hold", masks_from=masks_from)
     cfg = DistillConfig(teacher=teacher, alpha=0.5, temperature=2.0, hidden_weight=0.5,
@@ -141,7 +145,7 @@ def main(argv=None):
     parser.add_argument("--hang-in", choices=sorted(HANG_AFTER), help="hang inside this file-writing function")
     parser.add_argument("--hang-call", type=int, default=1, help="... at its n-th call")
     parser.add_argument("--save-late", type=int, help="a save at step N decided after ImportanceCallback's on_step_end")
-    parser.add_argument("--schedule", choices=["prune", "hold", "cross", "depth"],
+    parser.add_argument("--schedule", choices=["prune", "hold", "cross", "depth", "refit"],
                         help="gradual pruning, or hold --masks-from's masks")
     parser.add_argument("--masks-from", help="hold: the pruned checkpoint folder")
     parser.add_argument("--distill", action="store_true", help="distil (teacher: --teacher, else the frozen copy)")

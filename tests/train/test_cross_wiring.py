@@ -1,12 +1,14 @@
 """`PruneSchedule(cross_term=True)` under distillation: the dense-to-pruned cross term gathered from the teacher's and
 the student's forwards of the same batches, beside the pruned-stream `H~`, and the asymmetric objective it feeds."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
-from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig
+from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, load_importance
 from hf_weightprune.collect.activations import in_backward_recompute
 from hf_weightprune.files import importance_files as F
 from hf_weightprune.files.cross_files import CROSS_NAME
@@ -15,6 +17,7 @@ from hf_weightprune.train.schedule import PruneSchedule
 from tests.helpers import assert_same_importance, sigkill_at_hang, training_args, workdir
 from tests.scripts.ckpt_train import make_callback, run
 
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "release-0.1" / "run" / "checkpoint-2"
 MAX_STEPS, END = 8, 3  # updates at 1 and 3; steps 4..8 gather the final masks' statistics
 
 
@@ -111,6 +114,23 @@ def test_cross_term_and_hessian_equal_brute_force_over_real_tokens(checkpointing
             assert n == tokens
             torch.testing.assert_close(got.double(), C, rtol=1e-4, atol=1e-4)
             assert float(C.abs().max()) > 1e-3, name  # the student trained and was pruned: its inputs differ
+
+
+def test_the_saved_importance_round_trips_the_cross_term(tmp_path):
+    cb = _callback(_schedule(cross_max_in_features=32))
+    _train(tmp_path, cb, record=False)
+    want, imp = cb._cross_terms(), load_importance(tmp_path)  # output_dir/importance, written at train end
+    assert imp.has_cross
+    got = imp.cross_terms()
+    assert got.keys() == want.keys() and all("down_proj" not in n for n in got)  # skipped ones stay absent
+    for name, (c, tokens) in want.items():
+        assert torch.equal(got[name][0], c) and got[name][1] == tokens == imp.meta["tokens"][name], name
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert got[q][0] is got[q.replace("q_proj", "v_proj")][0]  # a shared input is still one tensor
+    old = load_importance(FIXTURE)  # no cross term: refused in one line
+    assert not old.has_cross
+    with pytest.raises(ValueError, match="holds no cross term: gather it with PruneSchedule\\(cross_term=True\\)"):
+        old.cross_terms()
 
 
 def test_refit_keeps_zeros_and_the_asymmetric_objective_lowers_the_dense_output_error(tmp_path):
