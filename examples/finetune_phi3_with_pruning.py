@@ -225,7 +225,8 @@ def train_structured(args):
     # The hidden states of student and teacher differ in number and width: distil the logits only.
     distill = DistillConfig(teacher=dense, alpha=args.distill_alpha, temperature=args.distill_temperature,
                             hidden_weight=0.0)
-    cb = ImportanceCallback(distill=None if args.no_distill else distill)
+    # distill= without a config: the callback only distils (no statistics gathered, no importance files).
+    cb = None if args.no_distill else ImportanceCallback(distill=distill)
     rest = windows.select(range(min(first * args.batch_size, len(windows) - 1), len(windows)))
     trainer = run_trainer(args, model, rest, cb, "trainer", args.max_steps - first)
     return model, tokenizer, cb, trainer, report
@@ -287,7 +288,8 @@ def main(argv=None):
         measure = args.recipe == "structured" and not args.no_measure_speed
         baseline = os.path.join(args.output_dir, "dense-at-pruning") if measure else None
         save_pruned(model, out, report=report, tokenizer=tokenizer, overwrite=True, eval_results=results,
-                    schedule=schedule.to_dict() if schedule else None, distillation=cb.distill,
+                    schedule=schedule.to_dict() if schedule else None,
+                    distillation=cb.distill if cb is not None else None,
                     measure_speed=measure, baseline=baseline)
         if args.recipe == "structured":
             print(f"reloaded with stock transformers, greedy with and without cache: "

@@ -139,7 +139,7 @@ class ImportanceConfig(JsonConfigMixin):
 
 PRUNE_SCOPES = ("global", "layer", "row")
 PRUNE_ALLOCATIONS = ("uniform", "owl")
-COMPENSATIONS = (None, "refit", "mean")
+COMPENSATIONS = (None, "refit", "mean", "refit,mean")
 # What structured pruning can rank units by (`collect/units.py` computes them; defined here, the leaf both read).
 UNIT_STATISTICS = ("activation", "activation_l2", "taylor")
 
@@ -199,7 +199,10 @@ class PruneConfig(JsonConfigMixin):
             Hessians of `criterion="sparsegpt"` importance (structured OBS); `"mean"` (FLAP) adds the removed
             columns' mean contribution over the training tokens to the `down_proj` / `o_proj` bias, from the unit
             statistics (`units=True`), creating the bias through the config flag stock transformers reads
-            (`mlp_bias` / `attention_bias`; refused where the architecture has none); `None` slices only.
+            (`mlp_bias` / `attention_bias`; refused where the architecture has none); `"refit,mean"` (also
+            `("refit", "mean")`, any order, as structures combine) fits both together, least squares with an
+            intercept: the refit on the centred input covariance, then the mean of what is left into the bias
+            (needs both statistics, over the same tokens, and a bias as `"mean"` does); `None` slices only.
 
     Raises:
         `ValueError`: naming the field, for a bad structure, sparsity (or one an N:M pattern contradicts), a
@@ -238,7 +241,8 @@ class PruneConfig(JsonConfigMixin):
         "help": "structured: unit statistic to rank by (activation | activation_l2 | taylor; needs units=True)"})
     compensate: str | None = field(default=None, metadata={
         "help": "structured: refit (least squares of down_proj / o_proj from sparsegpt Hessians), mean (FLAP: "
-                "removed units' mean output into the bias, from units=True statistics) or None"})
+                "removed units' mean output into the bias, from units=True statistics), refit,mean (both fitted "
+                "together: least squares with an intercept) or None"})
 
     def __post_init__(self):
         kind, nm = parse_structure(self.structure)
@@ -322,6 +326,9 @@ class PruneConfig(JsonConfigMixin):
                              "is split between them), or a sparsity applied to each")
         if self.unit_statistic not in UNIT_STATISTICS:
             raise ValueError(f"unit_statistic must be one of {UNIT_STATISTICS}; got {self.unit_statistic!r}")
+        parts = self.compensate.split(",") if isinstance(self.compensate, str) else self.compensate
+        if isinstance(parts, (list, tuple)) and sorted(str(p).strip() for p in parts) == ["mean", "refit"]:
+            self.compensate = "refit,mean"  # one spelling (in JSON and sparsity.json too), as structures combine
         if self.compensate not in COMPENSATIONS:
             raise ValueError(f"compensate must be one of {COMPENSATIONS}; got {self.compensate!r}")
         if self.compensate is not None and not structured:

@@ -279,6 +279,10 @@ CHECKS = {
         "assert meta['distillation']['hidden_weight'] == 0.0 and meta['distillation']['teacher'] == '../dense'\n"
         "assert f\"| Parameters | {count['before']:,} | {count['after']:,} |\" in open('out-s/final/README.md').read()\n"
         "assert [r['distill/kl'] for r in trainer.state.log_history if 'distill/kl' in r][-1] > 0\n"
+        # the recovery only distilled: no importance gathered, logged or written
+        "import os\n"
+        "assert not any('importance' in n for _, ds, fs in os.walk('out-s/distill') for n in ds + fs)\n"
+        "assert not any(k.startswith('importance/') for r in trainer.state.log_history for k in r)\n"
         # the card says what was done: the refit, no "no reconstruction", no axis that did not change, the papers
         "card = open('out-s/final/README.md').read()\n"
         "assert 're-fitted by least squares' in card and 'unchanged by pruning' not in card\n"

@@ -22,6 +22,10 @@ observed inputs changes as little as possible:
   the bias, `b += W[:, R] mean(x_R)`. After a refit the same idea gives the best bias for the refit weights,
   `b += W mean(x) - W_K' mean(x_K)` (the mean of the remaining error). A consumer without a bias cannot absorb it;
   [`compensate_linear`] then reports `"no_bias"` and changes no bias.
+- **Both** ([`refit_mean`], `compensate="refit,mean"`): least squares with an intercept, the kept columns and the
+  bias fitted together on the same tokens. It is the refit on the centred covariance `C = H/n - mu mu^T` followed by
+  the mean shift of the refit weights; its output error on those tokens is at most either alone's (it minimises over
+  a superset of what each of them chooses from).
 
 A Llama-style `down_proj` / `o_proj` usually has no bias. The checkpoint must still load in stock transformers, so
 a bias is only added the way the architecture's own config creates one ([`bias_plan`]): `mlp_bias=True` (Llama,
@@ -43,7 +47,7 @@ from torch import Tensor, nn
 from ..layouts import decoder_layers
 
 __all__ = ["ADVISED_TOKENS_PER_INPUT", "add_biases_", "bias_plan", "check_hessian", "compensate_linear", "mean_shift",
-           "refit_columns"]
+           "refit_columns", "refit_mean"]
 
 # The config flag under which stock transformers builds each consumer with a bias (checked by building the model).
 BIAS_FLAGS = {"down_proj": "mlp_bias", "o_proj": "attention_bias"}
@@ -105,7 +109,8 @@ def refit_columns(weight: Tensor, hessian: Tensor, keep: Tensor, *, damp: float 
     return new.to(device=weight.device, dtype=weight.dtype)
 
 
-def check_hessian(name: str, hessian: Tensor | None, in_features: int, tokens: int) -> str | None:
+def check_hessian(name: str, hessian: Tensor | None, in_features: int, tokens: int, *,
+                  compensate: str = "refit") -> str | None:
     """
     Whether a consumer's input Hessian can refit it: checked for every consumer before a structured prune changes
     anything.
@@ -115,6 +120,7 @@ def check_hessian(name: str, hessian: Tensor | None, in_features: int, tokens: i
         hessian (`torch.Tensor`, *optional*): its `[in, in]` Hessian, `None` when the importance does not track it.
         in_features (`int`): the consumer's inputs.
         tokens (`int`): the real tokens the Hessian was gathered over.
+        compensate (`str`, *optional*, defaults to `"refit"`): the `PruneConfig.compensate` asking, for the messages.
 
     Returns:
         `str` or `None`: a warning when the Hessian saw fewer than `ADVISED_TOKENS_PER_INPUT` tokens per input,
@@ -124,23 +130,24 @@ def check_hessian(name: str, hessian: Tensor | None, in_features: int, tokens: i
         `ValueError`: one line, naming `name` and the fix: no Hessian, one of another shape, non-finite or all-zero
         entries, or fewer tokens than inputs (a singular Hessian: the refit would fit those tokens' noise).
     """
+    what = f"compensate={compensate!r}"
     if hessian is None:
-        raise ValueError(f"compensate='refit' needs the input Hessian of {name}, which this importance does not "
-                         "track: gather it with ImportanceConfig(criterion='sparsegpt') over that module too")
+        raise ValueError(f"{what} needs the input Hessian of {name}, which this importance does not track: gather "
+                         "it with ImportanceConfig(criterion='sparsegpt') over that module too")
     if tuple(hessian.shape) != (in_features, in_features):
-        raise ValueError(f"compensate='refit': the Hessian of {name} has shape {tuple(hessian.shape)}, the module "
-                         f"has {in_features} inputs")
+        raise ValueError(f"{what}: the Hessian of {name} has shape {tuple(hessian.shape)}, the module has "
+                         f"{in_features} inputs")
     if not bool(torch.isfinite(hessian).all()) or not bool((hessian.diagonal() > 0).any()):
-        raise ValueError(f"compensate='refit': the Hessian of {name} is not finite or all zero; gather it again")
+        raise ValueError(f"{what}: the Hessian of {name} is not finite or all zero; gather it again")
     if tokens < in_features:
-        raise ValueError(f"compensate='refit': the Hessian of {name} was gathered over {tokens:,} tokens, fewer than "
-                         f"its {in_features:,} inputs, so it is singular and the refit would fit those tokens' noise; "
+        raise ValueError(f"{what}: the Hessian of {name} was gathered over {tokens:,} tokens, fewer than its "
+                         f"{in_features:,} inputs, so it is singular and the refit would fit those tokens' noise; "
                          f"gather it over more tokens (at least {ADVISED_TOKENS_PER_INPUT * in_features:,} advised) "
                          "or use compensate=None")
     if tokens < ADVISED_TOKENS_PER_INPUT * in_features:
-        return (f"compensate='refit': the Hessian of {name} was gathered over {tokens:,} tokens for {in_features:,} "
-                f"inputs; with fewer than {ADVISED_TOKENS_PER_INPUT} tokens per input the refit can do worse than no "
-                "compensation: gather it over more tokens")
+        return (f"{what}: the Hessian of {name} was gathered over {tokens:,} tokens for {in_features:,} inputs; with "
+                f"fewer than {ADVISED_TOKENS_PER_INPUT} tokens per input the refit can do worse than no compensation: "
+                "gather it over more tokens")
     return None
 
 
@@ -169,6 +176,47 @@ def mean_shift(weight: Tensor, mean: Tensor, keep: Tensor, *, kept_weight: Tenso
     if tuple(kept.shape) != (out_f, len(keep)):
         raise ValueError(f"kept_weight has shape {tuple(kept.shape)}, expected ({out_f}, {len(keep)})")
     return (w @ mu - kept @ mu.index_select(0, keep)).to(weight.dtype)
+
+
+def refit_mean(weight: Tensor, hessian: Tensor, mean: Tensor, tokens: int, keep: Tensor, *,
+               damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """
+    Least squares with an intercept: the kept columns `V` and a bias change `b` that best reproduce `W x` over the
+    tokens `H` and `mean` were gathered over.
+
+    Derivation. Minimise `E(V, b) = sum_t ||W x_t - V x_{t,K} - b||^2`. For any `V`, `dE/db = 0` gives
+    `b = W mu - V mu_K` (the mean residual). Substituted back, `E = sum_t ||W (x_t - mu) - V (x_{t,K} - mu_K)||^2`: the
+    plain refit on the centred inputs, whose Hessian is `sum_t (x_t - mu)(x_t - mu)^T = H - n mu mu^T = n C` with
+    `C = H/n - mu mu^T`. So `V = W_K + W_R C[R, K] C[K, K]^{-1}` ([`refit_columns`] on `C`, damped relative to
+    `mean(diag(C))`: the ridge still pulls towards `W_K`), and `b = W mu - V mu_K = W_R mu_R + W_K mu_K - V mu_K`
+    ([`mean_shift`] with `kept_weight=V`). `(W_K', 0)` of the refit alone and `(W_K, W_R mu_R)` of the mean alone
+    are both candidates of this minimisation, so undamped its error is at most either's.
+
+    Args:
+        weight (`torch.Tensor`): `[out_features, in_features]` weight of the consumer Linear.
+        hessian (`torch.Tensor`): `[in_features, in_features]` `sum_t x_t x_t^T` over `tokens` tokens (not a
+            multiple of it: the centring needs the sum itself).
+        mean (`torch.Tensor`): `[in_features]` mean input over exactly the same tokens.
+        tokens (`int`): how many tokens `hessian` and `mean` were gathered over.
+        keep (`torch.LongTensor`): Sorted, unique indices of the input columns that stay.
+        damp (`float`, *optional*, defaults to 0.01): See [`refit_columns`].
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: the `[out_features, len(keep)]` refit columns and the `[out_features]`
+        change of the bias, in `weight`'s dtype and device.
+
+    Raises:
+        `ValueError`: shapes that do not match, `tokens < 1`, or as [`refit_columns`].
+    """
+    in_f = weight.shape[1]
+    if tuple(mean.shape) != (in_f,):
+        raise ValueError(f"mean has shape {tuple(mean.shape)}, expected ({in_f},)")
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens}")
+    mu = mean.double().to(hessian.device)
+    centred = hessian.double() / tokens - torch.outer(mu, mu)
+    new = refit_columns(weight, centred, keep, damp=damp)
+    return new, mean_shift(weight, mean.to(weight.device), keep, kept_weight=new)
 
 
 @torch.no_grad()
@@ -224,7 +272,7 @@ def _consumer(layer: nn.Module, name: str) -> nn.Module:
     return (layer.mlp if name == "down_proj" else layer.self_attn).get_submodule(name)
 
 
-def bias_plan(model: nn.Module, consumer: str) -> tuple[str, list[str]] | None:
+def bias_plan(model: nn.Module, consumer: str, *, compensate: str = "mean") -> tuple[str, list[str]] | None:
     """How to give every decoder layer's `consumer` a bias that stock `from_pretrained` loads, changing nothing.
 
     Builds the model's class on the meta device with the config flag of [`BIAS_FLAGS`] set, and lists the Linear
@@ -233,6 +281,7 @@ def bias_plan(model: nn.Module, consumer: str) -> tuple[str, list[str]] | None:
     Args:
         model (`PreTrainedModel`): the causal LM about to be pruned.
         consumer (`str`): `"down_proj"` or `"o_proj"`.
+        compensate (`str`, *optional*, defaults to `"mean"`): the `PruneConfig.compensate` asking, for the message.
 
     Returns:
         `tuple[str, list[str]]` or `None`: `(flag, names of the Linear modules that gain a bias)`, or `None` when
@@ -257,8 +306,9 @@ def bias_plan(model: nn.Module, consumer: str) -> tuple[str, list[str]] | None:
         if all(_consumer(layer, consumer).bias is not None for layer in decoder_layers(probe)):
             found = (flag, gained)
     if found is None:
-        raise ValueError(f"compensate='mean' needs a bias on {consumer}, and {type(model).__name__} has no config "
-                         f"flag that creates one in a form stock transformers loads: use compensate='refit' or None")
+        raise ValueError(f"compensate={compensate!r} needs a bias on {consumer}, and {type(model).__name__} has no "
+                         "config flag that creates one in a form stock transformers loads: use compensate='refit' or "
+                         "None")
     return found
 
 

@@ -29,7 +29,10 @@ Compensation of removed neurons (`down_proj` input columns) and KV groups (`o_pr
 refused, fewer than four per input warned about); `compensate="mean"` (FLAP) adds the removed columns' mean
 contribution over the training tokens, `W[:, removed] @ mean(x[removed])`, to the consumer's bias
 (`compensate.mean_shift`, means from the unit statistics), creating the bias through the config flag that stock
-transformers reads (`compensate.bias_plan`). Hidden channels and layers are not compensated.
+transformers reads (`compensate.bias_plan`); `compensate="refit,mean"` fits both together, least squares with an
+intercept (`compensate.refit_mean`: the refit on the centred covariance `H/n - mu mu^T`, the rest of the mean into
+the bias), which needs the Hessian and the unit means counted over the same tokens (equal token counts, uniform step
+weighting; refused otherwise). Hidden channels and layers are not compensated.
 
 Checks first. Every precondition of every axis and of the compensation (sizes alone and together, hidden
 pruning's module checks in `hidden_channel_cost`, each compensated consumer's Hessian and token count or mean
@@ -52,7 +55,7 @@ from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout
 from ..matching import canonical_name
-from .compensate import add_biases_, bias_plan, check_hessian, mean_shift, refit_columns
+from .compensate import add_biases_, bias_plan, check_hessian, mean_shift, refit_columns, refit_mean
 from .depth import remove_layers_
 from .expert_neurons import has_experts, prune_expert_neurons_
 from .hidden import hidden_channel_cost, shrink_hidden_
@@ -66,6 +69,7 @@ logger = logging.getLogger(__name__)
 
 _ORDER = ("layers", "heads", "neurons", "hidden")  # depth first, then width
 _CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+_REFITS, _MEANS = ("refit", "refit,mean"), ("mean", "refit,mean")  # the compensations that refit / shift a bias
 
 
 def _params(model: nn.Module) -> int:
@@ -221,21 +225,27 @@ def _check_before_change(model: nn.Module, importance: Importance, config: Prune
                          f"{type(model.config).__name__} rejects: {reason}".splitlines()[0])
     if config.compensate is None:
         return
-    layers = decoder_layers(model)
+    layers, comp = decoder_layers(model), config.compensate
     warnings = []
     for a in (a for a in width if a in ("neurons", "heads")):
         for i in kept_layers:
             consumer = _consumer(model, layers[i], a, torch.zeros(0, dtype=torch.long))[0]
             name = names[id(consumer)]
-            if config.compensate == "refit":
+            tokens = int(importance.meta.get("tokens", {}).get(name, 0))
+            if comp in _REFITS:
                 hessian = importance.state(name) if name in importance.names else None
-                tokens = int(importance.meta.get("tokens", {}).get(name, 0))
-                warnings.append(check_hessian(name, hessian, consumer.in_features, tokens))
-            else:
+                warnings.append(check_hessian(name, hessian, consumer.in_features, tokens, compensate=comp))
+            if comp in _MEANS:
                 mean = means.get(a, {}).get(i)
                 if mean is None or tuple(mean.shape) != (consumer.in_features,):
-                    raise ValueError(f"compensate='mean': the unit statistics hold no mean input of {name} of "
+                    raise ValueError(f"compensate={comp!r}: the unit statistics hold no mean input of {name} of "
                                      f"{consumer.in_features} channels; gather them with ImportanceConfig(units=True)")
+            if comp == "refit,mean" and tokens != means["tokens"][a][i]:
+                # H/n - mu mu^T is a covariance only over one set of tokens (a restart by PruneSchedule(
+                # pruned_stream=...), or a step skipped by one statistic only, makes them differ).
+                raise ValueError(f"compensate='refit,mean': the Hessian of {name} counts {tokens:,} tokens and its "
+                                 f"mean input {means['tokens'][a][i]:,}; both must be gathered over the same tokens "
+                                 "(use compensate='refit' or 'mean')")
     warnings = [w for w in warnings if w]
     if warnings:
         logger.warning("%s%s", warnings[0], f" (and {len(warnings) - 1} more modules)" if len(warnings) > 1 else "")
@@ -261,11 +271,16 @@ def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: di
     refits, shifts = {}, {}
     for j, idx in keep.items():  # from the dense weights, before they are sliced
         consumer, cols = _consumer(model, layers[j], axis, idx)
+        w = consumer.weight.detach()
+        if compensate in _REFITS:
+            h = importance.state(names[id(consumer)]).to(w.device)  # checked by _check_before_change
         if compensate == "refit":
-            h = importance.state(names[id(consumer)])  # checked by _check_before_change
-            refits[j] = refit_columns(consumer.weight.detach(), h.to(consumer.weight.device), cols)
+            refits[j] = refit_columns(w, h, cols)
+        elif compensate == "refit,mean":
+            tokens = means["tokens"][axis][kept_layers[j]]  # equal to the Hessian's: checked by _check_before_change
+            refits[j], shifts[j] = refit_mean(w, h, means[axis][kept_layers[j]], tokens, cols)
         elif compensate == "mean":
-            shifts[j] = mean_shift(consumer.weight.detach(), means[axis][kept_layers[j]], cols)
+            shifts[j] = mean_shift(w, means[axis][kept_layers[j]], cols)
     (shrink_mlp_ if axis == "neurons" else shrink_attention_)(model, keep)
     for j in keep:
         consumer = layers[j].mlp.down_proj if axis == "neurons" else layers[j].self_attn.o_proj
@@ -279,18 +294,27 @@ def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: di
 
 def _mean_inputs(model: nn.Module, importance: Importance, config: PruneConfig,
                  axes: tuple[str, ...]) -> tuple[dict, list[str]]:
-    """`compensate="mean"`: the consumers' mean inputs and the consumers to give a bias, checked before any change."""
+    """`compensate="mean"` / `"refit,mean"`: the consumers' mean inputs (and, under `"tokens"`, the tokens each was
+    counted over) and the consumers to give a bias, checked before any change."""
+    comp = config.compensate
     served = [a for a in axes if a in ("neurons", "heads")]
     if not served:
-        raise ValueError(f"compensate='mean' moves the mean output of removed MLP neurons / KV groups into a bias; "
+        raise ValueError(f"compensate={comp!r} moves the mean output of removed MLP neurons / KV groups into a bias; "
                          f"structure {config.structure!r} removes neither: use compensate=None")
     if not importance.has_units:
-        raise ValueError("compensate='mean' needs the mean input of down_proj / o_proj from the unit statistics: "
+        raise ValueError(f"compensate={comp!r} needs the mean input of down_proj / o_proj from the unit statistics: "
                          "gather them with ImportanceConfig(units=True)")
+    if comp == "refit,mean" and importance.scorer.weighting != "uniform":
+        # The Hessian then weighs step t's tokens by t, the unit sums do not: H/n - mu mu^T is no covariance.
+        raise ValueError(f"compensate='refit,mean' needs the Hessian and the mean input over the same tokens, and "
+                         f"ImportanceConfig(weighting={importance.scorer.weighting!r}) weighs the Hessian's steps: "
+                         "gather it with weighting='uniform', or use compensate='refit' or 'mean'")
     consumers = ["down_proj" if a == "neurons" else "o_proj" for a in served]
     for c in consumers:  # refuses a consumer no config flag gives a bias; applied after depth pruning
-        bias_plan(model, c)
-    return importance.unit_means(), consumers
+        bias_plan(model, c, compensate=comp)
+    means, state = importance.unit_means(), importance.unit_state()
+    means["tokens"] = {a: {i: int(state[f"layers.{i}.{a}.tokens"]) for i in means[a]} for a in ("neurons", "heads")}
+    return means, consumers
 
 
 @torch.no_grad()
@@ -325,10 +349,10 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
                 raise ValueError(f"structure {a!r} is not possible for {type(model).__name__}: {e}") from None
     scores = _scores(model, importance, config, axes)
     sizes, costs = _sizes(model, axes), _width_costs(model, axes)
-    if config.compensate == "refit" and not importance.scorer.has_hessian:
-        raise ValueError(f"compensate='refit' needs input Hessians: importance from ImportanceConfig(criterion="
-                         f"'sparsegpt'), not {importance.criterion!r}")
-    means, bias_for = _mean_inputs(model, importance, config, axes) if config.compensate == "mean" else (None, [])
+    if config.compensate in _REFITS and not importance.scorer.has_hessian:
+        raise ValueError(f"compensate={config.compensate!r} needs input Hessians: importance from ImportanceConfig("
+                         f"criterion='sparsegpt'), not {importance.criterion!r}")
+    means, bias_for = _mean_inputs(model, importance, config, axes) if config.compensate in _MEANS else (None, [])
     before = _params(model)
     t = config.target_params
     target = None if t is None else (t if isinstance(t, int) else round(t * before))

@@ -289,8 +289,10 @@ def references(criterion: str | None, sparsity: dict) -> list[str]:
     if "layers" in parts and not (depth and depth.get("before") == depth.get("after")):  # a layer was removed
         refs.append(DEPTH_REFERENCE)
     compensation = (sparsity.get("structured") or {}).get("compensation")
-    if compensation in ("refit", "mean"):
-        refs.append(REFIT_REFERENCE if compensation == "refit" else MEAN_REFERENCE)
+    if compensation in ("refit", "refit,mean"):
+        refs.append(REFIT_REFERENCE)
+    if compensation in ("mean", "refit,mean"):
+        refs.append(MEAN_REFERENCE)
     if sparsity.get("search"):
         refs.append(SEARCH_REFERENCE)
     if sparsity.get("allocation") == "owl":

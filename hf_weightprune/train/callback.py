@@ -30,6 +30,7 @@ from ..collect.accumulator import ImportanceAccumulator
 from ..collect.cross import CrossTerm
 from ..collect.importance import Importance
 from ..config import ImportanceConfig
+from ..moe import find_weights
 from .checkpoint import STAGING_DIR, TrainingCheckpoint
 from .distill import DistillConfig
 from .distiller import Distiller
@@ -69,10 +70,12 @@ class ImportanceCallback(TrainerCallback):
             copied over chunk by chunk at each sample), for models whose state would not fit beside them.
 
     Several callbacks on one Trainer (e.g. one per criterion) need distinct `ImportanceConfig(name=...)`: each writes
-    `importance-<name>/`; two callbacks writing the same folder are refused at train begin. With
-    `schedule=PruneSchedule(mode="hold", ...)` and no `config`, no importance is tracked (no per-step cost, no
-    state, no importance files; `importance()` raises): the callback only holds the masks. Pass a `config` to
-    also track importance while holding.
+    `importance-<name>/`; two callbacks writing the same folder are refused at train begin. Without a `config`,
+    importance is tracked only when there is nothing else to do: with `schedule=PruneSchedule(mode="hold", ...)` the
+    callback only holds the masks, and with `distill=` alone (`ImportanceCallback(distill=...)`: the recovery of a
+    structurally pruned model) it only distils. Then no statistic is gathered (no hooks but the teacher's, no
+    per-step scoring, no state, no importance files; `importance()` raises). Pass a `config` to also track importance
+    while holding or distilling.
 
     Raises:
         ValueError: an invalid choice, `per_epoch=True` with a criterion that does not read weights, `distill`
@@ -102,8 +105,11 @@ class ImportanceCallback(TrainerCallback):
             raise TypeError(f"schedule must be a PruneSchedule; got {type(schedule).__name__}")
         if distill is not None and not isinstance(distill, DistillConfig):
             raise TypeError(f"distill must be a DistillConfig; got {type(distill).__name__}")
-        # Holding another run's masks needs no importance: unless a config asks for it, nothing is tracked.
-        self.tracks_importance = config is not None or schedule is None or schedule.mode != "hold"
+        # Holding another run's masks, or distilling into an already pruned model, needs no importance: unless a config
+        # asks for it, nothing is tracked.
+        only_holds = schedule is not None and schedule.mode == "hold"
+        only_distils = schedule is None and distill is not None
+        self.tracks_importance = config is not None or not (only_holds or only_distils)
         self.config = config if config is not None else ImportanceConfig()
         self.accumulator = ImportanceAccumulator(self.config, offload_to_cpu=offload_to_cpu)
         if self.config.per_epoch and self.scorer.source != "weights":
@@ -206,7 +212,9 @@ class ImportanceCallback(TrainerCallback):
             check_refit_sample(self.schedule, int(state.max_steps), self.accumulator.first_sample_step,
                                per_epoch=self.config.per_epoch)
         if self._distiller is not None:  # before the holder applies restored masks: the teacher is the dense model
-            prunes_base = self.schedule is not None or any(t.param.requires_grad for t in self.accumulator.tracked)
+            # Whether the base weights change: those the importance would track (found here when it tracks none).
+            linears = self.accumulator.tracked if self.tracks_importance else find_weights(model)
+            prunes_base = self.schedule is not None or any(t.param.requires_grad for t in linears)
             self.checkpoint.teacher_saved = False
             if state.global_step > 0 and self._distiller.copies_model(model, prunes_base):
                 # The Trainer loaded the checkpoint's (pruned) weights before this event: a copy now would be another
@@ -289,8 +297,8 @@ class ImportanceCallback(TrainerCallback):
         The scalars logged at each Trainer log step (computed only then, from a sample of the scores).
 
         Returns:
-            `dict[str, float]`: `importance/samples` and `importance/skipped` (samples taken and skipped as
-            non-finite), then per module type (`q_proj`, `o_proj`, `down_proj`, ...: the last component of the
+            `dict[str, float]`: when it tracks importance, `importance/samples` and `importance/skipped` (samples
+            taken and skipped as non-finite), then per module type (`q_proj`, `o_proj`, `down_proj`, ...: the last component of the
             module name) `importance/<type>/mean` (mean score) and `importance/<type>/frac_below` (fraction of its
             weights under the one threshold that would prune the fraction `s` of all tracked weights; `s` is the
             schedule's current target, else 0.5). A `frac_below` far from `s` means that type's scores do not compare
@@ -301,13 +309,14 @@ class ImportanceCallback(TrainerCallback):
             key carries the name after its first part (`importance/<name>/samples`, `pruning/<name>/sparsity`,
             `distill/<name>/ce`), so the curves of several callbacks stay apart in TensorBoard and W&B.
         """
-        meta = self.accumulator.meta
-        values = {"importance/samples": meta["num_samples"], "importance/skipped": meta["skipped"]}
-        target = 0.5
-        if self.mask_holder is not None and self.mask_holder.target_sparsity > 0:
-            target = self.mask_holder.target_sparsity
-        with torch.no_grad():
-            values.update(self.accumulator.summary(target, self.log_sample_size))
+        meta, values = self.accumulator.meta, {}
+        if self.tracks_importance:
+            values.update({"importance/samples": meta["num_samples"], "importance/skipped": meta["skipped"]})
+            target = 0.5
+            if self.mask_holder is not None and self.mask_holder.target_sparsity > 0:
+                target = self.mask_holder.target_sparsity
+            with torch.no_grad():
+                values.update(self.accumulator.summary(target, self.log_sample_size))
         if self.mask_holder is not None:
             values.update(self.mask_holder.log_values())
         if self._distiller is not None:
@@ -327,7 +336,8 @@ class ImportanceCallback(TrainerCallback):
         return named
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._logging or not (self.accumulator.tracked or self.mask_holder is not None) or self._logged_step == state.global_step:
+        if self._logging or self._logged_step == state.global_step or not (
+                self.accumulator.tracked or self.mask_holder is not None or self._distiller is not None):
             return
         if self.trainer is None:
             if self._logged_step is None:
@@ -395,8 +405,8 @@ class ImportanceCallback(TrainerCallback):
             RuntimeError: before `trainer.train()` has started.
         """
         if not self.tracks_importance:
-            raise RuntimeError("This ImportanceCallback tracks no importance (a hold schedule without config); pass "
-                               "ImportanceCallback(config, schedule=...) to track it while holding the masks")
+            raise RuntimeError("This ImportanceCallback tracks no importance (a hold schedule or distill= without "
+                               "config); pass ImportanceCallback(config, ...) to track it while holding or distilling")
         if not self.accumulator.tracked:
             raise RuntimeError("ImportanceCallback has not seen training yet (call trainer.train() first)")
         return self.accumulator.importance()
