@@ -14,8 +14,8 @@ are ranked by their units' score relative to that axis' mean score (the `k`-th u
 over layers of each layer's `k`-th lowest unit), and taken from the lowest up until the budget is reached; a step of
 an axis that would overshoot the budget closes that axis. The *filling* axis is the width axis whose step costs least
 (neurons when present): it is never closed, and at the end its count is re-chosen to bring the kept count as close to
-the target as its sizes allow; each closed axis is also tried one step further with the filler re-chosen, and the
-closest of these wins. So a coarse axis (hidden: whole multiples of the head count) never rounds the budget away: what
+the target as its sizes allow; every other axis is also tried one step back and one step further (all together), the
+filler re-chosen each time, and the closest wins (ties: the split's own counts). So a coarse axis (hidden: whole multiples of the head count) never rounds the budget away: what
 it cannot take goes to the finer axis.
 
 The rule. The kept count must be within one step of the coarsest axis of the structure (one layer for depth; one
@@ -26,6 +26,7 @@ smallest step alone overshoots the budget is warned about (it was asked for by n
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -223,13 +224,14 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
             closed.append(a)
             continue
         counts = trial
-    best = refill(counts)
-    for a in closed:  # a coarse axis one step further, the filler giving back what it overshoots
-        nxt = [c for _, _, b, c in _ladders(scores, (a,), sizes, keeps) if b == a and c > counts[a]]
-        if nxt:
-            trial = refill({**counts, a: nxt[0]})
-            if abs(after(trial) - target) < abs(after(best) - target):
-                best = trial
+    # Sizes are coarse: each other axis one step back or further, the filler re-chosen, may come closer.
+    ladder = {a: [0] + [c for _, _, b, c in _ladders(scores, (a,), sizes, keeps)] for a in axes if a != filler}
+    around = []
+    for a in ladder:
+        i = ladder[a].index(counts[a])
+        around.append([counts[a]] + [ladder[a][j] for j in (i - 1, i + 1) if 0 <= j < len(ladder[a])])
+    options = [refill({**counts, **dict(zip(ladder, c))}) for c in itertools.product(*around)]
+    best = min(options, key=lambda o: abs(after(o) - target))  # ties: the first, the split's own counts
     left = after(best)
     tolerance = max(step_cost.values(), default=0)
     spent = "+".join(axes)

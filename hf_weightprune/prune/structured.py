@@ -275,8 +275,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     after = num_params(model)
     if target is not None and abs(after - target) > tolerance:  # only the biases of compensate="mean" can do this
         logger.warning("target_params=%r: kept %s parameters for %s, more than one step of the coarsest axis (%s) "
-                       "off, after the biases compensate='mean' added", t, f"{after:,}", f"{target:,}",
-                       f"{tolerance:,}")
+                       "off", t, f"{after:,}", f"{target:,}", f"{tolerance:,}")
     report = {
         "structure": config.structure,
         "axes": out_axes,
