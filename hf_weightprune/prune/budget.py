@@ -37,7 +37,8 @@ from ..layouts import attn_geometry, decoder_layers, detect_layout
 from .hidden import hidden_channel_costs
 from .surgery import _attention_config_updates, config_error
 
-__all__ = ["Budget", "ParamCount", "accepted_keeps", "axis_sizes", "feasible_keep", "plan_budget", "size_updates"]
+__all__ = ["ORDER", "Budget", "ParamCount", "accepted_keeps", "axis_sizes", "feasible_keep", "num_params", "plan_budget",
+           "size_updates", "width_costs"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ _WHAT = {"layers": "decoder layers", "heads": "KV groups per layer", "neurons": 
 
 
 def num_params(model: nn.Module) -> int:
+    """All parameters of `model`, a tied tensor once."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -131,7 +133,8 @@ class ParamCount:
                    tuple(per_layer))
 
     def after(self, counts: dict[str, int], dropped: list[int]) -> int:
-        kept = [i for i in range(len(self.layer_cost)) if i not in set(dropped)]
+        gone = set(dropped)
+        kept = [i for i in range(len(self.layer_cost)) if i not in gone]
         removed = sum(self.layer_cost[i] for i in dropped)
         removed += len(kept) * sum(counts.get(a, 0) * self.unit[a] for a in self.unit)
         if counts.get("hidden"):  # a channel after the other axes: fewer rows/columns of hidden size to pay for
@@ -207,8 +210,10 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
     def refill(c: dict[str, int]) -> dict[str, int]:  # the filler's count closest to the target, given the others
         if filler is None:
             return c
-        options = [{**c, filler: sizes[filler] - k} for k in keeps[filler]]
-        return min(options, key=lambda o: abs(after(o) - target))  # ties: the first, which keeps more
+        base = after({**c, filler: 0})
+        per_unit = base - after({**c, filler: 1})  # the count is linear in the filler's units, the others fixed
+        keep = min(keeps[filler], key=lambda k: abs(base - (sizes[filler] - k) * per_unit - target))  # ties: keeps more
+        return {**c, filler: sizes[filler] - keep}
 
     counts = dict.fromkeys(axes, 0)
     closed: list[str] = []
