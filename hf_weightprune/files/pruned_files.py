@@ -28,6 +28,17 @@ SPARSITY_FORMAT_VERSION = 1
 SWEEP_CSV = "sweep.csv"
 SWEEP_JSON = "sweep.json"
 SWEEP_PNG = "sweep.png"
+# The files a tokenizer's vocabulary is read from (the `vocab_files_names` of transformers' tokenizer classes). A
+# folder without any holds no tokenizer, whatever else it has: `AutoTokenizer` builds an empty, 1-token
+# `Qwen2Tokenizer` for a Qwen2/Qwen3 folder without one (even with tokenizer_config.json) instead of raising.
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+                         "sentencepiece.bpe.model", "sentencepiece.model", "spm.model")
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether a model folder holds a tokenizer: one of [`TOKENIZER_VOCAB_FILES`] (tokenizer_config.json alone is no
+    tokenizer)."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_VOCAB_FILES)
 
 
 class NotAPrunedCheckpointError(FileNotFoundError, ValueError):

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..layouts import attn_geometry, detect_layout, model_configs
 from .surgery import config_error, sliced_linear
 
-__all__ = ["hidden_channel_cost", "shrink_hidden_"]
+__all__ = ["hidden_channel_cost", "hidden_channel_costs", "shrink_hidden_"]
 
 _IN = {"split": ("q_proj", "k_proj", "v_proj"), "fused": ("qkv_proj",)}
 _MLP_IN = {"split": ("gate_proj", "up_proj"), "fused": ("gate_up_proj",)}
@@ -193,11 +193,38 @@ def hidden_channel_cost(model: nn.Module) -> int:
     Raises:
         `ValueError`: as [`shrink_hidden_`] would, before any change (unsupported layout, shared embeddings, ...).
     """
+    outside, per_layer = hidden_channel_costs(model)
+    return outside + sum(per_layer)
+
+
+def hidden_channel_costs(model: nn.Module) -> tuple[int, list[int]]:
+    """
+    [`hidden_channel_cost`] split into the part outside the decoder layers (embeddings, lm_head, final norm) and each
+    decoder layer's part, so that a budget can price a hidden channel after some layers are removed.
+
+    Returns:
+        `tuple[int, list[int]]`: `(outside the layers, [one entry per decoder layer])`.
+
+    Raises:
+        `ValueError`: as [`shrink_hidden_`] would, before any change.
+    """
     plan = _plan(model, model.config.hidden_size)
-    cost = plan.embed.num_embeddings + (plan.head.out_features if plan.head is not None and not plan.tied else 0)
-    cost += sum(getattr(parent, attr).out_features for parent, attr in plan.columns)
-    cost += sum(getattr(parent, attr).in_features + (getattr(parent, attr).bias is not None) for parent, attr in plan.rows)
-    return cost + sum(1 + (getattr(m, "bias", None) is not None) for m in plan.norms)
+    layers, _ = detect_layout(model, "attn")
+    owner = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    per_layer = [0] * len(layers)
+    outside = plan.embed.num_embeddings + (plan.head.out_features if plan.head is not None and not plan.tied else 0)
+    for parent, attr in plan.columns:  # input columns: one per output row
+        per_layer[owner[id(parent)]] += getattr(parent, attr).out_features
+    for parent, attr in plan.rows:  # output rows: their inputs and bias
+        m = getattr(parent, attr)
+        per_layer[owner[id(parent)]] += m.in_features + (m.bias is not None)
+    for m in plan.norms:
+        cost = 1 + (getattr(m, "bias", None) is not None)
+        if id(m) in owner:
+            per_layer[owner[id(m)]] += cost
+        else:
+            outside += cost
+    return outside, per_layer
 
 
 def shrink_hidden_(model: nn.Module, keep: Tensor, *, rescale_norms: bool = True) -> dict:

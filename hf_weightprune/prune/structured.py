@@ -12,16 +12,13 @@ influence (ShortGPT) under the activation statistics or by Taylor. Without them 
 per-weight scores (`unit_scores.py`); hidden channels and layers need the unit statistics.
 
 Budget. `sparsity` removes that fraction of the units of each axis (`masks.num_to_prune`). `target_params` (an int
-count, or a float fraction of the model's parameters, to keep) sets the parameters to remove, `R`. One axis: the
-number of units whose cost is closest to `R`. Several axes, the split rule: every axis' candidate steps (a layer, or
-one unit in every layer for width) are ranked by their score relative to that axis' mean score (the `k`-th step of a
-width axis scores the mean over layers of each layer's `k`-th lowest unit), and steps are taken from the lowest
-relative score up, with their parameter cost, until `R` is reached; a step of another axis that would overshoot `R`
-closes that axis, the last width axis (in the order heads, neurons, hidden) fills the rest. So an axis whose weakest
-units are far below its average gives more. The counts are then applied depth first; the last width axis is recomputed
-from the parameters actually left, so the target is met within one unit per layer (half a unit's cost for width,
-one layer for depth alone). To choose between candidate shapes by measured loss instead of this rule,
-`search_structures` (`tools/search.py`) prunes a copy with each one and keeps the lowest loss (Minitron's search).
+count, or a float fraction of the model's parameters, to keep) is split between the axes by `prune/budget.py`: steps
+of the sizes each config accepts (hidden: multiples of the head count), ranked by how weak each axis' weakest units are
+against its average, counted exactly before any change; the finest width axis (neurons when present) fills what a
+coarse one cannot take and is applied last. The kept count is as close to the target as the sizes allow and never more
+than one step of the structure's coarsest axis off (else refused; an axis left uncut by its granularity is warned
+about). To choose between candidate shapes by measured loss instead of this rule, `search_structures`
+(`tools/search.py`) prunes a copy with each one and keeps the lowest loss (Minitron's search).
 
 Compensation of removed neurons (`down_proj` input columns) and KV groups (`o_proj` input columns), layer by layer:
 `compensate="refit"` refits the kept columns by least squares from their input Hessians (`compensate.refit_columns`,
@@ -55,25 +52,30 @@ from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout
 from ..matching import canonical_name
+from .budget import (
+    ORDER,
+    accepted_keeps,
+    axis_sizes,
+    feasible_keep,
+    num_params,
+    plan_budget,
+    size_updates,
+    width_costs,
+)
 from .compensate import add_biases_, bias_plan, check_hessian, mean_shift, refit_columns, refit_mean
 from .depth import remove_layers_
 from .expert_neurons import has_experts, prune_expert_neurons_
 from .hidden import hidden_channel_cost, shrink_hidden_
 from .masks import num_to_prune
-from .surgery import _attention_config_updates, config_error, shrink_attention_, shrink_mlp_
+from .surgery import config_error, shrink_attention_, shrink_mlp_
 from .unit_scores import head_group_scores, neuron_scores
 
 __all__ = ["prune_structures_"]
 
 logger = logging.getLogger(__name__)
 
-_ORDER = ("layers", "heads", "neurons", "hidden")  # depth first, then width
 _CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 _REFITS, _MEANS = ("refit", "refit,mean"), ("mean", "refit,mean")  # the compensations that refit / shift a bias
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _scores(model: nn.Module, importance: Importance, config: PruneConfig, axes: tuple[str, ...]) -> dict:
@@ -90,118 +92,11 @@ def _scores(model: nn.Module, importance: Importance, config: PruneConfig, axes:
     return {a: {i: fn[a](model, importance.scores, i) for i in range(n)} for a in axes}
 
 
-def _width_costs(model: nn.Module, axes: tuple[str, ...]) -> dict[str, int]:
-    """Parameters one unit of each width axis costs per layer (hidden: in the whole model), from the module shapes."""
-    layers = decoder_layers(model)
-    costs = {}
-    if "neurons" in axes:
-        _, kind = detect_layout(model, "mlp")
-        mlp = layers[0].mlp
-        if kind == "split":
-            rows = [mlp.gate_proj, mlp.up_proj]
-        else:
-            rows = [mlp.gate_up_proj, mlp.gate_up_proj]
-        costs["neurons"] = sum(m.in_features + (m.bias is not None) for m in rows) + mlp.down_proj.out_features
-    if "heads" in axes:
-        _, kind = detect_layout(model, "attn")
-        attn = layers[0].self_attn
-        n_heads, n_kv, d = attn_geometry(model, attn, kind)
-        q = n_heads // n_kv * d
-        proj = attn.q_proj if kind == "split" else attn.qkv_proj
-        in_cost = proj.in_features + (proj.bias is not None)
-        costs["heads"] = (q + 2 * d) * in_cost + q * attn.o_proj.out_features
-    if "hidden" in axes:
-        costs["hidden"] = hidden_channel_cost(model)
-    return costs
-
-
-def _sizes(model: nn.Module, axes: tuple[str, ...]) -> dict[str, int]:
-    """Units per layer of each width axis (hidden: of the model) and the depth."""
-    layers = decoder_layers(model)
-    sizes = {"layers": len(layers), "hidden": model.config.hidden_size}
-    if "neurons" in axes:
-        sizes["neurons"] = layers[0].mlp.down_proj.in_features
-    if "heads" in axes:
-        sizes["heads"] = attn_geometry(model, layers[0].self_attn, detect_layout(model, "attn")[1])[1]
-    return sizes
-
-
-def _steps(scores: dict, axes: tuple[str, ...], sizes: dict[str, int]) -> list[tuple[float, int, str]]:
-    """`(relative score, axis order, axis)` of every step an axis can take, one unit (per layer) at a time."""
-    steps = []
-    for a in axes:
-        s = scores[a]
-        if a in ("neurons", "heads"):
-            per_layer = torch.stack([torch.sort(v.float()).values for v in s.values()])  # [L, units]
-            ladder, mean = per_layer.mean(0), per_layer.mean()
-        else:
-            ladder, mean = torch.sort(s.float()).values, s.float().mean()
-        rel = (ladder / mean.clamp_min(1e-30)).tolist()[: sizes[a] - 1]  # at least one unit stays
-        steps += [(r, _ORDER.index(a), a) for r in rel]
-    return sorted(steps)
-
-
-def _plan_counts(model: nn.Module, scores: dict, config: PruneConfig, axes: tuple[str, ...], sizes: dict[str, int],
-                 costs: dict[str, int], target: int | None) -> dict[str, int]:
-    """How many units each axis loses (layers: how many layers)."""
-    if target is None:
-        counts = {a: num_to_prune(sizes[a], config.sparsity) for a in axes}
-    else:
-        layers = decoder_layers(model)
-        layer_cost = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-        remove = _params(model) - target
-        counts = dict.fromkeys(axes, 0)
-        removed, depth = 0, sizes["layers"]
-        by_influence = torch.argsort(scores["layers"].float(), stable=True).tolist() if "layers" in axes else []
-        last = [a for a in axes if a != "layers"][-1:]  # the axis that meets the budget at the end
-        closed: set[str] = set()
-        for _, _, a in _steps(scores, axes, sizes):
-            if removed >= remove:
-                break
-            if a in closed:
-                continue
-            step = layer_cost[by_influence[counts[a]]] if a == "layers" else costs[a] * (depth if a != "hidden" else 1)
-            if len(axes) == 1 and abs(removed + step - remove) > abs(removed - remove):
-                break  # one axis: the count closest to the budget
-            if len(axes) > 1 and [a] != last and removed + step > remove:
-                closed.add(a)  # would overshoot: the last width axis fills the rest, finely
-                continue
-            depth -= a == "layers"
-            counts[a] += 1
-            removed += step
-        if removed < remove and (len(axes) > 1 or all(counts[a] >= sizes[a] - 1 for a in axes)):
-            raise ValueError(f"target_params={config.target_params!r} cannot be met with {'+'.join(axes)}: it would "
-                             f"empty a layer or the model (removing all but one unit of each leaves "
-                             f"{_params(model) - removed:,} of {_params(model):,} parameters)")
-    for a in axes:
-        if counts[a] >= sizes[a]:
-            what = "decoder layers" if a == "layers" else f"{a} per layer" if a != "hidden" else "hidden channels"
-            raise ValueError(f"structure {a!r} would remove {counts[a]} of {sizes[a]} {what}; at least one must remain")
-    return counts
-
-
-def _updates(model: nn.Module, axis: str):
-    """`keep -> the config updates` of keeping `keep` units of a width axis."""
-    cfg = model.config
-    if axis == "heads":
-        n_heads, n_kv, d = attn_geometry(model, decoder_layers(model)[0].self_attn, detect_layout(model, "attn")[1])
-        return lambda k: _attention_config_updates(k, n_heads // n_kv, d)
-    if axis == "neurons":
-        return lambda k: {"intermediate_size": k}
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return lambda k: {"hidden_size": k, "head_dim": head_dim}
-
-
-def _feasible(model: nn.Module, axis: str, keep: int, sizes: dict[str, int], exact: bool) -> int:
-    """`keep` units of a width axis if the config accepts that size, else (budget) the nearest size it accepts."""
-    cfg, updates = model.config, _updates(model, axis)
-    if config_error(cfg, updates(keep)) is None:
-        return keep
-    accepted = [k for k in range(1, sizes[axis] + 1) if config_error(cfg, updates(k)) is None]
-    if exact or not accepted:
-        raise ValueError(f"structure {axis!r}: keeping {keep} of {sizes[axis]} gives a config that "
-                         f"{type(cfg).__name__} rejects; sizes it accepts: {accepted}")
-    return min(accepted, key=lambda k: (abs(k - keep), k))
+def _refill(model: nn.Module, axis: str, size: int, n_layers: int, target: int) -> int:
+    """Units of the filling axis to remove so that the model, as it is now, keeps the count closest to `target`."""
+    per_unit = hidden_channel_cost(model) if axis == "hidden" else width_costs(model, (axis,))[axis][0] * n_layers
+    now = num_params(model)  # the accepted sizes read the current config: the other axes are already applied
+    return size - min(accepted_keeps(model, axis, size), key=lambda k: abs(now - (size - k) * per_unit - target))
 
 
 def _keep(scores: Tensor, n_remove: int) -> Tensor:
@@ -215,10 +110,10 @@ def _check_before_change(model: nn.Module, importance: Importance, config: Prune
     earlier one has changed the model: the sizes of all axes together, and for each consumer that will be
     compensated its Hessian (present, sound, enough tokens) or its mean input. (Hidden pruning's module checks ran
     with `hidden_channel_cost`; depth pruning's run in `remove_layers_`, the first change.)"""
-    width = [a for a in _ORDER if a in config.structures and a != "layers"]
+    width = [a for a in ORDER if a in config.structures and a != "layers"]
     combined: dict = {}
     for a in width:  # each size alone was checked by _feasible; together (heads with hidden, say) here
-        combined.update(_updates(model, a)(sizes[a] - counts[a]))
+        combined.update(size_updates(model, a)(sizes[a] - counts[a]))
     reason = config_error(model.config, combined) if len(width) > 1 else None
     if reason is not None:
         raise ValueError(f"structure {config.structure!r}: the sizes {combined} together give a config that "
@@ -338,7 +233,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
         missing unit statistics or Hessians, a budget that empties a layer or the model, a size the config rejects
         (KV groups: the counts it accepts), hidden pruning with embeddings shared beyond the lm_head tie.
     """
-    axes = tuple(a for a in _ORDER if a in config.structures)
+    axes = tuple(a for a in ORDER if a in config.structures)
     if "neurons" in axes and has_experts(model):  # the neurons inside each expert: prune/expert_neurons.py
         return prune_expert_neurons_(model, importance, config)
     for a in axes:
@@ -348,24 +243,35 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
             except ValueError as e:
                 raise ValueError(f"structure {a!r} is not possible for {type(model).__name__}: {e}") from None
     scores = _scores(model, importance, config, axes)
-    sizes, costs = _sizes(model, axes), _width_costs(model, axes)
+    sizes = axis_sizes(model, axes)
+    if "hidden" in axes:  # hidden pruning's module checks, before any other work
+        hidden_channel_cost(model)
     if config.compensate in _REFITS and not importance.scorer.has_hessian:
         raise ValueError(f"compensate={config.compensate!r} needs input Hessians: importance from ImportanceConfig("
                          f"criterion='sparsegpt'), not {importance.criterion!r}")
     means, bias_for = _mean_inputs(model, importance, config, axes) if config.compensate in _MEANS else (None, [])
-    before = _params(model)
+    before = num_params(model)
     t = config.target_params
     target = None if t is None else (t if isinstance(t, int) else round(t * before))
     if target is not None and target >= before:
         raise ValueError(f"target_params={t!r} keeps {target:,} parameters, not fewer than the model's {before:,}")
-    counts = _plan_counts(model, scores, config, axes, sizes, costs, target)
     width = [a for a in axes if a != "layers"]
-    for a in width:  # every size checked against the config before any change
-        keep = _feasible(model, a, sizes[a] - counts[a], sizes, exact=target is None)
-        counts[a] = sizes[a] - keep
-    drop = []
-    if "layers" in axes:
-        drop = torch.argsort(scores["layers"].float(), stable=True)[: counts["layers"]].sort().values.tolist()
+    if target is None:
+        counts = {a: num_to_prune(sizes[a], config.sparsity) for a in axes}
+        for a in axes:
+            if counts[a] >= sizes[a]:
+                what = "decoder layers" if a == "layers" else f"{a} per layer" if a != "hidden" else "hidden channels"
+                raise ValueError(f"structure {a!r} would remove {counts[a]} of {sizes[a]} {what}; at least one must "
+                                 "remain")
+        for a in width:  # every size checked against the config before any change
+            counts[a] = sizes[a] - feasible_keep(model, a, sizes[a] - counts[a], sizes[a], exact=True)
+        drop = torch.argsort(scores["layers"].float(), stable=True)[: counts["layers"]].sort().values.tolist() \
+            if "layers" in axes else []
+        filler, tolerance = None, None
+    else:
+        budget = plan_budget(model, scores, axes, sizes, target, t)
+        counts, drop, filler, tolerance = budget.counts, budget.dropped, budget.filler, budget.tolerance
+        width = sorted(width, key=lambda a: a == filler)  # the filling axis goes last: it meets the budget
     names = {id(m): canonical_name(n) + ".weight" for n, m in model.named_modules()}
     _check_before_change(model, importance, config, counts, sizes, [i for i in range(sizes["layers"]) if i not in drop],
                          names, means)
@@ -381,23 +287,26 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     for plan in bias_plans:
         add_biases_(model, plan)
     for a in width:
-        if target is not None and a == width[-1]:  # the last axis meets the budget from what is actually left
-            per_unit = costs[a] * (len(kept_layers) if a != "hidden" else 1)
-            n = max(0, min(sizes[a] - 1, round((_params(model) - target) / per_unit)))
-            counts[a] = sizes[a] - _feasible(model, a, sizes[a] - n, sizes, exact=False)
+        if a == filler and bias_plans:  # the added biases were not in the plan: the filler absorbs them
+            counts[a] = _refill(model, a, sizes[a], len(kept_layers), target)
         if counts[a]:
             done = _apply_width(model, importance, a, scores[a], kept_layers, counts[a], names, config.compensate,
                                 means)
         else:
             done = {"removed": {}}
         out_axes[a] = {"before": sizes[a], "after": sizes[a] - counts[a], "removed": done["removed"]}
-    after = _params(model)
+    out_axes = {a: out_axes[a] for a in axes}  # the report in depth-then-width order, whatever the filler
+    after = num_params(model)
+    if target is not None and abs(after - target) > tolerance:  # only the biases of compensate="mean" can do this
+        logger.warning("target_params=%r: kept %s parameters for %s, more than one step of the coarsest axis (%s) "
+                       "off", t, f"{after:,}", f"{target:,}", f"{tolerance:,}")
     report = {
         "structure": config.structure,
         "axes": out_axes,
         "config": {"before": config_before, "after": {k: getattr(model.config, k, None) for k in _CONFIG_KEYS}},
         "num_parameters": {"before": before, "after": after},
         "target_params": target,
+        "target_tolerance": tolerance,
         "unit_statistic": config.unit_statistic if importance.has_units else "per-weight scores",
         "compensation": config.compensate,
     }

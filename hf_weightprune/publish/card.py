@@ -14,7 +14,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from .._version import __version__
-from ..files.pruned_files import SPARSITY_NAME, SWEEP_PNG, load_sparsity
+from ..files.pruned_files import SPARSITY_NAME, SWEEP_PNG, has_tokenizer, load_sparsity
 from ..io_utils import atomic_write_text, check_arg_type, is_local_path
 from ..validation import parse_structure, structure_parts
 from . import card_text as T
@@ -42,7 +42,6 @@ _SCOPES = {
     "row": "the same sparsity in every row of every tensor",
 }
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def _read_template() -> str:
@@ -263,7 +262,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "references": T.references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
         "has_plot": (folder / SWEEP_PNG).is_file(),
-        "has_tokenizer": any((folder / name).is_file() for name in _TOKENIZER_FILES),
+        "has_tokenizer": has_tokenizer(folder),
         "generated_mark": GENERATED_MARK,
         "sparsity_file": SPARSITY_NAME,
     }

@@ -24,42 +24,10 @@ from .cli_args import (
     search_candidates,
     show_progress,
 )
+from .model_io import check_model_dir, load_model
 
 # The one-shot baselines `sweep` knows (`oneshot.ONESHOT_CRITERIA`, which imports torch; a test keeps them equal).
 _ONESHOT_CRITERIA = ("magnitude", "wanda")
-
-
-def _check_model_dir(path: str, flag: str) -> None:
-    """Refuse a model folder that does not exist before anything is loaded (transformers' error is 30+ lines); a
-    name that looks like a Hub id goes to the Hub."""
-    import os
-
-    from ..validation import check_local_path
-
-    check_local_path(flag, path, "a model folder (config.json and weights)")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"{flag} {path} is a file; pass the model folder that holds it")
-
-
-def _load_model(model_dir: str, dtype: str = "auto", flag: str = "model_dir"):
-    import os
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _check_model_dir(model_dir, flag)
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
-    except OSError as e:  # transformers' multi-line "not a local folder and not a valid model identifier"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        where = "" if os.path.exists(model_dir) else " (no such local folder; tried it as a Hub repo id)"
-        raise OSError(f"{flag} {model_dir} could not be loaded as a model{where}: {first}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError, ImportError):  # no tokenizer files (older transformers: ImportError)
-        tokenizer = None
-    return model, tokenizer
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -83,6 +51,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from ..config import PruneConfig
     from ..files.importance_files import load_importance, resolve_importance_dir
+    from ..files.pruned_files import TOKENIZER_VOCAB_FILES, has_tokenizer
     from ..files.safetensors_io import ImportanceFileError
     from ..prune.pruner import prune_
     from ..publish.export import check_output_dir, save_pruned
@@ -90,13 +59,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .search import search_for_cli
 
     config, candidates = search_candidates(args, PruneConfig)  # --search_structures: the candidates' configs
-    _check_model_dir(args.model_dir, "model_dir")
+    check_model_dir(args.model_dir, "model_dir")
     check_local_path("--importance", args.importance, "an importance, checkpoint or training output folder")
     if args.measure_speed and not os.path.isdir(args.model_dir):
         raise ValueError(f"--measure_speed measures beside the input checkpoint: model_dir {args.model_dir} must be "
                          "a local folder (download the Hub model first)")
     if args.eval_data and not os.path.exists(args.eval_data):
         raise FileNotFoundError(f"--eval_data {args.eval_data}: no such file; pass a .txt, .json or .jsonl file")
+    for flag, used in (("--eval_data", args.eval_data), ("--search_structures", candidates)):
+        if used and os.path.isdir(args.model_dir) and not has_tokenizer(args.model_dir):
+            raise ValueError(f"{flag} tokenizes text with the model's tokenizer, and {args.model_dir} holds none "
+                             f"(no {', '.join(TOKENIZER_VOCAB_FILES[:3])}, ...)")
     importance_dir = None
     if os.path.isdir(args.importance):
         try:
@@ -121,7 +94,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report = prune_checkpoint(args.model_dir, importance, config, args.output_dir, base_model=args.base_model,
                                   overwrite=args.overwrite, progress=progress)
         return _saved(report, args)
-    model, tokenizer = _load_model(args.model_dir, args.dtype)
+    model, tokenizer = load_model(args.model_dir, args.dtype)
     config, search = search_for_cli(args, model, tokenizer, importance, candidates, config)
     eval_results = None
     if args.eval_data:
@@ -198,10 +171,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     check_local_path("importance_dir", args.importance_dir, "an importance, checkpoint or training output folder")
     if args.model:
-        _check_model_dir(args.model, "--model")  # before the importance is read
+        check_model_dir(args.model, "--model")  # before the importance is read
     imp = load_importance(args.importance_dir, name=args.importance_name)
     if args.model:
-        model, _ = _load_model(args.model, flag="--model")
+        model, _ = load_model(args.model, flag="--model")
         imp.bind(model)
     stats = layer_stats(imp)
     raw = is_raw(imp)  # scores need the weights: without --model, the statistics themselves
@@ -320,7 +293,7 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
     from ..validation import check_local_path
     from .sweep import format_table, parse_sparsities, sweep
 
-    _check_model_dir(args.model_dir, "model_dir")
+    check_model_dir(args.model_dir, "model_dir")
     for item in args.importance:
         check_local_path("--importance", item.split("=", 1)[-1], "importance or checkpoint folders")
     # The library checks it too, naming `output_dir`; here first, so the message names the flag.

@@ -50,7 +50,8 @@ class StructureSearch:
     Args:
         candidates (`list[dict]`): one row per candidate, in the order given: `config` (`PruneConfig.to_dict()`),
             `loss` and `perplexity` on the windows (`None` when skipped), `num_parameters` (after pruning) and
-            `skipped` (the one-line reason a candidate could not be pruned, else `None`).
+            `skipped` (the one-line reason a candidate could not be pruned, or kept a count off the budget by more
+            than one step of its coarsest axis, else `None`).
         best (`PruneConfig`): the candidate of lowest loss (the first of equal ones).
         best_index (`int`): its position in `candidates`.
         dense_loss (`float`): the unpruned model's loss on the same windows.
@@ -251,9 +252,12 @@ def search_structures(
             report = prune_(student, copy.copy(importance), config, progress=False)
         except ValueError as e:  # a budget or size this structure cannot take: recorded, the others still run
             row["skipped"] = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            logger.info("structure search: %s skipped: %s", config.structure, row["skipped"])
         else:
             row["num_parameters"] = report.structured["num_parameters"]["after"]
+            row["skipped"] = _missed_budget(report.structured)
+        if row["skipped"]:
+            logger.info("structure search: %s skipped: %s", config.structure, row["skipped"])
+        else:
             if recovery_steps:
                 _recover_keeping(student, model, recovery_steps, train_dataset, training_args, distill, callbacks)
             scored = evaluate_loss(student, windows, batch_size=batch_size, max_batches=max_batches)
@@ -276,6 +280,18 @@ def search_structures(
         result.report = prune_(result.model, copy.copy(importance), result.best, progress=False)
         result.report.search = result.to_dict()
     return result
+
+
+def _missed_budget(structured: dict) -> str | None:
+    """Why a pruned candidate cannot be compared with the others, or `None`: ranked by loss alone, a candidate that
+    kept more parameters than the budget would win by its size, so one off the target by more than one step of its
+    coarsest axis (the rule `prune/budget.py` meets) is skipped."""
+    target, tolerance = structured.get("target_params"), structured.get("target_tolerance")
+    kept = structured["num_parameters"]["after"]
+    if target is None or tolerance is None or abs(kept - target) <= tolerance:
+        return None
+    return (f"kept {kept:,} parameters for target_params {target:,}, more than one step of its coarsest axis "
+            f"({tolerance:,}) off: not comparable at equal size")
 
 
 def _teacher_named(distill: DistillConfig | None, model: nn.Module) -> dict[str, Any] | None:

@@ -233,10 +233,11 @@ def sweep(
         FileNotFoundError: `model_dir` is not a folder, or `data` does not exist.
     """
     _check_sweep_args(locals())  # first statement: locals() holds exactly the arguments
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..prune.pruner import prune_
     from .data import evaluate_loss
+    from .model_io import load_tokenizer
     kind, nm = parse_structure(structure)
     if kind not in ("unstructured", "N:M"):
         raise ValueError(f"sweep supports 'unstructured' and N:M structures; {structure!r} changes the model's shape "
@@ -263,9 +264,11 @@ def sweep(
                          require_empty=False)
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
     except (OSError, ValueError) as e:
         raise ValueError(f"{model_dir} has no usable tokenizer (the sweep tokenizes the data with it): {e}") from None
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer (the sweep tokenizes the data with it)")
     windows = _windows(tokenizer, data, seq_len, max_windows)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)

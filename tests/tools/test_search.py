@@ -242,3 +242,34 @@ def test_cli_refuses_bad_search_flags_in_one_line_writing_nothing(cli_run, tmp_p
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_candidate_off_its_budget_is_skipped_not_ranked_by_its_size(run, monkeypatch, caplog):
+    # Every planned count meets the rule, so a miss is simulated: the "hidden,neurons" candidate's plan removes nothing
+    # (the dense model, which a ranking by loss alone would favour). prune_ warns; the search skips it.
+    import logging
+
+    from hf_weightprune.prune import structured
+
+    real = structured.plan_budget
+
+    def removes_nothing(model, scores, axes, *args):
+        budget = real(model, scores, axes, *args)
+        if axes == ("neurons", "hidden"):
+            budget.counts = dict.fromkeys(budget.counts, 0)
+        return budget
+
+    monkeypatch.setattr(structured, "plan_budget", removes_nothing)
+    cands = [PruneConfig(structure="hidden,neurons", target_params=BUDGET),
+             PruneConfig(structure="neurons", target_params=BUDGET)]
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.prune.structured"):
+        result = search_structures(run[0], run[1], cands, _windows(), return_model=False)
+    missed, kept = result.candidates
+    target = round(BUDGET * sum(p.numel() for p in run[0].parameters()))
+    assert missed["loss"] is None and missed["num_parameters"] == sum(p.numel() for p in run[0].parameters())
+    assert missed["skipped"].startswith(f"kept {missed['num_parameters']:,} parameters for target_params {target:,}, "
+                                        "more than one step of its coarsest axis (")
+    assert missed["skipped"].endswith("off: not comparable at equal size") and "\n" not in missed["skipped"]
+    assert kept["skipped"] is None and abs(kept["num_parameters"] - target) <= 3 * 32 * 4 / 2  # half a neuron
+    assert result.best_index == 1
+    assert any("more than one step of the coarsest axis" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,259 @@
+"""The budget of a structured prune: how many units each axis loses, and what one unit of each axis costs.
+
+`prune/structured.py` asks two things of this module: the sizes each width axis may take (the config class decides:
+transformers 5's `LlamaConfig` wants `hidden_size % num_attention_heads == 0`, so a hidden "unit" is that many channels;
+KV groups keep a count that divides the heads), and for a `target_params` budget the count of every axis.
+
+Exact count. [`ParamCount`] gives the parameters left by any counts without touching the model: depth removes its
+layers' parameters, a KV group or neuron costs its rows and columns in every kept layer at the dense hidden size, and
+a hidden channel costs its embedding/head columns and norms plus, in every kept layer, one entry per row or column of
+hidden size that is left after the other axes (the count is multilinear in the sizes, so this is exact).
+
+Split rule. Every axis' steps (a layer; for width, from one accepted size to the next smaller one, in every layer)
+are ranked by their units' score relative to that axis' mean score (the `k`-th unit of a width axis scores the mean
+over layers of each layer's `k`-th lowest unit), and taken from the lowest up until the budget is reached; a step of
+an axis that would overshoot the budget closes that axis. The *filling* axis is the width axis whose step costs least
+(neurons when present): it is never closed, and at the end its count is re-chosen to bring the kept count as close to
+the target as its sizes allow; every other axis is also tried one step back and one step further (all together), the
+filler re-chosen each time, and the closest wins (ties: the split's own counts). So a coarse axis (hidden: whole multiples of the head count) never rounds the budget away: what
+it cannot take goes to the finer axis.
+
+The rule. The kept count must be within one step of the coarsest axis of the structure (one layer for depth; one
+accepted step in every layer for width) of the target. A budget that cannot be met within it, or only by emptying a
+layer or the model, is refused in one line before any change; an axis of the structure that takes nothing because its
+smallest step alone overshoots the budget is warned about (it was asked for by name).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..layouts import attn_geometry, decoder_layers, detect_layout
+from .hidden import hidden_channel_costs
+from .surgery import _attention_config_updates, config_error
+
+__all__ = ["ORDER", "Budget", "ParamCount", "accepted_keeps", "axis_sizes", "feasible_keep", "num_params", "plan_budget",
+           "size_updates", "width_costs"]
+
+logger = logging.getLogger(__name__)
+
+ORDER = ("layers", "heads", "neurons", "hidden")  # depth first, then width
+_WHAT = {"layers": "decoder layers", "heads": "KV groups per layer", "neurons": "neurons per layer",
+         "hidden": "hidden channels"}
+
+
+def num_params(model: nn.Module) -> int:
+    """All parameters of `model`, a tied tensor once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def axis_sizes(model: nn.Module, axes: tuple[str, ...]) -> dict[str, int]:
+    """Units per layer of each width axis (hidden: of the model) and the depth."""
+    layers = decoder_layers(model)
+    sizes = {"layers": len(layers), "hidden": model.config.hidden_size}
+    if "neurons" in axes:
+        sizes["neurons"] = layers[0].mlp.down_proj.in_features
+    if "heads" in axes:
+        sizes["heads"] = attn_geometry(model, layers[0].self_attn, detect_layout(model, "attn")[1])[1]
+    return sizes
+
+
+def width_costs(model: nn.Module, axes: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """`(parameters, entries of hidden size)` of one KV group / neuron in one layer, from the module shapes."""
+    layers = decoder_layers(model)
+    costs = {}
+    if "neurons" in axes:
+        mlp = layers[0].mlp
+        rows = [mlp.gate_proj, mlp.up_proj] if detect_layout(model, "mlp")[1] == "split" else [mlp.gate_up_proj] * 2
+        costs["neurons"] = (sum(m.in_features + (m.bias is not None) for m in rows) + mlp.down_proj.out_features,
+                            len(rows) + 1)
+    if "heads" in axes:
+        _, kind = detect_layout(model, "attn")
+        attn = layers[0].self_attn
+        n_heads, n_kv, d = attn_geometry(model, attn, kind)
+        q = n_heads // n_kv * d
+        proj = attn.q_proj if kind == "split" else attn.qkv_proj
+        costs["heads"] = ((q + 2 * d) * (proj.in_features + (proj.bias is not None)) + q * attn.o_proj.out_features,
+                          2 * q + 2 * d)
+    return costs
+
+
+def size_updates(model: nn.Module, axis: str):
+    """`keep -> the config updates` of keeping `keep` units of a width axis."""
+    cfg = model.config
+    if axis == "heads":
+        n_heads, n_kv, d = attn_geometry(model, decoder_layers(model)[0].self_attn, detect_layout(model, "attn")[1])
+        return lambda k: _attention_config_updates(k, n_heads // n_kv, d)
+    if axis == "neurons":
+        return lambda k: {"intermediate_size": k}
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return lambda k: {"hidden_size": k, "head_dim": head_dim}
+
+
+def accepted_keeps(model: nn.Module, axis: str, size: int) -> list[int]:
+    """The sizes `1..size` of a width axis that the config class accepts, largest first."""
+    updates = size_updates(model, axis)
+    return [k for k in range(size, 0, -1) if config_error(model.config, updates(k)) is None]
+
+
+def feasible_keep(model: nn.Module, axis: str, keep: int, size: int, exact: bool) -> int:
+    """`keep` units of a width axis if the config accepts that size, else (`exact=False`) the nearest it accepts."""
+    if config_error(model.config, size_updates(model, axis)(keep)) is None:
+        return keep
+    accepted = accepted_keeps(model, axis, size)[::-1]
+    if exact or not accepted:
+        raise ValueError(f"structure {axis!r}: keeping {keep} of {size} gives a config that "
+                         f"{type(model.config).__name__} rejects; sizes it accepts: {accepted}")
+    return min(accepted, key=lambda k: (abs(k - keep), k))
+
+
+@dataclass
+class ParamCount:
+    """The parameters left by any counts of removed units, computed from the dense module shapes (see the module
+    docstring): `after({"heads": 1, "hidden": 8}, dropped=[2])`."""
+
+    before: int
+    layer_cost: list[int]
+    unit: dict[str, int]  # parameters of one KV group / neuron in one layer
+    slope: dict[str, int]  # of those, entries of hidden size (what a removed hidden channel no longer pays for them)
+    hidden_outside: int = 0
+    hidden_layer: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, model: nn.Module, axes: tuple[str, ...]) -> ParamCount:
+        costs = width_costs(model, axes)
+        outside, per_layer = hidden_channel_costs(model) if "hidden" in axes else (0, [])
+        return cls(num_params(model), [num_params(layer) for layer in decoder_layers(model)],
+                   {a: c for a, (c, _) in costs.items()}, {a: s for a, (_, s) in costs.items()}, outside,
+                   tuple(per_layer))
+
+    def after(self, counts: dict[str, int], dropped: list[int]) -> int:
+        gone = set(dropped)
+        kept = [i for i in range(len(self.layer_cost)) if i not in gone]
+        removed = sum(self.layer_cost[i] for i in dropped)
+        removed += len(kept) * sum(counts.get(a, 0) * self.unit[a] for a in self.unit)
+        if counts.get("hidden"):  # a channel after the other axes: fewer rows/columns of hidden size to pay for
+            per_channel = self.hidden_outside + sum(self.hidden_layer[i] for i in kept)
+            per_channel -= len(kept) * sum(counts.get(a, 0) * self.slope[a] for a in self.slope)
+            removed += counts["hidden"] * per_channel
+        return self.before - removed
+
+
+@dataclass
+class Budget:
+    """What [`plan_budget`] chose: `counts` (units removed per axis; layers: how many), `dropped` (layer indices),
+    `filler` (the width axis that meets the budget, or `None`), `predicted` (parameters left) and `tolerance`."""
+
+    counts: dict[str, int]
+    dropped: list[int]
+    filler: str | None
+    predicted: int
+    tolerance: int
+
+
+def _ladders(scores: dict, axes: tuple[str, ...], sizes: dict[str, int], keeps: dict[str, list[int]]):
+    """`(relative score, axis order, axis, count after the step)` of every step an axis can take."""
+    steps = []
+    for a in axes:
+        s = scores[a]
+        if a in ("neurons", "heads"):
+            per_layer = torch.stack([torch.sort(v.float()).values for v in s.values()])  # [L, units]
+            ladder, mean = per_layer.mean(0), per_layer.mean()
+        else:
+            ladder, mean = torch.sort(s.float()).values, s.float().mean()
+        rel = (ladder / mean.clamp_min(1e-30)).tolist()
+        counts = list(range(1, sizes[a])) if a == "layers" else [sizes[a] - k for k in keeps[a][1:]]
+        start = 0
+        for c in counts:  # a step's score: the mean of the units it removes
+            steps.append((sum(rel[start:c]) / (c - start), ORDER.index(a), a, c))
+            start = c
+    return sorted(steps)
+
+
+def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: dict[str, int], target: int,
+                spec) -> Budget:
+    """
+    Splits the parameters to remove, `num_params(model) - target`, between `axes` (see the module docstring).
+
+    Args:
+        model (`PreTrainedModel`): the dense model.
+        scores (`dict`): every axis' unit scores (`{"neurons": {layer: T}, "hidden": T, "layers": T, ...}`).
+        axes (`tuple[str, ...]`): the structure's axes, in `ORDER`.
+        sizes (`dict[str, int]`): [`axis_sizes`].
+        target (`int`): the parameters to keep.
+        spec: the user's `target_params`, for messages.
+
+    Returns:
+        [`Budget`].
+
+    Raises:
+        `ValueError`: one line: the budget empties a layer or the model, or cannot be met within the rule.
+    """
+    count = ParamCount.of(model, axes)
+    keeps = {a: accepted_keeps(model, a, sizes[a]) for a in axes if a != "layers"}
+    by_influence = torch.argsort(scores["layers"].float(), stable=True).tolist() if "layers" in axes else []
+    step_cost = {a: count.before - count.after({a: sizes[a] - keeps[a][1]}, []) for a in keeps if len(keeps[a]) > 1}
+    if "layers" in axes:
+        step_cost["layers"] = max(count.layer_cost)
+    width = [a for a in axes if a in step_cost and a != "layers"]
+    filler = min(width, key=lambda a: step_cost[a]) if width else None
+    maximum = {a: sizes[a] - keeps[a][-1] for a in keeps} | ({"layers": sizes["layers"] - 1} if "layers" in axes else {})
+
+    def after(c: dict[str, int]) -> int:
+        return count.after(c, by_influence[: c.get("layers", 0)])
+
+    def refill(c: dict[str, int]) -> dict[str, int]:  # the filler's count closest to the target, given the others
+        if filler is None:
+            return c
+        base = after({**c, filler: 0})
+        per_unit = base - after({**c, filler: 1})  # the count is linear in the filler's units, the others fixed
+        keep = min(keeps[filler], key=lambda k: abs(base - (sizes[filler] - k) * per_unit - target))  # ties: keeps more
+        return {**c, filler: sizes[filler] - keep}
+
+    counts = dict.fromkeys(axes, 0)
+    closed: list[str] = []
+    for _, _, a, c in _ladders(scores, axes, sizes, keeps):
+        if after(counts) <= target:
+            break
+        if a in closed:
+            continue
+        trial = {**counts, a: c}
+        if a != filler and after(trial) < target:
+            if filler is None and abs(after(trial) - target) < abs(after(counts) - target):
+                counts = trial  # depth alone: the count closest to the budget
+            closed.append(a)
+            continue
+        counts = trial
+    # Sizes are coarse: each other axis one step back or further, the filler re-chosen, may come closer.
+    ladder = {a: [0] + [c for _, _, b, c in _ladders(scores, (a,), sizes, keeps)] for a in axes if a != filler}
+    around = []
+    for a in ladder:
+        i = ladder[a].index(counts[a])
+        around.append([counts[a]] + [ladder[a][j] for j in (i - 1, i + 1) if 0 <= j < len(ladder[a])])
+    options = [refill({**counts, **dict(zip(ladder, c))}) for c in itertools.product(*around)]
+    best = min(options, key=lambda o: abs(after(o) - target))  # ties: the first, the split's own counts
+    left = after(best)
+    tolerance = max(step_cost.values(), default=0)
+    spent = "+".join(axes)
+    if left > target and all(best[a] >= maximum.get(a, 0) for a in axes):
+        raise ValueError(f"target_params={spec!r} cannot be met with {spent}: it would empty a layer or the model "
+                         f"(removing all but one unit of each leaves {left:,} of {count.before:,} parameters)")
+    if abs(left - target) > tolerance:
+        raise ValueError(f"target_params={spec!r} cannot be met with {spent} within one step of its coarsest axis "
+                         f"({tolerance:,} parameters): the nearest count it reaches is {left:,} for {target:,}")
+    for a in closed:
+        if best[a] == 0 and filler is not None:
+            step = "1 decoder layer" if a == "layers" else f"{sizes[a] - keeps[a][1]} {_WHAT[a].split(' per ')[0]}"
+            logger.warning("target_params=%r: structure axis %r removes nothing: its smallest step (%s, %s "
+                           "parameters) would meet the budget less closely; %s take it", spec, a, step,
+                           f"{step_cost[a]:,}", filler)
+    for a in axes:
+        if best[a] >= sizes[a]:
+            raise ValueError(f"structure {a!r} would remove {best[a]} of {sizes[a]} {_WHAT[a]}; at least one must "
+                             "remain")
+    return Budget(best, sorted(by_influence[: best.get("layers", 0)]), filler, left, tolerance)
