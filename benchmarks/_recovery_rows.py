@@ -32,13 +32,16 @@ ROWS = {
     "h": "(h) (h0) + pruned stream: statistics restarted after the prune, re-fit of the kept weights at 60%",
     "i": "(i) (h) + dense-to-pruned cross term (cross_alpha 0.5) under distillation",
     "j": "(j) gradual sparsegpt with OBS, layers front to back (order=depth) + distillation",
+    "k": "(k) (e) + re-fit of the held kept weights towards the teacher from the pruned-stream Hessians at 60%",
+    "l": "(l) (k) + dense-to-pruned cross term (cross_alpha 0.5) under distillation",
 }
 SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune",
          "b": "(b) llm-compressor SparseGPT + masked fine-tune + distillation", "c": "(c) gradual wanda",
          "d": "(d) gradual wanda + distillation", "e": "(e) sparsegpt statistics, OBS one-shot, hold + distillation",
          "f": "(f) gradual sparsegpt with OBS + distillation", "g": "(g) as (e) + SquareHead hidden states",
          "o": "(o) llm-compressor SparseGPT one-shot", "h0": "(h0) one-run OBS one-shot, hold + distillation",
-         "h": "(h) (h0) + pruned stream + re-fit", "i": "(i) (h) + cross term", "j": "(j) gradual OBS by depth"}
+         "h": "(h) (h0) + pruned stream + re-fit", "i": "(i) (h) + cross term", "j": "(j) gradual OBS by depth",
+         "k": "(k) (e) + hold re-fit", "l": "(l) (k) + cross term"}
 SEEDLESS = {"o"}  # rows with nothing seeded: one cell per point
 DEFAULT_ROWS = ("dense", "a", "b", "c", "d", "e", "f", "g")  # the published commands' rows; issue 27's are named
 LAYERS = 30  # SmolLM2-135M's decoder layers: (j) prunes them one step apart
@@ -169,7 +172,7 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
         cb = ImportanceCallback(ImportanceConfig(criterion="wanda" if row in ("c", "d") else "sparsegpt"),
                                 schedule=schedule, distill=distill if row != "c" else None)
         cell.update(_train(model, train, args.steps, [cb], args, tag, seed))
-    elif row in ("e", "g"):
+    elif row in ("e", "g", "k", "l"):
         first = args.steps // 4
         model = _load(base)
         stats = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))
@@ -183,10 +186,20 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
         pruned = WORK / row / f"pruned{tag[len(row):]}"
         save_pruned(model, str(pruned), report=report, overwrite=True, write_card=False)
         rest = train.select(range(first * args.batch_size, args.steps * args.batch_size))
-        cb = ImportanceCallback(schedule=PruneSchedule(mode="hold", masks_from=str(pruned)),
+        # (k), (l): the re-fit at (h)'s overall step, counted in the held phase's own steps.
+        refit = {"refit_at": int(REFIT_AT * args.steps) - first} if row in ("k", "l") else {}
+        if row == "l":
+            refit.update(cross_term=True, cross_alpha=CROSS_ALPHA)
+        cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt") if refit else None,
+                                schedule=PruneSchedule(mode="hold", masks_from=str(pruned), **refit),
                                 distill=DistillConfig(teacher=str(teacher), alpha=ALPHA, temperature=TEMPERATURE,
                                                       hidden_weight=HIDDEN_WEIGHT if row == "g" else 0.0))
         phase2 = _train(model, rest, args.steps - first, [cb], args, f"{row}2{tag[len(row):]}", seed)
+        if refit:  # a row whose re-fit did not run measures nothing
+            if cb.mask_holder.refitted_at != refit["refit_at"]:
+                raise RuntimeError(f"({row}): the re-fit planned at held step {refit['refit_at']} ran at "
+                                   f"{cb.mask_holder.refitted_at}")
+            cell.update(prune_step=first, refit_step=first + refit["refit_at"])
         cell.update(train_seconds=phase1["train_seconds"] + phase2["train_seconds"], steps=args.steps,
                     train_loss=phase2["train_loss"], phase_steps=[first, args.steps - first])
     elif row in ("h0", "h", "i"):

@@ -29,10 +29,14 @@ Issue 27's rows (statistics of the pruned model itself, gathered while it trains
 - (h) (h0) with the pruned stream: the statistic restarts after the one-shot prune, so it holds only the pruned
   model's inputs (`pruned_stream=True`), and at 60% of the steps the kept weights are re-fitted by least squares on
   their fixed support from that pruned-stream Hessian (`refit_at=0.6`), towards the weights with the pruning edits
-  undone. A hold run (`mode="hold"`, as (e)'s second phase) cannot re-fit: the package refuses `refit_at` there (the
-  re-fit's target is the weights before the pruning edits, which a hold run never saw), hence one run;
+  undone;
 - (i) (h) with the dense-to-pruned cross term under distillation (`cross_term=True`, `cross_alpha=0.5`): the re-fit
   solves `||W X - W^ X~||^2` from the teacher's inputs X and the student's X~ of the same batches (GPTAQ / QEP);
+- (k) (e) with a re-fit in its held phase: (e)'s second phase also gathers the `sparsegpt` statistic (in a hold run
+  every forward is the pruned model's, so it is the pruned-stream Hessian from the prune on) and, at the same overall
+  step as (h)'s (60% of the steps), re-fits the kept weights towards the teacher's, i.e. the dense weights the
+  one-shot prune started from (`PruneSchedule(mode="hold", refit_at=...)` with (e)'s teacher);
+- (l) (k) with the dense-to-pruned cross term (`cross_term=True`, `cross_alpha=0.5`), as (i) is to (h);
 - (j) (f) with `order="depth"`: the decoder layers pruned front to back, each once to the target, at steps spread
   evenly over the first 75% (SmolLM2's 30 layers need `--steps` >= 40), each from the `sparsegpt` statistic gathered
   after the layers before it were pruned (the training-time counterpart of the sequential calibration pipeline);
