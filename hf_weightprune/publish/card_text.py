@@ -358,8 +358,7 @@ def structured_module_table(folder: Path, structured: dict | None, structure: st
 
 
 def routing_rows(routing: dict | None) -> list[dict]:
-    """
-    Per MoE layer, from the `routing` entry of `sparsity.json`: the least and the most used expert with their share
+    """Per MoE layer, from the `routing` entry of `sparsity.json`: the least and the most used expert with their share
     of the layer's routed tokens, and for a whole-expert prune the removed experts with their combined share. Every
     share is computed here from the recorded token counts (a token counts once for each expert it was sent to).
 
