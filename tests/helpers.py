@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -161,17 +162,27 @@ def reference(criterion, rec, steps=None):
     return out
 
 
-def sigkill_at_hang(root: Path, runs: dict[str, list[str]], timeout: float = 300) -> Path:
+def sigkill_at_hang(root: Path, runs: dict[str, list[str]], timeout: float = 300, nproc: int = 1) -> Path:
     """Start every `tests.scripts.ckpt_train` run at once (imports dominate) in `root / name`, SIGKILL each as soon as
-    it writes its hang marker; their output goes to `root / f"{name}.log"`. Returns `root`."""
+    it writes its hang marker; their output goes to `root / f"{name}.log"`. Returns `root`.
+
+    `nproc > 1`: each run is `torchrun --nproc_per_node nproc` (gloo, CPU), whose rank 0 writes the marker, with
+    every rank's pid, once all of them hang; the launcher and its ranks are killed together, as when a node dies."""
     from .scripts.ckpt_train import MARKER  # here: ckpt_train itself imports this module
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     procs = {}
     for name, argv in runs.items():
+        launch = [sys.executable, "-m"]
+        if nproc > 1:
+            with socket.socket() as sock:  # torchrun's static rendezvous needs a concrete free port
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            launch += ["torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                       f"--master_port={port}", "-m"]
         with open(root / f"{name}.log", "w") as log:
-            procs[name] = subprocess.Popen([sys.executable, "-m", "tests.scripts.ckpt_train", str(root / name), *argv],
-                                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            procs[name] = subprocess.Popen([*launch, "tests.scripts.ckpt_train", str(root / name), *argv], cwd=REPO,
+                                           env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     try:
         for name, proc in procs.items():
@@ -181,13 +192,20 @@ def sigkill_at_hang(root: Path, runs: dict[str, list[str]], timeout: float = 300
                                 f"{(root / f'{name}.log').read_text()[-3000:]}")
                 assert time.monotonic() < deadline, f"{name} did not reach its hang point"
                 time.sleep(0.05)
+            ranks = [int(pid) for pid in (root / name / MARKER).read_text().split()] if nproc > 1 else []
             proc.send_signal(signal.SIGKILL)
+            for pid in ranks:  # torchrun's ranks: each in a session of its own
+                os.kill(pid, signal.SIGKILL)
             assert proc.wait() == -signal.SIGKILL
     finally:
         for proc in procs.values():
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                proc.terminate()  # torchrun passes it on to its ranks
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     return root
 
 

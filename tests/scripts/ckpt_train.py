@@ -5,8 +5,9 @@ cross|depth|refit`: the pruned-stream variants), `--units` the unit statistics o
 (`make_callback`); `--arch mixtral|qwen3_moe` trains a tiny mixture of experts instead (expert slices and router
 statistics).
 
-Run as `python -m tests.scripts.ckpt_train OUTPUT_DIR [options]`; `run()` is also called in-process by the tests
-so both sides train with exactly the same arguments. A hang writes `OUTPUT_DIR/HANG` and sleeps.
+Run as `python -m tests.scripts.ckpt_train OUTPUT_DIR [options]` (or under `torchrun --nproc_per_node N`: DDP on
+gloo, the same global batch); `run()` is also called in-process by the tests so both sides train with exactly the
+same arguments. A hang writes `OUTPUT_DIR/HANG` and sleeps.
 """
 
 from __future__ import annotations
@@ -31,21 +32,32 @@ MARKER = "HANG"
 MAX_STEPS, SAVE_STEPS, N = 8, 3, 16
 
 
-def hang(output_dir: str) -> None:
-    with open(os.path.join(output_dir, MARKER), "w") as f:
-        f.write(str(os.getpid()))
+def hang(output_dir: str, pids: list[int] | None = None) -> None:
+    """Write the marker (the pids to kill, `pids` or this process's; atomically: the test reads it at once) and sleep."""
+    path = os.path.join(output_dir, MARKER)
+    with open(path + ".tmp", "w") as f:
+        f.write(" ".join(map(str, pids or [os.getpid()])))
+    os.replace(path + ".tmp", path)
     time.sleep(600)
 
 
 class HangAfterSave(TrainerCallback):
-    """Hang once checkpoint-`step` (importance included) is complete."""
+    """Hang once checkpoint-`step` (importance included) is complete; under torchrun, once every rank is past it."""
 
     def __init__(self, step: int):
         self.step = step
 
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            hang(args.output_dir)
+            if not torch.distributed.is_initialized():
+                hang(args.output_dir)
+            # Once every rank saved, rank 0 writes the marker (the test's cue to SIGKILL) with every rank's pid:
+            # torchrun starts each rank in a session of its own, out of the launcher's process group.
+            pids = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(pids, os.getpid())
+            if torch.distributed.get_rank() == 0:
+                hang(args.output_dir, pids)
+            time.sleep(600)
 
 
 class SaveLate(TrainerCallback):
@@ -123,14 +135,15 @@ def make_model(arch: str, resume=None, output_dir=None):
 def run(output_dir, criterion="temporal_magnitude", *, resume=None, callbacks=(), importance_callback=None,
         max_steps=MAX_STEPS, save_steps=SAVE_STEPS, arch="llama", **kwargs):
     """Train; returns the trainer. `resume`: a checkpoint path, True, or None; `arch`: `"llama"` or a `tiny_moe`
-    architecture (`"mixtral"`, `"qwen3_moe"`, ...)."""
+    architecture (`"mixtral"`, `"qwen3_moe"`, ...). Under `torchrun` (gloo) the global batch stays 4 windows."""
     torch.set_num_threads(1)
     model = make_model(arch, resume, output_dir)
     vocab = model.config.vocab_size
     cb = importance_callback or ImportanceCallback(ImportanceConfig(criterion=criterion))
-    args = training_args(output_dir, max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2, seed=7,
-                         save_steps=save_steps, logging_steps=1, dataloader_num_workers=0,
-                         **{"save_strategy": "steps", **kwargs})
+    world = int(os.environ.get("WORLD_SIZE", 1))  # the process group starts with TrainingArguments
+    args = training_args(output_dir, max_steps=max_steps, per_device_train_batch_size=4 // world, learning_rate=1e-2,
+                         seed=7, save_steps=save_steps, logging_steps=1, dataloader_num_workers=0,
+                         **{"save_strategy": "steps", **({"ddp_backend": "gloo"} if world > 1 else {}), **kwargs})
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=N, vocab_size=vocab, seed=3),
                       callbacks=[cb, *callbacks])
     trainer.train(resume_from_checkpoint=resume)
@@ -152,6 +165,7 @@ def main(argv=None):
     parser.add_argument("--teacher", help="distill: the dense teacher's folder")
     parser.add_argument("--units", action="store_true", help="gather the unit statistics of structured pruning too")
     parser.add_argument("--arch", default="llama", help="llama, or a tiny_moe architecture (mixtral, qwen3_moe, ...)")
+    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT_DIR")
     a = parser.parse_args(argv)
     callbacks = []
     if a.hang_after_save:
@@ -162,7 +176,7 @@ def main(argv=None):
         hang_on_call(a.hang_in, a.hang_call, a.output_dir)
     cb = make_callback(a.criterion, schedule=a.schedule, masks_from=a.masks_from, distill=a.distill, teacher=a.teacher,
                        units=a.units)
-    run(a.output_dir, a.criterion, callbacks=callbacks, importance_callback=cb, arch=a.arch)
+    run(a.output_dir, a.criterion, resume=a.resume or None, callbacks=callbacks, importance_callback=cb, arch=a.arch)
 
 
 if __name__ == "__main__":
