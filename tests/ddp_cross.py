@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig
 from hf_weightprune.testing import tiny_llama
 from hf_weightprune.train.schedule import PruneSchedule
-from tests.helpers import training_args
+from tests.helpers import end_process_group, training_args
 from tests.train.test_cross_wiring import Padded
 
 HOLD_STEPS, REFIT = 6, 4  # the re-fit reads H~ and C of steps 1..4; steps 5 and 6 run on the re-fitted weights
@@ -95,3 +95,4 @@ if __name__ == "__main__":
     else:
         tensors = run(sys.argv[1])
     save_file(tensors, os.path.join(sys.argv[1], f"rank{rank}.safetensors"))
+    end_process_group()

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from hf_weightprune.train.schedule import PruneSchedule
-from tests.helpers import training_args
+from tests.helpers import end_process_group, training_args
 
 
 class ZerosAtUpdates(TrainerCallback):
@@ -51,3 +51,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process_group()

@@ -16,7 +16,7 @@ from transformers import Trainer
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from hf_weightprune.train.schedule import PruneSchedule
-from tests.helpers import training_args
+from tests.helpers import end_process_group, training_args
 
 
 def main(out: str) -> None:
@@ -41,3 +41,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process_group()

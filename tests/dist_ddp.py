@@ -31,7 +31,7 @@ from hf_weightprune.config import PruneConfig
 from hf_weightprune.distributed import rank_and_world
 from hf_weightprune.prune.pruner import prune_
 from hf_weightprune.testing import TokenDataset, tiny_phi3
-from tests.helpers import training_args
+from tests.helpers import end_process_group, training_args
 
 GLOBAL_BATCH, STEPS = 4, 6
 
@@ -112,3 +112,4 @@ if __name__ == "__main__":
     units = "--units" in argv
     argv = [a for a in argv if a != "--units"]
     main(argv[0], argv[1:], zero=stage, units=units)
+    end_process_group()

@@ -15,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.testing import tiny_moe
 from tests.collect.test_moe_callback import PaddedTokens
+from tests.helpers import end_process_group
 
 GLOBAL_BATCH, STEPS = 4, 4
 
@@ -36,3 +37,4 @@ def main(out: str, criteria: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    end_process_group()

@@ -13,7 +13,7 @@ from hf_weightprune.matching import find_tracked_weights
 from hf_weightprune.scorers import get_scorer
 from hf_weightprune.scorers.sparsegpt import hessian_sum, obs_saliency
 from hf_weightprune.testing import TokenDataset, tiny_llama
-from tests.helpers import training_args
+from tests.helpers import end_process_group, training_args
 from tests.train.test_faults import PaddedDataset
 
 
@@ -213,6 +213,7 @@ def test_ddp_sums_step_weighted_hessians_over_ranks(tmp_path):
 
 if __name__ == "__main__":  # `torchrun -m tests.collect.test_sparsegpt_weighting OUT`, from the multiproc test above
     _ddp_run(sys.argv[1])
+    end_process_group()
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "step"])

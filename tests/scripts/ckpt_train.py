@@ -24,7 +24,7 @@ from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig, 
 from hf_weightprune.files import importance_files
 from hf_weightprune.testing import TokenDataset, tiny_llama, tiny_moe
 from hf_weightprune.train import checkpoint
-from tests.helpers import training_args
+from tests.helpers import end_process_group, training_args
 
 MARKER = "HANG"
 # 16 windows / batch 4 = 4 steps per epoch: max_steps=8 crosses an epoch boundary, so a resume at step 3 or 6
@@ -181,3 +181,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    end_process_group()

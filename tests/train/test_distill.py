@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback
 from hf_weightprune import DistillConfig
 from hf_weightprune.testing import TokenDataset, tiny_llama, tiny_phi3
 from hf_weightprune.train.distiller import Distiller
-from tests.helpers import training_args
+from tests.helpers import end_process_group, training_args
 
 ARCHS = {"llama": tiny_llama, "phi3": tiny_phi3}
 
@@ -359,3 +359,4 @@ def test_ddp_equals_single_process(tmp_path):
 
 if __name__ == "__main__":
     ddp_run(sys.argv[1])
+    end_process_group()
