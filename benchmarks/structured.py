@@ -14,6 +14,9 @@ same parameter count (within one unit per layer) and sees the same training wind
   with distillation from the dense weights of that first quarter (logits KL + CE; shapes differ, no hidden term);
 - ours-ablation: the same structure and units with the other choice of compensation (the refit if the search chose
   none, none if it chose one): the effect of compensation;
+- ours-lr4x, ours-hidden: probes of the gap to the dense fine-tune, not peer comparisons: ours with one change to
+  its recovery, a 4x learning rate, or SquareHead's hidden-state term (`hidden_weight` 1.0; MLP-neuron pruning keeps
+  every hidden state's shape);
 - tp: Torch-Pruning (PyPI `torch-pruning`) MLP-neuron pruning of the pretrained model with its `GroupTaylorImportance`
   from `--calibration-windows` windows of the training documents, then all `--steps` steps with distillation from
   the pretrained model;
@@ -40,6 +43,7 @@ benchmarks/results/structured.md and structured.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -58,6 +62,8 @@ ROWS = {
     "dense": "dense fine-tune (no pruning)",
     "ours": "ours: unit statistics + Hessians from training (first 25% of steps), shape search, distillation",
     "ours-ablation": "ours with the other choice of compensation (refit if the search chose none, else none)",
+    "ours-lr4x": "ours with a 4x recovery learning rate (a probe of the gap to dense, not a peer comparison)",
+    "ours-hidden": "ours with SquareHead hidden-state distillation (hidden_weight 1.0; a probe, as ours-lr4x)",
     "tp": "Torch-Pruning group Taylor (calibration), MLP neurons, then distillation",
     "shortgpt": "ShortGPT block influence (calibration), layers, then distillation",
     "minitron": "Minitron activation importance (calibration), neurons + hidden, logit distillation",
@@ -94,18 +100,19 @@ def _loss(model, windows, args) -> float:
     return evaluate_loss(model, windows, batch_size=args.eval_batch_size)["loss"]
 
 
-def _distill(teacher: Path, alpha: float = ALPHA):
+def _distill(teacher: Path, alpha: float = ALPHA, hidden_weight: float = 0.0):
     from hf_weightprune import DistillConfig
 
-    return DistillConfig(teacher=str(teacher), alpha=alpha, temperature=TEMPERATURE, hidden_weight=0.0)
+    return DistillConfig(teacher=str(teacher), alpha=alpha, temperature=TEMPERATURE, hidden_weight=hidden_weight)
 
 
-def _recover(model, train, first: int, args, teacher: Path, tag: str, alpha: float = ALPHA) -> dict:
+def _recover(model, train, first: int, args, teacher: Path, tag: str, alpha: float = ALPHA,
+             hidden_weight: float = 0.0) -> dict:
     """Fine-tune the pruned `model` on training windows `first..steps` with distillation from `teacher`."""
     from hf_weightprune import ImportanceCallback
 
     rest = train.select(range(first * args.batch_size, args.steps * args.batch_size))
-    cb = ImportanceCallback(distill=_distill(teacher, alpha))
+    cb = ImportanceCallback(distill=_distill(teacher, alpha, hidden_weight))
     return R._train(model, rest, args.steps - first, [cb], args, tag, seed=0)
 
 
@@ -359,7 +366,7 @@ def run_row(row: str, size: float, sets, args) -> dict:
     if row == "dense":
         model = R._load(base)
         cell.update(R._train(model, train, args.steps, [], args, row, seed=0))
-    elif row in ("ours", "ours-ablation"):
+    elif row in ("ours", "ours-ablation", "ours-lr4x", "ours-hidden"):
         teacher, imp_dir, stats = stats_phase(train, args)
         imp = load_importance(str(imp_dir))
         chosen_path = WORK / "cells" / f"structure@{_slug(size)}@{args.steps}.json"
@@ -383,7 +390,14 @@ def run_row(row: str, size: float, sets, args) -> dict:
         if args.oneshot_only:
             return _save_oneshot(cell, model, once)
         first = args.steps // 4
-        rec = _recover(model, train, first, args, teacher, f"{row}-{_slug(size)}")
+        # The probes change one thing of the recovery: its learning rate, or SquareHead's hidden-state term (MLP
+        # neurons keep every hidden state's shape; another structure's shapes would be refused by DistillConfig).
+        rec_args = copy.copy(args)
+        if row == "ours-lr4x":
+            rec_args.lr = 4 * args.lr
+        cell["recovery_lr"] = rec_args.lr
+        rec = _recover(model, train, first, rec_args, teacher, f"{row}-{_slug(size)}",
+                       hidden_weight=1.0 if row == "ours-hidden" else 0.0)
         cell.update(train_seconds=stats["train_seconds"] + rec["train_seconds"], steps=args.steps,
                     train_loss=rec["train_loss"], phase_steps=[first, args.steps - first])
     else:
