@@ -22,7 +22,7 @@ from transformers import TrainerControl, TrainerState
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, load_importance
 from hf_weightprune.testing import tiny_phi3
-from tests.helpers import Recorder, reference, training_args
+from tests.helpers import Recorder, end_process_group, reference, training_args
 
 STEPS, SAVE_AT = 4, 2
 RTOL, ATOL = 1e-5, 1e-7  # float32 accumulation against a float64 reference, as in test_callback.py
@@ -110,12 +110,10 @@ def check(criterion: str, out: str) -> None:
 
 def main(out: str, criteria: list[str]) -> None:
     dist.init_process_group("gloo")
-    try:
-        for criterion in criteria:
-            check(criterion, os.path.join(out, criterion))
-    finally:
-        dist.destroy_process_group()
+    for criterion in criteria:
+        check(criterion, os.path.join(out, criterion))
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    end_process_group()

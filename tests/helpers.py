@@ -26,13 +26,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def end_process_group() -> None:
-    """The last call of every `torchrun` entry point of the tests. A rank that leaves its gloo process group to
-    interpreter teardown can abort ("terminate called without an active exception", pytorch/pytorch#190489): seen
-    once in a full suite under load. The Trainer does not destroy the group it initialised, so the script does."""
+    """The last call of every `torchrun` entry point of the tests: it never returns.
+
+    A gloo rank can abort while the interpreter tears down ("terminate called without an active exception", SIGABRT;
+    pytorch/pytorch#190489 and #179291): gloo's worker threads and DDP's reducer still hold work objects whose tensors
+    are freed after the interpreter has gone. Seen twice in full suites under load, once with the group destroyed.
+    So every rank waits for the others (no rank tears down while a peer still talks to it), destroys the group while
+    the interpreter is alive, flushes, and leaves without interpreter teardown. Only a script that got here (every
+    result already written and closed) exits 0; an exception before this call still fails the launch."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def training_args(output_dir, **overrides) -> TrainingArguments:
