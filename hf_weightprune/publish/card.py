@@ -18,6 +18,7 @@ from ..files.pruned_files import SPARSITY_NAME, SWEEP_PNG, has_tokenizer, load_s
 from ..io_utils import atomic_write_text, check_arg_type, is_local_path
 from ..validation import parse_structure, structure_parts
 from . import card_text as T
+from .card_refs import references
 from .measure import measured_text
 
 CARD_FILE = "README.md"
@@ -262,7 +263,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "measured": measured_text(sparsity.get("measured"), structured),
         "buys": buys_context(sparsity),
         "search": search_text(sparsity.get("search")),
-        "references": T.references(criterion, sparsity),
+        "references": references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
         "has_plot": (folder / SWEEP_PNG).is_file(),
         "has_tokenizer": has_tokenizer(folder),
