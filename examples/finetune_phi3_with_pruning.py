@@ -283,13 +283,14 @@ def main(argv=None):
     if args.recipe != "structured":  # the masks held after recovery (the structured model has no zeros to hold)
         report = cb.pruning_report(model, cb.importance() if args.recipe == "gradual" else None)
     out = os.path.join(args.output_dir, "pruned")
+    training = cb.training_record() if cb is not None else None  # collective: every rank, before rank 0 writes
     if trainer.is_world_process_zero():
         # The structured model is really smaller: measure what that buys here, beside the dense model at pruning.
         measure = args.recipe == "structured" and not args.no_measure_speed
         baseline = os.path.join(args.output_dir, "dense-at-pruning") if measure else None
         save_pruned(model, out, report=report, tokenizer=tokenizer, overwrite=True, eval_results=results,
                     schedule=schedule.to_dict() if schedule else None,
-                    distillation=cb.distill if cb is not None else None,
+                    distillation=cb.distill if cb is not None else None, training=training,
                     measure_speed=measure, baseline=baseline)
         if args.recipe == "structured":
             print(f"reloaded with stock transformers, greedy with and without cache: "

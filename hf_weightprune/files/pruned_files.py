@@ -87,7 +87,7 @@ def _absolute_importance(info: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def sparsity_dict(report: PruningReport, *, base_model: str | None = None, schedule: dict | None = None,
-                  distillation: dict | None = None,
+                  distillation: dict | None = None, training: dict | None = None,
                   eval_results: dict | None = None, measured: dict | None = None) -> dict[str, Any]:
     """The `sparsity.json` payload (schema documented in docs/file_formats.md).
 
@@ -97,6 +97,8 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         schedule (`dict`, *optional*): `PruneSchedule.to_dict()` of a gradual run (or of a recovery with the mask
             held, `mode="hold"`).
         distillation (`dict`, *optional*): `DistillConfig.to_dict()` of the run's distillation.
+        training (`dict`, *optional*): `{"steps", "tokens"}` of the training after (or while) pruning, as the callback
+            counted it (`ImportanceCallback.training_record()`).
         eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`.
         measured (`dict`, *optional*): what was measured of the written folder (`publish/measure.py`):
             `{"weight_files": {"bytes", "dtype"}, "dense_weight_files": ... or None, "speed": ... or None}`.
@@ -123,6 +125,7 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "routing": report.routing,
         "schedule": schedule,
         "distillation": distillation,
+        "training": training,
         "eval": eval_results,
         "measured": measured,
         "search": report.search,

@@ -18,6 +18,7 @@ from ..files.pruned_files import SPARSITY_NAME, SWEEP_PNG, has_tokenizer, load_s
 from ..io_utils import atomic_write_text, check_arg_type, is_local_path
 from ..validation import parse_structure, structure_parts
 from . import card_text as T
+from .card_refs import references
 from .measure import measured_text
 
 CARD_FILE = "README.md"
@@ -185,6 +186,8 @@ def _how(sparsity: dict) -> tuple[str, str]:
         return "pruned during fine-tuning", "gradual"
     if isinstance(sparsity.get("distillation"), dict):  # no schedule: the distillation trained the pruned model
         return "pruned in one shot, then fine-tuned with distillation", "one-shot"
+    if isinstance(sparsity.get("training"), dict):
+        return "pruned in one shot, then fine-tuned", "one-shot"
     return "pruned in one shot", "one-shot"
 
 
@@ -253,13 +256,14 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "importance_summary": T.importance_summary(importance, criterion),
         "schedule": T.schedule_context(sparsity.get("schedule")),
         "distillation": T.distillation_context(sparsity.get("distillation")),
+        "training": training_context(sparsity.get("training"), kind),
         "module_table": (T.structured_module_table(folder, sparsity.get("structured"), structure) if structured
                          else T.module_table(sparsity["tensors"])),
         "routing": T.routing_rows(sparsity.get("routing")),
         "measured": measured_text(sparsity.get("measured"), structured),
         "buys": buys_context(sparsity),
         "search": search_text(sparsity.get("search")),
-        "references": T.references(criterion, sparsity),
+        "references": references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
         "has_plot": (folder / SWEEP_PNG).is_file(),
         "has_tokenizer": has_tokenizer(folder),
@@ -323,6 +327,26 @@ def buys_context(sparsity: dict) -> dict[str, str | None]:
     text = (f"Measured on one {'CPU' if speed.get('device') == 'cpu' else 'GPU'} when it was saved (the figures "
             f"above): {', '.join(figures)}; another runtime, batch or device can differ.") if figures else None
     return {"size": "; ".join(size) or None, "speed": text}
+
+
+def training_context(training: Any, kind: str) -> dict[str, str] | None:
+    """The card's line on how long the model trained, from the `training` entry of `sparsity.json` (`None` without
+    one, as in files written before it existed).
+
+    Args:
+        training (`dict`, *optional*): `{"steps", "tokens"}`, as `ImportanceCallback.training_record()` counted them.
+        kind (`str`): `"gradual"`, `"hold"` or `"one-shot"` (see `_how`): a gradual run's training pruned it, the
+            others' recovered it.
+
+    Returns:
+        `dict[str, str]` or `None`: `label` (`"Training"` or `"Recovery"`) and `text`.
+    """
+    if not isinstance(training, dict) or not all(isinstance(training.get(k), int) for k in ("steps", "tokens")):
+        return None
+    steps, tokens = training["steps"], training["tokens"]
+    text = (f"{steps:,} optimizer step{'s' if steps != 1 else ''}, {tokens:,} training tokens (padding excluded), "
+            "counted while it trained")
+    return {"label": "Training" if kind == "gradual" else "Recovery", "text": text}
 
 
 def search_text(search: dict | None) -> str | None:

@@ -18,10 +18,6 @@ from ..files.pruned_files import SWEEP_JSON
 from ..io_utils import is_local_path, path_name
 from ..matching import parse_param_name
 
-# References by method: a card cites what its model was made with, nothing else.
-OBS_REFERENCE = "SparseGPT (OBS reconstruction): Frantar & Alistarh 2023, [arXiv:2301.00774](https://arxiv.org/abs/2301.00774)"
-EXPERTS_REFERENCE = ("whole experts removed by routing frequency: Lu et al. 2024, \"Not All Experts are Equal\", "
-                     "[arXiv:2402.14800](https://arxiv.org/abs/2402.14800)")
 EXPERTS_CRITERION = ("not used for whole experts, which are ranked by the tokens their router sent them during training "
                      "(the router statistics saved with the importance)")
 # The scope of neurons removed inside each expert (`prune/expert_neurons.py`), in the card's words.
@@ -54,16 +50,6 @@ def structured_target_text(structured: dict | None) -> str | None:
         return None
     return f"keep {budget:,} of {count['before']:,} parameters ({100 * budget / count['before']:.2f}%)"
 
-
-OWL_REFERENCE = "OWL (outlier-weighted layerwise sparsity): Yin et al. 2023, [arXiv:2310.05175](https://arxiv.org/abs/2310.05175)"
-GRADUAL_REFERENCE = "Gradual pruning (cubic schedule): Zhu & Gupta 2017, [arXiv:1710.01878](https://arxiv.org/abs/1710.01878)"
-DEPTH_REFERENCE = "Layer removal by block influence (ShortGPT): Men et al. 2024, [arXiv:2403.03853](https://arxiv.org/abs/2403.03853)"
-MEAN_REFERENCE = "Mean-activation bias compensation of the removed units (FLAP): An et al. 2024, [arXiv:2312.11983](https://arxiv.org/abs/2312.11983)"
-REFIT_REFERENCE = "Least-squares re-fit of the pruned units' consumers (structured OBS, SlimGPT): Ling et al. 2024, [arXiv:2412.18110](https://arxiv.org/abs/2412.18110)"
-SEARCH_REFERENCE = ("Candidate shapes ranked by their loss (Minitron): Muralidharan et al. 2024, "
-                    "[arXiv:2407.14679](https://arxiv.org/abs/2407.14679)")
-DISTILL_REFERENCE = "Knowledge distillation: Hinton et al. 2015, [arXiv:1503.02531](https://arxiv.org/abs/1503.02531)"
-SQUAREHEAD_REFERENCE = "SquareHead distillation: Kurtic et al. 2023, [arXiv:2310.06927](https://arxiv.org/abs/2310.06927)"
 
 _STRUCTURED_ROWS = {
     "num_hidden_layers": "Decoder layers",
@@ -185,17 +171,25 @@ def schedule_context(schedule: Any) -> dict | None:
         text = (f"gradual pruning from {100 * schedule['initial_sparsity']:.1f}% to "
                 f"{100 * schedule['final_sparsity']:.1f}% sparsity {span}, every {schedule['every_n_steps']} steps, "
                 f"{schedule['ramp']} ramp")
-    return {"text": text + "".join(_pruned_stream_text(schedule))}
+    # `cross_term`: the sentence names GPTAQ / QEP, whose papers the references then list
+    return {"text": text + "".join(_pruned_stream_text(schedule)), "cross_term": _names_cross_term(schedule)}
+
+
+def _pruned_stream(schedule: dict) -> bool:
+    implied = schedule.get("refit_at") is not None or schedule.get("order") == "depth"
+    return bool(schedule.get("pruned_stream") or (schedule.get("pruned_stream") is None and implied))
+
+
+def _names_cross_term(schedule: dict) -> bool:
+    return _pruned_stream(schedule) and bool(schedule.get("cross_term"))
 
 
 def _pruned_stream_text(schedule: dict) -> list[str]:
     """The pruned-stream options a schedule ran with (issue 27), as clauses appended to its sentence."""
-    implied = schedule.get("refit_at") is not None or schedule.get("order") == "depth"
-    stream = schedule.get("pruned_stream") or (schedule.get("pruned_stream") is None and implied)
-    if not stream:
+    if not _pruned_stream(schedule):
         return []
     parts = ["; the input Hessians restarted at every mask change, so each update read the pruned model's own inputs"]
-    if schedule.get("cross_term"):
+    if _names_cross_term(schedule):
         parts.append(f"; the updates solved the asymmetric objective `||W X - W_hat X~||^2` with the dense-to-pruned "
                      f"cross term from the teacher's forwards (GPTAQ / QEP, alpha {schedule.get('cross_alpha')})")
     refit = schedule.get("refit_at")
@@ -267,51 +261,6 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
     if settings.get("weighting") == "step":
         bits.append("each sample weighted by its step t")
     return ", ".join(bits) or "statistics not recorded"
-
-
-def references(criterion: str | None, sparsity: dict) -> list[str]:
-    """The papers of the methods this model was made with, in the order they were applied."""
-    refs = []
-    # the criterion's paper only when its scores chose what went: unit statistics rank structured units, routing
-    # statistics rank whole experts (the criterion's own statistic may still be cited below, e.g. OBS)
-    ranked_by_criterion = sparsity.get("structure") != "experts" and not unit_ranking_text(sparsity.get("structured"))
-    paper = criterion_text(criterion)[1] if ranked_by_criterion else None
-    if paper and "2301.00774" in paper:  # sparsegpt: its saliency and its reconstruction are one paper
-        refs.append(OBS_REFERENCE)
-    elif paper:
-        refs.append(f"`{criterion}` criterion: {_linked(paper)}")
-    if sparsity.get("reconstruction") == "OBS":
-        refs.append(OBS_REFERENCE)
-    if sparsity.get("structure") == "experts":
-        refs.append(EXPERTS_REFERENCE)
-    parts = str(sparsity.get("structure") or "").split(",")
-    depth = ((sparsity.get("structured") or {}).get("axes") or {}).get("layers") or {}
-    if "layers" in parts and not (depth and depth.get("before") == depth.get("after")):  # a layer was removed
-        refs.append(DEPTH_REFERENCE)
-    compensation = (sparsity.get("structured") or {}).get("compensation")
-    if compensation in ("refit", "refit,mean"):
-        refs.append(REFIT_REFERENCE)
-    if compensation in ("mean", "refit,mean"):
-        refs.append(MEAN_REFERENCE)
-    if sparsity.get("search"):
-        refs.append(SEARCH_REFERENCE)
-    if sparsity.get("allocation") == "owl":
-        refs.append(OWL_REFERENCE)
-    schedule = sparsity.get("schedule")
-    if isinstance(schedule, dict) and schedule.get("mode") != "hold":
-        refs.append(GRADUAL_REFERENCE)
-    distillation = sparsity.get("distillation")
-    if isinstance(distillation, dict):
-        refs.append(DISTILL_REFERENCE)
-        if float(distillation.get("hidden_weight") or 0.0) > 0:
-            refs.append(SQUAREHEAD_REFERENCE)
-    return list(dict.fromkeys(refs))
-
-
-def _linked(paper: str) -> str:
-    """`"Sun et al. 2023, arXiv:2306.11695"` with the arXiv id as a link."""
-    head, sep, arxiv = paper.rpartition("arXiv:")
-    return f"{head}[arXiv:{arxiv}](https://arxiv.org/abs/{arxiv})" if sep else paper
 
 
 def tags(structure_tag: str, criterion: str | None) -> list[str]:

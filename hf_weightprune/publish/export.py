@@ -25,15 +25,13 @@ from ..io_utils import atomic_folder, check_arg_type
 from ..moe import stored_slice_name
 from ..prune.report import PruningReport
 from .measure import check_baseline, measure_model, measured_section
+from .recipe import distillation_dict, schedule_dict, training_dict
 
 if TYPE_CHECKING:
     from ..train.distill import DistillConfig
     from ..train.schedule import PruneSchedule
 
 logger = logging.getLogger(__name__)
-
-# What the model card prints of a gradual schedule; a dict without them (e.g. `MaskHolder.state_dict()`) is refused.
-_SCHEDULE_KEYS = ("initial_sparsity", "final_sparsity", "start", "end", "every_n_steps", "ramp")
 
 
 def _same_or_inside(a: str, b: str) -> bool:
@@ -146,40 +144,6 @@ def _write_sparsity_and_card(folder: str, output_dir: str, payload: dict[str, An
                          repo_id=os.path.basename(os.path.abspath(output_dir)), sparsity=payload)
 
 
-def _schedule_dict(schedule: Any) -> dict | None:
-    """`save_pruned`'s `schedule` as the dict `sparsity.json` records; refused before any work when unusable."""
-    from ..train.schedule import PruneSchedule
-
-    if schedule is None:
-        return None
-    if isinstance(schedule, PruneSchedule):
-        return schedule.to_dict()
-    check_arg_type("save_pruned", "schedule", schedule, dict, "a PruneSchedule, its to_dict() or None")
-    if "config" in schedule and "num_updates" in schedule:
-        raise ValueError("save_pruned: schedule is a MaskHolder.state_dict() (runtime counters); pass the "
-                         "PruneSchedule itself or schedule.to_dict()")
-    missing = [k for k in _SCHEDULE_KEYS if k not in schedule]
-    if missing:
-        raise ValueError(f"save_pruned: schedule lacks {missing}; pass the PruneSchedule itself or schedule.to_dict()")
-    return dict(schedule)
-
-
-def _distillation_dict(distillation: Any) -> dict | None:
-    """`save_pruned`'s `distillation` as the dict `sparsity.json` records (the device where it ran is not kept)."""
-    from ..train.distill import DistillConfig
-
-    if distillation is None:
-        return None
-    check_arg_type("save_pruned", "distillation", distillation, (DistillConfig, dict), "a DistillConfig, its to_dict() or None")
-    info = distillation.to_dict() if isinstance(distillation, DistillConfig) else DistillConfig(**{
-        k: v for k, v in distillation.items() if k in ("teacher", "alpha", "temperature", "hidden_weight",
-                                                         "teacher_dtype")}).to_dict()
-    info.pop("teacher_device", None)
-    if isinstance(info["teacher"], str) and os.path.isdir(info["teacher"]):
-        info["teacher"] = os.path.abspath(info["teacher"])  # as the importance path: local, whatever the cwd later
-    return info
-
-
 def _check_common(fn: str, output_dir, base_model, overwrite, write_card) -> None:
     check_arg_type(fn, "output_dir", output_dir, (str, os.PathLike), "a folder path (str or os.PathLike)")
     check_arg_type(fn, "base_model", base_model, (str, type(None)), "a Hub id (str) or None")
@@ -197,6 +161,7 @@ def save_pruned(
     eval_results: dict | None = None,
     schedule: PruneSchedule | dict | None = None,
     distillation: DistillConfig | dict | None = None,
+    training: dict | None = None,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     write_card: bool = True,
@@ -225,6 +190,9 @@ def save_pruned(
         distillation (`DistillConfig` or `dict`, *optional*): the distillation the model was trained with
             (`ImportanceCallback(distill=...)`'s config or its `to_dict()`); recorded in `sparsity.json` (teacher,
             alpha, temperature, hidden_weight, teacher_dtype) and described in the card.
+        training (`dict`, *optional*): how long the model was trained after (or while) pruning, as measured by the
+            callback: `ImportanceCallback.training_record()` (`{"steps", "tokens"}`: optimizer steps, real training
+            tokens); recorded in `sparsity.json` and stated on the card's training line.
         overwrite (`bool`, *optional*, defaults to `False`): replace a non-empty `output_dir`.
         max_shard_size (`str` or `int`, *optional*, defaults to `"5GB"`): passed to `save_pretrained`.
         write_card (`bool`, *optional*, defaults to `True`): write `README.md` (named after `output_dir`).
@@ -246,7 +214,8 @@ def save_pruned(
     Raises:
         TypeError: an argument has the wrong type (checked before any work).
         ValueError: `schedule` is a dict without the schedule's fields (e.g. `MaskHolder.state_dict()`),
-            `distillation` a dict with a value `DistillConfig` refuses, or
+            `distillation` a dict with a value `DistillConfig` refuses, `training` a dict other than
+            `{"steps", "tokens"}` with integers >= 1, or
             `output_dir` is refused by [`check_output_dir`] (the input checkpoint, the importance folder, ...), or
             a `baseline` that is not a causal LM or has another vocabulary (a model in memory without
             `measure_speed`).
@@ -260,8 +229,8 @@ def save_pruned(
     check_arg_type("save_pruned", "eval_results", eval_results, (dict, type(None)),
                    'a dict {"dense_loss", "pruned_loss", "dataset"} or None')
     check_arg_type("save_pruned", "max_shard_size", max_shard_size, (str, int), 'a size such as "5GB" or bytes')
-    schedule = _schedule_dict(schedule)
-    distillation = _distillation_dict(distillation)
+    schedule, distillation = schedule_dict(schedule), distillation_dict(distillation)
+    training = training_dict(training)
     dense_folder = check_baseline("save_pruned", model, baseline, measure_speed)
     output_dir = os.fspath(output_dir)
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
@@ -281,7 +250,7 @@ def save_pruned(
         if measure_speed:  # the files just written, not the module: the figures describe the checkpoint
             speed = measure_model(tmp, baseline, device=next(model.parameters()).device)
         payload = sparsity_dict(report, base_model=base_model, schedule=schedule, distillation=distillation,
-                                eval_results=eval_results,
+                                training=training, eval_results=eval_results,
                                 measured=measured_section(tmp, dense_folder=dense_folder, speed=speed))
         _write_sparsity_and_card(tmp, output_dir, payload, base_model, write_card, source=source or None)
     logger.info("Saved pruned model to %s (%s)", output_dir, report.summary())

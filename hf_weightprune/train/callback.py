@@ -16,6 +16,7 @@ Lifecycle (one sitting to read):
   is written and read by `checkpoint.TrainingCheckpoint` (`self.checkpoint`).
 - `on_log`: importance scalars go to the Trainer's loggers through `trainer.log` (pass `trainer=` or `attach`).
 - `on_train_end`: write `output_dir/importance/`.
+- throughout: `recovery.TrainingCounter` counts the optimizer steps and real tokens of the run (`training_record()`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .checkpoint import STAGING_DIR, TrainingCheckpoint
 from .distill import DistillConfig
 from .distiller import Distiller
 from .holder import MaskHolder
+from .recovery import TrainingCounter
 from .schedule import PruneSchedule
 from .stream import check_refit_sample, teacher_weights
 
@@ -140,6 +142,7 @@ class ImportanceCallback(TrainerCallback):
         self.on_resume_mismatch = on_resume_mismatch
         self.resume_from = resume_from
         self.offload_to_cpu = offload_to_cpu
+        self.counter = TrainingCounter(self.config.name)
         self.checkpoint = TrainingCheckpoint(self.config, self.accumulator, self.mask_holder, self._distiller,
                                              on_save_error=on_save_error, on_resume_mismatch=on_resume_mismatch,
                                              resume_from=resume_from)
@@ -200,6 +203,7 @@ class ImportanceCallback(TrainerCallback):
         if self.schedule is not None:  # configs do no I/O: the hold schedule's folder is checked here, before any step
             self.schedule.check_masks_from()
         self.accumulator.setup(model, args, state, track=self.tracks_importance)
+        self.counter.start(model, state)
         if self.schedule is not None and self.schedule.cross_term:  # before the restore, which fills it
             self.accumulator.cross = CrossTerm.from_tracked(self.accumulator.tracked,
                                                             max_in_features=self.schedule.cross_max_in_features)
@@ -251,6 +255,7 @@ class ImportanceCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         t = state.global_step
         self.accumulator.step_end(state, kwargs.get("train_dataloader"))
+        self.counter.step_end(state, control)  # before the Trainer saves its state
         meta = self.accumulator.meta
         if self.mask_holder is not None and self.mask_holder.due(t, samples=meta["num_samples"], skipped=meta["skipped"]):
             # `importance()` is a collective under DDP: every rank updates at the same steps.
@@ -268,13 +273,7 @@ class ImportanceCallback(TrainerCallback):
         """`PruneSchedule(mode="hold", refit_at=...)`: the teacher's weights the re-fit targets, else `None`."""
         if self.schedule.mode != "hold" or self.schedule.refit_at is None:
             return None
-        tracked = set(self.tracked_names)
-        untracked = [n for n in self.mask_holder.params if n not in tracked]
-        if untracked:  # the held masks come from masks_from, not from what this config tracks
-            raise ValueError(f"PruneSchedule(mode='hold', refit_at=...) re-fits every held weight from its Hessian, but "
-                             f"ImportanceConfig does not track {len(untracked)} of them (e.g. {untracked[0]}): widen its "
-                             "target_modules / exclude_modules")
-        return teacher_weights(self.mask_holder.params, self._distiller.teacher)
+        return teacher_weights(self.mask_holder.params, self._distiller.teacher, tracked=self.tracked_names)
 
     def _cross_terms(self):
         """`PruneSchedule(cross_term=True)`: the cross terms summed across ranks (collective), else `None`."""
@@ -351,6 +350,9 @@ class ImportanceCallback(TrainerCallback):
         finally:
             self._logging = False
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.counter.fold(state)  # a save_strategy="best" save is decided after this, before the state is written
+
     def on_push_begin(self, args, state, control, **kwargs):
         # Called on the main process only, after checkpoint-N is written and before it is uploaded.
         self.checkpoint.publish_staged(args, state)
@@ -373,6 +375,7 @@ class ImportanceCallback(TrainerCallback):
             holder.apply_masks_()
         self.checkpoint.save_final(args, state)
         self.accumulator.remove_hooks()
+        self.counter.stop(state)
         if self._distiller is not None:
             self._distiller.remove()
 
@@ -394,6 +397,20 @@ class ImportanceCallback(TrainerCallback):
         if self.mask_holder is None:
             raise ValueError("This ImportanceCallback has no schedule: pass ImportanceCallback(schedule=PruneSchedule(...))")
         return self.mask_holder.report(model, importance)
+
+    def training_record(self) -> dict[str, int]:
+        """How long the training ran, measured while it ran, for `save_pruned(..., training=...)` (collective under DDP).
+
+        Returns:
+            `dict[str, int]`: `steps` (optimizer steps) and `tokens` (real input tokens of the training forwards, summed
+            over processes: `attention_mask != 0` for a 2-D mask, else every input token), of the whole run across
+            `resume_from_checkpoint` (the counts ride in each checkpoint's `trainer_state.json`).
+
+        Raises:
+            RuntimeError: no optimizer step has run yet.
+            ValueError: the run resumed from a checkpoint that holds no counts (written without them).
+        """
+        return self.counter.record()
 
     def importance(self) -> Importance:
         """The importance so far, in memory, bound to the model's weights (collective under DDP / FSDP2).

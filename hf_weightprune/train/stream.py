@@ -72,20 +72,31 @@ def propagate_(params: dict[str, Tensor], hessian: Callable[[str], Tensor], cros
         p.detach().copy_(propagate_target(p, hessian(n).to(p.device), c, alpha=alpha, percdamp=percdamp))
 
 
-def teacher_weights(params: dict[str, Tensor], teacher: nn.Module) -> dict[str, Tensor]:
+def teacher_weights(params: dict[str, Tensor], teacher: nn.Module,
+                    tracked: Iterable[str] | None = None) -> dict[str, Tensor]:
     """`PruneSchedule(mode="hold", refit_at=...)`: the re-fit's targets, the dense teacher's weight of each masked
     weight (same name; an expert slice's view for MoE experts). References to the teacher's own tensors, no copy.
 
     Args:
         params (`dict[str, Tensor]`): the masked weights of the student ([`MaskHolder.params`]).
         teacher (`nn.Module`): the dense teacher ([`Distiller.teacher`]).
+        tracked (`Iterable[str]`, *optional*): the weights the importance tracks; each masked weight must be one (its
+            Hessian drives the re-fit).
 
     Returns:
         `dict[str, Tensor]`: the teacher's weight by name, of the student weight's shape (any dtype and device).
 
     Raises:
-        ValueError: a masked weight the teacher lacks, or holds in another shape (e.g. a structurally pruned student).
+        ValueError: a masked weight that `tracked` lacks, or that the teacher lacks or holds in another shape (e.g. a
+            structurally pruned student).
     """
+    if tracked is not None:
+        tracked = set(tracked)
+        untracked = [n for n in params if n not in tracked]
+        if untracked:  # the held masks come from masks_from, not from what the importance config tracks
+            raise ValueError(f"PruneSchedule(mode='hold', refit_at=...) re-fits every held weight from its Hessian, but "
+                             f"ImportanceConfig does not track {len(untracked)} of them (e.g. {untracked[0]}): widen "
+                             "its target_modules / exclude_modules")
     weights = {t.name: t.param if isinstance(t, TrackedWeight) else t.weight() for t in find_weights(teacher, ".*")}
     for name, param in params.items():
         w = weights.get(name)

@@ -268,3 +268,25 @@ def test_schedule_sentence_states_the_pruned_stream_options():
     depth = schedule_context(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.7, order="depth").to_dict())["text"]
     assert depth.startswith("decoder layers pruned front to back from 10% to 70% of training, each once to 50.0%")
     assert "ramp" not in depth and "restarted at every mask change" in depth
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(cross_term=True, refit_at=0.8), True),
+    (dict(cross_term=True, pruned_stream=True), True),
+    (dict(pruned_stream=True), False),
+    ({}, False),
+])
+def test_the_references_list_gptaq_and_qep_exactly_when_the_schedule_line_names_them(tmp_path, options, named):
+    from hf_weightprune.publish.card_refs import GPTAQ_REFERENCE, QEP_REFERENCE
+
+    model = tiny_llama(seed=2)
+    report = prune_(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5), progress=False)
+    schedule = PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6, **options)
+    save_pruned(model, tmp_path / "out", report=report, schedule=schedule)
+    card = (tmp_path / "out" / "README.md").read_text()
+    schedule_line = next(line for line in card.splitlines() if line.startswith("- **Schedule**"))
+    references = card.split("## References", 1)[1]
+    assert ("GPTAQ / QEP" in schedule_line) is named
+    for reference in (GPTAQ_REFERENCE, QEP_REFERENCE):
+        assert (f"- {reference}" in references) is named
+    assert ("arXiv:2504.02692" in card, "arXiv:2504.09629" in card) == (named, named)

@@ -49,9 +49,9 @@ def test_distill_only_registers_no_statistic_hooks_scores_nothing_and_writes_no_
     assert not cb.tracks_importance
     hooks = _Hooks(student)
     trainer = train(student, [cb, hooks], tmp_path / "run", max_steps=4, save_steps=2)
-    # The distiller's pre-hook and hook on the model, nothing on any module (the statistics hook the Linears, the
-    # decoder layers and the model).
-    assert hooks.on_model == [2] * 4 and hooks.on_submodules == [0] * 4
+    # The distiller's pre-hook and hook on the model and the training counter's pre-hook (`training_record()`),
+    # nothing on any module (the statistics hook the Linears, the decoder layers and the model).
+    assert hooks.on_model == [3] * 4 and hooks.on_submodules == [0] * 4
     acc = cb.accumulator
     assert acc.tracked == [] and acc.states == {} and cb.state_bytes() == 0
     assert acc.collector is None and acc.units is None and acc.router is None and acc.cross is None
