@@ -231,7 +231,7 @@ MAY_IMPORT = {
     "prune/obs": {"prune/masks", "scorers", "validation"},
     "prune/oneshot": {"collect/activations", "collect/importance", "collect/router", "config", "coverage", "moe", "scorers"},
     "prune/owl": set(),
-    "prune/plan": {"collect/importance", "config", "matching", "moe", "prune/global_threshold", "prune/masks", "prune/obs", "prune/owl", "scorers", "validation"},
+    "prune/plan": {"collect/importance", "config", "matching", "moe", "prune/global_threshold", "prune/masks", "prune/obs", "prune/owl", "prune/refit", "scorers", "validation"},
     "prune/pruner": {"collect/importance", "config", "coverage", "distributed", "io_utils", "matching", "moe", "prune/expert_neurons", "prune/experts", "prune/plan", "prune/report", "prune/structured", "prune/surgery"},
     "prune/refit": {"prune/obs", "scorers"},
     "prune/report": {"collect/importance", "config", "prune/masks", "scorers"},
@@ -255,7 +255,7 @@ MAY_IMPORT = {
     "train/checkpoint": {"config", "distributed", "files/cross_files", "files/importance_files", "files/refit_files", "files/safetensors_io", "files/training_state", "files/unit_files", "io_utils", "train/stream"},
     "train/distill": {"io_utils"},
     "train/distiller": {"collect/activations", "train/distill"},
-    "train/holder": {"distributed", "files/pruned_files", "matching", "moe", "prune/masks", "prune/plan", "prune/pruner", "prune/report", "scorers", "train/schedule", "train/stream"},
+    "train/holder": {"distributed", "files/pruned_files", "matching", "moe", "prune/masks", "prune/plan", "prune/pruner", "prune/refit", "prune/report", "scorers", "train/schedule", "train/stream"},
     "train/schedule": {"config", "files/safetensors_io", "io_utils", "validation"},
     "train/stream": {"distributed", "matching", "moe", "prune/refit"},
 }

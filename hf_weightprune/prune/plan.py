@@ -313,7 +313,8 @@ class PruningPlan:
         `None` for a weight the plan leaves dense.
 
         Mask criteria zero the masked weights. With `reconstruct`, the OBS sweep (SparseGPT, arXiv 2301.00774) prunes
-        the tensor's target (under a global scope: its share of the threshold) and updates the kept weights; with
+        the tensor's target (under a global scope: its share of the threshold) and updates the kept weights, for the
+        asymmetric objective where the plan holds the weight's cross term ([`~refit.asymmetric_sparsegpt_prune_`]); with
         `previous` its keep-mask comes back (exactly the target count; a dead input column, `H_jj == 0`, is zero but
         not held), else the weight's nonzeros, measured.
 
@@ -337,9 +338,7 @@ class PruningPlan:
 
     def _obs(self, name: str, sparsity: float | None) -> Edit:
         config, gradual = self.config, self.gradual
-        old = self.previous.get(name)
-
-        cross = self.cross.get(name)
+        old, cross = self.previous.get(name), self.cross.get(name)
 
         def edit(weight: torch.Tensor) -> torch.Tensor:
             kwargs = dict(sparsity=sparsity, nm=config.nm, scope="row" if config.scope == "row" else "layer",

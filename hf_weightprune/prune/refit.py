@@ -14,6 +14,10 @@ gather at no extra cost. Two corrections use it:
   `R' = R + R C H~^-1` ([`propagate_target`]); QEP scales the correction, `R' = R + alpha R C H~^-1`, and reports
   `alpha` in [0.25, 0.5] as robust (1.0 is the exact asymmetric solution, 0 the symmetric one on `H~`).
 
+Both run during training (a [`MaskHolder`]'s updates and re-fit, from the live cross term) and offline: a saved
+importance folder keeps `C`, and `PruneConfig(cross_alpha=...)` makes the plan's OBS sweep asymmetric
+([`offline_cross_terms`]); [`usable_cross`] decides, for both, which weights' `C` covers the tokens of their `H~`.
+
 Memory: a re-fit of an `[out, in]` weight holds its float32 copy, the dampened `[in, in]` Hessian and, per chunk of
 `rows` rows, `rows` masked `[in, in]` systems (`row_chunk` bounds them, 64 MiB by default).
 """
