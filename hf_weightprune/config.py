@@ -203,6 +203,13 @@ class PruneConfig(JsonConfigMixin):
             `("refit", "mean")`, any order, as structures combine) fits both together, least squares with an
             intercept: the refit on the centred input covariance, then the mean of what is left into the bias
             (needs both statistics, over the same tokens, and a bias as `"mean"` does); `None` slices only.
+        cross_alpha (`float`, *optional*):
+            Unstructured and N:M OBS pruning from an importance that holds the dense-to-pruned cross term
+            (`PruneSchedule(cross_term=True)` under distillation, [`Importance.has_cross`]): the sweep solves the
+            asymmetric objective `||W X - W_hat X~||^2` of GPTAQ / QEP for every weight with a cross term
+            ([`~prune.refit.asymmetric_sparsegpt_prune_`]), with this share of the correction in [0, 1] (the schedule's
+            `cross_alpha`: 0.5 by default there, the papers use 0.25 to 0.5; 1 is the exact asymmetric solution, 0 the
+            symmetric sweep on `H~`). `None` (default): the symmetric sweep.
 
     Raises:
         `ValueError`: naming the field, for a bad structure, sparsity (or one an N:M pattern contradicts), a
@@ -243,6 +250,10 @@ class PruneConfig(JsonConfigMixin):
         "help": "structured: refit (least squares of down_proj / o_proj from sparsegpt Hessians), mean (FLAP: "
                 "removed units' mean output into the bias, from units=True statistics), refit,mean (both fitted "
                 "together: least squares with an intercept) or None"})
+    cross_alpha: float | None = field(default=None, metadata={
+        "help": "OBS from an importance with the dense-to-pruned cross term (PruneSchedule(cross_term=True) under "
+                "distillation): solve the asymmetric objective with this share of the correction, in [0, 1] (0.5 as "
+                "the schedule; None: the symmetric sweep)"})
 
     def __post_init__(self):
         kind, nm = parse_structure(self.structure)
@@ -306,6 +317,22 @@ class PruneConfig(JsonConfigMixin):
                              f"(--block_size {fit}) or a pattern whose M divides {self.block_size}")
         if not isinstance(self.allow_collapse, bool):
             raise ValueError(f"allow_collapse must be a bool; got {self.allow_collapse!r}")
+        self._check_cross(kind)
+
+    def _check_cross(self, kind: str) -> None:
+        if self.cross_alpha is None:
+            return
+        if isinstance(self.cross_alpha, bool) or not isinstance(self.cross_alpha, (int, float)) \
+                or not 0.0 <= self.cross_alpha <= 1.0:
+            raise ValueError(f"cross_alpha must be None or a float in [0, 1] (GPTAQ / QEP use 0.25 to 0.5); got "
+                             f"{self.cross_alpha!r}")
+        if kind not in ("unstructured", "N:M"):
+            raise ValueError(f"cross_alpha corrects the OBS sweep of unstructured and N:M pruning; structure {kind!r} "
+                             "does not read the cross term (its compensate='refit' is symmetric): leave it None")
+        if self.reconstruct is False:
+            raise ValueError("cross_alpha corrects the OBS sweep, which reconstruct=False turns off: leave reconstruct "
+                             "None (or True) or cross_alpha None")
+        self.cross_alpha = float(self.cross_alpha)
 
     def _check_structured(self, kind: str) -> None:
         structured = kind in STRUCTURED_KINDS or kind == "combined"

@@ -120,6 +120,7 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "base_model": base_model,
         "tensors": report.tensors,
         "reconstruction": report.reconstruction,
+        "cross_term": report.cross_term,
         "allocation": report.allocation,
         "structured": report.structured,
         "routing": report.routing,

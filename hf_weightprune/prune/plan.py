@@ -4,7 +4,8 @@
 (`prune_`), file-to-file pruning (`prune_checkpoint`) and gradual pruning (`MaskHolder`):
 
 1. the scope is resolved (`PruneConfig.scope`, else the criterion's `Scorer.default_scope`);
-2. the reconstruction rule is decided from the scorer (`Scorer.has_hessian`: SparseGPT's OBS sweep);
+2. the reconstruction rule is decided from the scorer (`Scorer.has_hessian`: SparseGPT's OBS sweep), and with
+   `PruneConfig.cross_alpha` the weights whose dense-to-pruned cross term makes that sweep asymmetric;
 3. N:M shapes and a gradual N:M step are checked;
 4. the uniform, per-module dict, OWL or global targets become one per-tensor target;
 5. a tensor that would lose every weight (layer collapse) is refused unless `allow_collapse`.
@@ -33,6 +34,7 @@ from . import masks as M
 from .global_threshold import GlobalThreshold, compute_global_threshold, layer_mask
 from .obs import check_hessians, sparsegpt_prune_
 from .owl import outlier_ratio, owl_sparsities
+from .refit import asymmetric_sparsegpt_prune_, offline_cross_terms
 
 __all__ = ["PruningPlan", "compute_masks", "owl_allocation", "refuse_unseen", "uses_obs"]
 
@@ -159,6 +161,9 @@ class PruningPlan:
         previous (`dict[str, torch.BoolTensor]`): current keep-masks (gradual pruning); their pruned weights stay so.
         gradual (`bool`): planned for a gradual update (`previous` given, even empty): an OBS edit returns the
             sweep's keep-mask rather than the weight's measured nonzeros.
+        cross (`dict[str, torch.Tensor]`): with `config.cross_alpha`, the cross term `C` of each weight whose OBS
+            sweep solves the asymmetric objective (those whose `C` covers the tokens of their `H~`); the others are
+            swept symmetrically.
     """
 
     importance: Importance
@@ -169,6 +174,7 @@ class PruningPlan:
     nm_step: float | None = None
     previous: dict[str, torch.Tensor] = field(default_factory=dict)
     gradual: bool = False
+    cross: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     thresholds: dict[str, GlobalThreshold] = field(default_factory=dict, repr=False)
 
     @property
@@ -213,8 +219,9 @@ class PruningPlan:
         Raises:
             `ValueError`, before any weight changes: a structured config, a bad `sparsity`, a name the importance does
             not track, an N:M weight whose input dim is not a multiple of `m`, a bad `previous` mask, `reconstruct=True`
-            without Hessians, OWL without activation statistics, or (unless `config.allow_collapse`) a tensor that
-            would be pruned to 100%, naming it.
+            without Hessians, `config.cross_alpha` without the OBS sweep or without a cross term in the importance, OWL
+            without activation statistics, or (unless `config.allow_collapse`) a tensor that would be pruned to 100%,
+            naming it.
         """
         if config.shrinks:
             raise ValueError(f"structure={config.structure!r} shrinks layers: prune it with prune_ (surgery), not "
@@ -258,9 +265,10 @@ class PruningPlan:
             base = config.sparsity if sparsity is None else sparsity
             targets = {n: s for n in names if (s := _module_target(n, base)) is not None}
         check_sparsity_keys(config.sparsity, names)
+        cross = offline_cross_terms(importance, config.cross_alpha, reconstruct, targets)
         if reconstruct:  # every factorisation first: a failing one names its weight before any weight is edited
             check_hessians(((n, importance.state(n)) for n in targets), percdamp=config.dampening)
-        plan = cls(importance, config, names, targets, reconstruct, nm_step, previous, gradual)
+        plan = cls(importance, config, names, targets, reconstruct, nm_step, previous, gradual, cross)
         if config.nm is None and config.scope == "global":
             plan._compute_thresholds()
         elif config.nm is None and not config.allow_collapse:
@@ -305,7 +313,8 @@ class PruningPlan:
         `None` for a weight the plan leaves dense.
 
         Mask criteria zero the masked weights. With `reconstruct`, the OBS sweep (SparseGPT, arXiv 2301.00774) prunes
-        the tensor's target (under a global scope: its share of the threshold) and updates the kept weights; with
+        the tensor's target (under a global scope: its share of the threshold) and updates the kept weights, for the
+        asymmetric objective where the plan holds the weight's cross term ([`~refit.asymmetric_sparsegpt_prune_`]); with
         `previous` its keep-mask comes back (exactly the target count; a dead input column, `H_jj == 0`, is zero but
         not held), else the weight's nonzeros, measured.
 
@@ -329,13 +338,18 @@ class PruningPlan:
 
     def _obs(self, name: str, sparsity: float | None) -> Edit:
         config, gradual = self.config, self.gradual
-        old = self.previous.get(name)
+        old, cross = self.previous.get(name), self.cross.get(name)
 
         def edit(weight: torch.Tensor) -> torch.Tensor:
-            keep = sparsegpt_prune_(weight, self.importance.state(name).to(weight.device), sparsity=sparsity,
-                                    nm=config.nm, scope="row" if config.scope == "row" else "layer",
-                                    blocksize=config.block_size, percdamp=config.dampening,
-                                    previous=None if old is None else old.to(weight.device), nm_sparsity=self.nm_step)
+            kwargs = dict(sparsity=sparsity, nm=config.nm, scope="row" if config.scope == "row" else "layer",
+                          blocksize=config.block_size, percdamp=config.dampening,
+                          previous=None if old is None else old.to(weight.device), nm_sparsity=self.nm_step)
+            hessian = self.importance.state(name).to(weight.device)
+            if cross is None:
+                keep = sparsegpt_prune_(weight, hessian, **kwargs)
+            else:  # the asymmetric objective: the sweep from the propagated target `W + alpha W C H~^-1`
+                keep = asymmetric_sparsegpt_prune_(weight, hessian, cross.to(weight.device), alpha=config.cross_alpha,
+                                                   **kwargs)
             return keep if gradual else weight.detach() != 0  # one-shot: measured (dead input columns too)
 
         return edit

@@ -130,8 +130,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
         edit = plan.edit(name)
         if edit is not None:
             report.add_mask(name, edit(params[name]))
-    report.reconstruction = "OBS" if plan.reconstruct else None
-    report.allocation = config.allocation
+    report.record_plan(plan)
     return report.finalize(sum(p.numel() for p in model.parameters()))
 
 

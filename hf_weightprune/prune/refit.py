@@ -14,22 +14,31 @@ gather at no extra cost. Two corrections use it:
   `R' = R + R C H~^-1` ([`propagate_target`]); QEP scales the correction, `R' = R + alpha R C H~^-1`, and reports
   `alpha` in [0.25, 0.5] as robust (1.0 is the exact asymmetric solution, 0 the symmetric one on `H~`).
 
+Both run during training (a [`MaskHolder`]'s updates and re-fit, from the live cross term) and offline: a saved
+importance folder keeps `C`, and `PruneConfig(cross_alpha=...)` makes the plan's OBS sweep asymmetric
+([`offline_cross_terms`]); [`usable_cross`] decides, for both, which weights' `C` covers the tokens of their `H~`.
+
 Memory: a re-fit of an `[out, in]` weight holds its float32 copy, the dampened `[in, in]` Hessian and, per chunk of
 `rows` rows, `rows` masked `[in, in]` systems (`row_chunk` bounds them, 64 MiB by default).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from numbers import Real
 
 import torch
 from torch import Tensor
 
+from ..scorers import criteria_where
 from ..scorers.sparsegpt import check_pair, dampened_hessian
 from .obs import sparsegpt_prune_
 
-__all__ = ["asymmetric_sparsegpt_prune_", "dampened", "propagate_target", "refit_masked_"]
+__all__ = ["asymmetric_sparsegpt_prune_", "dampened", "offline_cross_terms", "propagate_target", "refit_masked_",
+           "usable_cross"]
 
+logger = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
 
 
@@ -59,6 +68,78 @@ def _check_cross(cross: Tensor | None, hessian: Tensor) -> None:
                               or not cross.is_floating_point()):
         raise ValueError(f"`cross` must be a floating [in, in] tensor like `hessian` {tuple(hessian.shape)}, got "
                          f"{tuple(cross.shape) if isinstance(cross, Tensor) else type(cross).__name__}.")
+
+
+def usable_cross(cross: dict[str, tuple[Tensor, int]] | None, tokens: dict[str, int],
+                 names: Iterable[str]) -> dict[str, Tensor]:
+    """
+    The cross terms of `names` that cover exactly the tokens of their `H~`: the weights the asymmetric objective
+    applies to, during training (a [`MaskHolder`] update or re-fit) and offline (`PruneConfig(cross_alpha=...)`).
+
+    A weight whose cross term counts other tokens (forwards without a teacher run: no labels) or none (skipped by
+    `PruneSchedule(cross_max_in_features=...)`) keeps the symmetric objective; a count mismatch is logged once per
+    call.
+
+    Args:
+        cross (`dict[str, tuple[torch.Tensor, int]]`, *optional*): `(C, real tokens)` by weight name
+            (`CrossTerm.terms()`, [`Importance.cross_terms`]).
+        tokens (`dict[str, int]`): the real tokens of each weight's `H~` (the importance's `meta["tokens"]`).
+        names (`Iterable[str]`): the weights about to be swept or re-fitted.
+
+    Returns:
+        `dict[str, torch.Tensor]`: `C` by weight name, for the weights of `names` whose cross term is usable.
+    """
+    if not cross:
+        return {}
+    out, off = {}, []
+    for n in names:
+        if n in cross and cross[n][1] == tokens.get(n) and cross[n][1] > 0:
+            out[n] = cross[n][0]
+        elif n in cross:
+            off.append(n)
+    if off:
+        logger.warning("The cross term of %d weights (e.g. %s) covers other tokens than their Hessian (training "
+                       "forwards without labels run no teacher): the symmetric objective for those", len(off), off[0])
+    return out
+
+
+def offline_cross_terms(importance, cross_alpha: float | None, reconstruct: bool,
+                        names: Iterable[str]) -> dict[str, Tensor]:
+    """
+    `PruneConfig(cross_alpha=...)`: the cross terms of the weights `names` whose OBS sweep solves the asymmetric
+    objective, from a saved importance ([`Importance.cross_terms`]), checked before any weight changes.
+
+    Args:
+        importance ([`Importance`]): the importance the plan prunes from.
+        cross_alpha (`float`, *optional*): `PruneConfig.cross_alpha`; `None`: the symmetric sweep (logged when the
+            importance holds a cross term that is then left unused).
+        reconstruct (`bool`): whether the plan runs the OBS sweep.
+        names (`Iterable[str]`): the weights the plan prunes.
+
+    Returns:
+        `dict[str, torch.Tensor]`: `C` by weight name ([`usable_cross`]); `{}` without `cross_alpha`.
+
+    Raises:
+        `ValueError`: one line, `cross_alpha` without the OBS sweep (a criterion without Hessians, or
+        `reconstruct=False`) or from an importance without a cross term, saying how to get one.
+    """
+    if cross_alpha is None:
+        if reconstruct and importance.has_cross:
+            logger.warning("This importance holds the dense-to-pruned cross term of a PruneSchedule(cross_term=True) "
+                           "run, but PruneConfig.cross_alpha is None: the OBS sweep solves the symmetric objective on "
+                           "H~. Pass cross_alpha=0.5 (--cross_alpha 0.5) for the asymmetric one")
+        return {}
+    if not reconstruct:
+        hessians = criteria_where(lambda cls: cls.has_hessian)
+        raise ValueError(f"cross_alpha={cross_alpha:g} corrects the OBS sweep, which needs the input Hessians of "
+                         f"criterion {hessians}; this importance is {importance.criterion!r}: no weight was changed")
+    if not importance.has_cross:
+        where = f" from {importance.path}" if importance.path else ""
+        raise ValueError(f"cross_alpha={cross_alpha:g} needs the dense-to-pruned cross term, and this importance{where} "
+                         "holds none: gather it during training with PruneSchedule(cross_term=True, ...) under "
+                         "ImportanceCallback(distill=DistillConfig(...)) and prune from that run's importance folder "
+                         "(or leave cross_alpha None); no weight was changed")
+    return usable_cross(importance.cross_terms(), importance.meta.get("tokens", {}), names)
 
 
 @torch.no_grad()

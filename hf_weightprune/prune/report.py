@@ -77,6 +77,10 @@ class PruningReport:
             `None`) and, when mean compensation had to create biases, `bias_added` (the config flags set).
         reconstruction (`str`, *optional*):
             `"OBS"` when the kept weights were updated to compensate for the pruned ones (SparseGPT's sweep).
+        cross_term (`dict`, *optional*):
+            With `PruneConfig(cross_alpha=...)`: `{"alpha": float, "weights": int}`, the share of the dense-to-pruned
+            correction and how many pruned weights the OBS sweep solved the asymmetric objective for (the others,
+            whose cross term was skipped or covers other tokens, the symmetric one).
         allocation (`str`, *optional*, defaults to `"uniform"`):
             `"owl"` when per-layer sparsities came from OWL.
         routing (`dict`, *optional*):
@@ -99,6 +103,7 @@ class PruningReport:
     importance: dict[str, Any] = field(default_factory=dict)
     structured: dict[str, Any] | None = None
     reconstruction: str | None = None
+    cross_term: dict[str, Any] | None = None
     allocation: str = "uniform"
     routing: dict[str, dict[str, Any]] | None = None
     search: dict[str, Any] | None = None
@@ -191,6 +196,18 @@ class PruningReport:
             `ValueError`: if `mask` is not a non-empty bool tensor.
         """
         self.tensors[name] = {"shape": list(mask.shape), "numel": mask.numel(), "sparsity": mask_sparsity(mask)}
+
+    def record_plan(self, plan: Any) -> None:
+        """
+        Record how a [`~plan.PruningPlan`] pruned (in place): its reconstruction, allocation and cross term.
+
+        Args:
+            plan ([`~plan.PruningPlan`]): the plan the recorded masks came from.
+        """
+        self.reconstruction = "OBS" if plan.reconstruct else None
+        self.allocation = plan.config.allocation
+        alpha = plan.config.cross_alpha
+        self.cross_term = None if alpha is None else {"alpha": alpha, "weights": sum(n in plan.cross for n in self.tensors)}
 
     def record_removed_experts(self, removed: Mapping[str, list[int]]) -> None:
         """

@@ -403,8 +403,7 @@ def prune_checkpoint(
                 shutil.copy2(src, os.path.join(tmp, entry))
         report.tensors = {n: report.tensors[n] for n in names if n in report.tensors}  # model order, as prune_
         report.finalize(sum(p.numel() for p in skeleton.parameters()))
-        report.reconstruction = "OBS" if plan.reconstruct else None
-        report.allocation = config.allocation
+        report.record_plan(plan)
         if base_model is None:
             source = getattr(skeleton.config, "_name_or_path", "") or ""
             base_model = source if source and not os.path.isdir(source) and source != model_dir else None

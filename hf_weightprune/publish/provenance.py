@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # What a hold recovery inherits from the sparsity.json of the folder its masks came from: the statistics and the
 # settings that chose those masks (the hold itself chose none).
-_HELD_FIELDS = ("criterion", "importance", "scope", "reconstruction", "allocation")
+_HELD_FIELDS = ("criterion", "importance", "scope", "reconstruction", "cross_term", "allocation")
 
 
 def read_front_matter(folder: str | os.PathLike) -> dict[str, Any]:
@@ -195,8 +195,8 @@ def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | 
     """The `sparsity.json` payload as written: what it lacks filled in from where the model came from, and no
     absolute local path in it.
 
-    - A hold recovery (`schedule["mode"] == "hold"`) records the criterion, importance, scope, reconstruction and
-      allocation of the prune its masks came from (its own report knows none of them: statistics gathered during
+    - A hold recovery (`schedule["mode"] == "hold"`) records the criterion, importance, scope, reconstruction, cross
+      term and allocation of the prune its masks came from (its own report knows none of them: statistics gathered during
       the recovery chose no mask), and that prune's base model.
     - `base_model` from the source model's folder (its card or `sparsity.json`) when not given; `license` and
       `datasets` likewise, or from a Hub base model's card when the local Hub cache holds it (also recorded in the

@@ -155,6 +155,7 @@ FLAG_KINDS = {
     "bool | None": {"type": bool_or_auto_arg, "metavar": "{auto,true,false}"},
     "bool": {"action": "store_true"},
     "float": {"type": float},
+    "float | None": {"type": float},
     "int": {"type": int},
     "str": {},
     "str | None": {},

@@ -44,10 +44,11 @@ from ..moe import ExpertSlice, find_weights
 from ..prune.masks import apply_mask_, check_nm_shapes
 from ..prune.plan import PruningPlan, uses_obs
 from ..prune.pruner import refuse_tied
+from ..prune.refit import usable_cross
 from ..prune.report import PruningReport
 from ..scorers import SCORERS, get_scorer
 from .schedule import PruneSchedule
-from .stream import layer_groups, propagate_, usable_cross
+from .stream import layer_groups, propagate_
 from .stream import refit_ as stream_refit_
 
 logger = logging.getLogger(__name__)

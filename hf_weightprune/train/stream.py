@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import distributed as D
 from ..matching import TrackedWeight
 from ..moe import find_weights
-from ..prune.refit import propagate_target, refit_masked_
+from ..prune.refit import propagate_target, refit_masked_, usable_cross
 
 logger = logging.getLogger(__name__)
 
@@ -39,27 +39,6 @@ def layer_groups(names: Iterable[str]) -> list[list[str]]:
         return [rest] if rest else []
     ordered[-1].extend(rest)
     return ordered
-
-
-def usable_cross(cross: dict[str, tuple[Tensor, int]] | None, tokens: dict[str, int],
-                 names: Iterable[str]) -> dict[str, Tensor]:
-    """The cross terms of `names` that cover exactly the tokens of their `H~` (`tokens`, the importance's counts).
-
-    A weight whose cross term counts other tokens (forwards without a teacher run: no labels) or none (skipped by
-    `cross_max_in_features`) keeps the plain objective; a count mismatch is logged once per call."""
-    if not cross:
-        return {}
-    out, off = {}, []
-    for n in names:
-        if n in cross and cross[n][1] == tokens.get(n) and cross[n][1] > 0:
-            out[n] = cross[n][0]
-        elif n in cross:
-            off.append(n)
-    if off:
-        logger.warning("PruneSchedule(cross_term=True): the cross term of %d weights (e.g. %s) covers other tokens than "
-                       "their Hessian (training forwards without labels run no teacher): plain objective for those",
-                       len(off), off[0])
-    return out
 
 
 @torch.no_grad()

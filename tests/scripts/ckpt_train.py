@@ -1,7 +1,8 @@
 """Train a tiny Llama with `ImportanceCallback` and optionally hang at a chosen point so a test can SIGKILL it.
 
 `--schedule prune|hold` and `--distill` add gradual pruning (or held masks) and distillation (`--schedule
-cross|depth|refit`: the pruned-stream variants), `--units` the unit statistics of structured pruning
+cross|depth|refit`: the pruned-stream variants; `--refit-at N` and `--cross-term` re-fit a hold run's kept weights
+towards `--teacher` at step N, with the cross term), `--units` the unit statistics of structured pruning
 (`make_callback`); `--arch mixtral|qwen3_moe` trains a tiny mixture of experts instead (expert slices and router
 statistics).
 
@@ -97,12 +98,13 @@ def hang_on_call(name: str, call: int, output_dir: str) -> None:
 
 
 def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=None, distill=False, teacher=None,
-                  teacher_dtype=None, units=False):
+                  teacher_dtype=None, units=False, refit_at=None, cross_term=False):
     """The callback of a run: `schedule` `"prune"` (50% over steps 1-6, a mask update every step: a resume at step 3
     or 6 lands inside the ramp or right after it), `"hold"` (the masks of `masks_from`), `"cross"` (OBS updates on the
     pruned stream with the cross term), `"depth"` (layers pruned front to back) or `"refit"` (OBS updates at 1, 3, 5 and
     a re-fit at 7: checkpoint-6 falls between the last update and the re-fit); `distill`: KL + SquareHead from
-    `teacher` (`None`: the default frozen copy); `units`: `ImportanceConfig(units=True)`."""
+    `teacher` (`None`: the default frozen copy); `units`: `ImportanceConfig(units=True)`; `refit_at`, `cross_term`:
+    `"hold"` only, its re-fit towards the teacher's weights at that step (with the cross term)."""
     sched = None
     if schedule == "prune":
         sched = PruneSchedule(final_sparsity=0.5, start=1, end=6, every_n_steps=1)
@@ -114,7 +116,7 @@ def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=N
     elif schedule == "refit":
         sched = PruneSchedule(final_sparsity=0.5, start=1, end=5, every_n_steps=2, refit_at=7, block_size=8)
     elif schedule == "hold":
-        sched = PruneSchedule(mode="hold", masks_from=masks_from)
+        sched = PruneSchedule(mode="hold", masks_from=masks_from, refit_at=refit_at, cross_term=cross_term)
     cfg = DistillConfig(teacher=teacher, alpha=0.5, temperature=2.0, hidden_weight=0.5,
                         teacher_dtype=teacher_dtype) if distill else None
     return ImportanceCallback(ImportanceConfig(criterion=criterion, units=units), schedule=sched, distill=cfg)
@@ -163,6 +165,8 @@ def main(argv=None):
     parser.add_argument("--masks-from", help="hold: the pruned checkpoint folder")
     parser.add_argument("--distill", action="store_true", help="distil (teacher: --teacher, else the frozen copy)")
     parser.add_argument("--teacher", help="distill: the dense teacher's folder")
+    parser.add_argument("--refit-at", type=int, help="hold: re-fit the kept weights towards --teacher at step N")
+    parser.add_argument("--cross-term", action="store_true", help="hold --refit-at: with the cross term")
     parser.add_argument("--units", action="store_true", help="gather the unit statistics of structured pruning too")
     parser.add_argument("--arch", default="llama", help="llama, or a tiny_moe architecture (mixtral, qwen3_moe, ...)")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT_DIR")
@@ -175,7 +179,7 @@ def main(argv=None):
     if a.hang_in:
         hang_on_call(a.hang_in, a.hang_call, a.output_dir)
     cb = make_callback(a.criterion, schedule=a.schedule, masks_from=a.masks_from, distill=a.distill, teacher=a.teacher,
-                       units=a.units)
+                       units=a.units, refit_at=a.refit_at, cross_term=a.cross_term)
     run(a.output_dir, a.criterion, resume=a.resume or None, callbacks=callbacks, importance_callback=cb, arch=a.arch)
 
 

@@ -132,3 +132,60 @@ def test_ddp_two_ranks_sigkilled_between_the_last_update_and_the_refit_resume_to
     for name in want.names:
         ref = want.state(name)
         torch.testing.assert_close(got.state(name), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()), msg=name)
+
+
+@pytest.mark.multiproc
+def test_ddp_two_ranks_sigkilled_in_a_hold_run_before_its_refit_resume_to_the_uninterrupted_weights(tmp_path):
+    """`PruneSchedule(mode="hold", refit_at=7, cross_term=True)` under `torchrun --nproc_per_node 2`: a one-shot 50%
+    prune's masks held, distilled from the dense model it came from (the re-fit's target), both ranks killed once
+    checkpoint-6 is complete: the hold's `H~` and cross term have gathered steps 1-6 and the re-fit at 7 is pending.
+    The 2-rank resume re-fits from the checkpoint's sums and ends at the uninterrupted 2-rank run's weights and masks.
+
+    Masks and checkpoint-6 bit for bit; checkpoint-8's weights to float tolerance, for the reason given above (a
+    resume restores the summed statistics on rank 0 only, so the re-fit's all-reduce groups the same tokens
+    otherwise)."""
+    import copy
+
+    from hf_weightprune import PruneConfig, prune_, save_pruned
+    from hf_weightprune.files import training_state as T
+    from hf_weightprune.files.cross_files import CROSS_NAME
+    from hf_weightprune.prune.oneshot import oneshot_importance
+    from hf_weightprune.testing import tiny_llama
+    from tests.test_distributed import ATOL_OF_MAX, RTOL, torchrun
+
+    dense = tiny_llama(seed=11)  # the model ckpt_train trains
+    dense.save_pretrained(tmp_path / "dense")
+    pruned = copy.deepcopy(dense)
+    report = prune_(pruned, oneshot_importance(pruned), PruneConfig(sparsity=0.5), progress=False)
+    save_pruned(pruned, tmp_path / "pruned", report=report)
+    argv = ["--criterion", CRITERION, "--schedule", "hold", "--masks-from", str(tmp_path / "pruned"), "--distill",
+            "--teacher", str(tmp_path / "dense"), "--refit-at", str(REFIT), "--cross-term"]
+    (tmp_path / "killed").mkdir()
+    killed = sigkill_at_hang(tmp_path / "killed", {"hold": [*argv, "--hang-after-save", "6"]}, nproc=2)
+    out = workdir(killed, "hold", tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    # Killed after the hold's statistics started and before the re-fit: checkpoint-6 holds H~ and C of steps 1-6.
+    config = json.loads((out / "checkpoint-6" / F.IMPORTANCE_DIR / "importance_config.json").read_text())
+    assert config["schedule"]["refitted_at"] is None
+    pending = load_importance(out / "checkpoint-6")
+    assert pending.num_samples == 6 and all(t > 0 for t in pending.meta["tokens"].values())
+    assert pending.has_cross and (out / "checkpoint-6" / F.IMPORTANCE_DIR / CROSS_NAME).is_file()
+    torchrun("tests.scripts.ckpt_train", str(out), *argv, "--resume")
+    reference = tmp_path / "reference"
+    torchrun("tests.scripts.ckpt_train", str(reference), *argv)
+    for run_dir in (out, reference):
+        config = json.loads((run_dir / "checkpoint-8" / F.IMPORTANCE_DIR / "importance_config.json").read_text())
+        assert config["schedule"]["refitted_at"] == REFIT
+        assert load_importance(run_dir / "checkpoint-8").meta["world_size"] == 2
+    a, b = _weights(out / "checkpoint-6"), _weights(reference / "checkpoint-6")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    assert_same_importance(out / "checkpoint-6", reference / "checkpoint-6")
+    held = load_file(tmp_path / "pruned" / "model.safetensors")
+    ma, mb = (T.load_schedule_masks(d / "checkpoint-8" / F.IMPORTANCE_DIR) for d in (out, reference))
+    assert ma.keys() == mb.keys() and mb and all(torch.equal(ma[n], mb[n]) for n in mb)
+    assert all(torch.equal(mb[n], held[n] != 0) for n in mb)  # the held masks, unchanged by the re-fit
+    a, b = _weights(out / "checkpoint-8"), _weights(reference / "checkpoint-8")
+    assert a.keys() == b.keys()
+    for k, want in b.items():
+        torch.testing.assert_close(a[k], want, rtol=RTOL, atol=ATOL_OF_MAX * float(want.abs().max()), msg=k)
+    assert all(not bool(b[n][~mb[n]].any()) for n in mb)  # pruned weights still exactly zero

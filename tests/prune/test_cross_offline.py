@@ -1,0 +1,172 @@
+"""`PruneConfig(cross_alpha=...)`: offline OBS pruning from a saved importance folder that holds the dense-to-pruned
+cross term of a `PruneSchedule(cross_term=True)` run solves the asymmetric objective `||W X - W_hat X~||^2`
+([`asymmetric_sparsegpt_prune_`]) for every weight with a cross term, in `prune_`, `prune_checkpoint` and the CLI.
+
+The folder comes from a real distilled `Trainer` run on a tiny model (`tests/train/test_cross_wiring.py`'s run:
+`down_proj`, whose 64 inputs exceed `cross_max_in_features=32`, has no cross term and stays symmetric); the pruned
+model is the dense one it started from (the teacher, whose outputs the asymmetric objective targets)."""
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_weightprune import PruneConfig, load_importance, prune_, save_pruned
+from hf_weightprune.files.pruned_files import SPARSITY_NAME
+from hf_weightprune.prune.obs import sparsegpt_prune_
+from hf_weightprune.prune.oneshot import oneshot_importance
+from hf_weightprune.prune.refit import asymmetric_sparsegpt_prune_
+from hf_weightprune.testing import tiny_llama
+from hf_weightprune.tools.cli import main
+from tests.train.test_cross_wiring import _callback, _schedule, _train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(the run's output_dir, whose importance/ holds H~ and C, and the callback's own importance: H~ without C)."""
+    out = tmp_path_factory.mktemp("cross_run")
+    cb = _callback(_schedule(cross_max_in_features=32))
+    _train(out, cb, record=False)
+    return out, cb.importance()
+
+
+def _dense():
+    return tiny_llama(seed=3)  # the model the run started from, and its teacher
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _by_hand(importance, *, alpha, **kwargs):
+    """Every tracked weight of the dense model swept by hand: `asymmetric_sparsegpt_prune_` with the folder's `H~` and
+    `C` where the weight has a cross term, the plain sweep on `H~` where it has none."""
+    model, cross = _dense(), importance.cross_terms()
+    params = dict(model.named_parameters())
+    for name in importance.names:
+        H = importance.state(name)
+        if name in cross:
+            asymmetric_sparsegpt_prune_(params[name], H, cross[name][0], alpha=alpha, **kwargs)
+        else:
+            sparsegpt_prune_(params[name], H, **kwargs)
+    return _weights(model)
+
+
+def _pruned(run_dir, config):
+    model = _dense()
+    report = prune_(model, load_importance(run_dir), config, progress=False)
+    return model, report
+
+
+def test_the_folder_holds_a_cross_term_for_all_but_the_skipped_inputs(run):
+    run_dir, _ = run
+    imp = load_importance(run_dir)
+    terms = imp.cross_terms()
+    assert imp.has_cross and imp.criterion == "sparsegpt"
+    assert set(terms) == {n for n in imp.names if "down_proj" not in n} and terms
+    # Each cross term covers the tokens of its H~ (what makes it usable), and is not zero: the student was pruned.
+    assert all(t == imp.meta["tokens"][n] > 0 and float(c.abs().max()) > 1e-3 for n, (c, t) in terms.items())
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_prune_with_cross_alpha_is_the_asymmetric_sweep_by_hand(run, structure):
+    run_dir, _ = run
+    kwargs = dict(sparsity=0.5, scope="row") if structure == "unstructured" else dict(nm="2:4")
+    config = PruneConfig(structure=structure, scope="row" if structure == "unstructured" else None, block_size=8,
+                         cross_alpha=0.5)
+    model, report = _pruned(run_dir, config)
+    want = _by_hand(load_importance(run_dir), alpha=0.5, blocksize=8, **kwargs)
+    got = _weights(model)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    n_cross = len(load_importance(run_dir).cross_terms())
+    assert report.reconstruction == "OBS" and report.cross_term == {"alpha": 0.5, "weights": n_cross}
+
+    # The symmetric sweep from the same folder: the same sparsity, other kept weights where a cross term applies.
+    plain, plain_report = _pruned(run_dir, PruneConfig(structure=structure, scope=config.scope, block_size=8))
+    assert plain_report.cross_term is None
+    assert plain_report.global_sparsity == report.global_sparsity == pytest.approx(0.5, abs=1e-3)
+    assert {n: t["sparsity"] for n, t in plain_report.tensors.items()} == {n: t["sparsity"]
+                                                                          for n, t in report.tensors.items()}
+    plain = _weights(plain)
+    cross = load_importance(run_dir).cross_terms()
+    for name in load_importance(run_dir).names:
+        assert torch.equal(plain[name], got[name]) == (name not in cross), name  # down_proj: no C, same sweep
+
+
+def test_cross_alpha_zero_is_the_symmetric_sweep_and_the_report_says_which(run, tmp_path):
+    run_dir, _ = run
+    zero, report = _pruned(run_dir, PruneConfig(sparsity=0.5, block_size=8, cross_alpha=0.0))
+    plain, _ = _pruned(run_dir, PruneConfig(sparsity=0.5, block_size=8))
+    a, b = _weights(zero), _weights(plain)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    # sparsity.json records that the cross term was used, with which alpha and for how many weights.
+    save_pruned(zero, tmp_path / "zero", report=report, write_card=False)
+    saved = json.loads((tmp_path / "zero" / SPARSITY_NAME).read_text())
+    assert saved["reconstruction"] == "OBS"
+    assert saved["cross_term"] == {"alpha": 0.0, "weights": len(load_importance(run_dir).cross_terms())}
+    save_pruned(plain, tmp_path / "plain", report=_pruned(run_dir, PruneConfig(sparsity=0.5))[1], write_card=False)
+    assert json.loads((tmp_path / "plain" / SPARSITY_NAME).read_text())["cross_term"] is None
+
+
+def test_a_folder_with_a_cross_term_pruned_without_cross_alpha_says_so(run, caplog):
+    run_dir, callback_importance = run
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
+        _pruned(run_dir, PruneConfig(sparsity=0.5))
+    assert "holds the dense-to-pruned cross term" in caplog.text and "Pass cross_alpha=0.5" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):  # nothing to say without a cross term
+        prune_(_dense(), callback_importance, PruneConfig(sparsity=0.5), progress=False)
+    assert "cross term" not in caplog.text
+
+
+def _refused(model, importance, config, match):
+    before = _weights(model)
+    with pytest.raises(ValueError, match=match) as e:
+        prune_(model, importance, config, progress=False)
+    assert "\n" not in str(e.value)
+    after = _weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing modified
+
+
+def test_refusals_in_one_line_before_any_weight_changes(run):
+    run_dir, callback_importance = run
+    # An importance without the cross term (a running callback's, or any run without cross_term=True).
+    assert not callback_importance.has_cross
+    _refused(_dense(), callback_importance, PruneConfig(sparsity=0.5, cross_alpha=0.5),
+             r"cross_alpha=0.5 needs the dense-to-pruned cross term, and this importance holds none: gather it during "
+             r"training with PruneSchedule\(cross_term=True, ...\) under ImportanceCallback\(distill=DistillConfig")
+    # A criterion without the sparsegpt statistic: no OBS sweep to correct.
+    model = _dense()
+    _refused(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5, cross_alpha=0.5),
+             r"cross_alpha=0.5 corrects the OBS sweep, which needs the input Hessians of criterion 'sparsegpt'; this "
+             r"importance is 'magnitude'")
+    # Refused by the config itself, before any importance is read.
+    for kwargs, match in (
+        (dict(cross_alpha=1.5), r"cross_alpha must be None or a float in \[0, 1\]"),
+        (dict(cross_alpha=-0.1), r"cross_alpha must be None or a float in \[0, 1\]"),
+        (dict(cross_alpha=True), r"cross_alpha must be None or a float in \[0, 1\]"),
+        (dict(cross_alpha=0.5, reconstruct=False), r"cross_alpha corrects the OBS sweep, which reconstruct=False"),
+        (dict(cross_alpha=0.5, structure="neurons"), r"structure 'neurons' does not read the cross term"),
+        (dict(cross_alpha=0.5, structure="layers", sparsity=0.5), r"structure 'layers' does not read the cross term"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            PruneConfig(**kwargs)
+    # Saved and read back with the config.
+    config = PruneConfig(sparsity=0.5, cross_alpha=0.25)
+    assert PruneConfig.from_dict(config.to_dict()).cross_alpha == 0.25
+
+
+def test_cli_prunes_file_to_file_with_cross_alpha(run, tmp_path, capsys):
+    run_dir, _ = run
+    dense = tmp_path / "dense"
+    _dense().save_pretrained(dense)
+    out = tmp_path / "pruned"
+    assert main(["prune", str(dense), "--importance", str(run_dir), "--sparsity", "0.5", "--scope", "row",
+                 "--block_size", "8", "--cross_alpha", "0.5", "--output_dir", str(out)]) == 0
+    model, report = _pruned(run_dir, PruneConfig(sparsity=0.5, scope="row", block_size=8, cross_alpha=0.5))
+    got, want = load_file(out / "model.safetensors"), _weights(model)
+    assert all(torch.equal(got[k], want[k]) for k in want if k in got) and set(report.tensors) <= got.keys()
+    saved = json.loads((out / SPARSITY_NAME).read_text())
+    assert saved["cross_term"] == report.cross_term == {"alpha": 0.5, "weights": len(load_importance(run_dir).cross_terms())}
