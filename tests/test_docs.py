@@ -258,7 +258,7 @@ MAY_IMPORT = {
     "train/distill": {"io_utils"},
     "train/distiller": {"collect/activations", "train/distill"},
     "train/holder": {"distributed", "files/pruned_files", "matching", "moe", "prune/masks", "prune/plan", "prune/pruner", "prune/report", "scorers", "train/schedule", "train/stream"},
-    "train/recovery": {"distributed"},
+    "train/recovery": {"distributed", "io_utils", "train/checkpoint"},
     "train/schedule": {"config", "files/safetensors_io", "io_utils", "validation"},
     "train/stream": {"distributed", "matching", "moe", "prune/refit"},
 }
