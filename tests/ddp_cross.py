@@ -1,7 +1,8 @@
 """The cross term under DDP: run by `tests/train/test_cross_wiring.py` with `torchrun --nproc_per_node 2` (gloo, CPU).
 
 Two ranks of 2 windows per step against one process of 4 (`run(..., batch=4)`, in-process): each rank writes the
-cross terms summed over ranks (a collective), their token counts and the final masks to `OUT/rank{r}.safetensors`.
+cross terms summed over ranks (a collective), their token counts, the final masks and the run's `training_record()`
+(optimizer steps, real tokens summed over ranks: a collective) to `OUT/rank{r}.safetensors`.
 
 `python -m tests.ddp_cross OUT --hold-refit PRUNED` (run by `tests/train/test_hold_refit.py`): the held phase's
 re-fit towards the teacher instead (`run_hold_refit`), the masks of the pruned checkpoint `PRUNED` held.
@@ -32,12 +33,16 @@ def run(out: str, batch: int = 2) -> dict[str, torch.Tensor]:
                             distill=DistillConfig(alpha=0.5, temperature=2.0))
     # lr=0: the weights move only by the OBS updates, so one process and two see the same models
     args = training_args(out, max_steps=6, per_device_train_batch_size=batch, learning_rate=0.0, seed=0,
-                         save_strategy="no", logging_steps=100, **({"ddp_backend": "gloo"} if batch == 2 else {}))
-    Trainer(model=model, args=args, train_dataset=Padded(), callbacks=[cb]).train()
+                         save_strategy="no", logging_steps=100, include_num_input_tokens_seen="non_padding",
+                         **({"ddp_backend": "gloo"} if batch == 2 else {}))
+    trainer = Trainer(model=model, args=args, train_dataset=Padded(), callbacks=[cb])
+    trainer.train()
     terms = cb._cross_terms()  # a collective: every rank calls it
     tensors = {f"cross.{n}": c.clone() for n, (c, _) in terms.items()}  # q/k/v alias one sum: one copy each
     tensors.update({f"tokens.{n}": torch.tensor(k) for n, (_, k) in terms.items()})
     tensors.update({f"mask.{n}": m.to(torch.uint8) for n, m in cb.mask_holder.masks.items()})
+    tensors.update({f"training.{k}": torch.tensor(v) for k, v in cb.training_record().items()})
+    tensors["trainer.tokens_seen"] = torch.tensor(trainer.state.num_input_tokens_seen)  # the Trainer's own count
     return tensors
 
 

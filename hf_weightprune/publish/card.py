@@ -366,14 +366,26 @@ def search_text(search: dict | None) -> str | None:
 
     others = [f"{label(r)} {r['loss']:.4f}{params(r)}" if r.get("skipped") is None
               else f"{label(r)} skipped (the reason is in {SPARSITY_NAME})" for i, r in enumerate(rows) if i != chosen]
-    steps = search.get("recovery_steps") or 0
     distilled = " distilled from the dense model" if search.get("distillation") else ""
-    how = f"after {steps} steps of recovery{distilled}" if steps else "one-shot"
+    ran = [t for t in (r.get("training") for r in rows)
+           if isinstance(t, dict) and all(isinstance(t.get(k), int) for k in ("steps", "tokens"))]
+    if ran:  # measured: what each candidate's recovery Trainer ran
+        how = f"after {_span(ran, 'steps')} optimizer steps of recovery{distilled} ({_span(ran, 'tokens')} training " \
+              "tokens, padding excluded, counted while each recovered)"
+    else:  # written before the recovery was measured: the steps asked for
+        steps = search.get("recovery_steps") or 0
+        how = f"after {steps} steps of recovery{distilled}" if steps else "one-shot"
     return (f"the shape was chosen by measured loss among {len(rows)} candidates of the same budget, each pruned and "
             f"scored {how} by its mean loss on {search.get('windows')} windows of training text "
             f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {rows[chosen]['loss']:.4f}"
             f"{params(rows[chosen])}, the lowest"
             + (f" (others: {'; '.join(others)})" if others else "") + f"; dense model {search.get('dense_loss'):.4f}")
+
+
+def _span(records: list[dict], key: str) -> str:
+    """`"12,288"` when every record has that count, else `"12,000 to 12,288"`."""
+    low, high = min(r[key] for r in records), max(r[key] for r in records)
+    return f"{low:,}" if low == high else f"{low:,} to {high:,}"
 
 
 def write_model_card(output_dir: str | os.PathLike, **card_args: Any) -> Path:

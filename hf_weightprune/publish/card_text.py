@@ -147,11 +147,13 @@ def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
 
 def schedule_context(schedule: Any) -> dict | None:
     """The schedule recorded in `sparsity.json` as `{"text": ...}` for the card, when it has everything the card says:
-    a recovery with the mask held (`mode="hold"`), or the gradual ramp with its steps (or fractions of training)."""
+    a recovery with the mask held (`mode="hold"`), or the gradual ramp with its steps (or fractions of training).
+    `cross_term` is whether the text names GPTAQ / QEP (whose papers the references then list)."""
     if not isinstance(schedule, dict):
         return None
     if schedule.get("mode") == "hold":
-        return {"text": "pruned once, then fine-tuned with that mask held (a recovery fine-tune)"}
+        return {"text": "pruned once, then fine-tuned with that mask held (a recovery fine-tune)"
+                        + "".join(_hold_refit_text(schedule)), "cross_term": _hold_names_cross_term(schedule)}
     needed = ("initial_sparsity", "final_sparsity", "start", "end", "every_n_steps", "ramp")
     if not all(schedule.get(k) is not None for k in needed):
         return None
@@ -161,9 +163,7 @@ def schedule_context(schedule: Any) -> dict | None:
     elif isinstance(start, float) and isinstance(end, float):  # fractions of the run's max_steps
         span = f"from {100 * start:g}% to {100 * end:g}% of training"
     else:  # one of each, e.g. the default start=0.0 with end=500
-        def at(v):
-            return f"step {v}" if isinstance(v, int) else f"{100 * v:g}% of training"
-        span = f"from {at(start)} to {at(end)}"
+        span = f"from {_at(start)} to {_at(end)}"
     if schedule.get("order") == "depth":  # no ramp: each layer group pruned once, front to back
         text = (f"decoder layers pruned front to back {span}, each once to {100 * schedule['final_sparsity']:.1f}% "
                 "sparsity from statistics gathered after the layers before it were pruned")
@@ -190,13 +190,44 @@ def _pruned_stream_text(schedule: dict) -> list[str]:
         return []
     parts = ["; the input Hessians restarted at every mask change, so each update read the pruned model's own inputs"]
     if _names_cross_term(schedule):
-        parts.append(f"; the updates solved the asymmetric objective `||W X - W_hat X~||^2` with the dense-to-pruned "
-                     f"cross term from the teacher's forwards (GPTAQ / QEP, alpha {schedule.get('cross_alpha')})")
+        parts.append("; the updates solved the asymmetric objective `||W X - W_hat X~||^2` with the dense-to-pruned "
+                     f"cross term from the teacher's forwards {_cross_detail(schedule)}")
     refit = schedule.get("refit_at")
     if refit is not None:
-        at = f"step {refit}" if isinstance(refit, int) else f"{100 * refit:g}% of training"
-        parts.append(f"; at {at} the kept weights were re-fitted by least squares on their fixed support")
+        parts.append(f"; at {_at(refit)} the kept weights were re-fitted by least squares on their fixed support")
     return parts
+
+
+def _hold_names_cross_term(schedule: dict) -> bool:
+    # a hold run's cross term feeds its re-fit only (`PruneSchedule` refuses it without `refit_at`)
+    return schedule.get("refit_at") is not None and bool(schedule.get("cross_term"))
+
+
+def _hold_refit_text(schedule: dict) -> list[str]:
+    """A hold run's re-fit (`refit_at`) and its cross term, as clauses appended to the hold sentence: the kept weights
+    were re-fitted towards the dense teacher's weights from the pruned model's own input Hessians."""
+    refit = schedule.get("refit_at")
+    if refit is None:
+        return []
+    parts = [f"; at {_at(refit)} the kept weights were re-fitted by least squares on their fixed support towards the "
+             "dense teacher's weights (each layer's dense output on the pruned model's inputs), from the input "
+             "Hessians of the pruned model's own forwards since training began"]
+    if _hold_names_cross_term(schedule):
+        parts.append("; the re-fit solved the asymmetric objective `||W X - W_hat X~||^2` (`W` the teacher's weight) "
+                     f"with the dense-to-pruned cross term from the teacher's forwards {_cross_detail(schedule)}")
+    return parts
+
+
+def _cross_detail(schedule: dict) -> str:
+    """`(GPTAQ / QEP, alpha 0.5)`, with the Linears `cross_max_in_features` left on the plain objective."""
+    limit = schedule.get("cross_max_in_features")
+    skipped = f"; Linears of more than {limit:,} inputs kept the plain objective" if isinstance(limit, int) else ""
+    return f"(GPTAQ / QEP, alpha {schedule.get('cross_alpha')}{skipped})"
+
+
+def _at(point: Any) -> str:
+    """A schedule's step (int) or fraction of training (float), in the card's words."""
+    return f"step {point}" if isinstance(point, int) else f"{100 * point:g}% of training"
 
 
 def _teacher_text(teacher: Any, is_local: bool = False) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from transformers import TrainerCallback
 
 from ..collect.importance import Importance
 from ..config import ImportanceConfig, PruneConfig
@@ -33,6 +34,7 @@ from ..prune.pruner import prune_
 from ..prune.report import PruningReport
 from ..train.callback import ImportanceCallback
 from ..train.distill import DistillConfig
+from ..train.recovery import TrainingCounter
 from .data import evaluate_loss
 
 __all__ = ["StructureSearch", "candidate_configs", "search_for_cli", "search_structures"]
@@ -49,14 +51,17 @@ class StructureSearch:
 
     Args:
         candidates (`list[dict]`): one row per candidate, in the order given: `config` (`PruneConfig.to_dict()`),
-            `loss` and `perplexity` on the windows (`None` when skipped), `num_parameters` (after pruning) and
+            `loss` and `perplexity` on the windows (`None` when skipped), `num_parameters` (after pruning),
             `skipped` (the one-line reason a candidate could not be pruned, or kept a count off the budget by more
-            than one step of its coarsest axis, else `None`).
+            than one step of its coarsest axis, else `None`) and `training` (its recovery as it ran, counted by the
+            recovery `Trainer`: `{"steps", "tokens"}`, optimizer steps and real input tokens, padding excluded;
+            `None` when it was not recovered).
         best (`PruneConfig`): the candidate of lowest loss (the first of equal ones).
         best_index (`int`): its position in `candidates`.
         dense_loss (`float`): the unpruned model's loss on the same windows.
         windows (`int`), tokens (`int`): how many windows scored each candidate, and their predicted tokens.
-        recovery_steps (`int`): optimizer steps of recovery before each candidate was scored (0: one-shot).
+        recovery_steps (`int`): optimizer steps of recovery asked for each candidate (0: one-shot); what each one
+            ran is its row's `training`.
         distillation (`dict`, *optional*): `DistillConfig.to_dict()` of that recovery, `None` without.
         model (`nn.Module`, *optional*): a copy of the input model pruned with `best`, one-shot (see
             [`search_structures`]); `None` with `return_model=False`.
@@ -158,15 +163,35 @@ def _check(candidates, recovery_steps, train_dataset, training_args, distill) ->
     return candidates
 
 
+class _Counted(TrainerCallback):
+    """The optimizer steps and real tokens one recovery ran ([`TrainingCounter`], under a key of its own), whatever
+    the caller's `training_args` or callbacks (an early stop) made of `max_steps`."""
+
+    def __init__(self):
+        self.counter = TrainingCounter(name="search")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.counter.start(model, state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.counter.step_end(state, control)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.counter.stop(state)
+
+
 def _recover(student: nn.Module, dense: nn.Module, steps: int, train_dataset, training_args: dict | None,
-             distill: DistillConfig | None, callbacks: list | None) -> None:
-    """`steps` optimizer steps of `student` with the real `Trainer`; with `distill`, from the dense model."""
+             distill: DistillConfig | None, callbacks: list | None) -> dict[str, int]:
+    """`steps` optimizer steps of `student` with the real `Trainer`; with `distill`, from the dense model. Returns
+    what ran: `{"steps", "tokens"}`."""
     from transformers import Trainer, TrainingArguments
 
+    counted = _Counted()
     with tempfile.TemporaryDirectory(prefix="hf-weightprune-search-") as tmp:
         kwargs = {"output_dir": tmp, "report_to": [], **(training_args or {})}
         args = TrainingArguments(**kwargs, max_steps=steps, save_strategy="no")
-        trainer = Trainer(model=student, args=args, train_dataset=train_dataset, callbacks=list(callbacks or []))
+        trainer = Trainer(model=student, args=args, train_dataset=train_dataset,
+                          callbacks=[counted, *(callbacks or [])])
         if distill is not None:
             teacher = distill.teacher if distill.teacher is not None else dense
             # magnitude reads the weights once at the end: no hooks, nothing gathered while recovering
@@ -174,6 +199,7 @@ def _recover(student: nn.Module, dense: nn.Module, steps: int, train_dataset, tr
                                distill=dataclasses.replace(distill, teacher=teacher)).attach(trainer)
         trainer.train()
         del trainer
+    return counted.counter.record()
 
 
 def search_structures(
@@ -245,7 +271,8 @@ def search_structures(
     dense = evaluate_loss(model, windows, batch_size=batch_size, max_batches=max_batches)
     rows = []
     for config in candidates:
-        row = {"config": config.to_dict(), "loss": None, "perplexity": None, "num_parameters": None, "skipped": None}
+        row = {"config": config.to_dict(), "loss": None, "perplexity": None, "num_parameters": None, "skipped": None,
+               "training": None}
         rows.append(row)
         student = copy.deepcopy(model)
         try:  # a shallow copy of the importance: prune_ binds it to the candidate, the caller's stays as it was
@@ -259,7 +286,8 @@ def search_structures(
             logger.info("structure search: %s skipped: %s", config.structure, row["skipped"])
         else:
             if recovery_steps:
-                _recover_keeping(student, model, recovery_steps, train_dataset, training_args, distill, callbacks)
+                row["training"] = _recover_keeping(student, model, recovery_steps, train_dataset, training_args,
+                                                   distill, callbacks)
             scored = evaluate_loss(student, windows, batch_size=batch_size, max_batches=max_batches)
             row["loss"], row["perplexity"] = scored["loss"], scored["perplexity"]
             logger.info("structure search: %s (%s): %d parameters, loss %.4f", config.structure,
@@ -304,13 +332,13 @@ def _teacher_named(distill: DistillConfig | None, model: nn.Module) -> dict[str,
     return out
 
 
-def _recover_keeping(student, model, steps, train_dataset, training_args, distill, callbacks) -> None:
+def _recover_keeping(student, model, steps, train_dataset, training_args, distill, callbacks) -> dict[str, int]:
     """[`_recover`], then the input model's mode, `requires_grad` flags and device as they were (it may have
     served as the teacher, which the distiller freezes and moves to the student's device)."""
     mode, grads = model.training, [p.requires_grad for p in model.parameters()]
     device = next(model.parameters()).device
     try:
-        _recover(student, model, steps, train_dataset, training_args, distill, callbacks)
+        return _recover(student, model, steps, train_dataset, training_args, distill, callbacks)
     finally:
         model.train(mode)
         for p, g in zip(model.parameters(), grads):

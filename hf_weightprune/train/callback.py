@@ -359,6 +359,7 @@ class ImportanceCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.checkpoint.on_save(args, state)
+        self.counter.saved(args, state)  # a save decided after on_step_end: the counts are written now
 
     def on_train_end(self, args, state, control, **kwargs):
         self.accumulator.meta["global_step"] = state.global_step

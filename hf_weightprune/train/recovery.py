@@ -11,20 +11,26 @@ real training tokens (padding excluded) of the run, measured here rather than ty
 - **Steps**: one per optimizer step (`on_step_end`).
 - **Resume**: the counts (summed over ranks) ride in the `Trainer`'s own `trainer_state.json`, under
   `stateful_callbacks[<key>]`, folded in before every save: at a step's end when the Trainer will save, and after an
-  evaluation (which may decide a `save_strategy="best"` save). A resumed run reads them back from the checkpoint's
-  state, so its counts are those of the whole run. The Trainer restores only `ExportableState` callbacks from that
+  evaluation (which may decide a `save_strategy="best"` save). A save decided later (by a callback listed after this
+  one) finds stale counts in the state the Trainer wrote: `saved` then folds and writes them into that checkpoint's
+  `trainer_state.json`. A resumed run reads them back from the checkpoint's state, so its counts are those of the
+  whole run. The Trainer restores only `ExportableState` callbacks from that
   field: with `restore_callback_states_from_checkpoint=True` it logs that it ignores this entry, and nothing else.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import distributed as D
+from ..io_utils import atomic_write_json
+from .checkpoint import checkpoint_dir
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +71,9 @@ class TrainingCounter:
         saved = (state.stateful_callbacks or {}).get(self.key) if state.global_step > 0 else None
         if isinstance(saved, dict) and saved.get("global_step") == state.global_step:
             self.steps, self.tokens = int(saved["steps"]), int(saved["tokens"])
+        elif isinstance(saved, dict):  # written before `saved` existed, by a save decided after `step_end`
+            self._unknown = (f"the run resumed at step {state.global_step} from a checkpoint that holds the training "
+                             f"counts of step {saved.get('global_step')} only")
         elif state.global_step > 0:
             self._unknown = (f"the run resumed at step {state.global_step} from a checkpoint that holds no training "
                              "counts (written by an earlier hf-weightprune or without this callback)")
@@ -93,6 +102,22 @@ class TrainingCounter:
                 state.stateful_callbacks = {}
             state.stateful_callbacks[self.key] = {"global_step": state.global_step, "steps": self.steps,
                                                   "tokens": self.tokens}
+
+    def saved(self, args, state) -> None:
+        """The Trainer wrote `checkpoint-<global_step>`. A save decided after `step_end` (by a later callback) wrote
+        the counts of an earlier fold: fold now (collective: the same decision on every rank) and put them into
+        that checkpoint's `trainer_state.json` (rank 0, which wrote it), so that a resume from it knows the length."""
+        entry = (state.stateful_callbacks or {}).get(self.key)
+        if self._unknown is not None or (isinstance(entry, dict) and entry.get("global_step") == state.global_step):
+            return
+        self.fold(state)
+        folder = checkpoint_dir(args, state)
+        path = os.path.join(folder, "trainer_state.json") if folder is not None else None
+        if path is not None and D.rank_and_world()[0] == 0 and os.path.isfile(path):
+            with open(path) as f:
+                written = json.load(f)
+            written.setdefault("stateful_callbacks", {})[self.key] = state.stateful_callbacks[self.key]
+            atomic_write_json(path, written)
 
     def stop(self, state) -> None:
         """Train end: fold the last steps' tokens and remove the hook."""

@@ -270,18 +270,57 @@ def test_schedule_sentence_states_the_pruned_stream_options():
     assert "ramp" not in depth and "restarted at every mask change" in depth
 
 
+def test_hold_sentence_states_the_refit_towards_the_teacher_and_the_cross_term(tmp_path):
+    """A hold recovery that re-fitted its kept weights (`refit_at`) towards the dense teacher, with or without the
+    cross term, says so on its Schedule line (step or share of training, alpha, the Linears left on the plain
+    objective); a plain hold says neither. Read from the `sparsity.json` save_pruned writes."""
+    from hf_weightprune.publish.card_text import schedule_context
+
+    model = tiny_llama(seed=2)
+    report = prune_(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5), progress=False)
+
+    def recorded(**options):
+        schedule = PruneSchedule(mode="hold", masks_from=str(tmp_path / "pruned"), **options)
+        out = save_pruned(model, tmp_path / "out", report=report, schedule=schedule, overwrite=True)
+        assert load_sparsity(out)["schedule"] == schedule.to_dict()
+        return schedule_context(load_sparsity(out)["schedule"])
+
+    plain = recorded()
+    assert plain == {"text": "pruned once, then fine-tuned with that mask held (a recovery fine-tune)",
+                     "cross_term": False}
+    refit = recorded(refit_at=4)
+    assert refit["text"].startswith(plain["text"] + "; at step 4 the kept weights were re-fitted by least squares on "
+                                    "their fixed support towards the dense teacher's weights")
+    assert "pruned model's own forwards since training began" in refit["text"]
+    assert "GPTAQ" not in refit["text"] and not refit["cross_term"]
+    cross = recorded(refit_at=0.5, cross_term=True, cross_alpha=0.25, cross_max_in_features=64)
+    assert "at 50% of training the kept weights were re-fitted" in cross["text"] and cross["cross_term"]
+    assert cross["text"].endswith("the re-fit solved the asymmetric objective `||W X - W_hat X~||^2` (`W` the "
+                                  "teacher's weight) with the dense-to-pruned cross term from the teacher's forwards "
+                                  "(GPTAQ / QEP, alpha 0.25; Linears of more than 64 inputs kept the plain objective)")
+    card = (tmp_path / "out" / "README.md").read_text()  # the last one's card states that line
+    assert f"- **Schedule**: {cross['text']}." in card
+
+
+HOLD = dict(mode="hold", masks_from="pruned")
+
+
 @pytest.mark.parametrize("options, named", [
     (dict(cross_term=True, refit_at=0.8), True),
     (dict(cross_term=True, pruned_stream=True), True),
     (dict(pruned_stream=True), False),
     ({}, False),
+    (dict(HOLD, refit_at=3, cross_term=True, cross_alpha=1.0), True),
+    (dict(HOLD, refit_at=3), False),
+    (HOLD, False),
 ])
 def test_the_references_list_gptaq_and_qep_exactly_when_the_schedule_line_names_them(tmp_path, options, named):
     from hf_weightprune.publish.card_refs import GPTAQ_REFERENCE, QEP_REFERENCE
 
     model = tiny_llama(seed=2)
     report = prune_(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5), progress=False)
-    schedule = PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6, **options)
+    ramp = {} if options.get("mode") == "hold" else dict(final_sparsity=0.5, start=0.1, end=0.6)
+    schedule = PruneSchedule(**ramp, **options)
     save_pruned(model, tmp_path / "out", report=report, schedule=schedule)
     card = (tmp_path / "out" / "README.md").read_text()
     schedule_line = next(line for line in card.splitlines() if line.startswith("- **Schedule**"))

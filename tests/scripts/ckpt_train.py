@@ -8,12 +8,14 @@ statistics).
 
 Run as `python -m tests.scripts.ckpt_train OUTPUT_DIR [options]` (or under `torchrun --nproc_per_node N`: DDP on
 gloo, the same global batch); `run()` is also called in-process by the tests so both sides train with exactly the
-same arguments. A hang writes `OUTPUT_DIR/HANG` and sleeps.
+same arguments. A hang writes `OUTPUT_DIR/HANG` and sleeps. `--record` writes the callback's `training_record()` to
+`OUTPUT_DIR/training_record.rank{RANK}.json` once training ends (every rank: it is a collective).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -170,6 +172,7 @@ def main(argv=None):
     parser.add_argument("--units", action="store_true", help="gather the unit statistics of structured pruning too")
     parser.add_argument("--arch", default="llama", help="llama, or a tiny_moe architecture (mixtral, qwen3_moe, ...)")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUTPUT_DIR")
+    parser.add_argument("--record", action="store_true", help="write training_record() once training ends")
     a = parser.parse_args(argv)
     callbacks = []
     if a.hang_after_save:
@@ -181,6 +184,10 @@ def main(argv=None):
     cb = make_callback(a.criterion, schedule=a.schedule, masks_from=a.masks_from, distill=a.distill, teacher=a.teacher,
                        units=a.units, refit_at=a.refit_at, cross_term=a.cross_term)
     run(a.output_dir, a.criterion, resume=a.resume or None, callbacks=callbacks, importance_callback=cb, arch=a.arch)
+    if a.record:
+        record = cb.training_record()  # a collective: every rank asks
+        with open(os.path.join(a.output_dir, f"training_record.rank{os.environ.get('RANK', 0)}.json"), "w") as f:
+            json.dump(record, f)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ class _Steps(TrainerCallback):
     """Counts the recovery runs and their optimizer steps, and what the distillation logged."""
 
     def __init__(self):
-        self.runs, self.steps, self.logged = 0, [], set()
+        self.runs, self.steps, self.logged, self.seen = 0, [], set(), []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.runs += 1
@@ -153,6 +153,9 @@ class _Steps(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.logged |= set(logs or {})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seen.append(state.num_input_tokens_seen)  # the Trainer's own count (include_num_input_tokens_seen)
 
 
 @pytest.mark.parametrize("distill", [None, DistillConfig(alpha=0.5)])
@@ -168,6 +171,9 @@ def test_recovery_runs_that_many_trainer_steps_per_candidate(run, distill):
     assert counter.runs == 2 and counter.steps == [3, 3]  # the skipped candidate never trains
     assert ("distill/kl" in counter.logged) == (distill is not None)
     assert result.recovery_steps == 3
+    # What ran, measured: 3 steps of 4 unpadded 16-token windows; the one never recovered has none.
+    assert [row["training"] for row in result.candidates] == [{"steps": 3, "tokens": 192}, None,
+                                                             {"steps": 3, "tokens": 192}]
     assert (result.distillation or {}).get("teacher") == (None if distill is None else "LlamaForCausalLM")
     for row in (result.candidates[0], result.candidates[2]):  # recovered: not the one-shot loss any more
         oneshot = copy.deepcopy(model)
@@ -193,6 +199,43 @@ def test_the_search_is_written_to_sparsity_json_and_the_card(run, tmp_path):
     assert f"`{chosen['config']['structure']}` {chosen['loss']:.4f} at {chosen['num_parameters']:,} parameters, the lowest" in line
     assert "among 3 candidates" in line and "one-shot" in line and "`heads` skipped (the reason is in sparsity.json)" in line
     assert "arXiv:2407.14679" in card.split("## ")[-1]  # the references
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+def test_the_card_states_the_recovery_each_candidate_ran_not_the_steps_asked(run, tmp_path):
+    """A recovery a callback stopped early ran fewer steps than `recovery_steps`: the rows and the card state the steps
+    and real tokens (padding excluded, as the Trainer's `non_padding` count) of what ran."""
+    from tests.train.test_distill import PaddedDataset
+
+    model, imp = run
+    counter = _Steps()
+    cands = [PruneConfig(structure="neurons", target_params=BUDGET),
+             PruneConfig(structure="layers,neurons", target_params=BUDGET)]
+    result = search_structures(model, imp, cands, _windows(), recovery_steps=5, train_dataset=PaddedDataset(n=24),
+                               training_args={**TRAIN_ARGS, "include_num_input_tokens_seen": "non_padding"},
+                               callbacks=[counter, _StopAt(2)])
+    assert counter.steps == [2, 2] and counter.seen[0] == counter.seen[1] < 2 * 4 * 12  # padded rows, same batches
+    assert [row["training"] for row in result.candidates] == [{"steps": 2, "tokens": counter.seen[0]}] * 2
+    save_pruned(result.model, tmp_path / "out", report=result.report)
+    section = load_sparsity(tmp_path / "out")["search"]
+    assert section["recovery_steps"] == 5 and section["candidates"][0]["training"]["steps"] == 2
+    card = (tmp_path / "out" / "README.md").read_text()
+    line = next(ln for ln in card.splitlines() if ln.startswith("- **Shape search**"))
+    assert (f"scored after 2 optimizer steps of recovery ({counter.seen[0]:,} training tokens, padding excluded, "
+            "counted while each recovered)") in line
+    assert "5 steps" not in line
+    # A file written before the recovery was measured (no `training` in its rows): the steps it asked for, as before.
+    from hf_weightprune.publish.card import search_text
+
+    old = {**section, "candidates": [{k: v for k, v in r.items() if k != "training"} for r in section["candidates"]]}
+    assert "scored after 5 steps of recovery by its mean loss" in search_text(old)
 
 
 @pytest.fixture(scope="module")

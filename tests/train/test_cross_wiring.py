@@ -212,6 +212,10 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)  # every rank holds the sum
     one = ddp_cross.run(str(tmp_path / "single"), batch=4)
     assert one.keys() == r0.keys() and any(k.startswith("cross.") for k in one)
+    # training_record(): the steps of one process, and its real tokens as the sum of both ranks' (padding excluded,
+    # as the Trainer's own non_padding count, gathered over ranks; every other window of `Padded` is padded)
+    assert int(r0["training.steps"]) == int(one["training.steps"]) == 6
+    assert int(r0["training.tokens"]) == int(one["training.tokens"]) == int(r0["trainer.tokens_seen"]) < 6 * 4 * 12
     for k, want in one.items():
         if k.startswith("cross."):  # the same tokens, summed in another order
             torch.testing.assert_close(r0[k], want, rtol=1e-4, atol=1e-4 * float(want.abs().max()), msg=k)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -174,3 +175,66 @@ def test_the_counter_s_hook_goes_with_the_run(tmp_path):
     with torch.no_grad():  # forwards after training (train mode or not) are no training tokens of the run
         student.train()(torch.ones(1, 5, dtype=torch.long))
     assert cb.training_record()["steps"] == 4 and cb.training_record()["tokens"] == trainer.state.num_input_tokens_seen
+
+
+# SIGKILL: `tests/scripts/ckpt_train.py` (tiny Llama, 16 unpadded windows of 16 tokens, 4 per step, 8 steps, a checkpoint
+# every 3 steps), distilled from its frozen copy (the teacher's forwards are no training tokens), killed once
+# checkpoint-6 is complete ("steps"), or checkpoint-5, a save another callback decided after the counter's step end
+# ("late"), and resumed by a fresh process; the reference is the same script's uninterrupted run.
+KILLED = {"steps": ["--distill", "--hang-after-save", "6"],
+          "late": ["--distill", "--save-late", "5", "--hang-after-save", "5"]}
+WHOLE = {"steps": 8, "tokens": 8 * 4 * 16}
+
+
+def _killed(tmp_path, nproc=1):
+    from tests.helpers import sigkill_at_hang, workdir
+
+    (tmp_path / "killed").mkdir()
+    killed = sigkill_at_hang(tmp_path / "killed", KILLED, nproc=nproc)
+    outs = {name: workdir(killed, name, tmp_path) for name in KILLED}
+    for name, step in (("steps", 6), ("late", 5)):  # the counts of the steps the checkpoint holds
+        state = json.loads((outs[name] / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        assert state["stateful_callbacks"]["hf_weightprune.training"] == {"global_step": step, "steps": step,
+                                                                          "tokens": step * 64}
+    return outs
+
+
+def test_a_sigkilled_run_resumed_states_the_uninterrupted_run_s_record(tmp_path):
+    from tests.scripts.ckpt_train import make_callback, run
+
+    reference = make_callback(distill=True)
+    run(tmp_path / "reference", importance_callback=reference)
+    assert reference.training_record() == WHOLE
+    outs = _killed(tmp_path)
+    # As a late save wrote it before the counter rewrote the entry: the counts of step 3 only, refused by name.
+    stale = tmp_path / "stale"
+    shutil.copytree(outs["late"], stale)
+    path = stale / "checkpoint-5" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state["stateful_callbacks"]["hf_weightprune.training"] = {"global_step": 3, "steps": 3, "tokens": 192}
+    path.write_text(json.dumps(state))
+    for name, out in (*outs.items(), ("stale", stale)):
+        resumed = make_callback(distill=True)
+        run(out, resume=True, importance_callback=resumed)
+        if name == "stale":
+            with pytest.raises(ValueError, match="resumed at step 5 from a checkpoint that holds the training counts "
+                                                 "of step 3 only"):
+                resumed.training_record()
+        else:
+            assert resumed.training_record() == WHOLE, name
+
+
+@pytest.mark.multiproc
+def test_two_ranks_sigkilled_and_resumed_state_the_record_of_one_uninterrupted_process(tmp_path):
+    """The same under `torchrun --nproc_per_node 2` (gloo, 2 windows per rank and step): both ranks killed at once
+    after the checkpoint, resumed by a fresh `torchrun`; each rank's record is the whole run's, the tokens summed over
+    the ranks, equal to one process's uninterrupted run over the same global batches."""
+    from tests.scripts.ckpt_train import make_callback, run
+    from tests.test_distributed import torchrun
+
+    one = make_callback(distill=True)
+    run(tmp_path / "one", importance_callback=one)
+    for name, out in _killed(tmp_path, nproc=2).items():
+        torchrun("tests.scripts.ckpt_train", str(out), "--distill", "--resume", "--record")
+        records = [json.loads((out / f"training_record.rank{r}.json").read_text()) for r in (0, 1)]
+        assert records == [one.training_record()] * 2 == [WHOLE] * 2, name
