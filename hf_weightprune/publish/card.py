@@ -243,6 +243,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "scope": scope,
         "scope_detail": scope_detail,
         "reconstruction": sparsity.get("reconstruction"),
+        "cross_term": T.offline_cross_context(sparsity),
         "allocation": sparsity.get("allocation") or "uniform",
         "target_sparsity_text": (T.structured_target_text(sparsity.get("structured"))
                                  or T.target_text(sparsity.get("target_sparsity"))

@@ -55,7 +55,8 @@ def references(criterion: str | None, sparsity: dict) -> list[str]:
     schedule = sparsity.get("schedule")
     if isinstance(schedule, dict) and schedule.get("mode") != "hold":
         refs.append(GRADUAL_REFERENCE)
-    if (T.schedule_context(schedule) or {}).get("cross_term"):  # exactly when the Schedule line names them
+    # exactly when the Schedule line (a run's own cross term) or the OBS line (PruneConfig(cross_alpha=...)) names them
+    if (T.schedule_context(schedule) or {}).get("cross_term") or T.offline_cross_context(sparsity):
         refs.extend([GPTAQ_REFERENCE, QEP_REFERENCE])
     distillation = sparsity.get("distillation")
     if isinstance(distillation, dict):

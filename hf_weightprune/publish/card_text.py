@@ -428,3 +428,15 @@ def eval_context(report: dict | None) -> tuple[dict | None, list[EvalResult] | N
     results = [EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
                           metric_type=kind, metric_value=value, metric_name=label) for kind, value, label in metrics]
     return context, results
+
+
+def offline_cross_context(sparsity: dict) -> dict | None:
+    """`PruneConfig(cross_alpha=...)`'s record (`sparsity["cross_term"]`) for the card's OBS line: `alpha`, `weights`
+    (pruned tensors swept with the cross term) and `tensors` (all pruned tensors); `None` when it did not run (or ran
+    with `alpha` 0, which is the symmetric sweep)."""
+    cross = sparsity.get("cross_term")
+    if (sparsity.get("reconstruction") != "OBS" or not isinstance(cross, dict) or not cross.get("weights")
+            or not cross.get("alpha")):
+        return None
+    return {"alpha": cross.get("alpha"), "weights": int(cross["weights"]),
+            "tensors": max(int(cross["weights"]), len(sparsity.get("tensors") or {}))}

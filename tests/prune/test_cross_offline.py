@@ -170,3 +170,21 @@ def test_cli_prunes_file_to_file_with_cross_alpha(run, tmp_path, capsys):
     assert all(torch.equal(got[k], want[k]) for k in want if k in got) and set(report.tensors) <= got.keys()
     saved = json.loads((out / SPARSITY_NAME).read_text())
     assert saved["cross_term"] == report.cross_term == {"alpha": 0.5, "weights": len(load_importance(run_dir).cross_terms())}
+
+
+def test_the_card_states_the_asymmetric_sweep_and_cites_gptaq_and_qep_only_when_it_ran(run, tmp_path):
+    run_dir, _ = run
+    n_cross = len(load_importance(run_dir).cross_terms())
+    cards = {}
+    for name, alpha in (("cross", 0.5), ("zero", 0.0), ("plain", None)):
+        model, report = _pruned(run_dir, PruneConfig(sparsity=0.5, block_size=8, cross_alpha=alpha))
+        save_pruned(model, tmp_path / name, report=report)
+        cards[name] = (tmp_path / name / "README.md").read_text()
+    n_tensors = len(json.loads((tmp_path / "cross" / SPARSITY_NAME).read_text())["tensors"])
+    assert 0 < n_cross < n_tensors  # down_proj had no cross term: the card says so
+    assert (f"For {n_cross} of the pruned tensors the sweep solved the asymmetric objective" in cards["cross"]
+            and "a share 0.5 of the correction (GPTAQ / QEP)" in cards["cross"]
+            and f"the other {n_tensors - n_cross} had no cross term" in cards["cross"])
+    assert "arXiv:2504.02692" in cards["cross"] and "arXiv:2504.09629" in cards["cross"]
+    for name in ("zero", "plain"):  # alpha 0 is the symmetric sweep: no claim, no citation
+        assert "asymmetric" not in cards[name] and "2504.02692" not in cards[name], name
