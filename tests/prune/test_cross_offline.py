@@ -136,7 +136,9 @@ def test_refusals_in_one_line_before_any_weight_changes(run):
     assert not callback_importance.has_cross
     _refused(_dense(), callback_importance, PruneConfig(sparsity=0.5, cross_alpha=0.5),
              r"cross_alpha=0.5 needs the dense-to-pruned cross term, and this importance holds none: gather it during "
-             r"training with PruneSchedule\(cross_term=True, ...\) under ImportanceCallback\(distill=DistillConfig")
+             r"training with PruneSchedule\(cross_term=True, ...\) under ImportanceCallback\(ImportanceConfig\("
+             r"criterion='sparsegpt'\), distill=DistillConfig\(...\)\), then prune the dense model that run started "
+             r"from with its importance folder")
     # A criterion without the sparsegpt statistic: no OBS sweep to correct.
     model = _dense()
     _refused(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5, cross_alpha=0.5),
