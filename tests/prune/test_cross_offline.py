@@ -188,5 +188,10 @@ def test_the_card_states_the_asymmetric_sweep_and_cites_gptaq_and_qep_only_when_
             and "a share 0.5 of the correction (GPTAQ / QEP)" in cards["cross"]
             and f"the other {n_tensors - n_cross} had no cross term" in cards["cross"])
     assert "arXiv:2504.02692" in cards["cross"] and "arXiv:2504.09629" in cards["cross"]
+    # the model pruned is the run's dense start, not the run's trained output: the card says where the statistics
+    # came from and does not claim the weights were pruned after that training
+    text = " ".join(cards["cross"].split())
+    assert "The statistics were accumulated while a copy of the model was pruned and fine-tuned under distillation" in text
+    assert "**Schedule**: one-shot, from the statistics of that pruning run." in text and "after training" not in text
     for name in ("zero", "plain"):  # alpha 0 is the symmetric sweep: no claim, no citation
         assert "asymmetric" not in cards[name] and "2504.02692" not in cards[name], name
