@@ -13,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_weightprune import PruneConfig, load_importance, prune_, save_pruned
+from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
 from hf_weightprune.files.pruned_files import SPARSITY_NAME
 from hf_weightprune.prune.obs import sparsegpt_prune_
 from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.prune.refit import asymmetric_sparsegpt_prune_
 from hf_weightprune.testing import tiny_llama
 from hf_weightprune.tools.cli import main
+from tests.helpers import train
 from tests.train.test_cross_wiring import _callback, _schedule, _train
 
 
@@ -172,6 +173,21 @@ def test_cli_prunes_file_to_file_with_cross_alpha(run, tmp_path, capsys):
     assert all(torch.equal(got[k], want[k]) for k in want if k in got) and set(report.tensors) <= got.keys()
     saved = json.loads((out / SPARSITY_NAME).read_text())
     assert saved["cross_term"] == report.cross_term == {"alpha": 0.5, "weights": len(load_importance(run_dir).cross_terms())}
+
+
+def test_inspect_says_the_folder_holds_a_cross_term_and_how_to_use_it(run, tmp_path, capsys):
+    run_dir, _ = run
+    n_cross, n = len(load_importance(run_dir).cross_terms()), len(load_importance(run_dir).names)
+    assert main(["inspect", str(run_dir)]) == 0
+    assert (f"cross term: {n_cross} of the {n} tracked weights hold the dense-to-pruned cross term of a "
+            "PruneSchedule(cross_term=True) run; prune the dense model that run started from with --cross_alpha 0.5"
+            in capsys.readouterr().out)
+    plain = tmp_path / "plain"  # a folder without it says nothing about cross terms
+    _dense().save_pretrained(plain)
+    assert main(["inspect", str(run_dir), "--model", str(plain)]) == 0 and "cross term:" in capsys.readouterr().out
+    train(tiny_llama(seed=3), [ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))], tmp_path / "sym",
+          max_steps=2)
+    assert main(["inspect", str(tmp_path / "sym")]) == 0 and "cross term" not in capsys.readouterr().out
 
 
 def test_the_card_states_the_asymmetric_sweep_and_cites_gptaq_and_qep_only_when_it_ran(run, tmp_path):
