@@ -138,8 +138,8 @@ def test_refusals_in_one_line_before_any_weight_changes(run):
     _refused(_dense(), callback_importance, PruneConfig(sparsity=0.5, cross_alpha=0.5),
              r"cross_alpha=0.5 needs the dense-to-pruned cross term, and this importance holds none: gather it during "
              r"training with PruneSchedule\(cross_term=True, ...\) under ImportanceCallback\(ImportanceConfig\("
-             r"criterion='sparsegpt'\), distill=DistillConfig\(...\)\), then prune the dense model that run started "
-             r"from with its importance folder")
+             r"criterion='sparsegpt'\), distill=DistillConfig\(...\)\), then prune that run's dense teacher with its "
+             r"importance folder")
     # A criterion without the sparsegpt statistic: no OBS sweep to correct.
     model = _dense()
     _refused(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5, cross_alpha=0.5),
@@ -180,7 +180,7 @@ def test_inspect_says_the_folder_holds_a_cross_term_and_how_to_use_it(run, tmp_p
     n_cross, n = len(load_importance(run_dir).cross_terms()), len(load_importance(run_dir).names)
     assert main(["inspect", str(run_dir)]) == 0
     assert (f"cross term: {n_cross} of the {n} tracked weights hold the dense-to-pruned cross term of a "
-            "PruneSchedule(cross_term=True) run; prune the dense model that run started from with --cross_alpha 0.5"
+            "PruneSchedule(cross_term=True) run; prune that run's dense teacher with --cross_alpha 0.5"
             in capsys.readouterr().out)
     plain = tmp_path / "plain"  # a folder without it says nothing about cross terms
     _dense().save_pretrained(plain)
@@ -204,7 +204,7 @@ def test_the_card_states_the_asymmetric_sweep_and_cites_gptaq_and_qep_only_when_
             and "a share 0.5 of the correction (GPTAQ / QEP)" in cards["cross"]
             and f"the other {n_tensors - n_cross} had no cross term" in cards["cross"])
     assert "arXiv:2504.02692" in cards["cross"] and "arXiv:2504.09629" in cards["cross"]
-    # the model pruned is the run's dense start, not the run's trained output: the card says where the statistics
+    # the model pruned is the run's dense teacher (here its start), not the run's trained output: the card says where the statistics
     # came from and does not claim the weights were pruned after that training
     text = " ".join(cards["cross"].split())
     assert "The statistics were accumulated while a copy of the model was pruned and fine-tuned under distillation" in text
