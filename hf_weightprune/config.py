@@ -209,7 +209,9 @@ class PruneConfig(JsonConfigMixin):
             asymmetric objective `||W X - W_hat X~||^2` of GPTAQ / QEP for every weight with a cross term
             ([`~prune.refit.asymmetric_sparsegpt_prune_`]), with this share of the correction in [0, 1] (the schedule's
             `cross_alpha`: 0.5 by default there, the papers use 0.25 to 0.5; 1 is the exact asymmetric solution, 0 the
-            symmetric sweep on `H~`). `None` (default): the symmetric sweep.
+            symmetric sweep on `H~`). `None` (default): the symmetric sweep. The model to prune is that run's dense
+            teacher, whose inputs `X` the cross term was measured against (a gradual run's default teacher: the model
+            the run started from).
 
     Raises:
         `ValueError`: naming the field, for a bad structure, sparsity (or one an N:M pattern contradicts), a
@@ -253,7 +255,7 @@ class PruneConfig(JsonConfigMixin):
     cross_alpha: float | None = field(default=None, metadata={
         "help": "OBS from an importance with the dense-to-pruned cross term (PruneSchedule(cross_term=True) under "
                 "distillation): solve the asymmetric objective with this share of the correction, in [0, 1] (0.5 as "
-                "the schedule; None: the symmetric sweep)"})
+                "the schedule; None: the symmetric sweep). Prune that run's dense teacher (a gradual run's default: the model it started from)"})
 
     def __post_init__(self):
         kind, nm = parse_structure(self.structure)

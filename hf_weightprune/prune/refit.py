@@ -137,8 +137,9 @@ def offline_cross_terms(importance, cross_alpha: float | None, reconstruct: bool
         where = f" from {importance.path}" if importance.path else ""
         raise ValueError(f"cross_alpha={cross_alpha:g} needs the dense-to-pruned cross term, and this importance{where} "
                          "holds none: gather it during training with PruneSchedule(cross_term=True, ...) under "
-                         "ImportanceCallback(distill=DistillConfig(...)) and prune from that run's importance folder "
-                         "(or leave cross_alpha None); no weight was changed")
+                         "ImportanceCallback(ImportanceConfig(criterion='sparsegpt'), distill=DistillConfig(...)), "
+                         "then prune that run's dense teacher with its importance folder (or leave "
+                         "cross_alpha None); no weight was changed")
     return usable_cross(importance.cross_terms(), importance.meta.get("tokens", {}), names)
 
 

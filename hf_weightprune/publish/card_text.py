@@ -266,8 +266,9 @@ def criterion_text(criterion: str | None) -> tuple[str, str | None]:
 
 
 def importance_summary(importance: dict | None, criterion: str | None) -> str:
-    """What the statistics were gathered over: tokens for activation criteria (a sample is one forward of many
-    tokens), training steps sampled for the others, and the settings that change what was summed."""
+    """What the statistics were gathered over: tokens for activation criteria, training steps sampled for the others,
+    and the settings that change what was summed. A training sample sums every forward of its optimizer step
+    (accumulated micro-batches, every rank), so it is counted in steps; a calibration sample is one forward."""
     if not importance:
         return "statistics not recorded"
     cls = scorer_of(criterion)
@@ -277,10 +278,11 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
     if cls is not None and cls.source == "final":
         bits.append("from the weights as they were when pruned, no statistics over steps")
     elif cls is not None and cls.source == "activations" and tokens:
+        unit = "sampled training step" if step else "forward pass"
         bits.append(f"inputs of every pruned layer summed over {int(tokens):,} tokens"
-                    + (f" in {samples:,} forward passes" if samples else ""))
+                    + (f" in {_count(samples, unit)}" if samples else ""))
     elif samples is not None:
-        bits.append(f"{samples:,} sampled training steps")
+        bits.append(_count(samples, "sampled training step"))
     if step:
         bits.append(f"up to step {step}")
     elif step == 0 and (cls is None or cls.source != "final"):
@@ -292,6 +294,11 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
     if settings.get("weighting") == "step":
         bits.append("each sample weighted by its step t")
     return ", ".join(bits) or "statistics not recorded"
+
+
+def _count(n: int, unit: str) -> str:
+    """`n` with `unit` in the singular or plural ("1 forward pass", "3 sampled training steps")."""
+    return f"{n:,} {unit}" if n == 1 else f"{n:,} {unit}{'es' if unit.endswith('ss') else 's'}"
 
 
 def tags(structure_tag: str, criterion: str | None) -> list[str]:

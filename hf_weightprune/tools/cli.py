@@ -188,6 +188,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for s in stats:
         print(f"{s['name']:<{width}}  {s['shape']:>12}  {s['mean']:11.4g}  {s['std']:11.4g}  {s['min']:11.4g}  "
               f"{s['max']:11.4g}  {100 * s['below_median']:6.1f}%")
+    if imp.has_cross:  # what `--cross_alpha` needs, and which model it is for
+        print(f"cross term: {len(imp.cross_terms())} of the {len(imp.names)} tracked weights hold the dense-to-pruned "
+              "cross term of a PruneSchedule(cross_term=True) run; prune that run's dense teacher with "
+              "--cross_alpha 0.5 for the asymmetric OBS sweep")
     _print_router(imp.sections.get("router"))
     if args.plot:
         from .plotting import plot_layer_stats

@@ -13,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_weightprune import PruneConfig, load_importance, prune_, save_pruned
+from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
 from hf_weightprune.files.pruned_files import SPARSITY_NAME
 from hf_weightprune.prune.obs import sparsegpt_prune_
 from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.prune.refit import asymmetric_sparsegpt_prune_
 from hf_weightprune.testing import tiny_llama
 from hf_weightprune.tools.cli import main
+from tests.helpers import train
 from tests.train.test_cross_wiring import _callback, _schedule, _train
 
 
@@ -136,7 +137,9 @@ def test_refusals_in_one_line_before_any_weight_changes(run):
     assert not callback_importance.has_cross
     _refused(_dense(), callback_importance, PruneConfig(sparsity=0.5, cross_alpha=0.5),
              r"cross_alpha=0.5 needs the dense-to-pruned cross term, and this importance holds none: gather it during "
-             r"training with PruneSchedule\(cross_term=True, ...\) under ImportanceCallback\(distill=DistillConfig")
+             r"training with PruneSchedule\(cross_term=True, ...\) under ImportanceCallback\(ImportanceConfig\("
+             r"criterion='sparsegpt'\), distill=DistillConfig\(...\)\), then prune that run's dense teacher with its "
+             r"importance folder")
     # A criterion without the sparsegpt statistic: no OBS sweep to correct.
     model = _dense()
     _refused(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5, cross_alpha=0.5),
@@ -172,6 +175,21 @@ def test_cli_prunes_file_to_file_with_cross_alpha(run, tmp_path, capsys):
     assert saved["cross_term"] == report.cross_term == {"alpha": 0.5, "weights": len(load_importance(run_dir).cross_terms())}
 
 
+def test_inspect_says_the_folder_holds_a_cross_term_and_how_to_use_it(run, tmp_path, capsys):
+    run_dir, _ = run
+    n_cross, n = len(load_importance(run_dir).cross_terms()), len(load_importance(run_dir).names)
+    assert main(["inspect", str(run_dir)]) == 0
+    assert (f"cross term: {n_cross} of the {n} tracked weights hold the dense-to-pruned cross term of a "
+            "PruneSchedule(cross_term=True) run; prune that run's dense teacher with --cross_alpha 0.5"
+            in capsys.readouterr().out)
+    plain = tmp_path / "plain"  # a folder without it says nothing about cross terms
+    _dense().save_pretrained(plain)
+    assert main(["inspect", str(run_dir), "--model", str(plain)]) == 0 and "cross term:" in capsys.readouterr().out
+    train(tiny_llama(seed=3), [ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))], tmp_path / "sym",
+          max_steps=2)
+    assert main(["inspect", str(tmp_path / "sym")]) == 0 and "cross term" not in capsys.readouterr().out
+
+
 def test_the_card_states_the_asymmetric_sweep_and_cites_gptaq_and_qep_only_when_it_ran(run, tmp_path):
     run_dir, _ = run
     n_cross = len(load_importance(run_dir).cross_terms())
@@ -186,5 +204,10 @@ def test_the_card_states_the_asymmetric_sweep_and_cites_gptaq_and_qep_only_when_
             and "a share 0.5 of the correction (GPTAQ / QEP)" in cards["cross"]
             and f"the other {n_tensors - n_cross} had no cross term" in cards["cross"])
     assert "arXiv:2504.02692" in cards["cross"] and "arXiv:2504.09629" in cards["cross"]
+    # the model pruned is the run's dense teacher (here its start), not the run's trained output: the card says where the statistics
+    # came from and does not claim the weights were pruned after that training
+    text = " ".join(cards["cross"].split())
+    assert "The statistics were accumulated while a copy of the model was pruned and fine-tuned under distillation" in text
+    assert "**Schedule**: one-shot, from the statistics of that pruning run." in text and "after training" not in text
     for name in ("zero", "plain"):  # alpha 0 is the symmetric sweep: no claim, no citation
         assert "asymmetric" not in cards[name] and "2504.02692" not in cards[name], name

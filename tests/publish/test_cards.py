@@ -329,3 +329,25 @@ def test_the_references_list_gptaq_and_qep_exactly_when_the_schedule_line_names_
     for reference in (GPTAQ_REFERENCE, QEP_REFERENCE):
         assert (f"- {reference}" in references) is named
     assert ("arXiv:2504.02692" in card, "arXiv:2504.09629" in card) == (named, named)
+
+
+def test_activation_statistics_count_sampled_steps_not_forwards_under_gradient_accumulation(tmp_path):
+    """A training sample of `wanda` / `sparsegpt` sums every micro-batch of one optimizer step (and every rank's): the
+    card states sampled steps, not forward passes (3 steps of 2 accumulated micro-batches are 6 forwards). A
+    calibration prune forwards its batches once each: there the count is forward passes."""
+    model = tiny_llama(seed=0)
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+    train(model, [cb], tmp_path / "run", max_steps=3, ga=2)
+    report = prune_(model, cb.importance(), PruneConfig(sparsity=0.5), progress=False)
+    save_pruned(model, tmp_path / "trained", report=report)
+    text = " ".join((tmp_path / "trained" / "README.md").read_text().split())
+    tokens = load_sparsity(tmp_path / "trained")["importance"]["tokens"]
+    assert f"summed over {tokens:,} tokens in 3 sampled training steps, up to step 3" in text
+    assert "forward pass" not in text
+
+    model = tiny_llama(seed=0)
+    calibration = torch.randint(3, model.config.vocab_size, (12, 16), generator=torch.Generator().manual_seed(0))
+    imp = oneshot_importance(model, "wanda", calibration, batch_size=4)
+    save_pruned(model, tmp_path / "calibrated", report=prune_(model, imp, PruneConfig(sparsity=0.5), progress=False))
+    text = " ".join((tmp_path / "calibrated" / "README.md").read_text().split())
+    assert "summed over 192 tokens in 3 forward passes, on calibration data, without training" in text
