@@ -257,10 +257,10 @@ MAY_IMPORT = {
     "train/checkpoint": {"config", "distributed", "files/cross_files", "files/importance_files", "files/refit_files", "files/safetensors_io", "files/training_state", "files/unit_files", "io_utils", "train/stream"},
     "train/distill": {"io_utils"},
     "train/distiller": {"collect/activations", "train/distill"},
-    "train/holder": {"distributed", "files/pruned_files", "matching", "moe", "prune/masks", "prune/plan", "prune/pruner", "prune/refit", "prune/report", "scorers", "train/schedule", "train/stream"},
+    "train/holder": {"distributed", "matching", "moe", "prune/masks", "prune/plan", "prune/pruner", "prune/refit", "prune/report", "scorers", "train/schedule", "train/stream"},
     "train/recovery": {"distributed", "io_utils", "train/checkpoint"},
     "train/schedule": {"config", "files/safetensors_io", "io_utils", "validation"},
-    "train/stream": {"distributed", "matching", "moe", "prune/refit"},
+    "train/stream": {"distributed", "files/pruned_files", "matching", "moe", "prune/refit"},
 }
 PKG = D.ROOT / "hf_weightprune"
 

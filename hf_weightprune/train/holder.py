@@ -32,7 +32,6 @@ settled Adam step is at most about one.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -48,7 +47,7 @@ from ..prune.refit import usable_cross
 from ..prune.report import PruningReport
 from ..scorers import SCORERS, get_scorer
 from .schedule import PruneSchedule
-from .stream import layer_groups, propagate_
+from .stream import held_masks, layer_groups, propagate_
 from .stream import refit_ as stream_refit_
 
 logger = logging.getLogger(__name__)
@@ -109,6 +108,7 @@ class MaskHolder:
         self.scope: str | None = None  # resolved at the first update (a None scope follows the criterion)
         # The importance that chose the current masks (the last update's): what `report` records as their source.
         self.source: Any = None
+        self.held_record: dict[str, Any] = {}  # `"hold"`: the sparsity.json of the prune that chose the held masks
         self.num_updates = 0
         self.reconstruction: str | None = None
         self._steps: tuple[int, int] | None = None
@@ -159,7 +159,7 @@ class MaskHolder:
                                min(self._update_set), max_steps, *steps, cfg.every_n_steps)
             names = select_names(tracked_names, cfg.target_modules, cfg.exclude_modules)
         else:
-            held = self._held_masks(model)
+            held, self.held_record = held_masks(model, cfg)  # and what chose them, for `report`
             names = list(held)
         missing = [n for n in names if n not in linear]
         if missing:
@@ -198,22 +198,6 @@ class MaskHolder:
             logger.warning("PruneSchedule(mode='hold'): %d of the %d weights %s prunes are nonzero in this model; "
                            "zeroing them now is a mask-only prune of it. To recover that checkpoint (with its "
                            "reconstructed weights) train it: from_pretrained(%r)", nonzero, pruned, source, source)
-
-    def _held_masks(self, model: nn.Module) -> dict[str, Tensor]:
-        """`"hold"`: the masks of `masks_from`; without `sparsity.json` (another tool pruned it), the zeros of the
-        targeted `nn.Linear` weights."""
-        from ..files.pruned_files import SPARSITY_NAME, load_masks
-
-        cfg = self.schedule
-        if os.path.isfile(os.path.join(cfg.masks_from, SPARSITY_NAME)):
-            return load_masks(cfg.masks_from)
-        names = [t.name for t in find_weights(model, cfg.target_modules, cfg.exclude_modules)]
-        held = load_masks(cfg.masks_from, names)
-        zeros = sum(m.numel() - int(m.count_nonzero()) for m in held.values())
-        numel = sum(m.numel() for m in held.values())
-        logger.info("PruneSchedule: %s has no %s (pruned by another tool?): holding the zeros of %d targeted weights, "
-                    "sparsity %.4f over them", cfg.masks_from, SPARSITY_NAME, len(held), zeros / max(numel, 1))
-        return held
 
     def is_update_step(self, step: int) -> bool:
         return self.schedule.mode == "prune" and step in self._update_set
@@ -410,15 +394,19 @@ class MaskHolder:
         if not self.masks:
             raise ValueError("PruneSchedule has no masks yet (no update has happened)")
         zeros_of = {n: self.params[n].detach() != 0 for n in self.masks}
+        # a hold chose no mask: the prune its masks came from states criterion, scope, ... (as save_pruned records it)
+        held = {k: v for k, v in self.held_record.items() if v is not None} if self.schedule.mode == "hold" else {}
         report = PruningReport.from_masks(zeros_of, sum(p.numel() for p in model.parameters()),
                                           structure=self.schedule.structure,
-                                          scope=self.scope or self.schedule.prune_config.scope,
+                                          scope=held.get("scope") or self.scope or self.schedule.prune_config.scope,
                                           target_sparsity=self.target_sparsity,
                                           importance=importance if importance is not None else self.source)
         if report.criterion == "unknown" and self.criterion is not None and self.schedule.mode == "prune":
             report.criterion = self.criterion
         report.allocation = self.schedule.prune_config.allocation
         report.reconstruction = self.reconstruction  # "OBS" as prune_ writes it, when an update reconstructed
+        for key in ("criterion", "reconstruction", "cross_term", "allocation"):
+            setattr(report, key, held.get(key, getattr(report, key)))
         return report
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ over: every forward of a hold run is one of the pruned model, so its `sparsegpt`
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 
@@ -160,3 +161,25 @@ def check_refit_sample(schedule, max_steps: int, first_sample_step: Callable[[in
         raise ValueError(f"PruneSchedule(refit_at={schedule.refit_at!r}) would re-fit at step {refit} with no pruned-"
                          f"stream sample {since}: the importance {when}; sample sooner "
                          "(ImportanceConfig.every_n_steps) or re-fit later")
+
+
+def held_masks(model: nn.Module, schedule) -> tuple[dict[str, Tensor], dict]:
+    """`PruneSchedule(mode="hold")`: the masks of `schedule.masks_from` and its `sparsity.json` (what chose them:
+    criterion, scope, reconstruction, ...; `{}` without one). A folder without `sparsity.json` (another tool pruned
+    it) gives the zeros of the targeted `nn.Linear` weights.
+
+    Returns:
+        `tuple[dict[str, Tensor], dict]`: `{name: bool keep-mask}` and the source's `sparsity.json` payload.
+    """
+    from ..files.pruned_files import SPARSITY_NAME, load_masks, load_sparsity
+
+    folder = schedule.masks_from
+    if os.path.isfile(os.path.join(folder, SPARSITY_NAME)):
+        return load_masks(folder), load_sparsity(folder)
+    names = [t.name for t in find_weights(model, schedule.target_modules, schedule.exclude_modules)]
+    held = load_masks(folder, names)
+    zeros = sum(m.numel() - int(m.count_nonzero()) for m in held.values())
+    numel = sum(m.numel() for m in held.values())
+    logger.info("PruneSchedule: %s has no %s (pruned by another tool?): holding the zeros of %d targeted weights, "
+                "sparsity %.4f over them", folder, SPARSITY_NAME, len(held), zeros / max(numel, 1))
+    return held, {}

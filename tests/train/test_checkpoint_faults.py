@@ -25,8 +25,8 @@ from hf_weightprune.files import importance_files as F
 from hf_weightprune.files.safetensors_io import ImportanceFileError
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from hf_weightprune.train.callback import STAGING_DIR
-from hf_weightprune.train.holder import MaskHolder
 from hf_weightprune.train.schedule import PruneSchedule
+from hf_weightprune.train.stream import held_masks
 from tests.helpers import assert_same_importance, leftovers, sigkill_at_hang, snapshot, training_args
 from tests.scripts.ckpt_train import MARKER, run
 
@@ -167,7 +167,7 @@ def test_hold_masks_from_a_checkpoint_without_sparsity_json(tmp_path, caplog):
                          save_strategy="steps", save_steps=2, logging_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(n=16, vocab_size=128), callbacks=[cb])
     cb.attach(trainer)
-    with caplog.at_level(logging.INFO, logger="hf_weightprune.train.holder"):
+    with caplog.at_level(logging.INFO, logger="hf_weightprune.train.stream"):
         trainer.train()
     zeros = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     assert f"has no sparsity.json (pruned by another tool?): holding the zeros of {len(masks)} targeted weights, " \
@@ -188,7 +188,7 @@ def test_hold_masks_from_a_checkpoint_without_sparsity_json(tmp_path, caplog):
 
     # the schedule's target_modules / exclude_modules choose the weights
     sub = PruneSchedule(mode="hold", masks_from=str(src), exclude_modules=["mlp.down_proj"])
-    assert set(MaskHolder(sub)._held_masks(model)) == {n for n in masks if "down_proj" not in n}
+    assert set(held_masks(model, sub)[0]) == {n for n in masks if "down_proj" not in n}
 
 
 def test_masks_from_is_checked_at_train_begin_before_any_step(tmp_path):
