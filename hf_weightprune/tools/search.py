@@ -28,7 +28,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..collect.importance import Importance
-from ..config import ImportanceConfig, PruneConfig
+from ..config import PruneConfig
 from ..io_utils import check_arg_type
 from ..prune.pruner import prune_
 from ..prune.report import PruningReport
@@ -186,17 +186,19 @@ def _recover(student: nn.Module, dense: nn.Module, steps: int, train_dataset, tr
     what ran: `{"steps", "tokens"}`."""
     from transformers import Trainer, TrainingArguments
 
-    counted = _Counted()
+    if distill is None:
+        counted = _Counted()
+    else:  # distillation only (no config: nothing gathered), whose callback counts what ran
+        teacher = distill.teacher if distill.teacher is not None else dense
+        counted = ImportanceCallback(distill=dataclasses.replace(distill, teacher=teacher))
     with tempfile.TemporaryDirectory(prefix="hf-weightprune-search-") as tmp:
         kwargs = {"output_dir": tmp, "report_to": [], **(training_args or {})}
         args = TrainingArguments(**kwargs, max_steps=steps, save_strategy="no")
-        trainer = Trainer(model=student, args=args, train_dataset=train_dataset,
-                          callbacks=[counted, *(callbacks or [])])
-        if distill is not None:
-            teacher = distill.teacher if distill.teacher is not None else dense
-            # magnitude reads the weights once at the end: no hooks, nothing gathered while recovering
-            ImportanceCallback(ImportanceConfig(criterion="magnitude"),
-                               distill=dataclasses.replace(distill, teacher=teacher)).attach(trainer)
+        trainer = Trainer(model=student, args=args, train_dataset=train_dataset, callbacks=callbacks)
+        if distill is None:
+            trainer.add_callback(counted)
+        else:
+            counted.attach(trainer)
         trainer.train()
         del trainer
     return counted.counter.record()
