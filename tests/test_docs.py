@@ -253,7 +253,7 @@ MAY_IMPORT = {
     "tools/model_io": {"files/pruned_files", "validation"},
     "tools/plotting": {"io_utils", "matching"},
     "tools/search": {"collect/importance", "config", "io_utils", "prune/pruner", "prune/report", "tools/data", "train/callback", "train/distill", "train/recovery"},
-    "tools/sweep": {"collect/importance", "config", "distributed", "files/importance_files", "files/pruned_files", "files/safetensors_io", "io_utils", "prune/oneshot", "prune/pruner", "publish/export", "scorers", "tools/data", "tools/model_io", "tools/plotting", "validation"},
+    "tools/sweep": {"collect/importance", "config", "distributed", "files/importance_files", "files/pruned_files", "files/safetensors_io", "io_utils", "prune/oneshot", "prune/pruner", "prune/refit", "publish/export", "scorers", "tools/data", "tools/model_io", "tools/plotting", "validation"},
     "train/callback": {"collect/accumulator", "collect/cross", "collect/importance", "config", "moe", "train/checkpoint", "train/distill", "train/distiller", "train/holder", "train/recovery", "train/schedule", "train/stream"},
     "train/checkpoint": {"config", "distributed", "files/cross_files", "files/importance_files", "files/refit_files", "files/safetensors_io", "files/training_state", "files/unit_files", "io_utils", "train/stream"},
     "train/distill": {"io_utils"},

@@ -122,6 +122,42 @@ def test_a_folder_with_a_cross_term_pruned_without_cross_alpha_says_so(run, capl
     assert "cross term" not in caplog.text
 
 
+def test_sweep_says_the_cross_term_is_unused_once_per_run(run, tmp_path, caplog):
+    """`sweep` prunes the importance at every point: the advice to pass cross_alpha is one line per run, not one per
+    prune; a lone prune still gives it. `search_structures` never gives it: its structured candidates cannot read
+    the cross term (`PruneConfig` refuses cross_alpha for them)."""
+    import datasets
+
+    from hf_weightprune import search_structures, sweep
+    from hf_weightprune.testing import TokenDataset, train_tokenizer
+    from tests.doc_blocks import KJV
+
+    run_dir, _ = run
+    importance = load_importance(run_dir)
+    folder = tmp_path / "dense"  # the run's Linears (the vocabulary of a tokenizer for sweep's text is larger)
+    tiny_llama(seed=3, vocab_size=300).save_pretrained(folder)
+    train_tokenizer([(KJV / "train.txt").read_text()[:5000]], vocab_size=300).save_pretrained(folder)
+
+    def warnings():
+        return sum("holds the dense-to-pruned cross term" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
+        rows = sweep(folder, {"run": importance}, KJV / "valid.txt", sparsities=[0.3, 0.5, 0.7], baselines=(),
+                     seq_len=16, max_windows=2, batch_size=2, progress=False)
+    assert len(rows) == 4 and warnings() == 1
+    caplog.clear()
+    windows = datasets.Dataset.from_dict({"input_ids": TokenDataset(n=4, seed=7).ids.tolist()})
+    candidates = [PruneConfig(structure=s, target_params=0.9, compensate="refit") for s in ("neurons", "heads")]
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
+        search_structures(_dense(), importance, candidates, windows)
+    assert warnings() == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):  # outside a run: every prune says it
+        _pruned(run_dir, PruneConfig(sparsity=0.5))
+        _pruned(run_dir, PruneConfig(sparsity=0.6))
+    assert warnings() == 2
+
+
 def _refused(model, importance, config, match):
     before = _weights(model)
     with pytest.raises(ValueError, match=match) as e:
