@@ -130,6 +130,7 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "eval": eval_results,
         "measured": measured,
         "search": report.search,
+        "refitted_at": report.refitted_at,
     }
 
 

@@ -24,8 +24,10 @@ Memory: a re-fit of an `[out, in]` weight holds its float32 copy, the dampened `
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from numbers import Real
 
 import torch
@@ -35,8 +37,31 @@ from ..scorers import criteria_where
 from ..scorers.sparsegpt import check_pair, dampened_hessian
 from .obs import sparsegpt_prune_
 
-__all__ = ["asymmetric_sparsegpt_prune_", "dampened", "offline_cross_terms", "propagate_target", "refit_masked_",
-           "usable_cross"]
+__all__ = ["asymmetric_sparsegpt_prune_", "cross_warnings_once", "dampened", "offline_cross_terms", "propagate_target",
+           "refit_masked_", "usable_cross"]
+
+# The cross-term warnings already logged inside `cross_warnings_once` (None outside: every prune logs its own).
+_LOGGED: ContextVar[set[str] | None] = ContextVar("cross_warnings_logged", default=None)
+
+
+@contextlib.contextmanager
+def cross_warnings_once() -> Iterator[None]:
+    """Inside the block, each cross-term warning of this module is logged at most once: `sweep` and
+    `search_structures` prune one importance once per point or candidate, and the run needs the advice once."""
+    token = _LOGGED.set(set())
+    try:
+        yield
+    finally:
+        _LOGGED.reset(token)
+
+
+def _warn(key: str, message: str, *args) -> None:
+    logged = _LOGGED.get()
+    if logged is not None:
+        if key in logged:
+            return
+        logged.add(key)
+    logger.warning(message, *args)
 
 logger = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
@@ -98,8 +123,8 @@ def usable_cross(cross: dict[str, tuple[Tensor, int]] | None, tokens: dict[str, 
         elif n in cross:
             off.append(n)
     if off:
-        logger.warning("The cross term of %d weights (e.g. %s) covers other tokens than their Hessian (training "
-                       "forwards without labels run no teacher): the symmetric objective for those", len(off), off[0])
+        _warn("tokens", "The cross term of %d weights (e.g. %s) covers other tokens than their Hessian (training "
+              "forwards without labels run no teacher): the symmetric objective for those", len(off), off[0])
     return out
 
 
@@ -125,9 +150,9 @@ def offline_cross_terms(importance, cross_alpha: float | None, reconstruct: bool
     """
     if cross_alpha is None:
         if reconstruct and importance.has_cross:
-            logger.warning("This importance holds the dense-to-pruned cross term of a PruneSchedule(cross_term=True) "
-                           "run, but PruneConfig.cross_alpha is None: the OBS sweep solves the symmetric objective on "
-                           "H~. Pass cross_alpha=0.5 (--cross_alpha 0.5) for the asymmetric one")
+            _warn("unused", "This importance holds the dense-to-pruned cross term of a PruneSchedule(cross_term=True) "
+                  "run, but PruneConfig.cross_alpha is None: the OBS sweep solves the symmetric objective on H~. Pass "
+                  "cross_alpha=0.5 (--cross_alpha 0.5) for the asymmetric one")
         return {}
     if not reconstruct:
         hessians = criteria_where(lambda cls: cls.has_hessian)

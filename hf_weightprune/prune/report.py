@@ -91,6 +91,9 @@ class PruningReport:
         search (`dict`, *optional*):
             When the structure was chosen by measured loss among candidates ([`~tools.search.search_structures`]):
             its `StructureSearch.to_dict()`, every candidate's loss and parameters and the one chosen.
+        refitted_at (`int`, *optional*):
+            The optimizer step at whose end a `PruneSchedule(refit_at=...)` re-fit of the kept weights ran
+            (`MaskHolder.refitted_at`); `None` when none ran (no `refit_at`, or training stopped before it).
     """
 
     structure: str
@@ -107,6 +110,7 @@ class PruningReport:
     allocation: str = "uniform"
     routing: dict[str, dict[str, Any]] | None = None
     search: dict[str, Any] | None = None
+    refitted_at: int | None = None
 
     @classmethod
     def for_config(

@@ -19,6 +19,7 @@ from ..io_utils import atomic_write_text, check_arg_type, is_local_path
 from ..validation import parse_structure, structure_parts
 from . import card_text as T
 from .card_refs import references
+from .card_schedule import schedule_context
 from .measure import measured_text
 
 CARD_FILE = "README.md"
@@ -255,7 +256,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "criterion_formula": formula,
         "criterion_reference": reference,
         "importance_summary": T.importance_summary(importance, criterion),
-        "schedule": T.schedule_context(sparsity.get("schedule")),
+        "schedule": schedule_context(sparsity),
         "distillation": T.distillation_context(sparsity.get("distillation")),
         "training": training_context(sparsity.get("training"), kind),
         "module_table": (T.structured_module_table(folder, sparsity.get("structured"), structure) if structured

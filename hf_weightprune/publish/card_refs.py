@@ -4,6 +4,7 @@ the card's text names or uses the method (a card cites what its model was made w
 from __future__ import annotations
 
 from . import card_text as T
+from .card_schedule import schedule_context
 
 OBS_REFERENCE = "SparseGPT (OBS reconstruction): Frantar & Alistarh 2023, [arXiv:2301.00774](https://arxiv.org/abs/2301.00774)"
 EXPERTS_REFERENCE = ("whole experts removed by routing frequency: Lu et al. 2024, \"Not All Experts are Equal\", "
@@ -56,7 +57,7 @@ def references(criterion: str | None, sparsity: dict) -> list[str]:
     if isinstance(schedule, dict) and schedule.get("mode") != "hold":
         refs.append(GRADUAL_REFERENCE)
     # exactly when the Schedule line (a run's own cross term) or the OBS line (PruneConfig(cross_alpha=...)) names them
-    if (T.schedule_context(schedule) or {}).get("cross_term") or T.offline_cross_context(sparsity):
+    if (schedule_context(sparsity) or {}).get("cross_term") or T.offline_cross_context(sparsity):
         refs.extend([GPTAQ_REFERENCE, QEP_REFERENCE])
     distillation = sparsity.get("distillation")
     if isinstance(distillation, dict):

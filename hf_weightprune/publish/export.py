@@ -20,7 +20,7 @@ from .. import distributed as D
 from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..files import safetensors_io as sio
-from ..files.pruned_files import sparsity_dict, write_sparsity
+from ..files.pruned_files import SPARSITY_NAME, sparsity_dict, write_sparsity
 from ..io_utils import atomic_folder, check_arg_type
 from ..moe import stored_slice_name
 from ..prune.report import PruningReport
@@ -142,6 +142,27 @@ def _write_sparsity_and_card(folder: str, output_dir: str, payload: dict[str, An
         # The card is named after the folder it will be published as, not the temporary one it is written in.
         write_model_card(folder, base_model=payload.get("base_model") or base_model, license=payload.get("license"),
                          repo_id=os.path.basename(os.path.abspath(output_dir)), sparsity=payload)
+
+
+def check_cross_input(model_dir: str | os.PathLike, config: PruneConfig, *, arg: str = "cross_alpha") -> None:
+    """Refuse, in one line and before any work, `cross_alpha` on a folder that is already pruned (it holds a
+    `sparsity.json`): the cross term pairs the dense teacher's inputs with the pruned student's, so the asymmetric
+    sweep is for the weights of that teacher, not for the student the run wrote.
+
+    Args:
+        model_dir (`str` or `os.PathLike`): the folder about to be pruned (a Hub id is not checked).
+        config (`PruneConfig`): the prune's config.
+        arg (`str`, *optional*, defaults to `"cross_alpha"`): how the message names the setting (`--cross_alpha`).
+
+    Raises:
+        ValueError: `config.cross_alpha` is set and `model_dir/sparsity.json` exists.
+    """
+    if config.cross_alpha is None or not os.path.isfile(os.path.join(model_dir, SPARSITY_NAME)):
+        return
+    shown = f"{arg} {config.cross_alpha:g}" if arg.startswith("--") else f"{arg}={config.cross_alpha:g}"
+    raise ValueError(f"{shown}: {os.fspath(model_dir)} is already pruned (it holds {SPARSITY_NAME}), "
+                     "and the cross term pairs the dense teacher's inputs with the pruned student's: prune the dense "
+                     "model the run distilled from (its teacher; a gradual run's default: the model it started from)")
 
 
 def _check_common(fn: str, output_dir, base_model, overwrite, write_card) -> None:
@@ -324,9 +345,9 @@ def prune_checkpoint(
 
     Raises:
         TypeError: an argument has the wrong type (checked before any work).
-        ValueError: a structured `config` (`neurons`/`heads`), `output_dir` refused by [`check_output_dir`] (the
-            input folder, the importance folder, ...), importance that does not match the checkpoint, or a corrupt
-            shard.
+        ValueError: a structured `config` (`neurons`/`heads`), `cross_alpha` on a `model_dir` that is already pruned
+            ([`check_cross_input`]), `output_dir` refused by [`check_output_dir`] (the input folder, the importance
+            folder, ...), importance that does not match the checkpoint, or a corrupt shard.
         FileNotFoundError: `model_dir` holds no safetensors weights.
         FileExistsError: `output_dir` is not empty and `overwrite=False`, or another process wrote it meanwhile.
     """
@@ -350,6 +371,7 @@ def prune_checkpoint(
     if config.shrinks:
         raise ValueError(f"structure={config.structure!r} changes tensor shapes and cannot be applied file to "
                          "file: load the model, call prune_ and save_pruned")
+    check_cross_input(model_dir, config)
     model_dir, output_dir = os.fspath(model_dir), os.fspath(output_dir)
     check_output_dir(output_dir, input_dirs=[model_dir], importance_dirs=[importance.path], overwrite=overwrite)
 

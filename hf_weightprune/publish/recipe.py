@@ -24,7 +24,8 @@ def schedule_dict(schedule: Any) -> dict | None:
     if "config" in schedule and "num_updates" in schedule:
         raise ValueError("save_pruned: schedule is a MaskHolder.state_dict() (runtime counters); pass the "
                          "PruneSchedule itself or schedule.to_dict()")
-    missing = [k for k in _SCHEDULE_KEYS if k not in schedule]
+    # a hold schedule records no ramp (`PruneSchedule.to_dict` leaves out what that mode does not read)
+    missing = [k for k in _SCHEDULE_KEYS if k not in schedule] if schedule.get("mode") != "hold" else []
     if missing:
         raise ValueError(f"save_pruned: schedule lacks {missing}; pass the PruneSchedule itself or schedule.to_dict()")
     return dict(schedule)

@@ -163,16 +163,26 @@ FLAG_KINDS = {
 }
 
 
+# A flag's own help where its field's help (shared with the Python API) names a value the command line cannot give.
+FLAG_HELP = {
+    "cross_alpha": "OBS from an importance with the dense-to-pruned cross term (PruneSchedule(cross_term=True) under "
+                   "distillation): solve the asymmetric objective with this share of the correction, a float in [0, "
+                   "1] (0.5 as the schedule); leave it out for the symmetric sweep. Prune that run's dense teacher (a "
+                   "gradual run's default: the model it started from)",
+}
+
+
 def config_fields(cls, only: tuple[str, ...] | None = None) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if only is None or f.name in only]
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None) -> None:
-    """One `--field` per dataclass field, help from its `metadata["help"]` (`HfArgumentParser` cannot take a
-    `float | dict` field such as `PruneConfig.sparsity`); the dataclass validates the values."""
+    """One `--field` per dataclass field, help from its `metadata["help"]` or `FLAG_HELP` (`HfArgumentParser` cannot
+    take a `float | dict` field such as `PruneConfig.sparsity`); the dataclass validates the values."""
     for f in dataclasses.fields(cls):
         if only is None or f.name in only:
-            p.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"], **FLAG_KINDS[f.type])
+            p.add_argument(f"--{f.name}", default=f.default, help=FLAG_HELP.get(f.name, f.metadata["help"]),
+                           **FLAG_KINDS[f.type])
 
 
 def add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:

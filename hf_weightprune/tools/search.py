@@ -171,7 +171,7 @@ class _Counted(TrainerCallback):
         self.counter = TrainingCounter(name="search")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.counter.start(model, state)
+        self.counter.start(model, state, kwargs.get("processing_class"))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.counter.step_end(state, control)

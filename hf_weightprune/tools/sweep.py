@@ -236,6 +236,7 @@ def sweep(
     from transformers import AutoModelForCausalLM
 
     from ..prune.pruner import prune_
+    from ..prune.refit import cross_warnings_once
     from .data import evaluate_loss
     from .model_io import load_tokenizer
     kind, nm = parse_structure(structure)
@@ -301,24 +302,25 @@ def sweep(
                                    "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"],
                                    "tokens": dense_eval["tokens"]}]
     bar = tqdm(total=len(importances) * len(points), desc="sweep", disable=not D.show_progress(progress))
-    for label, imp in importances.items():
-        for s in points:
-            bar.set_postfix_str(f"{label} @ {s:.0%}")
-            if s == 0.0:
-                result = dense_eval
-            else:
-                model.load_state_dict(dense)
-                config = PruneConfig(sparsity=None if kind == "N:M" else s, structure=structure, scope=scope)
-                prune_(model, imp, config, progress=False)
-                result = evaluate_loss(model, windows, batch_size=batch_size)
-            # What chose the masks, beside the label: the criterion and the scope it resolved to (scope=None
-            # follows each criterion, so two rows of one sweep may differ), and the tokens evaluated.
-            rows.append({"criterion": label, "structure": structure, "sparsity": s, "loss": result["loss"],
-                         "perplexity": result["perplexity"], "importance_criterion": imp.criterion,
-                         "scope": scope or default_scope(imp.criterion), "tokens": result["tokens"]})
-            if output_dir is not None:
-                write_results(rows, output_dir)
-            bar.update()
+    with cross_warnings_once():  # one importance pruned at every point: its cross-term advice once per sweep
+        for label, imp in importances.items():
+            for s in points:
+                bar.set_postfix_str(f"{label} @ {s:.0%}")
+                if s == 0.0:
+                    result = dense_eval
+                else:
+                    model.load_state_dict(dense)
+                    config = PruneConfig(sparsity=None if kind == "N:M" else s, structure=structure, scope=scope)
+                    prune_(model, imp, config, progress=False)
+                    result = evaluate_loss(model, windows, batch_size=batch_size)
+                # What chose the masks, beside the label: the criterion and the scope it resolved to (scope=None
+                # follows each criterion, so two rows of one sweep may differ), and the tokens evaluated.
+                rows.append({"criterion": label, "structure": structure, "sparsity": s, "loss": result["loss"],
+                             "perplexity": result["perplexity"], "importance_criterion": imp.criterion,
+                             "scope": scope or default_scope(imp.criterion), "tokens": result["tokens"]})
+                if output_dir is not None:
+                    write_results(rows, output_dir)
+                bar.update()
     bar.close()
     model.load_state_dict(dense)
     if output_dir is not None:

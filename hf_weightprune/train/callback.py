@@ -203,7 +203,7 @@ class ImportanceCallback(TrainerCallback):
         if self.schedule is not None:  # configs do no I/O: the hold schedule's folder is checked here, before any step
             self.schedule.check_masks_from()
         self.accumulator.setup(model, args, state, track=self.tracks_importance)
-        self.counter.start(model, state)
+        self.counter.start(model, state, kwargs.get("processing_class"))
         if self.schedule is not None and self.schedule.cross_term:  # before the restore, which fills it
             self.accumulator.cross = CrossTerm.from_tracked(self.accumulator.tracked,
                                                             max_in_features=self.schedule.cross_max_in_features)
@@ -404,8 +404,8 @@ class ImportanceCallback(TrainerCallback):
 
         Returns:
             `dict[str, int]`: `steps` (optimizer steps) and `tokens` (real input tokens of the training forwards, summed
-            over processes: `attention_mask != 0` for a 2-D mask, else every input token), of the whole run across
-            `resume_from_checkpoint` (the counts ride in each checkpoint's `trainer_state.json`).
+            over processes, as `include_num_input_tokens_seen="non_padding"` counts them, see `recovery.real_tokens`),
+            of the whole run across `resume_from_checkpoint` (the counts ride in each checkpoint's `trainer_state.json`).
 
         Raises:
             RuntimeError: no optimizer step has run yet.

@@ -407,6 +407,7 @@ class MaskHolder:
         report.reconstruction = self.reconstruction  # "OBS" as prune_ writes it, when an update reconstructed
         for key in ("criterion", "reconstruction", "cross_term", "allocation"):
             setattr(report, key, held.get(key, getattr(report, key)))
+        report.refitted_at = self.refitted_at  # the step it ran, not the configured `refit_at` (it may never have run)
         return report
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,9 +5,10 @@ real training tokens (padding excluded) of the run, measured here rather than ty
 
 - **Tokens**: a forward pre-hook on the model counts, for each forward in train mode (the `Trainer`'s training
   forwards; evaluation runs in eval mode, the distillation teacher is another module or runs the student's `forward`
-  directly), the real tokens of its input: `attention_mask != 0` for a 2-D `[batch, seq]` mask (as
-  `include_num_input_tokens_seen="non_padding"` counts them), else every token of `input_ids` / `inputs_embeds`
-  (packed, padding-free batches). The count stays on the device (no host synchronisation per forward).
+  directly), the real tokens of its input as `include_num_input_tokens_seen="non_padding"` counts them:
+  `attention_mask != 0` for a 2-D `[batch, seq]` mask; without one, the `input_ids` that are not the Trainer's
+  `processing_class.pad_token_id` (when it has one), else every token of `input_ids` / `inputs_embeds` (packed,
+  padding-free batches). The count stays on the device (no host synchronisation per forward).
 - **Steps**: one per optimizer step (`on_step_end`).
 - **Resume**: the counts (summed over ranks) ride in the `Trainer`'s own `trainer_state.json`, under
   `stateful_callbacks[<key>]`, folded in before every save: at a step's end when the Trainer will save, and after an
@@ -37,13 +38,15 @@ logger = logging.getLogger(__name__)
 STATE_KEY = "hf_weightprune.training"  # `TrainerState.stateful_callbacks` key; `[<name>]` for a named callback
 
 
-def real_tokens(kwargs: dict[str, Any], args: tuple) -> torch.Tensor | int:
-    """Real tokens of one forward's input: `attention_mask != 0` for a 2-D mask, else every input token."""
+def real_tokens(kwargs: dict[str, Any], args: tuple, pad_token_id: int | None = None) -> torch.Tensor | int:
+    """Real tokens of one forward's input, as the Trainer's `include_num_input_tokens_seen="non_padding"` counts them:
+    `attention_mask != 0` for a 2-D mask, else the `input_ids` other than `pad_token_id` (the Trainer's
+    `processing_class`'s, when it has one), else every input token."""
     mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return (mask != 0).sum()
     if isinstance(ids, torch.Tensor):
-        return ids.numel()
+        return (ids != pad_token_id).sum() if pad_token_id is not None else ids.numel()
     embeds = kwargs.get("inputs_embeds")
     return embeds.numel() // embeds.shape[-1] if isinstance(embeds, torch.Tensor) else 0
 
@@ -64,10 +67,14 @@ class TrainingCounter:
         self._local: torch.Tensor | int = 0  # this rank's tokens since the last fold
         self._unknown: str | None = None  # why the counts do not cover the whole run
         self._handle = None
+        self._pad_token_id: int | None = None
 
-    def start(self, model: nn.Module, state) -> None:
-        """Count from zero, or from the counts the resumed checkpoint's `trainer_state.json` holds; hook `model`."""
+    def start(self, model: nn.Module, state, processing_class=None) -> None:
+        """Count from zero, or from the counts the resumed checkpoint's `trainer_state.json` holds; hook `model`.
+        `processing_class`: the Trainer's (the callback event's), whose `pad_token_id` marks padding in batches
+        without an attention mask, as in the Trainer's own count."""
         self.steps, self.tokens, self._local, self._unknown = 0, 0, 0, None
+        self._pad_token_id = getattr(processing_class, "pad_token_id", None)
         saved = (state.stateful_callbacks or {}).get(self.key) if state.global_step > 0 else None
         if isinstance(saved, dict) and saved.get("global_step") == state.global_step:
             self.steps, self.tokens = int(saved["steps"]), int(saved["tokens"])
@@ -84,7 +91,7 @@ class TrainingCounter:
 
     def _count(self, module: nn.Module, args, kwargs) -> None:
         if module.training:
-            self._local = self._local + real_tokens(kwargs, args)
+            self._local = self._local + real_tokens(kwargs, args, self._pad_token_id)
 
     def step_end(self, state, control) -> None:
         """One optimizer step ran; fold the counts into `state` when the Trainer is about to save it."""

@@ -30,6 +30,9 @@ _RESUME_KEYS = ("final_sparsity", "initial_sparsity", "start", "end", "every_n_s
                 "pruned_stream", "refit_at", "cross_term", "cross_alpha", "cross_max_in_features", "order")
 # Of those, the ones a 0.1 checkpoint does not record (tests/fixtures/release-0.1 resumes with their defaults).
 _ADDED_AFTER_0_1 = ("pruned_stream", "refit_at", "cross_term", "cross_alpha", "cross_max_in_features", "order")
+# What only the gradual mode reads (the ramp, the OBS updates, the statistics restarts): not recorded for a hold.
+_PRUNE_ONLY = ("final_sparsity", "initial_sparsity", "start", "end", "every_n_steps", "ramp", "allow_collapse",
+               "reconstruct", "block_size", "pruned_stream", "order")
 
 
 def _is_int(v: Any) -> bool:
@@ -346,16 +349,27 @@ class PruneSchedule(JsonConfigMixin):
         if self.mode == "hold":
             _check_masks_from(self.masks_from)
 
+    def to_dict(self) -> dict[str, Any]:
+        """
+        Returns:
+            `dict[str, Any]`: the fields this mode uses, JSON-serialisable; a `"hold"` schedule leaves out the
+            gradual-only ones (`final_sparsity`, `start`, `end`, `every_n_steps`, `ramp`, ...), which it never reads.
+        """
+        fields = super().to_dict()
+        return {k: v for k, v in fields.items() if k not in _PRUNE_ONLY} if self.mode == "hold" else fields
+
     def diff(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Fields that define the masks and differ from a saved `to_dict()`: `{name: (saved, now)}`.
 
         A field added after release 0.1 that the saved dict lacks counts as its default (what 0.1 did); a missing
-        field that 0.1 already wrote means the dict predates it, a change.
+        field that 0.1 already wrote means the dict predates it, a change. Only the fields this mode records are
+        compared: a `"hold"` checkpoint of an earlier version also holds the gradual-only ones, which it never read.
         """
         now = self.to_dict()
+        keys = [k for k in _RESUME_KEYS if k in now]
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in _ADDED_AFTER_0_1}
-        old = {k: saved.get(k, defaults.get(k)) for k in _RESUME_KEYS}
-        return {k: (old[k], now[k]) for k in _RESUME_KEYS if old[k] != now[k]}
+        old = {k: saved.get(k, defaults.get(k)) for k in keys}
+        return {k: (old[k], now[k]) for k in keys if old[k] != now[k]}
 
     # ------------------------------------------------------------------------------------------- the schedule
     def resolve_steps(self, max_steps: int) -> tuple[int, int]:

@@ -122,6 +122,42 @@ def test_a_folder_with_a_cross_term_pruned_without_cross_alpha_says_so(run, capl
     assert "cross term" not in caplog.text
 
 
+def test_sweep_says_the_cross_term_is_unused_once_per_run(run, tmp_path, caplog):
+    """`sweep` prunes the importance at every point: the advice to pass cross_alpha is one line per run, not one per
+    prune; a lone prune still gives it. `search_structures` never gives it: its structured candidates cannot read
+    the cross term (`PruneConfig` refuses cross_alpha for them)."""
+    import datasets
+
+    from hf_weightprune import search_structures, sweep
+    from hf_weightprune.testing import TokenDataset, train_tokenizer
+    from tests.doc_blocks import KJV
+
+    run_dir, _ = run
+    importance = load_importance(run_dir)
+    folder = tmp_path / "dense"  # the run's Linears (the vocabulary of a tokenizer for sweep's text is larger)
+    tiny_llama(seed=3, vocab_size=300).save_pretrained(folder)
+    train_tokenizer([(KJV / "train.txt").read_text()[:5000]], vocab_size=300).save_pretrained(folder)
+
+    def warnings():
+        return sum("holds the dense-to-pruned cross term" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
+        rows = sweep(folder, {"run": importance}, KJV / "valid.txt", sparsities=[0.3, 0.5, 0.7], baselines=(),
+                     seq_len=16, max_windows=2, batch_size=2, progress=False)
+    assert len(rows) == 4 and warnings() == 1
+    caplog.clear()
+    windows = datasets.Dataset.from_dict({"input_ids": TokenDataset(n=4, seed=7).ids.tolist()})
+    candidates = [PruneConfig(structure=s, target_params=0.9, compensate="refit") for s in ("neurons", "heads")]
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
+        search_structures(_dense(), importance, candidates, windows)
+    assert warnings() == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):  # outside a run: every prune says it
+        _pruned(run_dir, PruneConfig(sparsity=0.5))
+        _pruned(run_dir, PruneConfig(sparsity=0.6))
+    assert warnings() == 2
+
+
 def _refused(model, importance, config, match):
     before = _weights(model)
     with pytest.raises(ValueError, match=match) as e:
@@ -173,6 +209,36 @@ def test_cli_prunes_file_to_file_with_cross_alpha(run, tmp_path, capsys):
     assert all(torch.equal(got[k], want[k]) for k in want if k in got) and set(report.tensors) <= got.keys()
     saved = json.loads((out / SPARSITY_NAME).read_text())
     assert saved["cross_term"] == report.cross_term == {"alpha": 0.5, "weights": len(load_importance(run_dir).cross_terms())}
+
+
+def test_cross_alpha_on_a_folder_that_is_already_pruned_is_refused_in_one_line_before_any_work(run, tmp_path, capsys):
+    """The cross term pairs the dense teacher's inputs with the pruned student's: an already pruned folder (it holds
+    sparsity.json, e.g. the run's own output) is refused with `cross_alpha`, by `prune_checkpoint` and by the CLI on
+    both of its paths (file to file, and loaded with --dtype); without `cross_alpha` it is pruned as before."""
+    from hf_weightprune import prune_checkpoint
+
+    run_dir, _ = run
+    dense = tmp_path / "dense"
+    _dense().save_pretrained(dense)
+    pruned = tmp_path / "pruned"
+    prune_checkpoint(dense, load_importance(run_dir), PruneConfig(sparsity=0.5, cross_alpha=0.5), pruned,
+                     write_card=False)
+    with pytest.raises(ValueError, match=rf"^cross_alpha=0.5: {pruned} is already pruned \(it holds sparsity.json\), "
+                       r"and the cross term pairs the dense teacher's inputs with the pruned student's: prune the "
+                       r"dense model the run distilled from \(its teacher; a gradual run's default: the model it "
+                       r"started from\)$"):
+        prune_checkpoint(pruned, load_importance(run_dir), PruneConfig(sparsity=0.7, cross_alpha=0.5), tmp_path / "x")
+    for extra in ([], ["--dtype", "float32"]):
+        capsys.readouterr()
+        code = main(["prune", str(pruned), "--importance", str(run_dir), "--sparsity", "0.7", "--cross_alpha", "0.5",
+                     "--output_dir", str(tmp_path / "x"), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0 and len(err) == 1 and f"--cross_alpha 0.5: {pruned} is already pruned" in err[0], err
+        assert "prune the dense model the run distilled from" in err[0]
+    assert not (tmp_path / "x").exists()  # refused before any work
+    report = prune_checkpoint(pruned, load_importance(run_dir), PruneConfig(sparsity=0.7), tmp_path / "again",
+                              write_card=False)
+    assert report.global_sparsity == pytest.approx(0.7, abs=0.01)
 
 
 def test_inspect_says_the_folder_holds_a_cross_term_and_how_to_use_it(run, tmp_path, capsys):

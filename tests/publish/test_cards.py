@@ -255,51 +255,64 @@ def test_push_carries_the_hub_base_models_licence_and_data(tmp_path, hub_server,
 def test_schedule_sentence_states_the_pruned_stream_options():
     """`pruned_stream`, `cross_term`, `refit_at` and `order="depth"` change what the OBS updates solved and when
     each layer was pruned: the card's schedule line says so (and a depth order is no ramp)."""
-    from hf_weightprune.publish.card_text import schedule_context
+    from hf_weightprune.publish.card_schedule import schedule_context
 
-    plain = schedule_context(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6).to_dict())["text"]
+    def text(schedule, **recorded):
+        return schedule_context({"schedule": schedule.to_dict(), **recorded})["text"]
+
+    plain = text(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6))
     assert plain.endswith("cubic ramp") and "Hessians" not in plain
-    stream = schedule_context(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6, pruned_stream=True).to_dict())
-    assert "restarted at every mask change" in stream["text"] and "re-fitted" not in stream["text"]
-    cross = schedule_context(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6, cross_term=True,
-                                           refit_at=0.8).to_dict())["text"]
+    stream = text(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6, pruned_stream=True), refitted_at=None)
+    assert "restarted at every mask change" in stream and "re-fitted" not in stream
+    refitting = PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6, cross_term=True, refit_at=0.8)
+    cross = text(refitting, refitted_at=9)  # the step the re-fit ran, as the run recorded it
     assert "restarted at every mask change" in cross and "GPTAQ / QEP, alpha 0.5" in cross
-    assert "at 80% of training the kept weights were re-fitted by least squares" in cross
-    depth = schedule_context(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.7, order="depth").to_dict())["text"]
+    assert cross.endswith("; the kept weights were re-fitted at step 9 by least squares on their fixed support")
+    # the re-fit never ran (training stopped before it): no claim; the cross term still fed the OBS updates
+    never = text(refitting, refitted_at=None)
+    assert "re-fitted" not in never and "GPTAQ / QEP, alpha 0.5" in never and "restarted at every mask change" in never
+    # a file of an earlier version (no `refitted_at` key) keeps the configured point its card stated
+    assert "the kept weights were re-fitted at 80% of training by least squares" in text(refitting)
+    depth = text(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.7, order="depth"))
     assert depth.startswith("decoder layers pruned front to back from 10% to 70% of training, each once to 50.0%")
     assert "ramp" not in depth and "restarted at every mask change" in depth
 
 
 def test_hold_sentence_states_the_refit_towards_the_teacher_and_the_cross_term(tmp_path):
     """A hold recovery that re-fitted its kept weights (`refit_at`) towards the dense teacher, with or without the
-    cross term, says so on its Schedule line (step or share of training, alpha, the Linears left on the plain
-    objective); a plain hold says neither. Read from the `sparsity.json` save_pruned writes."""
-    from hf_weightprune.publish.card_text import schedule_context
+    cross term, says so on its Schedule line (the step it ran at, alpha, the Linears left on the plain objective); a
+    plain hold says neither, nor does one whose re-fit never ran. Read from the `sparsity.json` save_pruned writes."""
+    from hf_weightprune.publish.card_schedule import schedule_context
 
     model = tiny_llama(seed=2)
     report = prune_(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5), progress=False)
 
-    def recorded(**options):
+    def recorded(refitted_at=None, **options):
         schedule = PruneSchedule(mode="hold", masks_from=str(tmp_path / "pruned"), **options)
+        report.refitted_at = refitted_at  # as MaskHolder.report records the step the re-fit ran
         out = save_pruned(model, tmp_path / "out", report=report, schedule=schedule, overwrite=True)
         assert load_sparsity(out)["schedule"] == schedule.to_dict()
-        return schedule_context(load_sparsity(out)["schedule"])
+        assert load_sparsity(out)["refitted_at"] == refitted_at
+        return schedule_context(load_sparsity(out))
 
     plain = recorded()
     assert plain == {"text": "pruned once, then fine-tuned with that mask held (a recovery fine-tune)",
                      "cross_term": False}
-    refit = recorded(refit_at=4)
-    assert refit["text"].startswith(plain["text"] + "; at step 4 the kept weights were re-fitted by least squares on "
+    refit = recorded(refit_at=4, refitted_at=4)
+    assert refit["text"].startswith(plain["text"] + "; the kept weights were re-fitted at step 4 by least squares on "
                                     "their fixed support towards the dense teacher's weights")
     assert "pruned model's own forwards since training began" in refit["text"]
     assert "GPTAQ" not in refit["text"] and not refit["cross_term"]
-    cross = recorded(refit_at=0.5, cross_term=True, cross_alpha=0.25, cross_max_in_features=64)
-    assert "at 50% of training the kept weights were re-fitted" in cross["text"] and cross["cross_term"]
+    cross = recorded(refit_at=0.5, cross_term=True, cross_alpha=0.25, cross_max_in_features=64, refitted_at=5)
+    assert "the kept weights were re-fitted at step 5 by least squares" in cross["text"] and cross["cross_term"]
+    assert "50%" not in cross["text"]  # the step it ran at, not the configured fraction
     assert cross["text"].endswith("the re-fit solved the asymmetric objective `||W X - W_hat X~||^2` (`W` the "
                                   "teacher's weight) with the dense-to-pruned cross term from the teacher's forwards "
                                   "(GPTAQ / QEP, alpha 0.25; Linears of more than 64 inputs kept the plain objective)")
     card = (tmp_path / "out" / "README.md").read_text()  # the last one's card states that line
     assert f"- **Schedule**: {cross['text']}." in card
+    # configured but never run (training stopped before refit_at): the card claims no re-fit, names no cross term
+    assert recorded(refit_at=0.5, cross_term=True) == plain
 
 
 HOLD = dict(mode="hold", masks_from="pruned")
@@ -313,12 +326,16 @@ HOLD = dict(mode="hold", masks_from="pruned")
     (dict(HOLD, refit_at=3, cross_term=True, cross_alpha=1.0), True),
     (dict(HOLD, refit_at=3), False),
     (HOLD, False),
+    (dict(HOLD, refit_at=3, cross_term=True, ran=False), False),  # the re-fit, the cross term's only reader, never ran
 ])
 def test_the_references_list_gptaq_and_qep_exactly_when_the_schedule_line_names_them(tmp_path, options, named):
     from hf_weightprune.publish.card_refs import GPTAQ_REFERENCE, QEP_REFERENCE
 
+    options = dict(options)
+    ran = options.pop("ran", True)
     model = tiny_llama(seed=2)
     report = prune_(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5), progress=False)
+    report.refitted_at = 9 if "refit_at" in options and ran else None  # as MaskHolder.report records it
     ramp = {} if options.get("mode") == "hold" else dict(final_sparsity=0.5, start=0.1, end=0.6)
     schedule = PruneSchedule(**ramp, **options)
     save_pruned(model, tmp_path / "out", report=report, schedule=schedule)

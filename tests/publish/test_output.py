@@ -367,6 +367,9 @@ def test_card_states_the_recovery_schedule_and_the_distillation_it_was_trained_w
                                     "temperature": 4.0, "hidden_weight": 1.0, "teacher_dtype": None}
     assert (tmp_path / "hold" / info["distillation"]["teacher"]).resolve() == teacher_dir.resolve()
     assert info["schedule"]["masks_from"] == "../masks"
+    assert "end" not in info["schedule"] and "ramp" not in info["schedule"]  # a hold runs no ramp
+    save_pruned(model, tmp_path / "hold-dict", report=report, schedule=hold.to_dict())  # its dict is accepted as is
+    assert load_sparsity(tmp_path / "hold-dict")["schedule"] == info["schedule"]
     text = (tmp_path / "hold" / "README.md").read_text()
     assert "**Schedule**: pruned once, then fine-tuned with that mask held (a recovery fine-tune)." in text
     assert "gradual pruning" not in text  # the old card described a hold schedule as a ramp from 0%

@@ -206,19 +206,32 @@ def test_hyphenated_spellings_are_gone(old, capsys):
 
 
 def test_config_flags_come_from_the_dataclass_fields():
-    """Every PruneConfig field is a `prune` flag with the field's help and default, parsed into the field's type."""
+    """Every PruneConfig field is a `prune` flag with the field's help (or the flag's own, `FLAG_HELP`) and default,
+    parsed into the field's type."""
     import dataclasses
+
+    from hf_weightprune.tools.cli_args import FLAG_HELP
 
     prune = build_parser()._subparsers._group_actions[0].choices["prune"]
     flags = {a.dest: a for a in prune._actions}
     for f in dataclasses.fields(PruneConfig):
-        assert flags[f.name].help == f.metadata["help"] and flags[f.name].default == f.default, f.name
+        assert flags[f.name].help == FLAG_HELP.get(f.name, f.metadata["help"]), f.name
+        assert flags[f.name].default == f.default, f.name
     args = build_parser().parse_args(["prune", "m", "--importance", "i", "--output_dir", "o", "--sparsity",
                                       '{"mlp.*": 0.6}', "--target_modules", "q_proj,v_proj", "--reconstruct", "false",
                                       "--block_size", "64", "--allow_collapse"])
     config = PruneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)})
     assert (config.sparsity, config.target_modules, config.reconstruct, config.block_size, config.allow_collapse) == (
         {"mlp.*": 0.6}, ["q_proj", "v_proj"], False, 64, True)
+
+
+def test_cross_alpha_help_states_what_the_command_line_accepts():
+    """The field's help names `None` (the Python API's off), which no flag value gives: the flag says to leave it out."""
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    helps = {name: a.help for name, sub in subparsers.items() for a in sub._actions if a.dest == "cross_alpha"}
+    assert "prune" in helps
+    for name, text in helps.items():
+        assert "None" not in text and "a float in [0, 1]" in text and "leave it out for the symmetric sweep" in text, name
 
 
 def test_sweep_help_lists_the_oneshot_criteria():

@@ -118,6 +118,7 @@ def test_refit_is_least_squares_on_the_pruned_stream_keeps_zeros_and_lowers_the_
     model, cb, at, rec = _run(tmp_path, schedule, lr=0.0)
     holder = cb.mask_holder
     assert holder.refitted_at == refit_at and holder.sparsity == pytest.approx(0.6, abs=1e-3)
+    assert cb.pruning_report(model).refitted_at == refit_at  # the step it ran: what sparsity.json and the card state
     W = {n: p.detach() for n, p in dense.named_parameters()}
     held_out = range(refit_at + 1, MAX_STEPS + 1)  # the pruned model's inputs at steps the re-fit did not read
     gains = []

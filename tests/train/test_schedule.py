@@ -195,6 +195,36 @@ def test_recovery_finetune_holds_mask(tmp_path):
         assert not torch.equal(before[n], after[n])  # it did train
 
 
+def test_a_hold_schedule_records_only_the_fields_it_uses_and_resumes_checkpoints_that_hold_them_all(tmp_path):
+    """A hold's dict (sparsity.json, its checkpoints) has no ramp it never ran; a checkpoint of an earlier version,
+    whose dict holds every field, still resumes, and a change of a field the hold reads is still refused."""
+    import dataclasses
+
+    from hf_weightprune.train.holder import MaskHolder
+
+    hold = PruneSchedule(mode="hold", masks_from=str(tmp_path), refit_at=3, cross_term=True)
+    recorded = hold.to_dict()
+    for gradual in ("final_sparsity", "initial_sparsity", "start", "end", "every_n_steps", "ramp", "reconstruct",
+                    "block_size", "pruned_stream", "order", "allow_collapse"):
+        assert gradual not in recorded, gradual
+    assert recorded == {"mode": "hold", "masks_from": str(tmp_path), "structure": "unstructured", "scope": None,
+                        "target_modules": None, "exclude_modules": None, "dampening": 0.01, "refit_at": 3,
+                        "cross_term": True, "cross_alpha": 0.5, "cross_max_in_features": None}
+    assert PruneSchedule.from_dict(recorded) == hold  # the defaults fill in what is not recorded
+    assert "end" in PruneSchedule(final_sparsity=0.5).to_dict()  # a gradual schedule records everything
+    old = dataclasses.asdict(hold)  # what earlier versions wrote: every field
+    assert hold.diff(recorded) == hold.diff(old) == {}
+    assert PruneSchedule(mode="hold", masks_from=str(tmp_path), refit_at=4, cross_term=True).diff(old) == {
+        "refit_at": (3, 4)}
+    assert PruneSchedule(final_sparsity=0.5).diff(recorded)["mode"] == ("hold", "prune")
+    state = {"config": old, "sparsity": 0.5, "target_sparsity": 0.5, "last_update_step": 0, "num_updates": 1,
+             "steps": None, "has_masks": True, "reconstruction": None, "pending_step": None, "refitted_at": None}
+    MaskHolder(hold).load_state_dict(state, {})  # an earlier version's hold checkpoint: accepted
+    with pytest.raises(ValueError, match=r"schedule changed since the checkpoint: refit_at: checkpoint 3 -> now 4"):
+        MaskHolder(PruneSchedule(mode="hold", masks_from=str(tmp_path), refit_at=4, cross_term=True)).load_state_dict(
+            state, {})
+
+
 def test_hold_on_the_dense_model_warns_that_it_is_a_mask_only_prune(tmp_path, caplog):
     dense = tiny_phi3(seed=4)
     pruned = copy.deepcopy(dense)

@@ -82,6 +82,38 @@ def test_a_hold_recovery_without_distillation_counts_every_token_of_unpadded_row
     assert "- **Recovery**: 4 optimizer steps, 160 training tokens (padding excluded), counted while it trained." in card
 
 
+def test_without_an_attention_mask_the_count_is_the_trainers_non_padding_count(tmp_path):
+    """Padded rows and no attention mask: the Trainer's `non_padding` count leaves out its tokenizer's
+    `pad_token_id`; so does the callback (before, it counted every token, padding included)."""
+    from transformers import default_data_collator
+
+    from hf_weightprune.testing import train_tokenizer
+    from tests.doc_blocks import KJV
+
+    tok = train_tokenizer([(KJV / "train.txt").read_text()[:5000]], vocab_size=300)
+    tok.pad_token = tok.eos_token
+    rows = PaddedDataset(n=N, vocab_size=300)
+    rows.ids[rows.mask == 0] = tok.pad_token_id
+
+    class Unmasked(torch.utils.data.Dataset):  # the padded rows, without their attention mask
+        def __len__(self):
+            return N
+
+        def __getitem__(self, i):
+            return {"input_ids": rows.ids[i], "labels": rows.labels[i]}
+
+    model = tiny_llama(seed=5, vocab_size=300)
+    cb = ImportanceCallback(distill=DistillConfig(teacher=tiny_llama(seed=5, vocab_size=300), alpha=0.5))
+    args = training_args(tmp_path / "run", max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         seed=0, include_num_input_tokens_seen="non_padding")
+    trainer = Trainer(model=model, args=args, train_dataset=Unmasked(), processing_class=tok,
+                      data_collator=default_data_collator, callbacks=[cb])
+    trainer.train()
+    real = int((rows.ids != tok.pad_token_id).sum())
+    assert real < rows.ids.numel()  # the rows are padded
+    assert cb.training_record() == {"steps": 4, "tokens": real} and trainer.state.num_input_tokens_seen == real
+
+
 def test_a_resumed_recovery_counts_the_whole_run_exactly(tmp_path):
     trainer, cb, dataset, _, _ = _distilled_recovery(tmp_path / "full", save_strategy="steps", save_steps=2)
     trainer.train()
