@@ -4,6 +4,11 @@
 transformers 5's `LlamaConfig` wants `hidden_size % num_attention_heads == 0`, so a hidden "unit" is that many channels;
 KV groups keep a count that divides the heads), and for a `target_params` budget the count of every axis.
 
+Sizes are read jointly ([`SizeRule`]): where the config ties two axes (Llama, Gemma 2/3: `hidden_size %
+num_attention_heads`; Phi-3 with longrope: `hidden_size // num_attention_heads` sizes the rope factors), a hidden size
+is accepted or refused for the head count the same prune leaves, not for the dense one: after a KV-group cut a Llama
+takes hidden sizes the dense heads forbid, and a longrope Phi-3 can cut its heads only together with its hidden size.
+
 Exact count. [`ParamCount`] gives the parameters left by any counts without touching the model: depth removes its
 layers' parameters, a KV group or neuron costs its rows and columns in every kept layer at the dense hidden size, and
 a hidden channel costs its embedding/head columns and norms plus, in every kept layer, one entry per row or column of
@@ -26,6 +31,7 @@ smallest step alone overshoots the budget is warned about (it was asked for by n
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 from dataclasses import dataclass
@@ -35,9 +41,9 @@ from torch import nn
 
 from ..layouts import attn_geometry, decoder_layers, detect_layout
 from .hidden import hidden_channel_costs
-from .surgery import _attention_config_updates, config_error
+from .surgery import _CONFIG_ERRORS, _attention_config_updates, config_error
 
-__all__ = ["ORDER", "Budget", "ParamCount", "accepted_keeps", "axis_sizes", "feasible_keep", "num_params", "plan_budget",
+__all__ = ["ORDER", "Budget", "ParamCount", "SizeRule", "accepted_keeps", "axis_sizes", "num_params", "plan_budget",
            "size_updates", "width_costs"]
 
 logger = logging.getLogger(__name__)
@@ -101,15 +107,80 @@ def accepted_keeps(model: nn.Module, axis: str, size: int) -> list[int]:
     return [k for k in range(size, 0, -1) if config_error(model.config, updates(k)) is None]
 
 
-def feasible_keep(model: nn.Module, axis: str, keep: int, size: int, exact: bool) -> int:
-    """`keep` units of a width axis if the config accepts that size, else (`exact=False`) the nearest it accepts."""
-    if config_error(model.config, size_updates(model, axis)(keep)) is None:
-        return keep
-    accepted = accepted_keeps(model, axis, size)[::-1]
-    if exact or not accepted:
-        raise ValueError(f"structure {axis!r}: keeping {keep} of {size} gives a config that "
-                         f"{type(model.config).__name__} rejects; sizes it accepts: {accepted}")
-    return min(accepted, key=lambda k: (abs(k - keep), k))
+class SizeRule:
+    """
+    The sizes of the width axes that the config class accepts, read together. Heads and hidden are coupled (some
+    configs validate `hidden_size` against `num_attention_heads`), so each is read at the other's size in the same
+    prune; neurons are read at the dense sizes of the others (no stock config ties `intermediate_size` to them, and
+    the final check of all sizes together would refuse one that did). Checks run on one private copy of the config,
+    every one setting the same keys, so no check sees another's values.
+
+    Args:
+        model (`PreTrainedModel`): the dense model.
+        axes (`tuple[str, ...]`): the structure's axes (`"layers"` is ignored).
+        sizes (`dict[str, int]`): [`axis_sizes`].
+    """
+
+    def __init__(self, model: nn.Module, axes: tuple[str, ...], sizes: dict[str, int]):
+        self.sizes = sizes
+        self.axes = tuple(a for a in ORDER if a in axes and a != "layers")
+        self._updates = {a: size_updates(model, a) for a in self.axes}
+        self._config = copy.deepcopy(model.config)
+        # A config without strict validation, or one that already fails it, cannot rule on sizes (as config_error).
+        self._blind = not callable(getattr(self._config, "validate", None)) or \
+            config_error(model.config, {}, _baseline=False) is not None
+        self._checked: dict[tuple, bool] = {}
+        self._keeps: dict[tuple, list[int]] = {}
+
+    def partner(self, axis: str) -> str | None:
+        """The axis whose size decides which sizes of `axis` the config accepts (heads <-> hidden), if both are cut."""
+        coupled = ("heads", "hidden")
+        if axis in coupled and all(a in self.axes for a in coupled):
+            return coupled[1 - coupled.index(axis)]
+        return None
+
+    def updates(self, kept: dict[str, int]) -> dict:
+        """The config values of keeping `kept[a]` units of each width axis (the dense size where absent)."""
+        out: dict = {}
+        for a in self.axes:
+            out.update(self._updates[a](kept.get(a, self.sizes[a])))
+        return out
+
+    def accepts(self, kept: dict[str, int]) -> bool:
+        """Whether the config accepts these kept sizes together."""
+        if self._blind:
+            return True
+        key = tuple(kept.get(a, self.sizes[a]) for a in self.axes)
+        if key not in self._checked:
+            try:
+                for k, v in self.updates(kept).items():  # the same keys every time: nothing to restore
+                    setattr(self._config, k, v)
+                self._config.validate()
+                self._checked[key] = True
+            except _CONFIG_ERRORS:
+                self._checked[key] = False
+        return self._checked[key]
+
+    def keeps(self, axis: str, kept: dict[str, int] | None = None) -> list[int]:
+        """The sizes `1..size` of `axis` accepted with its coupled axis at `kept[partner]` (dense if absent), largest
+        first."""
+        partner = self.partner(axis)
+        at = {partner: (kept or {}).get(partner, self.sizes[partner])} if partner else {}
+        key = (axis, *at.values())
+        if key not in self._keeps:
+            self._keeps[key] = [k for k in range(self.sizes[axis], 0, -1) if self.accepts({**at, axis: k})]
+        return self._keeps[key]
+
+    def ladder(self, axis: str) -> list[int]:
+        """Every size of `axis` accepted with some size of its coupled axis, largest first: the sizes a plan may step
+        through (the combination is checked with [`accepts`])."""
+        partner = self.partner(axis)
+        if partner is None:
+            return self.keeps(axis)
+        if axis == "hidden":
+            return sorted({h for g in range(1, self.sizes["heads"] + 1) for h in self.keeps("hidden", {"heads": g})},
+                          reverse=True)
+        return [g for g in range(self.sizes["heads"], 0, -1) if self.keeps("hidden", {"heads": g})]
 
 
 @dataclass
@@ -175,8 +246,21 @@ def _ladders(scores: dict, axes: tuple[str, ...], sizes: dict[str, int], keeps: 
     return sorted(steps)
 
 
+def _coupled_neighbours(rule: SizeRule, option: dict[str, int], sizes: dict[str, int], filler: str | None):
+    """`option` and, when hidden is coupled to heads and not the filler, the option with the hidden counts nearest to
+    its own that the option's head count accepts (one each side, and one further): a hidden count from the ladder of
+    all head counts may not suit this one."""
+    if "hidden" not in option or filler == "hidden" or rule.partner("hidden") is None:
+        return [option]
+    counts = [sizes["hidden"] - k for k in reversed(rule.keeps("hidden", {"heads": sizes["heads"] - option["heads"]}))]
+    below = [c for c in counts if c <= option["hidden"]][-2:]
+    above = [c for c in counts if c > option["hidden"]][:2]
+    near = sorted(below + above, key=lambda c: (c != option["hidden"], abs(c - option["hidden"])))
+    return [{**option, "hidden": c} for c in near]
+
+
 def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: dict[str, int], target: int,
-                spec) -> Budget:
+                spec, rule: SizeRule | None = None) -> Budget:
     """
     Splits the parameters to remove, `num_params(model) - target`, between `axes` (see the module docstring).
 
@@ -187,6 +271,7 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
         sizes (`dict[str, int]`): [`axis_sizes`].
         target (`int`): the parameters to keep.
         spec: the user's `target_params`, for messages.
+        rule ([`SizeRule`], *optional*): the sizes the config accepts (built from `model` when not given).
 
     Returns:
         [`Budget`].
@@ -195,9 +280,17 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
         `ValueError`: one line: the budget empties a layer or the model, or cannot be met within the rule.
     """
     count = ParamCount.of(model, axes)
-    keeps = {a: accepted_keeps(model, a, sizes[a]) for a in axes if a != "layers"}
+    rule = rule or SizeRule(model, axes, sizes)
+    keeps = {a: rule.ladder(a) for a in axes if a != "layers"}  # with the coupled axis at any of its sizes
     by_influence = torch.argsort(scores["layers"].float(), stable=True).tolist() if "layers" in axes else []
-    step_cost = {a: count.before - count.after({a: sizes[a] - keeps[a][1]}, []) for a in keeps if len(keeps[a]) > 1}
+
+    def first_step(a: str) -> int | None:  # at the others' dense sizes; where those allow none, at any of theirs
+        sizes_at_dense = rule.keeps(a)
+        ks = sizes_at_dense if len(sizes_at_dense) > 1 else keeps[a]
+        return ks[1] if len(ks) > 1 else None
+
+    step_cost = {a: count.before - count.after({a: sizes[a] - k}, []) for a in keeps
+                 if (k := first_step(a)) is not None}
     if "layers" in axes:
         step_cost["layers"] = max(count.layer_cost)
     width = [a for a in axes if a in step_cost and a != "layers"]
@@ -207,12 +300,18 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
     def after(c: dict[str, int]) -> int:
         return count.after(c, by_influence[: c.get("layers", 0)])
 
-    def refill(c: dict[str, int]) -> dict[str, int]:  # the filler's count closest to the target, given the others
+    def kept(c: dict[str, int]) -> dict[str, int]:
+        return {a: sizes[a] - c.get(a, 0) for a in rule.axes}
+
+    def refill(c: dict[str, int]) -> dict[str, int] | None:  # the filler's count closest to the target, given the others
         if filler is None:
             return c
+        accepted = rule.keeps(filler, kept(c))
+        if not accepted:
+            return None
         base = after({**c, filler: 0})
         per_unit = base - after({**c, filler: 1})  # the count is linear in the filler's units, the others fixed
-        keep = min(keeps[filler], key=lambda k: abs(base - (sizes[filler] - k) * per_unit - target))  # ties: keeps more
+        keep = min(accepted, key=lambda k: abs(base - (sizes[filler] - k) * per_unit - target))  # ties: keeps more
         return {**c, filler: sizes[filler] - keep}
 
     counts = dict.fromkeys(axes, 0)
@@ -235,7 +334,16 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
     for a in ladder:
         i = ladder[a].index(counts[a])
         around.append([counts[a]] + [ladder[a][j] for j in (i - 1, i + 1) if 0 <= j < len(ladder[a])])
-    options = [refill({**counts, **dict(zip(ladder, c))}) for c in itertools.product(*around)]
+    options = []
+    for c in itertools.product(*around):
+        option = {**counts, **dict(zip(ladder, c))}
+        for o in _coupled_neighbours(rule, option, sizes, filler):
+            o = refill(o)
+            if o is not None and rule.accepts(kept(o)):  # heads with hidden: only the pairs the config takes
+                options.append(o)
+    if not options:
+        raise ValueError(f"target_params={spec!r} cannot be met with {'+'.join(axes)}: no sizes near the split "
+                         f"{counts} give a config that {type(model.config).__name__} accepts")
     best = min(options, key=lambda o: abs(after(o) - target))  # ties: the first, the split's own counts
     left = after(best)
     tolerance = max(step_cost.values(), default=0)

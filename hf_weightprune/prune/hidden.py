@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -227,7 +228,8 @@ def hidden_channel_costs(model: nn.Module) -> tuple[int, list[int]]:
     return outside, per_layer
 
 
-def shrink_hidden_(model: nn.Module, keep: Tensor, *, rescale_norms: bool = True) -> dict:
+def shrink_hidden_(model: nn.Module, keep: Tensor, *, rescale_norms: bool = True,
+                   together_with: Mapping | None = None) -> dict:
     """
     Removes hidden channels (the residual stream's width) in place, keeping `keep` everywhere.
 
@@ -243,6 +245,9 @@ def shrink_hidden_(model: nn.Module, keep: Tensor, *, rescale_norms: bool = True
         rescale_norms (`bool`, *optional*, defaults to `True`):
             Multiply each RMSNorm gain over the hidden size by `sqrt(hidden_size / len(keep))`, so that channels whose
             residual is zero can be removed without changing the output (up to `rms_norm_eps`).
+        together_with (`dict`, *optional*):
+            Config values another cut of the same prune sets (e.g. `{"num_attention_heads": 2, ...}`): the new
+            `hidden_size` is checked with them, since some configs tie the two (`hidden_size % num_attention_heads`).
 
     Returns:
         `dict`: `hidden_size` and `num_parameters` as `{"before": ..., "after": ...}`, `kept` / `removed` (sorted
@@ -258,7 +263,7 @@ def shrink_hidden_(model: nn.Module, keep: Tensor, *, rescale_norms: bool = True
     new_hidden = len(keep)
     plan = _plan(model, new_hidden)
     updates = {"hidden_size": new_hidden, "head_dim": plan.head_dim}
-    reason = config_error(model.config, updates)
+    reason = config_error(model.config, {**(together_with or {}), **updates})
     if reason is not None:
         raise ValueError(f"shrink_hidden_: hidden_size={new_hidden} gives a config that {type(model.config).__name__} "
                          f"rejects: {reason}".splitlines()[0])

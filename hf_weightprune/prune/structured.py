@@ -13,7 +13,7 @@ per-weight scores (`unit_scores.py`); hidden channels and layers need the unit s
 
 Budget. `sparsity` removes that fraction of the units of each axis (`masks.num_to_prune`). `target_params` (an int
 count, or a float fraction of the model's parameters, to keep) is split between the axes by `prune/budget.py`: steps
-of the sizes each config accepts (hidden: multiples of the head count), ranked by how weak each axis' weakest units are
+of the sizes each config accepts (hidden: multiples of the head count that the same prune leaves), ranked by how weak each axis' weakest units are
 against its average, counted exactly before any change; the finest width axis (neurons when present) fills what a
 coarse one cannot take and is applied last. The kept count is as close to the target as the sizes allow and never more
 than one step of the structure's coarsest axis off (else refused; an axis left uncut by its granularity is warned
@@ -54,9 +54,9 @@ from ..layouts import attn_geometry, check_structured_supported, decoder_layers,
 from ..matching import canonical_name
 from .budget import (
     ORDER,
+    SizeRule,
     accepted_keeps,
     axis_sizes,
-    feasible_keep,
     num_params,
     plan_budget,
     size_updates,
@@ -92,11 +92,27 @@ def _scores(model: nn.Module, importance: Importance, config: PruneConfig, axes:
     return {a: {i: fn[a](model, importance.scores, i) for i in range(n)} for a in axes}
 
 
-def _refill(model: nn.Module, axis: str, size: int, n_layers: int, target: int) -> int:
+def _refill(model: nn.Module, axis: str, size: int, n_layers: int, target: int, rule: SizeRule,
+            kept: dict[str, int]) -> int:
     """Units of the filling axis to remove so that the model, as it is now, keeps the count closest to `target`."""
     per_unit = hidden_channel_cost(model) if axis == "hidden" else width_costs(model, (axis,))[axis][0] * n_layers
-    now = num_params(model)  # the accepted sizes read the current config: the other axes are already applied
-    return size - min(accepted_keeps(model, axis, size), key=lambda k: abs(now - (size - k) * per_unit - target))
+    now = num_params(model)  # the other axes are already applied
+    # Heads and hidden: the sizes the dense config takes with the other's final size (the current config may be
+    # between the two cuts, which a tied config rejects); neurons: the current config's.
+    accepted = rule.keeps(axis, kept) if rule.partner(axis) else accepted_keeps(model, axis, size)
+    return size - min(accepted, key=lambda k: abs(now - (size - k) * per_unit - target))
+
+
+def _check_sizes(model: nn.Module, rule: SizeRule, counts: dict[str, int], sizes: dict[str, int]) -> None:
+    """`sparsity`: every width size, each with the others' sizes of the same prune, accepted by the config."""
+    kept = {a: sizes[a] - counts[a] for a in rule.axes}
+    for a in rule.axes:
+        accepted = rule.keeps(a, kept)
+        if kept[a] not in accepted:
+            partner = rule.partner(a)
+            at = f" with {partner} at {kept[partner]}" if partner else ""
+            raise ValueError(f"structure {a!r}: keeping {kept[a]} of {sizes[a]} gives a config that "
+                             f"{type(model.config).__name__} rejects{at}; sizes it accepts{at}: {accepted[::-1]}")
 
 
 def _keep(scores: Tensor, n_remove: int) -> Tensor:
@@ -156,11 +172,12 @@ def _consumer(model: nn.Module, layer: nn.Module, axis: str, idx: Tensor) -> tup
 
 
 def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: dict, kept_layers: list[int],
-                 n_remove: int, names: dict[int, str], compensate: str | None, means: dict | None) -> dict:
+                 n_remove: int, names: dict[int, str], compensate: str | None, means: dict | None,
+                 together_with: dict) -> dict:
     layers = decoder_layers(model)
     if axis == "hidden":
         keep = _keep(scores, n_remove)
-        out = shrink_hidden_(model, keep)
+        out = shrink_hidden_(model, keep, together_with=together_with)
         return {"kept": out["kept"], "removed": out["removed"]}
     keep = {j: _keep(scores[orig], n_remove) for j, orig in enumerate(kept_layers)}
     refits, shifts = {}, {}
@@ -176,7 +193,10 @@ def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: di
             refits[j], shifts[j] = refit_mean(w, h, means[axis][kept_layers[j]], tokens, cols)
         elif compensate == "mean":
             shifts[j] = mean_shift(w, means[axis][kept_layers[j]], cols)
-    (shrink_mlp_ if axis == "neurons" else shrink_attention_)(model, keep)
+    if axis == "neurons":
+        shrink_mlp_(model, keep)
+    else:
+        shrink_attention_(model, keep, together_with=together_with)
     for j in keep:
         consumer = layers[j].mlp.down_proj if axis == "neurons" else layers[j].self_attn.o_proj
         if j in refits:
@@ -244,6 +264,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
                 raise ValueError(f"structure {a!r} is not possible for {type(model).__name__}: {e}") from None
     scores = _scores(model, importance, config, axes)
     sizes = axis_sizes(model, axes)
+    rule = SizeRule(model, axes, sizes)  # heads and hidden sizes read together: the config may tie them
     if "hidden" in axes:  # hidden pruning's module checks, before any other work
         hidden_channel_cost(model)
     if config.compensate in _REFITS and not importance.scorer.has_hessian:
@@ -263,13 +284,12 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
                 what = "decoder layers" if a == "layers" else f"{a} per layer" if a != "hidden" else "hidden channels"
                 raise ValueError(f"structure {a!r} would remove {counts[a]} of {sizes[a]} {what}; at least one must "
                                  "remain")
-        for a in width:  # every size checked against the config before any change
-            counts[a] = sizes[a] - feasible_keep(model, a, sizes[a] - counts[a], sizes[a], exact=True)
+        _check_sizes(model, rule, counts, sizes)  # every size checked against the config before any change
         drop = torch.argsort(scores["layers"].float(), stable=True)[: counts["layers"]].sort().values.tolist() \
             if "layers" in axes else []
         filler, tolerance = None, None
     else:
-        budget = plan_budget(model, scores, axes, sizes, target, t)
+        budget = plan_budget(model, scores, axes, sizes, target, t, rule)
         counts, drop, filler, tolerance = budget.counts, budget.dropped, budget.filler, budget.tolerance
         width = sorted(width, key=lambda a: a == filler)  # the filling axis goes last: it meets the budget
     names = {id(m): canonical_name(n) + ".weight" for n, m in model.named_modules()}
@@ -288,10 +308,14 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
         add_biases_(model, plan)
     for a in width:
         if a == filler and bias_plans:  # the added biases were not in the plan: the filler absorbs them
-            counts[a] = _refill(model, a, sizes[a], len(kept_layers), target)
+            kept = {b: sizes[b] - counts[b] for b in rule.axes}
+            counts[a] = _refill(model, a, sizes[a], len(kept_layers), target, rule, kept)
         if counts[a]:
+            # The final sizes of every width axis: a tied config (hidden_size % num_attention_heads) is checked on
+            # them together, not on the state between two cuts.
+            together = rule.updates({b: sizes[b] - counts[b] for b in rule.axes})
             done = _apply_width(model, importance, a, scores[a], kept_layers, counts[a], names, config.compensate,
-                                means)
+                                means, together)
         else:
             done = {"removed": {}}
         out_axes[a] = {"before": sizes[a], "after": sizes[a] - counts[a], "removed": done["removed"]}

@@ -159,7 +159,8 @@ def _attention_config_updates(n_kv: int, group: int, head_dim: int) -> dict:
     return {"num_attention_heads": n_kv * group, "num_key_value_heads": n_kv, "head_dim": head_dim}
 
 
-def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor]) -> None:
+def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor], *,
+                      together_with: Mapping | None = None) -> None:
     """
     Removes attention KV groups in place, keeping `keep_groups[layer_idx]` in every layer.
 
@@ -172,6 +173,9 @@ def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor]
     Args:
         model (`PreTrainedModel`): Llama-style or Phi-3-style causal LM.
         keep_groups (`dict[int, torch.LongTensor]`): For every layer index, the KV group indices to keep.
+        together_with (`dict`, *optional*):
+            Config values another cut of the same prune sets (e.g. `{"hidden_size": 24}`): the head counts are checked
+            with them, since some configs tie the two (`hidden_size % num_attention_heads`, Phi-3's longrope factors).
 
     Raises:
         `ValueError`, before the model is modified: for an unsupported layout or geometry, a `keep_groups` that does
@@ -191,12 +195,13 @@ def shrink_attention_(model: nn.Module, keep_groups: dict[int, torch.LongTensor]
     # Some configs reject sizes the modeling code handles (LlamaConfig wants hidden_size % num_attention_heads == 0,
     # Phi-3 longrope sizes its rope factors by hidden_size // num_attention_heads); refuse before touching the model
     # rather than produce a checkpoint that cannot be saved or loaded.
-    reason = config_error(model.config, updates)
+    together = dict(together_with or {})
+    reason = config_error(model.config, {**together, **updates})
     if reason is not None:
         feasible = [
             k
             for k in range(1, n_kv + 1)
-            if config_error(model.config, _attention_config_updates(k, group, d)) is None
+            if config_error(model.config, {**together, **_attention_config_updates(k, group, d)}) is None
         ]
         raise ValueError(
             f"Keeping {new_kv} of {n_kv} KV groups ({new_heads} attention heads) gives a config that "
