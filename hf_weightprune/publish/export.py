@@ -144,25 +144,24 @@ def _write_sparsity_and_card(folder: str, output_dir: str, payload: dict[str, An
                          repo_id=os.path.basename(os.path.abspath(output_dir)), sparsity=payload)
 
 
-def check_cross_input(model_dir: str | os.PathLike, config: PruneConfig, *, arg: str = "cross_alpha") -> None:
-    """Refuse, in one line and before any work, `cross_alpha` on a folder that is already pruned (it holds a
-    `sparsity.json`): the cross term pairs the dense teacher's inputs with the pruned student's, so the asymmetric
-    sweep is for the weights of that teacher, not for the student the run wrote.
+def warn_cross_input(model_dir: str | os.PathLike, config: PruneConfig, *, arg: str = "cross_alpha") -> None:
+    """Warn, before any work, when `cross_alpha` prunes a folder that is already pruned (it holds a `sparsity.json`):
+    the cross term pairs the dense teacher's inputs with the pruned student's, so the asymmetric sweep is meant for
+    that teacher, and the run's own (pruned) output is the usual mistake. Not refused: a run's teacher may itself be
+    a pruned checkpoint (a gradual run started from one, to prune further), and then pruning it is the intended use.
 
     Args:
         model_dir (`str` or `os.PathLike`): the folder about to be pruned (a Hub id is not checked).
         config (`PruneConfig`): the prune's config.
         arg (`str`, *optional*, defaults to `"cross_alpha"`): how the message names the setting (`--cross_alpha`).
-
-    Raises:
-        ValueError: `config.cross_alpha` is set and `model_dir/sparsity.json` exists.
     """
     if config.cross_alpha is None or not os.path.isfile(os.path.join(model_dir, SPARSITY_NAME)):
         return
     shown = f"{arg} {config.cross_alpha:g}" if arg.startswith("--") else f"{arg}={config.cross_alpha:g}"
-    raise ValueError(f"{shown}: {os.fspath(model_dir)} is already pruned (it holds {SPARSITY_NAME}), "
-                     "and the cross term pairs the dense teacher's inputs with the pruned student's: prune the dense "
-                     "model the run distilled from (its teacher; a gradual run's default: the model it started from)")
+    logger.warning("%s: %s is already pruned (it holds %s), and the cross term pairs the dense teacher's inputs with "
+                   "the pruned student's: unless this folder is the run's teacher, prune the model the run distilled "
+                   "from (a gradual run's default: the model it started from)", shown, os.fspath(model_dir),
+                   SPARSITY_NAME)
 
 
 def _check_common(fn: str, output_dir, base_model, overwrite, write_card) -> None:
@@ -345,9 +344,8 @@ def prune_checkpoint(
 
     Raises:
         TypeError: an argument has the wrong type (checked before any work).
-        ValueError: a structured `config` (`neurons`/`heads`), `cross_alpha` on a `model_dir` that is already pruned
-            ([`check_cross_input`]), `output_dir` refused by [`check_output_dir`] (the input folder, the importance
-            folder, ...), importance that does not match the checkpoint, or a corrupt shard.
+        ValueError: a structured `config` (`neurons`/`heads`), `output_dir` refused by [`check_output_dir`] (the
+            input folder, the importance folder, ...), importance that does not match the checkpoint, or a corrupt shard.
         FileNotFoundError: `model_dir` holds no safetensors weights.
         FileExistsError: `output_dir` is not empty and `overwrite=False`, or another process wrote it meanwhile.
     """
@@ -371,7 +369,7 @@ def prune_checkpoint(
     if config.shrinks:
         raise ValueError(f"structure={config.structure!r} changes tensor shapes and cannot be applied file to "
                          "file: load the model, call prune_ and save_pruned")
-    check_cross_input(model_dir, config)
+    warn_cross_input(model_dir, config)  # the run's own output, a likely mistake
     model_dir, output_dir = os.fspath(model_dir), os.fspath(output_dir)
     check_output_dir(output_dir, input_dirs=[model_dir], importance_dirs=[importance.path], overwrite=overwrite)
 

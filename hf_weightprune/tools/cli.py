@@ -42,8 +42,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     Raises:
         ValueError: `--output_dir` is refused by the output rule ([`export.check_output_dir`]), checked before any
-            loading, `--cross_alpha` on a `model_dir` that is already pruned ([`export.check_cross_input`]),
-            `--measure_speed` with a `model_dir` that is not a local folder, or other bad input.
+            loading, `--measure_speed` with a `model_dir` that is not a local folder, or other bad input.
         FileExistsError: `--output_dir` is not empty and `--overwrite` is not given (checked before any loading).
         FileNotFoundError, ImportanceFileError: a missing model or importance folder, printed by [`main`] as one
             line.
@@ -55,13 +54,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..files.pruned_files import TOKENIZER_VOCAB_FILES, has_tokenizer
     from ..files.safetensors_io import ImportanceFileError
     from ..prune.pruner import prune_
-    from ..publish.export import check_cross_input, check_output_dir, save_pruned
+    from ..publish.export import check_output_dir, save_pruned, warn_cross_input
     from ..validation import check_local_path
     from .search import search_for_cli
 
     config, candidates = search_candidates(args, PruneConfig)  # --search_structures: the candidates' configs
     check_model_dir(args.model_dir, "model_dir")
-    check_cross_input(args.model_dir, config, arg="--cross_alpha")
     check_local_path("--importance", args.importance, "an importance, checkpoint or training output folder")
     if args.measure_speed and not os.path.isdir(args.model_dir):
         raise ValueError(f"--measure_speed measures beside the input checkpoint: model_dir {args.model_dir} must be "
@@ -96,6 +94,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report = prune_checkpoint(args.model_dir, importance, config, args.output_dir, base_model=args.base_model,
                                   overwrite=args.overwrite, progress=progress)
         return _saved(report, args)
+    warn_cross_input(args.model_dir, config, arg="--cross_alpha")  # prune_checkpoint warns on the path above
     model, tokenizer = load_model(args.model_dir, args.dtype)
     config, search = search_for_cli(args, model, tokenizer, importance, candidates, config)
     eval_results = None

@@ -211,34 +211,44 @@ def test_cli_prunes_file_to_file_with_cross_alpha(run, tmp_path, capsys):
     assert saved["cross_term"] == report.cross_term == {"alpha": 0.5, "weights": len(load_importance(run_dir).cross_terms())}
 
 
-def test_cross_alpha_on_a_folder_that_is_already_pruned_is_refused_in_one_line_before_any_work(run, tmp_path, capsys):
+def test_cross_alpha_on_a_folder_that_is_already_pruned_warns_and_prunes(run, tmp_path, capsys, caplog):
     """The cross term pairs the dense teacher's inputs with the pruned student's: an already pruned folder (it holds
-    sparsity.json, e.g. the run's own output) is refused with `cross_alpha`, by `prune_checkpoint` and by the CLI on
-    both of its paths (file to file, and loaded with --dtype); without `cross_alpha` it is pruned as before."""
+    sparsity.json, e.g. the run's own output) gets a warning with `cross_alpha`, from `prune_checkpoint` and from the
+    CLI on both of its paths (file to file, and loaded with --dtype); it is still pruned, since a run's teacher may
+    itself be a pruned checkpoint. Without `cross_alpha`, no warning."""
     from hf_weightprune import prune_checkpoint
 
     run_dir, _ = run
     dense = tmp_path / "dense"
     _dense().save_pretrained(dense)
     pruned = tmp_path / "pruned"
-    prune_checkpoint(dense, load_importance(run_dir), PruneConfig(sparsity=0.5, cross_alpha=0.5), pruned,
-                     write_card=False)
-    with pytest.raises(ValueError, match=rf"^cross_alpha=0.5: {pruned} is already pruned \(it holds sparsity.json\), "
-                       r"and the cross term pairs the dense teacher's inputs with the pruned student's: prune the "
-                       r"dense model the run distilled from \(its teacher; a gradual run's default: the model it "
-                       r"started from\)$"):
-        prune_checkpoint(pruned, load_importance(run_dir), PruneConfig(sparsity=0.7, cross_alpha=0.5), tmp_path / "x")
-    for extra in ([], ["--dtype", "float32"]):
-        capsys.readouterr()
-        code = main(["prune", str(pruned), "--importance", str(run_dir), "--sparsity", "0.7", "--cross_alpha", "0.5",
-                     "--output_dir", str(tmp_path / "x"), *extra])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert code != 0 and len(err) == 1 and f"--cross_alpha 0.5: {pruned} is already pruned" in err[0], err
-        assert "prune the dense model the run distilled from" in err[0]
-    assert not (tmp_path / "x").exists()  # refused before any work
-    report = prune_checkpoint(pruned, load_importance(run_dir), PruneConfig(sparsity=0.7), tmp_path / "again",
-                              write_card=False)
-    assert report.global_sparsity == pytest.approx(0.7, abs=0.01)
+    with caplog.at_level("WARNING", logger="hf_weightprune"):
+        prune_checkpoint(dense, load_importance(run_dir), PruneConfig(sparsity=0.5, cross_alpha=0.5), pruned,
+                         write_card=False)
+    assert "already pruned" not in caplog.text  # the dense teacher: no warning
+    warning = (f"cross_alpha=0.5: {pruned} is already pruned (it holds sparsity.json), and the cross term pairs the "
+               "dense teacher's inputs with the pruned student's: unless this folder is the run's teacher, prune the "
+               "model the run distilled from (a gradual run's default: the model it started from)")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_weightprune"):
+        report = prune_checkpoint(pruned, load_importance(run_dir), PruneConfig(sparsity=0.7, cross_alpha=0.5),
+                                  tmp_path / "x", write_card=False)
+    assert [r.getMessage() for r in caplog.records if "already pruned" in r.getMessage()] == [warning]
+    assert report.global_sparsity == pytest.approx(0.7, abs=0.01) and report.cross_term["alpha"] == 0.5
+    for i, extra in enumerate(([], ["--dtype", "float32"])):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hf_weightprune"):
+            code = main(["prune", str(pruned), "--importance", str(run_dir), "--sparsity", "0.7", "--cross_alpha",
+                         "0.5", "--output_dir", str(tmp_path / f"cli{i}"), *extra])
+        said = [r.getMessage() for r in caplog.records if "already pruned" in r.getMessage()]
+        named = "--cross_alpha 0.5" if extra else "cross_alpha=0.5"  # file to file: prune_checkpoint's own warning
+        assert code == 0 and said == [warning.replace("cross_alpha=0.5", named)], said
+        assert (tmp_path / f"cli{i}" / "sparsity.json").is_file()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_weightprune"):
+        prune_checkpoint(pruned, load_importance(run_dir), PruneConfig(sparsity=0.7), tmp_path / "again",
+                         write_card=False)
+    assert "already pruned" not in caplog.text
 
 
 def test_inspect_says_the_folder_holds_a_cross_term_and_how_to_use_it(run, tmp_path, capsys):
