@@ -5,7 +5,7 @@ cross terms summed over ranks (a collective), their token counts, the final mask
 (optimizer steps, real tokens summed over ranks: a collective) to `OUT/rank{r}.safetensors`.
 
 `python -m tests.ddp_cross OUT --hold-refit PRUNED` (run by `tests/train/test_hold_refit.py`): the held phase's
-re-fit towards the teacher instead (`run_hold_refit`), the masks of the pruned checkpoint `PRUNED` held.
+re-fit (its edits: the teacher minus the held weights) instead (`run_hold_refit`), the masks of `PRUNED` held.
 """
 
 import os

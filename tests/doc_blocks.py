@@ -231,7 +231,7 @@ CHECKS = {
         "assert any(not torch.equal(p, before[n]) for n, p in pruned.named_parameters()), 'nothing trained'\n"
     ),
     ("README.md", "refit_at=0.75, cross_term=True"): (
-        # the hold re-fit ran at step 6 of 8 towards the teacher (out/), and the held zeros stayed zero
+        # the hold re-fit ran at step 6 of 8 (the edits: out/ minus out-pruned), and the held zeros stayed zero
         "held = load_masks('out-pruned')\n"
         "weights = dict(student.named_parameters())\n"
         "assert cb.mask_holder.refitted_at == 6\n"

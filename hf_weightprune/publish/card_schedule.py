@@ -24,7 +24,8 @@ def schedule_context(sparsity: dict) -> dict | None:
     if schedule.get("mode") == "hold":
         cross = refit is not None and bool(schedule.get("cross_term"))  # a hold's cross term feeds its re-fit only
         return {"text": "pruned once, then fine-tuned with that mask held (a recovery fine-tune)"
-                        + "".join(_hold_refit_text(schedule, refit, cross)), "cross_term": cross}
+                        + "".join(_hold_refit_text(schedule, refit, cross, legacy="refitted_at" not in sparsity)),
+                "cross_term": cross}
     needed = ("initial_sparsity", "final_sparsity", "start", "end", "every_n_steps", "ramp")
     if not all(schedule.get(k) is not None for k in needed):
         return None
@@ -79,16 +80,20 @@ def _pruned_stream_text(schedule: dict, refit: str | None) -> list[str]:
     return parts
 
 
-def _hold_refit_text(schedule: dict, refit: str | None, cross: bool) -> list[str]:
+def _hold_refit_text(schedule: dict, refit: str | None, cross: bool, *, legacy: bool = False) -> list[str]:
     """A hold run's re-fit and its cross term, as clauses appended to the hold sentence: the kept weights were
-    re-fitted towards the dense teacher's weights from the pruned model's own input Hessians."""
+    re-fitted towards their trained values with the one-shot prune's edits undone, from the pruned model's own input
+    Hessians. `legacy`: a file from before `refitted_at` was recorded, whose re-fit targeted the teacher's weights."""
     if refit is None:
         return []
-    parts = [f"; the kept weights were re-fitted at {refit} by least squares on their fixed support towards the "
-             "dense teacher's weights (each layer's dense output on the pruned model's inputs), from the input "
-             "Hessians of the pruned model's own forwards since training began"]
+    target = ("the dense teacher's weights (each layer's dense output on the pruned model's inputs)" if legacy else
+              "their trained values with the one-shot prune's edits undone (the teacher's weights minus the held ones "
+              "at the start)")
+    parts = [f"; the kept weights were re-fitted at {refit} by least squares on their fixed support towards {target}, "
+             "from the input Hessians of the pruned model's own forwards since training began"]
     if cross:
-        parts.append("; the re-fit solved the asymmetric objective `||W X - W_hat X~||^2` (`W` the teacher's weight) "
+        what = "the teacher's weight" if legacy else "that target"
+        parts.append(f"; the re-fit solved the asymmetric objective `||W X - W_hat X~||^2` (`W` {what}) "
                      f"with the dense-to-pruned cross term from the teacher's forwards {_cross_detail(schedule)}")
     return parts
 

@@ -38,7 +38,7 @@ from .distiller import Distiller
 from .holder import MaskHolder
 from .recovery import TrainingCounter
 from .schedule import PruneSchedule
-from .stream import check_refit_sample, teacher_weights
+from .stream import check_refit_sample
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,8 @@ class ImportanceCallback(TrainerCallback):
                                "whatever the Trainer loads at the end")
             self.mask_holder.setup(model, args, tracked_names=self.tracked_names, max_steps=int(state.max_steps),
                                    optimizer=kwargs.get("optimizer"))
-            self._refit_reference()  # a hold re-fit towards a teacher of other shapes: refused now, before any step
+            if self._distiller is not None:  # a hold re-fit's edits; a teacher of other shapes is refused here
+                self.mask_holder.take_hold_edits_(self._distiller.teacher, self.tracked_names)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.accumulator.set_sampling(self.accumulator.samples_step(state.global_step + 1))
@@ -264,16 +265,10 @@ class ImportanceCallback(TrainerCallback):
                 self.accumulator.restart()
             control.should_log = True  # report each update to the Trainer's loggers
         if self.mask_holder is not None and self.mask_holder.is_refit_step(t):
-            self.mask_holder.refit_(self.importance(), t, self._cross_terms(), reference=self._refit_reference())
+            self.mask_holder.refit_(self.importance(), t, self._cross_terms())
         if control.should_save:
             self.checkpoint.save_teacher(args, state)
             self.checkpoint.stage(args, state)
-
-    def _refit_reference(self):
-        """`PruneSchedule(mode="hold", refit_at=...)`: the teacher's weights the re-fit targets, else `None`."""
-        if self.schedule.mode != "hold" or self.schedule.refit_at is None:
-            return None
-        return teacher_weights(self.mask_holder.params, self._distiller.teacher, tracked=self.tracked_names)
 
     def _cross_terms(self):
         """`PruneSchedule(cross_term=True)`: the cross terms summed across ranks (collective), else `None`."""

@@ -15,7 +15,8 @@ Lifecycle:
   pruned-stream Hessians (`prune.refit.refit_masked_`), towards the current weights with every pruning edit undone.
   The edits (pruned values and OBS compensations, `before - after` of each update) are summed per weight from the
   first update on, only when `refit_at` is set: one float32 copy of the masked weights (`stream.pending_edits`).
-  In `"hold"` mode the target is the dense teacher's weight, handed over by the callback (nothing recorded).
+  In `"hold"` mode the edits are the one-shot prune's, dense teacher minus held weights, taken by the callback at
+  train begin (`stream.hold_edits`).
 - `state_dict` / `load_state_dict`: JSON counters, masks and pending edits, beside every checkpoint's importance.
 
 Masks only shrink: a pruned weight stays pruned (it ranks lowest at later updates), the usual gradual-pruning
@@ -47,7 +48,7 @@ from ..prune.refit import usable_cross
 from ..prune.report import PruningReport
 from ..scorers import SCORERS, get_scorer
 from .schedule import PruneSchedule
-from .stream import held_masks, layer_groups, propagate_
+from .stream import held_masks, hold_edits, layer_groups, propagate_, teacher_weights
 from .stream import refit_ as stream_refit_
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class MaskHolder:
                                  f"{tuple(self.params[name].shape)}: masks from another model?")
         self.apply_masks_()
         self.zero_optimizer_state_()
-        if restored and cfg.mode == "prune" and self._refit_step is not None and not (self.refitted_at or self._edits):
+        if restored and self._refit_step is not None and not (self.refitted_at or self._edits):
             logger.warning("PruneSchedule: the checkpoint was written by an older hf-weightprune that did not save the "
                            "pruning edits the re-fit at step %d undoes: that re-fit is skipped", self._refit_step)
             self._refit_step = None
@@ -330,22 +331,28 @@ class MaskHolder:
         return step == self._refit_step and self.refitted_at is None
 
     @torch.no_grad()
-    def refit_(self, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None, *,
-               reference: dict[str, Tensor] | None = None) -> None:
+    def refit_(self, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
         """Re-fit the kept weights on their fixed support from the pruned-stream Hessians in `importance`
         ([`stream.refit_`]).
 
-        `"prune"`: each weight's target is `W + E` (its current value plus the summed edits of every mask update): the
-        network's function with the pruning undone, training since kept. `"hold"`: `reference[name]`, the dense
-        teacher's weight ([`stream.teacher_weights`]); what the kept weights learned since is discarded. `cross`
-        (`CrossTerm.terms()`): the asymmetric objective where a cross term covers the tokens of `H~`. Masks do not
-        change; Adam moments are kept. Under DDP rank 0's result is broadcast.
+        Each weight's target is `W + E`, its current value plus its pruning edits (`"prune"`: the summed edits of
+        every mask update; `"hold"`: the one-shot prune's, [`stream.hold_edits`]): the network's function with the
+        pruning undone, training since kept. `cross` (`CrossTerm.terms()`): the asymmetric objective where a cross
+        term covers the tokens of `H~`. Masks do not change; Adam moments are kept. Under DDP rank 0's result is
+        broadcast.
 
         Raises:
-            ValueError: no mask update yet (`"prune"`), no `reference` (`"hold"`), or a degenerate Hessian or one
-                with no token since the last mask change (importance sampled at no step after it).
+            ValueError: no edits yet (no mask update, or a hold whose edits were not taken), or a degenerate Hessian
+                or one with no token since the last mask change (importance sampled at no step after it).
         """
-        stream_refit_(self, importance, step, cross, reference)
+        stream_refit_(self, importance, step, cross)
+
+    def take_hold_edits_(self, teacher: nn.Module, tracked_names: list[str]) -> None:
+        """Train begin of a fresh `"hold"` run with a re-fit ahead: the one-shot prune's edits ([`stream.hold_edits`]);
+        a resumed run restored them. Raises `ValueError` as [`stream.teacher_weights`] (untracked, other shapes)."""
+        if self.schedule.mode == "hold" and self._refit_step is not None and self.refitted_at is None \
+                and not self._edits:
+            self._edits = hold_edits(self.params, teacher_weights(self.params, teacher, tracked=tracked_names))
 
     @torch.no_grad()
     def apply_masks_(self) -> None:

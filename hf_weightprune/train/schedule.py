@@ -131,16 +131,16 @@ class PruneSchedule(JsonConfigMixin):
 
             With `mode="hold"` every training forward is already one of the pruned model, so the `sparsegpt`
             statistic gathered from the first step is the pruned-stream Hessian `H~`, and `refit_at` is any step >= 1
-            (a fraction resolving to step 0 is refused at train begin). The target is then the dense teacher's weight
-            of the same Linear: needs `ImportanceCallback(ImportanceConfig(criterion="sparsegpt"),
+            (a fraction resolving to step 0 is refused at train begin). The edits are then the one-shot prune's,
+            `W_dense - W_start`, the dense teacher's weight of the same Linear minus the held weight, taken at train
+            begin: needs `ImportanceCallback(ImportanceConfig(criterion="sparsegpt"),
             distill=DistillConfig(teacher=<the dense model>))` (refused when the callback is built without them, and
             at train begin when a teacher's Linear has another shape than the student's, e.g. a structurally pruned
-            student). The re-fit solves `argmin ||W_teacher X~ - W_hat X~||^2` on each row's support: the kept weights
-            are moved to reproduce the dense layer's output on the pruned model's inputs, and whatever they learned
-            during the fine-tune before `refit_at` is discarded (no blend: that learning compensated for the pruning
-            end to end, which the re-fit redoes layer by layer; adding it back would count it twice). `H~` sums every
-            sampled step since training began, so it mixes the inputs of the student as it fine-tuned; the steps
-            after `refit_at` fine-tune the re-fitted weights as usual. A teacher in `teacher_dtype="bfloat16"` gives
+            student). The re-fit solves `argmin ||(W + W_dense - W_start) X~ - W_hat X~||^2` on each row's support:
+            the prune's compensation redone from the pruned model's own inputs, what the kept weights learned since
+            train begin kept (targeting `W_dense` alone would discard it). `H~` sums every sampled step since training
+            began, so it mixes the inputs of the student as it fine-tuned; the steps after `refit_at` fine-tune the
+            re-fitted weights as usual. A teacher in `teacher_dtype="bfloat16"` gives
             a bfloat16-rounded target.
         cross_term (`bool`, *optional*, defaults to `False`):
             Under distillation (`ImportanceCallback(distill=DistillConfig(...))`, refused without it): also gather
@@ -150,7 +150,7 @@ class PruneSchedule(JsonConfigMixin):
             asymmetric objective `||W X - W_hat X~||^2` of GPTAQ (arXiv 2504.02692) / QEP (arXiv 2504.09629): the dense
             layer's output on the dense inputs, matched from the pruned inputs ([`prune.refit.propagate_target`]).
             Needs the pruned stream (`pruned_stream=True`, `refit_at` or `order="depth"`); with `mode="hold"`, where
-            the re-fit is its only reader, `refit_at` (`W` is then the teacher's weight). Memory: one more `[in, in]` float32 matrix
+            the re-fit is its only reader, `refit_at` (`W` is then the re-fit's target). Memory: one more `[in, in]` float32 matrix
             per distinct Linear input (q/k/v and gate/up share theirs), as much again as the `sparsegpt` statistic,
             plus the teacher's Linear inputs of one forward until the student consumes them.
         cross_alpha (`float`, *optional*, defaults to 0.5):

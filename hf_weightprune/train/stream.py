@@ -3,8 +3,9 @@ layer groups of `PruneSchedule(order="depth")`.
 
 The holder owns the masks and the weights; these functions read its state and the statistics the callback hands
 over (the importance's `H~`, the accumulator's cross term `C`), so the holder's update stays one code path.
-In `"hold"` mode the re-fit's target is the dense teacher's weights ([`teacher_weights`]), which the callback hands
-over: every forward of a hold run is one of the pruned model, so its `sparsegpt` statistic is `H~` from the start.
+In `"hold"` mode every forward is one of the pruned model, so its `sparsegpt` statistic is `H~` from the start; the
+re-fit's edits are what the one-shot prune changed, the dense teacher's weights ([`teacher_weights`]) minus the held
+weights at train begin ([`hold_edits`]).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def propagate_(params: dict[str, Tensor], hessian: Callable[[str], Tensor], cros
 
 def teacher_weights(params: dict[str, Tensor], teacher: nn.Module,
                     tracked: Iterable[str] | None = None) -> dict[str, Tensor]:
-    """`PruneSchedule(mode="hold", refit_at=...)`: the re-fit's targets, the dense teacher's weight of each masked
-    weight (same name; an expert slice's view for MoE experts). References to the teacher's own tensors, no copy.
+    """`PruneSchedule(mode="hold", refit_at=...)`: the dense teacher's weight of each masked weight (same name; an
+    expert slice's view for MoE experts), from which [`hold_edits`] takes the one-shot prune's edits. References to
+    the teacher's own tensors, no copy.
 
     Args:
         params (`dict[str, Tensor]`): the masked weights of the student ([`MaskHolder.params`]).
@@ -82,7 +84,7 @@ def teacher_weights(params: dict[str, Tensor], teacher: nn.Module,
         w = weights.get(name)
         if w is None or w.shape != param.shape:
             has = "has no such nn.Linear weight" if w is None else f"has shape {tuple(w.shape)}"
-            raise ValueError(f"PruneSchedule(mode='hold', refit_at=...) re-fits {name} {tuple(param.shape)} towards the "
+            raise ValueError(f"PruneSchedule(mode='hold', refit_at=...) re-fits {name} {tuple(param.shape)} from the "
                              f"teacher's weight of the same Linear, but the teacher {has}: pass the dense model this "
                              "student was pruned from as DistillConfig(teacher=...) (a structurally pruned student "
                              "cannot be re-fitted)")
@@ -90,17 +92,35 @@ def teacher_weights(params: dict[str, Tensor], teacher: nn.Module,
 
 
 @torch.no_grad()
-def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None,
-           reference: dict[str, Tensor] | None = None) -> None:
+def hold_edits(params: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`PruneSchedule(mode="hold", refit_at=...)`, train begin of a fresh run: what the one-shot prune changed in each
+    held weight, `E = W_dense - W_start` (the removed values and the OBS compensations), in float32.
+
+    The re-fit's target is then `W + E` as in `"prune"` mode: the dense function with the pruning undone, and what
+    the kept weights learned since train begin kept (targeting `W_dense` alone would discard it).
+
+    Args:
+        params (`dict[str, Tensor]`): the held weights, masks applied ([`MaskHolder.params`]).
+        reference (`dict[str, Tensor]`): the dense teacher's weight of each ([`teacher_weights`]).
+
+    Returns:
+        `dict[str, Tensor]`: float32 `[out, in]` edits on each weight's device: one more copy of the held weights,
+        kept until the re-fit and written with every checkpoint before it.
+    """
+    # not in place: `.to` returns the teacher's own tensor when device and dtype already match
+    return {n: reference[n].to(p.device, torch.float32) - p.detach().float() for n, p in params.items()}
+
+
+@torch.no_grad()
+def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
     """[`MaskHolder.refit_`]: re-fit every masked weight on its support, from the pruned-stream `H~` of `importance`
-    and, where usable, the cross term (asymmetric objective, `cross_alpha`). Target: `"prune"`, `W + E` (its edits
-    undone); `"hold"`, `reference[name]` (the teacher's weight, [`teacher_weights`])."""
+    and, where usable, the cross term (asymmetric objective, `cross_alpha`), towards `W + E`: its current value with
+    its edits undone (`"prune"`: the summed mask updates; `"hold"`: [`hold_edits`])."""
     hold = holder.schedule.mode == "hold"
-    if hold and reference is None:
-        raise ValueError(f"PruneSchedule(mode='hold'): refit at step {step} needs the dense teacher's weights "
-                         "(ImportanceCallback(distill=DistillConfig(teacher=...)) hands them over)")
-    if not hold and not holder._edits:
-        raise ValueError(f"PruneSchedule: refit at step {step} but no mask update happened before it")
+    if not holder._edits:
+        raise ValueError(f"PruneSchedule: refit at step {step} but " + (
+            "the hold's edits were never taken (ImportanceCallback(distill=DistillConfig(teacher=...)) takes them at "
+            "train begin)" if hold else "no mask update happened before it"))
     tokens = importance.meta.get("tokens", {})
     empty = [n for n in holder.params if not tokens.get(n)]
     if empty:
@@ -111,11 +131,10 @@ def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] |
     schedule = holder.schedule
     terms = usable_cross(cross, tokens, holder.params)
     for n, param in holder.params.items():
-        target = reference[n] if hold else holder._edits[n].add_(param.detach().float())
+        target = holder._edits[n].add_(param.detach().float())
         refit_masked_(param, holder.masks[n], importance.state(n).to(param.device), reference=target,
                       cross=terms.get(n), alpha=schedule.cross_alpha, percdamp=schedule.dampening)
-        if not hold:
-            holder._edits[n] = target.sub_(param.detach().float())  # the edit the re-fit leaves in place
+        holder._edits[n] = target.sub_(param.detach().float())  # the edit the re-fit leaves in place
         if D.is_distributed():
             D.broadcast_(param.data, 0)
     holder.apply_masks_()

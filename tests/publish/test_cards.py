@@ -300,19 +300,27 @@ def test_hold_sentence_states_the_refit_towards_the_teacher_and_the_cross_term(t
                      "cross_term": False}
     refit = recorded(refit_at=4, refitted_at=4)
     assert refit["text"].startswith(plain["text"] + "; the kept weights were re-fitted at step 4 by least squares on "
-                                    "their fixed support towards the dense teacher's weights")
+                                    "their fixed support towards their trained values with the one-shot prune's "
+                                    "edits undone (the teacher's weights minus the held ones at the start)")
     assert "pruned model's own forwards since training began" in refit["text"]
     assert "GPTAQ" not in refit["text"] and not refit["cross_term"]
     cross = recorded(refit_at=0.5, cross_term=True, cross_alpha=0.25, cross_max_in_features=64, refitted_at=5)
     assert "the kept weights were re-fitted at step 5 by least squares" in cross["text"] and cross["cross_term"]
     assert "50%" not in cross["text"]  # the step it ran at, not the configured fraction
-    assert cross["text"].endswith("the re-fit solved the asymmetric objective `||W X - W_hat X~||^2` (`W` the "
-                                  "teacher's weight) with the dense-to-pruned cross term from the teacher's forwards "
+    assert cross["text"].endswith("the re-fit solved the asymmetric objective `||W X - W_hat X~||^2` (`W` that "
+                                  "target) with the dense-to-pruned cross term from the teacher's forwards "
                                   "(GPTAQ / QEP, alpha 0.25; Linears of more than 64 inputs kept the plain objective)")
     card = (tmp_path / "out" / "README.md").read_text()  # the last one's card states that line
     assert f"- **Schedule**: {cross['text']}." in card
     # configured but never run (training stopped before refit_at): the card claims no re-fit, names no cross term
     assert recorded(refit_at=0.5, cross_term=True) == plain
+    # a file from before `refitted_at` was recorded: its re-fit targeted the teacher's weights, and its card says so
+    legacy = load_sparsity(tmp_path / "out")
+    legacy.update(schedule=PruneSchedule(mode="hold", masks_from="p", refit_at=4, cross_term=True).to_dict())
+    del legacy["refitted_at"]
+    text = schedule_context(legacy)["text"]
+    assert "at step 4 by least squares on their fixed support towards the dense teacher's weights (each layer's " \
+           "dense output on the pruned model's inputs)" in text and "(`W` the teacher's weight)" in text, text
 
 
 HOLD = dict(mode="hold", masks_from="pruned")

@@ -106,7 +106,7 @@ def make_callback(criterion="temporal_magnitude", *, schedule=None, masks_from=N
     pruned stream with the cross term), `"depth"` (layers pruned front to back) or `"refit"` (OBS updates at 1, 3, 5 and
     a re-fit at 7: checkpoint-6 falls between the last update and the re-fit); `distill`: KL + SquareHead from
     `teacher` (`None`: the default frozen copy); `units`: `ImportanceConfig(units=True)`; `refit_at`, `cross_term`:
-    `"hold"` only, its re-fit towards the teacher's weights at that step (with the cross term)."""
+    `"hold"` only, its re-fit at that step, the one-shot prune's edits from the teacher (with the cross term)."""
     sched = None
     if schedule == "prune":
         sched = PruneSchedule(final_sparsity=0.5, start=1, end=6, every_n_steps=1)
