@@ -12,7 +12,9 @@ layers. Statistics, summed over the real tokens of every counted training forwar
 - hidden channels: `sum |x_c|` and `sum x_c^2` of the residual stream entering each decoder layer, kept per layer;
 - layers: block influence (ShortGPT, arXiv 2403.03853), `sum (1 - cos(x_in, x_out))` of the layer's residual stream;
 - first-order Taylor (LLM-Pruner, arXiv 2305.11627) per neuron, KV group, hidden channel and layer:
-  `|sum over the unit's weights of g * w|` once per optimizer step (`update_taylor_`), summed over steps.
+  `|sum over the unit's weights of g * w|` once per optimizer step (`update_taylor_`), summed over steps; a hidden
+  channel's also per decoder layer and for the weights outside the layers, so that a prune removing layers can rank
+  the channels by the layers that stay (the whole model's `|.|` of a step does not split by layer).
 
 Only real tokens count, by `collect/activations.py`'s rules: the model's `[batch, seq]` `attention_mask` (captured by
 a pre-hook on the model) selects the rows; other mask shapes count every token; a gradient-checkpoint recompute inside
@@ -25,6 +27,8 @@ e.g. for non-finite values), `add_()` folds them into the totals that `state_dic
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +62,9 @@ class UnitCollector(ForwardMask):
     `layers.{i}.tokens`, `layers.{i}.influence`, `layers.{i}.hidden.{abs,sq}` `[H]`; with an MLP
     `layers.{i}.neurons.{abs,sq,sum}` `[I]`, `layers.{i}.neurons.tokens`, `layers.{i}.taylor.neurons` `[I]`; with
     attention `layers.{i}.heads.{norm,sq}` `[heads]`, `layers.{i}.heads.sum` `[heads * head_dim]`,
-    `layers.{i}.heads.tokens`, `layers.{i}.taylor.heads` `[kv_heads]`; `layers.{i}.taylor`; and `taylor.hidden` `[H]`, `taylor.steps`.
+    `layers.{i}.heads.tokens`, `layers.{i}.taylor.heads` `[kv_heads]`; `layers.{i}.taylor`, `layers.{i}.taylor.hidden`
+    `[H]` (the layer's own `|sum g * w|` per channel); and `taylor.hidden` `[H]` (over the whole model),
+    `taylor.hidden.outside` `[H]` (embeddings, lm_head, final norm), `taylor.steps`.
     """
 
     def __init__(self, model: nn.Module, *, training_only: bool = True, guard_hooks: bool = False):
@@ -97,7 +103,10 @@ class UnitCollector(ForwardMask):
                 out[f"{p}.heads.tokens"] = torch.zeros((), dtype=i64)
                 out[f"{p}.taylor.heads"] = torch.zeros(u.num_kv_heads, dtype=f64, device=dev)
             out[f"{p}.taylor"] = torch.zeros((), dtype=f64, device=dev)
-        out["taylor.hidden"] = torch.zeros(h, dtype=f64, device=self.model.get_input_embeddings().weight.device)
+            out[f"{p}.taylor.hidden"] = torch.zeros(h, dtype=f64, device=dev)
+        embed_dev = self.model.get_input_embeddings().weight.device
+        out["taylor.hidden"] = torch.zeros(h, dtype=f64, device=embed_dev)
+        out["taylor.hidden.outside"] = torch.zeros(h, dtype=f64, device=embed_dev)
         out["taylor.steps"] = torch.zeros((), dtype=i64)
         return out
 
@@ -232,10 +241,15 @@ class UnitCollector(ForwardMask):
                 self._add(f"{p}.taylor.neurons", t["neurons"].abs())
             if "heads" in t:
                 self._add(f"{p}.taylor.heads", t["heads"].abs())
+            # Also per layer: a prune that removes layers ranks the channels by the layers that stay (`unit_scores`)
+            self._add(f"{p}.taylor.hidden", t["hidden"].abs())
             hidden += t["hidden"].to(hidden.device)
-        hidden_taylor_(model if model is not None else self.model, hidden)
+        outside = torch.zeros_like(hidden)
+        hidden_taylor_(model if model is not None else self.model, outside)
+        hidden += outside
         if seen:  # a channel's sum runs over the whole model before its |.|
             self._add("taylor.hidden", hidden.abs())
+            self._add("taylor.hidden.outside", outside.abs())
             self._count("taylor.steps", 1)
         return seen
 
@@ -243,14 +257,14 @@ class UnitCollector(ForwardMask):
     # Scores
     # ---------------------------------------------------------------------------------------------------------------
 
-    def scores(self, statistic: str = "activation") -> dict:
+    def scores(self, statistic: str = "activation", *, kept_layers: Sequence[int] | None = None) -> dict:
         """Per-unit scores from the totals (higher = more important), float32 on CPU: [`unit_scores`] of
-        `state_dict()`.
+        `state_dict()` (`kept_layers`: hidden channels over those layers only).
 
         Raises:
             `ValueError`: an unknown statistic, or nothing counted yet for it.
         """
-        return unit_scores(self._totals, statistic)
+        return unit_scores(self._totals, statistic, kept_layers=kept_layers)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Hooks

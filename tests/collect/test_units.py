@@ -315,12 +315,16 @@ def taylor_by_hand(model) -> dict[str, torch.Tensor]:
                     groups[g] += _gw(model, f"{p}.self_attn.{proj}.bias")[rows].sum()
             groups[g] += o[:, q_rows].sum()
         out[f"layers.{i}.taylor.heads"] = groups
-    hidden = torch.zeros(H, dtype=torch.float64)
+    # per hidden channel, by where the weights are: each decoder layer, and outside them (embeddings, head, norm)
+    parts = {f"layers.{i}.taylor.hidden": torch.zeros(H, dtype=torch.float64) for i in range(L)}
+    parts["taylor.hidden.outside"] = torch.zeros(H, dtype=torch.float64)
     readers = ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "embed_tokens", "lm_head")
     for name, param in model.named_parameters(remove_duplicate=True):
         if param.grad is None:
             continue
         gw, module = _gw(model, name), name.rsplit(".", 2)[-2]
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        hidden = parts["taylor.hidden.outside" if layer is None else f"layers.{layer}.taylor.hidden"]
         for c in range(H):
             if module in readers and name.endswith("weight"):
                 hidden[c] += gw[:, c].sum()
@@ -328,7 +332,8 @@ def taylor_by_hand(model) -> dict[str, torch.Tensor]:
                 hidden[c] += gw[c].sum()
             elif "norm" in module and module not in ("q_norm", "k_norm"):
                 hidden[c] += gw[c]
-    out["taylor.hidden"] = hidden
+    out.update(parts)
+    out["taylor.hidden"] = sum(parts.values())  # the whole model's sum, before its |.|
     return out
 
 
@@ -354,6 +359,13 @@ def test_taylor_equals_sum_of_g_times_w_by_hand(arch):
     torch.testing.assert_close(scores["neurons"][1], (expected["layers.1.taylor.neurons"] / 2).float())
     torch.testing.assert_close(scores["layers"], torch.stack([expected[f"layers.{i}.taylor"] / 2
                                                               for i in range(2)]).float())
+    torch.testing.assert_close(scores["hidden"], (expected["taylor.hidden"] / 2).float())
+    # layer 0 removed by the same prune: its weights' |sum g*w| no longer counts for the channels
+    kept = c.scores("taylor", kept_layers=[1])["hidden"]
+    torch.testing.assert_close(kept, ((expected["layers.1.taylor.hidden"] + expected["taylor.hidden.outside"]) / 2)
+                               .float())
+    assert not torch.allclose(kept, scores["hidden"])
+    assert torch.equal(c.scores("taylor", kept_layers=[0, 1])["hidden"], scores["hidden"])  # all layers: the whole
 
 
 def test_taylor_without_gradients_counts_nothing():
