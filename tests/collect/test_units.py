@@ -209,6 +209,9 @@ def test_statistics_equal_brute_force(arch, side):
         assert act["heads"][i].shape == (kv,) and act["neurons"][i].dtype == torch.float32
     hidden = sum(expected[f"layers.{i}.hidden.abs"] / n for i in range(L))
     torch.testing.assert_close(act["hidden"], hidden.float())
+    # a prune removing layer 0 ranks the channels by what the layers that stay read
+    torch.testing.assert_close(c.scores("activation_l2", kept_layers=[1])["hidden"],
+                               (expected["layers.1.hidden.sq"] / n).sqrt().float())
     influence = torch.stack([expected[f"layers.{i}.influence"] / n for i in range(L)])
     torch.testing.assert_close(act["layers"], influence.float())
     assert (act["layers"] > 0).all()
