@@ -28,6 +28,7 @@ e.g. for non-finite values), `add_()` folds them into the totals that `state_dic
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +39,10 @@ from .. import distributed as D
 from .activations import ForwardMask, HookGuards, in_backward_recompute, real_token_rows
 from .unit_layout import LayerUnits, find_layer_units, hidden_taylor_, layer_taylor
 from .unit_scoring import UNIT_STATISTICS, unit_means, unit_scores  # re-exported: the collector's public names
+
+# The per-layer hidden Taylor sums (and the part outside the layers), kept since a prune removing layers ranks the
+# channels by the layers that stay; an older version's checkpoint lacks them.
+_PER_LAYER_TAYLOR = re.compile(r"layers\.\d+\.taylor\.hidden|taylor\.hidden\.outside")
 
 __all__ = ["UNIT_STATISTICS", "UnitCollector", "unit_means", "unit_scores"]
 
@@ -76,6 +81,7 @@ class UnitCollector(ForwardMask):
         self._totals = self._zeros()
         self._pending: dict[str, Tensor] = {}
         self._pending_counts: dict[str, int] = {}
+        self._without: set[str] = set()  # per-layer Taylor keys an older checkpoint lacked (`load_state_dict`)
         self._hooks: list = []
         self._attention_mask: Tensor | None = None
         # real-token rows of the current forward by leading shape: one host synchronisation per forward, not per hook
@@ -187,9 +193,17 @@ class UnitCollector(ForwardMask):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Replace the totals by a `state_dict()` (resume; pending sums are dropped).
 
+        A state from before the per-layer hidden Taylor sums (an older version's checkpoint) resumes without them: they
+        are no longer kept (sums of part of the run would rank wrongly), so a Taylor ranking of the hidden channels over
+        the layers that stay is refused, as for that version's files; every other statistic continues exactly.
+
         Raises:
             `ValueError`: one line naming the first missing, unexpected or misshapen entry (another model's state).
         """
+        older = [k for k in set(self._totals) - set(state) if _PER_LAYER_TAYLOR.fullmatch(k)]
+        for k in older:
+            del self._totals[k]
+        self._without.update(older)
         self._check(state, complete=True)
         for k, v in self._totals.items():
             v.copy_(state[k])
@@ -285,6 +299,8 @@ class UnitCollector(ForwardMask):
         return x.float(), n
 
     def _add(self, key: str, value: Tensor) -> None:
+        if key in self._without:  # not kept since an older checkpoint's resume (`load_state_dict`)
+            return
         if key in self._pending:
             self._pending[key].add_(value.to(self._pending[key].device, torch.float64))
         else:

@@ -418,6 +418,34 @@ def test_state_dict_round_trip_continues_exactly(arch, tmp_path):
         assert torch.equal(first.scores(statistic)["layers"], resumed.scores(statistic)["layers"])
 
 
+def test_a_state_without_per_layer_taylor_sums_resumes_without_them():
+    """A checkpoint of an older version (no per-layer hidden Taylor sums): the run resumes, every statistic it has
+    continues exactly, the missing sums are not restarted from part of the run, and only the Taylor ranking over the
+    layers that stay is refused, in one line, as for that version's files."""
+    model = _model("llama", seed=2)
+    first = UnitCollector(model)
+    first.register()
+    _step(model, first, 20)
+    old = {k: v for k, v in first.state_dict().items()
+           if not (k.startswith("layers.") and k.endswith(".taylor.hidden")) and k != "taylor.hidden.outside"}
+    _step(model, first, 21)
+    first.remove()
+    resumed = UnitCollector(model)
+    resumed.register()
+    resumed.load_state_dict(old)
+    _step(model, resumed, 21)
+    a, b = first.state_dict(), resumed.state_dict()
+    assert set(b) == set(old) and set(a) - set(b) == {"layers.0.taylor.hidden", "layers.1.taylor.hidden",
+                                                       "taylor.hidden.outside"}
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert torch.equal(resumed.scores("taylor")["hidden"], first.scores("taylor")["hidden"])
+    with pytest.raises(ValueError, match=r"^unit statistics: no per-layer Taylor sums of the hidden channels") as e:
+        resumed.scores("taylor", kept_layers=[1])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="missing entry layers.0.neurons"):  # any other missing entry: still refused
+        UnitCollector(model).load_state_dict({k: v for k, v in old.items() if not k.startswith("layers.0.neurons")})
+
+
 def test_sums_merge_like_ranks():
     """Two collectors on halves of the data, added, equal one collector on all of it (how ranks merge)."""
     halves = [[_batch(30, "left")], [_batch(31, "right")]]
