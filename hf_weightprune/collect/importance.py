@@ -6,7 +6,7 @@ billions of elements is never materialised whole.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -202,12 +202,14 @@ class Importance:
         names = {**{n: n for n in sums}, **{n: rep for n, rep in shared.items() if rep in sums}}
         return {n: (sums[rep], int(tokens.get(rep, 0))) for n, rep in names.items()}
 
-    def unit_scores(self, statistic: str = "activation") -> dict:
+    def unit_scores(self, statistic: str = "activation", *, kept_layers: Sequence[int] | None = None) -> dict:
         """Per-unit scores (higher = more important) for structured pruning; see [`~collect.units.unit_scores`].
 
         Args:
             statistic (`str`, *optional*, defaults to `"activation"`): `"activation"` (Minitron), `"activation_l2"`
                 or `"taylor"`; layers are scored by block influence (ShortGPT) under the activation statistics.
+            kept_layers (`Sequence[int]`, *optional*): the decoder layers a prune keeps while removing the others:
+                hidden channels are scored over these only (`None`: all).
 
         Returns:
             `dict`: `{"neurons": {layer: Tensor[I]}, "heads": {layer: Tensor[kv_groups]}, "hidden": Tensor[H],
@@ -216,7 +218,7 @@ class Importance:
         Raises:
             `ValueError`: no unit statistics, an unknown statistic, or nothing counted for it.
         """
-        return unit_scores(self.unit_state(), statistic)
+        return unit_scores(self.unit_state(), statistic, kept_layers=kept_layers)
 
     def unit_means(self) -> dict:
         """The mean input of every `down_proj` and `o_proj` over the training tokens (FLAP's bias compensation,

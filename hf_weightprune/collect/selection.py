@@ -120,10 +120,12 @@ class KeptUnits:
         return shape[0] // self.num_kv_heads  # k_proj / v_proj
 
     def unit_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The unit statistics (`UnitCollector.state_dict()` keys) of the kept units, layers renumbered."""
+        """The unit statistics (`UnitCollector.state_dict()` keys) of the kept units, layers renumbered. The whole
+        model's `taylor.hidden` still counts removed layers (a step's `|.|` does not split by layer); the per-layer
+        sums beside it do not."""
         out = {}
         for key, value in state.items():
-            if key == "taylor.hidden":
+            if key in ("taylor.hidden", "taylor.hidden.outside"):
                 out[key] = _take(value, self.hidden)
                 continue
             m = re.match(r"^layers\.(\d+)\.(.*)$", key)
@@ -138,7 +140,7 @@ class KeptUnits:
             index = {"neurons.abs": self.neurons.get(j), "neurons.sq": self.neurons.get(j),
                      "neurons.sum": self.neurons.get(j), "taylor.neurons": self.neurons.get(j),
                      "heads.norm": q_heads, "heads.sq": q_heads, "taylor.heads": self.heads.get(j),
-                     "hidden.abs": self.hidden, "hidden.sq": self.hidden}.get(rest)
+                     "hidden.abs": self.hidden, "hidden.sq": self.hidden, "taylor.hidden": self.hidden}.get(rest)
             if rest == "heads.sum" and q_heads is not None:
                 index = _expand(q_heads, value.numel() // self.num_heads)
             out[f"layers.{j}.{rest}"] = _take(value, index)

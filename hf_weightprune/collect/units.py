@@ -12,7 +12,9 @@ layers. Statistics, summed over the real tokens of every counted training forwar
 - hidden channels: `sum |x_c|` and `sum x_c^2` of the residual stream entering each decoder layer, kept per layer;
 - layers: block influence (ShortGPT, arXiv 2403.03853), `sum (1 - cos(x_in, x_out))` of the layer's residual stream;
 - first-order Taylor (LLM-Pruner, arXiv 2305.11627) per neuron, KV group, hidden channel and layer:
-  `|sum over the unit's weights of g * w|` once per optimizer step (`update_taylor_`), summed over steps.
+  `|sum over the unit's weights of g * w|` once per optimizer step (`update_taylor_`), summed over steps; a hidden
+  channel's also per decoder layer and for the weights outside the layers, so that a prune removing layers can rank
+  the channels by the layers that stay (the whole model's `|.|` of a step does not split by layer).
 
 Only real tokens count, by `collect/activations.py`'s rules: the model's `[batch, seq]` `attention_mask` (captured by
 a pre-hook on the model) selects the rows; other mask shapes count every token; a gradient-checkpoint recompute inside
@@ -26,16 +28,21 @@ e.g. for non-finite values), `add_()` folds them into the totals that `state_dic
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed as D
-from ..config import UNIT_STATISTICS  # what `scores()` can rank by
 from .activations import ForwardMask, HookGuards, in_backward_recompute, real_token_rows
 from .unit_layout import LayerUnits, find_layer_units, hidden_taylor_, layer_taylor
+from .unit_scoring import UNIT_STATISTICS, unit_means, unit_scores  # re-exported: the collector's public names
+
+# The per-layer hidden Taylor sums (and the part outside the layers), kept since a prune removing layers ranks the
+# channels by the layers that stay; an older version's checkpoint lacks them.
+_PER_LAYER_TAYLOR = re.compile(r"layers\.\d+\.taylor\.hidden|taylor\.hidden\.outside")
 
 __all__ = ["UNIT_STATISTICS", "UnitCollector", "unit_means", "unit_scores"]
 
@@ -60,7 +67,9 @@ class UnitCollector(ForwardMask):
     `layers.{i}.tokens`, `layers.{i}.influence`, `layers.{i}.hidden.{abs,sq}` `[H]`; with an MLP
     `layers.{i}.neurons.{abs,sq,sum}` `[I]`, `layers.{i}.neurons.tokens`, `layers.{i}.taylor.neurons` `[I]`; with
     attention `layers.{i}.heads.{norm,sq}` `[heads]`, `layers.{i}.heads.sum` `[heads * head_dim]`,
-    `layers.{i}.heads.tokens`, `layers.{i}.taylor.heads` `[kv_heads]`; `layers.{i}.taylor`; and `taylor.hidden` `[H]`, `taylor.steps`.
+    `layers.{i}.heads.tokens`, `layers.{i}.taylor.heads` `[kv_heads]`; `layers.{i}.taylor`, `layers.{i}.taylor.hidden`
+    `[H]` (the layer's own `|sum g * w|` per channel); and `taylor.hidden` `[H]` (over the whole model),
+    `taylor.hidden.outside` `[H]` (embeddings, lm_head, final norm), `taylor.steps`.
     """
 
     def __init__(self, model: nn.Module, *, training_only: bool = True, guard_hooks: bool = False):
@@ -72,6 +81,7 @@ class UnitCollector(ForwardMask):
         self._totals = self._zeros()
         self._pending: dict[str, Tensor] = {}
         self._pending_counts: dict[str, int] = {}
+        self._without: set[str] = set()  # per-layer Taylor keys an older checkpoint lacked (`load_state_dict`)
         self._hooks: list = []
         self._attention_mask: Tensor | None = None
         # real-token rows of the current forward by leading shape: one host synchronisation per forward, not per hook
@@ -99,7 +109,10 @@ class UnitCollector(ForwardMask):
                 out[f"{p}.heads.tokens"] = torch.zeros((), dtype=i64)
                 out[f"{p}.taylor.heads"] = torch.zeros(u.num_kv_heads, dtype=f64, device=dev)
             out[f"{p}.taylor"] = torch.zeros((), dtype=f64, device=dev)
-        out["taylor.hidden"] = torch.zeros(h, dtype=f64, device=self.model.get_input_embeddings().weight.device)
+            out[f"{p}.taylor.hidden"] = torch.zeros(h, dtype=f64, device=dev)
+        embed_dev = self.model.get_input_embeddings().weight.device
+        out["taylor.hidden"] = torch.zeros(h, dtype=f64, device=embed_dev)
+        out["taylor.hidden.outside"] = torch.zeros(h, dtype=f64, device=embed_dev)
         out["taylor.steps"] = torch.zeros((), dtype=i64)
         return out
 
@@ -180,9 +193,17 @@ class UnitCollector(ForwardMask):
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Replace the totals by a `state_dict()` (resume; pending sums are dropped).
 
+        A state from before the per-layer hidden Taylor sums (an older version's checkpoint) resumes without them: they
+        are no longer kept (sums of part of the run would rank wrongly), so a Taylor ranking of the hidden channels over
+        the layers that stay is refused, as for that version's files; every other statistic continues exactly.
+
         Raises:
             `ValueError`: one line naming the first missing, unexpected or misshapen entry (another model's state).
         """
+        older = [k for k in set(self._totals) - set(state) if _PER_LAYER_TAYLOR.fullmatch(k)]
+        for k in older:
+            del self._totals[k]
+        self._without.update(older)
         self._check(state, complete=True)
         for k, v in self._totals.items():
             v.copy_(state[k])
@@ -234,10 +255,15 @@ class UnitCollector(ForwardMask):
                 self._add(f"{p}.taylor.neurons", t["neurons"].abs())
             if "heads" in t:
                 self._add(f"{p}.taylor.heads", t["heads"].abs())
+            # Also per layer: a prune that removes layers ranks the channels by the layers that stay (`unit_scores`)
+            self._add(f"{p}.taylor.hidden", t["hidden"].abs())
             hidden += t["hidden"].to(hidden.device)
-        hidden_taylor_(model if model is not None else self.model, hidden)
+        outside = torch.zeros_like(hidden)
+        hidden_taylor_(model if model is not None else self.model, outside)
+        hidden += outside
         if seen:  # a channel's sum runs over the whole model before its |.|
             self._add("taylor.hidden", hidden.abs())
+            self._add("taylor.hidden.outside", outside.abs())
             self._count("taylor.steps", 1)
         return seen
 
@@ -245,14 +271,14 @@ class UnitCollector(ForwardMask):
     # Scores
     # ---------------------------------------------------------------------------------------------------------------
 
-    def scores(self, statistic: str = "activation") -> dict:
+    def scores(self, statistic: str = "activation", *, kept_layers: Sequence[int] | None = None) -> dict:
         """Per-unit scores from the totals (higher = more important), float32 on CPU: [`unit_scores`] of
-        `state_dict()`.
+        `state_dict()` (`kept_layers`: hidden channels over those layers only).
 
         Raises:
             `ValueError`: an unknown statistic, or nothing counted yet for it.
         """
-        return unit_scores(self._totals, statistic)
+        return unit_scores(self._totals, statistic, kept_layers=kept_layers)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Hooks
@@ -273,6 +299,8 @@ class UnitCollector(ForwardMask):
         return x.float(), n
 
     def _add(self, key: str, value: Tensor) -> None:
+        if key in self._without:  # not kept since an older checkpoint's resume (`load_state_dict`)
+            return
         if key in self._pending:
             self._pending[key].add_(value.to(self._pending[key].device, torch.float64))
         else:
@@ -326,109 +354,3 @@ class UnitCollector(ForwardMask):
             self._count(f"{p}.heads.tokens", n)
 
         return hook
-
-
-def _layer_indices(state: Mapping[str, Tensor]) -> list[int]:
-    return sorted(int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".influence"))
-
-
-def unit_scores(state: Mapping[str, Tensor], statistic: str = "activation") -> dict:
-    """Per-unit scores from a [`UnitCollector`]'s `state_dict()` (higher = more important), float32 on CPU.
-
-    The layout is read from the keys, so a state loaded from a checkpoint is scored without the model.
-
-    Args:
-        state (`Mapping[str, Tensor]`): the totals, as `UnitCollector.state_dict()` returns them.
-        statistic (`str`, *optional*, defaults to `"activation"`): one of `UNIT_STATISTICS`:
-            - `"activation"`: neurons `mean |a_j|`; KV groups the sum over their query heads of `mean ||o_h||_2`;
-              hidden channels the sum over layers of `mean |x_c|` (Minitron); layers the mean block influence;
-            - `"activation_l2"`: the same with root-mean-squares (`sqrt(mean a_j^2)`; a group's
-              `sqrt(mean ||o_group||^2)` over its heads' concatenated outputs); layers the mean block influence;
-            - `"taylor"`: the mean over optimizer steps of `|sum g * w|` of each unit.
-
-    Returns:
-        `dict`: `{"neurons": {layer: Tensor[I]}, "heads": {layer: Tensor[kv_groups]}, "hidden": Tensor[H],
-        "layers": Tensor[L]}` (layers without such units are absent from `neurons` / `heads`).
-
-    Raises:
-        `ValueError`: an unknown statistic, or nothing counted yet for it.
-    """
-    if statistic not in UNIT_STATISTICS:
-        raise ValueError(f"unit statistics: unknown statistic {statistic!r}; expected one of {UNIT_STATISTICS}")
-    layers = _layer_indices(state)
-    if statistic in _GRADIENT_STATISTICS:
-        return _taylor_scores(state, layers)
-    return _activation_scores(state, layers, l2=statistic.endswith("_l2"))
-
-
-# Unit statistics read from gradients (`update_taylor_`); the others from the forward hooks' activation sums.
-_GRADIENT_STATISTICS = ("taylor",)
-
-
-def _taylor_scores(s: Mapping[str, Tensor], layers: list[int]) -> dict:
-    steps = int(s["taylor.steps"])
-    if steps == 0:
-        raise ValueError("unit statistics: no optimizer step with gradients was counted (`update_taylor_`)")
-
-    def mean(key: str) -> Tensor:
-        return (s[key].double().cpu() / steps).float()
-
-    return {"neurons": {i: mean(f"layers.{i}.taylor.neurons") for i in layers if f"layers.{i}.taylor.neurons" in s},
-            "heads": {i: mean(f"layers.{i}.taylor.heads") for i in layers if f"layers.{i}.taylor.heads" in s},
-            "hidden": mean("taylor.hidden"),
-            "layers": torch.stack([mean(f"layers.{i}.taylor") for i in layers])}
-
-
-def _activation_scores(s: Mapping[str, Tensor], layers: list[int], *, l2: bool) -> dict:
-    if any(int(s[f"layers.{i}.tokens"]) == 0 for i in layers):
-        raise ValueError("unit statistics: no training tokens were counted (were the hooks registered?)")
-
-    def per_token(key: str, tokens: str) -> Tensor:
-        return s[key].double().cpu() / max(int(s[tokens]), 1)
-
-    neurons, heads = {}, {}
-    hidden = torch.zeros(s["taylor.hidden"].numel(), dtype=torch.float64)
-    for i in layers:
-        p = f"layers.{i}"
-        if f"{p}.neurons.abs" in s:
-            v = per_token(f"{p}.neurons.{'sq' if l2 else 'abs'}", f"{p}.neurons.tokens")
-            neurons[i] = (v.sqrt() if l2 else v).float()
-        if f"{p}.heads.norm" in s:
-            groups = s[f"{p}.taylor.heads"].numel()
-            v = per_token(f"{p}.heads.{'sq' if l2 else 'norm'}", f"{p}.heads.tokens").reshape(groups, -1)
-            heads[i] = (v.sum(1).sqrt() if l2 else v.sum(1)).float()
-        v = per_token(f"{p}.hidden.{'sq' if l2 else 'abs'}", f"{p}.tokens")
-        hidden += v.sqrt() if l2 else v
-    influence = torch.stack([per_token(f"layers.{i}.influence", f"layers.{i}.tokens") for i in layers]).float()
-    return {"neurons": neurons, "heads": heads, "hidden": hidden.float(), "layers": influence}
-
-
-def unit_means(state: Mapping[str, Tensor]) -> dict:
-    """The mean input of every `down_proj` and `o_proj` over the real tokens, from a [`UnitCollector`]'s
-    `state_dict()`: what FLAP's mean compensation (`PruneConfig(compensate="mean")`) moves into the bias.
-
-    Args:
-        state (`Mapping[str, Tensor]`): the totals, as `UnitCollector.state_dict()` returns them.
-
-    Returns:
-        `dict`: `{"neurons": {layer: Tensor[I]}, "heads": {layer: Tensor[heads * head_dim]}}`, float64 on CPU: the
-        signed means of `down_proj`'s input channels (one per neuron) and `o_proj`'s (query heads concatenated).
-
-    Raises:
-        `ValueError`: statistics without the signed sums (saved by an older version), or no tokens counted.
-    """
-    layers = _layer_indices(state)
-    out: dict[str, dict[int, Tensor]] = {"neurons": {}, "heads": {}}
-    for i in layers:
-        for axis, reader in (("neurons", "abs"), ("heads", "norm")):
-            p = f"layers.{i}.{axis}"
-            if f"{p}.{reader}" not in state:
-                continue  # a layer without such units (an MoE block has no neurons)
-            if f"{p}.sum" not in state:
-                raise ValueError("unit statistics: no signed input sums (saved by an older hf-weightprune); gather "
-                                 "them again with ImportanceConfig(units=True)")
-            tokens = int(state[f"{p}.tokens"])
-            if tokens == 0:
-                raise ValueError("unit statistics: no training tokens were counted (were the hooks registered?)")
-            out[axis][i] = state[f"{p}.sum"].double().cpu() / tokens
-    return out

@@ -3,7 +3,9 @@
 The totals of a `collect.units.UnitCollector` (float64 sums, int64 counts), summed across ranks, are written by rank 0
 beside the importance buffers as an attached file (`importance_files.write_importance(attach=...)`): keys are the
 collector's state keys prefixed `units.` (`units.layers.0.neurons.abs`, ...), and the CRC32 of each is recorded under
-`checksums.units` of `importance_config.json`, checked when read.
+`checksums.units` of `importance_config.json`, checked when read. Files written before the per-layer hidden Taylor
+sums (`layers.{i}.taylor.hidden`, `taylor.hidden.outside`) load and score as before; only ranking hidden channels by
+Taylor over the layers a prune keeps needs them (refused in one line), and a resume from them is refused (missing entry).
 """
 
 from __future__ import annotations

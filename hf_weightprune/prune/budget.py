@@ -16,7 +16,8 @@ hidden size that is left after the other axes (the count is multilinear in the s
 
 Split rule. Every axis' steps (a layer; for width, from one accepted size to the next smaller one, in every layer)
 are ranked by their units' score relative to that axis' mean score (the `k`-th unit of a width axis scores the mean
-over layers of each layer's `k`-th lowest unit), and taken from the lowest up until the budget is reached; a step of
+over layers of each layer's `k`-th lowest unit; a combined prune passes the scores of the layers the split keeps,
+hidden channels too: `prune/structured.py` plans again on them), and taken from the lowest up until the budget is reached; a step of
 an axis that would overshoot the budget closes that axis. The *filling* axis is the width axis whose step costs least
 (neurons when present): it is never closed, and at the end its count is re-chosen to bring the kept count as close to
 the target as its sizes allow; every other axis is also tried one step back and one step further (all together), the

@@ -7,8 +7,10 @@ model's config, then applies the surgery: depth first (`depth.remove_layers_`), 
 removed differ per layer; depth is free per layer.
 
 Ranking. With unit statistics (`ImportanceConfig(units=True)`) every axis ranks by `Importance.unit_scores(
-config.unit_statistic)`: neurons and KV groups per layer, hidden channels summed over layers, layers by block
-influence (ShortGPT) under the activation statistics or by Taylor. Without them neurons and KV groups rank by the
+config.unit_statistic)`: neurons and KV groups per layer, hidden channels summed over the layers that stay (with
+`"layers"`, depth is chosen first: a channel only the removed layers used ranks low; `"taylor"` then sums each kept
+layer's own `|sum g*w|`, see `collect.units.unit_scores`), layers by block influence (ShortGPT) under the
+activation statistics or by Taylor. Without them neurons and KV groups rank by the
 per-weight scores (`unit_scores.py`); hidden channels and layers need the unit statistics.
 
 Budget. `sparsity` removes that fraction of the units of each axis (`masks.num_to_prune`). `target_params` (an int
@@ -17,7 +19,7 @@ of the sizes each config accepts (hidden: multiples of the head count that the s
 against its average, counted exactly before any change; the finest width axis (neurons when present) fills what a
 coarse one cannot take and is applied last. The kept count is as close to the target as the sizes allow and never more
 than one step of the structure's coarsest axis off (else refused; an axis left uncut by its granularity is warned
-about). To choose between candidate shapes by measured loss instead of this rule, `search_structures`
+about). A split that removes layers is planned again on the scores of the layers it keeps (`_plan`). To choose between candidate shapes by measured loss instead of this rule, `search_structures`
 (`tools/search.py`) prunes a copy with each one and keeps the lowest loss (Minitron's search).
 
 Compensation of removed neurons (`down_proj` input columns) and KV groups (`o_proj` input columns), layer by layer:
@@ -54,6 +56,7 @@ from ..layouts import attn_geometry, check_structured_supported, decoder_layers,
 from ..matching import canonical_name
 from .budget import (
     ORDER,
+    Budget,
     SizeRule,
     accepted_keeps,
     axis_sizes,
@@ -90,6 +93,32 @@ def _scores(model: nn.Module, importance: Importance, config: PruneConfig, axes:
     n = len(decoder_layers(model))
     fn = {"neurons": neuron_scores, "heads": head_group_scores}
     return {a: {i: fn[a](model, importance.scores, i) for i in range(n)} for a in axes}
+
+
+def _on_kept(scores: dict, importance: Importance, config: PruneConfig, dropped: list[int]) -> dict:
+    """`scores` for a prune that removes the layers `dropped`: hidden channels ranked by the layers that stay (a
+    channel only removed layers used is no longer important), neurons and KV groups of those layers only."""
+    if not dropped:
+        return scores
+    kept = [i for i in range(len(scores["layers"])) if i not in set(dropped)]
+    out = {a: ({i: v for i, v in s.items() if i in kept} if isinstance(s, dict) else s) for a, s in scores.items()}
+    if "hidden" in out:  # hidden channels rank by the unit statistics only (checked by _scores)
+        out["hidden"] = importance.unit_scores(config.unit_statistic, kept_layers=kept)["hidden"]
+    return out
+
+
+def _plan(model: nn.Module, importance: Importance, config: PruneConfig, scores: dict, axes: tuple[str, ...],
+          sizes: dict[str, int], target: int, rule: SizeRule) -> Budget:
+    """`plan_budget` on the scores of the layers the split keeps: a split that removes layers is planned again on
+    the scores of the layers it keeps, until the removed layers repeat (at most three plans; the surgery then ranks
+    by the layers actually kept)."""
+    budget = plan_budget(model, scores, axes, sizes, target, config.target_params, rule)
+    planned_on: list[list[int]] = [[]]
+    while budget.dropped not in planned_on and len(planned_on) < 3 and len(axes) > 1:
+        planned_on.append(budget.dropped)
+        budget = plan_budget(model, _on_kept(scores, importance, config, budget.dropped), axes, sizes, target,
+                             config.target_params, rule)
+    return budget
 
 
 def _refill(model: nn.Module, axis: str, size: int, n_layers: int, target: int, rule: SizeRule,
@@ -289,9 +318,10 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
             if "layers" in axes else []
         filler, tolerance = None, None
     else:
-        budget = plan_budget(model, scores, axes, sizes, target, t, rule)
+        budget = _plan(model, importance, config, scores, axes, sizes, target, rule)
         counts, drop, filler, tolerance = budget.counts, budget.dropped, budget.filler, budget.tolerance
         width = sorted(width, key=lambda a: a == filler)  # the filling axis goes last: it meets the budget
+    scores = _on_kept(scores, importance, config, drop)
     names = {id(m): canonical_name(n) + ".weight" for n, m in model.named_modules()}
     _check_before_change(model, importance, config, counts, sizes, [i for i in range(sizes["layers"]) if i not in drop],
                          names, means)

@@ -165,6 +165,9 @@ FLAG_KINDS = {
 
 # A flag's own help where its field's help (shared with the Python API) names a value the command line cannot give.
 FLAG_HELP = {
+    "compensate": "structured: refit (least squares of down_proj / o_proj from sparsegpt Hessians), mean (FLAP: "
+                  "removed units' mean output into the bias, from units=True statistics) or refit,mean (both fitted "
+                  "together: least squares with an intercept); leave it out for no compensation",
     "cross_alpha": "OBS from an importance with the dense-to-pruned cross term (PruneSchedule(cross_term=True) under "
                    "distillation): solve the asymmetric objective with this share of the correction, a float in [0, "
                    "1] (0.5 as the schedule); leave it out for the symmetric sweep. Prune that run's dense teacher (a "

@@ -209,6 +209,9 @@ def test_statistics_equal_brute_force(arch, side):
         assert act["heads"][i].shape == (kv,) and act["neurons"][i].dtype == torch.float32
     hidden = sum(expected[f"layers.{i}.hidden.abs"] / n for i in range(L))
     torch.testing.assert_close(act["hidden"], hidden.float())
+    # a prune removing layer 0 ranks the channels by what the layers that stay read
+    torch.testing.assert_close(c.scores("activation_l2", kept_layers=[1])["hidden"],
+                               (expected["layers.1.hidden.sq"] / n).sqrt().float())
     influence = torch.stack([expected[f"layers.{i}.influence"] / n for i in range(L)])
     torch.testing.assert_close(act["layers"], influence.float())
     assert (act["layers"] > 0).all()
@@ -315,12 +318,16 @@ def taylor_by_hand(model) -> dict[str, torch.Tensor]:
                     groups[g] += _gw(model, f"{p}.self_attn.{proj}.bias")[rows].sum()
             groups[g] += o[:, q_rows].sum()
         out[f"layers.{i}.taylor.heads"] = groups
-    hidden = torch.zeros(H, dtype=torch.float64)
+    # per hidden channel, by where the weights are: each decoder layer, and outside them (embeddings, head, norm)
+    parts = {f"layers.{i}.taylor.hidden": torch.zeros(H, dtype=torch.float64) for i in range(L)}
+    parts["taylor.hidden.outside"] = torch.zeros(H, dtype=torch.float64)
     readers = ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "embed_tokens", "lm_head")
     for name, param in model.named_parameters(remove_duplicate=True):
         if param.grad is None:
             continue
         gw, module = _gw(model, name), name.rsplit(".", 2)[-2]
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        hidden = parts["taylor.hidden.outside" if layer is None else f"layers.{layer}.taylor.hidden"]
         for c in range(H):
             if module in readers and name.endswith("weight"):
                 hidden[c] += gw[:, c].sum()
@@ -328,7 +335,8 @@ def taylor_by_hand(model) -> dict[str, torch.Tensor]:
                 hidden[c] += gw[c].sum()
             elif "norm" in module and module not in ("q_norm", "k_norm"):
                 hidden[c] += gw[c]
-    out["taylor.hidden"] = hidden
+    out.update(parts)
+    out["taylor.hidden"] = sum(parts.values())  # the whole model's sum, before its |.|
     return out
 
 
@@ -354,6 +362,13 @@ def test_taylor_equals_sum_of_g_times_w_by_hand(arch):
     torch.testing.assert_close(scores["neurons"][1], (expected["layers.1.taylor.neurons"] / 2).float())
     torch.testing.assert_close(scores["layers"], torch.stack([expected[f"layers.{i}.taylor"] / 2
                                                               for i in range(2)]).float())
+    torch.testing.assert_close(scores["hidden"], (expected["taylor.hidden"] / 2).float())
+    # layer 0 removed by the same prune: its weights' |sum g*w| no longer counts for the channels
+    kept = c.scores("taylor", kept_layers=[1])["hidden"]
+    torch.testing.assert_close(kept, ((expected["layers.1.taylor.hidden"] + expected["taylor.hidden.outside"]) / 2)
+                               .float())
+    assert not torch.allclose(kept, scores["hidden"])
+    assert torch.equal(c.scores("taylor", kept_layers=[0, 1])["hidden"], scores["hidden"])  # all layers: the whole
 
 
 def test_taylor_without_gradients_counts_nothing():
@@ -401,6 +416,34 @@ def test_state_dict_round_trip_continues_exactly(arch, tmp_path):
         assert torch.equal(a[key], b[key]), key
     for statistic in UNIT_STATISTICS:
         assert torch.equal(first.scores(statistic)["layers"], resumed.scores(statistic)["layers"])
+
+
+def test_a_state_without_per_layer_taylor_sums_resumes_without_them():
+    """A checkpoint of an older version (no per-layer hidden Taylor sums): the run resumes, every statistic it has
+    continues exactly, the missing sums are not restarted from part of the run, and only the Taylor ranking over the
+    layers that stay is refused, in one line, as for that version's files."""
+    model = _model("llama", seed=2)
+    first = UnitCollector(model)
+    first.register()
+    _step(model, first, 20)
+    old = {k: v for k, v in first.state_dict().items()
+           if not (k.startswith("layers.") and k.endswith(".taylor.hidden")) and k != "taylor.hidden.outside"}
+    _step(model, first, 21)
+    first.remove()
+    resumed = UnitCollector(model)
+    resumed.register()
+    resumed.load_state_dict(old)
+    _step(model, resumed, 21)
+    a, b = first.state_dict(), resumed.state_dict()
+    assert set(b) == set(old) and set(a) - set(b) == {"layers.0.taylor.hidden", "layers.1.taylor.hidden",
+                                                       "taylor.hidden.outside"}
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert torch.equal(resumed.scores("taylor")["hidden"], first.scores("taylor")["hidden"])
+    with pytest.raises(ValueError, match=r"^unit statistics: no per-layer Taylor sums of the hidden channels") as e:
+        resumed.scores("taylor", kept_layers=[1])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="missing entry layers.0.neurons"):  # any other missing entry: still refused
+        UnitCollector(model).load_state_dict({k: v for k, v in old.items() if not k.startswith("layers.0.neurons")})
 
 
 def test_sums_merge_like_ranks():
