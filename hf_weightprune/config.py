@@ -261,6 +261,8 @@ class PruneConfig(JsonConfigMixin):
         kind, nm = parse_structure(self.structure)
         if kind == "combined":  # one canonical spelling, also in JSON: "layers,neurons"
             self.structure = ",".join(structure_parts(self.structure))
+        # what the messages name: the user's combination ("heads,hidden"), not the internal kind "combined"
+        named = self.structure if kind == "combined" else kind
         self._check_structured(kind)
         if kind == "N:M":
             implied = 1.0 - nm[0] / nm[1]
@@ -275,7 +277,7 @@ class PruneConfig(JsonConfigMixin):
             if not self.sparsity:
                 raise ValueError("sparsity dict must map at least one module regex to a float")
             if kind != "unstructured":
-                raise ValueError(f"per-module sparsity (a dict) is supported for unstructured pruning, not {kind!r}")
+                raise ValueError(f"per-module sparsity (a dict) is supported for unstructured pruning, not {named!r}")
             self.sparsity = {check_regex("sparsity key", str(k)): check_sparsity(f"sparsity[{k!r}]", v)
                              for k, v in self.sparsity.items()}
         elif self.sparsity is not None:
@@ -285,12 +287,12 @@ class PruneConfig(JsonConfigMixin):
         if self.scope is not None and self.scope not in PRUNE_SCOPES:
             raise ValueError(f"scope must be one of {PRUNE_SCOPES}; got {self.scope!r}")
         if self.structures and self.scope != "layer":
-            raise ValueError(f"structure {kind!r} removes the same number of units in every layer: use scope='layer'")
+            raise ValueError(f"structure {named!r} removes the same number of units in every layer: use scope='layer'")
         self.target_modules = check_modules("target_modules", self.target_modules)
         self.exclude_modules = check_modules("exclude_modules", self.exclude_modules)
         if self.structures and (self.target_modules is not None or self.exclude_modules is not None):
             # Surgery shrinks every layer's MLP / attention as a whole: a selection would be silently ignored.
-            raise ValueError(f"structure {kind!r} shrinks every decoder layer: target_modules/exclude_modules do not "
+            raise ValueError(f"structure {named!r} shrinks every decoder layer: target_modules/exclude_modules do not "
                              "apply; leave them unset (or use unstructured/N:M pruning to prune part of the model)")
         if kind == "experts":
             self._check_experts()
@@ -319,9 +321,9 @@ class PruneConfig(JsonConfigMixin):
                              f"(--block_size {fit}) or a pattern whose M divides {self.block_size}")
         if not isinstance(self.allow_collapse, bool):
             raise ValueError(f"allow_collapse must be a bool; got {self.allow_collapse!r}")
-        self._check_cross(kind)
+        self._check_cross(kind, named)
 
-    def _check_cross(self, kind: str) -> None:
+    def _check_cross(self, kind: str, named: str) -> None:
         if self.cross_alpha is None:
             return
         if isinstance(self.cross_alpha, bool) or not isinstance(self.cross_alpha, (int, float)) \
@@ -329,7 +331,7 @@ class PruneConfig(JsonConfigMixin):
             raise ValueError(f"cross_alpha must be None or a float in [0, 1] (GPTAQ / QEP use 0.25 to 0.5); got "
                              f"{self.cross_alpha!r}")
         if kind not in ("unstructured", "N:M"):
-            raise ValueError(f"cross_alpha corrects the OBS sweep of unstructured and N:M pruning; structure {kind!r} "
+            raise ValueError(f"cross_alpha corrects the OBS sweep of unstructured and N:M pruning; structure {named!r} "
                              "does not read the cross term (its compensate='refit' is symmetric): leave it None")
         if self.reconstruct is False:
             raise ValueError("cross_alpha corrects the OBS sweep, which reconstruct=False turns off: leave reconstruct "

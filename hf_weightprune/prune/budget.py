@@ -360,7 +360,7 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
             step = "1 decoder layer" if a == "layers" else f"{sizes[a] - keeps[a][1]} {_WHAT[a].split(' per ')[0]}"
             logger.warning("target_params=%r: structure axis %r removes nothing: its smallest step (%s, %s "
                            "parameters) would meet the budget less closely; %s take it", spec, a, step,
-                           f"{step_cost[a]:,}", filler)
+                           f"{step_cost[a]:,}", _WHAT[filler].split(" per ")[0])  # "hidden channels", not "hidden"
     for a in axes:
         if best[a] >= sizes[a]:
             raise ValueError(f"structure {a!r} would remove {best[a]} of {sizes[a]} {_WHAT[a]}; at least one must "

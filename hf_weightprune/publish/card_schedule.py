@@ -87,8 +87,8 @@ def _hold_refit_text(schedule: dict, refit: str | None, cross: bool, *, legacy: 
     if refit is None:
         return []
     target = ("the dense teacher's weights (each layer's dense output on the pruned model's inputs)" if legacy else
-              "their trained values with the one-shot prune's edits undone (the teacher's weights minus the held ones "
-              "at the start)")
+              "their trained values with the one-shot prune's edits undone (trained weights + teacher's weights - "
+              "held weights at the start)")
     parts = [f"; the kept weights were re-fitted at {refit} by least squares on their fixed support towards {target}, "
              "from the input Hessians of the pruned model's own forwards since training began"]
     if cross:

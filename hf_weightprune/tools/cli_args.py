@@ -172,6 +172,8 @@ FLAG_HELP = {
                    "distillation): solve the asymmetric objective with this share of the correction, a float in [0, "
                    "1] (0.5 as the schedule); leave it out for the symmetric sweep. Prune that run's dense teacher (a "
                    "gradual run's default: the model it started from)",
+    "reconstruct": "OBS update of the kept weights (needs sparsegpt importance): auto (whenever it has one), true or "
+                   "false",
 }
 
 

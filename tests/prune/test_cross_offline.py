@@ -189,6 +189,9 @@ def test_refusals_in_one_line_before_any_weight_changes(run):
         (dict(cross_alpha=0.5, reconstruct=False), r"cross_alpha corrects the OBS sweep, which reconstruct=False"),
         (dict(cross_alpha=0.5, structure="neurons"), r"structure 'neurons' does not read the cross term"),
         (dict(cross_alpha=0.5, structure="layers", sparsity=0.5), r"structure 'layers' does not read the cross term"),
+        # a combination is named as written, not by the internal kind "combined"
+        (dict(cross_alpha=0.5, structure=("heads", "hidden"), target_params=0.7),
+         r"structure 'heads,hidden' does not read the cross term"),
     ):
         with pytest.raises(ValueError, match=match):
             PruneConfig(**kwargs)

@@ -278,10 +278,11 @@ def test_schedule_sentence_states_the_pruned_stream_options():
     assert "ramp" not in depth and "restarted at every mask change" in depth
 
 
-def test_hold_sentence_states_the_refit_towards_the_teacher_and_the_cross_term(tmp_path):
-    """A hold recovery that re-fitted its kept weights (`refit_at`) towards the dense teacher, with or without the
-    cross term, says so on its Schedule line (the step it ran at, alpha, the Linears left on the plain objective); a
-    plain hold says neither, nor does one whose re-fit never ran. Read from the `sparsity.json` save_pruned writes."""
+def test_hold_sentence_states_the_refit_target_and_the_cross_term(tmp_path):
+    """A hold recovery that re-fitted its kept weights (`refit_at`) towards their trained values with the one-shot
+    prune's edits undone, with or without the cross term, says so on its Schedule line (the step it ran at, alpha,
+    the Linears left on the plain objective); a plain hold says neither, nor does one whose re-fit never ran. Read
+    from the `sparsity.json` save_pruned writes."""
     from hf_weightprune.publish.card_schedule import schedule_context
 
     model = tiny_llama(seed=2)
@@ -301,7 +302,7 @@ def test_hold_sentence_states_the_refit_towards_the_teacher_and_the_cross_term(t
     refit = recorded(refit_at=4, refitted_at=4)
     assert refit["text"].startswith(plain["text"] + "; the kept weights were re-fitted at step 4 by least squares on "
                                     "their fixed support towards their trained values with the one-shot prune's "
-                                    "edits undone (the teacher's weights minus the held ones at the start)")
+                                    "edits undone (trained weights + teacher's weights - held weights at the start)")
     assert "pruned model's own forwards since training began" in refit["text"]
     assert "GPTAQ" not in refit["text"] and not refit["cross_term"]
     cross = recorded(refit_at=0.5, cross_term=True, cross_alpha=0.25, cross_max_in_features=64, refitted_at=5)

@@ -234,6 +234,15 @@ def test_cross_alpha_help_states_what_the_command_line_accepts():
         assert "None" not in text and "a float in [0, 1]" in text and "leave it out for the symmetric sweep" in text, name
 
 
+def test_reconstruct_help_states_what_the_command_line_accepts():
+    """The field's help names `None` (the Python API's automatic choice); the flag's value for it is `auto`."""
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    helps = {name: a.help for name, sub in subparsers.items() for a in sub._actions if a.dest == "reconstruct"}
+    assert "prune" in helps
+    for name, text in helps.items():
+        assert "None" not in text and "auto (whenever it has one), true or false" in text, name
+
+
 def test_compensate_help_states_what_the_command_line_accepts():
     """`PruneConfig.compensate`'s help ends with "or None", which no flag value gives: the flag says to leave it out."""
     subparsers = build_parser()._subparsers._group_actions[0].choices
