@@ -1,8 +1,8 @@
 """Step-time overhead of ImportanceCallback, measured side by side in one run.
 
 For each criterion, one Trainer run alternates steps with the callback active and inactive (an inactive step
-skips every callback event and, for activation criteria, has no forward hooks registered), so both halves see the
-same machine noise. The ratio is median(active) / median(inactive) over the measured steps (warm-up excluded).
+skips every callback event, has no training-token counter hook and, for activation criteria, no forward hooks
+registered), so both halves see the same machine noise. The ratio is median(active) / median(inactive) over the measured steps (warm-up excluded).
 Differences of step medians move by several percent between runs on these machines, so each row also reports the
 time spent inside the callback's events and its forward hooks' statistic, as a share of the active steps' time,
 measured in the same run (it does not depend on the inactive steps).
@@ -67,12 +67,21 @@ class Alternating(TrainerCallback):
         if collector is not None:  # the forward hooks' work is the statistic of each input
             statistic = collector.statistic
             collector.statistic = lambda x, mask: self._timed(statistic, x, mask)
+        counter = self.inner.counter  # its hook is timed too (registered again, timed, on the active steps)
+        count = counter._count
+        counter.remove()
+        counter._count = lambda module, a, kwargs: self._timed(count, module, a, kwargs)
 
     def on_step_begin(self, args, state, control, **kw):
         active = self._active(state)
         collector = self.inner.accumulator.collector  # activation criteria: no hooks on inactive steps
         if collector is not None:
             (collector.register if active else collector.remove)()
+        counter = self.inner.counter  # the training-token counter's forward pre-hook: off on inactive steps too
+        if not active:
+            counter.remove()
+        elif counter._handle is None:
+            counter._handle = kw["model"].register_forward_pre_hook(counter._count, with_kwargs=True)
         self._t0, self._in = time.perf_counter(), 0.0
         if active:
             self._timed(self.inner.on_step_begin, args, state, control, **kw)
@@ -94,6 +103,7 @@ class Alternating(TrainerCallback):
         collector = self.inner.accumulator.collector
         if collector is not None:
             collector.remove()
+        self.inner.counter.remove()
 
 
 def measure(cfg, criterion, steps, batch, seq, warmup=4, state_dtype="float32", every_n_steps=1):
