@@ -225,31 +225,19 @@ def test_config_flags_come_from_the_dataclass_fields():
         {"mlp.*": 0.6}, ["q_proj", "v_proj"], False, 64, True)
 
 
-def test_cross_alpha_help_states_what_the_command_line_accepts():
-    """The field's help names `None` (the Python API's off), which no flag value gives: the flag says to leave it out."""
+@pytest.mark.parametrize("dest, says", [
+    ("cross_alpha", ("a float in [0, 1]", "leave it out for the symmetric sweep")),
+    ("reconstruct", ("auto (whenever it has one), true or false",)),
+    ("compensate", ("refit,mean", "leave it out for no compensation")),
+])
+def test_flag_help_states_what_the_command_line_accepts(dest, says):
+    """The field's help names `None` (the Python API's off or automatic choice), which no flag value gives: each
+    subcommand's flag says what to type instead."""
     subparsers = build_parser()._subparsers._group_actions[0].choices
-    helps = {name: a.help for name, sub in subparsers.items() for a in sub._actions if a.dest == "cross_alpha"}
+    helps = {name: a.help for name, sub in subparsers.items() for a in sub._actions if a.dest == dest}
     assert "prune" in helps
     for name, text in helps.items():
-        assert "None" not in text and "a float in [0, 1]" in text and "leave it out for the symmetric sweep" in text, name
-
-
-def test_reconstruct_help_states_what_the_command_line_accepts():
-    """The field's help names `None` (the Python API's automatic choice); the flag's value for it is `auto`."""
-    subparsers = build_parser()._subparsers._group_actions[0].choices
-    helps = {name: a.help for name, sub in subparsers.items() for a in sub._actions if a.dest == "reconstruct"}
-    assert "prune" in helps
-    for name, text in helps.items():
-        assert "None" not in text and "auto (whenever it has one), true or false" in text, name
-
-
-def test_compensate_help_states_what_the_command_line_accepts():
-    """`PruneConfig.compensate`'s help ends with "or None", which no flag value gives: the flag says to leave it out."""
-    subparsers = build_parser()._subparsers._group_actions[0].choices
-    helps = {name: a.help for name, sub in subparsers.items() for a in sub._actions if a.dest == "compensate"}
-    assert "prune" in helps
-    for name, text in helps.items():
-        assert "None" not in text and "refit,mean" in text and "leave it out for no compensation" in text, name
+        assert "None" not in text and all(s in text for s in says), (name, text)
 
 
 def test_sweep_help_lists_the_oneshot_criteria():
