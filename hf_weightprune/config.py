@@ -317,8 +317,8 @@ class PruneConfig(JsonConfigMixin):
             # The OBS sweep picks each group of M inputs inside one block of columns: M must divide the block.
             fit = self.block_size // nm[1] * nm[1] or nm[1]
             raise ValueError(f"structure {self.structure!r}: M={nm[1]} must divide block_size={self.block_size} (the "
-                             f"OBS sweep keeps each group of M inputs in one block); pass block_size={fit} "
-                             f"(--block_size {fit}) or a pattern whose M divides {self.block_size}")
+                             f"OBS sweep keeps each group of M inputs in one block); pass block_size={fit} or a "
+                             f"pattern whose M divides {self.block_size}")
         if not isinstance(self.allow_collapse, bool):
             raise ValueError(f"allow_collapse must be a bool; got {self.allow_collapse!r}")
         self._check_cross(kind, named)
@@ -332,10 +332,10 @@ class PruneConfig(JsonConfigMixin):
                              f"{self.cross_alpha!r}")
         if kind not in ("unstructured", "N:M"):
             raise ValueError(f"cross_alpha corrects the OBS sweep of unstructured and N:M pruning; structure {named!r} "
-                             "does not read the cross term (its compensate='refit' is symmetric): leave it None")
+                             "does not read the cross term (its compensate='refit' is symmetric): leave cross_alpha None")
         if self.reconstruct is False:
             raise ValueError("cross_alpha corrects the OBS sweep, which reconstruct=False turns off: leave reconstruct "
-                             "None (or True) or cross_alpha None")
+                             "None (or True), or leave cross_alpha None")
         self.cross_alpha = float(self.cross_alpha)
 
     def _check_structured(self, kind: str) -> None:

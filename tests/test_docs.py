@@ -249,7 +249,7 @@ MAY_IMPORT = {
     "publish/provenance": {"files/pruned_files", "io_utils", "publish/card_text"},
     "publish/recipe": {"io_utils", "train/distill", "train/schedule"},
     "tools/cli": {"_version", "collect/summary", "config", "files/importance_files", "files/pruned_files", "files/safetensors_io", "moe", "prune/pruner", "publish/export", "publish/hub", "tools/cli_args", "tools/data", "tools/model_io", "tools/plotting", "tools/search", "tools/sweep", "validation"},
-    "tools/cli_args": {"validation"},
+    "tools/cli_args": {"config", "validation"},
     "tools/data": set(),
     "tools/model_io": {"files/pruned_files", "validation"},
     "tools/plotting": {"io_utils", "matching"},

@@ -237,8 +237,10 @@ class Importance:
 
         Per-weight states are cut to the kept rows and columns of each weight (Hessians on both axes), the unit
         statistics to the kept neurons, KV groups and hidden channels, and the removed decoder layers are dropped,
-        the others renumbered. Scores of the result equal this importance's scores at the kept positions. It is not
-        bound: `prune_` binds it to the pruned model.
+        the others renumbered. Scores of the result equal this importance's scores at the kept positions. Once
+        layers are removed, the hidden channels' Taylor statistic is the sum of the kept layers' own and the part
+        outside the layers (statistics saved without those per-layer sums, by an older version, keep the whole
+        model's, which still counts the removed layers). It is not bound: `prune_` binds it to the pruned model.
 
         Args:
             report ([`PruningReport`] or `dict`): the report of the structured prune (`prune_`'s return value), its

@@ -120,12 +120,18 @@ class KeptUnits:
         return shape[0] // self.num_kv_heads  # k_proj / v_proj
 
     def unit_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The unit statistics (`UnitCollector.state_dict()` keys) of the kept units, layers renumbered. The whole
-        model's `taylor.hidden` still counts removed layers (a step's `|.|` does not split by layer); the per-layer
-        sums beside it do not."""
+        """The unit statistics (`UnitCollector.state_dict()` keys) of the kept units, layers renumbered.
+
+        After a prune that removed layers, `taylor.hidden` is the sum of the kept layers' `layers.{i}.taylor.hidden`
+        and `taylor.hidden.outside` (what `unit_scores(..., kept_layers=...)` ranks by): the whole model's counts the
+        removed layers, and a step's `|.|` does not split by layer. Statistics saved without the per-layer sums (an
+        older version) keep the whole model's, removed layers included."""
         out = {}
         for key, value in state.items():
             if key in ("taylor.hidden", "taylor.hidden.outside"):
+                if key == "taylor.hidden" and self.removed_layers and "taylor.hidden.outside" in state:
+                    value = sum((state[f"layers.{i}.taylor.hidden"] for i in self.layers),
+                                state["taylor.hidden.outside"])
                 out[key] = _take(value, self.hidden)
                 continue
             m = re.match(r"^layers\.(\d+)\.(.*)$", key)

@@ -150,9 +150,10 @@ def offline_cross_terms(importance, cross_alpha: float | None, reconstruct: bool
     """
     if cross_alpha is None:
         if reconstruct and importance.has_cross:
+            # The keyword's words; the command line's log handler names the flag (`--cross_alpha 0.5`).
             _warn("unused", "This importance holds the dense-to-pruned cross term of a PruneSchedule(cross_term=True) "
-                  "run, but PruneConfig.cross_alpha is None: the OBS sweep solves the symmetric objective on H~. Pass "
-                  "cross_alpha=0.5 (--cross_alpha 0.5) for the asymmetric one")
+                  "run, which the OBS sweep leaves unused: it solves the symmetric objective on H~. Pass "
+                  "cross_alpha=0.5 for the asymmetric one")
         return {}
     if not reconstruct:
         hessians = criteria_where(lambda cls: cls.has_hessian)

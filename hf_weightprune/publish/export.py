@@ -144,7 +144,7 @@ def _write_sparsity_and_card(folder: str, output_dir: str, payload: dict[str, An
                          repo_id=os.path.basename(os.path.abspath(output_dir)), sparsity=payload)
 
 
-def warn_cross_input(model_dir: str | os.PathLike, config: PruneConfig, *, arg: str = "cross_alpha") -> None:
+def warn_cross_input(model_dir: str | os.PathLike, config: PruneConfig) -> None:
     """Warn, before any work, when `cross_alpha` prunes a folder that is already pruned (it holds a `sparsity.json`):
     the cross term pairs the dense teacher's inputs with the pruned student's, so the asymmetric sweep is meant for
     that teacher, and the run's own (pruned) output is the usual mistake. Not refused: a run's teacher may itself be
@@ -153,15 +153,14 @@ def warn_cross_input(model_dir: str | os.PathLike, config: PruneConfig, *, arg: 
     Args:
         model_dir (`str` or `os.PathLike`): the folder about to be pruned (a Hub id is not checked).
         config (`PruneConfig`): the prune's config.
-        arg (`str`, *optional*, defaults to `"cross_alpha"`): how the message names the setting (`--cross_alpha`).
     """
     if config.cross_alpha is None or not os.path.isfile(os.path.join(model_dir, SPARSITY_NAME)):
         return
-    shown = f"{arg} {config.cross_alpha:g}" if arg.startswith("--") else f"{arg}={config.cross_alpha:g}"
-    logger.warning("%s: %s is already pruned (it holds %s), and the cross term pairs the dense teacher's inputs with "
-                   "the pruned student's: unless this folder is the run's teacher, prune the model the run distilled "
-                   "from (a gradual run's default: the model it started from)", shown, os.fspath(model_dir),
-                   SPARSITY_NAME)
+    # In the keyword's words: the command line's log handler names the flag (`--cross_alpha 0.5`), on both its paths.
+    logger.warning("cross_alpha=%g: %s is already pruned (it holds %s), and the cross term pairs the dense teacher's "
+                   "inputs with the pruned student's: unless this folder is the run's teacher, prune the model the run "
+                   "distilled from (a gradual run's default: the model it started from)", config.cross_alpha,
+                   os.fspath(model_dir), SPARSITY_NAME)
 
 
 def _check_common(fn: str, output_dir, base_model, overwrite, write_card) -> None:

@@ -19,8 +19,10 @@ from .cli_args import (
     add_importance_name,
     add_search,
     command_logging,
+    config_from_flags,
     formatter,
     hub_bars,
+    in_flags,
     search_candidates,
     show_progress,
 )
@@ -94,7 +96,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report = prune_checkpoint(args.model_dir, importance, config, args.output_dir, base_model=args.base_model,
                                   overwrite=args.overwrite, progress=progress)
         return _saved(report, args)
-    warn_cross_input(args.model_dir, config, arg="--cross_alpha")  # prune_checkpoint warns on the path above
+    warn_cross_input(args.model_dir, config)  # prune_checkpoint warns on the path above
     model, tokenizer = load_model(args.model_dir, args.dtype)
     config, search = search_for_cli(args, model, tokenizer, importance, candidates, config)
     eval_results = None
@@ -293,11 +295,14 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
     Raises:
         ValueError: bad input (see [`sweep`]); `main` prints it as one line.
     """
+    from ..config import PruneConfig
     from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
     from ..publish.export import check_output_dir
     from ..validation import check_local_path
     from .sweep import format_table, parse_sparsities, sweep
 
+    # The library checks them too, in its keywords; here first, so the message names the flags.
+    config_from_flags(PruneConfig, {"structure": args.structure, "scope": args.scope})
     check_model_dir(args.model_dir, "model_dir")
     for item in args.importance:
         check_local_path("--importance", item.split("=", 1)[-1], "importance or checkpoint folders")
@@ -418,9 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         code = _exit_code(e)
         if code is None:
             raise
-        # One line, no traceback: the message says what to fix.
+        from ..config import PruneConfig
+
+        # One line, no traceback: the message says what to fix, with the flags the user typed (`--cross_alpha 0.5`).
         lines = str(e).strip().splitlines()
-        print(f"hf-weightprune {args.command}: error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
+        line = in_flags(lines[0], PruneConfig, bare=False) if lines else type(e).__name__
+        print(f"hf-weightprune {args.command}: error: {line}", file=sys.stderr)
         return code
 
 

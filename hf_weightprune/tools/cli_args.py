@@ -9,8 +9,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -69,11 +70,20 @@ def command_logging(args: argparse.Namespace) -> Iterator[None]:
         def stream(self, value) -> None:
             pass
 
+    class _InFlags(logging.Formatter):
+        """Names `PruneConfig` settings as the flags (`--cross_alpha 0.5`, not `cross_alpha=0.5`); only here, so
+        other handlers (a caller's, pytest's) keep the library's words."""
+
+        def format(self, record: logging.LogRecord) -> str:
+            from ..config import PruneConfig
+
+            return in_flags(super().format(record), PruneConfig, bare=False)
+
     logger = logging.getLogger("hf_weightprune")
     level = "error" if getattr(args, "quiet", False) else getattr(args, "log_level", "warning")
     saved = logger.level
     handler = _Stderr()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_InFlags("%(levelname)s %(name)s: %(message)s"))
     logger.setLevel(getattr(logging, level.upper()))
     logger.addHandler(handler)
     try:
@@ -177,6 +187,74 @@ FLAG_HELP = {
 }
 
 
+# A Python literal after `field=` in a library message: a quoted string, a number, True, False or None.
+_VALUE = r"(?P<value>'[^']*'|\"[^\"]*\"|-?\d+(?:\.\d+)?(?:e-?\d+)?|True|False|None)"
+# A field's name as a word of its own: not inside a flag (`--block_size`), a call (`PruneSchedule(cross_term=`), an
+# attribute or a file name (`sparsity.json`).
+_BEFORE, _AFTER = r"(?<![\w.(-])", r"(?![\w(]|\.\w)"
+_QUOTES = "'\""
+
+
+def in_flags(message: str, cls, *, renamed: Mapping[str, str] | None = None, bare: bool = True) -> str:
+    """A library message about a config's fields, in the words of the command line that built the config.
+
+    `field=value` becomes `--field value` (`--reconstruct false`, `--allow_collapse`, `no --cross_alpha`) and `leave
+    field None` becomes `omit --field` (`leave --reconstruct auto`). With `bare`, for the messages the config itself
+    raises, a field's name alone becomes its flag too, and a leftover `None`, `True` or `False` is spelled `omitted`,
+    `true`, `false`; without it (any other message, whose prose may use a field's name as a word) only the two forms
+    above change.
+
+    Args:
+        message (`str`): the library's message.
+        cls: the config dataclass whose fields the flags of [`add_config_flags`] come from.
+        renamed (`Mapping[str, str]`, *optional*): a flag other than `--field` that set a field
+            (`{"structure": "--search_structures"}`).
+        bare (`bool`, *optional*, defaults to `True`): also the bare names and Python constants (see above).
+
+    Returns:
+        `str`: the message as a command-line user reads it.
+    """
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    flags = {name: (renamed or {}).get(name, f"--{name}") for name in fields}
+    words = "|".join(sorted(fields, key=len, reverse=True))
+
+    def setting(m: re.Match) -> str:
+        name, value = m.group("name"), m.group("value")
+        flag, kind = flags[name], fields[name]
+        if kind == "bool":  # a switch: given or not
+            return flag if value == "True" else f"no {flag}"
+        if value in ("True", "False", "None"):
+            if kind == "bool | None":
+                return f"{flag} {'auto' if value == 'None' else value.lower()}"
+            return f"no {flag}" if value == "None" else f"{flag} {value.lower()}"
+        return f"{flag} {value.strip(_QUOTES)}"
+
+    def leave(m: re.Match) -> str:
+        flag = flags[m.group("name")]
+        return f"leave {flag} auto" if fields[m.group("name")] == "bool | None" else f"omit {flag}"
+
+    message = re.sub(rf"{_BEFORE}(?P<name>{words})={_VALUE}", setting, message)
+    message = re.sub(rf"\bleave (?P<name>{words}) None\b", leave, message)
+    if not bare:
+        return message
+    message = re.sub(rf"{_BEFORE}(?P<name>{words}){_AFTER}", lambda m: flags[m.group("name")], message)
+    return re.sub(r"(?<![\w=])(None|True|False)\b",
+                  lambda m: "omitted" if m.group(1) == "None" else m.group(1).lower(), message)
+
+
+def config_from_flags(cls, values: Mapping, renamed: Mapping[str, str] | None = None):
+    """`cls(**values)`, its refusal in the flags' words ([`in_flags`]): the user typed `--cross_alpha`, not the
+    keyword.
+
+    Raises:
+        ValueError: the config's own refusal, rephrased.
+    """
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ValueError(in_flags(str(e), cls, renamed=renamed)) from None
+
+
 def config_fields(cls, only: tuple[str, ...] | None = None) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if only is None or f.name in only]
 
@@ -246,7 +324,7 @@ def search_candidates(args: argparse.Namespace, config_cls) -> tuple:
 
     flags = {name: getattr(args, name) for name in config_fields(config_cls)}
     if not args.search_structures:
-        return config_cls(**flags), None
+        return config_from_flags(config_cls, flags), None
     if args.structure != "unstructured":
         raise ValueError("--search_structures replaces --structure: give the candidates to --search_structures only")
     if not args.calibration:
@@ -256,5 +334,6 @@ def search_candidates(args: argparse.Namespace, config_cls) -> tuple:
         raise FileNotFoundError(f"--calibration {args.calibration}: no such file or folder")
     if args.search_windows < 1:
         raise ValueError(f"--search_windows must be >= 1; got {args.search_windows}")
-    candidates = [config_cls(**{**flags, "structure": s}) for s in args.search_structures]
+    candidates = [config_from_flags(config_cls, {**flags, "structure": s}, renamed={"structure": "--search_structures"})
+                  for s in args.search_structures]
     return candidates[0], candidates

@@ -102,20 +102,35 @@ def test_selected_importance_holds_the_dense_statistics_at_the_kept_positions(tr
     n_dense = max(int(k.split(".")[1]) for k in dense_unit if k.startswith("layers.")) + 1
     n_now = max(int(k.split(".")[1]) for k in sel_unit if k.startswith("layers.")) + 1
     assert n_now == model.config.num_hidden_layers <= n_dense
+    kept_layers = []
     for j in range(n_now):
         down = tracked[f"model.layers.{j}.mlp.down_proj.weight"]
         dense_name, _, kept_neurons = _decode(down, names, shapes)
         i = int(dense_name.split(".")[2])
+        kept_layers.append(i)
         o = tracked[f"model.layers.{j}.self_attn.o_proj.weight"]
         _, kept_hidden, kept_cols = _decode(o, names, shapes)  # o_proj rows: the hidden channels kept
         assert torch.equal(sel_unit[f"layers.{j}.hidden.abs"], dense_unit[f"layers.{i}.hidden.abs"][kept_hidden])
-        assert torch.equal(sel_unit["taylor.hidden"], dense_unit["taylor.hidden"][kept_hidden])
         assert torch.equal(sel_unit[f"layers.{j}.neurons.abs"], dense_unit[f"layers.{i}.neurons.abs"][kept_neurons])
         assert torch.equal(sel_unit[f"layers.{j}.heads.sum"], dense_unit[f"layers.{i}.heads.sum"][kept_cols])
         assert torch.equal(sel_unit[f"layers.{j}.influence"], dense_unit[f"layers.{i}.influence"])
         head_dim = shapes[dense_name.replace("mlp.down_proj", "self_attn.o_proj")][1] // 4
         heads = kept_cols[::head_dim] // head_dim
         assert torch.equal(sel_unit[f"layers.{j}.heads.norm"], dense_unit[f"layers.{i}.heads.norm"][heads])
+    # the hidden channels' Taylor sum: the whole model's while every layer stays; once layers go, by hand from the
+    # per-layer sums of the layers kept and the part outside them (the whole model's counts the removed layers)
+    outside = dense_unit["taylor.hidden.outside"]
+    if n_now == n_dense:
+        want = dense_unit["taylor.hidden"]
+    else:
+        want = outside.clone()
+        for i in kept_layers:
+            want += dense_unit[f"layers.{i}.taylor.hidden"]
+        assert not torch.allclose(want[kept_hidden], dense_unit["taylor.hidden"][kept_hidden])  # it makes a difference
+    torch.testing.assert_close(sel_unit["taylor.hidden"], want[kept_hidden], rtol=1e-12, atol=0)
+    assert torch.equal(sel_unit["taylor.hidden.outside"], outside[kept_hidden])
+    torch.testing.assert_close(selected.unit_scores("taylor")["hidden"],
+                               imp.unit_scores("taylor", kept_layers=kept_layers)["hidden"][kept_hidden])
 
 
 def _loads(model, out):

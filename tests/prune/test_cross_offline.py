@@ -111,11 +111,21 @@ def test_cross_alpha_zero_is_the_symmetric_sweep_and_the_report_says_which(run, 
     assert json.loads((tmp_path / "plain" / SPARSITY_NAME).read_text())["cross_term"] is None
 
 
-def test_a_folder_with_a_cross_term_pruned_without_cross_alpha_says_so(run, caplog):
+def test_a_folder_with_a_cross_term_pruned_without_cross_alpha_says_so(run, tmp_path, capsys, caplog):
     run_dir, callback_importance = run
     with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
         _pruned(run_dir, PruneConfig(sparsity=0.5))
     assert "holds the dense-to-pruned cross term" in caplog.text and "Pass cross_alpha=0.5" in caplog.text
+    caplog.clear()
+    dense = tmp_path / "dense"
+    _dense().save_pretrained(dense)
+    capsys.readouterr()
+    for i, extra in enumerate(([], ["--dtype", "float32"])):  # the CLI, file to file and in memory: the flag
+        assert main(["prune", str(dense), "--importance", str(run_dir), "--output_dir", str(tmp_path / f"cli{i}"),
+                     *extra]) == 0
+        shown = [line for line in capsys.readouterr().err.splitlines() if "cross term" in line]
+        assert len(shown) == 1 and "Pass --cross_alpha 0.5 for the asymmetric one" in shown[0], shown
+        assert "cross_alpha=" not in shown[0] and "None" not in shown[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_weightprune"):  # nothing to say without a cross term
         prune_(_dense(), callback_importance, PruneConfig(sparsity=0.5), progress=False)
@@ -238,14 +248,16 @@ def test_cross_alpha_on_a_folder_that_is_already_pruned_warns_and_prunes(run, tm
                                   tmp_path / "x", write_card=False)
     assert [r.getMessage() for r in caplog.records if "already pruned" in r.getMessage()] == [warning]
     assert report.global_sparsity == pytest.approx(0.7, abs=0.01) and report.cross_term["alpha"] == 0.5
-    for i, extra in enumerate(([], ["--dtype", "float32"])):
+    capsys.readouterr()
+    for i, extra in enumerate(([], ["--dtype", "float32"])):  # file to file (prune_checkpoint's warning), in memory
         caplog.clear()
         with caplog.at_level("WARNING", logger="hf_weightprune"):
             code = main(["prune", str(pruned), "--importance", str(run_dir), "--sparsity", "0.7", "--cross_alpha",
                          "0.5", "--output_dir", str(tmp_path / f"cli{i}"), *extra])
         said = [r.getMessage() for r in caplog.records if "already pruned" in r.getMessage()]
-        named = "--cross_alpha 0.5" if extra else "cross_alpha=0.5"  # file to file: prune_checkpoint's own warning
-        assert code == 0 and said == [warning.replace("cross_alpha=0.5", named)], said
+        assert code == 0 and said == [warning], said  # one wording on both paths, the keyword's for Python handlers
+        shown = [line for line in capsys.readouterr().err.splitlines() if "already pruned" in line]
+        assert shown == [f"WARNING hf_weightprune.publish.export: {warning.replace('cross_alpha=0.5', '--cross_alpha 0.5')}"]
         assert (tmp_path / f"cli{i}" / "sparsity.json").is_file()
     caplog.clear()
     with caplog.at_level("WARNING", logger="hf_weightprune"):

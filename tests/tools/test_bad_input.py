@@ -5,6 +5,7 @@ work and with the inputs untouched, through the Python API and the CLI; and the 
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -222,7 +223,38 @@ def test_nm_block_size_rule(run, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"^structure '2:3': M=3 must divide block_size=128 .* pass block_size=126"):
         PruneConfig(structure="2:3")
     assert PruneConfig(structure="2:3", block_size=126).nm == (2, 3)
-    assert "M=3 must divide block_size=128" in _refused(_prune_argv(run, tmp_path / "o", "--structure", "2:3"), capsys)
+    line = _refused(_prune_argv(run, tmp_path / "o", "--structure", "2:3"), capsys)
+    assert "M=3 must divide --block_size 128" in line and "pass --block_size 126" in line
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--structure", "neurons", "--cross_alpha", "0.5"], ["--cross_alpha corrects", "--structure 'neurons'",
+                                                          "its --compensate refit", "omit --cross_alpha"]),
+    (["--cross_alpha", "0.5", "--reconstruct", "false"], ["--reconstruct false turns off", "leave --reconstruct auto",
+                                                          "omit --cross_alpha"]),
+    (["--cross_alpha", "1.5"], ["--cross_alpha must be omitted or a float in [0, 1]"]),
+    (["--target_params", "0.5"], ["--target_params is a budget for structured pruning", "got --structure"]),
+    (["--structure", "neurons", "--target_params", "0.5", "--sparsity", "0.3"], ["give either --sparsity",
+                                                                                "or --target_params"]),
+    (["--compensate", "refit"], ["--compensate applies to structured", "--reconstruct true"]),
+    (["--target_params", "0.5", "--search_structures", "neurons", "2:4", "--calibration", "CALIBRATION"],
+     ["--target_params is a budget", "got --search_structures '2:4'"]),
+])
+def test_config_refusals_name_the_flags_typed(run, tmp_path, capsys, extra, says):
+    """`PruneConfig` names its fields in Python (`cross_alpha=None`, `reconstruct=False`); on the command line each
+    refusal names the flags the user typed instead, before any work."""
+    extra = [str(run / "config.json") if a == "CALIBRATION" else a for a in extra]
+    line = _refused(_prune_argv(run, tmp_path / "o", *extra), capsys)
+    assert all(s in line for s in says), line
+    assert "None" not in line and "True" not in line and "False" not in line and not re.search(r"\b[a-z_]+=", line)
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_config_refusals_name_the_flags_typed(run, tmp_path, capsys):
+    line = _refused(["sweep", str(run), "--importance", str(run), "--data", str(run / "config.json"), "--structure",
+                     "2:4", "--scope", "sideways", "--output_dir", str(tmp_path / "o")], capsys)
+    assert "--scope must be one of" in line and "got 'sideways'" in line and "scope=" not in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_schedule_with_one_update_warns(tmp_path, caplog):

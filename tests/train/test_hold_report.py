@@ -15,10 +15,10 @@ from hf_weightprune import (
     PruneConfig,
     PruneSchedule,
     load_sparsity,
+    oneshot_importance,
     prune_,
     save_pruned,
 )
-from hf_weightprune.prune.oneshot import oneshot_importance
 from hf_weightprune.testing import TokenDataset, tiny_llama
 from tests.helpers import training_args
 
