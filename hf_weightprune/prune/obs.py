@@ -149,6 +149,7 @@ def sparsegpt_prune_(
     percdamp: float = 0.01,
     previous: Tensor | None = None,
     nm_sparsity: float | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """
     Prune a Linear weight in place with SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774): choose the mask
@@ -167,6 +168,9 @@ def sparsegpt_prune_(
     exact. With `nm_sparsity`, a step towards N:M prunes `round(nm_sparsity * out * in)` weights of the tensor, at
     most `m - n` per group (the lowest of each group's `m - n` lowest scores, per block), as
     [`~masks.nm_capped_mask`] does without reconstruction.
+
+    With `mask` instead of a target, the mask is fixed and the sweep only reconstructs: each pruned weight's error is
+    spread over the kept weights of the columns after it (the large-layer solver of [`~refit.refit_masked_`]).
 
     Args:
         weight (`torch.Tensor`):
@@ -190,6 +194,8 @@ def sparsegpt_prune_(
         nm_sparsity (`float`, *optional*):
             With `nm` only: prune this fraction of the tensor, in `[0, 1 - n/m]`, at most `m - n` per group,
             instead of exactly N:M.
+        mask (`torch.BoolTensor`, *optional*):
+            A fixed keep-mask shaped like `weight` (`True` = keep), instead of `sparsity` / `nm`: no mask selection.
 
     Returns:
         `torch.BoolTensor`: keep-mask shaped like `weight`, on its device, `True` = keep. `weight` is exactly `+0.0`
@@ -205,7 +211,16 @@ def sparsegpt_prune_(
     check_pair(weight, hessian)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"`blocksize` must be a positive int, got {blocksize!r}.")
-    sparsity, nm = _check_prune_args(weight, sparsity, nm, scope, blocksize, nm_sparsity)
+    if mask is not None:
+        if sparsity is not None or nm is not None or previous is not None:
+            raise ValueError("`mask` fixes the mask: pass it without `sparsity`, `nm` or `previous`.")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+            raise ValueError(f"`mask` must be a bool keep-mask of the weight's shape {tuple(weight.shape)}, got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}.")
+        fixed = mask.to(weight.device)
+    else:
+        fixed = None
+        sparsity, nm = _check_prune_args(weight, sparsity, nm, scope, blocksize, nm_sparsity)
     rows, cols = weight.shape
     total = None  # prune count per row ("row") or in the whole tensor ("layer", capped N:M)
     if sparsity is not None:
@@ -219,7 +234,7 @@ def sparsegpt_prune_(
         raise ValueError("`weight` contains NaN or Inf; refusing to prune it.")
     U, dead = inverse_hessian_cholesky(hessian.to(W.device), percdamp=percdamp)
     W[:, dead] = 0.0
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device) if fixed is None else fixed.clone()
     if total is not None:
         # Counts per row ([rows]) or for the tensor ([1]): pruned so far, and forced prunes in blocks not yet reached.
         done = torch.zeros(rows if scope == "row" else 1, dtype=torch.long, device=W.device)

@@ -18,8 +18,10 @@ Both run during training (a [`MaskHolder`]'s updates and re-fit, from the live c
 importance folder keeps `C`, and `PruneConfig(cross_alpha=...)` makes the plan's OBS sweep asymmetric
 ([`offline_cross_terms`]); [`usable_cross`] decides, for both, which weights' `C` covers the tokens of their `H~`.
 
-Memory: a re-fit of an `[out, in]` weight holds its float32 copy, the dampened `[in, in]` Hessian and, per chunk of
-`rows` rows, `rows` masked `[in, in]` systems (`row_chunk` bounds them, 64 MiB by default).
+Cost and memory: a re-fit of an `[out, in]` weight holds its float32 copy and the dampened `[in, in]` Hessian. The
+exact solve factorises one `[k, k]` system per row (`k`: the row's kept inputs), chunked to 64 MiB (`row_chunk`):
+`sum k^3 / 3` flops, affordable at SmolLM2 size but not at Phi-3-mini's (70 TFLOP for one `down_proj` at 50%), where
+`solver="auto"` switches to SparseGPT's sweep with the mask fixed (one `[in, in]` factorisation per weight).
 """
 
 from __future__ import annotations
@@ -65,6 +67,39 @@ def _warn(key: str, message: str, *args) -> None:
 
 logger = logging.getLogger(__name__)
 _CHUNK_BYTES = 64 << 20
+# Above this many floating-point operations for one weight's per-row solves (sum of k^3 / 3 over its rows, `k` the
+# kept inputs of a row: about a minute of one CPU core, a fraction of a second on a GPU), `solver="auto"` sweeps.
+_EXACT_FLOPS = 2.5e11
+
+
+def _solve_on_supports(H: Tensor, B: Tensor, keep: Tensor, counts: Tensor, row_chunk: int | None,
+                       percdamp: float) -> Tensor:
+    """Row `i`'s `k_i x k_i` system `H_SS w_S = B_S` on its kept inputs `S`, by batched Cholesky: rows sorted by `k`,
+    a chunk padded to its largest `k` with identity rows (padding costs nothing but its share of the batch)."""
+    rows, cols = keep.shape
+    out = torch.zeros(rows, cols, dtype=torch.float32, device=H.device)
+    order = torch.argsort(counts, stable=True)
+    supports = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # each row's kept inputs first, in order
+    k_all = int(counts.max()) if rows else 0
+    if row_chunk is None:
+        row_chunk = max(1, _CHUNK_BYTES // (4 * max(k_all, 1) ** 2))
+    for a in range(0, rows, row_chunk):
+        idx = order[a : a + row_chunk]
+        k = int(counts[idx].max())
+        if k == 0:
+            continue
+        cols_ = supports[idx, :k]  # [chunk, k]; a row with fewer kept inputs ends with pruned ones (padding)
+        valid = (torch.arange(k, device=H.device)[None, :] < counts[idx, None]).to(torch.float32)
+        A = H[cols_[:, :, None], cols_[:, None, :]] * valid[:, :, None] * valid[:, None, :]
+        A.diagonal(dim1=1, dim2=2).add_(1.0 - valid)
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            bad = int(idx[int((info != 0).nonzero()[0])])
+            raise ValueError(f"row {bad}'s Hessian on its kept inputs is not positive definite with percdamp="
+                             f"{percdamp:g}; raise it. No weight was changed.")
+        w = torch.cholesky_solve((B[idx].gather(1, cols_) * valid).unsqueeze(-1), L).squeeze(-1) * valid
+        out[idx] = out[idx].scatter_(1, cols_, w)
+    return out
 
 
 def _check_damp(percdamp) -> float:
@@ -209,7 +244,7 @@ def propagate_target(reference: Tensor, hessian: Tensor, cross: Tensor, *, alpha
 @torch.no_grad()
 def refit_masked_(weight: Tensor, mask: Tensor, hessian: Tensor, *, reference: Tensor | None = None,
                   cross: Tensor | None = None, alpha: float = 0.5, percdamp: float = 0.01,
-                  row_chunk: int | None = None) -> Tensor:
+                  row_chunk: int | None = None, solver: str = "auto") -> Tensor:
     """
     Re-fit the kept weights of each row, in place, by least squares on their fixed support; no mask changes.
 
@@ -236,7 +271,14 @@ def refit_masked_(weight: Tensor, mask: Tensor, hessian: Tensor, *, reference: T
         percdamp (`float`, *optional*, defaults to 0.01):
             Dampening as a fraction of `mean(diag(H))`, as the OBS sweep.
         row_chunk (`int`, *optional*):
-            Rows solved per batched Cholesky; default: as many as fit in 64 MiB of `[in, in]` float32 systems.
+            Rows solved per batched Cholesky; default: as many as fit in 64 MiB of `[k, k]` float32 systems (`k`:
+            the most kept inputs of a row).
+        solver (`str`, *optional*, defaults to `"auto"`):
+            `"exact"` solves each row's `k x k` system on its support (`sum k^3 / 3` flops over the rows: 87 GFLOP
+            for SmolLM2's `down_proj` at 50%, 70 TFLOP for Phi-3-mini's); `"sweep"` runs SparseGPT's OBS sweep with
+            the mask fixed ([`obs.sparsegpt_prune_`] with `mask`; `in^3 + out * in^2` flops), which spreads each pruned
+            weight's error over the kept weights after it only, so it fits less closely than the exact solve.
+            `"auto"` is exact up to 2.5e11 flops per weight, the sweep above.
 
     Returns:
         `torch.Tensor`: `weight`.
@@ -254,30 +296,27 @@ def refit_masked_(weight: Tensor, mask: Tensor, hessian: Tensor, *, reference: T
                          f"{tuple(getattr(reference, 'shape', ()))}.")
     _check_cross(cross, hessian)
     alpha = _check_alpha(alpha)
-    rows, cols = weight.shape
+    if solver not in ("auto", "exact", "sweep"):
+        raise ValueError(f"`solver` must be 'auto', 'exact' or 'sweep', got {solver!r}.")
+    if row_chunk is not None and (isinstance(row_chunk, bool) or not isinstance(row_chunk, int) or row_chunk < 1):
+        raise ValueError(f"`row_chunk` must be a positive int, got {row_chunk!r}.")
     device = weight.device
     R = (weight if reference is None else reference).detach().to(device, torch.float32, copy=True)
     if not bool(torch.isfinite(R).all()):
         raise ValueError("The reference weights contain NaN or Inf; refusing to re-fit from them.")
     H, dead = dampened(hessian.to(device), percdamp)
-    B = R @ H  # right-hand sides, [rows, in]
-    if cross is not None and alpha:
-        B.addmm_(R, cross.detach().to(device, torch.float32), alpha=alpha)
     keep = mask.to(device) & ~dead[None, :]  # dead inputs carry no signal: their weights are zeroed, as the sweep does
-    if row_chunk is None:
-        row_chunk = max(1, _CHUNK_BYTES // (4 * cols * cols))
-    out = torch.zeros(rows, cols, dtype=torch.float32, device=device)
-    eye = torch.eye(cols, dtype=torch.float32, device=device)
-    for a in range(0, rows, row_chunk):
-        k = keep[a : a + row_chunk].to(torch.float32)
-        # Row i's system restricted to its support, identity on the pruned inputs: one batched Cholesky per chunk.
-        A = H[None] * k[:, :, None] * k[:, None, :] + eye * (1.0 - k)[:, None, :]
-        L, info = torch.linalg.cholesky_ex(A)
-        if bool((info != 0).any()):
-            bad = a + int((info != 0).nonzero()[0])
-            raise ValueError(f"row {bad}'s Hessian on its kept inputs is not positive definite with percdamp="
-                             f"{percdamp:g}; raise it. No weight was changed.")
-        out[a : a + row_chunk] = torch.cholesky_solve((B[a : a + row_chunk] * k).unsqueeze(-1), L).squeeze(-1) * k
+    counts = keep.sum(1)
+    if solver == "auto":
+        solver = "exact" if float(counts.double().pow(3).sum()) / 3 <= _EXACT_FLOPS else "sweep"
+    if solver == "sweep":
+        out = R if cross is None or not alpha else propagate_target(R, hessian, cross, alpha=alpha, percdamp=percdamp)
+        sparsegpt_prune_(out, hessian.to(device), mask=keep, percdamp=percdamp)
+    else:
+        B = R @ H  # right-hand sides, [rows, in]
+        if cross is not None and alpha:
+            B.addmm_(R, cross.detach().to(device, torch.float32), alpha=alpha)
+        out = _solve_on_supports(H, B, keep, counts, row_chunk, percdamp)
     out.masked_fill_(~keep, 0.0)  # exact +0.0 after the cast back
     weight.detach().copy_(out)
     return weight

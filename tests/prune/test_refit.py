@@ -126,3 +126,71 @@ def test_refit_refusals_leave_the_weight_untouched(kwargs, match):
     with pytest.raises(ValueError, match="mask"):
         refit_masked_(W, mask.float(), (X.T @ X).float())
     assert torch.equal(W, before)
+
+
+def _ragged_mask(out, cols, g):
+    """Layer-scope keep-mask: every row its own count, one row fully pruned and one fully kept."""
+    mask = torch.rand(out, cols, generator=g) < torch.linspace(0.1, 0.9, out)[:, None]
+    mask[0] = False
+    mask[-1] = True
+    return mask
+
+
+@pytest.mark.parametrize("row_chunk", [None, 1, 3])
+def test_exact_refit_on_ragged_supports_equals_lstsq(row_chunk):
+    W, X, _, _, _, g = _problem(out=10, cols=16, seed=7)
+    mask = _ragged_mask(10, 16, g)
+    fitted = W.clone()
+    refit_masked_(fitted, mask, X.T @ X, percdamp=0.0, row_chunk=row_chunk, solver="exact")
+    torch.testing.assert_close(fitted, _brute(W, mask, X, X), rtol=1e-3, atol=1e-4)
+    assert bool((fitted[0] == 0).all()) and bool((fitted[~mask] == 0).all())
+
+
+def test_sweep_refit_keeps_zeros_and_pruning_the_first_input_only_is_exact():
+    W, X, _, _, mix, g = _problem(seed=8)
+    first = torch.ones_like(W, dtype=torch.bool)
+    first[:, 0] = False  # every other kept input comes after it: the OBS update is then the least-squares one
+    swept = W.clone()
+    refit_masked_(swept, first, X.T @ X, percdamp=0.0, solver="sweep")
+    torch.testing.assert_close(swept, _brute(W, first, X, X), rtol=1e-3, atol=1e-4)
+
+    mask = _ragged_mask(*W.shape, g)
+    swept, exact = W.clone(), W.clone()
+    refit_masked_(swept, mask, X.T @ X, solver="sweep")
+    refit_masked_(exact, mask, X.T @ X, solver="exact")
+    assert bool((swept[~mask] == 0).all()) and not bool(torch.signbit(swept[~mask]).any())
+    held_out = _inputs(2000, W.shape[1], g, mix)
+    err = {name: (held_out @ (w - W).T).square().sum() for name, w in
+           [("masked", W * mask), ("sweep", swept), ("exact", exact)]}
+    assert err["exact"] < err["sweep"] < err["masked"]
+
+
+def test_auto_solver_sweeps_above_the_flop_budget(monkeypatch):
+    import hf_weightprune.prune.refit as refit
+
+    W, X, Xt, mask, _, _ = _problem(seed=9)
+    H, C = Xt.T @ Xt, (X - Xt).T @ Xt
+    results = {}
+    for solver in ("auto", "sweep", "exact"):
+        results[solver] = W.clone()
+        monkeypatch.setattr(refit, "_EXACT_FLOPS", 0.0)
+        refit_masked_(results[solver], mask, H, cross=C, alpha=0.5, solver=solver)
+    assert torch.equal(results["auto"], results["sweep"]) and not torch.equal(results["auto"], results["exact"])
+    # The sweep with the cross term sweeps the propagated target, as `asymmetric_sparsegpt_prune_` does.
+    target = propagate_target(W, H, C, alpha=0.5)
+    plain = target.double()
+    refit_masked_(plain, mask, H, solver="sweep")
+    torch.testing.assert_close(results["sweep"], plain, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_mask_sweep_refusals():
+    W, X, _, mask, _, _ = _problem(seed=10)
+    W = W.float()
+    with pytest.raises(ValueError, match="without `sparsity`"):
+        sparsegpt_prune_(W.clone(), (X.T @ X).float(), sparsity=0.5, mask=mask)
+    with pytest.raises(ValueError, match="`mask` must be a bool"):
+        sparsegpt_prune_(W.clone(), (X.T @ X).float(), mask=mask.float())
+    with pytest.raises(ValueError, match="solver"):
+        refit_masked_(W, mask, (X.T @ X).float(), solver="cg")
+    with pytest.raises(ValueError, match="row_chunk"):
+        refit_masked_(W, mask, (X.T @ X).float(), row_chunk=0)
