@@ -229,6 +229,10 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "how": how,
         "kind": kind,
         "trained": bool(importance.get("step")),
+        # the statistics were gathered while this very model trained, so it is not its base model as published: the
+        # intro says so (a cross-term run trained a pruned copy; this model, its teacher, did not train)
+        "trained_first": kind == "one-shot" and bool(importance.get("step")) and not T.offline_cross_context(sparsity)
+                         and not sparsity.get("cross_term"),
         "structure": structure,
         "structure_label": label,
         "structure_detail": detail,
