@@ -156,17 +156,44 @@ def target_text(target) -> str:
 
 
 def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
-    """Rows of `sweep.json` (written by [`sweep`]) that have a loss, for the card's loss-vs-sparsity table."""
+    """Rows of `sweep.json` (written by [`sweep`]) that have a loss, for the card's loss-vs-sparsity table: `criterion`,
+    `structure` (`None` for the dense reference), `scope`, `sparsity`, `loss`, `perplexity`, and `tokens` and `dataset`
+    where the sweep recorded them."""
     if not (folder / SWEEP_JSON).is_file():
         return []
     rows = []
     for row in read_json(folder / SWEEP_JSON) or []:
         if isinstance(row, dict) and row.get("loss") is not None and row.get("sparsity") is not None:
             loss, ppl = float(row["loss"]), row.get("perplexity")
+            structure = row.get("structure")
             rows.append({"criterion": row.get("criterion", criterion), "scope": row.get("scope"),
+                         "structure": structure if structure != "dense" else None,
                          "sparsity": float(row["sparsity"]), "loss": loss,
-                         "perplexity": float(ppl) if ppl is not None else perplexity(loss)})
+                         "perplexity": float(ppl) if ppl is not None else perplexity(loss),
+                         "tokens": row.get("tokens"), "dataset": row.get("dataset")})
     return rows
+
+
+def sweep_context(rows: list[dict], structure: str) -> dict | None:
+    """What the card says above the sweep's table: the tokens each point was evaluated on and the data (when every
+    row states the same), and whether the sweep pruned with another structure than this model's.
+
+    Args:
+        rows (`list[dict]`): what [`sweep_rows`] returned.
+        structure (`str`): this model's structure, from `sparsity.json`.
+
+    Returns:
+        `dict` or `None`: `{"tokens", "dataset", "structures", "other_structure"}`; `None` without rows.
+    """
+    if not rows:
+        return None
+    tokens = {r["tokens"] for r in rows}
+    datasets = {r["dataset"] for r in rows}
+    structures = sorted({r["structure"] for r in rows if r["structure"]})
+    return {"tokens": tokens.pop() if len(tokens) == 1 and None not in tokens else None,
+            "dataset": dataset_name(datasets.pop()) if len(datasets) == 1 and None not in datasets else None,
+            "structures": ", ".join(structures),
+            "other_structure": any(s != structure for s in structures)}
 
 
 def _teacher_text(teacher: Any, is_local: bool = False) -> str:
