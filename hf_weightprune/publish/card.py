@@ -200,7 +200,8 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     formula, reference = T.criterion_text(criterion)
     if structure == "experts":
         formula = T.EXPERTS_CRITERION
-    formula = T.unit_ranking_text(sparsity.get("structured")) or formula
+    formula = T.unit_ranking_text(sparsity.get("structured"), _changed_axes(sparsity.get("structured"), structure)) \
+        or formula
     try:
         nm = parse_structure(structure)[1]
     except ValueError:
@@ -229,6 +230,10 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "how": how,
         "kind": kind,
         "trained": bool(importance.get("step")),
+        # the statistics were gathered while this very model trained, so it is not its base model as published: the
+        # intro says so (a cross-term run trained a pruned copy; this model, its teacher, did not train)
+        "trained_first": kind == "one-shot" and bool(importance.get("step")) and not T.offline_cross_context(sparsity)
+                         and not sparsity.get("cross_term"),
         "structure": structure,
         "structure_label": label,
         "structure_detail": detail,
@@ -240,6 +245,9 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         # the units that were removed: a combination under a budget may leave an axis untouched
         "structure_units": T.structured_units(_changed_axes(sparsity.get("structured"), structure)),
         "compensation": (sparsity.get("structured") or {}).get("compensation"),
+        # the consumers a compensation changed: those of the removed neurons and KV groups only
+        "consumers": " / ".join(f"`{c}`" for axis, c in (("neurons", "down_proj"), ("heads", "o_proj"))
+                                if axis in changed) or "`down_proj` / `o_proj`" if structured else "",
         "bias_added": ", ".join(f"`{f}=True`" for f in (sparsity.get("structured") or {}).get("bias_added") or []),
         "scope": scope,
         "scope_detail": scope_detail,
@@ -267,6 +275,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "search": search_text(sparsity.get("search")),
         "references": references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
+        "sweep": T.sweep_context(T.sweep_rows(folder, criterion), structure),
         "has_plot": (folder / SWEEP_PNG).is_file(),
         "has_tokenizer": has_tokenizer(folder),
         "generated_mark": GENERATED_MARK,

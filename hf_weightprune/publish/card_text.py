@@ -24,23 +24,47 @@ EXPERTS_CRITERION = ("not used for whole experts, which are ranked by the tokens
 EXPERT_NEURON_SCOPE = ("the same number of neurons removed in every expert of every MoE layer (which ones differs per "
                        "expert; shared experts keep theirs)")
 
-# What ranks the units of a structured prune from unit statistics (`ImportanceConfig(units=True)`), in the card's words.
-UNIT_STATISTIC_TEXT = {
-    "activation": "mean activation magnitude over the training tokens (Minitron: neurons by `|a|`, KV groups by their "
-                  "heads' output norms, hidden channels by `|x|` of the residual stream; layers by block influence "
-                  "`1 - cos(input, output)`, ShortGPT)",
-    "activation_l2": "root-mean-square activation over the training tokens (neurons, KV groups, hidden channels; layers "
-                     "by block influence `1 - cos(input, output)`, ShortGPT)",
-    "taylor": "first-order Taylor `|sum g * w|` over each unit's weights, averaged over the optimizer steps",
+# What ranks the units of a structured prune from unit statistics (`ImportanceConfig(units=True)`), in the card's words:
+# per statistic, what it is and, per axis, what it reads (`collect/unit_scoring.py`); only the removed axes are named.
+_UNIT_STATISTICS = {
+    "activation": ("mean activation magnitude over the training tokens", "Minitron",
+                   {"neurons": "MLP neurons by `|a|`", "heads": "KV groups by their heads' output norms",
+                    "hidden": "hidden channels by `|x|` of the residual stream"}),
+    "activation_l2": ("root-mean-square activation over the training tokens", None,
+                      {"neurons": "MLP neurons by `sqrt(mean a^2)`",
+                       "heads": "KV groups by the root-mean-square of their heads' outputs",
+                       "hidden": "hidden channels by `sqrt(mean x^2)` of the residual stream"}),
 }
+_BLOCK_INFLUENCE = "block influence `1 - cos(input, output)`"
+_TAYLOR = "first-order Taylor `|sum g * w|` over each unit's weights, averaged over the optimizer steps"
 
 
-def unit_ranking_text(structured: dict | None) -> str | None:
-    """How a structured prune ranked its units when unit statistics did it (the importance's criterion did not)."""
+def unit_ranking_text(structured: dict | None, axes: str | None = None) -> str | None:
+    """How a structured prune ranked its units when unit statistics did it (the importance's criterion did not).
+
+    Args:
+        structured (`dict`, *optional*): the `structured` entry of `sparsity.json`.
+        axes (`str`, *optional*): the axes whose units were removed (`"neurons"`, `"layers,neurons"`); the text names
+            what ranked those only. Defaults to the recorded structure.
+
+    Returns:
+        `str` or `None`: `None` when no unit statistic ranked the units.
+    """
     statistic = (structured or {}).get("unit_statistic")
-    if statistic not in UNIT_STATISTIC_TEXT:
+    if statistic == "taylor":
+        return f"not used for the units, which are ranked by {_TAYLOR}"
+    if statistic not in _UNIT_STATISTICS:
         return None
-    return f"not used for the units, which are ranked by {UNIT_STATISTIC_TEXT[statistic]}"
+    parts = [p.strip() for p in (axes or (structured or {}).get("structure") or "").split(",") if p.strip()]
+    what, paper, per_axis = _UNIT_STATISTICS[statistic]
+    named = [per_axis[p] for p in parts if p in per_axis]
+    if not named and "layers" in parts:  # depth alone: the activations rank nothing
+        return f"not used for the layers, which are ranked by {_BLOCK_INFLUENCE} over the training tokens (ShortGPT)"
+    named += [f"decoder layers by {_BLOCK_INFLUENCE}, ShortGPT"] if "layers" in parts else []
+    detail = "; ".join(named)
+    if named and paper:
+        detail = f"{paper}: {detail}"
+    return f"not used for the units, which are ranked by {what}" + (f" ({detail})" if detail else "")
 
 
 def structured_target_text(structured: dict | None) -> str | None:
@@ -132,17 +156,44 @@ def target_text(target) -> str:
 
 
 def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
-    """Rows of `sweep.json` (written by [`sweep`]) that have a loss, for the card's loss-vs-sparsity table."""
+    """Rows of `sweep.json` (written by [`sweep`]) that have a loss, for the card's loss-vs-sparsity table: `criterion`,
+    `structure` (`None` for the dense reference), `scope`, `sparsity`, `loss`, `perplexity`, and `tokens` and `dataset`
+    where the sweep recorded them."""
     if not (folder / SWEEP_JSON).is_file():
         return []
     rows = []
     for row in read_json(folder / SWEEP_JSON) or []:
         if isinstance(row, dict) and row.get("loss") is not None and row.get("sparsity") is not None:
             loss, ppl = float(row["loss"]), row.get("perplexity")
+            structure = row.get("structure")
             rows.append({"criterion": row.get("criterion", criterion), "scope": row.get("scope"),
+                         "structure": structure if structure != "dense" else None,
                          "sparsity": float(row["sparsity"]), "loss": loss,
-                         "perplexity": float(ppl) if ppl is not None else perplexity(loss)})
+                         "perplexity": float(ppl) if ppl is not None else perplexity(loss),
+                         "tokens": row.get("tokens"), "dataset": row.get("dataset")})
     return rows
+
+
+def sweep_context(rows: list[dict], structure: str) -> dict | None:
+    """What the card says above the sweep's table: the tokens each point was evaluated on and the data (when every
+    row states the same), and whether the sweep pruned with another structure than this model's.
+
+    Args:
+        rows (`list[dict]`): what [`sweep_rows`] returned.
+        structure (`str`): this model's structure, from `sparsity.json`.
+
+    Returns:
+        `dict` or `None`: `{"tokens", "dataset", "structures", "other_structure"}`; `None` without rows.
+    """
+    if not rows:
+        return None
+    tokens = {r["tokens"] for r in rows}
+    datasets = {r["dataset"] for r in rows}
+    structures = sorted({r["structure"] for r in rows if r["structure"]})
+    return {"tokens": tokens.pop() if len(tokens) == 1 and None not in tokens else None,
+            "dataset": dataset_name(datasets.pop()) if len(datasets) == 1 and None not in datasets else None,
+            "structures": ", ".join(structures),
+            "other_structure": any(s != structure for s in structures)}
 
 
 def _teacher_text(teacher: Any, is_local: bool = False) -> str:

@@ -430,13 +430,13 @@ def measured_text(measured: dict | None, structured: bool) -> str | None:
             if files.get("dtype") != dense.get("dtype") else "")
     if not speed:
         return weights + "."
-    pruned, base, ratios = speed["pruned"], speed.get("dense"), speed.get("ratios") or {}
+    pruned, base, ratios, n = speed["pruned"], speed.get("dense"), speed.get("ratios") or {}, speed["threads"]
 
-    def figure(key: str, show) -> str:  # a speed by its median, a peak as it is; then the dense one and the ratio
-        value = (lambda f: f[key]["median"] if isinstance(f[key], dict) else f[key])  # noqa: E731
-        return show(value(pruned)) + (f" vs {show(value(base))} dense ({ratios[key]:.2f}x)" if base else "")
+    def figure(key: str, show) -> str:  # a speed by its median (the runs' range beside it), a peak as it is
+        one = (lambda f: show(f[key]["median"]) + f" ({f[key]['min']:,.0f} to {f[key]['max']:,.0f})"  # noqa: E731
+               if isinstance(f[key], dict) else show(f[key]))
+        return one(pruned) + (f" vs {one(base)} dense ({ratios[key]:.2f}x)" if base else "")
 
-    n = speed["threads"]
     where = f"{speed['device_name']} " + (f"CPU, {n} thread{'s' * (n != 1)}" if speed["device"] == "cpu" else "GPU")
     parts = [f"prefill of 1 x {speed['seq_len']} tokens without cache {figure('prefill_tokens_per_s', tokens)}",
              f"greedy decode of {speed['new_tokens']} tokens with the KV cache {figure('decode_tokens_per_s', tokens)}"]
@@ -447,4 +447,4 @@ def measured_text(measured: dict | None, structured: bool) -> str | None:
                      f"same prefill and decode {figure(memory, mb)}")
     alternating = " alternating with the dense model" if base else ""
     return (f"Measured when it was saved, on one {where} (torch {speed['torch_version'].split('+')[0]}, "
-            f"{speed['dtype']}, median of {speed['repeats']} runs{alternating}): {'; '.join(parts)}. {weights}.")
+            f"{speed['dtype']}, median (range) of {speed['repeats']} runs{alternating}): {'; '.join(parts)}. {weights}.")

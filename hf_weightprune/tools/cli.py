@@ -111,7 +111,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         eval_results.update(pruned_loss=pruned["loss"], pruned_tokens=pruned["tokens"])
     save_pruned(model, args.output_dir, report=report, tokenizer=tokenizer, overwrite=args.overwrite,
                 eval_results=eval_results, base_model=args.base_model, measure_speed=args.measure_speed,
-                baseline=args.model_dir if args.measure_speed else None)
+                # the dense folder's weight files are recorded beside the pruned ones, as `prune_checkpoint` does
+                baseline=args.model_dir if args.measure_speed or safetensors_dir else None)
     return _saved(report, args)
 
 

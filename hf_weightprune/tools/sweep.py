@@ -23,7 +23,7 @@ from .. import distributed as D
 from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
-from ..io_utils import atomic_write_text, check_arg_type
+from ..io_utils import atomic_write_text, check_arg_type, path_name
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
 from ..scorers import SCORERS, default_scope
 from ..validation import parse_structure
@@ -222,8 +222,9 @@ def sweep(
             `Importance` objects are used as given.
 
     Returns:
-        `list[dict]`: rows `{"criterion", "structure", "sparsity", "loss", "perplexity"}`, the dense model first
-        (criterion `"dense"`). Loss is the mean cross-entropy in nats per token, perplexity `exp(loss)`. A sparsity
+        `list[dict]`: rows `{"criterion", "structure", "sparsity", "loss", "perplexity", "tokens", "dataset"}`
+        (`tokens` evaluated, `dataset` the data's file or folder name; a pruned row also has `scope` and
+        `importance_criterion`), the dense model first (criterion `"dense"`). Loss is the mean cross-entropy in nats per token, perplexity `exp(loss)`. A sparsity
         of 0 prunes nothing, so its rows repeat the dense loss.
 
     Raises:
@@ -298,9 +299,11 @@ def sweep(
     del copies
 
     dense_eval = evaluate_loss(model, windows, batch_size=batch_size)
+    # The data by its file or folder name only: sweep.json is published with a pruned model's card.
+    dataset = path_name(os.fspath(data))
     rows: list[dict[str, Any]] = [{"criterion": "dense", "structure": "dense", "sparsity": 0.0,
                                    "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"],
-                                   "tokens": dense_eval["tokens"]}]
+                                   "tokens": dense_eval["tokens"], "dataset": dataset}]
     bar = tqdm(total=len(importances) * len(points), desc="sweep", disable=not D.show_progress(progress))
     with cross_warnings_once():  # one importance pruned at every point: its cross-term advice once per sweep
         for label, imp in importances.items():
@@ -317,7 +320,8 @@ def sweep(
                 # follows each criterion, so two rows of one sweep may differ), and the tokens evaluated.
                 rows.append({"criterion": label, "structure": structure, "sparsity": s, "loss": result["loss"],
                              "perplexity": result["perplexity"], "importance_criterion": imp.criterion,
-                             "scope": scope or default_scope(imp.criterion), "tokens": result["tokens"]})
+                             "scope": scope or default_scope(imp.criterion), "tokens": result["tokens"],
+                             "dataset": dataset})
                 if output_dir is not None:
                     write_results(rows, output_dir)
                 bar.update()

@@ -230,7 +230,7 @@ def test_card_compares_only_losses_of_the_same_evaluation(tmp_path):
     card, meta = _pruned_checkpoint(tmp_path, same)
     assert meta["eval"] == same
     assert "Evaluated on `kjv`, 4,096 tokens: dense model at step 200 vs pruned model at step 200" in card
-    assert "| Dense | 3.0000 | 20.09 |" in card and "| Pruned (this model) | 3.5000 | 33.12 |" in card
+    assert "| Dense (step 200) | 3.0000 | 20.09 |" in card and "| Pruned (this model) | 3.5000 | 33.12 |" in card
     # The model-index lists this model's own results only: the dense loss is another model's.
     index = ModelCard(card).data.eval_results
     assert [(r.metric_type, r.metric_value) for r in index] == [("loss", 3.5), ("perplexity", pytest.approx(33.115, abs=1e-3))]

@@ -192,7 +192,14 @@ def test_cli_prune_eval_data_card_and_its_hub_copy(trained, tmp_path, hub_server
     text = check_card(out, criterion="wanda", scope="row", obs=False, how="pruned in one shot")
     meta = load_sparsity(out)
     assert meta["eval"]["dataset"] == "valid.txt" and meta["eval"]["tokens"] == meta["eval"]["pruned_tokens"] > 0
-    assert "| Dense (org/tiny-base) |" in text and "| Pruned (this model) |" in text
+    # the dense row is the trained model in dense/, not its base model org/tiny-base (which it was fine-tuned from)
+    assert "| Dense (before pruning) |" in text and "| Pruned (this model) |" in text
+    assert "| Dense (org/tiny-base) |" not in text
+    assert ("This model is derived from [org/tiny-base](https://huggingface.co/org/tiny-base): trained with the "
+            "Hugging Face `Trainer`, then pruned in one shot") in " ".join(text.split())
+    # the weight files beside the dense folder's, as the file-to-file path records them: the zeros are stored
+    assert meta["measured"]["dense_weight_files"] == meta["measured"]["weight_files"]
+    assert "the same as the dense checkpoint's (the zeros are stored)" in text
     assert "on the same windows" in text and "not measured by the same evaluation" not in text
     results = ModelCard(text).data.eval_results
     assert {r.metric_type for r in results} == {"loss", "perplexity"}  # the pruned model's own results only
