@@ -59,6 +59,7 @@ from .budget import (
     Budget,
     SizeRule,
     accepted_keeps,
+    aligned_removal,
     axis_sizes,
     num_params,
     plan_budget,
@@ -128,7 +129,7 @@ def _refill(model: nn.Module, axis: str, size: int, n_layers: int, target: int, 
     now = num_params(model)  # the other axes are already applied
     # Heads and hidden: the sizes the dense config takes with the other's final size (the current config may be
     # between the two cuts, which a tied config rejects); neurons: the current config's.
-    accepted = rule.keeps(axis, kept) if rule.partner(axis) else accepted_keeps(model, axis, size)
+    accepted = rule.keeps(axis, kept) if rule.partner(axis) else accepted_keeps(model, axis, size, rule.round_to)
     return size - min(accepted, key=lambda k: abs(now - (size - k) * per_unit - target))
 
 
@@ -291,9 +292,10 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
                 check_structured_supported(model, a)
             except ValueError as e:
                 raise ValueError(f"structure {a!r} is not possible for {type(model).__name__}: {e}") from None
-    scores = _scores(model, importance, config, axes)
     sizes = axis_sizes(model, axes)
-    rule = SizeRule(model, axes, sizes)  # heads and hidden sizes read together: the config may tie them
+    rule = SizeRule(model, axes, sizes, config.round_to)  # heads and hidden sizes read together: the config may tie them
+    rule.check_round_to()
+    scores = _scores(model, importance, config, axes)
     if "hidden" in axes:  # hidden pruning's module checks, before any other work
         hidden_channel_cost(model)
     if config.compensate in _REFITS and not importance.scorer.has_hessian:
@@ -308,6 +310,9 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     width = [a for a in axes if a != "layers"]
     if target is None:
         counts = {a: num_to_prune(sizes[a], config.sparsity) for a in axes}
+        for a in (a for a in width if config.round_to and a != "heads"):  # the kept width: the nearest multiple
+            what = "hidden channels" if a == "hidden" else "neurons per layer"
+            counts[a] = aligned_removal(sizes[a], config.sparsity, config.round_to, what)
         for a in axes:
             if counts[a] >= sizes[a]:
                 what = "decoder layers" if a == "layers" else f"{a} per layer" if a != "hidden" else "hidden channels"
@@ -363,6 +368,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
         "target_tolerance": tolerance,
         "unit_statistic": config.unit_statistic if importance.has_units else "per-weight scores",
         "compensation": config.compensate,
+        "round_to": config.round_to,
     }
     if bias_plans:
         report["bias_added"] = sorted(flag for flag, _ in bias_plans)  # config flags set for mean compensation
