@@ -338,9 +338,9 @@ class PruneConfig(JsonConfigMixin):
         if not isinstance(self.allow_collapse, bool):
             raise ValueError(f"allow_collapse must be a bool; got {self.allow_collapse!r}")
         self._check_cross(kind, named)
-        self._check_round_to(named)
+        self._check_round_to()
 
-    def _check_round_to(self, named: str) -> None:
+    def _check_round_to(self) -> None:
         if self.round_to is None:
             return
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
@@ -348,8 +348,8 @@ class PruneConfig(JsonConfigMixin):
                              f"got {self.round_to!r}")
         if not set(self.structures) & set(WIDTH_AXES):
             raise ValueError(f"round_to rounds the widths a structured prune cuts ({', '.join(WIDTH_AXES)}); "
-                             f"structure {named!r} cuts none (KV groups, layers and experts are counts): leave "
-                             "round_to None")
+                             f"structure {self.structure!r} cuts none (KV groups, layers and experts are counts; "
+                             "unstructured and N:M keep every shape): leave round_to None")
 
     def _check_cross(self, kind: str, named: str) -> None:
         if self.cross_alpha is None:
