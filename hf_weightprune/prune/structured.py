@@ -19,7 +19,9 @@ of the sizes each config accepts (hidden: multiples of the head count that the s
 against its average, counted exactly before any change; the finest width axis (neurons when present) fills what a
 coarse one cannot take and is applied last. The kept count is as close to the target as the sizes allow and never more
 than one step of the structure's coarsest axis off (else refused; an axis left uncut by its granularity is warned
-about). A split that removes layers is planned again on the scores of the layers it keeps (`_plan`). To choose between candidate shapes by measured loss instead of this rule, `search_structures`
+about). `round_to=N` keeps the widths cut (neurons, hidden) multiples of N: the size rule offers only those, a
+`sparsity` rounds the kept width to the nearest one (`budget.aligned_removal`), and a `round_to` no width below the
+dense one satisfies is refused first. A split that removes layers is planned again on the scores of the layers it keeps (`_plan`). To choose between candidate shapes by measured loss instead of this rule, `search_structures`
 (`tools/search.py`) prunes a copy with each one and keeps the lowest loss (Minitron's search).
 
 Compensation of removed neurons (`down_proj` input columns) and KV groups (`o_proj` input columns), layer by layer:
