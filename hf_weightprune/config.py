@@ -142,6 +142,8 @@ PRUNE_ALLOCATIONS = ("uniform", "owl")
 COMPENSATIONS = (None, "refit", "mean", "refit,mean")
 # What structured pruning can rank units by (`collect/units.py` computes them; defined here, the leaf both read).
 UNIT_STATISTICS = ("activation", "activation_l2", "taylor")
+# The structured axes whose size is a width (`round_to` rounds them); heads (KV groups) and layers are counts.
+WIDTH_AXES = ("neurons", "hidden")
 
 @dataclass
 class PruneConfig(JsonConfigMixin):
@@ -212,11 +214,22 @@ class PruneConfig(JsonConfigMixin):
             symmetric sweep on `H~`). `None` (default): the symmetric sweep. The model to prune is that run's dense
             teacher, whose inputs `X` the cross term was measured against (a gradual run's default teacher: the model
             the run started from).
+        round_to (`int`, *optional*):
+            Structured: every width the prune cuts is kept at a multiple of `round_to`, so the result suits tensor
+            cores and group-wise quantization kernels (GPTQ / AWQ / Marlin want `in_features` divisible by the group
+            size, typically 128), as Torch-Pruning's `round_to` does: the MLP `intermediate_size` (`"neurons"`; MoE
+            experts: a multiple of both `round_to` and 8, the alignment the experts kernel needs) and the
+            `hidden_size` (`"hidden"`, also among the sizes its config accepts with the heads). KV groups, layers and
+            experts are counts, not widths: a structure of those only (`"heads"`, `"layers"`, `"experts"`) refuses
+            it, as unstructured and N:M do. With `sparsity` the kept width is rounded to the nearest multiple (never
+            to 0); with `target_params` the budget is met within one step of `round_to` units per layer. `None`
+            (default): any width the config accepts.
 
     Raises:
         `ValueError`: naming the field, for a bad structure, sparsity (or one an N:M pattern contradicts), a
         per-module sparsity dict with a structure other than unstructured, a bad scope, bad module patterns, or
-        module patterns with `"neurons"`/`"heads"` (which shrink every layer), or a non-bool `allow_collapse`.
+        module patterns with `"neurons"`/`"heads"` (which shrink every layer), a non-bool `allow_collapse`, or a
+        `round_to` that is not a positive int or is given for a structure that cuts no width.
     """
 
     config_name = "prune_config.json"
@@ -256,6 +269,9 @@ class PruneConfig(JsonConfigMixin):
         "help": "OBS from an importance with the dense-to-pruned cross term (PruneSchedule(cross_term=True) under "
                 "distillation): solve the asymmetric objective with this share of the correction, in [0, 1] (0.5 as "
                 "the schedule; None: the symmetric sweep). Prune that run's dense teacher (a gradual run's default: the model it started from)"})
+    round_to: int | None = field(default=None, metadata={
+        "help": "structured: keep every width it cuts (intermediate_size, hidden_size) a multiple of this, e.g. 64 "
+                "or 128 for tensor cores and group-wise quantization kernels (None: any width the config accepts)"})
 
     def __post_init__(self):
         kind, nm = parse_structure(self.structure)
@@ -322,6 +338,18 @@ class PruneConfig(JsonConfigMixin):
         if not isinstance(self.allow_collapse, bool):
             raise ValueError(f"allow_collapse must be a bool; got {self.allow_collapse!r}")
         self._check_cross(kind, named)
+        self._check_round_to()
+
+    def _check_round_to(self) -> None:
+        if self.round_to is None:
+            return
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to must be None or an int >= 1 (the multiple every kept width is rounded to); "
+                             f"got {self.round_to!r}")
+        if not set(self.structures) & set(WIDTH_AXES):
+            raise ValueError(f"round_to rounds the widths a structured prune cuts ({', '.join(WIDTH_AXES)}); "
+                             f"structure {self.structure!r} cuts none (KV groups, layers and experts are counts; "
+                             "unstructured and N:M keep every shape): leave round_to None")
 
     def _check_cross(self, kind: str, named: str) -> None:
         if self.cross_alpha is None:

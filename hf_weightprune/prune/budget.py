@@ -8,6 +8,10 @@ Sizes are read jointly ([`SizeRule`]): where the config ties two axes (Llama, Ge
 num_attention_heads`; Phi-3 with longrope: `hidden_size // num_attention_heads` sizes the rope factors), a hidden size
 is accepted or refused for the head count the same prune leaves, not for the dense one: after a KV-group cut a Llama
 takes hidden sizes the dense heads forbid, and a longrope Phi-3 can cut its heads only together with its hidden size.
+With `PruneConfig(round_to=N)` the rule accepts, of those, only multiples of `N` for the widths (neurons, hidden; the
+dense size, nothing cut, stays accepted), so the budget search, a combination and `search_structures`' candidates all
+step through aligned sizes; KV groups are a count and keep theirs. With `sparsity` the kept width is rounded to the
+nearest multiple instead ([`aligned_removal`]).
 
 Exact count. [`ParamCount`] gives the parameters left by any counts without touching the model: depth removes its
 layers' parameters, a KV group or neuron costs its rows and columns in every kept layer at the dense hidden size, and
@@ -25,7 +29,8 @@ filler re-chosen each time, and the closest wins (ties: the split's own counts).
 it cannot take goes to the finer axis.
 
 The rule. The kept count must be within one step of the coarsest axis of the structure (one layer for depth; one
-accepted step in every layer for width) of the target. A budget that cannot be met within it, or only by emptying a
+accepted step in every layer for width, which with `round_to=N` is `N` units or the largest gap between two aligned
+sizes the config accepts) of the target. A budget that cannot be met within it, or only by emptying a
 layer or the model, is refused in one line before any change; an axis of the structure that takes nothing because its
 smallest step alone overshoots the budget is warned about (it was asked for by name).
 """
@@ -42,10 +47,11 @@ from torch import nn
 
 from ..layouts import attn_geometry, decoder_layers, detect_layout
 from .hidden import hidden_channel_costs
+from .masks import num_to_prune
 from .surgery import _CONFIG_ERRORS, _attention_config_updates, config_error
 
-__all__ = ["ORDER", "Budget", "ParamCount", "SizeRule", "accepted_keeps", "axis_sizes", "num_params", "plan_budget",
-           "size_updates", "width_costs"]
+__all__ = ["ORDER", "Budget", "ParamCount", "SizeRule", "accepted_keeps", "aligned_removal", "axis_sizes", "num_params",
+           "plan_budget", "size_updates", "width_costs"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +108,39 @@ def size_updates(model: nn.Module, axis: str):
     return lambda k: {"hidden_size": k, "head_dim": head_dim}
 
 
-def accepted_keeps(model: nn.Module, axis: str, size: int) -> list[int]:
-    """The sizes `1..size` of a width axis that the config class accepts, largest first."""
+def accepted_keeps(model: nn.Module, axis: str, size: int, round_to: int | None = None) -> list[int]:
+    """The sizes `1..size` of a width axis that the config class accepts (with `round_to`: `size` and the multiples
+    of it), largest first."""
     updates = size_updates(model, axis)
-    return [k for k in range(size, 0, -1) if config_error(model.config, updates(k)) is None]
+    return [k for k in range(size, 0, -1) if (not round_to or k == size or k % round_to == 0)
+            and config_error(model.config, updates(k)) is None]
+
+
+def aligned_removal(size: int, sparsity: float, multiple: int, what: str) -> int:
+    """
+    Units to remove so that the kept count, `size - num_to_prune(size, sparsity)`, is rounded to the nearest
+    multiple of `multiple` (ties: the larger; `size` itself, nothing removed, is also a candidate).
+
+    Args:
+        size (`int`): the dense width.
+        sparsity (`float`): the share of units to remove.
+        multiple (`int`): the kept width's multiple (`PruneConfig.round_to`).
+        what (`str`): the units, for messages (`"neurons per layer"`).
+
+    Returns:
+        `int`: the units to remove.
+
+    Raises:
+        `ValueError`: one line: `multiple` is larger than `size`, or the rounding would keep none.
+    """
+    if multiple > size:
+        raise ValueError(f"round_to: a multiple of {multiple} is wider than the {size} {what}; give a smaller round_to")
+    kept = size - num_to_prune(size, sparsity)
+    if 2 * kept < multiple:
+        raise ValueError(f"sparsity={sparsity} keeps {kept} of {size} {what}, which rounds to 0 as a multiple of "
+                         f"{multiple} (round_to); the fewest it keeps is {multiple} (sparsity={1 - multiple / size:.4g})")
+    rounded = min([size, *range(multiple, size + 1, multiple)], key=lambda k: (abs(k - kept), -k))
+    return size - rounded
 
 
 class SizeRule:
@@ -120,10 +155,13 @@ class SizeRule:
         model (`PreTrainedModel`): the dense model.
         axes (`tuple[str, ...]`): the structure's axes (`"layers"` is ignored).
         sizes (`dict[str, int]`): [`axis_sizes`].
+        round_to (`int`, *optional*): `PruneConfig.round_to`: a cut width (neurons, hidden) must be a multiple of it.
     """
 
-    def __init__(self, model: nn.Module, axes: tuple[str, ...], sizes: dict[str, int]):
+    def __init__(self, model: nn.Module, axes: tuple[str, ...], sizes: dict[str, int], round_to: int | None = None):
         self.sizes = sizes
+        self.round_to = round_to
+        self._name = type(model.config).__name__
         self.axes = tuple(a for a in ORDER if a in axes and a != "layers")
         self._updates = {a: size_updates(model, a) for a in self.axes}
         self._config = copy.deepcopy(model.config)
@@ -147,8 +185,24 @@ class SizeRule:
             out.update(self._updates[a](kept.get(a, self.sizes[a])))
         return out
 
+    def aligned(self, axis: str, keep: int) -> bool:
+        """Whether `keep` units of `axis` suit `round_to`: KV groups are a count, and a width left dense is not cut."""
+        return not self.round_to or axis == "heads" or keep == self.sizes[axis] or keep % self.round_to == 0
+
+    def check_round_to(self) -> None:
+        """Refuses, in one line, a `round_to` that leaves a width axis no narrower size (before any work)."""
+        for a in (a for a in self.axes if self.round_to and a != "heads"):
+            if self.round_to > self.sizes[a]:
+                raise ValueError(f"round_to={self.round_to} is larger than the {self.sizes[a]} {_WHAT[a]}: no "
+                                 f"multiple of it is a narrower width")
+            if len(self.ladder(a)) < 2:
+                raise ValueError(f"round_to={self.round_to}: no {a} width below {self.sizes[a]} is a multiple of "
+                                 f"{self.round_to} that {self._name} accepts")
+
     def accepts(self, kept: dict[str, int]) -> bool:
-        """Whether the config accepts these kept sizes together."""
+        """Whether the config accepts these kept sizes together (and they suit `round_to`)."""
+        if not all(self.aligned(a, k) for a, k in kept.items() if a in self.axes):
+            return False
         if self._blind:
             return True
         key = tuple(kept.get(a, self.sizes[a]) for a in self.axes)
@@ -285,13 +339,15 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
     keeps = {a: rule.ladder(a) for a in axes if a != "layers"}  # with the coupled axis at any of its sizes
     by_influence = torch.argsort(scores["layers"].float(), stable=True).tolist() if "layers" in axes else []
 
-    def first_step(a: str) -> int | None:  # at the others' dense sizes; where those allow none, at any of theirs
+    def step(a: str) -> int | None:  # units of one step at the others' dense sizes; where those allow none, at any
         sizes_at_dense = rule.keeps(a)
         ks = sizes_at_dense if len(sizes_at_dense) > 1 else keeps[a]
-        return ks[1] if len(ks) > 1 else None
+        if len(ks) < 2:
+            return None
+        # aligned sizes: from an unaligned dense width the first step is shorter than the others
+        return max(x - y for x, y in zip(ks, ks[1:])) if rule.round_to and a != "heads" else sizes[a] - ks[1]
 
-    step_cost = {a: count.before - count.after({a: sizes[a] - k}, []) for a in keeps
-                 if (k := first_step(a)) is not None}
+    step_cost = {a: count.before - count.after({a: u}, []) for a in keeps if (u := step(a)) is not None}
     if "layers" in axes:
         step_cost["layers"] = max(count.layer_cost)
     width = [a for a in axes if a in step_cost and a != "layers"]

@@ -8,13 +8,15 @@ MLP's: each slice's per-weight scores divided by their mean, summed over the neu
 The same count is removed from every expert of every MoE layer, because the config holds one expert width
 (`moe_intermediate_size` for Qwen2/3-MoE, `intermediate_size` for Mixtral, OLMoE and gpt-oss, the key whose value is
 the experts' width); which neurons go differs per expert. The width kept is a multiple of 8 (`ALIGN`: stock
-transformers' `grouped_mm` experts kernel needs it). Shared experts (Qwen2-MoE's `shared_expert`, a dense MLP
+transformers' `grouped_mm` experts kernel needs it); with `PruneConfig(round_to=N)` it is rounded to the nearest
+multiple of both `N` and 8 (`lcm(N, 8)`), the sizes both constraints accept. Shared experts (Qwen2-MoE's `shared_expert`, a dense MLP
 sized by `shared_expert_intermediate_size`) and the dense MLPs of non-MoE layers keep theirs: only the routed experts
 shrink. The result is a plain checkpoint stock transformers loads.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -25,6 +27,7 @@ from ..config import PruneConfig
 from ..layouts import model_configs
 from ..moe import MoeBlock, find_moe_blocks
 from ..validation import check_sparsity
+from .budget import aligned_removal
 from .masks import num_to_prune
 from .plan import refuse_unseen
 from .surgery import config_error
@@ -227,14 +230,16 @@ def prune_expert_neurons_(model: nn.Module, importance: Importance, config: Prun
     Args:
         model (`nn.Module`): the MoE model the importance was computed for (validated by `prune_`).
         importance ([`Importance`]): per-weight scores of the expert slices.
-        config ([`PruneConfig`]): `structure="neurons"` and `sparsity`; combinations, `target_params` and
-            `compensate` are refused on an MoE model.
+        config ([`PruneConfig`]): `structure="neurons"` and `sparsity`, and `round_to` (the kept width is then the
+            nearest multiple of `lcm(round_to, 8)`); combinations, `target_params` and `compensate` are refused on an
+            MoE model.
 
     Returns:
         `dict`: what `PruningReport.structured` (and `sparsity.json`) holds, in the shape of
         `surgery.prune_structured_`'s: `structure`, `unit` (`"expert_neuron"`), `sparsity`, `units_per_layer`
         (neurons per expert), `config` (the width key, before / after), `kept` / `removed` (block name to one sorted
-        list per expert), `num_parameters`, `unit_statistic` (`"per-weight scores"`), `shared_experts` (`"kept"`).
+        list per expert), `num_parameters`, `unit_statistic` (`"per-weight scores"`), `shared_experts` (`"kept"`),
+        `round_to` (`PruneConfig.round_to`).
 
     Raises:
         `ValueError`: one line, before any change: another structure beside neurons, a budget or compensation, a
@@ -251,7 +256,9 @@ def prune_expert_neurons_(model: nn.Module, importance: Importance, config: Prun
     scores = importance.scores
     ranked = {b.name: expert_neuron_scores(scores, b) for b in blocks}  # every block scored before any change
     width = expert_width(blocks[0])
-    n_remove = num_to_prune(width, sparsity)
+    multiple = math.lcm(config.round_to, ALIGN) if config.round_to else None  # what both the kernel and the user want
+    n_remove = aligned_removal(width, sparsity, multiple, "neurons per expert") if multiple \
+        else num_to_prune(width, sparsity)
     if n_remove >= width:
         raise ValueError(f"sparsity={sparsity} would remove {n_remove} of {width} neurons of every expert; at least "
                          "one must remain")
@@ -265,4 +272,4 @@ def prune_expert_neurons_(model: nn.Module, importance: Importance, config: Prun
             "config": {"before": {key: width}, "after": {key: width - n_remove}},
             "kept": kept, "removed": remove,
             "num_parameters": {"before": before, "after": sum(p.numel() for p in model.parameters())},
-            "unit_statistic": "per-weight scores", "shared_experts": "kept"}
+            "unit_statistic": "per-weight scores", "shared_experts": "kept", "round_to": config.round_to}

@@ -19,7 +19,9 @@ of the sizes each config accepts (hidden: multiples of the head count that the s
 against its average, counted exactly before any change; the finest width axis (neurons when present) fills what a
 coarse one cannot take and is applied last. The kept count is as close to the target as the sizes allow and never more
 than one step of the structure's coarsest axis off (else refused; an axis left uncut by its granularity is warned
-about). A split that removes layers is planned again on the scores of the layers it keeps (`_plan`). To choose between candidate shapes by measured loss instead of this rule, `search_structures`
+about). `round_to=N` keeps the widths cut (neurons, hidden) multiples of N: the size rule offers only those, a
+`sparsity` rounds the kept width to the nearest one (`budget.aligned_removal`), and a `round_to` no width below the
+dense one satisfies is refused first. A split that removes layers is planned again on the scores of the layers it keeps (`_plan`). To choose between candidate shapes by measured loss instead of this rule, `search_structures`
 (`tools/search.py`) prunes a copy with each one and keeps the lowest loss (Minitron's search).
 
 Compensation of removed neurons (`down_proj` input columns) and KV groups (`o_proj` input columns), layer by layer:
@@ -59,6 +61,7 @@ from .budget import (
     Budget,
     SizeRule,
     accepted_keeps,
+    aligned_removal,
     axis_sizes,
     num_params,
     plan_budget,
@@ -128,7 +131,7 @@ def _refill(model: nn.Module, axis: str, size: int, n_layers: int, target: int, 
     now = num_params(model)  # the other axes are already applied
     # Heads and hidden: the sizes the dense config takes with the other's final size (the current config may be
     # between the two cuts, which a tied config rejects); neurons: the current config's.
-    accepted = rule.keeps(axis, kept) if rule.partner(axis) else accepted_keeps(model, axis, size)
+    accepted = rule.keeps(axis, kept) if rule.partner(axis) else accepted_keeps(model, axis, size, rule.round_to)
     return size - min(accepted, key=lambda k: abs(now - (size - k) * per_unit - target))
 
 
@@ -291,9 +294,10 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
                 check_structured_supported(model, a)
             except ValueError as e:
                 raise ValueError(f"structure {a!r} is not possible for {type(model).__name__}: {e}") from None
-    scores = _scores(model, importance, config, axes)
     sizes = axis_sizes(model, axes)
-    rule = SizeRule(model, axes, sizes)  # heads and hidden sizes read together: the config may tie them
+    rule = SizeRule(model, axes, sizes, config.round_to)  # heads and hidden sizes read together: the config may tie them
+    rule.check_round_to()
+    scores = _scores(model, importance, config, axes)
     if "hidden" in axes:  # hidden pruning's module checks, before any other work
         hidden_channel_cost(model)
     if config.compensate in _REFITS and not importance.scorer.has_hessian:
@@ -308,6 +312,9 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     width = [a for a in axes if a != "layers"]
     if target is None:
         counts = {a: num_to_prune(sizes[a], config.sparsity) for a in axes}
+        for a in (a for a in width if config.round_to and a != "heads"):  # the kept width: the nearest multiple
+            what = "hidden channels" if a == "hidden" else "neurons per layer"
+            counts[a] = aligned_removal(sizes[a], config.sparsity, config.round_to, what)
         for a in axes:
             if counts[a] >= sizes[a]:
                 what = "decoder layers" if a == "layers" else f"{a} per layer" if a != "hidden" else "hidden channels"
@@ -363,6 +370,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
         "target_tolerance": tolerance,
         "unit_statistic": config.unit_statistic if importance.has_units else "per-weight scores",
         "compensation": config.compensate,
+        "round_to": config.round_to,
     }
     if bias_plans:
         report["bias_added"] = sorted(flag for flag, _ in bias_plans)  # config flags set for mean compensation

@@ -196,6 +196,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     """Template variables of the card body that come from `sparsity.json` and the folder's files."""
     structure = sparsity["structure"]
     label, detail = _structure_words(sparsity)
+    detail = "; ".join(filter(None, [detail, T.round_to_text(sparsity.get("structured"))])) or None
     structured_rows = T.structured_rows(sparsity.get("structured"))
     formula, reference = T.criterion_text(criterion)
     if structure == "experts":

@@ -140,6 +140,20 @@ def structured_rows(structured: dict | None) -> list[dict]:
     return rows
 
 
+def round_to_text(structured: dict | None) -> str | None:
+    """The Structure line's note on `PruneConfig(round_to=N)`: the widths cut are multiples of N, with their sizes."""
+    n = (structured or {}).get("round_to")
+    if not n:
+        return None
+    widths = [f"{r['name'] if r['name'][1:2].isupper() else r['name'].lower()} {r['after']}"  # MLP stays upper case
+              for r in structured_rows(structured) if r["name"] in _WIDTH_ROWS and r["before"] != r["after"]]
+    return f"every width it cut was kept a multiple of {n} (`round_to`{': ' if widths else ''}{', '.join(widths)})"
+
+
+_WIDTH_ROWS = (_STRUCTURED_ROWS["hidden_size"], _STRUCTURED_ROWS["intermediate_size"],
+               _STRUCTURED_ROWS["moe_intermediate_size"])
+
+
 def perplexity(loss: float | None) -> float | None:
     """`exp(loss)`, or `None` for no loss."""
     if loss is None:

@@ -167,6 +167,7 @@ FLAG_KINDS = {
     "float": {"type": float},
     "float | None": {"type": float},
     "int": {"type": int},
+    "int | None": {"type": int},
     "str": {},
     "str | None": {},
     "int | float | None": {"type": count_or_fraction_arg},
@@ -182,6 +183,9 @@ FLAG_HELP = {
                    "distillation): solve the asymmetric objective with this share of the correction, a float in [0, "
                    "1] (0.5 as the schedule); leave it out for the symmetric sweep. Prune that run's dense teacher (a "
                    "gradual run's default: the model it started from)",
+    "round_to": "structured: keep every width it cuts (intermediate_size, hidden_size) a multiple of this int, e.g. "
+                "64 or 128 for tensor cores and group-wise quantization kernels; leave it out for any width the "
+                "config accepts",
     "reconstruct": "OBS update of the kept weights (needs sparsegpt importance): auto (whenever it has one), true or "
                    "false",
 }
@@ -313,7 +317,7 @@ def search_candidates(args: argparse.Namespace, config_cls) -> tuple:
 
     Returns:
         `tuple`: `(config, candidates)`: without `--search_structures` the flags' config and `None`; with it, the
-        first candidate and the list of all.
+        first candidate and the list of all (`--round_to` only for those that cut a width, as `candidate_configs`).
 
     Raises:
         ValueError: a config the flags make is refused, `--structure` given beside `--search_structures`, no
@@ -334,6 +338,13 @@ def search_candidates(args: argparse.Namespace, config_cls) -> tuple:
         raise FileNotFoundError(f"--calibration {args.calibration}: no such file or folder")
     if args.search_windows < 1:
         raise ValueError(f"--search_windows must be >= 1; got {args.search_windows}")
-    candidates = [config_from_flags(config_cls, {**flags, "structure": s}, renamed={"structure": "--search_structures"})
+    from ..config import WIDTH_AXES  # not at import time: --help stays fast
+    from ..validation import structure_parts
+
+    def cut_widths(s: str) -> bool:  # --round_to rounds the candidates that cut a width; "layers", "heads" have none
+        return bool(set(structure_parts(s) or ()) & set(WIDTH_AXES))
+
+    candidates = [config_from_flags(config_cls, {**flags, "structure": s, "round_to": flags.get("round_to")
+                                                 if cut_widths(s) else None}, renamed={"structure": "--search_structures"})
                   for s in args.search_structures]
     return candidates[0], candidates

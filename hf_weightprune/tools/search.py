@@ -28,13 +28,14 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..collect.importance import Importance
-from ..config import PruneConfig
+from ..config import WIDTH_AXES, PruneConfig
 from ..io_utils import check_arg_type
 from ..prune.pruner import prune_
 from ..prune.report import PruningReport
 from ..train.callback import ImportanceCallback
 from ..train.distill import DistillConfig
 from ..train.recovery import TrainingCounter
+from ..validation import structure_parts
 from .data import evaluate_loss
 
 __all__ = ["StructureSearch", "candidate_configs", "search_for_cli", "search_structures"]
@@ -120,13 +121,17 @@ def candidate_configs(base: PruneConfig, structures: Sequence[str | Sequence[str
         unit_statistics (`list[str]`, *optional*): values of `PruneConfig.unit_statistic`; `None`: `base`'s only.
 
     Returns:
-        `list[PruneConfig]`: structures outer, statistics inner.
+        `list[PruneConfig]`: structures outer, statistics inner. `base.round_to` goes to every candidate that cuts a
+        width (neurons, hidden); one of counts only (`"layers"`, `"heads"`) has nothing to round and gets `None`.
 
     Raises:
         ValueError: a structure or statistic `PruneConfig` refuses (its one-line message).
     """
     check_arg_type("candidate_configs", "base", base, PruneConfig, "a PruneConfig")
-    return [dataclasses.replace(base, structure=s, unit_statistic=u)
+    def round_to(structure) -> int | None:  # PruneConfig refuses round_to for a structure with no width to round
+        return base.round_to if set(structure_parts(structure) or ()) & set(WIDTH_AXES) else None
+
+    return [dataclasses.replace(base, structure=s, unit_statistic=u, round_to=round_to(s))
             for s in (structures or [base.structure]) for u in (unit_statistics or [base.unit_statistic])]
 
 
