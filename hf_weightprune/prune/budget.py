@@ -426,9 +426,11 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
     if abs(left - target) > tolerance:
         raise ValueError(f"target_params={spec!r} cannot be met with {spent} within one step of its coarsest axis "
                          f"({tolerance:,} parameters): the nearest count it reaches is {left:,} for {target:,}")
+    # What took it: the axes that did remove units (the filler may have ended at its dense size, a layer taking all).
+    took = " and ".join(f"{_UNIT[b]}s" for b in axes if best[b])
     warnings = [f"target_params={spec!r}: structure axis {a!r} removes nothing: its smallest step ("
                 f"{_units(a, 1 if a == 'layers' else sizes[a] - keeps[a][1])}, {step_cost[a]:,} parameters) would meet "
-                f"the budget less closely; {_UNIT[filler]}s take it" for a in closed if best[a] == 0 and filler]
+                f"the budget less closely; {took} take it" for a in closed if best[a] == 0 and filler]
     for a in axes:
         if best[a] >= sizes[a]:
             raise ValueError(f"structure {a!r} would remove {best[a]} of {sizes[a]} {_WHAT[a]}; at least one must "

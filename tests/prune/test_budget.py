@@ -132,8 +132,10 @@ def test_the_newcomers_budget(newcomer, caplog, structure, kept, sizes):
 
 
 @pytest.mark.parametrize("structure, target, axis, step, filler", [
-    ("layers,heads,neurons", 0.65, "heads", "1 KV group, 6,144 parameters", "neurons"),
-    ("layers,heads,hidden", 0.85, "hidden", "2 hidden channels, 7,204 parameters", "KV groups"),
+    ("layers,heads,neurons", 0.65, "heads", "1 KV group, 6,144 parameters", "decoder layers and neurons"),
+    # the filler (KV groups) ends at its dense count: the layer took the budget, and the warning says so
+    ("layers,heads,hidden", 0.85, "hidden", "2 hidden channels, 7,204 parameters", "decoder layers"),
+    ("layers,heads,hidden", 0.75, "hidden", "2 hidden channels, 7,204 parameters", "decoder layers and KV groups"),
 ])
 def test_an_axis_that_removes_nothing_is_warned_about_once_in_its_own_number(newcomer, caplog, structure, target,
                                                                               axis, step, filler):
