@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -58,6 +58,12 @@ logger = logging.getLogger(__name__)
 ORDER = ("layers", "heads", "neurons", "hidden")  # depth first, then width
 _WHAT = {"layers": "decoder layers", "heads": "KV groups per layer", "neurons": "neurons per layer",
          "hidden": "hidden channels"}
+_UNIT = {"layers": "decoder layer", "heads": "KV group", "neurons": "neuron", "hidden": "hidden channel"}
+
+
+def _units(axis: str, n: int) -> str:
+    """`"1 KV group"`, `"4 hidden channels"`."""
+    return f"{n} {_UNIT[axis]}{'' if n == 1 else 's'}"
 
 
 def num_params(model: nn.Module) -> int:
@@ -273,13 +279,21 @@ class ParamCount:
 @dataclass
 class Budget:
     """What [`plan_budget`] chose: `counts` (units removed per axis; layers: how many), `dropped` (layer indices),
-    `filler` (the width axis that meets the budget, or `None`), `predicted` (parameters left) and `tolerance`."""
+    `filler` (the width axis that meets the budget, or `None`), `predicted` (parameters left), `tolerance` and
+    `warnings` (an axis asked for by name that removes nothing: said by [`Budget.warn`], once per prune, as a
+    combined prune may plan several times before it keeps one plan)."""
 
     counts: dict[str, int]
     dropped: list[int]
     filler: str | None
     predicted: int
     tolerance: int
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self) -> None:
+        """Log this plan's warnings (call it on the plan that is applied only)."""
+        for message in self.warnings:
+            logger.warning(message)
 
 
 def _ladders(scores: dict, axes: tuple[str, ...], sizes: dict[str, int], keeps: dict[str, list[int]]):
@@ -329,7 +343,8 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
         rule ([`SizeRule`], *optional*): the sizes the config accepts (built from `model` when not given).
 
     Returns:
-        [`Budget`].
+        [`Budget`]: its `warnings` are not logged here; the caller logs those of the plan it applies
+        ([`Budget.warn`]).
 
     Raises:
         `ValueError`: one line: the budget empties a layer or the model, or cannot be met within the rule.
@@ -411,14 +426,13 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
     if abs(left - target) > tolerance:
         raise ValueError(f"target_params={spec!r} cannot be met with {spent} within one step of its coarsest axis "
                          f"({tolerance:,} parameters): the nearest count it reaches is {left:,} for {target:,}")
-    for a in closed:
-        if best[a] == 0 and filler is not None:
-            step = "1 decoder layer" if a == "layers" else f"{sizes[a] - keeps[a][1]} {_WHAT[a].split(' per ')[0]}"
-            logger.warning("target_params=%r: structure axis %r removes nothing: its smallest step (%s, %s "
-                           "parameters) would meet the budget less closely; %s take it", spec, a, step,
-                           f"{step_cost[a]:,}", _WHAT[filler].split(" per ")[0])  # "hidden channels", not "hidden"
+    # What took it: the axes that did remove units (the filler may have ended at its dense size, a layer taking all).
+    took = " and ".join(f"{_UNIT[b]}s" for b in axes if best[b])
+    warnings = [f"target_params={spec!r}: structure axis {a!r} removes nothing: its smallest step ("
+                f"{_units(a, 1 if a == 'layers' else sizes[a] - keeps[a][1])}, {step_cost[a]:,} parameters) would meet "
+                f"the budget less closely; {took} take it" for a in closed if best[a] == 0 and filler]
     for a in axes:
         if best[a] >= sizes[a]:
             raise ValueError(f"structure {a!r} would remove {best[a]} of {sizes[a]} {_WHAT[a]}; at least one must "
                              "remain")
-    return Budget(best, sorted(by_influence[: best.get("layers", 0)]), filler, left, tolerance)
+    return Budget(best, sorted(by_influence[: best.get("layers", 0)]), filler, left, tolerance, warnings)

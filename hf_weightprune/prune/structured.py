@@ -114,13 +114,14 @@ def _plan(model: nn.Module, importance: Importance, config: PruneConfig, scores:
           sizes: dict[str, int], target: int, rule: SizeRule) -> Budget:
     """`plan_budget` on the scores of the layers the split keeps: a split that removes layers is planned again on
     the scores of the layers it keeps, until the removed layers repeat (at most three plans; the surgery then ranks
-    by the layers actually kept)."""
+    by the layers actually kept). The warnings of the last plan only are logged, once."""
     budget = plan_budget(model, scores, axes, sizes, target, config.target_params, rule)
     planned_on: list[list[int]] = [[]]
     while budget.dropped not in planned_on and len(planned_on) < 3 and len(axes) > 1:
         planned_on.append(budget.dropped)
         budget = plan_budget(model, _on_kept(scores, importance, config, budget.dropped), axes, sizes, target,
                              config.target_params, rule)
+    budget.warn()
     return budget
 
 
@@ -191,7 +192,8 @@ def _check_before_change(model: nn.Module, importance: Importance, config: Prune
                                  "(use compensate='refit' or 'mean')")
     warnings = [w for w in warnings if w]
     if warnings:
-        logger.warning("%s%s", warnings[0], f" (and {len(warnings) - 1} more modules)" if len(warnings) > 1 else "")
+        more = len(warnings) - 1
+        logger.warning("%s%s", warnings[0], f" (and {more} more module{'s' if more > 1 else ''})" if more else "")
 
 
 def _consumer(model: nn.Module, layer: nn.Module, axis: str, idx: Tensor) -> tuple[nn.Linear, Tensor]:

@@ -131,6 +131,26 @@ def test_the_newcomers_budget(newcomer, caplog, structure, kept, sizes):
     assert warned == expected
 
 
+@pytest.mark.parametrize("structure, target, axis, step, filler", [
+    ("layers,heads,neurons", 0.65, "heads", "1 KV group, 6,144 parameters", "decoder layers and neurons"),
+    # the filler (KV groups) ends at its dense count: the layer took the budget, and the warning says so
+    ("layers,heads,hidden", 0.85, "hidden", "2 hidden channels, 7,204 parameters", "decoder layers"),
+    ("layers,heads,hidden", 0.75, "hidden", "2 hidden channels, 7,204 parameters", "decoder layers and KV groups"),
+])
+def test_an_axis_that_removes_nothing_is_warned_about_once_in_its_own_number(newcomer, caplog, structure, target,
+                                                                              axis, step, filler):
+    # These splits remove a layer, so the budget is planned again on the layers kept; each plan left `axis` uncut,
+    # which was said once per plan, and a step of one KV group read "1 KV groups".
+    dense, imp = newcomer
+    model = copy.deepcopy(dense)
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.prune.budget"):
+        report = prune_(model, imp, PruneConfig(structure=structure, target_params=target), progress=False).structured
+    assert report["axes"]["layers"]["after"] == 3 and report["axes"][axis]["after"] == report["axes"][axis]["before"]
+    warned = [r.getMessage() for r in caplog.records if "removes nothing" in r.getMessage()]
+    assert warned == [f"target_params={target}: structure axis {axis!r} removes nothing: its smallest step ({step}) "
+                      f"would meet the budget less closely; {filler} take it"]
+
+
 def test_a_budget_beyond_the_finest_axis_is_refused_before_any_change(newcomer):
     dense, imp = newcomer
     model = copy.deepcopy(dense)

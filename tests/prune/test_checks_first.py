@@ -32,7 +32,7 @@ def _refused(model, imp, config, match):
 
 
 def _sparsegpt(tmp_path, *, exclude=None, steps=4, batch=4, n=48, **model_kw):
-    model = tiny_llama(seed=1, num_hidden_layers=4, **model_kw)
+    model = tiny_llama(seed=1, **{"num_hidden_layers": 4, **model_kw})
     cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", units=True, exclude_modules=exclude))
     train(model, [cb], tmp_path, max_steps=steps, batch=batch, n=n, lr=0.0)
     return model.eval(), cb.importance()
@@ -75,6 +75,14 @@ def test_refit_from_few_tokens_per_input_warns_once(tmp_path, caplog):
                progress=False)
     warned = [r.getMessage() for r in caplog.records if "tokens per input" in r.getMessage()]
     assert len(warned) == 1 and "over 128 tokens for 64 inputs" in warned[0] and "(and 3 more modules)" in warned[0]
+
+
+def test_refit_from_few_tokens_per_input_in_two_modules_says_one_more_module(tmp_path, caplog):
+    model, imp = _sparsegpt(tmp_path, steps=2, batch=4, n=8, num_hidden_layers=2)  # two down_proj, both flagged
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune.prune.structured"):
+        prune_(model, imp, PruneConfig(structure="neurons", sparsity=0.5, compensate="refit"), progress=False)
+    warned = [r.getMessage() for r in caplog.records if "tokens per input" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith("(and 1 more module)")
 
 
 def test_depth_then_hidden_with_shared_embeddings_is_refused_before_the_layers_go(tmp_path):
