@@ -34,9 +34,11 @@ _UNIT_STATISTICS = {
                       {"neurons": "MLP neurons by `sqrt(mean a^2)`",
                        "heads": "KV groups by the root-mean-square of their heads' outputs",
                        "hidden": "hidden channels by `sqrt(mean x^2)` of the residual stream"}),
+    # One text for every axis (no per-axis wording): it scores each unit's own weights.
+    "taylor": ("first-order Taylor `|sum g * w|` over each unit's weights, averaged over the optimizer steps", None,
+               None),
 }
 _BLOCK_INFLUENCE = "block influence `1 - cos(input, output)`"
-_TAYLOR = "first-order Taylor `|sum g * w|` over each unit's weights, averaged over the optimizer steps"
 
 
 def unit_ranking_text(structured: dict | None, axes: str | None = None) -> str | None:
@@ -51,12 +53,12 @@ def unit_ranking_text(structured: dict | None, axes: str | None = None) -> str |
         `str` or `None`: `None` when no unit statistic ranked the units.
     """
     statistic = (structured or {}).get("unit_statistic")
-    if statistic == "taylor":
-        return f"not used for the units, which are ranked by {_TAYLOR}"
     if statistic not in _UNIT_STATISTICS:
         return None
-    parts = [p.strip() for p in (axes or (structured or {}).get("structure") or "").split(",") if p.strip()]
     what, paper, per_axis = _UNIT_STATISTICS[statistic]
+    if per_axis is None:
+        return f"not used for the units, which are ranked by {what}"
+    parts = [p.strip() for p in (axes or (structured or {}).get("structure") or "").split(",") if p.strip()]
     named = [per_axis[p] for p in parts if p in per_axis]
     if not named and "layers" in parts:  # depth alone: the activations rank nothing
         return f"not used for the layers, which are ranked by {_BLOCK_INFLUENCE} over the training tokens (ShortGPT)"
