@@ -67,3 +67,16 @@ def test_a_depth_prune_is_ranked_by_block_influence_not_activations(stats, tmp_p
     assert ("**Criterion**: `sparsegpt`: not used for the layers, which are ranked by block influence "
             "`1 - cos(input, output)` over the training tokens (ShortGPT).") in method
     assert "activation magnitude" not in method and "Minitron" not in method
+
+
+@pytest.mark.parametrize(("statistic", "axes", "says"), [
+    ("taylor", "neurons,heads", "ranked by first-order Taylor `|sum g * w|` over each unit's weights"),
+    ("activation", "neurons", "MLP neurons by `|a|`"),
+    ("activation_l2", "heads", "KV groups by the root-mean-square of their heads' outputs"),
+])
+def test_unit_ranking_text_per_statistic(statistic, axes, says):
+    from hf_weightprune.publish.card_text import unit_ranking_text
+
+    text = unit_ranking_text({"unit_statistic": statistic, "structure": axes})
+    assert says in text
+    assert unit_ranking_text({"unit_statistic": None, "structure": axes}) is None
