@@ -20,7 +20,7 @@ from hf_weightprune.testing import tiny_llama, tiny_moe
 from hf_weightprune.tools.cli import main
 from hf_weightprune.tools.search import candidate_configs
 from tests.collect.test_moe_callback import train as train_moe
-from tests.helpers import train
+from tests.helpers import wanda_units_run
 
 from .test_depth_hidden import zero_channels_
 from .test_structure_matrix import (  # noqa: F401 (trained: a fixture)
@@ -206,11 +206,7 @@ def test_search_candidates_of_counts_only_get_no_round_to():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A dense training output of a tiny Llama (hidden 32, intermediate 64) with unit statistics."""
-    out = tmp_path_factory.mktemp("roundto") / "run"
-    trainer = train(tiny_llama(seed=2, num_hidden_layers=2),
-                    [ImportanceCallback(ImportanceConfig(criterion="wanda", units=True))], out, max_steps=3)
-    trainer.save_model(str(out))
-    return out
+    return wanda_units_run(tmp_path_factory.mktemp("roundto") / "run", tiny_llama(seed=2, num_hidden_layers=2))
 
 
 def test_cli_round_to_end_to_end(run, tmp_path):

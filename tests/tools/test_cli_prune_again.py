@@ -12,17 +12,13 @@ from transformers import AutoModelForCausalLM
 from hf_weightprune import ImportanceCallback, ImportanceConfig
 from hf_weightprune.testing import tiny_llama
 from hf_weightprune.tools.cli import main
-from tests.helpers import train
+from tests.helpers import train, wanda_units_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A dense training output: the model and its importance with unit statistics."""
-    out = tmp_path_factory.mktemp("again") / "run"
-    trainer = train(tiny_llama(seed=2, num_hidden_layers=4),
-                    [ImportanceCallback(ImportanceConfig(criterion="wanda", units=True))], out, max_steps=3)
-    trainer.save_model(str(out))
-    return out
+    return wanda_units_run(tmp_path_factory.mktemp("again") / "run", tiny_llama(seed=2, num_hidden_layers=4))
 
 
 @pytest.mark.parametrize("first", [["--structure", "layers", "--sparsity", "0.5"],
