@@ -265,6 +265,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1,
                    help="every cell for seeds 0..N-1 (Trainer seed and data order); seed 0's cells are the published "
                         "ones, computed once")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="run only seeds >= this one (the report still shows every cached seed below --seeds): two "
+                        "processes can then run seeds 1 and 2 of a cell side by side")
     p.add_argument("--deadline", default=None, help="HH:MM (UTC): start no new cell after it")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--output", default=str(Q.ROOT / "benchmarks" / "results"))
@@ -281,6 +284,8 @@ def main() -> None:
         p.error(f"--rows: unknown {unknown}; rows are {list(ROWS)}")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if not 0 <= args.first_seed < args.seeds:
+        p.error(f"--first-seed must be in 0..{args.seeds - 1} (below --seeds {args.seeds})")
     if "j" in rows:
         try:  # refused here rather than when training begins, hours into a grid
             _schedule("50%", order="depth").layer_steps(args.steps, LAYERS)
@@ -322,6 +327,8 @@ def main() -> None:
         Q._write_json(calib_path, {"input_ids": calibration.to_dict()["input_ids"]})
     _log(f"windows: train {len(train)} x {args.seq_len}, valid {len(valid)}, ood {len(ood)}")
     for row, point, seed in wanted:
+        if seed < args.first_seed:
+            continue
         if deadline is not None and time.time() >= deadline:
             _log(f"deadline {args.deadline} UTC reached: {row} @ {point}, seed {seed} and later cells not run")
             break
