@@ -63,7 +63,7 @@ def test_pruned_folder_importance_and_sweep_files_follow_the_umask(tmp_path, uma
 
 def test_plots_follow_the_umask(tmp_path, umask):
     pytest.importorskip("matplotlib")
-    from hf_weightprune.tools.plotting import plot_sweep
+    from hf_weightprune.tools.sweep_plot import plot_sweep
 
     path = plot_sweep([{"criterion": "magnitude", "sparsity": 0.5, "loss": 3.0, "perplexity": 20.1}], tmp_path / "sweep.png")
     assert Path(path).is_file() and _mode(Path(path)) == 0o666 & ~umask

@@ -18,7 +18,8 @@ from ..files.pruned_files import SPARSITY_NAME, SWEEP_PNG, has_tokenizer, load_s
 from ..io_utils import atomic_write_text, check_arg_type, is_local_path
 from ..validation import parse_structure, structure_parts
 from . import card_text as T
-from .card_refs import references
+from .card_eval import eval_context
+from .card_refs import references, tags
 from .card_schedule import schedule_context
 from .measure import measured_text
 
@@ -159,7 +160,7 @@ def render_model_card(
         criterion = (sparsity.get("importance") or {}).get("criterion")
     repo_id = repo_id or folder.resolve().name
     model_name = repo_id.split("/")[-1]
-    eval_ctx, eval_results = T.eval_context(sparsity.get("eval"))
+    eval_ctx, eval_results = eval_context(sparsity.get("eval"))
 
     card_data = ModelCardData(
         base_model=base_model,
@@ -167,7 +168,7 @@ def render_model_card(
         library_name="transformers",
         license=license,
         pipeline_tag="text-generation",
-        tags=T.tags(structure_info(structure)[1], criterion),
+        tags=tags(sparsity, criterion, structure_info(structure)[1]),
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
     )
@@ -201,7 +202,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     formula, reference = T.criterion_text(criterion)
     if structure == "experts":
         formula = T.EXPERTS_CRITERION
-    formula = T.unit_ranking_text(sparsity.get("structured"), _changed_axes(sparsity.get("structured"), structure)) \
+    formula = T.unit_ranking_text(sparsity.get("structured"), T.changed_axes(sparsity.get("structured"), structure)) \
         or formula
     try:
         nm = parse_structure(structure)[1]
@@ -213,7 +214,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     scope = sparsity.get("scope") or "layer"
     if structured:
         parts = structure.split(",")
-        changed = _changed_axes(sparsity.get("structured"), structure).split(",")
+        changed = T.changed_axes(sparsity.get("structured"), structure).split(",")
         # per-layer widths; hidden channels are one residual stream, the same channels gone from every layer
         width = ",".join(p for p in changed if p not in ("layers", "hidden"))
         scope_detail = "; ".join(filter(None, [
@@ -244,7 +245,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "structured_summary": ", ".join(f"{_lower_first(r['name'])} {r['before']} -> {r['after']}"
                                         for r in structured_rows if r["before"] != r["after"]),
         # the units that were removed: a combination under a budget may leave an axis untouched
-        "structure_units": T.structured_units(_changed_axes(sparsity.get("structured"), structure)),
+        "structure_units": T.structured_units(T.changed_axes(sparsity.get("structured"), structure)),
         "compensation": (sparsity.get("structured") or {}).get("compensation"),
         # the consumers a compensation changed: those of the removed neurons and KV groups only
         "consumers": " / ".join(f"`{c}`" for axis, c in (("neurons", "down_proj"), ("heads", "o_proj"))
@@ -298,19 +299,12 @@ def _structure_words(sparsity: dict) -> tuple[str, str | None]:
     `target_params` budget may leave an axis as it was (`"layers,neurons"` that removed no layer is a neuron prune)."""
     structure = sparsity["structure"]
     label, _, detail = structure_info(structure)
-    changed = _changed_axes(sparsity.get("structured"), structure)
+    changed = T.changed_axes(sparsity.get("structured"), structure)
     if "," not in structure or changed == structure:
         return label, detail
     kept = [p for p in structure.split(",") if p not in changed.split(",")]
     label, _, detail = structure_info(changed)
     return label, f"{detail} ({T.structured_units(','.join(kept))} could also be removed; none were at this budget)"
-
-
-def _changed_axes(structured: dict | None, structure: str) -> str:
-    """The axes of a structured prune whose size changed (`"neurons"` of `"layers,neurons"` when no layer went)."""
-    axes = (structured or {}).get("axes") or {}
-    changed = [a for a in structure.split(",") if a not in axes or axes[a].get("before") != axes[a].get("after")]
-    return ",".join(changed) or structure
 
 
 def buys_context(sparsity: dict) -> dict[str, str | None]:

@@ -1,5 +1,6 @@
-"""The References of a pruned model's card: the papers of the methods its `sparsity.json` records, listed exactly when
-the card's text names or uses the method (a card cites what its model was made with, nothing else)."""
+"""The References and the Hub tags of a pruned model's card: the papers of the methods its `sparsity.json` records,
+listed exactly when the card's text names or uses the method, and tags that say what was done (a card cites and tags
+what its model was made with, nothing else)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,54 @@ QEP_REFERENCE = ("Error propagation with a tunable strength alpha (QEP): Arai & 
                  "[arXiv:2504.09629](https://arxiv.org/abs/2504.09629)")
 
 
+# One tag per kind of unit a structured prune removed (only the axes whose size changed).
+_UNIT_TAGS = {"neurons": "neuron-pruning", "heads": "attention-head-pruning", "hidden": "hidden-channel-pruning",
+              "layers": "depth-pruning", "experts": "expert-pruning"}
+
+
+def ranked_by_criterion(sparsity: dict) -> bool:
+    """Whether the criterion's scores chose what was removed: unit statistics rank structured units and routing
+    statistics whole experts; the criterion's statistic may then still have served a re-fit or a reconstruction."""
+    return sparsity.get("structure") != "experts" and not T.unit_ranking_text(sparsity.get("structured"))
+
+
+def tags(sparsity: dict, criterion: str | None, structure_tag: str) -> list[str]:
+    """The card's Hub tags: the library's, then what was done and nothing more.
+
+    Unstructured and N:M sparsity: `sparsity`, the structure's tag and the criterion that chose the zeros. A
+    structured prune (which leaves a smaller dense model, no zeros): `structured-pruning`, one tag per kind of unit
+    it removed, and what ranked those units: the criterion only when its scores did (a `sparsegpt` importance that
+    ranked nothing, its Hessians only re-fitting the consumers, is no tag), else the unit statistic, block influence
+    or routing frequency.
+
+    Args:
+        sparsity (`dict`): the content of `sparsity.json`.
+        criterion (`str`, *optional*): the recorded criterion (`None` or `"unknown"` when not recorded).
+        structure_tag (`str`): the structure's tag from `card.structure_info` (`"unstructured-sparsity"`, `"2:4-sparsity"`).
+
+    Returns:
+        `list[str]`: the tags, without repeats.
+    """
+    criterion_tag = [criterion.replace("_", "-")] if criterion and criterion != "unknown" else []
+    structure = str(sparsity.get("structure") or "")
+    if structure == "unstructured" or ":" in structure:
+        return list(dict.fromkeys(["pruned", "hf-weightprune", "sparsity", structure_tag, *criterion_tag]))
+    structured = sparsity.get("structured")
+    changed = T.changed_axes(structured, structure)
+    units = [_UNIT_TAGS[p] for p in changed.split(",") if p in _UNIT_TAGS]
+    if structure == "experts":
+        ranked = ["routing-frequency"]  # the tokens the router sent each expert, whatever the criterion
+    else:
+        ranked = criterion_tag if ranked_by_criterion(sparsity) else T.unit_rankers(structured, changed)
+    return list(dict.fromkeys(["pruned", "hf-weightprune", "structured-pruning", *units, *ranked]))
+
+
 def references(criterion: str | None, sparsity: dict) -> list[str]:
     """The papers of the methods this model was made with, in the order they were applied."""
     refs = []
-    # the criterion's paper only when its scores chose what went: unit statistics rank structured units, routing
-    # statistics rank whole experts (the criterion's own statistic may still be cited below, e.g. OBS)
-    ranked_by_criterion = sparsity.get("structure") != "experts" and not T.unit_ranking_text(sparsity.get("structured"))
-    paper = T.criterion_text(criterion)[1] if ranked_by_criterion else None
+    # the criterion's paper only when its scores chose what went (the criterion's own statistic may still be cited
+    # below, e.g. OBS)
+    paper = T.criterion_text(criterion)[1] if ranked_by_criterion(sparsity) else None
     if paper and "2301.00774" in paper:  # sparsegpt: its saliency and its reconstruction are one paper
         refs.append(OBS_REFERENCE)
     elif paper:

@@ -11,12 +11,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult
-
 from ..files import safetensors_io as sio
 from ..files.pruned_files import SWEEP_JSON
 from ..io_utils import is_local_path, path_name
 from ..matching import parse_param_name
+from .card_eval import dataset_name, perplexity
 
 EXPERTS_CRITERION = ("not used for whole experts, which are ranked by the tokens their router sent them during training "
                      "(the router statistics saved with the importance)")
@@ -67,6 +66,28 @@ def unit_ranking_text(structured: dict | None, axes: str | None = None) -> str |
     if named and paper:
         detail = f"{paper}: {detail}"
     return f"not used for the units, which are ranked by {what}" + (f" ({detail})" if detail else "")
+
+
+def unit_rankers(structured: dict | None, axes: str | None = None) -> list[str]:
+    """The names of what ranked the removed units when unit statistics did (the card's Hub tags): the statistic for
+    the widths, block influence for the layers of an activation statistic (as [`unit_ranking_text`] words it).
+
+    Args:
+        structured (`dict`, *optional*): the `structured` entry of `sparsity.json`.
+        axes (`str`, *optional*): the axes whose units were removed; defaults to the recorded structure.
+
+    Returns:
+        `list[str]`: e.g. `["activation", "block-influence"]`; `[]` when no unit statistic ranked the units (the
+        criterion's per-weight scores did).
+    """
+    statistic = (structured or {}).get("unit_statistic")
+    if statistic not in _UNIT_STATISTICS:
+        return []
+    name = statistic.replace("_", "-")
+    if _UNIT_STATISTICS[statistic][2] is None:  # one statistic for every axis, layers included (taylor)
+        return [name]
+    parts = [p.strip() for p in (axes or (structured or {}).get("structure") or "").split(",") if p.strip()]
+    return ([name] if any(p != "layers" for p in parts) else []) + (["block-influence"] if "layers" in parts else [])
 
 
 def structured_target_text(structured: dict | None) -> str | None:
@@ -154,14 +175,6 @@ def round_to_text(structured: dict | None) -> str | None:
 
 _WIDTH_ROWS = (_STRUCTURED_ROWS["hidden_size"], _STRUCTURED_ROWS["intermediate_size"],
                _STRUCTURED_ROWS["moe_intermediate_size"])
-
-
-def perplexity(loss: float | None) -> float | None:
-    """`exp(loss)`, or `None` for no loss."""
-    if loss is None:
-        return None
-    # exp overflows past ~709; an infinite perplexity is the honest value there
-    return math.exp(loss) if loss < 709 else float("inf")
 
 
 def target_text(target) -> str:
@@ -283,12 +296,19 @@ def _count(n: int, unit: str) -> str:
     return f"{n:,} {unit}" if n == 1 else f"{n:,} {unit}{'es' if unit.endswith('ss') else 's'}"
 
 
-def tags(structure_tag: str, criterion: str | None) -> list[str]:
-    """The card's Hub tags: the library's, the structure's and the criterion's (none for an unrecorded one)."""
-    out = ["pruned", "sparsity", "hf-weightprune", structure_tag]
-    if criterion and criterion != "unknown":
-        out.append(criterion.replace("_", "-"))
-    return out
+def changed_axes(structured: dict | None, structure: str) -> str:
+    """The axes of a structured prune whose size changed (`"neurons"` of `"layers,neurons"` when no layer went).
+
+    Args:
+        structured (`dict`, *optional*): the `structured` entry of `sparsity.json`.
+        structure (`str`): the recorded structure (`"layers,neurons"`).
+
+    Returns:
+        `str`: the changed axes in the recorded order, comma-separated; `structure` itself when none is recorded.
+    """
+    axes = (structured or {}).get("axes") or {}
+    changed = [a for a in structure.split(",") if a not in axes or axes[a].get("before") != axes[a].get("after")]
+    return ",".join(changed) or structure
 
 
 def structured_module_table(folder: Path, structured: dict | None, structure: str) -> list[dict]:
@@ -361,62 +381,6 @@ def structured_units(structure: str) -> str:
     """What a structured prune removes, in words (`"MLP neurons"`; a combination: `"decoder layers and MLP neurons"`)."""
     parts = structure.split(",") if isinstance(structure, str) else [structure]
     return " and ".join(_STRUCTURED_UNITS.get(p.strip(), (p.strip(), ""))[0] for p in parts)
-
-
-_EVAL_KEYS = ("dataset", "tokens", "step")
-
-
-def eval_metadata(report: dict, prefix: str) -> dict[str, Any]:
-    """`{dataset, tokens, step}` of one side of the `eval` entry; `dense_step` (etc.) override the shared keys."""
-    return {key: report.get(f"{prefix}{key}", report.get(key)) for key in _EVAL_KEYS}
-
-
-# Files `--eval_data` and `load_texts` read: a value ending so is a local file, whatever its folders.
-_DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".arrow", ".md")
-
-
-def dataset_name(value: Any) -> str:
-    """The evaluation data as the card names it: a Hub dataset id (`org/name`) as given, a local file or folder by its
-    name only (an absolute or `./`-relative path, one with more than one folder, or a text/data file name)."""
-    if not value:
-        return "unknown"
-    text = str(value)
-    local = is_local_path(text) or text.replace("\\", "/").count("/") > 1 or text.lower().endswith(_DATA_SUFFIXES)
-    return path_name(text) if local else text
-
-
-def eval_context(report: dict | None) -> tuple[dict | None, list[EvalResult] | None]:
-    """
-    `(template context, model-index results)` of the `eval` entry of `sparsity.json`, or `(None, None)`.
-
-    The dense loss is compared with the pruned loss only when both come from the same evaluation: the same
-    `dataset` and number of `tokens`, both stated, and the same training `step` when either states one (a dense model
-    evaluated at the step pruning started is not the same model as the pruned one at the end of training; a one-shot
-    prune, as `prune --eval_data`, evaluates both on the same windows with no training in between and states no
-    step). Otherwise the dense numbers are dropped from the card, which says why. The model-index lists only the
-    pruned model's results: they are this model's; the dense loss belongs to another model.
-    """
-    if not report or report.get("pruned_loss") is None:
-        return None, None
-    pruned_meta, dense_meta = eval_metadata(report, "pruned_"), eval_metadata(report, "dense_")
-    dataset = dataset_name(pruned_meta["dataset"])
-    dense_loss, pruned_loss = report.get("dense_loss"), report["pruned_loss"]
-    dropped = None
-    if dense_loss is not None:
-        unstated = [k for k in ("dataset", "tokens") if pruned_meta[k] is None or dense_meta[k] is None]
-        differ = [f"{k} {dense_meta[k]!r} (dense) vs {pruned_meta[k]!r} (pruned)" for k in _EVAL_KEYS
-                  if k not in unstated and dense_meta[k] != pruned_meta[k]]
-        if unstated or differ:
-            dropped = ("; ".join(differ) if differ else
-                       f"the evaluation does not state its {' and '.join(unstated)}")
-            dense_loss = None
-    context = {"dataset": dataset, "tokens": pruned_meta["tokens"], "step": pruned_meta["step"],
-               "dense_loss": dense_loss, "pruned_loss": pruned_loss, "dense_dropped": dropped,
-               "dense_perplexity": perplexity(dense_loss), "pruned_perplexity": perplexity(pruned_loss)}
-    metrics = [("loss", pruned_loss, "Eval loss"), ("perplexity", context["pruned_perplexity"], "Perplexity")]
-    results = [EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
-                          metric_type=kind, metric_value=value, metric_name=label) for kind, value, label in metrics]
-    return context, results
 
 
 def offline_cross_context(sparsity: dict) -> dict | None:

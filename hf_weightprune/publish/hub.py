@@ -22,6 +22,7 @@ from ..files.importance_files import IMPORTANCE_DIR
 from ..files.pruned_files import SPARSITY_NAME, SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, dump_sparsity, load_sparsity
 from ..io_utils import TEMP_SUFFIX, check_arg_type, is_local_path, path_name
 from .card import CARD_FILE, is_generated_card, render_model_card
+from .card_eval import eval_record
 from .provenance import card_facts, resolve_record
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,7 @@ def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
         hub["distillation"] = {**distillation, "teacher": path_name(distillation["teacher"]), "teacher_is_local": True}
     evaluation = sparsity.get("eval")
     if isinstance(evaluation, dict):
-        hub["eval"] = {k: path_name(v) if k in ("dataset", "dense_dataset") and is_local_path(v) else v
-                       for k, v in evaluation.items()}
+        hub["eval"] = eval_record(evaluation)  # older versions recorded a local file's path
     if is_local_path(sparsity.get("base_model")):
         hub["base_model"] = None
     return hub

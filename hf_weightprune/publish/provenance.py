@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard, try_to_load_from_cache
 
 from ..files.pruned_files import SPARSITY_NAME
 from ..io_utils import is_local_path, path_name
-from .card_text import dataset_name
+from .card_eval import eval_record
 
 logger = logging.getLogger(__name__)
 
@@ -184,13 +184,6 @@ def resolve_record(value: Any, folder: str | os.PathLike) -> Any:
     return _absolute(value, os.fspath(folder))
 
 
-def _data_record(value: Any) -> Any:
-    """Evaluation data as recorded: an existing local file or folder by its name, a Hub dataset id as given."""
-    if not isinstance(value, str):
-        return value
-    return path_name(value) if os.path.exists(value) else dataset_name(value)
-
-
 def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | None = None) -> dict[str, Any]:
     """The `sparsity.json` payload as written: what it lacks filled in from where the model came from, and no
     absolute local path in it.
@@ -203,7 +196,8 @@ def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | 
       card's front matter; `push_pruned_to_hub` reads the Hub's card when they are still missing).
     - Local importance, `masks_from` and teacher folders are recorded relative to `output_dir` (`../run/importance`):
       the pruned folder names no one's home directory, and `push --include_importance` still finds the statistics
-      from it. A local evaluation file is recorded by its file name.
+      from it. A local evaluation file is recorded by its file name, marked local (`card_eval.eval_record`): the
+      card's model-index names Hub dataset ids only.
 
     Args:
         payload (`dict`): what `sparsity_dict` returned.
@@ -239,8 +233,7 @@ def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | 
                                "teacher_is_local": True}
     evaluation = out.get("eval")
     if isinstance(evaluation, dict):
-        out["eval"] = {k: _data_record(v) if k in ("dataset", "dense_dataset", "pruned_dataset") else v
-                       for k, v in evaluation.items()}
+        out["eval"] = eval_record(evaluation)
     return out
 
 

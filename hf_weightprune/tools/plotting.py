@@ -1,4 +1,5 @@
-"""PNG charts for the sparsity sweep and for `hf-weightprune inspect --plot` (per layer x module type).
+"""PNG charts for `hf-weightprune inspect --plot` (per layer x module type), and the drawing helpers that
+`sweep_plot.py` (the sweep's chart) shares.
 
 matplotlib is an optional dependency (`pip install hf-weightprune[plot]`); it is imported only when a chart is drawn.
 Figures are rendered by the non-interactive Agg canvas without pyplot, so this works on headless machines and leaves
@@ -30,12 +31,13 @@ def _figure(width: float, height: float, layout: str | None = None):
     return fig
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A figure with one axes, drawn by the Agg canvas (see `_figure`)."""
     fig = _figure(width, height)
     return fig, fig.add_subplot()
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_png(fig, path: str | os.PathLike) -> Path:
     """Saves `fig` as PNG through a temporary file in the same folder, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +53,8 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def _number(row: Mapping[str, Any], key: str, what: str) -> float:
+def row_number(row: Mapping[str, Any], key: str, what: str) -> float:
+    """`row[key]` as a float; a missing key or a non-number is a `ValueError` naming it (`what`: the kind of row)."""
     if key not in row:
         raise ValueError(f"Each {what} needs a {key!r} key, got keys {sorted(row)}.")
     try:
@@ -59,56 +62,6 @@ def _number(row: Mapping[str, Any], key: str, what: str) -> float:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{key!r} must be a number, got {row[key]!r}.") from e
     return value
-
-
-def plot_sweep(
-    rows: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike,
-    *,
-    dense_loss: float | None = None,
-    title: str | None = None,
-) -> Path:
-    """
-    Plots evaluation loss against sparsity, one line per pruning criterion.
-
-    Args:
-        rows (`Sequence[Mapping]`):
-            Sweep results, each with `criterion` (`str`), `sparsity` (fraction in `[0, 1]`), `loss` and
-            `perplexity`. Points of a criterion are drawn in order of sparsity.
-        path (`str` or `os.PathLike`):
-            Where to write the PNG (written atomically; parent folders are created).
-        dense_loss (`float`, *optional*):
-            Loss of the unpruned model, drawn as a dashed horizontal line.
-        title (`str`, *optional*):
-            Chart title.
-
-    Returns:
-        `Path`: the PNG path.
-    """
-    if not rows:
-        raise ValueError("rows is empty; there is nothing to plot.")
-    series: dict[str, list[tuple[float, float]]] = {}
-    for row in rows:
-        if "criterion" not in row:
-            raise ValueError(f"Each sweep row needs a 'criterion' key, got keys {sorted(row)}.")
-        sparsity = _number(row, "sparsity", "sweep row")
-        if not 0.0 <= sparsity <= 1.0:
-            raise ValueError(f"sparsity must be a fraction in [0, 1], got {sparsity}.")
-        _number(row, "perplexity", "sweep row")
-        series.setdefault(str(row["criterion"]), []).append((100.0 * sparsity, _number(row, "loss", "sweep row")))
-
-    fig, ax = _new_figure(7, 4.5)
-    for criterion, points in series.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=criterion)
-    if dense_loss is not None:
-        ax.axhline(float(dense_loss), color="black", linestyle="--", linewidth=1, label=f"dense ({dense_loss:.3f})")
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("eval loss")
-    ax.set_title(title or "Loss vs sparsity")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
 
 
 # ------------------------------------------------------------------ per layer x module type
@@ -253,7 +206,7 @@ def layer_grid(stats: Sequence[Mapping[str, Any]], key: str = "mean") -> LayerGr
                              "pass one stats row per weight.")
         names[r][c] = str(row["name"])
         if row.get(key) is not None:
-            values[r, c] = 100.0 * _number(row, key, "layer stat") if key in _PERCENT_STATS else _number(
+            values[r, c] = 100.0 * row_number(row, key, "layer stat") if key in _PERCENT_STATS else row_number(
                 row, key, "layer stat")
     return LayerGrid(rows=rows, columns=columns, values=values, names=names)
 
@@ -363,7 +316,7 @@ def layer_stats_figure(
     for key in panels:
         if key not in present:
             for row in stats:
-                _number(row, key, "layer stat")  # raises naming the missing key
+                row_number(row, key, "layer stat")  # raises naming the missing key
     grids = [layer_grid(stats, key) for key in panels]
     rows, columns = grids[0].rows, grids[0].columns
 
@@ -421,4 +374,4 @@ def plot_layer_stats(
     Raises:
         `ValueError`: as [`layer_stats_figure`].
     """
-    return _save(layer_stats_figure(stats, title=title, value_label=value_label, panels=panels), path)
+    return save_png(layer_stats_figure(stats, title=title, value_label=value_label, panels=panels), path)

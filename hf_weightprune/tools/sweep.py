@@ -335,7 +335,7 @@ def sweep(
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    from .plotting import plot_sweep
+    from .sweep_plot import plot_sweep
 
     points = [r for r in rows if r["criterion"] != "dense" and math.isfinite(r["loss"])]
     if points:

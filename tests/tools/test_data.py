@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer
 
 from hf_weightprune.testing import train_tokenizer
 from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows
-from hf_weightprune.tools.plotting import plot_layer_stats, plot_sweep
+from hf_weightprune.tools.plotting import plot_layer_stats
+from hf_weightprune.tools.sweep_plot import plot_sweep, sweep_figure
 from tests.helpers import training_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -303,6 +304,30 @@ def test_plot_sweep(tmp_path):
         plot_sweep([{"criterion": "m", "sparsity": 0.1, "perplexity": 2.0}], tmp_path / "x.png")
     with pytest.raises(ValueError, match="fraction"):
         plot_sweep([{"criterion": "m", "sparsity": 50, "loss": 1.0, "perplexity": 2.0}], tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("ppl, expected_ticks", [
+    # the real model's recovery knee (benchmarks/results/recovery_knee.json): 29 to 2,314 over 40% to 80%
+    ([28.68, 38.10, 50.69, 96.31, 301.9, 2314.1], [30, 50, 100, 200, 300, 500, 1000, 2000]),
+    # a narrow range (benchmarks/results/knee.json): round numbers, not one lone log tick
+    ([96.75, 98.30, 103.2, 117.4, 180.1], [100, 125, 150, 175]),
+])
+def test_sweep_figure_draws_perplexity_on_a_log_axis(ppl, expected_ticks):
+    rows = [{"criterion": "f", "sparsity": 0.1 * i, "loss": math.log(p), "perplexity": p} for i, p in enumerate(ppl)]
+    fig = sweep_figure(rows, dense_loss=math.log(ppl[0]))
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "perplexity (log scale)"
+    low, high = ax.get_ylim()
+    assert low < min(ppl) and high > max(ppl)  # every point inside, the lowest not on the frame
+    assert [t for t in ax.get_yticks() if low <= t <= high] == expected_ticks
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels == [f"{t:,}" for t in expected_ticks]  # plain numbers, no 10^2 mathtext
+    assert not any(t.get_text() for t in ax.get_yticklabels(minor=True))
+    loss_axis = ax.child_axes[0]  # the secondary axis: the same heights in nats, ln(perplexity)
+    loss_labels = [float(t.get_text()) for t in loss_axis.get_yticklabels() if t.get_text()]
+    assert len(loss_labels) >= 3 and all(math.log(low) <= v <= math.log(high) for v in loss_labels)
+    assert loss_axis.get_ylabel() == "eval loss (nats)"
 
 
 def test_plot_layer_stats(tmp_path):

@@ -1,0 +1,112 @@
+"""The sweep's chart, `sweep.png`: perplexity against sparsity on a log axis, one line per criterion.
+
+matplotlib is optional (`pip install hf-weightprune[plot]`), imported only when a chart is drawn, through the Agg
+canvas of `plotting.py` (no pyplot state).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .plotting import new_figure, row_number, save_png
+
+
+def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None = None, title: str | None = None) -> Any:
+    """
+    Draws perplexity against sparsity, one line per criterion, on a log axis whatever the range, the loss (nats) on
+    the right. Perplexity is `exp(loss)` and runs from ~30 to ~300 and beyond on a real model: on a linear axis every
+    point before the knee lies flat at the bottom; the log axis is the loss axis relabelled, the same for every sweep
+    (charts compare), with plain-number ticks (`50`, `100`, `200`).
+
+    Args:
+        rows (`Sequence[Mapping]`): sweep results, each with `criterion` (`str`), `sparsity` (fraction in `[0, 1]`),
+            `loss` and `perplexity`; drawn in order of sparsity. An infinite perplexity (a diverged prune) is left out.
+        dense_loss (`float`, *optional*): loss of the unpruned model, a dashed line at its perplexity.
+        title (`str`, *optional*): chart title.
+
+    Returns:
+        `matplotlib.figure.Figure`: on an Agg canvas; [`plot_sweep`] writes it as PNG.
+
+    Raises:
+        `ValueError`: `rows` is empty, a row lacks a key or has a sparsity outside `[0, 1]`, or no point is finite.
+    """
+    if not rows:
+        raise ValueError("rows is empty; there is nothing to plot.")
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if "criterion" not in row:
+            raise ValueError(f"Each sweep row needs a 'criterion' key, got keys {sorted(row)}.")
+        sparsity, ppl = row_number(row, "sparsity", "sweep row"), row_number(row, "perplexity", "sweep row")
+        if not 0.0 <= sparsity <= 1.0:
+            raise ValueError(f"sparsity must be a fraction in [0, 1], got {sparsity}.")
+        row_number(row, "loss", "sweep row")
+        if 0 < ppl < math.inf:
+            series.setdefault(str(row["criterion"]), []).append((100.0 * sparsity, ppl))
+    if not series:
+        raise ValueError("no sweep row has a finite perplexity; there is nothing to plot.")
+    fig, ax = new_figure(7, 4.5)  # raises the install hint without matplotlib
+    import numpy as np
+
+    for criterion, points in series.items():
+        ax.plot(*zip(*sorted(points)), marker="o", label=criterion)
+    values = [y for points in series.values() for _, y in points]
+    if dense_loss is not None and float(dense_loss) < 709:  # exp overflows past ~709
+        values.append(math.exp(float(dense_loss)))
+        ax.axhline(values[-1], color="black", linestyle="--", linewidth=1,
+                   label=f"dense (perplexity {values[-1]:.2f}, loss {float(dense_loss):.3f})")
+    ax.set_yscale("log")
+    bottom, top = min(values) / 1.08, max(values) * 1.08
+    ax.set_ylim(bottom, top)
+    _plain_ticks(ax.yaxis, _log_ticks(bottom, top))
+    loss_axis = ax.secondary_yaxis("right", functions=(np.log, np.exp))  # loss = ln(perplexity), exactly
+    loss_axis.set_yscale("linear")  # nats are linear at these heights: no `4 x 10^0` labels
+    _plain_ticks(loss_axis.yaxis, _round_ticks(math.log(bottom), math.log(top), steps=[1, 2, 5, 10], nbins=6))
+    loss_axis.set_ylabel("eval loss (nats)")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(title or "Perplexity vs sparsity")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _log_ticks(bottom: float, top: float) -> list[float]:
+    """1-2-3-5 steps per decade (or sparser, at most 9 ticks); round numbers where a narrow range has under 3."""
+    from matplotlib.ticker import LogLocator
+
+    for subs in ((1.0, 2.0, 3.0, 5.0), (1.0, 2.0, 5.0), (1.0,)):
+        ticks = [float(t) for t in LogLocator(subs=subs).tick_values(bottom, top) if bottom <= t <= top]
+        if len(ticks) <= 9:
+            break
+    return ticks if len(ticks) >= 3 else _round_ticks(bottom, top, steps=[1, 2, 2.5, 5, 10], nbins=5)
+
+
+def _round_ticks(bottom: float, top: float, **locator: Any) -> list[float]:
+    from matplotlib.ticker import MaxNLocator
+
+    return [float(t) for t in MaxNLocator(**locator).tick_values(bottom, top) if bottom <= t <= top]
+
+
+def _plain_ticks(axis, ticks: list[float]) -> None:
+    """`ticks` labelled as plain numbers (`2,000`, `4.5`), minor ticks unlabelled."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.10g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, dense_loss: float | None = None,
+               title: str | None = None) -> Path:
+    """
+    Writes [`sweep_figure`] (perplexity on a log axis against sparsity, one line per criterion) as a PNG at `path`,
+    atomically, parent folders created: `sweep.png` of `sweep`. Arguments and errors as [`sweep_figure`].
+
+    Returns:
+        `Path`: the PNG path.
+    """
+    return save_png(sweep_figure(rows, dense_loss=dense_loss, title=title), path)
