@@ -254,8 +254,10 @@ def all_reduce_int(values: list[int]) -> list[int]:
 
 
 def broadcast_(tensor: Tensor, src: int) -> Tensor:
+    """`src`'s `tensor` into `tensor` on every rank, in place; a strided view (an expert slice of an interleaved or
+    transposed fused parameter) goes through a contiguous buffer, which NCCL requires. No-op on one process."""
     if is_distributed():
-        buf = tensor.to(comm_device())
+        buf = tensor.to(comm_device()).contiguous()
         dist.broadcast(buf, src)
         if buf is not tensor:
             tensor.copy_(buf)
