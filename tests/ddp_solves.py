@@ -6,8 +6,9 @@ weights) and a re-fit after it (`run`), 2 windows per rank; `run(OUT, batch=4)` 
 writes its masks and every weight to `OUT/rank{r}.safetensors` and the solves it ran (`MaskHolder.solves`) with
 `refitted_at` to `OUT/rank{r}.json`.
 
-`python -m tests.ddp_solves OUT --errors` (`errors`): what every rank raises when only rank 1 fails inside
-`distributed.same_error_on_every_rank`, a `ValueError` and then another kind, to `OUT/errors{r}.json`.
+`python -m tests.ddp_solves OUT --collectives` (`collectives`): what every rank raises when only rank 1 fails inside
+`distributed.same_error_on_every_rank`, a `ValueError` and then another kind, and what rank 1's broadcast of a strided
+view (an expert slice of an interleaved fused parameter) leaves in rank 0's, to `OUT/collectives{r}.json`.
 """
 
 import json
@@ -46,7 +47,7 @@ def run(out: str, batch: int = 2) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"solves": holder.solves, "refitted_at": holder.refitted_at, "reconstruction": holder.reconstruction}
 
 
-def errors(out: str) -> None:
+def collectives(out: str) -> None:
     """Rank 1 alone fails in the block; every rank records what it raised (the other rank must not hang)."""
     dist.init_process_group("gloo")
     rank, caught = dist.get_rank(), []
@@ -60,14 +61,18 @@ def errors(out: str) -> None:
     with D.same_error_on_every_rank():  # no failure: nothing raised, and the collectives after it still line up
         pass
     caught.append(D.all_reduce_int([1])[0])
-    with open(os.path.join(out, f"errors{rank}.json"), "w") as f:
+    fused = torch.full((2, 6, 3), float(rank))
+    # every other row of expert 1 (through a contiguous copy, as NCCL needs): rank 1's values land in that view only
+    D.broadcast_(fused[1, 1::2], 1)
+    caught.append(fused.sum(dim=(1, 2)).tolist())
+    with open(os.path.join(out, f"collectives{rank}.json"), "w") as f:
         json.dump(caught, f)
 
 
 if __name__ == "__main__":
     rank = int(os.environ.get("RANK", 0))
-    if sys.argv[2:3] == ["--errors"]:
-        errors(sys.argv[1])
+    if sys.argv[2:3] == ["--collectives"]:
+        collectives(sys.argv[1])
     else:
         tensors, record = run(sys.argv[1])
         save_file(tensors, os.path.join(sys.argv[1], f"rank{rank}.safetensors"))

@@ -78,11 +78,13 @@ def test_ddp_two_processes_share_the_solves_and_equal_one(tmp_path):
 
 
 @pytest.mark.multiproc
-def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path):
+def test_a_failure_on_one_rank_is_raised_on_every_rank_and_views_broadcast(tmp_path):
     from tests.test_distributed import torchrun
 
-    torchrun("tests.ddp_solves", str(tmp_path), "--errors", timeout=120)
-    caught = [json.loads((tmp_path / f"errors{r}.json").read_text()) for r in (0, 1)]
+    torchrun("tests.ddp_solves", str(tmp_path), "--collectives", timeout=120)
+    caught = [json.loads((tmp_path / f"collectives{r}.json").read_text()) for r in (0, 1)]
     message = "w1: its input Hessian is not positive definite"
-    assert caught[1] == [["ValueError", message], ["KeyError", repr(message)], 2]  # its own errors, as raised
-    assert caught[0] == [["ValueError", message], ["RuntimeError", f"rank 1 failed: KeyError: {repr(message)}"], 2]
+    assert caught[1][:3] == [["ValueError", message], ["KeyError", repr(message)], 2]  # its own errors, as raised
+    assert caught[0][:3] == [["ValueError", message], ["RuntimeError", f"rank 1 failed: KeyError: {repr(message)}"], 2]
+    # rank 0's expert 1 holds rank 1's 3 x 3 values in its odd rows only; expert 0 and rank 1 are untouched
+    assert caught[0][3] == [0.0, 9.0] and caught[1][3] == [18.0, 18.0]
