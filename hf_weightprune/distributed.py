@@ -10,6 +10,9 @@ Everything else sees local tensors and a partition plan. Collectives are no-ops 
 - FSDP2 (`fully_shard`): weights and gradients are `DTensor`s sharded on dim 0. Each rank accumulates on its
   own local rows of every tracked weight (`row_shard`), never materialising a full tensor while training; the
   files record each shard's row offset so `load_importance` reassembles exact full tensors.
+- Per-weight solves (a `PruneSchedule`'s OBS sweeps and re-fit) under DDP: each weight is solved by one rank, the
+  weights assigned by their estimated cost (`partition`), and broadcast from it; a failure on one rank is raised on
+  every rank (`same_error_on_every_rank`).
 - FSDP1 (`FlatParameter`) and DeepSpeed ZeRO-3 partition flattened parameters: refused (`check_supported`).
   Under DeepSpeed ZeRO-1/2 weights are whole on every rank, but gradients are partitioned and the optimizer
   steps inside `backward`, so only weight and activation criteria are allowed.
@@ -17,10 +20,11 @@ Everything else sees local tensors and a partition plan. Collectives are no-ops 
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -140,10 +144,11 @@ def check_supported(model: torch.nn.Module, args=None, *, needs_grad: bool = Fal
         )
 
 
-def partition(numels: dict[str, int], world_size: int) -> dict[str, int]:
-    """Assign each tensor to a rank so that per-rank element counts are balanced (greedy, largest first).
+def partition(numels: Mapping[str, float], world_size: int) -> dict[str, int]:
+    """Assign each tensor to a rank so that per-rank loads are balanced (greedy, largest first): element counts for
+    buffers, estimated floating-point operations for solves.
 
-    Deterministic: every rank computes the same plan from the same names and sizes.
+    Deterministic: every rank computes the same plan from the same names and sizes (ties go to the lower rank).
     """
     if world_size == 1:
         return dict.fromkeys(numels, 0)
@@ -154,6 +159,36 @@ def partition(numels: dict[str, int], world_size: int) -> dict[str, int]:
         owners[name] = r
         heapq.heappush(heap, (load + numels[name], r))
     return owners
+
+
+@contextlib.contextmanager
+def same_error_on_every_rank() -> Iterator[None]:
+    """Run a block that may fail on some ranks only (each rank solving its own weights), and raise its error on every
+    rank: the ranks that did not fail would otherwise wait forever in the next collective. A collective at the end of
+    the block (one integer all-reduce; the messages are gathered only after a failure). No-op on one process.
+
+    Raises:
+        Exception: this rank's own error, as raised; on the other ranks, the lowest failing rank's: `ValueError` with
+            its message for a `ValueError`, else `RuntimeError` naming the rank and the error.
+    """
+    if not is_distributed():
+        yield
+        return
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as e:  # every kind must reach the collective below, or the other ranks hang
+        error = e
+    if not any_rank(error is not None):
+        return
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    rank, (kind, message) = next((r, m) for r, m in enumerate(messages) if m is not None)
+    if kind == "ValueError":  # the one-line refusals: the same words on every rank
+        raise ValueError(message)
+    raise RuntimeError(f"rank {rank} failed: {kind}: {message}")
 
 
 def all_reduce_sum_(tensors: list[Tensor]) -> None:
@@ -219,8 +254,10 @@ def all_reduce_int(values: list[int]) -> list[int]:
 
 
 def broadcast_(tensor: Tensor, src: int) -> Tensor:
+    """`src`'s `tensor` into `tensor` on every rank, in place; a strided view (an expert slice of an interleaved or
+    transposed fused parameter) goes through a contiguous buffer, which NCCL requires. No-op on one process."""
     if is_distributed():
-        buf = tensor.to(comm_device())
+        buf = tensor.to(comm_device()).contiguous()
         dist.broadcast(buf, src)
         if buf is not tensor:
             tensor.copy_(buf)

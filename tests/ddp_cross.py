@@ -5,9 +5,11 @@ cross terms summed over ranks (a collective), their token counts, the final mask
 (optimizer steps, real tokens summed over ranks: a collective) to `OUT/rank{r}.safetensors`.
 
 `python -m tests.ddp_cross OUT --hold-refit PRUNED` (run by `tests/train/test_hold_refit.py`): the held phase's
-re-fit (its edits: the teacher minus the held weights) instead (`run_hold_refit`), the masks of `PRUNED` held.
+re-fit (its edits: the teacher minus the held weights) instead (`run_hold_refit`), the masks of `PRUNED` held; the
+re-fits each rank ran (`MaskHolder.solves`) go to `OUT/solves{r}.json`.
 """
 
+import json
 import os
 import sys
 
@@ -90,6 +92,8 @@ def run_hold_refit(out: str, pruned: str, batch: int = 2) -> dict[str, torch.Ten
     tensors.update({f"final.{n}": p.detach().clone() for n, p in student.named_parameters()})
     tensors.update({f"mask.{n}": m.to(torch.uint8) for n, m in cb.mask_holder.masks.items()})
     tensors["refitted_at"] = torch.tensor(cb.mask_holder.refitted_at or -1)
+    with open(os.path.join(out, f"solves{int(os.environ.get('RANK', 0))}.json"), "w") as f:
+        json.dump(cb.mask_holder.solves, f)
     return tensors
 
 

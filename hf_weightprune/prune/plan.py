@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -185,7 +185,7 @@ class PruningPlan:
     @classmethod
     def build(cls, importance: Importance, config: PruneConfig, names: list[str] | None = None, *,
               sparsity: float | None = None, previous: Mapping[str, torch.Tensor] | None = None,
-              reconstruct: bool | None = None) -> PruningPlan:
+              reconstruct: bool | None = None, checked: Collection[str] | None = None) -> PruningPlan:
         """
         The plan for pruning `names` with `config` from `importance`: scope, reconstruction rule and per-tensor
         targets, decided once, before any weight changes. Global thresholds are computed here (streaming over the
@@ -212,6 +212,10 @@ class PruningPlan:
             reconstruct (`bool`, *optional*):
                 `False` plans masks only, whatever the criterion (the ranking of a criterion with Hessians is its
                 OBS saliency); `None` follows [`uses_obs`].
+            checked (`Collection[str]`, *optional*):
+                With the OBS sweep, the weights whose Hessians are factorised here, before any edit (default: every
+                weight the plan prunes). A caller that sweeps only some of them (one rank of a sharded update) checks
+                its own, and makes a failure every rank's.
 
         Returns:
             [`PruningPlan`].
@@ -267,7 +271,9 @@ class PruningPlan:
         check_sparsity_keys(config.sparsity, names)
         cross = offline_cross_terms(importance, config.cross_alpha, reconstruct, targets)
         if reconstruct:  # every factorisation first: a failing one names its weight before any weight is edited
-            check_hessians(((n, importance.state(n)) for n in targets), percdamp=config.dampening)
+            checked = set(targets if checked is None else checked)
+            check_hessians(((n, importance.state(n)) for n in targets if n in checked),
+                           percdamp=config.dampening)
         plan = cls(importance, config, names, targets, reconstruct, nm_step, previous, gradual, cross)
         if config.nm is None and config.scope == "global":
             plan._compute_thresholds()

@@ -40,7 +40,7 @@ from ..scorers.sparsegpt import check_pair, dampened_hessian
 from .obs import sparsegpt_prune_
 
 __all__ = ["asymmetric_sparsegpt_prune_", "cross_warnings_once", "dampened", "offline_cross_terms", "propagate_target",
-           "refit_masked_", "usable_cross"]
+           "refit_masked_", "refit_solver", "sweep_flops", "usable_cross"]
 
 # The cross-term warnings already logged inside `cross_warnings_once` (None outside: every prune logs its own).
 _LOGGED: ContextVar[set[str] | None] = ContextVar("cross_warnings_logged", default=None)
@@ -205,6 +205,28 @@ def offline_cross_terms(importance, cross_alpha: float | None, reconstruct: bool
 
 
 @torch.no_grad()
+def sweep_flops(out_features: int, in_features: int) -> float:
+    """Floating-point operations of one OBS sweep ([`obs.sparsegpt_prune_`]) of an `[out, in]` weight, about
+    `in^3 + out * in^2`: factorising the `[in, in]` Hessian, then updating the weights after each pruned column."""
+    return float(in_features) ** 3 + float(out_features) * float(in_features) ** 2
+
+
+def refit_solver(counts: Tensor, *, in_features: int) -> tuple[str, float]:
+    """The solver `refit_masked_(solver="auto")` picks for one weight and its cost in floating-point operations.
+
+    Args:
+        counts (`torch.Tensor`): `[out]` kept inputs of each row (`mask.sum(1)`).
+        in_features (`int`): the weight's input dim.
+
+    Returns:
+        `tuple[str, float]`: `"exact"` (`sum k^3 / 3` over the rows, up to 2.5e11) or `"sweep"` ([`sweep_flops`]).
+    """
+    exact = float(counts.double().pow(3).sum()) / 3
+    if exact <= _EXACT_FLOPS:
+        return "exact", exact
+    return "sweep", sweep_flops(counts.numel(), in_features)
+
+
 def propagate_target(reference: Tensor, hessian: Tensor, cross: Tensor, *, alpha: float = 0.5,
                      percdamp: float = 0.01) -> Tensor:
     """
@@ -308,7 +330,7 @@ def refit_masked_(weight: Tensor, mask: Tensor, hessian: Tensor, *, reference: T
     keep = mask.to(device) & ~dead[None, :]  # dead inputs carry no signal: their weights are zeroed, as the sweep does
     counts = keep.sum(1)
     if solver == "auto":
-        solver = "exact" if float(counts.double().pow(3).sum()) / 3 <= _EXACT_FLOPS else "sweep"
+        solver = refit_solver(counts, in_features=keep.shape[1])[0]
     if solver == "sweep":
         out = R if cross is None or not alpha else propagate_target(R, hessian, cross, alpha=alpha, percdamp=percdamp)
         sparsegpt_prune_(out, hessian.to(device), mask=keep, percdamp=percdamp)

@@ -48,7 +48,7 @@ from ..prune.refit import usable_cross
 from ..prune.report import PruningReport
 from ..scorers import SCORERS, get_scorer
 from .schedule import PruneSchedule
-from .stream import held_masks, hold_edits, layer_groups, propagate_, teacher_weights
+from .stream import held_masks, hold_edits, layer_groups, solve_owners, sweep_, sweep_costs, teacher_weights
 from .stream import refit_ as stream_refit_
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ class MaskHolder:
         params (`dict[str, nn.Parameter]`): the masked weights.
         sparsity (`float`): achieved sparsity over the masked weights; `target_sparsity` what the schedule asked.
         reconstruction (`str` or `None`): `"OBS"` once an update has reconstructed the kept weights.
+        solves (`dict[str, int]`): the OBS sweeps and re-fits this process ran, by weight; under DDP each weight's
+            are its owner's only (logged per rank at each update and re-fit).
     """
 
     def __init__(self, schedule: PruneSchedule, *, criterion: str | None = None):
@@ -121,6 +123,7 @@ class MaskHolder:
         self._refit_step: int | None = None
         self.refitted_at: int | None = None  # the step the re-fit ran at (checkpointed: a resume does not repeat it)
         self._groups: dict[int, list[str]] = {}  # order="depth": the weights pruned at each layer step
+        self.solves: dict[str, int] = {}  # OBS sweeps and re-fits this process ran, by weight (its owner's, under DDP)
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def setup(self, model: nn.Module, args, *, tracked_names: list[str], max_steps: int, optimizer=None) -> None:
@@ -277,9 +280,9 @@ class MaskHolder:
         its propagated target, so the sweep solves the asymmetric objective.
 
         With `sparsegpt` importance (and `reconstruct` not `False`) the OBS sweep also updates the kept weights, from
-        the Hessians in `importance`: under DDP they are the sum over ranks (the importance is assembled on every
-        rank), and the weights are the same on every rank, so every rank computes the same update (rank 0's weights and
-        masks are then broadcast, so float reductions that differ in the last bit cannot drift the replicas apart).
+        the Hessians in `importance` (under DDP the sum over ranks, assembled on every rank). Under DDP each weight is
+        swept by one rank, its owner (by the sweep's cost, [`stream.solve_owners`]), and its weights and mask are
+        broadcast from there ([`stream.sweep_`]), so the replicas stay identical bit for bit.
 
         Raises:
             ValueError: `reconstruct=True` without `sparsegpt` importance, or a tensor pruned to 100%.
@@ -295,24 +298,17 @@ class MaskHolder:
             done = [n for group in groups[: self.num_updates + 1] for n in group]
             target = sparsity * sum(self.params[n].numel() for n in done) / sum(p.numel() for p in self.params.values())
         previous = {n: self.masks[n] for n in names if n in self.masks}
-        plan = PruningPlan.build(importance, cfg.prune_config, names, sparsity=sparsity, previous=previous)
+        owners, mine = solve_owners(sweep_costs(self, names))
+        with D.same_error_on_every_rank():  # a Hessian only this rank factorises may fail here alone
+            plan = PruningPlan.build(importance, cfg.prune_config, names, sparsity=sparsity, previous=previous,
+                                     checked=mine)
         self.scope = plan.scope
         before = {n: self.params[n].detach().to(torch.float32, copy=True) for n in names} if self._refit_step is not None else None
         if plan.reconstruct:
-            propagate_(self.params, importance.state, usable_cross(cross, importance.meta.get("tokens", {}), names),
-                       alpha=cfg.cross_alpha, percdamp=cfg.dampening)
-            masks = {}
-            for n in names:
-                edit_ = plan.edit(n)
-                masks[n] = edit_(self.params[n]) if edit_ is not None else self.masks.get(
-                    n, torch.ones_like(self.params[n], dtype=torch.bool))
-            self.masks.update({n: m.to(self.params[n].device) for n, m in masks.items()})
-            # Every rank swept the same H and weights; rank 0's result settles any last-bit difference of a GPU's
-            # float reductions, which DDP (it syncs gradients, not weights) would never undo.
-            if D.is_distributed():
-                for n in names:
-                    D.broadcast_(self.params[n].data, 0)
-                    self.masks[n] = D.broadcast_(self.masks[n].to(torch.uint8), 0).bool()
+            # Each weight swept by its owner, then broadcast from it: the replicas stay identical bit for bit (DDP
+            # syncs gradients, not weights), and the solve time shrinks with the world size.
+            sweep_(self, plan, owners, mine, importance.state,
+                   usable_cross(cross, importance.meta.get("tokens", {}), names), step)
             self.reconstruction = "OBS"
         else:
             self.masks.update({n: plan.mask(n).to(self.params[n].device) for n in names})
@@ -338,8 +334,8 @@ class MaskHolder:
         Each weight's target is `W + E`, its current value plus its pruning edits (`"prune"`: the summed edits of
         every mask update; `"hold"`: the one-shot prune's, [`stream.hold_edits`]): the network's function with the
         pruning undone, training since kept. `cross` (`CrossTerm.terms()`): the asymmetric objective where a cross
-        term covers the tokens of `H~`. Masks do not change; Adam moments are kept. Under DDP rank 0's result is
-        broadcast.
+        term covers the tokens of `H~`. Masks do not change; Adam moments are kept. Under DDP each weight is re-fitted
+        by its owner (by the solve's cost) and broadcast from it.
 
         Raises:
             ValueError: no edits yet (no mask update, or a hold whose edits were not taken), or a degenerate Hessian

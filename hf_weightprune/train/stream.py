@@ -1,8 +1,12 @@
-"""The pruned-stream side of a [`MaskHolder`]: the asymmetric objective from the cross term, the re-fit, and the
-layer groups of `PruneSchedule(order="depth")`.
+"""The solves and the pruned-stream side of a [`MaskHolder`]: the OBS sweep of a mask update, the asymmetric objective
+from the cross term, the re-fit, and the layer groups of `PruneSchedule(order="depth")`.
 
 The holder owns the masks and the weights; these functions read its state and the statistics the callback hands
 over (the importance's `H~`, the accumulator's cross term `C`), so the holder's update stays one code path.
+Under DDP each weight's solve (its sweep, or its re-fit) runs on one rank only, its owner ([`solve_owners`]: greedy by
+the solve's estimated flops, so that the ranks' shares take about the same time), and its result is broadcast from
+there: the solve time shrinks with the world size, and the replicas stay identical bit for bit. On one process every
+weight is its own process's, in order, with no collective.
 In `"hold"` mode every forward is one of the pruned model, so its `sparsegpt` statistic is `H~` from the start; the
 re-fit's edits are what the one-shot prune changed, the dense teacher's weights ([`teacher_weights`]) minus the held
 weights at train begin ([`hold_edits`]).
@@ -21,7 +25,7 @@ from torch import Tensor, nn
 from .. import distributed as D
 from ..matching import TrackedWeight
 from ..moe import find_weights
-from ..prune.refit import propagate_target, refit_masked_, usable_cross
+from ..prune.refit import propagate_target, refit_masked_, refit_solver, sweep_flops, usable_cross
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,52 @@ def hold_edits(params: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[
     return {n: reference[n].to(p.device, torch.float32) - p.detach().float() for n, p in params.items()}
 
 
+def solve_owners(costs: dict[str, float]) -> tuple[dict[str, int], list[str]]:
+    """The rank that solves each weight (the same on every rank: greedy by `costs`, [`distributed.partition`]) and the
+    weights this rank solves, in `costs`' order (all of them on one process)."""
+    rank, world = D.rank_and_world()
+    owners = D.partition(costs, world)
+    return owners, [n for n in costs if owners[n] == rank]
+
+
+def _solved(holder, step: int, what: str, costs: dict[str, float], mine: list[str]) -> None:
+    for n in mine:
+        holder.solves[n] = holder.solves.get(n, 0) + 1
+    if D.is_distributed():
+        share = sum(costs[n] for n in mine) / max(sum(costs.values()), 1.0)
+        logger.info("PruneSchedule: step %d, rank %d %s %d of %d weights (%.0f%% of the estimated flops)", step,
+                    D.rank_and_world()[0], what, len(mine), len(costs), 100 * share)
+
+
+def sweep_costs(holder, names: list[str]) -> dict[str, float]:
+    """Each weight's OBS sweep cost ([`prune.refit.sweep_flops`]), by which [`solve_owners`] shares a mask update."""
+    return {n: sweep_flops(*holder.params[n].shape) for n in names}
+
+
+@torch.no_grad()
+def sweep_(holder, plan, owners: dict[str, int], mine: list[str], hessian: Callable[[str], Tensor],
+           cross: dict[str, Tensor], step: int) -> None:
+    """[`MaskHolder.update_`] with OBS edits: this rank's weights (`mine`) move to their propagated targets where a
+    cross term is usable ([`propagate_`]) and are swept ([`PruningPlan.edit`]); then every weight and mask is
+    broadcast from its owner (`owners`, [`solve_owners`]). A failure on one rank is raised on every rank."""
+    params, masks, own = holder.params, holder.masks, set(mine)
+    with D.same_error_on_every_rank():
+        propagate_(params, hessian, {n: c for n, c in cross.items() if n in own}, alpha=holder.schedule.cross_alpha,
+                   percdamp=holder.schedule.dampening)
+        for n in mine:
+            edit_ = plan.edit(n)
+            mask = edit_(params[n]) if edit_ is not None else masks.get(n, torch.ones_like(params[n], dtype=torch.bool))
+            masks[n] = mask.to(params[n].device)
+    _solved(holder, step, "swept", sweep_costs(holder, list(owners)), mine)
+    if not D.is_distributed():
+        return
+    rank = D.rank_and_world()[0]
+    for n, owner in owners.items():
+        D.broadcast_(params[n].data, owner)
+        mask = masks[n].to(torch.uint8) if owner == rank else torch.empty_like(params[n], dtype=torch.uint8)
+        masks[n] = D.broadcast_(mask, owner).bool()
+
+
 @torch.no_grad()
 def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
     """[`MaskHolder.refit_`]: re-fit every masked weight on its support, from the pruned-stream `H~` of `importance`
@@ -128,15 +178,27 @@ def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] |
         raise ValueError(f"PruneSchedule: refit at step {step}: no pruned-stream sample {since} for {len(empty)} "
                          f"weights (e.g. {empty[0]}); sample the importance at some step between them "
                          "(ImportanceConfig.every_n_steps / window)")
-    schedule = holder.schedule
-    terms = usable_cross(cross, tokens, holder.params)
-    for n, param in holder.params.items():
-        target = holder._edits[n].add_(param.detach().float())
-        refit_masked_(param, holder.masks[n], importance.state(n).to(param.device), reference=target,
-                      cross=terms.get(n), alpha=schedule.cross_alpha, percdamp=schedule.dampening)
-        holder._edits[n] = target.sub_(param.detach().float())  # the edit the re-fit leaves in place
-        if D.is_distributed():
-            D.broadcast_(param.data, 0)
+    schedule, params = holder.schedule, holder.params
+    terms = usable_cross(cross, tokens, params)
+    costs = {n: refit_solver(holder.masks[n].sum(1), in_features=p.shape[1])[1] for n, p in params.items()}
+    owners, mine = solve_owners(costs)
+    with D.same_error_on_every_rank():
+        for n in mine:
+            param = params[n]
+            target = holder._edits[n].add_(param.detach().float())
+            refit_masked_(param, holder.masks[n], importance.state(n).to(param.device), reference=target,
+                          cross=terms.get(n), alpha=schedule.cross_alpha, percdamp=schedule.dampening)
+            holder._edits[n] = target.sub_(param.detach().float())  # the edit the re-fit leaves in place
+    _solved(holder, step, "re-fitted", costs, mine)
+    if D.is_distributed():
+        rank = D.rank_and_world()[0]
+        for n, owner in owners.items():
+            param = params[n].detach()
+            # another rank's weight: its edit too is `W + E` minus the re-fitted weight, here from the broadcast one
+            target = holder._edits[n].add_(param.float()) if owner != rank else None
+            D.broadcast_(param, owner)
+            if target is not None:
+                holder._edits[n] = target.sub_(param.float())
     holder.apply_masks_()
     holder.refitted_at = step
     logger.info("PruneSchedule: step %d, kept weights re-fitted on the pruned-stream Hessians%s", step,

@@ -3,6 +3,8 @@ least-squares re-fit of the kept weights towards their current values with the o
 (`W + W_dense - W_start`), from the Hessians of the pruned model gathered while it trained (and, with
 `cross_term=True`, the dense-to-pruned cross term)."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -201,6 +203,10 @@ def test_ddp_two_processes_refit_as_one(tmp_path):
     one = ddp_cross.run_hold_refit(str(tmp_path / "single"), folder, batch=4)
     assert one.keys() == r0.keys() and int(one["refitted_at"]) == ddp_cross.REFIT
     masks = {k.removeprefix("mask."): v.bool() for k, v in one.items() if k.startswith("mask.")}
+    # Each weight re-fitted once, by one rank (its owner; the other receives the result), and both ranks had a share.
+    solves = [json.loads((tmp_path / f"solves{r}.json").read_text()) for r in (0, 1)]
+    assert json.loads((tmp_path / "single" / "solves0.json").read_text()) == dict.fromkeys(masks, 1)
+    assert all(solves) and not solves[0].keys() & solves[1].keys() and solves[0] | solves[1] == dict.fromkeys(masks, 1)
     assert masks and all(f"{p}.{n}" in one for n in masks for p in ("hessian", "refit"))
     assert sum(k.startswith("cross.") for k in one) >= 4  # q/k/v share one, gate/up another: per layer
     for k, want in one.items():
