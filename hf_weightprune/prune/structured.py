@@ -302,6 +302,10 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     scores = _scores(model, importance, config, axes)
     if "hidden" in axes:  # hidden pruning's module checks, before any other work
         hidden_channel_cost(model)
+    if config.compensate == "refit" and not {"neurons", "heads"} & set(axes):  # "mean" is refused in _mean_inputs
+        # Else it would be recorded in sparsity.json and the card although nothing was refitted.
+        raise ValueError(f"compensate='refit' refits the consumers (down_proj / o_proj) of removed MLP neurons / KV "
+                         f"groups; structure {config.structure!r} removes neither: use compensate=None")
     if config.compensate in _REFITS and not importance.scorer.has_hessian:
         raise ValueError(f"compensate={config.compensate!r} needs input Hessians: importance from ImportanceConfig("
                          f"criterion='sparsegpt'), not {importance.criterion!r}")
