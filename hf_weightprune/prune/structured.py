@@ -93,6 +93,10 @@ def _scores(model: nn.Module, importance: Importance, config: PruneConfig, axes:
     if missing:
         raise ValueError(f"structure {missing[0]!r} ranks by unit statistics, which this importance does not hold: "
                          "gather them with ImportanceConfig(units=True)")
+    if config.unit_statistic != "activation":  # the default falls back to per-weight scores; a chosen one must not
+        raise ValueError(f"unit_statistic={config.unit_statistic!r} ranks by unit statistics, which this importance "
+                         "does not hold: gather them with ImportanceConfig(units=True), or rank neurons and KV groups "
+                         "by their weights' scores with the default unit_statistic='activation'")
     n = len(decoder_layers(model))
     fn = {"neurons": neuron_scores, "heads": head_group_scores}
     return {a: {i: fn[a](model, importance.scores, i) for i in range(n)} for a in axes}

@@ -131,3 +131,19 @@ def test_search_candidates_get_the_compensation_only_where_it_serves(tmp_path):
                                       "--search_structures", *structures])
     _, candidates = search_candidates(args, PruneConfig)
     assert [c.compensate for c in candidates] == [None, None, "refit", "refit", "refit"]
+
+
+@pytest.mark.parametrize("structure", ["neurons", "heads"])
+def test_a_chosen_unit_statistic_the_importance_lacks_is_refused_before_any_change(structure, tmp_path):
+    # Without unit statistics neurons and KV groups rank by their weights' scores: right for the default, but a
+    # unit_statistic asked for by name was silently replaced by that ranking (and sparsity.json recorded none).
+    model = tiny_llama(seed=1, num_hidden_layers=2)
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+    train(model, [cb], tmp_path, max_steps=2, lr=0.0)
+    imp = cb.importance()
+    for statistic in ("taylor", "activation_l2"):
+        config = PruneConfig(structure=structure, sparsity=0.5, unit_statistic=statistic)
+        message = _refused(model.eval(), imp, config, rf"unit_statistic='{statistic}' ranks by unit statistics")
+        assert "ImportanceConfig(units=True)" in message
+    report = prune_(model, imp, PruneConfig(structure=structure, sparsity=0.5), progress=False)  # the default ranks
+    assert report.structured["num_parameters"]["after"] < report.structured["num_parameters"]["before"]
