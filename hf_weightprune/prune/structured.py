@@ -305,7 +305,10 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     rule.check_round_to()
     scores = _scores(model, importance, config, axes)
     if "hidden" in axes:  # hidden pruning's module checks, before any other work
-        hidden_channel_cost(model)
+        try:
+            hidden_channel_cost(model)
+        except ValueError as e:  # name the axis, as for neurons and heads (its message alone names a layout)
+            raise ValueError(f"structure 'hidden' is not possible for {type(model).__name__}: {e}") from None
     if config.compensate == "refit" and not {"neurons", "heads"} & set(axes):  # "mean" is refused in _mean_inputs
         # Else it would be recorded in sparsity.json and the card although nothing was refitted.
         raise ValueError(f"compensate='refit' refits the consumers (down_proj / o_proj) of removed MLP neurons / KV "

@@ -147,3 +147,17 @@ def test_a_chosen_unit_statistic_the_importance_lacks_is_refused_before_any_chan
         assert "ImportanceConfig(units=True)" in message
     report = prune_(model, imp, PruneConfig(structure=structure, sparsity=0.5), progress=False)  # the default ranks
     assert report.structured["num_parameters"]["after"] < report.structured["num_parameters"]["before"]
+
+
+def test_hidden_channels_of_a_mixture_of_experts_model_are_refused_naming_the_axis(tmp_path):
+    # The message named only the layout ("Unsupported architecture ...: layer 0 `mlp` has modules ['experts', ...]"),
+    # not that the hidden axis is what the model cannot take (layers and heads of the same model work).
+    from hf_weightprune.testing import tiny_moe
+
+    model = tiny_moe("qwen3_moe", seed=0)
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda", units=True))
+    train(model, [cb], tmp_path, max_steps=1)
+    for structure in ("hidden", "layers,hidden"):
+        message = _refused(model.eval(), cb.importance(), PruneConfig(structure=structure, sparsity=0.25),
+                           r"^structure 'hidden' is not possible for Qwen3MoeForCausalLM: Unsupported architecture")
+        assert "['experts', 'gate']" in message
