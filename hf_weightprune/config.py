@@ -270,7 +270,7 @@ class PruneConfig(JsonConfigMixin):
                 "distillation): solve the asymmetric objective with this share of the correction, in [0, 1] (0.5 as "
                 "the schedule; None: the symmetric sweep). Prune that run's dense teacher (a gradual run's default: the model it started from)"})
     round_to: int | None = field(default=None, metadata={
-        "help": "structured: keep every width it cuts (intermediate_size, hidden_size) a multiple of this, e.g. 64 "
+        "help": "structured: keep every width it cuts (intermediate_size, hidden_size, an expert's) a multiple of this, e.g. 64 "
                 "or 128 for tensor cores and group-wise quantization kernels (None: any width the config accepts)"})
 
     def __post_init__(self):

@@ -426,6 +426,9 @@ def plan_budget(model: nn.Module, scores: dict, axes: tuple[str, ...], sizes: di
     if abs(left - target) > tolerance:
         raise ValueError(f"target_params={spec!r} cannot be met with {spent} within one step of its coarsest axis "
                          f"({tolerance:,} parameters): the nearest count it reaches is {left:,} for {target:,}")
+    if not any(best.values()):  # else a copy of the dense model would be saved and reported as pruned to the budget
+        raise ValueError(f"target_params={spec!r} keeps {target:,} of {count.before:,} parameters, nearer the dense model "
+                         f"than any prune with {spent} comes: nothing would be removed; give a smaller target_params")
     # What took it: the axes that did remove units (the filler may have ended at its dense size, a layer taking all).
     took = " and ".join(f"{_UNIT[b]}s" for b in axes if best[b])
     warnings = [f"target_params={spec!r}: structure axis {a!r} removes nothing: its smallest step ("

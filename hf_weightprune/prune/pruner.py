@@ -105,6 +105,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
         return report
     if config.structures and (importance.has_units or config.kind not in ("neurons", "heads")
                               or config.target_params is not None or config.compensate is not None
+                              or config.unit_statistic != "activation"  # a chosen statistic: refused there if missing
                               or (config.kind == "neurons" and has_experts(model))):
         return _prune_structures(model, importance, config, report)
     if config.kind in ("neurons", "heads"):

@@ -93,6 +93,10 @@ def _scores(model: nn.Module, importance: Importance, config: PruneConfig, axes:
     if missing:
         raise ValueError(f"structure {missing[0]!r} ranks by unit statistics, which this importance does not hold: "
                          "gather them with ImportanceConfig(units=True)")
+    if config.unit_statistic != "activation":  # the default falls back to per-weight scores; a chosen one must not
+        raise ValueError(f"unit_statistic={config.unit_statistic!r} ranks by unit statistics, which this importance "
+                         "does not hold: gather them with ImportanceConfig(units=True), or rank neurons and KV groups "
+                         "by their weights' scores with the default unit_statistic='activation'")
     n = len(decoder_layers(model))
     fn = {"neurons": neuron_scores, "heads": head_group_scores}
     return {a: {i: fn[a](model, importance.scores, i) for i in range(n)} for a in axes}
@@ -301,7 +305,14 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     rule.check_round_to()
     scores = _scores(model, importance, config, axes)
     if "hidden" in axes:  # hidden pruning's module checks, before any other work
-        hidden_channel_cost(model)
+        try:
+            hidden_channel_cost(model)
+        except ValueError as e:  # name the axis, as for neurons and heads (its message alone names a layout)
+            raise ValueError(f"structure 'hidden' is not possible for {type(model).__name__}: {e}") from None
+    if config.compensate == "refit" and not {"neurons", "heads"} & set(axes):  # "mean" is refused in _mean_inputs
+        # Else it would be recorded in sparsity.json and the card although nothing was refitted.
+        raise ValueError(f"compensate='refit' refits the consumers (down_proj / o_proj) of removed MLP neurons / KV "
+                         f"groups; structure {config.structure!r} removes neither: use compensate=None")
     if config.compensate in _REFITS and not importance.scorer.has_hessian:
         raise ValueError(f"compensate={config.compensate!r} needs input Hessians: importance from ImportanceConfig("
                          f"criterion='sparsegpt'), not {importance.criterion!r}")

@@ -317,7 +317,8 @@ def search_candidates(args: argparse.Namespace, config_cls) -> tuple:
 
     Returns:
         `tuple`: `(config, candidates)`: without `--search_structures` the flags' config and `None`; with it, the
-        first candidate and the list of all (`--round_to` only for those that cut a width, as `candidate_configs`).
+        first candidate and the list of all (`--round_to` only for those that cut a width, `--compensate` only for
+        those that remove MLP neurons or KV groups, as `candidate_configs`).
 
     Raises:
         ValueError: a config the flags make is refused, `--structure` given beside `--search_structures`, no
@@ -344,7 +345,12 @@ def search_candidates(args: argparse.Namespace, config_cls) -> tuple:
     def cut_widths(s: str) -> bool:  # --round_to rounds the candidates that cut a width; "layers", "heads" have none
         return bool(set(structure_parts(s) or ()) & set(WIDTH_AXES))
 
-    candidates = [config_from_flags(config_cls, {**flags, "structure": s, "round_to": flags.get("round_to")
-                                                 if cut_widths(s) else None}, renamed={"structure": "--search_structures"})
+    def serves(s: str) -> bool:  # --compensate makes up for removed neurons / KV groups, not hidden channels or layers
+        return bool(set(structure_parts(s) or ()) & {"neurons", "heads"})
+
+    candidates = [config_from_flags(config_cls, {**flags, "structure": s,
+                                                 "round_to": flags.get("round_to") if cut_widths(s) else None,
+                                                 "compensate": flags.get("compensate") if serves(s) else None},
+                                    renamed={"structure": "--search_structures"})
                   for s in args.search_structures]
     return candidates[0], candidates

@@ -123,6 +123,8 @@ def candidate_configs(base: PruneConfig, structures: Sequence[str | Sequence[str
     Returns:
         `list[PruneConfig]`: structures outer, statistics inner. `base.round_to` goes to every candidate that cuts a
         width (neurons, hidden); one of counts only (`"layers"`, `"heads"`) has nothing to round and gets `None`.
+        `base.compensate` likewise goes only to those that remove MLP neurons or KV groups (`"layers"` and
+        `"hidden"` alone get `None`: nothing of theirs is compensated).
 
     Raises:
         ValueError: a structure or statistic `PruneConfig` refuses (its one-line message).
@@ -131,7 +133,10 @@ def candidate_configs(base: PruneConfig, structures: Sequence[str | Sequence[str
     def round_to(structure) -> int | None:  # PruneConfig refuses round_to for a structure with no width to round
         return base.round_to if set(structure_parts(structure) or ()) & set(WIDTH_AXES) else None
 
-    return [dataclasses.replace(base, structure=s, unit_statistic=u, round_to=round_to(s))
+    def compensate(structure) -> str | None:  # prune_ refuses a compensation with no neuron or KV group to serve
+        return base.compensate if set(structure_parts(structure) or ()) & {"neurons", "heads"} else None
+
+    return [dataclasses.replace(base, structure=s, unit_statistic=u, round_to=round_to(s), compensate=compensate(s))
             for s in (structures or [base.structure]) for u in (unit_statistics or [base.unit_statistic])]
 
 

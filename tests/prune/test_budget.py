@@ -160,3 +160,20 @@ def test_a_budget_beyond_the_finest_axis_is_refused_before_any_change(newcomer):
     assert "\n" not in str(e.value)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert len(decoder_layers(model)) == 4
+
+
+@pytest.mark.parametrize("structure, target", [("layers", 0.95), ("neurons", 0.9999), ("layers,hidden,neurons", 0.9999)])
+def test_a_budget_nearer_the_dense_model_than_any_prune_is_refused_before_any_change(newcomer, structure, target):
+    # Such a budget was met by removing nothing: a copy of the dense model, saved and reported as pruned to it.
+    dense, imp = newcomer
+    model = copy.deepcopy(dense)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^target_params={target} keeps .* nothing would be removed") as e:
+        prune_(model, imp, PruneConfig(structure=structure, target_params=target), progress=False)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.config.to_dict() == dense.config.to_dict()
+    # one neuron per layer less is the smallest prune: a budget just below it still prunes
+    one = 57_632 - 4 * 3 * 32
+    report = prune_(copy.deepcopy(dense), imp, PruneConfig(structure="neurons", target_params=one), progress=False)
+    assert report.structured["num_parameters"]["after"] == one

@@ -103,3 +103,61 @@ def test_mean_compensation_adds_no_bias_before_a_depth_refusal(tmp_path):
     model.config.layer_types = ["full_attention"] * model.config.num_hidden_layers
     _refused(model, cb.importance(), PruneConfig(structure=("layers", "heads"), sparsity=0.5, compensate="mean"),
              "would reload as layer 0 with other attention kind")
+
+
+@pytest.mark.parametrize("structure", ["layers", "hidden"])
+def test_refit_for_a_structure_with_no_neuron_or_kv_group_is_refused_before_any_change(structure, tmp_path):
+    # Refit serves the consumers of removed neurons / KV groups only: before, a layers- or hidden-only prune with it
+    # ran, refitted nothing, and still wrote compensation "refit" into sparsity.json.
+    model, imp = _sparsegpt(tmp_path)
+    message = _refused(model, imp, PruneConfig(structure=structure, sparsity=0.25, compensate="refit"),
+                       rf"compensate='refit' refits the consumers .* structure '{structure}' removes neither")
+    assert message.endswith("use compensate=None")
+
+
+def test_search_candidates_get_the_compensation_only_where_it_serves(tmp_path):
+    # As round_to: one --compensate for every candidate, dropped for those it would be refused for (layers, hidden).
+    from hf_weightprune.tools.cli import build_parser
+    from hf_weightprune.tools.cli_args import search_candidates
+    from hf_weightprune.tools.search import candidate_configs
+
+    structures = ["layers", "hidden", "layers,neurons", "heads", "hidden,neurons"]
+    base = PruneConfig(structure="neurons", target_params=0.8, compensate="refit")
+    assert [c.compensate for c in candidate_configs(base, structures)] == [None, None, "refit", "refit", "refit"]
+    calibration = tmp_path / "train.txt"
+    calibration.write_text("In the beginning God created the heaven and the earth.\n")
+    args = build_parser().parse_args(["prune", "m", "--importance", "m", "--target_params", "0.8", "--compensate",
+                                      "refit", "--calibration", str(calibration), "--output_dir", "o",
+                                      "--search_structures", *structures])
+    _, candidates = search_candidates(args, PruneConfig)
+    assert [c.compensate for c in candidates] == [None, None, "refit", "refit", "refit"]
+
+
+@pytest.mark.parametrize("structure", ["neurons", "heads"])
+def test_a_chosen_unit_statistic_the_importance_lacks_is_refused_before_any_change(structure, tmp_path):
+    # Without unit statistics neurons and KV groups rank by their weights' scores: right for the default, but a
+    # unit_statistic asked for by name was silently replaced by that ranking (and sparsity.json recorded none).
+    model = tiny_llama(seed=1, num_hidden_layers=2)
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda"))
+    train(model, [cb], tmp_path, max_steps=2, lr=0.0)
+    imp = cb.importance()
+    for statistic in ("taylor", "activation_l2"):
+        config = PruneConfig(structure=structure, sparsity=0.5, unit_statistic=statistic)
+        message = _refused(model.eval(), imp, config, rf"unit_statistic='{statistic}' ranks by unit statistics")
+        assert "ImportanceConfig(units=True)" in message
+    report = prune_(model, imp, PruneConfig(structure=structure, sparsity=0.5), progress=False)  # the default ranks
+    assert report.structured["num_parameters"]["after"] < report.structured["num_parameters"]["before"]
+
+
+def test_hidden_channels_of_a_mixture_of_experts_model_are_refused_naming_the_axis(tmp_path):
+    # The message named only the layout ("Unsupported architecture ...: layer 0 `mlp` has modules ['experts', ...]"),
+    # not that the hidden axis is what the model cannot take (layers and heads of the same model work).
+    from hf_weightprune.testing import tiny_moe
+
+    model = tiny_moe("qwen3_moe", seed=0)
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda", units=True))
+    train(model, [cb], tmp_path, max_steps=1)
+    for structure in ("hidden", "layers,hidden"):
+        message = _refused(model.eval(), cb.importance(), PruneConfig(structure=structure, sparsity=0.25),
+                           r"^structure 'hidden' is not possible for Qwen3MoeForCausalLM: Unsupported architecture")
+        assert "['experts', 'gate']" in message
