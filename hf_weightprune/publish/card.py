@@ -19,9 +19,10 @@ from ..io_utils import atomic_write_text, check_arg_type, is_local_path
 from ..validation import parse_structure, structure_parts
 from . import card_text as T
 from .card_eval import eval_context
+from .card_lineage import achieved_units_text, lineage_context, statistics_source
+from .card_measured import buys_context, measured_text
 from .card_refs import references, tags
 from .card_schedule import schedule_context
-from .measure import measured_text
 
 CARD_FILE = "README.md"
 CARD_TEMPLATE = "pruned_model_card.md"
@@ -256,6 +257,10 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "reconstruction": sparsity.get("reconstruction"),
         "cross_term": T.offline_cross_context(sparsity),
         "allocation": sparsity.get("allocation") or "uniform",
+        "lineage": lineage_context(sparsity),
+        # appended to "gathered during training": an importance cut to a structured prune's kept units (the CLI's)
+        "stats_of": f" of {statistics_source(sparsity)}" if statistics_source(sparsity) else "",
+        "target_achieved": achieved_units_text(sparsity.get("structured"), sparsity.get("target_sparsity")),
         "target_sparsity_text": (T.structured_target_text(sparsity.get("structured"))
                                  or T.target_text(sparsity.get("target_sparsity"))
                                  # a structured sparsity is a share of units, not of weights
@@ -272,7 +277,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "module_table": (T.structured_module_table(folder, sparsity.get("structured"), structure) if structured
                          else T.module_table(sparsity["tensors"])),
         "routing": T.routing_rows(sparsity.get("routing")),
-        "measured": measured_text(sparsity.get("measured"), structured),
+        "measured": measured_text(sparsity.get("measured"), structured, sparsity),
         "buys": buys_context(sparsity),
         "search": search_text(sparsity.get("search")),
         "references": references(criterion, sparsity),
@@ -305,34 +310,6 @@ def _structure_words(sparsity: dict) -> tuple[str, str | None]:
     kept = [p for p in structure.split(",") if p not in changed.split(",")]
     label, _, detail = structure_info(changed)
     return label, f"{detail} ({T.structured_units(','.join(kept))} could also be removed; none were at this budget)"
-
-
-def buys_context(sparsity: dict) -> dict[str, str | None]:
-    """What "What the sparsity buys" may state beyond what the structure does, from recorded figures only.
-
-    Args:
-        sparsity (`dict`): the content of `sparsity.json`.
-
-    Returns:
-        `dict`: `size`, the parameters before and after (structured) and the weight files against the dense
-        checkpoint's when both were measured; `speed`, one sentence with the measured speed and memory ratios against
-        the dense model, or `None` when they were not measured (the card then claims no speed or memory gain).
-    """
-    count = (sparsity.get("structured") or {}).get("num_parameters") or {}
-    measured = sparsity.get("measured") or {}
-    files, dense = measured.get("weight_files"), measured.get("dense_weight_files")
-    size = [f"{count['before']:,} -> {count['after']:,} parameters"] if count.get("before") and count.get("after") else []
-    if files and dense and files.get("dtype") == dense.get("dtype"):
-        size.append(f"weight files {files['bytes'] / dense['bytes']:.2f}x the dense checkpoint's")
-    speed, ratios = measured.get("speed") or {}, (measured.get("speed") or {}).get("ratios") or {}
-    figures = [f"{what} {ratios[key]:.2f}x the dense model's" for key, what in (
-        ("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s"),
-        ("peak_rss_bytes", "peak resident memory"), ("peak_cuda_allocated_bytes", "peak CUDA memory"))
-        if isinstance(ratios.get(key), (int, float))]
-    # Ratios only: no "faster" or "less memory" that a measured slowdown would contradict.
-    text = (f"Measured on one {'CPU' if speed.get('device') == 'cpu' else 'GPU'} when it was saved (the figures "
-            f"above): {', '.join(figures)}; another runtime, batch or device can differ.") if figures else None
-    return {"size": "; ".join(size) or None, "speed": text}
 
 
 def training_context(training: Any, kind: str) -> dict[str, str] | None:
