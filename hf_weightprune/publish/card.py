@@ -203,8 +203,10 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     formula, reference = T.criterion_text(criterion)
     if structure == "experts":
         formula = T.EXPERTS_CRITERION
-    formula = T.unit_ranking_text(sparsity.get("structured"), T.changed_axes(sparsity.get("structured"), structure)) \
-        or formula
+    changed_axes = T.changed_axes(sparsity.get("structured"), structure)
+    ranking = T.weight_ranking_text(sparsity.get("structured"), changed_axes)
+    formula = T.unit_ranking_text(sparsity.get("structured"), changed_axes) or (f"{formula}; {ranking}" if ranking
+                                                                                  else formula)
     try:
         nm = parse_structure(structure)[1]
     except ValueError:

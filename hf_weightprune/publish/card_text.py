@@ -68,6 +68,32 @@ def unit_ranking_text(structured: dict | None, axes: str | None = None) -> str |
     return f"not used for the units, which are ranked by {what}" + (f" ({detail})" if detail else "")
 
 
+# What a unit sums without unit statistics (`prune/unit_scores.py`), in the card's words, per axis.
+_WEIGHT_SUMS = {"neurons": "MLP neurons over their gate and up rows and `down_proj` column",
+                "heads": "KV groups over their heads' q, k and v rows and `o_proj` columns"}
+
+
+def weight_ranking_text(structured: dict | None, axes: str) -> str | None:
+    """How a structured prune ranked its neurons or KV groups without unit statistics: by their weights' summed
+    scores under the criterion (the line beside the criterion's formula; [`unit_ranking_text`] words the other case).
+
+    Args:
+        structured (`dict`, *optional*): the `structured` entry of `sparsity.json`.
+        axes (`str`): the axes whose units were removed (`"neurons"`, `"neurons,heads"`).
+
+    Returns:
+        `str` or `None`: `None` when unit statistics ranked the units, or no neuron or KV group was removed.
+    """
+    if not structured or structured.get("unit_statistic") in _UNIT_STATISTICS \
+            or structured.get("unit") in ("expert", "expert_neuron"):  # experts: ranked by routing or per expert
+        return None
+    named = [_WEIGHT_SUMS[p] for p in axes.split(",") if p in _WEIGHT_SUMS]
+    if not named:
+        return None
+    return ("the units are ranked by their weights' scores under it, summed per unit (each tensor's scores divided by "
+            f"their mean first): {'; '.join(named)}")
+
+
 def unit_rankers(structured: dict | None, axes: str | None = None) -> list[str]:
     """The names of what ranked the removed units when unit statistics did (the card's Hub tags): the statistic for
     the widths, block influence for the layers of an activation statistic (as [`unit_ranking_text`] words it).
