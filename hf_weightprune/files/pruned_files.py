@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .._version import __version__
-from ..io_utils import check_arg_type
+from ..io_utils import check_arg_type, plural
 from . import safetensors_io as sio
 
 if TYPE_CHECKING:
@@ -225,7 +225,7 @@ def load_masks(path: str | os.PathLike, names: list[str] | None = None) -> dict[
     weight_map = sio.weight_map(path)
     missing = [n for n in names if n not in weight_map]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} tensors of {where} are not in the checkpoint (e.g. {missing[0]})")
+        raise ValueError(f"{path}: {plural(len(missing), 'tensor')} of {where} {'is' if len(missing) == 1 else 'are'} not in the checkpoint (e.g. {missing[0]})")
     out = {}
     for name in names:
         with safe_open(os.path.join(path, weight_map[name]), framework="pt") as f:

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .._version import __version__
 from ..files.pruned_files import SPARSITY_NAME, SWEEP_PNG, has_tokenizer, load_sparsity
-from ..io_utils import atomic_write_text, check_arg_type, is_local_path
+from ..io_utils import atomic_write_text, check_arg_type, is_local_path, plural
 from ..validation import parse_structure, structure_parts
 from . import card_text as T
 from .card_eval import eval_context
@@ -329,7 +329,7 @@ def training_context(training: Any, kind: str) -> dict[str, str] | None:
     if not isinstance(training, dict) or not all(isinstance(training.get(k), int) for k in ("steps", "tokens")):
         return None
     steps, tokens = training["steps"], training["tokens"]
-    text = (f"{steps:,} optimizer step{'s' if steps != 1 else ''}, {tokens:,} training tokens (padding excluded), "
+    text = (f"{plural(steps, 'optimizer step')}, {tokens:,} training tokens (padding excluded), "
             "counted while it trained")
     return {"label": "Training" if kind == "gradual" else "Recovery", "text": text}
 
@@ -359,9 +359,9 @@ def search_text(search: dict | None) -> str | None:
               "tokens, padding excluded, counted while each recovered)"
     else:  # written before the recovery was measured: the steps asked for
         steps = search.get("recovery_steps") or 0
-        how = f"after {steps} steps of recovery{distilled}" if steps else "one-shot"
+        how = f"after {plural(steps, 'step')} of recovery{distilled}" if steps else "one-shot"
     return (f"the shape was chosen by measured loss among {len(rows)} candidates of the same budget, each pruned and "
-            f"scored {how} by its mean loss on {search.get('windows')} windows of training text "
+            f"scored {how} by its mean loss on {plural(search.get('windows') or 0, 'window')} of training text "
             f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {rows[chosen]['loss']:.4f}"
             f"{params(rows[chosen])}, the lowest"
             + (f" (others: {'; '.join(others)})" if others else "") + f"; dense model {search.get('dense_loss'):.4f}")

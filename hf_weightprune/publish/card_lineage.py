@@ -72,7 +72,7 @@ def statistics_source(sparsity: dict[str, Any]) -> str | None:
 
 def achieved_units_text(structured: dict | None, target: Any) -> str | None:
     """The share of units a `sparsity` target actually removed, when it differs from the target (`round_to`, or a
-    count that cannot be met exactly): `"25.00% removed (112 -> 84 MLP neurons per layer)"`.
+    count that cannot be met exactly): `"25.00% of them (112 -> 84 MLP neurons per layer)"`.
 
     Args:
         structured (`dict`, *optional*): the `structured` entry of `sparsity.json`.
@@ -91,4 +91,4 @@ def achieved_units_text(structured: dict | None, target: Any) -> str | None:
     if f"{100 * achieved:.2f}" == f"{100 * float(target):.2f}":
         return None
     what = structured_units(structured.get("structure") or "")
-    return f"{100 * achieved:.2f}% removed ({before} -> {after} {what} per layer)"
+    return f"{100 * achieved:.2f}% of them ({before} -> {after} {what} per layer)"

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..files import safetensors_io as sio
 from ..files.pruned_files import SWEEP_JSON
-from ..io_utils import is_local_path, path_name
+from ..io_utils import is_local_path, path_name, plural
 from ..matching import parse_param_name
 from .card_eval import dataset_name, perplexity
 
@@ -301,9 +301,9 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
     elif cls is not None and cls.source == "activations" and tokens:
         unit = "sampled training step" if step else "forward pass"
         bits.append(f"inputs of every pruned layer summed over {int(tokens):,} tokens"
-                    + (f" in {_count(samples, unit)}" if samples else ""))
+                    + (f" in {plural(samples, unit)}" if samples else ""))
     elif samples is not None:
-        bits.append(_count(samples, "sampled training step"))
+        bits.append(plural(samples, "sampled training step"))
     if step:
         bits.append(f"up to step {step}")
     elif step == 0 and (cls is None or cls.source != "final"):
@@ -311,15 +311,11 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
     if settings.get("every_n_steps") and settings["every_n_steps"] != 1:
         bits.append(f"every {settings['every_n_steps']} steps")
     if settings.get("window"):
-        bits.append(f"window of {settings['window']} steps")
+        bits.append(f"window of {plural(settings['window'], 'step')}")
     if settings.get("weighting") == "step":
         bits.append("each sample weighted by its step t")
     return ", ".join(bits) or "statistics not recorded"
 
-
-def _count(n: int, unit: str) -> str:
-    """`n` with `unit` in the singular or plural ("1 forward pass", "3 sampled training steps")."""
-    return f"{n:,} {unit}" if n == 1 else f"{n:,} {unit}{'es' if unit.endswith('ss') else 's'}"
 
 
 def changed_axes(structured: dict | None, structure: str) -> str:
