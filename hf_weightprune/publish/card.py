@@ -349,8 +349,18 @@ def search_text(search: dict | None) -> str | None:
     def params(row):
         return f" at {row['num_parameters']:,} parameters" if isinstance(row.get("num_parameters"), int) else ""
 
-    others = [f"{label(r)} {r['loss']:.4f}{params(r)}" if r.get("skipped") is None
-              else f"{label(r)} skipped (the reason is in {SPARSITY_NAME})" for i, r in enumerate(rows) if i != chosen]
+    def other(row):
+        if row.get("skipped") is not None:
+            return f"{label(row)} skipped (the reason is in {SPARSITY_NAME})"
+        if isinstance(row.get("same_as"), int) and 0 <= row["same_as"] < len(rows):  # scored once, as that one
+            return f"{label(row)} the same pruned model as {label(rows[row['same_as']])}"
+        return f"{label(row)} {row['loss']:.4f}{params(row)}"
+
+    others = [other(r) for i, r in enumerate(rows) if i != chosen]
+    distinct = sum(1 for r in rows if r.get("skipped") is None and r.get("same_as") is None)
+    ties = [r for i, r in enumerate(rows) if i != chosen and r.get("skipped") is None and r.get("same_as") is None
+            and r.get("loss") == rows[chosen]["loss"]]
+    lowest = "the lowest" if not ties else f"the lowest, tied with {', '.join(map(label, ties))} (the first given)"
     distilled = " distilled from the dense model" if search.get("distillation") else ""
     ran = [t for t in (r.get("training") for r in rows)
            if isinstance(t, dict) and all(isinstance(t.get(k), int) for k in ("steps", "tokens"))]
@@ -360,10 +370,13 @@ def search_text(search: dict | None) -> str | None:
     else:  # written before the recovery was measured: the steps asked for
         steps = search.get("recovery_steps") or 0
         how = f"after {plural(steps, 'step')} of recovery{distilled}" if steps else "one-shot"
-    return (f"the shape was chosen by measured loss among {len(rows)} candidates of the same budget, each pruned and "
+    shapes = f" ({plural(distinct, 'distinct pruned model')})" if any(r.get("same_as") is not None for r in rows) \
+        else ""
+    return (f"the shape was chosen by measured loss among {plural(len(rows), 'candidate')}{shapes} of the same budget, "
+            "each pruned and "
             f"scored {how} by its mean loss on {plural(search.get('windows') or 0, 'window')} of training text "
             f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {rows[chosen]['loss']:.4f}"
-            f"{params(rows[chosen])}, the lowest"
+            f"{params(rows[chosen])}, {lowest}"
             + (f" (others: {'; '.join(others)})" if others else "") + f"; dense model {search.get('dense_loss'):.4f}")
 
 
