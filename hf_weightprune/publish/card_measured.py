@@ -9,8 +9,11 @@ from typing import Any
 
 
 def baseline_words(sparsity: dict | None) -> tuple[str, str]:
-    """How the card names the model the figures compare against: `("dense", "the dense")`, or, for a model pruned
-    from a pruned folder, `("for the input model", "the input")`.
+    """How the card names the model the figures compare against: `("dense", "the dense")` for a prune of a dense model;
+    for a model pruned from a pruned folder (`earlier_prunes`), by the baseline's recorded parameter count:
+    `("for the input model", "the input")` (also when no count is recorded: what `prune` and `prune_checkpoint`
+    measure beside), `("for the original dense model", "the original dense")`, else `("for the baseline", "the
+    baseline")`.
 
     Args:
         sparsity (`dict`, *optional*): the content of `sparsity.json`.
@@ -18,9 +21,17 @@ def baseline_words(sparsity: dict | None) -> tuple[str, str]:
     Returns:
         `tuple[str, str]`: the word after a figure (`"0.67 MB dense"`) and the one before `checkpoint's` / `model's`.
     """
-    if (sparsity or {}).get("earlier_prunes"):
+    chain = [e for e in (sparsity or {}).get("earlier_prunes") or [] if isinstance(e, dict)]
+    if not chain:
+        return "dense", "the dense"
+    measured = sparsity.get("measured") or {}
+    count = ((measured.get("dense_weight_files") or {}).get("num_parameters")
+             or ((measured.get("speed") or {}).get("dense") or {}).get("num_parameters"))
+    if count is None or count == (chain[-1].get("num_parameters") or {}).get("after"):
         return "for the input model", "the input"
-    return "dense", "the dense"
+    if count == (chain[0].get("num_parameters") or {}).get("before"):
+        return "for the original dense model", "the original dense"
+    return "for the baseline", "the baseline"
 
 
 def measured_text(measured: dict | None, structured: bool, sparsity: dict | None = None) -> str | None:

@@ -46,8 +46,9 @@ def weight_files(folder: str | os.PathLike) -> dict[str, Any]:
         folder (`str` or `os.PathLike`): a checkpoint folder (`model.safetensors` or a sharded index).
 
     Returns:
-        `dict[str, Any]`: `{"bytes": int, "dtype": str}`: the summed size of the files the checkpoint's weight map
-        names (headers included), and the floating dtype holding most of its elements (`"float32"`, `"bfloat16"`, ...).
+        `dict[str, Any]`: `{"bytes": int, "dtype": str, "num_parameters": int}`: the summed size of the files the
+        checkpoint's weight map names (headers included), the floating dtype holding most of its elements
+        (`"float32"`, `"bfloat16"`, ...), and the elements they store (a tied weight is stored once).
 
     Raises:
         FileNotFoundError: the folder holds no safetensors weights.
@@ -56,12 +57,17 @@ def weight_files(folder: str | os.PathLike) -> dict[str, Any]:
     folder = os.fspath(folder)
     shards = sorted(set(sio.weight_map(folder).values()))
     elements: dict[str, int] = {}
+    total = 0
     for shard in shards:
         for name, info in sio.read_header(os.path.join(folder, shard)).items():
-            if name != "__metadata__" and info["dtype"] in _TORCH_DTYPES:
-                elements[info["dtype"]] = elements.get(info["dtype"], 0) + math.prod(info["shape"])
+            if name != "__metadata__":
+                total += math.prod(info["shape"])
+                if info["dtype"] in _TORCH_DTYPES:
+                    elements[info["dtype"]] = elements.get(info["dtype"], 0) + math.prod(info["shape"])
     dtype = _TORCH_DTYPES[max(elements, key=elements.get)] if elements else None
-    return {"bytes": sum(os.path.getsize(os.path.join(folder, s)) for s in shards), "dtype": dtype}
+    # the parameters say which model the baseline was (the card names it: dense, or a pruned input)
+    return {"bytes": sum(os.path.getsize(os.path.join(folder, s)) for s in shards), "dtype": dtype,
+            "num_parameters": total}
 
 
 def _config_of(fn: str, name: str, value: Any):

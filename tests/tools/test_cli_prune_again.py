@@ -105,7 +105,8 @@ def test_a_re_pruned_model_records_its_chain_and_its_card_names_its_input(run, t
     for folder in (first, second):  # cut to the units each structured prune kept, in turn
         importance = importance.select(json.loads((folder / "sparsity.json").read_text()))
     report = prune_(model, importance, PruneConfig(structure="neurons", sparsity=0.5))
-    save_pruned(model, py, report=report)
+    save_pruned(model, py, report=report, baseline=run)  # the weight files beside the original dense model's
     chain = json.loads((py / "sparsity.json").read_text())["earlier_prunes"]
+    assert " MB for the original dense model (" in (py / "README.md").read_text()
     assert [e["structure"] for e in chain] == ["neurons", "neurons", "2:4"] and chain[-1]["folder"] == "../nm"
     assert chain[-1]["num_parameters"] == {"before": after, "after": after}  # zeros remove no parameter
