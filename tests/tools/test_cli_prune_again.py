@@ -58,7 +58,7 @@ def test_an_importance_of_the_pruned_model_is_used_as_is(run, tmp_path, capsys):
     assert trainer.state.global_step == 1
 
 
-def test_a_re_pruned_model_records_its_chain_and_its_card_names_its_input(run, tmp_path):
+def test_a_re_pruned_model_records_its_chain_and_its_card_names_its_input(run, tmp_path, capsys):
     """neurons, neurons again (CLI, in memory), then 2:4 (CLI, file to file), then neurons from Python: every output
     records the prunes before it, and its card names the input as pruned, with both shares and true statistics."""
     from hf_weightprune import load_importance, prune_, save_pruned
@@ -90,7 +90,17 @@ def test_a_re_pruned_model_records_its_chain_and_its_card_names_its_input(run, t
     assert "while the model the input was pruned from trained" in card and "cut to the weights and units" in card
     assert " for the input model (" in card  # the weight files beside the input's, not a "dense" one
 
+    capsys.readouterr()
     assert main(["prune", str(second), "--importance", str(run), "--structure", "2:4", "--output_dir", str(nm)]) == 0
+    # the dense statistics are cut through both structured prunes, not sliced by the last one's indices alone
+    assert "using the importance of the units it kept, through 1 earlier prune(s)" in capsys.readouterr().out
+    importance = load_importance(run)
+    for folder in (first, second):
+        importance = importance.select(json.loads((folder / "sparsity.json").read_text()))
+    expected = AutoModelForCausalLM.from_pretrained(second)
+    prune_(expected, importance, PruneConfig(structure="2:4"), progress=False)
+    got = AutoModelForCausalLM.from_pretrained(nm).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
     chain = json.loads((nm / "sparsity.json").read_text())["earlier_prunes"]
     assert [e["folder"] for e in chain] == ["../first", "../second"]
     assert [e["num_parameters"] for e in chain] == [{"before": dense, "after": mid}, {"before": mid, "after": after}]
@@ -101,9 +111,6 @@ def test_a_re_pruned_model_records_its_chain_and_its_card_names_its_input(run, t
 
     # the Python path: the model loaded from a pruned folder, the dense importance cut by the user
     model = AutoModelForCausalLM.from_pretrained(nm)
-    importance = load_importance(run)
-    for folder in (first, second):  # cut to the units each structured prune kept, in turn
-        importance = importance.select(json.loads((folder / "sparsity.json").read_text()))
     report = prune_(model, importance, PruneConfig(structure="neurons", sparsity=0.5))
     save_pruned(model, py, report=report, baseline=run)  # the weight files beside the original dense model's
     chain = json.loads((py / "sparsity.json").read_text())["earlier_prunes"]
