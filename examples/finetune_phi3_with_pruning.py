@@ -15,6 +15,7 @@ Three recipes, all with no calibration pass (the training run is the calibration
   steps trains densely while `ImportanceConfig(criterion="sparsegpt", units=True)` gathers the unit statistics
   (neurons, KV groups, hidden channels, layers) and the input Hessians; `prune_` removes units along `--structure`
   (default `layers,neurons`; any of neurons, heads, hidden, layers) down to `--target_params` of the parameters,
+  every width it cuts a multiple of `--round_to` (default 64: tensor cores and quantization kernels; 0 for any width),
   refitting the kept `down_proj` / `o_proj` columns by least squares (`compensate="refit"`); the rest of the steps
   recover by distillation from the dense model as it was at pruning, logits only (`hidden_weight=0`: the shapes
   differ). The smaller checkpoint is reloaded with stock `AutoModelForCausalLM` and generates with and without the
@@ -46,7 +47,7 @@ student)`, plus SquareHead's per-layer hidden-state loss (arXiv 2310.06927) with
 The structured recipe, 80% of the parameters kept as fewer decoder layers and MLP neurons:
 
     python examples/finetune_phi3_with_pruning.py --recipe structured --structure layers,neurons \\
-        --target_params 0.8 --output_dir out/phi3-tiny-smaller
+        --target_params 0.8 --round_to 64 --output_dir out/phi3-tiny-smaller
 """
 
 import argparse
@@ -103,6 +104,10 @@ def parse_args(argv=None):
                    "or several, comma-separated (default: layers,neurons)")
     p.add_argument("--target_params", type=float, default=0.8,
                    help="structured recipe: the fraction of the parameters to keep (default: %(default)s)")
+    p.add_argument("--round_to", type=int, default=64,
+                   help="structured recipe: keep every MLP / hidden width it cuts a multiple of this, for tensor cores "
+                   "and group-wise quantization kernels (Phi-3-mini's MLP is 8192 wide; 0: any width; default: "
+                   "%(default)s)")
     p.add_argument("--criterion", default=None, help="gradual recipe: default the library's (wanda, per-row scope)")
     p.add_argument("--no_dense_control", action="store_true",
                    help="skip the dense control run (same seed, data and steps, no pruning); the card then shows the "
@@ -217,8 +222,11 @@ def train_structured(args):
     run_trainer(args, model, head, stats, "statistics", first)
     dense = os.path.join(args.output_dir, "dense-at-pruning")  # the teacher (prune_ changes the model in place)
     model.save_pretrained(dense)
+    # only widths are rounded: a structure of layers or KV groups alone has none (PruneConfig refuses round_to there)
+    widths = {"neurons", "hidden"} & set(args.structure.split(","))
     report = prune_(model, stats.importance(), PruneConfig(structure=args.structure, target_params=args.target_params,
-                                                          compensate="refit"))
+                                                          compensate="refit", round_to=(args.round_to or None) if widths
+                                                          else None))
     params = report.structured["num_parameters"]
     print(f"structured prune ({args.structure}) after {first} steps: {params['before']:,} -> {params['after']:,} "
           f"parameters, config {report.structured['config']['after']}")

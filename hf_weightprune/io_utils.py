@@ -275,6 +275,20 @@ def is_local_path(value: Any) -> bool:
                                        or value.startswith(("./", "../", ".\\", "..\\")) or value in (".", ".."))
 
 
+def plural(n: int, unit: str) -> str:
+    """`n` with `unit` in the singular or plural: `"1 expert"`, `"3 experts"`, `"2 forward passes"` (a unit ending in
+    `s` takes `es`). The one plural rule of every message and card line that counts something.
+
+    Args:
+        n (`int`): the count (shown with thousands separators).
+        unit (`str`): the singular noun, possibly after words (`"KV group"`, `"sampled training step"`).
+
+    Returns:
+        `str`
+    """
+    return f"{n:,} {unit}" if n == 1 else f"{n:,} {unit}{'es' if unit.endswith('s') else 's'}"
+
+
 def path_name(path: str) -> str:
     """The last part of a POSIX or Windows path (`ntpath` splits on both separators)."""
     return ntpath.basename(ntpath.normpath(path))

@@ -247,7 +247,8 @@ class Importance:
                 `structured` dict, or the `sparsity.json` of the pruned checkpoint (its `structured` entry).
 
         Returns:
-            [`Importance`]: a new importance over the pruned model's shapes (tensors are sliced when read).
+            [`Importance`]: a new importance over the pruned model's shapes (tensors are sliced when read), with this
+            one's `path` and `meta["cut_to_kept_units"]` set (what `sparsity.json` records of it).
 
         Raises:
             `ValueError`: a report without a structured record, or without the per-axis removed units; a criterion
@@ -286,8 +287,9 @@ class Importance:
         # the cross term is not cut to the kept units: the selection drops it (and its section)
         sections = {k: v for k, v in self.sections.items()
                     if k != "cross" and (k != "router" or not kept.removed_layers)}
-        return Importance(self.config, {**self.meta, "tokens": tokens}, shapes, get_state, sections=sections,
-                          units=units)
+        # the same statistics, of the model before that prune: the path and a mark say so (`sparsity.json`, the card)
+        return Importance(self.config, {**self.meta, "tokens": tokens, "cut_to_kept_units": True}, shapes, get_state,
+                          path=self.path, sections=sections, units=units)
 
     def bind(self, model: nn.Module, weights: Mapping[str, Tensor] | None = None) -> Importance:
         """Validate against `model` and remember its weights (criteria such as `wanda` multiply by `|W|`).

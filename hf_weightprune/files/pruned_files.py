@@ -10,6 +10,7 @@ pruned folder ([`load_masks`], what `PruneSchedule(mode="hold")` holds) are read
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .._version import __version__
-from ..io_utils import check_arg_type
+from ..io_utils import check_arg_type, plural
 from . import safetensors_io as sio
 
 if TYPE_CHECKING:
@@ -78,6 +79,48 @@ def load_sparsity(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+def stored_num_parameters(folder: str | os.PathLike) -> int | None:
+    """The parameters a checkpoint folder stores, from its safetensors headers (no tensor is read; a tied weight is
+    stored, and counted, once); `None` when the folder holds no readable safetensors weights."""
+    try:
+        weight_map = sio.weight_map(folder)
+        headers = [sio.read_header(os.path.join(folder, shard)) for shard in sorted(set(weight_map.values()))]
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return sum(math.prod(v["shape"]) for h in headers for k, v in h.items() if k != "__metadata__")
+
+
+def earlier_prunes(folder: str | os.PathLike) -> list[dict[str, Any]] | None:
+    """The prunes a pruned folder went through, oldest first, as the `earlier_prunes` of a model pruned from it.
+
+    Each entry says what one prune removed: `structure`, `criterion`, `target_sparsity`, `global_sparsity` /
+    `model_sparsity` (shares of the model it pruned), `base_model`, `num_parameters` `{"before", "after"}` (equal for
+    an unstructured or N:M prune, which zeroes weights and removes none), and `config` (the sizes before and after a
+    structured prune, else `None`). The folder's own `earlier_prunes` come first (a chain of any length).
+
+    Args:
+        folder (`str` or `os.PathLike`): the model folder about to be pruned.
+
+    Returns:
+        `list[dict]` or `None`: `None` when the folder is not a pruned checkpoint (no or invalid `sparsity.json`).
+    """
+    try:
+        payload = load_sparsity(folder)
+    except (FileNotFoundError, ValueError):
+        return None
+    structured = payload.get("structured") if isinstance(payload.get("structured"), dict) else {}
+    count = structured.get("num_parameters") or {}
+    if not (isinstance(count.get("before"), int) and isinstance(count.get("after"), int)):
+        stored = stored_num_parameters(folder)  # zeroed in place: the folder stores as many as it was given
+        count = {"before": stored, "after": stored}
+    entry = {key: payload.get(key) for key in ("structure", "criterion", "target_sparsity", "global_sparsity",
+                                               "model_sparsity", "base_model")}
+    entry.update(num_parameters={"before": count["before"], "after": count["after"]},
+                 config=structured.get("config"))
+    earlier = [e for e in payload.get("earlier_prunes") or [] if isinstance(e, dict)]
+    return [*earlier, entry]
+
+
 def _absolute_importance(info: dict[str, Any] | None) -> dict[str, Any] | None:
     """`report.importance` with a local `path` made absolute: relative to the folder `prune` ran in, it broke
     `push --include_importance` from any other folder. Hub ids and missing paths are kept as given."""
@@ -131,6 +174,8 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         "measured": measured,
         "search": report.search,
         "refitted_at": report.refitted_at,
+        # filled in by `publish.provenance.complete_payload` when the model was pruned from a pruned folder
+        "earlier_prunes": None,
     }
 
 
@@ -180,7 +225,7 @@ def load_masks(path: str | os.PathLike, names: list[str] | None = None) -> dict[
     weight_map = sio.weight_map(path)
     missing = [n for n in names if n not in weight_map]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} tensors of {where} are not in the checkpoint (e.g. {missing[0]})")
+        raise ValueError(f"{path}: {plural(len(missing), 'tensor')} of {where} {'is' if len(missing) == 1 else 'are'} not in the checkpoint (e.g. {missing[0]})")
     out = {}
     for name in names:
         with safe_open(os.path.join(path, weight_map[name]), framework="pt") as f:

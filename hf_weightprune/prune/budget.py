@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..io_utils import plural
 from ..layouts import attn_geometry, decoder_layers, detect_layout
 from .hidden import hidden_channel_costs
 from .masks import num_to_prune
@@ -63,7 +64,7 @@ _UNIT = {"layers": "decoder layer", "heads": "KV group", "neurons": "neuron", "h
 
 def _units(axis: str, n: int) -> str:
     """`"1 KV group"`, `"4 hidden channels"`."""
-    return f"{n} {_UNIT[axis]}{'' if n == 1 else 's'}"
+    return plural(n, _UNIT[axis])
 
 
 def num_params(model: nn.Module) -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..collect.importance import Importance
+from ..io_utils import plural
 from ..moe import EXPERT_COUNT_KEYS, MoeBlock, find_moe_blocks
 from ..validation import check_sparsity
 from .masks import num_to_prune, unstructured_mask
@@ -123,11 +124,11 @@ def _check(model: nn.Module, blocks: list[MoeBlock], remove: Mapping[str, Sequen
         if left == 0:
             raise ValueError(f"{b.router_name}: removing all {b.num_experts} experts of the layer")
         if left < b.top_k:
-            raise ValueError(f"{b.router_name}: {left} experts left, fewer than top-k num_experts_per_tok={b.top_k}")
+            raise ValueError(f"{b.router_name}: {plural(left, 'expert')} left, fewer than top-k num_experts_per_tok={b.top_k}")
         for c in _configs(model):
             n_group = getattr(c, "n_group", None)
             if isinstance(n_group, int) and n_group > 1 and left % n_group:
-                raise ValueError(f"config.n_group: {left} experts left per layer is not a multiple of n_group={n_group}")
+                raise ValueError(f"config.n_group: {plural(left, 'expert')} left per layer is not a multiple of n_group={n_group}")
         _per_expert_tensors(b.experts, b.num_experts, b.experts_name)
         _per_expert_tensors(b.router, b.num_experts, b.router_name)
         counts[b.name] = sorted(idx)

@@ -113,10 +113,7 @@ def prune_(model: nn.Module, importance: Importance, config: PruneConfig | None 
 
         report.structured = prune_structured_(model, importance.scores, structure=config.kind,
                                               sparsity=config.sparsity)
-        units = report.structured["units_per_layer"]
-        if units["after"] == 1 < units["before"]:  # in range, so not refused (a sweep may go there); but say it
-            logger.warning("structure=%r at sparsity %g keeps 1 of %d units per decoder layer: the model is unlikely to "
-                           "be useful; lower the sparsity", config.kind, config.sparsity, units["before"])
+        _warn_one_unit_left(config, report.structured)
         params_count = report.structured["num_parameters"]
         report.global_sparsity = 1 - params_count["after"] / params_count["before"]
         report.model_sparsity = report.global_sparsity  # removed parameters over all of the model's, before
@@ -141,12 +138,31 @@ def _prune_structures(model: nn.Module, importance: Importance, config: PruneCon
     from .structured import prune_structures_
 
     report.structured = prune_structures_(model, importance, config)
+    _warn_one_unit_left(config, report.structured)
     params_count = report.structured["num_parameters"]
     report.global_sparsity = 1 - params_count["after"] / params_count["before"]
     report.model_sparsity = report.global_sparsity  # removed parameters over all of the model's, before
     if report.target_sparsity is None:  # a target_params budget: the share of parameters it removed
         report.target_sparsity = report.global_sparsity
     return report
+
+
+def _warn_one_unit_left(config: PruneConfig, structured: dict) -> None:
+    """Warn when a structured prune keeps a single MLP neuron or KV group per decoder layer: in range, so not refused
+    (a sweep may go there), but the model is unlikely to be useful. The same warning with or without unit statistics
+    (`_prune_structures` records per-axis counts, the per-weight path one `units_per_layer`)."""
+    axes = structured.get("axes") or {}
+    counts = {a: (axes[a].get("before"), axes[a].get("after")) for a in ("neurons", "heads") if a in axes}
+    if not counts and structured.get("units_per_layer"):
+        counts = {config.kind: (structured["units_per_layer"]["before"], structured["units_per_layer"]["after"])}
+    for axis, (before, after) in counts.items():
+        if isinstance(before, int) and after == 1 < before:
+            budget = (f"at sparsity {config.sparsity:g}" if config.target_params is None
+                      else f"at target_params {config.target_params:g}")
+            logger.warning("structure=%r %s keeps 1 of %d units per decoder layer (%s): the model is unlikely to be "
+                           "useful; lower the %s", config.structure, budget, before,
+                           "KV groups" if axis == "heads" else "MLP neurons",
+                           "sparsity" if config.target_params is None else "budget")
 
 
 def _warn_coverage(model: nn.Module, importance: Importance, names: list[str]) -> None:

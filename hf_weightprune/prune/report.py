@@ -28,6 +28,8 @@ def _importance_info(importance: Importance | None) -> dict[str, Any]:
         # Activation criteria count the real tokens each Linear saw (the same for every Linear of a run, barring
         # skipped samples): the card says tokens, not "snapshots" (a forward is one sample of many tokens).
         "tokens": max(importance.meta.get("tokens", {}).values(), default=None),
+        # gathered on the model before a structured prune, cut to the units it kept (`Importance.select`)
+        **({"cut_to_kept_units": True} if importance.meta.get("cut_to_kept_units") else {}),
     }
 
 

@@ -15,13 +15,14 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .._version import __version__
 from ..files.pruned_files import SPARSITY_NAME, SWEEP_PNG, has_tokenizer, load_sparsity
-from ..io_utils import atomic_write_text, check_arg_type, is_local_path
+from ..io_utils import atomic_write_text, check_arg_type, is_local_path, plural
 from ..validation import parse_structure, structure_parts
 from . import card_text as T
 from .card_eval import eval_context
+from .card_lineage import achieved_units_text, lineage_context, statistics_source
+from .card_measured import buys_context, measured_text
 from .card_refs import references, tags
 from .card_schedule import schedule_context
-from .measure import measured_text
 
 CARD_FILE = "README.md"
 CARD_TEMPLATE = "pruned_model_card.md"
@@ -202,8 +203,10 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
     formula, reference = T.criterion_text(criterion)
     if structure == "experts":
         formula = T.EXPERTS_CRITERION
-    formula = T.unit_ranking_text(sparsity.get("structured"), T.changed_axes(sparsity.get("structured"), structure)) \
-        or formula
+    changed_axes = T.changed_axes(sparsity.get("structured"), structure)
+    ranking = T.weight_ranking_text(sparsity.get("structured"), changed_axes)
+    formula = T.unit_ranking_text(sparsity.get("structured"), changed_axes) or (f"{formula}; {ranking}" if ranking
+                                                                                  else formula)
     try:
         nm = parse_structure(structure)[1]
     except ValueError:
@@ -256,6 +259,10 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "reconstruction": sparsity.get("reconstruction"),
         "cross_term": T.offline_cross_context(sparsity),
         "allocation": sparsity.get("allocation") or "uniform",
+        "lineage": lineage_context(sparsity),
+        # appended to "gathered during training": an importance cut to a structured prune's kept units (the CLI's)
+        "stats_of": f" of {statistics_source(sparsity)}" if statistics_source(sparsity) else "",
+        "target_achieved": achieved_units_text(sparsity.get("structured"), sparsity.get("target_sparsity")),
         "target_sparsity_text": (T.structured_target_text(sparsity.get("structured"))
                                  or T.target_text(sparsity.get("target_sparsity"))
                                  # a structured sparsity is a share of units, not of weights
@@ -272,7 +279,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "module_table": (T.structured_module_table(folder, sparsity.get("structured"), structure) if structured
                          else T.module_table(sparsity["tensors"])),
         "routing": T.routing_rows(sparsity.get("routing")),
-        "measured": measured_text(sparsity.get("measured"), structured),
+        "measured": measured_text(sparsity.get("measured"), structured, sparsity),
         "buys": buys_context(sparsity),
         "search": search_text(sparsity.get("search")),
         "references": references(criterion, sparsity),
@@ -307,34 +314,6 @@ def _structure_words(sparsity: dict) -> tuple[str, str | None]:
     return label, f"{detail} ({T.structured_units(','.join(kept))} could also be removed; none were at this budget)"
 
 
-def buys_context(sparsity: dict) -> dict[str, str | None]:
-    """What "What the sparsity buys" may state beyond what the structure does, from recorded figures only.
-
-    Args:
-        sparsity (`dict`): the content of `sparsity.json`.
-
-    Returns:
-        `dict`: `size`, the parameters before and after (structured) and the weight files against the dense
-        checkpoint's when both were measured; `speed`, one sentence with the measured speed and memory ratios against
-        the dense model, or `None` when they were not measured (the card then claims no speed or memory gain).
-    """
-    count = (sparsity.get("structured") or {}).get("num_parameters") or {}
-    measured = sparsity.get("measured") or {}
-    files, dense = measured.get("weight_files"), measured.get("dense_weight_files")
-    size = [f"{count['before']:,} -> {count['after']:,} parameters"] if count.get("before") and count.get("after") else []
-    if files and dense and files.get("dtype") == dense.get("dtype"):
-        size.append(f"weight files {files['bytes'] / dense['bytes']:.2f}x the dense checkpoint's")
-    speed, ratios = measured.get("speed") or {}, (measured.get("speed") or {}).get("ratios") or {}
-    figures = [f"{what} {ratios[key]:.2f}x the dense model's" for key, what in (
-        ("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s"),
-        ("peak_rss_bytes", "peak resident memory"), ("peak_cuda_allocated_bytes", "peak CUDA memory"))
-        if isinstance(ratios.get(key), (int, float))]
-    # Ratios only: no "faster" or "less memory" that a measured slowdown would contradict.
-    text = (f"Measured on one {'CPU' if speed.get('device') == 'cpu' else 'GPU'} when it was saved (the figures "
-            f"above): {', '.join(figures)}; another runtime, batch or device can differ.") if figures else None
-    return {"size": "; ".join(size) or None, "speed": text}
-
-
 def training_context(training: Any, kind: str) -> dict[str, str] | None:
     """The card's line on how long the model trained, from the `training` entry of `sparsity.json` (`None` without
     one, as in files written before it existed).
@@ -350,7 +329,7 @@ def training_context(training: Any, kind: str) -> dict[str, str] | None:
     if not isinstance(training, dict) or not all(isinstance(training.get(k), int) for k in ("steps", "tokens")):
         return None
     steps, tokens = training["steps"], training["tokens"]
-    text = (f"{steps:,} optimizer step{'s' if steps != 1 else ''}, {tokens:,} training tokens (padding excluded), "
+    text = (f"{plural(steps, 'optimizer step')}, {tokens:,} training tokens (padding excluded), "
             "counted while it trained")
     return {"label": "Training" if kind == "gradual" else "Recovery", "text": text}
 
@@ -370,8 +349,18 @@ def search_text(search: dict | None) -> str | None:
     def params(row):
         return f" at {row['num_parameters']:,} parameters" if isinstance(row.get("num_parameters"), int) else ""
 
-    others = [f"{label(r)} {r['loss']:.4f}{params(r)}" if r.get("skipped") is None
-              else f"{label(r)} skipped (the reason is in {SPARSITY_NAME})" for i, r in enumerate(rows) if i != chosen]
+    def other(row):
+        if row.get("skipped") is not None:
+            return f"{label(row)} skipped (the reason is in {SPARSITY_NAME})"
+        if isinstance(row.get("same_as"), int) and 0 <= row["same_as"] < len(rows):  # scored once, as that one
+            return f"{label(row)} the same pruned model as {label(rows[row['same_as']])}"
+        return f"{label(row)} {row['loss']:.4f}{params(row)}"
+
+    others = [other(r) for i, r in enumerate(rows) if i != chosen]
+    distinct = sum(1 for r in rows if r.get("skipped") is None and r.get("same_as") is None)
+    ties = [r for i, r in enumerate(rows) if i != chosen and r.get("skipped") is None and r.get("same_as") is None
+            and r.get("loss") == rows[chosen]["loss"]]
+    lowest = "the lowest" if not ties else f"the lowest, tied with {', '.join(map(label, ties))} (the first given)"
     distilled = " distilled from the dense model" if search.get("distillation") else ""
     ran = [t for t in (r.get("training") for r in rows)
            if isinstance(t, dict) and all(isinstance(t.get(k), int) for k in ("steps", "tokens"))]
@@ -380,11 +369,14 @@ def search_text(search: dict | None) -> str | None:
               "tokens, padding excluded, counted while each recovered)"
     else:  # written before the recovery was measured: the steps asked for
         steps = search.get("recovery_steps") or 0
-        how = f"after {steps} steps of recovery{distilled}" if steps else "one-shot"
-    return (f"the shape was chosen by measured loss among {len(rows)} candidates of the same budget, each pruned and "
-            f"scored {how} by its mean loss on {search.get('windows')} windows of training text "
+        how = f"after {plural(steps, 'step')} of recovery{distilled}" if steps else "one-shot"
+    shapes = f" ({plural(distinct, 'distinct pruned model')})" if any(r.get("same_as") is not None for r in rows) \
+        else ""
+    return (f"the shape was chosen by measured loss among {plural(len(rows), 'candidate')}{shapes} of the same budget, "
+            "each pruned and "
+            f"scored {how} by its mean loss on {plural(search.get('windows') or 0, 'window')} of training text "
             f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {rows[chosen]['loss']:.4f}"
-            f"{params(rows[chosen])}, the lowest"
+            f"{params(rows[chosen])}, {lowest}"
             + (f" (others: {'; '.join(others)})" if others else "") + f"; dense model {search.get('dense_loss'):.4f}")
 
 

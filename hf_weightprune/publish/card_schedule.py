@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..io_utils import plural
+
 
 def schedule_context(sparsity: dict) -> dict | None:
     """The schedule recorded in `sparsity.json` as `{"text": ...}` for the card, when it has everything the card says:
@@ -41,7 +43,7 @@ def schedule_context(sparsity: dict) -> dict | None:
                 "sparsity from statistics gathered after the layers before it were pruned")
     else:
         text = (f"gradual pruning from {100 * schedule['initial_sparsity']:.1f}% to "
-                f"{100 * schedule['final_sparsity']:.1f}% sparsity {span}, every {schedule['every_n_steps']} steps, "
+                f"{100 * schedule['final_sparsity']:.1f}% sparsity {span}, every {_every(schedule['every_n_steps'])}, "
                 f"{schedule['ramp']} ramp")
     # `cross_term`: the sentence names GPTAQ / QEP, whose papers the references then list
     return {"text": text + "".join(_pruned_stream_text(schedule, refit)), "cross_term": _names_cross_term(schedule)}
@@ -108,3 +110,8 @@ def _cross_detail(schedule: dict) -> str:
 def _at(point: Any) -> str:
     """A schedule's step (int) or fraction of training (float), in the card's words."""
     return f"step {point}" if isinstance(point, int) else f"{100 * point:g}% of training"
+
+
+def _every(n: int) -> str:
+    """`"step"` for 1 (every step), else `"10 steps"`."""
+    return "step" if n == 1 else plural(n, "step")

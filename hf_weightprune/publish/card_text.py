@@ -13,7 +13,7 @@ from typing import Any
 
 from ..files import safetensors_io as sio
 from ..files.pruned_files import SWEEP_JSON
-from ..io_utils import is_local_path, path_name
+from ..io_utils import is_local_path, path_name, plural
 from ..matching import parse_param_name
 from .card_eval import dataset_name, perplexity
 
@@ -66,6 +66,32 @@ def unit_ranking_text(structured: dict | None, axes: str | None = None) -> str |
     if named and paper:
         detail = f"{paper}: {detail}"
     return f"not used for the units, which are ranked by {what}" + (f" ({detail})" if detail else "")
+
+
+# What a unit sums without unit statistics (`prune/unit_scores.py`), in the card's words, per axis.
+_WEIGHT_SUMS = {"neurons": "MLP neurons over their gate and up rows and `down_proj` column",
+                "heads": "KV groups over their heads' q, k and v rows and `o_proj` columns"}
+
+
+def weight_ranking_text(structured: dict | None, axes: str) -> str | None:
+    """How a structured prune ranked its neurons or KV groups without unit statistics: by their weights' summed
+    scores under the criterion (the line beside the criterion's formula; [`unit_ranking_text`] words the other case).
+
+    Args:
+        structured (`dict`, *optional*): the `structured` entry of `sparsity.json`.
+        axes (`str`): the axes whose units were removed (`"neurons"`, `"neurons,heads"`).
+
+    Returns:
+        `str` or `None`: `None` when unit statistics ranked the units, or no neuron or KV group was removed.
+    """
+    if not structured or structured.get("unit_statistic") in _UNIT_STATISTICS \
+            or structured.get("unit") in ("expert", "expert_neuron"):  # experts: ranked by routing or per expert
+        return None
+    named = [_WEIGHT_SUMS[p] for p in axes.split(",") if p in _WEIGHT_SUMS]
+    if not named:
+        return None
+    return ("the units are ranked by their weights' scores under it, summed per unit (each tensor's scores divided by "
+            f"their mean first): {'; '.join(named)}")
 
 
 def unit_rankers(structured: dict | None, axes: str | None = None) -> list[str]:
@@ -275,9 +301,9 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
     elif cls is not None and cls.source == "activations" and tokens:
         unit = "sampled training step" if step else "forward pass"
         bits.append(f"inputs of every pruned layer summed over {int(tokens):,} tokens"
-                    + (f" in {_count(samples, unit)}" if samples else ""))
+                    + (f" in {plural(samples, unit)}" if samples else ""))
     elif samples is not None:
-        bits.append(_count(samples, "sampled training step"))
+        bits.append(plural(samples, "sampled training step"))
     if step:
         bits.append(f"up to step {step}")
     elif step == 0 and (cls is None or cls.source != "final"):
@@ -285,15 +311,11 @@ def importance_summary(importance: dict | None, criterion: str | None) -> str:
     if settings.get("every_n_steps") and settings["every_n_steps"] != 1:
         bits.append(f"every {settings['every_n_steps']} steps")
     if settings.get("window"):
-        bits.append(f"window of {settings['window']} steps")
+        bits.append(f"window of {plural(settings['window'], 'step')}")
     if settings.get("weighting") == "step":
         bits.append("each sample weighted by its step t")
     return ", ".join(bits) or "statistics not recorded"
 
-
-def _count(n: int, unit: str) -> str:
-    """`n` with `unit` in the singular or plural ("1 forward pass", "3 sampled training steps")."""
-    return f"{n:,} {unit}" if n == 1 else f"{n:,} {unit}{'es' if unit.endswith('ss') else 's'}"
 
 
 def changed_axes(structured: dict | None, structure: str) -> str:

@@ -76,7 +76,8 @@ def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
     works from any folder; absolute by earlier versions); on the Hub such a path means nothing (an absolute one names
     the uploader's disk: user name, folders). The importance `path` becomes
     `importance` (the repo's folder) when the statistics are uploaded, else `null`; a hold schedule's `masks_from`,
-    the distillation teacher and the evaluation text keep only their file or folder name; a local `base_model` becomes `null`. Hub ids are
+    the distillation teacher, the evaluation text and the folders of `earlier_prunes` keep only their file or folder
+    name; a local `base_model` (also of an earlier prune) becomes `null`. Hub ids are
     kept as the user gave them.
     """
     hub = dict(sparsity)
@@ -94,6 +95,11 @@ def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
         hub["eval"] = eval_record(evaluation)  # older versions recorded a local file's path
     if is_local_path(sparsity.get("base_model")):
         hub["base_model"] = None
+    if isinstance(sparsity.get("earlier_prunes"), list):  # the folders a re-pruned model came from: names only
+        hub["earlier_prunes"] = [
+            {**e, "folder": path_name(e["folder"]) if is_local_path(e.get("folder")) else e.get("folder"),
+             "base_model": None if is_local_path(e.get("base_model")) else e.get("base_model")}
+            if isinstance(e, dict) else e for e in sparsity["earlier_prunes"]]
     return hub
 
 

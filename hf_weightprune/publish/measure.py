@@ -46,8 +46,9 @@ def weight_files(folder: str | os.PathLike) -> dict[str, Any]:
         folder (`str` or `os.PathLike`): a checkpoint folder (`model.safetensors` or a sharded index).
 
     Returns:
-        `dict[str, Any]`: `{"bytes": int, "dtype": str}`: the summed size of the files the checkpoint's weight map
-        names (headers included), and the floating dtype holding most of its elements (`"float32"`, `"bfloat16"`, ...).
+        `dict[str, Any]`: `{"bytes": int, "dtype": str, "num_parameters": int}`: the summed size of the files the
+        checkpoint's weight map names (headers included), the floating dtype holding most of its elements
+        (`"float32"`, `"bfloat16"`, ...), and the elements they store (a tied weight is stored once).
 
     Raises:
         FileNotFoundError: the folder holds no safetensors weights.
@@ -56,12 +57,17 @@ def weight_files(folder: str | os.PathLike) -> dict[str, Any]:
     folder = os.fspath(folder)
     shards = sorted(set(sio.weight_map(folder).values()))
     elements: dict[str, int] = {}
+    total = 0
     for shard in shards:
         for name, info in sio.read_header(os.path.join(folder, shard)).items():
-            if name != "__metadata__" and info["dtype"] in _TORCH_DTYPES:
-                elements[info["dtype"]] = elements.get(info["dtype"], 0) + math.prod(info["shape"])
+            if name != "__metadata__":
+                total += math.prod(info["shape"])
+                if info["dtype"] in _TORCH_DTYPES:
+                    elements[info["dtype"]] = elements.get(info["dtype"], 0) + math.prod(info["shape"])
     dtype = _TORCH_DTYPES[max(elements, key=elements.get)] if elements else None
-    return {"bytes": sum(os.path.getsize(os.path.join(folder, s)) for s in shards), "dtype": dtype}
+    # the parameters say which model the baseline was (the card names it: dense, or a pruned input)
+    return {"bytes": sum(os.path.getsize(os.path.join(folder, s)) for s in shards), "dtype": dtype,
+            "num_parameters": total}
 
 
 def _config_of(fn: str, name: str, value: Any):
@@ -402,49 +408,3 @@ def measured_section(folder: str | os.PathLike, *, dense_folder: str | os.PathLi
     return {"weight_files": weight_files(folder),
             "dense_weight_files": weight_files(dense_folder) if dense_folder is not None else None,
             "speed": speed}
-
-
-def measured_text(measured: dict | None, structured: bool) -> str | None:
-    """The card's statement of `sparsity.json`'s `measured` section (kept beside its writer, so that both name the
-    same keys): the weight files (always recorded), the speed and memory beside the dense model when measured.
-
-    Args:
-        measured (`dict`, *optional*): the section, as [`measured_section`] wrote it.
-        structured (`bool`): a structured prune (equal file sizes are then not explained by stored zeros).
-
-    Returns:
-        `str` or `None`: one paragraph; `None` for a folder written before the section existed. Nothing is stated
-        that the section does not record.
-    """
-    files = (measured or {}).get("weight_files")
-    mb, tokens = (lambda n: f"{n / 1e6:,.2f} MB"), (lambda v: f"{v:,.0f} tokens/s")
-    if not files:
-        return None
-    dense, speed = measured.get("dense_weight_files"), measured.get("speed")
-    weights = f"Weight files: {mb(files['bytes'])}"
-    if dense and files["bytes"] == dense["bytes"]:
-        weights += ", the same as the dense checkpoint's" + ("" if structured else " (the zeros are stored)")
-    elif dense:
-        weights += f" vs {mb(dense['bytes'])} dense ({files['bytes'] / dense['bytes']:.2f}x)" + (
-            f" (stored as {files['dtype']}, the dense checkpoint as {dense['dtype']})"
-            if files.get("dtype") != dense.get("dtype") else "")
-    if not speed:
-        return weights + "."
-    pruned, base, ratios, n = speed["pruned"], speed.get("dense"), speed.get("ratios") or {}, speed["threads"]
-
-    def figure(key: str, show) -> str:  # a speed by its median (the runs' range beside it), a peak as it is
-        one = (lambda f: show(f[key]["median"]) + f" ({f[key]['min']:,.0f} to {f[key]['max']:,.0f})"  # noqa: E731
-               if isinstance(f[key], dict) else show(f[key]))
-        return one(pruned) + (f" vs {one(base)} dense ({ratios[key]:.2f}x)" if base else "")
-
-    where = f"{speed['device_name']} " + (f"CPU, {n} thread{'s' * (n != 1)}" if speed["device"] == "cpu" else "GPU")
-    parts = [f"prefill of 1 x {speed['seq_len']} tokens without cache {figure('prefill_tokens_per_s', tokens)}",
-             f"greedy decode of {speed['new_tokens']} tokens with the KV cache {figure('decode_tokens_per_s', tokens)}"]
-    memory = next((k for k in ("peak_rss_bytes", "peak_cuda_allocated_bytes") if k in pruned), None)
-    if memory:  # none could be read on Windows
-        what = "CUDA memory allocated" if memory == "peak_cuda_allocated_bytes" else "resident memory"
-        parts.append(f"peak {what} ({speed['memory_measure']}) of a process that loads the model and runs the "
-                     f"same prefill and decode {figure(memory, mb)}")
-    alternating = " alternating with the dense model" if base else ""
-    return (f"Measured when it was saved, on one {where} (torch {speed['torch_version'].split('+')[0]}, "
-            f"{speed['dtype']}, median (range) of {speed['repeats']} runs{alternating}): {'; '.join(parts)}. {weights}.")

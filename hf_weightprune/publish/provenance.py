@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, try_to_load_from_cache
 
-from ..files.pruned_files import SPARSITY_NAME
+from ..files.pruned_files import SPARSITY_NAME, earlier_prunes
 from ..io_utils import is_local_path, path_name
 from .card_eval import eval_record
 
@@ -198,6 +198,8 @@ def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | 
       the pruned folder names no one's home directory, and `push --include_importance` still finds the statistics
       from it. A local evaluation file is recorded by its file name, marked local (`card_eval.eval_record`): the
       card's model-index names Hub dataset ids only.
+    - A model pruned from a pruned folder records that folder's prunes, oldest first, as `earlier_prunes`
+      (`files.pruned_files.earlier_prunes`), so its card can name its input and the original dense model's count.
 
     Args:
         payload (`dict`): what `sparsity_dict` returned.
@@ -234,7 +236,28 @@ def complete_payload(payload: dict[str, Any], output_dir: str, *, source: str | 
     evaluation = out.get("eval")
     if isinstance(evaluation, dict):
         out["eval"] = eval_record(evaluation)
+    chain = _chain(source, output_dir, held_from=(schedule or {}).get("masks_from") if held is not None else None)
+    if chain:
+        out["earlier_prunes"] = chain
     return out
+
+
+def _chain(source: str | None, output_dir: str, held_from: str | None) -> list[dict[str, Any]] | None:
+    """The prunes the model went through before this one (`files.pruned_files.earlier_prunes` of its source folder),
+    each entry's local `folder` recorded relative to `output_dir`. A hold recovery of the folder its masks came from
+    re-records that prune, not a new one: only the folder's own earlier prunes are earlier then."""
+    if not source or not os.path.isdir(source):
+        return None
+    chain = earlier_prunes(source)
+    if chain is None:
+        return None
+    # the source's own records are relative to it; this prune's input is the source itself
+    inherited = [{**e, "folder": resolve_record(e.get("folder"), source)} for e in chain[:-1]]
+    same = held_from is not None and os.path.realpath(held_from) == os.path.realpath(source)
+    chain = inherited + ([] if same else [{**chain[-1], "folder": os.path.abspath(source)}])
+    return [{**e, "folder": relative_record(e["folder"], output_dir)
+             if isinstance(e.get("folder"), str) and os.path.isdir(e["folder"]) else e.get("folder")}
+            for e in chain] or None
 
 
 def trainer_output_around(output_dir: str | os.PathLike) -> str | None:

@@ -26,7 +26,7 @@ from .cli_args import (
     search_candidates,
     show_progress,
 )
-from .model_io import check_model_dir, load_model
+from .model_io import check_model_dir, importance_for_checkpoint, load_model
 
 # The one-shot baselines `sweep` knows (`oneshot.ONESHOT_CRITERIA`, which imports torch; a test keeps them equal).
 _ONESHOT_CRITERIA = ("magnitude", "wanda")
@@ -80,8 +80,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             importance_dir = None  # load_importance below says what is missing
     check_output_dir(args.output_dir, input_dirs=[args.model_dir], importance_dirs=[importance_dir],
                      overwrite=args.overwrite, arg="--output_dir", overwrite_hint="--overwrite")
-    importance = _for_structured_checkpoint(load_importance(args.importance, name=args.importance_name),
-                                            args.model_dir)
+    importance = importance_for_checkpoint(load_importance(args.importance, name=args.importance_name),
+                                           args.model_dir)
     from ..files.safetensors_io import find_weights_file, weight_map
     from ..moe import experts_stored_fused
 
@@ -114,28 +114,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 # the dense folder's weight files are recorded beside the pruned ones, as `prune_checkpoint` does
                 baseline=args.model_dir if args.measure_speed or safetensors_dir else None)
     return _saved(report, args)
-
-
-def _for_structured_checkpoint(importance, model_dir: str):
-    """The importance to prune `model_dir` with: a dense run's importance, for a checkpoint a structured prune shrank,
-    is restricted to the units its `sparsity.json` says were kept (`Importance.select`); any other is returned as is
-    (`prune_` refuses a mismatch, naming `Importance.select`)."""
-    from ..files.pruned_files import NotAPrunedCheckpointError, load_sparsity
-    from ..files.safetensors_io import checkpoint_weights
-
-    try:
-        record = load_sparsity(model_dir).get("structured")
-    except NotAPrunedCheckpointError:
-        return importance
-    if not isinstance(record, dict) or "axes" not in record:
-        return importance
-    try:
-        checkpoint_weights(model_dir, importance.shapes)  # headers only: already this checkpoint's shapes?
-        return importance
-    except (ValueError, FileNotFoundError):
-        pass
-    print(f"{model_dir} was pruned structurally ({record.get('structure')}): using the importance of the units it kept")
-    return importance.select(record)
 
 
 def _saved(report, args) -> int:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..io_utils import plural
+
 if TYPE_CHECKING:
     import datasets
     import torch
@@ -190,7 +192,7 @@ def make_windows(
             break
 
     if len(stream) < seq_len:
-        raise ValueError(f"The texts give {len(stream)} tokens, fewer than seq_len={seq_len}.")
+        raise ValueError(f"The texts give {plural(len(stream), 'token')}, fewer than seq_len={seq_len}.")
     starts = range(0, len(stream) - seq_len + 1, stride)
     if max_windows is not None:
         starts = starts[:max_windows]

@@ -5,12 +5,13 @@ tokenizer saved with it, only where there is one (every command that reads a tok
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["check_model_dir", "load_model", "load_tokenizer"]
+__all__ = ["check_model_dir", "importance_for_checkpoint", "load_model", "load_tokenizer"]
 
 
 def check_model_dir(path: str, flag: str) -> None:
@@ -78,3 +79,82 @@ def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase | No
         if files is not None and not files & set(TOKENIZER_VOCAB_FILES):
             return None
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+def importance_for_checkpoint(importance, model_dir: str):
+    """The importance to prune `model_dir` with. One that already has the checkpoint's shapes (statistics of this model,
+    a recovery run's) is returned as is. One of a model before its structured prunes (a dense run's) is cut to the
+    units each of those prunes kept (`Importance.select`), in order: from the prune whose input sizes the importance
+    has, through the folders `earlier_prunes` records, to `model_dir`'s own. Any other is returned as is (`prune_`
+    refuses the mismatch, naming `Importance.select`).
+
+    Args:
+        importance (`Importance`): as loaded.
+        model_dir (`str`): the model folder (or Hub id) about to be pruned.
+
+    Returns:
+        `Importance`
+
+    Raises:
+        ValueError: the importance has the sizes of an earlier model of the chain whose folder (and so the units its
+            prune kept) is gone.
+    """
+    from ..files.pruned_files import load_sparsity
+    from ..files.safetensors_io import checkpoint_weights
+    from ..publish.provenance import resolve_record
+
+    try:
+        payload = load_sparsity(model_dir)
+    except (FileNotFoundError, ValueError):
+        return importance
+    record = payload.get("structured")
+    if not isinstance(record, dict) or "axes" not in record:
+        return importance
+    try:
+        checkpoint_weights(model_dir, importance.shapes)  # headers only: already this checkpoint's shapes?
+        return importance
+    except (ValueError, FileNotFoundError):
+        pass
+    chain = [(e, resolve_record(e.get("folder"), model_dir)) for e in payload.get("earlier_prunes") or []
+             if isinstance(e, dict) and isinstance(e.get("config"), dict)]
+    records: list[tuple[Any, Any]] = [*chain, ({"config": record.get("config")}, model_dir)]
+    sizes = _sizes(importance.shapes)
+    start = next((i for i, (entry, _) in enumerate(records) if _fits(sizes, entry["config"].get("before") or {})),
+                 len(records) - 1)
+    for entry, folder in records[start:-1]:
+        if not isinstance(folder, str) or not os.path.isdir(folder):
+            raise ValueError(f"the importance has the sizes of the model before the {entry.get('structure')} prune "
+                             f"of {folder}, which is gone: its kept units are needed to cut the statistics to "
+                             f"{model_dir}; pass the importance of a later model of the chain")
+        importance = importance.select(load_sparsity(folder)["structured"])
+    print(f"{model_dir} was pruned structurally ({record.get('structure')}): using the importance of the units it kept"
+          + (f", through {len(records) - 1 - start} earlier prune(s)" if start < len(records) - 1 else ""))
+    return importance.select(record)
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _sizes(shapes: dict[str, list[int]]) -> dict[str, int]:
+    """The config sizes an importance's tracked shapes show: decoder layers, the MLP width, the hidden size, and the
+    rows of `k_proj` (KV groups times the head size)."""
+    out: dict[str, int] = {}
+    layers = {int(m.group(1)) for name in shapes for m in [_LAYER.search(name)] if m}
+    if layers:
+        out["num_hidden_layers"] = max(layers) + 1
+    for name, shape in shapes.items():
+        if name.endswith("mlp.down_proj.weight") and ".experts." not in name:
+            out.setdefault("hidden_size", shape[0])
+            out.setdefault("intermediate_size", shape[1])
+        if name.endswith("self_attn.k_proj.weight"):
+            out.setdefault("k_rows", shape[0])
+    return out
+
+
+def _fits(sizes: dict[str, int], before: dict[str, Any]) -> bool:
+    """Whether an importance of these sizes describes the model a prune with these `before` sizes was given."""
+    heads, kv, hidden = (before.get(k) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
+    if "k_rows" in sizes and all(isinstance(v, int) for v in (heads, kv, hidden)):
+        before = {**before, "k_rows": kv * (before.get("head_dim") or hidden // heads)}
+    shared = [k for k in sizes if isinstance(before.get(k), int)]
+    return bool(shared) and all(sizes[k] == before[k] for k in shared)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import json
 import logging
 import math
 import os
@@ -54,9 +55,12 @@ class StructureSearch:
         candidates (`list[dict]`): one row per candidate, in the order given: `config` (`PruneConfig.to_dict()`),
             `loss` and `perplexity` on the windows (`None` when skipped), `num_parameters` (after pruning),
             `skipped` (the one-line reason a candidate could not be pruned, or kept a count off the budget by more
-            than one step of its coarsest axis, else `None`) and `training` (its recovery as it ran, counted by the
+            than one step of its coarsest axis, else `None`), `training` (its recovery as it ran, counted by the
             recovery `Trainer`: `{"steps", "tokens"}`, optimizer steps and real input tokens, padding excluded;
-            `None` when it was not recovered).
+            `None` when it was not recovered) and `same_as` (the index of an earlier candidate that pruned the very
+            same model: same sizes, same units removed, same compensation, e.g. `"hidden,neurons"` that removed no
+            hidden channel and `"neurons"`; its loss is that candidate's, scored once, and it is never `best`; else
+            `None`).
         best (`PruneConfig`): the candidate of lowest loss (the first of equal ones).
         best_index (`int`): its position in `candidates`.
         dense_loss (`float`): the unpruned model's loss on the same windows.
@@ -106,6 +110,8 @@ class StructureSearch:
                 tail = f"skipped: {row['skipped']}"
             else:
                 tail = f"{row['num_parameters']:>12,} {row['loss']:>8.4f} {row['perplexity']:>9.3f}"
+                if row.get("same_as") is not None:
+                    tail += f"  same model as {self.candidates[row['same_as']]['config']['structure']}"
             lines.append(f"{mark} {c['structure']:<24} {c['unit_statistic']:<12} {tail}")
         return "\n".join(lines)
 
@@ -281,10 +287,10 @@ def search_structures(
     check_arg_type("search_structures", "importance", importance, Importance, "an Importance")
     candidates = _check(candidates, recovery_steps, train_dataset, training_args, distill)
     dense = evaluate_loss(model, windows, batch_size=batch_size, max_batches=max_batches)
-    rows = []
+    rows, shapes = [], {}
     for config in candidates:
         row = {"config": config.to_dict(), "loss": None, "perplexity": None, "num_parameters": None, "skipped": None,
-               "training": None}
+               "training": None, "same_as": None}
         rows.append(row)
         student = copy.deepcopy(model)
         try:  # a shallow copy of the importance: prune_ binds it to the candidate, the caller's stays as it was
@@ -294,9 +300,16 @@ def search_structures(
         else:
             row["num_parameters"] = report.structured["num_parameters"]["after"]
             row["skipped"] = _missed_budget(report.structured)
+        shape = None if row["skipped"] else _pruned_shape(report.structured)
         if row["skipped"]:
             logger.info("structure search: %s skipped: %s", config.structure, row["skipped"])
+        elif shape in shapes:  # the very same pruned model: scored once, under the first candidate that gave it
+            first = rows[shapes[shape]]
+            row.update(same_as=shapes[shape], loss=first["loss"], perplexity=first["perplexity"])
+            logger.warning("structure search: %s prunes the same model as %s (the same sizes and units removed): "
+                           "scored once", config.structure, first["config"]["structure"])
         else:
+            shapes[shape] = len(rows) - 1
             if recovery_steps:
                 row["training"] = _recover_keeping(student, model, recovery_steps, train_dataset, training_args,
                                                    distill, callbacks)
@@ -306,7 +319,7 @@ def search_structures(
                         config.unit_statistic, row["num_parameters"], row["loss"])
         del student
         gc.collect()
-    scored_rows = [i for i, r in enumerate(rows) if r["loss"] is not None]
+    scored_rows = [i for i, r in enumerate(rows) if r["loss"] is not None and r["same_as"] is None]
     if not scored_rows:
         reasons = "; ".join(f"{r['config']['structure']}: {r['skipped']}" for r in rows)
         raise ValueError(f"search_structures: no candidate could be pruned ({reasons})")
@@ -320,6 +333,15 @@ def search_structures(
         result.report = prune_(result.model, copy.copy(importance), result.best, progress=False)
         result.report.search = result.to_dict()
     return result
+
+
+def _pruned_shape(structured: dict) -> str:
+    """What identifies a candidate's pruned model: the config sizes after, the units removed on every axis that lost
+    some (an axis of the combination left whole is no difference), and the compensation."""
+    removed = {a: v.get("removed") for a, v in (structured.get("axes") or {}).items()
+               if v.get("before") != v.get("after")}
+    return json.dumps([(structured.get("config") or {}).get("after"), removed, structured.get("compensation")],
+                      sort_keys=True, default=str)
 
 
 def _missed_budget(structured: dict) -> str | None:

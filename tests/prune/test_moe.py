@@ -342,7 +342,7 @@ def test_removed_experts_give_a_smaller_checkpoint_stock_transformers_reloads(ar
     ({"model.layers.0.mlp": [0, 1, 2, 3], "model.layers.1.mlp": [0, 1, 2, 3]},
      r"^model\.layers\.0\.mlp\.gate: removing all 4 experts of the layer$"),
     ({"model.layers.0.mlp": [0, 1, 2], "model.layers.1.mlp": [0, 1, 2]},
-     r"^model\.layers\.0\.mlp\.gate: 1 experts left, fewer than top-k num_experts_per_tok=2$"),
+     r"^model\.layers\.0\.mlp\.gate: 1 expert left, fewer than top-k num_experts_per_tok=2$"),
     ({"model.layers.0.mlp": [0], "model.layers.1.mlp": [0, 1]},
      r"^config\.num_local_experts: one expert count for every layer"),
     ({"model.layers.0.mlp": [4], "model.layers.1.mlp": [0]}, r"^model\.layers\.0\.mlp: expert indices must be"),

@@ -78,7 +78,7 @@ def test_experts_with_the_fewest_routed_tokens_go_and_stock_transformers_reloads
 
 
 @pytest.mark.parametrize("sparsity, message", [
-    (0.75, r"^model\.layers\.0\.mlp\.gate: 1 experts left, fewer than top-k num_experts_per_tok=2$"),
+    (0.75, r"^model\.layers\.0\.mlp\.gate: 1 expert left, fewer than top-k num_experts_per_tok=2$"),
     (0.99, r"^model\.layers\.0\.mlp\.gate: removing all 4 experts of the layer$"),
 ])
 def test_too_many_experts_removed_is_one_line_and_nothing_changes(sparsity, message, runs, tmp_path):
@@ -133,7 +133,7 @@ def test_cli_refusal_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
     assert main(["prune", str(run / "model"), "--importance", str(run), "--structure", "experts", "--sparsity", "0.75",
                  "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "model.layers.0.mlp.gate: 1 experts left, fewer than top-k" in err[0], err
+    assert len(err) == 1 and "model.layers.0.mlp.gate: 1 expert left, fewer than top-k" in err[0], err
     assert not (tmp_path / "out").exists()
 
 

@@ -145,6 +145,22 @@ def test_expert_widths_are_multiples_of_round_to_and_of_the_kernels_8(moe_run, t
             in (tmp_path / "pruned" / "README.md").read_text())
 
 
+def test_the_card_states_the_achieved_share_beside_a_sparsity_target_round_to_moved(trained, tmp_path):  # noqa: F811
+    """`sparsity=0.3` with `round_to=16` removes 16 of 48 neurons: the Target line says 30% was asked and what was
+    removed (without round_to too: 34 of 48 neurons kept is 29.17%, the nearest whole count)."""
+    for n, achieved in ((16, "achieved 33.33% of them (48 -> 32 MLP neurons per layer)"), (None, None)):
+        model, imp = trained("llama")
+        report = prune_(model, imp, PruneConfig(structure="neurons", sparsity=0.3, round_to=n), progress=False)
+        save_pruned(model, tmp_path / str(n), report=report)
+        target = next(line for line in (tmp_path / str(n) / "README.md").read_text().splitlines()
+                      if line.startswith("- **Target**"))
+        assert target.startswith("- **Target**: 30.00% of the MLP neurons"), target
+        if achieved:
+            assert f"30.00% of the MLP neurons, {achieved}; " in target
+        else:  # 48 - round(0.3 * 48) = 34 kept: 29.17%, the nearest whole neuron count
+            assert "achieved 29.17% of them (48 -> 34 MLP neurons per layer)" in target
+
+
 # ------------------------------------------------------------------------------------------------------ refusals
 
 

@@ -126,3 +126,16 @@ def test_structured_refit_from_sparsegpt_statistics_is_not_tagged_sparsegpt(tmp_
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.tags == ["pruned", "hf-weightprune", "structured-pruning", "neuron-pruning", "activation"]
     assert "SlimGPT" in card.text and "2301.00774" not in card.text  # the re-fit is cited, SparseGPT is not
+
+
+def test_counts_of_one_are_singular_in_messages_and_cards():
+    """One plural rule (`io_utils.plural`) for what a message or a card counts: "1 expert left", "every step"."""
+    from hf_weightprune.io_utils import plural
+    from hf_weightprune.publish.card_schedule import schedule_context
+
+    assert [plural(1, "expert"), plural(3, "expert"), plural(2, "forward pass"), plural(1_000, "token")] == [
+        "1 expert", "3 experts", "2 forward passes", "1,000 tokens"]
+    fixture = load_sparsity(Path(__file__).parents[1] / "fixtures" / "release-0.1" / "pruned")
+    assert fixture["schedule"]["every_n_steps"] == 1
+    text = schedule_context(fixture)["text"]
+    assert "every step," in text and "every 1 steps" not in text

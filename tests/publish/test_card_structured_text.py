@@ -80,3 +80,22 @@ def test_unit_ranking_text_per_statistic(statistic, axes, says):
     text = unit_ranking_text({"unit_statistic": statistic, "structure": axes})
     assert says in text
     assert unit_ranking_text({"unit_statistic": None, "structure": axes}) is None
+
+
+def test_without_unit_statistics_the_card_says_the_units_sum_their_weights_scores(tmp_path):
+    """A `wanda` importance without unit statistics ranks neurons and KV groups by their weights' summed scores: the
+    Criterion line says so beside the formula, naming only the axes that lost units."""
+    from hf_weightprune import load_importance
+    from tests.helpers import train as train_
+
+    model = tiny_llama(seed=1)
+    train_(model, [ImportanceCallback(ImportanceConfig(criterion="wanda"))], tmp_path / "run", max_steps=2)
+    model.save_pretrained(tmp_path / "dense")
+    for structure, named, other in (("neurons", "MLP neurons over their gate and up rows", "KV groups over"),
+                                    ("heads", "KV groups over their heads' q, k and v rows", "MLP neurons over")):
+        text, method, _ = _card(tmp_path, load_importance(tmp_path / "run"), tmp_path / structure,
+                                PruneConfig(structure=structure, sparsity=0.5))
+        criterion = method.split("**Criterion**: ")[1].split("\n")[0]
+        assert criterion.startswith("`wanda`: `|W_ij| * sqrt(mean_tokens x_j^2)`; the units are ranked by their "
+                                    "weights' scores under it, summed per unit"), criterion
+        assert named in criterion and other not in criterion

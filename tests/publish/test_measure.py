@@ -72,9 +72,12 @@ def test_parameters_are_those_of_the_written_files(measured):
 
 
 def test_file_sizes_are_the_weight_files_on_disk(measured):
-    section = load_sparsity(measured / "pruned")["measured"]
-    assert section["weight_files"] == {"bytes": _weights_on_disk(measured / "pruned"), "dtype": "float32"}
-    assert section["dense_weight_files"] == {"bytes": _weights_on_disk(measured / "dense"), "dtype": "float32"}
+    payload = load_sparsity(measured / "pruned")
+    section, count = payload["measured"], payload["structured"]["num_parameters"]
+    assert section["weight_files"] == {"bytes": _weights_on_disk(measured / "pruned"), "dtype": "float32",
+                                       "num_parameters": count["after"]}
+    assert section["dense_weight_files"] == {"bytes": _weights_on_disk(measured / "dense"), "dtype": "float32",
+                                             "num_parameters": count["before"]}
     assert section["weight_files"]["bytes"] < section["dense_weight_files"]["bytes"]  # neurons really removed
     assert weight_files(measured / "dense") == section["dense_weight_files"]
 

@@ -134,6 +134,20 @@ def test_structured_prune_keeping_one_unit_warns(run, caplog):
     assert "keeps 1 of 64 units per decoder layer" in caplog.text
 
 
+@pytest.mark.parametrize("units", [False, True])
+def test_keeping_one_kv_group_warns_with_or_without_unit_statistics(units, tmp_path, caplog):
+    """`heads` at 0.5 of 2 KV groups: the warning came only from the per-weight path (no unit statistics)."""
+    from hf_weightprune import ImportanceCallback, ImportanceConfig
+
+    model = tiny_llama(seed=3, num_key_value_heads=2)
+    callback = ImportanceCallback(ImportanceConfig(criterion="wanda", units=units))
+    train(model, [callback], tmp_path, max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
+        prune_(model, callback.importance(), PruneConfig(structure="heads", sparsity=0.5), progress=False)
+    assert model.config.num_key_value_heads == 1
+    assert caplog.text.count("keeps 1 of 2 units per decoder layer (KV groups)") == 1
+
+
 # ---- family 3: a mistyped local path is never a Hub id -----------------------------------------------------------
 
 

@@ -56,3 +56,64 @@ def test_an_importance_of_the_pruned_model_is_used_as_is(run, tmp_path, capsys):
                  "--output_dir", str(tmp_path / "nm")]) == 0
     assert "pruned structurally" not in capsys.readouterr().out
     assert trainer.state.global_step == 1
+
+
+def test_a_re_pruned_model_records_its_chain_and_its_card_names_its_input(run, tmp_path, capsys):
+    """neurons, neurons again (CLI, in memory), then 2:4 (CLI, file to file), then neurons from Python: every output
+    records the prunes before it, and its card names the input as pruned, with both shares and true statistics."""
+    from hf_weightprune import load_importance, prune_, save_pruned
+    from hf_weightprune.config import PruneConfig
+    from hf_weightprune.publish.hub import _hub_sparsity
+
+    first, second, nm, py = (tmp_path / n for n in ("first", "second", "nm", "py"))
+    assert main(["prune", str(run), "--importance", str(run), "--structure", "neurons", "--sparsity", "0.25",
+                 "--output_dir", str(first)]) == 0
+    assert main(["prune", str(first), "--importance", str(run), "--structure", "neurons", "--sparsity", "0.25",
+                 "--output_dir", str(second)]) == 0
+    assert json.loads((first / "sparsity.json").read_text())["earlier_prunes"] is None
+    record = json.loads((second / "sparsity.json").read_text())
+    (earlier,) = record["earlier_prunes"]
+    dense, mid = earlier["num_parameters"]["before"], earlier["num_parameters"]["after"]
+    after = record["structured"]["num_parameters"]["after"]
+    assert dense == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(run).parameters())
+    assert record["structured"]["num_parameters"]["before"] == mid > after
+    assert earlier["folder"] == "../first" and earlier["structure"] == "neurons"
+    assert earlier["config"]["after"]["intermediate_size"] == record["structured"]["config"]["before"]["intermediate_size"]
+    assert record["importance"]["path"].endswith("/run/importance") and record["importance"]["cut_to_kept_units"]
+    card = (second / "README.md").read_text()
+    intro = card.split("## Method")[0]
+    assert " dense (" not in intro and "dense checkpoint" not in intro  # what the input was called
+    assert f"{100 * (1 - after / mid):.2f}% of the input model's parameters are removed, " \
+           f"{100 * (1 - after / dense):.2f}% of the original dense model's {dense:,}" in card
+    assert f"itself pruned from a dense model whose name is not recorded (MLP neurons removed, {dense:,} -> {mid:,}" \
+           in card
+    assert "while the model the input was pruned from trained" in card and "cut to the weights and units" in card
+    assert " for the input model (" in card  # the weight files beside the input's, not a "dense" one
+
+    capsys.readouterr()
+    assert main(["prune", str(second), "--importance", str(run), "--structure", "2:4", "--output_dir", str(nm)]) == 0
+    # the dense statistics are cut through both structured prunes, not sliced by the last one's indices alone
+    assert "using the importance of the units it kept, through 1 earlier prune(s)" in capsys.readouterr().out
+    importance = load_importance(run)
+    for folder in (first, second):
+        importance = importance.select(json.loads((folder / "sparsity.json").read_text()))
+    expected = AutoModelForCausalLM.from_pretrained(second)
+    prune_(expected, importance, PruneConfig(structure="2:4"), progress=False)
+    got = AutoModelForCausalLM.from_pretrained(nm).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
+    chain = json.loads((nm / "sparsity.json").read_text())["earlier_prunes"]
+    assert [e["folder"] for e in chain] == ["../first", "../second"]
+    assert [e["num_parameters"] for e in chain] == [{"before": dense, "after": mid}, {"before": mid, "after": after}]
+    card = (nm / "README.md").read_text()
+    assert "of all parameters of the input model" in card and f"it had {after:,} of the original dense model's" in card
+    hub = _hub_sparsity(json.loads((nm / "sparsity.json").read_text()), importance_uploaded=False)
+    assert [e["folder"] for e in hub["earlier_prunes"]] == ["first", "second"]
+
+    # the Python path: the model loaded from a pruned folder, the dense importance cut by the user
+    model = AutoModelForCausalLM.from_pretrained(nm)
+    report = prune_(model, importance, PruneConfig(structure="neurons", sparsity=0.5))
+    save_pruned(model, py, report=report, baseline=run)  # the weight files beside the original dense model's
+    chain = json.loads((py / "sparsity.json").read_text())["earlier_prunes"]
+    assert " MB for the original dense model (" in (py / "README.md").read_text()
+    assert [e["structure"] for e in chain] == ["neurons", "neurons", "2:4"] and chain[-1]["folder"] == "../nm"
+    assert chain[-1]["num_parameters"] == {"before": after, "after": after}  # zeros remove no parameter

@@ -316,3 +316,26 @@ def test_a_candidate_off_its_budget_is_skipped_not_ranked_by_its_size(run, monke
     assert kept["skipped"] is None and abs(kept["num_parameters"] - target) <= 3 * 32 * 4 / 2  # half a neuron
     assert result.best_index == 1
     assert any("more than one step of the coarsest axis" in r.getMessage() for r in caplog.records)
+
+
+def test_candidates_that_prune_the_same_model_are_scored_once_and_named_so(run, tmp_path):
+    """At 90% of the parameters no hidden channel or layer goes: `hidden,neurons` and `layers,neurons` are the very
+    model `neurons` gives. The table, `sparsity.json` and the card say so instead of listing three shapes."""
+    model, imp = run
+    structures = ["neurons", "hidden,neurons", "layers,neurons"]
+    result = search_structures(model, imp, candidate_configs(PruneConfig(structure="neurons", target_params=0.9),
+                                                             structures), _windows(), batch_size=4)
+    first, *same = result.candidates
+    assert first["same_as"] is None and [r["same_as"] for r in same] == [0, 0]
+    assert all(r["loss"] == first["loss"] and r["num_parameters"] == first["num_parameters"] for r in same)
+    for structure in structures[1:]:  # really the same model: same shapes, same weights
+        again = copy.deepcopy(model)
+        prune_(again, imp, PruneConfig(structure=structure, target_params=0.9), progress=False)
+        _assert_same(_state(again), _state(result.model))
+    assert result.best_index == 0
+    assert result.table().count("same model as neurons") == 2
+    save_pruned(result.model, tmp_path / "searched", report=result.report)
+    card = " ".join((tmp_path / "searched" / "README.md").read_text().split())
+    assert "among 3 candidates (1 distinct pruned model) of the same budget" in card
+    assert "`hidden,neurons` the same pruned model as `neurons`; `layers,neurons` the same pruned model as `neurons`" \
+        in card

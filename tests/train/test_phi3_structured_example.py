@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -23,9 +24,11 @@ def _example():
     return example
 
 
-def test_structured_recipe_gives_a_smaller_stock_checkpoint_distilled_from_the_dense_model(tmp_path, capsys):
+@pytest.mark.parametrize("round_to", [None, 0])  # the example's default (64), and any width
+def test_structured_recipe_gives_a_smaller_stock_checkpoint_distilled_from_the_dense_model(tmp_path, capsys, round_to):
     _example().main(["--recipe", "structured", "--target_params", "0.8", "--max_steps", "8", "--eval_windows", "2",
-                     "--no_dense_control", "--output_dir", str(tmp_path)])
+                     "--no_dense_control", "--output_dir", str(tmp_path),
+                     *([] if round_to is None else ["--round_to", str(round_to)])])
     out = capsys.readouterr().out
     assert "structured prune (layers,neurons) after 2 steps" in out
     assert "reloaded with stock transformers, greedy with and without cache" in out
@@ -40,11 +43,19 @@ def test_structured_recipe_gives_a_smaller_stock_checkpoint_distilled_from_the_d
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense-at-pruning")
     assert before == dense.num_parameters() and s["target_params"] == round(0.8 * before)
     config = json.loads((folder / "config.json").read_text())
+    card = (folder / "README.md").read_text()
     neuron = 3 * config["hidden_size"]  # a gate row, an up row and a down column
-    assert abs(after - s["target_params"]) <= neuron * config["num_hidden_layers"]  # one neuron per layer
+    if round_to is None:  # the default --round_to 64: the MLP width moves by 64 neurons per layer
+        assert s["round_to"] == 64 and config["intermediate_size"] % 64 == 0
+        assert abs(after - s["target_params"]) <= 64 * neuron * config["num_hidden_layers"] / 2  # the nearest step
+        assert "kept a multiple of 64 (`round_to`: MLP intermediate size " in card
+    else:
+        assert s["round_to"] is None and "round_to" not in card
+        assert abs(after - s["target_params"]) <= neuron * config["num_hidden_layers"]  # one neuron per layer
     assert info["distillation"]["hidden_weight"] == 0.0 and info["distillation"]["teacher"].endswith("dense-at-pruning")
 
     stock = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert stock.config.intermediate_size == config["intermediate_size"]
     assert stock.num_parameters() == after < 0.81 * before
     assert config["intermediate_size"] < dense.config.intermediate_size
     ids = torch.tensor([[5, 17, 99, 3, 42]])
@@ -52,7 +63,6 @@ def test_structured_recipe_gives_a_smaller_stock_checkpoint_distilled_from_the_d
         greedy = [stock.generate(ids, max_new_tokens=6, do_sample=False, use_cache=c, pad_token_id=0)
                   for c in (True, False)]
     assert greedy[0].shape == (1, 11) and torch.equal(*greedy)
-    card = (folder / "README.md").read_text()
     assert "re-fitted by least squares" in card and "`dense-at-pruning` as teacher" in card
     # measured beside the dense model at pruning, and the card states those figures, no unmeasured claim
     measured = info["measured"]
