@@ -34,6 +34,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..io_utils import plural
 from ..layouts import decoder_layers, model_configs
 from .surgery import config_error
 
@@ -96,7 +97,8 @@ def _config_updates(config, keep: list[int], n_layers: int) -> dict:
         value = getattr(config, key, None)
         if isinstance(value, (list, tuple)):
             if len(value) != n_layers:
-                raise ValueError(f"config.{key}: {len(value)} entries for {n_layers} layers; cannot tell which to keep")
+                raise ValueError(f"config.{key}: {len(value)} {'entry' if len(value) == 1 else 'entries'} for {plural(n_layers, 'layer')}; "
+                                 "cannot tell which to keep")
             updates[key] = type(value)(value[i] for i in keep)
     for key in LAYER_INDEX_LISTS:
         value = getattr(config, key, None)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..collect.activations import HookGuards
+from ..io_utils import plural
 from .distill import DistillConfig, kl_sum, squarehead_sum, target_mask
 
 logger = logging.getLogger(__name__)
@@ -389,7 +390,7 @@ def _load_unique_state(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
     target = _unique_state(module)
     missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
     if missing or unexpected:
-        raise ValueError(f"The saved distillation teacher does not fit this model ({len(missing)} weights missing, e.g. "
+        raise ValueError(f"The saved distillation teacher does not fit this model ({plural(len(missing), 'weight')} missing, e.g. "
                          f"{(missing or [None])[0]}; {len(unexpected)} unexpected, e.g. {(unexpected or [None])[0]}): "
                          "resume with the model the run started from, or pass DistillConfig(teacher=...)")
     for name, t in target.items():

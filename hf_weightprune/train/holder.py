@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed as D
+from ..io_utils import plural
 from ..matching import TrackedWeight, select_names
 from ..moe import ExpertSlice, find_weights
 from ..prune.masks import apply_mask_, check_nm_shapes
@@ -167,7 +168,8 @@ class MaskHolder:
             names = list(held)
         missing = [n for n in names if n not in linear]
         if missing:
-            raise ValueError(f"PruneSchedule: {len(missing)} weights to mask are not nn.Linear weights or expert slices "
+            raise ValueError(f"PruneSchedule: {plural(len(missing), 'weight')} to mask "
+                             f"{'is not an nn.Linear weight or expert slice' if len(missing) == 1 else 'are not nn.Linear weights or expert slices'} "
                              f"of this model (e.g. {missing[0]})")
         self.params = {n: linear[n] for n in names}
         refuse_tied(model, self.params, names)

@@ -1,6 +1,7 @@
 """Depth pruning (prune/depth.py) and hidden-size pruning (prune/hidden.py) on every supported layout."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from hf_weightprune.prune.depth import choose_layers, remove_layers_
+from hf_weightprune.prune.depth import _config_updates, choose_layers, remove_layers_
 from hf_weightprune.prune.hidden import shrink_hidden_
 
 COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -329,3 +330,13 @@ def test_phi3_longrope_hidden_pruning_is_refused_in_one_line():
         shrink_hidden_(model, KEEP)
     assert "\n" not in str(err.value)
     assert model.config.hidden_size == 32 and model.model.embed_tokens.weight.shape == (128, 32)
+
+
+def test_per_layer_config_list_of_another_length_is_refused_in_its_own_number():
+    """A per-layer config list that does not have one entry per layer cannot be cut: one line, in the right number."""
+    config = types.SimpleNamespace(layer_types=["full_attention"])
+    with pytest.raises(ValueError, match=r"^config\.layer_types: 1 entry for 2 layers; cannot tell which to keep$"):
+        _config_updates(config, [0], 2)
+    config = types.SimpleNamespace(layer_types=["full_attention"] * 3)
+    with pytest.raises(ValueError, match=r"^config\.layer_types: 3 entries for 1 layer; cannot tell"):
+        _config_updates(config, [0], 1)
