@@ -251,8 +251,9 @@ class Importance:
             one's `path` and `meta["cut_to_kept_units"]` set (what `sparsity.json` records of it).
 
         Raises:
-            `ValueError`: a report without a structured record, or without the per-axis removed units; a criterion
-            whose state is not laid out like the weight, `[in]` or `[in, in]`.
+            `ValueError`: a report without a structured record, or without the per-axis removed units; statistics of
+            another model than the one the prune started from (e.g. the second prune of a chain before the first);
+            a criterion whose state is not laid out like the weight, `[in]` or `[in, in]`.
         """
         structured = getattr(report, "structured", None) if not isinstance(report, Mapping) else report
         if isinstance(structured, Mapping) and "axes" not in structured and "structured" in structured:
@@ -261,6 +262,7 @@ class Importance:
             raise ValueError("Importance.select needs the report of a structured prune (PruningReport.structured, "
                              "or sparsity.json); this one has none")
         kept = kept_units(structured)
+        kept.check_shapes(self.shapes)
         probe = self._scorer.state_shape(_Shape(2, 3))  # how the state is laid out: like W, [in], or [in, in]
         kind = {(2, 3): "weight", (3,): "input", (3, 3): "hessian"}.get(tuple(probe))
         if kind is None:

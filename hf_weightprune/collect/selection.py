@@ -19,6 +19,8 @@ from torch import Tensor
 __all__ = ["KeptUnits", "kept_units", "slice_state"]
 
 _LAYER = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
+_CHAIN = ("it describes another model (after a chain of prunes, cut it with each prune's report in turn, oldest "
+          "first: importance.select(first).select(second))")
 
 
 class KeptUnits:
@@ -39,6 +41,7 @@ class KeptUnits:
             raise ValueError("this pruning report has no per-axis record of the removed units (`structured['axes']`, "
                              "written since hf-weightprune 0.2): Importance.select cannot tell what was kept")
         n_layers = int(before["num_hidden_layers"])
+        self.before = before
         self.num_heads, self.num_kv_heads = before.get("num_attention_heads"), before.get("num_key_value_heads")
         self.intermediate = before.get("intermediate_size")
         removed_layers = set((axes.get("layers") or {}).get("removed") or [])
@@ -55,6 +58,37 @@ class KeptUnits:
             return {}
         # keys are ints in memory, strings once the report went through JSON (sparsity.json)
         return {int(j): _complement(axis["before"], removed) for j, removed in (axis.get("removed") or {}).items()}
+
+    def check_shapes(self, shapes: Mapping[str, list[int]]) -> None:
+        """Refuse statistics of another model than the one the prune started from: an importance cut with the
+        second prune of a chain before the first would otherwise be sliced by indices of other units, silently.
+
+        Compares the decoder layer count and the MLP width and hidden size the record states before pruning with
+        the tracked shapes (`gate_proj` / `up_proj` / `gate_up_proj` / `down_proj`, `q_proj` / `qkv_proj`).
+
+        Raises:
+            `ValueError`: one line naming the first weight whose shape disagrees with the record.
+        """
+        layers = {int(m.group(2)) for n in shapes if (m := _LAYER.match(n))}
+        n_layers = int(self.before["num_hidden_layers"])
+        if layers and max(layers) + 1 != n_layers:
+            raise ValueError(f"Importance.select: this importance has {max(layers) + 1} decoder layers, the model the "
+                             f"prune started from had {n_layers}: {_CHAIN}")
+        width, hidden = self.before.get("intermediate_size"), self.before.get("hidden_size")
+        for name, shape in shapes.items():
+            parts = name.split(".")
+            leaf, parent = (parts[-2], parts[-3]) if len(parts) >= 3 else ("", "")
+            # the dense MLP and the attention only: a shared expert or an expert has a width of its own
+            expect = {("mlp", "gate_proj"): (width, hidden), ("mlp", "up_proj"): (width, hidden),
+                      ("mlp", "down_proj"): (hidden, width), ("mlp", "gate_up_proj"): (2 * width if width else None, hidden),
+                      ("self_attn", "q_proj"): (None, hidden), ("self_attn", "qkv_proj"): (None, hidden)}.get((parent, leaf))
+            if expect is None or len(shape) < 2:
+                continue
+            for axis, want in enumerate(expect):
+                if want is not None and int(shape[axis]) != int(want):
+                    raise ValueError(f"Importance.select: {name} has shape {list(shape)} in this importance, but the "
+                                     f"model the prune started from had intermediate_size {width} and hidden_size "
+                                     f"{hidden}: {_CHAIN}")
 
     def layer_of(self, name: str) -> tuple[int | None, str | None]:
         """`(new layer index, new name)` of a name under the decoder layers; `(None, None)` for a removed layer,

@@ -64,7 +64,7 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
     _plain_ticks(ax.yaxis, _log_ticks(bottom, top))
     loss_axis = ax.secondary_yaxis("right", functions=(np.log, np.exp))  # loss = ln(perplexity), exactly
     loss_axis.set_yscale("linear")  # nats are linear at these heights: no `4 x 10^0` labels
-    _plain_ticks(loss_axis.yaxis, _round_ticks(math.log(bottom), math.log(top), steps=[1, 2, 5, 10], nbins=6))
+    _plain_ticks(loss_axis.yaxis, _round_ticks(math.log(bottom), math.log(top), (1, 2, 5), 6))
     loss_axis.set_ylabel("eval loss (nats)")
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("perplexity (log scale)")
@@ -76,19 +76,28 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
 
 def _log_ticks(bottom: float, top: float) -> list[float]:
     """1-2-3-5 steps per decade (or sparser, at most 9 ticks); round numbers where a narrow range has under 3."""
-    from matplotlib.ticker import LogLocator
-
-    for subs in ((1.0, 2.0, 3.0, 5.0), (1.0, 2.0, 5.0), (1.0,)):
-        ticks = [float(t) for t in LogLocator(subs=subs).tick_values(bottom, top) if bottom <= t <= top]
+    # Our own rule, as `_round_ticks`: `LogLocator` falls back to linear ticks on narrow ranges in some matplotlib
+    # versions (3.8), not in others.
+    decades = range(math.floor(math.log10(bottom)), math.ceil(math.log10(top)) + 1)
+    for subs in ((1, 2, 3, 5), (1, 2, 5), (1,)):
+        ticks = [float(s * 10**k) if k >= 0 else s / 10**-k for k in decades for s in subs]
+        ticks = [t for t in ticks if bottom <= t <= top]
         if len(ticks) <= 9:
             break
-    return ticks if len(ticks) >= 3 else _round_ticks(bottom, top, steps=[1, 2, 2.5, 5, 10], nbins=5)
+    return ticks if len(ticks) >= 3 else _round_ticks(bottom, top, (1, 2, 2.5, 5), 4)
 
 
-def _round_ticks(bottom: float, top: float, **locator: Any) -> list[float]:
-    from matplotlib.ticker import MaxNLocator
-
-    return [float(t) for t in MaxNLocator(**locator).tick_values(bottom, top) if bottom <= t <= top]
+def _round_ticks(bottom: float, top: float, steps: tuple[float, ...], max_ticks: int) -> list[float]:
+    """The multiples of the finest step `s * 10**k` (`s` in `steps`) that put at most `max_ticks` ticks in
+    [`bottom`, `top`]. Our own rule rather than `MaxNLocator`, whose choice differs between matplotlib versions."""
+    k = math.floor(math.log10(top - bottom)) - 2
+    while True:
+        for s in steps:
+            step = s * 10.0**k
+            first, last = math.ceil(bottom / step), math.floor(top / step)
+            if last - first + 1 <= max_ticks:
+                return [round(i * step, 10) for i in range(first, last + 1)]
+        k += 1
 
 
 def _plain_ticks(axis, ticks: list[float]) -> None:
