@@ -174,22 +174,21 @@ def test_select_reads_sparsity_json(trained, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
-def test_select_refuses_the_second_prune_of_a_chain_before_the_first(trained, arch):
+@pytest.mark.parametrize("first, refusal", [
+    (PruneConfig(structure="neurons", sparsity=0.25),
+     r"^Importance\.select: .*mlp.* has shape .* intermediate_size .* importance\.select\(first\)\.select\(second\)\)$"),
+    (PruneConfig(structure="layers", sparsity=0.5),
+     r"^Importance\.select: this importance has 4 decoder layers, the model the prune started from had 2: "),
+])
+def test_select_refuses_the_second_prune_of_a_chain_before_the_first(trained, arch, first, refusal):
     """Cutting the dense importance with the second prune's report would slice it by the in-between model's unit
     indices, silently: refused in one line; in order (first, then second) it is accepted."""
     model, imp = trained(arch, "wanda")
-    first = prune_(model, imp, PruneConfig(structure="neurons", sparsity=0.25))
+    first = prune_(model, imp, first)
     second = prune_(model, imp.select(first), PruneConfig(structure="neurons", sparsity=0.5))
-    with pytest.raises(ValueError, match=r"^Importance\.select: .*mlp.* has shape .* intermediate_size .* "
-                                         r"importance\.select\(first\)\.select\(second\)\)$"):
+    with pytest.raises(ValueError, match=refusal):
         imp.select(second)
     chained = imp.select(first).select(second)
-    assert all(list(chained.state(n).shape[:1]) == [dict(model.named_parameters())[n].shape[1]]
-               for n in chained.names if n.endswith("down_proj.weight"))
-    model, imp = trained(arch, "wanda")
-    first = prune_(model, imp, PruneConfig(structure="layers", sparsity=0.5))
-    second = prune_(model, imp.select(first), PruneConfig(structure="neurons", sparsity=0.25))
-    with pytest.raises(ValueError, match=r"^Importance\.select: this importance has 4 decoder layers, the model the "
-                                         r"prune started from had 2: "):
-        imp.select(second)
-    assert imp.select(first).select(second).names
+    params = dict(model.named_parameters())
+    downs = [n for n in chained.names if n.endswith("down_proj.weight")]
+    assert downs and all(list(chained.state(n).shape) == [params[n].shape[1]] for n in downs)
