@@ -254,7 +254,7 @@ MAY_IMPORT = {
     "tools/cli": {"_version", "collect/summary", "config", "files/importance_files", "files/pruned_files", "files/safetensors_io", "moe", "prune/pruner", "publish/export", "publish/hub", "tools/cli_args", "tools/data", "tools/model_io", "tools/plotting", "tools/search", "tools/sweep", "validation"},
     "tools/cli_args": {"config", "validation"},
     "tools/data": {"io_utils"},
-    "tools/model_io": {"files/pruned_files", "files/safetensors_io", "publish/provenance", "validation"},
+    "tools/model_io": {"collect/selection", "files/pruned_files", "files/safetensors_io", "publish/provenance", "validation"},
     "tools/plotting": {"io_utils", "matching"},
     "tools/search": {"collect/importance", "config", "io_utils", "prune/pruner", "prune/report", "tools/data", "train/callback", "train/distill", "train/recovery", "validation"},
     "tools/sweep": {"collect/importance", "config", "distributed", "files/importance_files", "files/pruned_files", "files/safetensors_io", "io_utils", "prune/oneshot", "prune/pruner", "prune/refit", "publish/export", "scorers", "tools/data", "tools/model_io", "tools/sweep_plot", "validation"},

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["KeptUnits", "kept_units", "slice_state"]
+__all__ = ["KeptUnits", "kept_units", "shape_sizes", "sizes_fit", "slice_state"]
 
 _LAYER = re.compile(r"^(.*?\blayers\.)(\d+)(\..*)$")
 _CHAIN = ("it describes another model (after a chain of prunes, cut it with each prune's report in turn, oldest "
@@ -63,32 +63,14 @@ class KeptUnits:
         """Refuse statistics of another model than the one the prune started from: an importance cut with the
         second prune of a chain before the first would otherwise be sliced by indices of other units, silently.
 
-        Compares the decoder layer count and the MLP width and hidden size the record states before pruning with
-        the tracked shapes (`gate_proj` / `up_proj` / `gate_up_proj` / `down_proj`, `q_proj` / `qkv_proj`).
-
         Raises:
-            `ValueError`: one line naming the first weight whose shape disagrees with the record.
+            `ValueError`: one line naming the sizes ([`shape_sizes`]) that disagree with the record's `before`.
         """
-        layers = {int(m.group(2)) for n in shapes if (m := _LAYER.match(n))}
-        n_layers = int(self.before["num_hidden_layers"])
-        if layers and max(layers) + 1 != n_layers:
-            raise ValueError(f"Importance.select: this importance has {max(layers) + 1} decoder layers, the model the "
-                             f"prune started from had {n_layers}: {_CHAIN}")
-        width, hidden = self.before.get("intermediate_size"), self.before.get("hidden_size")
-        for name, shape in shapes.items():
-            parts = name.split(".")
-            leaf, parent = (parts[-2], parts[-3]) if len(parts) >= 3 else ("", "")
-            # the dense MLP and the attention only: a shared expert or an expert has a width of its own
-            expect = {("mlp", "gate_proj"): (width, hidden), ("mlp", "up_proj"): (width, hidden),
-                      ("mlp", "down_proj"): (hidden, width), ("mlp", "gate_up_proj"): (2 * width if width else None, hidden),
-                      ("self_attn", "q_proj"): (None, hidden), ("self_attn", "qkv_proj"): (None, hidden)}.get((parent, leaf))
-            if expect is None or len(shape) < 2:
-                continue
-            for axis, want in enumerate(expect):
-                if want is not None and int(shape[axis]) != int(want):
-                    raise ValueError(f"Importance.select: {name} has shape {list(shape)} in this importance, but the "
-                                     f"model the prune started from had intermediate_size {width} and hidden_size "
-                                     f"{hidden}: {_CHAIN}")
+        sizes = shape_sizes(shapes)
+        if not sizes_fit(sizes, self.before):
+            differ = ", ".join(f"{k} {v} (the prune's model: {self.before[k]})" for k, v in sizes.items()
+                               if isinstance(self.before.get(k), int) and self.before[k] != v)
+            raise ValueError(f"Importance.select: this importance has {differ}: {_CHAIN}")
 
     def layer_of(self, name: str) -> tuple[int | None, str | None]:
         """`(new layer index, new name)` of a name under the decoder layers; `(None, None)` for a removed layer,
@@ -223,3 +205,25 @@ def slice_state(state: Tensor, kind: str, rows: Tensor | None, cols: Tensor | No
     if kind == "input":
         return _take(state, cols, 0)
     return _take(_take(state, cols, 0), cols, 1)
+
+
+def shape_sizes(shapes: Mapping[str, list[int]]) -> dict[str, int]:
+    """The config sizes an importance's tracked shapes show: `num_hidden_layers`, and `intermediate_size` and
+    `hidden_size` from the dense MLP's `down_proj`. Not the KV groups: a heads prune keeps the query/KV ratio and the
+    record does not state the head size, so no shape tells them apart."""
+    out: dict[str, int] = {}
+    layers = {int(m.group(2)) for name in shapes if (m := _LAYER.match(name))}
+    if layers:
+        out["num_hidden_layers"] = max(layers) + 1
+    for name, shape in shapes.items():
+        if name.endswith("mlp.down_proj.weight") and ".experts." not in name:  # an expert has a width of its own
+            out.setdefault("hidden_size", int(shape[0]))
+            out.setdefault("intermediate_size", int(shape[1]))
+    return out
+
+
+def sizes_fit(sizes: Mapping[str, int], before: Mapping) -> bool:
+    """Whether an importance of these [`shape_sizes`] describes the model a prune with these `before` config sizes
+    (`structured["config"]["before"]`) was given: every size both state is equal, and they share at least one."""
+    shared = [k for k in sizes if isinstance(before.get(k), int)]
+    return bool(shared) and all(sizes[k] == before[k] for k in shared)

@@ -5,7 +5,6 @@ tokenizer saved with it, only where there is one (every command that reads a tok
 from __future__ import annotations
 
 import os
-import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -99,6 +98,7 @@ def importance_for_checkpoint(importance, model_dir: str):
         ValueError: the importance has the sizes of an earlier model of the chain whose folder (and so the units its
             prune kept) is gone.
     """
+    from ..collect.selection import shape_sizes, sizes_fit
     from ..files.pruned_files import load_sparsity
     from ..files.safetensors_io import checkpoint_weights
     from ..publish.provenance import resolve_record
@@ -118,8 +118,8 @@ def importance_for_checkpoint(importance, model_dir: str):
     chain = [(e, resolve_record(e.get("folder"), model_dir)) for e in payload.get("earlier_prunes") or []
              if isinstance(e, dict) and isinstance(e.get("config"), dict)]
     records: list[tuple[Any, Any]] = [*chain, ({"config": record.get("config")}, model_dir)]
-    sizes = _sizes(importance.shapes)
-    start = next((i for i, (entry, _) in enumerate(records) if _fits(sizes, entry["config"].get("before") or {})),
+    sizes = shape_sizes(importance.shapes)
+    start = next((i for i, (entry, _) in enumerate(records) if sizes_fit(sizes, entry["config"].get("before") or {})),
                  len(records) - 1)
     for entry, folder in records[start:-1]:
         if not isinstance(folder, str) or not os.path.isdir(folder):
@@ -131,30 +131,3 @@ def importance_for_checkpoint(importance, model_dir: str):
           + (f", through {len(records) - 1 - start} earlier prune(s)" if start < len(records) - 1 else ""))
     return importance.select(record)
 
-
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def _sizes(shapes: dict[str, list[int]]) -> dict[str, int]:
-    """The config sizes an importance's tracked shapes show: decoder layers, the MLP width, the hidden size, and the
-    rows of `k_proj` (KV groups times the head size)."""
-    out: dict[str, int] = {}
-    layers = {int(m.group(1)) for name in shapes for m in [_LAYER.search(name)] if m}
-    if layers:
-        out["num_hidden_layers"] = max(layers) + 1
-    for name, shape in shapes.items():
-        if name.endswith("mlp.down_proj.weight") and ".experts." not in name:
-            out.setdefault("hidden_size", shape[0])
-            out.setdefault("intermediate_size", shape[1])
-        if name.endswith("self_attn.k_proj.weight"):
-            out.setdefault("k_rows", shape[0])
-    return out
-
-
-def _fits(sizes: dict[str, int], before: dict[str, Any]) -> bool:
-    """Whether an importance of these sizes describes the model a prune with these `before` sizes was given."""
-    heads, kv, hidden = (before.get(k) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
-    if "k_rows" in sizes and all(isinstance(v, int) for v in (heads, kv, hidden)):
-        before = {**before, "k_rows": kv * (before.get("head_dim") or hidden // heads)}
-    shared = [k for k in sizes if isinstance(before.get(k), int)]
-    return bool(shared) and all(sizes[k] == before[k] for k in shared)

@@ -176,9 +176,10 @@ def test_select_reads_sparsity_json(trained, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 @pytest.mark.parametrize("first, refusal", [
     (PruneConfig(structure="neurons", sparsity=0.25),
-     r"^Importance\.select: .*mlp.* has shape .* intermediate_size .* importance\.select\(first\)\.select\(second\)\)$"),
+     r"^Importance\.select: this importance has intermediate_size 64 \(the prune's model: 48\): it describes another "
+     r"model .* importance\.select\(first\)\.select\(second\)\)$"),
     (PruneConfig(structure="layers", sparsity=0.5),
-     r"^Importance\.select: this importance has 4 decoder layers, the model the prune started from had 2: "),
+     r"^Importance\.select: this importance has num_hidden_layers 4 \(the prune's model: 2\): it describes "),
 ])
 def test_select_refuses_the_second_prune_of_a_chain_before_the_first(trained, arch, first, refusal):
     """Cutting the dense importance with the second prune's report would slice it by the in-between model's unit
