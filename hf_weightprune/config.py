@@ -144,6 +144,8 @@ COMPENSATIONS = (None, "refit", "mean", "refit,mean")
 UNIT_STATISTICS = ("activation", "activation_l2", "taylor")
 # The structured axes whose size is a width (`round_to` rounds them); heads (KV groups) and layers are counts.
 WIDTH_AXES = ("neurons", "hidden")
+# The axes whose consumers (down_proj / o_proj) a compensation re-fits or shifts: hidden channels and layers have none.
+COMPENSATED_AXES = ("neurons", "heads")
 
 @dataclass
 class PruneConfig(JsonConfigMixin):

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..collect.importance import Importance
-from ..config import PruneConfig
+from ..config import COMPENSATED_AXES, PruneConfig
 from ..layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout
 from ..matching import canonical_name
 from .budget import (
@@ -309,7 +309,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
             hidden_channel_cost(model)
         except ValueError as e:  # name the axis, as for neurons and heads (its message alone names a layout)
             raise ValueError(f"structure 'hidden' is not possible for {type(model).__name__}: {e}") from None
-    if config.compensate == "refit" and not {"neurons", "heads"} & set(axes):  # "mean" is refused in _mean_inputs
+    if config.compensate == "refit" and not set(COMPENSATED_AXES) & set(axes):  # "mean" is refused in _mean_inputs
         # Else it would be recorded in sparsity.json and the card although nothing was refitted.
         raise ValueError(f"compensate='refit' refits the consumers (down_proj / o_proj) of removed MLP neurons / KV "
                          f"groups; structure {config.structure!r} removes neither: use compensate=None")

@@ -339,14 +339,14 @@ def search_candidates(args: argparse.Namespace, config_cls) -> tuple:
         raise FileNotFoundError(f"--calibration {args.calibration}: no such file or folder")
     if args.search_windows < 1:
         raise ValueError(f"--search_windows must be >= 1; got {args.search_windows}")
-    from ..config import WIDTH_AXES  # not at import time: --help stays fast
+    from ..config import COMPENSATED_AXES, WIDTH_AXES  # not at import time: --help stays fast
     from ..validation import structure_parts
 
     def cut_widths(s: str) -> bool:  # --round_to rounds the candidates that cut a width; "layers", "heads" have none
         return bool(set(structure_parts(s) or ()) & set(WIDTH_AXES))
 
     def serves(s: str) -> bool:  # --compensate makes up for removed neurons / KV groups, not hidden channels or layers
-        return bool(set(structure_parts(s) or ()) & {"neurons", "heads"})
+        return bool(set(structure_parts(s) or ()) & set(COMPENSATED_AXES))
 
     candidates = [config_from_flags(config_cls, {**flags, "structure": s,
                                                  "round_to": flags.get("round_to") if cut_widths(s) else None,

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..collect.importance import Importance
-from ..config import WIDTH_AXES, PruneConfig
+from ..config import COMPENSATED_AXES, WIDTH_AXES, PruneConfig
 from ..io_utils import check_arg_type
 from ..prune.pruner import prune_
 from ..prune.report import PruningReport
@@ -140,7 +140,7 @@ def candidate_configs(base: PruneConfig, structures: Sequence[str | Sequence[str
         return base.round_to if set(structure_parts(structure) or ()) & set(WIDTH_AXES) else None
 
     def compensate(structure) -> str | None:  # prune_ refuses a compensation with no neuron or KV group to serve
-        return base.compensate if set(structure_parts(structure) or ()) & {"neurons", "heads"} else None
+        return base.compensate if set(structure_parts(structure) or ()) & set(COMPENSATED_AXES) else None
 
     return [dataclasses.replace(base, structure=s, unit_statistic=u, round_to=round_to(s), compensate=compensate(s))
             for s in (structures or [base.structure]) for u in (unit_statistics or [base.unit_statistic])]
