@@ -37,6 +37,7 @@ ROWS = {
     "k0": "(k0) (k) as the package did it before 2026-12-07: the re-fit towards the dense teacher's weights "
           "(cached cells only)",
     "l": "(l) (k) + dense-to-pruned cross term (cross_alpha 0.5) under distillation",
+    "m": "(m) (e) with OWL's per-layer sparsities (allocation='owl', lambda 0.08, M 5; unstructured points only)",
 }
 SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune",
          "b": "(b) llm-compressor SparseGPT + masked fine-tune + distillation", "c": "(c) gradual wanda",
@@ -45,7 +46,7 @@ SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune
          "o": "(o) llm-compressor SparseGPT one-shot", "h0": "(h0) one-run OBS one-shot, hold + distillation",
          "h": "(h) (h0) + pruned stream + re-fit", "i": "(i) (h) + cross term", "j": "(j) gradual OBS by depth",
          "k": "(k) (e) + hold re-fit", "k0": "(k0) (e) + hold re-fit towards the teacher (old)",
-         "l": "(l) (k) + cross term"}
+         "l": "(l) (k) + cross term", "m": "(m) (e) + OWL allocation"}
 SEEDLESS = {"o"}  # rows with nothing seeded: one cell per point
 CACHE_ONLY = {"k0"}  # rows the package no longer runs: reported from their cached cells, never computed
 DEFAULT_ROWS = ("dense", "a", "b", "c", "d", "e", "f", "g")  # the published commands' rows; issue 27's are named
@@ -179,14 +180,15 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
         cb = ImportanceCallback(ImportanceConfig(criterion="wanda" if row in ("c", "d") else "sparsegpt"),
                                 schedule=schedule, distill=distill if row != "c" else None)
         cell.update(_train(model, train, args.steps, [cb], args, tag, seed))
-    elif row in ("e", "g", "k", "l"):
+    elif row in ("e", "g", "k", "l", "m"):
         first = args.steps // 4
         model = _load(base)
         stats = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))
         phase1 = _train(model, train.select(range(first * args.batch_size)), first, [stats], args,
                         f"{row}1{tag[len(row):]}", seed)
         teacher = _save(model, WORK / row / f"dense{tag[len(row):]}")
-        config = PruneConfig(structure=nm) if nm else PruneConfig(sparsity=sparsity, scope="row")
+        owl = {"allocation": "owl", "owl_m": Q.OWL_M, "owl_lambda": Q.OWL_LAMBDA} if row == "m" else {}
+        config = PruneConfig(structure=nm) if nm else PruneConfig(sparsity=sparsity, scope="row", **owl)
         t = time.perf_counter()
         report = prune_(model, stats.importance(), config, progress=False)
         cell["prune_seconds"] = time.perf_counter() - t

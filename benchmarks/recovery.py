@@ -37,6 +37,8 @@ Issue 27's rows (statistics of the pruned model itself, gathered while it trains
   step as (h)'s (60% of the steps), re-fits the kept weights towards the teacher's, i.e. the dense weights the
   one-shot prune started from (`PruneSchedule(mode="hold", refit_at=...)` with (e)'s teacher);
 - (l) (k) with the dense-to-pruned cross term (`cross_term=True`, `cross_alpha=0.5`), as (i) is to (h);
+- (m) (e) with OWL's per-decoder-layer sparsities (`allocation="owl"`, lambda 0.08, M 5, as section 6's one-shot
+  rows; percentages only, no cell at an N:M point);
 - (j) (f) with `order="depth"`: the decoder layers pruned front to back, each once to the target, at steps spread
   evenly over the first 75% (SmolLM2's 30 layers need `--steps` >= 40), each from the `sparsegpt` statistic gathered
   after the layers before it were pruned (the training-time counterpart of the sequential calibration pipeline);
@@ -299,7 +301,9 @@ def main() -> None:
     wanted = []
     for seed in range(args.seeds):
         wanted += [("dense", "-", seed)] if "dense" in rows else []
-        wanted += [(r, pt, seed) for pt in points for r in rows if r != "dense" and not (seed and r in SEEDLESS)]
+        # (m) at an N:M point is not a cell: OWL sets one sparsity per layer, a pattern has none to set.
+        wanted += [(r, pt, seed) for pt in points for r in rows if r != "dense" and not (seed and r in SEEDLESS)
+                   and not (r == "m" and ":" in pt)]
     out = Path(args.output)
 
     def cached():

@@ -14,6 +14,10 @@ same parameter count (within one unit per layer) and sees the same training wind
   with distillation from the dense weights of that first quarter (logits KL + CE; shapes differ, no hidden term);
 - ours-ablation: the same structure and units with the other choice of compensation (the refit if the search chose
   none, none if it chose one): the effect of compensation;
+- ours-depth: ours restricted to depth, the statistics phase's block influence (`structure="layers"`, no
+  compensation: the structured OBS refit serves neurons and KV groups only), then ours' recovery: against `shortgpt`
+  it shows training statistics against a calibration pass for the same structure (ours' search picked width only at
+  every size so far, so `ours` is the width-only row);
 - ours-lr4x, ours-hidden: probes of the gap to the dense fine-tune, not peer comparisons: ours with one change to
   its recovery, a 4x learning rate, or SquareHead's hidden-state term (`hidden_weight` 1.0; MLP-neuron pruning keeps
   every hidden state's shape);
@@ -62,6 +66,7 @@ ROWS = {
     "dense": "dense fine-tune (no pruning)",
     "ours": "ours: unit statistics + Hessians from training (first 25% of steps), shape search, distillation",
     "ours-ablation": "ours with the other choice of compensation (refit if the search chose none, else none)",
+    "ours-depth": "ours, depth only: layers by block influence from training, distillation",
     "ours-lr4x": "ours with a 4x recovery learning rate (a probe of the gap to dense, not a peer comparison)",
     "ours-hidden": "ours with SquareHead hidden-state distillation (hidden_weight 1.0; a probe, as ours-lr4x)",
     "tp": "Torch-Pruning group Taylor (calibration), MLP neurons, then distillation",
@@ -366,7 +371,7 @@ def run_row(row: str, size: float, sets, args) -> dict:
     if row == "dense":
         model = R._load(base)
         cell.update(R._train(model, train, args.steps, [], args, row, seed=0))
-    elif row in ("ours", "ours-ablation", "ours-lr4x", "ours-hidden"):
+    elif row in ("ours", "ours-ablation", "ours-depth", "ours-lr4x", "ours-hidden"):
         teacher, imp_dir, stats = stats_phase(train, args)
         imp = load_importance(str(imp_dir))
         chosen_path = WORK / "cells" / f"structure@{_slug(size)}@{args.steps}.json"
@@ -382,8 +387,12 @@ def run_row(row: str, size: float, sets, args) -> dict:
         comp = chosen["compensate"]
         if row == "ours-ablation":  # the same units, the other side of compensation
             comp = "refit" if comp is None else None
+        structure = chosen["structure"]
+        if row == "ours-depth":  # depth only: no compensation serves whole layers (config.COMPENSATED_AXES)
+            structure, comp = "layers", None
+            cell["structure"] = structure
         cell["compensate"] = comp
-        model, report = _prune_ours(teacher, imp, chosen["structure"], chosen["unit_statistic"], target, comp)
+        model, report = _prune_ours(teacher, imp, structure, chosen["unit_statistic"], target, comp)
         cell["prune_seconds"] = time.perf_counter() - t
         cell["report"] = _structured_record(report)
         cell["oneshot"] = Q.evaluate_cell(model, valid, ood, args)
