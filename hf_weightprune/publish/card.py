@@ -47,6 +47,19 @@ _SCOPES = {
 }
 
 
+def _scope_detail(sparsity: dict, scope: str) -> str:
+    """What the scope kept equal. OWL and a per-module target give the tensors different sparsities: then say how
+    (with OWL's range) rather than "the same sparsity in every tensor"."""
+    values = [t["sparsity"] for t in (sparsity.get("tensors") or {}).values()]
+    owl, per_module = sparsity.get("allocation") == "owl", isinstance(sparsity.get("target_sparsity"), dict)
+    if scope not in ("layer", "row") or not values or not (owl or per_module):
+        return _SCOPES.get(scope, "custom")
+    rows = "the same sparsity in every row of a tensor; " if scope == "row" else ""
+    if owl:
+        return (f"{rows or 'the same sparsity in every tensor of a decoder layer; '}each layer's set by OWL, from "
+                f"{100 * min(values):.2f}% to {100 * max(values):.2f}%")
+    return f"{rows}each tensor at the target of the pattern its name matches"
+
 
 def _read_template() -> str:
     """The card template, shipped as package data (`hf_weightprune/model_cards/`)."""
@@ -228,7 +241,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         if (sparsity.get("structured") or {}).get("unit") == "expert_neuron":
             scope_detail = T.EXPERT_NEURON_SCOPE
     else:
-        scope_detail = _SCOPES.get(scope, "custom")
+        scope_detail = _scope_detail(sparsity, scope)
     return {
         "library_version": sparsity.get("library_version") or __version__,
         "format_version": sparsity.get("format_version", 1),

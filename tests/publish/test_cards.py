@@ -385,3 +385,27 @@ def test_activation_statistics_count_sampled_steps_not_forwards_under_gradient_a
     save_pruned(model, tmp_path / "calibrated", report=prune_(model, imp, PruneConfig(sparsity=0.5), progress=False))
     text = " ".join((tmp_path / "calibrated" / "README.md").read_text().split())
     assert "summed over 192 tokens in 3 forward passes, on calibration data, without training" in text
+
+
+@pytest.mark.parametrize("scope, config", [
+    ("row", PruneConfig(sparsity=0.6, allocation="owl", owl_lambda=0.2)),
+    ("layer", PruneConfig(sparsity=0.6, allocation="owl", owl_lambda=0.2, scope="layer")),
+    ("layer", PruneConfig(sparsity={r".*mlp.*": 0.7, r".*self_attn.*": 0.3}, scope="layer")),
+    ("row", PruneConfig(sparsity={r".*mlp.*": 0.7, r".*self_attn.*": 0.3})),
+])
+def test_the_scope_line_claims_equal_sparsities_only_where_they_are(trained, tmp_path, scope, config):
+    """OWL and a per-module target give the tensors different sparsities: the card's scope line must not say "the same
+    sparsity in every tensor"; with OWL it states the range the per-layer sparsities span, read from the weights."""
+    root, imps = trained
+    model = _dense(root)
+    save_pruned(model, tmp_path / "p", report=prune_(model, imps["wanda"], config, progress=False))
+    text = (tmp_path / "p" / "README.md").read_text()
+    weights = load_file(str(tmp_path / "p" / "model.safetensors"))
+    values = [float((weights[n] == 0).float().mean()) for n in load_sparsity(tmp_path / "p")["tensors"]]
+    assert max(values) - min(values) > 0.1  # the tensors really differ
+    detail = re.search(rf"^- \*\*Scope\*\*: {scope} \((.*)\)\.$", text, re.M).group(1)
+    assert "every tensor" not in detail.replace("every tensor of a decoder layer", "")
+    if config.allocation == "owl":
+        assert f"from {100 * min(values):.2f}% to {100 * max(values):.2f}%" in detail
+    else:
+        assert "pattern" in detail
