@@ -22,7 +22,7 @@ from .card_eval import eval_context
 from .card_lineage import achieved_units_text, lineage_context, statistics_source
 from .card_measured import buys_context, measured_text
 from .card_refs import references, tags
-from .card_schedule import schedule_context
+from .card_schedule import restarts_statistics, schedule_context
 
 CARD_FILE = "README.md"
 CARD_TEMPLATE = "pruned_model_card.md"
@@ -285,7 +285,9 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "criterion": criterion,
         "criterion_formula": formula,
         "criterion_reference": reference,
-        "importance_summary": T.importance_summary(importance, criterion),
+        # a pruned-stream schedule restarted the statistics at every mask change: the counts are the last window's
+        "importance_summary": ("the last mask update's, restarted at every mask change: " if kind == "gradual"
+                               and restarts_statistics(sparsity) else "") + T.importance_summary(importance, criterion),
         "schedule": schedule_context(sparsity),
         "distillation": T.distillation_context(sparsity.get("distillation")),
         "training": training_context(sparsity.get("training"), kind),
