@@ -56,8 +56,8 @@ def _scope_detail(sparsity: dict, scope: str) -> str:
         return _SCOPES.get(scope, "custom")
     rows = "the same sparsity in every row of a tensor; " if scope == "row" else ""
     if owl:
-        return (f"{rows or 'the same sparsity in every tensor of a decoder layer; '}each layer's set by OWL, from "
-                f"{100 * min(values):.2f}% to {100 * max(values):.2f}%")
+        return (f"{rows or 'the same sparsity in every tensor of a decoder layer; '}each layer's set by OWL (the tensors "
+                f"from {100 * min(values):.2f}% to {100 * max(values):.2f}%)")
     return f"{rows}each tensor at the target of the pattern its name matches"
 
 

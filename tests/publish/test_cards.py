@@ -395,7 +395,7 @@ def test_activation_statistics_count_sampled_steps_not_forwards_under_gradient_a
 ])
 def test_the_scope_line_claims_equal_sparsities_only_where_they_are(trained, tmp_path, scope, config):
     """OWL and a per-module target give the tensors different sparsities: the card's scope line must not say "the same
-    sparsity in every tensor"; with OWL it states the range the per-layer sparsities span, read from the weights."""
+    sparsity in every tensor"; with OWL it states the range the tensors span, read from the weights."""
     root, imps = trained
     model = _dense(root)
     save_pruned(model, tmp_path / "p", report=prune_(model, imps["wanda"], config, progress=False))
