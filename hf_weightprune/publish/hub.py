@@ -71,7 +71,7 @@ def _importance_folder(folder: Path, sparsity: dict) -> Path:
     # an importance held in memory (`cb.importance()`, `oneshot_importance`) has no folder to record
     raise FileNotFoundError(f"include_importance=True but {str(local)!r} does not exist and sparsity.json records no "
                             "importance folder (the prune used an importance in memory): copy the importance folder "
-                            "it came from to that path, or push without include_importance.")
+                            "it came from to that path, or push without it.")
 
 
 def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:
