@@ -22,7 +22,7 @@ from .card_eval import eval_context
 from .card_lineage import achieved_units_text, lineage_context, statistics_source
 from .card_measured import buys_context, measured_text
 from .card_refs import references, tags
-from .card_schedule import schedule_context
+from .card_schedule import restarts_statistics, schedule_context
 
 CARD_FILE = "README.md"
 CARD_TEMPLATE = "pruned_model_card.md"
@@ -46,6 +46,19 @@ _SCOPES = {
     "row": "the same sparsity in every row of every tensor",
 }
 
+
+def _scope_detail(sparsity: dict, scope: str) -> str:
+    """What the scope kept equal. OWL and a per-module target give the tensors different sparsities: then say how
+    (with OWL's range) rather than "the same sparsity in every tensor"."""
+    values = [t["sparsity"] for t in (sparsity.get("tensors") or {}).values()]
+    owl, per_module = sparsity.get("allocation") == "owl", isinstance(sparsity.get("target_sparsity"), dict)
+    if scope not in ("layer", "row") or not values or not (owl or per_module):
+        return _SCOPES.get(scope, "custom")
+    rows = "the same sparsity in every row of a tensor; " if scope == "row" else ""
+    if owl:
+        return (f"{rows or 'the same sparsity in every tensor of a decoder layer; '}each layer's set by OWL (the tensors "
+                f"from {100 * min(values):.2f}% to {100 * max(values):.2f}%)")
+    return f"{rows}each tensor at the target of the pattern its name matches"
 
 
 def _read_template() -> str:
@@ -228,7 +241,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         if (sparsity.get("structured") or {}).get("unit") == "expert_neuron":
             scope_detail = T.EXPERT_NEURON_SCOPE
     else:
-        scope_detail = _SCOPES.get(scope, "custom")
+        scope_detail = _scope_detail(sparsity, scope)
     return {
         "library_version": sparsity.get("library_version") or __version__,
         "format_version": sparsity.get("format_version", 1),
@@ -272,7 +285,9 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "criterion": criterion,
         "criterion_formula": formula,
         "criterion_reference": reference,
-        "importance_summary": T.importance_summary(importance, criterion),
+        # a pruned-stream schedule restarted the statistics at every mask change: the counts are the last window's
+        "importance_summary": ("the last mask update's, restarted at every mask change: " if kind == "gradual"
+                               and restarts_statistics(sparsity) else "") + T.importance_summary(importance, criterion),
         "schedule": schedule_context(sparsity),
         "distillation": T.distillation_context(sparsity.get("distillation")),
         "training": training_context(sparsity.get("training"), kind),

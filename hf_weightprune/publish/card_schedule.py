@@ -60,6 +60,13 @@ def _refit_point(sparsity: dict, schedule: dict) -> str | None:
     return f"step {step}" if isinstance(step, int) and not isinstance(step, bool) else None
 
 
+def restarts_statistics(sparsity: dict) -> bool:
+    """Whether a gradual schedule restarted its activation statistics at every mask change (`pruned_stream`, implied
+    by `refit_at` and `order="depth"`): the recorded importance then covers only the steps since the last change."""
+    schedule = sparsity.get("schedule")
+    return isinstance(schedule, dict) and schedule.get("mode") != "hold" and _pruned_stream(schedule)
+
+
 def _pruned_stream(schedule: dict) -> bool:
     implied = schedule.get("refit_at") is not None or schedule.get("order") == "depth"
     return bool(schedule.get("pruned_stream") or (schedule.get("pruned_stream") is None and implied))

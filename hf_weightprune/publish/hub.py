@@ -65,8 +65,13 @@ def _importance_folder(folder: Path, sparsity: dict) -> Path:
     recorded = resolve_record((sparsity.get("importance") or {}).get("path"), folder)
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
-    where = f"{str(local)!r}" + (f" nor {recorded!r}" if recorded else "")
-    raise FileNotFoundError(f"include_importance=True but no importance folder was found: neither {where} exists.")
+    if recorded:
+        raise FileNotFoundError(f"include_importance=True but no importance folder was found: neither {str(local)!r} "
+                                f"nor {recorded!r} (recorded in sparsity.json) exists.")
+    # an importance held in memory (`cb.importance()`, `oneshot_importance`) has no folder to record
+    raise FileNotFoundError(f"include_importance=True but {str(local)!r} does not exist and sparsity.json records no "
+                            "importance folder (the prune used an importance in memory): copy the importance folder "
+                            "it came from to that path, or push without it.")
 
 
 def _hub_sparsity(sparsity: dict, importance_uploaded: bool) -> dict:

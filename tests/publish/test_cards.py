@@ -385,3 +385,45 @@ def test_activation_statistics_count_sampled_steps_not_forwards_under_gradient_a
     save_pruned(model, tmp_path / "calibrated", report=prune_(model, imp, PruneConfig(sparsity=0.5), progress=False))
     text = " ".join((tmp_path / "calibrated" / "README.md").read_text().split())
     assert "summed over 192 tokens in 3 forward passes, on calibration data, without training" in text
+
+
+@pytest.mark.parametrize("scope, config", [
+    ("row", PruneConfig(sparsity=0.6, allocation="owl", owl_lambda=0.2)),
+    ("layer", PruneConfig(sparsity=0.6, allocation="owl", owl_lambda=0.2, scope="layer")),
+    ("layer", PruneConfig(sparsity={r".*mlp.*": 0.7, r".*self_attn.*": 0.3}, scope="layer")),
+    ("row", PruneConfig(sparsity={r".*mlp.*": 0.7, r".*self_attn.*": 0.3})),
+])
+def test_the_scope_line_claims_equal_sparsities_only_where_they_are(trained, tmp_path, scope, config):
+    """OWL and a per-module target give the tensors different sparsities: the card's scope line must not say "the same
+    sparsity in every tensor"; with OWL it states the range the tensors span, read from the weights."""
+    root, imps = trained
+    model = _dense(root)
+    save_pruned(model, tmp_path / "p", report=prune_(model, imps["wanda"], config, progress=False))
+    text = (tmp_path / "p" / "README.md").read_text()
+    weights = load_file(str(tmp_path / "p" / "model.safetensors"))
+    values = [float((weights[n] == 0).float().mean()) for n in load_sparsity(tmp_path / "p")["tensors"]]
+    assert max(values) - min(values) > 0.1  # the tensors really differ
+    detail = re.search(rf"^- \*\*Scope\*\*: {scope} \((.*)\)\.$", text, re.M).group(1)
+    assert "every tensor" not in detail.replace("every tensor of a decoder layer", "")
+    if config.allocation == "owl":
+        assert f"from {100 * min(values):.2f}% to {100 * max(values):.2f}%" in detail
+    else:
+        assert "pattern" in detail
+
+
+@pytest.mark.parametrize("pruned_stream", [True, False])
+def test_a_pruned_stream_card_says_its_counts_are_the_last_updates(tmp_path, pruned_stream):
+    """A pruned-stream schedule restarts the `sparsegpt` statistic at every mask change, so the importance it records
+    covers only the steps since the last change (steps 5-6 of updates at 2, 4, 6): the card must not present those
+    counts as what the whole fine-tune accumulated. Without the pruned stream they are every step up to the last."""
+    model = tiny_llama(seed=0)
+    schedule = PruneSchedule(final_sparsity=0.5, start=2, end=6, every_n_steps=2, pruned_stream=pruned_stream)
+    cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"), schedule=schedule)
+    train(model, [cb], tmp_path / "run", max_steps=8)
+    save_pruned(model, tmp_path / "p", report=cb.pruning_report(model), schedule=schedule)
+    text = " ".join((tmp_path / "p" / "README.md").read_text().split())
+    importance = load_sparsity(tmp_path / "p")["importance"]
+    assert importance["step"] == 6 and importance["num_samples"] == (2 if pruned_stream else 6)
+    counts = f"inputs of every pruned layer summed over {importance['tokens']:,} tokens in"
+    assert counts in text
+    assert (f"(the last mask update's, restarted at every mask change: {counts}" in text) is pruned_stream

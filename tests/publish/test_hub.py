@@ -454,6 +454,21 @@ def test_include_importance_missing(tmp_path):
         push_pruned_to_hub(out, repo_id="tester/x", token="unused", include_importance=True)
 
 
+def test_include_importance_of_an_in_memory_importance_says_what_to_do(tmp_path):
+    """A prune from `cb.importance()` records no importance folder: the refusal says so and names the fix, rather
+    than "neither ... exists" of a single path."""
+    from hf_weightprune import PruneConfig, oneshot_importance, prune_, save_pruned
+
+    out, model = tmp_path / "pruned", tiny_llama()
+    save_pruned(model, out, report=prune_(model, oneshot_importance(model, "magnitude"), PruneConfig(sparsity=0.5),
+                                          progress=False))
+    assert load_sparsity(out)["importance"]["path"] is None
+    with pytest.raises(FileNotFoundError, match=r"records no importance folder \(the prune used an importance in "
+                       r"memory\): copy the importance folder it came from to that path") as error:
+        push_pruned_to_hub(out, repo_id="tester/x", token="unused", include_importance=True)
+    assert "neither" not in str(error.value) and "\n" not in str(error.value)
+
+
 # --------------------------------------------------------------------------- auth and token hygiene
 
 
