@@ -27,8 +27,8 @@ from hf_weightprune import (
     prune_,
     save_pruned,
     sweep,
+    write_model_card,
 )
-from hf_weightprune.publish.card import write_model_card
 from hf_weightprune.testing import train_tokenizer
 from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows
 

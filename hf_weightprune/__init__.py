@@ -28,9 +28,11 @@ _LAZY_IMPORTS = {
     "prune_": "prune.pruner",
     "prune_checkpoint": "publish.export",
     "push_pruned_to_hub": "publish.hub",
+    "render_model_card": "publish.card",
     "save_pruned": "publish.export",
     "search_structures": "tools.search",
     "sweep": "tools.sweep",
+    "write_model_card": "publish.card",
 }
 
 # A literal list (type checkers and linters read it); tests/tools/test_cli.py checks it equals `_LAZY_IMPORTS`.
@@ -49,9 +51,11 @@ __all__ = [
     "prune_",
     "prune_checkpoint",
     "push_pruned_to_hub",
+    "render_model_card",
     "save_pruned",
     "search_structures",
     "sweep",
+    "write_model_card",
 ]
 
 if TYPE_CHECKING:
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
     from .prune.oneshot import oneshot_importance
     from .prune.pruner import prune_
     from .prune.report import PruningReport
+    from .publish.card import render_model_card, write_model_card
     from .publish.export import prune_checkpoint, save_pruned
     from .publish.hub import push_pruned_to_hub
     from .tools.search import search_structures

@@ -274,5 +274,8 @@ class PruningReport:
             params = self.structured["num_parameters"]
             before, after = params["before"], params["after"]
             return f"{self.structure}: parameters {before:,} -> {after:,} ({1 - after / before:.1%} removed)"
-        return (f"{self.structure} ({self.scope}): {self.global_sparsity:.2%} of {len(self.tensors)} pruned tensors, "
-                f"{self.model_sparsity:.2%} of all parameters")
+        values = [v["sparsity"] for v in self.tensors.values()]
+        # OWL sets one sparsity per layer: the line says so, with the range the tensors ended at
+        owl = f", OWL: tensors {min(values):.2%} to {max(values):.2%}" if self.allocation == "owl" and values else ""
+        return (f"{self.structure} ({self.scope}{owl}): {self.global_sparsity:.2%} of {len(self.tensors)} pruned "
+                f"tensors, {self.model_sparsity:.2%} of all parameters")

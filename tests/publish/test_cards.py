@@ -398,7 +398,8 @@ def test_the_scope_line_claims_equal_sparsities_only_where_they_are(trained, tmp
     sparsity in every tensor"; with OWL it states the range the tensors span, read from the weights."""
     root, imps = trained
     model = _dense(root)
-    save_pruned(model, tmp_path / "p", report=prune_(model, imps["wanda"], config, progress=False))
+    report = prune_(model, imps["wanda"], config, progress=False)
+    save_pruned(model, tmp_path / "p", report=report)
     text = (tmp_path / "p" / "README.md").read_text()
     weights = load_file(str(tmp_path / "p" / "model.safetensors"))
     values = [float((weights[n] == 0).float().mean()) for n in load_sparsity(tmp_path / "p")["tensors"]]
@@ -407,7 +408,10 @@ def test_the_scope_line_claims_equal_sparsities_only_where_they_are(trained, tmp
     assert "every tensor" not in detail.replace("every tensor of a decoder layer", "")
     if config.allocation == "owl":
         assert f"from {100 * min(values):.2f}% to {100 * max(values):.2f}%" in detail
+        # the one line the CLI and logs print (`report.summary()`) names OWL and the same range
+        assert f"OWL: tensors {100 * min(values):.2f}% to {100 * max(values):.2f}%" in report.summary()
     else:
+        assert "OWL" not in report.summary()
         assert "pattern" in detail
 
 
