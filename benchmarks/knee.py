@@ -53,6 +53,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from hf_weightprune import ImportanceCallback, ImportanceConfig
+    from hf_weightprune.perplexity import perplexity_text
     from hf_weightprune.testing import train_tokenizer
     from hf_weightprune.tools.data import load_texts, make_windows
     from hf_weightprune.tools.sweep import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, format_table, sweep
@@ -109,7 +110,7 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/knee.py` ({' '.join(sys.argv[1:]) or 'defaults'}); wall time {total_s / 60:.1f} "
         f"min on 2 CPU cores shared with other jobs (training {train_s / 60:.1f} min). Dense loss {dense['loss']:.4f} "
-        f"(perplexity {dense['perplexity']:.2f}).",
+        f"(perplexity {perplexity_text(dense['loss'])}).",
         "",
         f"| criterion | knee (loss > dense +{args.tolerance:.0%}) | "
         + " | ".join(f"loss @ {c:.0%}" for c in cols) + " |",

@@ -443,7 +443,7 @@ def run_cell(method: str, point: str, valid, ood, args, llmc_python: Path | None
     cell.update(evaluate_cell(model, valid, ood, args))
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, cell)
-    _log(f"{method} @ {point}: ppl ood {cell['ppl_ood']:.2f}, valid {cell['ppl_valid']:.2f}, sparsity "
+    _log(f"{method} @ {point}: ppl ood {_fmt(cell['ppl_ood'])}, valid {_fmt(cell['ppl_valid'])}, sparsity "
          f"{cell['sparsity']:.4f}, prune {cell.get('prune_seconds', 0):.1f} s, eval {cell['eval_seconds']:.0f} s")
     return cell
 
@@ -485,8 +485,9 @@ NOT_RUN = "2 CPU cores shared with other jobs; cut for the deadline, rerunning t
 OWL_NM = "N:M fixes the sparsity of every group"
 
 
-def _fmt(x: float) -> str:
-    return "inf" if not math.isfinite(x) else f"{x:.2f}"
+def _fmt(x: float | None) -> str:
+    # None: a perplexity that overflowed (`hf_weightprune.perplexity`); inf: a cell written before that rule
+    return "overflow (> 1e308)" if x is None or not math.isfinite(x) else f"{x:.2f}"
 
 
 def _max_deviation(cells: list[dict]) -> float:

@@ -29,6 +29,7 @@ from hf_weightprune import (
     sweep,
     write_model_card,
 )
+from hf_weightprune.perplexity import perplexity_text
 from hf_weightprune.testing import train_tokenizer
 from hf_weightprune.tools.data import evaluate_loss, load_texts, make_windows
 
@@ -101,8 +102,9 @@ def main():
         print(f"  {row['criterion']:>20} {row['sparsity']:4.0%}  loss {row['loss']:.3f}")
 
     print(f"\nEvaluated on data/kjv/valid.txt, {pruned['tokens']:,} tokens, both at step {trainer.state.global_step}:")
-    print(f"Dense  eval loss {dense['loss']:.3f} (perplexity {dense['perplexity']:.1f})")
-    print(f"Pruned eval loss {pruned['loss']:.3f} (perplexity {pruned['perplexity']:.1f}) -- {report.summary()}")
+    print(f"Dense  eval loss {dense['loss']:.3f} (perplexity {perplexity_text(dense['loss'], '.1f')})")
+    print(f"Pruned eval loss {pruned['loss']:.3f} (perplexity {perplexity_text(pruned['loss'], '.1f')}) -- "
+          f"{report.summary()}")
     print(f"\nOutputs ({time.time() - start:.0f} s):")
     print(f"  trained model + importance: {training_args.output_dir} (importance/ and checkpoint-*/importance/)")
     print(f"  pruned checkpoint + card:   {pruned_dir} (README.md, sparsity.json)")

@@ -13,8 +13,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig
 
-__all__ = ["ATTN_LAYOUTS", "IN_LAYER_STRUCTURES", "MLP_LAYOUTS", "attn_geometry", "block_layout",
-           "check_structured_supported", "decoder_layers", "detect_layout", "model_configs"]
+__all__ = ["ATTN_LAYOUTS", "IN_LAYER_STRUCTURES", "MLP_LAYOUTS", "attention_sizes", "attn_geometry", "block_layout",
+           "check_structured_supported", "config_head_dim", "decoder_layers", "detect_layout", "model_configs"]
 
 # The structures whose units sit inside every decoder layer's modules, the ones whose layout this module checks
 # ([`check_structured_supported`]). Hidden channels and whole layers are checked where they are removed:
@@ -28,6 +28,26 @@ _SUPPORTED_LAYOUTS = (
 ATTN_LAYOUTS = {"split": ("q_proj", "k_proj", "v_proj", "o_proj"), "fused": ("qkv_proj", "o_proj")}
 MLP_LAYOUTS = {"split": ("gate_proj", "up_proj", "down_proj"), "fused": ("gate_up_proj", "down_proj")}
 
+
+def config_head_dim(config: PretrainedConfig) -> int | None:
+    """The head size a config states (`head_dim`, e.g. Gemma's, not always `hidden_size // num_attention_heads`), or
+    derives as Llama-style configs without one do; `None` for a config without attention sizes."""
+    d = getattr(config, "head_dim", None)
+    if isinstance(d, int) and d > 0:
+        return d
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+
+
+def attention_sizes(config: PretrainedConfig) -> dict[str, int | None]:
+    """`num_attention_heads`, `num_key_value_heads` and `head_dim` as the config states them or derives them (no
+    `num_key_value_heads`: one per query head; no `head_dim`: [`config_head_dim`]). What a structured prune's record
+    states of the attention (`structured["config"]`), so that `Importance.select` can tell the KV-group counts of two
+    models a heads prune left with the same query/KV ratio apart (`collect.selection.shape_sizes`)."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None)
+    return {"num_attention_heads": heads, "num_key_value_heads": kv if kv is not None else heads,
+            "head_dim": config_head_dim(config)}
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -92,9 +112,7 @@ def detect_layout(model: nn.Module, part: str) -> tuple[nn.ModuleList, str]:
 
 def attn_geometry(model: nn.Module, attn: nn.Module, kind: str) -> tuple[int, int, int]:
     """Returns (num_heads, num_kv_heads, head_dim) read from the module shapes, checked for consistency."""
-    d = getattr(attn, "head_dim", None) or getattr(model.config, "head_dim", None)
-    if not d:
-        d = model.config.hidden_size // model.config.num_attention_heads
+    d = getattr(attn, "head_dim", None) or config_head_dim(model.config)
     o_in = attn.o_proj.in_features
     if kind == "split":
         q_out, kv_out = attn.q_proj.out_features, attn.k_proj.out_features

@@ -5,7 +5,9 @@ from these, so that a structurally pruned model can be pruned again (2:4, or ano
 The kept units are read from `PruningReport.structured` (or `sparsity.json`'s `structured`): each axis' `before`
 size and `removed` indices (`neurons` / `heads`: per decoder layer, numbered after depth pruning; `hidden`: one list;
 `layers`: the original indices). The layout is read from the tracked names (`q_proj`, `qkv_proj`, `gate_up_proj`,
-...), the geometry from the sizes before pruning (`structured["config"]["before"]`) and the tracked shapes.
+...), the geometry from the sizes before pruning (`structured["config"]["before"]`) and the tracked shapes. Those
+sizes also tell statistics of another model of a chain apart ([`shape_sizes`]): the depth and widths, and the
+query and KV head counts in units of the recorded `head_dim` (two heads prunes change nothing else).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class KeptUnits:
         Raises:
             `ValueError`: one line naming the sizes ([`shape_sizes`]) that disagree with the record's `before`.
         """
-        sizes = shape_sizes(shapes)
+        sizes = shape_sizes(shapes, self.before)
         if not sizes_fit(sizes, self.before):
             differ = ", ".join(f"{k} {v} (the prune's model: {self.before[k]})" for k, v in sizes.items()
                                if isinstance(self.before.get(k), int) and self.before[k] != v)
@@ -207,11 +209,16 @@ def slice_state(state: Tensor, kind: str, rows: Tensor | None, cols: Tensor | No
     return _take(_take(state, cols, 0), cols, 1)
 
 
-def shape_sizes(shapes: Mapping[str, list[int]]) -> dict[str, int]:
-    """The config sizes an importance's tracked shapes show: `num_hidden_layers`, and `intermediate_size` and
-    `hidden_size` from the dense MLP's `down_proj`. Not the KV groups: a heads prune keeps the query/KV ratio and the
-    record does not state the head size, so no shape tells them apart."""
-    out: dict[str, int] = {}
+def shape_sizes(shapes: Mapping[str, list[int]], before: Mapping | None = None) -> dict[str, int | float]:
+    """The config sizes an importance's tracked shapes show: `num_hidden_layers`, `intermediate_size` and
+    `hidden_size` from the dense MLP's `down_proj`, and, when `before` (a structured record's `config["before"]`)
+    states the head size `head_dim`, the attention's `num_key_value_heads` (`k_proj` / `v_proj` rows) and
+    `num_attention_heads` (`q_proj` rows, `o_proj` columns) in units of it. A fused `qkv_proj` (Phi-3) holds
+    `(heads + 2 * kv) * head_dim` rows, split by the query heads `o_proj` shows or else by the record's query/KV
+    ratio. A heads prune keeps that ratio, so without the head size (a record written before it was stated) no shape
+    tells the KV groups of two models of a chain apart: then they are not read. A count the head size does not
+    divide is given as a float (it equals no record's)."""
+    out: dict[str, int | float] = {}
     layers = {int(m.group(2)) for name in shapes if (m := _LAYER.match(name))}
     if layers:
         out["num_hidden_layers"] = max(layers) + 1
@@ -219,10 +226,43 @@ def shape_sizes(shapes: Mapping[str, list[int]]) -> dict[str, int]:
         if name.endswith("mlp.down_proj.weight") and ".experts." not in name:  # an expert has a width of its own
             out.setdefault("hidden_size", int(shape[0]))
             out.setdefault("intermediate_size", int(shape[1]))
+    d = (before or {}).get("head_dim")
+    if isinstance(d, int) and d > 0:
+        out.update(_head_counts(shapes, d, before))
     return out
 
 
-def sizes_fit(sizes: Mapping[str, int], before: Mapping) -> bool:
+def _head_counts(shapes: Mapping[str, list[int]], d: int, before: Mapping) -> dict[str, int | float]:
+    """`num_key_value_heads` / `num_attention_heads` the attention projections show for head size `d`."""
+    out: dict[str, int | float] = {}
+    fused = None
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        if len(parts) < 3 or parts[-3] != "self_attn" or parts[-1] != "weight":
+            continue
+        leaf = parts[-2]
+        if leaf in ("k_proj", "v_proj"):
+            out.setdefault("num_key_value_heads", _per(shape[0], d))
+        elif leaf in ("q_proj", "o_proj"):
+            out.setdefault("num_attention_heads", _per(shape[0 if leaf == "q_proj" else 1], d))
+        elif leaf == "qkv_proj" and fused is None:
+            fused = _per(shape[0], d)  # heads + 2 * kv
+    if fused is not None and "num_key_value_heads" not in out:
+        heads, kv = before.get("num_attention_heads"), before.get("num_key_value_heads")
+        if "num_attention_heads" in out:  # o_proj shows the query heads
+            out["num_key_value_heads"] = _per(fused - out["num_attention_heads"], 2)
+        elif isinstance(heads, int) and isinstance(kv, int) and kv > 0 and heads % kv == 0:  # the ratio a prune keeps
+            out["num_key_value_heads"] = n_kv = _per(fused, heads // kv + 2)
+            out["num_attention_heads"] = n_kv * (heads // kv)
+    return {k: out[k] for k in ("num_key_value_heads", "num_attention_heads") if k in out}  # a stable message
+
+
+def _per(width: int | float, unit: int) -> int | float:
+    """`width / unit`: an `int` when `unit` divides it, else a float (which equals no config size)."""
+    return int(width) // unit if float(width).is_integer() and int(width) % unit == 0 else width / unit
+
+
+def sizes_fit(sizes: Mapping[str, int | float], before: Mapping) -> bool:
     """Whether an importance of these [`shape_sizes`] describes the model a prune with these `before` config sizes
     (`structured["config"]["before"]`) was given: every size both state is equal, and they share at least one."""
     shared = [k for k in sizes if isinstance(before.get(k), int)]

@@ -180,8 +180,20 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
 
 
 def dump_sparsity(payload: dict[str, Any]) -> str:
-    """`sparsity.json`'s text for `payload`: the one serialisation, for the folder and for the Hub's copy."""
-    return json.dumps(payload, indent=2) + "\n"
+    """`sparsity.json`'s text for `payload`: the one serialisation, for the folder and for the Hub's copy. Strict
+    JSON: a number that is not finite (a search candidate's loss after a diverged recovery, a perplexity that
+    overflowed in a caller's `eval_results`) is written as `null`, as `sweep.json` does; JSON has no inf / nan."""
+    return json.dumps(_finite(payload), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_sparsity(folder: str | os.PathLike, payload: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..io_utils import plural
-from ..layouts import attn_geometry, decoder_layers, detect_layout
+from ..layouts import attn_geometry, config_head_dim, decoder_layers, detect_layout
 from .hidden import hidden_channel_costs
 from .masks import num_to_prune
 from .surgery import _CONFIG_ERRORS, _attention_config_updates, config_error
@@ -111,7 +111,7 @@ def size_updates(model: nn.Module, axis: str):
         return lambda k: _attention_config_updates(k, n_heads // n_kv, d)
     if axis == "neurons":
         return lambda k: {"intermediate_size": k}
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = config_head_dim(cfg)
     return lambda k: {"hidden_size": k, "head_dim": head_dim}
 
 

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from ..collect.importance import Importance
 from ..config import COMPENSATED_AXES, PruneConfig
-from ..layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout
+from ..layouts import attention_sizes, attn_geometry, check_structured_supported, decoder_layers, detect_layout
 from ..matching import canonical_name
 from .budget import (
     ORDER,
@@ -80,8 +80,15 @@ __all__ = ["prune_structures_"]
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+_CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size")
 _REFITS, _MEANS = ("refit", "refit,mean"), ("mean", "refit,mean")  # the compensations that refit / shift a bias
+
+
+def _config_sizes(config) -> dict:
+    """The sizes a structured record states of a config (`structured["config"]["before"/"after"]`): the depth and
+    widths, and the attention's head counts and head size as the config states or derives them (the head size and
+    KV-head count let `Importance.select` refuse statistics of the model before an earlier heads prune)."""
+    return {**{k: getattr(config, k, None) for k in _CONFIG_KEYS}, **attention_sizes(config)}
 
 
 def _scores(model: nn.Module, importance: Importance, config: PruneConfig, axes: tuple[str, ...]) -> dict:
@@ -346,7 +353,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     _check_before_change(model, importance, config, counts, sizes, [i for i in range(sizes["layers"]) if i not in drop],
                          names, means)
     # The model changes from here on; remove_layers_ (the first change) checks its own input before it.
-    config_before = {k: getattr(model.config, k, None) for k in _CONFIG_KEYS}
+    config_before = _config_sizes(model.config)
     out_axes: dict[str, dict] = {}
     kept_layers = list(range(sizes["layers"]))
     if "layers" in axes:
@@ -377,7 +384,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     report = {
         "structure": config.structure,
         "axes": out_axes,
-        "config": {"before": config_before, "after": {k: getattr(model.config, k, None) for k in _CONFIG_KEYS}},
+        "config": {"before": config_before, "after": _config_sizes(model.config)},
         "num_parameters": {"before": before, "after": after},
         "target_params": target,
         "target_tolerance": tolerance,

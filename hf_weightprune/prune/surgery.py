@@ -25,7 +25,14 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..layouts import attn_geometry, check_structured_supported, decoder_layers, detect_layout, model_configs
+from ..layouts import (
+    attention_sizes,
+    attn_geometry,
+    check_structured_supported,
+    decoder_layers,
+    detect_layout,
+    model_configs,
+)
 from ..validation import check_sparsity
 from .masks import num_to_prune
 from .unit_scores import head_group_scores, neuron_scores
@@ -296,11 +303,11 @@ def prune_structured_(
         kept[i] = sorted(order[n_remove:].tolist())
 
     cfg = model.config
-    if structure == "neurons":
-        config_keys = ("intermediate_size",)
-    else:
-        config_keys = ("num_attention_heads", "num_key_value_heads", "head_dim")
-    config_before = {k: getattr(cfg, k, None) for k in config_keys}
+
+    def config_sizes() -> dict:  # heads: as the config states or derives them (Phi-3 states no head_dim)
+        return {"intermediate_size": cfg.intermediate_size} if structure == "neurons" else attention_sizes(cfg)
+
+    config_before = config_sizes()
     params_before = _num_parameters(model)
     if n_remove:
         keep = {i: torch.tensor(k, dtype=torch.long) for i, k in kept.items()}
@@ -310,7 +317,7 @@ def prune_structured_(
         "unit": "mlp_neuron" if structure == "neurons" else "kv_group",
         "sparsity": sparsity,
         "units_per_layer": {"before": units, "after": units - n_remove},
-        "config": {"before": config_before, "after": {k: getattr(cfg, k, None) for k in config_keys}},
+        "config": {"before": config_before, "after": config_sizes()},
         "kept": kept,
         "removed": removed,
         "num_parameters": {"before": params_before, "after": _num_parameters(model)},

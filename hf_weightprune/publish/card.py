@@ -369,7 +369,7 @@ def search_text(search: dict | None) -> str | None:
             return f"{label(row)} skipped (the reason is in {SPARSITY_NAME})"
         if isinstance(row.get("same_as"), int) and 0 <= row["same_as"] < len(rows):  # scored once, as that one
             return f"{label(row)} the same pruned model as {label(rows[row['same_as']])}"
-        return f"{label(row)} {row['loss']:.4f}{params(row)}"
+        return f"{label(row)} {_loss(row.get('loss'))}{params(row)}"
 
     others = [other(r) for i, r in enumerate(rows) if i != chosen]
     distinct = sum(1 for r in rows if r.get("skipped") is None and r.get("same_as") is None)
@@ -390,9 +390,14 @@ def search_text(search: dict | None) -> str | None:
     return (f"the shape was chosen by measured loss among {plural(len(rows), 'candidate')}{shapes} of the same budget, "
             "each pruned and "
             f"scored {how} by its mean loss on {plural(search.get('windows') or 0, 'window')} of training text "
-            f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {rows[chosen]['loss']:.4f}"
+            f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {_loss(rows[chosen].get('loss'))}"
             f"{params(rows[chosen])}, {lowest}"
-            + (f" (others: {'; '.join(others)})" if others else "") + f"; dense model {search.get('dense_loss'):.4f}")
+            + (f" (others: {'; '.join(others)})" if others else "") + f"; dense model {_loss(search.get('dense_loss'))}")
+
+
+def _loss(value) -> str:
+    """A recorded loss; `null` in `sparsity.json` is one that was no finite number (a diverged candidate)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "no finite loss (diverged)"
 
 
 def _span(records: list[dict], key: str) -> str:

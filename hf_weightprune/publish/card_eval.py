@@ -17,20 +17,13 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..io_utils import is_local_path, path_name
+from ..perplexity import perplexity, perplexity_text
 
 _EVAL_KEYS = ("dataset", "tokens", "step")
 # The keys of the `eval` entry that name evaluation data: the shared one and the per-side overrides.
 _DATA_KEYS = ("dataset", "dense_dataset", "pruned_dataset")
 # Files `--eval_data` and `load_texts` read: a value ending so is a local file, whatever its folders.
 _DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".arrow", ".md")
-
-
-def perplexity(loss: float | None) -> float | None:
-    """`exp(loss)`, or `None` for no loss."""
-    if loss is None:
-        return None
-    # exp overflows past ~709; an infinite perplexity is the honest value there
-    return math.exp(loss) if loss < 709 else float("inf")
 
 
 def eval_metadata(report: dict, prefix: str) -> dict[str, Any]:
@@ -126,13 +119,17 @@ def eval_context(report: dict | None) -> tuple[dict | None, list[EvalResult] | N
             dense_loss = None
     context = {"dataset": dataset, "tokens": pruned_meta["tokens"], "step": pruned_meta["step"],
                "dense_loss": dense_loss, "pruned_loss": pruned_loss, "dense_dropped": dropped,
-               "dense_perplexity": perplexity(dense_loss), "pruned_perplexity": perplexity(pruned_loss)}
+               "dense_perplexity": perplexity(dense_loss), "pruned_perplexity": perplexity(pruned_loss),
+               # the table's text: "overflow (> 1e308)" where exp(loss) is no float (`hf_weightprune.perplexity`)
+               "dense_perplexity_text": perplexity_text(dense_loss), "pruned_perplexity_text": perplexity_text(pruned_loss)}
     dataset_id = hub_dataset_id(report)
     if dataset_id is None:
         return context, None
     metrics = [("loss", pruned_loss, "Eval loss"), ("perplexity", context["pruned_perplexity"], "Perplexity")]
+    # The Hub's YAML has no honest inf / nan: a perplexity that overflows (or a loss that is no number) is left out
     results = [EvalResult(task_type="text-generation", dataset_type=dataset_id, dataset_name=dataset_id,
-                          metric_type=kind, metric_value=value, metric_name=label) for kind, value, label in metrics]
-    return context, results
+                          metric_type=kind, metric_value=value, metric_name=label) for kind, value, label in metrics
+               if value is not None and math.isfinite(value)]
+    return context, results or None
 
 

@@ -15,7 +15,8 @@ from ..files import safetensors_io as sio
 from ..files.pruned_files import SWEEP_JSON
 from ..io_utils import is_local_path, path_name, plural
 from ..matching import parse_param_name
-from .card_eval import dataset_name, perplexity
+from ..perplexity import perplexity, perplexity_text
+from .card_eval import dataset_name
 
 EXPERTS_CRITERION = ("not used for whole experts, which are ranked by the tokens their router sent them during training "
                      "(the router statistics saved with the importance)")
@@ -212,19 +213,20 @@ def target_text(target) -> str:
 
 def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
     """Rows of `sweep.json` (written by [`sweep`]) that have a loss, for the card's loss-vs-sparsity table: `criterion`,
-    `structure` (`None` for the dense reference), `scope`, `sparsity`, `loss`, `perplexity`, and `tokens` and `dataset`
+    `structure` (`None` for the dense reference), `scope`, `sparsity`, `loss`, `perplexity` (`None` where it overflows)
+    and `perplexity_text` (`hf_weightprune.perplexity`), and `tokens` and `dataset`
     where the sweep recorded them."""
     if not (folder / SWEEP_JSON).is_file():
         return []
     rows = []
     for row in read_json(folder / SWEEP_JSON) or []:
         if isinstance(row, dict) and row.get("loss") is not None and row.get("sparsity") is not None:
-            loss, ppl = float(row["loss"]), row.get("perplexity")
+            loss = float(row["loss"])  # the perplexity from it (a stored one may be an older sweep's inf)
             structure = row.get("structure")
             rows.append({"criterion": row.get("criterion", criterion), "scope": row.get("scope"),
                          "structure": structure if structure != "dense" else None,
-                         "sparsity": float(row["sparsity"]), "loss": loss,
-                         "perplexity": float(ppl) if ppl is not None else perplexity(loss),
+                         "sparsity": float(row["sparsity"]), "loss": loss, "perplexity": perplexity(loss),
+                         "perplexity_text": perplexity_text(loss),
                          "tokens": row.get("tokens"), "dataset": row.get("dataset")})
     return rows
 

@@ -8,6 +8,7 @@ imported until a subcommand runs, so `--help` and `--version` never import torch
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .._version import __version__
@@ -294,7 +295,8 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
                  batch_size=args.batch_size, output_dir=args.output_dir, dtype=args.dtype, progress=show_progress(args),
                  importance_name=args.importance_name)
     print(format_table(rows))
-    print(f"Wrote {SWEEP_CSV}, {SWEEP_JSON} and {SWEEP_PNG} to {args.output_dir}")
+    drawn = os.path.isfile(os.path.join(args.output_dir, SWEEP_PNG))  # no chart where every perplexity overflows
+    print(f"Wrote {SWEEP_CSV}, {SWEEP_JSON}" + (f" and {SWEEP_PNG}" if drawn else "") + f" to {args.output_dir}")
     return 0
 
 

@@ -5,7 +5,6 @@ Used by the demo, the sparsity sweep and the benchmarks. Nothing here touches th
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..io_utils import plural
+from ..perplexity import perplexity
 
 if TYPE_CHECKING:
     import datasets
@@ -227,8 +227,8 @@ def evaluate_loss(
             Stop after this many batches (the first `max_batches * batch_size` windows).
 
     Returns:
-        `dict`: `loss` (`float`), `perplexity` (`float`, `exp(loss)`, `inf` on overflow) and `tokens` (`int`, the
-        number of predicted tokens).
+        `dict`: `loss` (`float`), `perplexity` (`float`, `exp(loss)`; `None` where it overflows a float, past a loss
+        of ~709.78: `hf_weightprune.perplexity`) and `tokens` (`int`, the number of predicted tokens).
     """
     import torch
 
@@ -266,8 +266,4 @@ def evaluate_loss(
         model.train(was_training)
 
     mean = weighted_sum / samples
-    try:
-        perplexity = math.exp(mean)
-    except OverflowError:
-        perplexity = math.inf
-    return {"loss": mean, "perplexity": perplexity, "tokens": tokens}
+    return {"loss": mean, "perplexity": perplexity(mean), "tokens": tokens}

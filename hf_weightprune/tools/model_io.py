@@ -118,8 +118,10 @@ def importance_for_checkpoint(importance, model_dir: str):
     chain = [(e, resolve_record(e.get("folder"), model_dir)) for e in payload.get("earlier_prunes") or []
              if isinstance(e, dict) and isinstance(e.get("config"), dict)]
     records: list[tuple[Any, Any]] = [*chain, ({"config": record.get("config")}, model_dir)]
-    sizes = shape_sizes(importance.shapes)
-    start = next((i for i, (entry, _) in enumerate(records) if sizes_fit(sizes, entry["config"].get("before") or {})),
+    def fits(before: dict) -> bool:  # the sizes, head counts included where the record states the head size
+        return sizes_fit(shape_sizes(importance.shapes, before), before)
+
+    start = next((i for i, (entry, _) in enumerate(records) if fits(entry["config"].get("before") or {})),
                  len(records) - 1)
     for entry, folder in records[start:-1]:
         if not isinstance(folder, str) or not os.path.isdir(folder):

@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 from ..collect.importance import Importance
 from ..config import COMPENSATED_AXES, WIDTH_AXES, PruneConfig
 from ..io_utils import check_arg_type
+from ..perplexity import perplexity_text
 from ..prune.pruner import prune_
 from ..prune.report import PruningReport
 from ..train.callback import ImportanceCallback
@@ -53,7 +54,8 @@ class StructureSearch:
 
     Args:
         candidates (`list[dict]`): one row per candidate, in the order given: `config` (`PruneConfig.to_dict()`),
-            `loss` and `perplexity` on the windows (`None` when skipped), `num_parameters` (after pruning),
+            `loss` and `perplexity` on the windows (`None` when skipped; the perplexity also where it overflows a
+            float, `hf_weightprune.perplexity`), `num_parameters` (after pruning),
             `skipped` (the one-line reason a candidate could not be pruned, or kept a count off the budget by more
             than one step of its coarsest axis, else `None`), `training` (its recovery as it ran, counted by the
             recovery `Trainer`: `{"steps", "tokens"}`, optimizer steps and real input tokens, padding excluded;
@@ -109,7 +111,7 @@ class StructureSearch:
             if row["skipped"]:
                 tail = f"skipped: {row['skipped']}"
             else:
-                tail = f"{row['num_parameters']:>12,} {row['loss']:>8.4f} {row['perplexity']:>9.3f}"
+                tail = f"{row['num_parameters']:>12,} {row['loss']:>8.4f} {perplexity_text(row['loss'], '.3f'):>9}"
                 if row.get("same_as") is not None:
                     tail += f"  same model as {self.candidates[row['same_as']]['config']['structure']}"
             lines.append(f"{mark} {c['structure']:<24} {c['unit_statistic']:<12} {tail}")

@@ -24,6 +24,7 @@ from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
 from ..io_utils import atomic_write_text, check_arg_type, path_name
+from ..perplexity import perplexity, perplexity_text
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
 from ..scorers import SCORERS, default_scope
 from ..validation import parse_structure
@@ -77,7 +78,9 @@ def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLi
         output_dir (`str` or `os.PathLike`): created if missing.
 
     Returns:
-        `None`. Non-finite values stay `inf`/`nan` in the CSV and become `null` in the JSON (which has neither).
+        `None`. A perplexity that overflows is `None` in the rows (`hf_weightprune.perplexity`): an empty cell in the
+        CSV, `null` in the JSON, its loss kept. Other non-finite values (a loss of a collapsed model) stay `inf`/`nan`
+        in the CSV and become `null` in the JSON (which has neither).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +340,8 @@ def sweep(
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     from .sweep_plot import plot_sweep
 
-    points = [r for r in rows if r["criterion"] != "dense" and math.isfinite(r["loss"])]
+    # a point where exp(loss) overflows has no height on the chart: left out, as every one may be (no chart then)
+    points = [r for r in rows if r["criterion"] != "dense" and perplexity(r["loss"]) is not None]
     if points:
         plot_sweep(points, path, dense_loss=rows[0]["loss"], title=title)
 
@@ -349,13 +353,14 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         rows (`Sequence[Mapping[str, Any]]`): rows as [`sweep`] returns them.
 
     Returns:
-        `str`: the table, then the dense perplexity and loss on a line of their own when a dense row is present.
+        `str`: the table, then the dense perplexity and loss on a line of their own when a dense row is present. A
+        perplexity is stated from the row's loss by `perplexity_text` ("overflow (> 1e308)" past a loss of ~709.78).
     """
     dense = next((r for r in rows if r["criterion"] == "dense"), None)
     points = [r for r in rows if r["criterion"] != "dense"]
     columns = sorted({(r["structure"], r["sparsity"]) for r in points}, key=lambda c: (c[0] != "unstructured", c))
     names = list(dict.fromkeys(r["criterion"] for r in points))
-    cell = {(r["criterion"], r["structure"], r["sparsity"]): r["perplexity"] for r in points}
+    cell = {(r["criterion"], r["structure"], r["sparsity"]): r["loss"] for r in points}  # stated by perplexity_text
 
     def head(c):
         return f"{c[1]:.0%}" if c[0] == "unstructured" else c[0]
@@ -363,7 +368,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| criterion | " + " | ".join(head(c) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
     for name in names:
         values = [cell.get((name, *c)) for c in columns]
-        lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
+        lines.append(f"| {name} | " + " | ".join("" if v is None else perplexity_text(v) for v in values) + " |")
     if dense is not None:
-        lines.append(f"\nDense perplexity: {dense['perplexity']:.2f} (loss {dense['loss']:.4f}).")
+        lines.append(f"\nDense perplexity: {perplexity_text(dense['loss'])} (loss {dense['loss']:.4f}).")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..perplexity import perplexity, perplexity_text
 from .plotting import new_figure, row_number, save_png
 
 
@@ -24,8 +25,10 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
 
     Args:
         rows (`Sequence[Mapping]`): sweep results, each with `criterion` (`str`), `sparsity` (fraction in `[0, 1]`),
-            `loss` and `perplexity`; drawn in order of sparsity. An infinite perplexity (a diverged prune) is left out.
-        dense_loss (`float`, *optional*): loss of the unpruned model, a dashed line at its perplexity.
+            `loss` (the perplexity is `exp(loss)`, `hf_weightprune.perplexity`: a row's own `perplexity` is not read);
+            drawn in order of sparsity. A perplexity that overflows a float (a diverged prune) is left out.
+        dense_loss (`float`, *optional*): loss of the unpruned model, a dashed line at its perplexity (none where it
+            overflows).
         title (`str`, *optional*): chart title.
 
     Returns:
@@ -40,11 +43,11 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
     for row in rows:
         if "criterion" not in row:
             raise ValueError(f"Each sweep row needs a 'criterion' key, got keys {sorted(row)}.")
-        sparsity, ppl = row_number(row, "sparsity", "sweep row"), row_number(row, "perplexity", "sweep row")
+        sparsity = row_number(row, "sparsity", "sweep row")
         if not 0.0 <= sparsity <= 1.0:
             raise ValueError(f"sparsity must be a fraction in [0, 1], got {sparsity}.")
-        row_number(row, "loss", "sweep row")
-        if 0 < ppl < math.inf:
+        ppl = perplexity(row_number(row, "loss", "sweep row"))  # the one rule: None where exp(loss) overflows
+        if ppl is not None and ppl > 0:
             series.setdefault(str(row["criterion"]), []).append((100.0 * sparsity, ppl))
     if not series:
         raise ValueError("no sweep row has a finite perplexity; there is nothing to plot.")
@@ -54,10 +57,10 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
     for criterion, points in series.items():
         ax.plot(*zip(*sorted(points)), marker="o", label=criterion)
     values = [y for points in series.values() for _, y in points]
-    if dense_loss is not None and float(dense_loss) < 709:  # exp overflows past ~709
-        values.append(math.exp(float(dense_loss)))
+    if perplexity(dense_loss):  # no line where exp(loss) overflows
+        values.append(perplexity(dense_loss))
         ax.axhline(values[-1], color="black", linestyle="--", linewidth=1,
-                   label=f"dense (perplexity {values[-1]:.2f}, loss {float(dense_loss):.3f})")
+                   label=f"dense (perplexity {perplexity_text(dense_loss)}, loss {float(dense_loss):.3f})")
     ax.set_yscale("log")
     bottom, top = min(values) / 1.08, max(values) * 1.08
     ax.set_ylim(bottom, top)

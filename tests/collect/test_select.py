@@ -12,11 +12,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, prune_, save_pruned
 from hf_weightprune.moe import find_weights
-from hf_weightprune.testing import tiny_llama, tiny_phi3
+from hf_weightprune.testing import TINY, tiny_llama, tiny_phi3
 from tests.helpers import train
 
 BUILD = {"llama": tiny_llama, "phi3": tiny_phi3}
@@ -193,3 +193,54 @@ def test_select_refuses_the_second_prune_of_a_chain_before_the_first(trained, ar
     params = dict(model.named_parameters())
     downs = [n for n in chained.names if n.endswith("down_proj.weight")]
     assert downs and all(list(chained.state(n).shape) == [params[n].shape[1]] for n in downs)
+
+
+def _eight_heads(arch):
+    """8 query heads in 4 KV groups (two heads prunes can follow each other): Llama (head size derived from the
+    hidden size), Gemma (a stated head size of 16, not hidden / heads = 4) and Phi-3 (fused qkv_proj)."""
+    sizes = dict(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    if arch == "gemma":
+        torch.manual_seed(3)
+        return GemmaForCausalLM(GemmaConfig(**{**TINY, **sizes, "head_dim": 16}))
+    return BUILD[arch](seed=3, **sizes)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "phi3"])
+def test_select_refuses_a_heads_prune_after_a_heads_prune_with_the_first_models_statistics(arch, tmp_path):
+    """Two heads prunes keep the query/KV ratio and every other size: only the KV-head count the record states (with
+    the head size) tells the dense statistics from the in-between model's. Cut by the second report alone they are
+    refused in one line, before any work; in order they are accepted, and the result fits the twice-pruned model."""
+    model = _eight_heads(arch)
+    cb = ImportanceCallback(ImportanceConfig(criterion="wanda", units=True))
+    train(model, [cb], tmp_path / "run", max_steps=2)
+    imp = cb.importance()
+    first = prune_(model, imp, PruneConfig(structure="heads", sparsity=0.5))
+    head_dim = 16 if arch == "gemma" else 4
+    assert first.structured["config"]["before"]["head_dim"] == first.structured["config"]["after"]["head_dim"] \
+        == head_dim
+    assert first.structured["config"]["after"]["num_key_value_heads"] == 2
+    second = prune_(model, imp.select(first), PruneConfig(structure="heads", sparsity=0.5))
+    assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
+    with pytest.raises(ValueError, match=r"^Importance\.select: this importance has num_key_value_heads 4 \(the "
+                                         r"prune's model: 2\), num_attention_heads 8 \(the prune's model: 4\): it "
+                                         r"describes another model .*\)$"):
+        imp.select(second)
+    with pytest.raises(ValueError, match=r"^Importance\.select: this importance has num_key_value_heads 4 "):
+        imp.select(json.loads(json.dumps(second.structured)))  # as sparsity.json holds it
+    chained = imp.select(first).select(second)
+    chained.validate_against(model)
+    report = prune_(model, chained, PruneConfig(structure="2:4"))
+    assert report.global_sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_select_accepts_a_record_without_the_head_size(trained):
+    """A record written before the head size was stated (no `head_dim`): the sizes both state are compared, the KV
+    groups are not; the selection is the same as with the full record."""
+    model, imp = trained("llama", "wanda")
+    report = prune_(model, imp, PruneConfig(structure="heads", sparsity=0.5))
+    old = json.loads(json.dumps(report.structured))
+    for side in ("before", "after"):
+        del old["config"][side]["head_dim"]
+    a, b = imp.select(old), imp.select(report)
+    assert a.names == b.names and all(torch.equal(a.state(n), b.state(n)) for n in a.names)
+    a.validate_against(model)

@@ -117,3 +117,49 @@ def test_a_re_pruned_model_records_its_chain_and_its_card_names_its_input(run, t
     assert " MB for the original dense model (" in (py / "README.md").read_text()
     assert [e["structure"] for e in chain] == ["neurons", "neurons", "2:4"] and chain[-1]["folder"] == "../nm"
     assert chain[-1]["num_parameters"] == {"before": after, "after": after}  # zeros remove no parameter
+
+
+@pytest.fixture(scope="module")
+def heads_run(tmp_path_factory):
+    """A dense training output with 8 query heads in 4 KV groups: two heads prunes can follow each other."""
+    model = tiny_llama(seed=4, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    return wanda_units_run(tmp_path_factory.mktemp("heads") / "run", model)
+
+
+def test_cli_tells_the_statistics_of_two_heads_prunes_apart(heads_run, tmp_path, capsys):
+    """heads, then heads again: every size but the head counts stays, so only the KV-head count (read off k_proj in
+    units of the recorded head size) says which model of the chain an importance describes. A recovery run's
+    statistics of the in-between model are cut by the last prune alone; the dense statistics, for a folder that does
+    not record the prunes before it, are refused in one line and nothing is written."""
+    from hf_weightprune import load_importance, prune_
+    from hf_weightprune.config import PruneConfig
+
+    first, second, nm, refused = (tmp_path / n for n in ("first", "second", "nm", "refused"))
+    heads = ["--structure", "heads", "--sparsity", "0.5"]
+    assert main(["prune", str(heads_run), "--importance", str(heads_run), *heads, "--output_dir", str(first)]) == 0
+    assert main(["prune", str(first), "--importance", str(heads_run), *heads, "--output_dir", str(second)]) == 0
+    record = json.loads((second / "sparsity.json").read_text())["structured"]["config"]
+    assert (record["before"]["num_key_value_heads"], record["after"]["num_key_value_heads"]) == (2, 1)
+    assert record["before"]["head_dim"] == record["after"]["head_dim"] == 4
+
+    recovery = wanda_units_run(tmp_path / "recovery", AutoModelForCausalLM.from_pretrained(first))
+    capsys.readouterr()
+    assert main(["prune", str(second), "--importance", str(recovery), "--structure", "2:4",
+                 "--output_dir", str(nm)]) == 0
+    out = capsys.readouterr().out
+    assert "using the importance of the units it kept" in out and "earlier prune" not in out
+    expected = AutoModelForCausalLM.from_pretrained(second)
+    prune_(expected, load_importance(recovery).select(json.loads((second / "sparsity.json").read_text())),
+           PruneConfig(structure="2:4"), progress=False)
+    got = AutoModelForCausalLM.from_pretrained(nm).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.state_dict().items())
+
+    payload = json.loads((second / "sparsity.json").read_text())
+    payload["earlier_prunes"] = None  # as a folder written before the chain was recorded
+    (second / "sparsity.json").write_text(json.dumps(payload))
+    capsys.readouterr()
+    assert main(["prune", str(second), "--importance", str(heads_run), "--structure", "2:4",
+                 "--output_dir", str(refused)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "num_key_value_heads 4 (the prune's model: 2)" in err, err
+    assert not refused.exists()
