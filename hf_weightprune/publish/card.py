@@ -299,7 +299,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "search": search_text(sparsity.get("search")),
         "references": references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
-        "sweep": T.sweep_context(T.sweep_rows(folder, criterion), structure),
+        "sweep": T.sweep_context(T.sweep_rows(folder, criterion), structure, structured),
         "has_plot": (folder / SWEEP_PNG).is_file(),
         "has_tokenizer": has_tokenizer(folder),
         "generated_mark": GENERATED_MARK,

@@ -214,8 +214,9 @@ def target_text(target) -> str:
 def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
     """Rows of `sweep.json` (written by [`sweep`]) that have a loss, for the card's loss-vs-sparsity table: `criterion`,
     `structure` (`None` for the dense reference), `scope`, `sparsity`, `loss`, `perplexity` (`None` where it overflows)
-    and `perplexity_text` (`hf_weightprune.perplexity`), and `tokens` and `dataset`
-    where the sweep recorded them."""
+    and `perplexity_text` (`hf_weightprune.perplexity`), and `tokens` and `dataset` where the sweep recorded them; a
+    structured sweep's rows also `candidate`, `unit_statistic`, `compensate`, `size` (asked) and `num_parameters`
+    (kept)."""
     if not (folder / SWEEP_JSON).is_file():
         return []
     rows = []
@@ -227,30 +228,37 @@ def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
                          "structure": structure if structure != "dense" else None,
                          "sparsity": float(row["sparsity"]), "loss": loss, "perplexity": perplexity(loss),
                          "perplexity_text": perplexity_text(loss),
-                         "tokens": row.get("tokens"), "dataset": row.get("dataset")})
+                         "tokens": row.get("tokens"), "dataset": row.get("dataset"), "size": row.get("size"),
+                         "candidate": row.get("candidate"), "unit_statistic": row.get("unit_statistic"),
+                         "compensate": row.get("compensate"), "num_parameters": row.get("num_parameters")})
     return rows
 
 
-def sweep_context(rows: list[dict], structure: str) -> dict | None:
+def sweep_context(rows: list[dict], structure: str, shrinks: bool = False) -> dict | None:
     """What the card says above the sweep's table: the tokens each point was evaluated on and the data (when every
-    row states the same), and whether the sweep pruned with another structure than this model's.
+    row states the same), whether the sweep pruned with another structure than this model's, and whether it is a
+    sweep of the other kind (zeros beside a smaller model, or units removed beside zeros), which says nothing of it.
 
     Args:
         rows (`list[dict]`): what [`sweep_rows`] returned.
         structure (`str`): this model's structure, from `sparsity.json`.
+        shrinks (`bool`, *optional*): this model is smaller (structured or experts), not zeros.
 
     Returns:
-        `dict` or `None`: `{"tokens", "dataset", "structures", "other_structure"}`; `None` without rows.
+        `dict` or `None`: `{"tokens", "dataset", "structures", "other_structure", "structured", "other_kind"}`
+        (`structured`: the sweep removed units, its rows are sizes); `None` without rows.
     """
     if not rows:
         return None
+    structured = any(r.get("size") is not None and r["structure"] for r in rows)
     tokens = {r["tokens"] for r in rows}
     datasets = {r["dataset"] for r in rows}
     structures = sorted({r["structure"] for r in rows if r["structure"]})
     return {"tokens": tokens.pop() if len(tokens) == 1 and None not in tokens else None,
             "dataset": dataset_name(datasets.pop()) if len(datasets) == 1 and None not in datasets else None,
             "structures": ", ".join(structures),
-            "other_structure": any(s != structure for s in structures)}
+            "other_structure": any(s != structure for s in structures),
+            "structured": structured, "other_kind": structured != shrinks}
 
 
 def _teacher_text(teacher: Any, is_local: bool = False) -> str:

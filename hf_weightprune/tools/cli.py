@@ -19,6 +19,7 @@ from .cli_args import (
     add_eval,
     add_importance_name,
     add_search,
+    add_structured_sweep,
     command_logging,
     config_from_flags,
     formatter,
@@ -240,20 +241,24 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     """
     from ..config import PruneConfig
 
-    p = subparsers.add_parser("sweep", help="loss and perplexity vs sparsity for several criteria, with a plot",
-                              description="Loss and perplexity vs sparsity for several criteria, with a plot.",
+    p = subparsers.add_parser("sweep", help="loss and perplexity vs sparsity (or size) for several criteria, with a plot",
+                              description="Loss and perplexity vs sparsity for several criteria, or vs the share of "
+                              "parameters removed for several structures (--structure neurons --sizes 0.2,0.35,0.5), "
+                              "with a plot.",
                               formatter_class=formatter)
     p.add_argument("model_dir", help="trained dense model folder (with its tokenizer)")
     p.add_argument("--importance", nargs="*", default=[], metavar="[LABEL=]DIR",
                    help="importance / checkpoint folders (or Hub repos) to compare, optionally labelled")
     add_importance_name(p)
     p.add_argument("--data", required=True, help="evaluation text: .txt, .json, .jsonl or a saved dataset folder")
-    p.add_argument("--sparsities", default="0,0.1,...,0.9", help="comma list; '...' continues the step")
+    p.add_argument("--sparsities", default=None, help="unstructured: comma list; '...' continues the step (None: "
+                   "0,0.1,...,0.9)")
     p.add_argument("--criteria", default="magnitude",
                    help=f"one-shot baselines, comma-separated from {','.join(_ONESHOT_CRITERIA)} ('' for none)")
     p.add_argument("--calibration", default=None, help="text for one-shot wanda (None: --data)")
     p.add_argument("--calibration_windows", type=int, default=16, help="windows of --calibration for one-shot wanda")
-    add_config_flags(p, PruneConfig, only=("structure", "scope"))
+    add_config_flags(p, PruneConfig, only=("structure", "scope", "round_to"))
+    add_structured_sweep(p)
     add_eval(p, "evaluation")
     p.add_argument("--output_dir", required=True,
                    help="folder for sweep.csv, sweep.json and sweep.png: a new folder (e.g. out/sweep) or a pruned "
@@ -278,20 +283,27 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
     from ..config import PruneConfig
     from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
     from ..publish.export import check_output_dir
-    from ..validation import check_local_path
+    from ..validation import check_local_path, structure_parts
     from .sweep import format_table, parse_sparsities, sweep
 
-    # The library checks them too, in its keywords; here first, so the message names the flags.
-    config_from_flags(PruneConfig, {"structure": args.structure, "scope": args.scope})
+    # The library checks them too, in its keywords; here first, so the message names the flags (a structured sweep's
+    # configs are checked by the library, with the sizes it sets).
+    if args.structures is None and not structure_parts(args.structure):
+        config_from_flags(PruneConfig, {"structure": args.structure, "scope": args.scope})
     check_model_dir(args.model_dir, "model_dir")
     for item in args.importance:
         check_local_path("--importance", item.split("=", 1)[-1], "importance or checkpoint folders")
     # The library checks it too, naming `output_dir`; here first, so the message names the flag.
     check_output_dir(args.output_dir, input_dirs=[args.model_dir], require_empty=False, arg="--output_dir")
     baselines = [c.strip() for c in args.criteria.split(",") if c.strip()]
-    rows = sweep(args.model_dir, args.importance, args.data, sparsities=parse_sparsities(args.sparsities),
-                 structure=args.structure, scope=args.scope, baselines=baselines, calibration_data=args.calibration,
-                 calibration_windows=args.calibration_windows, seq_len=args.seq_len, max_windows=args.max_windows,
+
+    def points(text):
+        return None if text is None else parse_sparsities(text)
+
+    rows = sweep(args.model_dir, args.importance, args.data, sparsities=points(args.sparsities), sizes=points(args.sizes),
+                 structure=args.structure, structures=args.structures, unit_statistics=args.unit_statistics,
+                 compensations=args.compensations, round_to=args.round_to, scope=args.scope, baselines=baselines,
+                 calibration_data=args.calibration, calibration_windows=args.calibration_windows, seq_len=args.seq_len, max_windows=args.max_windows,
                  batch_size=args.batch_size, output_dir=args.output_dir, dtype=args.dtype, progress=show_progress(args),
                  importance_name=args.importance_name)
     print(format_table(rows))

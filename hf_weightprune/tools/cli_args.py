@@ -299,6 +299,21 @@ def add_importance_name(p: argparse.ArgumentParser) -> None:
                    help="the ImportanceConfig(name=...) of one of several callbacks: reads importance-NAME/")
 
 
+def add_structured_sweep(p: argparse.ArgumentParser) -> None:
+    """`sweep`'s structured flags: the sizes, and the candidates compared at each size."""
+    p.add_argument("--sizes", default=None, help="structured: shares of the model's parameters to remove (all of them, "
+                   "embeddings included), comma list; '...' continues the step (None: 0.2,0.35,0.5)")
+    p.add_argument("--structures", nargs="+", default=None, metavar="STRUCTURE",
+                   help="structured: several structures to compare, e.g. 'neurons layers,neurons heads,neurons' "
+                   "(replaces --structure)")
+    p.add_argument("--unit_statistics", nargs="+", default=None, metavar="STATISTIC",
+                   help="structured: unit statistics to compare: activation activation_l2 taylor (importance with "
+                   "units=True; None: activation)")
+    p.add_argument("--compensations", nargs="+", default=None, metavar="COMPENSATION",
+                   help="structured: compensations to compare: none refit mean refit,mean (each given to the structures "
+                   "that remove MLP neurons or KV groups; None: none)")
+
+
 def add_search(p: argparse.ArgumentParser) -> None:
     """`prune --search_structures`: the candidate shapes, and the training text that scores them."""
     p.add_argument("--search_structures", nargs="+", default=None, metavar="STRUCTURE",

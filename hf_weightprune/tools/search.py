@@ -40,7 +40,7 @@ from ..train.recovery import TrainingCounter
 from ..validation import structure_parts
 from .data import evaluate_loss
 
-__all__ = ["StructureSearch", "candidate_configs", "search_for_cli", "search_structures"]
+__all__ = ["StructureSearch", "candidate_configs", "score_candidates", "search_for_cli", "search_structures"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,60 @@ def _recover(student: nn.Module, dense: nn.Module, steps: int, train_dataset, tr
     return counted.counter.record()
 
 
+def score_candidates(model: nn.Module, importance: Importance, candidates: Sequence[PruneConfig], windows, *,
+                     recovery_steps: int = 0, train_dataset=None, training_args: dict[str, Any] | None = None,
+                     distill: DistillConfig | None = None, callbacks: list | None = None, batch_size: int = 8,
+                     max_batches: int | None = None) -> list[dict[str, Any]]:
+    """
+    The measuring part of [`search_structures`], also what `sweep` runs at each size of a structured sweep: each
+    candidate prunes a `copy.deepcopy(model)` (a shallow copy of `importance`), recovers `recovery_steps` when asked,
+    and is scored by `evaluate_loss` on `windows`; one copy at a time. No winner, no dense loss, no argument checks
+    (the callers check first).
+
+    Args:
+        model, importance, candidates, windows, recovery_steps, train_dataset, training_args, distill, callbacks,
+        batch_size, max_batches: as in [`search_structures`].
+
+    Returns:
+        `list[dict]`: one row per candidate, as [`StructureSearch`]`.candidates` describes them (`config`, `loss`,
+        `perplexity`, `num_parameters`, `skipped`, `training`, `same_as`); a candidate `prune_` refuses or that misses
+        its budget by more than one step of its coarsest axis is `skipped` with the reason, never raised.
+    """
+    rows, shapes = [], {}
+    for config in candidates:
+        row = {"config": config.to_dict(), "loss": None, "perplexity": None, "num_parameters": None, "skipped": None,
+               "training": None, "same_as": None}
+        rows.append(row)
+        student = copy.deepcopy(model)
+        try:  # a shallow copy of the importance: prune_ binds it to the candidate, the caller's stays as it was
+            report = prune_(student, copy.copy(importance), config, progress=False)
+        except ValueError as e:  # a budget or size this structure cannot take: recorded, the others still run
+            row["skipped"] = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        else:
+            row["num_parameters"] = report.structured["num_parameters"]["after"]
+            row["skipped"] = _missed_budget(report.structured)
+        shape = None if row["skipped"] else _pruned_shape(report.structured)
+        if row["skipped"]:
+            logger.info("structure search: %s skipped: %s", config.structure, row["skipped"])
+        elif shape in shapes:  # the very same pruned model: scored once, under the first candidate that gave it
+            first = rows[shapes[shape]]
+            row.update(same_as=shapes[shape], loss=first["loss"], perplexity=first["perplexity"])
+            logger.warning("structure search: %s prunes the same model as %s (the same sizes and units removed): "
+                           "scored once", config.structure, first["config"]["structure"])
+        else:
+            shapes[shape] = len(rows) - 1
+            if recovery_steps:
+                row["training"] = _recover_keeping(student, model, recovery_steps, train_dataset, training_args,
+                                                   distill, callbacks)
+            scored = evaluate_loss(student, windows, batch_size=batch_size, max_batches=max_batches)
+            row["loss"], row["perplexity"] = scored["loss"], scored["perplexity"]
+            logger.info("structure search: %s (%s): %d parameters, loss %.4f", config.structure,
+                        config.unit_statistic, row["num_parameters"], row["loss"])
+        del student
+        gc.collect()
+    return rows
+
+
 def search_structures(
     model: nn.Module,
     importance: Importance,
@@ -289,38 +343,9 @@ def search_structures(
     check_arg_type("search_structures", "importance", importance, Importance, "an Importance")
     candidates = _check(candidates, recovery_steps, train_dataset, training_args, distill)
     dense = evaluate_loss(model, windows, batch_size=batch_size, max_batches=max_batches)
-    rows, shapes = [], {}
-    for config in candidates:
-        row = {"config": config.to_dict(), "loss": None, "perplexity": None, "num_parameters": None, "skipped": None,
-               "training": None, "same_as": None}
-        rows.append(row)
-        student = copy.deepcopy(model)
-        try:  # a shallow copy of the importance: prune_ binds it to the candidate, the caller's stays as it was
-            report = prune_(student, copy.copy(importance), config, progress=False)
-        except ValueError as e:  # a budget or size this structure cannot take: recorded, the others still run
-            row["skipped"] = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        else:
-            row["num_parameters"] = report.structured["num_parameters"]["after"]
-            row["skipped"] = _missed_budget(report.structured)
-        shape = None if row["skipped"] else _pruned_shape(report.structured)
-        if row["skipped"]:
-            logger.info("structure search: %s skipped: %s", config.structure, row["skipped"])
-        elif shape in shapes:  # the very same pruned model: scored once, under the first candidate that gave it
-            first = rows[shapes[shape]]
-            row.update(same_as=shapes[shape], loss=first["loss"], perplexity=first["perplexity"])
-            logger.warning("structure search: %s prunes the same model as %s (the same sizes and units removed): "
-                           "scored once", config.structure, first["config"]["structure"])
-        else:
-            shapes[shape] = len(rows) - 1
-            if recovery_steps:
-                row["training"] = _recover_keeping(student, model, recovery_steps, train_dataset, training_args,
-                                                   distill, callbacks)
-            scored = evaluate_loss(student, windows, batch_size=batch_size, max_batches=max_batches)
-            row["loss"], row["perplexity"] = scored["loss"], scored["perplexity"]
-            logger.info("structure search: %s (%s): %d parameters, loss %.4f", config.structure,
-                        config.unit_statistic, row["num_parameters"], row["loss"])
-        del student
-        gc.collect()
+    rows = score_candidates(model, importance, candidates, windows, recovery_steps=recovery_steps,
+                            train_dataset=train_dataset, training_args=training_args, distill=distill,
+                            callbacks=callbacks, batch_size=batch_size, max_batches=max_batches)
     scored_rows = [i for i, r in enumerate(rows) if r["loss"] is not None and r["same_as"] is None]
     if not scored_rows:
         reasons = "; ".join(f"{r['config']['structure']}: {r['skipped']}" for r in rows)

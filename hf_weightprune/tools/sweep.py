@@ -1,8 +1,10 @@
-"""Sparsity sweep: loss and perplexity of one model pruned at several sparsities by several criteria.
+"""Sparsity sweep: loss and perplexity of one model pruned at several sparsities by several criteria, or made smaller
+at several sizes by several structures (the structured part lives in `structured_sweep.py`).
 
-Memory: the model is loaded once; a CPU copy of its dense weights is kept and loaded back into the same
-model before every point, so the cost is about one dense copy plus the working (pruned) model, whatever the
-number of points. Results go to `sweep.csv`, `sweep.json` (the rows the model card reads) and `sweep.png`.
+Memory: the model is loaded once. Unstructured and N:M: a CPU copy of its dense weights is kept and loaded back into
+the same model before every point, so the cost is about one dense copy plus the working (pruned) model, whatever the
+number of points. Structured: each point prunes a copy of the dense model (one at a time). Results go to `sweep.csv`,
+`sweep.json` (the rows the model card reads) and `sweep.png`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..perplexity import perplexity, perplexity_text
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
 from ..scorers import SCORERS, default_scope
 from ..validation import parse_structure
+from .structured_sweep import check_output_kind, plan_sweep
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")
@@ -70,12 +73,14 @@ def parse_sparsities(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike) -> None:
+def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike,
+                  fields: Sequence[str] = FIELDS) -> None:
     """Write `sweep.csv` and `sweep.json` (a list of rows, the dense reference first), each atomically.
 
     Args:
         rows (`Sequence[Mapping[str, Any]]`): rows as [`sweep`] returns them.
         output_dir (`str` or `os.PathLike`): created if missing.
+        fields (`Sequence[str]`, *optional*): the CSV's columns (a structured sweep's are `structured_sweep.FIELDS`).
 
     Returns:
         `None`. A perplexity that overflows is `None` in the rows (`hf_weightprune.perplexity`): an empty cell in the
@@ -85,7 +90,7 @@ def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLi
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / SWEEP_CSV, buf.getvalue())
@@ -144,14 +149,19 @@ def _windows(tokenizer, path: str | os.PathLike, seq_len: int, max_windows: int 
 
 
 def _check_sweep_args(args: dict[str, Any]) -> None:
-    path, opt_path = (str, os.PathLike), (str, os.PathLike, type(None))
+    path, opt_path, opt_list = (str, os.PathLike), (str, os.PathLike, type(None)), (list, tuple, type(None))
     checks = [
         ("model_dir", path, "a model folder (str or os.PathLike)"),
         ("importance", (Mapping, list, tuple, str, os.PathLike, Importance, type(None)),
          "a dict {label: folder or Importance}, a list of them, one of them, or None"),
         ("data", path, "a text/JSON file or dataset folder (str or os.PathLike)"),
-        ("sparsities", (list, tuple, range), "a list of floats in [0, 1)"),
-        ("structure", str, 'a str such as "unstructured" or "2:4"'),
+        ("sparsities", (list, tuple, range, type(None)), "a list of floats in [0, 1) or None"),
+        ("structure", str, 'a str such as "unstructured", "2:4" or "layers,neurons"'),
+        ("sizes", opt_list, "a list of floats in (0, 1) or None"),
+        ("structures", opt_list, 'a list of structures such as ["neurons", "layers,neurons"] or None'),
+        ("unit_statistics", opt_list, 'a list such as ["activation", "taylor"] or None'),
+        ("compensations", opt_list, 'a list such as [None, "refit"] or None'),
+        ("round_to", (int, type(None)), "an int or None"),
         ("scope", (str, type(None)), '"global", "layer", "row" or None'),
         ("baselines", (list, tuple), 'a list of one-shot criteria such as ["magnitude"]'),
         ("calibration_data", opt_path, "a file path or None"),
@@ -178,8 +188,13 @@ def sweep(
     importance: Mapping[str, Any] | Sequence[Any] | None,
     data: str | os.PathLike,
     *,
-    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+    sparsities: Sequence[float] | None = None,
     structure: str = "unstructured",
+    sizes: Sequence[float] | None = None,
+    structures: Sequence[str] | None = None,
+    unit_statistics: Sequence[str] | None = None,
+    compensations: Sequence[str | None] | None = None,
+    round_to: int | None = None,
     scope: str | None = None,
     baselines: Sequence[str] = ("magnitude",),
     calibration_data: str | os.PathLike | None = None,
@@ -194,30 +209,44 @@ def sweep(
     progress: bool = True,
     importance_name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Prune a fresh copy of the model at every sparsity with every criterion and measure loss and perplexity.
+    """Prune a fresh copy of the model at every sparsity (or size) with every criterion and measure loss and perplexity.
 
     Args:
         model_dir (`str` or `os.PathLike`): the trained dense model (and its tokenizer), as `from_pretrained` reads.
         importance (`dict`, `list` or `None`): trained importance to compare: `{label: folder or Importance}`, or a
             list of folders / `Importance` objects / `"label=folder"` strings (labelled by criterion).
         data (`str` or `os.PathLike`): evaluation text (`.txt`, `.json`, `.jsonl` or a saved dataset folder).
-        sparsities (`Sequence[float]`, *optional*): fractions in [0, 1). Ignored for N:M, whose sparsity is implied
-            (one point per criterion).
-        structure (`str`, *optional*, defaults to `"unstructured"`): `"unstructured"` or an N:M pattern (`"2:4"`).
+        sparsities (`Sequence[float]`, *optional*): fractions in [0, 1); `None`: 0, 0.1, ..., 0.9. Unstructured only:
+            N:M's sparsity is implied (one point per criterion), a structured sweep takes `sizes`.
+        structure (`str`, *optional*, defaults to `"unstructured"`): `"unstructured"`, an N:M pattern (`"2:4"`), or
+            one structure that shrinks the model (`"neurons"`, `"heads"`, `"hidden"`, `"layers"`, `"layers,neurons"`):
+            a structured sweep.
+        sizes (`Sequence[float]`, *optional*): structured: the shares of the model's parameters to remove, in (0, 1)
+            (all parameters, embeddings included, a tied tensor once: each point prunes with `target_params=1 -
+            size`); `None`: 0.2, 0.35, 0.5.
+        structures (`Sequence[str]`, *optional*): several structures to compare instead of `structure` (a
+            combination is one string, `"layers,neurons"`).
+        unit_statistics (`Sequence[str]`, *optional*): the `PruneConfig.unit_statistic` values to compare (importance
+            with unit statistics; one without them ranks neurons / KV groups by per-weight scores, one row per
+            structure). `None`: `"activation"`.
+        compensations (`Sequence`, *optional*): the `PruneConfig.compensate` values to compare (`None` or `"none"`
+            for none), each given only to the structures that remove MLP neurons or KV groups.
+        round_to (`int`, *optional*): `PruneConfig.round_to` of every structure that cuts a width.
         scope (`str`, *optional*): `"global"`, `"layer"` or `"row"`, as in [`PruneConfig`]; the same for every
-            criterion.
+            criterion (structured: `"layer"` only).
         baselines (`Sequence[str]`, *optional*, defaults to `("magnitude",)`): one-shot criteria computed from the
-            dense model itself (`"magnitude"`, `"wanda"`), labelled `oneshot-<name>`.
+            dense model itself (`"magnitude"`, `"wanda"`), labelled `oneshot-<name>`; they have no unit statistics,
+            so a structured sweep of hidden channels or layers, or with `compensate="mean"`, refuses them.
         calibration_data (*optional*): text for one-shot wanda's calibration pass; defaults to `data`.
         calibration_windows (`int`, *optional*, defaults to 16): windows of `seq_len` tokens forwarded for wanda.
         seq_len / max_windows / batch_size: evaluation windows (the first `max_windows` of `data`) and batch size.
         output_dir (`str` or `os.PathLike`, *optional*): where to write `sweep.csv`, `sweep.json` (rewritten after
             every point) and `sweep.png`, e.g. `out/sweep` or the pruned model's folder (its card then shows the
             sweep). Checked before any work by `export.check_output_dir`: never the model folder itself, an
-            importance folder, a `checkpoint-N`; other files in it are left alone.
+            importance folder, a `checkpoint-N`, nor a pruned model of the other kind (a structured sweep beside
+            zeros, or the reverse); other files in it are left alone.
         dtype (`str`, *optional*, defaults to `"auto"`): model dtype (`"auto"`, `"float32"`, `"bfloat16"`, ...).
         device (`str`, *optional*): defaults to CUDA when available, else CPU.
-
         title (`str`, *optional*): title of the plot; defaults to the model folder, structure and window count.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar over the points.
         importance_name (`str`, *optional*): read `importance-<name>/` (the `ImportanceConfig(name=...)` of one of
@@ -227,34 +256,42 @@ def sweep(
     Returns:
         `list[dict]`: rows `{"criterion", "structure", "sparsity", "loss", "perplexity", "tokens", "dataset"}`
         (`tokens` evaluated, `dataset` the data's file or folder name; a pruned row also has `scope` and
-        `importance_criterion`), the dense model first (criterion `"dense"`). Loss is the mean cross-entropy in nats per token, perplexity `exp(loss)`. A sparsity
-        of 0 prunes nothing, so its rows repeat the dense loss.
+        `importance_criterion`), the dense model first (criterion `"dense"`). Loss is the mean cross-entropy in nats
+        per token, perplexity `exp(loss)`. A sparsity of 0 prunes nothing, so its rows repeat the dense loss.
+        A structured row also has `candidate` (its line in the plot), `unit_statistic` (`"per-weight scores"` for an
+        importance without unit statistics), `compensate`, `round_to`, `size` (asked), `target_params`,
+        `num_parameters` (kept, as counted on the pruned copy) and `sparsity` (the share of the model's parameters
+        it removed, measured), `skipped` (why a point could not be pruned, its loss `None`) and `same_as` (the
+        candidate that pruned the very same model, scored once); the dense row has `num_parameters`.
 
     Raises:
         TypeError: an argument has the wrong type (checked before anything is loaded).
-        ValueError: bad sparsities, structure, scope or baselines; nothing to compare; unusable data or
-            tokenizer; importance that does not match the model; `output_dir` refused by the output rule.
+        ValueError: bad sparsities, sizes, structure, scope or baselines, sizes with an unstructured or N:M sweep (or
+            sparsities with a structured one); nothing to compare; unusable data or tokenizer; importance that does
+            not match the model; structured: a candidate that cannot prune the model at the largest size (architecture,
+            statistics, a size that empties a layer), checked before the dense model is evaluated; `output_dir`
+            refused by the output rule.
         FileNotFoundError: `model_dir` is not a folder, or `data` does not exist.
     """
     _check_sweep_args(locals())  # first statement: locals() holds exactly the arguments
     from transformers import AutoModelForCausalLM
 
-    from ..prune.pruner import prune_
-    from ..prune.refit import cross_warnings_once
     from .data import evaluate_loss
     from .model_io import load_tokenizer
+    structured = plan_sweep(locals())
     kind, nm = parse_structure(structure)
-    if kind not in ("unstructured", "N:M"):
-        raise ValueError(f"sweep supports 'unstructured' and N:M structures; {structure!r} changes the model's shape "
-                         "(use `hf-weightprune prune` for each size)")
-    if kind == "N:M":
-        points = [1.0 - nm[0] / nm[1]]
+    if structured is not None:
+        kind, (points, candidates) = "structured", structured
+    elif kind == "N:M":  # its sparsity is implied: one point per criterion, `sparsities` ignored
+        points, candidates = [1.0 - nm[0] / nm[1]], None
     else:
-        points = parse_sparsities(",".join(map(str, sparsities)))
+        points, candidates = parse_sparsities(",".join(map(str, DEFAULT_SPARSITIES if sparsities is None
+                                                           else sparsities))), None
+    if candidates is None:  # validate early
+        PruneConfig(sparsity=None if kind == "N:M" else points[-1], structure=structure, scope=scope)
     bad = [b for b in baselines if b not in ONESHOT_CRITERIA]
     if bad:
         raise ValueError(f"baselines must be among {ONESHOT_CRITERIA}; got {bad}")
-    PruneConfig(sparsity=points[-1] if kind != "N:M" else None, structure=structure, scope=scope)  # validate early
     importances = _label_importances(importance, importance_name)
     if not importances and not baselines:
         raise ValueError("nothing to compare: give importance folders and/or one-shot baselines")
@@ -267,6 +304,7 @@ def sweep(
         # shows the sweep): only sweep.csv, sweep.json and sweep.png are replaced there.
         check_output_dir(output_dir, input_dirs=[model_dir], importance_dirs=_importance_dirs(importances, importance_name),
                          require_empty=False)
+        check_output_kind(output_dir, candidates is not None)
 
     try:
         tokenizer = load_tokenizer(model_dir)
@@ -290,6 +328,45 @@ def sweep(
         if SCORERS[name].source == "activations":  # the baseline reads calibration activations
             calib = _windows(tokenizer, calibration_data or data, seq_len, calibration_windows)
         importances[f"oneshot-{name}"] = oneshot_importance(model, name, calib, batch_size=batch_size)
+    if candidates is not None:
+        from .structured_sweep import check_points
+
+        check_points(model, importances, candidates, points)  # every refusal before the first evaluation
+    shown = "; ".join(dict.fromkeys(c.structure for c in candidates)) if candidates is not None else structure
+    title = title or f"{Path(model_dir).name}: {shown}, {windows.num_rows} windows x {seq_len} tokens"
+    dense_eval = evaluate_loss(model, windows, batch_size=batch_size)
+    # The data by its file or folder name only: sweep.json is published with a pruned model's card.
+    dataset = path_name(os.fspath(data))
+    n = len(importances) * len(points)
+    bar = tqdm(total=n, desc="sweep", disable=not D.show_progress(progress))
+    if candidates is not None:
+        from .structured_sweep import FIELDS as STRUCTURED_FIELDS
+        from .structured_sweep import structured_rows
+
+        def on_point(rows: list[dict[str, Any]], what: str) -> None:
+            if output_dir is not None:
+                write_results(rows, output_dir, STRUCTURED_FIELDS)
+            bar.set_postfix_str(what)
+            bar.update()
+
+        rows = structured_rows(model, importances, candidates, points, windows, batch_size=batch_size,
+                               dense_eval=dense_eval, dataset=dataset, on_point=on_point)
+    else:
+        rows = _unstructured_rows(model, importances, points, kind, structure, scope, windows, batch_size, dense_eval,
+                                  dataset, output_dir, bar)
+    bar.close()
+    if output_dir is not None:
+        write_results(rows, output_dir, FIELDS if candidates is None else STRUCTURED_FIELDS)
+        _plot(rows, Path(output_dir) / SWEEP_PNG, title, structured=candidates is not None)
+    return rows
+
+
+def _unstructured_rows(model, importances, points, kind, structure, scope, windows, batch_size, dense_eval, dataset,
+                       output_dir, bar) -> list[dict[str, Any]]:
+    """Every importance at every sparsity on the one model, its dense weights loaded back before each point."""
+    from ..prune.pruner import prune_
+    from ..prune.refit import cross_warnings_once
+    from .data import evaluate_loss
 
     # One CPU copy of the dense weights, loaded back before each point (tied tensors are copied once).
     dense: dict[str, torch.Tensor] = {}
@@ -301,13 +378,9 @@ def sweep(
         dense[key] = copies[ptr]
     del copies
 
-    dense_eval = evaluate_loss(model, windows, batch_size=batch_size)
-    # The data by its file or folder name only: sweep.json is published with a pruned model's card.
-    dataset = path_name(os.fspath(data))
     rows: list[dict[str, Any]] = [{"criterion": "dense", "structure": "dense", "sparsity": 0.0,
                                    "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"],
                                    "tokens": dense_eval["tokens"], "dataset": dataset}]
-    bar = tqdm(total=len(importances) * len(points), desc="sweep", disable=not D.show_progress(progress))
     with cross_warnings_once():  # one importance pruned at every point: its cross-term advice once per sweep
         for label, imp in importances.items():
             for s in points:
@@ -328,22 +401,17 @@ def sweep(
                 if output_dir is not None:
                     write_results(rows, output_dir)
                 bar.update()
-    bar.close()
     model.load_state_dict(dense)
-    if output_dir is not None:
-        write_results(rows, output_dir)
-        _plot(rows, Path(output_dir) / SWEEP_PNG, title or f"{Path(model_dir).name}: {structure}, {windows.num_rows} "
-              f"windows x {seq_len} tokens")
     return rows
 
 
-def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def _plot(rows: list[dict[str, Any]], path: Path, title: str, structured: bool = False) -> None:
     from .sweep_plot import plot_sweep
 
     # a point where exp(loss) overflows has no height on the chart: left out, as every one may be (no chart then)
     points = [r for r in rows if r["criterion"] != "dense" and perplexity(r["loss"]) is not None]
     if points:
-        plot_sweep(points, path, dense_loss=rows[0]["loss"], title=title)
+        plot_sweep(points, path, dense_loss=rows[0]["loss"], title=title, structured=structured)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -355,7 +423,12 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     Returns:
         `str`: the table, then the dense perplexity and loss on a line of their own when a dense row is present. A
         perplexity is stated from the row's loss by `perplexity_text` ("overflow (> 1e308)" past a loss of ~709.78).
+        A structured sweep's rows: one row per candidate, one column per size (`structured_sweep`'s table).
     """
+    if any("size" in r for r in rows):
+        from .structured_sweep import format_structured_table
+
+        return format_structured_table(rows)
     dense = next((r for r in rows if r["criterion"] == "dense"), None)
     points = [r for r in rows if r["criterion"] != "dense"]
     columns = sorted({(r["structure"], r["sparsity"]) for r in points}, key=lambda c: (c[0] != "unstructured", c))

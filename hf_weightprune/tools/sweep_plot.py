@@ -1,4 +1,5 @@
-"""The sweep's chart, `sweep.png`: perplexity against sparsity on a log axis, one line per criterion.
+"""The sweep's chart, `sweep.png`: perplexity against sparsity on a log axis, one line per criterion (a structured
+sweep: against the share of the model's parameters removed, one line per candidate).
 
 matplotlib is optional (`pip install hf-weightprune[plot]`), imported only when a chart is drawn, through the Agg
 canvas of `plotting.py` (no pyplot state).
@@ -15,8 +16,11 @@ from typing import Any
 from ..perplexity import perplexity, perplexity_text
 from .plotting import new_figure, row_number, save_png
 
+STRUCTURED_XLABEL = "parameters removed (% of the whole model's, embeddings included)"
 
-def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None = None, title: str | None = None) -> Any:
+
+def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None = None, title: str | None = None,
+                 structured: bool = False) -> Any:
     """
     Draws perplexity against sparsity, one line per criterion, on a log axis whatever the range, the loss (nats) on
     the right. Perplexity is `exp(loss)` and runs from ~30 to ~300 and beyond on a real model: on a linear axis every
@@ -26,10 +30,14 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
     Args:
         rows (`Sequence[Mapping]`): sweep results, each with `criterion` (`str`), `sparsity` (fraction in `[0, 1]`),
             `loss` (the perplexity is `exp(loss)`, `hf_weightprune.perplexity`: a row's own `perplexity` is not read);
-            drawn in order of sparsity. A perplexity that overflows a float (a diverged prune) is left out.
+            drawn in order of sparsity. A perplexity that overflows a float (a diverged prune) is left out. A row's
+            `candidate`, when it has one (a structured sweep's), names its line instead of `criterion`.
         dense_loss (`float`, *optional*): loss of the unpruned model, a dashed line at its perplexity (none where it
             overflows).
         title (`str`, *optional*): chart title.
+        structured (`bool`, *optional*, defaults to `False`): `sparsity` is the share of the model's parameters a
+            structured prune removed (all of them, embeddings included): the x axis says so, and each line starts at
+            the dense model (0%, `dense_loss`).
 
     Returns:
         `matplotlib.figure.Figure`: on an Agg canvas; [`plot_sweep`] writes it as PNG.
@@ -48,14 +56,16 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
             raise ValueError(f"sparsity must be a fraction in [0, 1], got {sparsity}.")
         ppl = perplexity(row_number(row, "loss", "sweep row"))  # the one rule: None where exp(loss) overflows
         if ppl is not None and ppl > 0:
-            series.setdefault(str(row["criterion"]), []).append((100.0 * sparsity, ppl))
+            series.setdefault(str(row.get("candidate") or row["criterion"]), []).append((100.0 * sparsity, ppl))
     if not series:
         raise ValueError("no sweep row has a finite perplexity; there is nothing to plot.")
-    fig, ax = new_figure(7, 4.5)  # raises the install hint without matplotlib
+    many = len(series) > 4  # the legend goes below the chart, where it hides no line
+    fig, ax = new_figure(7, 4.5 + (0.22 * ((len(series) + 2) // 2) if many else 0))  # the install hint without matplotlib
     import numpy as np
 
-    for criterion, points in series.items():
-        ax.plot(*zip(*sorted(points)), marker="o", label=criterion)
+    start = [(0.0, perplexity(dense_loss))] if structured and perplexity(dense_loss) else []
+    for i, (criterion, points) in enumerate(series.items()):  # past the 10 colours, another line style
+        ax.plot(*zip(*sorted(start + points)), marker="o", label=criterion, linestyle=("-", "--", ":")[i // 10 % 3])
     values = [y for points in series.values() for _, y in points]
     if perplexity(dense_loss):  # no line where exp(loss) overflows
         values.append(perplexity(dense_loss))
@@ -69,11 +79,14 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
     loss_axis.set_yscale("linear")  # nats are linear at these heights: no `4 x 10^0` labels
     _plain_ticks(loss_axis.yaxis, _round_ticks(math.log(bottom), math.log(top), (1, 2, 5), 6))
     loss_axis.set_ylabel("eval loss (nats)")
-    ax.set_xlabel("sparsity (%)")
+    ax.set_xlabel(STRUCTURED_XLABEL if structured else "sparsity (%)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(title or "Perplexity vs sparsity")
+    ax.set_title(title or ("Perplexity vs parameters removed" if structured else "Perplexity vs sparsity"))
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend()
+    if many:
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    else:
+        ax.legend()
     return fig
 
 
@@ -113,7 +126,7 @@ def _plain_ticks(axis, ticks: list[float]) -> None:
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, dense_loss: float | None = None,
-               title: str | None = None) -> Path:
+               title: str | None = None, structured: bool = False) -> Path:
     """
     Writes [`sweep_figure`] (perplexity on a log axis against sparsity, one line per criterion) as a PNG at `path`,
     atomically, parent folders created: `sweep.png` of `sweep`. Arguments and errors as [`sweep_figure`].
@@ -121,4 +134,4 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, de
     Returns:
         `Path`: the PNG path.
     """
-    return save_png(sweep_figure(rows, dense_loss=dense_loss, title=title), path)
+    return save_png(sweep_figure(rows, dense_loss=dense_loss, title=title, structured=structured), path)

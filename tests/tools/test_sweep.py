@@ -182,8 +182,8 @@ def test_cli_rejects_bad_arguments_and_mismatched_importance(trained, tmp_path):
         _cli([*base, "--sparsities", "0,0.5,1.0"])
     with pytest.raises(ValueError, match="baselines must be among"):
         _cli([*base, "--criteria", "taylor"])
-    with pytest.raises(ValueError, match="changes the model's shape"):
-        _cli([*base, "--structure", "neurons"])
+    with pytest.raises(ValueError, match="sizes applies to structured sweeps"):  # tests/tools/test_structured_sweep.py
+        _cli([*base, "--structure", "2:4", "--sizes", "0.2"])
     # Importance of a differently shaped model is refused before any evaluation.
     from hf_weightprune.testing import save_importance_dir
 
