@@ -425,7 +425,7 @@ class ImportanceAccumulator:
         weight of `costs` (collective): greedy by cost ([`distributed.partition`]), the weights of one statistic (q/k/v,
         gate/up: equal buffers on every rank) together; each activation statistic is summed onto that rank only, once
         (one `reduce` per rank), not onto every rank. `everywhere`: every statistic on every rank (OWL reads them)."""
-        shared = {} if self.plan.per_rank else D.shared_tensors(
+        shared = {} if self.plan.per_rank or everywhere else D.shared_tensors(
             self.states, shared_input_candidates({n: self.states[n].shape for n in costs}))
         owners = D.partition(costs, D.rank_and_world()[1], together=shared)
         return self.importance(None if everywhere else owners, shared), owners
