@@ -11,8 +11,10 @@ Everything else sees local tensors and a partition plan. Collectives are no-ops 
   own local rows of every tracked weight (`row_shard`), never materialising a full tensor while training; the
   files record each shard's row offset so `load_importance` reassembles exact full tensors.
 - Per-weight solves (a `PruneSchedule`'s OBS sweeps and re-fit) under DDP: each weight is solved by one rank, the
-  weights assigned by their estimated cost (`partition`), and broadcast from it; a failure on one rank is raised on
-  every rank (`same_error_on_every_rank`).
+  weights assigned by their estimated cost (`partition`; weights sharing one statistic, q/k/v, on one rank together),
+  each statistic summed onto that rank only (`reduce_to_owners`), and the results broadcast from it, all of one owner
+  in one buffer (`broadcast_owned_`); a failure on one rank is raised on every rank (`same_error_on_every_rank`).
+  `COLLECTIVES` counts the calls and bytes of every collective here.
 - FSDP1 (`FlatParameter`) and DeepSpeed ZeRO-3 partition flattened parameters: refused (`check_supported`).
   Under DeepSpeed ZeRO-1/2 weights are whole on every rank, but gradients are partitioned and the optimizer
   steps inside `backward`, so only weight and activation criteria are allowed.
@@ -21,10 +23,12 @@ Everything else sees local tensors and a partition plan. Collectives are no-ops 
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +36,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 ALL_RANKS = -1  # owner of a weight that every rank holds a row shard of (FSDP2)
+
+
+# The collectives this process ran through this module, by kind ("all_reduce", "reduce", "broadcast", "all_gather"):
+# calls and payload bytes. Deterministic (no timing), what an update costs in communication; the tests read it.
+COLLECTIVES: dict[str, Counter] = {"calls": Counter(), "bytes": Counter()}
+
+
+def _count(kind: str, tensor: Tensor) -> None:
+    COLLECTIVES["calls"][kind] += 1
+    COLLECTIVES["bytes"][kind] += tensor.numel() * tensor.element_size()
 
 
 def is_distributed() -> bool:
@@ -144,21 +158,28 @@ def check_supported(model: torch.nn.Module, args=None, *, needs_grad: bool = Fal
         )
 
 
-def partition(numels: Mapping[str, float], world_size: int) -> dict[str, int]:
+def partition(numels: Mapping[str, float], world_size: int, *,
+              together: Mapping[str, str] | None = None) -> dict[str, int]:
     """Assign each tensor to a rank so that per-rank loads are balanced (greedy, largest first): element counts for
     buffers, estimated floating-point operations for solves.
 
     Deterministic: every rank computes the same plan from the same names and sizes (ties go to the lower rank).
+    `together` (name -> a representative): the names of one representative go to one rank, as one item of their summed
+    load (weights that share one statistic, summed onto that rank once, [`reduce_to_owners`]).
     """
     if world_size == 1:
         return dict.fromkeys(numels, 0)
+    groups: dict[str, list[str]] = {}
+    for name in numels:
+        groups.setdefault((together or {}).get(name, name), []).append(name)
+    loads = {g: sum(numels[n] for n in names) for g, names in groups.items()}
     heap = [(0, r) for r in range(world_size)]
     owners: dict[str, int] = {}
-    for name in sorted(numels, key=lambda n: (-numels[n], n)):
+    for g in sorted(loads, key=lambda n: (-loads[n], n)):
         load, r = heapq.heappop(heap)
-        owners[name] = r
-        heapq.heappush(heap, (load + numels[name], r))
-    return owners
+        owners.update(dict.fromkeys(groups[g], r))
+        heapq.heappush(heap, (load + loads[g], r))
+    return {n: owners[n] for n in numels}
 
 
 @contextlib.contextmanager
@@ -182,6 +203,7 @@ def same_error_on_every_rank() -> Iterator[None]:
     if not any_rank(error is not None):
         return
     messages: list = [None] * dist.get_world_size()
+    COLLECTIVES["calls"]["all_gather"] += 1
     dist.all_gather_object(messages, None if error is None else (type(error).__name__, str(error)))
     if error is not None:
         raise error
@@ -196,6 +218,7 @@ def all_reduce_sum_(tensors: list[Tensor]) -> None:
     if not is_distributed() or not tensors:
         return
     flat = torch.cat([t.reshape(-1).float().to(comm_device()) for t in tensors])
+    _count("all_reduce", flat)
     dist.all_reduce(flat)
     offset = 0
     for t in tensors:
@@ -219,6 +242,7 @@ def all_reduce_exact_(tensors: Iterable[Tensor]) -> None:
         if not group:
             continue
         flat = torch.cat([t.reshape(-1).to(comm_device(), dtype) for t in group])
+        _count("all_reduce", flat)
         dist.all_reduce(flat)
         offset = 0
         for t in group:
@@ -241,6 +265,7 @@ def all_gather_ints(values: list[int]) -> list[list[int]]:
     table = torch.zeros(world, len(values), dtype=torch.int64, device=comm_device())
     table[rank] = torch.tensor(values, dtype=torch.int64)
     if is_distributed():
+        _count("all_reduce", table)
         dist.all_reduce(table)
     return table.tolist()
 
@@ -249,6 +274,7 @@ def all_reduce_int(values: list[int]) -> list[int]:
     if not is_distributed():
         return list(values)
     t = torch.tensor(values, dtype=torch.int64, device=comm_device())
+    _count("all_reduce", t)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -258,10 +284,85 @@ def broadcast_(tensor: Tensor, src: int) -> Tensor:
     transposed fused parameter) goes through a contiguous buffer, which NCCL requires. No-op on one process."""
     if is_distributed():
         buf = tensor.to(comm_device()).contiguous()
+        _count("broadcast", buf)
         dist.broadcast(buf, src)
         if buf is not tensor:
             tensor.copy_(buf)
     return tensor
+
+
+def _bytes(t: Tensor) -> Tensor:
+    """`t`'s bytes, flat, padded to a multiple of 8 (so every tensor of a packed buffer starts aligned for its dtype)."""
+    raw = t.detach().to(comm_device()).contiguous().reshape(-1).view(torch.uint8)
+    pad = -raw.numel() % 8
+    return torch.cat([raw, raw.new_zeros(pad)]) if pad else raw
+
+
+def broadcast_owned_(items: Sequence[tuple[Tensor, int]]) -> None:
+    """Fill every tensor in place with its owner's (`(tensor, owner rank)` pairs, the same on every rank), with one
+    `broadcast` per owning rank, not one per tensor: an owner's tensors travel as the bytes of one buffer, so a weight
+    and its bool mask go together bit for bit, and a strided view (an expert slice of a fused parameter) is copied out
+    and back (NCCL refuses non-contiguous tensors). The owner's own tensors are left as they are. No-op on one process.
+    """
+    if not is_distributed():
+        return
+    rank, world = rank_and_world()
+    for src in range(world):
+        group = [t for t, owner in items if owner == src]
+        if not group:
+            continue
+        sizes = [t.numel() * t.element_size() for t in group]
+        flat = torch.cat([_bytes(t) for t in group]) if src == rank else \
+            torch.empty(sum(n + (-n % 8) for n in sizes), dtype=torch.uint8, device=comm_device())
+        _count("broadcast", flat)
+        dist.broadcast(flat, src)
+        if src == rank:
+            continue
+        offset = 0
+        for t, n in zip(group, sizes):
+            t.copy_(flat[offset : offset + n].view(t.dtype).view(t.shape))
+            offset += n + (-n % 8)
+
+
+def reduce_to_owners(tensors: Mapping[str, Tensor], owners: Mapping[str, int]) -> dict[str, Tensor]:
+    """Sum each tensor across ranks onto its owner only, with one `reduce` per owning rank (one flat buffer of its
+    tensors), not an all-reduce of every tensor to every rank: each rank receives its owners' share of the bytes.
+
+    Every rank passes the same names, shapes and `owners` (name -> rank); its tensors are its local parts and stay as
+    they are (the buffer is a copy), so a statistic that keeps accumulating after the reduction is still this rank's
+    own part. Returns the sums this rank owns (new tensors, on each tensor's device; one process: copies of all).
+    """
+    if not is_distributed():
+        return {n: t.clone() for n, t in tensors.items()}
+    rank, world = rank_and_world()
+    out: dict[str, Tensor] = {}
+    for dst in range(world):
+        names = [n for n in tensors if owners[n] == dst]
+        if not names:
+            continue
+        dtype = functools.reduce(torch.promote_types, (tensors[n].dtype for n in names))
+        flat = torch.cat([tensors[n].reshape(-1).to(comm_device(), dtype) for n in names])
+        _count("reduce", flat)
+        dist.reduce(flat, dst)
+        if dst != rank:
+            continue
+        offset = 0
+        for n in names:
+            t = tensors[n]
+            out[n] = flat[offset : offset + t.numel()].view(t.shape).to(t.device, t.dtype)
+            offset += t.numel()
+    return out
+
+
+def shared_tensors(tensors: Mapping[str, Tensor], candidates: Mapping[str, str]) -> dict[str, str]:
+    """`name -> rep` for the `candidates` (name -> an earlier name, e.g. q/k/v's) whose tensor equals its rep's bit for
+    bit on every rank: one sum across ranks, reduced once. Collective (one small all-reduce); the same on every rank."""
+    names = [n for n, rep in candidates.items() if rep in tensors and n in tensors]
+    local = [int(torch.equal(tensors[n], tensors[candidates[n]])) for n in names]
+    agreed = all_reduce_int(local) if is_distributed() else local
+    world = rank_and_world()[1]
+    shared = {n: candidates[n] for n, count in zip(names, agreed) if count == world}
+    return {n: rep for n, rep in shared.items() if rep not in shared}
 
 
 def barrier() -> None:
@@ -274,6 +375,7 @@ def any_rank(flag: bool) -> bool:
     if not is_distributed():
         return flag
     t = torch.tensor([int(flag)], dtype=torch.int64, device=comm_device())
+    _count("all_reduce", t)
     dist.all_reduce(t)
     return bool(t.item())
 

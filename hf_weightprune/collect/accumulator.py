@@ -23,8 +23,8 @@ from ..coverage import refuse_conv1d, warn_if_uncovered
 from ..matching import TrackedWeight
 from ..moe import ExpertSlice, find_moe_blocks, find_weights
 from ..scorers import get_scorer
-from ..scorers.base import chunks
-from .activations import ActivationCollector
+from ..scorers.base import chunks, first_nonfinite_index
+from .activations import ActivationCollector, shared_input_candidates
 from .importance import Importance
 from .router import RouterCollector
 from .summary import draw_indices, sampled_scores, type_summary
@@ -229,7 +229,7 @@ class ImportanceAccumulator:
                 "the modules (a compiled graph cached before the hooks were added, a replaced forward)?"
             )
         names = list(sums)
-        bad = self.config.skip_nonfinite and _first_nonfinite_index([sums[n] for n in names]) is not None
+        bad = self.config.skip_nonfinite and first_nonfinite_index([sums[n] for n in names]) is not None
         if D.any_rank(bad):  # every rank skips the same samples, so their counts stay equal
             self.meta["skipped"] += 1
             logger.warning("ImportanceCallback: non-finite activations at step %d; sample skipped", t)
@@ -349,14 +349,11 @@ class ImportanceAccumulator:
         return dict(self.states)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint stores of this rank (collective under DDP / FSDP2: every rank calls it).
-
-        Returns:
-            `dict[str, Any]`: `tensors` (the buffers this rank writes, see [`export_tensors`]), `meta` (the scalars,
-            [`full_meta`]), `shapes` (every tracked weight's shape, in model order), `units` (the cross-rank
-            [`unit_state`], or `None`) and `router` (an MoE model's router statistics summed over ranks, see
-            [`router_section`]; `None` for a dense model) and `cross` ([`CrossTerm.state_dict`], or `None`).
-        """
+        """What a checkpoint stores of this rank (collective under DDP / FSDP2: every rank calls it): `tensors` (the
+        buffers this rank writes, see [`export_tensors`]), `meta` (the scalars, [`full_meta`]), `shapes` (every tracked
+        weight's shape, in model order), `units` (the cross-rank [`unit_state`], or `None`), `router` (an MoE model's
+        router statistics summed over ranks, [`router_section`]; `None` for a dense model) and `cross`
+        ([`CrossTerm.state_dict`], or `None`)."""
         return {"tensors": self.export_tensors(), "meta": self.full_meta(), "shapes": self.shapes(),
                 "units": self.unit_state(), "router": self.router_section(),
                 "cross": self.cross.state_dict() if self.cross is not None else None}
@@ -398,49 +395,53 @@ class ImportanceAccumulator:
         return sampled_scores(self.scorer, self.states, weights, self.meta, self._log_index[1])
 
     def summary(self, target: float, sample_size: int = 1 << 16) -> dict[str, float]:
-        """Per module type, the mean score and the fraction of weights under the one threshold that would prune the
-        fraction `target` of all tracked weights, from a seeded sample of `sample_size` scores (drawn once per run).
-
-        Returns:
-            `dict[str, float]`: `importance/<type>/mean` and `importance/<type>/frac_below` (this rank's weights).
-        """
+        """Per module type (this rank's weights), `importance/<type>/mean` and `importance/<type>/frac_below` (under the
+        one threshold pruning `target` of all weights), from a seeded sample of `sample_size` scores (drawn once)."""
         scores = self._sampled_scores(sample_size)
         numels = {t.name: D.local_tensor(t.weight()).numel() for t in self.tracked if t.name in scores}
         return type_summary(scores, numels, target)
 
-    def importance(self) -> Importance:
-        """Full buffers on every rank (collective under DDP / FSDP2), bound to the model's weights."""
+    def importance(self, owners: dict[str, int] | None = None, shared: dict[str, str] | None = None) -> Importance:
+        """Full buffers on every rank (collective under DDP / FSDP2), bound to the model's weights; with `owners`
+        ([`solve_statistics`]), activation statistics of those weights only, each summed onto its owner."""
         meta = self.full_meta()
         params = {t.name: t.weight() for t in self.tracked}
 
         def empty(name: str) -> torch.Tensor:
             return torch.empty(self.scorer.state_shape(params[name]), dtype=getattr(torch, self.config.state_dtype))
 
-        tensors = self.plan.assemble(self.export_tensors(), self.shapes(), empty)
+        if owners is None or self.plan.per_rank:
+            get = self.plan.assemble(self.export_tensors(), self.shapes(), empty).__getitem__
+        else:  # each distinct statistic (q/k/v share one) summed once, onto the rank that solves its weights
+            reps = {n: (shared or {}).get(n, n) for n in owners}
+            get = _owned_only(D.reduce_to_owners({r: self.states[r] for r in dict.fromkeys(reps.values())}, owners),
+                              reps, owners)
         router = self.router_section()
-        return Importance(self.config, meta, self.shapes(), tensors.__getitem__, weights=params,
+        return Importance(self.config, meta, self.shapes(), get, weights=params,
                           sections={"router": router} if router else None, units=self.unit_state())
 
+    def solve_statistics(self, costs: dict[str, float], *, everywhere: bool = False) -> tuple[Importance, dict[str, int]]:
+        """The importance for solves shared across ranks (a schedule's OBS sweeps, its re-fit) and the rank solving each
+        weight of `costs` (collective): greedy by cost ([`distributed.partition`]), the weights of one statistic (q/k/v,
+        gate/up: equal buffers on every rank) together; each activation statistic is summed onto that rank only, once
+        (one `reduce` per rank), not onto every rank. `everywhere`: every statistic on every rank (OWL reads them)."""
+        shared = {} if self.plan.per_rank or everywhere else D.shared_tensors(
+            self.states, shared_input_candidates({n: self.states[n].shape for n in costs}))
+        owners = D.partition(costs, D.rank_and_world()[1], together=shared)
+        return self.importance(None if everywhere else owners, shared), owners
 
-def _first_nonfinite_index(tensors: list[torch.Tensor]) -> int | None:
-    """Index of the first tensor holding NaN/Inf, else `None`: one fused max-|x| per tensor (which, unlike a sum
-    or a 2-norm, cannot overflow) and one host synchronisation per device, not one per tensor (128 per step at
-    Phi-3-mini size stalled an accelerator's queue)."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    bad = []
-    for idx in by_device.values():
-        peaks = torch._foreach_norm([tensors[i] for i in idx], float("inf"))
-        finite = torch.isfinite(torch.stack([p.float() for p in peaks])).cpu()
-        if not bool(finite.all()):
-            bad.append(idx[int((~finite).nonzero()[0])])
-    return min(bad) if bad else None
+def _owned_only(sums: dict[str, torch.Tensor], reps: dict[str, str], owners: dict[str, int]):
+    """`Importance`'s reader of the statistics summed onto this rank (`sums`, by the weight whose buffer was summed)."""
+    def get(name: str) -> torch.Tensor:
+        if reps.get(name, name) not in sums:
+            raise ValueError(f"the statistic of {name} was summed onto rank {owners.get(name)} only, not here")
+        return sums[reps.get(name, name)]
+    return get
 
 
 def _first_nonfinite(owned: list[TrackedWeight | ExpertSlice], tensors: list[torch.Tensor]) -> str | None:
     """Name of the first tensor holding NaN/Inf, else `None`."""
-    i = _first_nonfinite_index(tensors) if tensors else None
+    i = first_nonfinite_index(tensors) if tensors else None
     return None if i is None else owned[i].name
 
 

@@ -68,6 +68,17 @@ def real_token_rows(attention_mask: Tensor | None, x: Tensor) -> tuple[Tensor | 
     return (None, total) if rows.numel() == total else (rows, rows.numel())
 
 
+def shared_input_candidates(shapes: dict[str, Sequence[int]]) -> dict[str, str]:
+    """Weights that may hold one input statistic, from names and statistic shapes alone: `name -> rep`, the first of a
+    run of consecutive weights of one module and one shape (`...self_attn.{q,k,v}_proj.weight` -> `q_proj`'s). Only
+    candidates: the statistics themselves tell (`distributed.shared_tensors`), so a resumed run finds them too."""
+    names, candidates = list(shapes), {}
+    for a, b in zip(names, names[1:]):
+        if a.rsplit(".", 2)[0] == b.rsplit(".", 2)[0] and tuple(shapes[a]) == tuple(shapes[b]):
+            candidates[b] = candidates.get(a, a)
+    return candidates
+
+
 def _drop_unguarded_graphs(model: nn.Module) -> None:
     # Graphs compiled while hook guards were skipped (an earlier compiled run in this process) would be reused for a
     # model of the same classes with the new hooks never run: the setting is read only when a graph is built, and

@@ -18,7 +18,7 @@ shared with other jobs), against about 20 s for `torch.cat(...).sort()`. `global
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,8 @@ from .masks import num_to_prune, order_key, order_key16, unstructured_mask
 __all__ = ["GlobalThreshold", "NamedScores", "compute_global_threshold", "global_masks", "layer_mask"]
 
 NamedScores = Callable[[], Iterable[tuple[str, torch.Tensor]]]
+# Sums int64 count tensors in place over the processes that each score a share of the tensors (a no-op on one).
+Combine = Callable[[list[torch.Tensor]], None]
 
 _NUM_BINS = 1 << 16
 # Keys lie in [-0x7F800000, 0x7F800000] (+-inf), so `key >> 16` lies in [-32640, 32640]: shift it to a bin index.
@@ -228,9 +230,10 @@ def _iterate(named_scores: NamedScores, numels: dict[str, int] | None = None) ->
         raise ValueError("`named_scores` yielded fewer tensors than on its first call.")
 
 
-def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, int, int, int, dict[str, int]]:
+def _locate_threshold(named_scores: NamedScores, sparsity: float,
+                      combine: Combine | None = None) -> tuple[int, int, int, int, dict[str, int]]:
     """
-    Passes 1 and 2 of the radix select.
+    Passes 1 and 2 of the radix select; with `combine`, over every process's share (its histograms summed).
 
     Returns:
         `tuple`: `(key, ties_to_prune, num_pruned, total, numels)`, where `key` is the key of the element of rank
@@ -269,6 +272,10 @@ def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, 
         high += _HIGH_OFFSET
         high_hist += _bincount(high, minlength=_NUM_BINS)
     total = sum(numels.values())
+    if combine is not None:  # the histograms are sums over elements: summed over processes, they are the whole's
+        counts = torch.tensor([total, int(not all_bf16)], dtype=torch.int64)
+        combine([high_hist, counts])
+        total, all_bf16 = int(counts[0]), not int(counts[1])
     if total == 0:
         raise ValueError("`named_scores` yielded no score elements; cannot compute a global threshold.")
     num_pruned = num_to_prune(total, sparsity)
@@ -291,15 +298,22 @@ def _locate_threshold(named_scores: NamedScores, sparsity: float) -> tuple[int, 
         low = order_key(score, name).reshape(-1).clamp_(base - 1, base + _NUM_BINS)
         low -= base - 1
         low_hist += _bincount(low, minlength=_NUM_BINS + 2)[1:-1]
+    if combine is not None:
+        combine([low_hist])
     low_bin, below_low = _select_bin(low_hist, rank - below_high)
     key = high * _NUM_BINS + low_bin
     return key, num_pruned - (below_high + below_low), num_pruned, total, numels
 
 
-def compute_global_threshold(named_scores: NamedScores, sparsity: float) -> GlobalThreshold:
+def compute_global_threshold(named_scores: NamedScores, sparsity: float, *, combine: Combine | None = None,
+                             order: Sequence[str] | None = None) -> GlobalThreshold:
     """
     Exact global threshold pruning `num_to_prune(total, sparsity)` of the lowest scores across several tensors,
     streaming: three passes over `named_scores`, one tensor in memory at a time.
+
+    Shared between processes (`combine`): each process scores only its share of the tensors and the threshold is
+    still the one of all of them, identical on every process: its two histograms (2 x 65,536 int64) and the tie counts
+    per tensor are summed across processes, never the scores themselves.
 
     Args:
         named_scores (`Callable[[], Iterable[tuple[str, torch.Tensor]]]`):
@@ -307,6 +321,12 @@ def compute_global_threshold(named_scores: NamedScores, sparsity: float) -> Glob
             sizes and order each time (scores may be loaded lazily from disk). Names must be unique.
         sparsity (`float`):
             Fraction of all elements to prune, in `[0.0, 1.0)`.
+        combine (`Callable[[list[torch.Tensor]], None]`, *optional*):
+            Sums int64 count tensors in place across the processes (every process calls it at the same points);
+            `named_scores` then yields this process's share of the tensors.
+        order (`Sequence[str]`, *optional*):
+            With `combine`: every process's tensor names, in the order ties are shared (the share yielded here is a
+            subset of it).
 
     Returns:
         [`GlobalThreshold`]: ties at the threshold are pruned in iteration order of tensors, then by flat index.
@@ -315,7 +335,17 @@ def compute_global_threshold(named_scores: NamedScores, sparsity: float) -> Glob
         `ValueError`: for a bad `sparsity`, a `named_scores` that is not callable, yields duplicate or non-str names,
         no elements, or other names/sizes on a later pass, or scores that are not floating or hold NaN.
     """
-    key, ties, num_pruned, total, numels = _locate_threshold(named_scores, sparsity)
+    key, ties, num_pruned, total, numels = _locate_threshold(named_scores, sparsity, combine)
+    if combine is not None:  # pass 3 over this share, the counts summed, then shared in the common order
+        counts = torch.zeros(len(order), dtype=torch.int64)
+        index = {n: i for i, n in enumerate(order)}
+        for name, score in (_iterate(named_scores, numels) if ties else ()):
+            keys, k, exact = _threshold_keys(score, key, name)
+            counts[index[name]] = int(torch.count_nonzero(keys == k)) if exact else 0
+        combine([counts])
+        shares = _share_ties(((n, c) for n, c in zip(order, counts.tolist()) if c), ties)
+        return GlobalThreshold(key=key, value=_key_to_value(key), ties_to_prune={n: shares.get(n, 0) for n in order},
+                               num_pruned=num_pruned, total=total, numels=numels)
 
     # Pass 3: count ties per tensor, in order; stop once all ties are placed (later tensors prune none).
     def tie_counts():

@@ -31,7 +31,7 @@ from ..moe import slice_expert
 from ..scorers import SCORERS, criteria_where, default_scope
 from ..validation import check_sparsity
 from . import masks as M
-from .global_threshold import GlobalThreshold, compute_global_threshold, layer_mask
+from .global_threshold import Combine, GlobalThreshold, compute_global_threshold, layer_mask
 from .obs import check_hessians, sparsegpt_prune_
 from .owl import outlier_ratio, owl_sparsities
 from .refit import asymmetric_sparsegpt_prune_, offline_cross_terms
@@ -176,6 +176,8 @@ class PruningPlan:
     gradual: bool = False
     cross: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     thresholds: dict[str, GlobalThreshold] = field(default_factory=dict, repr=False)
+    _scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # `combine`: this process's rankings
+    _combine: Combine | None = field(default=None, repr=False)
 
     @property
     def scope(self) -> str:
@@ -185,7 +187,8 @@ class PruningPlan:
     @classmethod
     def build(cls, importance: Importance, config: PruneConfig, names: list[str] | None = None, *,
               sparsity: float | None = None, previous: Mapping[str, torch.Tensor] | None = None,
-              reconstruct: bool | None = None, checked: Collection[str] | None = None) -> PruningPlan:
+              reconstruct: bool | None = None, checked: Collection[str] | None = None,
+              combine: Combine | None = None) -> PruningPlan:
         """
         The plan for pruning `names` with `config` from `importance`: scope, reconstruction rule and per-tensor
         targets, decided once, before any weight changes. Global thresholds are computed here (streaming over the
@@ -216,6 +219,12 @@ class PruningPlan:
                 With the OBS sweep, the weights whose Hessians are factorised here, before any edit (default: every
                 weight the plan prunes). A caller that sweeps only some of them (one rank of a sharded update) checks
                 its own, and makes a failure every rank's.
+            combine (`Callable[[list[torch.Tensor]], None]`, *optional*):
+                Under a global scope, sums the threshold's counts across the processes that share the update
+                ([`~global_threshold.compute_global_threshold`]): this process reads the rankings of `checked` only
+                (the statistics of the others may live elsewhere), here, and keeps them; the thresholds, the same on
+                every process, come with [`share_thresholds_`], which every process calls once `build` succeeded on
+                all of them (a failure here is this process's alone, before any collective).
 
         Returns:
             [`PruningPlan`].
@@ -275,7 +284,10 @@ class PruningPlan:
             check_hessians(((n, importance.state(n)) for n in targets if n in checked),
                            percdamp=config.dampening)
         plan = cls(importance, config, names, targets, reconstruct, nm_step, previous, gradual, cross)
-        if config.nm is None and config.scope == "global":
+        if config.nm is None and config.scope == "global" and combine is not None:
+            local = set(targets if checked is None else checked)
+            plan._scores, plan._combine = {n: plan.ranking(n) for n in names if n in local and n in targets}, combine
+        elif config.nm is None and config.scope == "global":
             plan._compute_thresholds()
         elif config.nm is None and not config.allow_collapse:
             for name, s in targets.items():
@@ -288,6 +300,8 @@ class PruningPlan:
     # ------------------------------------------------------------------------------------------------ builders
     def ranking(self, name: str) -> torch.Tensor:
         """The importance's ranking of `name`, with the weights `previous` pruned at `-inf` (they stay pruned)."""
+        if name in self._scores:
+            return self._scores[name]
         score = self.importance.ranking(name)
         old = self.previous.get(name)
         # Not in place: the ranking may be the importance's own state tensor.
@@ -361,8 +375,15 @@ class PruningPlan:
         return edit
 
     # ------------------------------------------------------------------------------------------------ global scope
-    def _compute_thresholds(self) -> None:
-        """One streaming threshold per distinct target (a per-module dict may hold several), and the collapse check."""
+    def share_thresholds_(self) -> None:
+        """The global thresholds of a plan built with `combine`, from the rankings `build` kept (collective: every
+        process calls it once `build` succeeded on every one). Raises `ValueError`: a collapse of this process's weights.
+        """
+        self._compute_thresholds(set(self._scores), self._combine)
+
+    def _compute_thresholds(self, local: set[str] | None = None, combine: Combine | None = None) -> None:
+        """One streaming threshold per distinct target (a per-module dict may hold several), and the collapse check, over
+        the `local` weights with `combine` (their counts summed with the other processes': no rank needs every score)."""
         groups: dict[float, list[str]] = {}
         for name, s in self.targets.items():
             groups.setdefault(s, []).append(name)
@@ -376,7 +397,8 @@ class PruningPlan:
                 yield n, r
 
         for s, group in groups.items():
-            threshold = compute_global_threshold(lambda g=group: named(g), s)
+            mine = group if local is None else [n for n in group if n in local]
+            threshold = compute_global_threshold(lambda g=mine: named(g), s, combine=combine, order=group)
             self.thresholds.update(dict.fromkeys(group, threshold))
         if self.config.allow_collapse:
             return

@@ -259,13 +259,13 @@ class ImportanceCallback(TrainerCallback):
         self.counter.step_end(state, control)  # before the Trainer saves its state
         meta = self.accumulator.meta
         if self.mask_holder is not None and self.mask_holder.due(t, samples=meta["num_samples"], skipped=meta["skipped"]):
-            # `importance()` is a collective under DDP: every rank updates at the same steps.
-            self.mask_holder.update_(self.importance(), t, int(state.max_steps), self._cross_terms())
+            # `solve_statistics` is a collective under DDP: every rank updates at the same steps.
+            self.mask_holder.update_(self.accumulator.solve_statistics, t, int(state.max_steps), self._cross_terms())
             if self.schedule.restarts_statistics:  # later updates read only the pruned model's inputs
                 self.accumulator.restart()
             control.should_log = True  # report each update to the Trainer's loggers
         if self.mask_holder is not None and self.mask_holder.is_refit_step(t):
-            self.mask_holder.refit_(self.importance(), t, self._cross_terms())
+            self.mask_holder.refit_(self.accumulator.solve_statistics, t, self._cross_terms())
         if control.should_save:
             self.checkpoint.save_teacher(args, state)
             self.checkpoint.stage(args, state)

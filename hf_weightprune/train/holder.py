@@ -49,8 +49,9 @@ from ..prune.refit import usable_cross
 from ..prune.report import PruningReport
 from ..scorers import SCORERS, get_scorer
 from .schedule import PruneSchedule
-from .stream import held_masks, hold_edits, layer_groups, solve_owners, sweep_, sweep_costs, teacher_weights
+from .stream import held_masks, hold_edits, layer_groups, own_weights, sweep_, sweep_costs, teacher_weights
 from .stream import refit_ as stream_refit_
+from .stream import warn_if_not_pruned as warn_unpruned
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class MaskHolder:
             self._edits = {n: e.to(self.params[n].device, torch.float32) for n, e in self._edits.items()}
         elif cfg.mode == "hold":
             self.masks = {n: m.to(self.params[n].device) for n, m in held.items()}
-            self._warn_if_not_pruned(cfg.masks_from)
+            warn_unpruned(self.params, self.masks, cfg.masks_from)
             self._record(None, 0)
         for name, mask in self.masks.items():
             if tuple(mask.shape) != tuple(self.params[name].shape):
@@ -194,16 +195,6 @@ class MaskHolder:
             logger.warning("PruneSchedule: the checkpoint was written by an older hf-weightprune that did not save the "
                            "pruning edits the re-fit at step %d undoes: that re-fit is skipped", self._refit_step)
             self._refit_step = None
-
-    def _warn_if_not_pruned(self, source: str) -> None:
-        """`"hold"` on weights the masks do not match yet (the dense model rather than the pruned checkpoint):
-        applying the masks is then a mask-only prune, and the checkpoint's reconstructed (OBS) weights are not used."""
-        nonzero = sum(int(self.params[n].detach()[~m].count_nonzero()) for n, m in self.masks.items())
-        if nonzero:
-            pruned = sum(int((~m).sum()) for m in self.masks.values())
-            logger.warning("PruneSchedule(mode='hold'): %d of the %d weights %s prunes are nonzero in this model; "
-                           "zeroing them now is a mask-only prune of it. To recover that checkpoint (with its "
-                           "reconstructed weights) train it: from_pretrained(%r)", nonzero, pruned, source, source)
 
     def is_update_step(self, step: int) -> bool:
         return self.schedule.mode == "prune" and step in self._update_set
@@ -273,8 +264,12 @@ class MaskHolder:
         return False
 
     @torch.no_grad()
-    def update_(self, importance, step: int, max_steps: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> float:
-        """Recompute the masks for the schedule's target at `step` from `importance`; returns the target.
+    def update_(self, statistics, step: int, max_steps: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> float:
+        """Recompute the masks for the schedule's target at `step` from the importance so far; returns the target.
+
+        `statistics(costs, everywhere=...)` (`ImportanceAccumulator.solve_statistics`, collective) returns it with the
+        rank that solves each weight: OBS updates read each `H` on its owner only (OWL's allocation and masks-only
+        updates read every statistic on every rank), a global threshold from every rank's scores of its own weights.
 
         `order="depth"`: only the next layer group is pruned, at once to `final_sparsity` (the others all-`True` until
         their step); the target is `final_sparsity` times the share of weights pruned so far. `cross`
@@ -282,16 +277,15 @@ class MaskHolder:
         its propagated target, so the sweep solves the asymmetric objective.
 
         With `sparsegpt` importance (and `reconstruct` not `False`) the OBS sweep also updates the kept weights, from
-        the Hessians in `importance` (under DDP the sum over ranks, assembled on every rank). Under DDP each weight is
-        swept by one rank, its owner (by the sweep's cost, [`stream.solve_owners`]), and its weights and mask are
-        broadcast from there ([`stream.sweep_`]), so the replicas stay identical bit for bit.
+        the Hessians (under DDP the sum over ranks, on the rank that sweeps the weight). Under DDP each weight is swept
+        by one rank, its owner (by the sweep's cost), and its weights and mask are broadcast from there
+        ([`stream.sweep_`]), so the replicas stay identical bit for bit.
 
         Raises:
             ValueError: `reconstruct=True` without `sparsegpt` importance, or a tensor pruned to 100%.
         """
         cfg, names = self.schedule, list(self.params)
         target = sparsity = cfg.target_at(step, max_steps)
-        self.source = importance
         if self._groups:
             if not self.masks:
                 self.masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()}
@@ -300,10 +294,17 @@ class MaskHolder:
             done = [n for group in groups[: self.num_updates + 1] for n in group]
             target = sparsity * sum(self.params[n].numel() for n in done) / sum(p.numel() for p in self.params.values())
         previous = {n: self.masks[n] for n in names if n in self.masks}
-        owners, mine = solve_owners(sweep_costs(self, names))
+        # Each rank reads the statistics of the weights it sweeps only, unless every rank reads them all (OWL, masks)
+        sharded = self.criterion is not None and uses_obs(self.criterion, cfg.prune_config) \
+            and cfg.prune_config.allocation != "owl"
+        importance, owners = statistics(sweep_costs(self, names), everywhere=not sharded)
+        self.source, mine, combine = importance, own_weights(owners), D.all_reduce_exact_ if sharded else None
         with D.same_error_on_every_rank():  # a Hessian only this rank factorises may fail here alone
             plan = PruningPlan.build(importance, cfg.prune_config, names, sparsity=sparsity, previous=previous,
-                                     checked=mine)
+                                     checked=mine, combine=combine)
+        if combine is not None and plan.scope == "global":
+            with D.same_error_on_every_rank():  # collective: the histograms of every rank's own scores, summed
+                plan.share_thresholds_()
         self.scope = plan.scope
         before = {n: self.params[n].detach().to(torch.float32, copy=True) for n in names} if self._refit_step is not None else None
         if plan.reconstruct:
@@ -329,9 +330,9 @@ class MaskHolder:
         return step == self._refit_step and self.refitted_at is None
 
     @torch.no_grad()
-    def refit_(self, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
-        """Re-fit the kept weights on their fixed support from the pruned-stream Hessians in `importance`
-        ([`stream.refit_`]).
+    def refit_(self, statistics, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
+        """Re-fit the kept weights on their fixed support from the pruned-stream Hessians, each on the rank that
+        re-fits it (`statistics` as for [`update_`]; [`stream.refit_`]).
 
         Each weight's target is `W + E`, its current value plus its pruning edits (`"prune"`: the summed edits of
         every mask update; `"hold"`: the one-shot prune's, [`stream.hold_edits`]): the network's function with the
@@ -343,7 +344,7 @@ class MaskHolder:
             ValueError: no edits yet (no mask update, or a hold whose edits were not taken), or a degenerate Hessian
                 or one with no token since the last mask change (importance sampled at no step after it).
         """
-        stream_refit_(self, importance, step, cross)
+        stream_refit_(self, statistics, step, cross)
 
     def take_hold_edits_(self, teacher: nn.Module, tracked_names: list[str]) -> None:
         """Train begin of a fresh `"hold"` run with a re-fit ahead: the one-shot prune's edits ([`stream.hold_edits`]);

@@ -3,10 +3,12 @@ from the cross term, the re-fit, and the layer groups of `PruneSchedule(order="d
 
 The holder owns the masks and the weights; these functions read its state and the statistics the callback hands
 over (the importance's `H~`, the accumulator's cross term `C`), so the holder's update stays one code path.
-Under DDP each weight's solve (its sweep, or its re-fit) runs on one rank only, its owner ([`solve_owners`]: greedy by
-the solve's estimated flops, so that the ranks' shares take about the same time), and its result is broadcast from
-there: the solve time shrinks with the world size, and the replicas stay identical bit for bit. On one process every
-weight is its own process's, in order, with no collective.
+Under DDP each weight's solve (its sweep, or its re-fit) runs on one rank only, its owner (the accumulator's
+`solve_statistics`: greedy by the solve's estimated flops, so that the ranks' shares take about the same time; weights
+sharing one input statistic, q/k/v and gate/up, on one rank together), which alone receives the statistic, summed
+onto it by one `reduce` per rank, and its result is broadcast from there, every weight and mask of one owner in one
+buffer: the solve time shrinks with the world size, the collectives per update are O(ranks), not O(weights), and the
+replicas stay identical bit for bit. On one process every weight is its own process's, in order, with no collective.
 In `"hold"` mode every forward is one of the pruned model, so its `sparsegpt` statistic is `H~` from the start; the
 re-fit's edits are what the one-shot prune changed, the dense teacher's weights ([`teacher_weights`]) minus the held
 weights at train begin ([`hold_edits`]).
@@ -115,12 +117,10 @@ def hold_edits(params: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[
     return {n: reference[n].to(p.device, torch.float32) - p.detach().float() for n, p in params.items()}
 
 
-def solve_owners(costs: dict[str, float]) -> tuple[dict[str, int], list[str]]:
-    """The rank that solves each weight (the same on every rank: greedy by `costs`, [`distributed.partition`]) and the
-    weights this rank solves, in `costs`' order (all of them on one process)."""
-    rank, world = D.rank_and_world()
-    owners = D.partition(costs, world)
-    return owners, [n for n in costs if owners[n] == rank]
+def own_weights(owners: dict[str, int]) -> list[str]:
+    """The weights this rank solves, in `owners`' order (all of them on one process)."""
+    rank = D.rank_and_world()[0]
+    return [n for n, owner in owners.items() if owner == rank]
 
 
 def _solved(holder, step: int, what: str, costs: dict[str, float], mine: list[str]) -> None:
@@ -133,7 +133,7 @@ def _solved(holder, step: int, what: str, costs: dict[str, float], mine: list[st
 
 
 def sweep_costs(holder, names: list[str]) -> dict[str, float]:
-    """Each weight's OBS sweep cost ([`prune.refit.sweep_flops`]), by which [`solve_owners`] shares a mask update."""
+    """Each weight's OBS sweep cost ([`prune.refit.sweep_flops`]), by which the ranks share a mask update."""
     return {n: sweep_flops(*holder.params[n].shape) for n in names}
 
 
@@ -142,7 +142,7 @@ def sweep_(holder, plan, owners: dict[str, int], mine: list[str], hessian: Calla
            cross: dict[str, Tensor], step: int) -> None:
     """[`MaskHolder.update_`] with OBS edits: this rank's weights (`mine`) move to their propagated targets where a
     cross term is usable ([`propagate_`]) and are swept ([`PruningPlan.edit`]); then every weight and mask is
-    broadcast from its owner (`owners`, [`solve_owners`]). A failure on one rank is raised on every rank."""
+    broadcast from its owner (`owners`), one buffer per owner. A failure on one rank is raised on every rank."""
     params, masks, own = holder.params, holder.masks, set(mine)
     with D.same_error_on_every_rank():
         propagate_(params, hessian, {n: c for n, c in cross.items() if n in own}, alpha=holder.schedule.cross_alpha,
@@ -154,23 +154,24 @@ def sweep_(holder, plan, owners: dict[str, int], mine: list[str], hessian: Calla
     _solved(holder, step, "swept", sweep_costs(holder, list(owners)), mine)
     if not D.is_distributed():
         return
-    rank = D.rank_and_world()[0]
-    for n, owner in owners.items():
-        D.broadcast_(params[n].data, owner)
-        mask = masks[n].to(torch.uint8) if owner == rank else torch.empty_like(params[n], dtype=torch.uint8)
-        masks[n] = D.broadcast_(mask, owner).bool()
+    masks.update({n: torch.empty_like(params[n], dtype=torch.bool) for n in owners if n not in own})
+    D.broadcast_owned_([(t, owner) for n, owner in owners.items() for t in (params[n].detach(), masks[n])])
 
 
 @torch.no_grad()
-def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
-    """[`MaskHolder.refit_`]: re-fit every masked weight on its support, from the pruned-stream `H~` of `importance`
-    and, where usable, the cross term (asymmetric objective, `cross_alpha`), towards `W + E`: its current value with
-    its edits undone (`"prune"`: the summed mask updates; `"hold"`: [`hold_edits`])."""
+def refit_(holder, statistics, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
+    """[`MaskHolder.refit_`]: re-fit every masked weight on its support, from the pruned-stream `H~` of the importance
+    `statistics(costs)` returns with each weight's owner, and, where usable, the cross term (asymmetric objective,
+    `cross_alpha`), towards `W + E`: its current value with its edits undone (`"prune"`: the summed mask updates;
+    `"hold"`: [`hold_edits`])."""
     hold = holder.schedule.mode == "hold"
     if not holder._edits:
         raise ValueError(f"PruneSchedule: refit at step {step} but " + (
             "the hold's edits were never taken (ImportanceCallback(distill=DistillConfig(teacher=...)) takes them at "
             "train begin)" if hold else "no mask update happened before it"))
+    schedule, params = holder.schedule, holder.params
+    costs = {n: refit_solver(holder.masks[n].sum(1), in_features=p.shape[1])[1] for n, p in params.items()}
+    importance, owners = statistics(costs)
     tokens = importance.meta.get("tokens", {})
     empty = [n for n in holder.params if not tokens.get(n)]
     if empty:
@@ -178,27 +179,21 @@ def refit_(holder, importance, step: int, cross: dict[str, tuple[Tensor, int]] |
         raise ValueError(f"PruneSchedule: refit at step {step}: no pruned-stream sample {since} for {len(empty)} "
                          f"weights (e.g. {empty[0]}); sample the importance at some step between them "
                          "(ImportanceConfig.every_n_steps / window)")
-    schedule, params = holder.schedule, holder.params
-    terms = usable_cross(cross, tokens, params)
-    costs = {n: refit_solver(holder.masks[n].sum(1), in_features=p.shape[1])[1] for n, p in params.items()}
-    owners, mine = solve_owners(costs)
+    terms, own = usable_cross(cross, tokens, params), own_weights(owners)
     with D.same_error_on_every_rank():
-        for n in mine:
+        for n in own:
             param = params[n]
             target = holder._edits[n].add_(param.detach().float())
             refit_masked_(param, holder.masks[n], importance.state(n).to(param.device), reference=target,
                           cross=terms.get(n), alpha=schedule.cross_alpha, percdamp=schedule.dampening)
             holder._edits[n] = target.sub_(param.detach().float())  # the edit the re-fit leaves in place
-    _solved(holder, step, "re-fitted", costs, mine)
+    _solved(holder, step, "re-fitted", costs, own)
     if D.is_distributed():
-        rank = D.rank_and_world()[0]
-        for n, owner in owners.items():
-            param = params[n].detach()
-            # another rank's weight: its edit too is `W + E` minus the re-fitted weight, here from the broadcast one
-            target = holder._edits[n].add_(param.float()) if owner != rank else None
-            D.broadcast_(param, owner)
-            if target is not None:
-                holder._edits[n] = target.sub_(param.float())
+        # another rank's weight: its edit too is `W + E` minus the re-fitted weight, here from the broadcast one
+        targets = {n: holder._edits[n].add_(params[n].detach().float()) for n in owners if n not in own}
+        D.broadcast_owned_([(params[n].detach(), owner) for n, owner in owners.items()])
+        for n, target in targets.items():
+            holder._edits[n] = target.sub_(params[n].detach().float())
     holder.apply_masks_()
     holder.refitted_at = step
     logger.info("PruneSchedule: step %d, kept weights re-fitted on the pruned-stream Hessians%s", step,
@@ -242,6 +237,17 @@ def check_refit_sample(schedule, max_steps: int, first_sample_step: Callable[[in
         raise ValueError(f"PruneSchedule(refit_at={schedule.refit_at!r}) would re-fit at step {refit} with no pruned-"
                          f"stream sample {since}: the importance {when}; sample sooner "
                          "(ImportanceConfig.every_n_steps) or re-fit later")
+
+
+def warn_if_not_pruned(params: dict[str, Tensor], masks: dict[str, Tensor], source: str) -> None:
+    """`"hold"` on weights the masks do not match yet (the dense model rather than the pruned checkpoint): applying the
+    masks is then a mask-only prune, and the checkpoint's reconstructed (OBS) weights are not used (a warning)."""
+    nonzero = sum(int(params[n].detach()[~m].count_nonzero()) for n, m in masks.items())
+    if nonzero:
+        pruned = sum(int((~m).sum()) for m in masks.values())
+        logger.warning("PruneSchedule(mode='hold'): %d of the %d weights %s prunes are nonzero in this model; "
+                       "zeroing them now is a mask-only prune of it. To recover that checkpoint (with its "
+                       "reconstructed weights) train it: from_pretrained(%r)", nonzero, pruned, source, source)
 
 
 def held_masks(model: nn.Module, schedule) -> tuple[dict[str, Tensor], dict]:
