@@ -6,8 +6,9 @@ change or kept accumulating across updates, layer or global scope, a re-fit afte
 `run(OUT, CASE, batch=4)` is the same in one process. Each rank writes its masks and every weight to
 `OUT/rank{r}.safetensors` and, per update or re-fit step, the collectives it ran (`distributed.COLLECTIVES`, counted
 from the step's begin to the end of the callback's `on_step_end`) with what the statistics weigh (every tracked
-weight's buffer, and one per distinct input) and what the old read-out (`cb.importance()`: every statistic all-reduced
-to every rank) moves, measured at the step after the last one, to `OUT/rank{r}.json`.
+weight's buffer, and one per distinct input; the cross terms, one per distinct input; the scores) and what the old
+read-outs (`cb.importance()`, `cb._cross_terms()`: every statistic all-reduced to every rank) and a checkpoint's
+`accumulator.state_dict()` move, measured at the step after the last one, to `OUT/rank{r}.json`.
 """
 
 import json
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback
 
-from hf_weightprune import ImportanceCallback, ImportanceConfig
+from hf_weightprune import DistillConfig, ImportanceCallback, ImportanceConfig
 from hf_weightprune import distributed as D
 from hf_weightprune.testing import tiny_llama
 from hf_weightprune.train.schedule import PruneSchedule
@@ -32,6 +33,10 @@ CASES = {
     # two updates, each on the pruned model's inputs since the last (restarted), a global threshold, re-fit at 6
     "stream": dict(final_sparsity=0.3, start=1, end=3, every_n_steps=2, scope="global", pruned_stream=True,
                    refit_at=REFIT),
+    # the same under distillation, with the dense-to-pruned cross term (down_proj's 64 inputs skipped) in the sweeps
+    # and the re-fit
+    "cross": dict(final_sparsity=0.3, start=1, end=3, every_n_steps=2, scope="global", pruned_stream=True,
+                  refit_at=REFIT, cross_term=True, cross_alpha=1.0, cross_max_in_features=32),
 }
 
 
@@ -43,7 +48,7 @@ class Counted(TrainerCallback):
     """The collectives of each update / re-fit step (listed after the `ImportanceCallback`, so its `on_step_end` is in)."""
 
     def __init__(self, cb):
-        self.cb, self.steps, self.start, self.old = cb, {}, None, None
+        self.cb, self.steps, self.start, self.old, self.old_cross, self.save = cb, {}, None, None, None, None
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.start = _copy(D.COLLECTIVES)
@@ -57,13 +62,20 @@ class Counted(TrainerCallback):
             before = _copy(D.COLLECTIVES)
             self.cb.importance()
             self.old = {kind: D.COLLECTIVES["bytes"][kind] - before["bytes"].get(kind, 0) for kind in D.COLLECTIVES["bytes"]}
+            before = _copy(D.COLLECTIVES)
+            self.cb._cross_terms()  # every cross term on every rank, as every update and re-fit did before
+            self.old_cross = D.COLLECTIVES["bytes"]["all_reduce"] - before["bytes"].get("all_reduce", 0)
+            before = _copy(D.COLLECTIVES)
+            self.cb.accumulator.state_dict()  # what a checkpoint sums (every rank calls it)
+            self.save = {kind: D.COLLECTIVES["bytes"][kind] - before["bytes"].get(kind, 0) for kind in D.COLLECTIVES["bytes"]}
 
 
 def run(out: str, case: str, batch: int = 2) -> tuple[dict[str, torch.Tensor], dict]:
     torch.set_num_threads(1)
     model = tiny_llama(seed=5)
     schedule = PruneSchedule(block_size=8, **CASES[case])
-    cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"), schedule=schedule)
+    distill = DistillConfig(alpha=0.5, temperature=2.0) if schedule.cross_term else None
+    cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"), schedule=schedule, distill=distill)
     counted = Counted(cb)
     # lr=0: the weights move only by the sweeps and the re-fit, so one process and two see the same models
     args = training_args(out, max_steps=MAX_STEPS, per_device_train_batch_size=batch, learning_rate=0.0, seed=0,
@@ -73,7 +85,11 @@ def run(out: str, case: str, batch: int = 2) -> tuple[dict[str, torch.Tensor], d
     tensors = {f"mask.{n}": m.to(torch.uint8) for n, m in holder.masks.items()}
     tensors.update({f"weight.{n}": p.detach().clone() for n, p in model.named_parameters()})
     distinct = {n for n in states if not n.endswith(("k_proj.weight", "v_proj.weight", "up_proj.weight"))}
-    return tensors, {"steps": counted.steps, "old": counted.old, "solves": holder.solves,
+    cross = cb.accumulator.cross.sums if cb.accumulator.cross is not None else {}  # by the first weight of an input
+    return tensors, {"steps": counted.steps, "old": counted.old, "old_cross": counted.old_cross, "save": counted.save,
+                     "cross_bytes": sum(c.numel() * c.element_size() for c in cross.values()),
+                     "score_bytes": sum(4 * (p.numel() + p.numel() % 2) for p in holder.params.values()),
+                     "solves": holder.solves,
                      "refitted_at": holder.refitted_at, "num_updates": holder.num_updates,
                      "state_bytes": sum(s.numel() * s.element_size() for s in states.values()),
                      "distinct_bytes": sum(states[n].numel() * states[n].element_size() for n in distinct)}

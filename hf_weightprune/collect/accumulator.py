@@ -72,8 +72,7 @@ class ImportanceAccumulator:
         self.meta: dict[str, Any] = {"global_step": 0, "num_samples": 0, "weight_sum": 0.0, "last_step": 0,
                                      "skipped": 0, "tokens": {}, "max_steps": None, "window_start": None,
                                      "epoch": 0, "epoch_step": None}
-        self.seed = 0
-        self._log_index = None  # the sampled positions of the logged summary, drawn once per run
+        self.seed, self._log_index = 0, None  # _log_index: the logged summary's sampled positions, drawn once per run
 
     @property
     def names(self) -> list[str]:
@@ -337,24 +336,25 @@ class ImportanceAccumulator:
             meta["num_samples"], meta["last_step"] = 1, meta["global_step"]
         return meta
 
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        """The buffers this rank writes: its own for per-rank criteria; for activations, the cross-rank sums."""
+    def export_tensors(self, *, writers_only: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's buffers: its own for per-rank criteria; for activations, the cross-rank sums (collective), of
+        every buffer, or with `writers_only` of those this rank writes only, each summed onto its writer."""
         if self.scorer.source == "final":
             owned = self._owned()
             with torch.no_grad():
                 weights = [D.local_tensor(t.weight()) for t in owned]
                 self.scorer.update_([self.states[t.name] for t in owned], weights, None, 0)
         if not self.plan.per_rank:
-            return self.plan.summed(self.states)
+            return D.reduce_to_owners(self.states, self.plan.writers) if writers_only else self.plan.summed(self.states)
         return dict(self.states)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint stores of this rank (collective under DDP / FSDP2: every rank calls it): `tensors` (the
-        buffers this rank writes, see [`export_tensors`]), `meta` (the scalars, [`full_meta`]), `shapes` (every tracked
-        weight's shape, in model order), `units` (the cross-rank [`unit_state`], or `None`), `router` (an MoE model's
-        router statistics summed over ranks, [`router_section`]; `None` for a dense model) and `cross`
+        buffers this rank writes, [`export_tensors`] with `writers_only`), `meta` (the scalars, [`full_meta`]), `shapes`
+        (every tracked weight's shape, in model order), `units` (the cross-rank [`unit_state`], or `None`), `router` (an
+        MoE model's router statistics summed over ranks, [`router_section`]; `None` for a dense model) and `cross`
         ([`CrossTerm.state_dict`], or `None`)."""
-        return {"tensors": self.export_tensors(), "meta": self.full_meta(), "shapes": self.shapes(),
+        return {"tensors": self.export_tensors(writers_only=True), "meta": self.full_meta(), "shapes": self.shapes(),
                 "units": self.unit_state(), "router": self.router_section(),
                 "cross": self.cross.state_dict() if self.cross is not None else None}
 

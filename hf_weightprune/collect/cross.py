@@ -166,7 +166,8 @@ class CrossTerm:
     [`fold_`] when the `sparsegpt` statistic keeps that sample (so `C` and `H~` cover the same tokens, with the same
     step weighting); [`restart`] with it; [`state_dict`] / [`load_state_dict`] for checkpoints; [`remove`].
 
-    Sums are per rank until [`terms`] / [`state_dict`] add them across ranks (collectives: every rank calls them).
+    Sums are per rank until [`terms`] / [`state_dict`] add them across ranks (collectives: every rank calls them;
+    `terms(owners)` onto the ranks that solve each weight only).
     Memory: one `[in, in]` float32 matrix per distinct input (q/k/v and gate/up share theirs), on the device of the
     Hessian it goes with.
 
@@ -235,19 +236,39 @@ class CrossTerm:
         D.all_reduce_sum_(tensors)
         return dict(zip(names, tensors)), dict(zip(names, D.all_reduce_int([self.tokens[n] for n in names])))
 
-    def terms(self) -> dict[str, tuple[Tensor, int]]:
+    def _aliases(self, sums) -> dict[str, str]:
+        """Weight name -> the weight name whose sum it reads (itself, or the first of a shared input)."""
+        return {**{n: n for n in sums}, **{n: rep for n, rep in self.shared.items() if rep in sums}}
+
+    def terms(self, owners: dict[str, int] | None = None) -> dict[str, tuple[Tensor, int]]:
         """`(C, real tokens)` summed across ranks, for every weight with one (shared inputs alias one sum).
 
+        With `owners` (weight name -> the rank that solves it, the Hessians' owners of
+        [`ImportanceAccumulator.solve_statistics`]), each sum goes only to the rank that solves a weight of its input
+        (`distributed.reduce_to_owners`: one `reduce` per rank; q/k/v solved together get one sum), and the terms
+        returned are those of this rank's weights in `owners`; the token counts are summed on every rank (integers).
+        Either way this rank's own sums stay as they are and keep accumulating (the reduction sums a copy).
+
         Collective under DDP."""
-        sums, tokens = self._reduced()
-        names = {**{n: n for n in sums}, **{n: rep for n, rep in self.shared.items() if rep in sums}}
-        return {n: (sums[rep], tokens[rep]) for n, rep in names.items()}
+        if owners is None:
+            sums, tokens = self._reduced()
+            return {n: (sums[rep], tokens[rep]) for n, rep in self._aliases(sums).items()}
+        reps = sorted(self.sums)  # the same names on every rank
+        tokens = dict(zip(reps, D.all_reduce_int([self.tokens[n] for n in reps])))
+        aliases, rank = self._aliases(self.sums), D.rank_and_world()[0]
+        # (sum, solving rank) pairs: one per sum, unless weights of one input are solved by two ranks
+        need = sorted({(rep, owners[n]) for n, rep in aliases.items() if n in owners})
+        got = D.reduce_to_owners({key: self.sums[key[0]] for key in need}, {key: key[1] for key in need})
+        return {n: (got[rep, rank], tokens[rep]) for n, rep in aliases.items() if owners.get(n) == rank}
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint stores: `tensors` (the sums across ranks, by weight name), `tokens` and `shared`.
+        """What a checkpoint stores: `tensors` (the sums across ranks, by weight name, summed onto rank 0 only: the rank
+        that writes them; `{}` on the others), `tokens` (on every rank) and `shared`.
 
         Collective under DDP."""
-        sums, tokens = self._reduced()
+        names = sorted(self.sums)  # the same names on every rank
+        sums = D.reduce_to_owners({n: self.sums[n] for n in names}, dict.fromkeys(names, 0))
+        tokens = dict(zip(names, D.all_reduce_int([self.tokens[n] for n in names])))
         return {"tensors": sums, "tokens": tokens, "shared": dict(self.shared)}
 
     def load_state_dict(self, tensors: dict[str, Tensor], section: dict[str, Any], *, keep: bool, device) -> None:

@@ -17,8 +17,9 @@ shared with other jobs), against about 20 s for `torch.cat(...).sort()`. `global
 
 from __future__ import annotations
 
+import itertools
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -306,14 +307,17 @@ def _locate_threshold(named_scores: NamedScores, sparsity: float,
 
 
 def compute_global_threshold(named_scores: NamedScores, sparsity: float, *, combine: Combine | None = None,
-                             order: Sequence[str] | None = None) -> GlobalThreshold:
+                             order: Sequence[str] | None = None, sizes: Mapping[str, int] | None = None,
+                             ) -> GlobalThreshold:
     """
     Exact global threshold pruning `num_to_prune(total, sparsity)` of the lowest scores across several tensors,
     streaming: three passes over `named_scores`, one tensor in memory at a time.
 
     Shared between processes (`combine`): each process scores only its share of the tensors and the threshold is
     still the one of all of them, identical on every process: its two histograms (2 x 65,536 int64) and the tie counts
-    per tensor are summed across processes, never the scores themselves.
+    per tensor are summed across processes. Fewer scores than that weigh less than one histogram (`sizes` given, at
+    most 131,072 in all, `_EXCHANGE_MAX_NUMEL`): they are exchanged instead, in one collective, and every process then
+    computes the threshold of one process over all of them.
 
     Args:
         named_scores (`Callable[[], Iterable[tuple[str, torch.Tensor]]]`):
@@ -327,6 +331,7 @@ def compute_global_threshold(named_scores: NamedScores, sparsity: float, *, comb
         order (`Sequence[str]`, *optional*):
             With `combine`: every process's tensor names, in the order ties are shared (the share yielded here is a
             subset of it).
+        sizes (`Mapping[str, int]`, *optional*): with `combine`, the elements of each tensor of `order` (the exchange).
 
     Returns:
         [`GlobalThreshold`]: ties at the threshold are pruned in iteration order of tensors, then by flat index.
@@ -335,6 +340,9 @@ def compute_global_threshold(named_scores: NamedScores, sparsity: float, *, comb
         `ValueError`: for a bad `sparsity`, a `named_scores` that is not callable, yields duplicate or non-str names,
         no elements, or other names/sizes on a later pass, or scores that are not floating or hold NaN.
     """
+    if combine is not None and sizes is not None and sum(sizes[n] + sizes[n] % 2 for n in order) <= _EXCHANGE_MAX_NUMEL:
+        scores = _exchange(named_scores, order, sizes, combine)  # fewer bytes than the histograms: the scores
+        return compute_global_threshold(lambda: scores.items(), sparsity)
     key, ties, num_pruned, total, numels = _locate_threshold(named_scores, sparsity, combine)
     if combine is not None:  # pass 3 over this share, the counts summed, then shared in the common order
         counts = torch.zeros(len(order), dtype=torch.int64)
@@ -362,14 +370,28 @@ def compute_global_threshold(named_scores: NamedScores, sparsity: float, *, comb
 
     ties_to_prune = dict.fromkeys(numels, 0)
     ties_to_prune.update(_share_ties(tie_counts(), ties))
-    return GlobalThreshold(
-        key=key,
-        value=_key_to_value(key),
-        ties_to_prune=ties_to_prune,
-        num_pruned=num_pruned,
-        total=total,
-        numels=numels,
-    )
+    return GlobalThreshold(key=key, value=_key_to_value(key), ties_to_prune=ties_to_prune, num_pruned=num_pruned,
+                           total=total, numels=numels)
+
+
+_EXCHANGE_MAX_NUMEL = _NUM_BINS * 8 // 4  # this many float32 scores (what order keys read) weigh one int64 histogram
+
+
+def _exchange(named_scores: NamedScores, order: Sequence[str], sizes: Mapping[str, int],
+              combine: Combine) -> dict[str, torch.Tensor]:
+    """Every process's scores, float32 in `order`, from this process's share: each tensor's bits in its own slots of
+    one buffer (zeros elsewhere, 8-byte aligned), summed as int64 words across processes by `combine`: one process's
+    bits plus zeros, exact."""
+    ends = list(itertools.accumulate(sizes[n] + sizes[n] % 2 for n in order))
+    offsets, flat = dict(zip(order, [0, *ends])), torch.zeros(ends[-1] if ends else 0, dtype=torch.float32)
+    seen: set[str] = set()
+    for name, score in named_scores():
+        if name not in offsets or name in seen or score.numel() != sizes[name]:
+            raise ValueError(f"`named_scores` yielded {name!r} ({score.numel()} elements) not once as in `sizes`")
+        seen.add(name)
+        flat[offsets[name] : offsets[name] + sizes[name]] = score.detach().reshape(-1).float()
+    combine([flat.view(torch.int64)])
+    return {n: flat[offsets[n] : offsets[n] + sizes[n]] for n in order}
 
 
 def global_masks(named_scores: NamedScores, sparsity: float) -> Iterator[tuple[str, torch.BoolTensor]]:

@@ -398,7 +398,8 @@ class PruningPlan:
 
         for s, group in groups.items():
             mine = group if local is None else [n for n in group if n in local]
-            threshold = compute_global_threshold(lambda g=mine: named(g), s, combine=combine, order=group)
+            threshold = compute_global_threshold(lambda g=mine: named(g), s, combine=combine, order=group,
+                                                 sizes={n: math.prod(self.importance.shapes[n]) for n in group})
             self.thresholds.update(dict.fromkeys(group, threshold))
         if self.config.allow_collapse:
             return

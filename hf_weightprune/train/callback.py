@@ -260,19 +260,20 @@ class ImportanceCallback(TrainerCallback):
         meta = self.accumulator.meta
         if self.mask_holder is not None and self.mask_holder.due(t, samples=meta["num_samples"], skipped=meta["skipped"]):
             # `solve_statistics` is a collective under DDP: every rank updates at the same steps.
-            self.mask_holder.update_(self.accumulator.solve_statistics, t, int(state.max_steps), self._cross_terms())
+            self.mask_holder.update_(self.accumulator.solve_statistics, t, int(state.max_steps), self._cross_terms)
             if self.schedule.restarts_statistics:  # later updates read only the pruned model's inputs
                 self.accumulator.restart()
             control.should_log = True  # report each update to the Trainer's loggers
         if self.mask_holder is not None and self.mask_holder.is_refit_step(t):
-            self.mask_holder.refit_(self.accumulator.solve_statistics, t, self._cross_terms())
+            self.mask_holder.refit_(self.accumulator.solve_statistics, t, self._cross_terms)
         if control.should_save:
             self.checkpoint.save_teacher(args, state)
             self.checkpoint.stage(args, state)
 
-    def _cross_terms(self):
-        """`PruneSchedule(cross_term=True)`: the cross terms summed across ranks (collective), else `None`."""
-        return self.accumulator.cross.terms() if self.accumulator.cross is not None else None
+    def _cross_terms(self, owners: dict[str, int] | None = None):
+        """`PruneSchedule(cross_term=True)`: the cross terms summed across ranks (collective; with `owners`, onto the
+        rank that solves each weight only, [`CrossTerm.terms`]: what the holder's solves read), else `None`."""
+        return self.accumulator.cross.terms(owners) if self.accumulator.cross is not None else None
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.accumulator.sample_epoch(state)

@@ -49,7 +49,7 @@ from ..prune.refit import usable_cross
 from ..prune.report import PruningReport
 from ..scorers import SCORERS, get_scorer
 from .schedule import PruneSchedule
-from .stream import held_masks, hold_edits, layer_groups, own_weights, sweep_, sweep_costs, teacher_weights
+from .stream import CrossTerms, held_masks, hold_edits, layer_groups, own_weights, sweep_, sweep_costs, teacher_weights
 from .stream import refit_ as stream_refit_
 from .stream import warn_if_not_pruned as warn_unpruned
 
@@ -264,7 +264,7 @@ class MaskHolder:
         return False
 
     @torch.no_grad()
-    def update_(self, statistics, step: int, max_steps: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> float:
+    def update_(self, statistics, step: int, max_steps: int, cross: CrossTerms | None = None) -> float:
         """Recompute the masks for the schedule's target at `step` from the importance so far; returns the target.
 
         `statistics(costs, everywhere=...)` (`ImportanceAccumulator.solve_statistics`, collective) returns it with the
@@ -272,9 +272,10 @@ class MaskHolder:
         updates read every statistic on every rank), a global threshold from every rank's scores of its own weights.
 
         `order="depth"`: only the next layer group is pruned, at once to `final_sparsity` (the others all-`True` until
-        their step); the target is `final_sparsity` times the share of weights pruned so far. `cross`
-        (`CrossTerm.terms()`): before the OBS sweep a weight whose cross term covers the tokens of its `H~` moves to
-        its propagated target, so the sweep solves the asymmetric objective.
+        their step); the target is `final_sparsity` times the share of weights pruned so far. `cross(owners)`
+        (`CrossTerm.terms`, collective): the cross terms of the weights this rank solves, summed onto it; before the
+        OBS sweep a weight whose cross term covers the tokens of its `H~` moves to its propagated target, so the sweep
+        solves the asymmetric objective.
 
         With `sparsegpt` importance (and `reconstruct` not `False`) the OBS sweep also updates the kept weights, from
         the Hessians (under DDP the sum over ranks, on the rank that sweeps the weight). Under DDP each weight is swept
@@ -310,8 +311,9 @@ class MaskHolder:
         if plan.reconstruct:
             # Each weight swept by its owner, then broadcast from it: the replicas stay identical bit for bit (DDP
             # syncs gradients, not weights), and the solve time shrinks with the world size.
+            terms = cross(owners) if cross is not None else None  # collective: each C onto its solver only
             sweep_(self, plan, owners, mine, importance.state,
-                   usable_cross(cross, importance.meta.get("tokens", {}), names), step)
+                   usable_cross(terms, importance.meta.get("tokens", {}), mine), step)
             self.reconstruction = "OBS"
         else:
             self.masks.update({n: plan.mask(n).to(self.params[n].device) for n in names})
@@ -330,14 +332,14 @@ class MaskHolder:
         return step == self._refit_step and self.refitted_at is None
 
     @torch.no_grad()
-    def refit_(self, statistics, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
+    def refit_(self, statistics, step: int, cross: CrossTerms | None = None) -> None:
         """Re-fit the kept weights on their fixed support from the pruned-stream Hessians, each on the rank that
         re-fits it (`statistics` as for [`update_`]; [`stream.refit_`]).
 
         Each weight's target is `W + E`, its current value plus its pruning edits (`"prune"`: the summed edits of
         every mask update; `"hold"`: the one-shot prune's, [`stream.hold_edits`]): the network's function with the
-        pruning undone, training since kept. `cross` (`CrossTerm.terms()`): the asymmetric objective where a cross
-        term covers the tokens of `H~`. Masks do not change; Adam moments are kept. Under DDP each weight is re-fitted
+        pruning undone, training since kept. `cross` (as for [`update_`]): the asymmetric objective where a
+        cross term covers the tokens of `H~`. Masks do not change; Adam moments are kept. Under DDP each weight is re-fitted
         by its owner (by the solve's cost) and broadcast from it.
 
         Raises:

@@ -31,6 +31,9 @@ from ..prune.refit import propagate_target, refit_masked_, refit_solver, sweep_f
 
 logger = logging.getLogger(__name__)
 
+# `CrossTerm.terms`: `(C, real tokens)` of the weights this rank solves (owners: weight -> rank), summed onto it
+CrossTerms = Callable[[dict[str, int]], "dict[str, tuple[Tensor, int]] | None"]
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -159,10 +162,10 @@ def sweep_(holder, plan, owners: dict[str, int], mine: list[str], hessian: Calla
 
 
 @torch.no_grad()
-def refit_(holder, statistics, step: int, cross: dict[str, tuple[Tensor, int]] | None = None) -> None:
+def refit_(holder, statistics, step: int, cross: CrossTerms | None = None) -> None:
     """[`MaskHolder.refit_`]: re-fit every masked weight on its support, from the pruned-stream `H~` of the importance
-    `statistics(costs)` returns with each weight's owner, and, where usable, the cross term (asymmetric objective,
-    `cross_alpha`), towards `W + E`: its current value with its edits undone (`"prune"`: the summed mask updates;
+    `statistics(costs)` returns with each weight's owner, and, where usable, the cross term `cross(owners)` summed onto
+    that owner (asymmetric objective, `cross_alpha`), towards `W + E`: its current value with its edits undone (`"prune"`: the summed mask updates;
     `"hold"`: [`hold_edits`])."""
     hold = holder.schedule.mode == "hold"
     if not holder._edits:
@@ -179,7 +182,8 @@ def refit_(holder, statistics, step: int, cross: dict[str, tuple[Tensor, int]] |
         raise ValueError(f"PruneSchedule: refit at step {step}: no pruned-stream sample {since} for {len(empty)} "
                          f"weights (e.g. {empty[0]}); sample the importance at some step between them "
                          "(ImportanceConfig.every_n_steps / window)")
-    terms, own = usable_cross(cross, tokens, params), own_weights(owners)
+    own = own_weights(owners)
+    terms = usable_cross(cross(owners) if cross is not None else None, tokens, own)  # collective: C onto its solver
     with D.same_error_on_every_rank():
         for n in own:
             param = params[n]
@@ -197,7 +201,7 @@ def refit_(holder, statistics, step: int, cross: dict[str, tuple[Tensor, int]] |
     holder.apply_masks_()
     holder.refitted_at = step
     logger.info("PruneSchedule: step %d, kept weights re-fitted on the pruned-stream Hessians%s", step,
-                f" (asymmetric objective on {len(terms)} weights)" if terms else "")
+                f" (asymmetric objective on {len(terms)} weights of this rank)" if terms else "")
 
 
 def pending_edits(holder) -> dict[str, Tensor]:
