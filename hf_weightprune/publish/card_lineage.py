@@ -38,7 +38,8 @@ def _trained_text(entry: dict[str, Any]) -> str:
         return f", during fine-tuning{how and ' of' + how}{distilled}"
     if not (how or distilled or mode == "hold"):
         return ""
-    return f", then fine-tuned{how}{' with its mask held' if mode == 'hold' else ''}{distilled}"
+    held = " with its mask held" + (" and" if distilled else "") if mode == "hold" else ""
+    return f", then fine-tuned{how}{held}{distilled}"
 
 
 def lineage_context(sparsity: dict[str, Any]) -> dict[str, Any] | None:

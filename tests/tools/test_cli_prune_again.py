@@ -143,6 +143,23 @@ def test_the_chain_says_an_earlier_prune_was_fine_tuned_with_distillation(run, t
             in card)
 
 
+@pytest.mark.parametrize("mode, training, distilled, words", [
+    ("prune", {"steps": 20, "tokens": 640}, True, ", during fine-tuning of 20 optimizer steps (640 training tokens) "
+                                                  "with distillation"),
+    ("hold", {"steps": 3, "tokens": 96}, False, ", then fine-tuned 3 optimizer steps (96 training tokens) with its "
+                                                "mask held"),
+    ("hold", None, True, ", then fine-tuned with its mask held and with distillation"),
+    (None, None, False, ""),  # a one-shot prune, or a file written before the training was recorded
+])
+def test_the_chain_names_each_earlier_prunes_training(mode, training, distilled, words):
+    from hf_weightprune.publish.card_lineage import lineage_context
+
+    entry = {"structure": "2:4", "global_sparsity": 0.5, "num_parameters": {"before": 10, "after": 10}, "config": None,
+             "training": training, "distilled": distilled, "schedule_mode": mode}
+    steps = lineage_context({"earlier_prunes": [entry]})["steps"]
+    assert steps == f"`2:4`, 50.00% of the prunable weights set to zero{words}"
+
+
 @pytest.fixture(scope="module")
 def heads_run(tmp_path_factory):
     """A dense training output with 8 query heads in 4 KV groups: two heads prunes can follow each other."""
