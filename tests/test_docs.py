@@ -258,7 +258,7 @@ MAY_IMPORT = {
     "tools/model_io": {"collect/selection", "files/pruned_files", "files/safetensors_io", "publish/provenance", "validation"},
     "tools/plotting": {"io_utils", "matching"},
     "tools/search": {"collect/importance", "config", "io_utils", "perplexity", "prune/pruner", "prune/report", "tools/data", "train/callback", "train/distill", "train/recovery", "validation"},
-    "tools/structured_sweep": {"collect/importance", "config", "files/pruned_files", "perplexity", "prune/budget", "prune/pruner", "tools/search", "validation"},
+    "tools/structured_sweep": {"collect/importance", "config", "files/pruned_files", "perplexity", "prune/budget", "prune/pruner", "publish/card", "tools/search", "validation"},
     "tools/sweep": {"collect/importance", "config", "distributed", "files/importance_files", "files/pruned_files", "files/safetensors_io", "io_utils", "perplexity", "prune/oneshot", "prune/pruner", "prune/refit", "publish/export", "scorers", "tools/data", "tools/model_io", "tools/structured_sweep", "tools/sweep_plot", "validation"},
     "tools/sweep_plot": {"perplexity", "tools/plotting"},
     "train/callback": {"collect/accumulator", "collect/cross", "collect/importance", "config", "moe", "train/checkpoint", "train/distill", "train/distiller", "train/holder", "train/recovery", "train/schedule", "train/stream"},

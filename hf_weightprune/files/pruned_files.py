@@ -90,13 +90,24 @@ def stored_num_parameters(folder: str | os.PathLike) -> int | None:
     return sum(math.prod(v["shape"]) for h in headers for k, v in h.items() if k != "__metadata__")
 
 
+def _training_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """How the pruned folder's weights were trained after (or while) it was pruned: what its input model is beyond the
+    units removed. `training` (`steps`, `tokens`, or `None`), `distilled`, `schedule_mode` (`"prune"`: pruned during
+    fine-tuning; `"hold"`: fine-tuned with its mask held; `None`: no schedule)."""
+    schedule = payload.get("schedule") if isinstance(payload.get("schedule"), dict) else {}
+    training = payload.get("training") if isinstance(payload.get("training"), dict) else None
+    return {"training": training, "distilled": isinstance(payload.get("distillation"), dict),
+            "schedule_mode": schedule.get("mode")}
+
+
 def earlier_prunes(folder: str | os.PathLike) -> list[dict[str, Any]] | None:
     """The prunes a pruned folder went through, oldest first, as the `earlier_prunes` of a model pruned from it.
 
     Each entry says what one prune removed: `structure`, `criterion`, `target_sparsity`, `global_sparsity` /
     `model_sparsity` (shares of the model it pruned), `base_model`, `num_parameters` `{"before", "after"}` (equal for
-    an unstructured or N:M prune, which zeroes weights and removes none), and `config` (the sizes before and after a
-    structured prune, else `None`). The folder's own `earlier_prunes` come first (a chain of any length).
+    an unstructured or N:M prune, which zeroes weights and removes none), `config` (the sizes before and after a
+    structured prune, else `None`), and how its weights were trained after or while it was pruned (`training`,
+    `distilled`, `schedule_mode`: a recovery changes the model the next prune starts from). The folder's own `earlier_prunes` come first (a chain of any length).
 
     Args:
         folder (`str` or `os.PathLike`): the model folder about to be pruned.
@@ -116,7 +127,7 @@ def earlier_prunes(folder: str | os.PathLike) -> list[dict[str, Any]] | None:
     entry = {key: payload.get(key) for key in ("structure", "criterion", "target_sparsity", "global_sparsity",
                                                "model_sparsity", "base_model")}
     entry.update(num_parameters={"before": count["before"], "after": count["after"]},
-                 config=structured.get("config"))
+                 config=structured.get("config"), **_training_of(payload))
     earlier = [e for e in payload.get("earlier_prunes") or [] if isinstance(e, dict)]
     return [*earlier, entry]
 

@@ -371,8 +371,12 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
             # The final sizes of every width axis: a tied config (hidden_size % num_attention_heads) is checked on
             # them together, not on the state between two cuts.
             together = rule.updates({b: sizes[b] - counts[b] for b in rule.axes})
+            paths = {p: names[id(m)] for p, m in model.named_modules() if id(m) in names}
             done = _apply_width(model, importance, a, scores[a], kept_layers, counts[a], names, config.compensate,
                                 means, together)
+            # A cut replaces the Linears it slices (hidden channels: every one), and a freed module's id can be
+            # reused: the dense names are carried over by module path, for the refit of an axis cut after it.
+            names = {id(m): paths[p] for p, m in model.named_modules() if p in paths}
         else:
             done = {"removed": {}}
         out_axes[a] = {"before": sizes[a], "after": sizes[a] - counts[a], "removed": done["removed"]}

@@ -18,10 +18,28 @@ def _step_text(entry: dict[str, Any]) -> str:
     before, after = count.get("before"), count.get("after")
     if isinstance(entry.get("config"), dict) or (isinstance(before, int) and isinstance(after, int) and after < before):
         units = structured_units(structure)
-        return f"{units} removed" + (f", {before:,} -> {after:,} parameters" if before and after else "")
+        return f"{units} removed" + (f", {before:,} -> {after:,} parameters" if before and after else "") \
+            + _trained_text(entry)
     share = entry.get("global_sparsity")
     zeroed = f", {100 * float(share):.2f}% of the prunable weights set to zero" if share is not None else ""
-    return f"`{structure}`{zeroed}"
+    return f"`{structure}`{zeroed}{_trained_text(entry)}"
+
+
+def _trained_text(entry: dict[str, Any]) -> str:
+    """How that prune's weights were trained after or while it was pruned, in words (`""`: not trained, or a file
+    written before it was recorded): `", then fine-tuned 4 optimizer steps (2,048 training tokens) with
+    distillation"`."""
+    mode, training = entry.get("schedule_mode"), entry.get("training") or {}
+    steps, tokens = training.get("steps"), training.get("tokens")
+    how = (f" {steps:,} optimizer steps" if isinstance(steps, int) else "") \
+        + (f" ({tokens:,} training tokens)" if isinstance(tokens, int) and tokens else "")
+    distilled = " with distillation" if entry.get("distilled") else ""
+    if mode == "prune":
+        return f", during fine-tuning{how and ' of' + how}{distilled}"
+    if not (how or distilled or mode == "hold"):
+        return ""
+    held = " with its mask held" + (" and" if distilled else "") if mode == "hold" else ""
+    return f", then fine-tuned{how}{held}{distilled}"
 
 
 def lineage_context(sparsity: dict[str, Any]) -> dict[str, Any] | None:

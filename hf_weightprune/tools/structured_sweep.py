@@ -92,6 +92,17 @@ def check_output_kind(output_dir: str | os.PathLike, structured: bool) -> None:
                          f"{what} as if it described it: write the sweep to another folder")
 
 
+def refresh_card(output_dir: str | os.PathLike) -> None:
+    """A sweep written into a pruned model's folder: its card, when this library generated it, is rendered again so
+    that it shows the sweep now (not only at `push`); a card the user wrote is theirs and stays as it is."""
+    from ..files.pruned_files import SPARSITY_NAME
+    from ..publish.card import CARD_FILE, is_generated_card, write_model_card
+
+    card = os.path.join(output_dir, CARD_FILE)
+    if os.path.isfile(os.path.join(output_dir, SPARSITY_NAME)) and os.path.isfile(card) and is_generated_card(card):
+        write_model_card(output_dir)
+
+
 def parse_compensation(value: str | None) -> str | None:
     """`"none"` (the command line's spelling) -> `None`; other values as `PruneConfig.compensate` takes them."""
     return None if value is None or str(value).strip().lower() in ("none", "") else str(value).strip()

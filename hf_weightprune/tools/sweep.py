@@ -30,7 +30,7 @@ from ..perplexity import perplexity, perplexity_text
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
 from ..scorers import SCORERS, default_scope
 from ..validation import parse_structure
-from .structured_sweep import check_output_kind, plan_sweep
+from .structured_sweep import check_output_kind, plan_sweep, refresh_card
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")
@@ -358,6 +358,7 @@ def sweep(
     if output_dir is not None:
         write_results(rows, output_dir, FIELDS if candidates is None else STRUCTURED_FIELDS)
         _plot(rows, Path(output_dir) / SWEEP_PNG, title, structured=candidates is not None)
+        refresh_card(output_dir)  # a pruned model's folder: its generated card shows the sweep at once
     return rows
 
 

@@ -162,3 +162,29 @@ def test_config_validation():
     c = PruneConfig(structure=["neurons", "layers"], target_params=100)
     assert c.structure == "neurons,layers" and c.structures == ("neurons", "layers") and c.kind == "combined"
     assert PruneConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("structure", [("hidden", "neurons"), ("heads", "hidden")])
+def test_refit_after_hidden_channels_are_removed_uses_each_consumers_own_hessian(trained, structure):
+    # Under a budget the filling axis is cut last, after hidden channels, whose removal replaces every Linear; its
+    # refit must still find the dense consumer's Hessian (was a KeyError on id(module), or with a reused id another
+    # module's Hessian).
+    from hf_weightprune.prune.compensate import refit_columns
+
+    model, imp = _copy(trained)
+    dense = _copy(trained)[0]
+    axis = "neurons" if "neurons" in structure else "heads"
+    report = prune_(model, imp, PruneConfig(structure=structure, target_params=0.6, compensate="refit"))
+    axes = report.structured["axes"]
+    kept_hidden = sorted(set(range(32)) - set(axes["hidden"]["removed"]))
+    assert len(kept_hidden) < 32 and axes[axis]["after"] < axes[axis]["before"]
+    for i, removed in axes[axis]["removed"].items():
+        if axis == "neurons":
+            name, w = "mlp.down_proj", dense.model.layers[i].mlp.down_proj.weight
+            cols = sorted(set(range(64)) - set(removed))
+        else:  # a KV group's 2 query heads of 8 channels are 16 consecutive o_proj input columns
+            name, w = "self_attn.o_proj", dense.model.layers[i].self_attn.o_proj.weight
+            cols = [g * 16 + c for g in sorted(set(range(2)) - set(removed)) for c in range(16)]
+        want = refit_columns(w.detach(), imp.state(f"model.layers.{i}.{name}.weight"), torch.tensor(cols))
+        got = model.model.layers[i].get_submodule(name).weight
+        torch.testing.assert_close(got, want[kept_hidden], rtol=1e-5, atol=1e-6)

@@ -119,6 +119,47 @@ def test_a_re_pruned_model_records_its_chain_and_its_card_names_its_input(run, t
     assert chain[-1]["num_parameters"] == {"before": after, "after": after}  # zeros remove no parameter
 
 
+def test_the_chain_says_an_earlier_prune_was_fine_tuned_with_distillation(run, tmp_path):
+    """A structured prune recovered with distillation (the README's recipe), then pruned again: the input model is not
+    the one-shot prune its `earlier_prunes` entry describes, and the card says what else was done to it."""
+    from hf_weightprune import DistillConfig, ImportanceCallback, load_importance, prune_, save_pruned
+    from hf_weightprune.config import PruneConfig
+
+    model = AutoModelForCausalLM.from_pretrained(run)
+    report = prune_(model, load_importance(run), PruneConfig(structure="neurons", sparsity=0.25), progress=False)
+    distill = DistillConfig(teacher=str(run), alpha=0.5)
+    recovery = ImportanceCallback(distill=distill)
+    train(model, [recovery], tmp_path / "recovery", max_steps=2)
+    record = recovery.training_record()
+    save_pruned(model, tmp_path / "final", report=report, distillation=distill, training=record)
+    assert main(["prune", str(tmp_path / "final"), "--importance", str(run), "--structure", "2:4",
+                 "--output_dir", str(tmp_path / "nm")]) == 0
+    (earlier,) = json.loads((tmp_path / "nm" / "sparsity.json").read_text())["earlier_prunes"]
+    assert earlier["training"] == record and record["steps"] == 2 and record["tokens"] > 0
+    assert earlier["distilled"] is True and earlier["schedule_mode"] is None
+    card = (tmp_path / "nm" / "README.md").read_text()
+    assert (f"MLP neurons removed, {earlier['num_parameters']['before']:,} -> {earlier['num_parameters']['after']:,} "
+            f"parameters, then fine-tuned 2 optimizer steps ({record['tokens']:,} training tokens) with distillation)"
+            in card)
+
+
+@pytest.mark.parametrize("mode, training, distilled, words", [
+    ("prune", {"steps": 20, "tokens": 640}, True, ", during fine-tuning of 20 optimizer steps (640 training tokens) "
+                                                  "with distillation"),
+    ("hold", {"steps": 3, "tokens": 96}, False, ", then fine-tuned 3 optimizer steps (96 training tokens) with its "
+                                                "mask held"),
+    ("hold", None, True, ", then fine-tuned with its mask held and with distillation"),
+    (None, None, False, ""),  # a one-shot prune, or a file written before the training was recorded
+])
+def test_the_chain_names_each_earlier_prunes_training(mode, training, distilled, words):
+    from hf_weightprune.publish.card_lineage import lineage_context
+
+    entry = {"structure": "2:4", "global_sparsity": 0.5, "num_parameters": {"before": 10, "after": 10}, "config": None,
+             "training": training, "distilled": distilled, "schedule_mode": mode}
+    steps = lineage_context({"earlier_prunes": [entry]})["steps"]
+    assert steps == f"`2:4`, 50.00% of the prunable weights set to zero{words}"
+
+
 @pytest.fixture(scope="module")
 def heads_run(tmp_path_factory):
     """A dense training output with 8 query heads in 4 KV groups: two heads prunes can follow each other."""

@@ -182,3 +182,21 @@ def test_a_sweep_of_the_other_kind_is_refused_in_a_pruned_folder_and_labelled_on
     text = " ".join(write_model_card(smaller).read_text().split())
     assert ("**Not this model.** This sweep zeroed weights of copies of the dense model (unstructured) and this model "
             "is smaller (neurons): no row or line below describes it.") in text
+
+
+def test_a_sweep_written_into_a_pruned_folder_shows_on_its_card_at_once(llama, tmp_path, capsys):
+    """The README says the sweep "becomes that model's card section": the folder's generated README.md is
+    re-rendered (it kept the card save_pruned wrote until push or write_model_card); a card the user wrote is kept."""
+    from hf_weightprune.publish.card import CARD_FILE
+
+    smaller = _pruned(llama, tmp_path / "smaller", PruneConfig(structure="neurons", target_params=0.8))
+    assert "## Loss vs." not in (smaller / CARD_FILE).read_text()
+    assert main(["sweep", str(llama), "--data", str(KJV / "valid.txt"), "--structure", "neurons", "--sizes", "0.2",
+                 "--seq_len", str(SEQ), "--max_windows", str(WINDOWS), "--output_dir", str(smaller), "-q"]) == 0
+    card = (smaller / CARD_FILE).read_text()
+    assert "## Loss vs. parameters removed" in card and card == write_model_card(smaller).read_text()
+
+    zeros = _pruned(llama, tmp_path / "zeros", PruneConfig(structure="2:4"))
+    (zeros / CARD_FILE).write_text("# My own card\n")
+    sweep(llama, None, KJV / "valid.txt", sparsities=[0.5], output_dir=zeros, **EVAL)
+    assert (zeros / CARD_FILE).read_text() == "# My own card\n" and (zeros / "sweep.json").is_file()
