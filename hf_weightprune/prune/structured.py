@@ -164,8 +164,20 @@ def _keep(scores: Tensor, n_remove: int) -> Tensor:
     return order[n_remove:].sort().values
 
 
+def _consumer_names(model: nn.Module, axes: tuple[str, ...]) -> dict[tuple[str, int], str]:
+    """The weight name of every layer's consumer of each compensated axis, by `(axis, dense layer index)`: the names
+    the importance keys its Hessians by, read before any change. (The surgery replaces modules, hidden pruning every
+    Linear, and Python reuses a freed object's id: a map from module ids read before the first cut names nothing, or
+    the wrong module, after it.)"""
+    names = {id(m): canonical_name(n) + ".weight" for n, m in model.named_modules()}
+    none = torch.zeros(0, dtype=torch.long)
+    return {(a, i): names[id(_consumer(model, layer, a, none)[0])]
+            for a in axes if a in COMPENSATED_AXES for i, layer in enumerate(decoder_layers(model))}
+
+
 def _check_before_change(model: nn.Module, importance: Importance, config: PruneConfig, counts: dict[str, int],
-                         sizes: dict[str, int], kept_layers: list[int], names: dict[int, str], means: dict | None) -> None:
+                         sizes: dict[str, int], kept_layers: list[int], names: dict[tuple[str, int], str],
+                         means: dict | None) -> None:
     """Every precondition of the surgery and the compensation that a later step would otherwise check after an
     earlier one has changed the model: the sizes of all axes together, and for each consumer that will be
     compensated its Hessian (present, sound, enough tokens) or its mean input. (Hidden pruning's module checks ran
@@ -182,10 +194,10 @@ def _check_before_change(model: nn.Module, importance: Importance, config: Prune
         return
     layers, comp = decoder_layers(model), config.compensate
     warnings = []
-    for a in (a for a in width if a in ("neurons", "heads")):
+    for a in (a for a in width if a in COMPENSATED_AXES):
         for i in kept_layers:
             consumer = _consumer(model, layers[i], a, torch.zeros(0, dtype=torch.long))[0]
-            name = names[id(consumer)]
+            name = names[a, i]
             tokens = int(importance.meta.get("tokens", {}).get(name, 0))
             if comp in _REFITS:
                 hessian = importance.state(name) if name in importance.names else None
@@ -217,7 +229,7 @@ def _consumer(model: nn.Module, layer: nn.Module, axis: str, idx: Tensor) -> tup
 
 
 def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: dict, kept_layers: list[int],
-                 n_remove: int, names: dict[int, str], compensate: str | None, means: dict | None,
+                 n_remove: int, names: dict[tuple[str, int], str], compensate: str | None, means: dict | None,
                  together_with: dict) -> dict:
     layers = decoder_layers(model)
     if axis == "hidden":
@@ -230,7 +242,10 @@ def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: di
         consumer, cols = _consumer(model, layers[j], axis, idx)
         w = consumer.weight.detach()
         if compensate in _REFITS:
-            h = importance.state(names[id(consumer)]).to(w.device)  # checked by _check_before_change
+            # The Hessian of the dense layer kept_layers[j] (checked by _check_before_change): over the consumer's
+            # inputs, the units of `axis`, which no other axis cuts; a hidden cut removes the consumer's output rows
+            # only, and the refit solves each row on its own, so cutting rows before or after it gives the same.
+            h = importance.state(names[axis, kept_layers[j]]).to(w.device)
         if compensate == "refit":
             refits[j] = refit_columns(w, h, cols)
         elif compensate == "refit,mean":
@@ -257,7 +272,7 @@ def _mean_inputs(model: nn.Module, importance: Importance, config: PruneConfig,
     """`compensate="mean"` / `"refit,mean"`: the consumers' mean inputs (and, under `"tokens"`, the tokens each was
     counted over) and the consumers to give a bias, checked before any change."""
     comp = config.compensate
-    served = [a for a in axes if a in ("neurons", "heads")]
+    served = [a for a in axes if a in COMPENSATED_AXES]
     if not served:
         raise ValueError(f"compensate={comp!r} moves the mean output of removed MLP neurons / KV groups into a bias; "
                          f"structure {config.structure!r} removes neither: use compensate=None")
@@ -349,7 +364,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
         counts, drop, filler, tolerance = budget.counts, budget.dropped, budget.filler, budget.tolerance
         width = sorted(width, key=lambda a: a == filler)  # the filling axis goes last: it meets the budget
     scores = _on_kept(scores, importance, config, drop)
-    names = {id(m): canonical_name(n) + ".weight" for n, m in model.named_modules()}
+    names = _consumer_names(model, axes) if config.compensate is not None else {}
     _check_before_change(model, importance, config, counts, sizes, [i for i in range(sizes["layers"]) if i not in drop],
                          names, means)
     # The model changes from here on; remove_layers_ (the first change) checks its own input before it.
