@@ -33,7 +33,12 @@ contribution over the training tokens, `W[:, removed] @ mean(x[removed])`, to th
 transformers reads (`compensate.bias_plan`); `compensate="refit,mean"` fits both together, least squares with an
 intercept (`compensate.refit_mean`: the refit on the centred covariance `H/n - mu mu^T`, the rest of the mean into
 the bias), which needs the Hessian and the unit means counted over the same tokens (equal token counts, uniform step
-weighting; refused otherwise). Hidden channels and layers are not compensated.
+weighting; refused otherwise). Hidden channels and layers are not compensated (`config.COMPENSATED_AXES`). With
+hidden channels cut in the same prune the refit needs no Hessian cut to the kept channels: a consumer's Hessian is
+over its inputs (the neurons' or KV groups' columns), which the hidden cut leaves alone; the hidden cut removes the
+consumer's output rows, and the refit and the mean shift treat each output row on its own, so the dense layer's
+statistics compensate the kept rows whichever cut comes first (a budget applies its filling axis last). Each
+consumer's Hessian is found by its dense layer's name, read before any change (the cuts replace the modules).
 
 Checks first. Every precondition of every axis and of the compensation (sizes alone and together, hidden
 pruning's module checks in `hidden_channel_cost`, each compensated consumer's Hessian and token count or mean
