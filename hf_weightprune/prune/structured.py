@@ -33,7 +33,12 @@ contribution over the training tokens, `W[:, removed] @ mean(x[removed])`, to th
 transformers reads (`compensate.bias_plan`); `compensate="refit,mean"` fits both together, least squares with an
 intercept (`compensate.refit_mean`: the refit on the centred covariance `H/n - mu mu^T`, the rest of the mean into
 the bias), which needs the Hessian and the unit means counted over the same tokens (equal token counts, uniform step
-weighting; refused otherwise). Hidden channels and layers are not compensated.
+weighting; refused otherwise). Hidden channels and layers are not compensated (`config.COMPENSATED_AXES`). With
+hidden channels cut in the same prune the refit needs no Hessian cut to the kept channels: a consumer's Hessian is
+over its inputs (the neurons' or KV groups' columns), which the hidden cut leaves alone; the hidden cut removes the
+consumer's output rows, and the refit and the mean shift treat each output row on its own, so the dense layer's
+statistics compensate the kept rows whichever cut comes first (a budget applies its filling axis last). Each
+consumer's Hessian is found by its dense layer's name, read before any change (the cuts replace the modules).
 
 Checks first. Every precondition of every axis and of the compensation (sizes alone and together, hidden
 pruning's module checks in `hidden_channel_cost`, each compensated consumer's Hessian and token count or mean
@@ -164,8 +169,20 @@ def _keep(scores: Tensor, n_remove: int) -> Tensor:
     return order[n_remove:].sort().values
 
 
+def _consumer_names(model: nn.Module, axes: tuple[str, ...]) -> dict[tuple[str, int], str]:
+    """The weight name of every layer's consumer of each compensated axis, by `(axis, dense layer index)`: the names
+    the importance keys its Hessians by, read before any change. (The surgery replaces modules, hidden pruning every
+    Linear, and Python reuses a freed object's id: a map from module ids read before the first cut names nothing, or
+    the wrong module, after it.)"""
+    names = {id(m): canonical_name(n) + ".weight" for n, m in model.named_modules()}
+    none = torch.zeros(0, dtype=torch.long)
+    return {(a, i): names[id(_consumer(model, layer, a, none)[0])]
+            for a in axes if a in COMPENSATED_AXES for i, layer in enumerate(decoder_layers(model))}
+
+
 def _check_before_change(model: nn.Module, importance: Importance, config: PruneConfig, counts: dict[str, int],
-                         sizes: dict[str, int], kept_layers: list[int], names: dict[int, str], means: dict | None) -> None:
+                         sizes: dict[str, int], kept_layers: list[int], names: dict[tuple[str, int], str],
+                         means: dict | None) -> None:
     """Every precondition of the surgery and the compensation that a later step would otherwise check after an
     earlier one has changed the model: the sizes of all axes together, and for each consumer that will be
     compensated its Hessian (present, sound, enough tokens) or its mean input. (Hidden pruning's module checks ran
@@ -182,10 +199,10 @@ def _check_before_change(model: nn.Module, importance: Importance, config: Prune
         return
     layers, comp = decoder_layers(model), config.compensate
     warnings = []
-    for a in (a for a in width if a in ("neurons", "heads")):
+    for a in (a for a in width if a in COMPENSATED_AXES):
         for i in kept_layers:
             consumer = _consumer(model, layers[i], a, torch.zeros(0, dtype=torch.long))[0]
-            name = names[id(consumer)]
+            name = names[a, i]
             tokens = int(importance.meta.get("tokens", {}).get(name, 0))
             if comp in _REFITS:
                 hessian = importance.state(name) if name in importance.names else None
@@ -217,7 +234,7 @@ def _consumer(model: nn.Module, layer: nn.Module, axis: str, idx: Tensor) -> tup
 
 
 def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: dict, kept_layers: list[int],
-                 n_remove: int, names: dict[int, str], compensate: str | None, means: dict | None,
+                 n_remove: int, names: dict[tuple[str, int], str], compensate: str | None, means: dict | None,
                  together_with: dict) -> dict:
     layers = decoder_layers(model)
     if axis == "hidden":
@@ -230,7 +247,10 @@ def _apply_width(model: nn.Module, importance: Importance, axis: str, scores: di
         consumer, cols = _consumer(model, layers[j], axis, idx)
         w = consumer.weight.detach()
         if compensate in _REFITS:
-            h = importance.state(names[id(consumer)]).to(w.device)  # checked by _check_before_change
+            # The Hessian of the dense layer kept_layers[j] (checked by _check_before_change): over the consumer's
+            # inputs, the units of `axis`, which no other axis cuts; a hidden cut removes the consumer's output rows
+            # only, and the refit solves each row on its own, so cutting rows before or after it gives the same.
+            h = importance.state(names[axis, kept_layers[j]]).to(w.device)
         if compensate == "refit":
             refits[j] = refit_columns(w, h, cols)
         elif compensate == "refit,mean":
@@ -257,7 +277,7 @@ def _mean_inputs(model: nn.Module, importance: Importance, config: PruneConfig,
     """`compensate="mean"` / `"refit,mean"`: the consumers' mean inputs (and, under `"tokens"`, the tokens each was
     counted over) and the consumers to give a bias, checked before any change."""
     comp = config.compensate
-    served = [a for a in axes if a in ("neurons", "heads")]
+    served = [a for a in axes if a in COMPENSATED_AXES]
     if not served:
         raise ValueError(f"compensate={comp!r} moves the mean output of removed MLP neurons / KV groups into a bias; "
                          f"structure {config.structure!r} removes neither: use compensate=None")
@@ -349,7 +369,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
         counts, drop, filler, tolerance = budget.counts, budget.dropped, budget.filler, budget.tolerance
         width = sorted(width, key=lambda a: a == filler)  # the filling axis goes last: it meets the budget
     scores = _on_kept(scores, importance, config, drop)
-    names = {id(m): canonical_name(n) + ".weight" for n, m in model.named_modules()}
+    names = _consumer_names(model, axes) if config.compensate is not None else {}
     _check_before_change(model, importance, config, counts, sizes, [i for i in range(sizes["layers"]) if i not in drop],
                          names, means)
     # The model changes from here on; remove_layers_ (the first change) checks its own input before it.
@@ -371,12 +391,8 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
             # The final sizes of every width axis: a tied config (hidden_size % num_attention_heads) is checked on
             # them together, not on the state between two cuts.
             together = rule.updates({b: sizes[b] - counts[b] for b in rule.axes})
-            paths = {p: names[id(m)] for p, m in model.named_modules() if id(m) in names}
             done = _apply_width(model, importance, a, scores[a], kept_layers, counts[a], names, config.compensate,
                                 means, together)
-            # A cut replaces the Linears it slices (hidden channels: every one), and a freed module's id can be
-            # reused: the dense names are carried over by module path, for the refit of an axis cut after it.
-            names = {id(m): paths[p] for p, m in model.named_modules() if p in paths}
         else:
             done = {"removed": {}}
         out_axes[a] = {"before": sizes[a], "after": sizes[a] - counts[a], "removed": done["removed"]}

@@ -4,12 +4,14 @@ the compensation of a later layer is what fails after an earlier axis would alre
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
 import torch
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, prune_
+from hf_weightprune.prune.compensate import refit_columns, refit_mean
 from hf_weightprune.testing import tiny_llama
 from tests.helpers import train
 from tests.test_architectures import build
@@ -38,7 +40,8 @@ def _sparsegpt(tmp_path, *, exclude=None, steps=4, batch=4, n=48, **model_kw):
     return model.eval(), cb.importance()
 
 
-@pytest.mark.parametrize("structure", [("layers", "heads", "neurons"), ("heads", "neurons"), "neurons"])
+@pytest.mark.parametrize("structure", [("layers", "heads", "neurons"), ("heads", "neurons"), "neurons",
+                                       ("neurons", "hidden"), ("layers", "heads", "neurons", "hidden")])
 def test_refit_without_one_consumers_hessian_is_refused_before_layers_or_heads_go(structure, tmp_path):
     # The last layer's down_proj is not tracked: before, layers and KV groups were removed, then the refit raised.
     model, imp = _sparsegpt(tmp_path, exclude=r".*layers\.3\.mlp\.down_proj")
@@ -161,3 +164,37 @@ def test_hidden_channels_of_a_mixture_of_experts_model_are_refused_naming_the_ax
         message = _refused(model.eval(), cb.importance(), PruneConfig(structure=structure, sparsity=0.25),
                            r"^structure 'hidden' is not possible for Qwen3MoeForCausalLM: Unsupported architecture")
         assert "['experts', 'gate']" in message
+
+
+@pytest.mark.parametrize("structure, target", [  # budgets that cut hidden channels and the compensated axes
+    (("neurons", "hidden"), 0.5), (("neurons", "hidden"), 0.7), (("heads", "neurons", "hidden"), 0.6),
+    (("heads", "neurons", "hidden"), 0.7), (("heads", "hidden"), 0.5)])
+@pytest.mark.parametrize("compensate", ["refit", "refit,mean"])
+def test_refit_after_the_hidden_cut_reads_each_layers_own_hessian(structure, target, compensate, tmp_path):
+    # A budget applies hidden channels before its filling axis (neurons). The consumers' Hessians were looked up by
+    # module id from before the first cut, but the hidden cut replaces every Linear: a raw KeyError, or (an id
+    # reused) another module's Hessian ("hessian has shape (32, 32), expected (64, 64)"), the model half cut.
+    # The consumer's Hessian is over its inputs (neurons / KV groups), which the hidden cut leaves alone; the cut
+    # removes output rows, and the refit solves each row on its own: the refit rows of the dense weight, sliced.
+    model, imp = _sparsegpt(tmp_path, mlp_bias=True, attention_bias=True)
+    dense = copy.deepcopy(model)
+    axes = prune_(model, imp, PruneConfig(structure=structure, target_params=target, compensate=compensate),
+                  progress=False).structured["axes"]
+    assert axes["hidden"]["after"] < axes["hidden"]["before"]
+    rows = torch.tensor(sorted(set(range(32)) - set(axes["hidden"]["removed"])))
+    means = imp.unit_means()
+    for axis, path in (("neurons", "mlp.down_proj"), ("heads", "self_attn.o_proj")):
+        for j, removed in axes.get(axis, {}).get("removed", {}).items():
+            if not removed:
+                continue
+            name = f"model.layers.{j}.{path}.weight"
+            lin = dense.get_submodule(name[: -len(".weight")])
+            width = 1 if axis == "neurons" else lin.in_features // axes["heads"]["before"]
+            cols = torch.tensor([c for c in range(lin.in_features) if c // width not in removed])
+            if compensate == "refit":
+                want, shift = refit_columns(lin.weight, imp.state(name), cols), torch.zeros(lin.out_features)
+            else:
+                want, shift = refit_mean(lin.weight, imp.state(name), means[axis][j], imp.meta["tokens"][name], cols)
+            got = model.get_submodule(name[: -len(".weight")])
+            torch.testing.assert_close(got.weight, want[rows], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.bias, (lin.bias + shift)[rows], rtol=1e-5, atol=1e-6)

@@ -12,6 +12,8 @@ layout. Then `target_params` budgets (met within one unit per layer) and the str
 from __future__ import annotations
 
 import copy
+import itertools
+import re
 
 import pytest
 import torch
@@ -205,3 +207,144 @@ def test_heads_of_a_single_kv_group_are_refused_by_name(tmp_path):
         prune_(model, cb.importance(), PruneConfig(structure="heads,neurons", sparsity=0.5), progress=False)
     assert "\n" not in str(e.value)
     assert _unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------ every structure x compensation
+
+# Every layout kind: Llama (a config flag gives down_proj and o_proj a bias), Qwen2 (q/k/v biases, no flag for either
+# consumer), Qwen3 (q/k norms, head_dim 16 != 32 / 4), Phi-3 (fused qkv and gate_up, no flag), Gemma 3 (head_dim 16).
+COMPENSATED_ARCHS = ["llama", "qwen2", "qwen3", "phi3", "gemma3"]
+ALL_STRUCTURES = [",".join(c) for r in range(1, 5) for c in itertools.combinations(("layers", "heads", "neurons",
+                                                                                     "hidden"), r)]
+COMPENSATIONS = [None, "mean", "refit", "refit,mean"]
+CONSUMER = {"heads": "o_proj", "neurons": "down_proj"}
+# The consumers a config flag of stock transformers gives a bias (compensate.BIAS_FLAGS): mean compensation of the
+# others is refused, naming them.
+BIASED = {"llama": {"heads", "neurons"}, "qwen2": set(), "qwen3": {"heads"}, "phi3": set(), "gemma3": {"heads"}}
+
+
+@pytest.fixture(scope="module")
+def with_hessians(tmp_path_factory):
+    """Per layout, made on first use: the dense model after 4 Trainer steps of 8 x 16 tokens (512: at least 4 per
+    input of every consumer, so no refit is warned about) and its `sparsegpt` importance with unit statistics."""
+    done = {}
+
+    def get(arch):
+        if arch not in done:
+            model = _dense(arch).train()
+            cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt", units=True))
+            train(model, [cb], tmp_path_factory.mktemp(arch), max_steps=4, batch=8, n=32, lr=1e-3)
+            done[arch] = (model.eval(), cb.importance())
+        return copy.deepcopy(done[arch][0]), done[arch][1]
+
+    return get
+
+
+def _expected_refusal(arch: str, model, structure: str, compensate: str | None) -> str | None:
+    """The one-line refusal a cell must give (a regex), or `None` where it must prune."""
+    axes = PruneConfig(structure=structure, sparsity=0.5).structures
+    served = [a for a in ("heads", "neurons") if a in axes]  # the order _mean_inputs checks the consumers in
+    if compensate is None:
+        return None
+    if not served:
+        return rf"^compensate={re.escape(repr(compensate))} .* structure {re.escape(repr(structure))} removes " \
+               r"neither: use compensate=None$"
+    lacking = [a for a in served if a not in BIASED[arch]]
+    if "mean" in compensate and lacking:
+        return rf"^compensate={re.escape(repr(compensate))} needs a bias on {CONSUMER[lacking[0]]}, and " \
+               rf"{type(model).__name__} has no config flag"
+    return None
+
+
+def _columns(dense, axis: str, removed: list[int]) -> list[int]:
+    """The consumer's input columns of the removed units (a KV group: the o_proj columns of its query heads)."""
+    if axis == "neurons":
+        return removed
+    d = decoder_layers(dense)[0].self_attn.head_dim
+    group = dense.config.num_attention_heads // dense.config.num_key_value_heads
+    return [h * d + k for g in removed for h in range(g * group, (g + 1) * group) for k in range(d)]
+
+
+@torch.no_grad()
+def _compensate_reference_(dense, imp, axes: dict, compensate: str | None) -> None:
+    """What each compensation does to a consumer, written out from its formula on the dense weights: `refit`
+    `W_K + W_R H_RK (H_KK + 0.01 mean(diag H) I)^-1`; `mean` (FLAP) `b += W_R mu_R`; `refit,mean` the refit on
+    `C = H/n - mu mu^T`, then `b += W mu - V mu_K`. The removed columns are left for `_zeroed_reference`."""
+    if compensate is None:
+        return
+    dropped = axes.get("layers", {}).get("removed", [])
+    kept = [i for i in range(len(decoder_layers(dense))) if i not in dropped]
+    means = imp.unit_means() if "mean" in compensate else None
+    for axis in ("heads", "neurons"):
+        for j, removed in axes.get(axis, {}).get("removed", {}).items():
+            i = kept[j]
+            layer = decoder_layers(dense)[i]
+            lin = layer.mlp.down_proj if axis == "neurons" else layer.self_attn.o_proj
+            name = f"model.layers.{i}.{'mlp.down_proj' if axis == 'neurons' else 'self_attn.o_proj'}.weight"
+            w = lin.weight.double()
+            r = torch.tensor(_columns(dense, axis, removed))
+            k = torch.tensor(sorted(set(range(w.shape[1])) - set(r.tolist())))
+            new = w[:, k]
+            if "refit" in compensate:
+                h = imp.state(name).double()
+                if compensate == "refit,mean":
+                    mu = means[axis][i].double()
+                    h = h / imp.meta["tokens"][name] - torch.outer(mu, mu)
+                ridge = h[k][:, k] + 0.01 * h.diagonal().mean() * torch.eye(len(k), dtype=h.dtype)
+                new = new + torch.linalg.solve(ridge, (w[:, r] @ h[r][:, k]).T).T
+            if "mean" in compensate:
+                mu = means[axis][i].double()
+                shift = w @ mu - new @ mu[k]
+                if lin.bias is None:  # the config flag's zero bias
+                    lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+                lin.bias += shift.to(lin.bias.dtype)
+            lin.weight[:, k] = new.to(lin.weight.dtype)
+
+
+def _budgets(structure: str) -> list[dict]:
+    # target_params makes the finest width axis (neurons) go last, after hidden channels: the order that once
+    # looked the Hessians up by a stale module id. Heads alone cannot remove 25% of these models.
+    return [dict(sparsity=0.5), dict(target_params=0.85 if structure == "heads" else 0.7)]
+
+
+@pytest.mark.parametrize("compensate", COMPENSATIONS)
+@pytest.mark.parametrize("structure", ALL_STRUCTURES)
+@pytest.mark.parametrize("arch", COMPENSATED_ARCHS)
+def test_every_structure_and_compensation_prunes_exactly_or_is_refused_untouched(with_hessians, arch, structure,
+                                                                                 compensate):
+    for budget in _budgets(structure):
+        config = PruneConfig(structure=structure, compensate=compensate, **budget)
+        model, imp = with_hessians(arch)
+        refusal = _expected_refusal(arch, model, structure, compensate)
+        if refusal is not None:
+            before = _snapshot(model)
+            with pytest.raises(ValueError, match=refusal) as e:
+                prune_(model, imp, config, progress=False)
+            assert "\n" not in str(e.value)
+            assert _snapshot(model) == before, "a refused prune changed the model"
+            continue
+        axes = prune_(model, imp, config, progress=False).structured["axes"]
+        assert sum(a["before"] - a["after"] for a in axes.values()) > 0, budget
+        dense, _ = with_hessians(arch)
+        hidden_removed = axes.get("hidden", {}).get("removed")
+        if hidden_removed:  # exact for channels zero along the residual stream (see the test above)
+            zero_channels_(dense, hidden_removed)
+            again = copy.deepcopy(dense)
+            assert prune_(again, imp, config, progress=False).structured["axes"] == axes
+            model = again
+        got = _logits(model)
+        served = any(r for a in CONSUMER for r in axes.get(a, {}).get("removed", {}).values())
+        if compensate is not None and served:  # what the compensation did mattered: slicing alone gives other logits
+            sliced = _logits(_zeroed_reference(copy.deepcopy(dense), axes))
+            assert not torch.allclose(got, sliced, atol=1e-3), budget
+        _compensate_reference_(dense, imp, axes, compensate)
+        want = _logits(_zeroed_reference(dense, axes))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5, msg=lambda m, b=budget: f"{b}: {m}")
+
+
+def _snapshot(model):
+    """Every parameter and buffer (bit for bit), the config and the module tree."""
+    state = model.state_dict()
+    return ({k: (v.dtype, tuple(v.shape), v.flatten().view(torch.uint8).tolist() if v.numel() else []) for k, v in
+             state.items()}, model.config.to_dict(),
+            [(n, type(m).__name__) for n, m in model.named_modules()])

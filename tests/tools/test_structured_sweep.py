@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, oneshot_importance, prune_, save_pruned
@@ -148,6 +149,21 @@ def test_a_layout_structured_pruning_cannot_take_is_refused_before_any_evaluatio
     assert main(["sweep", str(opt), "--data", str(KJV / "valid.txt"), "--structure", "neurons", "--output_dir",
                  str(out), "-q"]) == 2
     assert not out.exists()
+
+
+@pytest.mark.parametrize("structure", ["neurons,hidden", "heads,neurons,hidden"])
+def test_the_check_stage_runs_a_refit_beside_hidden_channels(llama, structure):
+    # The check stage catches ValueError only (a refusal). Under a budget hidden channels are cut before the
+    # neurons that fill it, and the refit then escaped it as a raw KeyError (the model copy already half cut).
+    from hf_weightprune.tools.structured_sweep import check_points
+
+    model, imp = AutoModelForCausalLM.from_pretrained(llama), load_importance(llama)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    candidates = [PruneConfig(structure=structure, target_params=0.5, compensate=c) for c in ("refit", "refit,mean")]
+    check_points(model, {"sparsegpt": imp}, candidates, [0.3, 0.5])  # prunes a copy with each at 50% removed
+    pruned = prune_(copy.deepcopy(model), imp, candidates[0], progress=False).structured["axes"]
+    assert pruned["hidden"]["after"] < pruned["hidden"]["before"] and pruned["neurons"]["removed"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def _pruned(run: Path, dest: Path, config: PruneConfig) -> Path:
