@@ -401,6 +401,11 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
     if target is not None and abs(after - target) > tolerance:  # only the biases of compensate="mean" can do this
         logger.warning("target_params=%r: kept %s parameters for %s, more than one step of the coarsest axis (%s) "
                        "off", t, f"{after:,}", f"{target:,}", f"{tolerance:,}")
+    # What was compensated, not what was asked: a budget's split can leave every compensated axis uncut.
+    compensation = config.compensate if any(counts.get(a) for a in width if a in COMPENSATED_AXES) else None
+    if config.compensate is not None and compensation is None:
+        logger.warning("compensate=%r: the split removed no MLP neuron or KV group, so nothing was compensated",
+                       config.compensate)
     report = {
         "structure": config.structure,
         "axes": out_axes,
@@ -409,7 +414,7 @@ def prune_structures_(model: nn.Module, importance: Importance, config: PruneCon
         "target_params": target,
         "target_tolerance": tolerance,
         "unit_statistic": config.unit_statistic if importance.has_units else "per-weight scores",
-        "compensation": config.compensate,
+        "compensation": compensation,
         "round_to": config.round_to,
     }
     if bias_plans:

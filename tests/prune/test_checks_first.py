@@ -198,3 +198,16 @@ def test_refit_after_the_hidden_cut_reads_each_layers_own_hessian(structure, tar
             got = model.get_submodule(name[: -len(".weight")])
             torch.testing.assert_close(got.weight, want[rows], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got.bias, (lin.bias + shift)[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_a_split_that_cuts_no_compensated_axis_records_no_compensation(tmp_path, caplog):
+    """A `target_params` split may give a compensated axis (here the KV groups) nothing to remove: the record must say
+    what was compensated (nothing), not what was asked, and the log says why."""
+    model, imp = _sparsegpt(tmp_path)
+    config = PruneConfig(structure=("layers", "heads"), target_params=0.75, compensate="refit")
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
+        report = prune_(model, imp, config, progress=False)
+    heads = report.structured["axes"]["heads"]
+    assert heads["before"] == heads["after"]  # the split put the whole budget on layers
+    assert report.structured["compensation"] is None
+    assert "nothing was compensated" in caplog.text
