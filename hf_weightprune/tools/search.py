@@ -39,6 +39,7 @@ from ..train.distill import DistillConfig
 from ..train.recovery import TrainingCounter
 from ..validation import structure_parts
 from .data import evaluate_loss
+from .log_once import warnings_once
 
 __all__ = ["StructureSearch", "candidate_configs", "candidate_name", "score_candidates", "search_for_cli",
            "search_structures"]
@@ -354,23 +355,24 @@ def search_structures(
     check_arg_type("search_structures", "importance", importance, Importance, "an Importance")
     candidates = _check(candidates, recovery_steps, train_dataset, training_args, distill)
     dense = evaluate_loss(model, windows, batch_size=batch_size, max_batches=max_batches)
-    rows = score_candidates(model, importance, candidates, windows, recovery_steps=recovery_steps,
-                            train_dataset=train_dataset, training_args=training_args, distill=distill,
-                            callbacks=callbacks, batch_size=batch_size, max_batches=max_batches)
-    scored_rows = [i for i, r in enumerate(rows) if r["loss"] is not None and r["same_as"] is None]
-    if not scored_rows:
-        reasons = "; ".join(f"{r['config']['structure']}: {r['skipped']}" for r in rows)
-        raise ValueError(f"search_structures: no candidate could be pruned ({reasons})")
-    # nan (a diverged recovery) never wins: it sorts after every finite loss
-    best = min(scored_rows, key=lambda i: (math.isnan(rows[i]["loss"]), rows[i]["loss"]))
-    n_windows = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
-    result = StructureSearch(rows, candidates[best], best, dense["loss"], n_windows, dense["tokens"], recovery_steps,
-                             _teacher_named(distill, model))
-    if return_model:
-        result.model = copy.deepcopy(model)
-        result.report = prune_(result.model, copy.copy(importance), result.best, progress=False)
-        result.report.search = result.to_dict()
-    return result
+    with warnings_once():  # pruning the winner again below says nothing its scoring did not
+        rows = score_candidates(model, importance, candidates, windows, recovery_steps=recovery_steps,
+                                train_dataset=train_dataset, training_args=training_args, distill=distill,
+                                callbacks=callbacks, batch_size=batch_size, max_batches=max_batches)
+        scored_rows = [i for i, r in enumerate(rows) if r["loss"] is not None and r["same_as"] is None]
+        if not scored_rows:
+            reasons = "; ".join(f"{candidate_name(r['config'])}: {r['skipped']}" for r in rows)
+            raise ValueError(f"search_structures: no candidate could be pruned ({reasons})")
+        # nan (a diverged recovery) never wins: it sorts after every finite loss
+        best = min(scored_rows, key=lambda i: (math.isnan(rows[i]["loss"]), rows[i]["loss"]))
+        n_windows = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
+        result = StructureSearch(rows, candidates[best], best, dense["loss"], n_windows, dense["tokens"],
+                                 recovery_steps, _teacher_named(distill, model))
+        if return_model:
+            result.model = copy.deepcopy(model)
+            result.report = prune_(result.model, copy.copy(importance), result.best, progress=False)
+            result.report.search = result.to_dict()
+        return result
 
 
 def _pruned_shape(structured: dict) -> str:

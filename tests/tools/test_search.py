@@ -112,9 +112,11 @@ def test_all_candidates_failing_is_one_line_naming_each(run):
     before = _state(model)
     cands = [PruneConfig(structure="heads", target_params=BUDGET), PruneConfig(structure="heads", target_params=BUDGET,
                                                                                unit_statistic="taylor")]
-    with pytest.raises(ValueError, match=r"no candidate could be pruned \(heads: target_params=0.75 cannot") as e:
+    with pytest.raises(ValueError, match=r"no candidate could be pruned \(heads \(activation, none\): target_params=0.75 "
+                                         r"cannot") as e:
         search_structures(model, imp, cands, _windows())
     assert "\n" not in str(e.value) and str(e.value).count("cannot be met") == 2
+    assert "; heads (taylor, none): target_params=0.75 cannot" in str(e.value)  # each candidate told apart
     _assert_same(_state(model), before)
 
 
