@@ -309,9 +309,11 @@ def main(argv=None):
         what = "of the parameters removed" if args.recipe == "structured" else "of pruned tensors"
         print(f"eval loss pruned ({report.global_sparsity:.1%} {what}): {pruned['loss']:.4f}")
         if measure:
-            ratios = load_sparsity(out)["measured"]["speed"]["ratios"]
-            print(f"measured beside the dense model: prefill {ratios['prefill_tokens_per_s']:.2f}x, decode "
-                  f"{ratios['decode_tokens_per_s']:.2f}x tokens/s")
+            from hf_weightprune.publish.card_measured import ratio_words
+
+            speed = load_sparsity(out)["measured"]["speed"]  # a ratio only where the runs' ranges do not overlap
+            print(f"measured beside the dense model: prefill tokens/s {ratio_words(speed, 'prefill_tokens_per_s')}; "
+                  f"decode tokens/s {ratio_words(speed, 'decode_tokens_per_s')}")
         print(f"{report.summary()}\nsaved to {out}")
 
 

@@ -358,7 +358,8 @@ def search_text(search: dict | None) -> str | None:
     varying = [k for k in ("unit_statistic", "compensate") if len({str(r["config"].get(k)) for r in rows}) > 1]
 
     def label(row):
-        extra = ", ".join(f"{k} {row['config'].get(k)}" for k in varying)
+        words = {"unit_statistic": "statistic", "compensate": "compensation"}  # no compensation: "none", not None
+        extra = ", ".join(f"{words[k]} {row['config'].get(k) or 'none'}" for k in varying)
         return f"`{row['config']['structure']}`" + (f" ({extra})" if extra else "")
 
     def params(row):

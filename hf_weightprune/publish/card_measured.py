@@ -34,6 +34,49 @@ def baseline_words(sparsity: dict | None) -> tuple[str, str]:
     return "for the baseline", "the baseline"
 
 
+def within_spread(speed: dict, key: str) -> bool | None:
+    """Whether the pruned and the baseline model's runs of one figure overlap: the lowest of each at most the highest
+    of the other, so that the run-to-run spread of the machine covers the difference of their medians.
+
+    Args:
+        speed (`dict`): `sparsity.json`'s `measured.speed`, as `measure.measure_model` wrote it.
+        key (`str`): a figure of both models (`"prefill_tokens_per_s"`, `"decode_tokens_per_s"`, a peak memory).
+
+    Returns:
+        `bool` or `None`: `None` for a figure recorded as one value (the peak memory: one process per model), or
+        without a baseline.
+    """
+    pruned, base = (speed.get("pruned") or {}).get(key), (speed.get("dense") or {}).get(key)
+    if not (isinstance(pruned, dict) and isinstance(base, dict)):
+        return None
+    return pruned["min"] <= base["max"] and base["min"] <= pruned["max"]
+
+
+def ratio_words(speed: dict, key: str, of: str = "") -> str:
+    """One figure's pruned / baseline ratio as the card states it: the ratio of the medians with the range the runs
+    allow (`"2.69x the dense model's, 2.31x to 3.05x across the runs"`: slowest over fastest to fastest over slowest),
+    or, when the runs overlap ([`within_spread`]), no ratio but that the difference is within the run-to-run spread;
+    a figure of one value (the peak memory) by its ratio, said to come from one run each.
+
+    Args:
+        speed (`dict`): `sparsity.json`'s `measured.speed`, with a baseline (`ratios` recorded).
+        key (`str`): the figure.
+        of (`str`, *optional*): what the ratio is of (`"the dense model's"`), after the ratio or the spread.
+
+    Returns:
+        `str`: the words; the recorded figures are not changed.
+    """
+    ratio, of = speed["ratios"][key], f" {of}" if of else ""
+    overlap = within_spread(speed, key)
+    if overlap is None:
+        return f"{ratio:.2f}x{of}, one run each"
+    if overlap:
+        return (f"within the run-to-run spread{' of' + of if of else ''}: the ranges of {speed['repeats']} runs "
+                "overlap, no measured difference")
+    pruned, base = speed["pruned"][key], speed["dense"][key]
+    return f"{ratio:.2f}x{of}, {pruned['min'] / base['max']:.2f}x to {pruned['max'] / base['min']:.2f}x across the runs"
+
+
 def measured_text(measured: dict | None, structured: bool, sparsity: dict | None = None) -> str | None:
     """The card's statement of `sparsity.json`'s `measured` section: the weight files (always recorded), the speed and
     memory beside the model it was pruned from when measured ([`baseline_words`]).
@@ -62,12 +105,12 @@ def measured_text(measured: dict | None, structured: bool, sparsity: dict | None
             if files.get("dtype") != dense.get("dtype") else "")
     if not speed:
         return weights + "."
-    pruned, base, ratios, n = speed["pruned"], speed.get("dense"), speed.get("ratios") or {}, speed["threads"]
+    pruned, base, n = speed["pruned"], speed.get("dense"), speed["threads"]
 
     def figure(key: str, show) -> str:  # a speed by its median (the runs' range beside it), a peak as it is
         one = (lambda f: show(f[key]["median"]) + f" ({f[key]['min']:,.0f} to {f[key]['max']:,.0f})"  # noqa: E731
                if isinstance(f[key], dict) else show(f[key]))
-        return one(pruned) + (f" vs {one(base)} {after} ({ratios[key]:.2f}x)" if base else "")
+        return one(pruned) + (f" vs {one(base)} {after} ({ratio_words(speed, key)})" if base else "")
 
     where = f"{speed['device_name']} " + (f"CPU, {n} thread{'s' * (n != 1)}" if speed["device"] == "cpu" else "GPU")
     parts = [f"prefill of 1 x {speed['seq_len']} tokens without cache {figure('prefill_tokens_per_s', tokens)}",
@@ -102,11 +145,13 @@ def buys_context(sparsity: dict) -> dict[str, str | None]:
     if files and dense and files.get("dtype") == dense.get("dtype"):
         size.append(f"weight files {files['bytes'] / dense['bytes']:.2f}x {the} checkpoint's")
     speed, ratios = measured.get("speed") or {}, (measured.get("speed") or {}).get("ratios") or {}
-    figures = [f"{what} {ratios[key]:.2f}x {the} model's" for key, what in (
+    of = f"{the} model's"
+    figures = [f"{what} {ratio_words(speed, key, of)}" for key, what in (
         ("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s"),
         ("peak_rss_bytes", "peak resident memory"), ("peak_cuda_allocated_bytes", "peak CUDA memory"))
         if isinstance(ratios.get(key), (int, float))]
-    # Ratios only: no "faster" or "less memory" that a measured slowdown would contradict.
+    # Ratios only: no "faster" or "less memory" that a measured slowdown would contradict; none at all where the
+    # runs of the two models overlap (a shared machine moves a figure by more than the pruning did).
     text = (f"Measured on one {'CPU' if speed.get('device') == 'cpu' else 'GPU'} when it was saved (the figures "
-            f"above): {', '.join(figures)}; another runtime, batch or device can differ.") if figures else None
+            f"above): {'; '.join(figures)}; another runtime, batch or device can differ.") if figures else None
     return {"size": "; ".join(size) or None, "speed": text}

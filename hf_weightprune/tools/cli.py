@@ -60,6 +60,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from ..prune.pruner import prune_
     from ..publish.export import check_output_dir, save_pruned, warn_cross_input
     from ..validation import check_local_path
+    from .log_once import warnings_once
     from .search import search_for_cli
 
     config, candidates = search_candidates(args, PruneConfig)  # --search_structures: the candidates' configs
@@ -100,13 +101,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return _saved(report, args)
     warn_cross_input(args.model_dir, config)  # prune_checkpoint warns on the path above
     model, tokenizer = load_model(args.model_dir, args.dtype)
-    config, search = search_for_cli(args, model, tokenizer, importance, candidates, config)
-    eval_results = None
-    if args.eval_data:
-        # The same windows before and after pruning, no training between: `tokens` says so (the card compares them).
-        dense = _eval(model, tokenizer, args)
-        eval_results = {"dataset": args.eval_data, "dense_loss": dense["loss"], "tokens": dense["tokens"]}
-    report = prune_(model, importance, config, progress=progress)
+    with warnings_once():  # the winner's prune says nothing its scoring in the search did not
+        config, search = search_for_cli(args, model, tokenizer, importance, candidates, config)
+        eval_results = None
+        if args.eval_data:
+            # The same windows before and after pruning, no training between: `tokens` says so (the card compares).
+            dense = _eval(model, tokenizer, args)
+            eval_results = {"dataset": args.eval_data, "dense_loss": dense["loss"], "tokens": dense["tokens"]}
+        report = prune_(model, importance, config, progress=progress)
     report.search = search
     if args.eval_data:
         pruned = _eval(model, tokenizer, args)

@@ -39,8 +39,10 @@ from ..train.distill import DistillConfig
 from ..train.recovery import TrainingCounter
 from ..validation import structure_parts
 from .data import evaluate_loss
+from .log_once import warnings_once
 
-__all__ = ["StructureSearch", "candidate_configs", "score_candidates", "search_for_cli", "search_structures"]
+__all__ = ["StructureSearch", "candidate_configs", "candidate_name", "score_candidates", "search_for_cli",
+           "search_structures"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +101,13 @@ class StructureSearch:
                 "dense_loss": self.dense_loss, "chosen": self.best_index, "candidates": copy.deepcopy(self.candidates)}
 
     def table(self) -> str:
-        """The candidates as a plain-text table (structure, unit statistic, parameters, loss, perplexity).
+        """The candidates as a plain-text table (structure, unit statistic, compensation, parameters, loss, perplexity).
 
         Returns:
-            `str`: one header line and one line per candidate, the chosen one marked with `*`.
+            `str`: one header line and one line per candidate, the chosen one marked with `*`; `none` in the
+            compensation column for a candidate without one.
         """
-        lines = [f"  {'structure':<24} {'statistic':<12} {'parameters':>12} {'loss':>8} {'ppl':>9}"]
+        lines = [f"  {'structure':<24} {'statistic':<12} {'compensation':<12} {'parameters':>12} {'loss':>8} {'ppl':>9}"]
         for i, row in enumerate(self.candidates):
             c = row["config"]
             mark = "*" if i == self.best_index else " "
@@ -113,9 +116,16 @@ class StructureSearch:
             else:
                 tail = f"{row['num_parameters']:>12,} {row['loss']:>8.4f} {perplexity_text(row['loss'], '.3f'):>9}"
                 if row.get("same_as") is not None:
-                    tail += f"  same model as {self.candidates[row['same_as']]['config']['structure']}"
-            lines.append(f"{mark} {c['structure']:<24} {c['unit_statistic']:<12} {tail}")
+                    tail += f"  same model as {candidate_name(self.candidates[row['same_as']]['config'])}"
+            lines.append(f"{mark} {c['structure']:<24} {c['unit_statistic']:<12} {c.get('compensate') or 'none':<12} "
+                         f"{tail}")
         return "\n".join(lines)
+
+
+def candidate_name(config: dict[str, Any]) -> str:
+    """A candidate in a message or a table: `"neurons (activation, refit)"`, its structure, unit statistic and
+    compensation (`"none"` without one), from `PruneConfig.to_dict()`."""
+    return f"{config['structure']} ({config['unit_statistic']}, {config.get('compensate') or 'none'})"
 
 
 def candidate_configs(base: PruneConfig, structures: Sequence[str | Sequence[str]] | None = None,
@@ -225,7 +235,7 @@ def _recover(student: nn.Module, dense: nn.Module, steps: int, train_dataset, tr
 def score_candidates(model: nn.Module, importance: Importance, candidates: Sequence[PruneConfig], windows, *,
                      recovery_steps: int = 0, train_dataset=None, training_args: dict[str, Any] | None = None,
                      distill: DistillConfig | None = None, callbacks: list | None = None, batch_size: int = 8,
-                     max_batches: int | None = None) -> list[dict[str, Any]]:
+                     max_batches: int | None = None, name: str = "structure search") -> list[dict[str, Any]]:
     """
     The measuring part of [`search_structures`], also what `sweep` runs at each size of a structured sweep: each
     candidate prunes a `copy.deepcopy(model)` (a shallow copy of `importance`), recovers `recovery_steps` when asked,
@@ -235,6 +245,8 @@ def score_candidates(model: nn.Module, importance: Importance, candidates: Seque
     Args:
         model, importance, candidates, windows, recovery_steps, train_dataset, training_args, distill, callbacks,
         batch_size, max_batches: as in [`search_structures`].
+        name (`str`, *optional*, defaults to `"structure search"`): what the log messages name the run (a sweep names
+            its size).
 
     Returns:
         `list[dict]`: one row per candidate, as [`StructureSearch`]`.candidates` describes them (`config`, `loss`,
@@ -256,12 +268,12 @@ def score_candidates(model: nn.Module, importance: Importance, candidates: Seque
             row["skipped"] = _missed_budget(report.structured)
         shape = None if row["skipped"] else _pruned_shape(report.structured)
         if row["skipped"]:
-            logger.info("structure search: %s skipped: %s", config.structure, row["skipped"])
+            logger.info("%s: %s skipped: %s", name, candidate_name(row["config"]), row["skipped"])
         elif shape in shapes:  # the very same pruned model: scored once, under the first candidate that gave it
             first = rows[shapes[shape]]
             row.update(same_as=shapes[shape], loss=first["loss"], perplexity=first["perplexity"])
-            logger.warning("structure search: %s prunes the same model as %s (the same sizes and units removed): "
-                           "scored once", config.structure, first["config"]["structure"])
+            logger.warning("%s: %s prunes the same model as %s (the same sizes and units removed): scored once", name,
+                           candidate_name(row["config"]), candidate_name(first["config"]))
         else:
             shapes[shape] = len(rows) - 1
             if recovery_steps:
@@ -269,8 +281,8 @@ def score_candidates(model: nn.Module, importance: Importance, candidates: Seque
                                                    distill, callbacks)
             scored = evaluate_loss(student, windows, batch_size=batch_size, max_batches=max_batches)
             row["loss"], row["perplexity"] = scored["loss"], scored["perplexity"]
-            logger.info("structure search: %s (%s): %d parameters, loss %.4f", config.structure,
-                        config.unit_statistic, row["num_parameters"], row["loss"])
+            logger.info("%s: %s: %d parameters, loss %.4f", name, candidate_name(row["config"]),
+                        row["num_parameters"], row["loss"])
         del student
         gc.collect()
     return rows
@@ -343,23 +355,24 @@ def search_structures(
     check_arg_type("search_structures", "importance", importance, Importance, "an Importance")
     candidates = _check(candidates, recovery_steps, train_dataset, training_args, distill)
     dense = evaluate_loss(model, windows, batch_size=batch_size, max_batches=max_batches)
-    rows = score_candidates(model, importance, candidates, windows, recovery_steps=recovery_steps,
-                            train_dataset=train_dataset, training_args=training_args, distill=distill,
-                            callbacks=callbacks, batch_size=batch_size, max_batches=max_batches)
-    scored_rows = [i for i, r in enumerate(rows) if r["loss"] is not None and r["same_as"] is None]
-    if not scored_rows:
-        reasons = "; ".join(f"{r['config']['structure']}: {r['skipped']}" for r in rows)
-        raise ValueError(f"search_structures: no candidate could be pruned ({reasons})")
-    # nan (a diverged recovery) never wins: it sorts after every finite loss
-    best = min(scored_rows, key=lambda i: (math.isnan(rows[i]["loss"]), rows[i]["loss"]))
-    n_windows = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
-    result = StructureSearch(rows, candidates[best], best, dense["loss"], n_windows, dense["tokens"], recovery_steps,
-                             _teacher_named(distill, model))
-    if return_model:
-        result.model = copy.deepcopy(model)
-        result.report = prune_(result.model, copy.copy(importance), result.best, progress=False)
-        result.report.search = result.to_dict()
-    return result
+    with warnings_once():  # pruning the winner again below says nothing its scoring did not
+        rows = score_candidates(model, importance, candidates, windows, recovery_steps=recovery_steps,
+                                train_dataset=train_dataset, training_args=training_args, distill=distill,
+                                callbacks=callbacks, batch_size=batch_size, max_batches=max_batches)
+        scored_rows = [i for i, r in enumerate(rows) if r["loss"] is not None and r["same_as"] is None]
+        if not scored_rows:
+            reasons = "; ".join(f"{candidate_name(r['config'])}: {r['skipped']}" for r in rows)
+            raise ValueError(f"search_structures: no candidate could be pruned ({reasons})")
+        # nan (a diverged recovery) never wins: it sorts after every finite loss
+        best = min(scored_rows, key=lambda i: (math.isnan(rows[i]["loss"]), rows[i]["loss"]))
+        n_windows = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
+        result = StructureSearch(rows, candidates[best], best, dense["loss"], n_windows, dense["tokens"],
+                                 recovery_steps, _teacher_named(distill, model))
+        if return_model:
+            result.model = copy.deepcopy(model)
+            result.report = prune_(result.model, copy.copy(importance), result.best, progress=False)
+            result.report.search = result.to_dict()
+        return result
 
 
 def _pruned_shape(structured: dict) -> str:

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import gc
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from ..collect.importance import Importance
 from ..config import COMPENSATED_AXES, COMPENSATIONS, PruneConfig
 from ..perplexity import perplexity_text
 from ..validation import parse_structure, structure_parts
+from .log_once import warnings_once
 
 DEFAULT_SIZES = (0.2, 0.35, 0.5)
 FIELDS = ("criterion", "structure", "unit_statistic", "compensate", "size", "sparsity", "num_parameters", "loss",
@@ -170,6 +172,20 @@ def _at(config: PruneConfig, size: float) -> PruneConfig:
     return dataclasses.replace(config, target_params=round(1.0 - size, 10))
 
 
+_BUDGET = re.compile(r"\btarget_params[= ](?P<value>0?\.\d+)\b")
+_SETTING = re.compile(r"\b(?P<name>structure|unit_statistic|compensate)=(?P<value>'[^']*'|None)")
+_WORD = {"structure": "structure", "unit_statistic": "statistic", "compensate": "compensation"}
+
+
+def in_sizes(message: str) -> str:
+    """A pruning message in the words of the sweep the user ran: a point's `target_params=0.7` is its size
+    (`size 0.3`, one of `sizes`), and a candidate's `structure='neurons'` / `unit_statistic=` / `compensate=` are
+    named as settings (`structure 'neurons'`), not as the keywords of a `PruneConfig` the user never wrote (they
+    gave `structures` / `unit_statistics` / `compensations`, or the flags of those names)."""
+    message = _BUDGET.sub(lambda m: f"size {round(1.0 - float(m['value']), 10):g}", message)
+    return _SETTING.sub(lambda m: f"{_WORD[m['name']]} {'none' if m['value'] == 'None' else m['value']}", message)
+
+
 def candidate_label(label: str, config: PruneConfig, imp: Importance) -> str:
     """One line of the plot: `"wanda: layers,neurons (taylor, refit)"`."""
     parts = [config.unit_statistic if imp.has_units else PER_WEIGHT] + ([config.compensate] if config.compensate else [])
@@ -190,9 +206,10 @@ def check_points(model: nn.Module, importances: Mapping[str, Importance], candid
         for config in _for_importance(candidates, imp):
             student = copy.deepcopy(model)
             try:
-                prune_(student, copy.copy(imp), _at(config, size), progress=False)
+                with warnings_once(quiet=True):  # what these prunes would warn, the run warns (once)
+                    prune_(student, copy.copy(imp), _at(config, size), progress=False)
             except ValueError as e:
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first = in_sizes((str(e).strip().splitlines() or [type(e).__name__])[0])
                 lacks = "unit statistics" in first or "Hessians" in first  # what a one-shot importance never holds
                 hint = (" (one-shot baselines have no unit statistics or Hessians: pass baselines=() / --criteria '')"
                         if label.startswith("oneshot-") and lacks else "")
@@ -220,27 +237,29 @@ def structured_rows(model: nn.Module, importances: Mapping[str, Importance], can
                                    "num_parameters": before, "loss": dense_eval["loss"],
                                    "perplexity": dense_eval["perplexity"], "tokens": dense_eval["tokens"],
                                    "dataset": dataset}]
-    for label, imp in importances.items():
-        mine = _for_importance(candidates, imp)
-        for size in sizes:
-            configs = [_at(c, size) for c in mine]
-            scored = score_candidates(model, imp, configs, windows, batch_size=batch_size)
-            for config, got in zip(configs, scored):
-                kept = got["num_parameters"] if not got["skipped"] else None
-                same = got["same_as"]
-                rows.append({
-                    "criterion": label, "candidate": candidate_label(label, config, imp),
-                    "structure": config.structure,
-                    "unit_statistic": config.unit_statistic if imp.has_units else PER_WEIGHT,
-                    "compensate": config.compensate, "round_to": config.round_to, "size": size,
-                    "target_params": round((1.0 - size) * before),
-                    "sparsity": None if kept is None else 1.0 - kept / before, "num_parameters": kept,
-                    "loss": got["loss"], "perplexity": got["perplexity"], "importance_criterion": imp.criterion,
-                    "scope": config.scope, "tokens": None if got["loss"] is None else dense_eval["tokens"],
-                    "dataset": dataset, "skipped": got["skipped"],
-                    "same_as": None if same is None else candidate_label(label, mine[same], imp),
-                })
-            on_point(rows, f"{label} @ {size:.0%}")
+    with warnings_once(in_sizes):  # each warning once per sweep, naming its sizes (the checks were quiet)
+        for label, imp in importances.items():
+            mine = _for_importance(candidates, imp)
+            for size in sizes:
+                configs = [_at(c, size) for c in mine]
+                scored = score_candidates(model, imp, configs, windows, batch_size=batch_size,
+                                          name=f"sweep {label} at size {size:g}")
+                for config, got in zip(configs, scored):
+                    kept = got["num_parameters"] if not got["skipped"] else None
+                    same = got["same_as"]
+                    rows.append({
+                        "criterion": label, "candidate": candidate_label(label, config, imp),
+                        "structure": config.structure,
+                        "unit_statistic": config.unit_statistic if imp.has_units else PER_WEIGHT,
+                        "compensate": config.compensate, "round_to": config.round_to, "size": size,
+                        "target_params": round((1.0 - size) * before),
+                        "sparsity": None if kept is None else 1.0 - kept / before, "num_parameters": kept,
+                        "loss": got["loss"], "perplexity": got["perplexity"], "importance_criterion": imp.criterion,
+                        "scope": config.scope, "tokens": None if got["loss"] is None else dense_eval["tokens"],
+                        "dataset": dataset, "skipped": got["skipped"] and in_sizes(got["skipped"]),
+                        "same_as": None if same is None else candidate_label(label, mine[same], imp),
+                    })
+                on_point(rows, f"{label} @ {size:.0%}")
     return rows
 
 

@@ -17,13 +17,16 @@ from ..perplexity import perplexity, perplexity_text
 from .plotting import new_figure, row_number, save_png
 
 STRUCTURED_XLABEL = "parameters removed (% of the whole model's, embeddings included)"
+# Each line: colour `i % 10` (the 10 of matplotlib's default cycle) and marker `i % 7`, both changing at every line:
+# 70 lines before a pair repeats, every line solid, and no block of lines sharing a style that would read as a group.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None = None, title: str | None = None,
                  structured: bool = False) -> Any:
     """
     Draws perplexity against sparsity, one line per criterion, on a log axis whatever the range, the loss (nats) on
-    the right. Perplexity is `exp(loss)` and runs from ~30 to ~300 and beyond on a real model: on a linear axis every
+    the right. Every line is solid with a colour and a marker of its own (`MARKERS`: distinct up to 70 lines). Perplexity is `exp(loss)` and runs from ~30 to ~300 and beyond on a real model: on a linear axis every
     point before the knee lies flat at the bottom; the log axis is the loss axis relabelled, the same for every sweep
     (charts compare), with plain-number ticks (`50`, `100`, `200`).
 
@@ -64,8 +67,9 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
     import numpy as np
 
     start = [(0.0, perplexity(dense_loss))] if structured and perplexity(dense_loss) else []
-    for i, (criterion, points) in enumerate(series.items()):  # past the 10 colours, another line style
-        ax.plot(*zip(*sorted(start + points)), marker="o", label=criterion, linestyle=("-", "--", ":")[i // 10 % 3])
+    for i, (criterion, points) in enumerate(series.items()):  # a colour and a marker of its own per line
+        ax.plot(*zip(*sorted(start + points)), marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}", linestyle="-",
+                label=criterion)
     values = [y for points in series.values() for _, y in points]
     if perplexity(dense_loss):  # no line where exp(loss) overflows
         values.append(perplexity(dense_loss))

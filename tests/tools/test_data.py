@@ -330,6 +330,27 @@ def test_sweep_figure_draws_perplexity_on_a_log_axis(ppl, expected_ticks):
     assert loss_axis.get_ylabel() == "eval loss (nats)"
 
 
+@pytest.mark.parametrize("lines", [3, 14, 24])
+def test_every_sweep_line_is_solid_with_a_colour_and_marker_pair_of_its_own(lines, tmp_path):
+    """Past the 10 colours of the cycle no line changes style (a dashed block would read as a group): each line's
+    colour and marker both change at every line, so no two lines share both, and the legend shows each pair."""
+    from matplotlib.colors import to_hex
+
+    rows = [{"criterion": "sparsegpt", "candidate": f"sparsegpt: c{i}", "sparsity": s, "loss": 3.0 + 0.1 * i + s}
+            for i in range(lines) for s in (0.2, 0.35, 0.5)]
+    fig = sweep_figure(rows, dense_loss=2.9, structured=True)
+    drawn = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("sparsegpt")]
+    assert len(drawn) == lines
+    assert {ln.get_linestyle() for ln in drawn} == {"-"}
+    pairs = [(to_hex(ln.get_color()), ln.get_marker()) for ln in drawn]
+    assert len(set(pairs)) == lines, pairs
+    handles = fig.axes[0].get_legend().legend_handles
+    shown = [(to_hex(h.get_color()), h.get_marker()) for h in handles if h.get_label().startswith("sparsegpt")]
+    assert shown == pairs
+    image = _read_png(plot_sweep(rows, tmp_path / "sweep.png", dense_loss=2.9, structured=True))
+    assert image.shape[0] > 300
+
+
 def test_plot_layer_stats(tmp_path):
     def stats(n, sparsity):
         rows = [{"name": f"model.layers.{i // 7}.proj_{i % 7}.weight", "mean": 1e-3 * 1.5**i} for i in range(n)]

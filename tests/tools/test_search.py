@@ -112,9 +112,11 @@ def test_all_candidates_failing_is_one_line_naming_each(run):
     before = _state(model)
     cands = [PruneConfig(structure="heads", target_params=BUDGET), PruneConfig(structure="heads", target_params=BUDGET,
                                                                                unit_statistic="taylor")]
-    with pytest.raises(ValueError, match=r"no candidate could be pruned \(heads: target_params=0.75 cannot") as e:
+    with pytest.raises(ValueError, match=r"no candidate could be pruned \(heads \(activation, none\): target_params=0.75 "
+                                         r"cannot") as e:
         search_structures(model, imp, cands, _windows())
     assert "\n" not in str(e.value) and str(e.value).count("cannot be met") == 2
+    assert "; heads (taylor, none): target_params=0.75 cannot" in str(e.value)  # each candidate told apart
     _assert_same(_state(model), before)
 
 
@@ -260,6 +262,7 @@ def test_cli_searches_and_prunes_with_the_winner(cli_run, tmp_path, capsys):
     assert main([*args, "--output_dir", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "Structure search, mean loss on 4 --calibration windows (60 tokens" in printed
+    assert printed.splitlines()[1].split() == ["structure", "statistic", "compensation", "parameters", "loss", "ppl"]
     sparsity = load_sparsity(tmp_path / "out")
     search = sparsity["search"]
     chosen = search["candidates"][search["chosen"]]
@@ -333,9 +336,41 @@ def test_candidates_that_prune_the_same_model_are_scored_once_and_named_so(run, 
         prune_(again, imp, PruneConfig(structure=structure, target_params=0.9), progress=False)
         _assert_same(_state(again), _state(result.model))
     assert result.best_index == 0
-    assert result.table().count("same model as neurons") == 2
+    assert result.table().count("same model as neurons (activation, none)") == 2
     save_pruned(result.model, tmp_path / "searched", report=result.report)
     card = " ".join((tmp_path / "searched" / "README.md").read_text().split())
     assert "among 3 candidates (1 distinct pruned model) of the same budget" in card
     assert "`hidden,neurons` the same pruned model as `neurons`; `layers,neurons` the same pruned model as `neurons`" \
         in card
+
+
+def test_candidates_that_differ_only_in_compensation_are_told_apart(run, tmp_path):
+    """`neurons` with and without FLAP's mean compensation: two pruned models of one shape; the table, the log and the
+    card name each one's compensation instead of two identical rows."""
+    import logging
+
+    model, imp = run
+    cands = [PruneConfig(structure="neurons", target_params=BUDGET),
+             PruneConfig(structure="neurons", target_params=BUDGET, compensate="mean")]
+    result = search_structures(model, imp, cands, _windows(), batch_size=4)
+    rows = [line.split() for line in result.table().splitlines()]
+    assert rows[0] == ["structure", "statistic", "compensation", "parameters", "loss", "ppl"]
+    assert [r[-6:-3] for r in rows[1:]] == [["neurons", "activation", "none"], ["neurons", "activation", "mean"]]
+    assert result.candidates[1]["same_as"] is None  # another model: the biases differ
+    save_pruned(result.model, tmp_path / "searched", report=result.report)
+    card = " ".join((tmp_path / "searched" / "README.md").read_text().split())
+    assert "`neurons` (compensation none)" in card and "`neurons` (compensation mean)" in card
+    logger = logging.getLogger("hf_weightprune.tools.search")
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    saved = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        search_structures(model, imp, cands, _windows(), batch_size=4, return_model=False)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+    said = [r.getMessage() for r in records]
+    assert any("neurons (activation, none):" in m for m in said) and any("neurons (activation, mean):" in m for m in said)

@@ -216,3 +216,59 @@ def test_a_sweep_written_into_a_pruned_folder_shows_on_its_card_at_once(llama, t
     (zeros / CARD_FILE).write_text("# My own card\n")
     sweep(llama, None, KJV / "valid.txt", sparsities=[0.5], output_dir=zeros, **EVAL)
     assert (zeros / CARD_FILE).read_text() == "# My own card\n" and (zeros / "sweep.json").is_file()
+
+
+def _warnings(records) -> list[str]:
+    import logging
+
+    return [r.getMessage() for r in records if r.name.startswith("hf_weightprune") and r.levelno == logging.WARNING]
+
+
+def test_sweep_warnings_name_the_sizes_given_and_are_said_once(llama, tmp_path, caplog, capsys):
+    """A sweep prunes each candidate once in its checks and again in the run, and one importance at every size and
+    compensation: each warning once, naming the size the user gave (not the target_params each point prunes with)."""
+    import logging
+
+    kwargs = dict(structures=["neurons", "heads,neurons"], sizes=[0.3, 0.15], compensations=[None, "refit"],
+                  baselines=(), **EVAL)
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
+        sweep(llama, llama, KJV / "valid.txt", output_dir=tmp_path / "py", **kwargs)
+    said = _warnings(caplog.records)
+    assert len(said) == len(set(said)), said  # each once
+    assert not any("target_params" in m or "structure=" in m or "compensate=" in m for m in said), said
+    # the sparsegpt Hessians are too small for a refit: said once for the sweep, not per candidate, size and check
+    assert sum("the refit can do worse than no compensation" in m for m in said) == 1, said
+    assert sum(m.startswith("compensation 'refit': the Hessian of") for m in said) == 1, said
+    # a candidate that keeps one KV group per layer at the largest size: once (the checks prune it too)
+    assert [m for m in said if "keeps 1 of 2 units" in m] == [
+        "structure 'heads,neurons' at size 0.3 keeps 1 of 2 units per decoder layer (KV groups): the model is "
+        "unlikely to be useful; lower the budget"]
+    # the same model given by two candidates: named with their statistic and compensation, at the sweep's size
+    assert ("sweep sparsegpt at size 0.15: heads,neurons (activation, refit) prunes the same model as neurons "
+            "(activation, refit) (the same sizes and units removed): scored once") in said
+
+    # the command line: the same, in the flags' words (no --target_params, which the user did not give)
+    assert main(["sweep", str(llama), "--importance", str(llama), "--data", str(KJV / "valid.txt"), "--structures",
+                 "neurons", "heads,neurons", "--sizes", "0.15,0.3", "--compensations", "none", "refit",
+                 "--criteria", "", "--seq_len", str(SEQ), "--max_windows", str(WINDOWS), "--batch_size", str(BATCH),
+                 "--output_dir", str(tmp_path / "cli")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING hf_weightprune")]
+    assert err and len(err) == len(set(err)) and not any("target_params" in line for line in err), err
+    assert sum("keeps 1 of 2 units" in line and "at size 0.3" in line for line in err) == 1, err
+
+
+def test_a_search_says_each_warning_once_though_it_prunes_the_winner_again(llama, caplog):
+    import logging
+
+    from hf_weightprune import search_structures
+
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    windows = make_windows(AutoTokenizer.from_pretrained(llama), load_texts(KJV / "valid.txt"), seq_len=SEQ,
+                           max_windows=WINDOWS)
+    cands = [PruneConfig(structure="heads,neurons", target_params=0.7, compensate="refit")]
+    with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
+        result = search_structures(model, load_importance(llama), cands, windows, batch_size=BATCH)
+    said = _warnings(caplog.records)
+    assert result.model is not None and len(said) == len(set(said)), said
+    assert sum("keeps 1 of 2 units" in m for m in said) == 1 and sum("the Hessian of" in m for m in said) == 1, said
+    assert any("target_params 0.7" in m for m in said)  # a search's budget is the target_params the user gave

@@ -71,7 +71,11 @@ def test_structured_recipe_gives_a_smaller_stock_checkpoint_distilled_from_the_d
     assert ratios["num_parameters"] == after / before
     assert "Measured when it was saved" in card and "alternating with the dense model" in card
     buys = " ".join(card.split("## What the sparsity buys")[1].split())
-    assert f"decode tokens/s {ratios['decode_tokens_per_s']:.2f}x the dense model's" in buys
+    # a ratio where the runs' ranges are apart, else "within the run-to-run spread" (tests/publish/test_card_claims.py)
+    from hf_weightprune.publish.card_measured import ratio_words
+
+    words = ratio_words(measured["speed"], "decode_tokens_per_s", "the dense model's")
+    assert f"decode tokens/s {words}" in buys
     assert "faster" not in card and "less memory" not in card
     # the budget removed neurons only: the card says what was removed, not what the structure allowed
     assert config["num_hidden_layers"] == dense.config.num_hidden_layers
