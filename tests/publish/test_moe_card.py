@@ -122,7 +122,7 @@ def _module_numel(folder, module: str) -> int:
     total = 0
     for file in folder.glob("*.safetensors"):
         with safe_open(file, "pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 inner = re.sub(r"\.weight$", "", re.sub(r"^model\.layers\.\d+\.", "", name))
                 if not re.search(r"\.experts\.\d+\.", module):
                     inner = re.sub(r"\.experts\.\d+\.", ".experts.", inner)
