@@ -169,6 +169,13 @@ def _check(model: nn.Module, blocks: list[MoeBlock], remove: Mapping[str, Sequen
                          f"{', '.join(map(str, reversed(kept)))} neurons")
     key, holders = _width_key(model, width)
     for c in holders:
+        shared = getattr(c, "n_shared_experts", None)
+        if count and key == "moe_intermediate_size" and isinstance(shared, int) and shared > 0:
+            # DeepSeek-V2/V3, GLM-4-MoE: the shared experts are built `moe_intermediate_size * n_shared_experts` wide
+            raise ValueError(f"config.{key}: {type(c).__name__} also sizes the shared experts ({key} * "
+                             f"n_shared_experts = {width * shared}), which keep their neurons; a smaller {key} would "
+                             "not reload with stock transformers (neurons inside experts are not supported here yet; "
+                             "structure='experts' or unstructured pruning are)")
         error = config_error(c, {key: width - count})
         if error is not None:
             raise ValueError(f"config.{key}: {type(c).__name__} rejects {width - count} neurons per expert: {error}")

@@ -352,6 +352,11 @@ def structured_module_table(folder: Path, structured: dict | None, structure: st
     if structure not in _STRUCTURED_UNITS or not before or not after:
         return []
     block = _STRUCTURED_UNITS[structure][1]
+    # neurons inside experts: only the routed experts' tensors narrow (router, shared experts and biases of the
+    # outputs keep their size); the files may name the block `mlp` or Mixtral's `block_sparse_moe`
+    experts = structure == "experts" or structured.get("unit") == "expert_neuron"
+    if experts:
+        block = ".experts."
     try:
         weight_map = sio.weight_map(folder)
     except (FileNotFoundError, ValueError):
@@ -361,10 +366,12 @@ def structured_module_table(folder: Path, structured: dict | None, structure: st
         header = sio.read_header(folder / shard)
         shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
     groups: OrderedDict[str, dict] = OrderedDict()
-    experts = structure == "experts"
     for name, shape in shapes.items():
-        # experts: the fused 3-D tensors (`mlp.experts.gate_up_proj`), or per-expert 2-D ones grouped across experts
+        # experts: the fused 3-D tensors (`mlp.experts.gate_up_proj`), or per-expert 2-D ones grouped across experts;
+        # an expert's neurons leave `down_proj`'s bias (per output) whole
         matrix = len(shape) in (2, 3) if experts else len(shape) == 2 and name.endswith(".weight")
+        if structure != "experts" and name.endswith("down_proj_bias"):
+            continue
         if block not in name or not matrix:
             continue
         module = parse_param_name(name).module

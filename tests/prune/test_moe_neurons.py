@@ -205,3 +205,34 @@ def test_cli_structure_neurons_on_an_moe_writes_a_smaller_checkpoint(runs, tmp_p
     assert tuple(experts.gate_up_proj.shape) == (4, 48, 32) and tuple(experts.down_proj.shape) == (4, 32, 24)
     assert json.loads((tmp_path / "out" / "sparsity.json").read_text())["structured"]["units_per_layer"] == {
         "before": 32, "after": 24}
+
+
+def _shared_from_moe_width(arch):
+    """A tiny DeepSeek-V3 or GLM-4-MoE: their shared experts are `moe_intermediate_size * n_shared_experts` wide, so
+    the key that holds the routed experts' width also sizes the shared experts."""
+    from transformers import DeepseekV3Config, Glm4MoeConfig
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4,
+                  num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1)
+    if arch == "deepseek_v3":
+        config = DeepseekV3Config(**common, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8,
+                                  qk_nope_head_dim=8)
+    else:
+        config = Glm4MoeConfig(**common, head_dim=8)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe"])
+def test_shared_experts_sized_by_the_expert_width_are_refused_before_any_change(arch, tmp_path):
+    """Shrinking `moe_intermediate_size` would shrink the shared experts as stock transformers rebuilds them, which the
+    prune keeps whole: the saved checkpoint would not reload (size mismatch). Refused in one line, nothing changed."""
+    model = _shared_from_moe_width(arch)
+    assert find_moe_blocks(model)
+    before = _state(model)
+    remove = {b.name: [list(range(8))] * b.num_experts for b in find_moe_blocks(model)}
+    with pytest.raises(ValueError, match=r"^config\.moe_intermediate_size: \w+Config also sizes the shared experts "
+                                         r"\(moe_intermediate_size \* n_shared_experts = 32\)") as e:
+        remove_expert_neurons_(model, remove)
+    assert "\n" not in str(e.value) and _unchanged(model, before) and model.config.moe_intermediate_size == 32

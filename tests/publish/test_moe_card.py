@@ -5,6 +5,7 @@ every number is recomputed here from the importance's router statistics. A dense
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -107,3 +108,50 @@ def test_dense_model_card_has_no_routing_section(tmp_path):
     assert json.loads((tmp_path / "pruned" / "sparsity.json").read_text())["routing"] is None
     card = (tmp_path / "pruned" / "README.md").read_text()
     assert "Expert routing" not in card and "routed tokens" not in card
+
+
+# `| `module` | tensors | parameters | removed% |` rows of the card's "Sparsity per module type" table
+MODULE_ROW = re.compile(r"^\| `([^`]+)` \| (\d+) \| ([\d,]+) \| ([\d.]+)% \|$", flags=re.M)
+
+
+def _module_numel(folder, module: str) -> int:
+    """Elements of the tensors in `folder`'s weight files that belong to the card's `module` row (the name inside the
+    decoder layer; a row without an expert index groups every expert's tensor)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                inner = re.sub(r"\.weight$", "", re.sub(r"^model\.layers\.\d+\.", "", name))
+                if not re.search(r"\.experts\.\d+\.", module):
+                    inner = re.sub(r"\.experts\.\d+\.", ".experts.", inner)
+                if inner == module:
+                    total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+@pytest.mark.parametrize("arch, structure, sparsity", [
+    ("mixtral", "neurons", 1 / 3), ("qwen2_moe", "neurons", 1 / 3), ("qwen2_moe", "experts", 0.5)])
+def test_structured_module_table_states_what_each_module_lost_in_the_files(arch, structure, sparsity, tmp_path):
+    """Every row of the card's per-module table is true of the folder: its parameters are those the files hold and
+    its removed share is measured against the dense model's files. Neurons inside experts leave the router and the
+    shared expert whole, so no row may say they lost a third; Mixtral (files with `block_sparse_moe.experts.N.w1`
+    names) gets the table too."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_moe(arch, seed=7)
+    cb = ImportanceCallback(ImportanceConfig(criterion="magnitude"))
+    train(model, [cb], tmp_path / "run", max_steps=2)
+    model.save_pretrained(tmp_path / "dense")
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    report = prune_(pruned, cb.importance(), PruneConfig(structure=structure, sparsity=sparsity), progress=False)
+    save_pruned(pruned, tmp_path / "pruned", report=report)
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    table = card.split("## Sparsity per module type", 1)[1].split("\n## ", 1)[0]
+    rows = MODULE_ROW.findall(table)
+    assert any(".experts." in module for module, *_ in rows)
+    for module, _, params, removed in rows:
+        before, after = _module_numel(tmp_path / "dense", module), _module_numel(tmp_path / "pruned", module)
+        assert after == int(params.replace(",", "")), module
+        assert float(removed) == pytest.approx(100 * (1 - after / before), abs=0.006), module
