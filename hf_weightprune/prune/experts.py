@@ -37,7 +37,7 @@ def _configs(model: nn.Module) -> list:
 
 
 def choose_experts(
-    scores: Mapping[str, Tensor], *, sparsity: float | None = None, count: int | None = None
+    scores: Mapping[str, Tensor], *, sparsity: float | None = None, count: int | None = None, groups: int = 1
 ) -> dict[str, list[int]]:
     """
     The lowest-scored experts of every MoE layer, the same number in each.
@@ -51,6 +51,10 @@ def choose_experts(
             rounding rule of every mask.
         count (`int`, *optional*):
             Experts to remove per layer (instead of `sparsity`).
+        groups (`int`, *optional*, defaults to 1):
+            Contiguous expert groups of a grouped router (DeepSeek-V3's `n_group`: the router first picks groups, then
+            experts inside them): the same number is removed from each group, the lowest-scored of that group, so the
+            smaller model's groups are the dense model's groups less their removed experts.
 
     Returns:
         `dict[str, list[int]]`: block name to the sorted indices to remove. Ties go to the lower index first, as in
@@ -79,6 +83,15 @@ def choose_experts(
             k = num_to_prune(score.numel(), frac)
         if k == score.numel():  # unstructured_mask refuses sparsity 1; remove_experts_ names the layer
             out[name] = list(range(k))
+            continue
+        if groups > 1:
+            if score.numel() % groups or k % groups:
+                raise ValueError(f"{name}: {plural(k, 'expert')} to remove from {score.numel()} routed in n_group="
+                                 f"{groups} groups: the groups must lose the same number; give a count that "
+                                 f"{groups} divides")
+            size = score.numel() // groups
+            out[name] = sorted(g * size + int(i) for g in range(groups)
+                               for i in torch.nonzero(~_keep_lowest(score[g * size:(g + 1) * size], k // groups)).flatten())
             continue
         keep = unstructured_mask(score.float(), frac) if count is None else _keep_lowest(score, k)
         out[name] = torch.nonzero(~keep).flatten().tolist()
@@ -129,6 +142,12 @@ def _check(model: nn.Module, blocks: list[MoeBlock], remove: Mapping[str, Sequen
             n_group = getattr(c, "n_group", None)
             if isinstance(n_group, int) and n_group > 1 and left % n_group:
                 raise ValueError(f"config.n_group: {plural(left, 'expert')} left per layer is not a multiple of n_group={n_group}")
+            if isinstance(n_group, int) and n_group > 1 and b.num_experts % n_group == 0:
+                # a grouped router routes contiguous groups: each must lose as many, or the kept experts regroup
+                lost = [sum(1 for i in idx if i // (b.num_experts // n_group) == g) for g in range(n_group)]
+                if len(set(lost)) > 1:
+                    raise ValueError(f"{b.router_name}: config.n_group={n_group} routes {b.num_experts // n_group} "
+                                     f"contiguous experts per group; remove the same number from each (asked: {lost})")
         _per_expert_tensors(b.experts, b.num_experts, b.experts_name)
         _per_expert_tensors(b.router, b.num_experts, b.router_name)
         counts[b.name] = sorted(idx)
@@ -247,7 +266,13 @@ def remove_experts_by_routing_(model: nn.Module, importance: Importance, sparsit
     blocks = find_moe_blocks(model)
     if not blocks:
         raise ValueError("structure='experts': the model has no mixture-of-experts layer")
-    remove = choose_experts(router_scores(importance, blocks), sparsity=sparsity)
+    n_group = next((g for c in _configs(model) if isinstance(g := getattr(c, "n_group", None), int) and g > 1), 1)
+    scores = router_scores(importance, blocks)
+    if n_group > 1:  # a whole number per group (DeepSeek-V3's grouped routing), by the same rounding rule
+        remove = choose_experts(scores, count=num_to_prune(blocks[0].num_experts // n_group, sparsity) * n_group,
+                                groups=n_group)
+    else:
+        remove = choose_experts(scores, sparsity=sparsity)
     before = sum(p.numel() for p in model.parameters())
     # the expert-count key config.json holds (configs answer aliases too: Mixtral's `num_experts`)
     key = next(k for c in _configs(model) for k in EXPERT_COUNT_KEYS if k in c.to_dict())

@@ -161,3 +161,47 @@ def test_cli_unstructured_prune_of_an_moe_runs_in_memory_and_halves_every_expert
     for e in range(4):
         for w in (experts.gate_up_proj[e, :24], experts.gate_up_proj[e, 24:], experts.down_proj[e]):
             assert float((w == 0).float().mean()) == 0.5
+
+
+def _grouped_deepseek(tmp_path):
+    """A tiny DeepSeek-V3 whose router picks 2 of n_group=2 contiguous groups of 4 experts, trained a few steps."""
+    from transformers import DeepseekV3Config
+
+    config = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                              n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=2,
+                              first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                              v_head_dim=8, qk_nope_head_dim=8)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    cb = ImportanceCallback(ImportanceConfig(criterion="magnitude"))
+    train(model, [cb], tmp_path / "run", max_steps=3)
+    return model, cb.importance()
+
+
+def test_a_grouped_router_loses_the_same_number_of_experts_in_each_group(tmp_path):
+    """DeepSeek-V3 routes within `n_group` contiguous groups of experts: removing the least-routed experts of the whole
+    layer could take three from one group and one from the other, and the smaller model's router would regroup the
+    experts it kept (a model no dense one with experts masked equals). Each group loses the same number, its own
+    least-routed ones; `remove_experts_` refuses an uneven removal in one line before any change."""
+    from hf_weightprune.prune.experts import remove_experts_, router_scores
+
+    model, imp = _grouped_deepseek(tmp_path)
+    blocks = find_moe_blocks(model)
+    scores = router_scores(imp, blocks)
+    report = prune_(model, imp, PruneConfig(structure="experts", sparsity=0.5), progress=False)
+    for name, removed in report.structured["removed"].items():
+        assert [sum(1 for i in removed if i // 4 == g) for g in (0, 1)] == [2, 2]
+        for g in (0, 1):  # inside each group, its two least-routed experts
+            group = scores[name][4 * g:4 * g + 4]
+            assert sorted(i - 4 * g for i in removed if i // 4 == g) == sorted(
+                torch.argsort(group, stable=True)[:2].tolist())
+    assert model.config.n_routed_experts == 4
+    model2, _ = _grouped_deepseek(tmp_path / "b")
+    before = {k: v.clone() for k, v in model2.state_dict().items()}
+    uneven = {b.name: [0, 4, 5, 6] for b in find_moe_blocks(model2)}
+    with pytest.raises(ValueError, match=r"n_group=2 routes 4 contiguous experts per group; remove the same number "
+                                         r"from each \(asked: \[1, 3\]\)") as e:
+        remove_experts_(model2, uneven)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in model2.state_dict().items())
