@@ -332,9 +332,9 @@ def reduce_to_owners(tensors: Mapping[str, Tensor], owners: Mapping[str, int]) -
     they are (the buffer is a copy), so a statistic that keeps accumulating after the reduction is still this rank's
     own part. Returns the sums this rank owns (new tensors, on each tensor's device; one process: copies of all).
     """
-    if not is_distributed():
-        return {n: t.clone() for n, t in tensors.items()}
     rank, world = rank_and_world()
+    if world == 1:  # also a group of one (`torchrun --nproc_per_node 1`): no views of one flat buffer escape
+        return {n: t.clone() for n, t in tensors.items()}
     out: dict[str, Tensor] = {}
     for dst in range(world):
         names = [n for n in tensors if owners[n] == dst]
