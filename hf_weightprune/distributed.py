@@ -153,8 +153,8 @@ def check_supported(model: torch.nn.Module, args=None, *, needs_grad: bool = Fal
         )
     if kind == "deepspeed" and needs_grad:
         raise ValueError(
-            f"criterion {criterion!r} reads gradients, but under DeepSpeed they are partitioned and the optimizer "
-            "steps inside backward (no callback sees them); use 'temporal_magnitude', 'magnitude' or 'wanda'"
+            f"criterion {criterion!r} reads gradients, but under DeepSpeed they are partitioned and the optimizer steps "
+            "inside backward (no callback sees them); use 'temporal_magnitude', 'magnitude', 'wanda' or 'sparsegpt'"
         )
 
 
