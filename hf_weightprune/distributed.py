@@ -153,8 +153,8 @@ def check_supported(model: torch.nn.Module, args=None, *, needs_grad: bool = Fal
         )
     if kind == "deepspeed" and needs_grad:
         raise ValueError(
-            f"criterion {criterion!r} reads gradients, but under DeepSpeed they are partitioned and the optimizer "
-            "steps inside backward (no callback sees them); use 'temporal_magnitude', 'magnitude' or 'wanda'"
+            f"criterion {criterion!r} reads gradients, but under DeepSpeed they are partitioned and the optimizer steps "
+            "inside backward (no callback sees them); use 'temporal_magnitude', 'magnitude', 'wanda' or 'sparsegpt'"
         )
 
 
@@ -332,9 +332,9 @@ def reduce_to_owners(tensors: Mapping[str, Tensor], owners: Mapping[str, int]) -
     they are (the buffer is a copy), so a statistic that keeps accumulating after the reduction is still this rank's
     own part. Returns the sums this rank owns (new tensors, on each tensor's device; one process: copies of all).
     """
-    if not is_distributed():
-        return {n: t.clone() for n, t in tensors.items()}
     rank, world = rank_and_world()
+    if world == 1:  # also a group of one (`torchrun --nproc_per_node 1`): no views of one flat buffer escape
+        return {n: t.clone() for n, t in tensors.items()}
     out: dict[str, Tensor] = {}
     for dst in range(world):
         names = [n for n in tensors if owners[n] == dst]

@@ -151,8 +151,12 @@ def test_fsdp1_and_deepspeed_zero3_are_refused():
         check_supported(tiny_llama(), zero)
     zero2 = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
     check_supported(tiny_llama(), zero2)
-    with pytest.raises(ValueError, match="'taylor' reads gradients.*DeepSpeed"):
+    with pytest.raises(ValueError, match="'taylor' reads gradients.*DeepSpeed") as refused:
         check_supported(tiny_llama(), zero2, needs_grad=True, criterion="taylor")
+    # the way out names every criterion that reads no gradient (each supported under ZeRO-1/2, docs/distributed.md)
+    from hf_weightprune.scorers import SCORERS
+
+    assert all(repr(name) in str(refused.value) for name, s in SCORERS.items() if not s.needs_grad)
 
 
 DS_CRITERIA = ["temporal_magnitude", "magnitude", "wanda", "sparsegpt"]
@@ -195,3 +199,23 @@ def test_deepspeed_zero_1_2_trainer_equals_single_process(tmp_path, stage):
         for r in (0, 1):
             got = load_file(os.path.join(w2, f"{c}-masks-rank{r}.safetensors"))
             assert all(torch.equal(got[n], ref[n]) for n in ref), f"ZeRO-{stage} {c}: rank {r} masks differ"
+
+
+def test_torchrun_with_one_process_equals_plain_single_process(tmp_path):
+    """`torchrun --nproc_per_node 1` starts a process group of one: checkpoints and the final importance are written
+    (the cross-rank sums of activation criteria used to come back as slices of one flat buffer, which the
+    single-process writer refused at the first checkpoint) and equal a run without torchrun, resume included."""
+    plain, group = str(tmp_path / "plain"), str(tmp_path / "group")
+    criteria = ["wanda", "sparsegpt"]
+    dist_ddp.main(plain, criteria)
+    for c in criteria:
+        _copy_checkpoint(os.path.join(plain, f"{c}-full"), os.path.join(group, f"{c}-resume"))
+    torchrun("tests.dist_ddp", group, *criteria, nproc=1)
+    model = dist_ddp.tiny_phi3(seed=1)
+    for c in criteria:
+        ref = load_importance(os.path.join(plain, f"{c}-full"), model=model)
+        for run in ("full", "full/checkpoint-3", "resume"):
+            got = load_importance(os.path.join(group, f"{c}-{run}"), model=model)
+            assert got.meta["world_size"] == 1 and got.step == (3 if "checkpoint" in run else ref.step)
+            if "checkpoint" not in run:
+                _assert_same_scores(got, ref)

@@ -81,11 +81,14 @@ def write_shard(tmp_dir: str, tensors: Mapping[str, Tensor], *, rank: int, world
 
 
 def write_single(tmp_dir: str, tensors: Mapping[str, Tensor], max_shard_size: int | str = "5GB") -> None:
-    """Single process: huggingface_hub writes `importance.safetensors` or shards + index."""
+    """Single process: huggingface_hub writes `importance.safetensors` or shards + index. It refuses a tensor that
+    is part of a larger storage (a slice of one flat buffer), so such a tensor is copied first."""
     from huggingface_hub import save_torch_state_dict
 
     os.makedirs(tmp_dir, exist_ok=True)
-    save_torch_state_dict({k: v.detach().cpu() for k, v in tensors.items()}, tmp_dir, filename_pattern=FILENAME_PATTERN,
+    cpu = {k: v.detach().cpu() for k, v in tensors.items()}
+    cpu = {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for k, v in cpu.items()}
+    save_torch_state_dict(cpu, tmp_dir, filename_pattern=FILENAME_PATTERN,
                           max_shard_size=max_shard_size, metadata={"format": "pt"})
 
 
