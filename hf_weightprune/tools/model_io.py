@@ -13,14 +13,31 @@ if TYPE_CHECKING:
 __all__ = ["check_model_dir", "importance_for_checkpoint", "load_model", "load_tokenizer"]
 
 
+# What `from_pretrained` reads weights from in a local folder (one file, or an index of shards).
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def check_model_dir(path: str, flag: str) -> None:
-    """Refuse a model folder that does not exist before anything is loaded (transformers' error is 30+ lines); a
-    name that looks like a Hub id goes to the Hub."""
+    """Refuse a model folder that does not exist, or a local folder that holds no model (no `config.json`, or no
+    weights), before anything is loaded (transformers' errors are 30+ lines, or blame a `model_type` key of a
+    `config.json` that is not there); a name that looks like a Hub id goes to the Hub.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError, ValueError: one line naming `flag` and the path.
+    """
     from ..validation import check_local_path
 
     check_local_path(flag, path, "a model folder (config.json and weights)")
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{flag} {path} is a file; pass the model folder that holds it")
+    if not os.path.isdir(path):
+        return
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{flag} {path} is not a model folder: it has no config.json; pass the folder "
+                         "save_pretrained (or prune) wrote")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in _WEIGHT_FILES):
+        raise ValueError(f"{flag} {path} has a config.json but no weights ({', '.join(_WEIGHT_FILES)}); pass the "
+                         "folder save_pretrained (or prune) wrote")
 
 
 def load_model(model_dir: str, dtype: str = "auto", flag: str = "model_dir"):

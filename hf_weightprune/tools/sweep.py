@@ -270,14 +270,14 @@ def sweep(
             sparsities with a structured one); nothing to compare; unusable data or tokenizer; importance that does
             not match the model; structured: a candidate that cannot prune the model at the largest size (architecture,
             statistics, a size that empties a layer), checked before the dense model is evaluated; `output_dir`
-            refused by the output rule.
+            refused by the output rule; a `model_dir` without config.json or weights.
         FileNotFoundError: `model_dir` is not a folder, or `data` does not exist.
     """
     _check_sweep_args(locals())  # first statement: locals() holds exactly the arguments
     from transformers import AutoModelForCausalLM
 
     from .data import evaluate_loss
-    from .model_io import load_tokenizer
+    from .model_io import check_model_dir, load_tokenizer
     structured = plan_sweep(locals())
     kind, nm = parse_structure(structure)
     if structured is not None:
@@ -297,6 +297,7 @@ def sweep(
         raise ValueError("nothing to compare: give importance folders and/or one-shot baselines")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir} is not a model folder")
+    check_model_dir(model_dir, "model_dir")  # a folder without config.json or weights
     if output_dir is not None:
         from ..publish.export import check_output_dir
 

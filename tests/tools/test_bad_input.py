@@ -20,6 +20,7 @@ from hf_weightprune import (
     prune_,
     prune_checkpoint,
     save_pruned,
+    sweep,
 )
 from hf_weightprune.files.safetensors_io import ImportanceFileError
 from hf_weightprune.testing import tiny_llama
@@ -177,6 +178,29 @@ def test_cli_missing_local_paths(run, tmp_path, capsys):
         ["sweep", str(run), "--importance", f"a={missing}", "--data", str(run / "config.json"), "--output_dir", out],
         capsys)
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("files, says", [
+    ({"notes.txt": "x"}, "is not a model folder: it has no config.json"),
+    ({"config.json": None}, "has a config.json but no weights (model.safetensors"),
+])
+def test_cli_folder_that_is_not_a_model(run, tmp_path, capsys, files, says):
+    """A folder that exists but holds no model is refused in one line, exit 2, by every command that reads one (not
+    transformers' "Should have a `model_type` key in its config.json" for a folder without one, nor exit 1)."""
+    folder = tmp_path / "notmodel"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text((run / name).read_text() if text is None else text)
+    out = tmp_path / "o"
+    for argv in (["prune", str(folder), "--importance", str(run), "--output_dir", str(out)],
+                 ["prune", str(folder), "--importance", str(run), "--output_dir", str(out), "--dtype", "float32"],
+                 ["inspect", str(run), "--model", str(folder)],
+                 ["sweep", str(folder), "--importance", str(run), "--data", str(run / "config.json"),
+                  "--output_dir", str(out)]):
+        assert says in _refused(argv, capsys), argv
+    with pytest.raises(ValueError, match=re.escape(says)):  # the library's sweep, which the CLI's calls
+        sweep(str(folder), str(run), str(run / "config.json"), output_dir=str(out))
+    assert not out.exists() and sorted(p.name for p in folder.iterdir()) == sorted(files)
 
 
 # ---- family 4: OS errors checked before the work -----------------------------------------------------------------

@@ -411,7 +411,7 @@ def test_push_include_importance_without_importance_names_the_flag(pruned, tmp_p
     assert main(["push", str(pruned), "--repo_id", "tester/x", "--include_importance"]) == 2
     assert _one_line(capsys) == (f"hf-weightprune push: error: --include_importance but no importance folder was "
                                  f"found: neither {str(pruned / 'importance')!r} nor {str(tmp_path / 'gone')!r} "
-                                 "exists.")
+                                 "(recorded in sparsity.json) exists.")
 
 
 def test_push_bad_token_is_one_line(pruned, hub_server, monkeypatch, capsys):
