@@ -135,9 +135,9 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str, int]], args, ou
         if not any(got):
             continue
         cellstr = []
-        for cs in got:
-            if cs is None:
-                cellstr.append("not run")
+        for point, cs in zip(points, got):
+            if cs is None:  # (m) has no cell at an N:M point (OWL sets per-layer sparsities)
+                cellstr.append("n/a" if row == "m" and ":" in point else "not run")
             else:
                 ratio = f" ({_mean(cs, 'ppl_ood') / _mean(dense, 'ppl_ood'):.2f}x)" if dense else ""
                 seeds = f", {len(cs)} seeds" if len(cs) > 1 else ""
