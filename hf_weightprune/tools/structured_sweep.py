@@ -187,8 +187,12 @@ def in_sizes(message: str) -> str:
 
 
 def candidate_label(label: str, config: PruneConfig, imp: Importance) -> str:
-    """One line of the plot: `"wanda: layers,neurons (taylor, refit)"`."""
-    parts = [config.unit_statistic if imp.has_units else PER_WEIGHT] + ([config.compensate] if config.compensate else [])
+    """One line of the plot: `"wanda: layers,neurons (taylor, refit)"`; whole layers alone rank by block influence under
+    either activation statistic (`prune/structured.py`), which the label says rather than the statistic's name."""
+    stat = config.unit_statistic if imp.has_units else PER_WEIGHT
+    if config.structure == "layers" and stat in ("activation", "activation_l2"):
+        stat = "block influence"
+    parts = [stat] + ([config.compensate] if config.compensate else [])
     return f"{label}: {config.structure} ({', '.join(parts)})"
 
 

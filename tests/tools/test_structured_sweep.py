@@ -127,7 +127,7 @@ def opt(tmp_path_factory):
     (dict(structure="neurons", structures=["heads"]), "structures replaces structure"),
     (dict(structures=["layers"], compensations=["refit"]), "none of the structures ['layers'] removes them"),
     (dict(structures=["neurons"], unit_statistics=["bogus"]), "unit_statistic must be one of"),
-    (dict(structures=["layers"], sizes=[0.95]), "sweep: llama: layers (activation) at 95% of the parameters removed"),
+    (dict(structures=["layers"], sizes=[0.95]), "sweep: llama: layers (block influence) at 95% of the parameters removed"),
     (dict(structures=["layers"], sizes=[0.15], baselines=("magnitude",)), "one-shot baselines have no unit statistics or Hessians"),
     (dict(structures=["neurons"], sizes=[0.2], compensations=["refit"], baselines=("magnitude",)),
      "sweep: oneshot-magnitude: neurons (per-weight scores, refit) at 20% of the parameters removed"),
