@@ -527,7 +527,12 @@ def write_report(cells: list[dict], speed: dict | None, args, out: Path) -> str:
             shape = (f"{cfg['num_hidden_layers']}L h{cfg['hidden_size']} i{cfg['intermediate_size']} "
                      f"kv{cfg['num_key_value_heads']}")
             peer = {"tp": "neurons", "shortgpt": "layers", "minitron": "neurons,hidden"}.get(r, "-")
-            what = f"{c['structure']} ({c['unit_statistic']}, {c.get('compensate')})" if "structure" in c else peer
+            if c.get("structure") == "layers":  # ranked by block influence: the unit statistic plays no part
+                what = "layers (block influence)"
+            elif "structure" in c:
+                what = f"{c['structure']} ({c['unit_statistic']}, {c.get('compensate')})"
+            else:
+                what = peer
             lines.append(f"| {ROWS[r]} | {one} | {c['ppl_ood']:.2f} / {c['ppl_valid']:.2f} | {ratio} | {what}: {shape} "
                          f"| {c['params']:,} ({c['decoder_params']:,}) | {c['file_bytes'] / 2**20:.1f} | "
                          f"{c['calibration_tokens']:,} | {c['train_seconds'] / c['steps']:.1f} |")
