@@ -38,6 +38,8 @@ ROWS = {
           "(cached cells only)",
     "l": "(l) (k) + dense-to-pruned cross term (cross_alpha 0.5) under distillation",
     "m": "(m) (e) with OWL's per-layer sparsities (allocation='owl', lambda 0.08, M 5; unstructured points only)",
+    "n": "(n) (m) + re-fit at 60% of the held kept weights with the dense-to-pruned cross term (cross_alpha 0.5): "
+         "(l)'s levers on (m)'s mask (unstructured points only)",
 }
 SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune",
          "b": "(b) llm-compressor SparseGPT + masked fine-tune + distillation", "c": "(c) gradual wanda",
@@ -46,8 +48,10 @@ SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune
          "o": "(o) llm-compressor SparseGPT one-shot", "h0": "(h0) one-run OBS one-shot, hold + distillation",
          "h": "(h) (h0) + pruned stream + re-fit", "i": "(i) (h) + cross term", "j": "(j) gradual OBS by depth",
          "k": "(k) (e) + hold re-fit", "k0": "(k0) (e) + hold re-fit towards the teacher (old)",
-         "l": "(l) (k) + cross term", "m": "(m) (e) + OWL allocation"}
+         "l": "(l) (k) + cross term", "m": "(m) (e) + OWL allocation",
+         "n": "(n) (m) + re-fit + cross term"}
 SEEDLESS = {"o"}  # rows with nothing seeded: one cell per point
+OWL_ROWS = {"m", "n"}  # OWL sets one sparsity per decoder layer: no cell at an N:M point, which has none to set
 CACHE_ONLY = {"k0"}  # rows the package no longer runs: reported from their cached cells, never computed
 DEFAULT_ROWS = ("dense", "a", "b", "c", "d", "e", "f", "g")  # the published commands' rows; issue 27's are named
 LAYERS = 30  # SmolLM2-135M's decoder layers: (j) prunes them one step apart
@@ -180,14 +184,14 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
         cb = ImportanceCallback(ImportanceConfig(criterion="wanda" if row in ("c", "d") else "sparsegpt"),
                                 schedule=schedule, distill=distill if row != "c" else None)
         cell.update(_train(model, train, args.steps, [cb], args, tag, seed))
-    elif row in ("e", "g", "k", "l", "m"):
+    elif row in ("e", "g", "k", "l", "m", "n"):
         first = args.steps // 4
         model = _load(base)
         stats = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))
         phase1 = _train(model, train.select(range(first * args.batch_size)), first, [stats], args,
                         f"{row}1{tag[len(row):]}", seed)
         teacher = _save(model, WORK / row / f"dense{tag[len(row):]}")
-        owl = {"allocation": "owl", "owl_m": Q.OWL_M, "owl_lambda": Q.OWL_LAMBDA} if row == "m" else {}
+        owl = {"allocation": "owl", "owl_m": Q.OWL_M, "owl_lambda": Q.OWL_LAMBDA} if row in ("m", "n") else {}
         config = PruneConfig(structure=nm) if nm else PruneConfig(sparsity=sparsity, scope="row", **owl)
         t = time.perf_counter()
         report = prune_(model, stats.importance(), config, progress=False)
@@ -195,9 +199,9 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
         pruned = WORK / row / f"pruned{tag[len(row):]}"
         save_pruned(model, str(pruned), report=report, overwrite=True, write_card=False)
         rest = train.select(range(first * args.batch_size, args.steps * args.batch_size))
-        # (k), (l): the re-fit at (h)'s overall step, counted in the held phase's own steps.
-        refit = {"refit_at": int(REFIT_AT * args.steps) - first} if row in ("k", "l") else {}
-        if row == "l":
+        # (k), (l), (n): the re-fit at (h)'s overall step, counted in the held phase's own steps.
+        refit = {"refit_at": int(REFIT_AT * args.steps) - first} if row in ("k", "l", "n") else {}
+        if row in ("l", "n"):
             refit.update(cross_term=True, cross_alpha=CROSS_ALPHA)
         cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt") if refit else None,
                                 schedule=PruneSchedule(mode="hold", masks_from=str(pruned), **refit),

@@ -34,11 +34,13 @@ Issue 27's rows (statistics of the pruned model itself, gathered while it trains
   solves `||W X - W^ X~||^2` from the teacher's inputs X and the student's X~ of the same batches (GPTAQ / QEP);
 - (k) (e) with a re-fit in its held phase: (e)'s second phase also gathers the `sparsegpt` statistic (in a hold run
   every forward is the pruned model's, so it is the pruned-stream Hessian from the prune on) and, at the same overall
-  step as (h)'s (60% of the steps), re-fits the kept weights towards the teacher's, i.e. the dense weights the
-  one-shot prune started from (`PruneSchedule(mode="hold", refit_at=...)` with (e)'s teacher);
+  step as (h)'s (60% of the steps), re-fits the kept weights on their support towards their trained values with the
+  one-shot prune's OBS edits undone (`PruneSchedule(mode="hold", refit_at=...)`; (k0), cached cells only, was the
+  re-fit towards the teacher's weights, as the package did it before 2026-12-07);
 - (l) (k) with the dense-to-pruned cross term (`cross_term=True`, `cross_alpha=0.5`), as (i) is to (h);
 - (m) (e) with OWL's per-decoder-layer sparsities (`allocation="owl"`, lambda 0.08, M 5, as section 6's one-shot
   rows; percentages only, no cell at an N:M point);
+- (n) (m) with (l)'s levers: the re-fit at 60% with the dense-to-pruned cross term, on OWL's mask (percentages only);
 - (j) (f) with `order="depth"`: the decoder layers pruned front to back, each once to the target, at steps spread
   evenly over the first 75% (SmolLM2's 30 layers need `--steps` >= 40), each from the `sparsegpt` statistic gathered
   after the layers before it were pruned (the training-time counterpart of the sequential calibration pipeline);
@@ -77,6 +79,7 @@ from _recovery_rows import (  # noqa: E402  (the rows; _train, _load and _save a
     ALPHA,
     DEFAULT_ROWS,
     LAYERS,
+    OWL_ROWS,
     ROWS,
     SEEDLESS,
     SHORT,
@@ -136,8 +139,8 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str, int]], args, ou
             continue
         cellstr = []
         for point, cs in zip(points, got):
-            if cs is None:  # (m) has no cell at an N:M point (OWL sets per-layer sparsities)
-                cellstr.append("n/a" if row == "m" and ":" in point else "not run")
+            if cs is None:  # (m), (n): no cell at an N:M point (OWL sets per-layer sparsities)
+                cellstr.append("n/a" if row in OWL_ROWS and ":" in point else "not run")
             else:
                 ratio = f" ({_mean(cs, 'ppl_ood') / _mean(dense, 'ppl_ood'):.2f}x)" if dense else ""
                 seeds = f", {len(cs)} seeds" if len(cs) > 1 else ""
@@ -301,9 +304,8 @@ def main() -> None:
     wanted = []
     for seed in range(args.seeds):
         wanted += [("dense", "-", seed)] if "dense" in rows else []
-        # (m) at an N:M point is not a cell: OWL sets one sparsity per layer, a pattern has none to set.
         wanted += [(r, pt, seed) for pt in points for r in rows if r != "dense" and not (seed and r in SEEDLESS)
-                   and not (r == "m" and ":" in pt)]
+                   and not (r in OWL_ROWS and ":" in pt)]
     out = Path(args.output)
 
     def cached():
