@@ -40,6 +40,8 @@ ROWS = {
     "m": "(m) (e) with OWL's per-layer sparsities (allocation='owl', lambda 0.08, M 5; unstructured points only)",
     "n": "(n) (m) + re-fit at 60% of the held kept weights with the dense-to-pruned cross term (cross_alpha 0.5): "
          "(l)'s levers on (m)'s mask (unstructured points only)",
+    "p": "(p) (m) + the cross-term re-fit early in the held phase, after its first 16% of the steps (cross_alpha "
+         "0.25), as cross_term_check.py measured it one-shot (unstructured points only)",
 }
 SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune",
          "b": "(b) llm-compressor SparseGPT + masked fine-tune + distillation", "c": "(c) gradual wanda",
@@ -49,14 +51,16 @@ SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune
          "h": "(h) (h0) + pruned stream + re-fit", "i": "(i) (h) + cross term", "j": "(j) gradual OBS by depth",
          "k": "(k) (e) + hold re-fit", "k0": "(k0) (e) + hold re-fit towards the teacher (old)",
          "l": "(l) (k) + cross term", "m": "(m) (e) + OWL allocation",
-         "n": "(n) (m) + re-fit + cross term"}
+         "n": "(n) (m) + re-fit + cross term", "p": "(p) (m) + early cross-term re-fit"}
 SEEDLESS = {"o"}  # rows with nothing seeded: one cell per point
-OWL_ROWS = {"m", "n"}  # OWL sets one sparsity per decoder layer: no cell at an N:M point, which has none to set
+OWL_ROWS = {"m", "n", "p"}  # OWL sets one sparsity per decoder layer: no cell at an N:M point, which has none to set
 CACHE_ONLY = {"k0"}  # rows the package no longer runs: reported from their cached cells, never computed
 DEFAULT_ROWS = ("dense", "a", "b", "c", "d", "e", "f", "g")  # the published commands' rows; issue 27's are named
 LAYERS = 30  # SmolLM2-135M's decoder layers: (j) prunes them one step apart
 ALPHA, TEMPERATURE, HIDDEN_WEIGHT = 0.5, 2.0, 1.0
 REFIT_AT, CROSS_ALPHA = 0.6, 0.5  # (h) and (i): re-fit at 60% of the steps; QEP / GPTAQ's 0.25-0.5
+# (p): the re-fit after 16 held steps of 100 (16,384 tokens, cross_term_check.py's 64 windows), QEP's lower alpha
+EARLY_REFIT, EARLY_ALPHA = 0.16, 0.25
 
 
 def _log(msg: str) -> None:
@@ -184,14 +188,14 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
         cb = ImportanceCallback(ImportanceConfig(criterion="wanda" if row in ("c", "d") else "sparsegpt"),
                                 schedule=schedule, distill=distill if row != "c" else None)
         cell.update(_train(model, train, args.steps, [cb], args, tag, seed))
-    elif row in ("e", "g", "k", "l", "m", "n"):
+    elif row in ("e", "g", "k", "l", "m", "n", "p"):
         first = args.steps // 4
         model = _load(base)
         stats = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))
         phase1 = _train(model, train.select(range(first * args.batch_size)), first, [stats], args,
                         f"{row}1{tag[len(row):]}", seed)
         teacher = _save(model, WORK / row / f"dense{tag[len(row):]}")
-        owl = {"allocation": "owl", "owl_m": Q.OWL_M, "owl_lambda": Q.OWL_LAMBDA} if row in ("m", "n") else {}
+        owl = {"allocation": "owl", "owl_m": Q.OWL_M, "owl_lambda": Q.OWL_LAMBDA} if row in OWL_ROWS else {}
         config = PruneConfig(structure=nm) if nm else PruneConfig(sparsity=sparsity, scope="row", **owl)
         t = time.perf_counter()
         report = prune_(model, stats.importance(), config, progress=False)
@@ -203,6 +207,8 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
         refit = {"refit_at": int(REFIT_AT * args.steps) - first} if row in ("k", "l", "n") else {}
         if row in ("l", "n"):
             refit.update(cross_term=True, cross_alpha=CROSS_ALPHA)
+        if row == "p":  # early: at the held phase's step 16 of 75 (--steps 100)
+            refit = {"refit_at": max(1, int(EARLY_REFIT * args.steps)), "cross_term": True, "cross_alpha": EARLY_ALPHA}
         cb = ImportanceCallback(ImportanceConfig(criterion="sparsegpt") if refit else None,
                                 schedule=PruneSchedule(mode="hold", masks_from=str(pruned), **refit),
                                 distill=DistillConfig(teacher=str(teacher), alpha=ALPHA, temperature=TEMPERATURE,

@@ -41,6 +41,8 @@ Issue 27's rows (statistics of the pruned model itself, gathered while it trains
 - (m) (e) with OWL's per-decoder-layer sparsities (`allocation="owl"`, lambda 0.08, M 5, as section 6's one-shot
   rows; percentages only, no cell at an N:M point);
 - (n) (m) with (l)'s levers: the re-fit at 60% with the dense-to-pruned cross term, on OWL's mask (percentages only);
+- (p) (m) with the cross-term re-fit early, after the held phase's first 16% of the steps (`cross_alpha` 0.25): where
+  `cross_term_check.py` found it lowers the freshly pruned model's perplexity (percentages only);
 - (j) (f) with `order="depth"`: the decoder layers pruned front to back, each once to the target, at steps spread
   evenly over the first 75% (SmolLM2's 30 layers need `--steps` >= 40), each from the `sparsegpt` statistic gathered
   after the layers before it were pruned (the training-time counterpart of the sequential calibration pipeline);
