@@ -141,7 +141,7 @@ def write_report(cells: list[dict], wanted: list[tuple[str, str, int]], args, ou
             continue
         cellstr = []
         for point, cs in zip(points, got):
-            if cs is None:  # (m), (n): no cell at an N:M point (OWL sets per-layer sparsities)
+            if cs is None:  # OWL_ROWS: no cell at an N:M point (OWL sets per-layer sparsities)
                 cellstr.append("n/a" if row in OWL_ROWS and ":" in point else "not run")
             else:
                 ratio = f" ({_mean(cs, 'ppl_ood') / _mean(dense, 'ppl_ood'):.2f}x)" if dense else ""
