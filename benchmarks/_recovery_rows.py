@@ -42,6 +42,8 @@ ROWS = {
          "(l)'s levers on (m)'s mask (unstructured points only)",
     "p": "(p) (m) + the cross-term re-fit early in the held phase, after its first 16% of the steps (cross_alpha "
          "0.25), as cross_term_check.py measured it one-shot (unstructured points only)",
+    "q": "(q) (m) with the prune after 16% of the steps instead of 25%: the statistics on as many tokens as "
+         "llm-compressor's calibration (16,384), 84 held steps of recovery (unstructured points only)",
 }
 SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune",
          "b": "(b) llm-compressor SparseGPT + masked fine-tune + distillation", "c": "(c) gradual wanda",
@@ -51,9 +53,10 @@ SHORT = {"dense": "dense", "a": "(a) llm-compressor SparseGPT + masked fine-tune
          "h": "(h) (h0) + pruned stream + re-fit", "i": "(i) (h) + cross term", "j": "(j) gradual OBS by depth",
          "k": "(k) (e) + hold re-fit", "k0": "(k0) (e) + hold re-fit towards the teacher (old)",
          "l": "(l) (k) + cross term", "m": "(m) (e) + OWL allocation",
-         "n": "(n) (m) + re-fit + cross term", "p": "(p) (m) + early cross-term re-fit"}
+         "n": "(n) (m) + re-fit + cross term", "p": "(p) (m) + early cross-term re-fit",
+         "q": "(q) (m), prune at 16% of the steps"}
 SEEDLESS = {"o"}  # rows with nothing seeded: one cell per point
-OWL_ROWS = {"m", "n", "p"}  # OWL sets one sparsity per decoder layer: no cell at an N:M point, which has none to set
+OWL_ROWS = {"m", "n", "p", "q"}  # OWL sets one sparsity per decoder layer: no cell at an N:M point, which has none to set
 CACHE_ONLY = {"k0"}  # rows the package no longer runs: reported from their cached cells, never computed
 DEFAULT_ROWS = ("dense", "a", "b", "c", "d", "e", "f", "g")  # the published commands' rows; issue 27's are named
 LAYERS = 30  # SmolLM2-135M's decoder layers: (j) prunes them one step apart
@@ -61,6 +64,9 @@ ALPHA, TEMPERATURE, HIDDEN_WEIGHT = 0.5, 2.0, 1.0
 REFIT_AT, CROSS_ALPHA = 0.6, 0.5  # (h) and (i): re-fit at 60% of the steps; QEP / GPTAQ's 0.25-0.5
 # (p): the re-fit after 16 held steps of 100 (16,384 tokens, cross_term_check.py's 64 windows), QEP's lower alpha
 EARLY_REFIT, EARLY_ALPHA = 0.16, 0.25
+# (q): the one-shot prune after 16% of the steps: 16 x 4 x 256 = 16,384 statistics tokens at --steps 100, the count of
+# llm-compressor's 64 x 256 calibration windows, leaving 84 steps to recover instead of 75
+EARLY_PRUNE = 0.16
 
 
 def _log(msg: str) -> None:
@@ -188,8 +194,8 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
         cb = ImportanceCallback(ImportanceConfig(criterion="wanda" if row in ("c", "d") else "sparsegpt"),
                                 schedule=schedule, distill=distill if row != "c" else None)
         cell.update(_train(model, train, args.steps, [cb], args, tag, seed))
-    elif row in ("e", "g", "k", "l", "m", "n", "p"):
-        first = args.steps // 4
+    elif row in ("e", "g", "k", "l", "m", "n", "p", "q"):
+        first = max(1, int(EARLY_PRUNE * args.steps)) if row == "q" else args.steps // 4
         model = _load(base)
         stats = ImportanceCallback(ImportanceConfig(criterion="sparsegpt"))
         phase1 = _train(model, train.select(range(first * args.batch_size)), first, [stats], args,

@@ -43,6 +43,8 @@ Issue 27's rows (statistics of the pruned model itself, gathered while it trains
 - (n) (m) with (l)'s levers: the re-fit at 60% with the dense-to-pruned cross term, on OWL's mask (percentages only);
 - (p) (m) with the cross-term re-fit early, after the held phase's first 16% of the steps (`cross_alpha` 0.25): where
   `cross_term_check.py` found it lowers the freshly pruned model's perplexity (percentages only);
+- (q) (m) with the one-shot prune after 16% of the steps instead of 25%: statistics on as many tokens as
+  llm-compressor's calibration (16,384 at the defaults) and 84 held steps of recovery instead of 75 (percentages only);
 - (j) (f) with `order="depth"`: the decoder layers pruned front to back, each once to the target, at steps spread
   evenly over the first 75% (SmolLM2's 30 layers need `--steps` >= 40), each from the `sparsegpt` statistic gathered
   after the layers before it were pruned (the training-time counterpart of the sequential calibration pipeline);
