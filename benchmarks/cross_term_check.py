@@ -1,9 +1,10 @@
-"""The dense-to-pruned cross term (GPTAQ / QEP, issue 27 item 3) on SmolLM2-135M at 70%: does the asymmetric re-fit
-lower the error it targets, and what does it do to perplexity? No training: the re-fit alone, on the state row (m)
-of `recovery.py` holds when its held phase begins.
+"""The dense-to-pruned cross term (GPTAQ / QEP, issue 27 item 3) on SmolLM2-135M at 70% (and, with `--row k`, at 50%
+or 2:4): does the asymmetric re-fit lower the error it targets, and what does it do to perplexity? No training: the
+re-fit alone, on the state row (m) (or (k)) of `recovery.py` holds when its held phase begins.
 
 Inputs: row (m)'s seed-0 teacher (the model after the 25 statistics steps) and its OWL one-shot prune at 70%
-(`benchmarks/_cache/recovery/m/{dense,pruned}-70`; run `recovery.py --steps 100 --rows m --points 70%` first). Both
+(`benchmarks/_cache/recovery/m/{dense,pruned}-70`; run `recovery.py --steps 100 --rows m --points 70%` first), or
+with `--row`, `--point` and `--seed-suffix` another cached state (`k/{dense,pruned}-50-s1`: (k)'s seed 1 at 50%). Both
 run on the same `--fit-windows` training windows of the held phase (seed 0's order, from window 100 on), hooks on
 every decoder Linear gather the student's `H~ = sum x~ x~^T` and `C = sum (x - x~) x~^T` (`x`: the teacher's input of
 that Linear, `x~` the student's), as `PruneSchedule(cross_term=True)` does during training. Then every masked weight
@@ -17,6 +18,8 @@ dense layer's output on dense inputs, what the cross term targets) and `||R X~ -
 averaged over the 210 Linears, with the first, middle and last ten layers apart.
 
     OMP_NUM_THREADS=1 python benchmarks/cross_term_check.py --alphas 0,0.25,0.5,1
+    OMP_NUM_THREADS=1 python benchmarks/cross_term_check.py --row k --point 50% --seed-suffix -s1 \
+        --output benchmarks/results/cross_term_check_50.json
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--alphas", default="0,0.25,0.5,1", help="cross_alpha values; 0 = the symmetric re-fit on H~")
     p.add_argument("--fit-windows", type=int, default=64, help="held-phase training windows the statistics see")
+    p.add_argument("--row", default="m", choices=("m", "k"), help="the recovery.py row whose cached state to use: "
+                   "(m) OWL at 70%%, or (k) uniform per-row (its cache holds seeds 1 and 2 only)")
+    p.add_argument("--point", default="70%", help="the sparsity of that state: 70%% for (m); 50%% or 2:4 for (k)")
     p.add_argument("--seed-suffix", default="", help="'-s1', '-s2': another seed's cached teacher and prune")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=str(Q.ROOT / "benchmarks" / "results" / "cross_term_check.json"))
@@ -108,10 +114,12 @@ def main() -> None:
     alphas = [float(a) for a in args.alphas.split(",")]
     if any(not 0 <= a <= 1 for a in alphas):
         p.error("--alphas: each in [0, 1]")
-    teacher_dir, pruned_dir = (RECOVERY / "m" / f"{kind}-70{args.seed_suffix}" for kind in ("dense", "pruned"))
+    state = f"{Q._slug(args.point)}{args.seed_suffix}"
+    teacher_dir, pruned_dir = (RECOVERY / args.row / f"{kind}-{state}" for kind in ("dense", "pruned"))
     if not (teacher_dir / "config.json").is_file() or not (pruned_dir / "config.json").is_file():
-        p.error(f"no cached row (m) state at {teacher_dir.parent}: run recovery.py --steps 100 --rows m --points 70% "
-                "first")
+        seeds = f" --first-seed {args.seed_suffix[2:]} --seeds {int(args.seed_suffix[2:]) + 1}" if args.seed_suffix else ""
+        p.error(f"no cached row ({args.row}) state {teacher_dir}: run recovery.py --steps 100 --rows {args.row} "
+                f"--points {args.point}{seeds} first")
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,8 +162,8 @@ def main() -> None:
               + "; ".join(f"{k} {row[k][0]:.4f} / {row[k][1]:.4f}" for k in ("all", "layers 0-9", "layers 10-19",
                                                                              "layers 20-29"))
               + f"; re-fit {refit_s:.0f} s", flush=True)
-        Q._write_json(Path(args.output), {"fit_windows": args.fit_windows, "seed_suffix": args.seed_suffix,
-                                          "rows": results})
+        Q._write_json(Path(args.output), {"row": args.row, "point": args.point, "fit_windows": args.fit_windows,
+                                          "seed_suffix": args.seed_suffix, "rows": results})
 
 
 if __name__ == "__main__":
