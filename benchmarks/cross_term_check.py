@@ -18,7 +18,7 @@ dense layer's output on dense inputs, what the cross term targets) and `||R X~ -
 averaged over the 210 Linears, with the first, middle and last ten layers apart.
 
     OMP_NUM_THREADS=1 python benchmarks/cross_term_check.py --alphas 0,0.25,0.5,1
-    OMP_NUM_THREADS=1 python benchmarks/cross_term_check.py --row k --point 50% --seed-suffix -s1 \
+    OMP_NUM_THREADS=1 python benchmarks/cross_term_check.py --row k --point 50% --seed-suffix=-s1 \
         --output benchmarks/results/cross_term_check_50.json
 """
 
