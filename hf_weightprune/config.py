@@ -212,7 +212,7 @@ class PruneConfig(JsonConfigMixin):
             (`PruneSchedule(cross_term=True)` under distillation, [`Importance.has_cross`]): the sweep solves the
             asymmetric objective `||W X - W_hat X~||^2` of GPTAQ / QEP for every weight with a cross term
             ([`~prune.refit.asymmetric_sparsegpt_prune_`]), with this share of the correction in [0, 1] (the schedule's
-            `cross_alpha`: 0.5 by default there, the papers use 0.25 to 0.5; 1 is the exact asymmetric solution, 0 the
+            `cross_alpha`: 0.25 by default there, the papers use 0.25 to 0.5; 1 is the exact asymmetric solution, 0 the
             symmetric sweep on `H~`). `None` (default): the symmetric sweep. The model to prune is that run's dense
             teacher, whose inputs `X` the cross term was measured against (a gradual run's default teacher: the model
             the run started from).

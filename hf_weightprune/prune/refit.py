@@ -185,10 +185,10 @@ def offline_cross_terms(importance, cross_alpha: float | None, reconstruct: bool
     """
     if cross_alpha is None:
         if reconstruct and importance.has_cross:
-            # The keyword's words; the command line's log handler names the flag (`--cross_alpha 0.5`).
+            # The keyword's words; the command line's log handler names the flag (`--cross_alpha 0.25`).
             _warn("unused", "This importance holds the dense-to-pruned cross term of a PruneSchedule(cross_term=True) "
                   "run, which the OBS sweep leaves unused: it solves the symmetric objective on H~. Pass "
-                  "cross_alpha=0.5 for the asymmetric one")
+                  "cross_alpha=0.25 for the asymmetric one")
         return {}
     if not reconstruct:
         hessians = criteria_where(lambda cls: cls.has_hessian)
@@ -227,7 +227,7 @@ def refit_solver(counts: Tensor, *, in_features: int) -> tuple[str, float]:
     return "sweep", sweep_flops(counts.numel(), in_features)
 
 
-def propagate_target(reference: Tensor, hessian: Tensor, cross: Tensor, *, alpha: float = 0.5,
+def propagate_target(reference: Tensor, hessian: Tensor, cross: Tensor, *, alpha: float = 0.25,
                      percdamp: float = 0.01) -> Tensor:
     """
     The target weight whose symmetric objective on `H~` is the asymmetric one: `R + alpha R C (H~ + damp I)^-1`.
@@ -240,7 +240,7 @@ def propagate_target(reference: Tensor, hessian: Tensor, cross: Tensor, *, alpha
         reference (`torch.Tensor`): `[out, in]` weights `R` whose outputs on the dense inputs are the target.
         hessian (`torch.Tensor`): `[in, in]` `H~ = sum x~ x~^T` over the pruned model's inputs.
         cross (`torch.Tensor`): `[in, in]` `C = sum (x - x~) x~^T` over the same tokens (`x`: the dense model's input).
-        alpha (`float`, *optional*, defaults to 0.5): share of the correction applied, in [0, 1].
+        alpha (`float`, *optional*, defaults to 0.25): share of the correction applied, in [0, 1].
         percdamp (`float`, *optional*, defaults to 0.01): dampening of `H~`, as in the sweep.
 
     Returns:
@@ -265,7 +265,7 @@ def propagate_target(reference: Tensor, hessian: Tensor, cross: Tensor, *, alpha
 
 @torch.no_grad()
 def refit_masked_(weight: Tensor, mask: Tensor, hessian: Tensor, *, reference: Tensor | None = None,
-                  cross: Tensor | None = None, alpha: float = 0.5, percdamp: float = 0.01,
+                  cross: Tensor | None = None, alpha: float = 0.25, percdamp: float = 0.01,
                   row_chunk: int | None = None, solver: str = "auto") -> Tensor:
     """
     Re-fit the kept weights of each row, in place, by least squares on their fixed support; no mask changes.
@@ -288,7 +288,7 @@ def refit_masked_(weight: Tensor, mask: Tensor, hessian: Tensor, *, reference: T
             defaults to `weight` as it is (its values where `mask` is `False` are then the pruned weights' values).
         cross (`torch.Tensor`, *optional*):
             `[in, in]` `sum (x - x~) x~^T` of the dense and pruned inputs of the same tokens: the asymmetric objective.
-        alpha (`float`, *optional*, defaults to 0.5):
+        alpha (`float`, *optional*, defaults to 0.25):
             With `cross`: share of the dense-to-pruned correction, in [0, 1] (GPTAQ / QEP use 0.25 to 0.5).
         percdamp (`float`, *optional*, defaults to 0.01):
             Dampening as a fraction of `mean(diag(H))`, as the OBS sweep.
@@ -345,7 +345,7 @@ def refit_masked_(weight: Tensor, mask: Tensor, hessian: Tensor, *, reference: T
 
 
 @torch.no_grad()
-def asymmetric_sparsegpt_prune_(weight: Tensor, hessian: Tensor, cross: Tensor | None = None, *, alpha: float = 0.5,
+def asymmetric_sparsegpt_prune_(weight: Tensor, hessian: Tensor, cross: Tensor | None = None, *, alpha: float = 0.25,
                                 percdamp: float = 0.01, **kwargs) -> Tensor:
     """
     SparseGPT's OBS sweep on the pruned model's Hessian `H~` for the asymmetric objective `||W X - W_hat X~||^2`
@@ -357,7 +357,7 @@ def asymmetric_sparsegpt_prune_(weight: Tensor, hessian: Tensor, cross: Tensor |
         weight (`torch.Tensor`): `[out, in]` weight; overwritten.
         hessian (`torch.Tensor`): `[in, in]` `H~`.
         cross (`torch.Tensor`, *optional*): `[in, in]` `sum (x - x~) x~^T`.
-        alpha (`float`, *optional*, defaults to 0.5): share of the correction, in [0, 1].
+        alpha (`float`, *optional*, defaults to 0.25): share of the correction, in [0, 1].
         percdamp (`float`, *optional*, defaults to 0.01): the sweep's dampening.
         **kwargs: the sweep's mask arguments (`sparsity`, `nm`, `scope`, `blocksize`, `previous`, `nm_sparsity`).
 

@@ -108,7 +108,7 @@ def _hold_refit_text(schedule: dict, refit: str | None, cross: bool, *, legacy: 
 
 
 def _cross_detail(schedule: dict) -> str:
-    """`(GPTAQ / QEP, alpha 0.5)`, with the Linears `cross_max_in_features` left on the plain objective."""
+    """`(GPTAQ / QEP, alpha 0.25)`, with the Linears `cross_max_in_features` left on the plain objective."""
     limit = schedule.get("cross_max_in_features")
     skipped = f"; Linears of more than {limit:,} inputs kept the plain objective" if isinstance(limit, int) else ""
     return f"(GPTAQ / QEP, alpha {schedule.get('cross_alpha')}{skipped})"

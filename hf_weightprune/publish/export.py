@@ -156,7 +156,7 @@ def warn_cross_input(model_dir: str | os.PathLike, config: PruneConfig) -> None:
     """
     if config.cross_alpha is None or not os.path.isfile(os.path.join(model_dir, SPARSITY_NAME)):
         return
-    # In the keyword's words: the command line's log handler names the flag (`--cross_alpha 0.5`), on both its paths.
+    # In the keyword's words: the command line's log handler names the flag (`--cross_alpha 0.25`), on both its paths.
     logger.warning("cross_alpha=%g: %s is already pruned (it holds %s), and the cross term pairs the dense teacher's "
                    "inputs with the pruned student's: unless this folder is the run's teacher, prune the model the run "
                    "distilled from (a gradual run's default: the model it started from)", config.cross_alpha,

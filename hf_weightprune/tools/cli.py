@@ -177,7 +177,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if imp.has_cross:  # what `--cross_alpha` needs, and which model it is for
         print(f"cross term: {len(imp.cross_terms())} of the {len(imp.names)} tracked weights hold the dense-to-pruned "
               "cross term of a PruneSchedule(cross_term=True) run; prune that run's dense teacher with "
-              "--cross_alpha 0.5 for the asymmetric OBS sweep")
+              "--cross_alpha 0.25 for the asymmetric OBS sweep")
     _print_router(imp.sections.get("router"))
     if args.plot:
         from .plotting import plot_layer_stats
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from ..config import PruneConfig
 
-        # One line, no traceback: the message says what to fix, with the flags the user typed (`--cross_alpha 0.5`).
+        # One line, no traceback: the message says what to fix, with the flags the user typed (`--cross_alpha 0.25`).
         lines = str(e).strip().splitlines()
         line = in_flags(lines[0], PruneConfig, bare=False) if lines else type(e).__name__
         print(f"hf-weightprune {args.command}: error: {line}", file=sys.stderr)

@@ -71,7 +71,7 @@ def command_logging(args: argparse.Namespace) -> Iterator[None]:
             pass
 
     class _InFlags(logging.Formatter):
-        """Names `PruneConfig` settings as the flags (`--cross_alpha 0.5`, not `cross_alpha=0.5`); only here, so
+        """Names `PruneConfig` settings as the flags (`--cross_alpha 0.25`, not `cross_alpha=0.25`); only here, so
         other handlers (a caller's, pytest's) keep the library's words."""
 
         def format(self, record: logging.LogRecord) -> str:

@@ -153,9 +153,12 @@ class PruneSchedule(JsonConfigMixin):
             the re-fit is its only reader, `refit_at` (`W` is then the re-fit's target). Memory: one more `[in, in]` float32 matrix
             per distinct Linear input (q/k/v and gate/up share theirs), as much again as the `sparsegpt` statistic,
             plus the teacher's Linear inputs of one forward until the student consumes them.
-        cross_alpha (`float`, *optional*, defaults to 0.5):
+        cross_alpha (`float`, *optional*, defaults to 0.25):
             Share of the correction applied, in [0, 1]: QEP's propagation strength (0.25 to 0.5 in the papers; 1.0 is
-            the exact asymmetric solution, 0 the plain objective on `H~`).
+            the exact asymmetric solution, 0 the plain objective on `H~`). A training run corrects every layer at once
+            from inputs taken before any correction, where the papers correct one layer at a time: on SmolLM2-135M
+            at 70%, 0.5 raised the re-fitted model's perplexity 2.3x where 0.25 lowered it (`benchmarks/README.md`
+            section 11), hence the papers' lower end.
         cross_max_in_features (`int`, *optional*):
             Skip the cross term of Linears with more inputs (e.g. Llama's `down_proj`, whose `intermediate^2` matrix is
             the largest): they keep the plain objective.
@@ -194,7 +197,7 @@ class PruneSchedule(JsonConfigMixin):
     pruned_stream: bool | None = field(default=None, metadata={"help": "Restart the Hessians at mask changes."})
     refit_at: float | int | None = field(default=None, metadata={"help": "Re-fit step (or fraction) after end."})
     cross_term: bool = field(default=False, metadata={"help": "Asymmetric OBS objective from the teacher's inputs."})
-    cross_alpha: float = field(default=0.5, metadata={"help": "Share of the dense-to-pruned correction, [0, 1]."})
+    cross_alpha: float = field(default=0.25, metadata={"help": "Share of the dense-to-pruned correction, [0, 1]."})
     cross_max_in_features: int | None = field(default=None, metadata={"help": "No cross term above this input."})
     order: str = field(default="all", metadata={"help": "all | depth (layers pruned front to back)"})
 

@@ -115,7 +115,7 @@ def test_a_folder_with_a_cross_term_pruned_without_cross_alpha_says_so(run, tmp_
     run_dir, callback_importance = run
     with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
         _pruned(run_dir, PruneConfig(sparsity=0.5))
-    assert "holds the dense-to-pruned cross term" in caplog.text and "Pass cross_alpha=0.5" in caplog.text
+    assert "holds the dense-to-pruned cross term" in caplog.text and "Pass cross_alpha=0.25" in caplog.text
     caplog.clear()
     dense = tmp_path / "dense"
     _dense().save_pretrained(dense)
@@ -124,7 +124,7 @@ def test_a_folder_with_a_cross_term_pruned_without_cross_alpha_says_so(run, tmp_
         assert main(["prune", str(dense), "--importance", str(run_dir), "--output_dir", str(tmp_path / f"cli{i}"),
                      *extra]) == 0
         shown = [line for line in capsys.readouterr().err.splitlines() if "cross term" in line]
-        assert len(shown) == 1 and "Pass --cross_alpha 0.5 for the asymmetric one" in shown[0], shown
+        assert len(shown) == 1 and "Pass --cross_alpha 0.25 for the asymmetric one" in shown[0], shown
         assert "cross_alpha=" not in shown[0] and "None" not in shown[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_weightprune"):  # nothing to say without a cross term
@@ -271,7 +271,7 @@ def test_inspect_says_the_folder_holds_a_cross_term_and_how_to_use_it(run, tmp_p
     n_cross, n = len(load_importance(run_dir).cross_terms()), len(load_importance(run_dir).names)
     assert main(["inspect", str(run_dir)]) == 0
     assert (f"cross term: {n_cross} of the {n} tracked weights hold the dense-to-pruned cross term of a "
-            "PruneSchedule(cross_term=True) run; prune that run's dense teacher with --cross_alpha 0.5"
+            "PruneSchedule(cross_term=True) run; prune that run's dense teacher with --cross_alpha 0.25"
             in capsys.readouterr().out)
     plain = tmp_path / "plain"  # a folder without it says nothing about cross terms
     _dense().save_pretrained(plain)

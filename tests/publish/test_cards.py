@@ -274,11 +274,11 @@ def test_schedule_sentence_states_the_pruned_stream_options():
     assert "restarted at every mask change" in stream and "re-fitted" not in stream
     refitting = PruneSchedule(final_sparsity=0.5, start=0.1, end=0.6, cross_term=True, refit_at=0.8)
     cross = text(refitting, refitted_at=9)  # the step the re-fit ran, as the run recorded it
-    assert "restarted at every mask change" in cross and "GPTAQ / QEP, alpha 0.5" in cross
+    assert "restarted at every mask change" in cross and "GPTAQ / QEP, alpha 0.25" in cross
     assert cross.endswith("; the kept weights were re-fitted at step 9 by least squares on their fixed support")
     # the re-fit never ran (training stopped before it): no claim; the cross term still fed the OBS updates
     never = text(refitting, refitted_at=None)
-    assert "re-fitted" not in never and "GPTAQ / QEP, alpha 0.5" in never and "restarted at every mask change" in never
+    assert "re-fitted" not in never and "GPTAQ / QEP, alpha 0.25" in never and "restarted at every mask change" in never
     # a file of an earlier version (no `refitted_at` key) keeps the configured point its card stated
     assert "the kept weights were re-fitted at 80% of training by least squares" in text(refitting)
     depth = text(PruneSchedule(final_sparsity=0.5, start=0.1, end=0.7, order="depth"))

@@ -209,7 +209,7 @@ def test_a_hold_schedule_records_only_the_fields_it_uses_and_resumes_checkpoints
         assert gradual not in recorded, gradual
     assert recorded == {"mode": "hold", "masks_from": str(tmp_path), "structure": "unstructured", "scope": None,
                         "target_modules": None, "exclude_modules": None, "dampening": 0.01, "refit_at": 3,
-                        "cross_term": True, "cross_alpha": 0.5, "cross_max_in_features": None}
+                        "cross_term": True, "cross_alpha": 0.25, "cross_max_in_features": None}
     assert PruneSchedule.from_dict(recorded) == hold  # the defaults fill in what is not recorded
     assert "end" in PruneSchedule(final_sparsity=0.5).to_dict()  # a gradual schedule records everything
     old = dataclasses.asdict(hold)  # what earlier versions wrote: every field
@@ -223,6 +223,13 @@ def test_a_hold_schedule_records_only_the_fields_it_uses_and_resumes_checkpoints
     with pytest.raises(ValueError, match=r"schedule changed since the checkpoint: refit_at: checkpoint 3 -> now 4"):
         MaskHolder(PruneSchedule(mode="hold", masks_from=str(tmp_path), refit_at=4, cross_term=True)).load_state_dict(
             state, {})
+    # cross_alpha's default moved from 0.5 to 0.25: a run checkpointed with the old default, resumed with the new one,
+    # is refused in one line naming both shares, not silently re-fitted with another
+    before = {**state, "config": {**old, "cross_alpha": 0.5}}
+    with pytest.raises(ValueError, match=r"schedule changed since the checkpoint: cross_alpha: checkpoint 0.5 -> now 0.25"):
+        MaskHolder(hold).load_state_dict(before, {})
+    MaskHolder(PruneSchedule(mode="hold", masks_from=str(tmp_path), refit_at=3, cross_term=True,
+                             cross_alpha=0.5)).load_state_dict(before, {})
 
 
 def test_hold_on_the_dense_model_warns_that_it_is_a_mask_only_prune(tmp_path, caplog):
