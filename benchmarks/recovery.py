@@ -30,17 +30,18 @@ Issue 27's rows (statistics of the pruned model itself, gathered while it trains
   model's inputs (`pruned_stream=True`), and at 60% of the steps the kept weights are re-fitted by least squares on
   their fixed support from that pruned-stream Hessian (`refit_at=0.6`), towards the weights with the pruning edits
   undone;
-- (i) (h) with the dense-to-pruned cross term under distillation (`cross_term=True`, `cross_alpha=0.5`): the re-fit
+- (i) (h) with the dense-to-pruned cross term under distillation (`cross_term=True`, `cross_alpha=0.25`): the re-fit
   solves `||W X - W^ X~||^2` from the teacher's inputs X and the student's X~ of the same batches (GPTAQ / QEP);
 - (k) (e) with a re-fit in its held phase: (e)'s second phase also gathers the `sparsegpt` statistic (in a hold run
   every forward is the pruned model's, so it is the pruned-stream Hessian from the prune on) and, at the same overall
   step as (h)'s (60% of the steps), re-fits the kept weights on their support towards their trained values with the
   one-shot prune's OBS edits undone (`PruneSchedule(mode="hold", refit_at=...)`; (k0), cached cells only, was the
   re-fit towards the teacher's weights, as the package did it before 2026-12-07);
-- (l) (k) with the dense-to-pruned cross term (`cross_term=True`, `cross_alpha=0.5`), as (i) is to (h);
+- (l) (k) with the dense-to-pruned cross term (`cross_term=True`, `cross_alpha=0.25`), as (i) is to (h);
 - (m) (e) with OWL's per-decoder-layer sparsities (`allocation="owl"`, lambda 0.08, M 5, as section 6's one-shot
   rows; percentages only, no cell at an N:M point);
-- (n) (m) with (l)'s levers: the re-fit at 60% with the dense-to-pruned cross term, on OWL's mask (percentages only);
+- (n) (m) with the re-fit at 60% and the dense-to-pruned cross term at `cross_alpha=0.5` (the package default
+  before 2026-12-07), on OWL's mask (percentages only);
 - (p) (m) with the cross-term re-fit early, after the held phase's first 16% of the steps (`cross_alpha` 0.25): where
   `cross_term_check.py` found it lowers the freshly pruned model's perplexity (percentages only);
 - (q) (m) with the one-shot prune after 16% of the steps instead of 25%: statistics on as many tokens as
