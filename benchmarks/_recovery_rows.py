@@ -228,6 +228,8 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
                 raise RuntimeError(f"({row}): the re-fit planned at held step {refit['refit_at']} ran at "
                                    f"{cb.mask_holder.refitted_at}")
             cell.update(prune_step=first, refit_step=first + refit["refit_at"])
+            if refit.get("cross_term"):  # the share, which the row's default has changed once
+                cell["cross_alpha"] = refit["cross_alpha"]
         cell.update(train_seconds=phase1["train_seconds"] + phase2["train_seconds"], steps=args.steps,
                     train_loss=phase2["train_loss"], phase_steps=[first, args.steps - first])
     elif row in ("h0", "h", "i"):
@@ -244,6 +246,8 @@ def run_row(row: str, point: str, seed: int, train, valid, ood, calibration: Pat
         cell.update(_train(model, train, args.steps, [cb], args, tag, seed))
         # The step the re-fit ran at, as the callback recorded it (a row whose re-fit was skipped measures nothing).
         cell.update(prune_step=first, refit_step=cb.mask_holder.refitted_at)
+        if schedule.cross_term:
+            cell["cross_alpha"] = schedule.cross_alpha
         if row != "h0" and cell["refit_step"] != schedule.refit_step(args.steps):
             raise RuntimeError(f"({row}): the re-fit planned at step {schedule.refit_step(args.steps)} ran at "
                                f"{cell['refit_step']}")
