@@ -9,10 +9,6 @@ number of points. Structured: each point prunes a copy of the dense model (one a
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,15 +21,18 @@ from .. import distributed as D
 from ..collect.importance import Importance
 from ..config import PruneConfig
 from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
-from ..io_utils import atomic_write_text, check_arg_type, path_name
-from ..perplexity import perplexity, perplexity_text
+from ..io_utils import check_arg_type, path_name
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
 from ..scorers import SCORERS, default_scope
 from ..validation import parse_structure
 from .structured_sweep import check_output_kind, plan_sweep, refresh_card
+from .sweep_results import FIELDS, format_table, plot_results, write_results
+
+# The names this module has always offered (benchmarks and tests import them from here).
+__all__ = ["DEFAULT_SPARSITIES", "FIELDS", "SWEEP_CSV", "SWEEP_JSON", "SWEEP_PNG", "format_table", "parse_sparsities",
+           "sweep", "write_results"]
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")
 
 
 def parse_sparsities(text: str) -> list[float]:
@@ -71,32 +70,6 @@ def parse_sparsities(text: str) -> list[float]:
     if bad:
         raise ValueError(f"sparsities must lie in [0, 1); got {bad}")
     return sorted(set(values))
-
-
-def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike,
-                  fields: Sequence[str] = FIELDS) -> None:
-    """Write `sweep.csv` and `sweep.json` (a list of rows, the dense reference first), each atomically.
-
-    Args:
-        rows (`Sequence[Mapping[str, Any]]`): rows as [`sweep`] returns them.
-        output_dir (`str` or `os.PathLike`): created if missing.
-        fields (`Sequence[str]`, *optional*): the CSV's columns (a structured sweep's are `structured_sweep.FIELDS`).
-
-    Returns:
-        `None`. A perplexity that overflows is `None` in the rows (`hf_weightprune.perplexity`): an empty cell in the
-        CSV, `null` in the JSON, its loss kept. Other non-finite values (a loss of a collapsed model) stay `inf`/`nan`
-        in the CSV and become `null` in the JSON (which has neither).
-    """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / SWEEP_CSV, buf.getvalue())
-    # Non-finite values (a collapsed model) are written as null: JSON has no inf/nan.
-    clean = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()} for r in rows]
-    atomic_write_text(out / SWEEP_JSON, json.dumps(clean, indent=2) + "\n")
 
 
 def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None,
@@ -358,7 +331,7 @@ def sweep(
     bar.close()
     if output_dir is not None:
         write_results(rows, output_dir, FIELDS if candidates is None else STRUCTURED_FIELDS)
-        _plot(rows, Path(output_dir) / SWEEP_PNG, title, structured=candidates is not None)
+        plot_results(rows, Path(output_dir) / SWEEP_PNG, title, structured=candidates is not None)
         refresh_card(output_dir)  # a pruned model's folder: its generated card shows the sweep at once
     return rows
 
@@ -405,45 +378,3 @@ def _unstructured_rows(model, importances, points, kind, structure, scope, windo
                 bar.update()
     model.load_state_dict(dense)
     return rows
-
-
-def _plot(rows: list[dict[str, Any]], path: Path, title: str, structured: bool = False) -> None:
-    from .sweep_plot import plot_sweep
-
-    # a point where exp(loss) overflows has no height on the chart: left out, as every one may be (no chart then)
-    points = [r for r in rows if r["criterion"] != "dense" and perplexity(r["loss"]) is not None]
-    if points:
-        plot_sweep(points, path, dense_loss=rows[0]["loss"], title=title, structured=structured)
-
-
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A markdown table of perplexity: one row per criterion, one column per sparsity.
-
-    Args:
-        rows (`Sequence[Mapping[str, Any]]`): rows as [`sweep`] returns them.
-
-    Returns:
-        `str`: the table, then the dense perplexity and loss on a line of their own when a dense row is present. A
-        perplexity is stated from the row's loss by `perplexity_text` ("overflow (> 1e308)" past a loss of ~709.78).
-        A structured sweep's rows: one row per candidate, one column per size (`structured_sweep`'s table).
-    """
-    if any("size" in r for r in rows):
-        from .structured_sweep import format_structured_table
-
-        return format_structured_table(rows)
-    dense = next((r for r in rows if r["criterion"] == "dense"), None)
-    points = [r for r in rows if r["criterion"] != "dense"]
-    columns = sorted({(r["structure"], r["sparsity"]) for r in points}, key=lambda c: (c[0] != "unstructured", c))
-    names = list(dict.fromkeys(r["criterion"] for r in points))
-    cell = {(r["criterion"], r["structure"], r["sparsity"]): r["loss"] for r in points}  # stated by perplexity_text
-
-    def head(c):
-        return f"{c[1]:.0%}" if c[0] == "unstructured" else c[0]
-
-    lines = ["| criterion | " + " | ".join(head(c) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
-    for name in names:
-        values = [cell.get((name, *c)) for c in columns]
-        lines.append(f"| {name} | " + " | ".join("" if v is None else perplexity_text(v) for v in values) + " |")
-    if dense is not None:
-        lines.append(f"\nDense perplexity: {perplexity_text(dense['loss'])} (loss {dense['loss']:.4f}).")
-    return "\n".join(lines)
