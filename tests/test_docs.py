@@ -262,7 +262,7 @@ MAY_IMPORT = {
     "tools/structured_sweep": {"collect/importance", "config", "files/pruned_files", "perplexity", "prune/budget", "prune/pruner", "publish/card", "tools/log_once", "tools/search", "validation"},
     "tools/sweep": {"collect/importance", "config", "distributed", "files/importance_files", "files/pruned_files", "files/safetensors_io", "io_utils", "prune/oneshot", "prune/pruner", "prune/refit", "publish/export", "scorers", "tools/data", "tools/model_io", "tools/structured_sweep", "tools/sweep_results", "validation"},
     "tools/sweep_plot": {"perplexity", "tools/plotting"},
-    "tools/sweep_results": {"files/pruned_files", "io_utils", "perplexity", "tools/structured_sweep", "tools/sweep_plot"},
+    "tools/sweep_results": {"files/pruned_files", "io_utils", "moe", "perplexity", "prune/report", "tools/plotting", "tools/structured_sweep", "tools/sweep_plot"},
     "train/callback": {"collect/accumulator", "collect/cross", "collect/importance", "config", "moe", "train/checkpoint", "train/distill", "train/distiller", "train/holder", "train/recovery", "train/schedule", "train/stream"},
     "train/checkpoint": {"config", "distributed", "files/cross_files", "files/importance_files", "files/refit_files", "files/safetensors_io", "files/training_state", "files/unit_files", "io_utils", "train/stream"},
     "train/distill": {"io_utils"},

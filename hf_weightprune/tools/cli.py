@@ -248,7 +248,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                               "parameters removed for several structures (--structure neurons --sizes 0.2,0.35,0.5), "
                               "with a plot.",
                               formatter_class=formatter)
-    p.add_argument("model_dir", help="trained dense model folder (with its tokenizer)")
+    p.add_argument("model_dir", help="trained model folder (with its tokenizer): dense, or a pruned folder, whose first "
+                   "row is then 'input' with its share of zeros (sparsities below it are skipped)")
     p.add_argument("--importance", nargs="*", default=[], metavar="[LABEL=]DIR",
                    help="importance / checkpoint folders (or Hub repos) to compare, optionally labelled")
     add_importance_name(p)

@@ -1,10 +1,13 @@
 """Sparsity sweep: loss and perplexity of one model pruned at several sparsities by several criteria, or made smaller
 at several sizes by several structures (the structured part lives in `structured_sweep.py`).
 
-Memory: the model is loaded once. Unstructured and N:M: a CPU copy of its dense weights is kept and loaded back into
-the same model before every point, so the cost is about one dense copy plus the working (pruned) model, whatever the
-number of points. Structured: each point prunes a copy of the dense model (one at a time). Results go to `sweep.csv`,
-`sweep.json` (the rows the model card reads) and `sweep.png`.
+Memory: the model is loaded once. Unstructured and N:M: a CPU copy of its weights as loaded is kept and loaded back
+into the same model before every point, so the cost is about one copy plus the working (pruned) model, whatever the
+number of points. Structured: each point prunes a copy of the model (one at a time). Results go to `sweep.csv`,
+`sweep.json` (the rows the model card reads) and `sweep.png` (`sweep_results.py`).
+
+The input may be a model that already holds zeros (a folder `save_pruned` wrote): its first row then says so
+(`"input"`, its share of zeros measured, not `"dense"`), and the sparsities below that share are skipped.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from tqdm.auto import tqdm
 from .. import distributed as D
 from ..collect.importance import Importance
 from ..config import PruneConfig
-from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
+from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, SWEEP_REFERENCES, sweep_reference
 from ..io_utils import check_arg_type, path_name
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
 from ..scorers import SCORERS, default_scope
 from ..validation import parse_structure
 from .structured_sweep import check_output_kind, plan_sweep, refresh_card
-from .sweep_results import FIELDS, format_table, plot_results, write_results
+from .sweep_results import FIELDS, format_table, measure_input, plot_results, points_above, write_results
 
 # The names this module has always offered (benchmarks and tests import them from here).
 __all__ = ["DEFAULT_SPARSITIES", "FIELDS", "SWEEP_CSV", "SWEEP_JSON", "SWEEP_PNG", "format_table", "parse_sparsities",
@@ -185,7 +188,9 @@ def sweep(
     """Prune a fresh copy of the model at every sparsity (or size) with every criterion and measure loss and perplexity.
 
     Args:
-        model_dir (`str` or `os.PathLike`): the trained dense model (and its tokenizer), as `from_pretrained` reads.
+        model_dir (`str` or `os.PathLike`): the trained model (and its tokenizer), as `from_pretrained` reads: dense,
+            or one that already holds zeros (a folder `save_pruned` wrote), whose share of zeros is measured: its row
+            is then `"input"`, and an unstructured sweep skips the sparsities below that share (one warning).
         importance (`dict`, `list` or `None`): trained importance to compare: `{label: folder or Importance}`, or a
             list of folders / `Importance` objects / `"label=folder"` strings (labelled by criterion).
         data (`str` or `os.PathLike`): evaluation text (`.txt`, `.json`, `.jsonl` or a saved dataset folder).
@@ -229,13 +234,15 @@ def sweep(
     Returns:
         `list[dict]`: rows `{"criterion", "structure", "sparsity", "loss", "perplexity", "tokens", "dataset"}`
         (`tokens` evaluated, `dataset` the data's file or folder name; a pruned row also has `scope` and
-        `importance_criterion`), the dense model first (criterion `"dense"`). Loss is the mean cross-entropy in nats
-        per token, perplexity `exp(loss)`. A sparsity of 0 prunes nothing, so its rows repeat the dense loss.
+        `importance_criterion`), the model as given first: criterion and structure `"dense"` when its prunable
+        weights hold no zero, else `"input"` with `input_sparsity` (and, unstructured or N:M, `sparsity`) the share of
+        zeros measured in them. Loss is the mean cross-entropy in nats per token, perplexity `exp(loss)`. A sparsity
+        of 0 prunes nothing, so its rows repeat the dense loss.
         A structured row also has `candidate` (its line in the plot), `unit_statistic` (`"per-weight scores"` for an
         importance without unit statistics), `compensate`, `round_to`, `size` (asked), `target_params`,
         `num_parameters` (kept, as counted on the pruned copy) and `sparsity` (the share of the model's parameters
         it removed, measured), `skipped` (why a point could not be pruned, its loss `None`) and `same_as` (the
-        candidate that pruned the very same model, scored once); the dense row has `num_parameters`.
+        candidate that pruned the very same model, scored once); the reference row has `num_parameters`.
 
     Raises:
         TypeError: an argument has the wrong type (checked before anything is loaded).
@@ -243,7 +250,9 @@ def sweep(
             sparsities with a structured one); nothing to compare; unusable data or tokenizer; importance that does
             not match the model; structured: a candidate that cannot prune the model at the largest size (architecture,
             statistics, a size that empties a layer), checked before the dense model is evaluated; `output_dir`
-            refused by the output rule; a `model_dir` without config.json or weights.
+            refused by the output rule; a `model_dir` without config.json or weights; an importance labelled `"dense"`
+            or `"input"` (the reference row's names); every sparsity below the share of zeros the model already holds
+            (after it is loaded, before any evaluation).
         FileNotFoundError: `model_dir` is not a folder, or `data` does not exist.
     """
     _check_sweep_args(locals())  # first statement: locals() holds exactly the arguments
@@ -266,6 +275,10 @@ def sweep(
     if bad:
         raise ValueError(f"baselines must be among {ONESHOT_CRITERIA}; got {bad}")
     importances = _label_importances(importance, importance_name)
+    reserved = [label for label in importances if label in SWEEP_REFERENCES]
+    if reserved:
+        raise ValueError(f"importance label {reserved[0]!r} names the sweep's reference row (the model as given): "
+                         "choose another")
     if not importances and not baselines:
         raise ValueError("nothing to compare: give importance folders and/or one-shot baselines")
     if not os.path.isdir(model_dir):
@@ -290,6 +303,9 @@ def sweep(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
+    input_sparsity = measure_input(model)  # a pruned folder is not "dense": its reference row says what it holds
+    if candidates is None and kind != "N:M":  # an N:M pattern prunes further whatever the share (groups, not a count)
+        points = points_above(points, input_sparsity)
 
     for label, imp in list(importances.items()):
         if not isinstance(imp, Importance):
@@ -324,10 +340,11 @@ def sweep(
             bar.update()
 
         rows = structured_rows(model, importances, candidates, points, windows, batch_size=batch_size,
-                               dense_eval=dense_eval, dataset=dataset, on_point=on_point)
+                               dense_eval=dense_eval, dataset=dataset, on_point=on_point,
+                               input_sparsity=input_sparsity)
     else:
         rows = _unstructured_rows(model, importances, points, kind, structure, scope, windows, batch_size, dense_eval,
-                                  dataset, output_dir, bar)
+                                  dataset, output_dir, bar, input_sparsity)
     bar.close()
     if output_dir is not None:
         write_results(rows, output_dir, FIELDS if candidates is None else STRUCTURED_FIELDS)
@@ -337,23 +354,23 @@ def sweep(
 
 
 def _unstructured_rows(model, importances, points, kind, structure, scope, windows, batch_size, dense_eval, dataset,
-                       output_dir, bar) -> list[dict[str, Any]]:
-    """Every importance at every sparsity on the one model, its dense weights loaded back before each point."""
+                       output_dir, bar, input_sparsity) -> list[dict[str, Any]]:
+    """Every importance at every sparsity on the one model, its weights as loaded put back before each point."""
     from ..prune.pruner import prune_
     from ..prune.refit import cross_warnings_once
     from .data import evaluate_loss
 
-    # One CPU copy of the dense weights, loaded back before each point (tied tensors are copied once).
-    dense: dict[str, torch.Tensor] = {}
+    # One CPU copy of the weights as loaded, put back before each point (tied tensors are copied once).
+    loaded: dict[str, torch.Tensor] = {}
     copies: dict[int, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         ptr = tensor.data_ptr()
         if ptr not in copies:
             copies[ptr] = tensor.detach().to("cpu", copy=True)
-        dense[key] = copies[ptr]
+        loaded[key] = copies[ptr]
     del copies
 
-    rows: list[dict[str, Any]] = [{"criterion": "dense", "structure": "dense", "sparsity": 0.0,
+    rows: list[dict[str, Any]] = [{**sweep_reference(input_sparsity), "sparsity": input_sparsity,
                                    "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"],
                                    "tokens": dense_eval["tokens"], "dataset": dataset}]
     with cross_warnings_once():  # one importance pruned at every point: its cross-term advice once per sweep
@@ -363,7 +380,7 @@ def _unstructured_rows(model, importances, points, kind, structure, scope, windo
                 if s == 0.0:
                     result = dense_eval
                 else:
-                    model.load_state_dict(dense)
+                    model.load_state_dict(loaded)
                     config = PruneConfig(sparsity=None if kind == "N:M" else s, structure=structure, scope=scope)
                     prune_(model, imp, config, progress=False)
                     result = evaluate_loss(model, windows, batch_size=batch_size)
@@ -376,5 +393,5 @@ def _unstructured_rows(model, importances, points, kind, structure, scope, windo
                 if output_dir is not None:
                     write_results(rows, output_dir)
                 bar.update()
-    model.load_state_dict(dense)
+    model.load_state_dict(loaded)
     return rows
