@@ -105,12 +105,39 @@ def is_sweep_reference(row: Any) -> bool:
 
 def sweep_reference_name(row: Any) -> str:
     """What the reference row is, in words: `"Dense"`, or `"Input model (50.0% sparse)"` for an input that already
-    held zeros (a share under 0.05% keeps two significant digits, so it never reads as 0.0%)."""
-    share = row.get("input_sparsity") if isinstance(row, dict) and row.get("criterion") == "input" else None
-    if share is None:
-        return "Dense" if not isinstance(row, dict) or row.get("criterion") != "input" else "Input model"
+    held zeros ([`reference_name`])."""
+    if not isinstance(row, dict) or row.get("criterion") != "input":
+        return "Dense"
+    return reference_name(row.get("input_sparsity"), pruned_input=True)
+
+
+def reference_name(input_sparsity: float | None, pruned_input: bool = False) -> str:
+    """The model a loss "before pruning" was measured on, named by what it held: a sweep's reference row, the `eval`
+    entry's `dense_loss` (`prune --eval_data`), a structure search's `dense_loss`.
+
+    Args:
+        input_sparsity (`float`, *optional*): the share of exact zeros measured in its prunable weights
+            (`prune.report.measure_input`); `None` when not measured (a file written before it was recorded).
+        pruned_input (`bool`, *optional*, defaults to `False`): the input is known to be a pruned model (a folder
+            with `earlier_prunes`, an `"input"` row) though its share was not measured.
+
+    Returns:
+        `str`: `"Dense"` (no zero measured, or nothing measured of an input not known to be pruned),
+        `"Input model (50.0% sparse)"` (a share under 0.05% keeps two significant digits, so it never reads as
+        0.0%), or `"Input model"` (pruned, not measured).
+    """
+    if input_sparsity is None:
+        return "Input model" if pruned_input else "Dense"
+    if not input_sparsity:
+        return "Dense"
+    share = float(input_sparsity)
     percent = f"{100 * share:.1f}" if share >= 0.0005 else f"{100 * share:.2g}"
     return f"Input model ({percent}% sparse)"
+
+
+def reference_words(name: str) -> str:
+    """[`reference_name`] inside a sentence: `"the dense model"`, `"the input model (50.0% sparse)"`."""
+    return "the dense model" if name == "Dense" else f"the {name[0].lower()}{name[1:]}"
 
 
 def stored_num_parameters(folder: str | os.PathLike) -> int | None:
@@ -187,7 +214,8 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         distillation (`dict`, *optional*): `DistillConfig.to_dict()` of the run's distillation.
         training (`dict`, *optional*): `{"steps", "tokens"}` of the training after (or while) pruning, as the callback
             counted it (`ImportanceCallback.training_record()`).
-        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`.
+        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`, and `input_sparsity` (the
+            share of zeros measured in the model `dense_loss` was measured on) when given.
         measured (`dict`, *optional*): what was measured of the written folder (`publish/measure.py`):
             `{"weight_files": {"bytes", "dtype"}, "dense_weight_files": ... or None, "speed": ... or None}`.
 

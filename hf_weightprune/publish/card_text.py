@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import safetensors_io as sio
-from ..files.pruned_files import SWEEP_JSON, is_sweep_reference, sweep_reference_name
+from ..files.pruned_files import SWEEP_JSON, is_sweep_reference, reference_words, sweep_reference_name
 from ..io_utils import is_local_path, path_name, plural
 from ..matching import parse_param_name
 from ..perplexity import perplexity, perplexity_text
@@ -264,7 +264,7 @@ def sweep_context(rows: list[dict], structure: str, shrinks: bool = False) -> di
             "structures": ", ".join(structures),
             "other_structure": any(s != structure for s in structures),
             "structured": structured, "other_kind": structured != shrinks,
-            "model": "the dense model" if reference == "Dense" else f"the {reference[0].lower()}{reference[1:]}"}
+            "model": reference_words(reference)}
 
 
 def _teacher_text(teacher: Any, is_local: bool = False) -> str:

@@ -26,10 +26,11 @@ from ..config import PruneConfig
 from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, SWEEP_REFERENCES, sweep_reference
 from ..io_utils import check_arg_type, path_name
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
+from ..prune.report import measure_input
 from ..scorers import SCORERS, default_scope
 from ..validation import parse_structure
 from .structured_sweep import check_output_kind, plan_sweep, refresh_card
-from .sweep_results import FIELDS, format_table, measure_input, plot_results, points_above, write_results
+from .sweep_results import FIELDS, format_table, plot_results, points_above, write_results
 
 # The names this module has always offered (benchmarks and tests import them from here).
 __all__ = ["DEFAULT_SPARSITIES", "FIELDS", "SWEEP_CSV", "SWEEP_JSON", "SWEEP_PNG", "format_table", "parse_sparsities",

@@ -27,34 +27,13 @@ FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")
 _SAME = 1e-4  # a point within this of the input's share of zeros is at it, not below it (counts round)
 
 
-def measure_input(model: Any) -> float:
-    """The share of exact zeros in the model's prunable weights, as a pruned model's are measured
-    (`PruningReport.from_masks` over `weight != 0`).
-
-    Args:
-        model (`nn.Module`): the sweep's model as loaded.
-
-    Returns:
-        `float`: zeros over the elements of every weight `moe.find_weights` selects (each `nn.Linear` but the output
-        embedding, and expert slices), in [0, 1]; 0.0 for a dense model.
-
-    Raises:
-        ValueError: the model has no prunable weight (as `moe.find_weights`).
-    """
-    from ..moe import find_weights
-    from ..prune.report import PruningReport
-
-    keep = {w.name: w.weight().detach() != 0 for w in find_weights(model)}
-    return PruningReport.from_masks(keep, sum(p.numel() for p in model.parameters())).global_sparsity
-
-
 def points_above(points: Sequence[float], input_sparsity: float) -> list[float]:
     """The sparsities of an unstructured sweep that prune the input further: those below its share of zeros would
     keep weights it has already removed, so they are skipped, with a one-line warning.
 
     Args:
         points (`Sequence[float]`): the sweep's sparsities, sorted.
-        input_sparsity (`float`): [`measure_input`] of the model.
+        input_sparsity (`float`): [`~prune.report.measure_input`] of the model.
 
     Returns:
         `list[float]`: the points at or above `input_sparsity`.
