@@ -106,8 +106,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         eval_results = None
         if args.eval_data:
             # The same windows before and after pruning, no training between: `tokens` says so (the card compares).
-            dense = _eval(model, tokenizer, args)
-            eval_results = {"dataset": args.eval_data, "dense_loss": dense["loss"], "tokens": dense["tokens"]}
+            from ..prune.report import measure_input
+
+            dense = _eval(model, tokenizer, args)  # the input as loaded: dense, or a pruned folder (its zeros measured)
+            eval_results = {"dataset": args.eval_data, "dense_loss": dense["loss"], "tokens": dense["tokens"],
+                            "input_sparsity": measure_input(model)}
         report = prune_(model, importance, config, progress=progress)
     report.search = search
     if args.eval_data:

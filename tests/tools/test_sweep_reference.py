@@ -85,7 +85,7 @@ def test_the_card_of_a_folder_showing_a_sweep_of_a_pruned_input_does_not_call_it
     section = text.split("## Loss vs. sparsity")[1].split("## What the sparsity buys")[0]
     assert "Each row prunes a fresh copy of the input model (50.0% sparse) to that sparsity" in section, section
     assert "dense" not in section.lower(), section
-    assert f"| `input` | - | - | 50.0% | {rows[0]['loss']:.4f} |" in section, section
+    assert f"| Input model (50.0% sparse) | - | - | 50.0% | {rows[0]['loss']:.4f} |" in section, section
 
 
 def test_a_dense_input_keeps_its_dense_row(folders, tmp_path):
