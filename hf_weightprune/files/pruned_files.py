@@ -29,6 +29,10 @@ SPARSITY_FORMAT_VERSION = 1
 SWEEP_CSV = "sweep.csv"
 SWEEP_JSON = "sweep.json"
 SWEEP_PNG = "sweep.png"
+# The first row of `sweep.json`: the model the sweep was given, evaluated as it is. `"dense"` (criterion and
+# structure) when none of its prunable weights is zero, else `"input"`, with the share of zeros measured in
+# `input_sparsity` (and, in an unstructured / N:M sweep, in `sparsity`: its place on the sparsity axis).
+SWEEP_REFERENCES = ("dense", "input")
 # The files a tokenizer's vocabulary is read from (the `vocab_files_names` of transformers' tokenizer classes). A
 # folder without any holds no tokenizer, whatever else it has: `AutoTokenizer` builds an empty, 1-token
 # `Qwen2Tokenizer` for a Qwen2/Qwen3 folder without one (even with tokenizer_config.json) instead of raising.
@@ -77,6 +81,63 @@ def load_sparsity(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict) or "structure" not in payload or "tensors" not in payload:
         raise ValueError(f"{file} is not a valid hf-weightprune sparsity report (no \"structure\"/\"tensors\")")
     return payload
+
+
+def sweep_reference(input_sparsity: float) -> dict[str, Any]:
+    """The naming fields of a sweep's reference row: `{"criterion": "dense", "structure": "dense"}` for an input
+    without zeros, else `{"criterion": "input", "structure": "input", "input_sparsity": input_sparsity}`.
+
+    Args:
+        input_sparsity (`float`): the share of exact zeros measured in the input model's prunable weights, in [0, 1].
+
+    Returns:
+        `dict[str, Any]`: the fields to start the row with (the caller adds its sparsity, loss, ...).
+    """
+    if not input_sparsity:
+        return {"criterion": "dense", "structure": "dense"}
+    return {"criterion": "input", "structure": "input", "input_sparsity": float(input_sparsity)}
+
+
+def is_sweep_reference(row: Any) -> bool:
+    """Whether a row of `sweep.json` is its reference row (the input model as given, [`sweep_reference`])."""
+    return isinstance(row, dict) and row.get("criterion") in SWEEP_REFERENCES and row.get("structure") in SWEEP_REFERENCES
+
+
+def sweep_reference_name(row: Any) -> str:
+    """What the reference row is, in words: `"Dense"`, or `"Input model (50.0% sparse)"` for an input that already
+    held zeros ([`reference_name`])."""
+    if not isinstance(row, dict) or row.get("criterion") != "input":
+        return "Dense"
+    return reference_name(row.get("input_sparsity"), pruned_input=True)
+
+
+def reference_name(input_sparsity: float | None, pruned_input: bool = False) -> str:
+    """The model a loss "before pruning" was measured on, named by what it held: a sweep's reference row, the `eval`
+    entry's `dense_loss` (`prune --eval_data`), a structure search's `dense_loss`.
+
+    Args:
+        input_sparsity (`float`, *optional*): the share of exact zeros measured in its prunable weights
+            (`prune.report.measure_input`); `None` when not measured (a file written before it was recorded).
+        pruned_input (`bool`, *optional*, defaults to `False`): the input is known to be a pruned model (a folder
+            with `earlier_prunes`, an `"input"` row) though its share was not measured.
+
+    Returns:
+        `str`: `"Dense"` (no zero measured, or nothing measured of an input not known to be pruned),
+        `"Input model (50.0% sparse)"` (a share under 0.05% keeps two significant digits, so it never reads as
+        0.0%), or `"Input model"` (pruned, not measured).
+    """
+    if input_sparsity is None:
+        return "Input model" if pruned_input else "Dense"
+    if not input_sparsity:
+        return "Dense"
+    share = float(input_sparsity)
+    percent = f"{100 * share:.1f}" if share >= 0.0005 else f"{100 * share:.2g}"
+    return f"Input model ({percent}% sparse)"
+
+
+def reference_words(name: str) -> str:
+    """[`reference_name`] inside a sentence: `"the dense model"`, `"the input model (50.0% sparse)"`."""
+    return "the dense model" if name == "Dense" else f"the {name[0].lower()}{name[1:]}"
 
 
 def stored_num_parameters(folder: str | os.PathLike) -> int | None:
@@ -153,7 +214,8 @@ def sparsity_dict(report: PruningReport, *, base_model: str | None = None, sched
         distillation (`dict`, *optional*): `DistillConfig.to_dict()` of the run's distillation.
         training (`dict`, *optional*): `{"steps", "tokens"}` of the training after (or while) pruning, as the callback
             counted it (`ImportanceCallback.training_record()`).
-        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`.
+        eval_results (`dict`, *optional*): `{"dense_loss", "pruned_loss", "dataset"}`, and `input_sparsity` (the
+            share of zeros measured in the model `dense_loss` was measured on) when given.
         measured (`dict`, *optional*): what was measured of the written folder (`publish/measure.py`):
             `{"weight_files": {"bytes", "dtype"}, "dense_weight_files": ... or None, "speed": ... or None}`.
 

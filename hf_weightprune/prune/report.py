@@ -13,7 +13,7 @@ from ..config import PruneConfig
 from ..scorers import default_scope
 from .masks import mask_sparsity
 
-__all__ = ["PruningReport"]
+__all__ = ["PruningReport", "measure_input"]
 
 
 def _importance_info(importance: Importance | None) -> dict[str, Any]:
@@ -279,3 +279,24 @@ class PruningReport:
         owl = f", OWL: tensors {min(values):.2%} to {max(values):.2%}" if self.allocation == "owl" and values else ""
         return (f"{self.structure} ({self.scope}{owl}): {self.global_sparsity:.2%} of {len(self.tensors)} pruned "
                 f"tensors, {self.model_sparsity:.2%} of all parameters")
+
+
+def measure_input(model: torch.nn.Module) -> float:
+    """The share of exact zeros in a model's prunable weights, measured as a pruned model's are
+    ([`PruningReport.from_masks`] over `weight != 0`): what the model a prune, a sweep or a structure search starts
+    from already holds, so that a loss measured on it is not called the dense model's when it is a pruned folder's.
+
+    Args:
+        model (`nn.Module`): the model as loaded, before it is pruned (any device, any dtype).
+
+    Returns:
+        `float`: zeros over the elements of every weight `moe.find_weights` selects (each `nn.Linear` but the output
+        embedding, and expert slices), in [0, 1]; 0.0 for a dense model.
+
+    Raises:
+        ValueError: the model has no prunable weight (as `moe.find_weights`).
+    """
+    from ..moe import find_weights
+
+    keep = {w.name: w.weight().detach() != 0 for w in find_weights(model)}
+    return PruningReport.from_masks(keep, sum(p.numel() for p in model.parameters())).global_sparsity

@@ -18,7 +18,7 @@ from ..files.pruned_files import SPARSITY_NAME, SWEEP_PNG, has_tokenizer, load_s
 from ..io_utils import atomic_write_text, check_arg_type, is_local_path, plural
 from ..validation import parse_structure, structure_parts
 from . import card_text as T
-from .card_eval import eval_context
+from .card_eval import eval_context, reference_phrase
 from .card_lineage import achieved_units_text, lineage_context, statistics_source
 from .card_measured import buys_context, measured_text
 from .card_refs import references, tags
@@ -174,7 +174,7 @@ def render_model_card(
         criterion = (sparsity.get("importance") or {}).get("criterion")
     repo_id = repo_id or folder.resolve().name
     model_name = repo_id.split("/")[-1]
-    eval_ctx, eval_results = eval_context(sparsity.get("eval"))
+    eval_ctx, eval_results = eval_context(sparsity.get("eval"), pruned_input=bool(sparsity.get("earlier_prunes")))
 
     card_data = ModelCardData(
         base_model=base_model,
@@ -296,7 +296,7 @@ def _body_context(folder: Path, sparsity: dict, criterion: str | None) -> dict[s
         "routing": T.routing_rows(sparsity.get("routing")),
         "measured": measured_text(sparsity.get("measured"), structured, sparsity),
         "buys": buys_context(sparsity),
-        "search": search_text(sparsity.get("search")),
+        "search": search_text(sparsity.get("search"), pruned_input=bool(sparsity.get("earlier_prunes"))),
         "references": references(criterion, sparsity),
         "sweep_rows": T.sweep_rows(folder, criterion),
         "sweep": T.sweep_context(T.sweep_rows(folder, criterion), structure, structured),
@@ -349,8 +349,9 @@ def training_context(training: Any, kind: str) -> dict[str, str] | None:
     return {"label": "Training" if kind == "gradual" else "Recovery", "text": text}
 
 
-def search_text(search: dict | None) -> str | None:
-    """One sentence from the `search` entry of `sparsity.json`: which candidate shape was chosen, by what loss."""
+def search_text(search: dict | None, pruned_input: bool = False) -> str | None:
+    """One sentence from the `search` entry of `sparsity.json`: which candidate shape was chosen, by what loss, and
+    the loss of the model searched from, named by [`~card_eval.reference_phrase`] ("the input model (50.0% sparse)")."""
     rows = (search or {}).get("candidates") or []
     chosen = search.get("chosen") if rows else None
     if not isinstance(chosen, int) or not 0 <= chosen < len(rows):
@@ -377,7 +378,8 @@ def search_text(search: dict | None) -> str | None:
     ties = [r for i, r in enumerate(rows) if i != chosen and r.get("skipped") is None and r.get("same_as") is None
             and r.get("loss") == rows[chosen]["loss"]]
     lowest = "the lowest" if not ties else f"the lowest, tied with {', '.join(map(label, ties))} (the first given)"
-    distilled = " distilled from the dense model" if search.get("distillation") else ""
+    reference = reference_phrase(search.get("input_sparsity"), pruned_input)  # "the dense model", "the input model"
+    distilled = f" distilled from {reference}" if search.get("distillation") else ""
     ran = [t for t in (r.get("training") for r in rows)
            if isinstance(t, dict) and all(isinstance(t.get(k), int) for k in ("steps", "tokens"))]
     if ran:  # measured: what each candidate's recovery Trainer ran
@@ -386,14 +388,12 @@ def search_text(search: dict | None) -> str | None:
     else:  # written before the recovery was measured: the steps asked for
         steps = search.get("recovery_steps") or 0
         how = f"after {plural(steps, 'step')} of recovery{distilled}" if steps else "one-shot"
-    shapes = f" ({plural(distinct, 'distinct pruned model')})" if any(r.get("same_as") is not None for r in rows) \
-        else ""
+    shapes = f" ({plural(distinct, 'distinct pruned model')})" if any(r.get("same_as") is not None for r in rows) else ""
     return (f"the shape was chosen by measured loss among {plural(len(rows), 'candidate')}{shapes} of the same budget, "
-            "each pruned and "
-            f"scored {how} by its mean loss on {plural(search.get('windows') or 0, 'window')} of training text "
-            f"({search.get('tokens'):,} tokens): {label(rows[chosen])} {_loss(rows[chosen].get('loss'))}"
-            f"{params(rows[chosen])}, {lowest}"
-            + (f" (others: {'; '.join(others)})" if others else "") + f"; dense model {_loss(search.get('dense_loss'))}")
+            f"each pruned and scored {how} by its mean loss on {plural(search.get('windows') or 0, 'window')} of "
+            f"training text ({search.get('tokens'):,} tokens): {label(rows[chosen])} {_loss(rows[chosen].get('loss'))}"
+            f"{params(rows[chosen])}, {lowest}" + (f" (others: {'; '.join(others)})" if others else "")
+            + f"; {reference[4:]} {_loss(search.get('dense_loss'))}")
 
 
 def _loss(value) -> str:

@@ -16,6 +16,7 @@ from huggingface_hub import EvalResult
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..files.pruned_files import reference_name, reference_words
 from ..io_utils import is_local_path, path_name
 from ..perplexity import perplexity, perplexity_text
 
@@ -84,7 +85,13 @@ def hub_dataset_id(report: dict) -> str | None:
     return value
 
 
-def eval_context(report: dict | None) -> tuple[dict | None, list[EvalResult] | None]:
+def reference_phrase(input_sparsity: float | None, pruned_input: bool = False) -> str:
+    """[`~files.pruned_files.reference_name`] inside a sentence: "the dense model", "the input model (50.0% sparse)",
+    "the input model" (a pruned input whose share of zeros was not recorded)."""
+    return reference_words(reference_name(input_sparsity, pruned_input))
+
+
+def eval_context(report: dict | None, pruned_input: bool = False) -> tuple[dict | None, list[EvalResult] | None]:
     """
     `(template context, model-index results)` of the `eval` entry of `sparsity.json`, or `(None, None)`.
 
@@ -96,22 +103,32 @@ def eval_context(report: dict | None) -> tuple[dict | None, list[EvalResult] | N
     pruned model's results: they are this model's; the dense loss belongs to another model. It lists them only when
     the data is a Hub dataset id ([`hub_dataset_id`]): its `dataset.type` must be one.
 
+    The `dense_loss` is the loss of the model this one was pruned from, named by what it held
+    ([`~files.pruned_files.reference_name`]): "Dense" when the `input_sparsity` recorded beside it is 0 (or when none
+    is recorded and the input was no pruned folder), else "Input model (50.0% sparse)", or "Input model" for a
+    pruned input whose share was not recorded (a file of an earlier version, or a caller's `eval_results`).
+
     Args:
         report (`dict`, *optional*): the `eval` entry of `sparsity.json`.
+        pruned_input (`bool`, *optional*, defaults to `False`): the model was pruned from a pruned folder
+            (`sparsity.json`'s `earlier_prunes`).
 
     Returns:
-        `tuple`: the template's `eval` context (or `None` without a pruned loss) and the `EvalResult`s of the
-        model-index (`None` without a pruned loss or without a Hub dataset id).
+        `tuple`: the template's `eval` context (or `None` without a pruned loss; `reference` names the model
+        `dense_loss` was measured on, `reference_model` as a sentence does: "input model (50.0% sparse)") and the `EvalResult`s of the model-index (`None`
+        without a pruned loss or without a Hub dataset id).
     """
     if not report or report.get("pruned_loss") is None:
         return None, None
     pruned_meta, dense_meta = eval_metadata(report, "pruned_"), eval_metadata(report, "dense_")
     dataset = dataset_name(pruned_meta["dataset"])
     dense_loss, pruned_loss = report.get("dense_loss"), report["pruned_loss"]
+    name = reference_name(report.get("input_sparsity"), pruned_input)  # "Dense", "Input model (50.0% sparse)"
+    side = "dense" if name == "Dense" else "input"
     dropped = None
     if dense_loss is not None:
         unstated = [k for k in ("dataset", "tokens") if pruned_meta[k] is None or dense_meta[k] is None]
-        differ = [f"{k} {dense_meta[k]!r} (dense) vs {pruned_meta[k]!r} (pruned)" for k in _EVAL_KEYS
+        differ = [f"{k} {dense_meta[k]!r} ({side}) vs {pruned_meta[k]!r} (pruned)" for k in _EVAL_KEYS
                   if k not in unstated and dense_meta[k] != pruned_meta[k]]
         if unstated or differ:
             dropped = ("; ".join(differ) if differ else
@@ -119,6 +136,7 @@ def eval_context(report: dict | None) -> tuple[dict | None, list[EvalResult] | N
             dense_loss = None
     context = {"dataset": dataset, "tokens": pruned_meta["tokens"], "step": pruned_meta["step"],
                "dense_loss": dense_loss, "pruned_loss": pruned_loss, "dense_dropped": dropped,
+               "reference": name, "reference_model": reference_words(name).removeprefix("the "),
                "dense_perplexity": perplexity(dense_loss), "pruned_perplexity": perplexity(pruned_loss),
                # the table's text: "overflow (> 1e308)" where exp(loss) is no float (`hf_weightprune.perplexity`)
                "dense_perplexity_text": perplexity_text(dense_loss), "pruned_perplexity_text": perplexity_text(pruned_loss)}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import safetensors_io as sio
-from ..files.pruned_files import SWEEP_JSON
+from ..files.pruned_files import SWEEP_JSON, is_sweep_reference, reference_words, sweep_reference_name
 from ..io_utils import is_local_path, path_name, plural
 from ..matching import parse_param_name
 from ..perplexity import perplexity, perplexity_text
@@ -213,19 +213,21 @@ def target_text(target) -> str:
 
 def sweep_rows(folder: Path, criterion: str | None) -> list[dict]:
     """Rows of `sweep.json` (written by [`sweep`]) that have a loss, for the card's loss-vs-sparsity table: `criterion`,
-    `structure` (`None` for the dense reference), `scope`, `sparsity`, `loss`, `perplexity` (`None` where it overflows)
+    `structure` (`None` for the reference row: the model the sweep was given, `"dense"` or `"input"`), `scope`,
+    `sparsity`, `loss`, `perplexity` (`None` where it overflows)
     and `perplexity_text` (`hf_weightprune.perplexity`), and `tokens` and `dataset` where the sweep recorded them; a
     structured sweep's rows also `candidate`, `unit_statistic`, `compensate`, `size` (asked) and `num_parameters`
-    (kept)."""
+    (kept); the reference row also `reference`, its name in words (`"Dense"`, `"Input model (50.0% sparse)"`)."""
     if not (folder / SWEEP_JSON).is_file():
         return []
     rows = []
     for row in read_json(folder / SWEEP_JSON) or []:
         if isinstance(row, dict) and row.get("loss") is not None and row.get("sparsity") is not None:
             loss = float(row["loss"])  # the perplexity from it (a stored one may be an older sweep's inf)
-            structure = row.get("structure")
+            reference = is_sweep_reference(row)
             rows.append({"criterion": row.get("criterion", criterion), "scope": row.get("scope"),
-                         "structure": structure if structure != "dense" else None,
+                         "structure": None if reference else row.get("structure"),
+                         "reference": sweep_reference_name(row) if reference else None,
                          "sparsity": float(row["sparsity"]), "loss": loss, "perplexity": perplexity(loss),
                          "perplexity_text": perplexity_text(loss),
                          "tokens": row.get("tokens"), "dataset": row.get("dataset"), "size": row.get("size"),
@@ -245,8 +247,10 @@ def sweep_context(rows: list[dict], structure: str, shrinks: bool = False) -> di
         shrinks (`bool`, *optional*): this model is smaller (structured or experts), not zeros.
 
     Returns:
-        `dict` or `None`: `{"tokens", "dataset", "structures", "other_structure", "structured", "other_kind"}`
-        (`structured`: the sweep removed units, its rows are sizes); `None` without rows.
+        `dict` or `None`: `{"tokens", "dataset", "structures", "other_structure", "structured", "other_kind",
+        "model"}` (`structured`: the sweep removed units, its rows are sizes; `model`: what its rows pruned copies of,
+        `"the dense model"` or `"the input model (50.0% sparse)"` when that model already held zeros); `None` without
+        rows.
     """
     if not rows:
         return None
@@ -254,11 +258,13 @@ def sweep_context(rows: list[dict], structure: str, shrinks: bool = False) -> di
     tokens = {r["tokens"] for r in rows}
     datasets = {r["dataset"] for r in rows}
     structures = sorted({r["structure"] for r in rows if r["structure"]})
+    reference = next((r["reference"] for r in rows if r.get("reference")), "Dense")
     return {"tokens": tokens.pop() if len(tokens) == 1 and None not in tokens else None,
             "dataset": dataset_name(datasets.pop()) if len(datasets) == 1 and None not in datasets else None,
             "structures": ", ".join(structures),
             "other_structure": any(s != structure for s in structures),
-            "structured": structured, "other_kind": structured != shrinks}
+            "structured": structured, "other_kind": structured != shrinks,
+            "model": reference_words(reference)}
 
 
 def _teacher_text(teacher: Any, is_local: bool = False) -> str:

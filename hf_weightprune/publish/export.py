@@ -202,7 +202,9 @@ def save_pruned(
             dense loss only when the dense model was evaluated the same way (`dense_step` / `dense_tokens` /
             `dense_dataset`, when given, must equal the shared values): `dataset` and `tokens` stated, and the same
             `step` when either states one (a one-shot prune evaluated on the same windows states none). A local
-            `dataset` file is recorded by its name.
+            `dataset` file is recorded by its name. `input_sparsity` (a float in [0, 1]: `measure_input(model)` before
+            `prune_`, `prune.report`) names the model `dense_loss` is of: "Dense" at 0, else "Input model (50.0%
+            sparse)"; without it, a model pruned from a pruned folder (`earlier_prunes`) is "the input model".
         schedule (`PruneSchedule` or `dict`, *optional*): the gradual schedule the model was trained with (the object,
             or its `to_dict()`); recorded in `sparsity.json` and described in the card. A `mode="hold"` schedule is
             described as a recovery fine-tune with the mask held.
@@ -234,7 +236,7 @@ def save_pruned(
         TypeError: an argument has the wrong type (checked before any work).
         ValueError: `schedule` is a dict without the schedule's fields (e.g. `MaskHolder.state_dict()`),
             `distillation` a dict with a value `DistillConfig` refuses, `training` a dict other than
-            `{"steps", "tokens"}` with integers >= 1, or
+            `{"steps", "tokens"}` with integers >= 1, `eval_results["input_sparsity"]` outside [0, 1], or
             `output_dir` is refused by [`check_output_dir`] (the input checkpoint, the importance folder, ...), or
             a `baseline` that is not a causal LM or has another vocabulary (a model in memory without
             `measure_speed`).
@@ -247,6 +249,9 @@ def save_pruned(
     check_arg_type("save_pruned", "report", report, PruningReport, "the PruningReport that prune_ returned")
     check_arg_type("save_pruned", "eval_results", eval_results, (dict, type(None)),
                    'a dict {"dense_loss", "pruned_loss", "dataset"} or None')
+    share = (eval_results or {}).get("input_sparsity")
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
+        raise ValueError(f"save_pruned: eval_results['input_sparsity'] must be a share of zeros in [0, 1]; got {share!r}")
     check_arg_type("save_pruned", "max_shard_size", max_shard_size, (str, int), 'a size such as "5GB" or bytes')
     schedule, distillation = schedule_dict(schedule), distillation_dict(distillation)
     training = training_dict(training)

@@ -106,8 +106,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         eval_results = None
         if args.eval_data:
             # The same windows before and after pruning, no training between: `tokens` says so (the card compares).
-            dense = _eval(model, tokenizer, args)
-            eval_results = {"dataset": args.eval_data, "dense_loss": dense["loss"], "tokens": dense["tokens"]}
+            from ..prune.report import measure_input
+
+            dense = _eval(model, tokenizer, args)  # the input as loaded: dense, or a pruned folder (its zeros measured)
+            eval_results = {"dataset": args.eval_data, "dense_loss": dense["loss"], "tokens": dense["tokens"],
+                            "input_sparsity": measure_input(model)}
         report = prune_(model, importance, config, progress=progress)
     report.search = search
     if args.eval_data:
@@ -248,7 +251,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                               "parameters removed for several structures (--structure neurons --sizes 0.2,0.35,0.5), "
                               "with a plot.",
                               formatter_class=formatter)
-    p.add_argument("model_dir", help="trained dense model folder (with its tokenizer)")
+    p.add_argument("model_dir", help="trained model folder (with its tokenizer): dense, or a pruned folder, whose first "
+                   "row is then 'input' with its share of zeros (sparsities below it are skipped)")
     p.add_argument("--importance", nargs="*", default=[], metavar="[LABEL=]DIR",
                    help="importance / checkpoint folders (or Hub repos) to compare, optionally labelled")
     add_importance_name(p)

@@ -30,10 +30,11 @@ from transformers import TrainerCallback
 
 from ..collect.importance import Importance
 from ..config import COMPENSATED_AXES, WIDTH_AXES, PruneConfig
+from ..files.pruned_files import reference_name
 from ..io_utils import check_arg_type
 from ..perplexity import perplexity_text
 from ..prune.pruner import prune_
-from ..prune.report import PruningReport
+from ..prune.report import PruningReport, measure_input
 from ..train.callback import ImportanceCallback
 from ..train.distill import DistillConfig
 from ..train.recovery import TrainingCounter
@@ -67,7 +68,7 @@ class StructureSearch:
             `None`).
         best (`PruneConfig`): the candidate of lowest loss (the first of equal ones).
         best_index (`int`): its position in `candidates`.
-        dense_loss (`float`): the unpruned model's loss on the same windows.
+        dense_loss (`float`): the input model's loss on the same windows, before any candidate pruned it.
         windows (`int`), tokens (`int`): how many windows scored each candidate, and their predicted tokens.
         recovery_steps (`int`): optimizer steps of recovery asked for each candidate (0: one-shot); what each one
             ran is its row's `training`.
@@ -76,6 +77,7 @@ class StructureSearch:
             [`search_structures`]); `None` with `return_model=False`.
         report ([`PruningReport`], *optional*): its report; `report.search` holds [`to_dict`], so `save_pruned`
             writes the search into `sparsity.json` and the card.
+        input_sparsity (`float`): the input's share of zeros (`prune.report.measure_input`): 0.0 for a dense one.
     """
 
     candidates: list[dict[str, Any]]
@@ -88,17 +90,19 @@ class StructureSearch:
     distillation: dict[str, Any] | None = None
     model: nn.Module | None = field(default=None, repr=False)
     report: PruningReport | None = field(default=None, repr=False)
+    input_sparsity: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The `search` section of `sparsity.json` (schema in docs/file_formats.md).
 
         Returns:
             `dict[str, Any]`: `method`, `reference`, `windows`, `tokens`, `recovery_steps`, `distillation`,
-            `dense_loss`, `chosen` (index into `candidates`) and `candidates` (the rows above). JSON-ready.
+            `dense_loss`, `input_sparsity`, `chosen` (index into `candidates`) and `candidates` (the rows above). JSON-ready.
         """
         return {"method": "lowest mean loss on training windows", "reference": MINITRON, "windows": self.windows,
                 "tokens": self.tokens, "recovery_steps": self.recovery_steps, "distillation": self.distillation,
-                "dense_loss": self.dense_loss, "chosen": self.best_index, "candidates": copy.deepcopy(self.candidates)}
+                "dense_loss": self.dense_loss, "input_sparsity": self.input_sparsity, "chosen": self.best_index,
+                "candidates": copy.deepcopy(self.candidates)}
 
     def table(self) -> str:
         """The candidates as a plain-text table (structure, unit statistic, compensation, parameters, loss, perplexity).
@@ -367,7 +371,7 @@ def search_structures(
         best = min(scored_rows, key=lambda i: (math.isnan(rows[i]["loss"]), rows[i]["loss"]))
         n_windows = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
         result = StructureSearch(rows, candidates[best], best, dense["loss"], n_windows, dense["tokens"],
-                                 recovery_steps, _teacher_named(distill, model))
+                                 recovery_steps, _teacher_named(distill, model), input_sparsity=measure_input(model))
         if return_model:
             result.model = copy.deepcopy(model)
             result.report = prune_(result.model, copy.copy(importance), result.best, progress=False)
@@ -440,6 +444,6 @@ def search_for_cli(args, model: nn.Module, tokenizer, importance: Importance, ca
     result = search_structures(model, importance, candidates, windows, batch_size=args.batch_size,
                                return_model=False)
     print(f"Structure search, mean loss on {result.windows} --calibration windows ({result.tokens:,} tokens; "
-          f"dense {result.dense_loss:.4f}):\n{result.table()}")
+          f"{reference_name(result.input_sparsity).lower()} {result.dense_loss:.4f}):\n{result.table()}")
     return result.best, result.to_dict()
 

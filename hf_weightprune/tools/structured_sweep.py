@@ -28,6 +28,7 @@ from torch import nn
 
 from ..collect.importance import Importance
 from ..config import COMPENSATED_AXES, COMPENSATIONS, PruneConfig
+from ..files.pruned_files import is_sweep_reference, sweep_reference, sweep_reference_name
 from ..perplexity import perplexity_text
 from ..validation import parse_structure, structure_parts
 from .log_once import warnings_once
@@ -226,9 +227,12 @@ def check_points(model: nn.Module, importances: Mapping[str, Importance], candid
 
 def structured_rows(model: nn.Module, importances: Mapping[str, Importance], candidates: list[PruneConfig],
                     sizes: Sequence[float], windows, *, batch_size: int, dense_eval: dict, dataset: str,
-                    on_point: Callable[[list[dict[str, Any]], str], None]) -> list[dict[str, Any]]:
-    """The rows of a structured sweep, the dense row first; `on_point(rows, what)` after every size of every
-    importance (the caller rewrites its files and moves its progress bar).
+                    on_point: Callable[[list[dict[str, Any]], str], None],
+                    input_sparsity: float = 0.0) -> list[dict[str, Any]]:
+    """The rows of a structured sweep, the reference row first (the model as given: `"dense"`, or `"input"` with its
+    `input_sparsity`, the share of zeros measured in its prunable weights; its `size` and `sparsity`, parameters
+    removed, are 0); `on_point(rows, what)` after every size of every importance (the caller rewrites its files and
+    moves its progress bar).
 
     Returns:
         `list[dict]`: see [`~tools.sweep.sweep`].
@@ -237,7 +241,7 @@ def structured_rows(model: nn.Module, importances: Mapping[str, Importance], can
     from .search import score_candidates
 
     before = num_params(model)
-    rows: list[dict[str, Any]] = [{"criterion": "dense", "structure": "dense", "size": 0.0, "sparsity": 0.0,
+    rows: list[dict[str, Any]] = [{**sweep_reference(input_sparsity), "size": 0.0, "sparsity": 0.0,
                                    "num_parameters": before, "loss": dense_eval["loss"],
                                    "perplexity": dense_eval["perplexity"], "tokens": dense_eval["tokens"],
                                    "dataset": dataset}]
@@ -269,9 +273,10 @@ def structured_rows(model: nn.Module, importances: Mapping[str, Importance], can
 
 def format_structured_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table of a structured sweep: one row per candidate, one column per size (perplexity, and the share
-    of parameters removed as measured), then the dense line."""
-    dense = next((r for r in rows if r["criterion"] == "dense"), None)
-    points = [r for r in rows if r["criterion"] != "dense"]
+    of parameters removed as measured), then the reference row's line ("Dense perplexity: ...", or "Input model
+    (50.0% sparse) perplexity: ..." for an input with zeros)."""
+    dense = next((r for r in rows if is_sweep_reference(r)), None)
+    points = [r for r in rows if not is_sweep_reference(r)]
     sizes = sorted({r["size"] for r in points})
     names = list(dict.fromkeys(r["candidate"] for r in points))
     cell = {(r["candidate"], r["size"]): r for r in points}
@@ -287,6 +292,6 @@ def format_structured_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines += [f"| {n} | " + " | ".join(show(cell.get((n, s))) for s in sizes) + " |" for n in names]
     lines.append("\nColumns: share of the model's parameters removed (target); cells: perplexity (share removed).")
     if dense is not None:
-        lines.append(f"Dense perplexity: {perplexity_text(dense['loss'])} (loss {dense['loss']:.4f}), "
+        lines.append(f"{sweep_reference_name(dense)} perplexity: {perplexity_text(dense['loss'])} (loss {dense['loss']:.4f}), "
                      f"{dense['num_parameters']:,} parameters.")
     return "\n".join(lines)

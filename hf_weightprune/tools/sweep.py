@@ -1,18 +1,17 @@
 """Sparsity sweep: loss and perplexity of one model pruned at several sparsities by several criteria, or made smaller
 at several sizes by several structures (the structured part lives in `structured_sweep.py`).
 
-Memory: the model is loaded once. Unstructured and N:M: a CPU copy of its dense weights is kept and loaded back into
-the same model before every point, so the cost is about one dense copy plus the working (pruned) model, whatever the
-number of points. Structured: each point prunes a copy of the dense model (one at a time). Results go to `sweep.csv`,
-`sweep.json` (the rows the model card reads) and `sweep.png`.
+Memory: the model is loaded once. Unstructured and N:M: a CPU copy of its weights as loaded is kept and loaded back
+into the same model before every point, so the cost is about one copy plus the working (pruned) model, whatever the
+number of points. Structured: each point prunes a copy of the model (one at a time). Results go to `sweep.csv`,
+`sweep.json` (the rows the model card reads) and `sweep.png` (`sweep_results.py`).
+
+The input may be a model that already holds zeros (a folder `save_pruned` wrote): its first row then says so
+(`"input"`, its share of zeros measured, not `"dense"`), and the sparsities below that share are skipped.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,16 +23,20 @@ from tqdm.auto import tqdm
 from .. import distributed as D
 from ..collect.importance import Importance
 from ..config import PruneConfig
-from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG
-from ..io_utils import atomic_write_text, check_arg_type, path_name
-from ..perplexity import perplexity, perplexity_text
+from ..files.pruned_files import SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, SWEEP_REFERENCES, sweep_reference
+from ..io_utils import check_arg_type, path_name
 from ..prune.oneshot import ONESHOT_CRITERIA, oneshot_importance
+from ..prune.report import measure_input
 from ..scorers import SCORERS, default_scope
 from ..validation import parse_structure
 from .structured_sweep import check_output_kind, plan_sweep, refresh_card
+from .sweep_results import FIELDS, format_table, plot_results, points_above, write_results
+
+# The names this module has always offered (benchmarks and tests import them from here).
+__all__ = ["DEFAULT_SPARSITIES", "FIELDS", "SWEEP_CSV", "SWEEP_JSON", "SWEEP_PNG", "format_table", "parse_sparsities",
+           "sweep", "write_results"]
 
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-FIELDS = ("criterion", "structure", "sparsity", "loss", "perplexity")
 
 
 def parse_sparsities(text: str) -> list[float]:
@@ -71,32 +74,6 @@ def parse_sparsities(text: str) -> list[float]:
     if bad:
         raise ValueError(f"sparsities must lie in [0, 1); got {bad}")
     return sorted(set(values))
-
-
-def write_results(rows: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike,
-                  fields: Sequence[str] = FIELDS) -> None:
-    """Write `sweep.csv` and `sweep.json` (a list of rows, the dense reference first), each atomically.
-
-    Args:
-        rows (`Sequence[Mapping[str, Any]]`): rows as [`sweep`] returns them.
-        output_dir (`str` or `os.PathLike`): created if missing.
-        fields (`Sequence[str]`, *optional*): the CSV's columns (a structured sweep's are `structured_sweep.FIELDS`).
-
-    Returns:
-        `None`. A perplexity that overflows is `None` in the rows (`hf_weightprune.perplexity`): an empty cell in the
-        CSV, `null` in the JSON, its loss kept. Other non-finite values (a loss of a collapsed model) stay `inf`/`nan`
-        in the CSV and become `null` in the JSON (which has neither).
-    """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / SWEEP_CSV, buf.getvalue())
-    # Non-finite values (a collapsed model) are written as null: JSON has no inf/nan.
-    clean = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in r.items()} for r in rows]
-    atomic_write_text(out / SWEEP_JSON, json.dumps(clean, indent=2) + "\n")
 
 
 def _label_importances(importance: Mapping[str, Any] | Sequence[Any] | None,
@@ -212,7 +189,9 @@ def sweep(
     """Prune a fresh copy of the model at every sparsity (or size) with every criterion and measure loss and perplexity.
 
     Args:
-        model_dir (`str` or `os.PathLike`): the trained dense model (and its tokenizer), as `from_pretrained` reads.
+        model_dir (`str` or `os.PathLike`): the trained model (and its tokenizer), as `from_pretrained` reads: dense,
+            or one that already holds zeros (a folder `save_pruned` wrote), whose share of zeros is measured: its row
+            is then `"input"`, and an unstructured sweep skips the sparsities below that share (one warning).
         importance (`dict`, `list` or `None`): trained importance to compare: `{label: folder or Importance}`, or a
             list of folders / `Importance` objects / `"label=folder"` strings (labelled by criterion).
         data (`str` or `os.PathLike`): evaluation text (`.txt`, `.json`, `.jsonl` or a saved dataset folder).
@@ -256,13 +235,15 @@ def sweep(
     Returns:
         `list[dict]`: rows `{"criterion", "structure", "sparsity", "loss", "perplexity", "tokens", "dataset"}`
         (`tokens` evaluated, `dataset` the data's file or folder name; a pruned row also has `scope` and
-        `importance_criterion`), the dense model first (criterion `"dense"`). Loss is the mean cross-entropy in nats
-        per token, perplexity `exp(loss)`. A sparsity of 0 prunes nothing, so its rows repeat the dense loss.
+        `importance_criterion`), the model as given first: criterion and structure `"dense"` when its prunable
+        weights hold no zero, else `"input"` with `input_sparsity` (and, unstructured or N:M, `sparsity`) the share of
+        zeros measured in them. Loss is the mean cross-entropy in nats per token, perplexity `exp(loss)`. A sparsity
+        of 0 prunes nothing, so its rows repeat the dense loss.
         A structured row also has `candidate` (its line in the plot), `unit_statistic` (`"per-weight scores"` for an
         importance without unit statistics), `compensate`, `round_to`, `size` (asked), `target_params`,
         `num_parameters` (kept, as counted on the pruned copy) and `sparsity` (the share of the model's parameters
         it removed, measured), `skipped` (why a point could not be pruned, its loss `None`) and `same_as` (the
-        candidate that pruned the very same model, scored once); the dense row has `num_parameters`.
+        candidate that pruned the very same model, scored once); the reference row has `num_parameters`.
 
     Raises:
         TypeError: an argument has the wrong type (checked before anything is loaded).
@@ -270,7 +251,9 @@ def sweep(
             sparsities with a structured one); nothing to compare; unusable data or tokenizer; importance that does
             not match the model; structured: a candidate that cannot prune the model at the largest size (architecture,
             statistics, a size that empties a layer), checked before the dense model is evaluated; `output_dir`
-            refused by the output rule; a `model_dir` without config.json or weights.
+            refused by the output rule; a `model_dir` without config.json or weights; an importance labelled `"dense"`
+            or `"input"` (the reference row's names); every sparsity below the share of zeros the model already holds
+            (after it is loaded, before any evaluation).
         FileNotFoundError: `model_dir` is not a folder, or `data` does not exist.
     """
     _check_sweep_args(locals())  # first statement: locals() holds exactly the arguments
@@ -293,6 +276,10 @@ def sweep(
     if bad:
         raise ValueError(f"baselines must be among {ONESHOT_CRITERIA}; got {bad}")
     importances = _label_importances(importance, importance_name)
+    reserved = [label for label in importances if label in SWEEP_REFERENCES]
+    if reserved:
+        raise ValueError(f"importance label {reserved[0]!r} names the sweep's reference row (the model as given): "
+                         "choose another")
     if not importances and not baselines:
         raise ValueError("nothing to compare: give importance folders and/or one-shot baselines")
     if not os.path.isdir(model_dir):
@@ -317,6 +304,9 @@ def sweep(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
+    input_sparsity = measure_input(model)  # a pruned folder is not "dense": its reference row says what it holds
+    if candidates is None and kind != "N:M":  # an N:M pattern prunes further whatever the share (groups, not a count)
+        points = points_above(points, input_sparsity)
 
     for label, imp in list(importances.items()):
         if not isinstance(imp, Importance):
@@ -351,36 +341,37 @@ def sweep(
             bar.update()
 
         rows = structured_rows(model, importances, candidates, points, windows, batch_size=batch_size,
-                               dense_eval=dense_eval, dataset=dataset, on_point=on_point)
+                               dense_eval=dense_eval, dataset=dataset, on_point=on_point,
+                               input_sparsity=input_sparsity)
     else:
         rows = _unstructured_rows(model, importances, points, kind, structure, scope, windows, batch_size, dense_eval,
-                                  dataset, output_dir, bar)
+                                  dataset, output_dir, bar, input_sparsity)
     bar.close()
     if output_dir is not None:
         write_results(rows, output_dir, FIELDS if candidates is None else STRUCTURED_FIELDS)
-        _plot(rows, Path(output_dir) / SWEEP_PNG, title, structured=candidates is not None)
+        plot_results(rows, Path(output_dir) / SWEEP_PNG, title, structured=candidates is not None)
         refresh_card(output_dir)  # a pruned model's folder: its generated card shows the sweep at once
     return rows
 
 
 def _unstructured_rows(model, importances, points, kind, structure, scope, windows, batch_size, dense_eval, dataset,
-                       output_dir, bar) -> list[dict[str, Any]]:
-    """Every importance at every sparsity on the one model, its dense weights loaded back before each point."""
+                       output_dir, bar, input_sparsity) -> list[dict[str, Any]]:
+    """Every importance at every sparsity on the one model, its weights as loaded put back before each point."""
     from ..prune.pruner import prune_
     from ..prune.refit import cross_warnings_once
     from .data import evaluate_loss
 
-    # One CPU copy of the dense weights, loaded back before each point (tied tensors are copied once).
-    dense: dict[str, torch.Tensor] = {}
+    # One CPU copy of the weights as loaded, put back before each point (tied tensors are copied once).
+    loaded: dict[str, torch.Tensor] = {}
     copies: dict[int, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         ptr = tensor.data_ptr()
         if ptr not in copies:
             copies[ptr] = tensor.detach().to("cpu", copy=True)
-        dense[key] = copies[ptr]
+        loaded[key] = copies[ptr]
     del copies
 
-    rows: list[dict[str, Any]] = [{"criterion": "dense", "structure": "dense", "sparsity": 0.0,
+    rows: list[dict[str, Any]] = [{**sweep_reference(input_sparsity), "sparsity": input_sparsity,
                                    "loss": dense_eval["loss"], "perplexity": dense_eval["perplexity"],
                                    "tokens": dense_eval["tokens"], "dataset": dataset}]
     with cross_warnings_once():  # one importance pruned at every point: its cross-term advice once per sweep
@@ -390,7 +381,7 @@ def _unstructured_rows(model, importances, points, kind, structure, scope, windo
                 if s == 0.0:
                     result = dense_eval
                 else:
-                    model.load_state_dict(dense)
+                    model.load_state_dict(loaded)
                     config = PruneConfig(sparsity=None if kind == "N:M" else s, structure=structure, scope=scope)
                     prune_(model, imp, config, progress=False)
                     result = evaluate_loss(model, windows, batch_size=batch_size)
@@ -403,47 +394,5 @@ def _unstructured_rows(model, importances, points, kind, structure, scope, windo
                 if output_dir is not None:
                     write_results(rows, output_dir)
                 bar.update()
-    model.load_state_dict(dense)
+    model.load_state_dict(loaded)
     return rows
-
-
-def _plot(rows: list[dict[str, Any]], path: Path, title: str, structured: bool = False) -> None:
-    from .sweep_plot import plot_sweep
-
-    # a point where exp(loss) overflows has no height on the chart: left out, as every one may be (no chart then)
-    points = [r for r in rows if r["criterion"] != "dense" and perplexity(r["loss"]) is not None]
-    if points:
-        plot_sweep(points, path, dense_loss=rows[0]["loss"], title=title, structured=structured)
-
-
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A markdown table of perplexity: one row per criterion, one column per sparsity.
-
-    Args:
-        rows (`Sequence[Mapping[str, Any]]`): rows as [`sweep`] returns them.
-
-    Returns:
-        `str`: the table, then the dense perplexity and loss on a line of their own when a dense row is present. A
-        perplexity is stated from the row's loss by `perplexity_text` ("overflow (> 1e308)" past a loss of ~709.78).
-        A structured sweep's rows: one row per candidate, one column per size (`structured_sweep`'s table).
-    """
-    if any("size" in r for r in rows):
-        from .structured_sweep import format_structured_table
-
-        return format_structured_table(rows)
-    dense = next((r for r in rows if r["criterion"] == "dense"), None)
-    points = [r for r in rows if r["criterion"] != "dense"]
-    columns = sorted({(r["structure"], r["sparsity"]) for r in points}, key=lambda c: (c[0] != "unstructured", c))
-    names = list(dict.fromkeys(r["criterion"] for r in points))
-    cell = {(r["criterion"], r["structure"], r["sparsity"]): r["loss"] for r in points}  # stated by perplexity_text
-
-    def head(c):
-        return f"{c[1]:.0%}" if c[0] == "unstructured" else c[0]
-
-    lines = ["| criterion | " + " | ".join(head(c) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
-    for name in names:
-        values = [cell.get((name, *c)) for c in columns]
-        lines.append(f"| {name} | " + " | ".join("" if v is None else perplexity_text(v) for v in values) + " |")
-    if dense is not None:
-        lines.append(f"\nDense perplexity: {perplexity_text(dense['loss'])} (loss {dense['loss']:.4f}).")
-    return "\n".join(lines)

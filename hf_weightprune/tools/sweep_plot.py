@@ -23,7 +23,7 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None = None, title: str | None = None,
-                 structured: bool = False) -> Any:
+                 structured: bool = False, reference: str = "dense") -> Any:
     """
     Draws perplexity against sparsity, one line per criterion, on a log axis whatever the range, the loss (nats) on
     the right. Every line is solid with a colour and a marker of its own (`MARKERS`: distinct up to 70 lines). Perplexity is `exp(loss)` and runs from ~30 to ~300 and beyond on a real model: on a linear axis every
@@ -35,12 +35,15 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
             `loss` (the perplexity is `exp(loss)`, `hf_weightprune.perplexity`: a row's own `perplexity` is not read);
             drawn in order of sparsity. A perplexity that overflows a float (a diverged prune) is left out. A row's
             `candidate`, when it has one (a structured sweep's), names its line instead of `criterion`.
-        dense_loss (`float`, *optional*): loss of the unpruned model, a dashed line at its perplexity (none where it
-            overflows).
+        dense_loss (`float`, *optional*): loss of the sweep's reference, the model as given, a dashed line at its
+            perplexity (none where it overflows).
         title (`str`, *optional*): chart title.
         structured (`bool`, *optional*, defaults to `False`): `sparsity` is the share of the model's parameters a
             structured prune removed (all of them, embeddings included): the x axis says so, and each line starts at
-            the dense model (0%, `dense_loss`).
+            the reference model (0%, `dense_loss`).
+        reference (`str`, *optional*, defaults to `"dense"`): what the dashed line is, in its legend: `"dense"`, or
+            `"input model (50.0% sparse)"` for a sweep of a model that already held zeros
+            (`files.pruned_files.sweep_reference_name`).
 
     Returns:
         `matplotlib.figure.Figure`: on an Agg canvas; [`plot_sweep`] writes it as PNG.
@@ -74,7 +77,7 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], *, dense_loss: float | None 
     if perplexity(dense_loss):  # no line where exp(loss) overflows
         values.append(perplexity(dense_loss))
         ax.axhline(values[-1], color="black", linestyle="--", linewidth=1,
-                   label=f"dense (perplexity {perplexity_text(dense_loss)}, loss {float(dense_loss):.3f})")
+                   label=f"{reference} (perplexity {perplexity_text(dense_loss)}, loss {float(dense_loss):.3f})")
     ax.set_yscale("log")
     bottom, top = min(values) / 1.08, max(values) * 1.08
     ax.set_ylim(bottom, top)
@@ -130,7 +133,7 @@ def _plain_ticks(axis, ticks: list[float]) -> None:
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, dense_loss: float | None = None,
-               title: str | None = None, structured: bool = False) -> Path:
+               title: str | None = None, structured: bool = False, reference: str = "dense") -> Path:
     """
     Writes [`sweep_figure`] (perplexity on a log axis against sparsity, one line per criterion) as a PNG at `path`,
     atomically, parent folders created: `sweep.png` of `sweep`. Arguments and errors as [`sweep_figure`].
@@ -138,4 +141,5 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, de
     Returns:
         `Path`: the PNG path.
     """
-    return save_png(sweep_figure(rows, dense_loss=dense_loss, title=title, structured=structured), path)
+    return save_png(sweep_figure(rows, dense_loss=dense_loss, title=title, structured=structured, reference=reference),
+                    path)
