@@ -266,3 +266,14 @@ def snapshot(folder) -> dict:
 def leftovers(folder) -> list[str]:
     """Temporary or staged importance folders left under `folder` (a finished run leaves none)."""
     return [str(p) for p in Path(folder).rglob("*") if p.name.startswith((".importance", STAGING_DIR))]
+
+
+def linear_zero_share(folder) -> float:
+    """The share of exact zeros of a saved model's Linear weights (not the output embedding), counted by hand: what a
+    pruned folder's measured sparsity is checked against."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and not n.endswith("lm_head")]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)

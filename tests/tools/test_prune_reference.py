@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
@@ -19,7 +18,7 @@ from hf_weightprune.prune.report import measure_input
 from hf_weightprune.testing import tiny_llama, train_tokenizer
 from hf_weightprune.tools.cli import main
 from hf_weightprune.tools.data import load_texts
-from tests.helpers import train
+from tests.helpers import linear_zero_share, train
 
 KJV = Path(__file__).resolve().parents[2] / "data" / "kjv"
 EVAL = ["--eval_data", str(KJV / "valid.txt"), "--max_windows", "2", "--seq_len", "32", "--batch_size", "2"]
@@ -43,14 +42,6 @@ def folders(tmp_path_factory):
     return root
 
 
-def _zeros(folder: Path) -> float:
-    """The share of exact zeros of the folder's Linear weights (not the output embedding), counted by hand."""
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and not n.endswith("lm_head")]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-
-
 def _section(folder: Path, title: str) -> str:
     text = " ".join((folder / "README.md").read_text().split())
     return text.split(f"## {title}")[1].split("## ")[0]
@@ -60,7 +51,7 @@ def test_cli_eval_of_a_pruned_input_names_it_by_its_measured_share(folders, tmp_
     out = tmp_path / "more"
     assert main(["prune", str(folders / "half"), "--importance", str(folders / "run"), "--sparsity", "0.7", *EVAL,
                  "--output_dir", str(out)]) == 0
-    zeros = _zeros(folders / "half")
+    zeros = linear_zero_share(folders / "half")
     assert zeros == pytest.approx(0.5, abs=0.01)
     record = json.loads((out / "sparsity.json").read_text())["eval"]
     assert record["input_sparsity"] == pytest.approx(zeros, abs=1e-9)
@@ -70,7 +61,7 @@ def test_cli_eval_of_a_pruned_input_names_it_by_its_measured_share(folders, tmp_
             in section), section
     assert f"| Input model (50.0% sparse), before this prune | {record['dense_loss']:.4f} |" in section, section
     assert "dense" not in section.lower(), section
-    assert _zeros(out) == pytest.approx(0.7, abs=0.01)
+    assert linear_zero_share(out) == pytest.approx(0.7, abs=0.01)
 
 
 def test_cli_eval_of_a_dense_input_keeps_its_dense_row(folders, tmp_path):
@@ -91,7 +82,7 @@ def test_the_structure_search_of_a_pruned_input_names_it(folders, tmp_path, caps
                  "--search_windows", "4", "--seq_len", "16", "--output_dir", str(out)]) == 0
     assert "windows (60 tokens; input model (50.0% sparse) " in capsys.readouterr().out
     search = load_sparsity(out)["search"]
-    assert search["input_sparsity"] == pytest.approx(_zeros(folders / "half"), abs=1e-9)
+    assert search["input_sparsity"] == pytest.approx(linear_zero_share(folders / "half"), abs=1e-9)
     line = next(s for s in (out / "README.md").read_text().splitlines() if s.startswith("- **Shape search**"))
     assert line.endswith(f"; input model (50.0% sparse) {search['dense_loss']:.4f}."), line
     assert "dense" not in line, line
@@ -102,7 +93,7 @@ def test_save_pruned_names_the_reference_from_the_callers_record_or_the_lineage(
     it, a model pruned from a pruned folder (`earlier_prunes`) is "the input model", never "dense"."""
     model = AutoModelForCausalLM.from_pretrained(folders / "half")
     share = measure_input(model)
-    assert share == pytest.approx(_zeros(folders / "half"), abs=1e-9)
+    assert share == pytest.approx(linear_zero_share(folders / "half"), abs=1e-9)
     report = prune_(model, load_importance(folders / "run"), PruneConfig(sparsity=0.7), progress=False)
     given = {"dense_loss": 3.0, "pruned_loss": 3.5, "dataset": "tiny", "tokens": 64, "step": 7}
     for name, extra, cell, words in (

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from hf_weightprune import PruneConfig, oneshot_importance, prune_, save_pruned
@@ -21,6 +20,7 @@ from hf_weightprune.tools.cli import main
 from hf_weightprune.tools.data import load_texts
 from hf_weightprune.tools.sweep import format_table, sweep
 from hf_weightprune.tools.sweep_results import plot_results
+from tests.helpers import linear_zero_share
 
 KJV = Path(__file__).resolve().parents[2] / "data" / "kjv"
 EVAL = dict(seq_len=32, max_windows=2, batch_size=2, progress=False)
@@ -40,20 +40,12 @@ def folders(tmp_path_factory):
     return root
 
 
-def _zeros(folder: Path) -> float:
-    """The share of exact zeros of the folder's Linear weights (not the output embedding), counted by hand."""
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and not n.endswith("lm_head")]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-
-
 def test_a_pruned_input_is_named_by_its_measured_sparsity_and_lower_points_are_skipped(folders, tmp_path, caplog):
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="hf_weightprune"):
         rows = sweep(folders / "half", None, KJV / "valid.txt", sparsities=[0.0, 0.3, 0.5, 0.7], output_dir=out,
                      **EVAL)
-    zeros = _zeros(folders / "half")
+    zeros = linear_zero_share(folders / "half")
     assert zeros == pytest.approx(0.5, abs=0.01)
     first = rows[0]
     assert (first["criterion"], first["structure"]) == ("input", "input")
@@ -120,7 +112,7 @@ def test_cli_prints_the_input_model_not_dense(folders, tmp_path, capsys):
 def test_a_structured_sweep_of_a_pruned_input_names_it_too(folders, tmp_path):
     rows = sweep(folders / "half", None, KJV / "valid.txt", structure="neurons", sizes=[0.2], output_dir=tmp_path,
                  **EVAL)
-    assert rows[0]["criterion"] == "input" and rows[0]["input_sparsity"] == pytest.approx(_zeros(folders / "half"))
+    assert rows[0]["criterion"] == "input" and rows[0]["input_sparsity"] == pytest.approx(linear_zero_share(folders / "half"))
     assert rows[0]["sparsity"] == 0.0 and rows[0]["size"] == 0.0  # the structured axis: parameters removed
     text = format_table(rows)
     assert "Input model (50.0% sparse) perplexity:" in text and "Dense" not in text, text
