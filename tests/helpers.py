@@ -146,12 +146,13 @@ def train(model, callbacks, tmp_path, *, max_steps=6, batch=4, ga=1, save_steps=
     return trainer
 
 
-def wanda_units_run(out: Path, model) -> Path:
+def wanda_units_run(out: Path, model, lr: float = 1e-2) -> Path:
     """A dense training output in `out`: `model` trained 3 steps with `wanda` and unit statistics, saved beside its
     importance folder (what `hf-weightprune prune RUN --importance RUN` reads)."""
     from hf_weightprune import ImportanceCallback, ImportanceConfig
 
-    trainer = train(model, [ImportanceCallback(ImportanceConfig(criterion="wanda", units=True))], out, max_steps=3)
+    trainer = train(model, [ImportanceCallback(ImportanceConfig(criterion="wanda", units=True))], out, max_steps=3,
+                    lr=lr)
     trainer.save_model(str(out))
     return out
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from hf_weightprune import ImportanceCallback, ImportanceConfig, PruneConfig, load_importance, prune_, save_pruned
+from hf_weightprune import PruneConfig, load_importance, prune_, save_pruned
 from hf_weightprune.files.pruned_files import load_sparsity, reference_name
 from hf_weightprune.prune.report import measure_input
 from hf_weightprune.testing import tiny_llama, train_tokenizer
 from hf_weightprune.tools.cli import main
 from hf_weightprune.tools.data import load_texts
-from tests.helpers import linear_zero_share, train
+from tests.helpers import linear_zero_share, wanda_units_run
 
 KJV = Path(__file__).resolve().parents[2] / "data" / "kjv"
 EVAL = ["--eval_data", str(KJV / "valid.txt"), "--max_windows", "2", "--seq_len", "32", "--batch_size", "2"]
@@ -32,9 +32,7 @@ def folders(tmp_path_factory):
     texts = load_texts(KJV / "train.txt")[:40]
     tok = train_tokenizer(texts, vocab_size=320)
     model = tiny_llama(seed=4, num_hidden_layers=4, vocab_size=len(tok))
-    trainer = train(model, [ImportanceCallback(ImportanceConfig(criterion="wanda", units=True))], root / "run",
-                    max_steps=3, lr=1e-3)
-    trainer.save_model(str(root / "run"))
+    wanda_units_run(root / "run", model, lr=1e-3)
     tok.save_pretrained(root / "run")
     (root / "train.txt").write_text("\n".join(texts))
     assert main(["prune", str(root / "run"), "--importance", str(root / "run"), "--sparsity", "0.5",
